@@ -1,0 +1,356 @@
+"""PostgreSQL for services: a pool, ordered migrations, an embedded server.
+
+A service's `__main__` wires it like this::
+
+    dsn = await stack.enter_async_context(
+        database_dsn(cfg.mesh.data_dir, cfg.db.url, database="auth"))
+    pool = await create_pool(dsn)
+    stack.push_async_callback(pool.close)
+    await apply_migrations(pool, Path(__file__).parent / "migrations")
+
+With `DATABASE_URL` set that server is used as it is; without it, a real
+PostgreSQL shipped in the `pgserver` wheel runs from `<data_dir>/postgres`.
+Several processes may share that embedded server: pgserver counts the
+processes using a data directory, and the last one to leave stops it.
+Store modules wrap their queries in `translate_errors()` so that a unique
+violation reaches the caller as `Conflict`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import threading
+import warnings
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit
+
+import asyncpg
+
+from shared.config import Secret, env
+from shared.errors import Conflict
+from shared.logging import get_logger
+
+__all__ = [
+    "DatabaseConfig",
+    "MigrationError",
+    "create_pool",
+    "apply_migrations",
+    "translate_errors",
+    "EmbeddedPostgres",
+    "database_dsn",
+    "ensure_database",
+    "with_database",
+]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """Which PostgreSQL to use; nest it in a service's config."""
+
+    #: None: run the embedded server under the data directory.
+    url: Secret | None = env("DATABASE_URL", default=None)
+
+
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any
+) -> asyncpg.Pool:
+    """An asyncpg pool on `dsn`; extra keyword arguments go to `asyncpg.create_pool`."""
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **kwargs)
+
+
+@contextmanager
+def translate_errors(conflict: str = "already exists") -> Iterator[None]:
+    """Turn database errors a caller can cause into domain errors.
+
+    A unique violation becomes `Conflict(conflict)`; `data["constraint"]` names
+    the constraint so the caller can tell which value was taken.
+    """
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        raise Conflict(conflict, {"constraint": exc.constraint_name}) from exc
+
+
+# --- migrations ------------------------------------------------------------------
+
+_MIGRATION_FILE = re.compile(r"^(\d+)_([A-Za-z0-9_\-]+)\.sql$")
+# One fixed key ("inferswm" in ASCII): every process migrating this database
+# queues on the same session-level advisory lock.
+_MIGRATION_LOCK = 0x696E6665_7273776D
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    text PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+
+
+class MigrationError(RuntimeError):
+    """A migration failed, or the files disagree with what was applied."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Migration:
+    version: str
+    name: str  #: the file name, e.g. "0001_users.sql"
+    sql: str
+    checksum: str
+
+
+def _read_migrations(directory: Path) -> list[_Migration]:
+    """Every `NNNN_name.sql` in `directory`, in numeric order."""
+    if not directory.is_dir():  # e.g. the .sql files were left out of a package
+        raise MigrationError(f"{directory}: no such migrations directory")
+    found: dict[int, _Migration] = {}
+    for path in sorted(directory.glob("*.sql")):
+        match = _MIGRATION_FILE.match(path.name)
+        if match is None:
+            raise MigrationError(f"{path}: migration files are named like 0001_create_users.sql")
+        number = int(match[1])
+        if number in found:
+            raise MigrationError(f"{path.name} and {found[number].name} have the same version")
+        data = path.read_bytes()
+        found[number] = _Migration(
+            match[1], path.name, data.decode(), hashlib.sha256(data).hexdigest()
+        )
+    return [found[number] for number in sorted(found)]
+
+
+async def apply_migrations(
+    pool_or_conn: asyncpg.Pool | asyncpg.Connection, directory: Path
+) -> list[str]:
+    """Apply the migrations in `directory` not applied yet; return their file names.
+
+    Each file runs in its own transaction (so it must not use statements that
+    refuse one, like CREATE INDEX CONCURRENTLY) and is recorded in
+    `schema_migrations`. Processes starting together take turns on an advisory
+    lock. A file edited after it was applied is refused: add a new one instead.
+    """
+    migrations = _read_migrations(directory)
+    if isinstance(pool_or_conn, asyncpg.Pool):
+        async with pool_or_conn.acquire() as conn:
+            return await _apply_locked(conn, migrations)
+    return await _apply_locked(pool_or_conn, migrations)
+
+
+async def _apply_locked(conn: asyncpg.Connection, migrations: list[_Migration]) -> list[str]:
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        # Created under the lock: two concurrent CREATE TABLE IF NOT EXISTS can
+        # still collide on the catalog's unique index.
+        await conn.execute(_CREATE_TABLE)
+        rows = await conn.fetch("SELECT version, name, checksum FROM schema_migrations")
+        applied = {row["version"]: row for row in rows}
+        _check_history(migrations, applied)
+        pending = [m for m in migrations if m.version not in applied]
+        for migration in pending:
+            await _apply_one(conn, migration)
+        return [m.name for m in pending]
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+
+def _check_history(migrations: list[_Migration], applied: dict[str, Any]) -> None:
+    """Refuse to go on when an applied migration's file is not what ran."""
+    for migration in migrations:
+        row = applied.get(migration.version)
+        if row is None:
+            continue
+        if row["name"] != migration.name:
+            raise MigrationError(
+                f"version {migration.version} was applied as {row['name']}, but the file is "
+                f"{migration.name}; do two services with different migrations share this database?"
+            )
+        if row["checksum"] != migration.checksum:
+            raise MigrationError(
+                f"{migration.name} was changed after it was applied (checksum "
+                f"{row['checksum'][:12]}… recorded, {migration.checksum[:12]}… now); "
+                "add a new migration instead of editing an applied one"
+            )
+
+
+async def _apply_one(conn: asyncpg.Connection, migration: _Migration) -> None:
+    try:
+        async with conn.transaction():
+            await conn.execute(migration.sql)  # no arguments: several statements allowed
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                migration.checksum,
+            )
+    except asyncpg.PostgresError as exc:
+        raise MigrationError(f"{migration.name} failed and was rolled back: {exc}") from exc
+    log.info("migration applied", migration=migration.name)
+
+
+# --- DSNs and databases -------------------------------------------------------------
+
+
+def with_database(dsn: str, database: str) -> str:
+    """`dsn` pointing at another database on the same server."""
+    return urlsplit(dsn)._replace(path="/" + quote(database)).geturl()
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def ensure_database(dsn: str, database: str) -> str:
+    """Create `database` on `dsn`'s server unless it exists; return its DSN."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            try:
+                await conn.execute(f"CREATE DATABASE {_quote_ident(database)}")
+            except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+                pass  # another process created it between our check and our CREATE
+    finally:
+        await conn.close()
+    return with_database(dsn, database)
+
+
+# --- the embedded server ------------------------------------------------------------
+
+# pgserver guards a data directory with a file lock that is per process, not per
+# thread, and keeps a plain dict of servers: one thread in it at a time.
+_PGSERVER_LOCK = threading.Lock()
+
+
+def _import_pgserver() -> Any:
+    # Importing pgserver asks platformdirs for a runtime directory, which warns
+    # when XDG_RUNTIME_DIR is unset (any container, any service manager
+    # without a login session). It then uses /tmp/runtime-<uid>, which is fine.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR", category=UserWarning)
+        import pgserver
+    return pgserver
+
+
+class EmbeddedPostgres:
+    """A real PostgreSQL from the `pgserver` wheel, data kept in `pgdata`.
+
+    On first start `initdb` creates the cluster (trust authentication, user
+    `postgres`); later starts reuse it. The server listens on a unix socket
+    only, no TCP port. With `cleanup_mode="stop"` (the default) leaving the
+    context stops the server once no other process uses it and keeps the data;
+    "delete" removes the data too; None leaves the server running.
+
+    Run as root, pgserver creates a system user `pgserver` (with `useradd`) to
+    run PostgreSQL, chowns `pgdata` to it and adds o+rx to every parent
+    directory of `pgdata` so that user can reach it.
+
+    The socket lives in `pgdata` unless that path is too long for a unix
+    socket (about 107 bytes); pgserver then puts it in a world-writable
+    directory under the runtime directory (/tmp/runtime-<uid>/…). Since
+    authentication is "trust", we make that socket owner-only (see `_harden`).
+    """
+
+    def __init__(
+        self, pgdata: Path, *, cleanup_mode: Literal["stop", "delete"] | None = "stop"
+    ) -> None:
+        self.pgdata = Path(pgdata).expanduser().resolve()
+        self.cleanup_mode = cleanup_mode
+        self._server: Any = None
+        self._dsn: str | None = None
+
+    def __repr__(self) -> str:
+        state = "running" if self._server is not None else "stopped"
+        return f"EmbeddedPostgres({str(self.pgdata)!r}, {state})"
+
+    @property
+    def dsn(self) -> str:
+        """The DSN of the `postgres` database (the server must be started)."""
+        if self._dsn is None:
+            raise RuntimeError(f"{self!r} is not started")
+        return self._dsn
+
+    async def start(self) -> str:
+        """Start (or join) the server; return its DSN. Blocking work runs in a thread."""
+        if self._dsn is None:
+            self._dsn = await asyncio.to_thread(self._start)
+            log.info("embedded postgres ready", pgdata=str(self.pgdata), dsn=self._dsn)
+        return self._dsn
+
+    async def stop(self) -> None:
+        """Leave the server: stopped (or deleted) when this was its last user."""
+        if self._server is not None:
+            await asyncio.to_thread(self._stop)
+
+    async def __aenter__(self) -> EmbeddedPostgres:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _start(self) -> str:
+        with _PGSERVER_LOCK:
+            pgserver = _import_pgserver()
+            self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+            server = pgserver.get_server(self.pgdata, cleanup_mode=self.cleanup_mode)
+            server.__enter__()  # pgserver's per-process count of users
+            self._server = server
+            info = server.get_postmaster_info()
+            self._harden(info)
+            host = quote(str(info.socket_dir))
+            return f"postgresql://postgres@/postgres?host={host}&port={info.port}"
+
+    def _harden(self, info: Any) -> None:
+        """Make a socket outside `pgdata` reachable by its owner (and root) only.
+
+        Inside `pgdata` (mode 0700) it already is. Outside, anyone could connect
+        as the superuser without a password. pgserver offers no option for
+        `unix_socket_permissions`, so the socket file is changed after start.
+        """
+        if info.socket_dir is not None and info.socket_dir != self.pgdata:
+            try:
+                info.socket_path.chmod(0o700)
+            except OSError as exc:  # a socket of another user's server we joined
+                path = str(info.socket_path)
+                log.warning("cannot restrict the postgres socket", path=path, error=str(exc))
+
+    def _stop(self) -> None:
+        with _PGSERVER_LOCK:
+            server, self._server, self._dsn = self._server, None, None
+            server.__exit__(None, None, None)
+            if server._count <= 0:
+                # pgserver caches servers by data directory and returns a
+                # cached one without re-checking that it runs; forget it so a
+                # later start in this process really starts the server again.
+                type(server)._instances.pop(self.pgdata, None)
+
+
+@asynccontextmanager
+async def database_dsn(
+    data_dir: Path, url: str | Secret | None = None, *, database: str = "inferswarm"
+) -> AsyncIterator[str]:
+    """The DSN a service connects to, for as long as the context lasts.
+
+    With `url` (the service's `DATABASE_URL`) that server and database are
+    used as given. Without it, the embedded server under `data_dir/postgres`
+    is started and `database` created on it if missing; it is left (stopped
+    when no other process uses it) on exit.
+    """
+    if url is not None:
+        yield url.reveal() if isinstance(url, Secret) else url
+        return
+    async with EmbeddedPostgres(Path(data_dir) / "postgres") as server:
+        yield await ensure_database(server.dsn, database)
