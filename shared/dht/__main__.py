@@ -1,0 +1,81 @@
+"""A standalone DHT node, e.g. the bootstrap node of a mesh.
+
+    python -m shared.dht --host 127.0.0.1 --port 7400 [--seed host:port ...] --data-dir DIR
+
+The identity is DIR/node.key (created on first start); the mesh secret is
+`INFERSWARM_MESH_SECRET` (hex) or DIR/mesh.secret (created on first start).
+Once listening it prints one JSON line, `{"dht": "host:port"}`, to stdout
+(logs go to stderr) and runs until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from shared.dht.node import KademliaDiscovery
+from shared.identity import MeshCredential, NodeIdentity
+
+__all__ = ["main"]
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m shared.dht", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=7400, help="UDP port (0 = any free port)")
+    parser.add_argument("--seed", action="append", default=[], help="host:port of a known node (repeatable)")
+    parser.add_argument("--data-dir", type=Path, required=True, help="node.key, mesh.secret, neighbours.json")
+    return parser.parse_args(argv)
+
+
+def _mesh(data_dir: Path) -> MeshCredential:
+    secret = os.environ.get("INFERSWARM_MESH_SECRET")
+    if secret:
+        return MeshCredential.from_text(secret)
+    return MeshCredential.load_or_create(data_dir / "mesh.secret")
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    node = KademliaDiscovery(
+        identity=NodeIdentity.load_or_create(args.data_dir / "node.key"),
+        mesh=_mesh(args.data_dir),
+        host=args.host,
+        port=args.port,
+        seeds=args.seed,
+        neighbours_path=args.data_dir / "neighbours.json",
+    )
+    async with node:
+        print(json.dumps({"dht": node.address}), flush=True)
+        await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the node; 0 on a clean stop, 2 on a configuration error."""
+    # stdout carries the one readiness line; logs go to stderr.
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+    )
+    args = _arguments(argv)
+    try:
+        asyncio.run(_serve(args))
+    except ValueError as exc:  # a bad seed, key file or mesh secret
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

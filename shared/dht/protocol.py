@@ -1,0 +1,305 @@
+"""The DHT's UDP protocol: kademlia's `KademliaProtocol`, hardened.
+
+What changes from kademlia/rpcudp, and why:
+
+* **Datagrams never raise.** rpcudp decodes with umsgpack inside unawaited
+  tasks, so a malformed datagram raises where nobody listens. Here decoding
+  (`wire.py`) has limits, and requests are dispatched synchronously through
+  an explicit table of four methods whose arguments are type-checked; any
+  other datagram is dropped with a debug log.
+* **Outgoing calls are explicit** (`ping`, `store`, `find_node`,
+  `find_value`); rpcudp's `__getattr__`, which turns any misspelt attribute
+  into a remote call, is disabled.
+* **The RPC timeout is configurable** (rpcudp: a fixed 5 s).
+* **Dead nodes stay away** (bmuller/kademlia#98). A node that fails to
+  answer is removed from the routing table *and* remembered as recently dead
+  for `dead_ttl`: it is neither re-added from other nodes' replies nor
+  contacted by crawls, so an operation waits on its timeout once, not on
+  every call. Hearing from the node itself clears the mark. `check_liveness`
+  pings idle contacts, so dead ones leave every table within a few seconds.
+* **Records are many per key and verified** (`rpc_store`, `rpc_find_value`);
+  stored records are not forwarded to newly met nodes: they live seconds and
+  their announcers re-announce to whichever nodes are closest by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from kademlia.node import Node
+from kademlia.protocol import KademliaProtocol
+
+from shared.dht.config import DHTConfig
+from shared.dht.record import InvalidRecord, RecordVerifier
+from shared.dht.storage import RecordStore
+from shared.dht.wire import (
+    REQUEST,
+    WireError,
+    decode_datagram,
+    encode_request,
+    encode_response,
+    is_node_id,
+    node_list,
+    value_reply,
+)
+
+__all__ = ["DHTProtocol", "Address", "CallResult"]
+
+log = structlog.get_logger(__name__)
+
+Address = tuple[str, int]
+#: `(answered, reply)`, as rpcudp calls resolve: `(False, None)` on timeout.
+CallResult = tuple[bool, Any]
+
+_MAX_DEAD = 4096  # remembered dead node ids; the oldest are forgotten first
+
+
+def _is_blob(value: Any) -> bool:
+    return type(value) is bytes
+
+
+#: method -> argument checks; nothing else is callable from the wire.
+_SIGNATURES: dict[str, tuple[Callable[[Any], bool], ...]] = {
+    "ping": (is_node_id,),
+    "store": (is_node_id, is_node_id, _is_blob),
+    "find_node": (is_node_id, is_node_id),
+    "find_value": (is_node_id, is_node_id),
+}
+
+
+class DHTProtocol(KademliaProtocol):
+    """Kademlia over UDP with signed multi-value records and dead-node memory."""
+
+    def __init__(
+        self, source_node: Node, storage: RecordStore, verifier: RecordVerifier, config: DHTConfig
+    ) -> None:
+        super().__init__(source_node, storage, config.ksize)
+        self.config = config
+        self.verifier = verifier
+        self._wait_timeout = config.rpc_timeout
+        self._outstanding: dict[bytes, tuple[asyncio.Future[CallResult], asyncio.TimerHandle, Address]] = {}
+        self._dead: dict[bytes, float] = {}
+        self._last_seen: dict[bytes, float] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        # rpcudp turns unknown attributes into remote calls; we want typos to fail.
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # -- receiving ----------------------------------------------------------
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+        is_request = data[:1] == bytes([REQUEST])
+        limit = self.config.max_request_size if is_request else self.config.max_response_size
+        try:
+            kind, msg_id, payload = decode_datagram(data, limit)
+        except WireError as exc:
+            log.debug("dht.datagram_dropped", peer=addr, reason=str(exc))
+            return
+        try:
+            if kind == REQUEST:
+                self._accept_request(msg_id, payload, addr)
+            else:
+                self._accept_response(msg_id, payload, addr)
+        except Exception:  # a bug must cost one datagram, not the node
+            log.exception("dht.datagram_failed", peer=addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("dht.socket_error", error=str(exc))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Nobody will answer any more: release every waiting caller now.
+        for future, timer, _ in self._outstanding.values():
+            timer.cancel()
+            if not future.done():
+                future.set_result((False, None))
+        self._outstanding.clear()
+
+    def _accept_request(self, msg_id: bytes, payload: Any, addr: Address) -> None:
+        if not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[1], list)):
+            log.debug("dht.request_malformed", peer=addr)
+            return
+        method, args = payload
+        checks = _SIGNATURES.get(method) if type(method) is str else None
+        if checks is None:
+            log.debug("dht.unknown_method", peer=addr, method=repr(method)[:40])
+            return
+        if len(args) != len(checks) or not all(check(arg) for check, arg in zip(checks, args)):
+            log.debug("dht.bad_arguments", peer=addr, method=method)
+            return
+        result = getattr(self, f"rpc_{method}")(addr, *args)
+        response = encode_response(msg_id, result)
+        if len(response) > self.config.max_response_size:
+            log.warning("dht.response_too_large", method=method, size=len(response))
+            return
+        self._send(response, addr)
+
+    def _accept_response(self, msg_id: bytes, payload: Any, addr: Address) -> None:
+        pending = self._outstanding.get(msg_id)
+        if pending is None or tuple(pending[2][:2]) != tuple(addr[:2]):
+            log.debug("dht.unexpected_response", peer=addr)
+            return
+        del self._outstanding[msg_id]
+        future, timer, _ = pending
+        timer.cancel()
+        if not future.done():
+            future.set_result((True, payload))
+
+    # -- handlers (reached only through _SIGNATURES) --------------------------
+
+    def rpc_ping(self, sender: Address, nodeid: bytes) -> bytes:
+        self._heard_from(Node(nodeid, sender[0], sender[1]))
+        return self.source_node.id
+
+    def rpc_store(self, sender: Address, nodeid: bytes, key: bytes, value: bytes) -> bool:
+        self._heard_from(Node(nodeid, sender[0], sender[1]))
+        try:
+            record = self.verifier.verify(value, key=key)
+        except InvalidRecord as exc:
+            log.info("dht.store_rejected", peer=sender, reason=exc.reason)
+            return False
+        return self.storage.put(key, record, self.verifier.lifetime(record))
+
+    def rpc_find_node(self, sender: Address, nodeid: bytes, key: bytes) -> list[list[Any]]:
+        source = Node(nodeid, sender[0], sender[1])
+        self._heard_from(source)
+        neighbours = self.router.find_neighbors(Node(key), exclude=source)
+        return [[node.id, node.ip, node.port] for node in neighbours]
+
+    def rpc_find_value(self, sender: Address, nodeid: bytes, key: bytes) -> dict[str, list[Any]]:
+        nodes = self.rpc_find_node(sender, nodeid, key)
+        # Newest first, and only as many as fit in one reply datagram.
+        budget = self.config.max_response_size - 64 - sum(len(n[0]) + len(n[1]) + 8 for n in nodes)
+        blobs = []
+        for blob in self.storage.get(key):
+            budget -= len(blob) + 5
+            if budget < 0:
+                break
+            blobs.append(blob)
+        return {"v": blobs, "n": nodes}
+
+    # -- calling --------------------------------------------------------------
+
+    def ping(self, address: Address, nodeid: bytes) -> asyncio.Future[CallResult]:
+        return self._call(address, "ping", nodeid)
+
+    def store(self, address: Address, nodeid: bytes, key: bytes, value: bytes) -> asyncio.Future[CallResult]:
+        return self._call(address, "store", nodeid, key, value)
+
+    def find_node(self, address: Address, nodeid: bytes, key: bytes) -> asyncio.Future[CallResult]:
+        return self._call(address, "find_node", nodeid, key)
+
+    def find_value(self, address: Address, nodeid: bytes, key: bytes) -> asyncio.Future[CallResult]:
+        return self._call(address, "find_value", nodeid, key)
+
+    async def call_ping(self, node_to_ask: Node) -> CallResult:
+        answered, reply = await self.ping((node_to_ask.ip, node_to_ask.port), self.source_node.id)
+        # Another node answering at that address means ours is gone from it.
+        return self.handle_call_response((answered and reply == node_to_ask.id, reply), node_to_ask)
+
+    async def call_store(self, node_to_ask: Node, key: bytes, value: bytes) -> CallResult:
+        answered, reply = await self.store((node_to_ask.ip, node_to_ask.port), self.source_node.id, key, value)
+        return self.handle_call_response((answered, reply is True), node_to_ask)
+
+    async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> CallResult:
+        address = (node_to_ask.ip, node_to_ask.port)
+        answered, reply = await self.find_node(address, self.source_node.id, node_to_find.id)
+        nodes = node_list(reply, self.config.ksize) if answered else None
+        return self.handle_call_response((answered, nodes), node_to_ask)
+
+    async def call_find_value(self, node_to_ask: Node, node_to_find: Node) -> CallResult:
+        address = (node_to_ask.ip, node_to_ask.port)
+        answered, reply = await self.find_value(address, self.source_node.id, node_to_find.id)
+        found = value_reply(reply, self.config.ksize, self.config.max_record_size) if answered else None
+        return self.handle_call_response((answered, found), node_to_ask)
+
+    def handle_call_response(self, result: CallResult, node: Node) -> CallResult:
+        """Welcome a node that answered; forget (and remember as dead) one that did not."""
+        if result[0]:
+            self._heard_from(node)
+        else:
+            log.info("dht.peer_unresponsive", peer=str(node))
+            self.mark_dead(node)
+            self.router.remove_contact(node)
+        return result
+
+    def _call(self, address: Address, method: str, *args: Any) -> asyncio.Future[CallResult]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[CallResult] = loop.create_future()
+        if self.transport is None or self.transport.is_closing():
+            future.set_result((False, None))
+            return future
+        msg_id = os.urandom(20)
+        timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        self._outstanding[msg_id] = (future, timer, address)
+        self._send(encode_request(msg_id, method, list(args)), address)
+        return future
+
+    def _send(self, data: bytes, address: Address) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.sendto(data, address)
+
+    def _timeout(self, msg_id: bytes) -> None:
+        pending = self._outstanding.pop(msg_id, None)
+        if pending is not None and not pending[0].done():
+            pending[0].set_result((False, None))
+
+    # -- routing-table upkeep -------------------------------------------------
+
+    def welcome_if_new(self, node: Node) -> None:
+        """Add (or refresh) a contact, unless it is us or recently dead."""
+        if node.id == self.source_node.id or self.is_dead(node.id):
+            return
+        self.router.add_contact(node)
+
+    def is_contactable(self, node: Node) -> bool:
+        """May a crawl contact `node`? Not ourselves, not a recently dead node."""
+        return node.id != self.source_node.id and node.ip is not None and not self.is_dead(node.id)
+
+    def is_dead(self, node_id: bytes) -> bool:
+        """True while `node_id` failed to answer less than `dead_ttl` ago."""
+        since = self._dead.get(node_id)
+        if since is None:
+            return False
+        if time.monotonic() - since < self.config.dead_ttl:
+            return True
+        del self._dead[node_id]
+        return False
+
+    def mark_dead(self, node: Node) -> None:
+        """Remember that `node` did not answer."""
+        self._dead.pop(node.id, None)
+        self._dead[node.id] = time.monotonic()
+        while len(self._dead) > _MAX_DEAD:
+            del self._dead[next(iter(self._dead))]
+
+    def contacts(self) -> list[Node]:
+        """Every node of the routing table."""
+        return [node for bucket in self.router.buckets for node in bucket.get_nodes()]
+
+    async def check_liveness(self) -> int:
+        """Ping the contacts not heard from for `ping_interval`; returns how many failed."""
+        now = time.monotonic()
+        contacts = self.contacts()
+        idle = [n for n in contacts if now - self._last_seen.get(n.id, -1e9) >= self.config.ping_interval]
+        idle.sort(key=lambda n: self._last_seen.get(n.id, -1e9))
+        results = await asyncio.gather(*(self.call_ping(n) for n in idle[: self.config.max_pings]))
+        self._prune({n.id for n in self.contacts()})
+        return sum(1 for answered, _ in results if not answered)
+
+    def _heard_from(self, node: Node) -> None:
+        if node.id == self.source_node.id:
+            return
+        self._dead.pop(node.id, None)
+        self._last_seen[node.id] = time.monotonic()
+        self.welcome_if_new(node)
+
+    def _prune(self, known: set[bytes]) -> None:
+        for node_id in [i for i in self._last_seen if i not in known]:
+            del self._last_seen[node_id]
+        for node_id in list(self._dead):
+            self.is_dead(node_id)  # drops the mark once dead_ttl has passed
