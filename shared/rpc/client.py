@@ -1,0 +1,372 @@
+"""The RPC client: one CurveZMQ DEALER connection to one server endpoint.
+
+A `Connection` is opened once and shared by every call to that endpoint;
+replies are matched to calls by request id. A socket monitor turns transport
+events into typed errors at once instead of at the deadline: a refused key is
+`UNAUTHENTICATED`, an unreachable or vanished server `UNAVAILABLE`. An
+`UNAVAILABLE` whose `data["retry_safe"]` is true never reached a server, so
+the mesh client may retry it anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+import time
+from typing import Any
+
+import structlog
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from shared.errors import (
+    DecodeError,
+    MeshError,
+    Timeout,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+    from_wire,
+)
+from shared.identity import CurveKeyPair
+from shared.rpc import codec
+from shared.rpc.deadlines import DeadlineQueue
+
+__all__ = ["Connection", "Stream", "new_trace_id"]
+
+log = structlog.get_logger(__name__)
+
+_MONITORED = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CONNECT_RETRIED
+)
+_END = object()
+
+
+def new_trace_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _current_trace_id() -> str:
+    trace_id = structlog.contextvars.get_contextvars().get("trace_id")
+    return trace_id if isinstance(trace_id, str) else new_trace_id()
+
+
+class Connection:
+    """A kept-open DEALER socket to one server, multiplexing calls and streams."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        server_key: bytes,
+        client_keys: CurveKeyPair,
+        *,
+        context: zmq.asyncio.Context,
+        max_message_bytes: int = 1 << 20,
+        connect_timeout: float = 3.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self._server_key = server_key
+        self._client_keys = client_keys
+        self._ctx = context
+        self._max = max_message_bytes
+        self._connect_timeout = connect_timeout
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any] | asyncio.Queue[Any]] = {}
+        self._deadlines = DeadlineQueue(self._expire, self._pending)
+        self._connected = False
+        self._failure: MeshError | None = None
+        self._changed = asyncio.Event()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"Connection({self.endpoint}, connected={self._connected})"
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the socket and start connecting (calls wait for the handshake)."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.curve_serverkey = self._server_key
+        sock.curve_publickey = self._client_keys.public
+        sock.curve_secretkey = self._client_keys.secret
+        sock.linger = 0
+        sock.immediate = True  # never queue requests for a server not yet there
+        sock.reconnect_ivl = 100
+        sock.reconnect_ivl_max = 2000
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        monitor = sock.get_monitor_socket(_MONITORED)
+        sock.connect(self.endpoint)
+        self._sock = sock
+        self._tasks = [
+            asyncio.create_task(self._read(sock), name=f"rpc-client {self.endpoint}"),
+            asyncio.create_task(self._watch(monitor), name=f"rpc-monitor {self.endpoint}"),
+        ]
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._fail_pending(Unavailable("connection closed", {"retry_safe": False}))
+        self._deadlines.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.disable_monitor()
+            self._sock.close(linger=0)
+            self._sock = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -- calls -----------------------------------------------------------------
+
+    async def call(
+        self, method: str, params: dict[str, Any] | None = None, *, timeout: float = 10.0,
+        trace_id: str | None = None,
+    ) -> Any:
+        """Call `method` and return its result, or raise its typed error."""
+        deadline = time.monotonic() + timeout
+        if not self._connected:
+            await self._wait_connected(deadline)
+        request_id = next(self._ids)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._pending[request_id] = future
+        self._deadlines.add(loop, deadline - time.monotonic(), request_id)
+        try:
+            self._send_request(request_id, method, params, deadline, trace_id)
+            return await future
+        except asyncio.CancelledError:
+            self._send_cancel(request_id)
+            raise
+        finally:
+            self._pending.pop(request_id, None)
+
+    def _expire(self, request_id: Any) -> None:
+        """The deadline of a call or stream passed: fail it and tell the server."""
+        sink = self._pending.pop(request_id, None)
+        error = Timeout(f"no answer from {self.endpoint} before the deadline")
+        if isinstance(sink, asyncio.Queue):
+            sink.put_nowait(error)
+        elif sink is not None and not sink.done():
+            sink.set_exception(error)
+        self._send_cancel(request_id)
+
+    async def stream(
+        self, method: str, params: dict[str, Any] | None = None, *, timeout: float = 60.0,
+        trace_id: str | None = None,
+    ) -> Stream:
+        """Start a streaming call; iterate the returned `Stream` for its chunks."""
+        deadline = time.monotonic() + timeout
+        if not self._connected:
+            await self._wait_connected(deadline)
+        request_id = next(self._ids)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._pending[request_id] = queue
+        self._deadlines.add(asyncio.get_running_loop(), deadline - time.monotonic(), request_id)
+        try:
+            self._send_request(request_id, method, params, deadline, trace_id)
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
+        return Stream(self, request_id, queue)
+
+    def _send_request(
+        self, request_id: int, method: str, params: dict[str, Any] | None, deadline: float,
+        trace_id: str | None,
+    ) -> None:
+        timeout_ms = int((deadline - time.monotonic()) * 1000)
+        data = codec.encode_request(
+            request_id, method, params or {}, timeout_ms, trace_id or _current_trace_id()
+        )
+        if len(data) > self._max:
+            raise TooLarge(f"request of {len(data)} bytes exceeds {self._max}", {"limit": self._max})
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        if self._sock is None:
+            raise Unavailable("connection closed", {"retry_safe": True})
+        done = self._sock.send(data, flags=zmq.DONTWAIT, copy=len(data) < 65536)
+        exc = done.exception()
+        if exc is not None:
+            # IMMEDIATE: EAGAIN means no live connection took the message.
+            raise Unavailable(f"not connected to {self.endpoint}", {"retry_safe": True})
+
+    def _send_cancel(self, request_id: int) -> None:
+        if self._sock is not None and not self.closed:
+            self._sock.send(codec.encode_cancel(request_id), flags=zmq.DONTWAIT)
+
+    def _forget(self, request_id: int, *, cancel: bool) -> None:
+        if self._pending.pop(request_id, None) is not None and cancel:
+            self._send_cancel(request_id)
+
+    # -- connection state ------------------------------------------------------
+
+    async def _wait_connected(self, deadline: float) -> None:
+        if self._connected:
+            return
+        if self.closed:
+            raise Unavailable("connection closed", {"retry_safe": True})
+        limit = min(deadline, time.monotonic() + self._connect_timeout)
+        while not self._connected:
+            if self._failure is not None:
+                raise type(self._failure)(self._failure.message, self._failure.data)
+            remaining = limit - time.monotonic()
+            if remaining <= 0:
+                raise Unavailable(f"could not connect to {self.endpoint}", {"retry_safe": True})
+            changed = self._changed
+            try:
+                async with asyncio.timeout(remaining):
+                    await changed.wait()
+            except TimeoutError:
+                continue
+
+    def _set_state(self, connected: bool, failure: MeshError | None) -> None:
+        self._connected, self._failure = connected, failure
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                self._on_event(event)
+        except asyncio.CancelledError:
+            monitor.close(linger=0)
+            raise
+
+    def _on_event(self, event: int) -> None:
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            self._set_state(True, None)
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            failure = Unauthenticated(f"{self.endpoint} refused this client's key", {"retry_safe": True})
+            self._set_state(False, failure)
+            self._fail_pending(failure)
+        elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+            failure = Unavailable(f"handshake with {self.endpoint} failed", {"retry_safe": True})
+            self._set_state(False, failure)
+        elif event == zmq.EVENT_DISCONNECTED:
+            # Keep a handshake failure: a refused client is disconnected next.
+            self._set_state(False, self._failure)
+            self._fail_pending(Unavailable(f"lost connection to {self.endpoint}", {"retry_safe": False}))
+        elif event == zmq.EVENT_CONNECT_RETRIED and not self._connected:
+            self._set_state(False, Unavailable(f"{self.endpoint} is unreachable", {"retry_safe": True}))
+
+    def _fail_pending(self, error: MeshError) -> None:
+        pending, self._pending = self._pending, {}
+        for sink in pending.values():
+            if isinstance(sink, asyncio.Queue):
+                sink.put_nowait(error)
+            elif not sink.done():
+                sink.set_exception(type(error)(error.message, error.data))
+
+    # -- receiving -------------------------------------------------------------
+
+    async def _read(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            data = await sock.recv()
+            try:
+                self._on_message(data)
+            except Exception:
+                log.exception("rpc client dropped a reply", endpoint=self.endpoint)
+
+    def _on_message(self, data: bytes) -> None:
+        try:
+            message = codec.decode(data)
+        except DecodeError as exc:
+            log.warning("undecodable reply", endpoint=self.endpoint, error=exc.message)
+            return
+        kind, request_id = message[1], message[2]
+        sink = self._pending.get(request_id)
+        if sink is None:
+            return  # a late answer to a call that already ended
+        if kind == codec.ERROR and len(message) == 6:
+            code, text, extra = message[3], message[4], message[5]
+            error = from_wire(str(code), str(text), extra if isinstance(extra, dict) else {})
+            self._deliver(request_id, sink, error, final=True)
+        elif kind == codec.REPLY and len(message) == 4 and isinstance(sink, asyncio.Future):
+            if not sink.done():
+                sink.set_result(message[3])
+        elif kind == codec.CHUNK and len(message) == 4 and isinstance(sink, asyncio.Queue):
+            sink.put_nowait(message[3])
+        elif kind == codec.END and isinstance(sink, asyncio.Queue):
+            self._deliver(request_id, sink, _END, final=True)
+        else:
+            log.warning("unexpected reply kind", endpoint=self.endpoint, kind=kind)
+
+    def _deliver(self, request_id: int, sink: Any, item: Any, *, final: bool) -> None:
+        if isinstance(sink, asyncio.Queue):
+            sink.put_nowait(item)
+            if final:
+                self._pending.pop(request_id, None)
+        elif not sink.done():
+            sink.set_exception(item)
+
+
+class Stream:
+    """The chunks of one streaming call, as an async iterator.
+
+    Leaving it early -- `break`, an exception, `aclose()`, or the consuming
+    task being cancelled -- sends CANCEL so the server stops generating.
+    Use `async with` to make that prompt.
+    """
+
+    def __init__(self, connection: Connection, request_id: int, queue: asyncio.Queue[Any]) -> None:
+        self._conn = connection
+        self._id = request_id
+        self._queue = queue
+        self._done = False
+        self.chunks = 0
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()  # the deadline arrives as a Timeout item
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+        if item is _END:
+            self._done = True
+            raise StopAsyncIteration
+        if isinstance(item, MeshError):
+            self._done = True
+            raise item
+        self.chunks += 1
+        return item
+
+    async def aclose(self) -> None:
+        """Stop the stream; the server is told to cancel if it is still going."""
+        if not self._done:
+            self._done = True
+            self._conn._forget(self._id, cancel=True)
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __del__(self) -> None:
+        if not self._done and not self._conn.closed:
+            self._conn._forget(self._id, cancel=True)
+

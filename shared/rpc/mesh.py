@@ -1,0 +1,188 @@
+"""The mesh client: call a service by name, wherever its providers are.
+
+`mesh("auth").call("auth.validate_key", {...})` looks the service's topic up
+through discovery, picks a provider by its reported load (power of two
+choices, counting this client's own in-flight calls too), reuses one kept-open
+connection per provider, and when a provider fails:
+
+* a request that provably never reached it (`retry_safe`) is retried on
+  another provider, whatever the method;
+* a request that may have run is retried only when the call is marked
+  `idempotent=True`;
+* the provider is put in a short cooldown so the next picks avoid it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+import structlog
+import zmq.asyncio
+
+from shared.dht.interface import Discovery, Provider, service_topic
+from shared.errors import NoProviders, Unauthenticated, Unavailable
+from shared.identity import CurveKeyPair
+from shared.rpc.client import Connection, Stream
+
+__all__ = ["MeshClient", "ServiceClient"]
+
+log = structlog.get_logger(__name__)
+
+
+class MeshClient:
+    """Pooled connections to mesh providers, found through a `Discovery`."""
+
+    def __init__(
+        self,
+        discovery: Discovery,
+        client_keys: CurveKeyPair,
+        *,
+        default_timeout: float = 10.0,
+        max_message_bytes: int = 1 << 20,
+        connect_timeout: float = 3.0,
+        cooldown: float = 5.0,
+        attempts: int = 3,
+    ) -> None:
+        self.discovery = discovery
+        self._client_keys = client_keys
+        self.default_timeout = default_timeout
+        self._max = max_message_bytes
+        self._connect_timeout = connect_timeout
+        self._cooldown = cooldown
+        self.attempts = attempts
+        self._ctx = zmq.asyncio.Context()
+        self._connections: dict[tuple[str, bytes], Connection] = {}
+        self._cooling: dict[bytes, float] = {}
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        connections, self._connections = list(self._connections.values()), {}
+        for connection in connections:
+            await connection.close()
+        self._ctx.destroy(linger=0)
+
+    def __call__(self, service: str) -> ServiceClient:
+        """The client for a service by name, e.g. `mesh("auth")`."""
+        return ServiceClient(self, service_topic(service))
+
+    def topic(self, topic: str) -> ServiceClient:
+        """The client for any topic, e.g. a model's `inferswarm/inference/<model>`."""
+        return ServiceClient(self, topic)
+
+    def connect(self, endpoint: str, server_key: bytes) -> Connection:
+        """The kept-open connection to one endpoint (opened on first use)."""
+        key = (endpoint, server_key)
+        connection = self._connections.get(key)
+        if connection is None or connection.closed:
+            connection = Connection(
+                endpoint, server_key, self._client_keys, context=self._ctx,
+                max_message_bytes=self._max, connect_timeout=self._connect_timeout,
+            )
+            connection.open()
+            self._connections[key] = connection
+        return connection
+
+    def connection(self, provider: Provider) -> Connection:
+        return self.connect(provider.endpoint, provider.curve_key)
+
+    def cool_down(self, provider: Provider) -> None:
+        """Avoid `provider` for a while; drop its connection if it is idle."""
+        self._cooling[provider.node_key] = time.monotonic() + self._cooldown
+        key = (provider.endpoint, provider.curve_key)
+        connection = self._connections.get(key)
+        if connection is not None and connection.in_flight == 0:
+            del self._connections[key]
+            connection.closed or _close_later(connection)
+
+    def is_cooling(self, provider: Provider) -> bool:
+        until = self._cooling.get(provider.node_key)
+        if until is None:
+            return False
+        if until < time.monotonic():
+            del self._cooling[provider.node_key]
+            return False
+        return True
+
+    def load_of(self, provider: Provider) -> float:
+        """Lower is better: what the provider reports plus our own calls to it."""
+        reported = provider.load.get("in_flight", 0) if provider.load else 0
+        connection = self._connections.get((provider.endpoint, provider.curve_key))
+        mine = connection.in_flight if connection is not None else 0
+        return float(reported if isinstance(reported, (int, float)) else 0) + mine
+
+
+def _close_later(connection: Connection) -> None:
+    asyncio.get_running_loop().create_task(connection.close())
+
+
+class ServiceClient:
+    """Calls to whichever provider of one topic is best right now."""
+
+    def __init__(self, mesh: MeshClient, topic: str) -> None:
+        self._mesh = mesh
+        self.topic = topic
+
+    async def providers(self) -> list[Provider]:
+        return await self._mesh.discovery.lookup(self.topic)
+
+    async def pick(self, exclude: set[bytes] | frozenset[bytes] = frozenset()) -> Provider:
+        """Choose a provider: power of two choices over those not cooling down."""
+        providers = [p for p in await self.providers() if p.node_key not in exclude]
+        if not providers:
+            raise NoProviders(f"no other provider of {self.topic}", {"topic": self.topic})
+        healthy = [p for p in providers if not self._mesh.is_cooling(p)] or providers
+        if len(healthy) == 1:
+            return healthy[0]
+        a, b = random.sample(healthy, 2)
+        return a if self._mesh.load_of(a) <= self._mesh.load_of(b) else b
+
+    async def call(
+        self, method: str, params: dict[str, Any] | None = None, *,
+        timeout: float | None = None, idempotent: bool = False,
+    ) -> Any:
+        """Call `method` on a provider, failing over as the module doc says."""
+        deadline = time.monotonic() + (timeout or self._mesh.default_timeout)
+        tried: set[bytes] = set()
+        for attempt in range(self._mesh.attempts):
+            provider = await self.pick(tried)
+            try:
+                connection = self._mesh.connection(provider)
+                return await connection.call(method, params, timeout=deadline - time.monotonic())
+            except (Unavailable, Unauthenticated) as exc:
+                self._on_failure(provider, exc)
+                tried.add(provider.node_key)
+                retry = exc.data.get("retry_safe") or idempotent
+                if not retry or attempt + 1 == self._mesh.attempts or time.monotonic() >= deadline:
+                    raise
+                log.info("retrying on another provider", method=method, error=exc.message)
+        raise AssertionError("unreachable")
+
+    async def stream(
+        self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
+    ) -> Stream:
+        """Start a stream on a provider; only a start that never ran is retried."""
+        deadline = time.monotonic() + (timeout or self._mesh.default_timeout)
+        tried: set[bytes] = set()
+        for attempt in range(self._mesh.attempts):
+            provider = await self.pick(tried)
+            try:
+                connection = self._mesh.connection(provider)
+                return await connection.stream(method, params, timeout=deadline - time.monotonic())
+            except (Unavailable, Unauthenticated) as exc:
+                self._on_failure(provider, exc)
+                tried.add(provider.node_key)
+                if not exc.data.get("retry_safe") or attempt + 1 == self._mesh.attempts:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _on_failure(self, provider: Provider, exc: Exception) -> None:
+        log.warning("provider failed", topic=self.topic, endpoint=provider.endpoint, error=str(exc))
+        self._mesh.cool_down(provider)

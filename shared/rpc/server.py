@@ -1,0 +1,343 @@
+"""The RPC server: a CurveZMQ ROUTER socket in front of a `Dispatcher`.
+
+Frames in, frames out: this module owns the socket, the ZAP policy, deadlines,
+cancellation and draining; the dispatcher owns the method table; services see
+only Python values.
+
+Access (see identity.py): a server whose methods are all internal admits only
+the mesh client key at the CURVE handshake (ZAP allow-list). A server with a
+public method admits any CURVE client and checks each request: internal
+methods then require the caller's key (ZAP `User-Id`) to be the mesh key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import time
+from collections.abc import Collection
+from typing import Any
+
+import structlog
+import zmq
+import zmq.asyncio
+from zmq.auth import CURVE_ALLOW_ANY
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from shared.errors import (
+    DecodeError,
+    Forbidden,
+    Internal,
+    MeshError,
+    MethodNotFound,
+    Timeout,
+    TooLarge,
+    Unavailable,
+)
+from shared.identity import CurveKeyPair
+from shared.rpc import codec
+from shared.rpc.deadlines import DeadlineQueue
+from shared.rpc.dispatcher import Dispatcher, Handler, RequestContext, current_request
+
+__all__ = ["RpcServer"]
+
+log = structlog.get_logger(__name__)
+
+#: libzmq drops a peer whose frame exceeds MAXMSGSIZE; below it, frames over
+#: the application cap still get a TOO_LARGE reply.
+_HARD_CAP_FACTOR = 4
+_SEND_RETRY_S = 0.002
+_ZAP_DOMAIN = "inferswarm"
+
+
+class _KeyAllowList:
+    """ZAP credentials provider admitting a fixed set of Z85 client keys."""
+
+    def __init__(self, keys: Collection[bytes]) -> None:
+        self._keys = frozenset(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self._keys
+
+
+class RpcServer:
+    """Serve a dispatcher's methods on a CurveZMQ ROUTER socket.
+
+    Use as an async context manager: on exit it drains (new requests get
+    `UNAVAILABLE` with `retry_safe`, in-flight ones get `drain_timeout` to
+    finish), then closes the socket.
+    """
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        curve: CurveKeyPair,
+        members: Collection[bytes],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        max_message_bytes: int = 1 << 20,
+        drain_timeout: float = 10.0,
+    ) -> None:
+        self._dispatcher = dispatcher
+        self._curve = curve
+        self._members = frozenset(members)
+        self._host, self._port = host, port
+        self._advertise_host = advertise_host or host
+        self._max = max_message_bytes
+        self._drain_timeout = drain_timeout
+        #: Only a mixed (public + internal) server checks membership per request.
+        self._check_members = dispatcher.has_public
+        self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        self._expired: set[tuple[bytes, int]] = set()
+        self._deadlines = DeadlineQueue(self._expire, self._tasks)
+        self._draining = False
+        self._ctx: zmq.asyncio.Context | None = None
+        self._auth: AsyncioAuthenticator | None = None
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.endpoint = ""
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> RpcServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.drain()
+        await self.close()
+
+    async def start(self) -> None:
+        # One context per server: the ZAP handler is per context, so two
+        # servers in one process (tests, `up`) never share an access policy.
+        self._ctx = zmq.asyncio.Context()
+        self._auth = AsyncioAuthenticator(self._ctx)
+        self._auth.start()
+        if self._check_members:
+            self._auth.configure_curve(domain=_ZAP_DOMAIN, location=CURVE_ALLOW_ANY)
+        else:
+            self._auth.configure_curve_callback(_ZAP_DOMAIN, _KeyAllowList(self._members))
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.curve_server = True
+        sock.curve_publickey = self._curve.public
+        sock.curve_secretkey = self._curve.secret
+        sock.zap_domain = _ZAP_DOMAIN.encode()
+        sock.router_mandatory = True  # unroutable replies raise instead of vanishing
+        sock.maxmsgsize = self._max * _HARD_CAP_FACTOR
+        sock.linger = 0
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
+        if self._port:
+            sock.bind(f"tcp://{self._host}:{self._port}")
+        else:
+            self._port = sock.bind_to_random_port(f"tcp://{self._host}")
+        self._sock = sock
+        self.endpoint = f"tcp://{self._advertise_host}:{self._port}"
+        self._reader = asyncio.create_task(self._serve(), name=f"rpc-server {self.endpoint}")
+        log.info("rpc server listening", endpoint=self.endpoint, methods=self._dispatcher.names)
+
+    async def drain(self) -> None:
+        """Refuse new requests, then give in-flight ones `drain_timeout` to end."""
+        self._draining = True
+        pending = list(self._tasks.values())
+        if pending:
+            log.info("draining", in_flight=len(pending))
+            _, still = await asyncio.wait(pending, timeout=self._drain_timeout)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=1.0)
+        self._deadlines.close()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+        if self._ctx is not None:
+            self._ctx.destroy(linger=0)
+        self._sock = self._auth = self._ctx = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    # -- receiving -------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        assert self._sock is not None
+        recv = self._sock.recv_multipart
+        # Zero-copy frames carry the caller's key (ZAP User-Id); only a server
+        # that checks membership per request needs it, and copies are faster.
+        copy = not self._check_members
+        while True:
+            frames = await recv(copy=copy)
+            try:
+                self._on_frames(frames)
+            except Exception:  # the loop must survive anything a peer sends
+                log.exception("rpc server dropped a message")
+
+    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 2:
+            log.warning("dropped message with unexpected frame count", frames=len(frames))
+            return
+        ident, payload = frames[0], frames[1]
+        if not isinstance(ident, bytes):
+            ident = ident.bytes
+        try:
+            message = codec.decode_inbound(payload if isinstance(payload, bytes) else payload.buffer)
+        except DecodeError as exc:
+            log.warning("undecodable request", error=exc.message)
+            self._send(ident, codec.encode_error(exc.data.get("id", 0), *exc.to_wire()))
+            return
+        if type(message) is codec.Cancel:
+            self._cancel(ident, message.id)
+            return
+        self._on_request(ident, payload, message)  # type: ignore[arg-type]
+
+    def _on_request(self, ident: bytes, payload: bytes | zmq.Frame, request: codec.Request) -> None:
+        try:
+            handler, peer = self._admit(payload, request)
+        except MeshError as exc:
+            self._send(ident, codec.encode_error(request.id, *exc.to_wire()))
+            return
+        key = (ident, request.id)
+        if key in self._tasks:
+            error = DecodeError("request id already in flight on this connection")
+            self._send(ident, codec.encode_error(request.id, *error.to_wire()))
+            return
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._run(ident, request, handler, peer))
+        self._tasks[key] = task
+        self._deadlines.add(loop, request.timeout_ms / 1000, key)
+        task.add_done_callback(lambda _t: self._finished(key))
+
+    def _finished(self, key: tuple[bytes, int]) -> None:
+        self._tasks.pop(key, None)
+        self._expired.discard(key)
+
+    def _expire(self, key: Any) -> None:
+        task = self._tasks.get(key)
+        if task is not None:
+            self._expired.add(key)
+            task.cancel()
+
+    def _admit(self, payload: bytes | zmq.Frame, request: codec.Request) -> tuple[Handler, str]:
+        """Decide whether a decoded request may run; raise the typed refusal."""
+        if len(payload) > self._max:
+            raise TooLarge(f"message of {len(payload)} bytes exceeds {self._max}", {"limit": self._max})
+        handler = self._dispatcher.get(request.method)
+        if handler is None:
+            raise MethodNotFound(f"no method {request.method!r}")
+        peer = ""
+        if self._check_members:
+            peer = payload.get("User-Id") or ""  # type: ignore[union-attr]
+            if not handler.spec.public and peer.encode() not in self._members:
+                raise Forbidden(f"{request.method} is open to mesh members only")
+        if self._draining:
+            raise Unavailable("server is shutting down", {"retry_safe": True})
+        if request.timeout_ms <= 0:
+            raise Timeout("deadline passed before the request was started")
+        return handler, peer
+
+    def _cancel(self, ident: bytes, request_id: int) -> None:
+        task = self._tasks.get((ident, request_id))
+        if task is not None:
+            task.cancel()
+
+    # -- running a handler -----------------------------------------------------
+
+    async def _run(self, ident: bytes, request: codec.Request, handler: Handler, peer: str) -> None:
+        budget = request.timeout_ms / 1000
+        current_request.set(
+            RequestContext(
+                method=request.method,
+                trace_id=request.trace_id,
+                deadline=time.monotonic() + budget,
+                peer=peer,
+                # A members-only server admitted nobody else at the handshake.
+                member=not self._check_members or peer.encode() in self._members,
+            )
+        )
+        structlog.contextvars.bind_contextvars(trace_id=request.trace_id)
+        try:
+            if handler.stream:
+                await self._run_stream(ident, request, handler)
+            else:
+                result = await handler.call(request.params)
+                self._send(ident, codec.encode_reply(request.id, result))
+        except MeshError as exc:
+            self._log_error(request, exc)
+            self._send(ident, codec.encode_error(request.id, *exc.to_wire()))
+        except asyncio.CancelledError:
+            if (ident, request.id) in self._expired:
+                error = Timeout(f"{request.method} did not finish within {budget:.3f}s")
+                self._send(ident, codec.encode_error(request.id, *error.to_wire()))
+            else:
+                # The caller cancelled, or we are closing: no one awaits an answer.
+                log.debug("request cancelled", method=request.method)
+        except Exception:
+            log.exception("handler failed", method=request.method)
+            error = Internal(f"internal error (trace {request.trace_id})")
+            self._send(ident, codec.encode_error(request.id, *error.to_wire()))
+
+    async def _run_stream(self, ident: bytes, request: codec.Request, handler: Handler) -> None:
+        stream = handler.call(request.params)
+        try:
+            async for item in stream:
+                if not await self._send_stream(ident, codec.encode_chunk(request.id, item)):
+                    log.info("stream reader gone; stopping", method=request.method)
+                    return
+            self._send(ident, codec.encode_end(request.id))
+        finally:
+            await stream.aclose()
+
+    def _log_error(self, request: codec.Request, exc: MeshError) -> None:
+        if exc.expected:
+            log.warning("request refused", method=request.method, code=exc.code, error=exc.message)
+        else:
+            log.error("request failed", method=request.method, code=exc.code, exc_info=exc)
+
+    # -- sending ---------------------------------------------------------------
+
+    def _send(self, ident: bytes, data: bytes) -> bool:
+        """Send one reply now; False when the peer is gone or its queue is full."""
+        if self._sock is None:
+            return False
+        done = self._sock.send_multipart([ident, data], flags=zmq.DONTWAIT, copy=len(data) < 65536)
+        exc = done.exception()
+        if exc is None:
+            return True
+        if isinstance(exc, zmq.ZMQError) and exc.errno in (errno.EHOSTUNREACH, zmq.EAGAIN):
+            log.debug("reply not delivered", reason=exc.strerror)
+            return False
+        raise exc
+
+    async def _send_stream(self, ident: bytes, data: bytes) -> bool:
+        """Send a chunk, waiting (within the deadline) while the peer's queue is full."""
+        while True:
+            if self._sock is None:
+                return False
+            done = self._sock.send_multipart([ident, data], flags=zmq.DONTWAIT)
+            exc = done.exception()
+            if exc is None:
+                return True
+            if not isinstance(exc, zmq.ZMQError):
+                raise exc
+            if exc.errno == errno.EHOSTUNREACH:
+                return False  # the client disconnected: stop generating
+            await asyncio.sleep(_SEND_RETRY_S)  # a slow reader: back-pressure

@@ -1,0 +1,419 @@
+"""The RPC layer over real CurveZMQ sockets on loopback: codec, errors,
+deadlines, cancellation, streaming, hostile input and access control."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+from nacl.public import PrivateKey
+
+from shared import errors
+from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
+from shared.rpc import Connection, Dispatcher, RpcServer, current_request, method
+from shared.rpc import codec
+
+
+class Probe:
+    """A test service whose handlers record what happened to them."""
+
+    name = "probe"
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.cancelled = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    @method
+    async def echo(self, value: str, times: int = 1) -> str:
+        return value * times
+
+    @method
+    async def types(self, a: int, b: float, c: bool, d: list, e: dict, f: bytes | None = None) -> list:
+        return [a, b, c, d, e, f]
+
+    @method
+    async def fail(self, code: str, retry_after: int = 0) -> None:
+        raise errors.ERROR_CLASSES[code](f"failing with {code}", {"retry_after": retry_after})
+
+    @method
+    async def crash(self) -> None:
+        raise RuntimeError("secret internals /etc/passwd")
+
+    @method
+    async def sleep(self, seconds: float) -> str:
+        self.started.append("sleep")
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        self.finished.set()
+        return "slept"
+
+    @method
+    async def count(self, n: int, delay: float = 0.0):
+        try:
+            for i in range(n):
+                if delay:
+                    await asyncio.sleep(delay)
+                yield {"i": i}
+        finally:
+            if n and delay:
+                self.cancelled.set()
+
+    @method
+    async def context(self) -> dict:
+        ctx = current_request.get()
+        assert ctx is not None
+        return {"trace_id": ctx.trace_id, "member": ctx.member, "remaining": ctx.remaining()}
+
+    async def not_exposed(self) -> str:
+        return "should never be callable"
+
+
+@pytest.fixture
+def mesh() -> MeshCredential:
+    return MeshCredential(MeshCredential.new_secret())
+
+
+@pytest.fixture
+def node() -> NodeIdentity:
+    return NodeIdentity.generate()
+
+
+@pytest.fixture
+async def context():
+    ctx = zmq.asyncio.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+async def probe_server(mesh, node):
+    probe = Probe()
+    server = RpcServer(Dispatcher(probe), curve=node.curve, members=[mesh.client.public], max_message_bytes=64 * 1024)
+    async with server:
+        yield probe, server
+
+
+@pytest.fixture
+async def client(probe_server, mesh, node, context):
+    _, server = probe_server
+    connection = Connection(server.endpoint, node.curve.public, mesh.client, context=context)
+    connection.open()
+    yield connection
+    await connection.close()
+
+
+def outsider_keys() -> CurveKeyPair:
+    return CurveKeyPair.from_private(PrivateKey.generate())
+
+
+# -- codec ---------------------------------------------------------------------
+
+
+def test_codec_round_trips_every_kind():
+    request = codec.decode_inbound(codec.encode_request(7, "a.b", {"x": [1, "y"]}, 1500, "t" * 32))
+    assert request == codec.Request(7, "a.b", {"x": [1, "y"]}, 1500, "t" * 32)
+    assert codec.decode_inbound(codec.encode_cancel(9)) == codec.Cancel(9)
+    assert codec.decode(codec.encode_reply(3, {"ok": True})) == [1, codec.REPLY, 3, {"ok": True}]
+    assert codec.decode(codec.encode_chunk(3, "tok")) == [1, codec.CHUNK, 3, "tok"]
+    assert codec.decode(codec.encode_end(3)) == [1, codec.END, 3]
+    assert codec.decode(codec.encode_error(3, "NOT_FOUND", "m", {"k": 1})) == [1, codec.ERROR, 3, "NOT_FOUND", "m", {"k": 1}]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\xc1",  # a byte msgpack never uses
+        msgpack.packb({"not": "a list"}),
+        msgpack.packb([1, 1]),
+        msgpack.packb([2, codec.REQUEST, 1, "a.b", {}, 100, "t"]),  # wrong version
+        msgpack.packb([1, codec.REQUEST, -1, "a.b", {}, 100, "t"]),  # negative id
+        msgpack.packb([1, codec.REQUEST, 1, 5, {}, 100, "t"]),  # method not a string
+        msgpack.packb([1, codec.REQUEST, 1, "a.b", [], 100, "t"]),  # params not a map
+        msgpack.packb([1, codec.REQUEST, 1, "a.b", {}, "soon", "t"]),  # timeout not an int
+        msgpack.packb([1, codec.REQUEST, 1, "a.b", {}, 100, "t" * 65]),  # trace id too long
+        msgpack.packb([1, codec.REPLY, 1, None]),  # a server never accepts replies
+    ],
+)
+def test_decode_inbound_rejects_malformed_envelopes(payload):
+    with pytest.raises(errors.DecodeError):
+        codec.decode_inbound(payload)
+
+
+def test_unencodable_params_are_invalid_params():
+    with pytest.raises(errors.InvalidParams):
+        codec.encode_request(1, "a.b", {"x": {1, 2}}, 100, "t")
+
+
+# -- calls and errors ------------------------------------------------------------
+
+
+async def test_call_returns_result(client):
+    assert await client.call("probe.echo", {"value": "ab", "times": 3}) == "ababab"
+
+
+@pytest.mark.parametrize("code", sorted(errors.ERROR_CLASSES))
+async def test_every_error_code_round_trips_as_its_class(client, code):
+    with pytest.raises(errors.ERROR_CLASSES[code]) as caught:
+        await client.call("probe.fail", {"code": code, "retry_after": 12})
+    assert caught.value.code == code
+    assert caught.value.data == {"retry_after": 12}
+
+
+def test_unknown_code_becomes_remote_error_keeping_the_code():
+    error = errors.from_wire("QUOTA_MELTED", "new in v9", {"x": 1})
+    assert isinstance(error, errors.RemoteError)
+    assert error.to_wire() == ("QUOTA_MELTED", "new in v9", {"x": 1})
+
+
+async def test_crash_is_internal_without_traceback(client):
+    with pytest.raises(errors.Internal) as caught:
+        await client.call("probe.crash", trace_id="f" * 32)
+    assert "f" * 32 in caught.value.message
+    assert "passwd" not in caught.value.message and "Traceback" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "params, fragment",
+    [
+        ({"value": 3}, "must be str"),
+        ({"value": "x", "times": True}, "must be int"),
+        ({"value": "x", "extra": 1}, "unknown parameter"),
+        ({}, "missing parameter"),
+    ],
+)
+async def test_params_are_bound_to_the_signature(client, params, fragment):
+    with pytest.raises(errors.InvalidParams, match=fragment):
+        await client.call("probe.echo", params)
+
+
+async def test_annotations_accept_what_they_declare(client):
+    result = await client.call("probe.types", {"a": 1, "b": 2, "c": False, "d": [1], "e": {"k": "v"}, "f": b"\x00"})
+    assert result == [1, 2, False, [1], {"k": "v"}, b"\x00"]
+    with pytest.raises(errors.InvalidParams):
+        await client.call("probe.types", {"a": 1.5, "b": 2, "c": False, "d": [], "e": {}})
+
+
+async def test_unmarked_and_unknown_methods_are_not_found(client):
+    for name in ("probe.not_exposed", "probe.__init__", "nope.echo", "probe"):
+        with pytest.raises(errors.MethodNotFound):
+            await client.call(name)
+
+
+async def test_request_context_carries_trace_and_deadline(client):
+    result = await client.call("probe.context", timeout=5.0, trace_id="a" * 32)
+    assert result["trace_id"] == "a" * 32
+    assert result["member"] is True
+    assert 4.0 < result["remaining"] <= 5.0
+
+
+# -- deadlines and cancellation ---------------------------------------------------
+
+
+async def test_client_times_out_and_server_cancels_the_handler(client, probe_server):
+    probe, _ = probe_server
+    started = time.monotonic()
+    with pytest.raises(errors.Timeout):
+        await client.call("probe.sleep", {"seconds": 5}, timeout=0.3)
+    assert time.monotonic() - started < 1.0
+    await asyncio.wait_for(probe.cancelled.wait(), 1.0)  # the server's deadline fired too
+
+
+async def test_server_does_not_start_expired_work(probe_server, mesh, node, context):
+    probe, server = probe_server
+    sock = raw_dealer(context, server, node, mesh.client)
+    await sock.send(codec.encode_request(1, "probe.sleep", {"seconds": 0.01}, 0, "t"))
+    reply = codec.decode(await asyncio.wait_for(sock.recv(), 2))
+    assert reply[1] == codec.ERROR and reply[3] == "TIMEOUT"
+    assert probe.started == []
+    sock.close()
+
+
+async def test_cancelling_the_caller_cancels_the_handler(client, probe_server):
+    probe, _ = probe_server
+    call = asyncio.create_task(client.call("probe.sleep", {"seconds": 10}))
+    await asyncio.sleep(0.1)
+    assert probe.started == ["sleep"]
+    cancelled_at = time.monotonic()
+    call.cancel()
+    await asyncio.wait_for(probe.cancelled.wait(), 1.0)
+    assert time.monotonic() - cancelled_at < 0.1
+    assert not probe.finished.is_set()
+
+
+# -- streaming -----------------------------------------------------------------------
+
+
+async def test_stream_delivers_many_chunks_in_order(client):
+    stream = await client.stream("probe.count", {"n": 5000})
+    items = [chunk["i"] async for chunk in stream]
+    assert items == list(range(5000))
+
+
+async def test_leaving_a_stream_early_cancels_the_generator(client, probe_server):
+    probe, server = probe_server
+    async with await client.stream("probe.count", {"n": 1000, "delay": 0.01}) as stream:
+        async for chunk in stream:
+            if chunk["i"] == 3:
+                break
+    await asyncio.wait_for(probe.cancelled.wait(), 1.0)
+    await asyncio.sleep(0.05)
+    assert server.in_flight == 0
+
+
+async def test_stream_error_is_typed(client):
+    stream = await client.stream("probe.count", {"n": "many"})
+    with pytest.raises(errors.InvalidParams):
+        async for _ in stream:
+            pass
+
+
+# -- hostile input ---------------------------------------------------------------------
+
+
+def raw_dealer(context, server, node, keys) -> zmq.asyncio.Socket:
+    sock = context.socket(zmq.DEALER)
+    sock.curve_serverkey = node.curve.public
+    sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
+    sock.linger = 0
+    sock.connect(server.endpoint)
+    return sock
+
+
+async def test_garbage_gets_decode_error_and_server_survives(probe_server, mesh, node, context, client):
+    _, server = probe_server
+    sock = raw_dealer(context, server, node, mesh.client)
+    for garbage in (b"", b"\xc1\xc1", msgpack.packb([1, codec.REQUEST]), msgpack.packb([1, 99, 5])):
+        await sock.send(garbage)
+        reply = codec.decode(await asyncio.wait_for(sock.recv(), 2))
+        assert reply[1] == codec.ERROR and reply[3] == "DECODE_ERROR"
+    await sock.send_multipart([b"two", b"frames"])  # dropped, logged
+    sock.close()
+    assert await client.call("probe.echo", {"value": "still alive"}) == "still alive"
+
+
+async def test_oversized_request_is_too_large(probe_server, mesh, node, context, client):
+    _, server = probe_server
+    sock = raw_dealer(context, server, node, mesh.client)
+    await sock.send(codec.encode_request(5, "probe.echo", {"value": "x" * 100_000}, 1000, "t"))
+    reply = codec.decode(await asyncio.wait_for(sock.recv(), 2))
+    assert reply[1:4] == [codec.ERROR, 5, "TOO_LARGE"]
+    sock.close()
+    # The client refuses to send it at all, with the same typed error.
+    with pytest.raises(errors.TooLarge):
+        await client.call("probe.echo", {"value": "x" * 100_000})
+
+
+async def test_frame_over_the_hard_cap_drops_only_that_peer(probe_server, mesh, node, context, client):
+    _, server = probe_server
+    sock = raw_dealer(context, server, node, mesh.client)
+    await sock.send(b"\x00" * (1024 * 1024))  # 16x the cap: libzmq drops the connection
+    await asyncio.sleep(0.2)
+    sock.close()
+    assert await client.call("probe.echo", {"value": "fine"}) == "fine"
+
+
+async def test_duplicate_request_id_in_flight_is_refused(probe_server, mesh, node, context):
+    _, server = probe_server
+    sock = raw_dealer(context, server, node, mesh.client)
+    await sock.send(codec.encode_request(1, "probe.sleep", {"seconds": 0.3}, 2000, "t"))
+    await sock.send(codec.encode_request(1, "probe.sleep", {"seconds": 0.3}, 2000, "t"))
+    first = codec.decode(await asyncio.wait_for(sock.recv(), 2))
+    assert first[1] == codec.ERROR and first[3] == "DECODE_ERROR"
+    second = codec.decode(await asyncio.wait_for(sock.recv(), 2))
+    assert second[1:4] == [codec.REPLY, 1, "slept"]
+    sock.close()
+
+
+# -- access control ----------------------------------------------------------------------
+
+
+async def test_internal_server_refuses_an_unknown_key_at_once(probe_server, node, context):
+    _, server = probe_server
+    connection = Connection(server.endpoint, node.curve.public, outsider_keys(), context=context)
+    connection.open()
+    started = time.monotonic()
+    with pytest.raises(errors.Unauthenticated):
+        await connection.call("probe.echo", {"value": "x"}, timeout=5)
+    assert time.monotonic() - started < 1.0
+    await connection.close()
+
+
+async def test_wrong_server_key_never_connects(probe_server, mesh, context):
+    _, server = probe_server
+    impostor = NodeIdentity.generate().curve.public  # not the key the server holds
+    connection = Connection(server.endpoint, impostor, mesh.client, context=context, connect_timeout=0.5)
+    connection.open()
+    with pytest.raises(errors.Unavailable):
+        await connection.call("probe.echo", {"value": "x"}, timeout=2)
+    await connection.close()
+
+
+async def test_public_server_admits_anyone_to_public_methods_only(mesh, node, context):
+    class Gate:
+        name = "gate"
+
+        @method(public=True)
+        async def open(self) -> str:
+            return current_request.get().peer
+
+        @method
+        async def internal(self) -> str:
+            return "members only"
+
+    async with RpcServer(Dispatcher(Gate()), curve=node.curve, members=[mesh.client.public]) as server:
+        outsider = outsider_keys()
+        stranger = Connection(server.endpoint, node.curve.public, outsider, context=context)
+        member = Connection(server.endpoint, node.curve.public, mesh.client, context=context)
+        stranger.open()
+        member.open()
+        assert await stranger.call("gate.open") == outsider.public.decode()
+        with pytest.raises(errors.Forbidden):
+            await stranger.call("gate.internal")
+        assert await member.call("gate.internal") == "members only"
+        await stranger.close()
+        await member.close()
+
+
+# -- draining --------------------------------------------------------------------------------
+
+
+async def test_drain_finishes_in_flight_and_refuses_new_work(mesh, node, context):
+    probe = Probe()
+    server = RpcServer(Dispatcher(probe), curve=node.curve, members=[mesh.client.public], drain_timeout=5)
+    await server.start()
+    connection = Connection(server.endpoint, node.curve.public, mesh.client, context=context)
+    connection.open()
+    slow = asyncio.create_task(connection.call("probe.sleep", {"seconds": 0.3}))
+    await asyncio.sleep(0.1)
+    drain = asyncio.create_task(server.drain())
+    await asyncio.sleep(0.05)
+    with pytest.raises(errors.Unavailable) as refused:
+        await connection.call("probe.echo", {"value": "late"})
+    assert refused.value.data["retry_safe"] is True
+    assert await slow == "slept"
+    await drain
+    await server.close()
+    await connection.close()
+
+
+async def test_server_killed_mid_call_fails_the_call_promptly(mesh, node, context):
+    probe = Probe()
+    server = RpcServer(Dispatcher(probe), curve=node.curve, members=[mesh.client.public])
+    await server.start()
+    connection = Connection(server.endpoint, node.curve.public, mesh.client, context=context)
+    connection.open()
+    call = asyncio.create_task(connection.call("probe.sleep", {"seconds": 10}, timeout=10))
+    await asyncio.sleep(0.1)
+    await server.close()  # the socket goes away mid-call
+    with pytest.raises(errors.Unavailable) as lost:
+        await asyncio.wait_for(call, 2)
+    assert lost.value.data["retry_safe"] is False
+    await connection.close()
