@@ -298,6 +298,9 @@ class MeshConfig:
     """Where a process keeps its state, how it joins the mesh, how it logs."""
 
     data_dir: Path = env("INFERSWARM_DATA_DIR", default=Path(".data"))
+    #: This process's name in the data directory (its key lives under
+    #: `data_dir/nodes/<name>/`); None means the service name.
+    node_name: str | None = env("INFERSWARM_NODE_NAME", default=None)
     bootstrap: tuple[str, ...] = env("INFERSWARM_BOOTSTRAP", default=(), parse=host_ports)
     dht_host: str = env("INFERSWARM_DHT_HOST", default="127.0.0.1")
     dht_port: int = env("INFERSWARM_DHT_PORT", default=0, parse=port)

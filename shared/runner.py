@@ -1,0 +1,175 @@
+"""One lifecycle for every process: join, build, serve, announce, drain, stop.
+
+A service's `__main__` is a few lines::
+
+    async def build(stack: AsyncExitStack, node: MeshNode) -> list[object]:
+        pool = ...                      # resources, closed by `stack` in reverse
+        return [AuthService(pool)]      # objects with `@method` handlers
+
+    def main() -> None:
+        run("auth", build, load(AuthConfig).mesh)
+
+Everything is entered on one `AsyncExitStack`, so what started is closed in
+reverse order. On SIGTERM or SIGINT the process, in this order:
+
+1. withdraws its DHT records (TTL 0), so callers stop choosing it;
+2. drains: new requests get `UNAVAILABLE` with `retry_safe` (callers retry
+   elsewhere), in-flight ones get `drain_timeout` seconds to finish;
+3. closes its resources (database pools...), its mesh connections, its DHT node.
+
+Withdrawing before draining means no request is routed to a server that is
+already refusing work -- the brief's "drain, withdraw" in the safe order.
+When ready, the process prints one JSON line on stdout (logs go to stderr):
+``{"ready": "auth", "endpoint": "tcp://...", "dht": "127.0.0.1:7401", ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from shared.config import ConfigError, MeshConfig
+from shared.dht import Announcer, KademliaDiscovery, service_topic
+from shared.identity import MeshCredential, NodeIdentity
+from shared.logging import configure_logging
+from shared.rpc import Dispatcher, MeshClient, RpcServer
+
+__all__ = ["MeshNode", "join_mesh", "mesh_credential", "serve", "run", "VERSION"]
+
+VERSION = "0.1.0"
+
+log = structlog.get_logger(__name__)
+
+Build = Callable[[AsyncExitStack, "MeshNode"], Awaitable[Sequence[object]]]
+
+
+@dataclass(frozen=True)
+class MeshNode:
+    """What a process holds once it has joined the mesh."""
+
+    name: str
+    config: MeshConfig
+    identity: NodeIdentity
+    credential: MeshCredential
+    discovery: KademliaDiscovery
+    mesh: MeshClient
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.data_dir / "nodes" / self.name
+
+
+def mesh_credential(config: MeshConfig) -> MeshCredential:
+    """The mesh secret: from the environment, else the data directory.
+
+    The first node of a mesh (no bootstrap seeds) creates the secret file; a
+    node joining a mesh must be given the mesh's secret, never a fresh one.
+    """
+    if config.mesh_secret is not None:
+        return MeshCredential.from_text(config.mesh_secret.reveal())
+    path = config.mesh_secret_path
+    if path.exists() or not config.bootstrap:
+        return MeshCredential.load_or_create(path)
+    raise ConfigError(
+        [
+            "INFERSWARM_MESH_SECRET: required to join an existing mesh "
+            f"(copy it from the first node's {path.name}), or put it in {path}"
+        ]
+    )
+
+
+async def join_mesh(stack: AsyncExitStack, name: str, config: MeshConfig) -> MeshNode:
+    """Load identity and credential, start a DHT node and a mesh client on `stack`."""
+    credential = mesh_credential(config)
+    state_dir = config.data_dir / "nodes" / name
+    identity = NodeIdentity.load_or_create(state_dir / "node.key")
+    discovery = KademliaDiscovery(
+        identity=identity,
+        mesh=credential,
+        host=config.dht_host,
+        port=config.dht_port,
+        seeds=config.bootstrap,
+        neighbours_path=state_dir / "neighbours.json",
+        ttl=config.record_ttl,
+    )
+    await stack.enter_async_context(discovery)
+    mesh = MeshClient(discovery, credential.client, max_message_bytes=config.max_message_bytes)
+    await stack.enter_async_context(mesh)
+    return MeshNode(name, config, identity, credential, discovery, mesh)
+
+
+async def serve(
+    service: str,
+    build: Build,
+    config: MeshConfig,
+    *,
+    topics: Sequence[str] | None = None,
+    load: Callable[[], Mapping[str, Any]] | None = None,
+    ready: Callable[[dict[str, Any]], None] | None = None,
+    stop: asyncio.Event | None = None,
+    drain_timeout: float = 10.0,
+) -> None:
+    """Run `service` until `stop` is set (or SIGTERM/SIGINT), then shut down."""
+    stop = stop or _stop_on_signals()
+    node_name = config.node_name or service
+    async with AsyncExitStack() as stack:
+        node = await join_mesh(stack, node_name, config)
+        handlers = await build(stack, node)
+        server = RpcServer(
+            Dispatcher(*handlers),
+            curve=node.identity.curve,
+            members=[node.credential.client.public],
+            host=config.rpc_host,
+            port=config.rpc_port,
+            advertise_host=config.advertised_host,
+            max_message_bytes=config.max_message_bytes,
+            drain_timeout=drain_timeout,
+        )
+        await stack.enter_async_context(server)
+
+        def current_load() -> dict[str, Any]:
+            return {"in_flight": server.in_flight, **(load() if load else {})}
+
+        announcer = Announcer(
+            node.discovery, list(topics or [service_topic(service)]), service=service,
+            endpoint=server.endpoint, version=VERSION, load=current_load, ttl=config.record_ttl,
+        )
+        await stack.enter_async_context(announcer)
+        info = {"ready": service, "node": node_name, "endpoint": server.endpoint,
+                "dht": node.discovery.address, "pid": os.getpid()}
+        log.info("service ready", **info)
+        (ready or _print_ready)(info)
+        await stop.wait()
+        log.info("service stopping", service=service)
+
+
+def run(service: str, build: Build, config: MeshConfig, **options: Any) -> None:
+    """The entry point of a service process: logging, then `serve` until signalled."""
+    configure_logging(config.log_level, config.log_format, service=service)
+    try:
+        asyncio.run(serve(service, build, config, **options))
+    except ConfigError as exc:
+        print(f"{service}: configuration error:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+def _print_ready(info: dict[str, Any]) -> None:
+    print(json.dumps(info), flush=True)
