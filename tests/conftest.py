@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from shared.db import EmbeddedPostgres, ensure_database, with_database
+from shared.db import EmbeddedPostgres, ensure_database
 
 
 @pytest.fixture(scope="session")

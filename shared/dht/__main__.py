@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
 from pathlib import Path
 
-import structlog
-
 from shared.dht.node import KademliaDiscovery
 from shared.identity import MeshCredential, NodeIdentity
+from shared.logging import configure_logging
 
 __all__ = ["main"]
 
@@ -63,11 +61,8 @@ async def _serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the node; 0 on a clean stop, 2 on a configuration error."""
-    # stdout carries the one readiness line; logs go to stderr.
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-    )
+    # stdout carries the one readiness line; logs go to stderr as JSON.
+    configure_logging(os.environ.get("INFERSWARM_LOG_LEVEL", "info"), "json", service="dht")
     args = _arguments(argv)
     try:
         asyncio.run(_serve(args))
