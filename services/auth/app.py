@@ -1,0 +1,64 @@
+"""Assembling an `AuthService` from its configuration and a database.
+
+Used by `__main__` (inside the runner's lifecycle), by the tests and by the
+benchmark, so that all three run the same wiring.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from shared.db import apply_migrations, create_pool
+from shared.logging import get_logger
+from services.auth.cache import KeyCache
+from services.auth.config import AuthConfig
+from services.auth.housekeeping import Housekeeper
+from services.auth.invalidation import InvalidationFeed
+from services.auth.passwords import PRODUCTION, PasswordHasher
+from services.auth.service import AuthService
+from services.auth.store import AuthStore
+from services.auth.throttle import LoginThrottle
+from services.auth.tiers import TierTable
+from services.auth.tokens import TokenIssuer, load_or_create_key
+from services.auth.usage_store import UsageStore
+
+__all__ = ["MIGRATIONS", "open_auth"]
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+log = get_logger(__name__)
+
+
+async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> AuthService:
+    """Pool, migrations, background loops and the service; all closed by `stack`."""
+    pool = await create_pool(dsn, min_size=2, max_size=config.pool_size)
+    stack.push_async_callback(pool.close)
+    await apply_migrations(pool, MIGRATIONS)
+    store = AuthStore(pool)
+    cache = KeyCache(ttl=config.cache_ttl)
+    feed = InvalidationFeed(
+        store, dsn, cache, poll_interval=config.poll_interval, stale_after=config.stale_after
+    )
+    await stack.enter_async_context(feed)
+    housekeeper = await stack.enter_async_context(Housekeeper(store))
+    params = config.argon2
+    if params.memory_kib < PRODUCTION.memory_kib or params.time_cost < PRODUCTION.time_cost:
+        log.warning("argon2 parameters below RFC 9106 low-memory profile", **vars_of(params))
+    signing_key = load_or_create_key(config.jwt_key_path)
+    return AuthService(
+        store, UsageStore(pool),
+        passwords=PasswordHasher(params, concurrency=config.hash_concurrency),
+        tokens=TokenIssuer(signing_key, issuer=config.issuer, audience=config.audience,
+                           ttl=config.token_ttl),
+        tiers=TierTable(config.tiers),
+        throttle=LoginThrottle(store, config.throttle),
+        feed=feed,
+        housekeeper=housekeeper,
+        admin_emails=config.admin_emails,
+        max_keys_per_user=config.max_keys_per_user,
+    )
+
+
+def vars_of(params: object) -> dict[str, object]:
+    return {name: getattr(params, name) for name in params.__slots__}  # type: ignore[attr-defined]

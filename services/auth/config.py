@@ -1,0 +1,89 @@
+"""The auth service's configuration, read once from the environment.
+
+    DATABASE_URL                         PostgreSQL to use (else the embedded one, database "auth")
+    INFERSWARM_ADMIN_EMAILS              comma-separated emails of administrators
+    INFERSWARM_TOKEN_TTL                 session token lifetime, seconds (3600)
+    INFERSWARM_AUTH_JWT_KEY_FILE         Ed25519 signing key (PEM); default <data_dir>/auth/jwt_ed25519.pem
+    INFERSWARM_AUTH_ISSUER / _AUDIENCE   JWT iss / aud ("inferswarm-auth" / "inferswarm")
+    INFERSWARM_ARGON2_TIME_COST          Argon2id passes (3)
+    INFERSWARM_ARGON2_MEMORY_KIB         Argon2id memory (65536 = 64 MiB)
+    INFERSWARM_ARGON2_PARALLELISM        Argon2id lanes (4)
+    INFERSWARM_AUTH_HASH_CONCURRENCY     password hashes at once (2)
+    INFERSWARM_AUTH_POLL_INTERVAL        invalidation log poll, seconds (0.5)
+    INFERSWARM_AUTH_STALE_AFTER          distrust the key cache after this long unsynced (1.0)
+    INFERSWARM_AUTH_CACHE_TTL            longest a validated key is served from memory (300)
+    INFERSWARM_AUTH_MAX_KEYS             live API keys per account (100)
+    INFERSWARM_LOGIN_FREE_FAILURES       failed logins per account before slowing down (5)
+    INFERSWARM_LOGIN_CALLER_FREE_FAILURES  ... per caller address (20)
+    INFERSWARM_LOGIN_MAX_DELAY           longest lock after repeated failures, seconds (300)
+    INFERSWARM_TIER_<TIER>_TOKENS_PER_MONTH  token budgets (see tiers.py)
+
+Every auth instance of one mesh must use the same signing key: share the
+file (or point INFERSWARM_AUTH_JWT_KEY_FILE at a copy) when running several.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import ConfigError, MeshConfig, env, positive
+from shared.db import DatabaseConfig
+from services.auth.passwords import Argon2Params
+from services.auth.throttle import ThrottlePolicy
+from services.auth.tiers import TierConfig
+
+__all__ = ["AuthConfig"]
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Everything the auth process reads from its environment."""
+
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    db: DatabaseConfig = field(default_factory=DatabaseConfig)
+    tiers: TierConfig = field(default_factory=TierConfig)
+    admin_emails: tuple[str, ...] = env("INFERSWARM_ADMIN_EMAILS", default=())
+    token_ttl: float = env("INFERSWARM_TOKEN_TTL", default=3600.0, parse=positive(float))
+    jwt_key_file: Path | None = env("INFERSWARM_AUTH_JWT_KEY_FILE", default=None)
+    issuer: str = env("INFERSWARM_AUTH_ISSUER", default="inferswarm-auth")
+    audience: str = env("INFERSWARM_AUTH_AUDIENCE", default="inferswarm")
+    argon2_time_cost: int = env("INFERSWARM_ARGON2_TIME_COST", default=3, parse=positive(int))
+    argon2_memory_kib: int = env("INFERSWARM_ARGON2_MEMORY_KIB", default=65536, parse=positive(int))
+    argon2_parallelism: int = env("INFERSWARM_ARGON2_PARALLELISM", default=4, parse=positive(int))
+    hash_concurrency: int = env("INFERSWARM_AUTH_HASH_CONCURRENCY", default=2, parse=positive(int))
+    poll_interval: float = env("INFERSWARM_AUTH_POLL_INTERVAL", default=0.5, parse=positive(float))
+    stale_after: float = env("INFERSWARM_AUTH_STALE_AFTER", default=1.0, parse=positive(float))
+    cache_ttl: float = env("INFERSWARM_AUTH_CACHE_TTL", default=300.0, parse=positive(float))
+    max_keys_per_user: int = env("INFERSWARM_AUTH_MAX_KEYS", default=100, parse=positive(int))
+    login_free_failures: int = env("INFERSWARM_LOGIN_FREE_FAILURES", default=5, parse=positive(int))
+    login_caller_free_failures: int = env(
+        "INFERSWARM_LOGIN_CALLER_FREE_FAILURES", default=20, parse=positive(int)
+    )
+    login_max_delay: float = env("INFERSWARM_LOGIN_MAX_DELAY", default=300.0, parse=positive(float))
+    pool_size: int = env("INFERSWARM_AUTH_POOL_SIZE", default=10, parse=positive(int))
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.argon2_memory_kib < 8 * self.argon2_parallelism:
+            problems.append("INFERSWARM_ARGON2_MEMORY_KIB: must be at least 8 x INFERSWARM_ARGON2_PARALLELISM")
+        if self.poll_interval >= self.stale_after:
+            problems.append("INFERSWARM_AUTH_POLL_INTERVAL: must be shorter than INFERSWARM_AUTH_STALE_AFTER")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def jwt_key_path(self) -> Path:
+        return self.jwt_key_file or self.mesh.data_dir / "auth" / "jwt_ed25519.pem"
+
+    @property
+    def argon2(self) -> Argon2Params:
+        return Argon2Params(self.argon2_time_cost, self.argon2_memory_kib, self.argon2_parallelism)
+
+    @property
+    def throttle(self) -> ThrottlePolicy:
+        return ThrottlePolicy(
+            account_free_failures=self.login_free_failures,
+            caller_free_failures=self.login_caller_free_failures,
+            max_delay=self.login_max_delay,
+        )

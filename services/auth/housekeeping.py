@@ -1,0 +1,76 @@
+"""Background chores of an auth instance: `last_used_at` in batches, pruning.
+
+`validate_key` answers from memory; writing `last_used_at` on every call would
+put the database back on the hot path. Instead each use is noted in a dict
+(one assignment) and written every `flush_interval` seconds in one UPDATE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+from shared.logging import get_logger
+from services.auth.store import AuthStore
+
+__all__ = ["Housekeeper"]
+
+log = get_logger(__name__)
+
+
+class Housekeeper:
+    """Flushes key use times and prunes old rows, until closed."""
+
+    def __init__(
+        self, store: AuthStore, *, flush_interval: float = 2.0, prune_interval: float = 600.0,
+        keep_seconds: float = 86_400.0,
+    ) -> None:
+        self._store = store
+        self._flush_interval = flush_interval
+        self._prune_interval = prune_interval
+        self._keep_seconds = keep_seconds
+        self._used: dict[int, float] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def touch(self, key_id: int) -> None:
+        """Note that a key was used now (the hot path: a dict assignment)."""
+        self._used[key_id] = time.time()
+
+    async def flush(self) -> None:
+        used, self._used = self._used, {}
+        if used:
+            try:
+                await self._store.touch_keys(
+                    {k: datetime.fromtimestamp(t, timezone.utc) for k, t in used.items()}
+                )
+            except Exception:
+                # Keep what we had (newer uses win) and try again next time.
+                for key_id, at in used.items():
+                    self._used[key_id] = max(at, self._used.get(key_id, 0.0))
+                raise
+
+    async def __aenter__(self) -> Housekeeper:
+        self._task = asyncio.create_task(self._run(), name="auth housekeeping")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        try:
+            await self.flush()
+        except Exception as exc:
+            log.warning("could not flush key use times", error=str(exc))
+
+    async def _run(self) -> None:
+        next_prune = time.monotonic()
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            try:
+                await self.flush()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + self._prune_interval
+                    await self._store.prune(self._keep_seconds)
+            except Exception as exc:
+                log.warning("housekeeping failed", error=str(exc))

@@ -1,0 +1,140 @@
+"""Keeping an auth instance's key cache in step with the invalidation log.
+
+Two paths, one for speed and one for certainty (README.md, "Revocation"):
+
+* LISTEN: a dedicated connection hears each invalidation's NOTIFY when its
+  transaction commits and evicts the entry at once (milliseconds);
+* poll: every `poll_interval` the log is read from the cursor on. This catches
+  whatever a lost connection made us miss, and it is what `trusted` rests on.
+
+`synced_at` is when the last successful poll *started*: every invalidation
+committed before it has been applied. While it is older than `stale_after`
+the cache is not trusted and `validate_key` reads the database, so a
+revocation stops being honoured within `stale_after` even if PostgreSQL
+notifications and polls both fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+
+from shared.logging import get_logger
+from services.auth.cache import KeyCache
+from services.auth.store import INVALIDATION_CHANNEL, AuthStore
+
+__all__ = ["InvalidationFeed"]
+
+log = get_logger(__name__)
+
+
+class InvalidationFeed:
+    """Applies invalidations to `cache`: from NOTIFY at once, from polls for sure."""
+
+    def __init__(
+        self, store: AuthStore, dsn: str, cache: KeyCache, *, poll_interval: float = 0.5,
+        stale_after: float = 1.0, batch: int = 1000,
+    ) -> None:
+        self._store = store
+        self._dsn = dsn
+        self.cache = cache
+        self.poll_interval = poll_interval
+        self.stale_after = stale_after
+        self._batch = batch
+        #: Every invalidation with seq <= cursor has been applied.
+        self.cursor = 0
+        self.synced_at = float("-inf")
+        self._wake = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    @property
+    def trusted(self) -> bool:
+        """True while the cache provably reflects every invalidation older than `stale_after`."""
+        return time.monotonic() - self.synced_at <= self.stale_after
+
+    async def __aenter__(self) -> InvalidationFeed:
+        await self._listen()
+        await self.sync()
+        self._task = asyncio.create_task(self._run(), name="auth invalidations")
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._close_listener()
+
+    async def sync(self) -> None:
+        """Apply every invalidation after the cursor, reading the log until its end."""
+        while True:
+            started, since = time.monotonic(), self.cursor
+            rows, newest, oldest = await self._store.invalidations_since(since, self._batch)
+            if since > newest or since < oldest - 1:
+                # Another database, or entries pruned before we saw them.
+                self.cache.clear()
+                self.cursor = newest
+            for row in rows:
+                self.cache.evict(key_id=row["key_id"], user_id=row["user_id"])
+            if rows:
+                self.cursor = max(self.cursor, rows[-1]["seq"])
+            if len(rows) < self._batch:
+                self.synced_at = started
+                return
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                if self._listener is None or self._listener.is_closed():
+                    await self._listen()
+                await self.sync()
+                if self._failing:
+                    log.info("invalidation log reachable again", cursor=self.cursor)
+                self._failing = False
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                if not self._failing:  # once per outage, not every half second
+                    log.warning("cannot read the invalidation log", error=str(exc))
+                self._failing = True
+
+    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        try:
+            seq_text, key_text, user_text = payload.split(":")
+            seq = int(seq_text)
+            key_id = int(key_text) if key_text else None
+            user_id = int(user_text) if user_text else None
+        except ValueError:
+            self._wake.set()
+            return
+        self.cache.evict(key_id=key_id, user_id=user_id)
+        if seq == self.cursor + 1:
+            self.cursor = seq  # writers are serialized: nothing can be missing below it
+        elif seq > self.cursor:
+            self._wake.set()  # a gap (a missed notice or a rolled-back seq): read the log now
+
+    async def _listen(self) -> None:
+        await self._close_listener()
+        try:
+            conn = await asyncpg.connect(self._dsn)
+            await conn.add_listener(INVALIDATION_CHANNEL, self._on_notify)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("cannot listen for invalidations; polling only", error=str(exc))
+            return
+        conn.add_termination_listener(lambda _conn: self._wake.set())
+        self._listener = conn
+
+    async def _close_listener(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), 2.0)
+            except Exception:
+                conn.terminate()

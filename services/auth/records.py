@@ -1,0 +1,110 @@
+"""Checking the usage records a gateway sends (`auth.record_usage`).
+
+A batch is a list of maps; every field is checked for type, range and length
+before anything reaches SQL, and a bad record is `INVALID_PARAMS` naming its
+index and field. Duplicates inside one batch are dropped here (the first
+wins); duplicates of stored records are dropped by the database.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from shared.errors import InvalidParams
+from services.auth.usage_store import UsageRecord
+
+__all__ = ["MAX_BATCH", "parse_batch"]
+
+MAX_BATCH = 1000
+_MAX_INT32 = 2**31 - 1
+_MAX_ID = 2**63 - 1
+_TEXT = re.compile(r"[\x20-\x7e]+")  # ids, models, statuses: printable ASCII
+_HEX = re.compile(r"[0-9a-f]{16,128}")
+_STATUS = re.compile(r"[a-z_]{1,32}")
+_FIELDS = frozenset({
+    "request_id", "user_id", "key_id", "model", "prompt_hash", "prompt_tokens",
+    "completion_tokens", "cached", "latency_ms", "status", "worker", "at",
+})
+#: Records from further back than this (or from the future) are refused.
+_MAX_AGE_S = 35 * 86_400
+_MAX_AHEAD_S = 300
+
+
+def parse_batch(batch: list[Any]) -> list[UsageRecord]:
+    """Typed records from the wire batch, in order, without in-batch duplicates."""
+    if len(batch) > MAX_BATCH:
+        raise InvalidParams(f"at most {MAX_BATCH} records per batch", {"param": "batch"})
+    records: dict[str, UsageRecord] = {}
+    for index, item in enumerate(batch):
+        record = _parse(index, item)
+        records.setdefault(record.request_id, record)
+    return list(records.values())
+
+
+def _fail(index: int, field: str, why: str) -> InvalidParams:
+    return InvalidParams(f"batch[{index}].{field}: {why}", {"param": "batch", "index": index, "field": field})
+
+
+def _text(index: int, item: dict[str, Any], field: str, limit: int, *, optional: bool = False) -> str | None:
+    value = item.get(field)
+    if value is None and optional:
+        return None
+    if type(value) is not str or not 0 < len(value) <= limit or not _TEXT.fullmatch(value):
+        raise _fail(index, field, f"expected printable ASCII text of 1-{limit} characters")
+    return value
+
+
+def _int(index: int, item: dict[str, Any], field: str, limit: int, *, optional: bool = False,
+         default: int | None = None) -> int | None:
+    value = item.get(field, default)
+    if value is None and optional:
+        return None
+    if type(value) is not int or not 0 <= value <= limit:
+        raise _fail(index, field, f"expected an integer from 0 to {limit}")
+    return value
+
+
+def _parse(index: int, item: Any) -> UsageRecord:
+    if type(item) is not dict:
+        raise InvalidParams(f"batch[{index}]: expected a map", {"param": "batch", "index": index})
+    unknown = [str(k) for k in item if k not in _FIELDS]
+    if unknown:
+        raise _fail(index, unknown[0], "unknown field")
+    prompt_hash = item.get("prompt_hash")
+    if prompt_hash is not None and (type(prompt_hash) is not str or not _HEX.fullmatch(prompt_hash)):
+        raise _fail(index, "prompt_hash", "expected 16-128 lowercase hex digits (a hash, never the prompt)")
+    status = item.get("status", "ok")
+    if type(status) is not str or not _STATUS.fullmatch(status):
+        raise _fail(index, "status", "expected a short lowercase word such as ok, error, cancelled")
+    cached = item.get("cached", False)
+    if type(cached) is not bool:
+        raise _fail(index, "cached", "expected a boolean")
+    return UsageRecord(
+        request_id=_text(index, item, "request_id", 128),  # type: ignore[arg-type]
+        user_id=_int(index, item, "user_id", _MAX_ID),  # type: ignore[arg-type]
+        key_id=_int(index, item, "key_id", _MAX_ID, optional=True),
+        model=_text(index, item, "model", 200),  # type: ignore[arg-type]
+        prompt_hash=prompt_hash,
+        prompt_tokens=_int(index, item, "prompt_tokens", _MAX_INT32, default=0),  # type: ignore[arg-type]
+        completion_tokens=_int(index, item, "completion_tokens", _MAX_INT32, default=0),  # type: ignore[arg-type]
+        cached=cached,
+        latency_ms=_int(index, item, "latency_ms", _MAX_INT32, optional=True),
+        status=status,
+        worker=_text(index, item, "worker", 256, optional=True),
+        created_at=_timestamp(index, item.get("at")),
+    )
+
+
+def _timestamp(index: int, value: Any) -> datetime | None:
+    """`at`: when the request happened, epoch seconds; None means now."""
+    if value is None:
+        return None
+    if type(value) not in (int, float) or value != value:  # NaN
+        raise _fail(index, "at", "expected epoch seconds")
+    now = time.time()
+    if not now - _MAX_AGE_S <= value <= now + _MAX_AHEAD_S:
+        raise _fail(index, "at", "too far in the past or the future")
+    return datetime.fromtimestamp(value, timezone.utc)

@@ -1,0 +1,399 @@
+"""The auth service: accounts, sessions, API keys, usage, tiers.
+
+Public methods (any CURVE client; they carry a password or a token) and
+internal ones (mesh members only: gateways and the web service):
+
+    auth.register      public    username, email, password -> user
+    auth.login         public    username_or_email, password[, client_addr] -> token
+    auth.me            public    token -> user with tier limits
+    auth.create_key    public    token, name[, expires_in_days] -> key (shown once)
+    auth.list_keys     public    token -> keys (never the key)
+    auth.revoke_key    public    token, key_id -> key
+    auth.usage         public    token[, start, end] -> per day and key
+    auth.set_tier      public    token, user, tier -> user (admins only)
+    auth.set_active    public    token, user, active -> user (admins only)
+    auth.token_key     public    -> the JWT public key
+    auth.validate_key  internal  api_key -> user, key, tier, limits, priority, cursor
+    auth.verify_token  internal  token -> user
+    auth.record_usage  internal  batch -> counts (idempotent by request id)
+    auth.invalidations internal  since[, limit] -> entries after the cursor
+
+`validate_key` answers from an in-memory cache kept in step with the
+invalidation log by an `InvalidationFeed` (see README.md, "Revocation").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import asyncpg
+
+from shared.errors import Conflict, Forbidden, InvalidParams, Unauthenticated
+from shared.logging import get_logger
+from shared.rpc import current_request, method
+from services.auth import keys as apikeys
+from services.auth import validation as check
+from services.auth.housekeeping import Housekeeper
+from services.auth.invalidation import InvalidationFeed
+from services.auth.passwords import PasswordHasher
+from services.auth.records import parse_batch
+from services.auth.store import AuthStore
+from services.auth.throttle import LoginThrottle, Subject
+from services.auth.tiers import DEFAULT_TIER, TierName, TierTable
+from services.auth.tokens import TokenIssuer
+from services.auth.usage_store import UsageStore
+
+__all__ = ["AuthService"]
+
+log = get_logger(__name__)
+
+_MAX_REFUSALS = 10_000
+_MAX_RANGE_DAYS = 366
+_MAX_ADDR = 64
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _key_view(key: asyncpg.Record) -> dict[str, Any]:
+    now = datetime.now(timezone.utc)
+    if key["revoked_at"] is not None:
+        status = "revoked"
+    elif key["expires_at"] is not None and key["expires_at"] <= now:
+        status = "expired"
+    else:
+        status = "active"
+    return {
+        "id": key["id"], "name": key["name"], "prefix": key["prefix"], "status": status,
+        "created_at": _iso(key["created_at"]), "last_used_at": _iso(key["last_used_at"]),
+        "expires_at": _iso(key["expires_at"]), "revoked_at": _iso(key["revoked_at"]),
+    }
+
+
+class AuthService:
+    """Who may do what, and the record of what was done."""
+
+    name = "auth"
+
+    def __init__(
+        self, store: AuthStore, usage: UsageStore, *, passwords: PasswordHasher,
+        tokens: TokenIssuer, tiers: TierTable, throttle: LoginThrottle, feed: InvalidationFeed,
+        housekeeper: Housekeeper, admin_emails: Iterable[str] = (), max_keys_per_user: int = 100,
+        max_key_days: int = 3650,
+    ) -> None:
+        self._store = store
+        self._usage = usage
+        self._passwords = passwords
+        self._tokens = tokens
+        self._tiers = tiers
+        self._throttle = throttle
+        self._feed = feed
+        self._cache = feed.cache
+        self._housekeeper = housekeeper
+        self._admins = frozenset(e.strip().lower() for e in admin_emails if e.strip())
+        self._max_keys = max_keys_per_user
+        self._max_key_days = max_key_days
+        #: Keys refused for good (unknown, revoked, expired): hash -> reason.
+        self._refused: dict[bytes, str] = {}
+
+    # -- accounts and sessions ---------------------------------------------------
+
+    @method(public=True)
+    async def register(self, username: str, email: str, password: str) -> dict[str, Any]:
+        """Create an account on the free tier; `CONFLICT` if the username or email is taken."""
+        username = check.check_username(username)
+        email = check.check_email(email)
+        check.check_password(password, username=username, email=email)
+        password_hash = await self._passwords.hash(password)
+        user = await self._store.create_user(
+            username, email, password_hash, tier=DEFAULT_TIER, is_admin=self._is_admin_email(email)
+        )
+        log.info("user registered", user_id=user["id"])
+        return self._user_view(user)
+
+    @method(public=True)
+    async def login(
+        self, username_or_email: str, password: str, client_addr: str | None = None
+    ) -> dict[str, Any]:
+        """A session token for the right password; failures are slowed down."""
+        identifier = check.check_login_identifier(username_or_email)
+        if len(password) > check.MAX_PASSWORD * 4:
+            raise InvalidParams("password too long", {"param": "password"})
+        subjects, caller = self._login_subjects(client_addr)
+        user = await self._store.user_by_login(identifier)
+        account = self._throttle.account(user["id"] if user else None, identifier)
+        await self._throttle.check([account, *subjects])
+        verdict = await self._passwords.verify(user["password_hash"] if user else None, password)
+        if not verdict.ok:
+            await self._throttle.failed([account, *subjects])
+            reason = "bad_password" if user else "unknown_user"
+            await self._store.audit("login_failed", user["id"] if user else None, None,
+                                    {"reason": reason, "caller": caller})
+            raise Unauthenticated("wrong username/email or password")
+        if not user["is_active"]:
+            raise Forbidden("this account is disabled")
+        if verdict.new_hash is not None:  # parameters changed since it was hashed
+            await self._store.set_password_hash(user["id"], verdict.new_hash)
+        if user["is_admin"] != self._is_admin_email(user["email"]):
+            await self._store.set_admin(user["id"], self._is_admin_email(user["email"]))
+        await self._throttle.succeeded(account)
+        token, expires_at = self._tokens.issue(str(user["id"]), name=user["username"])
+        return {"token": token, "expires_at": expires_at, "user": self._user_view(user)}
+
+    def _login_subjects(self, client_addr: str | None) -> tuple[list[Subject], str | None]:
+        """Whom failures are counted for besides the account, and how to name the caller."""
+        ctx = current_request.get()
+        if client_addr is not None:
+            if ctx is not None and not ctx.member:
+                raise Forbidden("client_addr is accepted from mesh members only")
+            if not 0 < len(client_addr) <= _MAX_ADDR:
+                raise InvalidParams(f"client_addr must be 1-{_MAX_ADDR} characters", {"param": "client_addr"})
+            caller = f"addr:{client_addr}"
+        elif ctx is not None and ctx.peer and not ctx.member:
+            caller = f"peer:{ctx.peer}"
+        else:
+            # A member (the web service) that names no client: every member
+            # shares one key, so counting it would lock out everyone at once.
+            return [], None
+        return [self._throttle.caller(caller)], caller
+
+    @method(public=True, idempotent=True)
+    async def me(self, token: str) -> dict[str, Any]:
+        """The account behind a token, with its tier's limits."""
+        user = await self._authenticate(token)
+        tier = self._tiers[user["tier"]]
+        return {**self._user_view(user), "limits": tier.limits(), "priority": tier.priority}
+
+    @method(public=True, idempotent=True)
+    async def token_key(self) -> dict[str, Any]:
+        """The public key (PEM) and claims other services need to verify tokens locally."""
+        return {
+            "algorithm": "EdDSA", "public_key": self._tokens.public_pem, "kid": self._tokens.key_id,
+            "issuer": self._tokens.issuer, "audience": self._tokens.audience,
+        }
+
+    @method(idempotent=True)
+    async def verify_token(self, token: str) -> dict[str, Any]:
+        """Internal: the account behind a token, checked against the database."""
+        user = await self._authenticate(token)
+        tier = self._tiers[user["tier"]]
+        return {**self._user_view(user), "limits": tier.limits(), "priority": tier.priority}
+
+    # -- API keys --------------------------------------------------------------------
+
+    @method(public=True)
+    async def create_key(
+        self, token: str, name: str, expires_in_days: int | None = None
+    ) -> dict[str, Any]:
+        """A new API key; the `api_key` field is the only time it is ever shown."""
+        user = await self._authenticate(token)
+        name = check.check_name(name)
+        expires_at = None
+        if expires_in_days is not None:
+            if not 1 <= expires_in_days <= self._max_key_days:
+                raise InvalidParams(
+                    f"expires_in_days must be 1-{self._max_key_days}", {"param": "expires_in_days"}
+                )
+            expires_at = datetime.now(timezone.utc) + timedelta(days=expires_in_days)
+        api_key = apikeys.generate_key()
+        key = await self._store.create_key(
+            user["id"], name, apikeys.hash_key(api_key), apikeys.display_prefix(api_key),
+            expires_at, max_keys=self._max_keys,
+        )
+        log.info("api key created", user_id=user["id"], key_id=key["id"])
+        return {**_key_view(key), "api_key": api_key}
+
+    @method(public=True, idempotent=True)
+    async def list_keys(self, token: str) -> list[dict[str, Any]]:
+        """The caller's keys, newest last: names, prefixes, dates, status; never a key."""
+        user = await self._authenticate(token)
+        return [_key_view(key) for key in await self._store.list_keys(user["id"])]
+
+    @method(public=True, idempotent=True)
+    async def revoke_key(self, token: str, key_id: int) -> dict[str, Any]:
+        """Revoke one of the caller's keys, everywhere within a second."""
+        user = await self._authenticate(token)
+        key = await self._store.revoke_key(user["id"], _check_id(key_id, "key_id"), user["id"])
+        self._cache.evict(key_id=key_id)  # here at once; other instances via the log
+        log.info("api key revoked", user_id=user["id"], key_id=key_id)
+        return _key_view(key)
+
+    @method(idempotent=True)
+    async def validate_key(self, api_key: str) -> dict[str, Any]:
+        """Internal: who a key belongs to and what it may do, or `UNAUTHENTICATED`.
+
+        From memory when the cache is trusted; `cursor` is the invalidation
+        seq this answer reflects (callers caching it compare it with theirs).
+        """
+        if not apikeys.looks_like_key(api_key):
+            raise Unauthenticated("invalid API key")
+        key_hash = apikeys.hash_key(api_key)
+        feed = self._feed
+        if feed.trusted:
+            entry = self._cache.get(key_hash)
+            if entry is not None:
+                self._housekeeper.touch(entry.key_id)
+                return {**entry.result, "cursor": feed.cursor}
+        refusal = self._refused.get(key_hash)
+        if refusal is not None:
+            raise Unauthenticated(refusal)
+        return await self._validate_from_database(key_hash)
+
+    async def _validate_from_database(self, key_hash: bytes) -> dict[str, Any]:
+        epoch, cursor = self._cache.epoch, self._feed.cursor
+        row = await self._store.key_by_hash(key_hash)
+        if row is None or not apikeys.same_hash(row["key_hash"], key_hash):
+            self._refuse(key_hash, "invalid API key")
+        if row["revoked_at"] is not None:
+            self._refuse(key_hash, "API key revoked")
+        expires_at = row["expires_at"].timestamp() if row["expires_at"] is not None else None
+        if expires_at is not None and expires_at <= datetime.now(timezone.utc).timestamp():
+            self._refuse(key_hash, "API key expired")
+        if not row["is_active"]:
+            raise Unauthenticated("account disabled")  # not for good: it may be re-enabled
+        tier = self._tiers[row["tier"]]
+        result = {
+            "user_id": row["user_id"], "key_id": row["id"], "tier": tier.name,
+            "limits": tier.limits(), "priority": tier.priority, "expires_at": expires_at,
+        }
+        # Cache only if no invalidation arrived while we read: it may concern this key.
+        if self._cache.epoch == epoch:
+            self._cache.put(key_hash, result, user_id=row["user_id"], key_id=row["id"],
+                            expires_at=expires_at)
+        self._housekeeper.touch(row["id"])
+        return {**result, "cursor": cursor}
+
+    def _refuse(self, key_hash: bytes, reason: str) -> None:
+        if len(self._refused) >= _MAX_REFUSALS:
+            del self._refused[next(iter(self._refused))]
+        self._refused[key_hash] = reason
+        raise Unauthenticated(reason)
+
+    @method(idempotent=True)
+    async def invalidations(self, since: int | None = None, limit: int = 1000) -> dict[str, Any]:
+        """Internal: invalidation entries after `since` (None: just the current cursor).
+
+        `reset` means the caller's cursor is unknown here (pruned, or another
+        database): drop the whole cache. `more` means call again at once.
+        """
+        if not 1 <= limit <= 10_000:
+            raise InvalidParams("limit must be 1-10000", {"param": "limit"})
+        if since is not None and not 0 <= since < 2**63:
+            raise InvalidParams("since must be a cursor from a previous call", {"param": "since"})
+        if since is None:
+            _, newest, _ = await self._store.invalidations_since(2**62, 1)
+            return {"cursor": newest, "entries": [], "reset": False, "more": False}
+        rows, newest, oldest = await self._store.invalidations_since(since, limit)
+        reset = since > newest or since < oldest - 1
+        entries = [{"seq": r["seq"], "key_id": r["key_id"], "user_id": r["user_id"]} for r in rows]
+        more = len(rows) == limit
+        cursor = rows[-1]["seq"] if more else newest
+        return {"cursor": cursor, "entries": entries, "reset": reset, "more": more}
+
+    # -- usage ---------------------------------------------------------------------------
+
+    @method(idempotent=True)
+    async def record_usage(self, batch: list) -> dict[str, int]:  # type: ignore[type-arg]
+        """Internal: store usage records; a request id already stored is not counted again."""
+        return await self._usage.record(parse_batch(batch))
+
+    @method(public=True, idempotent=True)
+    async def usage(self, token: str, start: str | None = None, end: str | None = None) -> dict[str, Any]:
+        """Per UTC day and per key, from `start` to `end` (ISO dates, inclusive; default 30 days)."""
+        user = await self._authenticate(token)
+        last = _parse_day(end, "end") if end is not None else datetime.now(timezone.utc).date()
+        first = _parse_day(start, "start") if start is not None else last - timedelta(days=29)
+        if first > last or (last - first).days >= _MAX_RANGE_DAYS:
+            raise InvalidParams(f"start must be before end, at most {_MAX_RANGE_DAYS} days apart")
+        rows = await self._usage.daily(user["id"], first, last)
+        days = [{
+            "day": r["day"].isoformat(), "key_id": r["key_id"], "key_name": r["key_name"],
+            "key_prefix": r["key_prefix"], "requests": r["requests"],
+            "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
+            "tokens": r["prompt_tokens"] + r["completion_tokens"], "errors": r["errors"],
+            "cache_hits": r["cache_hits"],
+        } for r in rows]
+        totals = {f: sum(d[f] for d in days) for f in
+                  ("requests", "prompt_tokens", "completion_tokens", "tokens", "errors", "cache_hits")}
+        return {"start": first.isoformat(), "end": last.isoformat(), "days": days, "totals": totals}
+
+    # -- administration ----------------------------------------------------------------
+
+    @method(public=True, idempotent=True)
+    async def set_tier(self, token: str, user: int | str, tier: TierName) -> dict[str, Any]:
+        """Admins only: move an account (id, username or email) to another tier."""
+        actor = await self._authenticate_admin(token)
+        target = await self._store.find_user(_user_ref(user))
+        updated = await self._store.set_tier(target["id"], tier, actor["id"])
+        self._cache.evict(user_id=target["id"])
+        log.info("tier changed", user_id=target["id"], tier=tier, actor_id=actor["id"])
+        return self._user_view(updated)
+
+    @method(public=True, idempotent=True)
+    async def set_active(self, token: str, user: int | str, active: bool) -> dict[str, Any]:
+        """Admins only: disable (or re-enable) an account and, with it, all its keys."""
+        actor = await self._authenticate_admin(token)
+        target = await self._store.find_user(_user_ref(user))
+        if target["id"] == actor["id"] and not active:
+            raise Conflict("an admin cannot disable their own account")
+        updated = await self._store.set_active(target["id"], active, actor["id"])
+        self._cache.evict(user_id=target["id"])
+        log.info("account active changed", user_id=target["id"], active=active, actor_id=actor["id"])
+        return self._user_view(updated)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _authenticate(self, token: str) -> asyncpg.Record:
+        """The active account behind a valid token, else `UNAUTHENTICATED`."""
+        claims = self._tokens.verify(token)
+        try:
+            user_id = int(claims["sub"])
+        except ValueError:
+            raise Unauthenticated("invalid token") from None
+        user = await self._store.user_by_id(user_id) if 0 < user_id < 2**63 else None
+        if user is None or not user["is_active"]:
+            raise Unauthenticated("account disabled or removed")
+        return user
+
+    async def _authenticate_admin(self, token: str) -> asyncpg.Record:
+        user = await self._authenticate(token)
+        if not self._is_admin_email(user["email"]):
+            raise Forbidden("administrators only")
+        return user
+
+    def _is_admin_email(self, email: str) -> bool:
+        return email.lower() in self._admins
+
+    def _user_view(self, user: asyncpg.Record) -> dict[str, Any]:
+        return {
+            "id": user["id"], "username": user["username"], "email": user["email"],
+            "tier": user["tier"], "is_admin": self._is_admin_email(user["email"]),
+            "is_active": user["is_active"], "created_at": _iso(user["created_at"]),
+        }
+
+
+def _parse_day(text: str, param: str) -> date:
+    try:
+        if len(text) != 10:
+            raise ValueError(text)
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InvalidParams(f"{param} must be a date as YYYY-MM-DD", {"param": param}) from None
+
+
+def _check_id(value: int, param: str) -> int:
+    """A database id: 1 to 2**63-1, else `INVALID_PARAMS` (never an overflow in SQL)."""
+    if not 0 < value < 2**63:
+        raise InvalidParams(f"{param} is not a valid id", {"param": param})
+    return value
+
+
+def _user_ref(user: int | str) -> int | str:
+    if isinstance(user, int):
+        return _check_id(user, "user")
+    if not 0 < len(user) <= check.MAX_EMAIL:
+        raise InvalidParams("user must be an id, a username or an email", {"param": "user"})
+    return user

@@ -1,0 +1,269 @@
+"""All of the auth service's SQL: accounts, keys, audit, invalidations, login failures.
+
+Every query is parameterized. Database errors a caller can cause become domain
+errors here: a duplicate account is `Conflict` (without saying which field).
+Changes that caches must hear about (`revoke_key`, `set_tier`, `set_active`)
+append to the invalidation log and NOTIFY `INVALIDATION_CHANNEL` in the same
+transaction as the change itself; see README.md, "Revocation".
+Usage records live in `usage_store.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from shared.errors import Conflict, NotFound
+
+__all__ = ["AuthStore", "INVALIDATION_CHANNEL"]
+
+INVALIDATION_CHANNEL = "auth_invalidations"
+# Serializes writers of the invalidation log ("invalidt" in ASCII), so that
+# seq order is commit order: a reader following `seq > cursor` skips nothing.
+_INVALIDATION_LOCK = 0x696E7661_6C696474
+
+_USER_COLUMNS = "id, username, email, password_hash, tier, is_admin, is_active, created_at"
+_KEY_COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at"
+
+
+class AuthStore:
+    """The auth tables, over an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # -- users -------------------------------------------------------------------
+
+    async def create_user(
+        self, username: str, email: str, password_hash: str, *, tier: str, is_admin: bool
+    ) -> asyncpg.Record:
+        """Insert an account; `Conflict` when the username or email is taken."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                user = await conn.fetchrow(
+                    f"INSERT INTO users (username, email, password_hash, tier, is_admin) "
+                    f"VALUES ($1, $2, $3, $4, $5) RETURNING {_USER_COLUMNS}",
+                    username, email, password_hash, tier, is_admin,
+                )
+                await _audit(conn, "user_registered", user["id"], user["id"], {"tier": tier})
+                return user
+        except asyncpg.UniqueViolationError:
+            # Which of the two was taken is not said: that would confirm an account.
+            raise Conflict("username or email already registered") from None
+
+    async def user_by_login(self, identifier: str) -> asyncpg.Record | None:
+        """The account whose email (when `identifier` has an @) or username matches."""
+        column = "email" if "@" in identifier else "username"
+        return await self.pool.fetchrow(
+            f"SELECT {_USER_COLUMNS} FROM users WHERE lower({column}) = lower($1)", identifier
+        )
+
+    async def user_by_id(self, user_id: int) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id)
+
+    async def find_user(self, ref: int | str) -> asyncpg.Record:
+        """An account by id, username or email; `NotFound` otherwise."""
+        user = await (self.user_by_id(ref) if isinstance(ref, int) else self.user_by_login(ref))
+        if user is None:
+            raise NotFound("no such user")
+        return user
+
+    async def set_password_hash(self, user_id: int, password_hash: str) -> None:
+        await self.pool.execute(
+            "UPDATE users SET password_hash = $2 WHERE id = $1", user_id, password_hash
+        )
+
+    async def set_admin(self, user_id: int, is_admin: bool) -> None:
+        await self.pool.execute("UPDATE users SET is_admin = $2 WHERE id = $1", user_id, is_admin)
+
+    async def set_tier(self, user_id: int, tier: str, actor_id: int) -> asyncpg.Record:
+        """Change a user's tier, audited, and invalidate the user's cached keys."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchval("SELECT tier FROM users WHERE id = $1 FOR UPDATE", user_id)
+            if old is None:
+                raise NotFound("no such user")
+            user = await conn.fetchrow(
+                f"UPDATE users SET tier = $2 WHERE id = $1 RETURNING {_USER_COLUMNS}", user_id, tier
+            )
+            if old != tier:
+                await _audit(conn, "tier_changed", user_id, actor_id, {"from": old, "to": tier})
+                await _invalidate(conn, "tier_changed", user_id=user_id)
+            return user
+
+    async def set_active(self, user_id: int, active: bool, actor_id: int) -> asyncpg.Record:
+        """Disable or re-enable an account, audited, and invalidate its cached keys."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchval(
+                "SELECT is_active FROM users WHERE id = $1 FOR UPDATE", user_id
+            )
+            if old is None:
+                raise NotFound("no such user")
+            user = await conn.fetchrow(
+                f"UPDATE users SET is_active = $2 WHERE id = $1 RETURNING {_USER_COLUMNS}",
+                user_id, active,
+            )
+            if old != active:
+                event = "user_enabled" if active else "user_disabled"
+                await _audit(conn, event, user_id, actor_id, {})
+                await _invalidate(conn, event, user_id=user_id)
+            return user
+
+    # -- API keys ------------------------------------------------------------------
+
+    async def create_key(
+        self, user_id: int, name: str, key_hash: bytes, prefix: str,
+        expires_at: datetime | None, *, max_keys: int,
+    ) -> asyncpg.Record:
+        """Store a new key's hash; `Conflict` past `max_keys` live keys."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Lock the user row: concurrent creations count one after another.
+            await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+            live = await conn.fetchval(
+                "SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > now())", user_id,
+            )
+            if live >= max_keys:
+                raise Conflict(f"at most {max_keys} live keys per account; revoke one first")
+            key = await conn.fetchrow(
+                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at) "
+                f"VALUES ($1, $2, $3, $4, $5) RETURNING {_KEY_COLUMNS}",
+                user_id, name, key_hash, prefix, expires_at,
+            )
+            details = {"key_id": key["id"], "name": name, "prefix": prefix}
+            await _audit(conn, "key_created", user_id, user_id, details)
+            return key
+
+    async def list_keys(self, user_id: int) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE user_id = $1 ORDER BY id", user_id
+        )
+
+    async def revoke_key(self, user_id: int, key_id: int, actor_id: int) -> asyncpg.Record:
+        """Revoke one of `user_id`'s keys (again is a no-op); `NotFound` for anyone else's."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            revoked = await conn.fetchrow(
+                "SELECT revoked_at FROM api_keys WHERE id = $1 AND user_id = $2 FOR UPDATE",
+                key_id, user_id,
+            )
+            if revoked is None:
+                raise NotFound("no such key")
+            if revoked["revoked_at"] is None:
+                await conn.execute("UPDATE api_keys SET revoked_at = now() WHERE id = $1", key_id)
+                await _audit(conn, "key_revoked", user_id, actor_id, {"key_id": key_id})
+                await _invalidate(conn, "key_revoked", key_id=key_id, user_id=None)
+            return await conn.fetchrow(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
+
+    async def key_by_hash(self, key_hash: bytes) -> asyncpg.Record | None:
+        """A key and the state of its owner, for validation."""
+        return await self.pool.fetchrow(
+            "SELECT k.id, k.user_id, k.key_hash, k.expires_at, k.revoked_at, "
+            "u.tier, u.is_active FROM api_keys k JOIN users u ON u.id = k.user_id "
+            "WHERE k.key_hash = $1", key_hash,
+        )
+
+    async def touch_keys(self, last_used: dict[int, datetime]) -> None:
+        """Record when keys were last used, many keys in one statement."""
+        if last_used:
+            await self.pool.execute(
+                "UPDATE api_keys k SET last_used_at = GREATEST(k.last_used_at, t.at) "
+                "FROM unnest($1::bigint[], $2::timestamptz[]) AS t(id, at) WHERE k.id = t.id",
+                list(last_used), list(last_used.values()),
+            )
+
+    # -- audit -----------------------------------------------------------------------
+
+    async def audit(
+        self, event: str, user_id: int | None, actor_id: int | None, details: dict[str, Any]
+    ) -> None:
+        await _audit(self.pool, event, user_id, actor_id, details)
+
+    async def audit_events(self, user_id: int, limit: int = 100) -> list[asyncpg.Record]:
+        return await self.pool.fetch(
+            "SELECT event, user_id, actor_id, details, created_at FROM audit_log "
+            "WHERE user_id = $1 ORDER BY id DESC LIMIT $2", user_id, limit,
+        )
+
+    # -- invalidations -----------------------------------------------------------------
+
+    async def invalidations_since(self, since: int, limit: int) -> tuple[list[asyncpg.Record], int, int]:
+        """Entries after `since` (at most `limit`), the newest seq and the oldest kept."""
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            bounds = await conn.fetchrow(
+                "SELECT COALESCE(max(seq), 0) AS newest, COALESCE(min(seq), 1) AS oldest "
+                "FROM invalidations"
+            )
+            rows = await conn.fetch(
+                "SELECT seq, key_id, user_id FROM invalidations WHERE seq > $1 ORDER BY seq LIMIT $2",
+                since, limit,
+            )
+            return rows, bounds["newest"], bounds["oldest"]
+
+    async def prune(self, keep_seconds: float) -> None:
+        """Forget old invalidations (always keeping the newest) and stale login failures."""
+        await self.pool.execute(
+            "DELETE FROM invalidations WHERE created_at < now() - make_interval(secs => $1) "
+            "AND seq < (SELECT max(seq) FROM invalidations)", keep_seconds,
+        )
+        await self.pool.execute(
+            "DELETE FROM login_failures WHERE last_failure < now() - make_interval(secs => $1) "
+            "AND locked_until < now()", keep_seconds,
+        )
+
+    # -- login failures ------------------------------------------------------------------
+
+    async def locked_until(self, subjects: list[str]) -> datetime | None:
+        """The latest lock among `subjects` still in force, if any."""
+        return await self.pool.fetchval(
+            "SELECT max(locked_until) FROM login_failures "
+            "WHERE subject = ANY($1::text[]) AND locked_until > now()", subjects,
+        )
+
+    async def count_failure(self, subject: str, window: float) -> int:
+        """One more failure for `subject` (restarting after a quiet `window`); the count."""
+        return await self.pool.fetchval(
+            "INSERT INTO login_failures AS f (subject, failures, last_failure, locked_until) "
+            "VALUES ($1, 1, now(), now()) ON CONFLICT (subject) DO UPDATE SET "
+            "failures = CASE WHEN f.last_failure < now() - make_interval(secs => $2) "
+            "THEN 1 ELSE f.failures + 1 END, last_failure = now() RETURNING failures",
+            subject, window,
+        )
+
+    async def lock(self, subject: str, seconds: float) -> None:
+        await self.pool.execute(
+            "UPDATE login_failures SET locked_until = now() + make_interval(secs => $2) "
+            "WHERE subject = $1", subject, seconds,
+        )
+
+    async def clear_failures(self, subject: str) -> None:
+        await self.pool.execute("DELETE FROM login_failures WHERE subject = $1", subject)
+
+
+async def _audit(
+    conn: asyncpg.Connection | asyncpg.Pool, event: str, user_id: int | None,
+    actor_id: int | None, details: dict[str, Any],
+) -> None:
+    await conn.execute(
+        "INSERT INTO audit_log (event, user_id, actor_id, details) VALUES ($1, $2, $3, $4::jsonb)",
+        event, user_id, actor_id, json.dumps(details),
+    )
+
+
+async def _invalidate(
+    conn: asyncpg.Connection, reason: str, *, key_id: int | None = None, user_id: int | None = None
+) -> int:
+    """Append to the invalidation log and NOTIFY, inside the caller's transaction.
+
+    Called last in the transaction: the lock is held only until the commit,
+    which is also when PostgreSQL delivers the notification.
+    """
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _INVALIDATION_LOCK)
+    seq = await conn.fetchval(
+        "INSERT INTO invalidations (key_id, user_id, reason) VALUES ($1, $2, $3) RETURNING seq",
+        key_id, user_id, reason,
+    )
+    payload = f"{seq}:{key_id if key_id is not None else ''}:{user_id if user_id is not None else ''}"
+    await conn.execute("SELECT pg_notify($1, $2)", INVALIDATION_CHANNEL, payload)
+    return seq

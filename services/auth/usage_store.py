@@ -1,0 +1,109 @@
+"""Usage records and their daily aggregates (the SQL half of `auth.record_usage`/`auth.usage`).
+
+A batch is written by one statement: rows whose request id is already stored
+are skipped (`ON CONFLICT DO NOTHING`), and only the rows actually inserted
+are added to `usage_daily`, in the same statement and so the same
+transaction. A retried batch, or two gateways sending the same record, count
+once. Rows naming an unknown user, or a key that is not that user's, are
+rejected and counted as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+
+import asyncpg
+
+__all__ = ["UsageRecord", "UsageStore"]
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One request, as a gateway reports it (validated by the service)."""
+
+    request_id: str
+    user_id: int
+    key_id: int | None
+    model: str
+    prompt_hash: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    latency_ms: int | None
+    status: str
+    worker: str | None
+    created_at: datetime | None  #: None: now
+
+
+_RECORD = """
+WITH batch AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
+                         $6::int[], $7::int[], $8::bool[], $9::int[], $10::text[], $11::text[],
+                         $12::timestamptz[])
+        AS b(request_id, user_id, key_id, model, prompt_hash, prompt_tokens, completion_tokens,
+             cached, latency_ms, status, worker, created_at)
+), accepted AS (
+    SELECT b.* FROM batch b JOIN users u ON u.id = b.user_id
+    WHERE b.key_id IS NULL
+       OR EXISTS (SELECT 1 FROM api_keys k WHERE k.id = b.key_id AND k.user_id = b.user_id)
+), inserted AS (
+    INSERT INTO usage (request_id, user_id, key_id, model, prompt_hash, prompt_tokens,
+                       completion_tokens, cached, latency_ms, status, worker, created_at)
+    SELECT request_id, user_id, key_id, model, prompt_hash, prompt_tokens, completion_tokens,
+           cached, latency_ms, status, worker, COALESCE(created_at, now())
+    FROM accepted
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING user_id, key_id, created_at, prompt_tokens, completion_tokens, cached, status
+), daily AS (
+    INSERT INTO usage_daily AS d (user_id, key_id, day, requests, prompt_tokens,
+                                  completion_tokens, errors, cache_hits)
+    SELECT user_id, key_id, (created_at AT TIME ZONE 'UTC')::date, count(*),
+           sum(prompt_tokens), sum(completion_tokens),
+           count(*) FILTER (WHERE status <> 'ok'), count(*) FILTER (WHERE cached)
+    FROM inserted GROUP BY 1, 2, 3
+    ON CONFLICT (user_id, day, (COALESCE(key_id, 0))) DO UPDATE SET
+        requests = d.requests + EXCLUDED.requests,
+        prompt_tokens = d.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens,
+        errors = d.errors + EXCLUDED.errors,
+        cache_hits = d.cache_hits + EXCLUDED.cache_hits
+)
+SELECT (SELECT count(*) FROM accepted) AS accepted, (SELECT count(*) FROM inserted) AS inserted
+"""
+
+_DAILY = """
+SELECT d.day, d.key_id, k.name AS key_name, k.prefix AS key_prefix, d.requests,
+       d.prompt_tokens, d.completion_tokens, d.errors, d.cache_hits
+FROM usage_daily d LEFT JOIN api_keys k ON k.id = d.key_id
+WHERE d.user_id = $1 AND d.day BETWEEN $2 AND $3
+ORDER BY d.day, d.key_id NULLS FIRST
+"""
+
+
+class UsageStore:
+    """The usage tables, over an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def record(self, records: list[UsageRecord]) -> dict[str, int]:
+        """Store a batch; how many were new, already known, or rejected."""
+        if not records:
+            return {"inserted": 0, "duplicates": 0, "rejected": 0}
+        columns = list(zip(*(
+            (r.request_id, r.user_id, r.key_id, r.model, r.prompt_hash, r.prompt_tokens,
+             r.completion_tokens, r.cached, r.latency_ms, r.status, r.worker, r.created_at)
+            for r in records
+        )))
+        row = await self.pool.fetchrow(_RECORD, *(list(c) for c in columns))
+        accepted, inserted = row["accepted"], row["inserted"]
+        return {
+            "inserted": inserted,
+            "duplicates": accepted - inserted,
+            "rejected": len(records) - accepted,
+        }
+
+    async def daily(self, user_id: int, start: date, end: date) -> list[asyncpg.Record]:
+        """Per day and per key, from `start` to `end` inclusive (UTC days)."""
+        return await self.pool.fetch(_DAILY, user_id, start, end)

@@ -1,0 +1,57 @@
+"""Helpers shared by the auth tests: a cheap config, a running service, calls by wire name."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+from shared.config import MeshConfig
+from shared.rpc import Dispatcher
+from services.auth.app import open_auth
+from services.auth.config import AuthConfig
+from services.auth.service import AuthService
+
+ADMIN_EMAIL = "root@example.org"
+PASSWORD = "correct horse battery staple"
+
+
+def cheap_config(data_dir: Path, **overrides: Any) -> AuthConfig:
+    """Production shape, test costs: argon2 at its minimum, short intervals."""
+    options: dict[str, Any] = dict(
+        mesh=MeshConfig(data_dir=data_dir),
+        admin_emails=(ADMIN_EMAIL,),
+        argon2_time_cost=1,
+        argon2_memory_kib=8,
+        argon2_parallelism=1,
+        hash_concurrency=4,
+        poll_interval=0.2,
+        stale_after=1.0,
+        login_max_delay=30.0,
+    )
+    options.update(overrides)
+    return AuthConfig(**options)
+
+
+class Calls:
+    """Calls `auth.*` handlers through the dispatcher's binding (types checked)."""
+
+    def __init__(self, service: AuthService) -> None:
+        self.service = service
+        self.dispatcher = Dispatcher(service)
+
+    async def __call__(self, method: str, /, **params: Any) -> Any:
+        handler = self.dispatcher.get(f"auth.{method}")
+        assert handler is not None, method
+        return await handler.call(params)
+
+    async def user(self, username: str, email: str | None = None, password: str = PASSWORD) -> str:
+        """Register and log in; the session token."""
+        await self("register", username=username, email=email or f"{username}@example.com",
+                   password=password)
+        answer = await self("login", username_or_email=username, password=password)
+        return answer["token"]
+
+
+async def start_auth(stack: AsyncExitStack, data_dir: Path, dsn: str, **overrides: Any) -> Calls:
+    return Calls(await open_auth(stack, cheap_config(data_dir, **overrides), dsn))
