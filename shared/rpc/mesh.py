@@ -119,6 +119,13 @@ class MeshClient:
         return float(reported if isinstance(reported, (int, float)) else 0) + mine
 
 
+def _is_answer(exc: Exception) -> bool:
+    """An UNAUTHENTICATED sent by the method (a refused API key or token) is its
+    answer, not a provider failure: only the transport's own refusal of our
+    CURVE key (marked `retry_safe`) should cool the provider down and fail over."""
+    return isinstance(exc, Unauthenticated) and not exc.data.get("retry_safe")
+
+
 def _close_later(connection: Connection) -> None:
     asyncio.get_running_loop().create_task(connection.close())
 
@@ -157,6 +164,8 @@ class ServiceClient:
                 connection = self._mesh.connection(provider)
                 return await connection.call(method, params, timeout=deadline - time.monotonic())
             except (Unavailable, Unauthenticated) as exc:
+                if _is_answer(exc):
+                    raise
                 self._on_failure(provider, exc)
                 tried.add(provider.node_key)
                 retry = exc.data.get("retry_safe") or idempotent
@@ -177,6 +186,8 @@ class ServiceClient:
                 connection = self._mesh.connection(provider)
                 return await connection.stream(method, params, timeout=deadline - time.monotonic())
             except (Unavailable, Unauthenticated) as exc:
+                if _is_answer(exc):
+                    raise
                 self._on_failure(provider, exc)
                 tried.add(provider.node_key)
                 if not exc.data.get("retry_safe") or attempt + 1 == self._mesh.attempts:
