@@ -1,0 +1,305 @@
+"""The auth service over real CurveZMQ RPC: the public/internal split, revocation
+reaching gateways (`KeyValidator`) and other auth instances (LISTEN/NOTIFY)
+within a second, and `python -m services.auth` as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import asyncpg
+import pytest
+import zmq.asyncio
+from nacl.public import PrivateKey
+
+from shared.config import MeshConfig, Secret
+from shared.dht import service_topic
+from shared.dht.memory import MemoryDiscovery, MemoryRegistry
+from shared.errors import Forbidden, InvalidParams, MeshError, MethodNotFound, RateLimited, Unauthenticated
+from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
+from shared.rpc import Connection, Dispatcher, MeshClient, RpcServer
+from shared.runner import join_mesh
+from services.auth.client import KeyValidator
+from services.auth.store import INVALIDATION_CHANNEL
+from auth_support import PASSWORD, Calls, start_auth
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Mesh:
+    """One auth test mesh: a credential, a discovery registry, connections to close."""
+
+    def __init__(self, stack: AsyncExitStack) -> None:
+        self.stack = stack
+        self.credential = MeshCredential(MeshCredential.new_secret())
+        self.registry = MemoryRegistry()
+        self.context = zmq.asyncio.Context()
+        stack.callback(self.context.destroy, 0)
+
+    async def serve(self, auth: Calls) -> RpcServer:
+        """Serve `auth` on a CurveZMQ socket and announce it in the registry."""
+        node = NodeIdentity.generate()
+        server = RpcServer(Dispatcher(auth.service), curve=node.curve, members=[self.credential.client.public])
+        await self.stack.enter_async_context(server)
+        await MemoryDiscovery(self.registry, node).announce(
+            service_topic("auth"), service="auth", endpoint=server.endpoint, version="test")
+        server.node = node  # type: ignore[attr-defined]
+        return server
+
+    async def connect(self, server: RpcServer, keys: CurveKeyPair | None = None) -> Connection:
+        """A connection as a member (default) or with other (outsider) keys."""
+        connection = Connection(server.endpoint, server.node.curve.public,  # type: ignore[attr-defined]
+                                keys or self.credential.client, context=self.context)
+        connection.open()
+        self.stack.push_async_callback(connection.close)
+        return connection
+
+    async def client(self) -> MeshClient:
+        discovery = MemoryDiscovery(self.registry, NodeIdentity.generate())
+        return await self.stack.enter_async_context(MeshClient(discovery, self.credential.client))
+
+
+def outsider() -> CurveKeyPair:
+    return CurveKeyPair.from_private(PrivateKey.generate())
+
+
+async def session(connection: Connection, username: str) -> str:
+    await connection.call("auth.register", {"username": username, "email": f"{username}@example.com",
+                                            "password": PASSWORD})
+    answer = await connection.call("auth.login", {"username_or_email": username, "password": PASSWORD})
+    return answer["token"]
+
+
+async def refused_within(validate, api_key: str, limit: float) -> float:
+    """Seconds until `validate(api_key)` raises Unauthenticated; fails past `limit`."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        try:
+            await validate(api_key)
+        except Unauthenticated:
+            return time.monotonic() - start
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"key still honoured after {limit}s")
+
+
+async def test_public_methods_are_open_and_internal_ones_are_members_only(pg_dsn, tmp_path):
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(stack)
+        server = await mesh.serve(await start_auth(stack, tmp_path, pg_dsn))
+        stranger = await mesh.connect(server, outsider())
+        member = await mesh.connect(server)
+
+        token = await session(stranger, "alice")
+        key = await stranger.call("auth.create_key", {"token": token, "name": "laptop"})
+        assert [k["id"] for k in await stranger.call("auth.list_keys", {"token": token})] == [key["id"]]
+        assert "BEGIN PUBLIC KEY" in (await stranger.call("auth.token_key"))["public_key"]
+
+        internal = [
+            ("auth.validate_key", {"api_key": key["api_key"]}),
+            ("auth.record_usage", {"batch": []}),
+            ("auth.invalidations", {"since": 0}),
+            ("auth.verify_token", {"token": token}),
+        ]
+        for name, params in internal:
+            with pytest.raises(Forbidden):
+                await stranger.call(name, params)
+            await member.call(name, params)
+        answer = await member.call("auth.validate_key", {"api_key": key["api_key"]})
+        assert answer["key_id"] == key["id"] and answer["tier"] == "free"
+
+        # Only a member may say which client address a login comes from.
+        with pytest.raises(Forbidden):
+            await stranger.call("auth.login", {"username_or_email": "alice", "password": PASSWORD,
+                                               "client_addr": "203.0.113.1"})
+        assert await member.call("auth.login", {"username_or_email": "alice", "password": PASSWORD,
+                                                "client_addr": "203.0.113.1"})
+        # Bad input over the wire: typed errors, and the server keeps serving.
+        for name, params, error in [
+            ("auth.login", {"username_or_email": ["alice"], "password": PASSWORD}, InvalidParams),
+            ("auth.register", {"username": "x" * 100_000, "email": "a@b.co", "password": PASSWORD}, InvalidParams),
+            ("auth.revoke_key", {"token": token, "key_id": "1; DELETE FROM api_keys"}, InvalidParams),
+            ("auth.me", {"token": "eyJhbGciOiJub25lIn0.e30."}, Unauthenticated),
+            ("auth.create_key", {"token": token}, InvalidParams),
+            ("auth.drop_tables", {}, MethodNotFound),
+        ]:
+            with pytest.raises(error):
+                await stranger.call(name, params)
+        assert (await stranger.call("auth.me", {"token": token}))["username"] == "alice"
+
+
+async def test_failed_logins_are_counted_per_caller_key(pg_dsn, tmp_path):
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(stack)
+        server = await mesh.serve(await start_auth(stack, tmp_path, pg_dsn, login_caller_free_failures=3))
+        guesser = await mesh.connect(server, outsider())
+        honest = await mesh.connect(server, outsider())
+        await session(honest, "bob")
+        for name in ("n1", "n2", "n3", "n4"):
+            with pytest.raises(Unauthenticated):
+                await guesser.call("auth.login", {"username_or_email": name, "password": "guess guess"})
+        with pytest.raises(RateLimited) as info:
+            await guesser.call("auth.login", {"username_or_email": "bob", "password": PASSWORD})
+        assert info.value.data["retry_after"] >= 1
+        assert await honest.call("auth.login", {"username_or_email": "bob", "password": PASSWORD})
+
+
+async def test_key_validator_caches_and_drops_a_revoked_key_within_a_second(pg_dsn, tmp_path):
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(stack)
+        server = await mesh.serve(await start_auth(stack, tmp_path, pg_dsn))
+        web = await mesh.connect(server, outsider())
+        token = await session(web, "carol")
+        admin_token = await session(web, "root")  # root@example.com is not admin here
+        keys = [await web.call("auth.create_key", {"token": token, "name": f"k{i}"}) for i in range(2)]
+
+        validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
+        first = await validator.validate(keys[0]["api_key"])
+        assert first["key_id"] == keys[0]["id"] and len(validator.cache) == 1
+        calls = 0
+        original = validator._auth.call
+
+        async def counting(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return await original(*args, **kwargs)
+
+        validator._auth.call = counting
+        for _ in range(100):
+            assert (await validator.validate(keys[0]["api_key"]))["key_id"] == keys[0]["id"]
+        await validator.validate(keys[1]["api_key"])
+        assert calls <= 1 + 2  # the second key once; polls at most a couple of times
+
+        with pytest.raises(Forbidden):
+            await web.call("auth.set_tier", {"token": admin_token, "user": "carol", "tier": "pro"})
+        await web.call("auth.revoke_key", {"token": token, "key_id": keys[0]["id"]})
+        elapsed = await refused_within(validator.validate, keys[0]["api_key"], 1.0)
+        assert elapsed < 1.0
+        assert (await validator.validate(keys[1]["api_key"]))["key_id"] == keys[1]["id"]
+        for garbage in ("", "isk_nope", "x" * 10_000):
+            with pytest.raises(Unauthenticated):
+                await validator.validate(garbage)
+
+
+async def test_tier_change_and_disabled_user_reach_the_validator_within_a_second(pg_dsn, tmp_path):
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(stack)
+        server = await mesh.serve(await start_auth(stack, tmp_path, pg_dsn))
+        web = await mesh.connect(server, outsider())
+        token = await session(web, "dave")
+        await web.call("auth.register", {"username": "root", "email": "root@example.org", "password": PASSWORD})
+        admin = (await web.call("auth.login", {"username_or_email": "root", "password": PASSWORD}))["token"]
+        key = (await web.call("auth.create_key", {"token": token, "name": "k"}))["api_key"]
+        validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
+        assert (await validator.validate(key))["tier"] == "free"
+
+        await web.call("auth.set_tier", {"token": admin, "user": "dave", "tier": "enterprise"})
+        start = time.monotonic()
+        while (await validator.validate(key))["tier"] != "enterprise":
+            assert time.monotonic() - start < 1.0, "tier change not seen within a second"
+            await asyncio.sleep(0.01)
+
+        await web.call("auth.set_active", {"token": admin, "user": "dave", "active": False})
+        assert await refused_within(validator.validate, key, 1.0) < 1.0
+
+
+async def test_key_validator_fails_closed_when_auth_is_unreachable(pg_dsn, tmp_path):
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(stack)
+        auth_stack = await stack.enter_async_context(AsyncExitStack())
+        server = await Mesh.serve(mesh, await start_auth(auth_stack, tmp_path, pg_dsn))
+        # Served on its own stack so that it can be stopped mid-test.
+        web = await mesh.connect(server, outsider())
+        token = await session(web, "erin")
+        key = (await web.call("auth.create_key", {"token": token, "name": "k"}))["api_key"]
+        validator = await stack.enter_async_context(KeyValidator(await mesh.client(), timeout=0.3))
+        await validator.validate(key)
+        await web.close()
+        await auth_stack.aclose()  # auth is gone: polls fail from now on
+        await asyncio.sleep(validator.stale_after + 0.1)
+        assert not validator.trusted
+        with pytest.raises(MeshError):
+            await validator.validate(key)  # not the cached answer
+
+
+async def test_auth_instances_sharing_a_database_hear_revocations(pg_dsn, tmp_path):
+    async with AsyncExitStack() as stack:
+        writer = await start_auth(stack, tmp_path, pg_dsn)
+        # Polls too slow to matter: only LISTEN/NOTIFY can evict this fast.
+        listening = await start_auth(stack, tmp_path, pg_dsn, poll_interval=4.9, stale_after=5.0)
+        # This one misses every notification: its poll must catch up.
+        deaf = await start_auth(stack, tmp_path, pg_dsn, poll_interval=0.3, stale_after=1.0)
+        await deaf.service._feed._listener.remove_listener(INVALIDATION_CHANNEL, deaf.service._feed._on_notify)
+
+        token = await writer.user("frank")
+        keys = [await writer("create_key", token=token, name=f"k{i}") for i in range(2)]
+        await listening("validate_key", api_key=keys[0]["api_key"])
+        await deaf("validate_key", api_key=keys[1]["api_key"])
+        assert len(listening.service._cache) == 1 and len(deaf.service._cache) == 1
+
+        await writer("revoke_key", token=token, key_id=keys[0]["id"])
+        await writer("revoke_key", token=token, key_id=keys[1]["id"])
+        validate_listening = lambda k: listening("validate_key", api_key=k)  # noqa: E731
+        validate_deaf = lambda k: deaf("validate_key", api_key=k)  # noqa: E731
+        assert await refused_within(validate_listening, keys[0]["api_key"], 1.0) < 0.5
+        assert await refused_within(validate_deaf, keys[1]["api_key"], 1.0) < 1.0
+
+
+async def test_auth_instance_survives_losing_its_listen_connection(pg_dsn, tmp_path):
+    async with AsyncExitStack() as stack:
+        writer = await start_auth(stack, tmp_path, pg_dsn)
+        reader = await start_auth(stack, tmp_path, pg_dsn, poll_interval=0.3, stale_after=1.0)
+        token = await writer.user("gina")
+        key = await writer("create_key", token=token, name="k")
+        await reader("validate_key", api_key=key["api_key"])
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            pid = reader.service._feed._listener.get_server_pid()
+            await conn.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await conn.close()
+        await writer("revoke_key", token=token, key_id=key["id"])
+        validate = lambda k: reader("validate_key", api_key=k)  # noqa: E731
+        assert await refused_within(validate, key["api_key"], 1.0) < 1.0
+        await asyncio.sleep(0.5)
+        assert reader.service._feed._listener is not None and not reader.service._feed._listener.is_closed()
+
+
+async def test_python_m_services_auth_runs_a_working_process(pg_dsn, tmp_path):
+    secret = MeshCredential.new_secret().hex()
+    async with AsyncExitStack() as stack:
+        config = MeshConfig(data_dir=tmp_path / "client", mesh_secret=Secret(secret), record_ttl=2.0)
+        client = await join_mesh(stack, "client", config)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_")},
+            "DATABASE_URL": pg_dsn, "INFERSWARM_DATA_DIR": str(tmp_path / "auth"),
+            "INFERSWARM_MESH_SECRET": secret, "INFERSWARM_BOOTSTRAP": client.discovery.address,
+            "INFERSWARM_RECORD_TTL": "2", "INFERSWARM_ARGON2_TIME_COST": "1",
+            "INFERSWARM_ARGON2_MEMORY_KIB": "8", "INFERSWARM_ARGON2_PARALLELISM": "1",
+            "INFERSWARM_ADMIN_EMAILS": "ops@example.org",
+        }
+        proc = subprocess.Popen([sys.executable, "-m", "services.auth"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)
+            assert line, proc.stderr.read()
+            assert json.loads(line)["ready"] == "auth"
+            auth = client.mesh("auth")
+            await auth.call("auth.register", {"username": "ops", "email": "ops@example.org", "password": PASSWORD})
+            login = await auth.call("auth.login", {"username_or_email": "ops", "password": PASSWORD})
+            assert login["user"]["is_admin"]
+            key = await auth.call("auth.create_key", {"token": login["token"], "name": "k"})
+            assert (await auth.call("auth.validate_key", {"api_key": key["api_key"]}))["key_id"] == key["id"]
+            assert (tmp_path / "auth" / "auth" / "jwt_ed25519.pem").stat().st_mode & 0o777 == 0o600
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(proc.wait, 30)
+            stderr = proc.stderr.read()
+        assert code == 0, stderr
+        assert key["api_key"] not in stderr and PASSWORD not in stderr and login["token"] not in stderr
