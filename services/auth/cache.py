@@ -28,7 +28,9 @@ class CachedKey:
     user_id: int
     key_id: int
     expires_at: float | None  #: the key's own expiry, epoch seconds
-    stored_at: float  #: time.monotonic() when cached
+    #: time.monotonic() after which it is not served: the earlier of the
+    #: cache's ttl and the key's expiry, so `get` reads one clock once.
+    valid_until: float
 
 
 class KeyCache:
@@ -50,9 +52,7 @@ class KeyCache:
         entry = self._entries.get(key_hash)
         if entry is None:
             return None
-        if time.monotonic() - entry.stored_at > self.ttl or (
-            entry.expires_at is not None and entry.expires_at <= time.time()
-        ):
+        if time.monotonic() >= entry.valid_until:
             self._drop(key_hash)
             return None
         return entry
@@ -63,7 +63,11 @@ class KeyCache:
     ) -> None:
         if key_hash not in self._entries and len(self._entries) >= self.max_entries:
             self._drop(next(iter(self._entries)))  # the oldest insertion
-        self._entries[key_hash] = CachedKey(result, user_id, key_id, expires_at, time.monotonic())
+        now = time.monotonic()
+        valid_until = now + self.ttl
+        if expires_at is not None:
+            valid_until = min(valid_until, now + (expires_at - time.time()))
+        self._entries[key_hash] = CachedKey(result, user_id, key_id, expires_at, valid_until)
         self._by_key[key_id] = key_hash
         self._by_user.setdefault(user_id, set()).add(key_hash)
 

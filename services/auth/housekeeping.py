@@ -2,7 +2,7 @@
 
 `validate_key` answers from memory; writing `last_used_at` on every call would
 put the database back on the hot path. Instead each use is noted in a dict
-(one assignment) and written every `flush_interval` seconds in one UPDATE.
+(one set insertion) and written every `flush_interval` seconds in one UPDATE.
 """
 
 from __future__ import annotations
@@ -30,24 +30,25 @@ class Housekeeper:
         self._flush_interval = flush_interval
         self._prune_interval = prune_interval
         self._keep_seconds = keep_seconds
-        self._used: dict[int, float] = {}
+        self._used: set[int] = set()
         self._task: asyncio.Task[None] | None = None
 
     def touch(self, key_id: int) -> None:
-        """Note that a key was used now (the hot path: a dict assignment)."""
-        self._used[key_id] = time.time()
+        """Note that a key was used (the hot path: one set insertion).
+
+        The time written is the flush's, so `last_used_at` may be up to
+        `flush_interval` late -- fine for "last used" on a dashboard.
+        """
+        self._used.add(key_id)
 
     async def flush(self) -> None:
-        used, self._used = self._used, {}
+        used, self._used = self._used, set()
         if used:
+            now = datetime.now(timezone.utc)
             try:
-                await self._store.touch_keys(
-                    {k: datetime.fromtimestamp(t, timezone.utc) for k, t in used.items()}
-                )
+                await self._store.touch_keys(dict.fromkeys(used, now))
             except Exception:
-                # Keep what we had (newer uses win) and try again next time.
-                for key_id, at in used.items():
-                    self._used[key_id] = max(at, self._used.get(key_id, 0.0))
+                self._used |= used  # try again next time
                 raise
 
     async def __aenter__(self) -> Housekeeper:

@@ -16,6 +16,7 @@ import secrets
 
 __all__ = [
     "KEY_PREFIX",
+    "MIN_KEY_LENGTH",
     "MAX_KEY_LENGTH",
     "generate_key",
     "hash_key",
@@ -27,7 +28,8 @@ __all__ = [
 KEY_PREFIX = "isk_"
 _RANDOM_BYTES = 32
 #: Longer input is refused before hashing: no key we issue is near this.
-MAX_KEY_LENGTH = 128
+MIN_KEY_LENGTH = 44
+MAX_KEY_LENGTH = 124
 _KEY_SHAPE = re.compile(r"isk_[A-Za-z0-9_\-]{40,120}")
 
 
@@ -38,7 +40,8 @@ def generate_key() -> str:
 
 def hash_key(api_key: str) -> bytes:
     """The 32-byte SHA-256 digest the database and caches hold."""
-    return hashlib.sha256(api_key.encode()).digest()
+    # surrogatepass: a lone surrogate (only possible in-process) hashes, never raises.
+    return hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).digest()
 
 
 def display_prefix(api_key: str) -> str:

@@ -228,7 +228,8 @@ class AuthService:
         From memory when the cache is trusted; `cursor` is the invalidation
         seq this answer reflects (callers caching it compare it with theirs).
         """
-        if not apikeys.looks_like_key(api_key):
+        # Cheap checks only before the cache: a hash found there is a real key.
+        if not apikeys.MIN_KEY_LENGTH <= len(api_key) <= apikeys.MAX_KEY_LENGTH:
             raise Unauthenticated("invalid API key")
         key_hash = apikeys.hash_key(api_key)
         feed = self._feed
@@ -240,6 +241,8 @@ class AuthService:
         refusal = self._refused.get(key_hash)
         if refusal is not None:
             raise Unauthenticated(refusal)
+        if not apikeys.looks_like_key(api_key):
+            raise Unauthenticated("invalid API key")
         return await self._validate_from_database(key_hash)
 
     async def _validate_from_database(self, key_hash: bytes) -> dict[str, Any]:
