@@ -560,3 +560,45 @@ async def test_usage_refuses_bad_ranges(auth):
     for params in BAD_RANGES:
         with pytest.raises(InvalidParams):
             await auth("usage", token=token, **params)
+
+
+# -- when the database or the invalidation log cannot be reached ----------------------------------
+
+
+async def test_an_unreachable_database_is_unavailable_not_internal():
+    from shared.errors import Unavailable
+    from services.auth.store import AuthStore
+    from services.auth.usage_store import UsageStore
+
+    pool = await asyncpg.create_pool("postgresql://postgres@127.0.0.1:9/none", min_size=0, max_size=1)
+    try:
+        with pytest.raises(Unavailable):
+            await AuthStore(pool).user_by_id(1)
+        with pytest.raises(Unavailable):
+            await UsageStore(pool).daily(1, date.today(), date.today())
+    finally:
+        await pool.close()
+
+
+async def test_an_instance_that_cannot_sync_stops_trusting_its_cache(auth):
+    token = await auth.user("cleo")
+    key = await auth("create_key", token=token, name="k")
+    feed = auth.service._feed
+    feed._task.cancel()  # as if every poll failed from now on
+    await asyncio.gather(feed._task, return_exceptions=True)
+    store = auth.service._store
+    original, lookups = store.key_by_hash, 0
+
+    async def counting(key_hash):
+        nonlocal lookups
+        lookups += 1
+        return await original(key_hash)
+
+    store.key_by_hash = counting
+    await auth("validate_key", api_key=key["api_key"])
+    await auth("validate_key", api_key=key["api_key"])
+    assert lookups == 1  # trusted: from memory
+    feed.synced_at = time.monotonic() - feed.stale_after - 0.01
+    for expected in (2, 3):
+        await auth("validate_key", api_key=key["api_key"])
+        assert lookups == expected  # untrusted: the database, every call

@@ -44,7 +44,7 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
     housekeeper = await stack.enter_async_context(Housekeeper(store))
     params = config.argon2
     if params.memory_kib < PRODUCTION.memory_kib or params.time_cost < PRODUCTION.time_cost:
-        log.warning("argon2 parameters below RFC 9106 low-memory profile", **vars_of(params))
+        log.warning("argon2 parameters below RFC 9106 low-memory profile", **_params_of(params))
     signing_key = load_or_create_key(config.jwt_key_path)
     return AuthService(
         store, UsageStore(pool),
@@ -60,5 +60,5 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
     )
 
 
-def vars_of(params: object) -> dict[str, object]:
+def _params_of(params: object) -> dict[str, object]:
     return {name: getattr(params, name) for name in params.__slots__}  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from shared.errors import Unavailable
 from shared.logging import get_logger
 from services.auth.cache import KeyCache
 from services.auth.store import INVALIDATION_CHANNEL, AuthStore
@@ -100,7 +101,7 @@ class InvalidationFeed:
                 if self._failing:
                     log.info("invalidation log reachable again", cursor=self.cursor)
                 self._failing = False
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except (Unavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 if not self._failing:  # once per outage, not every half second
                     log.warning("cannot read the invalidation log", error=str(exc))
                 self._failing = True

@@ -15,6 +15,8 @@ from datetime import date, datetime
 
 import asyncpg
 
+from services.auth.store import unavailable_when_down
+
 __all__ = ["UsageRecord", "UsageStore"]
 
 
@@ -81,6 +83,7 @@ ORDER BY d.day, d.key_id NULLS FIRST
 """
 
 
+@unavailable_when_down
 class UsageStore:
     """The usage tables, over an asyncpg pool."""
 
