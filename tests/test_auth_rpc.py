@@ -187,6 +187,25 @@ async def test_key_validator_caches_and_drops_a_revoked_key_within_a_second(pg_d
                 await validator.validate(garbage)
 
 
+async def test_key_validator_never_caches_an_answer_older_than_its_cursor(pg_dsn, tmp_path):
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(stack)
+        auth = await start_auth(stack, tmp_path, pg_dsn)
+        await mesh.serve(auth)
+        token = await auth.user("hugo")
+        key = (await auth("create_key", token=token, name="k"))["api_key"]
+        validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
+        validator._task.cancel()  # hold the validator's view still
+        # As if this validator had seen an invalidation the auth instance has not applied yet.
+        validator.cursor = auth.service._feed.cursor + 1
+        validator.synced_at = time.monotonic()
+        answer = await validator.validate(key)
+        assert answer["cursor"] < validator.cursor and len(validator.cache) == 0
+        validator.cursor = answer["cursor"]
+        await validator.validate(key)
+        assert len(validator.cache) == 1
+
+
 async def test_tier_change_and_disabled_user_reach_the_validator_within_a_second(pg_dsn, tmp_path):
     async with AsyncExitStack() as stack:
         mesh = Mesh(stack)
