@@ -7,15 +7,18 @@ so wrong types are refused exactly as they would be over the wire.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import json
 import time
 from contextlib import AsyncExitStack
-from datetime import date, timedelta
+from datetime import date
 
 import asyncpg
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.errors import Conflict, Forbidden, InvalidParams, NotFound, RateLimited, Unauthenticated
 from services.auth.tokens import TokenVerifier
@@ -213,13 +216,7 @@ async def test_forged_expired_and_garbage_tokens_are_unauthenticated(auth, tmp_p
     token = await auth.user("judy")
     header, payload, signature = token.split(".")
     claims = jwt.decode(token, options={"verify_signature": False})
-    other_key = serialization.load_pem_private_key(
-        __import__("cryptography.hazmat.primitives.asymmetric.ed25519", fromlist=["x"])
-        .Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        None,
-    )
-    import base64, json
+    other_key = Ed25519PrivateKey.generate()
 
     def b64(data: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
