@@ -33,6 +33,7 @@ from shared.errors import (
 from shared.identity import CurveKeyPair
 from shared.rpc import codec
 from shared.rpc.deadlines import DeadlineQueue
+from shared.rpc.pump import SocketPump
 
 __all__ = ["Connection", "Stream", "new_trace_id"]
 
@@ -47,6 +48,7 @@ _MONITORED = (
     | zmq.EVENT_CONNECT_RETRIED
 )
 _END = object()
+_monitor_ids = itertools.count()
 
 
 def new_trace_id() -> str:
@@ -83,7 +85,8 @@ class Connection:
         self._connected = False
         self._failure: MeshError | None = None
         self._changed = asyncio.Event()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._sock: zmq.Socket | None = None
+        self._pump: SocketPump | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = False
 
@@ -94,7 +97,9 @@ class Connection:
 
     def open(self) -> None:
         """Create the socket and start connecting (calls wait for the handshake)."""
-        sock = self._ctx.socket(zmq.DEALER)
+        # A plain socket driven by a SocketPump (see pump.py); the monitor
+        # socket, rarely busy, stays an asyncio one.
+        sock = zmq.Context.shadow(self._ctx.underlying).socket(zmq.DEALER)
         sock.curve_serverkey = self._server_key
         sock.curve_publickey = self._client_keys.public
         sock.curve_secretkey = self._client_keys.secret
@@ -104,13 +109,15 @@ class Connection:
         sock.reconnect_ivl_max = 2000
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
-        monitor = sock.get_monitor_socket(_MONITORED)
+        monitor_address = f"inproc://rpc-monitor-{id(self):x}-{next(_monitor_ids)}"
+        sock.monitor(monitor_address, _MONITORED)
+        monitor = self._ctx.socket(zmq.PAIR)
+        monitor.connect(monitor_address)
         sock.connect(self.endpoint)
         self._sock = sock
-        self._tasks = [
-            asyncio.create_task(self._read(sock), name=f"rpc-client {self.endpoint}"),
-            asyncio.create_task(self._watch(monitor), name=f"rpc-monitor {self.endpoint}"),
-        ]
+        self._pump = SocketPump(sock, self._on_frames)
+        self._pump.start()
+        self._tasks = [asyncio.create_task(self._watch(monitor), name=f"rpc-monitor {self.endpoint}")]
 
     async def close(self) -> None:
         if self.closed:
@@ -121,6 +128,9 @@ class Connection:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._pump is not None:
+            self._pump.close()
+            self._pump = None
         if self._sock is not None:
             self._sock.disable_monitor()
             self._sock.close(linger=0)
@@ -200,17 +210,20 @@ class Connection:
         self._send(data)
 
     def _send(self, data: bytes) -> None:
-        if self._sock is None:
+        if self._pump is None:
             raise Unavailable("connection closed", {"retry_safe": True})
-        done = self._sock.send(data, flags=zmq.DONTWAIT, copy=len(data) < 65536)
-        exc = done.exception()
-        if exc is not None:
+        try:
+            self._pump.send_one(data)
+        except zmq.ZMQError:
             # IMMEDIATE: EAGAIN means no live connection took the message.
-            raise Unavailable(f"not connected to {self.endpoint}", {"retry_safe": True})
+            raise Unavailable(f"not connected to {self.endpoint}", {"retry_safe": True}) from None
 
     def _send_cancel(self, request_id: int) -> None:
-        if self._sock is not None and not self.closed:
-            self._sock.send(codec.encode_cancel(request_id), flags=zmq.DONTWAIT)
+        if self._pump is not None and not self.closed:
+            try:
+                self._pump.send_one(codec.encode_cancel(request_id))
+            except zmq.ZMQError:
+                pass  # not connected: the server lost the request with the connection
 
     def _forget(self, request_id: int, *, cancel: bool) -> None:
         if self._pending.pop(request_id, None) is not None and cancel:
@@ -278,13 +291,12 @@ class Connection:
 
     # -- receiving -------------------------------------------------------------
 
-    async def _read(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            data = await sock.recv()
-            try:
-                self._on_message(data)
-            except Exception:
-                log.exception("rpc client dropped a reply", endpoint=self.endpoint)
+    def _on_frames(self, frames: list[bytes]) -> None:
+        try:
+            if len(frames) == 1:
+                self._on_message(frames[0])
+        except Exception:
+            log.exception("rpc client dropped a reply", endpoint=self.endpoint)
 
     def _on_message(self, data: bytes) -> None:
         try:

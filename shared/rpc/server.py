@@ -13,6 +13,7 @@ methods then require the caller's key (ZAP `User-Id`) to be the mesh key.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import time
 from collections.abc import Collection
@@ -37,6 +38,8 @@ from shared.errors import (
 from shared.identity import CurveKeyPair
 from shared.rpc import codec
 from shared.rpc.deadlines import DeadlineQueue
+from shared.rpc.eager import start_eager
+from shared.rpc.pump import SocketPump
 from shared.rpc.dispatcher import Dispatcher, Handler, RequestContext, current_request
 
 __all__ = ["RpcServer"]
@@ -95,8 +98,9 @@ class RpcServer:
         self._draining = False
         self._ctx: zmq.asyncio.Context | None = None
         self._auth: AsyncioAuthenticator | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._sock: zmq.Socket | None = None
+        self._pump: SocketPump | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.endpoint = ""
 
     # -- lifecycle -------------------------------------------------------------
@@ -119,7 +123,9 @@ class RpcServer:
             self._auth.configure_curve(domain=_ZAP_DOMAIN, location=CURVE_ALLOW_ANY)
         else:
             self._auth.configure_curve_callback(_ZAP_DOMAIN, _KeyAllowList(self._members))
-        sock = self._ctx.socket(zmq.ROUTER)
+        # The ROUTER is a plain socket on the same libzmq context (so the ZAP
+        # handler above serves it), driven by a SocketPump: see pump.py.
+        sock = zmq.Context.shadow(self._ctx.underlying).socket(zmq.ROUTER)
         sock.curve_server = True
         sock.curve_publickey = self._curve.public
         sock.curve_secretkey = self._curve.secret
@@ -135,7 +141,11 @@ class RpcServer:
             self._port = sock.bind_to_random_port(f"tcp://{self._host}")
         self._sock = sock
         self.endpoint = f"tcp://{self._advertise_host}:{self._port}"
-        self._reader = asyncio.create_task(self._serve(), name=f"rpc-server {self.endpoint}")
+        self._loop = asyncio.get_running_loop()
+        # Zero-copy frames carry the caller's key (ZAP User-Id); only a server
+        # that checks membership per request needs it, and copies are faster.
+        self._pump = SocketPump(sock, self._on_frames, copy=not self._check_members)
+        self._pump.start()
         log.info("rpc server listening", endpoint=self.endpoint, methods=self._dispatcher.names)
 
     async def drain(self) -> None:
@@ -151,10 +161,9 @@ class RpcServer:
                 await asyncio.wait(still, timeout=1.0)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        if self._pump is not None:
+            self._pump.close()
+            self._pump = None
         for task in list(self._tasks.values()):
             task.cancel()
         if self._tasks:
@@ -178,20 +187,13 @@ class RpcServer:
 
     # -- receiving -------------------------------------------------------------
 
-    async def _serve(self) -> None:
-        assert self._sock is not None
-        recv = self._sock.recv_multipart
-        # Zero-copy frames carry the caller's key (ZAP User-Id); only a server
-        # that checks membership per request needs it, and copies are faster.
-        copy = not self._check_members
-        while True:
-            frames = await recv(copy=copy)
-            try:
-                self._on_frames(frames)
-            except Exception:  # the loop must survive anything a peer sends
-                log.exception("rpc server dropped a message")
+    def _on_frames(self, frames: list[Any]) -> None:
+        try:
+            self._on_message(frames)
+        except Exception:  # the server must survive anything a peer sends
+            log.exception("rpc server dropped a message")
 
-    def _on_frames(self, frames: list[zmq.Frame]) -> None:
+    def _on_message(self, frames: list[Any]) -> None:
         if len(frames) != 2:
             log.warning("dropped message with unexpected frame count", frames=len(frames))
             return
@@ -220,15 +222,14 @@ class RpcServer:
             error = DecodeError("request id already in flight on this connection")
             self._send(ident, codec.encode_error(request.id, *error.to_wire()))
             return
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._run(ident, request, handler, peer))
-        self._tasks[key] = task
-        self._deadlines.add(loop, request.timeout_ms / 1000, key)
-        task.add_done_callback(lambda _t: self._finished(key))
-
-    def _finished(self, key: tuple[bytes, int]) -> None:
-        self._tasks.pop(key, None)
-        self._expired.discard(key)
+        loop = self._loop
+        assert loop is not None
+        # Most handlers answer without waiting: run them now, in this loop
+        # turn; only one that suspends keeps a task (and a deadline).
+        task = start_eager(loop, self._run(ident, request, handler, peer), contextvars.copy_context())
+        if task is not None and not task.done():
+            self._tasks[key] = task
+            self._deadlines.add(loop, request.timeout_ms / 1000, key)
 
     def _expire(self, key: Any) -> None:
         task = self._tasks.get(key)
@@ -294,6 +295,10 @@ class RpcServer:
             log.exception("handler failed", method=request.method)
             error = Internal(f"internal error (trace {request.trace_id})")
             self._send(ident, codec.encode_error(request.id, *error.to_wire()))
+        finally:
+            key = (ident, request.id)
+            self._tasks.pop(key, None)
+            self._expired.discard(key)
 
     async def _run_stream(self, ident: bytes, request: codec.Request, handler: Handler) -> None:
         stream = handler.call(request.params)
@@ -316,28 +321,28 @@ class RpcServer:
 
     def _send(self, ident: bytes, data: bytes) -> bool:
         """Send one reply now; False when the peer is gone or its queue is full."""
-        if self._sock is None:
+        if self._pump is None:
             return False
-        done = self._sock.send_multipart([ident, data], flags=zmq.DONTWAIT, copy=len(data) < 65536)
-        exc = done.exception()
-        if exc is None:
-            return True
-        if isinstance(exc, zmq.ZMQError) and exc.errno in (errno.EHOSTUNREACH, zmq.EAGAIN):
+        try:
+            self._pump.send([ident, data])
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
+                raise
             log.debug("reply not delivered", reason=exc.strerror)
             return False
-        raise exc
+        return True
 
     async def _send_stream(self, ident: bytes, data: bytes) -> bool:
         """Send a chunk, waiting (within the deadline) while the peer's queue is full."""
         while True:
-            if self._sock is None:
+            if self._pump is None:
                 return False
-            done = self._sock.send_multipart([ident, data], flags=zmq.DONTWAIT)
-            exc = done.exception()
-            if exc is None:
+            try:
+                self._pump.send([ident, data])
                 return True
-            if not isinstance(exc, zmq.ZMQError):
-                raise exc
-            if exc.errno == errno.EHOSTUNREACH:
-                return False  # the client disconnected: stop generating
+            except zmq.ZMQError as exc:
+                if exc.errno == errno.EHOSTUNREACH:
+                    return False  # the client disconnected: stop generating
+                if exc.errno != zmq.EAGAIN:
+                    raise
             await asyncio.sleep(_SEND_RETRY_S)  # a slow reader: back-pressure
