@@ -53,7 +53,7 @@ log = structlog.get_logger(__name__)
 Build = Callable[[AsyncExitStack, "MeshNode"], Awaitable[Sequence[object]]]
 
 
-@dataclass(frozen=True)
+@dataclass
 class MeshNode:
     """What a process holds once it has joined the mesh."""
 
@@ -63,10 +63,18 @@ class MeshNode:
     credential: MeshCredential
     discovery: KademliaDiscovery
     mesh: MeshClient
+    #: Set by `serve` once the process announces itself.
+    announcer: Announcer | None = None
 
     @property
     def state_dir(self) -> Path:
         return self.config.data_dir / "nodes" / self.name
+
+    def announce_soon(self) -> None:
+        """Re-announce promptly (rate-limited by the announcer): call it when
+        the load a record carries changed, e.g. a worker's free slots."""
+        if self.announcer is not None:
+            self.announcer.poke()
 
 
 def mesh_credential(config: MeshConfig) -> MeshCredential:
@@ -145,6 +153,7 @@ async def serve(
             endpoint=server.endpoint, version=VERSION, load=current_load, ttl=config.record_ttl,
         )
         await stack.enter_async_context(announcer)
+        node.announcer = announcer
         info = {"ready": service, "node": node_name, "endpoint": server.endpoint,
                 "dht": node.discovery.address, "pid": os.getpid()}
         log.info("service ready", **info)
