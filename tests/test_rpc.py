@@ -417,3 +417,40 @@ async def test_server_killed_mid_call_fails_the_call_promptly(mesh, node, contex
         await asyncio.wait_for(call, 2)
     assert lost.value.data["retry_safe"] is False
     await connection.close()
+
+
+# -- tracing ------------------------------------------------------------------------------------
+
+
+async def test_trace_id_crosses_rpc_hops(mesh, context):
+    """A handler's own calls carry its request's trace id to the next service."""
+
+    class Back:
+        name = "back"
+
+        @method
+        async def trace(self) -> str:
+            return current_request.get().trace_id
+
+    class Front:
+        name = "front"
+
+        def __init__(self, downstream: Connection) -> None:
+            self.downstream = downstream
+
+        @method
+        async def relay(self) -> list:
+            here = current_request.get().trace_id
+            return [here, await self.downstream.call("back.trace")]
+
+    back_node, front_node = NodeIdentity.generate(), NodeIdentity.generate()
+    async with RpcServer(Dispatcher(Back()), curve=back_node.curve, members=[mesh.client.public]) as back:
+        downstream = Connection(back.endpoint, back_node.curve.public, mesh.client, context=context)
+        downstream.open()
+        async with RpcServer(Dispatcher(Front(downstream)), curve=front_node.curve,
+                             members=[mesh.client.public]) as front:
+            caller = Connection(front.endpoint, front_node.curve.public, mesh.client, context=context)
+            caller.open()
+            assert await caller.call("front.relay", trace_id="c0ffee" * 4) == ["c0ffee" * 4] * 2
+            await caller.close()
+        await downstream.close()
