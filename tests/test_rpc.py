@@ -159,6 +159,11 @@ async def test_call_returns_result(client):
     assert await client.call("probe.echo", {"value": "ab", "times": 3}) == "ababab"
 
 
+async def test_every_server_answers_ping(client):
+    pong = await client.call("rpc.ping")
+    assert pong["in_flight"] == 0 and pong["uptime_s"] >= 0 and pong["methods"] >= 2
+
+
 @pytest.mark.parametrize("code", sorted(errors.ERROR_CLASSES))
 async def test_every_error_code_round_trips_as_its_class(client, code):
     with pytest.raises(errors.ERROR_CLASSES[code]) as caught:

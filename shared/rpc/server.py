@@ -40,7 +40,7 @@ from shared.rpc import codec
 from shared.rpc.deadlines import DeadlineQueue
 from shared.rpc.eager import start_eager
 from shared.rpc.pump import SocketPump
-from shared.rpc.dispatcher import Dispatcher, Handler, RequestContext, current_request
+from shared.rpc.dispatcher import Dispatcher, Handler, RequestContext, current_request, method
 
 __all__ = ["RpcServer"]
 
@@ -61,6 +61,26 @@ class _KeyAllowList:
 
     def callback(self, domain: str, key: bytes) -> bool:
         return key in self._keys
+
+
+class _Builtins:
+    """Methods every server answers: `rpc.ping` for health checks."""
+
+    name = "rpc"
+
+    def __init__(self, server: RpcServer) -> None:
+        self._server = server
+        self._started = time.time()
+
+    @method(idempotent=True)
+    async def ping(self) -> dict[str, Any]:
+        """Liveness and load: members only, like every internal method."""
+        return {
+            "time": time.time(),
+            "uptime_s": round(time.time() - self._started, 3),
+            "in_flight": self._server.in_flight,
+            "methods": len(self._server._dispatcher.names),
+        }
 
 
 class RpcServer:
@@ -84,6 +104,8 @@ class RpcServer:
         drain_timeout: float = 10.0,
     ) -> None:
         self._dispatcher = dispatcher
+        if dispatcher.get("rpc.ping") is None:
+            dispatcher.add(_Builtins(self))
         self._curve = curve
         self._members = frozenset(members)
         self._host, self._port = host, port
