@@ -1,17 +1,44 @@
 """`inferswarm` — the command-line entry point.
 
     inferswarm up [--data-dir DIR] [--gateways N] [--workers N] [--json]
+    inferswarm register USERNAME EMAIL        inferswarm login USERNAME_OR_EMAIL
+    inferswarm logout                         inferswarm keys create|list|revoke
+    inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
+
+Client commands find the mesh through `--bootstrap HOST:PORT` (or
+`INFERSWARM_BOOTSTRAP`; default the local stack, 127.0.0.1:7400) and accept
+`--json`. Errors are one line on stderr with a meaningful exit code.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
 import sys
+from pathlib import Path
 
 from inferswarm import up
+from inferswarm.commands import COMMANDS, Result
+from inferswarm.credentials import Credentials
+from inferswarm.errors import describe, exit_code
+from inferswarm.session import DEFAULT_BOOTSTRAP, ClientSession, SessionError, resolve_mesh_id
+from shared.errors import MeshError
 from shared.logging import configure_logging
 
-__all__ = ["main"]
+__all__ = ["main", "parser"]
+
+
+def _client_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--bootstrap", default=os.environ.get("INFERSWARM_BOOTSTRAP", DEFAULT_BOOTSTRAP),
+                        help="host:port of any mesh node (default: the local stack)")
+    common.add_argument("--data-dir", type=Path, default=Path(os.environ.get("INFERSWARM_DATA_DIR", ".data")),
+                        help="the local stack's data directory (for its mesh id)")
+    common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
+    return common
 
 
 def parser() -> argparse.ArgumentParser:
@@ -20,13 +47,78 @@ def parser() -> argparse.ArgumentParser:
     up_parser = commands.add_parser("up", help="start the whole stack on this machine")
     up.add_arguments(up_parser)
     up_parser.set_defaults(run=up.up)
+
+    common = _client_options()
+
+    def client(name: str, help: str, sub: argparse._SubParsersAction = commands) -> argparse.ArgumentParser:
+        command = sub.add_parser(name.split()[-1], help=help, parents=[common])
+        command.set_defaults(run=run_client, action=name)
+        return command
+
+    register = client("register", "create an account")
+    register.add_argument("username")
+    register.add_argument("email")
+    register.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    login = client("login", "log in and keep the session token")
+    login.add_argument("username", metavar="USERNAME_OR_EMAIL")
+    login.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    client("logout", "forget the saved token and key")
+
+    keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION")
+    create = client("keys create", "create a key (shown once)", keys)
+    create.add_argument("name")
+    create.add_argument("--expires-in-days", type=int)
+    client("keys list", "list your keys", keys)
+    revoke = client("keys revoke", "revoke a key", keys)
+    revoke.add_argument("key_id")
+
+    usage = client("usage", "requests and tokens per day")
+    usage.add_argument("--start", help="YYYY-MM-DD (default: 30 days ago)")
+    usage.add_argument("--end", help="YYYY-MM-DD (default: today)")
+
+    admin = commands.add_parser("admin", help="administration").add_subparsers(
+        dest="admin_command", required=True, metavar="ACTION")
+    set_tier = client("admin set-tier", "change a user's tier (admins only)", admin)
+    set_tier.add_argument("user", help="id, username or email")
+    set_tier.add_argument("tier", choices=["free", "pro", "enterprise", "unlimited"])
     return root
+
+
+def run_client(args: argparse.Namespace) -> int:
+    """Run one client command; print its result or one error line."""
+    try:
+        result = asyncio.run(_run(args))
+    except MeshError as error:
+        print(f"inferswarm: {describe(error)}", file=sys.stderr)
+        return exit_code(error)
+    except SessionError as error:
+        print(f"inferswarm: {error}", file=sys.stderr)
+        return 6
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(result.data, default=str))
+    elif result.text:
+        print(result.text)
+    return 0
+
+
+async def _run(args: argparse.Namespace) -> Result:
+    command = COMMANDS[args.action]
+    creds = Credentials.load()
+    if args.action == "logout":
+        return await command(args, None, creds)
+    seeds = [seed.strip() for seed in args.bootstrap.split(",") if seed.strip()]
+    async with ClientSession(seeds, resolve_mesh_id(args.data_dir), timeout=args.timeout) as session:
+        return await command(args, session, creds)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # stdout is for people and scripts (`--json`); logs go to stderr.
-    configure_logging("warning", "console" if sys.stderr.isatty() else "json", service="inferswarm")
+    # stdout is for people and scripts (`--json`); logs go to stderr, quietly.
+    level = "warning" if args.command == "up" else "error"
+    configure_logging(level, "console" if sys.stderr.isatty() else "json", service="inferswarm")
     return args.run(args)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "CurveKeyPair",
     "NodeIdentity",
     "MeshCredential",
+    "MeshId",
     "curve_key_of",
     "write_private_file",
     "verify_member_cert",
@@ -148,6 +149,34 @@ class MeshCredential:
     def certify(self, node_key: bytes) -> bytes:
         """A member certificate: the mesh key's signature over a node key."""
         return self._signing_key.sign(_CERT_CONTEXT + node_key).signature
+
+
+class MeshId:
+    """A mesh known by its public id only: enough to verify its DHT records.
+
+    What a client that never announces (the CLI) holds instead of the secret:
+    its lookups check every record's member certificate against `mesh_id`,
+    and it calls public methods with a key of its own.
+    """
+
+    def __init__(self, mesh_id: bytes) -> None:
+        if len(mesh_id) != 32:
+            raise ValueError("a mesh id is 32 bytes (64 hex characters)")
+        self.mesh_id = mesh_id
+
+    def __repr__(self) -> str:
+        return f"MeshId({self.mesh_id.hex()[:16]}…)"
+
+    @classmethod
+    def from_text(cls, text: str) -> MeshId:
+        try:
+            return cls(bytes.fromhex(text.strip()))
+        except ValueError as exc:
+            raise ValueError(f"a mesh id must be 64 hex characters: {exc}") from None
+
+    def certify(self, node_key: bytes) -> bytes:
+        """No certificate: records this node signed would be refused by others."""
+        return bytes(64)
 
 
 def verify_member_cert(mesh_id: bytes, node_key: bytes, cert: bytes) -> bool:

@@ -33,7 +33,7 @@ from shared.dht.interface import Provider
 from shared.dht.record import InvalidRecord, RecordVerifier, peek, sign_record, topic_key, wall_ms
 from shared.dht.server import DHTServer
 from shared.errors import InvalidParams, NoProviders, Unavailable
-from shared.identity import MeshCredential, NodeIdentity
+from shared.identity import MeshCredential, MeshId, NodeIdentity
 
 __all__ = ["KademliaDiscovery", "select_providers"]
 
@@ -80,7 +80,7 @@ class KademliaDiscovery:
         self,
         *,
         identity: NodeIdentity,
-        mesh: MeshCredential,
+        mesh: MeshCredential | MeshId,
         host: str = "127.0.0.1",
         port: int = 0,
         seeds: Iterable[str] = (),
@@ -120,6 +120,11 @@ class KademliaDiscovery:
         """The bound "host:port", usable as another node's seed."""
         ip, port = self._server.address
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    @property
+    def joined(self) -> bool:
+        """True once this node knows at least one other node of the mesh."""
+        return self._server.has_contacts()
 
     @property
     def server(self) -> DHTServer:

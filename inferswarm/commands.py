@@ -1,0 +1,142 @@
+"""The client commands: each talks to the mesh and returns what to show.
+
+A command is `async def name(args, session, creds) -> Result`; `Result.text`
+is for people, `Result.data` for `--json`. Streaming commands (`infer`) print
+as tokens arrive and return the final facts. Errors are not handled here: they
+propagate as typed `MeshError`s, and the CLI turns each into one line and an
+exit code (see `errors.py` beside this module).
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from argparse import Namespace
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferswarm.credentials import Credentials
+from inferswarm.session import ClientSession
+from shared.errors import Unauthenticated
+
+__all__ = ["Result", "COMMANDS", "read_password"]
+
+
+@dataclass
+class Result:
+    text: str = ""
+    data: Any = field(default=None)
+
+
+def read_password(args: Namespace, *, confirm: bool = False) -> str:
+    """From stdin with --password-stdin, `INFERSWARM_PASSWORD`, or a prompt."""
+    if getattr(args, "password_stdin", False):
+        return sys.stdin.readline().rstrip("\n")
+    if os.environ.get("INFERSWARM_PASSWORD"):
+        return os.environ["INFERSWARM_PASSWORD"]
+    password = getpass.getpass("Password: ")
+    if confirm and getpass.getpass("Repeat password: ") != password:
+        raise SystemExit("inferswarm: the passwords differ")
+    return password
+
+
+def need_token(creds: Credentials) -> str:
+    if not creds.token:
+        raise Unauthenticated("not logged in: run `inferswarm login`")
+    return creds.token
+
+
+def need_api_key(creds: Credentials) -> str:
+    key = creds.effective_api_key()
+    if not key:
+        raise Unauthenticated("no API key: run `inferswarm keys create NAME` or set INFERSWARM_API_KEY")
+    return key
+
+
+async def register(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    password = read_password(args, confirm=not args.password_stdin)
+    user = await session("auth").call("auth.register", {
+        "username": args.username, "email": args.email, "password": password})
+    return Result(f"registered {user['username']} ({user['tier']} tier); now run `inferswarm login`", user)
+
+
+async def login(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    password = read_password(args)
+    answer = await session("auth").call("auth.login", {
+        "username_or_email": args.username, "password": password})
+    creds.username = answer["user"]["username"]
+    creds.token, creds.token_expires_at = answer["token"], answer.get("expires_at")
+    creds.save()
+    return Result(f"logged in as {creds.username}", {"user": answer["user"], "expires_at": answer.get("expires_at")})
+
+
+async def logout(args: Namespace, session: ClientSession | None, creds: Credentials) -> Result:
+    removed = Credentials.forget()
+    return Result("logged out" if removed else "was not logged in", {"logged_out": removed})
+
+
+async def keys_create(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    params: dict[str, Any] = {"token": need_token(creds), "name": args.name}
+    if args.expires_in_days is not None:
+        params["expires_in_days"] = args.expires_in_days
+    key = await session("auth").call("auth.create_key", params)
+    creds.api_key = key["api_key"]
+    creds.save()
+    text = (f"{key['api_key']}\n"
+            f"This key is shown once: keep it secret. Saved as this CLI's key "
+            f"(id {key['id']}, prefix {key['prefix']}).")
+    return Result(text, key)
+
+
+async def keys_list(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    keys = await session("auth").call("auth.list_keys", {"token": need_token(creds)})
+    rows = [[k["id"], k["name"], k["prefix"], k["status"], k["created_at"][:19],
+             (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19]] for k in keys]
+    return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires"], rows), keys)
+
+
+async def keys_revoke(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    key = await session("auth").call("auth.revoke_key", {"token": need_token(creds), "key_id": args.key_id})
+    return Result(f"revoked key {key['id']} ({key['name']})", key)
+
+
+async def usage(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    params: dict[str, Any] = {"token": need_token(creds)}
+    if args.start:
+        params["start"] = args.start
+    if args.end:
+        params["end"] = args.end
+    report = await session("auth").call("auth.usage", params)
+    rows = [[d["day"], d.get("key_name") or "-", d["requests"], d["tokens"], d["errors"], d["cache_hits"]]
+            for d in report["days"]]
+    totals = report["totals"]
+    text = table(["day", "key", "requests", "tokens", "errors", "cache hits"], rows)
+    text += f"\ntotal: {totals.get('requests', 0)} requests, {totals.get('tokens', 0)} tokens"
+    return Result(text, report)
+
+
+async def admin_set_tier(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    user = await session("auth").call("auth.set_tier", {"token": need_token(creds), "user": args.user,
+                                                        "tier": args.tier})
+    return Result(f"{user['username']} is now on the {user['tier']} tier", user)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines[:1] + ["  ".join("-" * w for w in widths)] + lines[1:])
+
+
+COMMANDS = {
+    "register": register,
+    "login": login,
+    "logout": logout,
+    "keys create": keys_create,
+    "keys list": keys_list,
+    "keys revoke": keys_revoke,
+    "usage": usage,
+    "admin set-tier": admin_set_tier,
+}

@@ -1,0 +1,62 @@
+"""How the CLI reports an error: one line, never a traceback, a stable exit code."""
+
+from __future__ import annotations
+
+import math
+
+from shared.errors import MeshError
+
+__all__ = ["EXIT_CODES", "exit_code", "describe"]
+
+#: Exit codes by error code (0 is success, 2 is a usage error from argparse).
+EXIT_CODES = {
+    "UNAUTHENTICATED": 3,
+    "FORBIDDEN": 3,
+    "RATE_LIMITED": 4,
+    "NOT_FOUND": 5,
+    "UNAVAILABLE": 6,
+    "TIMEOUT": 7,
+    "CONFLICT": 8,
+    "INVALID_PARAMS": 9,
+    "TOO_LARGE": 9,
+    "CANCELLED": 130,
+}
+
+
+def exit_code(error: MeshError) -> int:
+    return EXIT_CODES.get(error.to_wire()[0], 1)
+
+
+def describe(error: MeshError) -> str:
+    """The line a person reads, with the facts the error carries."""
+    code, message, data = error.to_wire()
+    if code == "RATE_LIMITED":
+        return _rate_limited(message, data)
+    if code == "NOT_FOUND" and data.get("available") is not None:
+        available = ", ".join(data["available"]) or "none"
+        return f"{message}; available: {available}"
+    prefix = code.lower().replace("_", " ")
+    return message if message.lower().startswith(prefix) else f"{prefix}: {message}"
+
+
+def _rate_limited(message: str, data: dict) -> str:
+    retry = data.get("retry_after")
+    limit, remaining, window = data.get("limit"), data.get("remaining"), data.get("window")
+    if limit is not None and remaining is not None:
+        what = f"{remaining} of {limit} {data.get('unit', 'requests')} left"
+        if window:
+            what += f" this {window}"
+        text = f"rate limited: {what}"
+    else:
+        text = f"rate limited: {message}"
+    if isinstance(retry, (int, float)):
+        text += f", resets in {_duration(retry)}"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, math.ceil(seconds))} s"
+    if seconds < 5400:
+        return f"{math.ceil(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
