@@ -123,11 +123,15 @@ async def serve(
     *,
     topics: Sequence[str] | None = None,
     load: Callable[[], Mapping[str, Any]] | None = None,
+    topic_load: Callable[[str], Mapping[str, Any]] | None = None,
     ready: Callable[[dict[str, Any]], None] | None = None,
     stop: asyncio.Event | None = None,
     drain_timeout: float = 10.0,
 ) -> None:
-    """Run `service` until `stop` is set (or SIGTERM/SIGINT), then shut down."""
+    """Run `service` until `stop` is set (or SIGTERM/SIGINT), then shut down.
+
+    `load()` goes into every record; `topic_load(topic)` adds to one topic's.
+    """
     stop = stop or _stop_on_signals()
     node_name = config.node_name or service
     async with AsyncExitStack() as stack:
@@ -150,7 +154,8 @@ async def serve(
 
         announcer = Announcer(
             node.discovery, list(topics or [service_topic(service)]), service=service,
-            endpoint=server.endpoint, version=VERSION, load=current_load, ttl=config.record_ttl,
+            endpoint=server.endpoint, version=VERSION, load=current_load, topic_load=topic_load,
+            ttl=config.record_ttl,
         )
         await stack.enter_async_context(announcer)
         node.announcer = announcer

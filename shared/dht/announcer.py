@@ -10,6 +10,9 @@ together do not announce in lockstep); `poke()` re-announces soon after the
 load changed, at most once per `poke_interval`. On exit every topic is
 withdrawn (ttl 0). A failed announce is logged and retried after
 `retry_interval`; it never ends the loop.
+
+`topic_load(topic)`, when given, adds entries to one topic's record only (e.g.
+an inference worker's free slots for the model of that topic), over `load`.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Announcer:
         endpoint: str,
         version: str,
         load: Callable[[], Mapping[str, Any]] | None = None,
+        topic_load: Callable[[str], Mapping[str, Any]] | None = None,
         ttl: float = DEFAULT_TTL,
         interval: float | None = None,
         jitter: float = 0.2,
@@ -58,6 +62,7 @@ class Announcer:
         self.topics = list(dict.fromkeys(topics))
         self.service, self.endpoint, self.version = service, endpoint, version
         self._load = load
+        self._topic_load = topic_load
         self.ttl = ttl
         self.interval = ttl / 3 if interval is None else interval
         self.jitter = jitter
@@ -98,6 +103,8 @@ class Announcer:
         return not failures
 
     async def _announce(self, topic: str, load: Mapping[str, Any]) -> None:
+        if self._topic_load is not None:
+            load = {**load, **self._topic_load_of(topic)}
         await self.discovery.announce(
             topic, service=self.service, endpoint=self.endpoint, version=self.version, load=load, ttl=self.ttl
         )
@@ -109,6 +116,13 @@ class Announcer:
             return self._load()
         except Exception:
             log.exception("announcer.load_failed", service=self.service)
+            return {}
+
+    def _topic_load_of(self, topic: str) -> Mapping[str, Any]:
+        try:
+            return self._topic_load(topic)  # type: ignore[misc]
+        except Exception:
+            log.exception("announcer.load_failed", service=self.service, topic=topic)
             return {}
 
     async def _run(self, ok: bool) -> None:
