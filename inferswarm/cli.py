@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--expires-in-days", type=int)
     client("keys list", "list your keys", keys)
     revoke = client("keys revoke", "revoke a key", keys)
-    revoke.add_argument("key_id")
+    revoke.add_argument("key_id", type=int, help="the id shown by `keys list`")
 
     usage = client("usage", "requests and tokens per day")
     usage.add_argument("--start", help="YYYY-MM-DD (default: 30 days ago)")

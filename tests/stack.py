@@ -1,0 +1,61 @@
+"""Helpers to run `inferswarm up` and the `inferswarm` CLI as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["free_udp_port", "alive", "start_up", "read_ready", "Cli"]
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")  # a zombie is dead for our purposes
+    return status.exists() and "zombie" not in status.read_text()
+
+
+def start_up(data_dir: Path, dht_port: int, *extra: str) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "inferswarm.cli", "up", "--json", "--data-dir", str(data_dir),
+         "--dht-port", str(dht_port), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def read_ready(proc: subprocess.Popen) -> dict:
+    """The one JSON line `up --json` prints once everything is ready."""
+    line = proc.stdout.readline()
+    if not line:
+        raise AssertionError(f"up exited early ({proc.wait()}): {proc.stderr.read()[-2000:]}")
+    return json.loads(line)
+
+
+class Cli:
+    """Runs `inferswarm` client commands against one stack, as one user."""
+
+    def __init__(self, data_dir: Path, dht_port: int, config_home: Path) -> None:
+        self.env = {**os.environ, "INFERSWARM_DATA_DIR": str(data_dir),
+                    "INFERSWARM_BOOTSTRAP": f"127.0.0.1:{dht_port}", "XDG_CONFIG_HOME": str(config_home)}
+        self.env.pop("INFERSWARM_API_KEY", None)
+
+    def __call__(self, *args: str, stdin: str | None = None, timeout: float = 60, **env: str):
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "inferswarm.cli", *args], input=stdin,
+                                capture_output=True, text=True, timeout=timeout, env={**self.env, **env})
+        result.seconds = time.monotonic() - started
+        return result

@@ -1,0 +1,84 @@
+"""The CLI as a user meets it: `inferswarm up`, then client commands in a shell."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from stack import Cli, free_udp_port, read_ready, start_up
+
+PASSWORD = "correct-horse-battery-9"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("stack") / "data"
+    port = free_udp_port()
+    proc = start_up(data_dir, port, "--workers", "1")
+    try:
+        ready = read_ready(proc)
+        yield data_dir, port, ready
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+@pytest.fixture
+def cli(stack, tmp_path):
+    data_dir, port, _ = stack
+    return Cli(data_dir, port, tmp_path / "config")
+
+
+@pytest.mark.timeout(240)
+def test_account_and_key_tour(cli, tmp_path):
+    registered = cli("register", "carol", "carol@example.com", "--password-stdin", "--json", stdin=PASSWORD)
+    assert registered.returncode == 0, registered.stderr
+    assert json.loads(registered.stdout)["username"] == "carol"
+
+    logged_in = cli("login", "carol", "--password-stdin", stdin=PASSWORD)
+    assert logged_in.returncode == 0 and "logged in as carol" in logged_in.stdout
+    saved = tmp_path / "config" / "inferswarm" / "credentials.json"
+    assert saved.stat().st_mode & 0o777 == 0o600
+
+    created = cli("keys", "create", "laptop", "--json")
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)
+    assert key["api_key"].startswith("isk_")
+    assert key["api_key"] not in cli("keys", "list").stdout  # shown once, never listed
+
+    listed = json.loads(cli("keys", "list", "--json").stdout)
+    assert [(k["name"], k["status"]) for k in listed] == [("laptop", "active")]
+    revoked = cli("keys", "revoke", str(key["id"]))
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    assert json.loads(cli("keys", "list", "--json").stdout)[0]["status"] == "revoked"
+
+    usage = cli("usage", "--json")
+    assert usage.returncode == 0 and "days" in json.loads(usage.stdout)
+
+    assert cli("logout").returncode == 0
+    assert not saved.exists()
+
+
+@pytest.mark.timeout(240)
+def test_error_paths_print_one_line_and_a_meaningful_exit_code(cli, stack):
+    data_dir, port, _ = stack
+    assert cli("register", "dave", "dave@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0
+    cases = [
+        (("register", "dave", "dave@example.com", "--password-stdin"), PASSWORD, 8, "already registered"),
+        (("login", "dave", "--password-stdin"), "not-the-password", 3, "unauthenticated"),
+        (("register", "x", "not-an-email", "--password-stdin"), PASSWORD, 9, "invalid params"),
+        (("keys", "list"), None, 3, "not logged in"),
+        (("admin", "set-tier", "dave", "pro"), None, 3, "not logged in"),
+    ]
+    for args, stdin, code, fragment in cases:
+        result = cli(*args, stdin=stdin)
+        assert result.returncode == code, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and fragment in lines[0].lower(), (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+    unreachable = cli("keys", "list", "--bootstrap", f"127.0.0.1:{free_udp_port()}")
+    assert unreachable.returncode == 6
+    assert "cannot reach the mesh" in unreachable.stderr
