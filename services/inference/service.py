@@ -1,0 +1,230 @@
+"""The inference service: generation over the worker's models, with slots and a cache.
+
+    inference.generate      model, messages | prompt, max_tokens, temperature, top_p,
+                            stop, seed, stream, priority -> stream of chunks
+    inference.models        -> the models this worker serves, their backends, slots, health
+    inference.model_status  model -> loaded, healthy, last error, latency, speed, cache counts
+
+Chunks of `generate` (README.md has the full contract):
+
+    {"text": "..."}                  a piece of text (one per token from the local model);
+                                     with stream=False, the whole text in one chunk
+    {"done": true, "model", "finish_reason": "stop"|"length",
+     "usage": {"prompt_tokens", "completion_tokens", "total_tokens"},
+     "timing": {"queue_ms", "ttft_ms", "tokens_per_s", "total_ms"},
+     "cached": bool, "worker": {"id", "load": {...}}}       always last
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from shared.dht import model_topic
+from shared.errors import NotFound, Unavailable
+from shared.logging import get_logger
+from shared.rpc import current_request, method
+from services.inference.backends.base import Backend, Done
+from services.inference.cache import CachedResponse, ResponseCache, cache_key
+from services.inference.health import ModelHealth
+from services.inference.slots import SlotPool
+from services.inference.validation import Limits, build_request, priority_of
+
+__all__ = ["ServedModel", "InferenceService"]
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class ServedModel:
+    """One model name this worker serves: its backend, slots and health."""
+
+    name: str
+    backend: Backend
+    pool: SlotPool
+    health: ModelHealth
+
+    def load(self) -> dict[str, Any]:
+        """What a gateway routes on, as announced on this model's topic."""
+        return {
+            "free_slots": self.pool.free, "slots": self.pool.slots, "queued": self.pool.queued,
+            "queue_limit": self.pool.queue_limit, "healthy": self.health.healthy,
+            "tokens_per_s": round(self.health.tokens_per_s or 0.0, 1),
+        }
+
+
+class _Timing:
+    """The moments of one request, from its arrival."""
+
+    def __init__(self) -> None:
+        self.start = self.slot = time.monotonic()
+        self.first: float | None = None
+
+    def view(self, tokens: int, *, generated: bool) -> dict[str, Any]:
+        end = time.monotonic()
+        first = self.first if self.first is not None else end
+        busy = end - self.slot
+        return {
+            "queue_ms": round((self.slot - self.start) * 1000, 2),
+            "ttft_ms": round((first - self.start) * 1000, 2),
+            "tokens_per_s": round(tokens / busy, 2) if generated and tokens and busy > 0 else None,
+            "total_ms": round((end - self.start) * 1000, 2),
+        }
+
+
+class InferenceService:
+    """Generation on this worker's models; a plain class, wired by `worker.py`."""
+
+    name = "inference"
+
+    def __init__(
+        self, models: Mapping[str, ServedModel], cache: ResponseCache, *, limits: Limits | None = None,
+        worker_id: str = "", queue_timeout: float = 60.0,
+    ) -> None:
+        self.served = dict(models)
+        self.cache = cache
+        self.limits = limits or Limits()
+        self.worker_id = worker_id
+        self.queue_timeout = queue_timeout
+        self._by_topic = {model_topic(name): name for name in self.served}
+
+    # -- RPC -------------------------------------------------------------------
+
+    @method
+    async def generate(
+        self, model: str, messages: list[Any] | None = None, prompt: str | None = None,
+        max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
+        stop: str | list[Any] | None = None, seed: int | None = None, stream: bool = True,
+        priority: int | str = 0,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream the generation's text, then one final chunk (see the module doc)."""
+        served = self._served(model)
+        request = build_request(
+            self.limits, messages=messages, prompt=prompt, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, stop=stop, seed=seed,
+        )
+        rank = priority_of(priority)
+        timing = _Timing()
+        key = cache_key(model, request) if request.deterministic and self.cache.enabled else None
+        hit = self.cache.get(model, key) if key is not None else None
+        if hit is not None:
+            timing.first = time.monotonic()
+            if hit.text:
+                yield {"text": hit.text}
+            yield self._final(served, hit, timing, cached=True)
+            return
+        pieces: list[str] = []
+        async with served.pool.acquire(rank, timeout=self._queue_budget()):
+            timing.slot = time.monotonic()
+            done = None
+            async with aclosing(served.backend.generate(request)) as events:
+                try:
+                    async for event in events:
+                        if isinstance(event, Done):
+                            done = event
+                            continue
+                        if timing.first is None:
+                            timing.first = time.monotonic()
+                        pieces.append(event)
+                        if stream:
+                            yield {"text": event}
+                except (Unavailable, NotFound) as exc:  # the backend failed: unhealthy
+                    served.health.failed(exc)
+                    log.warning("backend failed", model=model, code=exc.code, error=exc.message)
+                    raise
+            if done is None:
+                error = Unavailable(f"{served.backend.kind} backend ended without a result")
+                served.health.failed(error)
+                raise error
+            result = CachedResponse("".join(pieces), done.finish_reason, done.prompt_tokens, done.completion_tokens)
+            final = self._final(served, result, timing, cached=False)
+            served.health.succeeded(ttft_ms=final["timing"]["ttft_ms"] - final["timing"]["queue_ms"],
+                                    tokens_per_s=final["timing"]["tokens_per_s"], tokens=done.completion_tokens)
+        if key is not None:
+            self.cache.put(key, result)
+        if not stream and result.text:
+            yield {"text": result.text}
+        final["worker"]["load"] = served.load()  # after the slot was freed
+        yield final
+
+    @method(idempotent=True)
+    async def models(self) -> dict[str, Any]:
+        """The models this worker serves: backend, slots, queue and health of each."""
+        return {
+            "worker": self.worker_id,
+            "models": [
+                {"name": name, **s.backend.describe(), "loaded": s.backend.loaded, **s.load()}
+                for name, s in self.served.items()
+            ],
+        }
+
+    @method(idempotent=True)
+    async def model_status(self, model: str) -> dict[str, Any]:
+        """Loaded, healthy, last error, latency, speed, slots and cache counts of `model`."""
+        served = self._served(model)
+        health = served.health.view()
+        return {
+            "model": model,
+            **served.backend.describe(),
+            "loaded": served.backend.loaded,
+            "healthy": health.pop("healthy"),
+            "last_error": health.pop("last_error"),
+            "latency": {"ttft_ms": health.pop("ttft_ms")},
+            "tokens_per_s": health.pop("tokens_per_s"),
+            **health,
+            "slots": served.pool.state(),
+            "cache": self.cache.counts(model),
+            "worker": self.worker_id,
+        }
+
+    # -- load, as announced ----------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        """The whole worker's load: in every record it announces."""
+        served = list(self.served.values())
+        return {
+            "models": len(served),
+            "free_slots": sum(s.pool.free for s in served),
+            "queued": sum(s.pool.queued for s in served),
+            "healthy": all(s.health.healthy for s in served),
+        }
+
+    def topic_load(self, topic: str) -> dict[str, Any]:
+        """One model's load, in the record of that model's topic."""
+        name = self._by_topic.get(topic)
+        return self.served[name].load() if name is not None else {}
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _served(self, model: str) -> ServedModel:
+        served = self.served.get(model)
+        if served is None:
+            raise NotFound(f"this worker does not serve model {model!r}",
+                           {"model": model, "models": sorted(self.served)})
+        return served
+
+    def _queue_budget(self) -> float:
+        context = current_request.get()
+        if context is None:
+            return self.queue_timeout
+        return max(0.0, min(self.queue_timeout, context.remaining()))
+
+    def _final(self, served: ServedModel, result: CachedResponse, timing: _Timing, *, cached: bool
+               ) -> dict[str, Any]:
+        return {
+            "done": True,
+            "model": served.name,
+            "finish_reason": result.finish_reason,
+            "usage": {
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "total_tokens": result.prompt_tokens + result.completion_tokens,
+            },
+            "timing": timing.view(result.completion_tokens, generated=not cached),
+            "cached": cached,
+            "worker": {"id": self.worker_id, "load": served.load()},
+        }
+

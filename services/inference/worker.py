@@ -1,0 +1,117 @@
+"""Assembling an inference worker from its configuration.
+
+`InferenceWorker` exists before the process joins the mesh, so `__main__` can
+hand its `load` and `topic_load` to the runner; `build` (the runner's build
+step) then starts every backend, probes each once, and keeps probing every
+`probe_interval` seconds: a remote server that is down at start, or goes down
+later, is announced unhealthy until it answers again. Tests and the benchmark
+use `open_service` for the same wiring without a mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+
+from shared.dht import model_topic, service_topic
+from shared.errors import MeshError, Unavailable
+from shared.logging import get_logger
+from services.inference.backends import make_backend
+from services.inference.cache import ResponseCache
+from services.inference.config import InferenceConfig
+from services.inference.health import ModelHealth
+from services.inference.service import InferenceService, ServedModel
+from services.inference.slots import SlotPool
+from services.inference.validation import Limits
+
+__all__ = ["InferenceWorker", "open_service", "probe_all"]
+
+log = get_logger(__name__)
+
+
+async def open_service(
+    stack: AsyncExitStack, config: InferenceConfig, *, worker_id: str = "",
+    on_change: Callable[[], None] | None = None, environ: Mapping[str, str] = os.environ,
+) -> InferenceService:
+    """Start every configured backend and the prober on `stack`; the service."""
+    changed = on_change or (lambda: None)
+    served: dict[str, ServedModel] = {}
+    for spec in config.models:
+        backend = make_backend(spec, threads=config.threads, environ=environ)
+        await backend.start()
+        stack.push_async_callback(backend.close)
+        pool = SlotPool(spec.slots, spec.queue, on_change=changed)
+        served[spec.name] = ServedModel(spec.name, backend, pool, ModelHealth(on_change=changed))
+    service = InferenceService(
+        served,
+        ResponseCache(ttl=config.cache_ttl, max_entries=config.cache_entries, max_bytes=config.cache_bytes),
+        limits=Limits(config.max_tokens, config.max_prompt_chars, config.max_messages),
+        worker_id=worker_id,
+        queue_timeout=config.queue_timeout,
+    )
+    await probe_all(service, timeout=config.probe_interval)
+    prober = asyncio.create_task(_probe_forever(service, config.probe_interval), name="inference.prober")
+    stack.push_async_callback(_cancel, prober)
+    return service
+
+
+async def probe_all(service: InferenceService, *, timeout: float) -> None:
+    """Probe every backend once, concurrently; record each outcome in its health."""
+
+    async def probe(served: ServedModel) -> None:
+        try:
+            await asyncio.wait_for(served.backend.probe(), timeout)
+        except MeshError as exc:
+            if served.health.healthy:
+                log.warning("model unhealthy", model=served.name, code=exc.code, error=exc.message)
+            served.health.failed(exc)
+        except asyncio.TimeoutError:
+            served.health.failed(Unavailable(f"health probe took over {timeout:.3g}s"))
+        else:
+            if not served.health.healthy:
+                log.info("model healthy again", model=served.name)
+            served.health.succeeded()
+
+    await asyncio.gather(*(probe(s) for s in service.served.values()))
+
+
+async def _probe_forever(service: InferenceService, interval: float) -> None:
+    while True:  # until cancelled by the stack; each turn waits `interval`
+        await asyncio.sleep(interval)
+        await probe_all(service, timeout=interval)
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+class InferenceWorker:
+    """The process's worker: topics and load for the runner, built on `build`."""
+
+    def __init__(self, config: InferenceConfig) -> None:
+        self.config = config
+        self.service: InferenceService | None = None
+
+    @property
+    def topics(self) -> list[str]:
+        """One topic per served model, and the service's own topic."""
+        return [model_topic(spec.name) for spec in self.config.models] + [service_topic("inference")]
+
+    async def build(self, stack: AsyncExitStack, node: Any) -> list[object]:
+        """The runner's build step: backends started, the service to expose."""
+        self.service = await open_service(
+            stack, self.config, worker_id=node.identity.public_key.hex(), on_change=node.announce_soon
+        )
+        return [self.service]
+
+    def load(self) -> dict[str, Any]:
+        return self.service.load() if self.service is not None else {}
+
+    def topic_load(self, topic: str) -> dict[str, Any]:
+        return self.service.topic_load(topic) if self.service is not None else {}

@@ -1,0 +1,283 @@
+"""The ollama and openai backends through the inference service, against the
+protocol servers in tests/ (real HTTP on loopback): streaming, usage, every
+failure as its typed error, health that flips and recovers, priority order
+with one busy slot, and a cancelled stream closing the upstream connection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import AsyncExitStack
+
+import pytest
+from ollama_server import OllamaServer, tokens_of
+from openai_server import OpenAIServer
+
+from shared.config import load
+from shared.errors import InvalidParams, MeshError, NotFound, Unavailable
+from services.inference.config import InferenceConfig
+from services.inference.worker import open_service, probe_all
+
+CHAT = [{"role": "user", "content": "Say hello"}]
+
+
+async def start_service(stack: AsyncExitStack, models: dict, **env: str):
+    environ = {"INFERSWARM_MODELS": json.dumps(models), "INFERSWARM_PROBE_INTERVAL": "0.2", **env}
+    config = load(InferenceConfig, environ)
+    return await open_service(stack, config, worker_id="test-worker", environ=environ)
+
+
+async def collect(service, **params) -> list[dict]:
+    return [chunk async for chunk in service.generate(**params)]
+
+
+def text_of(chunks: list[dict]) -> str:
+    return "".join(c.get("text", "") for c in chunks)
+
+
+async def eventually(predicate, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def ollama():
+    async with OllamaServer(("llama3:8b", "qwen2:0.5b")) as server:
+        yield server
+
+
+@pytest.fixture
+async def openai():
+    async with OpenAIServer(("gpt-4o-mini",), api_key="sk-test-key") as server:
+        yield server
+
+
+@pytest.fixture
+async def services(ollama, openai):
+    models = {
+        "llama3": {"backend": "ollama", "url": ollama.url, "model": "llama3:8b", "slots": 2},
+        "gpt": {"backend": "openai", "url": openai.base_url, "model": "gpt-4o-mini",
+                "api_key_env": "TEST_OPENAI_KEY", "slots": 2},
+    }
+    async with AsyncExitStack() as stack:
+        yield await start_service(stack, models, TEST_OPENAI_KEY="sk-test-key")
+
+
+# -- the happy paths -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["llama3", "gpt"])
+async def test_chat_streams_tokens_then_usage_and_timing(services, ollama, openai, model):
+    chunks = await collect(services, model=model, messages=CHAT, max_tokens=100, temperature=0.5)
+    server = ollama if model == "llama3" else openai
+    assert text_of(chunks) == server.reply
+    assert all(set(c) == {"text"} for c in chunks[:-1]) and len(chunks) - 1 == len(tokens_of(server.reply))
+    final = chunks[-1]
+    assert final["done"] and final["finish_reason"] == "stop" and not final["cached"]
+    assert final["usage"]["completion_tokens"] == len(tokens_of(server.reply))
+    assert final["usage"]["prompt_tokens"] > 0
+    assert final["usage"]["total_tokens"] == final["usage"]["prompt_tokens"] + final["usage"]["completion_tokens"]
+    assert set(final["timing"]) == {"queue_ms", "ttft_ms", "tokens_per_s", "total_ms"}
+    assert final["worker"]["id"] == "test-worker" and final["worker"]["load"]["free_slots"] == 2
+
+
+@pytest.mark.parametrize("model", ["llama3", "gpt"])
+async def test_prompt_max_tokens_stop_and_options_reach_the_server(services, ollama, openai, model):
+    server = ollama if model == "llama3" else openai
+    chunks = await collect(services, model=model, prompt="Once upon", max_tokens=3, temperature=0.2,
+                           top_p=0.5, seed=11, stop=["never"])
+    assert text_of(chunks) == "".join(tokens_of(server.reply)[:3])
+    assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 3
+    path, body = server.requests[-1]
+    if model == "llama3":
+        assert path == "/api/generate" and body["raw"] is True and body["prompt"] == "Once upon"
+        assert body["options"] == {"num_predict": 3, "temperature": 0.2, "top_p": 0.5, "seed": 11,
+                                   "stop": ["never"]}
+    else:
+        assert path == "/v1/completions" and body["prompt"] == "Once upon"
+        assert (body["max_tokens"], body["seed"], body["stop"]) == (3, 11, ["never"])
+        assert body["stream_options"] == {"include_usage": True}
+    stopped = await collect(services, model=model, messages=CHAT, stop="protocol", temperature=0.3)
+    assert text_of(stopped) == server.reply[: server.reply.index("protocol")]
+
+
+async def test_non_streamed_result_is_one_text_chunk_and_deterministic_requests_are_cached(services, ollama):
+    streamed = await collect(services, model="llama3", messages=CHAT, temperature=0.0)
+    whole = await collect(services, model="llama3", messages=CHAT, temperature=0.0, stream=False)
+    assert [c["text"] for c in whole[:-1]] == [text_of(streamed)]
+    assert whole[-1]["cached"] and whole[-1]["usage"] == streamed[-1]["usage"]
+    chats = [path for path, _ in ollama.requests if path == "/api/chat"]
+    assert len(chats) == 1  # the second one never reached the server
+    await collect(services, model="llama3", messages=CHAT, temperature=0.9)  # not deterministic
+    status = await services.model_status("llama3")
+    assert status["cache"] == {"hits": 1, "misses": 1}
+
+
+async def test_openai_server_without_usage_counts_chunks(services, openai):
+    openai.usage = False
+    chunks = await collect(services, model="gpt", messages=CHAT, temperature=0.4)
+    assert chunks[-1]["usage"]["completion_tokens"] == len(tokens_of(openai.reply))
+    assert chunks[-1]["usage"]["prompt_tokens"] == 0
+
+
+async def test_models_and_model_status(services):
+    listing = await services.models()
+    by_name = {m["name"]: m for m in listing["models"]}
+    assert by_name["llama3"]["backend"] == "ollama" and by_name["gpt"]["backend"] == "openai"
+    assert by_name["llama3"]["details"]["family"] == "llama"  # from /api/show
+    assert by_name["llama3"]["context_length"] == 8192
+    assert all(m["healthy"] and m["slots"] == 2 for m in listing["models"])
+    status = await services.model_status("gpt")
+    assert status["loaded"] and status["healthy"] and status["last_error"] is None
+    with pytest.raises(NotFound):
+        await services.model_status("nope")
+    with pytest.raises(NotFound):
+        await collect(services, model="nope", prompt="x")
+
+
+# -- failures ------------------------------------------------------------------
+
+
+def _break(server, how: str) -> None:
+    if how == "500":
+        server.fail_status = 500
+    elif how == "malformed":
+        server.malformed_after = 2
+    elif how == "error line":
+        server.error_after = 2
+    elif how == "dropped":
+        server.drop_after = 2
+
+
+@pytest.mark.parametrize("model", ["llama3", "gpt"])
+@pytest.mark.parametrize("how, fragment", [
+    ("500", "answered 500"), ("malformed", "malformed"), ("error line", "dropped the stream"),
+    ("dropped", "dropped the stream"),
+])
+async def test_failures_are_unavailable_and_flip_health_until_a_call_succeeds(
+    services, ollama, openai, model, how, fragment,
+):
+    server = ollama if model == "llama3" else openai
+    _break(server, how)
+    with pytest.raises(Unavailable) as failed:
+        await collect(services, model=model, messages=CHAT, temperature=0.5)
+    assert fragment in failed.value.message
+    status = await services.model_status(model)
+    assert not status["healthy"] and status["last_error"]["code"] == "UNAVAILABLE"
+    assert services.topic_load(f"inferswarm/inference/{model}")["healthy"] is False
+    server.heal()
+    await collect(services, model=model, messages=CHAT, temperature=0.5)
+    assert (await services.model_status(model))["healthy"]
+
+
+async def test_a_server_that_is_down_is_unavailable_and_the_probe_finds_it_back():
+    async with OllamaServer() as gone:
+        port, url = gone.port, gone.url
+    async with AsyncExitStack() as stack:  # the server is down before the worker starts
+        service = await start_service(stack, {"llama3": {"backend": "ollama", "url": url, "model": "llama3:8b"}})
+        assert not (await service.model_status("llama3"))["healthy"]  # the first probe failed
+        with pytest.raises(Unavailable, match="cannot reach") as down:
+            await collect(service, model="llama3", prompt="hi")
+        assert down.value.data["retry_safe"] is True
+        await stack.enter_async_context(OllamaServer(port=port))  # back on the same port
+        await eventually(lambda: service.served["llama3"].health.healthy)  # the periodic probe saw it
+        assert text_of(await collect(service, model="llama3", prompt="hi", temperature=0.5))
+
+
+async def test_unknown_upstream_model_is_not_found_and_unhealthy(ollama, openai):
+    models = {
+        "ghost": {"backend": "ollama", "url": ollama.url, "model": "ghost:1b"},
+        "phantom": {"backend": "openai", "url": openai.base_url, "model": "phantom"},
+    }
+    async with AsyncExitStack() as stack:
+        service = await start_service(stack, models)
+        for model in models:
+            status = await service.model_status(model)
+            assert not status["healthy"] and status["last_error"]["code"] in ("NOT_FOUND", "UNAVAILABLE")
+        with pytest.raises(NotFound, match="not found, try pulling it first"):
+            await collect(service, model="ghost", prompt="hi")
+        ollama.models.append("ghost:1b")
+        await eventually(lambda: service.served["ghost"].health.healthy)  # pulled: the probe sees it
+
+
+async def test_a_wrong_api_key_is_unavailable_not_the_callers_fault(openai):
+    models = {"gpt": {"backend": "openai", "url": openai.base_url, "model": "gpt-4o-mini",
+                      "api_key_env": "WRONG_KEY"}}
+    async with AsyncExitStack() as stack:
+        service = await start_service(stack, models, WRONG_KEY="sk-wrong")
+        with pytest.raises(Unavailable, match="Incorrect API key") as refused:
+            await collect(service, model="gpt", messages=CHAT)
+        assert refused.value.data["upstream_status"] == 401
+
+
+async def test_a_request_the_server_refuses_is_invalid_params(services):
+    backend = services.served["llama3"].backend
+    with pytest.raises(InvalidParams, match="messages is required"):
+        async with backend.http.request("POST", "/api/chat", {"model": "llama3:8b", "messages": "x"}):
+            pass
+
+
+# -- slots, priority, cancellation -----------------------------------------------
+
+
+async def test_one_busy_slot_serves_the_queue_enterprise_then_pro_then_free(ollama):
+    ollama.token_delay = 0.02
+    models = {"llama3": {"backend": "ollama", "url": ollama.url, "model": "llama3:8b", "slots": 1, "queue": 4}}
+    async with AsyncExitStack() as stack:
+        service = await start_service(stack, models)
+        order: list[str] = []
+
+        async def run(label: str, priority: str) -> None:
+            chunks = await collect(service, model="llama3", prompt=label, priority=priority, max_tokens=3,
+                                   temperature=0.7)
+            order.append(label)
+            assert chunks[-1]["done"]
+
+        busy = asyncio.create_task(run("busy", "free"))
+        await eventually(lambda: ollama.active == 1)
+        queued = []
+        for label, priority in [("free", "free"), ("pro", "pro"), ("enterprise", "enterprise"), ("free-2", 0)]:
+            queued.append(asyncio.create_task(run(label, priority)))
+            await asyncio.sleep(0.005)
+        assert service.served["llama3"].pool.state() == {"slots": 1, "in_use": 1, "queued": 4, "limit": 4}
+        with pytest.raises(Unavailable) as full:
+            await collect(service, model="llama3", prompt="one too many", priority="enterprise")
+        assert full.value.data == {"slots": 1, "in_use": 1, "queued": 4, "limit": 4, "retry_safe": True}
+        assert service.topic_load("inferswarm/inference/llama3")["queued"] == 4
+        await asyncio.wait_for(asyncio.gather(busy, *queued), 10)
+        assert order == ["busy", "enterprise", "pro", "free", "free-2"]
+        assert [body["prompt"] for path, body in ollama.requests if path == "/api/generate"] == order
+
+
+@pytest.mark.parametrize("kind", ["ollama", "openai"])
+async def test_cancelling_a_stream_frees_the_slot_and_closes_the_upstream_stream(kind, ollama, openai):
+    server = ollama if kind == "ollama" else openai
+    server.token_delay = 0.05
+    url = ollama.url if kind == "ollama" else openai.base_url
+    models = {"m": {"backend": kind, "url": url, "model": server.models[0], "slots": 1}}
+    environ = {"TEST_OPENAI_KEY": "sk-test-key"}
+    if kind == "openai":
+        models["m"]["api_key_env"] = "TEST_OPENAI_KEY"
+    async with AsyncExitStack() as stack:
+        service = await start_service(stack, models, **environ)
+        stream = service.generate(model="m", messages=CHAT, temperature=0.5)
+        assert "text" in await anext(stream)
+        pool = service.served["m"].pool
+        assert pool.in_use == 1
+        started = time.monotonic()
+        await stream.aclose()
+        assert pool.in_use == 0 and time.monotonic() - started < 0.1
+        await eventually(lambda: server.disconnects == 1, timeout=2)
+        assert (await service.model_status("m"))["healthy"]  # a cancel is no backend failure
+
+
+async def test_backend_errors_are_mesh_errors_never_raw_exceptions(services, ollama):
+    ollama.drop_after = 0
+    with pytest.raises(MeshError):
+        await collect(services, model="llama3", messages=CHAT)
+    ollama.heal()
+    await probe_all(services, timeout=1.0)
+    assert services.served["llama3"].health.healthy
