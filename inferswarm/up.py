@@ -104,8 +104,9 @@ async def start_postgres(stack: AsyncExitStack, data_dir: Path) -> dict[str, str
 async def run_stack(args: argparse.Namespace, stop: asyncio.Event) -> int:
     data_dir = args.data_dir.resolve()
     secret_path = data_dir / "mesh.secret"
-    MeshCredential.load_or_create(secret_path)  # the first start creates it (0600)
+    credential = MeshCredential.load_or_create(secret_path)  # the first start creates it (0600)
     credential_hex = secret_path.read_text().strip()
+    args.mesh_id = credential.mesh_id.hex()
     async with AsyncExitStack() as stack:
         databases = await start_postgres(stack, data_dir)
         supervisor = Supervisor(data_dir / "logs")
@@ -130,6 +131,7 @@ def announce(args: argparse.Namespace, bootstrap: str, supervisor: Supervisor, d
         "dashboard": f"http://127.0.0.1:{args.web_port}/",
         "metrics": f"http://127.0.0.1:{args.metrics_port}/metrics",
         "bootstrap": bootstrap,
+        "mesh_id": args.mesh_id,
         "data_dir": str(data_dir),
         "children": [{"name": c.spec.name, "pid": c.pid} for c in supervisor.children],
     }
@@ -139,6 +141,7 @@ def announce(args: argparse.Namespace, bootstrap: str, supervisor: Supervisor, d
     names = ", ".join(c.spec.name for c in supervisor.children)
     print(f"inferswarm is up ({names})", flush=True)
     print(f"  bootstrap  {bootstrap}   (INFERSWARM_BOOTSTRAP for nodes on other machines)")
+    print(f"  mesh id    {args.mesh_id}   (INFERSWARM_MESH_ID for CLIs on other machines)")
     print(f"  dashboard  {summary['dashboard']}")
     print(f"  metrics    {summary['metrics']}")
     print(f"  logs       {data_dir / 'logs'}")

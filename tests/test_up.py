@@ -28,6 +28,7 @@ def stack(tmp_path):
 def test_up_starts_stops_cleanly_and_refuses_a_second_instance(stack):
     proc, ready, data_dir, port = stack
     assert ready["bootstrap"] == f"127.0.0.1:{port}"
+    assert len(bytes.fromhex(ready["mesh_id"])) == 32
     pids = [child["pid"] for child in ready["children"]]
     assert {child["name"] for child in ready["children"]} >= {"bootstrap"}
     assert all(alive(pid) for pid in pids)
