@@ -17,6 +17,7 @@ internal ones (mesh members only: gateways and the web service):
     auth.verify_token  internal  token -> user
     auth.record_usage  internal  batch -> counts (idempotent by request id)
     auth.invalidations internal  since[, limit] -> entries after the cursor
+    auth.active_users  internal  -> distinct users over 1 h and 24 h (for metrics)
 
 `validate_key` answers from an in-memory cache kept in step with the
 invalidation log by an `InvalidationFeed` (see README.md, "Revocation").
@@ -302,6 +303,11 @@ class AuthService:
     async def record_usage(self, batch: list) -> dict[str, int]:  # type: ignore[type-arg]
         """Internal: store usage records; a request id already stored is not counted again."""
         return await self._usage.record(parse_batch(batch))
+
+    @method(idempotent=True)
+    async def active_users(self) -> dict[str, int]:
+        """Internal: distinct users with a request in the last hour and 24 hours."""
+        return await self._usage.active_users()
 
     @method(public=True, idempotent=True)
     async def usage(self, token: str, start: str | None = None, end: str | None = None) -> dict[str, Any]:

@@ -82,6 +82,13 @@ WHERE d.user_id = $1 AND d.day BETWEEN $2 AND $3
 ORDER BY d.day, d.key_id NULLS FIRST
 """
 
+# Distinct users over both windows in one pass over the last 24 hours.
+_ACTIVE_USERS = """
+SELECT count(DISTINCT user_id) FILTER (WHERE created_at >= now() - interval '1 hour') AS last_hour,
+       count(DISTINCT user_id) AS last_day
+FROM usage WHERE created_at >= now() - interval '24 hours'
+"""
+
 
 @unavailable_when_down
 class UsageStore:
@@ -110,3 +117,8 @@ class UsageStore:
     async def daily(self, user_id: int, start: date, end: date) -> list[asyncpg.Record]:
         """Per day and per key, from `start` to `end` inclusive (UTC days)."""
         return await self.pool.fetch(_DAILY, user_id, start, end)
+
+    async def active_users(self) -> dict[str, int]:
+        """Distinct users with a usage record in the last hour and the last 24 hours."""
+        row = await self.pool.fetchrow(_ACTIVE_USERS)
+        return {"1h": row["last_hour"], "24h": row["last_day"]}
