@@ -1,0 +1,227 @@
+"""Every metric family of the platform, in one place, so reporters and the
+metrics service agree on names, kinds, label sets and histogram buckets.
+
+Cardinality is bounded by construction:
+
+* label sets are fixed per family and never hold a user id, key id or prompt
+  (those live in PostgreSQL);
+* a label with a closed set of values (`tier`, `status`, `code`, `service`...)
+  folds any other value into `"other"`;
+* an open label (`model`, `method`) accepts only short names of a safe shape,
+  anything else is `"other"`; the number of series per family is capped on
+  both sides of the wire (`SERIES_CAP`), further series fold into the family's
+  all-`"other"` series.
+
+Families marked `pushed=False` are produced by the metrics service itself
+(health probes, DHT records, the active-user count); a reporter may not push them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from shared.errors import ERROR_CLASSES
+
+__all__ = [
+    "OTHER",
+    "SERIES_CAP",
+    "Kind",
+    "Label",
+    "Family",
+    "FAMILIES",
+    "family",
+    "instance_id",
+    "REQUESTS",
+    "REQUEST_DURATION",
+    "RATE_LIMIT_VIOLATIONS",
+    "TOKENS",
+    "TIME_TO_FIRST_TOKEN",
+    "CACHE_HITS",
+    "CACHE_MISSES",
+    "RPC_ERRORS",
+    "DHT_PEERS",
+    "ACTIVE_USERS",
+    "SERVICE_UP",
+    "SERVICE_ANNOUNCED",
+    "SERVICE_PING",
+    "SYSTEM_STATUS",
+    "WORKERS",
+    "WORKER_SLOTS",
+    "WORKER_SLOTS_FREE",
+    "WORKER_QUEUE_DEPTH",
+    "METRICS_BATCHES",
+    "METRICS_SERIES",
+    "METRICS_OVERFLOW",
+    "METRICS_SOURCES",
+]
+
+#: The value every unknown or unsafe label value is folded into.
+OTHER = "other"
+#: Series per family, reporter side and service side (the service's is configurable).
+SERIES_CAP = 500
+
+#: The services of the platform, as `service` label values.
+SERVICES = ("auth", "gateway", "inference", "metrics", "web", "cli", "dht")
+#: `status` of a request: "ok", or the stable error code it ended with.
+STATUSES = ("ok", *ERROR_CLASSES)
+
+
+class Kind(StrEnum):
+    COUNTER = "counter"
+    GAUGE = "gauge"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """One label of a family: a closed set of values, or an open name of a safe shape."""
+
+    name: str
+    values: frozenset[str] | None = None  #: closed set; None = open, checked by `shape`
+    shape: re.Pattern[str] | None = None
+
+    def fold(self, value: Any) -> str:
+        """The value itself when allowed, else `OTHER`."""
+        if type(value) is not str:
+            return OTHER
+        if self.values is not None:
+            return value if value in self.values else OTHER
+        return value if self.shape is not None and self.shape.fullmatch(value) else OTHER
+
+
+def closed(name: str, values: Iterable[str]) -> Label:
+    return Label(name, values=frozenset((*values, OTHER)))
+
+
+# Model names as backends spell them: "smollm2-135m-instruct", "qwen2.5:0.5b", "org/model".
+_MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/@+\-]{0,79}")
+_METHOD = re.compile(r"[a-z][a-z0-9_]{0,31}\.[a-z][a-z0-9_]{0,47}")
+_INSTANCE = re.compile(r"[0-9a-f]{12}")
+
+SERVICE = closed("service", SERVICES)
+METHOD = Label("method", shape=_METHOD)
+STATUS = closed("status", STATUSES)
+CODE = closed("code", ERROR_CLASSES)
+MODEL = Label("model", shape=_MODEL)
+TIER = closed("tier", ("free", "pro", "enterprise", "unlimited"))
+DIRECTION = closed("direction", ("in", "out"))
+WINDOW = closed("time_window", ("1h", "24h"))
+INSTANCE = Label("instance", shape=_INSTANCE)
+FAMILY = Label("family", shape=re.compile(r"ai_platform_[a-z_]{1,64}"))
+RESULT = closed("result", ("ok", "duplicate", "invalid"))
+HEALTH = closed("status", ("ok", "degraded", "down"))
+
+#: Seconds; from a cache hit (milliseconds) to a long generation (minutes).
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """A metric family: name, kind, help, its fixed labels and (histograms) buckets."""
+
+    name: str
+    kind: Kind
+    help: str
+    labels: tuple[Label, ...]
+    buckets: tuple[float, ...] = ()
+    pushed: bool = True  #: False: produced by the metrics service, never pushed
+    label_names: tuple[str, ...] = field(init=False)
+    overflow: tuple[str, ...] = field(init=False)  #: the series that absorbs folded ones
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "label_names", tuple(label.name for label in self.labels))
+        object.__setattr__(self, "overflow", (OTHER,) * len(self.labels))
+        if (self.kind is Kind.HISTOGRAM) != bool(self.buckets):
+            raise ValueError(f"{self.name}: buckets are for histograms, and histograms need them")
+        if list(self.buckets) != sorted(set(self.buckets)):
+            raise ValueError(f"{self.name}: buckets must increase")
+
+    def fold(self, values: Sequence[Any]) -> tuple[str, ...]:
+        """Label values in declared order, each folded to what its label allows."""
+        return tuple(label.fold(value) for label, value in zip(self.labels, values, strict=True))
+
+
+def _family(name: str, kind: Kind, help: str, *labels: Label, buckets: tuple[float, ...] = (),
+            pushed: bool = True) -> Family:
+    return Family(name, kind, help, labels, buckets, pushed)
+
+
+C, G, H = Kind.COUNTER, Kind.GAUGE, Kind.HISTOGRAM
+
+# -- pushed by every service through `MetricsReporter` -------------------------------
+REQUESTS = _family("ai_platform_requests_total", C, "Requests handled, by service, method and outcome.",
+                   SERVICE, METHOD, STATUS)
+REQUEST_DURATION = _family("ai_platform_request_duration_seconds", H, "Request latency in seconds.",
+                           SERVICE, MODEL, buckets=DURATION_BUCKETS)
+RATE_LIMIT_VIOLATIONS = _family("ai_platform_rate_limit_violations_total", C,
+                                "Requests refused by a rate limit or budget, by tier.", TIER)
+TOKENS = _family("ai_platform_tokens_total", C, "Tokens processed: in (prompt) and out (completion).",
+                 MODEL, DIRECTION)
+TIME_TO_FIRST_TOKEN = _family("ai_platform_time_to_first_token_seconds", H,
+                              "Seconds from request to the first generated token.", MODEL,
+                              buckets=TTFT_BUCKETS)
+CACHE_HITS = _family("ai_platform_cache_hits_total", C, "Responses served from the cache.", MODEL)
+CACHE_MISSES = _family("ai_platform_cache_misses_total", C, "Cache lookups that missed.", MODEL)
+RPC_ERRORS = _family("ai_platform_rpc_errors_total", C, "RPC errors, by service and stable error code.",
+                     SERVICE, CODE)
+DHT_PEERS = _family("ai_platform_dht_peers", G, "Contacts in the DHT routing table of each node.",
+                    SERVICE, INSTANCE)
+
+# -- produced by the metrics service ---------------------------------------------------
+ACTIVE_USERS = _family("ai_platform_active_users", G, "Distinct users with a request in the window.",
+                       WINDOW, pushed=False)
+SERVICE_UP = _family("ai_platform_service_up", G, "1 when the instance answers rpc.ping, else 0.",
+                     SERVICE, INSTANCE, pushed=False)
+SERVICE_ANNOUNCED = _family("ai_platform_service_announced", G,
+                            "1 while the instance has a live DHT record, else 0.", SERVICE, INSTANCE,
+                            pushed=False)
+SERVICE_PING = _family("ai_platform_service_ping_seconds", G, "Latency of the last rpc.ping.",
+                       SERVICE, INSTANCE, pushed=False)
+SYSTEM_STATUS = _family("ai_platform_system_status", G,
+                        "1 for the current rollup of the whole system, 0 for the others.", HEALTH,
+                        pushed=False)
+WORKERS = _family("ai_platform_workers", G, "Reachable inference workers announcing the model.", MODEL,
+                  pushed=False)
+WORKER_SLOTS = _family("ai_platform_worker_slots", G, "Generation slots of reachable workers.", MODEL,
+                       pushed=False)
+WORKER_SLOTS_FREE = _family("ai_platform_worker_slots_free", G, "Free generation slots of reachable workers.",
+                            MODEL, pushed=False)
+WORKER_QUEUE_DEPTH = _family("ai_platform_worker_queue_depth", G, "Requests queued for a slot.", MODEL,
+                             pushed=False)
+METRICS_BATCHES = _family("ai_platform_metrics_batches_total", C, "Batches received by the metrics service.",
+                          RESULT, pushed=False)
+METRICS_SERIES = _family("ai_platform_metrics_series", G, "Series held per family.", FAMILY, pushed=False)
+METRICS_OVERFLOW = _family("ai_platform_metrics_series_overflow_total", C,
+                           "Samples folded into the all-'other' series (or dropped, for gauges) "
+                           "because a family reached its series cap.", FAMILY, pushed=False)
+METRICS_SOURCES = _family("ai_platform_metrics_sources", G, "Reporting processes heard from recently.",
+                          pushed=False)
+
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (
+        REQUESTS, REQUEST_DURATION, RATE_LIMIT_VIOLATIONS, TOKENS, TIME_TO_FIRST_TOKEN, CACHE_HITS,
+        CACHE_MISSES, RPC_ERRORS, DHT_PEERS, ACTIVE_USERS, SERVICE_UP, SERVICE_ANNOUNCED, SERVICE_PING,
+        SYSTEM_STATUS, WORKERS, WORKER_SLOTS, WORKER_SLOTS_FREE, WORKER_QUEUE_DEPTH, METRICS_BATCHES,
+        METRICS_SERIES, METRICS_OVERFLOW, METRICS_SOURCES,
+    )
+}
+
+
+def family(name: str | Family) -> Family:
+    """The declared family of that name; `KeyError` names the unknown one."""
+    if isinstance(name, Family):
+        return name
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise KeyError(f"unknown metric family {name!r}: declare it in shared/metrics/families.py") from None
+
+
+def instance_id(node_key: bytes) -> str:
+    """The `instance` label of a node: the first 12 hex digits of its public key."""
+    return node_key.hex()[:12]

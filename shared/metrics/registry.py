@@ -1,0 +1,187 @@
+"""The metrics of one process: counters, histograms and gauges of declared families.
+
+    metrics = Metrics()
+    requests = metrics.counter(REQUESTS)        # or "ai_platform_requests_total"
+    requests.inc(service="gateway", method="gateway.infer", status="ok")
+    metrics.histogram(REQUEST_DURATION).observe(0.42, service="gateway", model="smollm2")
+    metrics.gauge(DHT_PEERS).set(7, service="gateway", instance="3fa0c2d19b7e")
+
+Recording is a dict update under an uncontended lock (safe from worker
+threads too); nothing here does I/O. A `MetricsReporter` drains the deltas
+every second and pushes them. Recording never raises on the request path:
+a wrong or missing label becomes `"other"` (logged once per family), a
+negative or non-finite amount is ignored. Only asking for an undeclared
+family, or declaring other labels than the family's, raises -- at wiring time.
+
+Each handle folds label values by its family's rules and caps its series at
+`series_cap`; a new series past the cap goes into the family's all-`"other"`
+series, and the samples so folded are counted and reported.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from bisect import bisect_left
+from collections.abc import Sequence
+from typing import Any
+
+from shared.logging import get_logger
+from shared.metrics.batch import Batch
+from shared.metrics.families import SERIES_CAP, Family, Kind, family
+
+__all__ = ["Metrics", "Counter", "Histogram", "Gauge"]
+
+log = get_logger(__name__)
+
+_NO_KEY = object()
+
+
+class _Handle:
+    """What the three kinds share: from label keywords to a folded, capped series key."""
+
+    __slots__ = ("family", "_name", "_names", "_keys", "_series", "_cap", "_owner", "_warned")
+
+    def __init__(self, fam: Family, owner: Metrics, cap: int) -> None:
+        self.family = fam
+        self._name = fam.name
+        self._names = fam.label_names
+        self._keys: dict[tuple[Any, ...], tuple[str, ...]] = {}  # raw values -> series key
+        self._series: set[tuple[str, ...]] = set()
+        self._cap = max(cap, 1)
+        self._owner = owner
+        self._warned = False
+
+    def _key(self, labels: dict[str, Any]) -> tuple[str, str, tuple[str, ...]] | Any:
+        try:
+            raw = tuple([labels[n] for n in self._names])
+            series = self._keys.get(raw)
+        except (KeyError, TypeError):  # a missing label, or an unhashable value
+            raw, series = _NO_KEY, None
+        if series is None or len(labels) != len(self._names):
+            series = self._admit(raw, labels)
+        return self._name, series
+
+    def _admit(self, raw: Any, labels: dict[str, Any]) -> tuple[str, ...]:
+        if not self._warned and set(labels) != set(self._names):
+            self._warned = True
+            log.warning("metric labels do not match the family", family=self._name,
+                        expected=list(self._names), got=sorted(labels))
+        series = self.family.fold([labels.get(n) for n in self._names])
+        if series not in self._series:
+            if len(self._series) >= self._cap - 1 and series != self.family.overflow:
+                self._owner._folded(self._name)
+                self._series.add(self.family.overflow)
+                return self.family.overflow  # not cached: every folded sample is counted
+            self._series.add(series)
+        if raw is not _NO_KEY and len(self._keys) < 4 * self._cap:
+            self._keys[raw] = series
+        return series
+
+
+class Counter(_Handle):
+    """A monotonically increasing count; only deltas leave the process."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1.0, /, **labels: Any) -> None:
+        if not (amount > 0 and math.isfinite(amount)):
+            return
+        key = self._key(labels)
+        owner = self._owner
+        with owner._lock:
+            counters = owner._pending.counters
+            counters[key] = counters.get(key, 0.0) + amount
+
+
+class Histogram(_Handle):
+    """Observations counted into the family's fixed buckets, with their sum."""
+
+    __slots__ = ()
+
+    def observe(self, value: float, /, **labels: Any) -> None:
+        if not math.isfinite(value):
+            return
+        key = self._key(labels)
+        buckets = self.family.buckets
+        cell = bisect_left(buckets, value)  # `le`: a value equal to a bound counts in it
+        owner = self._owner
+        with owner._lock:
+            cells = owner._pending.histograms.get(key)
+            if cells is None:
+                cells = owner._pending.histograms[key] = [0.0] * (len(buckets) + 2)
+            cells[cell] += 1
+            cells[-1] += value
+
+
+class Gauge(_Handle):
+    """A value that goes up and down; its current value is sent with every batch."""
+
+    __slots__ = ()
+
+    def set(self, value: float, /, **labels: Any) -> None:
+        if not math.isfinite(value):
+            return
+        key = self._key(labels)
+        with self._owner._lock:
+            self._owner._gauges[key] = float(value)
+
+    def inc(self, amount: float = 1.0, /, **labels: Any) -> None:
+        if not math.isfinite(amount):
+            return
+        key = self._key(labels)
+        gauges = self._owner._gauges
+        with self._owner._lock:
+            gauges[key] = gauges.get(key, 0.0) + amount
+
+    def dec(self, amount: float = 1.0, /, **labels: Any) -> None:
+        self.inc(-amount, **labels)
+
+
+_KINDS: dict[Kind, type[_Handle]] = {Kind.COUNTER: Counter, Kind.HISTOGRAM: Histogram, Kind.GAUGE: Gauge}
+
+
+class Metrics:
+    """The registry of one process: handles by family, deltas since the last `drain`."""
+
+    def __init__(self, *, series_cap: int = SERIES_CAP) -> None:
+        self.series_cap = series_cap
+        self._lock = threading.Lock()
+        self._handles: dict[str, _Handle] = {}
+        self._pending = Batch()
+        self._gauges: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def counter(self, name: str | Family, labels: Sequence[str] | None = None) -> Counter:
+        """The counter of a declared family (`labels`, if given, must be the family's)."""
+        return self._handle(name, labels, Kind.COUNTER)  # type: ignore[return-value]
+
+    def histogram(self, name: str | Family, labels: Sequence[str] | None = None) -> Histogram:
+        return self._handle(name, labels, Kind.HISTOGRAM)  # type: ignore[return-value]
+
+    def gauge(self, name: str | Family, labels: Sequence[str] | None = None) -> Gauge:
+        return self._handle(name, labels, Kind.GAUGE)  # type: ignore[return-value]
+
+    def drain(self) -> Batch:
+        """Take the deltas recorded since the last drain, with every gauge's current value."""
+        with self._lock:
+            batch, self._pending = self._pending, Batch()
+            batch.gauges = dict(self._gauges)
+        return batch
+
+    def _handle(self, name: str | Family, labels: Sequence[str] | None, kind: Kind) -> _Handle:
+        fam = family(name)
+        if fam.kind is not kind:
+            raise TypeError(f"{fam.name} is a {fam.kind}, not a {kind}")
+        handle = self._handles.get(fam.name)
+        if handle is None:
+            if not fam.pushed:
+                raise ValueError(f"{fam.name} is produced by the metrics service, not pushed")
+            handle = self._handles.setdefault(fam.name, _KINDS[kind](fam, self, self.series_cap))
+        if labels is not None and tuple(labels) != fam.label_names:
+            raise ValueError(f"{fam.name} has labels {fam.label_names}, not {tuple(labels)}")
+        return handle
+
+    def _folded(self, name: str) -> None:
+        with self._lock:
+            folded = self._pending.folded
+            folded[name] = folded.get(name, 0) + 1
