@@ -1,0 +1,32 @@
+"""`python -m services.inference`: one inference worker.
+
+Reads InferenceConfig from the environment (the model catalog: INFERSWARM_MODELS
+or INFERSWARM_MODELS_FILE, by default the local SmolLM2 model as "smollm2"),
+joins the mesh, starts the backends, and serves `inference.*`, announced on
+`inferswarm/inference/<model>` for each model and on `inferswarm/inference/v1`,
+with its load, until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from shared.config import ConfigError, load
+from shared.runner import run
+from services.inference.config import InferenceConfig
+from services.inference.worker import InferenceWorker
+
+
+def main() -> None:
+    try:
+        config = load(InferenceConfig)
+    except ConfigError as exc:
+        print("inference: configuration error:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        raise SystemExit(2) from None
+    worker = InferenceWorker(config)
+    run("inference", worker.build, config.mesh, topics=worker.topics, load=worker.load,
+        topic_load=worker.topic_load)
+
+
+if __name__ == "__main__":
+    main()
