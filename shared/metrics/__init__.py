@@ -1,0 +1,68 @@
+"""Metrics for every service: declared families, an in-process registry, and a
+reporter that pushes deltas to the metrics service over the mesh.
+
+    from shared.metrics import REQUESTS, Metrics, MetricsReporter
+
+    metrics = Metrics()
+    await stack.enter_async_context(MetricsReporter.for_node(node, metrics, service="gateway"))
+    metrics.counter(REQUESTS).inc(service="gateway", method="gateway.infer", status="ok")
+
+`families` names every family (the metrics service and its clients agree
+through it), `registry` records, `batch` is the wire format of
+`metrics.record`, `reporter` pushes. See services/metrics/README.md.
+"""
+
+from shared.metrics.batch import MAX_ENTRIES, Batch, Source, parse_batch
+from shared.metrics.families import (
+    ACTIVE_USERS,
+    CACHE_HITS,
+    CACHE_MISSES,
+    DHT_PEERS,
+    FAMILIES,
+    OTHER,
+    RATE_LIMIT_VIOLATIONS,
+    REQUEST_DURATION,
+    REQUESTS,
+    RPC_ERRORS,
+    SERIES_CAP,
+    TIME_TO_FIRST_TOKEN,
+    TOKENS,
+    Family,
+    Kind,
+    Label,
+    family,
+    instance_id,
+)
+from shared.metrics.registry import Counter, Gauge, Histogram, Metrics
+from shared.metrics.reporter import MetricsReporter, Sender
+
+__all__ = [
+    "ACTIVE_USERS",
+    "Batch",
+    "CACHE_HITS",
+    "CACHE_MISSES",
+    "Counter",
+    "DHT_PEERS",
+    "FAMILIES",
+    "Family",
+    "Gauge",
+    "Histogram",
+    "Kind",
+    "Label",
+    "MAX_ENTRIES",
+    "Metrics",
+    "MetricsReporter",
+    "OTHER",
+    "RATE_LIMIT_VIOLATIONS",
+    "REQUESTS",
+    "REQUEST_DURATION",
+    "RPC_ERRORS",
+    "SERIES_CAP",
+    "Sender",
+    "Source",
+    "TIME_TO_FIRST_TOKEN",
+    "TOKENS",
+    "family",
+    "instance_id",
+    "parse_batch",
+]

@@ -1,0 +1,44 @@
+"""A reporting process for the metrics tests (run as a script, not collected).
+
+    python tests/metrics_reporter_proc.py <count>     # environment: the mesh's (see metrics_support)
+
+Joins the mesh, counts `count` gateway requests, pushes them, prints
+`{"pushed": n, "instance": ...}` once they are acknowledged, then keeps
+reporting until it is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shared.config import MeshConfig, load  # noqa: E402
+from shared.logging import configure_logging  # noqa: E402
+from shared.metrics import REQUESTS, Metrics, MetricsReporter  # noqa: E402
+from shared.runner import join_mesh  # noqa: E402
+
+
+async def main(count: int) -> None:
+    config = load(MeshConfig)
+    async with AsyncExitStack() as stack:
+        node = await join_mesh(stack, "reporter", config)
+        metrics = Metrics()
+        reporter = MetricsReporter.for_node(node, metrics, service="gateway", interval=0.2)
+        await stack.enter_async_context(reporter)
+        metrics.counter(REQUESTS).inc(count, service="gateway", method="gateway.infer", status="ok")
+        for _ in range(150):  # at most ~15 s
+            if await reporter.flush():
+                break
+            await asyncio.sleep(0.1)
+        print(json.dumps({"pushed": reporter.sent, "instance": reporter.source.instance}), flush=True)
+        await asyncio.sleep(120)  # until killed
+
+
+if __name__ == "__main__":
+    configure_logging("warning", "json", service="reporter")
+    asyncio.run(main(int(sys.argv[1])))

@@ -1,0 +1,183 @@
+"""The metrics service on a real mesh (DHT nodes, CurveZMQ RPC, HTTP): pushed
+counters add up across processes and restarts, exactly once; the exposition
+parses and passes promtool; a flood of label values stays within the cap."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.errors import InvalidParams
+from shared.metrics import (
+    CACHE_HITS,
+    CACHE_MISSES,
+    DHT_PEERS,
+    FAMILIES,
+    OTHER,
+    RATE_LIMIT_VIOLATIONS,
+    REQUEST_DURATION,
+    REQUESTS,
+    RPC_ERRORS,
+    TIME_TO_FIRST_TOKEN,
+    TOKENS,
+    Batch,
+    Metrics,
+    MetricsReporter,
+    Source,
+    instance_id,
+)
+from metrics_support import Child, eventually, mesh, samples, scrape, value
+
+INFER = dict(service="gateway", method="gateway.infer", status="ok")
+
+
+def requests_total(text: str) -> float:
+    return value(samples(text), "ai_platform_requests_total", **INFER) or 0.0
+
+
+async def test_counters_from_two_processes_add_up_and_survive_a_restart(tmp_path):
+    async with mesh(tmp_path) as net:
+        app = await net.start_metrics()
+        url = app.http.url
+        seen: list[float] = []
+
+        async def watch() -> None:  # every scrape during the test, to check monotonicity
+            for _ in range(600):
+                seen.append(requests_total(await scrape(url)))
+                await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(watch())
+        script = "tests/metrics_reporter_proc.py"
+        first, second = Child([script, "5"], net.env("a")), Child([script, "7"], net.env("b"))
+        async with first, second:
+            assert first.ready["pushed"] >= 1 and second.ready["pushed"] >= 1
+            await eventually(lambda: requests_total(app.exposition.render().decode()) == 12, timeout=5)
+            await first.kill()  # a crash, right after its batch was acknowledged
+            async with Child([script, "4"], net.env("a")) as again:  # same node, new process
+                assert again.ready["instance"] == first.ready["instance"]
+                await eventually(lambda: requests_total(app.exposition.render().decode()) == 16, timeout=5)
+                parsed = samples(await scrape(url))
+                for child in (second, again):
+                    peers = value(parsed, "ai_platform_dht_peers", service="gateway",
+                                  instance=child.ready["instance"])
+                    assert peers is not None and peers >= 1
+                assert value(parsed, "ai_platform_metrics_sources") >= 2
+        watcher.cancel()
+        seen.append(requests_total(await scrape(url)))  # the reporters are gone: nothing is lost
+        assert seen and seen == sorted(seen), "a counter went backwards"
+        assert max(seen) == 16
+
+
+async def test_a_resent_batch_counts_once_and_an_invalid_one_not_at_all(tmp_path):
+    async with mesh(tmp_path) as net:
+        app = await net.start_metrics()
+        client = net.seed.mesh("metrics")
+        batch = Batch(counters={(REQUESTS.name, ("gateway", "gateway.infer", "ok")): 3.0})
+        source = Source("gateway", "0123456789ab", "run-1")
+        record = lambda seq: client.call("metrics.record", {"batch": batch.to_wire(source, seq)})  # noqa: E731
+        assert await record(1) == {"result": "ok", "seq": 1}
+        assert await record(1) == {"result": "duplicate", "seq": 1}  # an answer lost, the batch resent
+        assert await record(2) == {"result": "ok", "seq": 2}
+        bad = batch.to_wire(source, 3)
+        bad["counters"][0][2] = -5
+        with pytest.raises(InvalidParams):
+            await client.call("metrics.record", {"batch": bad})
+        parsed = samples(app.exposition.render().decode())
+        assert value(parsed, "ai_platform_requests_total", **INFER) == 6
+        assert value(parsed, "ai_platform_metrics_batches_total", result="duplicate") == 1
+        assert value(parsed, "ai_platform_metrics_batches_total", result="invalid") == 1
+
+
+async def test_reporter_never_blocks_and_delivers_exactly_once_after_an_outage(tmp_path):
+    async with mesh(tmp_path) as net:
+        node = await net.node("gateway")
+        metrics = Metrics()
+        reporter = MetricsReporter(metrics, node.mesh("metrics"), service="gateway",
+                                   instance=instance_id(node.identity.public_key), interval=0.1, timeout=0.5)
+        async with reporter:
+            requests = metrics.counter(REQUESTS)
+            started = time.perf_counter()
+            for _ in range(1000):
+                requests.inc(**INFER)
+            assert time.perf_counter() - started < 0.5
+            assert not await reporter.flush()  # nobody to push to yet: kept
+            await asyncio.sleep(0.5)
+            for _ in range(500):
+                requests.inc(**INFER)
+            assert reporter.pending <= 2  # merged, not piled up
+            app = await net.start_metrics()
+            await eventually(lambda: reporter.pending == 0, timeout=8)
+            assert requests_total(app.exposition.render().decode()) == 1500
+            assert reporter.dropped == 0
+
+
+async def test_exposition_parses_and_passes_promtool(tmp_path):
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: install Debian's `prometheus` package"
+    async with mesh(tmp_path) as net:
+        app = await net.start_metrics()
+        node = await net.node("inference")
+        metrics = Metrics()
+        await eventually(lambda: app.health.report()["services"]["metrics"]["ok"] == 1, timeout=5)
+        async with MetricsReporter.for_node(node, metrics, service="inference", interval=0.1) as reporter:
+            metrics.counter(REQUESTS).inc(**INFER)
+            metrics.counter(REQUESTS).inc(service="gateway", method="gateway.infer", status="RATE_LIMITED")
+            metrics.histogram(REQUEST_DURATION).observe(0.42, service="inference", model="smollm2-135m")
+            metrics.histogram(TIME_TO_FIRST_TOKEN).observe(0.05, model="smollm2-135m")
+            metrics.counter(RATE_LIMIT_VIOLATIONS).inc(tier="free")
+            metrics.counter(TOKENS).inc(12, model="smollm2-135m", direction="in")
+            metrics.counter(TOKENS).inc(30, model="smollm2-135m", direction="out")
+            metrics.counter(CACHE_HITS).inc(model="smollm2-135m")
+            metrics.counter(CACHE_MISSES).inc(model="smollm2-135m")
+            metrics.counter(RPC_ERRORS).inc(service="inference", code="TIMEOUT")
+            assert await reporter.flush()
+        text = await scrape(app.http.url)
+        kinds = {fam.name: fam.type for fam in text_string_to_metric_families(text)}
+        for fam in FAMILIES.values():  # prometheus-client names counters without `_total`
+            assert kinds[fam.name.removesuffix("_total")] == str(fam.kind), fam.name
+        parsed = samples(text)
+        duration = dict(service="inference", model="smollm2-135m")
+        assert value(parsed, "ai_platform_request_duration_seconds_count", **duration) == 1
+        assert value(parsed, "ai_platform_request_duration_seconds_bucket", le="0.5", **duration) == 1
+        assert value(parsed, "ai_platform_request_duration_seconds_bucket", le="0.25", **duration) == 0
+        assert value(parsed, "ai_platform_tokens_total", model="smollm2-135m", direction="out") == 30
+        (itself,) = app.health.instances.values()
+        assert value(parsed, "ai_platform_service_up", service="metrics", instance=itself.instance) == 1
+        assert value(parsed, "ai_platform_system_status", status="ok") == 1
+        checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True,
+                                 timeout=30)
+        assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
+        assert not checked.stdout.strip() and not checked.stderr.strip()  # not even a lint warning
+
+
+async def test_a_flood_of_distinct_label_values_stays_within_the_series_cap(tmp_path):
+    cap = 30
+    async with mesh(tmp_path) as net:
+        app = await net.start_metrics(series_cap=cap)
+        node = await net.node("inference")
+        metrics = Metrics(series_cap=10_000)  # a reporter that does not fold: the service must
+        async with MetricsReporter.for_node(node, metrics, service="inference", interval=0.1) as reporter:
+            tokens = metrics.counter(TOKENS)
+            for i in range(3000):
+                tokens.inc(model=f"model-{i}", direction="out")
+            assert await reporter.flush()
+        client = net.seed.mesh("metrics")  # and a raw batch of never-seen method names
+        flood = Batch(counters={(REQUESTS.name, ("web", f"web.m{i}", "ok")): 1.0 for i in range(500)})
+        await client.call("metrics.record", {"batch": flood.to_wire(Source("web", "0123456789ab", "x"), 1)})
+        parsed = samples(await scrape(app.http.url))
+        token_series = {k: v for k, v in parsed.items() if k[0] == "ai_platform_tokens_total"}
+        request_series = {k: v for k, v in parsed.items() if k[0] == "ai_platform_requests_total"}
+        assert len(token_series) == cap and len(request_series) == cap
+        assert sum(token_series.values()) == 3000 and sum(request_series.values()) == 500  # folded, not lost
+        assert value(parsed, "ai_platform_tokens_total", model=OTHER, direction=OTHER) == 3000 - (cap - 1)
+        overflow = value(parsed, "ai_platform_metrics_series_overflow_total", family="ai_platform_tokens_total")
+        assert overflow == 3000 - (cap - 1)
+        assert value(parsed, "ai_platform_metrics_series", family="ai_platform_tokens_total") == cap
+        assert value(parsed, "ai_platform_dht_peers", service="inference",
+                     instance=instance_id(node.identity.public_key)) >= 1
+        assert DHT_PEERS.name in {k[0] for k in parsed}
