@@ -1,0 +1,217 @@
+"""All of the gateway's SQL: quota counters, leases, gateway heartbeats.
+
+The arithmetic that must be atomic lives in PL/pgSQL functions of the
+migration (`quota_grant`, `quota_release`, `quota_orphan`): each locks the
+counter row before any lease row, so concurrent gateways and janitors never
+deadlock, and each is one round trip for a whole batch of keys. A database
+that cannot be reached is `UNAVAILABLE` (retryable), never `INTERNAL`.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+
+from shared.errors import Unavailable
+
+__all__ = ["MIGRATIONS", "Claim", "Grant", "GrantItem", "PriorLease", "QuotaStore", "Released"]
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+)
+C = TypeVar("C", bound=type)
+
+
+def _unavailable_when_down(cls: C) -> C:
+    """Every public coroutine method turns a lost database into `UNAVAILABLE`."""
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await func(*args, **kwargs)
+            except _CONNECTION_ERRORS as exc:
+                raise Unavailable("the quota database is unreachable", {"retry_safe": True}) from exc
+
+        return guarded
+
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(member):
+            setattr(cls, name, wrap(member))
+    return cls
+
+
+@dataclass(frozen=True, slots=True)
+class GrantItem:
+    """Ask for units of one (user, counter, window) key."""
+
+    user_id: int
+    counter: str
+    window_start: datetime
+    limit: int
+    need: int  #: at least this many, or nothing
+    most: int  #: at most this many
+    lease_id: int | None  #: top up this lease of ours, or None for a new one
+    claim: int  #: the lease's `claimed` after the grant (capped by its units)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What one `GrantItem` got; `added == 0` is a refusal."""
+
+    lease_id: int | None
+    added: int
+    units: int
+    claimed: int
+    granted: int  #: the counter's `granted` after this grant, fleet-wide
+    limit: int
+    others_units: int  #: on refusal: units other gateways hold in unexpired leases
+    others_expiry: datetime | None  #: ... and when the last of those leases expires
+
+
+@dataclass(frozen=True, slots=True)
+class Released:
+    lease_id: int
+    returned: int
+    granted: int
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    lease_id: int
+    claimed: int
+    orphaned: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PriorLease:
+    """A lease of this gateway from an earlier run (found at start)."""
+
+    lease_id: int
+    user_id: int
+    counter: str
+    window_start: datetime
+    units: int
+    claimed: int
+
+
+@_unavailable_when_down
+class QuotaStore:
+    """The quota tables of the gateway database."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def grant(
+        self, gateway: str, incarnation: str, ttl: float, live: int, items: Sequence[GrantItem]
+    ) -> list[Grant]:
+        """Grant units for every item, in one transaction; results in item order."""
+        rows = await self._pool.fetch(
+            "SELECT * FROM quota_grant($1, $2, $3, $4, $5::bigint[], $6::text[], $7::timestamptz[],"
+            " $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])",
+            gateway, incarnation, int(ttl * 1000), live,
+            [i.user_id for i in items], [i.counter for i in items], [i.window_start for i in items],
+            [i.limit for i in items], [i.need for i in items], [i.most for i in items],
+            [i.lease_id for i in items], [i.claim for i in items],
+        )
+        rows = sorted(rows, key=lambda r: r["idx"])
+        return [
+            Grant(r["lease_id"], r["added"], r["units"], r["claimed"], r["granted"], r["limit_value"],
+                  r["others_units"], r["others_expiry"])
+            for r in rows
+        ]
+
+    async def release(self, ids: Sequence[int], used: Sequence[int], close: Sequence[bool]) -> list[Released]:
+        """Cut each lease to `used` units (and delete it when `close`), returning the rest."""
+        rows = await self._pool.fetch(
+            "SELECT * FROM quota_release($1::bigint[], $2::bigint[], $3::boolean[])",
+            list(ids), list(used), list(close),
+        )
+        return [Released(r["lease_id"], r["returned"], r["granted"]) for r in rows]
+
+    async def claim(self, ids: Sequence[int], targets: Sequence[int]) -> list[Claim]:
+        """Raise each lease's `claimed` towards its target (never past its units)."""
+        rows = await self._pool.fetch(
+            """
+            UPDATE quota_leases l SET claimed = GREATEST(l.claimed, LEAST(l.units, x.target))
+            FROM unnest($1::bigint[], $2::bigint[]) AS x(id, target)
+            WHERE l.id = x.id
+            RETURNING l.id, l.claimed, l.orphaned_at IS NOT NULL AS orphaned
+            """,
+            list(ids), list(targets),
+        )
+        return [Claim(r["id"], r["claimed"], r["orphaned"]) for r in rows]
+
+    async def heartbeat(self, gateway: str, incarnation: str, dead_after: float) -> int:
+        """Record that this gateway lives; the number of live gateways (itself included)."""
+        return await self._pool.fetchval(
+            """
+            WITH beat AS (
+                INSERT INTO gateways (id, incarnation) VALUES ($1, $2)
+                ON CONFLICT (id) DO UPDATE SET incarnation = EXCLUDED.incarnation, last_seen = now()
+                RETURNING id
+            )
+            SELECT 1 + count(*) FROM gateways
+            WHERE id <> $1 AND last_seen > now() - $3 * interval '1 millisecond'
+            """,
+            gateway, incarnation, int(dead_after * 1000),
+        )
+
+    async def leave(self, gateway: str, incarnation: str) -> None:
+        """A clean stop: this gateway no longer counts as live."""
+        await self._pool.execute("DELETE FROM gateways WHERE id = $1 AND incarnation = $2", gateway, incarnation)
+
+    async def prior_leases(self, gateway: str, incarnation: str) -> list[PriorLease]:
+        """This gateway's leases from earlier runs (orphaned or not)."""
+        rows = await self._pool.fetch(
+            "SELECT id, user_id, counter, window_start, units, claimed FROM quota_leases"
+            " WHERE gateway = $1 AND incarnation <> $2 ORDER BY user_id, counter, window_start, id",
+            gateway, incarnation,
+        )
+        return [PriorLease(r["id"], r["user_id"], r["counter"], r["window_start"], r["units"], r["claimed"])
+                for r in rows]
+
+    async def orphan(self, dead_after: float, grace: float, limit: int = 1000) -> list[tuple[int, str, int]]:
+        """The janitor: give back the never-claimed units of dead gateways' expired leases."""
+        rows = await self._pool.fetch(
+            "SELECT * FROM quota_orphan($1, $2, $3)", int(dead_after * 1000), int(grace * 1000), limit
+        )
+        return [(r["lease_id"], r["gateway"], r["returned"]) for r in rows]
+
+    async def counters(self, user_id: int, keys: Sequence[tuple[str, datetime]]) -> dict[str, int]:
+        """`granted` of each (counter, window) of a user, 0 for keys never used."""
+        rows = await self._pool.fetch(
+            """
+            SELECT x.counter, coalesce(q.granted, 0) AS granted
+            FROM unnest($2::text[], $3::timestamptz[]) AS x(counter, window_start)
+            LEFT JOIN quota_counters q
+              ON q.user_id = $1 AND q.counter = x.counter AND q.window_start = x.window_start
+            """,
+            user_id, [k[0] for k in keys], [k[1] for k in keys],
+        )
+        return {r["counter"]: r["granted"] for r in rows}
+
+    async def prune(self, before: datetime, orphan_retention: float) -> tuple[int, int]:
+        """Forget windows that started before `before` and orphans nobody came back for."""
+        async with self._pool.acquire() as conn:
+            leases = await conn.execute(
+                "DELETE FROM quota_leases WHERE orphaned_at < now() - $1 * interval '1 millisecond'",
+                int(orphan_retention * 1000),
+            )
+            counters = await conn.execute("DELETE FROM quota_counters WHERE window_start < $1", before)
+        return int(leases.split()[-1]), int(counters.split()[-1])

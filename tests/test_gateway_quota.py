@@ -1,0 +1,186 @@
+"""The gateway's limits on a real PostgreSQL: several `Quota` keepers (as several
+gateways) sharing one database admit exactly the limit under concurrency, hold
+and settle token reservations, wait for each other's leases, and a crashed
+keeper's leases come back through the janitor and, exactly, through its journal."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import secrets
+import time
+from contextlib import AsyncExitStack
+
+import pytest
+
+from shared.db import apply_migrations, create_pool
+from shared.errors import RateLimited
+from services.gateway.fleet import Fleet
+from services.gateway.leases import window_of
+from services.gateway.quota import Quota
+from services.gateway.store import MIGRATIONS, QuotaStore
+
+RPH = {"requests_per_hour": 20, "requests_per_month": None, "tokens_per_month": None}
+
+
+@pytest.fixture
+async def store(pg_dsn):
+    pool = await create_pool(pg_dsn, max_size=8)
+    await apply_migrations(pool, MIGRATIONS)
+    yield QuotaStore(pool)
+    await pool.close()
+
+
+async def keeper(stack: AsyncExitStack, store: QuotaStore, name: str, **options) -> Quota:
+    quota = Quota(store, gateway=name, incarnation=secrets.token_hex(4), **options)
+    await stack.enter_async_context(quota)
+    quota.fleet = Fleet(store, quota, heartbeat_interval=0.2, dead_after=1.0, janitor_interval=0.2, grace=0.2)
+    await stack.enter_async_context(quota.fleet)
+    return quota
+
+
+def crash(quota: Quota) -> None:
+    """Stop a keeper the way kill -9 would: no settling, no giving back, no heartbeat."""
+    fleet = getattr(quota, "fleet", None)
+    for task in quota._tasks + (fleet._tasks if fleet is not None else []):
+        task.cancel()
+
+
+async def granted(store: QuotaStore, user_id: int, counter: str) -> int:
+    window = window_of(counter)
+    return (await store.counters(user_id, [(counter, window.start)]))[counter]
+
+
+async def hammer(quotas: list[Quota], user_id: int, limits: dict, callers: int, tokens: int = 1,
+                 work: float = 0.01) -> tuple[int, int]:
+    """`callers` requests at once, spread over the keepers: (admitted, refused)."""
+    admitted = refused = 0
+
+    async def one(i: int) -> None:
+        nonlocal admitted, refused
+        quota = quotas[i % len(quotas)]
+        try:
+            admission = await quota.admit(user_id, limits, tokens, deadline=time.monotonic() + 5)
+        except RateLimited as exc:
+            refused += 1
+            assert exc.data["retry_after"] >= 1 and "rate_limit" in exc.data
+            return
+        admitted += 1
+        await asyncio.sleep(random.uniform(0, work))
+        quota.settle(admission, tokens)
+
+    await asyncio.gather(*(one(i) for i in range(callers)))
+    return admitted, refused
+
+
+async def test_two_gateways_admit_exactly_the_limit_under_64_concurrent_callers(store):
+    async with AsyncExitStack() as stack:
+        quotas = [await keeper(stack, store, "gw-a"), await keeper(stack, store, "gw-b")]
+        admitted, refused = await hammer(quotas, 1, RPH, 64)
+        assert (admitted, refused) == (20, 44)
+        assert await granted(store, 1, "requests_per_hour") == 20
+        assert quotas[0].facts(1, RPH)["requests_per_hour"]["remaining"] == 0
+        # Later requests are refused at once: nobody holds anything that could come back.
+        start = time.monotonic()
+        assert await hammer(quotas, 1, RPH, 8) == (0, 8)
+        assert time.monotonic() - start < 0.5
+
+
+async def test_far_from_the_limit_leases_keep_the_database_off_the_path(store):
+    limits = {"requests_per_hour": 100_000, "requests_per_month": None, "tokens_per_month": None}
+    async with AsyncExitStack() as stack:
+        quota = await keeper(stack, store, "gw-a", max_lease=500)
+        calls = 0
+        original = store.grant
+
+        async def counting(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return await original(*args, **kwargs)
+
+        store.grant = counting
+        for _ in range(10):
+            assert await hammer([quota], 2, limits, 50, work=0) == (50, 0)
+        assert calls <= 3
+        await quota.close()
+        assert await granted(store, 2, "requests_per_hour") == 500  # every unused unit came back
+
+
+async def test_tokens_are_reserved_settled_and_released(store):
+    limits = {"requests_per_hour": None, "requests_per_month": None, "tokens_per_month": 1000}
+    async with AsyncExitStack() as stack:
+        a, b = await keeper(stack, store, "gw-a"), await keeper(stack, store, "gw-b")
+        first = await a.admit(3, limits, 600, deadline=time.monotonic() + 5)
+        with pytest.raises(RateLimited):  # 600 reserved on a; 600 more do not fit
+            await b.admit(3, limits, 600, deadline=time.monotonic() + 2)
+        a.settle(first, 150)  # used 150: 450 go back to a's lease, and to the fleet when it expires
+        second = await b.admit(3, limits, 600, deadline=time.monotonic() + 5)
+        failed = await a.admit(3, limits, 200, deadline=time.monotonic() + 5)
+        a.release(failed)  # failed before generating: nothing kept
+        b.settle(second, 600)
+        with pytest.raises(RateLimited) as too_big:
+            await a.admit(3, limits, 1001, deadline=time.monotonic() + 1)
+        assert "limit is 1000" in too_big.value.message
+        await asyncio.sleep(a.ttl + 0.3)  # leases expire and are trimmed
+        assert await granted(store, 3, "tokens_per_month") == 750
+        facts = await a.snapshot(3, limits)
+        assert facts["tokens_per_month"]["remaining"] == 250
+        assert facts["requests_per_hour"] == {"limit": None, "remaining": None,
+                                              "reset": window_of("requests_per_hour").reset}
+
+
+async def test_a_refused_request_waits_for_another_gateways_unused_lease(store):
+    limits = {"requests_per_hour": 8, "requests_per_month": None, "tokens_per_month": None}
+    async with AsyncExitStack() as stack:
+        a, b = await keeper(stack, store, "gw-a"), await keeper(stack, store, "gw-b")
+        a.live = b.live = 1  # as if alone: a takes a lease of a quarter of what is left
+        held = await a.admit(4, limits, 1, deadline=time.monotonic() + 5)
+        lease_units = held.parts[0].lease.units
+        assert lease_units > 1
+        a.settle(held, 1)
+        others = [await b.admit(4, limits, 1, deadline=time.monotonic() + 5) for _ in range(8 - lease_units)]
+        start = time.monotonic()
+        # b is refused by the database, but a's unused units come back within a lease's life.
+        late = await b.admit(4, limits, 1, deadline=time.monotonic() + 5)
+        assert time.monotonic() - start < a.ttl + 0.3
+        for admission in [*others, late]:
+            b.settle(admission, 1)
+        assert await granted(store, 4, "requests_per_hour") <= 8
+
+
+async def test_the_janitor_reclaims_a_crashed_gateways_unclaimed_units(store):
+    limits = {"requests_per_hour": 1000, "requests_per_month": None, "tokens_per_month": None}
+    async with AsyncExitStack() as stack:
+        survivor = await keeper(stack, store, "gw-live")
+        crashed = await keeper(AsyncExitStack(), store, "gw-dead", claim_horizon=0.0)
+        taken = [await crashed.admit(5, limits, 1, deadline=time.monotonic() + 5) for _ in range(3)]
+        lease = taken[0].parts[0].lease
+        assert lease.units > lease.claimed >= 3
+        before = await granted(store, 5, "requests_per_hour")
+        crash(crashed)
+        deadline = time.monotonic() + 5
+        while await granted(store, 5, "requests_per_hour") == before:
+            assert time.monotonic() < deadline, "the janitor never came"
+            await asyncio.sleep(0.1)
+        # What the crashed gateway may have used (its claim) stays counted; the rest is back.
+        assert await granted(store, 5, "requests_per_hour") == lease.claimed
+        assert survivor is not None
+
+
+async def test_a_restarted_gateway_gives_back_exactly_what_its_journal_says_was_unused(store):
+    limits = {"requests_per_hour": 1000, "requests_per_month": None, "tokens_per_month": None}
+    async with AsyncExitStack() as stack:
+        old = Quota(store, gateway="gw-r", incarnation="before")
+        await old.__aenter__()  # never left: it crashes
+        taken = [await old.admit(6, limits, 1, deadline=time.monotonic() + 5) for _ in range(5)]
+        old.settle(taken[0], 1)
+        old.release(taken[1])  # failed: not used
+        crash(old)
+        lease = taken[0].parts[0].lease
+        assert await granted(store, 6, "requests_per_hour") == lease.units
+        new = await keeper(stack, store, "gw-r")
+        prior = await store.prior_leases("gw-r", new.incarnation)
+        # From the journal: requests 0, 2, 3, 4 used a unit (2-4 were cut by the crash).
+        returned = await new.recover(prior, {lease.id: 4}, {lease.id})
+        assert returned == lease.units - 4
+        assert await granted(store, 6, "requests_per_hour") == 4
