@@ -1,0 +1,262 @@
+"""The usage journal: an append-only file that outlives the gateway process.
+
+Every request's usage record is appended here before its last chunk is sent,
+so `kill -9` right after a reply loses nothing; a shipper sends the records to
+`auth.record_usage` in batches and remembers how far it got (the `shipped`
+mark); on restart the rest is sent again (auth drops duplicates by request id).
+
+Lines are JSON, one entry each, in segment files `00000001.jsonl`, ...:
+
+    {"t":"L","l":17}                                 lease 17 opened
+    {"t":"A","r":"gw-…","p":[[17,1],[18,300]],"u":{…}} request admitted, holding units of leases
+    {"t":"D","r":"gw-…","p":[[17,1],[18,42]],"rec":{…}}  request done: units kept, its usage record
+
+`A` and `L` entries let a restarted gateway give back exactly what its leases
+did not use (README.md, "Limits"); the usage records carry a hash of the
+prompt, never the prompt. An append is one `write()` to the page cache: it
+survives the process, not a power loss -- `fsync=True` adds `fdatasync` to
+every append for that, at the cost of a disk flush per entry.
+
+A segment is deleted once every record in it was shipped and nothing that
+began in it or before it (an open lease, a running request) is still live.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.logging import get_logger
+
+__all__ = ["Journal", "Position", "Replay"]
+
+log = get_logger(__name__)
+
+Position = tuple[int, int]  #: (segment, byte offset just after an entry)
+_DONE_PREFIX = b'{"t":"D"'
+_READ_CHUNK = 1 << 20
+
+
+@dataclass
+class Replay:
+    """What the journal of an earlier run says (see `Journal.open`)."""
+
+    leases: set[int] = field(default_factory=set)  #: leases whose whole history is here
+    used: dict[int, int] = field(default_factory=dict)  #: lease id -> units its requests kept
+    interrupted: list[dict[str, Any]] = field(default_factory=list)  #: records written for cut requests
+    entries: int = 0
+    torn: int = 0  #: unreadable lines (a write cut by a crash)
+
+
+def _dump(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+
+
+class Journal:
+    """Segments of JSON lines in `directory`, a `shipped` mark, retention by liveness."""
+
+    def __init__(self, directory: Path, *, segment_bytes: int = 16 << 20, fsync: bool = False) -> None:
+        self.directory = Path(directory)
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self._fd = -1
+        self._lock_fd = -1
+        self._segment = 0
+        self._size = 0
+        self._live: dict[Hashable, int] = {}  #: tag -> segment it began in
+        self._mark: Position = (0, 0)
+        self._read: Position = (0, 0)
+        self._pending: deque[tuple[Position, dict[str, Any]]] = deque()
+        self.appended = 0  #: usage records appended by this process
+        self.shipped_count = 0
+
+    # -- opening and replaying -------------------------------------------------
+
+    def open(self, interrupted_record: Any = None) -> Replay:
+        """Lock the directory, replay what is there, start a new segment.
+
+        `interrupted_record(admitted_entry) -> record` makes the usage record
+        of a request that was admitted but never finished (the process died);
+        those records are appended, so they are shipped like any other.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise RuntimeError(f"{self.directory} is in use by another gateway process") from None
+        self._mark = self._read_mark()
+        replay, admitted = self._replay()
+        segments = self._segments()
+        self._segment = (segments[-1] if segments else 0) + 1
+        if self._mark < (segments[0] if segments else self._segment, 0):
+            self._mark = (segments[0] if segments else self._segment, 0)
+        self._read = self._mark
+        self._open_segment()
+        for request_id, entry in admitted.items():
+            record = interrupted_record(entry) if interrupted_record is not None else None
+            held = entry.get("p", [])
+            for lease_id, units in held:
+                replay.used[lease_id] = replay.used.get(lease_id, 0) + units
+            if record is not None:
+                self.append({"t": "D", "r": request_id, "p": held, "rec": record})
+                replay.interrupted.append(record)
+        return replay  # old segments go once shipped, after the caller used `replay`
+
+    def _replay(self) -> tuple[Replay, dict[str, dict[str, Any]]]:
+        replay = Replay()
+        admitted: dict[str, dict[str, Any]] = {}
+        for segment in self._segments():
+            with open(self._path(segment), "rb") as f:
+                for line in f:
+                    try:
+                        entry = json.loads(line)
+                        kind = entry["t"]
+                    except (ValueError, KeyError, TypeError):
+                        replay.torn += 1
+                        continue
+                    replay.entries += 1
+                    if kind == "L":
+                        replay.leases.add(entry["l"])
+                    elif kind == "A":
+                        admitted[entry["r"]] = entry
+                    elif kind == "D":
+                        admitted.pop(entry["r"], None)
+                        for lease_id, units in entry.get("p", []):
+                            replay.used[lease_id] = replay.used.get(lease_id, 0) + units
+        if replay.torn:
+            log.warning("journal lines unreadable (cut by a crash?)", lines=replay.torn)
+        return replay, admitted
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    # -- appending -------------------------------------------------------------
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Write one entry now (one `write()`; `fdatasync` too with `fsync`)."""
+        data = _dump(entry)
+        if self._size + len(data) > self.segment_bytes and self._size > 0:
+            self._rotate()
+        os.write(self._fd, data)
+        self._size += len(data)
+        if self.fsync:
+            os.fdatasync(self._fd)
+        if entry["t"] == "D":
+            self.appended += 1
+
+    def begin(self, tag: Hashable) -> None:
+        """Something that must be recoverable from this segment on is live."""
+        self._live[tag] = self._segment
+
+    def end(self, tag: Hashable) -> None:
+        self._live.pop(tag, None)
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        self._segment += 1
+        self._open_segment()
+        self._delete_shipped()
+
+    def _open_segment(self) -> None:
+        self._fd = os.open(self._path(self._segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = os.fstat(self._fd).st_size
+
+    # -- shipping --------------------------------------------------------------
+
+    @property
+    def unshipped(self) -> int:
+        """Usage records appended by this process and not shipped yet (an estimate
+        across restarts: replayed records are not counted)."""
+        return max(0, self.appended - self.shipped_count)
+
+    def pending(self, limit: int) -> list[tuple[Position, dict[str, Any]]]:
+        """Up to `limit` usage records after the shipped mark, oldest first."""
+        while len(self._pending) < limit and self._read_more():
+            pass
+        return [self._pending[i] for i in range(min(limit, len(self._pending)))]
+
+    def shipped(self, position: Position, count: int) -> None:
+        """Everything up to `position` reached auth: move the mark, forget, tidy."""
+        while self._pending and self._pending[0][0] <= position:
+            self._pending.popleft()
+        self._mark = max(self._mark, position)
+        self.shipped_count += count
+        self._write_mark()
+        self._delete_shipped()
+
+    def drop(self, position: Position) -> None:
+        """Skip one pending record (auth refused it as invalid): never sent again."""
+        self._pending = deque(p for p in self._pending if p[0] != position)
+
+    def _read_more(self) -> bool:
+        segment, offset = self._read
+        path = self._path(segment)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(_READ_CHUNK)
+        except FileNotFoundError:
+            data = b""
+        end = data.rfind(b"\n")
+        if end < 0:
+            if segment < self._segment:  # a finished segment (its end may be torn): next one
+                self._read = (segment + 1, 0)
+                return True
+            return False  # nothing yet, or an entry being written: wait for its newline
+        position = offset
+        for line in data[: end + 1].splitlines(keepends=True):
+            position += len(line)
+            if line.startswith(_DONE_PREFIX):
+                try:
+                    self._pending.append(((segment, position), json.loads(line)["rec"]))
+                except (ValueError, KeyError, TypeError):
+                    log.warning("unreadable usage record skipped", segment=segment, offset=position)
+        self._read = (segment, position)
+        return True
+
+    def _read_mark(self) -> Position:
+        try:
+            segment, offset = (self.directory / "shipped").read_text().split()
+            return int(segment), int(offset)
+        except (FileNotFoundError, ValueError):
+            return (0, 0)
+
+    def _write_mark(self) -> None:
+        path = self.directory / "shipped"
+        temporary = path.with_suffix(".tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, f"{self._mark[0]} {self._mark[1]}\n".encode())
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+
+    # -- segments ----------------------------------------------------------------
+
+    def _segments(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.directory.glob("*.jsonl") if p.stem.isdigit())
+
+    def _path(self, segment: int) -> Path:
+        return self.directory / f"{segment:08d}.jsonl"
+
+    def _delete_shipped(self) -> None:
+        oldest_live = min(self._live.values(), default=self._segment)
+        for segment in self._segments():
+            if segment >= min(oldest_live, self._segment, self._mark[0]):
+                break
+            self._path(segment).unlink(missing_ok=True)

@@ -1,0 +1,134 @@
+"""Gateway building blocks without a network: UTC windows, the usage journal
+(replay after a crash, torn lines, the shipped mark, segment retention), the
+shipper's batching and retries, and the metrics' bounded labels."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+
+import pytest
+
+from shared.errors import InvalidParams, Unavailable
+from services.gateway.journal import Journal
+from services.gateway.leases import window_of
+from services.gateway.metrics import Metrics
+from services.gateway.shipper import UsageShipper
+
+
+def at(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def test_windows_are_utc_hours_and_months():
+    hour = window_of("requests_per_hour", at("2026-03-31T23:59:59"))
+    assert hour.start == datetime(2026, 3, 31, 23, tzinfo=UTC)
+    assert hour.reset == at("2026-04-01T00:00:00")
+    month = window_of("tokens_per_month", at("2026-12-15T08:00:00"))
+    assert (month.start, month.end) == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
+    assert window_of("requests_per_month", at("2026-02-01T00:00:00")).start == datetime(2026, 2, 1, tzinfo=UTC)
+
+
+def record(request_id: str, **extra) -> dict:
+    return {"request_id": request_id, "user_id": 1, "model": "m", "prompt_tokens": 1,
+            "completion_tokens": 2, "status": "ok", **extra}
+
+
+def test_journal_replays_an_interrupted_run(tmp_path):
+    journal = Journal(tmp_path)
+    assert journal.open().entries == 0
+    journal.append({"t": "L", "l": 7})
+    journal.append({"t": "A", "r": "r1", "p": [[7, 1]], "u": {"user_id": 1}})
+    journal.append({"t": "D", "r": "r1", "p": [[7, 1]], "rec": record("r1")})
+    journal.append({"t": "A", "r": "r2", "p": [[7, 1], [8, 300]], "u": {"user_id": 1}})
+    journal.append({"t": "A", "r": "r3", "p": [[7, 1]], "u": {"user_id": 1}})
+    journal.append({"t": "D", "r": "r3", "p": [[7, 0]], "rec": record("r3", status="unavailable")})
+    journal.close()  # killed: r2 never finished, nothing was shipped
+    with open(tmp_path / "00000001.jsonl", "ab") as f:
+        f.write(b'{"t":"D","r":"r9","p":[[7,')  # a write cut in half
+
+    again = Journal(tmp_path)
+    replay = again.open(lambda entry: record(entry["r"], status="interrupted"))
+    assert replay.torn == 1 and replay.leases == {7}
+    assert replay.used == {7: 2, 8: 300}  # r1 and the cut r2 used lease 7; r3 gave its unit back
+    assert [r["request_id"] for r in replay.interrupted] == ["r2"]
+    pending = again.pending(10)
+    assert [r["request_id"] for _, r in pending] == ["r1", "r3", "r2"]
+    again.shipped(pending[1][0], 2)
+    again.close()
+
+    third = Journal(tmp_path)
+    third.open()
+    assert [r["request_id"] for _, r in third.pending(10)] == ["r2"]  # the mark survived
+    with pytest.raises(RuntimeError, match="in use"):
+        Journal(tmp_path).open()  # one process per journal
+    third.close()
+
+
+def test_journal_segments_go_once_shipped_and_nothing_live_began_in_them(tmp_path):
+    journal = Journal(tmp_path, segment_bytes=400)
+    journal.open()
+    journal.begin("lease-1")
+    for i in range(12):
+        journal.append({"t": "D", "r": f"r{i}", "p": [], "rec": record(f"r{i}")})
+    segments = sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    assert len(segments) > 3
+    batch = journal.pending(100)
+    assert len(batch) == 12
+    journal.shipped(batch[-1][0], 12)
+    assert len(list(tmp_path.glob("*.jsonl"))) == len(segments)  # lease-1 began in the first
+    journal.end("lease-1")
+    journal.append({"t": "D", "r": "r12", "p": [], "rec": record("r12")})
+    journal.shipped(journal.pending(1)[0][0], 1)
+    assert len(list(tmp_path.glob("*.jsonl"))) <= 2
+    lines = [json.loads(line) for p in tmp_path.glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert all("prompt" not in entry.get("rec", {}) for entry in lines)
+    journal.close()
+
+
+async def test_shipper_batches_retries_and_drops_only_invalid_records(tmp_path):
+    journal = Journal(tmp_path)
+    journal.open()
+    for i in range(7):
+        journal.append({"t": "D", "r": f"r{i}", "p": [], "rec": record(f"r{i}")})
+    sent: list[list[str]] = []
+    fail = {"times": 2}
+
+    async def send(batch):
+        if fail["times"]:
+            fail["times"] -= 1
+            raise Unavailable("auth is away")
+        ids = [r["request_id"] for r in batch]
+        if "r3" in ids:
+            raise InvalidParams("batch[x].model: bad", {"index": ids.index("r3")})
+        sent.append(ids)
+        return {"inserted": len(batch), "duplicates": 0, "rejected": 0}
+
+    shipper = UsageShipper(journal, send, interval=0.02, max_batch=3, max_backoff=0.05)
+    async with shipper:
+        for _ in range(100):
+            if journal.pending(10) == []:
+                break
+            await asyncio.sleep(0.02)
+    assert [i for batch in sent for i in batch] == ["r0", "r1", "r2", "r4", "r5", "r6"]
+    assert all(len(batch) <= 3 for batch in sent)
+    assert shipper.failures >= 1 and shipper.rejected == 1
+    journal.close()
+
+
+def test_metrics_fold_label_values_past_the_cap():
+    metrics = Metrics(max_series=3)
+    requests = metrics.counter("requests_total", ("status",))
+    for status in ("ok", "rate_limited", "unavailable", "a", "b"):
+        requests.inc(status=status)
+    assert requests.value(status="ok") == 1 and requests.value(status="other") == 2
+    with pytest.raises(ValueError):
+        requests.inc(user_id=42)
+    with pytest.raises(ValueError):
+        metrics.gauge("requests_total", ("status",))
+    latency = metrics.histogram("seconds", ("status",))
+    for value in (0.0004, 0.003, 0.003, 2.0):
+        latency.observe(value, status="ok")
+    assert latency.quantile(0.5, status="ok") == 0.005
+    assert metrics.snapshot()["seconds"]["status=ok"]["count"] == 4
