@@ -1,7 +1,7 @@
 """Assembling the metrics service from its configuration and a mesh node.
 
 Used by `__main__` (inside the runner's lifecycle) and by the tests, so both
-run the same wiring: the aggregator, the health monitor (pinging over the
+run the same wiring: the aggregator, the health monitor (probing over the
 mesh client), the active-user refresher (asking auth), the HTTP server.
 """
 
@@ -20,17 +20,23 @@ from services.metrics.health import HealthMonitor
 from services.metrics.http import MetricsHttp
 from services.metrics.service import MetricsService
 
-__all__ = ["MeshPinger", "MetricsApp", "open_metrics"]
+__all__ = ["MeshProber", "MetricsApp", "open_metrics"]
 
 
-class MeshPinger:
-    """`rpc.ping` over the node's kept-open mesh connections."""
+class MeshProber:
+    """`rpc.ping` and `inference.models` over the node's kept-open mesh connections."""
 
     def __init__(self, mesh: MeshClient) -> None:
         self._mesh = mesh
 
     async def ping(self, provider: Provider, timeout: float) -> None:
         await self._mesh.connection(provider).call("rpc.ping", timeout=timeout)
+
+    async def models(self, provider: Provider, timeout: float) -> list[str]:
+        answer = await self._mesh.connection(provider).call("inference.models", timeout=timeout)
+        listed = answer.get("models") if isinstance(answer, dict) else None
+        return [m["name"] for m in listed or () if isinstance(m, dict) and isinstance(m.get("name"), str)
+                and 0 < len(m["name"]) <= 128]
 
     def forget(self, provider: Provider) -> None:
         self._mesh.cool_down(provider)  # drops (closes) its idle connection
@@ -54,7 +60,7 @@ async def open_metrics(
     """Every part started on `stack` (closed in reverse); the service to serve."""
     aggregator = Aggregator(series_cap=config.series_cap, gauge_ttl=config.gauge_ttl)
     health = HealthMonitor(
-        discovery, MeshPinger(mesh), required=config.required, interval=config.probe_interval,
+        discovery, MeshProber(mesh), required=config.required, interval=config.probe_interval,
         ping_timeout=config.ping_timeout, forget_after=config.forget_after,
     )
     await stack.enter_async_context(health)

@@ -2,24 +2,28 @@
 
 Every `interval` seconds, in the background (never per request), the monitor:
 
-1. looks up `service_topic(s)` for every service, and `model_topic(m)` for every
-   model an inference record mentions (its `load["models"]`, a list of names or
-   a map of name -> capacity);
+1. looks up `service_topic(s)` for every service, then `model_topic(m)` for
+   every model the inference workers serve. DHT load holds scalars only, so a
+   worker's models are read from its record's `load["models"]` when that is a
+   comma-separated string of names, else asked of the worker
+   (`inference.models`) when it is new, when the model count in its record
+   changes, and every `models_refresh` seconds;
 2. marks each instance (a node key) **announced** while a live record of it is
    found, and keeps an instance whose record vanished for `forget_after`
    seconds as not announced, so a crash shows before it is forgotten;
 3. sends each instance an `rpc.ping` (`ping_timeout`): **reachable** with its
    latency, or not, with the error;
 4. rolls up: an instance is `ok` (announced and reachable), `unreachable`
-   (announced, no answer), `withdrawn` (answers, no record: draining or
-   expired) or `gone` (neither). A service is `ok` when all its instances are,
-   `degraded` when some are, `down` when none is, `absent` when none was seen.
-   The system is `down` when a `required` service is not `ok`/`degraded`,
-   `degraded` when any service is `degraded` or `down`, else `ok`.
+   (announced, no answer), `withdrawn` (answers, no record: draining, or its
+   record expired) or `gone` (neither). A service is `ok` when all its
+   instances are, `degraded` when some are, `down` when none is, `absent`
+   when none is known. The system is `down` when a `required` service is
+   neither `ok` nor `degraded`; `degraded` when any service is `degraded` or
+   `down`; else `ok`.
 
-Worker capacity per model (workers, slots, free slots, queue depth) is summed
-over reachable, announced workers from their records' load: `slots`, `in_use`
-(or `slots_free`/`free`), `queued` (or `queue_depth`).
+Worker capacity per model is summed over `ok` workers from their model-topic
+records: `slots`, free slots (`free_slots`, or `slots` - `in_use`), and
+`queued`.
 """
 
 from __future__ import annotations
@@ -35,20 +39,24 @@ from shared.errors import MeshError, NoProviders
 from shared.logging import get_logger
 from shared.metrics.families import instance_id
 
-__all__ = ["SERVICES", "REQUIRED", "Pinger", "Instance", "HealthMonitor"]
+__all__ = ["SERVICES", "REQUIRED", "Prober", "Instance", "HealthMonitor"]
 
 log = get_logger(__name__)
 
 SERVICES = ("auth", "gateway", "inference", "metrics", "web")
 REQUIRED = ("auth", "gateway", "inference")
 _MAX_MODELS = 64
-_CONCURRENT_PINGS = 32
+_CONCURRENT_CALLS = 32
+_MODEL_PREFIX = model_topic("")
+_WORKERS_TOPIC = service_topic("inference")  # shares the model topics' prefix
 
 
-class Pinger(Protocol):
-    """Sends `rpc.ping` to one provider; raises a `MeshError` when it gets no answer."""
+class Prober(Protocol):
+    """How the monitor reaches one instance; a `MeshError` means no answer."""
 
     async def ping(self, provider: Provider, timeout: float) -> None: ...
+
+    async def models(self, provider: Provider, timeout: float) -> list[str]: ...
 
     def forget(self, provider: Provider) -> None: ...
 
@@ -59,8 +67,8 @@ class Instance:
 
     service: str
     instance: str
-    provider: Provider  #: the record pinged: its service record if it has one
-    records: dict[str, Provider] = field(default_factory=dict)  #: by topic
+    provider: Provider  #: the record pinged: the node's service record when it has one
+    records: dict[str, Provider] = field(default_factory=dict)  #: every live record, by topic
     announced: bool = True
     reachable: bool = False
     latency_ms: float | None = None
@@ -74,36 +82,55 @@ class Instance:
             return "ok" if self.reachable else "unreachable"
         return "withdrawn" if self.reachable else "gone"
 
+    @property
+    def models(self) -> dict[str, Mapping[str, Any]]:
+        """Per model this node announces a topic for, that record's load."""
+        return {t[len(_MODEL_PREFIX):]: p.load for t, p in self.records.items()
+                if t.startswith(_MODEL_PREFIX) and t != _WORKERS_TOPIC}
+
     def view(self) -> dict[str, Any]:
         return {
             "service": self.service, "instance": self.instance, "endpoint": self.provider.endpoint,
             "version": self.provider.version, "status": self.status, "announced": self.announced,
             "reachable": self.reachable, "latency_ms": self.latency_ms, "error": self.error,
             "last_announced": self.last_announced, "last_reachable": self.last_reachable,
-            "models": sorted(_model_loads(self)),
+            "models": sorted(self.models),
         }
+
+
+@dataclass(slots=True)
+class _Served:
+    """The model names a worker told us, and when."""
+
+    names: list[str]
+    count: Any  #: the `models` entry of its record then
+    at: float
 
 
 class HealthMonitor:
     """Probes the mesh in the background; `report()` is the latest picture."""
 
     def __init__(
-        self, discovery: Discovery, pinger: Pinger, *, services: Iterable[str] = SERVICES,
+        self, discovery: Discovery, prober: Prober, *, services: Iterable[str] = SERVICES,
         required: Iterable[str] = REQUIRED, interval: float = 2.0, ping_timeout: float = 1.0,
-        forget_after: float = 60.0, max_instances: int = 256, clock: Callable[[], float] = time.time,
+        forget_after: float = 60.0, models_refresh: float = 30.0, max_instances: int = 256,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._discovery = discovery
-        self._pinger = pinger
+        self._prober = prober
         self.services = tuple(dict.fromkeys((*services, *required)))
         self.required = frozenset(required)
         self.interval = interval
         self.ping_timeout = ping_timeout
         self.forget_after = forget_after
+        self.models_refresh = models_refresh
         self.max_instances = max_instances
         self._clock = clock
         self.instances: dict[bytes, Instance] = {}
+        self._served: dict[bytes, _Served] = {}
         self.checked_at: float | None = None
         self._task: asyncio.Task[None] | None = None
+        self._limit = asyncio.Semaphore(_CONCURRENT_CALLS)
 
     async def __aenter__(self) -> HealthMonitor:
         self._task = asyncio.create_task(self._run(), name="health-monitor")
@@ -119,24 +146,24 @@ class HealthMonitor:
         found = await self._lookup_all()
         now = self._clock()
         for node_key, records in found.items():
-            provider = records.get(_service_topic_of(records)) or next(iter(records.values()))
+            own = next((p for t, p in records.items() if t == service_topic(p.service)), None)
+            provider = own or next(iter(records.values()))
             known = self.instances.get(node_key)
             if known is None:
                 if len(self.instances) >= self.max_instances:
                     log.warning("health: too many instances; ignoring", endpoint=provider.endpoint)
                     continue
-                known = self.instances[node_key] = Instance(
-                    provider.service, instance_id(node_key), provider)
+                known = self.instances[node_key] = Instance(provider.service, instance_id(node_key), provider)
             known.provider, known.records, known.announced = provider, records, True
             known.last_announced = now
         for node_key, known in list(self.instances.items()):
             if node_key not in found:
-                known.announced = False
+                known.announced, known.records = False, {}
                 if now - known.last_announced > self.forget_after:
                     del self.instances[node_key]
-                    self._pinger.forget(known.provider)
-        limit = asyncio.Semaphore(_CONCURRENT_PINGS)
-        await asyncio.gather(*(self._ping(known, limit) for known in list(self.instances.values())))
+                    self._served.pop(node_key, None)
+                    self._prober.forget(known.provider)
+        await asyncio.gather(*(self._ping(known) for known in list(self.instances.values())))
         self.checked_at = self._clock()
 
     async def _run(self) -> None:
@@ -151,14 +178,15 @@ class HealthMonitor:
     async def _lookup_all(self) -> dict[bytes, dict[str, Provider]]:
         found: dict[bytes, dict[str, Provider]] = {}
         topics = [service_topic(s) for s in self.services]
-        providers = await asyncio.gather(*(self._lookup(t) for t in topics))
-        models: set[str] = set()
-        for topic, listed in zip(topics, providers):
+        workers: list[Provider] = []
+        for topic, listed in zip(topics, await asyncio.gather(*map(self._lookup, topics))):
             for provider in listed:
                 found.setdefault(provider.node_key, {})[topic] = provider
                 if provider.service == "inference":
-                    models.update(_model_names(provider))
-        model_topics = [model_topic(m) for m in sorted(models)[:_MAX_MODELS]]
+                    workers.append(provider)
+        served = await asyncio.gather(*map(self._models_of, workers))
+        models = sorted({name for names in served for name in names})[:_MAX_MODELS]
+        model_topics = [t for t in map(model_topic, models) if t != _WORKERS_TOPIC]
         for topic, listed in zip(model_topics, await asyncio.gather(*map(self._lookup, model_topics))):
             for provider in listed:
                 found.setdefault(provider.node_key, {})[topic] = provider
@@ -173,11 +201,29 @@ class HealthMonitor:
             log.warning("health: lookup failed", topic=topic, error=exc.message)
             return []
 
-    async def _ping(self, known: Instance, limit: asyncio.Semaphore) -> None:
-        async with limit:
+    async def _models_of(self, worker: Provider) -> list[str]:
+        """The models a worker serves: named in its record, else asked of it now and then."""
+        count = worker.load.get("models")
+        if isinstance(count, str):
+            return [m.strip() for m in count.split(",") if m.strip()]
+        cached = self._served.get(worker.node_key)
+        now = self._clock()
+        if cached is not None and cached.count == count and now - cached.at < self.models_refresh:
+            return cached.names
+        try:
+            async with self._limit:
+                names = await self._prober.models(worker, self.ping_timeout)
+        except MeshError as exc:
+            log.info("health: could not ask a worker its models", endpoint=worker.endpoint, error=exc.message)
+            return cached.names if cached is not None else []
+        self._served[worker.node_key] = _Served(names, count, now)
+        return names
+
+    async def _ping(self, known: Instance) -> None:
+        async with self._limit:
             started = time.perf_counter()
             try:
-                await self._pinger.ping(known.provider, self.ping_timeout)
+                await self._prober.ping(known.provider, self.ping_timeout)
             except MeshError as exc:
                 known.reachable, known.latency_ms, known.error = False, None, f"{exc.code}: {exc.message}"
                 return
@@ -222,48 +268,17 @@ class HealthMonitor:
         return "ok"
 
     def capacity(self) -> dict[str, dict[str, int]]:
-        """Per model: reachable announced workers, their slots, free slots, queue depth."""
+        """Per model: `ok` workers announcing it, their slots, free slots, queue depth."""
         models: dict[str, dict[str, int]] = {}
         for known in self.instances.values():
             if known.service != "inference" or known.status != "ok":
                 continue
-            for model, load in _model_loads(known).items():
+            for model, load in known.models.items():
                 total = models.setdefault(model, {"workers": 0, "slots": 0, "slots_free": 0, "queue_depth": 0})
                 total["workers"] += 1
                 for name, value in _capacity(load).items():
                     total[name] += value
         return models
-
-
-def _service_topic_of(records: Mapping[str, Provider]) -> str:
-    first = next(iter(records.values()))
-    return service_topic(first.service)
-
-
-def _model_names(provider: Provider) -> set[str]:
-    """The models a record names: its `load["models"]`, or the model of its topic."""
-    models = provider.load.get("models") if provider.load else None
-    if isinstance(models, (list, tuple, dict)):
-        return {m for m in models if isinstance(m, str) and 0 < len(m) <= 128}
-    prefix = model_topic("")
-    return {provider.topic[len(prefix):]} if provider.topic.startswith(prefix) else set()
-
-
-def _model_loads(known: Instance) -> dict[str, Mapping[str, Any]]:
-    """Per model this worker serves, the load entries describing its capacity:
-    the model topic's record, else the service record's `load["models"][model]`."""
-    loads: dict[str, Mapping[str, Any]] = {}
-    for provider in known.records.values():
-        models = provider.load.get("models") if provider.load else None
-        for model in _model_names(provider):
-            entry = models.get(model) if isinstance(models, dict) else None
-            if provider.topic == model_topic(model):
-                loads[model] = provider.load  # the most specific record wins
-            elif isinstance(entry, Mapping):
-                loads.setdefault(model, entry)
-            else:
-                loads.setdefault(model, {})
-    return loads
 
 
 def _capacity(load: Mapping[str, Any]) -> dict[str, int]:
@@ -275,7 +290,7 @@ def _capacity(load: Mapping[str, Any]) -> dict[str, int]:
         return None
 
     slots = number("slots") or 0
-    free = number("slots_free", "free")
+    free = number("free_slots", "slots_free")
     if free is None:
         in_use = number("in_use")
         free = max(slots - in_use, 0) if in_use is not None else 0
