@@ -67,7 +67,7 @@ async def mesh(tmp_path):
                 "inference", worker.build, config.mesh, topics=worker.topics, load=worker.load,
                 topic_load=worker.topic_load, ready=ready.append, stop=stop)))
             workers.append((worker, ready))
-        for worker, ready in workers:
+        for _worker, ready in workers:
             for _ in range(200):
                 if ready or any(t.done() for t in tasks):
                     break

@@ -1,0 +1,90 @@
+"""The openai backend against a real OpenAI-compatible server: llama-cpp's own
+`python -m llama_cpp.server` over the same GGUF as the local backend. Skipped
+when the server's extra packages (llama-cpp-python[server]: fastapi, uvicorn,
+sse-starlette, starlette-context, pydantic-settings) are not installed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack
+
+import aiohttp
+import pytest
+
+pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] extras not installed")
+
+from shared.config import load  # noqa: E402
+from services.inference.backends.local import default_gguf  # noqa: E402
+from services.inference.config import InferenceConfig  # noqa: E402
+from services.inference.worker import open_service  # noqa: E402
+
+CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
+GREEDY = dict(temperature=0.0, seed=5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+async def llama_server():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()), "--host", "127.0.0.1",
+         "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--model_alias", "smollm2-server"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 30
+            while True:
+                assert proc.poll() is None, "llama_cpp.server exited"
+                assert time.monotonic() < deadline, "llama_cpp.server did not start"
+                try:
+                    async with session.get(url + "/models") as response:
+                        if response.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+async def test_openai_backend_on_llama_cpp_server_matches_llama_cpp_in_process(llama_server):
+    models = {
+        "smollm2": {"backend": "local", "n_threads": 1},
+        "smollm2-server": {"backend": "openai", "url": llama_server, "model": "smollm2-server"},
+    }
+    environ = {"INFERSWARM_MODELS": json.dumps(models), "INFERSWARM_CACHE_TTL": "0"}
+    async with AsyncExitStack() as stack:
+        service = await open_service(stack, load(InferenceConfig, environ), environ=environ)
+        assert (await service.model_status("smollm2-server"))["healthy"]  # /v1/models lists it
+        chunks = [c async for c in service.generate(model="smollm2-server", messages=CHAT, max_tokens=24, **GREEDY)]
+        text, final = "".join(c.get("text", "") for c in chunks), chunks[-1]
+        # The same generation in this process: llama_cpp.server applies its own
+        # default repeat_penalty of 1.1 (the library's is 1.0), so ask for that.
+        (llm,) = service.served["smollm2"].backend._free
+        llm.reset()
+        direct = llm.create_chat_completion(CHAT, max_tokens=24, repeat_penalty=1.1, **GREEDY)
+        assert text == direct["choices"][0]["message"]["content"] != ""
+        assert final["finish_reason"] == direct["choices"][0]["finish_reason"]
+        # llama_cpp.server ignores include_usage: completion tokens are the chunks counted.
+        assert final["usage"]["completion_tokens"] == direct["usage"]["completion_tokens"]
+        prompt = [c async for c in service.generate(model="smollm2-server", prompt="The sea is", max_tokens=6,
+                                                    **GREEDY)]
+        assert prompt[-1]["finish_reason"] == "length" and prompt[-1]["usage"]["completion_tokens"] == 6
