@@ -1,0 +1,141 @@
+"""API keys (create, shown once; list; revoke with confirmation) and the admin page.
+
+A new key is rendered straight into the response to the creating POST, never
+redirected to a URL, so it is in no history, log or cache (`no-store`); the
+page says it will not be shown again. Revoking asks first: `app.js` shows a
+confirmation dialog, and without script the server asks on a page of its own
+(the form's `confirm` field is only `yes` once the person has agreed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from shared.errors import MeshError
+from services.web.errors import error_headers, status_of
+from services.web.forms import read_form, require, text
+from services.web.session import UPSTREAM, field_errors, login_required
+from services.web.views import redirect, render
+
+__all__ = ["routes", "TIERS"]
+
+routes = web.RouteTableDef()
+
+TIERS = ("free", "pro", "enterprise", "unlimited")
+_EXPIRY_CHOICES = ("", "7", "30", "90", "365")
+
+
+async def _keys_page(request: web.Request, *, status: int = 200, values: dict[str, str] | None = None,
+                     errors: dict[str, str] | None = None, created: dict[str, Any] | None = None,
+                     notice: str | None = None) -> web.Response:
+    keys = await request.app[UPSTREAM].auth("list_keys", token=request["token"])
+    return render(request, "keys.html", status=status, keys=list(reversed(keys)), created=created,
+                  values=values or {"expires_in_days": ""}, errors=errors or {}, notice=notice,
+                  expiry_choices=_EXPIRY_CHOICES)
+
+
+@routes.get("/keys")
+@login_required
+async def keys_page(request: web.Request) -> web.Response:
+    notice = "Key revoked: it stops working within a second." if request.query.get("revoked") else None
+    return await _keys_page(request, notice=notice)
+
+
+@routes.post("/keys")
+@login_required
+async def create_key(request: web.Request) -> web.Response:
+    form = await read_form(request)
+    values = {"name": text(form, "name"), "expires_in_days": text(form, "expires_in_days")}
+    errors = require(values, {"name": "a name for the key"})
+    if values["expires_in_days"] not in _EXPIRY_CHOICES:
+        errors["expires_in_days"] = "Choose one of the listed expiries"
+    if errors:
+        return await _keys_page(request, status=400, values=values, errors=errors)
+    expires = int(values["expires_in_days"]) if values["expires_in_days"] else None
+    try:
+        key = await request.app[UPSTREAM].auth("create_key", token=request["token"], name=values["name"],
+                                               expires_in_days=expires)
+    except MeshError as exc:
+        if exc.code == "UNAUTHENTICATED":
+            raise
+        response = await _keys_page(request, status=status_of(exc), values=values,
+                                    errors=field_errors(exc, ("name", "expires_in_days")))
+        response.headers.update(error_headers(exc))
+        return response
+    return await _keys_page(request, status=201, created=key)
+
+
+@routes.post("/keys/{key_id:[0-9]{1,18}}/revoke")
+@login_required
+async def revoke_key(request: web.Request) -> web.Response:
+    form = await read_form(request)
+    key_id = int(request.match_info["key_id"])
+    if text(form, "confirm") != "yes":
+        keys = await request.app[UPSTREAM].auth("list_keys", token=request["token"])
+        key = next((k for k in keys if k["id"] == key_id), None)
+        if key is None:
+            raise web.HTTPNotFound(text="no such key")
+        return render(request, "revoke_confirm.html", key=key)
+    await request.app[UPSTREAM].auth("revoke_key", token=request["token"], key_id=key_id)
+    return redirect("/keys?revoked=1")
+
+
+# -- admin -------------------------------------------------------------------------------------
+
+
+async def _admin_page(request: web.Request, *, status: int = 200, values: dict[str, str] | None = None,
+                      errors: dict[str, str] | None = None, notice: str | None = None) -> web.Response:
+    users, users_error = None, None
+    try:
+        users = await request.app[UPSTREAM].auth("list_users", token=request["token"])
+    except MeshError as exc:
+        if exc.code in ("UNAUTHENTICATED", "FORBIDDEN"):
+            raise
+        users_error = f"{exc.message} ({exc.code})"
+    return render(request, "admin.html", status=status, users=users or [], users_error=users_error,
+                  tiers=TIERS, values=values or {}, errors=errors or {}, notice=notice)
+
+
+def _admin_only(request: web.Request) -> None:
+    if not request["me"].get("is_admin"):
+        raise web.HTTPForbidden(text="administrators only")
+
+
+@routes.get("/admin")
+@login_required
+async def admin_page(request: web.Request) -> web.Response:
+    _admin_only(request)
+    return await _admin_page(request)
+
+
+@routes.post("/admin/users")
+@login_required
+async def admin_update(request: web.Request) -> web.Response:
+    _admin_only(request)
+    form = await read_form(request)
+    values = {"user": text(form, "user"), "tier": text(form, "tier"), "active": text(form, "active")}
+    errors = require(values, {"user": "a username, email or id"})
+    if values["tier"] not in ("", *TIERS):
+        errors["tier"] = "Choose a tier"
+    if values["active"] not in ("", "yes", "no"):
+        errors["active"] = "Choose enabled or disabled"
+    if not errors and not values["tier"] and not values["active"]:
+        errors["_form"] = "Choose a tier or an account state to change"
+    if errors:
+        return await _admin_page(request, status=400, values=values, errors=errors)
+    user: int | str = int(values["user"]) if values["user"].isdigit() else values["user"]
+    upstream, token = request.app[UPSTREAM], request["token"]
+    try:
+        if values["tier"]:
+            updated = await upstream.auth("set_tier", token=token, user=user, tier=values["tier"])
+        if values["active"]:
+            updated = await upstream.auth("set_active", token=token, user=user, active=values["active"] == "yes")
+    except MeshError as exc:
+        if exc.code == "UNAUTHENTICATED":
+            raise
+        return await _admin_page(request, status=status_of(exc), values=values,
+                                 errors=field_errors(exc, ("user", "tier", "active")))
+    state = "enabled" if updated["is_active"] else "disabled"
+    return await _admin_page(request, notice=f"{updated['username']}: {updated['tier']} tier, {state}")

@@ -1,0 +1,188 @@
+"""The REST API (JSON), for scripts and other front ends.
+
+    POST   /api/auth/register        {username, email, password}            -> 201 user
+    POST   /api/auth/login           {username_or_email, password}          -> {token, expires_at, user}
+    GET    /api/auth/api-keys        Bearer token                           -> {keys: [...]}
+    POST   /api/auth/api-keys        Bearer token, {name, expires_in_days?} -> 201 key (api_key shown once)
+    DELETE /api/auth/api-keys/{id}   Bearer token                           -> the revoked key
+    GET    /api/usage?start&end      Bearer token                           -> per day and key, totals
+    GET    /api/quota                Bearer token or X-API-Key              -> limits, remaining, reset
+    POST   /api/inference            X-API-Key, {model, messages | prompt, max_tokens, temperature,
+                                     top_p, stop, seed, stream?}            -> completion, or NDJSON chunks
+
+Sessions here are the token of `/api/auth/login` in `Authorization: Bearer`;
+cookies are never read, so no cross-site page can act through this API.
+Errors: `{"error": {"code", "message"}}` with the status of the error table.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from shared.errors import DecodeError, InvalidParams, MeshError, Unauthenticated
+from services.web.errors import rest_error_body
+from services.web.ratelimits import openai_headers
+from services.web.relay import Relay, check_generation
+from services.web.security import client_addr
+from services.web.session import UPSTREAM
+
+__all__ = ["routes", "json_body", "bearer", "api_key_of", "prompt_of"]
+
+routes = web.RouteTableDef()
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object; DECODE_ERROR (400) for anything else."""
+    try:
+        body = await request.json(loads=json.loads)
+    except ValueError:
+        raise DecodeError("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise DecodeError("the body must be a JSON object")
+    return body
+
+
+def _string(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value):
+        raise InvalidParams(f"{name} must be a non-empty string", {"param": name})
+    return value
+
+
+def bearer(request: web.Request) -> str:
+    """The credential of `Authorization: Bearer ...`; UNAUTHENTICATED without one."""
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise Unauthenticated("missing Authorization: Bearer <token>")
+    return credential.strip()
+
+
+def api_key_of(request: web.Request) -> str:
+    key = request.headers.get("X-API-Key", "").strip()
+    if not key:
+        raise Unauthenticated("missing X-API-Key header")
+    return key
+
+
+@routes.post("/api/auth/register")
+async def register(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    user = await request.app[UPSTREAM].auth(
+        "register", username=_string(body, "username"), email=_string(body, "email"),
+        password=_string(body, "password"))
+    return web.json_response(user, status=201)
+
+
+@routes.post("/api/auth/login")
+async def login(request: web.Request) -> web.Response:
+    body = await json_body(request)
+    identifier = body.get("username_or_email") or body.get("username") or body.get("email")
+    if not isinstance(identifier, str) or not identifier:
+        raise InvalidParams("username_or_email must be a non-empty string", {"param": "username_or_email"})
+    answer = await request.app[UPSTREAM].auth(
+        "login", username_or_email=identifier, password=_string(body, "password"),
+        client_addr=client_addr(request))
+    return web.json_response(answer)
+
+
+@routes.get("/api/auth/api-keys")
+async def list_keys(request: web.Request) -> web.Response:
+    keys = await request.app[UPSTREAM].auth("list_keys", token=bearer(request))
+    return web.json_response({"keys": keys})
+
+
+@routes.post("/api/auth/api-keys")
+async def create_key(request: web.Request) -> web.Response:
+    token = bearer(request)
+    body = await json_body(request)
+    days = body.get("expires_in_days")
+    if days is not None and type(days) is not int:
+        raise InvalidParams("expires_in_days must be an integer", {"param": "expires_in_days"})
+    key = await request.app[UPSTREAM].auth("create_key", token=token, name=_string(body, "name"),
+                                           expires_in_days=days)
+    return web.json_response(key, status=201)
+
+
+@routes.delete("/api/auth/api-keys/{key_id}")
+async def revoke_key(request: web.Request) -> web.Response:
+    token = bearer(request)
+    text = request.match_info["key_id"]
+    if not text.isdigit() or len(text) > 18:
+        raise InvalidParams("the key id must be a positive integer", {"param": "key_id"})
+    key = await request.app[UPSTREAM].auth("revoke_key", token=token, key_id=int(text))
+    return web.json_response(key)
+
+
+@routes.get("/api/usage")
+async def usage(request: web.Request) -> web.Response:
+    report = await request.app[UPSTREAM].auth("usage", token=bearer(request), start=request.query.get("start"),
+                                              end=request.query.get("end"))
+    return web.json_response(report)
+
+
+@routes.get("/api/quota")
+async def quota(request: web.Request) -> web.Response:
+    upstream = request.app[UPSTREAM]
+    if request.headers.get("X-API-Key"):
+        answer = await upstream.gateway("quota", api_key=api_key_of(request))
+    else:
+        answer = await upstream.gateway("quota", token=bearer(request))
+    return web.json_response(answer)
+
+
+def prompt_of(body: dict[str, Any]) -> dict[str, Any]:
+    """`messages` (a list of {role, content}) or `prompt` (a string), exactly one."""
+    messages, prompt = body.get("messages"), body.get("prompt")
+    if (messages is None) == (prompt is None):
+        raise InvalidParams("give either messages or prompt", {"param": "messages"})
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise InvalidParams("prompt must be a string", {"param": "prompt"})
+        return {"prompt": prompt}
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        raise InvalidParams("messages must be a non-empty list of {role, content} strings", {"param": "messages"})
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+
+
+@routes.post("/api/inference")
+async def inference(request: web.Request) -> web.StreamResponse:
+    api_key = api_key_of(request)
+    body = await json_body(request)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise InvalidParams("stream must be true or false", {"param": "stream"})
+    params = {"api_key": api_key, "model": _string(body, "model"), **prompt_of(body), **check_generation(body),
+              "stream": stream}
+    relay = await Relay.start(request.app[UPSTREAM], params)
+    try:
+        if not stream:
+            text = await relay.collect()
+            return web.json_response({"text": text, **_final_view(relay)}, headers=openai_headers(relay.facts))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
+                                               **openai_headers(relay.facts)})
+        await response.prepare(request)
+        try:
+            async for piece in relay.texts():
+                await response.write(json.dumps({"text": piece}).encode() + b"\n")
+            last: dict[str, Any] = {"done": True, **_final_view(relay)}
+        except MeshError as exc:  # after the status line: the error ends the stream in-band
+            last = {"error": rest_error_body(exc)}
+        await response.write(json.dumps(last).encode() + b"\n")
+        await response.write_eof()
+        return response
+    finally:
+        await relay.close()
+
+
+def _final_view(relay: Relay) -> dict[str, Any]:
+    final = relay.final
+    return {"model": final.get("model"), "finish_reason": relay.finish_reason, "usage": relay.usage,
+            "request_id": final.get("request_id"), "cached": bool(final.get("cached")),
+            "timing": final.get("timing"), "rate_limits": relay.facts or None}

@@ -1,0 +1,52 @@
+"""The web service's configuration, read once from the environment.
+
+    INFERSWARM_WEB_HOST            address to listen on (127.0.0.1; 0.0.0.0 for every interface)
+    INFERSWARM_WEB_PORT            HTTP port (8080; 0 = any free port, printed in the ready line)
+    INFERSWARM_WEB_MAX_BODY        largest request body in bytes (1048576); larger is 413
+    INFERSWARM_WEB_TLS_CERT / _KEY PEM files: serve HTTPS (cookies are then always `Secure`)
+    INFERSWARM_WEB_SECURE_COOKIES  force `Secure` cookies behind a TLS-terminating proxy (false)
+    INFERSWARM_WEB_TRUST_PROXY     take the client address from X-Forwarded-For and the scheme
+                                   from X-Forwarded-Proto (false: only behind a proxy you run)
+    INFERSWARM_WEB_SECRET_FILE     the key signing CSRF tokens (default <data_dir>/web/secret.key);
+                                   every web instance behind one load balancer must share it
+    INFERSWARM_WEB_RPC_TIMEOUT     deadline of one RPC call to auth, gateway or metrics, s (10)
+    INFERSWARM_WEB_INFER_TIMEOUT   deadline of one whole inference stream, s (300)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import ConfigError, MeshConfig, env, port, positive
+
+__all__ = ["WebConfig"]
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """Everything the web process reads from its environment."""
+
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    host: str = env("INFERSWARM_WEB_HOST", default="127.0.0.1")
+    port: int = env("INFERSWARM_WEB_PORT", default=8080, parse=port)
+    max_body_bytes: int = env("INFERSWARM_WEB_MAX_BODY", default=1_048_576, parse=positive(int))
+    tls_cert: Path | None = env("INFERSWARM_WEB_TLS_CERT", default=None)
+    tls_key: Path | None = env("INFERSWARM_WEB_TLS_KEY", default=None)
+    secure_cookies: bool = env("INFERSWARM_WEB_SECURE_COOKIES", default=False)
+    trust_proxy: bool = env("INFERSWARM_WEB_TRUST_PROXY", default=False)
+    secret_file: Path | None = env("INFERSWARM_WEB_SECRET_FILE", default=None)
+    rpc_timeout: float = env("INFERSWARM_WEB_RPC_TIMEOUT", default=10.0, parse=positive(float))
+    infer_timeout: float = env("INFERSWARM_WEB_INFER_TIMEOUT", default=300.0, parse=positive(float))
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError(["INFERSWARM_WEB_TLS_CERT and INFERSWARM_WEB_TLS_KEY: set both or neither"])
+
+    @property
+    def secret_path(self) -> Path:
+        return self.secret_file or self.mesh.data_dir / "web" / "secret.key"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

@@ -1,0 +1,131 @@
+"""One `gateway.infer` call as the HTTP handlers use it, and the checks of its input.
+
+The HTTP status must be chosen before the first byte of a reply, and an
+admission error (a bad key, a limit, an unknown model) arrives as the stream's
+first item, so `Relay.start` waits for the first chunk: errors before it become
+proper 401/404/429 replies, errors after it end the stream in-band.
+
+`Relay` is closed in a `finally` by every handler: leaving early -- the client
+went away (aiohttp cancels the handler), a write failed, the process stops --
+closes the RPC stream, which sends CANCEL, and the gateway and worker stop
+generating and bill for what was delivered.
+
+Chunks (services/inference/README.md, via the gateway): `{"text": ...}`
+pieces, then a final chunk with `usage`, `finish_reason`, `timing`, `cached`,
+`request_id` and the rate-limit facts. Anything else is kept as metadata.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from shared.errors import InvalidParams
+from shared.rpc import Stream
+from services.web.ratelimits import facts_of
+from services.web.upstream import Upstream
+
+__all__ = ["Relay", "check_generation", "MAX_STOP"]
+
+MAX_STOP = 4
+_SAMPLING = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
+
+
+def _is_final(chunk: Mapping[str, Any]) -> bool:
+    return bool(chunk.get("done")) or "finish_reason" in chunk or "usage" in chunk
+
+
+class Relay:
+    """The chunks of one inference, with the final facts kept aside."""
+
+    def __init__(self, upstream: Upstream, stream: Stream) -> None:
+        self._upstream = upstream
+        self._stream = stream
+        self._pending: list[dict[str, Any]] = []
+        self.final: dict[str, Any] = {}
+        self.facts: dict[str, dict[str, Any]] = {}
+        self.text_chunks = 0
+
+    @classmethod
+    async def start(cls, upstream: Upstream, params: dict[str, Any]) -> Relay:
+        """Start the call and wait for its first chunk; a refusal raises its typed error."""
+        relay = cls(upstream, await upstream.infer(params))
+        try:
+            first = await relay._next()
+        except BaseException:
+            await relay.close()
+            raise
+        if first is not None:
+            relay._pending.append(first)
+        return relay
+
+    async def _next(self) -> dict[str, Any] | None:
+        """The next text chunk; metadata and the final chunk are absorbed. None at the end."""
+        async for chunk in self._stream:
+            if not isinstance(chunk, dict):
+                continue
+            self.facts = facts_of(chunk) or self.facts
+            if _is_final(chunk):
+                self.final = chunk
+                if isinstance(chunk.get("text"), str) and chunk["text"]:
+                    return {"text": chunk["text"]}
+                continue
+            if isinstance(chunk.get("text"), str):
+                self.text_chunks += 1
+                return chunk
+        return None
+
+    async def texts(self) -> AsyncIterator[str]:
+        """The text pieces in order (the first one already received included)."""
+        while self._pending:
+            yield self._pending.pop(0)["text"]
+        while (chunk := await self._next()) is not None:
+            yield chunk["text"]
+
+    async def collect(self) -> str:
+        """The whole completion (for a non-streaming reply)."""
+        return "".join([piece async for piece in self.texts()])
+
+    async def close(self) -> None:
+        await self._upstream.release(self._stream)
+
+    @property
+    def usage(self) -> dict[str, int]:
+        usage = self.final.get("usage") or {}
+        prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @property
+    def finish_reason(self) -> str:
+        reason = self.final.get("finish_reason")
+        return reason if isinstance(reason, str) else "stop"
+
+
+def check_generation(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling parameters of a request body, checked; `InvalidParams` names the field."""
+    out: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None:
+        if type(max_tokens) is not int or max_tokens < 1:
+            raise InvalidParams("max_tokens must be a positive integer", {"param": "max_tokens"})
+        out["max_tokens"] = max_tokens
+    for name, (low, high) in _SAMPLING.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if type(value) not in (int, float) or not low <= value <= high:
+            raise InvalidParams(f"{name} must be a number from {low:g} to {high:g}", {"param": name})
+        out[name] = float(value)
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None:
+        if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+            raise InvalidParams(f"stop must be a string or up to {MAX_STOP} strings", {"param": "stop"})
+        out["stop"] = stop
+    seed = body.get("seed")
+    if seed is not None:
+        if type(seed) is not int:
+            raise InvalidParams("seed must be an integer", {"param": "seed"})
+        out["seed"] = seed
+    return out

@@ -1,0 +1,79 @@
+"""Who is looking at a page: the session cookie, checked, and the account behind it.
+
+A page handler decorated with `login_required` runs with `request["token"]`
+(the session JWT) and `request["me"]` (auth's view of the account, from
+`auth.me`, so a disabled account is logged out at its next page). Without a
+valid session the browser is sent to the login page, which brings it back.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from shared.errors import Unauthenticated
+from services.web.security import SESSION_COOKIE, clear_session
+from services.web.upstream import Upstream
+
+__all__ = ["UPSTREAM", "Handler", "load_session", "login_required", "safe_next", "login_redirect",
+           "field_errors"]
+
+UPSTREAM = web.AppKey("upstream", Upstream)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def load_session(request: web.Request) -> bool:
+    """Fill `request["token"]` and `request["me"]` from a valid session cookie."""
+    token = request.cookies.get(SESSION_COOKIE)
+    if not token:
+        return False
+    upstream = request.app[UPSTREAM]
+    try:
+        await upstream.verify_token(token)  # local: no RPC for an expired or forged cookie
+        me = await upstream.auth("me", token=token)
+    except Unauthenticated:
+        return False
+    request["token"], request["me"] = token, me
+    return True
+
+
+def safe_next(target: str | None, default: str = "/dashboard") -> str:
+    """A same-site path to go back to; anything else (`//evil`, `https:`) is the default."""
+    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+        return default
+    return target
+
+
+def login_redirect(request: web.Request) -> web.Response:
+    """To the login page, coming back here afterwards; a dead session cookie is dropped."""
+    target = request.path_qs if request.method == "GET" else request.path
+    response = web.Response(status=303, headers={"Location": f"/login?next={quote(target, safe='/')}"})
+    if request.cookies.get(SESSION_COOKIE):
+        clear_session(response, request)
+    return response
+
+
+def login_required(handler: Handler) -> Handler:
+    """Run `handler` only for a logged-in browser; send others to the login page."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        if not await load_session(request):
+            return login_redirect(request)
+        try:
+            return await handler(request)
+        except Unauthenticated:  # the session ended while we worked (expiry, disabled account)
+            return login_redirect(request)
+
+    return wrapper
+
+
+def field_errors(exc: Any, fields: tuple[str, ...], rename: dict[str, str] | None = None) -> dict[str, str]:
+    """Put an error that names a parameter next to its field, else under `_form`."""
+    param = exc.data.get("param") if hasattr(exc, "data") else None
+    param = (rename or {}).get(param, param)
+    return {param if param in fields else "_form": exc.message}

@@ -1,0 +1,107 @@
+"""The web service's view of the mesh: calls to auth, gateway and metrics.
+
+The web process is a mesh member; everything it shows or does goes through
+these calls, each with a deadline. Read-only calls are marked idempotent so
+the mesh client may retry them on another provider. Open inference streams
+are tracked so that a shutdown closes them, which cancels the work upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from shared.errors import Unauthenticated
+from shared.rpc import MeshClient, Stream
+from services.auth.tokens import TokenVerifier
+
+__all__ = ["Upstream", "READ_ONLY", "model_rows"]
+
+#: auth methods that change nothing: safe to retry elsewhere.
+READ_ONLY = frozenset({"me", "list_keys", "usage", "token_key", "revoke_key"})
+_KEY_REFRESH_S = 300.0
+
+
+class Upstream:
+    """Typed, deadline-bound calls from the web service to the other services."""
+
+    def __init__(self, mesh: MeshClient, *, rpc_timeout: float = 10.0, infer_timeout: float = 300.0) -> None:
+        self._mesh = mesh
+        self.rpc_timeout = rpc_timeout
+        self.infer_timeout = infer_timeout
+        self._verifier: TokenVerifier | None = None
+        self._verifier_at = 0.0
+        self._verifier_lock = asyncio.Lock()
+        self._streams: set[Stream] = set()
+
+    async def auth(self, method: str, **params: Any) -> Any:
+        """`auth.<method>(**params)`; None values are left out."""
+        return await self._mesh("auth").call(
+            f"auth.{method}", _present(params), timeout=self.rpc_timeout, idempotent=method in READ_ONLY)
+
+    async def gateway(self, method: str, **params: Any) -> Any:
+        """A unary gateway call (`models`, `quota`), read-only."""
+        return await self._mesh("gateway").call(
+            f"gateway.{method}", _present(params), timeout=self.rpc_timeout, idempotent=True)
+
+    async def health(self) -> Any:
+        """The metrics service's picture of the mesh."""
+        return await self._mesh("metrics").call("metrics.health", {}, timeout=self.rpc_timeout,
+                                                idempotent=True)
+
+    async def infer(self, params: dict[str, Any]) -> Stream:
+        """Start `gateway.infer`; the caller iterates the stream and must close it."""
+        stream = await self._mesh("gateway").stream("gateway.infer", _present(params),
+                                                    timeout=self.infer_timeout)
+        self._streams.add(stream)
+        return stream
+
+    async def release(self, stream: Stream) -> None:
+        """Close a stream (sending CANCEL if it is still running) and forget it."""
+        self._streams.discard(stream)
+        await stream.aclose()
+
+    async def close(self) -> None:
+        """Cancel every inference still streaming (the process is stopping)."""
+        streams, self._streams = list(self._streams), set()
+        for stream in streams:
+            await stream.aclose()
+
+    async def verifier(self) -> TokenVerifier:
+        """Verifies session tokens locally, with auth's public key (refetched every 5 minutes)."""
+        async with self._verifier_lock:
+            if self._verifier is None or time.monotonic() - self._verifier_at > _KEY_REFRESH_S:
+                info = await self.auth("token_key")
+                self._verifier = TokenVerifier(info["public_key"], issuer=info["issuer"],
+                                               audience=info["audience"])
+                self._verifier_at = time.monotonic()
+            return self._verifier
+
+    async def verify_token(self, token: str) -> dict[str, Any]:
+        """The claims of a valid session token (no RPC once the key is known)."""
+        if not token:
+            raise Unauthenticated("not logged in")
+        return (await self.verifier()).verify(token)
+
+
+def _present(params: dict[str, Any]) -> dict[str, Any]:
+    return {name: value for name, value in params.items() if value is not None}
+
+
+def model_rows(answer: Any) -> list[dict[str, Any]]:
+    """`gateway.models` as rows `{name, workers, ...}`: it may be a list or a name -> facts map."""
+    if isinstance(answer, dict) and "models" in answer:
+        answer = answer["models"]
+    if isinstance(answer, dict):
+        answer = [{"name": name, **(facts if isinstance(facts, dict) else {})} for name, facts in answer.items()]
+    rows = []
+    for item in answer or []:
+        if isinstance(item, str):
+            item = {"name": item}
+        if isinstance(item, dict):
+            name = item.get("name") or item.get("id") or item.get("model")
+            if isinstance(name, str):
+                workers = item.get("healthy_workers", item.get("workers", 0))
+                rows.append({**item, "name": name, "workers": workers if isinstance(workers, int) else 0})
+    return sorted(rows, key=lambda row: row["name"])

@@ -1,0 +1,115 @@
+"""A real stack for the web tests: `inferswarm up` with a model server we control.
+
+The stack is what `make run` starts (embedded PostgreSQL, DHT bootstrap, auth,
+metrics, an inference worker, the gateway when it exists, and the web process)
+on free ports under a temporary data directory. The worker serves the model
+"test-model" through its openai backend from `OpenAIServer` (tests/openai_server.py),
+run here in a thread of its own, so tests can slow its tokens down and count
+the streams that were cut. Passwords are hashed with cheap Argon2 parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from openai_server import OpenAIServer
+
+__all__ = ["MODEL", "PASSWORD", "ADMIN_EMAIL", "HAS_GATEWAY", "free_tcp_port", "ModelServer", "WebStack",
+           "web_stack"]
+
+MODEL = "test-model"
+PASSWORD = "correct-horse-battery-9"
+ADMIN_EMAIL = "admin@example.com"
+#: The gateway is being built beside this service; inference tests run once it can be started.
+HAS_GATEWAY = importlib.util.find_spec("services.gateway.__main__") is not None
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ModelServer:
+    """`OpenAIServer` on its own event loop in a daemon thread."""
+
+    def __init__(self, **options: object) -> None:
+        self._options = options
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="model-server", daemon=True)
+        self.server: OpenAIServer | None = None
+
+    def __enter__(self) -> OpenAIServer:
+        self._thread.start()
+        self.server = OpenAIServer((MODEL,), **self._options)  # type: ignore[arg-type]
+        asyncio.run_coroutine_threadsafe(self.server.__aenter__(), self._loop).result(10)
+        return self.server
+
+    def __exit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        asyncio.run_coroutine_threadsafe(self.server.__aexit__(None, None, None), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+
+@dataclass
+class WebStack:
+    base_url: str
+    data_dir: Path
+    bootstrap: str
+    model: OpenAIServer
+    ready: dict
+
+    @property
+    def mesh_secret(self) -> str:
+        return (self.data_dir / "mesh.secret").read_text().strip()
+
+
+@contextmanager
+def web_stack(root: Path, **env: str) -> Iterator[WebStack]:
+    """Start the whole stack; stop it (SIGTERM, then wait) when the block ends."""
+    web_port = free_tcp_port()
+    data_dir = root / "data"
+    with ModelServer(reply="The quick brown fox jumps over the lazy dog near the quiet river bank") as model:
+        models = {MODEL: {"backend": "openai", "url": model.base_url, "slots": 8, "queue": 64}}
+        child_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "INFERSWARM_API_KEY")}
+        child_env.update({
+            "INFERSWARM_MODELS": json.dumps(models),
+            "INFERSWARM_ADMIN_EMAILS": ADMIN_EMAIL,
+            "INFERSWARM_ARGON2_TIME_COST": "1", "INFERSWARM_ARGON2_MEMORY_KIB": "8192",
+            "INFERSWARM_ARGON2_PARALLELISM": "1", "INFERSWARM_CACHE_TTL": "0",
+            "INFERSWARM_LOG_LEVEL": "warning", **env,
+        })
+        stderr = open(root / "up.stderr", "w")  # a file: an undrained pipe could block `up`
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "inferswarm.cli", "up", "--json", "--data-dir", str(data_dir),
+             "--dht-port", "0", "--workers", "1", "--web-port", str(web_port),
+             "--metrics-port", str(free_tcp_port())],
+            stdout=subprocess.PIPE, stderr=stderr, text=True, env=child_env)
+        try:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line:
+                code = proc.wait()
+                raise AssertionError(f"up exited early ({code}): {(root / 'up.stderr').read_text()[-3000:]}")
+            ready = json.loads(line)
+            yield WebStack(f"http://127.0.0.1:{web_port}", data_dir, ready["bootstrap"], model, ready)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            stderr.close()
