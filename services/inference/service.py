@@ -111,10 +111,8 @@ class InferenceService:
         key = cache_key(model, request) if request.deterministic and self.cache.enabled else None
         hit = self.cache.get(model, key) if key is not None else None
         if hit is not None:
-            timing.first = time.monotonic()
-            if hit.text:
-                yield {"text": hit.text}
-            yield self._final(served, hit, timing, cached=True)
+            for chunk in self._replay(served, hit, timing):
+                yield chunk
             return
         pieces: list[str] = []
         async with served.pool.acquire(rank, timeout=self._queue_budget()):
@@ -135,14 +133,7 @@ class InferenceService:
                     served.health.failed(exc)
                     log.warning("backend failed", model=model, code=exc.code, error=exc.message)
                     raise
-            if done is None:
-                error = Unavailable(f"{served.backend.kind} backend ended without a result")
-                served.health.failed(error)
-                raise error
-            result = CachedResponse("".join(pieces), done.finish_reason, done.prompt_tokens, done.completion_tokens)
-            final = self._final(served, result, timing, cached=False)
-            served.health.succeeded(ttft_ms=final["timing"]["ttft_ms"] - final["timing"]["queue_ms"],
-                                    tokens_per_s=final["timing"]["tokens_per_s"], tokens=done.completion_tokens)
+            result, final = self._settle(served, pieces, done, timing)
         if key is not None:
             self.cache.put(key, result)
         if not stream and result.text:
@@ -211,6 +202,26 @@ class InferenceService:
         if context is None:
             return self.queue_timeout
         return max(0.0, min(self.queue_timeout, context.remaining()))
+
+    def _replay(self, served: ServedModel, hit: CachedResponse, timing: _Timing) -> list[dict[str, Any]]:
+        """The chunks of a cached answer: its text in one chunk, then the final chunk."""
+        timing.first = time.monotonic()
+        text = [{"text": hit.text}] if hit.text else []
+        return [*text, self._final(served, hit, timing, cached=True)]
+
+    def _settle(self, served: ServedModel, pieces: list[str], done: Done | None, timing: _Timing
+                ) -> tuple[CachedResponse, dict[str, Any]]:
+        """The result and final chunk of a finished generation; its figures go to health."""
+        if done is None:
+            error = Unavailable(f"{served.backend.kind} backend ended without a result")
+            served.health.failed(error)
+            raise error
+        result = CachedResponse("".join(pieces), done.finish_reason, done.prompt_tokens, done.completion_tokens)
+        final = self._final(served, result, timing, cached=False)
+        figures = final["timing"]
+        served.health.succeeded(ttft_ms=figures["ttft_ms"] - figures["queue_ms"],
+                                tokens_per_s=figures["tokens_per_s"], tokens=done.completion_tokens)
+        return result, final
 
     def _final(self, served: ServedModel, result: CachedResponse, timing: _Timing, *, cached: bool
                ) -> dict[str, Any]:
