@@ -61,6 +61,8 @@ class OllamaServer:
         self.error_after: int | None = None
         self.drop_after: int | None = None
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        #: client (host, port) of each request: one port for many requests = a kept connection
+        self.peers: list[tuple[str, int]] = []
         self.disconnects = 0
         self.active = 0
         self.url = ""
@@ -134,6 +136,7 @@ class OllamaServer:
         except ValueError:
             return {}, _error(400, "invalid character 'x' looking for beginning of value")
         self.requests.append((request.path, body))
+        self.peers.append(request.transport.get_extra_info("peername") if request.transport else ("", 0))
         model = body.get("model") if isinstance(body, dict) else None
         if not model:
             return {}, _error(400, "model is required")

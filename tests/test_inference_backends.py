@@ -116,6 +116,12 @@ async def test_non_streamed_result_is_one_text_chunk_and_deterministic_requests_
     assert status["cache"] == {"hits": 1, "misses": 1}
 
 
+async def test_finished_streams_keep_the_connection_for_the_next_request(services, ollama):
+    for _ in range(3):
+        await collect(services, model="llama3", prompt="hi", temperature=0.5)
+    assert len(set(ollama.peers[-3:])) == 1
+
+
 async def test_openai_server_without_usage_counts_chunks(services, openai):
     openai.usage = False
     chunks = await collect(services, model="gpt", messages=CHAT, temperature=0.4)

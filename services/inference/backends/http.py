@@ -80,7 +80,8 @@ class HttpClient:
         """An answered request with a 2xx status; any failure as a typed error.
 
         Leaving the block before the body was read closes the connection, which
-        is how a cancelled generation is stopped upstream.
+        is how a cancelled generation is stopped upstream; a body read to its
+        end leaves the connection open for reuse (no new TLS handshake).
         """
         if self._session is None:
             raise Unavailable(f"{self.name}: client closed", {"retry_safe": True})
@@ -93,7 +94,10 @@ class HttpClient:
                 raise await self._status_error(response)
             yield response
         finally:
-            response.close()
+            if response.content.at_eof():
+                response.release()  # read to the end: the connection is kept for the next request
+            else:
+                response.close()  # left early: closing stops the server's work
 
     async def lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         """The body's lines (stripped, blank ones skipped), drops as typed errors."""
