@@ -15,7 +15,8 @@ from ollama_server import OllamaServer, tokens_of
 from openai_server import OpenAIServer
 
 from shared.config import load
-from shared.errors import InvalidParams, MeshError, NotFound, Unavailable
+from shared.errors import InvalidParams, MeshError, NotFound, Timeout, Unavailable
+from shared.rpc import RequestContext, current_request
 from services.inference.config import InferenceConfig
 from services.inference.worker import open_service, probe_all
 
@@ -256,6 +257,28 @@ async def test_one_busy_slot_serves_the_queue_enterprise_then_pro_then_free(olla
         await asyncio.wait_for(asyncio.gather(busy, *queued), 10)
         assert order == ["busy", "enterprise", "pro", "free", "free-2"]
         assert [body["prompt"] for path, body in ollama.requests if path == "/api/generate"] == order
+
+
+async def test_a_queued_request_leaves_the_queue_when_its_callers_deadline_passes(ollama):
+    ollama.token_delay = 0.05
+    models = {"llama3": {"backend": "ollama", "url": ollama.url, "model": "llama3:8b", "slots": 1}}
+    async with AsyncExitStack() as stack:
+        service = await start_service(stack, models)
+        busy = service.generate(model="llama3", prompt="busy", temperature=0.5)
+        await anext(busy)
+        pool = service.served["llama3"].pool
+        context = RequestContext("inference.generate", "t" * 32, time.monotonic() + 0.15, "", True)
+        token = current_request.set(context)
+        try:
+            started = time.monotonic()
+            with pytest.raises(Timeout) as late:
+                await collect(service, model="llama3", prompt="late", temperature=0.5)
+        finally:
+            current_request.reset(token)
+        assert 0.1 < time.monotonic() - started < 0.5 and late.value.data["queued"] == 0
+        assert pool.queued == 0 and pool.in_use == 1
+        await busy.aclose()
+        assert pool.in_use == 0
 
 
 @pytest.mark.parametrize("kind", ["ollama", "openai"])
