@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.config import MeshConfig, load  # noqa: E402
-from shared.logging import configure_logging  # noqa: E402
-from shared.metrics import REQUESTS, Metrics, MetricsReporter  # noqa: E402
-from shared.runner import join_mesh  # noqa: E402
+from shared.config import MeshConfig, load
+from shared.logging import configure_logging
+from shared.metrics import REQUESTS, Metrics, MetricsReporter
+from shared.runner import join_mesh
 
 
 async def main(count: int) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 import time
 
 import pytest
@@ -79,7 +78,10 @@ async def test_a_resent_batch_counts_once_and_an_invalid_one_not_at_all(tmp_path
         client = net.seed.mesh("metrics")
         batch = Batch(counters={(REQUESTS.name, ("gateway", "gateway.infer", "ok")): 3.0})
         source = Source("gateway", "0123456789ab", "run-1")
-        record = lambda seq: client.call("metrics.record", {"batch": batch.to_wire(source, seq)})  # noqa: E731
+
+        async def record(seq: int) -> dict:
+            return await client.call("metrics.record", {"batch": batch.to_wire(source, seq)})
+
         assert await record(1) == {"result": "ok", "seq": 1}
         assert await record(1) == {"result": "duplicate", "seq": 1}  # an answer lost, the batch resent
         assert await record(2) == {"result": "ok", "seq": 2}
@@ -149,10 +151,11 @@ async def test_exposition_parses_and_passes_promtool(tmp_path):
         (itself,) = app.health.instances.values()
         assert value(parsed, "ai_platform_service_up", service="metrics", instance=itself.instance) == 1
         assert value(parsed, "ai_platform_system_status", status="ok") == 1
-        checked = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True,
-                                 timeout=30)
-        assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
-        assert not checked.stdout.strip() and not checked.stderr.strip()  # not even a lint warning
+        checked = await asyncio.create_subprocess_exec(
+            promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        output, _ = await asyncio.wait_for(checked.communicate(text.encode()), 30)
+        assert checked.returncode == 0 and not output.strip(), output.decode()  # not even a lint warning
 
 
 async def test_a_flood_of_distinct_label_values_stays_within_the_series_cap(tmp_path):

@@ -52,7 +52,7 @@ class _Handle:
         self._owner = owner
         self._warned = False
 
-    def _key(self, labels: dict[str, Any]) -> tuple[str, str, tuple[str, ...]] | Any:
+    def _key(self, labels: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
         try:
             raw = tuple([labels[n] for n in self._names])
             series = self._keys.get(raw)
