@@ -174,3 +174,16 @@ async def test_the_event_loop_keeps_running_while_the_model_generates(service):
     await tick
     assert chunks[-1]["usage"]["completion_tokens"] > 10
     assert len(gaps) > 10 and max(gaps) < 0.1, f"the loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+async def test_two_local_slots_generate_at_once_with_the_same_deterministic_answer():
+    async with AsyncExitStack() as stack:
+        service = await open_service(stack, config(slots=2), worker_id="local-test")
+
+        async def one() -> list[dict]:
+            return await collect(service, prompt="The sea is", max_tokens=12, **GREEDY)
+
+        first, second = await asyncio.gather(one(), one())
+        assert first[-1]["timing"]["queue_ms"] < 50 and second[-1]["timing"]["queue_ms"] < 50  # no waiting
+        assert text_of(first) == text_of(second) != "" and first[-1]["usage"] == second[-1]["usage"]
+        assert service.served["smollm2"].pool.state() == {"slots": 2, "in_use": 0, "queued": 0, "limit": 2}
