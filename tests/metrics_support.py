@@ -92,7 +92,7 @@ class Mesh:
         config = MetricsConfig(mesh=self.config(name), **{**FAST, **overrides})
 
         async def build(stack: AsyncExitStack, node: MeshNode) -> list[object]:
-            app = await open_metrics(stack, config, node.discovery, node.mesh)
+            app = await open_metrics(stack, config, node)
             self.metrics.append(app)
             return [app.service]
 

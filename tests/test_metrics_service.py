@@ -150,6 +150,7 @@ async def test_exposition_parses_and_passes_promtool(tmp_path):
         assert value(parsed, "ai_platform_tokens_total", model="smollm2-135m", direction="out") == 30
         (itself,) = app.health.instances.values()
         assert value(parsed, "ai_platform_service_up", service="metrics", instance=itself.instance) == 1
+        assert value(parsed, "ai_platform_dht_peers", service="metrics", instance=itself.instance) >= 1
         assert value(parsed, "ai_platform_system_status", status="ok") == 1
         checked = await asyncio.create_subprocess_exec(
             promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,

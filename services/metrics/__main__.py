@@ -28,7 +28,7 @@ def main() -> None:
     opened: list[MetricsApp] = []
 
     async def build(stack: AsyncExitStack, node: MeshNode) -> list[object]:
-        opened.append(await open_metrics(stack, config, node.discovery, node.mesh))
+        opened.append(await open_metrics(stack, config, node))
         return [opened[0].service]
 
     def ready(info: dict[str, Any]) -> None:

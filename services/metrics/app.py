@@ -2,7 +2,9 @@
 
 Used by `__main__` (inside the runner's lifecycle) and by the tests, so both
 run the same wiring: the aggregator, the health monitor (probing over the
-mesh client), the active-user refresher (asking auth), the HTTP server.
+mesh client), the active-user refresher (asking auth), the HTTP server, and
+the process's own reporter (its DHT peers), which hands its batches to the
+service directly instead of over the mesh.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-from shared.dht.interface import Discovery, Provider
+from typing import Any
+
+from shared.dht.interface import Provider
+from shared.metrics import Metrics, MetricsReporter, instance_id
 from shared.rpc import MeshClient
+from shared.runner import MeshNode
 from services.metrics.active_users import ActiveUsers
 from services.metrics.aggregate import Aggregator
 from services.metrics.config import MetricsConfig
@@ -20,7 +26,7 @@ from services.metrics.health import HealthMonitor
 from services.metrics.http import MetricsHttp
 from services.metrics.service import MetricsService
 
-__all__ = ["MeshProber", "MetricsApp", "open_metrics"]
+__all__ = ["LocalSender", "MeshProber", "MetricsApp", "open_metrics"]
 
 
 class MeshProber:
@@ -42,6 +48,18 @@ class MeshProber:
         self._mesh.cool_down(provider)  # drops (closes) its idle connection
 
 
+class LocalSender:
+    """The `Sender` of the metrics process's own reporter: straight to its service."""
+
+    def __init__(self, service: MetricsService) -> None:
+        self._service = service
+
+    async def call(self, method: str, params: dict[str, Any] | None = None, *,
+                   timeout: float | None = None, idempotent: bool = False) -> Any:
+        assert method == "metrics.record", method
+        return await self._service.record(**(params or {}))
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsApp:
     """The parts of a running metrics service (the tests look inside)."""
@@ -52,12 +70,12 @@ class MetricsApp:
     active_users: ActiveUsers
     exposition: Exposition
     http: MetricsHttp
+    metrics: Metrics  #: this process's own registry
 
 
-async def open_metrics(
-    stack: AsyncExitStack, config: MetricsConfig, discovery: Discovery, mesh: MeshClient,
-) -> MetricsApp:
+async def open_metrics(stack: AsyncExitStack, config: MetricsConfig, node: MeshNode) -> MetricsApp:
     """Every part started on `stack` (closed in reverse); the service to serve."""
+    discovery, mesh = node.discovery, node.mesh
     aggregator = Aggregator(series_cap=config.series_cap, gauge_ttl=config.gauge_ttl)
     health = HealthMonitor(
         discovery, MeshProber(mesh), required=config.required, interval=config.probe_interval,
@@ -74,4 +92,8 @@ async def open_metrics(
     http = MetricsHttp(exposition.render, health.report, host=config.http_host, port=config.http_port)
     await stack.enter_async_context(http)
     service = MetricsService(aggregator, health)
-    return MetricsApp(service, aggregator, health, active_users, exposition, http)
+    metrics = Metrics()
+    await stack.enter_async_context(MetricsReporter(
+        metrics, LocalSender(service), service="metrics", instance=instance_id(node.identity.public_key),
+        peers=discovery))
+    return MetricsApp(service, aggregator, health, active_users, exposition, http, metrics)
