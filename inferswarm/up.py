@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--web-port", type=int, default=8080)
     parser.add_argument("--metrics-port", type=int, default=9100)
+    parser.add_argument("--models", type=Path, metavar="FILE",
+                        help="which backends serve which models (JSON or TOML; see services/inference/README.md)")
     parser.add_argument("--json", action="store_true", help="print one JSON line once ready")
 
 
@@ -86,6 +88,8 @@ def service_specs(args: argparse.Namespace, base_env: dict[str, str], databases:
                 env["DATABASE_URL"] = databases[service]
             if service == "web":
                 env["INFERSWARM_WEB_PORT"] = str(args.web_port)
+            if service == "inference" and args.models is not None:
+                env["INFERSWARM_MODELS_FILE"] = str(args.models.resolve())
             if service == "metrics":
                 env["INFERSWARM_METRICS_PORT"] = str(args.metrics_port)
             specs.append(ChildSpec(name, [sys.executable, "-m", f"services.{service}"], env))

@@ -32,7 +32,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from shared.config import ConfigError, MeshConfig
 from shared.dht import Announcer, KademliaDiscovery, service_topic
 from shared.identity import MeshCredential, NodeIdentity
 from shared.logging import configure_logging
+from shared.metrics import REQUESTS, RPC_ERRORS, Metrics, MetricsReporter
 from shared.rpc import Dispatcher, MeshClient, RpcServer
 
 __all__ = ["MeshNode", "join_mesh", "mesh_credential", "serve", "run", "VERSION"]
@@ -65,6 +66,8 @@ class MeshNode:
     mesh: MeshClient
     #: Set by `serve` once the process announces itself.
     announcer: Announcer | None = None
+    #: This process's metrics, pushed to the metrics service every second.
+    metrics: Metrics = field(default_factory=Metrics)
 
     @property
     def state_dir(self) -> Path:
@@ -136,6 +139,8 @@ async def serve(
     node_name = config.node_name or service
     async with AsyncExitStack() as stack:
         node = await join_mesh(stack, node_name, config)
+        if service != "metrics":  # the metrics service records its own locally
+            await stack.enter_async_context(MetricsReporter.for_node(node, node.metrics, service=service))
         handlers = await build(stack, node)
         server = RpcServer(
             Dispatcher(*handlers),
@@ -146,6 +151,7 @@ async def serve(
             advertise_host=config.advertised_host,
             max_message_bytes=config.max_message_bytes,
             drain_timeout=drain_timeout,
+            observe=_request_counter(node.metrics, service),
         )
         await stack.enter_async_context(server)
 
@@ -165,6 +171,18 @@ async def serve(
         (ready or _print_ready)(info)
         await stop.wait()
         log.info("service stopping", service=service)
+
+
+def _request_counter(metrics: Metrics, service: str) -> Callable[[str, str], None]:
+    """Count every RPC request by method and outcome, and errors by code."""
+    requests, errors = metrics.counter(REQUESTS), metrics.counter(RPC_ERRORS)
+
+    def observe(method: str, status: str) -> None:
+        requests.inc(service=service, method=method, status=status)
+        if status != "ok":
+            errors.inc(service=service, code=status)
+
+    return observe
 
 
 def run(service: str, build: Build, config: MeshConfig, **options: Any) -> None:

@@ -10,11 +10,17 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["free_udp_port", "alive", "start_up", "read_ready", "Cli"]
+__all__ = ["free_udp_port", "free_tcp_port", "alive", "start_up", "read_ready", "Cli"]
 
 
 def free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
@@ -32,7 +38,8 @@ def start_up(data_dir: Path, dht_port: int, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     return subprocess.Popen(
         [sys.executable, "-m", "inferswarm.cli", "up", "--json", "--data-dir", str(data_dir),
-         "--dht-port", str(dht_port), *extra],
+         "--dht-port", str(dht_port), "--metrics-port", str(free_tcp_port()),
+         "--web-port", str(free_tcp_port()), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+import urllib.request
 
 import pytest
 
@@ -59,6 +61,22 @@ def test_account_and_key_tour(cli, tmp_path):
 
     assert cli("logout").returncode == 0
     assert not saved.exists()
+
+
+@pytest.mark.timeout(240)
+def test_requests_reach_prometheus_through_the_metrics_service(cli, stack):
+    _, _, ready = stack
+    assert cli("register", "erin", "erin@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0
+    wanted = 'ai_platform_requests_total{method="auth.register",service="auth",status="ok"}'
+    deadline = time.monotonic() + 15  # reporters push every second
+    exposition = ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(ready["metrics"], timeout=5) as response:
+            exposition = response.read().decode()
+        if wanted in exposition:
+            break
+        time.sleep(0.5)
+    assert wanted in exposition
 
 
 @pytest.mark.timeout(240)

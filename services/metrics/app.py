@@ -92,7 +92,7 @@ async def open_metrics(stack: AsyncExitStack, config: MetricsConfig, node: MeshN
     http = MetricsHttp(exposition.render, health.report, host=config.http_host, port=config.http_port)
     await stack.enter_async_context(http)
     service = MetricsService(aggregator, health)
-    metrics = Metrics()
+    metrics = node.metrics  # the runner counts this process's RPC requests into it
     await stack.enter_async_context(MetricsReporter(
         metrics, LocalSender(service), service="metrics", instance=instance_id(node.identity.public_key),
         peers=discovery))

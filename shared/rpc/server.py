@@ -16,7 +16,7 @@ import asyncio
 import contextvars
 import errno
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import structlog
@@ -51,6 +51,10 @@ log = structlog.get_logger(__name__)
 _HARD_CAP_FACTOR = 4
 _SEND_RETRY_S = 0.002
 _ZAP_DOMAIN = "inferswarm"
+
+
+def _ignore(method: str, status: str) -> None:
+    pass
 
 
 class _KeyAllowList:
@@ -102,7 +106,11 @@ class RpcServer:
         advertise_host: str | None = None,
         max_message_bytes: int = 1 << 20,
         drain_timeout: float = 10.0,
+        observe: Callable[[str, str], None] | None = None,
     ) -> None:
+        """`observe(method, status)` is told how every request ended: status is
+        "ok" or the error code; method is "other" for names not served here."""
+        self._observe = observe or _ignore
         self._dispatcher = dispatcher
         if dispatcher.get("rpc.ping") is None:
             dispatcher.add(_Builtins(self))
@@ -237,6 +245,8 @@ class RpcServer:
         try:
             handler, peer = self._admit(payload, request)
         except MeshError as exc:
+            known = self._dispatcher.get(request.method) is not None
+            self._observe(request.method if known else "other", exc.code)
             self._send(ident, codec.encode_error(request.id, *exc.to_wire()))
             return
         key = (ident, request.id)
@@ -297,6 +307,7 @@ class RpcServer:
             )
         )
         structlog.contextvars.bind_contextvars(trace_id=request.trace_id)
+        status = "ok"
         try:
             if handler.stream:
                 await self._run_stream(ident, request, handler)
@@ -304,20 +315,25 @@ class RpcServer:
                 result = await handler.call(request.params)
                 self._send(ident, codec.encode_reply(request.id, result))
         except MeshError as exc:
+            status = exc.code
             self._log_error(request, exc)
             self._send(ident, codec.encode_error(request.id, *exc.to_wire()))
         except asyncio.CancelledError:
             if (ident, request.id) in self._expired:
+                status = Timeout.code
                 error = Timeout(f"{request.method} did not finish within {budget:.3f}s")
                 self._send(ident, codec.encode_error(request.id, *error.to_wire()))
             else:
                 # The caller cancelled, or we are closing: no one awaits an answer.
+                status = "CANCELLED"
                 log.debug("request cancelled", method=request.method)
         except Exception:
+            status = Internal.code
             log.exception("handler failed", method=request.method)
             error = Internal(f"internal error (trace {request.trace_id})")
             self._send(ident, codec.encode_error(request.id, *error.to_wire()))
         finally:
+            self._observe(request.method, status)
             key = (ident, request.id)
             self._tasks.pop(key, None)
             self._expired.discard(key)
