@@ -4,7 +4,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install system-test-deps run test bench clean
+
+# Tools the tests use from Debian: promtool (package prometheus; its server is
+# not started) and a headless Chromium for the dashboard tests.
+SYSTEM_TEST_PACKAGES := prometheus chromium
 
 # llama-cpp-python compiles from source (4-6 minutes on 2 cores, once: pip
 # caches the wheel). Portable x86-64 flags, so the wheel runs on any AVX2 host.
@@ -27,14 +31,24 @@ install: $(STAMP)
 run: install
 	$(BIN)/inferswarm up
 
+system-test-deps:
+	@if ! command -v promtool >/dev/null || ! command -v chromium >/dev/null; then \
+		echo "installing $(SYSTEM_TEST_PACKAGES) (apt-get)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_TEST_PACKAGES) >/dev/null; \
+	fi
+
 # Every test, against real PostgreSQL, ZeroMQ and DHT nodes started by the tests.
-test: install
+test: install system-test-deps
 	$(BIN)/python -m pytest
 
 # Benchmarks print their figures and end with one line of JSON each.
 bench: install
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/dht.py
+	$(BIN)/python bench/auth.py
+	$(BIN)/python bench/inference.py
 
 clean:
 	rm -rf $(VENV) .data
