@@ -17,10 +17,11 @@ pieces, then a final chunk with `usage`, `finish_reason`, `timing`, `cached`,
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from shared.errors import InvalidParams
+from shared.errors import InvalidParams, MeshError
 from shared.rpc import Stream
 from services.web.ratelimits import facts_of
 from services.web.upstream import Upstream
@@ -29,6 +30,7 @@ __all__ = ["Relay", "check_generation", "MAX_STOP"]
 
 MAX_STOP = 4
 _SAMPLING = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
+_QUOTA_WAIT_S = 1.0
 
 
 def _is_final(chunk: Mapping[str, Any]) -> bool:
@@ -48,16 +50,30 @@ class Relay:
 
     @classmethod
     async def start(cls, upstream: Upstream, params: dict[str, Any]) -> Relay:
-        """Start the call and wait for its first chunk; a refusal raises its typed error."""
-        relay = cls(upstream, await upstream.infer(params))
+        """Start the call and wait for its first chunk; a refusal raises its typed error.
+
+        A streamed reply sends its headers before the final chunk's exact rate-limit
+        facts exist, so for streams `gateway.quota` is asked at the same time, and
+        its facts (as of the start of the request) go into the headers.
+        """
+        quota = None
+        if params.get("stream") and params.get("api_key"):
+            quota = asyncio.ensure_future(upstream.gateway("quota", api_key=params["api_key"]))
         try:
-            first = await relay._next()
-        except BaseException:
-            await relay.close()
-            raise
-        if first is not None:
-            relay._pending.append(first)
-        return relay
+            relay = cls(upstream, await upstream.infer(params))
+            try:
+                first = await relay._next()
+            except BaseException:
+                await relay.close()
+                raise
+            if first is not None:
+                relay._pending.append(first)
+            if quota is not None and not relay.facts:
+                relay.facts = await _facts_of_quota(quota)
+            return relay
+        finally:
+            if quota is not None and not quota.done():
+                quota.cancel()
 
     async def _next(self) -> dict[str, Any] | None:
         """The next text chunk; metadata and the final chunk are absorbed. None at the end."""
@@ -99,6 +115,14 @@ class Relay:
     def finish_reason(self) -> str:
         reason = self.final.get("finish_reason")
         return reason if isinstance(reason, str) else "stop"
+
+
+async def _facts_of_quota(quota: asyncio.Future[Any]) -> dict[str, dict[str, Any]]:
+    """The facts of a `gateway.quota` answer; none if it fails or is slow (headers are best effort)."""
+    try:
+        return facts_of(await asyncio.wait_for(asyncio.shield(quota), _QUOTA_WAIT_S))
+    except (MeshError, TimeoutError):
+        return {}
 
 
 def check_generation(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 * **Headers** on every response (pages, API, errors, streams): a CSP that
   allows scripts, styles and images from this origin only (no inline script,
-  no inline style), no framing, no MIME sniffing, no referrer, and HSTS when
-  served over TLS. Pages and API replies are `Cache-Control: no-store`.
+  no inline style), no framing, no MIME sniffing, no referrer to other sites
+  (`same-origin`: with `no-referrer` browsers send `Origin: null` on form
+  posts, defeating the origin check below), and HSTS when served over TLS. Pages and API replies are `Cache-Control: no-store`.
 * **Session**: the JWT from `auth.login` in an HttpOnly, SameSite=Strict cookie,
   `Secure` over TLS; verified locally with auth's public key.
 * **CSRF**: a random HttpOnly cookie per browser; each form carries
@@ -52,7 +53,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cross-Origin-Resource-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
