@@ -77,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("--start", help="YYYY-MM-DD (default: 30 days ago)")
     usage.add_argument("--end", help="YYYY-MM-DD (default: today)")
 
+    client("status", "every service and worker: announced, reachable, capacity")
+
     admin = commands.add_parser("admin", help="administration").add_subparsers(
         dest="admin_command", required=True, metavar="ACTION")
     set_tier = client("admin set-tier", "change a user's tier (admins only)", admin)

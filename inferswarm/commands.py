@@ -122,6 +122,20 @@ async def admin_set_tier(args: Namespace, session: ClientSession, creds: Credent
     return Result(f"{user['username']} is now on the {user['tier']} tier", user)
 
 
+async def status(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    report = await session("metrics").call("metrics.health", idempotent=True)
+    rows = [[i["service"], i["instance"], i["status"], i.get("endpoint") or "-",
+             "-" if i.get("latency_ms") is None else f"{i['latency_ms']:.1f} ms"]
+            for i in sorted(report["instances"], key=lambda i: (i["service"], i["instance"]))]
+    text = f"system: {report['status']}\n" + table(["service", "instance", "status", "endpoint", "ping"], rows)
+    models = report.get("models") or {}
+    if models:
+        model_rows = [[name, m["workers"], m["slots"], m["slots_free"], m["queue_depth"]]
+                      for name, m in sorted(models.items())]
+        text += "\n\n" + table(["model", "workers", "slots", "free", "queued"], model_rows)
+    return Result(text, report)
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A plain aligned text table."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
@@ -139,4 +153,5 @@ COMMANDS = {
     "keys revoke": keys_revoke,
     "usage": usage,
     "admin set-tier": admin_set_tier,
+    "status": status,
 }

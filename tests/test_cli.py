@@ -64,6 +64,23 @@ def test_account_and_key_tour(cli, tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_status_shows_every_service(cli):
+    deadline = time.monotonic() + 20  # the first health round takes a couple of seconds
+    while True:
+        result = cli("status", "--json")
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        services = {i["service"] for i in report["instances"] if i["status"] == "ok"}
+        if {"auth", "inference", "metrics"} <= services or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert {"auth", "inference", "metrics"} <= services
+    assert report["models"]["smollm2"]["workers"] == 1
+    table = cli("status")
+    assert table.returncode == 0 and "auth" in table.stdout and "smollm2" in table.stdout
+
+
+@pytest.mark.timeout(240)
 def test_requests_reach_prometheus_through_the_metrics_service(cli, stack):
     _, _, ready = stack
     assert cli("register", "erin", "erin@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0

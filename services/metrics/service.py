@@ -45,7 +45,9 @@ class MetricsService:
             raise
         return {"result": self._aggregator.apply(source, seq, parsed), "seq": seq}
 
-    @method(idempotent=True)
+    @method(public=True, idempotent=True)
     async def health(self) -> dict[str, Any]:
-        """Announced and reachable, per instance; per service; the system rollup."""
+        """Announced and reachable, per instance; per service; the system rollup.
+
+        Public, like HTTP `/health`: `inferswarm status` asks it as a client."""
         return self._health.report()
