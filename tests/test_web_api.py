@@ -162,7 +162,7 @@ async def test_quota_and_inference_with_an_api_key(client):
         "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert reply.status == 200, await reply.text()
     body = await reply.json()
-    assert body["text"] == "The quick brown fox" and body["finish_reason"] == "length"
+    assert body["text"] == "The quick brown fox " and body["finish_reason"] == "length"
     assert body["usage"]["completion_tokens"] == 4
     assert reply.headers["x-ratelimit-limit-requests"] == "100"
 
