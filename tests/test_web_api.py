@@ -13,10 +13,21 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
+import datetime
+import ssl
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 from shared.config import MeshConfig, Secret
+from shared.errors import ERROR_CLASSES, RateLimited, RemoteError, Unavailable
 from shared.runner import join_mesh
-from services.web.app import create_app
+from services.web.app import create_app, start_site
 from services.web.config import WebConfig
+from services.web.errors import STATUS, error_headers, status_of
 from services.web.security import SECURITY_HEADERS
 from web_support import HAS_GATEWAY, MODEL, PASSWORD, web_stack
 
@@ -33,16 +44,20 @@ def stack(tmp_path_factory):
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def client(stack, tmp_path_factory):
+async def node(stack, tmp_path_factory):
     mesh = MeshConfig(data_dir=tmp_path_factory.mktemp("web-node"), bootstrap=(stack.bootstrap,),
                       mesh_secret=Secret(stack.mesh_secret))
     async with AsyncExitStack() as resources:
-        node = await join_mesh(resources, "web-under-test", mesh)
-        app = create_app(WebConfig(mesh=mesh, max_body_bytes=MAX_BODY), node.mesh)
-        test_client = TestClient(TestServer(app))
-        await test_client.start_server()
-        resources.push_async_callback(test_client.close)
-        yield test_client
+        yield await join_mesh(resources, "web-under-test", mesh)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def client(node):
+    app = create_app(WebConfig(mesh=node.config, max_body_bytes=MAX_BODY), node.mesh)
+    test_client = TestClient(TestServer(app))
+    await test_client.start_server()
+    yield test_client
+    await test_client.close()
 
 
 async def register(client, name: str) -> dict:
@@ -137,6 +152,60 @@ async def test_failed_logins_are_throttled_with_429_and_retry_after(client):
     # Even the right password waits until the lock ends.
     right = await client.post("/api/auth/login", json={"username_or_email": "rest-erin", "password": PASSWORD})
     assert right.status == 429
+
+
+async def test_the_error_table_covers_every_code():
+    assert set(ERROR_CLASSES) <= set(STATUS)
+    assert status_of(RemoteError("SOMETHING_NEW")) == 502
+    assert error_headers(RateLimited("slow down", {"retry_after": 2.2})) == {"Retry-After": "3"}
+    assert error_headers(Unavailable()) == {"Retry-After": "1"}
+    statuses = {code: entry.status for code, entry in STATUS.items()}
+    assert {statuses[c] for c in ("INVALID_PARAMS", "UNAUTHENTICATED", "FORBIDDEN", "NOT_FOUND", "CONFLICT",
+                                  "TOO_LARGE", "RATE_LIMITED", "UNAVAILABLE", "TIMEOUT")} == \
+        {400, 401, 403, 404, 409, 413, 429, 503, 504}
+
+
+def self_signed(directory) -> tuple:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_over_tls_the_cookies_are_secure_and_hsts_is_sent(node, tmp_path):
+    cert, key = self_signed(tmp_path)
+    config = WebConfig(mesh=node.config, host="127.0.0.1", port=0, tls_cert=cert, tls_key=key)
+    runner, url = await start_site(create_app(config, node.mesh), config)
+    try:
+        assert url.startswith("https://127.0.0.1:")
+        insecure = ssl.create_default_context()
+        insecure.check_hostname, insecure.verify_mode = False, ssl.CERT_NONE
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=insecure)) as http:
+            page = await http.get(url + "login")
+            assert page.status == 200
+            assert page.headers["Strict-Transport-Security"].startswith("max-age=")
+            csrf = page.cookies["inferswarm_csrf"]
+            assert csrf["secure"] and csrf["httponly"] and csrf["samesite"] == "Strict"
+            reply = await http.post(url + "api/auth/register", json={
+                "username": "tls-tom", "email": "tls-tom@example.com", "password": PASSWORD})
+            assert reply.status == 201
+            token = csrf.value
+            form_token = (await page.text()).split('name="csrf_token" value="')[1].split('"')[0]
+            login = await http.post(url + "login", allow_redirects=False, data={
+                "csrf_token": form_token, "username_or_email": "tls-tom", "password": PASSWORD},
+                headers={"Cookie": f"inferswarm_csrf={token}"})
+            assert login.status == 303 and login.headers["Location"] == "/dashboard"
+            session = login.cookies["inferswarm_session"]
+            assert session["secure"] and session["httponly"] and session["samesite"] == "Strict"
+    finally:
+        await runner.cleanup()
 
 
 async def test_every_reply_carries_the_security_headers(client):

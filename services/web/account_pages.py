@@ -16,7 +16,7 @@ from aiohttp import web
 from shared.errors import MeshError
 from services.web.errors import error_headers, status_of
 from services.web.forms import read_form, require, text
-from services.web.session import UPSTREAM, field_errors, login_required
+from services.web.session import ME, TOKEN, UPSTREAM, field_errors, login_required
 from services.web.views import redirect, render
 
 __all__ = ["routes", "TIERS"]
@@ -30,7 +30,7 @@ _EXPIRY_CHOICES = ("", "7", "30", "90", "365")
 async def _keys_page(request: web.Request, *, status: int = 200, values: dict[str, str] | None = None,
                      errors: dict[str, str] | None = None, created: dict[str, Any] | None = None,
                      notice: str | None = None) -> web.Response:
-    keys = await request.app[UPSTREAM].auth("list_keys", token=request["token"])
+    keys = await request.app[UPSTREAM].auth("list_keys", token=request[TOKEN])
     return render(request, "keys.html", status=status, keys=list(reversed(keys)), created=created,
                   values=values or {"expires_in_days": ""}, errors=errors or {}, notice=notice,
                   expiry_choices=_EXPIRY_CHOICES)
@@ -55,7 +55,7 @@ async def create_key(request: web.Request) -> web.Response:
         return await _keys_page(request, status=400, values=values, errors=errors)
     expires = int(values["expires_in_days"]) if values["expires_in_days"] else None
     try:
-        key = await request.app[UPSTREAM].auth("create_key", token=request["token"], name=values["name"],
+        key = await request.app[UPSTREAM].auth("create_key", token=request[TOKEN], name=values["name"],
                                                expires_in_days=expires)
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED":
@@ -73,12 +73,12 @@ async def revoke_key(request: web.Request) -> web.Response:
     form = await read_form(request)
     key_id = int(request.match_info["key_id"])
     if text(form, "confirm") != "yes":
-        keys = await request.app[UPSTREAM].auth("list_keys", token=request["token"])
+        keys = await request.app[UPSTREAM].auth("list_keys", token=request[TOKEN])
         key = next((k for k in keys if k["id"] == key_id), None)
         if key is None:
             raise web.HTTPNotFound(text="no such key")
         return render(request, "revoke_confirm.html", key=key)
-    await request.app[UPSTREAM].auth("revoke_key", token=request["token"], key_id=key_id)
+    await request.app[UPSTREAM].auth("revoke_key", token=request[TOKEN], key_id=key_id)
     return redirect("/keys?revoked=1")
 
 
@@ -89,7 +89,7 @@ async def _admin_page(request: web.Request, *, status: int = 200, values: dict[s
                       errors: dict[str, str] | None = None, notice: str | None = None) -> web.Response:
     users, users_error = None, None
     try:
-        users = await request.app[UPSTREAM].auth("list_users", token=request["token"])
+        users = await request.app[UPSTREAM].auth("list_users", token=request[TOKEN])
     except MeshError as exc:
         if exc.code in ("UNAUTHENTICATED", "FORBIDDEN"):
             raise
@@ -99,7 +99,7 @@ async def _admin_page(request: web.Request, *, status: int = 200, values: dict[s
 
 
 def _admin_only(request: web.Request) -> None:
-    if not request["me"].get("is_admin"):
+    if not request[ME].get("is_admin"):
         raise web.HTTPForbidden(text="administrators only")
 
 
@@ -126,7 +126,7 @@ async def admin_update(request: web.Request) -> web.Response:
     if errors:
         return await _admin_page(request, status=400, values=values, errors=errors)
     user: int | str = int(values["user"]) if values["user"].isdigit() else values["user"]
-    upstream, token = request.app[UPSTREAM], request["token"]
+    upstream, token = request.app[UPSTREAM], request[TOKEN]
     try:
         if values["tier"]:
             updated = await upstream.auth("set_tier", token=token, user=user, tier=values["tier"])

@@ -19,7 +19,7 @@ from services.web.forms import read_form, require, text
 from services.web.ratelimits import facts_of
 from services.web.security import clear_session, client_addr, set_session
 from services.web.upstream import model_rows
-from services.web.session import UPSTREAM, field_errors, load_session, login_required, safe_next
+from services.web.session import ME, TOKEN, UPSTREAM, field_errors, load_session, login_required, safe_next
 from services.web.views import bar_chart, daily_series, quota_bars, redirect, render
 
 __all__ = ["routes"]
@@ -129,7 +129,7 @@ async def _settle(call: Any) -> tuple[Any, str | None]:
 @routes.get("/dashboard")
 @login_required
 async def dashboard(request: web.Request) -> web.Response:
-    upstream, token = request.app[UPSTREAM], request["token"]
+    upstream, token = request.app[UPSTREAM], request[TOKEN]
     (usage, usage_error), (quota, quota_error), (recent, recent_error) = await asyncio.gather(
         _settle(upstream.auth("usage", token=token)),
         _settle(upstream.gateway("quota", token=token)),

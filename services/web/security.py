@@ -59,6 +59,8 @@ SECURITY_HEADERS = {
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
 }
 TRUST_PROXY = web.AppKey("trust_proxy", bool)
+_NONCE = web.RequestKey("csrf_nonce", str)
+_NEW_NONCE = web.RequestKey("csrf_new_nonce", str)
 FORCE_SECURE = web.AppKey("force_secure", bool)
 
 
@@ -133,16 +135,16 @@ class Csrf:
 
     def token(self, request: web.Request) -> str:
         """The token for this browser's forms (a new cookie nonce is made if needed)."""
-        nonce = request.get("csrf_nonce") or request.cookies.get(CSRF_COOKIE) or ""
+        nonce = request.get(_NONCE) or request.cookies.get(CSRF_COOKIE) or ""
         if not 20 <= len(nonce) <= 64:
             nonce = secrets.token_urlsafe(24)
-            request["csrf_new_nonce"] = nonce
-        request["csrf_nonce"] = nonce
+            request[_NEW_NONCE] = nonce
+        request[_NONCE] = nonce
         return self._mac(nonce)
 
     def set_cookie(self, request: web.Request, response: web.StreamResponse) -> None:
         """Send the nonce cookie if `token()` made a new one for this request."""
-        nonce = request.get("csrf_new_nonce")
+        nonce = request.get(_NEW_NONCE)
         if nonce:
             _cookie(response, request, CSRF_COOKIE, nonce, None)
 

@@ -18,8 +18,9 @@ from aiohttp import web
 from shared.errors import Unauthenticated
 from services.web.security import SESSION_COOKIE, clear_session
 from services.web.upstream import Upstream
+from services.web.views import ME, TOKEN
 
-__all__ = ["UPSTREAM", "Handler", "load_session", "login_required", "safe_next", "login_redirect",
+__all__ = ["UPSTREAM", "TOKEN", "ME", "Handler", "load_session", "login_required", "safe_next", "login_redirect",
            "field_errors"]
 
 UPSTREAM = web.AppKey("upstream", Upstream)
@@ -37,7 +38,7 @@ async def load_session(request: web.Request) -> bool:
         me = await upstream.auth("me", token=token)
     except Unauthenticated:
         return False
-    request["token"], request["me"] = token, me
+    request[TOKEN], request[ME] = token, me
     return True
 
 

@@ -17,12 +17,15 @@ from aiohttp import web
 
 from services.web.security import CSRF_FIELD, Csrf
 
-__all__ = ["TEMPLATES", "CSRF", "make_environment", "render", "redirect", "daily_series", "bar_chart", "quota_bars",
+__all__ = ["TEMPLATES", "CSRF", "TOKEN", "ME", "make_environment", "render", "redirect", "daily_series", "bar_chart", "quota_bars",
            "humanize_duration"]
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
 TEMPLATES = web.AppKey("templates", jinja2.Environment)
 CSRF = web.AppKey("csrf", Csrf)
+#: On requests of logged-in browsers: the session token and auth's view of the account.
+TOKEN = web.RequestKey("token", str)
+ME = web.RequestKey("me", dict)
 
 
 def make_environment() -> jinja2.Environment:
@@ -47,7 +50,7 @@ def render(request: web.Request, template: str, *, status: int = 200, **context:
     """The page `template` with the common context: user, CSRF token, current path."""
     csrf = request.app[CSRF]
     page = request.app[TEMPLATES].get_template(template).render(
-        user=request.get("me"), csrf_field=CSRF_FIELD, csrf_token=csrf.token(request),
+        user=request.get(ME), csrf_field=CSRF_FIELD, csrf_token=csrf.token(request),
         path=request.path, **context)
     response = web.Response(text=page, status=status, content_type="text/html")
     csrf.set_cookie(request, response)

@@ -1,0 +1,244 @@
+"""HTTP benchmark: /v1/chat/completions through the whole stack versus a bare server.
+
+    .venv/bin/python bench/web.py [--seconds 4] [--rounds 2] [--levels 1,16,64]
+
+(a) direct: a minimal aiohttp server (its own process) that answers
+    `POST /v1/chat/completions` with a fixed completion -- the least code that
+    speaks the protocol;
+(b) stack: the same request to the web service of `inferswarm up` (one
+    gateway, one worker): web -> gateway (key check, limits, accounting,
+    metrics) -> worker -> the same fixed server, through the worker's openai
+    backend. The inference service has no zero-cost backend (yet), so the
+    worker's HTTP call to the fixed server is part of (b): "added" below is
+    everything our path adds on top of a bare server, that hop included.
+Non-streaming requests, `max_tokens` 8, the response cache off, the caller on
+the unlimited tier. For each number in flight the two alternate (never at
+once) for `rounds` rounds of `seconds` each, after a warm-up; the best round
+of each is kept (shared, noisy machines). The load generator is one aiohttp
+client with exactly N requests in flight, bounded in time and count.
+The last line is JSON with `rps_64` and `added_p50_ms_1`. (The issue names this
+file bench/http.py; a script of that name would shadow the standard library's
+`http` package, which aiohttp imports, so it is bench/web.py.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared.config import MeshConfig, Secret  # noqa: E402
+from shared.logging import configure_logging  # noqa: E402
+from shared.runner import join_mesh  # noqa: E402
+
+MODEL = "bench-model"
+PASSWORD = "correct-horse-battery-9"
+ADMIN = "bench-admin@example.com"
+BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+COMPLETION = "Hello! How can I help you today?"
+MAX_REQUESTS_PER_RUN = 200_000
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# -- (a) the fixed-completion server -------------------------------------------------------
+
+
+def fixed_app() -> web.Application:
+    whole = {"id": "chatcmpl-fixed", "object": "chat.completion", "created": 0, "model": MODEL,
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": COMPLETION},
+                          "logprobs": None, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17}}
+    encoded = json.dumps(whole).encode()
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.Response(body=encoded, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        delta = {**whole, "object": "chat.completion.chunk", "usage": None}
+        delta["choices"] = [{"index": 0, "delta": {"content": COMPLETION}, "finish_reason": None}]
+        await response.write(b"data: " + json.dumps(delta).encode() + b"\n\n")
+        end = {**delta, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        if (body.get("stream_options") or {}).get("include_usage"):
+            end = {**end, "usage": whole["usage"]}
+        await response.write(b"data: " + json.dumps(end).encode() + b"\n\ndata: [DONE]\n\n")
+        return response
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "created": 0,
+                                                               "owned_by": "bench"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/v1/models", models)
+    return app
+
+
+def serve_fixed(port: int) -> None:
+    web.run_app(fixed_app(), host="127.0.0.1", port=port, print=None, access_log=None, handle_signals=True)
+
+
+# -- (b) the stack -------------------------------------------------------------------------------
+
+
+def start_stack(data_dir: Path, fixed_url: str, web_port: int) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update({
+        "INFERSWARM_MODELS": json.dumps({MODEL: {"backend": "openai", "url": fixed_url, "slots": 256,
+                                                 "queue": 256}}),
+        "INFERSWARM_CACHE_TTL": "0", "INFERSWARM_ADMIN_EMAILS": ADMIN, "INFERSWARM_LOG_LEVEL": "warning",
+    })
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inferswarm.cli", "up", "--json", "--data-dir", str(data_dir), "--dht-port", "0",
+         "--workers", "1", "--web-port", str(web_port), "--metrics-port", str(free_port())],
+        stdout=subprocess.PIPE, stderr=open(data_dir.parent / "up.stderr", "w"), text=True, env=env)
+    line = proc.stdout.readline()
+    if not line:
+        raise SystemExit(f"inferswarm up failed: see {data_dir.parent / 'up.stderr'}")
+    proc.ready = json.loads(line)  # type: ignore[attr-defined]
+    return proc
+
+
+async def unlimited_key(base: str, data_dir: Path, bootstrap: str) -> str:
+    """Register the caller and an admin, move the caller to the unlimited tier, make a key."""
+    async with aiohttp.ClientSession() as http:
+        for name, email in (("bench", "bench@example.com"), ("bench-admin", ADMIN)):
+            await http.post(f"{base}/api/auth/register", json={"username": name, "email": email, "password": PASSWORD})
+        tokens = {}
+        for name in ("bench", "bench-admin"):
+            reply = await http.post(f"{base}/api/auth/login", json={"username_or_email": name, "password": PASSWORD})
+            tokens[name] = (await reply.json())["token"]
+        async with AsyncExitStack() as stack:  # admin actions are RPC only: join the mesh for one call
+            secret = (data_dir / "mesh.secret").read_text().strip()
+            node = await join_mesh(stack, "bench-client", MeshConfig(
+                data_dir=data_dir.parent / "client", bootstrap=(bootstrap,), mesh_secret=Secret(secret)))
+            await node.mesh("auth").call("auth.set_tier", {"token": tokens["bench-admin"], "user": "bench",
+                                                           "tier": "unlimited"})
+        reply = await http.post(f"{base}/api/auth/api-keys", json={"name": "bench"},
+                                headers={"Authorization": f"Bearer {tokens['bench']}"})
+        return (await reply.json())["api_key"]
+
+
+# -- the load generator ------------------------------------------------------------------------
+
+
+async def measure(url: str, headers: dict[str, str], in_flight: int, seconds: float) -> dict:
+    """Exactly `in_flight` requests at a time for `seconds`; latencies of the successful ones."""
+    latencies: list[float] = []
+    failures = 0
+    payload = json.dumps(BODY).encode()
+    connector = aiohttp.TCPConnector(limit=in_flight, force_close=False)
+    async with aiohttp.ClientSession(connector=connector, headers={**headers, "Content-Type": "application/json"}) as http:
+        stop_at = time.perf_counter() + seconds
+
+        async def one_caller() -> None:
+            nonlocal failures
+            while time.perf_counter() < stop_at and len(latencies) + failures < MAX_REQUESTS_PER_RUN:
+                started = time.perf_counter()
+                async with http.post(url, data=payload) as reply:
+                    await reply.read()
+                    if reply.status == 200:
+                        latencies.append(time.perf_counter() - started)
+                    else:
+                        failures += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one_caller() for _ in range(in_flight)))
+        elapsed = time.perf_counter() - began
+    latencies.sort()
+    if not latencies:
+        return {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan"), "failures": failures}
+    return {"rps": round(len(latencies) / elapsed, 1),
+            "p50_ms": round(statistics.median(latencies) * 1000, 3),
+            "p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000, 3),
+            "requests": len(latencies), "failures": failures}
+
+
+def best(runs: list[dict]) -> dict:
+    return max(runs, key=lambda run: run["rps"])
+
+
+async def run(seconds: float, rounds: int, levels: list[int]) -> None:
+    fixed_port, web_port = free_port(), free_port()
+    fixed = multiprocessing.get_context("spawn").Process(target=serve_fixed, args=(fixed_port,), daemon=True)
+    fixed.start()
+    fixed_url = f"http://127.0.0.1:{fixed_port}/v1"
+    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
+        data_dir = Path(tmp) / "data"
+        stack = start_stack(data_dir, fixed_url, web_port)
+        try:
+            base = f"http://127.0.0.1:{web_port}"
+            key = await unlimited_key(base, data_dir, stack.ready["bootstrap"])  # type: ignore[attr-defined]
+            targets = {"direct": (f"{fixed_url}/chat/completions", {}),
+                       "stack": (f"{base}/v1/chat/completions", {"Authorization": f"Bearer {key}"})}
+            for name, (url, headers) in targets.items():  # warm-up: connections, caches, JIT-free paths
+                await measure(url, headers, 16, 1.0)
+            results: dict[str, dict[int, dict]] = {"direct": {}, "stack": {}}
+            for level in levels:
+                runs: dict[str, list[dict]] = {"direct": [], "stack": []}
+                for _ in range(rounds):
+                    for name, (url, headers) in targets.items():
+                        runs[name].append(await measure(url, headers, level, seconds))
+                for name in runs:
+                    results[name][level] = best(runs[name])
+                print_level(level, results["direct"][level], results["stack"][level])
+        finally:
+            stack.send_signal(signal.SIGTERM)
+            stack.wait(timeout=60)
+            fixed.terminate()
+            fixed.join(10)
+    summary = {"bench": "web", "seconds": seconds, "rounds": rounds}
+    for level in levels:
+        direct, full = results["direct"][level], results["stack"][level]
+        summary[f"rps_{level}"] = full["rps"]
+        summary[f"p50_ms_{level}"] = full["p50_ms"]
+        summary[f"p99_ms_{level}"] = full["p99_ms"]
+        summary[f"direct_rps_{level}"] = direct["rps"]
+        summary[f"direct_p50_ms_{level}"] = direct["p50_ms"]
+        summary[f"added_p50_ms_{level}"] = round(full["p50_ms"] - direct["p50_ms"], 3)
+        summary[f"failures_{level}"] = full["failures"] + direct["failures"]
+    print(json.dumps(summary))
+
+
+def print_level(level: int, direct: dict, full: dict) -> None:
+    print(f"in flight {level:>3}: direct {direct['rps']:>8.1f} req/s  p50 {direct['p50_ms']:>7.2f} ms  "
+          f"p99 {direct['p99_ms']:>7.2f} ms | stack {full['rps']:>8.1f} req/s  p50 {full['p50_ms']:>7.2f} ms  "
+          f"p99 {full['p99_ms']:>7.2f} ms | added p50 {full['p50_ms'] - direct['p50_ms']:>6.2f} ms"
+          f"{'  (failures: %d)' % full['failures'] if full['failures'] else ''}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--levels", default="1,16,64")
+    args = parser.parse_args()
+    configure_logging("warning", "console", service="bench")
+    asyncio.run(run(args.seconds, args.rounds, [int(n) for n in args.levels.split(",")]))
+
+
+if __name__ == "__main__":
+    main()
