@@ -78,6 +78,17 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("--end", help="YYYY-MM-DD (default: today)")
 
     client("status", "every service and worker: announced, reachable, capacity")
+    client("models", "models served, and by how many workers")
+    client("quota", "your limits: used, remaining, reset")
+    for name, help in (("infer", "generate a completion (tokens printed as they arrive)"),
+                       ("chat", "an interactive conversation (Ctrl-C stops the answer)")):
+        command = client(name, help)
+        if name == "infer":
+            command.add_argument("prompt", help="the prompt, or - to read it from stdin")
+        command.add_argument("--model", default="smollm2")
+        command.add_argument("--max-tokens", type=int, default=256)
+        command.add_argument("--temperature", type=float, default=0.7)
+        command.add_argument("--no-stream", action="store_true", help="print the answer when complete")
 
     admin = commands.add_parser("admin", help="administration").add_subparsers(
         dest="admin_command", required=True, metavar="ACTION")

@@ -9,14 +9,18 @@ exit code (see `errors.py` beside this module).
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
+import signal
 import sys
+import time
 from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Any
 
 from inferswarm.credentials import Credentials
+from inferswarm.errors import human_duration
 from inferswarm.session import ClientSession
 from shared.errors import Unauthenticated
 
@@ -122,6 +126,103 @@ async def admin_set_tier(args: Namespace, session: ClientSession, creds: Credent
     return Result(f"{user['username']} is now on the {user['tier']} tier", user)
 
 
+def _caller(creds: Credentials) -> dict[str, str]:
+    """The API key if there is one, else the session token (the gateway takes either)."""
+    key = creds.effective_api_key()
+    if key:
+        return {"api_key": key}
+    if creds.token:
+        return {"token": creds.token}
+    raise Unauthenticated("no API key: run `inferswarm keys create NAME` or set INFERSWARM_API_KEY")
+
+
+async def generate(args: Namespace, session: ClientSession, creds: Credentials,
+                   messages: list[dict[str, str]], *, echo: bool) -> tuple[str, dict[str, Any]]:
+    """One `gateway.infer` call; prints text as it arrives when `echo`; (text, final chunk)."""
+    params: dict[str, Any] = {**_caller(creds), "model": args.model, "messages": messages,
+                              "max_tokens": args.max_tokens, "temperature": args.temperature,
+                              "stream": not args.no_stream}
+    parts: list[str] = []
+    final: dict[str, Any] = {}
+    async with await session("gateway").stream("gateway.infer", params) as stream:
+        async for chunk in stream:
+            if chunk.get("done"):
+                final = chunk
+            elif "text" in chunk:
+                parts.append(chunk["text"])
+                if echo:
+                    sys.stdout.write(chunk["text"])
+                    sys.stdout.flush()
+    return "".join(parts), final
+
+
+async def infer(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    text, final = await generate(args, session, creds, [{"role": "user", "content": prompt}],
+                                 echo=not args.json)
+    if not args.json:
+        sys.stdout.write("\n")
+    return Result("", {"text": text, **{k: v for k, v in final.items() if k != "done"}})
+
+
+async def chat(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    """A conversation: Ctrl-C stops the current answer, Ctrl-D (or an empty line) ends."""
+    messages: list[dict[str, str]] = []
+    loop = asyncio.get_running_loop()
+    answering: list[asyncio.Future[Any]] = []
+
+    def interrupt() -> None:
+        if answering and not answering[0].done():
+            answering[0].cancel()  # the stream's exit tells the gateway to stop
+        else:
+            sys.stdout.write("\n(Ctrl-D ends the chat)\nyou> ")
+            sys.stdout.flush()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    try:
+        while True:
+            try:
+                line = await loop.run_in_executor(None, input, "you> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            answering[:] = [asyncio.ensure_future(generate(args, session, creds, messages, echo=True))]
+            try:
+                text, _ = await answering[0]
+            except asyncio.CancelledError:
+                if not answering[0].cancelled():
+                    raise  # the session itself is being cancelled
+                text = ""
+            sys.stdout.write("\n")
+            if text:
+                messages.append({"role": "assistant", "content": text})
+            else:
+                messages.pop()  # an interrupted turn is not part of the conversation
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    return Result("", {"messages": messages})
+
+
+async def models(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    catalog = await session("gateway").call("gateway.models", idempotent=True)
+    rows = [[m["name"], m.get("workers", "-"), m.get("healthy_workers", "-")] for m in catalog["models"]]
+    return Result(table(["model", "workers", "healthy"], rows), catalog)
+
+
+async def quota(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    answer = await session("gateway").call("gateway.quota", _caller(creds), idempotent=True)
+    rows = []
+    for counter, fact in sorted(answer["rate_limit"].items()):
+        reset = fact.get("reset")
+        in_min = "-" if reset is None else human_duration(max(0.0, reset - time.time()))
+        limit = "unlimited" if fact.get("limit") is None else fact["limit"]
+        rows.append([counter, limit, fact.get("used", "-"), fact.get("remaining", "-"), in_min])
+    text = f"tier: {answer['tier']}\n" + table(["counter", "limit", "used", "remaining", "resets in"], rows)
+    return Result(text, answer)
+
+
 async def status(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
     report = await session("metrics").call("metrics.health", idempotent=True)
     rows = [[i["service"], i["instance"], i["status"], i.get("endpoint") or "-",
@@ -154,4 +255,8 @@ COMMANDS = {
     "usage": usage,
     "admin set-tier": admin_set_tier,
     "status": status,
+    "infer": infer,
+    "chat": chat,
+    "models": models,
+    "quota": quota,
 }

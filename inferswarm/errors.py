@@ -6,7 +6,7 @@ import math
 
 from shared.errors import MeshError
 
-__all__ = ["EXIT_CODES", "exit_code", "describe"]
+__all__ = ["EXIT_CODES", "exit_code", "describe", "human_duration"]
 
 #: Exit codes by error code (0 is success, 2 is a usage error from argparse).
 EXIT_CODES = {
@@ -40,23 +40,27 @@ def describe(error: MeshError) -> str:
 
 
 def _rate_limited(message: str, data: dict) -> str:
+    """E.g. "rate limited: 0 of 100 requests left this hour, resets in 12 min"."""
     retry = data.get("retry_after")
-    limit, remaining, window = data.get("limit"), data.get("remaining"), data.get("window")
-    if limit is not None and remaining is not None:
-        what = f"{remaining} of {limit} {data.get('unit', 'requests')} left"
-        if window:
-            what += f" this {window}"
-        text = f"rate limited: {what}"
+    counter = data.get("counter")  # e.g. "requests_per_hour", "tokens_per_month"
+    fact = (data.get("rate_limit") or {}).get(counter) if isinstance(counter, str) else None
+    if isinstance(fact, dict) and fact.get("limit") is not None and "_per_" in counter:
+        unit, window = counter.split("_per_", 1)
+        remaining = max(0, int(fact.get("remaining") or 0))
+        text = f"rate limited: {remaining} of {fact['limit']} {unit} left this {window}"
     else:
         text = f"rate limited: {message}"
     if isinstance(retry, (int, float)):
-        text += f", resets in {_duration(retry)}"
+        text += f", resets in {human_duration(retry)}"
     return text
 
 
-def _duration(seconds: float) -> str:
+def human_duration(seconds: float) -> str:
+    """12 s, 12 min, 5.5 h, 7.3 days."""
     if seconds < 90:
         return f"{max(1, math.ceil(seconds))} s"
     if seconds < 5400:
         return f"{math.ceil(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

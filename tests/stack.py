@@ -34,8 +34,8 @@ def alive(pid: int) -> bool:
     return status.exists() and "zombie" not in status.read_text()
 
 
-def start_up(data_dir: Path, dht_port: int, *extra: str) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+def start_up(data_dir: Path, dht_port: int, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "inferswarm.cli", "up", "--json", "--data-dir", str(data_dir),
          "--dht-port", str(dht_port), "--metrics-port", str(free_tcp_port()),

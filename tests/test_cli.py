@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -18,7 +20,8 @@ PASSWORD = "correct-horse-battery-9"
 def stack(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("stack") / "data"
     port = free_udp_port()
-    proc = start_up(data_dir, port, "--workers", "1")
+    # A small monthly token budget for the free tier, to meet RATE_LIMITED.
+    proc = start_up(data_dir, port, "--workers", "1", env={"INFERSWARM_TIER_FREE_TOKENS_PER_MONTH": "400"})
     try:
         ready = read_ready(proc)
         yield data_dir, port, ready
@@ -117,3 +120,42 @@ def test_error_paths_print_one_line_and_a_meaningful_exit_code(cli, stack):
     unreachable = cli("keys", "list", "--bootstrap", f"127.0.0.1:{free_udp_port()}")
     assert unreachable.returncode == 6
     assert "cannot reach the mesh" in unreachable.stderr
+
+
+@pytest.mark.timeout(240)
+def test_infer_streams_tokens_as_they_arrive_then_hits_the_token_budget(cli, stack):
+    assert cli("register", "fay", "fay@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0
+    assert cli("login", "fay", "--password-stdin", stdin=PASSWORD).returncode == 0
+    assert cli("keys", "create", "k").returncode == 0
+
+    # Streamed: the first text is on stdout well before the command ends.
+    proc = subprocess.Popen([sys.executable, "-m", "inferswarm.cli", "infer", "Count from one to twenty.",
+                             "--max-tokens", "120", "--temperature", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli.env)
+    first = proc.stdout.read(1)
+    first_at = time.monotonic()
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    assert first and len(rest) > 20
+    assert time.monotonic() - first_at > 0.3  # more tokens kept coming after the first
+
+    answer = json.loads(cli("infer", "Say hi.", "--max-tokens", "150", "--json").stdout)
+    assert answer["text"] and answer["usage"]["completion_tokens"] <= 150
+    assert answer["rate_limit"]["tokens_per_month"]["limit"] == 400
+
+    # Budgets are reserved from max_tokens and settled to what was used: asking
+    # for one token more than remains is refused.
+    remaining = json.loads(cli("quota", "--json").stdout)["rate_limit"]["tokens_per_month"]["remaining"]
+    assert 0 < remaining < 400
+    refused = cli("infer", "Say hi.", "--max-tokens", str(remaining + 1))
+    assert refused.returncode == 4, refused.stderr
+    line = refused.stderr.strip()
+    assert line.startswith("inferswarm: rate limited: ") and "tokens left this month, resets in" in line
+
+    unknown = cli("infer", "x", "--model", "no-such-model")
+    assert unknown.returncode == 5 and "available: smollm2" in unknown.stderr
+
+    models = json.loads(cli("models", "--json").stdout)["models"]
+    assert [m["name"] for m in models] == ["smollm2"]
+    quota = json.loads(cli("quota", "--json").stdout)
+    assert quota["tier"] == "free" and quota["rate_limit"]["requests_per_hour"]["limit"] == 100
