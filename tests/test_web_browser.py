@@ -198,6 +198,13 @@ def test_forms_without_a_valid_csrf_token_are_refused(stack, browser):
     assert "forged" not in page.content()
     good = page.request.post("/keys", form={"name": "real", "csrf_token": token})
     assert good.status == 201
+    # Without script, revoking asks on a page of its own first.
+    page.goto("/keys")
+    key_id = page.locator("tr", has_text="real").get_attribute("data-key-id")
+    asked = page.request.post(f"/keys/{key_id}/revoke", form={"csrf_token": token})
+    assert asked.status == 200 and "Revoke the key" in asked.text()
+    page.goto("/keys")
+    expect(page.locator("tr", has_text="real").locator(".badge")).to_have_text("active")
     page.context.close()
 
 

@@ -118,6 +118,20 @@ def test_rate_limit_is_a_429_with_retry_after_and_headers(stack):
     assert error.response.headers["x-ratelimit-limit-requests"] == "100"
 
 
+def test_an_error_after_the_stream_began_reaches_the_sdk(stack, client):
+    stack.model.error_after = 2  # the model server fails after two tokens
+    try:
+        pieces = []
+        with pytest.raises(openai.APIError) as failed:
+            for chunk in client.chat.completions.create(model=MODEL, messages=HELLO, max_tokens=8, stream=True):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+        assert pieces == ["The ", "quick "]
+        assert failed.value.message
+    finally:
+        stack.model.heal()
+
+
 def test_a_client_leaving_mid_stream_cancels_the_generation(stack, client):
     model = stack.model
     model.token_delay = 0.25  # 14 tokens: 3.5 s if nobody stops it
