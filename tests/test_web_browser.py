@@ -245,7 +245,7 @@ def test_admin_page_is_for_admins_only(stack, browser, shots):
     admin.fill("#f-user", "nobody-here")
     admin.select_option("#f-tier", "pro")
     admin.click("main button[type=submit]")
-    expect(admin.locator(".form-error")).to_contain_text("no such user")
+    expect(admin.locator("#e-user")).to_contain_text("no such user")
     admin.screenshot(path=shots / "15-admin.png", full_page=True)
     admin.context.close()
 

@@ -135,7 +135,7 @@ async def admin_update(request: web.Request) -> web.Response:
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED":
             raise
-        return await _admin_page(request, status=status_of(exc), values=values,
-                                 errors=field_errors(exc, ("user", "tier", "active")))
+        errors = {"user": exc.message} if exc.code == "NOT_FOUND" else field_errors(exc, ("user", "tier", "active"))
+        return await _admin_page(request, status=status_of(exc), values=values, errors=errors)
     state = "enabled" if updated["is_active"] else "disabled"
     return await _admin_page(request, notice=f"{updated['username']}: {updated['tier']} tier, {state}")
