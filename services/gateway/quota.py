@@ -375,6 +375,11 @@ class Quota:
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 self._wake.set()
+            except Exception:  # a bug or a refused statement: keep the writer alive
+                log.exception("quota writer failed; retrying")
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                self._wake.set()
 
     async def _write_grants(self) -> None:
         ops, self._grants = self._grants, []
@@ -463,8 +468,8 @@ class Quota:
         try:
             answers = await self._store.release([b[0].id for b in batch], [b[1] for b in batch],
                                                 [b[2] for b in batch])
-        except Unavailable:
-            self._dirty.update(b[0] for b in batch)
+        except Exception:
+            self._dirty.update(b[0] for b in batch)  # try again on the next turn
             raise
         returned = {a.lease_id: a for a in answers}
         for lease, used, close in batch:

@@ -1,0 +1,330 @@
+"""The gateway on a real mesh: 2 gateway processes, 3 inference worker
+processes (ollama backend against the Ollama-protocol test server), auth and
+a DHT seed in the test process, PostgreSQL for auth and for the limits.
+
+Exact limits across both gateways under 64 concurrent callers, a worker
+killed mid-run, revocation within a second on both gateways, a cancelled
+stream stopping the worker and billed for what was delivered, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from contextlib import AsyncExitStack
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from nacl.public import PrivateKey
+
+from shared.db import ensure_database
+from shared.errors import (
+    InvalidParams,
+    MethodNotFound,
+    NotFound,
+    RateLimited,
+    TooLarge,
+    Unauthenticated,
+    Unavailable,
+)
+from shared.identity import CurveKeyPair
+from shared.rpc import Connection
+from gateway_support import MODEL, GatewayMesh, infer
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def databases(pg_server):
+    names = [f"test_{secrets.token_hex(6)}_auth", f"test_{secrets.token_hex(6)}_gw"]
+    dsns = [await ensure_database(pg_server, name) for name in names]
+    yield dsns
+    conn = await asyncpg.connect(pg_server)
+    try:
+        for name in names:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mesh(databases, tmp_path_factory):
+    async with AsyncExitStack() as stack:
+        yield await GatewayMesh(stack, tmp_path_factory.mktemp("gw"), *databases).start()
+
+
+@pytest.fixture(autouse=True)
+def fast_worker_replies(mesh):
+    mesh.ollama.token_delay = 0.0
+    mesh.ollama.heal()
+    yield
+
+
+async def test_a_request_flows_end_to_end_with_limits_and_accounting(mesh):
+    ada = await mesh.user("ada")
+    connections = await mesh.gateways()
+    assert len(connections) == 2
+    for connection in connections:
+        chunks = await infer(connection, ada.api_key, max_tokens=3)
+        final = chunks[-1]
+        assert [c["text"] for c in chunks[:-1]] == ["w0 ", "w1 ", "w2 "]
+        assert final["done"] and final["usage"]["completion_tokens"] == 3
+        assert final["request_id"].startswith("gw-")
+        facts = final["rate_limit"]
+        assert facts["requests_per_hour"]["limit"] == 100 and facts["requests_per_hour"]["remaining"] < 100
+        assert facts["tokens_per_month"]["reset"] > time.time()
+    quota = await connections[0].call("gateway.quota", {"token": ada.token})
+    assert quota["tier"] == "free" and quota["rate_limit"]["requests_per_hour"]["used"] >= 2
+    rows = await mesh.records_settle(ada.id, 2)
+    assert sorted(r["status"] for r in rows) == ["ok", "ok"]
+    assert all(r["completion_tokens"] == 3 for r in rows)
+    models = await connections[1].call("gateway.models")
+    assert models["models"] == [{"name": MODEL, "workers": 3, "healthy_workers": 3}]
+    deadline = time.monotonic() + 3
+    while (health := await connections[0].call("gateway.health"))["live_gateways"] < 2:  # heartbeats
+        assert time.monotonic() < deadline, health
+        await asyncio.sleep(0.1)
+    assert health["status"] == "ok" and health["live_gateways"] == 2
+
+
+async def test_a_limit_of_n_admits_exactly_n_across_both_gateways_under_64_callers(mesh):
+    bob = await mesh.user("bob")  # free tier: 100 requests an hour
+    connections = await mesh.gateways()
+    todo = list(range(160))
+    outcomes: list[str] = []
+
+    async def caller(index: int) -> None:
+        while todo:
+            todo.pop()
+            try:
+                chunks = await infer(connections[(index + len(todo)) % 2], bob.api_key, max_tokens=2)
+                assert chunks[-1]["done"]
+                outcomes.append("ok")
+            except RateLimited as refusal:
+                assert refusal.data["retry_after"] >= 1 and refusal.data["counter"] == "requests_per_hour"
+                assert refusal.data["rate_limit"]["requests_per_hour"]["limit"] == 100
+                outcomes.append("rate_limited")
+
+    started = time.monotonic()
+    await asyncio.gather(*(caller(i) for i in range(64)))
+    assert (outcomes.count("ok"), outcomes.count("rate_limited")) == (100, 60)
+    assert time.monotonic() - started < 20
+    rows = await mesh.records_settle(bob.id, 160)
+    assert len(rows) == 160 and len({r["request_id"] for r in rows}) == 160
+    assert sum(r["status"] == "ok" for r in rows) == 100
+    conn = await asyncpg.connect(mesh.gateway_dsn)
+    try:
+        granted = await conn.fetchval("SELECT granted FROM quota_counters WHERE user_id = $1"
+                                      " AND counter = 'requests_per_hour'", bob.id)
+    finally:
+        await conn.close()
+    assert granted == 100
+    for connection in connections:
+        with pytest.raises(RateLimited):
+            await infer(connection, bob.api_key)
+
+
+async def test_a_worker_killed_mid_run(mesh):
+    """Requests that had no token yet finish on another worker; those cut mid-stream
+    end with a typed error saying how much was delivered, and every one is billed."""
+    carol = await mesh.user("carol")
+    connections = await mesh.gateways()
+    retries_before = sum([(await c.call("gateway.health"))["worker_retries"] for c in connections])
+    mesh.ollama.token_delay = 0.03
+
+    async def one(index: int) -> tuple[str, int]:
+        try:
+            chunks = await infer(connections[index % 2], carol.api_key, max_tokens=30)
+        except Unavailable as cut:
+            assert "incomplete" in cut.message and cut.data["retry_safe"] is False
+            return "cut", cut.data["delivered_tokens"]
+        assert len(chunks) == 31 and chunks[-1]["usage"]["completion_tokens"] == 30
+        return "ok", 30
+
+    runs = [asyncio.create_task(one(i)) for i in range(12)]
+    await asyncio.sleep(0.4)  # 6 stream (2 slots a worker), 6 wait in the workers' queues
+    slots = await mesh.worker_slots()
+    victim = max(slots, key=lambda name: (min(slots[name]["in_use"], 1), slots[name]["queued"]))
+    assert slots[victim]["in_use"] > 0
+    mesh.kill(victim)
+    outcomes = await asyncio.gather(*runs)
+    cut = [delivered for kind, delivered in outcomes if kind == "cut"]
+    assert len(cut) == slots[victim]["in_use"]
+    assert all(delivered > 0 for delivered in cut)  # nothing failed before its first token
+    retries = sum([(await c.call("gateway.health"))["worker_retries"] for c in connections])
+    assert retries - retries_before >= slots[victim]["queued"]  # its queued requests went elsewhere
+    rows = await mesh.records_settle(carol.id, 12)
+    assert len(rows) == 12
+    assert sorted(r["completion_tokens"] for r in rows if r["status"] == "worker_failed") == sorted(cut)
+    await mesh.start_worker(victim)
+    await mesh.wait_for(f"inferswarm/inference/{MODEL}", 3)
+
+
+async def test_a_revoked_key_is_refused_within_a_second_on_both_gateways(mesh):
+    dave = await mesh.user("dave")
+    connections = await mesh.gateways()
+    for connection in connections:  # both gateways have the key cached
+        assert (await infer(connection, dave.api_key))[-1]["done"]
+    await mesh.client.mesh("auth").call("auth.revoke_key", {"token": dave.token, "key_id": dave.key_id})
+    revoked_at = time.monotonic()
+
+    async def refused(connection: Connection) -> float:
+        while time.monotonic() - revoked_at < 2.0:
+            try:
+                await connection.call("gateway.quota", {"api_key": dave.api_key})
+            except Unauthenticated:
+                return time.monotonic() - revoked_at
+            await asyncio.sleep(0.02)
+        raise AssertionError("the revoked key was still honoured after 2 s")
+
+    assert max(await asyncio.gather(*(refused(c) for c in connections))) < 1.0
+    for connection in connections:
+        with pytest.raises(Unauthenticated):
+            await infer(connection, dave.api_key)
+
+
+async def test_a_cancelled_stream_stops_the_worker_and_is_billed_for_what_was_delivered(mesh):
+    erin = await mesh.user("erin")
+    connection = (await mesh.gateways())[0]
+    mesh.ollama.token_delay = 0.05
+    disconnects = mesh.ollama.disconnects
+    request = {"api_key": erin.api_key, "model": MODEL, "prompt": "count", "max_tokens": 300}
+    stream = await connection.stream("gateway.infer", request, timeout=30)
+    received = [await anext(stream) for _ in range(3)]
+    assert all("text" in chunk for chunk in received)
+    await stream.aclose()  # CANCEL
+    deadline = time.monotonic() + 3
+    while mesh.ollama.disconnects == disconnects:  # the worker closed its upstream stream
+        assert time.monotonic() < deadline, "the worker kept generating"
+        await asyncio.sleep(0.02)
+    rows = await mesh.records_settle(erin.id, 1)
+    assert [r["status"] for r in rows] == ["cancelled"]
+    assert 3 <= rows[0]["completion_tokens"] <= 4  # what had been sent when the cancel arrived
+    quota = await connection.call("gateway.quota", {"api_key": erin.api_key})
+    assert quota["rate_limit"]["requests_per_hour"]["used"] >= 1
+
+
+async def test_bad_input_is_refused_with_typed_errors(mesh):
+    fred = await mesh.user("fred")
+    connection = (await mesh.gateways())[1]
+    # Any CURVE client may call the public methods (they carry a key or a token).
+    stranger = Connection(connection.endpoint, connection._server_key,
+                          CurveKeyPair.from_private(PrivateKey.generate()), context=mesh.client.mesh._ctx)
+    stranger.open()
+    try:
+        assert (await infer(stranger, fred.api_key))[-1]["done"]
+        cases = [
+            ({"max_tokens": "many"}, InvalidParams),
+            ({"max_tokens": 0}, InvalidParams),
+            ({"temperature": 9.5}, InvalidParams),
+            ({"messages": "hello"}, InvalidParams),
+            ({"messages": [{"role": "wizard", "content": "hi"}]}, InvalidParams),
+            ({"prompt": "also", "messages": [{"role": "user", "content": "hi"}]}, InvalidParams),
+            ({"model": "no-such-model"}, NotFound),
+            ({"model": "bad model name!"}, InvalidParams),
+            ({"surprise": 1}, InvalidParams),
+            ({"api_key": None}, Unauthenticated),
+            ({"api_key": "isk_" + "x" * 43}, Unauthenticated),
+            ({"api_key": 12345}, InvalidParams),
+            ({"token": "eyJhbGciOiJub25lIn0.e30."}, InvalidParams),  # a key and a token
+            ({"messages": [{"role": "user", "content": "x" * 40_000}]}, InvalidParams),
+            ({"prompt": "x" * 2_000_000, "messages": None}, TooLarge),
+        ]
+        for params, error in cases:
+            with pytest.raises(error) as refused:
+                await infer(stranger, fred.api_key, **params)
+            if error is NotFound:
+                assert refused.value.data == {"model": "no-such-model", "models": [MODEL]}
+        with pytest.raises(Unauthenticated):
+            await stranger.call("gateway.quota", {})
+        with pytest.raises(MethodNotFound):
+            await stranger.call("gateway.drop_everything", {})
+        assert (await infer(stranger, fred.api_key))[-1]["done"]  # still serving
+        via_token = await stranger.stream("gateway.infer", {"token": fred.token, "model": MODEL, "prompt": "hi",
+                                                             "max_tokens": 2})
+        assert [c async for c in via_token][-1]["done"]
+    finally:
+        await stranger.close()
+    # Refusals of a known caller are recorded; not those of an unknown caller, nor
+    # those the RPC layer refuses before the handler runs (types, size, names).
+    rows = await mesh.records_settle(fred.id, 10)
+    statuses = sorted(r["status"] for r in rows)
+    assert statuses == ["invalid_params"] * 6 + ["not_found"] + ["ok"] * 3
+    # An expired key (never seen by a gateway yet) is refused.
+    expired = await mesh.client.mesh("auth").call("auth.create_key", {"token": fred.token, "name": "old"})
+    conn = await asyncpg.connect(mesh.auth_dsn)
+    try:
+        await conn.execute("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1",
+                           expired["id"])
+    finally:
+        await conn.close()
+    with pytest.raises(Unauthenticated, match="expired"):
+        await infer(connection, expired["api_key"])
+
+
+async def gateway_leases(mesh: GatewayMesh, gateway: str, user_id: int) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(mesh.gateway_dsn)
+    try:
+        return await conn.fetch("SELECT counter, units, claimed, orphaned_at FROM quota_leases"
+                                " WHERE gateway = $1 AND user_id = $2", gateway, user_id)
+    finally:
+        await conn.close()
+
+
+async def granted(mesh: GatewayMesh, user_id: int, counter: str) -> int:
+    conn = await asyncpg.connect(mesh.gateway_dsn)
+    try:
+        return await conn.fetchval("SELECT coalesce(sum(granted), 0) FROM quota_counters"
+                                   " WHERE user_id = $1 AND counter = $2", user_id, counter)
+    finally:
+        await conn.close()
+
+
+async def test_a_crashed_gateway_is_billed_once_and_its_leases_come_back(mesh):
+    """kill -9 with usage unshipped and a stream in flight: the janitor of the
+    other gateways reclaims its unclaimed units; restarted, it ships every record
+    (the cut request as "interrupted") and settles its leases exactly; a batch
+    sent again after another crash counts once."""
+    gina = await mesh.user("gina")
+    await mesh.start_gateway("g3", INFERSWARM_GATEWAY_SHIP_INTERVAL="60", INFERSWARM_GATEWAY_SHIP_BATCH="1000")
+    g3 = await mesh.gateway("g3")
+    gateway_id = (await g3.call("gateway.health"))["gateway"]
+    for _ in range(4):
+        assert (await infer(g3, gina.api_key, max_tokens=2))[-1]["done"]
+    mesh.ollama.token_delay = 0.05
+    cut = await g3.stream("gateway.infer", {"api_key": gina.api_key, "model": MODEL, "prompt": "long",
+                                            "max_tokens": 200}, timeout=30)
+    assert "text" in await anext(cut)
+    assert any(row["units"] > row["claimed"] for row in await gateway_leases(mesh, gateway_id, gina.id))
+
+    mesh.kill("g3")
+    await cut.aclose()
+    assert await mesh.usage_rows(gina.id) == []  # nothing had been shipped
+    deadline = time.monotonic() + 10
+    while not all(row["orphaned_at"] for row in await gateway_leases(mesh, gateway_id, gina.id)):
+        assert time.monotonic() < deadline, "the janitor never reclaimed the dead gateway's leases"
+        await asyncio.sleep(0.2)
+    rows = await gateway_leases(mesh, gateway_id, gina.id)
+    assert all(row["units"] == row["claimed"] for row in rows)  # only what may have been used is kept
+    assert 5 <= await granted(mesh, gina.id, "requests_per_hour") < 5 + sum(r["units"] for r in rows)
+
+    await mesh.start_gateway("g3")  # the same data directory: its journal
+    records = await mesh.records_settle(gina.id, 5)
+    assert sorted(r["status"] for r in records) == ["interrupted"] + ["ok"] * 4
+    assert await gateway_leases(mesh, gateway_id, gina.id) == []  # closed on restart
+    assert await granted(mesh, gina.id, "requests_per_hour") == 5  # exact, from the journal
+    assert await granted(mesh, gina.id, "requests_per_month") == 5
+
+    mesh.kill("g3")  # and again, as if the shipped mark had not been written in time
+    (mesh.root / "g3" / "nodes" / "gateway" / "journal" / "shipped").write_text("0 0\n")
+    await mesh.start_gateway("g3")
+    g3 = await mesh.gateway("g3")
+    deadline = time.monotonic() + 5
+    while (await g3.call("gateway.health"))["usage_shipped"] == 0:  # it sent its journal again
+        assert time.monotonic() < deadline, "nothing was replayed"
+        await asyncio.sleep(0.1)
+    records = await mesh.usage_rows(gina.id)
+    assert len(records) == 5
+    usage = await mesh.usage(gina.token)
+    assert usage["totals"]["requests"] == 5
