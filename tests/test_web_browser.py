@@ -166,10 +166,19 @@ def test_register_login_create_key_once_revoke_and_logout(stack, browser, shots)
             assert time.monotonic() - revoked_at < 1.5, "the revoked key still works"
             time.sleep(0.1)
 
-    for path, name in (("/models", "08-models"), ("/status", "09-status")):
-        page.goto(path)
-        page.screenshot(path=shots / f"{name}.png", full_page=True)
+    page.goto("/models")
+    if HAS_GATEWAY:  # one healthy worker of one, 8 slots (tests/web_support.py); metrics probes every 2 s
+        cells = page.locator("tr", has_text=MODEL).locator("td")
+        for _ in range(20):
+            if cells.nth(3).inner_text() == "8":
+                break
+            page.wait_for_timeout(250)
+            page.reload()
+        expect(cells).to_have_text([MODEL, "1", "1", "8", re.compile(r"\d"), "0"])
+    page.screenshot(path=shots / "08-models.png", full_page=True)
+    page.goto("/status")
     expect(page.locator("table").first).to_contain_text("auth")
+    page.screenshot(path=shots / "09-status.png", full_page=True)
 
     page.click("button >> text=Log out")
     expect(page).to_have_url(re.compile(r"/$"))

@@ -157,8 +157,13 @@ def _rows(recent: Any) -> list[dict[str, Any]]:
 @routes.get("/models")
 @login_required
 async def models_page(request: web.Request) -> web.Response:
-    answer, error = await _settle(request.app[UPSTREAM].gateway("models"))
-    return render(request, "models.html", models=model_rows(answer), error=error)
+    """What is served (`gateway.models`), with slots and queues from the health report when it has them."""
+    upstream = request.app[UPSTREAM]
+    (answer, error), (report, _) = await asyncio.gather(_settle(upstream.gateway("models")),
+                                                        _settle(upstream.health()))
+    capacity = (report or {}).get("models") or {}
+    rows = [{**row, "capacity": capacity.get(row["name"]) or {}} for row in model_rows(answer)]
+    return render(request, "models.html", models=rows, error=error)
 
 
 @routes.get("/status")

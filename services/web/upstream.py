@@ -90,7 +90,7 @@ def _present(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_rows(answer: Any) -> list[dict[str, Any]]:
-    """`gateway.models` as rows `{name, workers, ...}`: it may be a list or a name -> facts map."""
+    """`gateway.models` as rows `{name, workers (healthy), total_workers, ...}`."""
     if isinstance(answer, dict) and "models" in answer:
         answer = answer["models"]
     if isinstance(answer, dict):
@@ -102,6 +102,8 @@ def model_rows(answer: Any) -> list[dict[str, Any]]:
         if isinstance(item, dict):
             name = item.get("name") or item.get("id") or item.get("model")
             if isinstance(name, str):
-                workers = item.get("healthy_workers", item.get("workers", 0))
-                rows.append({**item, "name": name, "workers": workers if isinstance(workers, int) else 0})
+                total = item.get("workers", 0)
+                healthy = item.get("healthy_workers", total)
+                rows.append({**item, "name": name, "workers": healthy if isinstance(healthy, int) else 0,
+                             "total_workers": total if isinstance(total, int) else 0})
     return sorted(rows, key=lambda row: row["name"])
