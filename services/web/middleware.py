@@ -66,6 +66,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if mapped is None:
             raise
         return _reply(request, mapped)
+    except ConnectionResetError:  # the client left mid-reply: nobody to answer
+        raise
     except Exception:
         log.exception("unhandled error", path=request.path)
         return _reply(request, Internal())

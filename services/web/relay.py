@@ -59,6 +59,7 @@ class Relay:
         quota = None
         if params.get("stream") and params.get("api_key"):
             quota = asyncio.ensure_future(upstream.gateway("quota", api_key=params["api_key"]))
+            quota.add_done_callback(_consume)  # its failure is not ours to report
         try:
             relay = cls(upstream, await upstream.infer(params))
             try:
@@ -115,6 +116,11 @@ class Relay:
     def finish_reason(self) -> str:
         reason = self.final.get("finish_reason")
         return reason if isinstance(reason, str) else "stop"
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _facts_of_quota(quota: asyncio.Future[Any]) -> dict[str, dict[str, Any]]:
