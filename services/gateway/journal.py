@@ -3,7 +3,8 @@
 Every request's usage record is appended here before its last chunk is sent,
 so `kill -9` right after a reply loses nothing; a shipper sends the records to
 `auth.record_usage` in batches and remembers how far it got (the `shipped`
-mark); on restart the rest is sent again (auth drops duplicates by request id).
+mark, written at most once a second); on restart the rest is sent again (auth
+drops duplicates by request id).
 
 Lines are JSON, one entry each, in segment files `00000001.jsonl`, ...:
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -40,7 +42,9 @@ log = get_logger(__name__)
 
 Position = tuple[int, int]  #: (segment, byte offset just after an entry)
 _DONE_PREFIX = b'{"t":"D"'
-_READ_CHUNK = 1 << 20
+_READ_CHUNK = 1 << 16
+_MEMORY_RECORDS = 10_000
+_MARK_EVERY = 1.0  #: seconds between writes of the shipped mark
 
 
 @dataclass
@@ -54,8 +58,11 @@ class Replay:
     torn: int = 0  #: unreadable lines (a write cut by a crash)
 
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps(separators=) is not
+
+
 def _dump(entry: dict[str, Any]) -> bytes:
-    return json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+    return _encode(entry).encode() + b"\n"
 
 
 class Journal:
@@ -73,6 +80,7 @@ class Journal:
         self._mark: Position = (0, 0)
         self._read: Position = (0, 0)
         self._pending: deque[tuple[Position, dict[str, Any]]] = deque()
+        self._mark_written = 0.0
         self.appended = 0  #: usage records appended by this process
         self.shipped_count = 0
 
@@ -136,6 +144,8 @@ class Journal:
         return replay, admitted
 
     def close(self) -> None:
+        if self._lock_fd >= 0:
+            self._write_mark()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -146,16 +156,30 @@ class Journal:
     # -- appending -------------------------------------------------------------
 
     def append(self, entry: dict[str, Any]) -> None:
-        """Write one entry now (one `write()`; `fdatasync` too with `fsync`)."""
+        """Write one entry now (one `write()`; `fdatasync` too with `fsync`).
+
+        While the shipper's reader is caught up, a usage record is also kept
+        in memory for it, so the file is read back only after a restart or
+        when more than `_MEMORY_RECORDS` wait."""
         data = _dump(entry)
         if self._size + len(data) > self.segment_bytes and self._size > 0:
+            caught_up = self._read == (self._segment, self._size)
             self._rotate()
+            if caught_up:
+                self._read = (self._segment, 0)
+        before = (self._segment, self._size)
         os.write(self._fd, data)
         self._size += len(data)
         if self.fsync:
             os.fdatasync(self._fd)
-        if entry["t"] == "D":
+        after = (self._segment, self._size)
+        done = entry["t"] == "D"
+        if done:
             self.appended += 1
+        if self._read == before and (not done or len(self._pending) < _MEMORY_RECORDS):
+            self._read = after
+            if done:
+                self._pending.append((after, entry["rec"]))
 
     def begin(self, tag: Hashable) -> None:
         """Something that must be recoverable from this segment on is live."""
@@ -194,7 +218,8 @@ class Journal:
             self._pending.popleft()
         self._mark = max(self._mark, position)
         self.shipped_count += count
-        self._write_mark()
+        if time.monotonic() - self._mark_written >= _MARK_EVERY:  # a lost mark only resends
+            self._write_mark()
         self._delete_shipped()
 
     def drop(self, position: Position) -> None:
@@ -235,6 +260,7 @@ class Journal:
             return (0, 0)
 
     def _write_mark(self) -> None:
+        self._mark_written = time.monotonic()
         path = self.directory / "shipped"
         temporary = path.with_suffix(".tmp")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

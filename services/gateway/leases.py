@@ -45,9 +45,22 @@ class Window(NamedTuple):
         return int(self.end.timestamp())
 
 
+_current: dict[str, tuple[float, float, Window]] = {}
+
+
 def window_of(counter: str, now: float | None = None) -> Window:
     """The window of `counter` that contains `now` (epoch seconds)."""
-    moment = datetime.fromtimestamp(time.time() if now is None else now, UTC)
+    now = time.time() if now is None else now
+    cached = _current.get(counter)
+    if cached is not None and cached[0] <= now < cached[1]:
+        return cached[2]  # asked on every request: computed once per window
+    window = _compute(counter, now)
+    _current[counter] = (window.start.timestamp(), window.end.timestamp(), window)
+    return window
+
+
+def _compute(counter: str, now: float) -> Window:
+    moment = datetime.fromtimestamp(now, UTC)
     if counter == "requests_per_hour":
         start = moment.replace(minute=0, second=0, microsecond=0)
         return Window(start, datetime.fromtimestamp(start.timestamp() + 3600, UTC))
@@ -112,9 +125,10 @@ class KeyState:
         """Count `n` admitted units towards the rate estimate."""
         self._count += n
         elapsed = now - self._since
-        if elapsed >= 0.1:
-            weight = min(1.0, elapsed)
-            self.rate = (1 - weight) * self.rate + weight * (self._count / elapsed)
+        if elapsed >= 0.05:
+            current = self._count / elapsed
+            weight = min(1.0, elapsed * 4)  # about a quarter of a second of memory
+            self.rate = max(current, (1 - weight) * self.rate + weight * current)  # quick to rise
             self._count, self._since = 0, now
 
     def ahead(self, horizon: float, need: int) -> int:

@@ -34,12 +34,12 @@ class _Family:
         self.series: dict[tuple[str, ...], Any] = {}
 
     def key(self, values: dict[str, Any]) -> tuple[str, ...]:
-        try:
-            key = tuple(str(values[name]) for name in self.labels)
-        except KeyError:
-            key = ()
-        if len(key) != len(values) or len(key) != len(self.labels):
+        if len(values) != len(self.labels):
             raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(values)}")
+        try:
+            key = tuple([str(values[name]) for name in self.labels]) if values else ()
+        except KeyError:
+            raise ValueError(f"{self.name} takes labels {self.labels}, got {tuple(values)}") from None
         if key not in self.series and len(self.series) >= self.max_series:
             return tuple(_OTHER for _ in self.labels)
         return key

@@ -20,7 +20,7 @@ import asyncio
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, Self
 
 from shared.errors import RateLimited, Unavailable
@@ -90,7 +90,7 @@ class Quota:
 
     def __init__(
         self, store: QuotaStore, *, gateway: str, incarnation: str, lease_ttl: float = 1.0,
-        max_lease: int = 1000, claim_horizon: float = 0.25, poll_interval: float = 0.05,
+        max_lease: int = 10_000, claim_horizon: float = 0.25, poll_interval: float = 0.05,
         lease_log: LeaseLog | None = None, clock: Any = time.time,
     ) -> None:
         self._store = store
@@ -220,9 +220,13 @@ class Quota:
             lease.holders += 1
             state.note(n, now)
             parts.append(Part(lease, n))
+            # Ahead of need, in the background: claim further, top the lease up
+            # (or renew it near its end), so that requests rarely wait.
             ahead = state.ahead(self._horizon, n)
-            if lease.claimed < lease.units and lease.claiming is None and lease.claimed - lease.used < ahead // 2 + 1:
-                self._start_claim(lease, lease.used + ahead)
+            if lease.claimed < lease.units and lease.claiming is None and lease.claimed - lease.used < ahead:
+                self._start_claim(lease, lease.used + 2 * ahead)
+            if state.granting is None and (lease.free < ahead or lease.expires - now < self.ttl / 4):
+                self._start_grant(state, n, background=True)
         return Admission(parts)
 
     async def _admit_slow(
@@ -328,23 +332,26 @@ class Quota:
 
     # -- talking to the database (one writer) --------------------------------------
 
-    def _start_grant(self, state: KeyState, n: int) -> asyncio.Future[Grant]:
+    def _start_grant(self, state: KeyState, n: int, *, background: bool = False) -> asyncio.Future[Grant]:
+        """Ask for units: more for the open lease (`top_up`) while it has a while
+        to live, else a new lease. In the `background` the open lease serves
+        on until the answer; otherwise it cannot serve and is retired now."""
         lease = state.lease
         now = time.monotonic()
         top_up = lease is not None and not lease.expired and lease.expires - now > self.ttl / 2
-        if lease is not None and not top_up and not lease.expired:
+        if lease is not None and not top_up and not background and not lease.expired:
             lease.expired = True
             self._dirty.add(lease)
         have = lease.free if top_up and lease is not None else 0
         ahead = state.ahead(self._horizon, n)
         need = max(1, n - have)
         used = lease.used if top_up and lease is not None else 0
-        # As much as `max_lease` (the database cuts it to a share of what is
-        # left), but claimed only `ahead` of use: what a crash could strand.
+        # Room for `max_lease` requests (the database cuts it to a share of
+        # what is left), but claimed only `ahead` of use: what a crash strands.
         item = GrantItem(
             state.key.user_id, state.key.counter, state.key.window_start, state.limit, need,
-            max(need, self._max_lease), lease.id if top_up and lease is not None else None,
-            used + max(n, ahead),
+            max(need, self._max_lease * n), lease.id if top_up and lease is not None else None,
+            used + max(n, 2 * ahead),
         )
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
         state.granting = future
@@ -386,6 +393,11 @@ class Quota:
         if not ops:
             return
         ops.sort(key=lambda op: (op.item.user_id, op.item.counter, op.item.window_start))
+        for op in ops:  # claim from where the lease is now, not where it was when asked
+            lease = op.state.lease
+            if op.item.lease_id is not None and lease is not None and lease.id == op.item.lease_id:
+                ahead = op.state.ahead(self._horizon, op.item.need)
+                op.item = replace(op.item, claim=max(op.item.claim, lease.used + 2 * ahead))
         sent = time.monotonic()
         try:
             grants = await self._store.grant(self.gateway, self.incarnation, self.ttl, self.live,

@@ -1,0 +1,277 @@
+"""Gateway benchmark: caller -> gateway -> worker against caller -> worker, in one run.
+
+    .venv/bin/python bench/gateway.py [--seconds 2] [--rounds 2]
+
+Real processes on loopback, as in production: a DHT seed and the caller in
+this process; `python -m services.auth` and `python -m services.gateway` on a
+real PostgreSQL (the embedded server in a temporary directory, or the server
+of DATABASE_URL); one inference worker running the real `InferenceService`
+with a zero-cost backend (a fixed short completion, returned at once -- used
+only here). The caller's tier has limits on requests per hour and tokens per
+month, so every gateway request is authenticated (cached key), admitted from
+a lease, journaled twice (admitted, done) and shipped to auth -- limits and
+accounting are on. Each request is a whole stream: a text chunk, the final
+chunk, the end.
+
+At 1, 16 and 64 requests in flight, for the direct path and the gateway path
+(rounds alternate, the best round of each is kept): p50/p99 latency and
+requests/s; the gateway's overhead is the difference of the p50s. The
+gateway's RSS is read at the end. The last line is JSON with
+`added_p50_ms_1` and `rps_64` (the gateway path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LEVELS = (1, 16, 64)
+MODEL = "bench"
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+PASSWORD = "benchmark passphrase, long enough"
+ADMIN = "bench-admin@example.org"
+
+
+# -- the worker (a child process): the real inference service, a zero-cost backend --
+
+
+def run_worker() -> None:
+    from shared.config import MeshConfig, load
+    from shared.dht import model_topic, service_topic
+    from shared.runner import MeshNode, run
+    from services.inference.backends.base import Backend, Done, Event, GenerateRequest
+    from services.inference.cache import ResponseCache
+    from services.inference.health import ModelHealth
+    from services.inference.service import InferenceService, ServedModel
+    from services.inference.slots import SlotPool
+
+    class FixedBackend(Backend):
+        """A fixed short completion at once: the worker's cost without a model's."""
+
+        kind = "bench"
+
+        async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+            yield "Hello!"
+            yield Done("stop", 4, 1)
+
+        async def probe(self) -> None:
+            return None
+
+    holder: dict[str, InferenceService] = {}
+
+    async def build(stack: AsyncExitStack, node: MeshNode) -> list[object]:
+        pool = SlotPool(256, 1024, on_change=node.announce_soon)
+        served = {MODEL: ServedModel(MODEL, FixedBackend(), pool, ModelHealth(on_change=node.announce_soon))}
+        holder["service"] = InferenceService(served, ResponseCache(ttl=0, max_entries=1, max_bytes=1), worker_id=node.identity.public_key.hex())
+        return [holder["service"]]
+
+    run("inference", build, load(MeshConfig), topics=[model_topic(MODEL), service_topic("inference")],
+        load=lambda: holder["service"].load() if holder else {},
+        topic_load=lambda topic: holder["service"].topic_load(topic) if holder else {})
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+class Children:
+    """Child processes of this run, stopped with SIGTERM at the end."""
+
+    def __init__(self, root: Path, base_env: dict[str, str]) -> None:
+        self.root = root
+        self.base_env = base_env
+        self.procs: dict[str, subprocess.Popen[str]] = {}
+
+    async def start(self, name: str, argv: list[str], **env: str) -> dict[str, Any]:
+        log = open(self.root / f"{name}.log", "w")
+        proc = subprocess.Popen(argv, cwd=ROOT, env={**self.base_env, **env}, stdout=subprocess.PIPE,
+                                stderr=log, text=True)
+        log.close()
+        self.procs[name] = proc
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 120)  # type: ignore[union-attr]
+        if not line:
+            raise SystemExit(f"{name} did not start:\n{(self.root / f'{name}.log').read_text()[-3000:]}")
+        return json.loads(line)
+
+    def rss_mb(self, name: str) -> float:
+        import psutil
+
+        return psutil.Process(self.procs[name].pid).memory_info().rss / 2**20
+
+    async def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                await asyncio.to_thread(proc.wait, 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# -- measuring --------------------------------------------------------------------------
+
+
+async def measure(call: Callable[[], Awaitable[None]], in_flight: int, seconds: float) -> dict[str, float]:
+    for _ in range(100):  # warm up
+        await call()
+    latencies: list[float] = []
+    stop = time.perf_counter() + seconds
+
+    async def loop() -> None:
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - start)
+
+    began = time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(in_flight)))
+    elapsed = time.perf_counter() - began
+    latencies.sort()
+    return {
+        "rps": len(latencies) / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
+    }
+
+
+def streamer(connection: Any, method: str, params: dict[str, Any]) -> Callable[[], Awaitable[None]]:
+    async def call() -> None:
+        stream = await connection.stream(method, params, timeout=30.0)
+        chunks = [chunk async for chunk in stream]
+        if not chunks or not chunks[-1].get("done"):
+            raise RuntimeError(f"{method}: no final chunk")
+
+    return call
+
+
+def best(rounds: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float]]:
+    return {level: max((r[level] for r in rounds), key=lambda m: m["rps"]) for level in LEVELS}
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+async def prepare_user(auth: Any) -> str:
+    """An admin, and a user moved to a tier with large limits; the user's API key."""
+    for name, email in (("benchadmin", ADMIN), ("benchuser", "bench-user@example.org")):
+        await auth.call("auth.register", {"username": name, "email": email, "password": PASSWORD})
+    admin = (await auth.call("auth.login", {"username_or_email": "benchadmin", "password": PASSWORD}))["token"]
+    await auth.call("auth.set_tier", {"token": admin, "user": "benchuser", "tier": "unlimited"})
+    user = (await auth.call("auth.login", {"username_or_email": "benchuser", "password": PASSWORD}))["token"]
+    return (await auth.call("auth.create_key", {"token": user, "name": "bench"}))["api_key"]
+
+
+async def main(seconds: float, rounds: int) -> None:
+    from shared.config import MeshConfig, Secret
+    from shared.db import EmbeddedPostgres, ensure_database
+    from shared.dht import model_topic, service_topic
+    from shared.identity import MeshCredential
+    from shared.runner import join_mesh
+
+    secret = MeshCredential.new_secret().hex()
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
+        root = Path(tmp)
+        async with AsyncExitStack() as stack:
+            url = os.environ.get("DATABASE_URL")
+            if url is None:
+                pg = await stack.enter_async_context(EmbeddedPostgres(root / "pgdata", cleanup_mode="delete"))
+                url = pg.dsn
+            suffix = secrets.token_hex(4)
+            auth_dsn = await ensure_database(url, f"bench_auth_{suffix}")
+            gateway_dsn = await ensure_database(url, f"bench_gateway_{suffix}")
+            client = await join_mesh(stack, "caller", MeshConfig(
+                data_dir=root / "caller", mesh_secret=Secret(secret), record_ttl=30.0))
+            base = {k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_") and k != "DATABASE_URL"}
+            base.update(INFERSWARM_MESH_SECRET=secret, INFERSWARM_BOOTSTRAP=client.discovery.address,
+                        INFERSWARM_LOG_LEVEL="warning", PYTHONHASHSEED="0")
+            children = Children(root, base)
+            stack.push_async_callback(children.stop)
+            await asyncio.gather(
+                children.start("auth", [sys.executable, "-m", "services.auth"], DATABASE_URL=auth_dsn,
+                               INFERSWARM_DATA_DIR=str(root / "auth"), INFERSWARM_ADMIN_EMAILS=ADMIN,
+                               INFERSWARM_TIER_UNLIMITED_TOKENS_PER_MONTH="100000000000"),
+                children.start("worker", [sys.executable, __file__, "--worker"],
+                               INFERSWARM_DATA_DIR=str(root / "worker")),
+                children.start("gateway", [sys.executable, "-m", "services.gateway"], DATABASE_URL=gateway_dsn,
+                               INFERSWARM_DATA_DIR=str(root / "gateway")),
+            )
+            providers = {}
+            for topic in (service_topic("auth"), service_topic("gateway"), model_topic(MODEL)):
+                for _ in range(100):
+                    try:
+                        providers[topic] = (await client.discovery.lookup(topic))[0]
+                        break
+                    except Exception:
+                        await asyncio.sleep(0.1)
+            api_key = await prepare_user(client.mesh("auth"))
+            worker = client.mesh.connection(providers[model_topic(MODEL)])
+            gateway = client.mesh.connection(providers[service_topic("gateway")])
+            params = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16}
+            direct = streamer(worker, "inference.generate", params)
+            through = streamer(gateway, "gateway.infer", {**params, "api_key": api_key})
+            final = [c async for c in await gateway.stream("gateway.infer", {**params, "api_key": api_key})][-1]
+            assert final["rate_limit"]["requests_per_hour"]["limit"] == 1_000_000, final
+            assert final["rate_limit"]["tokens_per_month"]["limit"] is not None, final
+
+            direct_rounds, gateway_rounds = [], []
+            for _ in range(rounds):
+                direct_rounds.append({level: await measure(direct, level, seconds) for level in LEVELS})
+                gateway_rounds.append({level: await measure(through, level, seconds) for level in LEVELS})
+            rss = children.rss_mb("gateway")
+            health = await gateway.call("gateway.health")
+            report(best(direct_rounds), best(gateway_rounds), rss, health)
+
+
+def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, float]], rss: float,
+           health: dict[str, Any]) -> None:
+    print(f"{'in flight':>9} | {'direct p50 ms':>13} {'p99 ms':>7} {'req/s':>7} | "
+          f"{'gateway p50 ms':>14} {'p99 ms':>7} {'req/s':>7} | {'added p50 ms':>12} {'added p99 ms':>12}")
+    for level in LEVELS:
+        d, g = direct[level], through[level]
+        print(f"{level:>9} | {d['p50_ms']:>13.3f} {d['p99_ms']:>7.3f} {d['rps']:>7.0f} | "
+              f"{g['p50_ms']:>14.3f} {g['p99_ms']:>7.3f} {g['rps']:>7.0f} | "
+              f"{g['p50_ms'] - d['p50_ms']:>12.3f} {g['p99_ms'] - d['p99_ms']:>12.3f}")
+    print(f"gateway RSS {rss:.0f} MiB; usage records shipped {health['usage_shipped']}, "
+          f"waiting {health['usage_unshipped']}")
+    summary = {
+        "added_p50_ms_1": round(through[1]["p50_ms"] - direct[1]["p50_ms"], 3),
+        "added_p99_ms_1": round(through[1]["p99_ms"] - direct[1]["p99_ms"], 3),
+        "rps_64": round(through[64]["rps"]),
+        "direct_rps_64": round(direct[64]["rps"]),
+        "gateway_rss_mb": round(rss, 1),
+        "gateway": {str(k): {m: round(v, 3) for m, v in through[k].items()} for k in LEVELS},
+        "direct": {str(k): {m: round(v, 3) for m, v in direct[k].items()} for k in LEVELS},
+    }
+    print(f"targets: added_p50_ms_1 <= 1.0 (got {summary['added_p50_ms_1']}), "
+          f"rps_64 >= 3000 (got {summary['rps_64']})")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker()
+    else:
+        import logging
+
+        logging.disable(logging.INFO)
+        asyncio.run(main(args.seconds, args.rounds))
