@@ -38,6 +38,8 @@ class ChildSpec:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    #: Children stop in groups, highest first; a group stops concurrently.
+    stop_group: int = 0
 
 
 class Child:
@@ -152,9 +154,10 @@ class Supervisor:
                 log.error("restart failed", child=child.spec.name, error=str(exc))
 
     async def stop(self) -> None:
-        """Stop every child, newest first; no process is left behind."""
+        """Stop every child, group by group (highest `stop_group` first, each
+        group at once); no process is left behind."""
         self._stopping = True
         for watcher in self._watchers:
             watcher.cancel()
-        for child in reversed(self.children):
-            await child.stop()
+        for group in sorted({c.spec.stop_group for c in self.children}, reverse=True):
+            await asyncio.gather(*(c.stop() for c in self.children if c.spec.stop_group == group))

@@ -30,6 +30,9 @@ __all__ = ["add_arguments", "up"]
 
 #: Services in start order; those whose package has no `__main__` yet are skipped.
 SERVICES = ("auth", "metrics", "inference", "gateway", "web")
+#: Stop order, highest first: entry points, then what they call, then auth
+#: (gateways ship their last usage records to it), the bootstrap node last.
+STOP_GROUPS = {"web": 3, "gateway": 3, "inference": 2, "metrics": 2, "auth": 1}
 #: Services that keep data in PostgreSQL (each gets a database of its own).
 WITH_DATABASE = ("auth", "gateway", "metrics")
 
@@ -92,7 +95,8 @@ def service_specs(args: argparse.Namespace, base_env: dict[str, str], databases:
                 env["INFERSWARM_MODELS_FILE"] = str(args.models.resolve())
             if service == "metrics":
                 env["INFERSWARM_METRICS_PORT"] = str(args.metrics_port)
-            specs.append(ChildSpec(name, [sys.executable, "-m", f"services.{service}"], env))
+            specs.append(ChildSpec(name, [sys.executable, "-m", f"services.{service}"], env,
+                                   stop_group=STOP_GROUPS[service]))
     return specs
 
 

@@ -120,3 +120,13 @@ async def test_unknown_service_has_no_providers(mesh_net):
     client, _ = mesh_net
     with pytest.raises(errors.NoProviders):
         await client("nobody").call("nobody.anything")
+
+
+async def test_closing_the_client_never_hangs_on_cooled_down_connections(mesh_net):
+    """A connection dropped from the pool (cooldown) must still be closed with
+    the client, or destroying the ZeroMQ context would wait on it forever."""
+    client, providers = mesh_net
+    for provider in await client("who").providers():
+        client.connection(provider)  # open one to each
+        client.cool_down(provider)  # dropped from the pool, closed in the background
+    await asyncio.wait_for(client.close(), 5)

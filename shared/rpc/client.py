@@ -97,9 +97,10 @@ class Connection:
 
     def open(self) -> None:
         """Create the socket and start connecting (calls wait for the handshake)."""
-        # A plain socket driven by a SocketPump (see pump.py); the monitor
-        # socket, rarely busy, stays an asyncio one.
-        sock = zmq.Context.shadow(self._ctx.underlying).socket(zmq.DEALER)
+        # A plain (non-asyncio) socket driven by a SocketPump (see pump.py),
+        # made by the context so that its destroy() always closes it; the
+        # monitor socket, rarely busy, stays an asyncio one.
+        sock = self._ctx.socket(zmq.DEALER, socket_class=zmq.Socket)
         sock.curve_serverkey = self._server_key
         sock.curve_publickey = self._client_keys.public
         sock.curve_secretkey = self._client_keys.secret
@@ -260,9 +261,8 @@ class Connection:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())["event"]
                 self._on_event(event)
-        except asyncio.CancelledError:
+        finally:  # however this ends: an open socket would block the context's term()
             monitor.close(linger=0)
-            raise
 
     def _on_event(self, event: int) -> None:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:

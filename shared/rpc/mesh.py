@@ -55,6 +55,10 @@ class MeshClient:
         self.attempts = attempts
         self._ctx = zmq.asyncio.Context()
         self._connections: dict[tuple[str, bytes], Connection] = {}
+        #: Every connection opened and not yet closed, in the pool or not, so
+        #: that closing the client closes each properly (its tasks too).
+        self._open: set[Connection] = set()
+        self._closing = False
         self._cooling: dict[bytes, float] = {}
 
     async def __aenter__(self) -> MeshClient:
@@ -64,9 +68,11 @@ class MeshClient:
         await self.close()
 
     async def close(self) -> None:
-        connections, self._connections = list(self._connections.values()), {}
-        for connection in connections:
-            await connection.close()
+        self._closing = True  # from now on connect() refuses: nothing new can leak
+        self._connections = {}
+        while self._open:
+            batch, self._open = list(self._open), set()
+            await asyncio.gather(*(connection.close() for connection in batch))
         self._ctx.destroy(linger=0)
 
     def __call__(self, service: str) -> ServiceClient:
@@ -79,6 +85,8 @@ class MeshClient:
 
     def connect(self, endpoint: str, server_key: bytes) -> Connection:
         """The kept-open connection to one endpoint (opened on first use)."""
+        if self._closing:
+            raise Unavailable("the mesh client is closed", {"retry_safe": True})
         key = (endpoint, server_key)
         connection = self._connections.get(key)
         if connection is None or connection.closed:
@@ -88,6 +96,7 @@ class MeshClient:
             )
             connection.open()
             self._connections[key] = connection
+            self._open.add(connection)
         return connection
 
     def connection(self, provider: Provider) -> Connection:
@@ -100,7 +109,12 @@ class MeshClient:
         connection = self._connections.get(key)
         if connection is not None and connection.in_flight == 0:
             del self._connections[key]
-            connection.closed or _close_later(connection)
+            if not connection.closed:
+                asyncio.get_running_loop().create_task(self._close(connection))
+
+    async def _close(self, connection: Connection) -> None:
+        await connection.close()
+        self._open.discard(connection)
 
     def is_cooling(self, provider: Provider) -> bool:
         until = self._cooling.get(provider.node_key)
@@ -124,10 +138,6 @@ def _is_answer(exc: Exception) -> bool:
     answer, not a provider failure: only the transport's own refusal of our
     CURVE key (marked `retry_safe`) should cool the provider down and fail over."""
     return isinstance(exc, Unauthenticated) and not exc.data.get("retry_safe")
-
-
-def _close_later(connection: Connection) -> None:
-    asyncio.get_running_loop().create_task(connection.close())
 
 
 class ServiceClient:

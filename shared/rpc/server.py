@@ -155,7 +155,7 @@ class RpcServer:
             self._auth.configure_curve_callback(_ZAP_DOMAIN, _KeyAllowList(self._members))
         # The ROUTER is a plain socket on the same libzmq context (so the ZAP
         # handler above serves it), driven by a SocketPump: see pump.py.
-        sock = zmq.Context.shadow(self._ctx.underlying).socket(zmq.ROUTER)
+        sock = self._ctx.socket(zmq.ROUTER, socket_class=zmq.Socket)
         sock.curve_server = True
         sock.curve_publickey = self._curve.public
         sock.curve_secretkey = self._curve.secret
