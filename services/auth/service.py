@@ -332,6 +332,28 @@ class AuthService:
     # -- administration ----------------------------------------------------------------
 
     @method(public=True, idempotent=True)
+    async def recent_usage(self, token: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The caller's latest requests (at most 100), newest first: for the dashboard."""
+        user = await self._authenticate(token)
+        if not 1 <= limit <= 100:
+            raise InvalidParams("limit must be between 1 and 100", {"param": "limit"})
+        rows = await self._usage.recent(user["id"], limit)
+        return [{
+            "created_at": _iso(r["created_at"]), "model": r["model"], "key_name": r["key_name"],
+            "key_prefix": r["key_prefix"], "prompt_tokens": r["prompt_tokens"],
+            "completion_tokens": r["completion_tokens"], "cached": r["cached"],
+            "latency_ms": r["latency_ms"], "status": r["status"],
+        } for r in rows]
+
+    @method(public=True, idempotent=True)
+    async def list_users(self, token: str, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Admins only: accounts in the order they were created."""
+        await self._authenticate_admin(token)
+        if not 1 <= limit <= 1000 or offset < 0:
+            raise InvalidParams("limit must be 1..1000 and offset >= 0", {"param": "limit"})
+        return [self._user_view(row) for row in await self._store.list_users(limit, offset)]
+
+    @method(public=True, idempotent=True)
     async def set_tier(self, token: str, user: int | str, tier: TierName) -> dict[str, Any]:
         """Admins only: move an account (id, username or email) to another tier."""
         actor = await self._authenticate_admin(token)

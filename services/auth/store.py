@@ -100,6 +100,10 @@ class AuthStore:
     async def user_by_id(self, user_id: int) -> asyncpg.Record | None:
         return await self.pool.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id)
 
+    async def list_users(self, limit: int, offset: int) -> list[asyncpg.Record]:
+        """Accounts in the order they were created."""
+        return await self.pool.fetch("SELECT * FROM users ORDER BY id LIMIT $1 OFFSET $2", limit, offset)
+
     async def find_user(self, ref: int | str) -> asyncpg.Record:
         """An account by id, username or email; `NotFound` otherwise."""
         user = await (self.user_by_id(ref) if isinstance(ref, int) else self.user_by_login(ref))

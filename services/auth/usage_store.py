@@ -83,6 +83,15 @@ ORDER BY d.day, d.key_id NULLS FIRST
 """
 
 # Distinct users over both windows in one pass over the last 24 hours.
+_RECENT = """
+SELECT u.created_at, u.model, u.prompt_tokens, u.completion_tokens, u.cached, u.latency_ms,
+       u.status, k.name AS key_name, k.prefix AS key_prefix
+FROM usage u LEFT JOIN api_keys k ON k.id = u.key_id
+WHERE u.user_id = $1
+ORDER BY u.created_at DESC
+LIMIT $2
+"""
+
 _ACTIVE_USERS = """
 SELECT count(DISTINCT user_id) FILTER (WHERE created_at >= now() - interval '1 hour') AS last_hour,
        count(DISTINCT user_id) AS last_day
@@ -117,6 +126,10 @@ class UsageStore:
     async def daily(self, user_id: int, start: date, end: date) -> list[asyncpg.Record]:
         """Per day and per key, from `start` to `end` inclusive (UTC days)."""
         return await self.pool.fetch(_DAILY, user_id, start, end)
+
+    async def recent(self, user_id: int, limit: int) -> list[asyncpg.Record]:
+        """A user's latest requests, newest first."""
+        return await self.pool.fetch(_RECENT, user_id, limit)
 
     async def active_users(self) -> dict[str, int]:
         """Distinct users with a usage record in the last hour and the last 24 hours."""
