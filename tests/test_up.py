@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pytest
 
-from stack import alive, free_udp_port, read_ready, start_up
+from stack import Cli, alive, free_udp_port, read_ready, start_up
 
 
 @pytest.fixture
@@ -48,3 +49,30 @@ def test_up_starts_stops_cleanly_and_refuses_a_second_instance(stack):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", port))  # the bootstrap's port is free again
     assert (data_dir / "mesh.secret").exists()  # data kept for the next start
+
+
+@pytest.mark.timeout(300)
+def test_a_restart_on_the_same_data_directory_keeps_users_and_keys(tmp_path):
+    data_dir, port = tmp_path / "data", free_udp_port()
+    cli = Cli(data_dir, port, tmp_path / "config")
+    password = "restart-me-please-7"
+
+    first = start_up(data_dir, port, "--workers", "1")
+    try:
+        read_ready(first)
+        assert cli("register", "gus", "gus@example.com", "--password-stdin", stdin=password).returncode == 0
+        assert cli("login", "gus", "--password-stdin", stdin=password).returncode == 0
+        key = json.loads(cli("keys", "create", "kept", "--json").stdout)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+
+    second = start_up(data_dir, port, "--workers", "1")
+    try:
+        read_ready(second)
+        assert cli("login", "gus", "--password-stdin", stdin=password).returncode == 0
+        keys = json.loads(cli("keys", "list", "--json").stdout)
+        assert [(k["id"], k["name"], k["status"]) for k in keys] == [(key["id"], "kept", "active")]
+    finally:
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0
