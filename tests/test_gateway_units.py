@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +135,32 @@ def test_metrics_fold_label_values_past_the_cap():
         latency.observe(value, status="ok")
     assert latency.quantile(0.5, status="ok") == 0.005
     assert metrics.snapshot()["seconds"]["status=ok"]["count"] == 4
+
+
+_CLOSE_MANY = """
+import asyncio, zmq.asyncio
+from nacl.public import PrivateKey
+from shared.identity import CurveKeyPair
+from shared.rpc import Connection
+
+async def main():
+    ctx = zmq.asyncio.Context()
+    keys, server = (CurveKeyPair.from_private(PrivateKey.generate()) for _ in range(2))
+    for i in range(300):
+        connection = Connection("tcp://127.0.0.1:1", server.public, keys, context=ctx)
+        connection.open()
+        await asyncio.sleep(0.01 * (i % 2))
+        await connection.close()
+    print("closed")
+
+asyncio.run(main())
+"""
+
+
+def test_closing_a_connection_never_blocks_the_loop():
+    """The gateway closes connections to failed workers (cooldown): closing must not
+    block. Stopping the socket monitor after its reader had closed used to hang."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", _CLOSE_MANY], cwd=root, capture_output=True, text=True,
+                          timeout=20)
+    assert done.stdout.strip() == "closed", done.stderr[-2000:]

@@ -126,6 +126,10 @@ class Connection:
         self.closed = True
         self._fail_pending(Unavailable("connection closed", {"retry_safe": False}))
         self._deadlines.close()
+        if self._sock is not None:
+            # Before the monitor's reader closes: stopping a monitor sends it a
+            # last event, a blocking send that never returns once the reader is gone.
+            self._sock.disable_monitor()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -133,7 +137,6 @@ class Connection:
             self._pump.close()
             self._pump = None
         if self._sock is not None:
-            self._sock.disable_monitor()
             self._sock.close(linger=0)
             self._sock = None
 
