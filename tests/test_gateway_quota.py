@@ -130,22 +130,21 @@ async def test_tokens_are_reserved_settled_and_released(store):
 
 
 async def test_a_refused_request_waits_for_another_gateways_unused_lease(store):
-    limits = {"requests_per_hour": 8, "requests_per_month": None, "tokens_per_month": None}
+    limits = {"requests_per_hour": 16, "requests_per_month": None, "tokens_per_month": None}
     async with AsyncExitStack() as stack:
         a, b = await keeper(stack, store, "gw-a"), await keeper(stack, store, "gw-b")
-        a.live = b.live = 1  # as if alone: a takes a lease of a quarter of what is left
         held = await a.admit(4, limits, 1, deadline=time.monotonic() + 5)
-        lease_units = held.parts[0].lease.units
+        lease_units = held.parts[0].lease.units  # an eighth of what is left (2 gateways)
         assert lease_units > 1
         a.settle(held, 1)
-        others = [await b.admit(4, limits, 1, deadline=time.monotonic() + 5) for _ in range(8 - lease_units)]
+        others = [await b.admit(4, limits, 1, deadline=time.monotonic() + 5) for _ in range(16 - lease_units)]
         start = time.monotonic()
         # b is refused by the database, but a's unused units come back within a lease's life.
         late = await b.admit(4, limits, 1, deadline=time.monotonic() + 5)
         assert time.monotonic() - start < a.ttl + 0.3
         for admission in [*others, late]:
             b.settle(admission, 1)
-        assert await granted(store, 4, "requests_per_hour") <= 8
+        assert await granted(store, 4, "requests_per_hour") <= 16
 
 
 async def test_the_janitor_reclaims_a_crashed_gateways_unclaimed_units(store):

@@ -426,7 +426,9 @@ class Quota:
                 if lease is not None and not lease.expired:
                     lease.expired = True
                     self._dirty.add(lease)
-                expires = sent + self.ttl - min(0.05, self.ttl / 10)
+                # Given back well before the database says it expires, so a request
+                # of another gateway waiting (at most a TTL) for it sees it come back.
+                expires = sent + self.ttl * 0.8
                 lease = Lease(grant.lease_id, state.key, grant.units, grant.claimed, expires)
                 self._leases[lease.id] = lease
                 state.lease = lease
