@@ -42,7 +42,7 @@ async def keeper(stack: AsyncExitStack, store: QuotaStore, name: str, **options)
 def crash(quota: Quota) -> None:
     """Stop a keeper the way kill -9 would: no settling, no giving back, no heartbeat."""
     fleet = getattr(quota, "fleet", None)
-    for task in quota._tasks + (fleet._tasks if fleet is not None else []):
+    for task in quota._writer._tasks + (fleet._tasks if fleet is not None else []):
         task.cancel()
 
 

@@ -7,11 +7,13 @@
         quota.settle(admission, tokens_used=120)  # or quota.release(admission) if it failed
 
 Requests are admitted from local leases (blocks of units the database
-granted this gateway). The database is asked only when a lease runs out, to
-raise a lease's `claimed` mark ahead of use, and to give unused units back.
-All of those go through one writer task, in batches: one statement per kind
-per turn, and no two statements of one gateway ever wait on each other.
-The design and its guarantees are in README.md, "Limits".
+granted this gateway) without waiting, from every limited counter or none.
+The database is asked (through the `LeaseWriter`, in the background as a
+rule) to top leases up and renew them, to raise a lease's `claimed` mark
+ahead of use, and to take unused units back. A request the database refuses
+waits -- at most a lease TTL, within its deadline -- for other gateways'
+leases to come back before it is `RATE_LIMITED`. The design and its
+guarantees are in README.md, "Limits".
 """
 
 from __future__ import annotations
@@ -20,8 +22,7 @@ import asyncio
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from typing import Any, Protocol, Self
+from typing import Any, Self
 
 from shared.errors import RateLimited, Unavailable
 from shared.logging import get_logger
@@ -34,29 +35,14 @@ from services.gateway.leases import (
     Part,
     window_of,
 )
-from services.gateway.store import Grant, GrantItem, PriorLease, QuotaStore
+from services.gateway.store import Grant, PriorLease, QuotaStore
+from services.gateway.writer import LeaseLog, LeaseWriter
 
 __all__ = ["Admission", "LeaseLog", "Quota"]
 
 log = get_logger(__name__)
 
 _MAX_ROUNDS = 500  # of the slow path: each round waits on the database or `poll_interval`
-
-
-class LeaseLog(Protocol):
-    """Where the journal hears about leases (for exact recovery after a crash)."""
-
-    def opened(self, lease_id: int) -> None: ...
-
-    def closed(self, lease_id: int) -> None: ...
-
-
-class _NoLog:
-    def opened(self, lease_id: int) -> None:
-        pass
-
-    def closed(self, lease_id: int) -> None:
-        pass
 
 
 class Admission:
@@ -77,14 +63,6 @@ class Admission:
         return [[p.lease.id, p.final if p.final is not None else p.units] for p in self.parts]
 
 
-@dataclass(slots=True)
-class _GrantOp:
-    state: KeyState
-    item: GrantItem
-    future: asyncio.Future[Grant]
-    sent: float = 0.0
-
-
 class Quota:
     """This gateway's side of the fleet-wide limits (see the module doc)."""
 
@@ -97,26 +75,28 @@ class Quota:
         self.gateway = gateway
         self.incarnation = incarnation
         self.ttl = lease_ttl
-        self._max_lease = max_lease
         self._horizon = claim_horizon
         self._poll = poll_interval
-        self._log = lease_log or _NoLog()
         self._clock = clock
-        self.live = 1  #: live gateways, kept up to date by the heartbeat
         self._states: dict[Key, KeyState] = {}
         self._leases: dict[int, Lease] = {}
-        self._grants: list[_GrantOp] = []
-        self._claims: dict[Lease, int] = {}
-        self._dirty: set[Lease] = set()
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._writer = LeaseWriter(store, self._states, self._leases, gateway=gateway, incarnation=incarnation,
+                                   ttl=lease_ttl, max_lease=max_lease, horizon=claim_horizon, lease_log=lease_log)
         self.overruns = 0  #: tokens used beyond a reservation (a worker over-reporting)
+
+    @property
+    def live(self) -> int:
+        """Live gateways (set by the heartbeat): leases are a 1/(4 x live) share."""
+        return self._writer.live
+
+    @live.setter
+    def live(self, count: int) -> None:
+        self._writer.live = count
 
     # -- lifecycle -------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        self._tasks = [asyncio.create_task(self._writer(), name="quota writer"),
-                       asyncio.create_task(self._expirer(), name="quota expiry")]
+        self._writer.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -124,17 +104,7 @@ class Quota:
 
     async def close(self, timeout: float = 3.0) -> None:
         """Give back every unused unit (requests still running keep theirs)."""
-        for lease in self._leases.values():
-            lease.expired = True
-            self._dirty.add(lease)
-        self._wake.set()
-        deadline = time.monotonic() + timeout
-        while self._dirty and time.monotonic() < deadline and not self._tasks[0].done():
-            await asyncio.sleep(0.01)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._release_dirty(final=True)
+        await self._writer.stop(timeout)
 
     # -- admission -------------------------------------------------------------
 
@@ -202,8 +172,7 @@ class Quota:
         lease.used -= part.units - final
         lease.holders -= 1
         if lease.expired or (lease.free == 0 and lease.holders == 0):
-            self._dirty.add(lease)
-            self._wake.set()
+            self._writer.dirty(lease)
 
     def _take(self, needs: list[tuple[KeyState, int]]) -> Admission | None:
         """Admit from the open leases, all counters or none; no awaiting."""
@@ -224,9 +193,9 @@ class Quota:
             # (or renew it near its end), so that requests rarely wait.
             ahead = state.ahead(self._horizon, n)
             if lease.claimed < lease.units and lease.claiming is None and lease.claimed - lease.used < ahead:
-                self._start_claim(lease, lease.used + 2 * ahead)
+                self._writer.claim(lease, lease.used + 2 * ahead)
             if state.granting is None and (lease.free < ahead or lease.expires - now < self.ttl / 4):
-                self._start_grant(state, n, background=True)
+                self._writer.grant(state, n, background=True)
         return Admission(parts)
 
     async def _admit_slow(
@@ -247,7 +216,7 @@ class Quota:
                 if refused is None:
                     continue
                 state, n, grant = refused
-                if wait_until is None or self._returning(state.key):
+                if wait_until is None or self._writer.returning(state.key):
                     wait_until = max(wait_until or 0.0, self._wait_until(state, grant, started, deadline))
                 now = time.monotonic()
                 if now >= wait_until:
@@ -264,19 +233,19 @@ class Quota:
         if lease is not None and lease.fits(n):
             return None
         if lease is not None and not lease.expired and lease.free >= n:
-            await asyncio.shield(self._start_claim(lease, lease.used + state.ahead(self._horizon, n)))
+            await asyncio.shield(self._writer.claim(lease, lease.used + state.ahead(self._horizon, n)))
             return None
         if state.granting is not None:  # someone asked already: see what they got
             await asyncio.shield(state.granting)
             return None
-        return await asyncio.shield(self._start_grant(state, n))
+        return await asyncio.shield(self._writer.grant(state, n))
 
     def _wait_until(self, state: KeyState, grant: Grant, started: float, deadline: float) -> float:
         """How long a refused request waits for leases to come back: other
         gateways' (until they expire) and our own that are being trimmed."""
         limit = min(started + self.ttl, deadline - 0.05)
         until = started
-        if self._returning(state.key):
+        if self._writer.returning(state.key):
             until = time.monotonic() + 2 * self._poll
         if grant.others_units > 0 and grant.others_expiry is not None:
             now = time.monotonic()
@@ -284,9 +253,7 @@ class Quota:
             until = max(until, max(now, expiry) + 2 * self._poll)
         return min(limit, until)
 
-    def _returning(self, key: Key) -> bool:
-        """Units of `key` on their way back from one of our expired leases."""
-        return any(l.key == key and l.expired and not l.closed and l.free > 0 for l in self._leases.values())
+
 
     def _refusal(self, state: KeyState, n: int, limits: Mapping[str, Any]) -> RateLimited:
         counter = state.key.counter
@@ -329,198 +296,6 @@ class Quota:
                 self._states[Key(user_id, counter, window.start)] = KeyState(
                     Key(user_id, counter, window.start), limit, window.reset, granted=granted.get(counter, 0))
         return self.facts(user_id, limits)
-
-    # -- talking to the database (one writer) --------------------------------------
-
-    def _start_grant(self, state: KeyState, n: int, *, background: bool = False) -> asyncio.Future[Grant]:
-        """Ask for units: more for the open lease (`top_up`) while it has a while
-        to live, else a new lease. In the `background` the open lease serves
-        on until the answer; otherwise it cannot serve and is retired now."""
-        lease = state.lease
-        now = time.monotonic()
-        top_up = lease is not None and not lease.expired and lease.expires - now > self.ttl / 2
-        if lease is not None and not top_up and not background and not lease.expired:
-            lease.expired = True
-            self._dirty.add(lease)
-        have = lease.free if top_up and lease is not None else 0
-        ahead = state.ahead(self._horizon, n)
-        need = max(1, n - have)
-        used = lease.used if top_up and lease is not None else 0
-        # Room for `max_lease` requests (the database cuts it to a share of
-        # what is left), but claimed only `ahead` of use: what a crash strands.
-        item = GrantItem(
-            state.key.user_id, state.key.counter, state.key.window_start, state.limit, need,
-            max(need, self._max_lease * n), lease.id if top_up and lease is not None else None,
-            used + max(n, 2 * ahead),
-        )
-        future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
-        state.granting = future
-        self._grants.append(_GrantOp(state, item, future))
-        self._wake.set()
-        return future
-
-    def _start_claim(self, lease: Lease, target: int) -> asyncio.Future[None]:
-        if lease.claiming is not None:
-            return lease.claiming
-        lease.claiming = asyncio.get_running_loop().create_future()
-        self._claims[lease] = min(lease.units, target)
-        self._wake.set()
-        return lease.claiming
-
-    async def _writer(self) -> None:
-        backoff = 0.05
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self._release_dirty()  # first: a grant may need what comes back
-                await self._write_grants()
-                await self._write_claims()
-                backoff = 0.05
-            except Unavailable as exc:
-                log.warning("quota database unavailable", error=exc.message)
-                await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
-                self._wake.set()
-            except Exception:  # a bug or a refused statement: keep the writer alive
-                log.exception("quota writer failed; retrying")
-                await asyncio.sleep(backoff)
-                backoff = min(2.0, backoff * 2)
-                self._wake.set()
-
-    async def _write_grants(self) -> None:
-        ops, self._grants = self._grants, []
-        if not ops:
-            return
-        ops.sort(key=lambda op: (op.item.user_id, op.item.counter, op.item.window_start))
-        for op in ops:  # claim from where the lease is now, not where it was when asked
-            lease = op.state.lease
-            if op.item.lease_id is not None and lease is not None and lease.id == op.item.lease_id:
-                ahead = op.state.ahead(self._horizon, op.item.need)
-                op.item = replace(op.item, claim=max(op.item.claim, lease.used + 2 * ahead))
-        sent = time.monotonic()
-        try:
-            grants = await self._store.grant(self.gateway, self.incarnation, self.ttl, self.live,
-                                             [op.item for op in ops])
-        except Exception as exc:
-            for op in ops:
-                op.state.granting = None
-                if not op.future.done():
-                    op.future.set_exception(exc if isinstance(exc, Unavailable) else Unavailable(str(exc)))
-                    op.future.exception()  # retrieved: a waiter may have been cancelled
-            if isinstance(exc, Unavailable):
-                return
-            raise
-        for op, grant in zip(ops, grants):
-            self._apply_grant(op, grant, sent)
-
-    def _apply_grant(self, op: _GrantOp, grant: Grant, sent: float) -> None:
-        state = op.state
-        state.granted = grant.granted
-        state.granting = None
-        if grant.added > 0 and grant.lease_id is not None:
-            lease = state.lease
-            if lease is not None and lease.id == grant.lease_id:
-                lease.units, lease.claimed = grant.units, max(lease.claimed, grant.claimed)
-            else:
-                if lease is not None and not lease.expired:
-                    lease.expired = True
-                    self._dirty.add(lease)
-                # Given back well before the database says it expires, so a request
-                # of another gateway waiting (at most a TTL) for it sees it come back.
-                expires = sent + self.ttl * 0.8
-                lease = Lease(grant.lease_id, state.key, grant.units, grant.claimed, expires)
-                self._leases[lease.id] = lease
-                state.lease = lease
-                self._log.opened(lease.id)
-        if not op.future.done():
-            op.future.set_result(grant)
-
-    async def _write_claims(self) -> None:
-        claims, self._claims = self._claims, {}
-        if not claims:
-            return
-        leases = {lease.id: lease for lease in claims}
-        try:
-            answers = await self._store.claim(list(leases), list(claims.values()))
-        except Exception as exc:
-            for lease in claims:
-                future, lease.claiming = lease.claiming, None
-                if future is not None and not future.done():
-                    future.set_exception(exc if isinstance(exc, Unavailable) else Unavailable(str(exc)))
-                    future.exception()
-            if isinstance(exc, Unavailable):
-                return
-            raise
-        for answer in answers:
-            lease = leases[answer.lease_id]
-            lease.claimed = max(lease.claimed, min(answer.claimed, lease.units))
-            if answer.orphaned and not lease.expired:  # a janitor took us for dead: stop using it
-                lease.expired = True
-                self._dirty.add(lease)
-        for lease in claims:
-            future, lease.claiming = lease.claiming, None
-            if lease.id not in {a.lease_id for a in answers}:  # gone: closed meanwhile
-                lease.expired = True
-            if future is not None and not future.done():
-                future.set_result(None)
-
-    async def _release_dirty(self, *, final: bool = False) -> None:
-        dirty, self._dirty = self._dirty, set()
-        batch: list[tuple[Lease, int, bool]] = []
-        for lease in sorted(dirty, key=lambda l: (l.key.user_id, l.key.counter, l.key.window_start, l.id)):
-            if lease.closed:
-                continue
-            if not lease.expired and lease.free == 0 and lease.holders == 0:
-                lease.expired = True  # used up and settled: nothing will ever come back
-            if lease.expired and (lease.holders == 0 or final):
-                batch.append((lease, lease.used, True))
-            elif lease.expired and lease.free > 0:
-                batch.append((lease, lease.used, False))
-        if not batch:
-            return
-        try:
-            answers = await self._store.release([b[0].id for b in batch], [b[1] for b in batch],
-                                                [b[2] for b in batch])
-        except Exception:
-            self._dirty.update(b[0] for b in batch)  # try again on the next turn
-            raise
-        returned = {a.lease_id: a for a in answers}
-        for lease, used, close in batch:
-            answer = returned.get(lease.id)
-            state = self._states.get(lease.key)
-            if answer is not None and state is not None:
-                state.granted = answer.granted
-            if close or answer is None:
-                self._close(lease, state)
-            else:
-                lease.units, lease.claimed = used, min(lease.claimed, used)
-
-    def _close(self, lease: Lease, state: KeyState | None) -> None:
-        lease.closed = lease.expired = True
-        self._leases.pop(lease.id, None)
-        if state is not None and state.lease is lease:
-            state.lease = None
-        self._log.closed(lease.id)
-
-    async def _expirer(self) -> None:
-        period = max(0.01, min(0.1, self.ttl / 8))
-        while True:
-            await asyncio.sleep(period)
-            now = time.monotonic()
-            for lease in self._leases.values():
-                if not lease.expired and now >= lease.expires:
-                    lease.expired = True
-                    self._dirty.add(lease)
-            if self._dirty:
-                self._wake.set()
-            if len(self._states) > 10_000:
-                self._forget_idle()
-
-    def _forget_idle(self) -> None:
-        idle = [k for k, s in self._states.items() if s.lease is None and s.granting is None and s.waiting == 0]
-        for key in idle:
-            del self._states[key]
 
     # -- after a crash ---------------------------------------------------------------
 

@@ -1,0 +1,290 @@
+"""The one task through which a gateway's leases talk to the database.
+
+`Quota` decides what it needs; the `LeaseWriter` asks for it, in batches:
+each turn it gives back what expired leases do not use (first, since a grant
+may need it), then sends every pending grant in one call, then every claim.
+No two statements of one gateway ever wait on each other, and every answer
+is applied to the local leases in the same loop turn. An expiry loop retires
+leases at 0.8 of their TTL, well before the database's `expires_at`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from shared.errors import Unavailable
+from shared.logging import get_logger
+from services.gateway.leases import Key, KeyState, Lease
+from services.gateway.store import Grant, GrantItem, QuotaStore
+
+__all__ = ["LeaseLog", "LeaseWriter"]
+
+log = get_logger(__name__)
+
+
+class LeaseLog(Protocol):
+    """Where the journal hears about leases (for exact recovery after a crash)."""
+
+    def opened(self, lease_id: int) -> None: ...
+
+    def closed(self, lease_id: int) -> None: ...
+
+
+class _NoLog:
+    def opened(self, lease_id: int) -> None:
+        pass
+
+    def closed(self, lease_id: int) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _GrantOp:
+    state: KeyState
+    item: GrantItem
+    future: asyncio.Future[Grant]
+
+
+class LeaseWriter:
+    """Grants, claims and returns of one gateway's leases (see the module doc)."""
+
+    def __init__(
+        self, store: QuotaStore, states: dict[Key, KeyState], leases: dict[int, Lease], *, gateway: str,
+        incarnation: str, ttl: float, max_lease: int, horizon: float, lease_log: LeaseLog | None = None,
+    ) -> None:
+        self._store = store
+        self._states = states
+        self._leases = leases
+        self.gateway = gateway
+        self.incarnation = incarnation
+        self.ttl = ttl
+        self._max_lease = max_lease
+        self._horizon = horizon
+        self._log = lease_log or _NoLog()
+        self.live = 1  #: live gateways, kept up to date by the heartbeat
+        self._grants: list[_GrantOp] = []
+        self._claims: dict[Lease, int] = {}
+        self._dirty: set[Lease] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._run(), name="quota writer"),
+                       asyncio.create_task(self._expirer(), name="quota expiry")]
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Give back every unused unit (leases of requests still running keep theirs)."""
+        for lease in self._leases.values():
+            lease.expired = True
+            self._dirty.add(lease)
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        while self._dirty and time.monotonic() < deadline and self._tasks and not self._tasks[0].done():
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._release_dirty(final=True)
+
+    def dirty(self, lease: Lease) -> None:
+        """`lease` may have units to give back (expired, or settled while expired)."""
+        self._dirty.add(lease)
+        self._wake.set()
+
+    def returning(self, key: Key) -> bool:
+        """Units of `key` on their way back from one of our expired leases."""
+        return any(l.key == key and l.expired and not l.closed and l.free > 0 for l in self._leases.values())
+
+    def grant(self, state: KeyState, n: int, *, background: bool = False) -> asyncio.Future[Grant]:
+        """Ask for units: more for the open lease (`top_up`) while it has a while
+        to live, else a new lease. In the `background` the open lease serves
+        on until the answer; otherwise it cannot serve and is retired now."""
+        lease = state.lease
+        now = time.monotonic()
+        top_up = lease is not None and not lease.expired and lease.expires - now > self.ttl / 2
+        if lease is not None and not top_up and not background and not lease.expired:
+            lease.expired = True
+            self._dirty.add(lease)
+        have = lease.free if top_up and lease is not None else 0
+        ahead = state.ahead(self._horizon, n)
+        need = max(1, n - have)
+        used = lease.used if top_up and lease is not None else 0
+        # Room for `max_lease` requests (the database cuts it to a share of
+        # what is left), but claimed only `ahead` of use: what a crash strands.
+        item = GrantItem(
+            state.key.user_id, state.key.counter, state.key.window_start, state.limit, need,
+            max(need, self._max_lease * n), lease.id if top_up and lease is not None else None,
+            used + max(n, 2 * ahead),
+        )
+        future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
+        state.granting = future
+        self._grants.append(_GrantOp(state, item, future))
+        self._wake.set()
+        return future
+
+    def claim(self, lease: Lease, target: int) -> asyncio.Future[None]:
+        """Raise `lease`'s claimed mark towards `target` (never past its units)."""
+        if lease.claiming is not None:
+            return lease.claiming
+        lease.claiming = asyncio.get_running_loop().create_future()
+        self._claims[lease] = min(lease.units, target)
+        self._wake.set()
+        return lease.claiming
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._release_dirty()  # first: a grant may need what comes back
+                await self._write_grants()
+                await self._write_claims()
+                backoff = 0.05
+            except Unavailable as exc:
+                log.warning("quota database unavailable", error=exc.message)
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                self._wake.set()
+            except Exception:  # a bug or a refused statement: keep the writer alive
+                log.exception("quota writer failed; retrying")
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+                self._wake.set()
+
+    async def _write_grants(self) -> None:
+        ops, self._grants = self._grants, []
+        if not ops:
+            return
+        ops.sort(key=lambda op: (op.item.user_id, op.item.counter, op.item.window_start))
+        for op in ops:  # claim from where the lease is now, not where it was when asked
+            lease = op.state.lease
+            if op.item.lease_id is not None and lease is not None and lease.id == op.item.lease_id:
+                ahead = op.state.ahead(self._horizon, op.item.need)
+                op.item = replace(op.item, claim=max(op.item.claim, lease.used + 2 * ahead))
+        sent = time.monotonic()
+        try:
+            grants = await self._store.grant(self.gateway, self.incarnation, self.ttl, self.live,
+                                             [op.item for op in ops])
+        except Exception as exc:
+            for op in ops:
+                op.state.granting = None
+                if not op.future.done():
+                    op.future.set_exception(exc if isinstance(exc, Unavailable) else Unavailable(str(exc)))
+                    op.future.exception()  # retrieved: a waiter may have been cancelled
+            if isinstance(exc, Unavailable):
+                return
+            raise
+        for op, grant in zip(ops, grants):
+            self._apply(op, grant, sent)
+
+    def _apply(self, op: _GrantOp, grant: Grant, sent: float) -> None:
+        state = op.state
+        state.granted = grant.granted
+        state.granting = None
+        if grant.added > 0 and grant.lease_id is not None:
+            lease = state.lease
+            if lease is not None and lease.id == grant.lease_id:
+                lease.units, lease.claimed = grant.units, max(lease.claimed, grant.claimed)
+            else:
+                if lease is not None and not lease.expired:
+                    lease.expired = True
+                    self._dirty.add(lease)
+                # Given back well before the database says it expires, so a request
+                # of another gateway waiting (at most a TTL) for it sees it come back.
+                expires = sent + self.ttl * 0.8
+                lease = Lease(grant.lease_id, state.key, grant.units, grant.claimed, expires)
+                self._leases[lease.id] = lease
+                state.lease = lease
+                self._log.opened(lease.id)
+        if not op.future.done():
+            op.future.set_result(grant)
+
+    async def _write_claims(self) -> None:
+        claims, self._claims = self._claims, {}
+        if not claims:
+            return
+        leases = {lease.id: lease for lease in claims}
+        try:
+            answers = await self._store.claim(list(leases), list(claims.values()))
+        except Exception as exc:
+            for lease in claims:
+                future, lease.claiming = lease.claiming, None
+                if future is not None and not future.done():
+                    future.set_exception(exc if isinstance(exc, Unavailable) else Unavailable(str(exc)))
+                    future.exception()
+            if isinstance(exc, Unavailable):
+                return
+            raise
+        for answer in answers:
+            lease = leases[answer.lease_id]
+            lease.claimed = max(lease.claimed, min(answer.claimed, lease.units))
+            if answer.orphaned and not lease.expired:  # a janitor took us for dead: stop using it
+                lease.expired = True
+                self._dirty.add(lease)
+        for lease in claims:
+            future, lease.claiming = lease.claiming, None
+            if lease.id not in {a.lease_id for a in answers}:  # gone: closed meanwhile
+                lease.expired = True
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    async def _release_dirty(self, *, final: bool = False) -> None:
+        dirty, self._dirty = self._dirty, set()
+        batch: list[tuple[Lease, int, bool]] = []
+        for lease in sorted(dirty, key=lambda l: (l.key.user_id, l.key.counter, l.key.window_start, l.id)):
+            if lease.closed:
+                continue
+            if not lease.expired and lease.free == 0 and lease.holders == 0:
+                lease.expired = True  # used up and settled: nothing will ever come back
+            if lease.expired and (lease.holders == 0 or final):
+                batch.append((lease, lease.used, True))
+            elif lease.expired and lease.free > 0:
+                batch.append((lease, lease.used, False))
+        if not batch:
+            return
+        try:
+            answers = await self._store.release([b[0].id for b in batch], [b[1] for b in batch],
+                                                [b[2] for b in batch])
+        except Exception:
+            self._dirty.update(b[0] for b in batch)  # try again on the next turn
+            raise
+        returned = {a.lease_id: a for a in answers}
+        for lease, used, close in batch:
+            answer = returned.get(lease.id)
+            state = self._states.get(lease.key)
+            if answer is not None and state is not None:
+                state.granted = answer.granted
+            if close or answer is None:
+                self._close(lease, state)
+            else:
+                lease.units, lease.claimed = used, min(lease.claimed, used)
+
+    def _close(self, lease: Lease, state: KeyState | None) -> None:
+        lease.closed = lease.expired = True
+        self._leases.pop(lease.id, None)
+        if state is not None and state.lease is lease:
+            state.lease = None
+        self._log.closed(lease.id)
+
+    async def _expirer(self) -> None:
+        period = max(0.01, min(0.1, self.ttl / 8))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for lease in self._leases.values():
+                if not lease.expired and now >= lease.expires:
+                    lease.expired = True
+                    self._dirty.add(lease)
+            if self._dirty:
+                self._wake.set()
+            if len(self._states) > 10_000:
+                self._forget_idle()
+
+    def _forget_idle(self) -> None:
+        idle = [k for k, s in self._states.items() if s.lease is None and s.granting is None and s.waiting == 0]
+        for key in idle:
+            del self._states[key]
