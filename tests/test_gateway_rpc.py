@@ -328,3 +328,23 @@ async def test_a_crashed_gateway_is_billed_once_and_its_leases_come_back(mesh):
     assert len(records) == 5
     usage = await mesh.usage(gina.token)
     assert usage["totals"]["requests"] == 5
+
+
+async def test_workers_that_all_fail_are_unavailable_and_cost_no_quota(mesh):
+    """Kept last: it leaves the workers unhealthy and cooling down for a while."""
+    hugo = await mesh.user("hugo")
+    connection = (await mesh.gateways())[0]
+    mesh.ollama.fail_status = 500
+    try:
+        with pytest.raises(Unavailable):  # each worker failed before the first token
+            await infer(connection, hugo.api_key)
+        with pytest.raises(Unavailable, match="can take a request now") as none_left:
+            await infer(connection, hugo.api_key)
+        assert none_left.value.data["workers"] == 3
+    finally:
+        mesh.ollama.heal()
+    rows = await mesh.records_settle(hugo.id, 2)
+    assert [r["status"] for r in rows] == ["unavailable", "unavailable"]
+    quota = await connection.call("gateway.quota", {"api_key": hugo.api_key})
+    assert quota["rate_limit"]["requests_per_hour"]["used"] == 0  # released: nothing was delivered
+    assert quota["rate_limit"]["tokens_per_month"]["used"] == 0
