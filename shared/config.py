@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import os
+import sys
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -37,6 +38,7 @@ __all__ = [
     "Secret",
     "env",
     "load",
+    "load_or_exit",
     "describe",
     "parse_bool",
     "port",
@@ -264,6 +266,16 @@ def _read(
             reason = reason.replace(repr(raw), _MASK).replace(raw, _MASK)
         problems.append(f"{name}: {reason}")
         return dataclasses.MISSING
+
+
+def load_or_exit(cls: type[T], service: str, environ: Mapping[str, str] = os.environ) -> T:
+    """`load` for a process's `main`: on a bad environment, print every problem
+    (one line each, naming the variable) and exit with status 2."""
+    try:
+        return load(cls, environ)
+    except ConfigError as exc:
+        print(f"{service}: configuration error:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def describe(config: Any) -> dict[str, Any]:

@@ -19,25 +19,29 @@ violation reaches the caller as `Conflict`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import inspect
 import re
 import threading
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote, urlsplit
 
 import asyncpg
 
 from shared.config import Secret, env
-from shared.errors import Conflict
+from shared.errors import Conflict, Unavailable
 from shared.logging import get_logger
 
 __all__ = [
+    "CONNECTION_ERRORS",
+    "unavailable_when_down",
     "DatabaseConfig",
     "MigrationError",
     "create_pool",
@@ -65,6 +69,46 @@ async def create_pool(
 ) -> asyncpg.Pool:
     """An asyncpg pool on `dsn`; extra keyword arguments go to `asyncpg.create_pool`."""
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **kwargs)
+
+
+#: Errors that say "the database cannot be reached now", not "this query is wrong".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.ConnectionDoesNotExistError,
+)
+
+_C = TypeVar("_C", bound=type)
+
+
+def unavailable_when_down(
+    message: str = "the database is unreachable", *, retry_safe: bool = False
+) -> Callable[[_C], _C]:
+    """Class decorator for store modules: every public coroutine method turns a
+    lost database into `UNAVAILABLE` (expected, retryable) instead of an
+    `INTERNAL` with a traceback. `retry_safe` says whether the caller may retry
+    elsewhere (true only when a failed call cannot have written anything)."""
+
+    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(func)
+        async def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await func(*args, **kwargs)
+            except CONNECTION_ERRORS as exc:
+                raise Unavailable(message, {"retry_safe": retry_safe}) from exc
+
+        return guarded
+
+    def decorate(cls: _C) -> _C:
+        for name, member in list(vars(cls).items()):
+            if not name.startswith("_") and inspect.iscoroutinefunction(member):
+                setattr(cls, name, wrap(member))
+        return cls
+
+    return decorate
 
 
 @contextmanager

@@ -7,11 +7,10 @@ directory), applies migrations, and serves `auth.*` until SIGTERM.
 
 from __future__ import annotations
 
-import sys
 from contextlib import AsyncExitStack
 from functools import partial
 
-from shared.config import ConfigError, load
+from shared.config import load_or_exit
 from shared.db import database_dsn
 from shared.runner import MeshNode, run
 from services.auth.app import open_auth
@@ -26,11 +25,7 @@ async def build(config: AuthConfig, stack: AsyncExitStack, node: MeshNode) -> li
 
 
 def main() -> None:
-    try:
-        config = load(AuthConfig)
-    except ConfigError as exc:
-        print("auth: configuration error:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
-        raise SystemExit(2) from None
+    config = load_or_exit(AuthConfig, "auth")
     run("auth", partial(build, config), config.mesh)
 
 

@@ -10,18 +10,16 @@ Usage records live in `usage_store.py`.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
-from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
-from shared.errors import Conflict, NotFound, Unavailable
+from shared.db import unavailable_when_down
+from shared.errors import Conflict, NotFound
 
-__all__ = ["AuthStore", "INVALIDATION_CHANNEL", "CONNECTION_ERRORS", "unavailable_when_down"]
+__all__ = ["AuthStore", "INVALIDATION_CHANNEL"]
 
 INVALIDATION_CHANNEL = "auth_invalidations"
 # Serializes writers of the invalidation log ("invalidt" in ASCII), so that
@@ -32,39 +30,7 @@ _USER_COLUMNS = "id, username, email, password_hash, tier, is_admin, is_active, 
 _KEY_COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at"
 
 
-#: Errors that say "the database cannot be reached now", not "this query is wrong".
-CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.ConnectionDoesNotExistError,
-)
-C = TypeVar("C", bound=type)
-
-
-def unavailable_when_down(cls: C) -> C:
-    """Class decorator: every public coroutine method turns a lost database into
-    `UNAVAILABLE` (expected, retryable) instead of an `INTERNAL` with a traceback."""
-
-    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(func)
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await func(*args, **kwargs)
-            except CONNECTION_ERRORS as exc:
-                raise Unavailable("the database is unreachable", {"retry_safe": False}) from exc
-
-        return guarded
-
-    for name, member in list(vars(cls).items()):
-        if not name.startswith("_") and inspect.iscoroutinefunction(member):
-            setattr(cls, name, wrap(member))
-    return cls
-
-
-@unavailable_when_down
+@unavailable_when_down()
 class AuthStore:
     """The auth tables, over an asyncpg pool."""
 

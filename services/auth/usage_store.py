@@ -15,7 +15,7 @@ from datetime import date, datetime
 
 import asyncpg
 
-from services.auth.store import unavailable_when_down
+from shared.db import unavailable_when_down
 
 __all__ = ["UsageRecord", "UsageStore"]
 
@@ -99,7 +99,7 @@ FROM usage WHERE created_at >= now() - interval '24 hours'
 """
 
 
-@unavailable_when_down
+@unavailable_when_down()
 class UsageStore:
     """The usage tables, over an asyncpg pool."""
 

@@ -9,20 +9,15 @@ with its load, until SIGTERM.
 
 from __future__ import annotations
 
-import sys
 
-from shared.config import ConfigError, load
+from shared.config import load_or_exit
 from shared.runner import run
 from services.inference.config import InferenceConfig
 from services.inference.worker import InferenceWorker
 
 
 def main() -> None:
-    try:
-        config = load(InferenceConfig)
-    except ConfigError as exc:
-        print("inference: configuration error:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
-        raise SystemExit(2) from None
+    config = load_or_exit(InferenceConfig, "inference")
     worker = InferenceWorker(config)
     run("inference", worker.build, config.mesh, topics=worker.topics, load=worker.load,
         topic_load=worker.topic_load)

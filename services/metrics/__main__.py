@@ -9,22 +9,17 @@ HTTP until SIGTERM. Its ready line is the runner's, with `"http"` added:
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import AsyncExitStack
 from typing import Any
 
-from shared.config import ConfigError, load
+from shared.config import load_or_exit
 from shared.runner import MeshNode, run
 from services.metrics.app import MetricsApp, open_metrics
 from services.metrics.config import MetricsConfig
 
 
 def main() -> None:
-    try:
-        config = load(MetricsConfig)
-    except ConfigError as exc:
-        print("metrics: configuration error:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
-        raise SystemExit(2) from None
+    config = load_or_exit(MetricsConfig, "metrics")
     opened: list[MetricsApp] = []
 
     async def build(stack: AsyncExitStack, node: MeshNode) -> list[object]:

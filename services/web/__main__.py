@@ -9,12 +9,11 @@ gains `"http": "<url>"`, the address actually bound (useful with port 0).
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import AsyncExitStack
 from functools import partial
 from typing import Any
 
-from shared.config import ConfigError, load
+from shared.config import load_or_exit
 from shared.logging import get_logger
 from shared.runner import MeshNode, run
 from services.web.app import create_app, start_site
@@ -33,11 +32,7 @@ async def build(config: WebConfig, bound: dict[str, str], stack: AsyncExitStack,
 
 
 def main() -> None:
-    try:
-        config = load(WebConfig)
-    except ConfigError as exc:
-        print("web: configuration error:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
-        raise SystemExit(2) from None
+    config = load_or_exit(WebConfig, "web")
     bound: dict[str, str] = {}
 
     def ready(info: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ from services.web.forms import read_form, require, text
 from services.web.ratelimits import facts_of
 from services.web.security import clear_session, client_addr, set_session
 from services.web.upstream import model_rows
-from services.web.session import ME, TOKEN, UPSTREAM, field_errors, load_session, login_required, safe_next
+from services.web.session import TOKEN, UPSTREAM, field_errors, load_session, login_required, safe_next
 from services.web.views import bar_chart, daily_series, quota_bars, redirect, render
 
 __all__ = ["routes"]

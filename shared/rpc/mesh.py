@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import structlog
 import zmq.asyncio
@@ -30,6 +31,8 @@ from shared.rpc.client import Connection, Stream
 __all__ = ["MeshClient", "ServiceClient"]
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class MeshClient:
@@ -166,42 +169,39 @@ class ServiceClient:
         timeout: float | None = None, idempotent: bool = False,
     ) -> Any:
         """Call `method` on a provider, failing over as the module doc says."""
+        async def attempt(connection: Connection, remaining: float) -> Any:
+            return await connection.call(method, params, timeout=remaining)
+
+        return await self._with_failover(method, attempt, timeout, idempotent)
+
+    async def stream(
+        self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
+    ) -> Stream:
+        """Start a stream on a provider; only a start that never ran is retried."""
+        async def attempt(connection: Connection, remaining: float) -> Stream:
+            return await connection.stream(method, params, timeout=remaining)
+
+        return await self._with_failover(method, attempt, timeout, idempotent=False)
+
+    async def _with_failover(
+        self, method: str, attempt: Callable[[Connection, float], Awaitable[T]],
+        timeout: float | None, idempotent: bool,
+    ) -> T:
         deadline = time.monotonic() + (timeout or self._mesh.default_timeout)
         tried: set[bytes] = set()
-        for attempt in range(self._mesh.attempts):
+        for number in range(1, self._mesh.attempts + 1):
             provider = await self.pick(tried)
             try:
-                connection = self._mesh.connection(provider)
-                return await connection.call(method, params, timeout=deadline - time.monotonic())
+                return await attempt(self._mesh.connection(provider), deadline - time.monotonic())
             except (Unavailable, Unauthenticated) as exc:
                 if _is_answer(exc):
                     raise
                 self._on_failure(provider, exc)
                 tried.add(provider.node_key)
                 retry = exc.data.get("retry_safe") or idempotent
-                if not retry or attempt + 1 == self._mesh.attempts or time.monotonic() >= deadline:
+                if not retry or number == self._mesh.attempts or time.monotonic() >= deadline:
                     raise
                 log.info("retrying on another provider", method=method, error=exc.message)
-        raise AssertionError("unreachable")
-
-    async def stream(
-        self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
-    ) -> Stream:
-        """Start a stream on a provider; only a start that never ran is retried."""
-        deadline = time.monotonic() + (timeout or self._mesh.default_timeout)
-        tried: set[bytes] = set()
-        for attempt in range(self._mesh.attempts):
-            provider = await self.pick(tried)
-            try:
-                connection = self._mesh.connection(provider)
-                return await connection.stream(method, params, timeout=deadline - time.monotonic())
-            except (Unavailable, Unauthenticated) as exc:
-                if _is_answer(exc):
-                    raise
-                self._on_failure(provider, exc)
-                tried.add(provider.node_key)
-                if not exc.data.get("retry_safe") or attempt + 1 == self._mesh.attempts:
-                    raise
         raise AssertionError("unreachable")
 
     def _on_failure(self, provider: Provider, exc: Exception) -> None:
