@@ -24,6 +24,7 @@ from shared.errors import (
     MethodNotFound,
     NotFound,
     RateLimited,
+    Timeout,
     TooLarge,
     Unauthenticated,
     Unavailable,
@@ -203,6 +204,25 @@ async def test_a_cancelled_stream_stops_the_worker_and_is_billed_for_what_was_de
     assert 3 <= rows[0]["completion_tokens"] <= 4  # what had been sent when the cancel arrived
     quota = await connection.call("gateway.quota", {"api_key": erin.api_key})
     assert quota["rate_limit"]["requests_per_hour"]["used"] >= 1
+
+
+async def test_the_callers_deadline_reaches_the_worker(mesh):
+    ivy = await mesh.user("ivy")
+    connection = (await mesh.gateways())[1]
+    mesh.ollama.token_delay = 0.05
+    disconnects = mesh.ollama.disconnects
+    started = time.monotonic()
+    with pytest.raises(Timeout) as late:
+        await infer(connection, ivy.api_key, max_tokens=300, timeout=1.0)
+    assert time.monotonic() - started < 1.3
+    assert late.value.data["delivered_tokens"] > 5  # the gateway's answer, before the caller gave up
+    deadline = time.monotonic() + 3
+    while mesh.ollama.disconnects == disconnects:  # the worker stopped at the deadline too
+        assert time.monotonic() < deadline, "the worker kept generating"
+        await asyncio.sleep(0.02)
+    rows = await mesh.records_settle(ivy.id, 1)
+    assert rows[0]["status"] == "timeout"
+    assert rows[0]["completion_tokens"] == late.value.data["delivered_tokens"]
 
 
 async def test_bad_input_is_refused_with_typed_errors(mesh):
