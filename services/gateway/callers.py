@@ -1,0 +1,74 @@
+"""Who is calling: an API key (through auth's `KeyValidator`) or a dashboard token.
+
+Keys are validated by `services/auth/client.KeyValidator`, which caches answers
+and stops honouring a revoked key within one second. Tokens go to
+`auth.verify_token` (checked against auth's database); an answer is reused for
+at most `token_ttl` (1 s), so a disabled account's token stops working within
+that too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import InvalidParams, Unauthenticated
+from shared.rpc import ServiceClient
+from services.auth.client import KeyValidator
+from services.auth.tokens import MAX_TOKEN_LENGTH
+
+__all__ = ["Caller", "Callers"]
+
+_MAX_TOKENS_CACHED = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated caller and what their tier allows."""
+
+    user_id: int
+    key_id: int | None
+    tier: str
+    limits: dict[str, Any]
+    priority: int
+
+
+class Callers:
+    """Turns `api_key` / `token` parameters into a `Caller`, or `UNAUTHENTICATED`."""
+
+    def __init__(self, validator: KeyValidator, auth: ServiceClient, *, token_ttl: float = 1.0,
+                 timeout: float = 2.0) -> None:
+        self._validator = validator
+        self._auth = auth
+        self._token_ttl = token_ttl
+        self._timeout = timeout
+        self._tokens: dict[bytes, tuple[float, Caller]] = {}
+
+    async def identify(self, api_key: str | None, token: str | None) -> Caller:
+        if api_key is not None and token is not None:
+            raise InvalidParams("give an api_key or a token, not both", {"param": "token"})
+        if api_key is not None:
+            answer = await self._validator.validate(api_key)
+            return Caller(answer["user_id"], answer["key_id"], answer["tier"], answer["limits"],
+                          int(answer.get("priority") or 0))
+        if token is not None:
+            return await self._by_token(token)
+        raise Unauthenticated("an API key (api_key) or a session token (token) is required")
+
+    async def _by_token(self, token: str) -> Caller:
+        if not 0 < len(token) <= MAX_TOKEN_LENGTH:
+            raise Unauthenticated("invalid token")
+        digest = hashlib.sha256(token.encode()).digest()
+        cached = self._tokens.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        answer = await self._auth.call("auth.verify_token", {"token": token}, timeout=self._timeout,
+                                       idempotent=True)
+        caller = Caller(answer["id"], None, answer["tier"], answer["limits"], int(answer.get("priority") or 0))
+        if len(self._tokens) >= _MAX_TOKENS_CACHED:
+            self._tokens.clear()
+        self._tokens[digest] = (now + self._token_ttl, caller)
+        return caller

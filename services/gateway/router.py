@@ -1,0 +1,177 @@
+"""Which worker gets a request: discovery, live load, cooldowns.
+
+Workers announce each model on `model_topic(model)` with that model's load
+(`free_slots`, `slots`, `queued`, `queue_limit`, `healthy`, `tokens_per_s`).
+`choose` drops workers that are cooling down (they failed us recently), that
+say they are unhealthy, or whose queue is full, then takes the better of two
+at random (power of two choices) by
+
+    expected wait = (1 + backlog / slots) x time to first token (EWMA)
+    backlog       = queued + our in-flight requests to it - free slots (>= 0)
+
+so live load -- what the worker announced and what this gateway has sent it
+since -- steers the choice, and a slow worker is avoided before it fails.
+An unknown model is `NOT_FOUND` naming the models the workers serve; workers
+that exist but cannot take the request now are `UNAVAILABLE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from shared.dht import Provider, model_topic, service_topic
+from shared.errors import MeshError, NoProviders, NotFound, Unavailable
+from shared.logging import get_logger
+from shared.rpc import MeshClient
+
+__all__ = ["Router"]
+
+log = get_logger(__name__)
+
+
+class Router:
+    """Picks workers for models and keeps the live figures it picks by."""
+
+    def __init__(
+        self, mesh: MeshClient, *, latency_alpha: float = 0.3, default_latency: float = 0.05,
+        catalog_ttl: float = 2.0, catalog_timeout: float = 1.0, refresh: float = 0.5, stale_after: float = 3.0,
+    ) -> None:
+        self._mesh = mesh
+        self._alpha = latency_alpha
+        self._default_latency = default_latency
+        self._catalog_ttl = catalog_ttl
+        self._catalog_timeout = catalog_timeout
+        self._latency: dict[bytes, float] = {}
+        self._in_flight: dict[bytes, int] = {}
+        self._refresh = refresh
+        self._stale_after = stale_after
+        self._workers: dict[str, tuple[float, list[Provider]]] = {}
+        self._looking: dict[str, asyncio.Future[list[Provider] | None]] = {}
+        self._catalog: tuple[float, dict[str, dict[str, int]]] | None = None
+        self._catalog_lock = asyncio.Lock()
+
+    async def workers(self, model: str) -> list[Provider]:
+        """The live workers announcing `model`; `NOT_FOUND` when there are none.
+
+        Lookups are kept `refresh` seconds and then refreshed in the
+        background (one at a time per model) while the old list serves for up
+        to `stale_after`: no request waits on a DHT crawl in steady state."""
+        entry = self._workers.get(model)
+        age = time.monotonic() - entry[0] if entry is not None else float("inf")
+        if age < self._refresh:
+            return entry[1]  # type: ignore[index]
+        if age < self._stale_after:
+            if model not in self._looking:
+                self._looking[model] = asyncio.ensure_future(self._lookup(model))
+                self._looking[model].add_done_callback(_quiet)
+            return entry[1]  # type: ignore[index]
+        looking = self._looking.get(model)
+        if looking is None:
+            looking = self._looking[model] = asyncio.ensure_future(self._lookup(model))
+        found = await asyncio.shield(looking)
+        if found is None:
+            models = sorted(await self.catalog())
+            raise NotFound(f"no worker serves model {model!r}" + (
+                f"; available: {', '.join(models)}" if models else "; no model is served right now"),
+                {"model": model, "models": models})
+        return found
+
+    async def _lookup(self, model: str) -> list[Provider] | None:
+        try:
+            found = await self._mesh.discovery.lookup(model_topic(model))
+        except NoProviders:
+            self._workers.pop(model, None)
+            return None
+        finally:
+            self._looking.pop(model, None)
+        self._workers[model] = (time.monotonic(), found)
+        if len(self._workers) > 1000:  # models looked up by mistake should not pile up
+            self._workers.pop(next(iter(self._workers)))
+        return found
+
+    def choose(self, model: str, workers: list[Provider], exclude: set[bytes]) -> Provider:
+        """A worker for one attempt (power of two choices), or `UNAVAILABLE`."""
+        usable = [w for w in workers if w.node_key not in exclude and self._usable(w)]
+        if not usable:
+            raise Unavailable(f"no worker of model {model!r} can take a request now",
+                              {"model": model, "workers": len(workers), "retry_safe": True})
+        if len(usable) == 1:
+            return usable[0]
+        a, b = random.sample(usable, 2)
+        return a if self.expected_wait(a) <= self.expected_wait(b) else b
+
+    def _usable(self, worker: Provider) -> bool:
+        load = worker.load or {}
+        if load.get("healthy") is False or self._mesh.is_cooling(worker):
+            return False
+        queued, limit = _number(load.get("queued"), 0), load.get("queue_limit")
+        full = isinstance(limit, int) and _number(load.get("free_slots"), 1) <= 0 and queued >= limit
+        return not full  # as announced; a fresher refusal makes us try the next one
+
+    def expected_wait(self, worker: Provider) -> float:
+        load = worker.load or {}
+        slots = max(1.0, _number(load.get("slots"), 1))
+        backlog = _number(load.get("queued"), 0) + self._in_flight.get(worker.node_key, 0) \
+            - _number(load.get("free_slots"), slots)
+        latency = self._latency.get(worker.node_key, self._default_latency)
+        return (1 + max(0.0, backlog) / slots) * latency
+
+    def started(self, worker: Provider) -> None:
+        self._in_flight[worker.node_key] = self._in_flight.get(worker.node_key, 0) + 1
+
+    def first_token(self, worker: Provider, seconds: float) -> None:
+        """Fold one time-to-first-token into the worker's moving average."""
+        old = self._latency.get(worker.node_key)
+        self._latency[worker.node_key] = seconds if old is None else old + self._alpha * (seconds - old)
+
+    def finished(self, worker: Provider, *, failed: bool = False, busy: bool = False) -> None:
+        """The request left the worker. A failure cools it down (not a full queue)."""
+        count = self._in_flight.get(worker.node_key, 1) - 1
+        if count > 0:
+            self._in_flight[worker.node_key] = count
+        else:
+            self._in_flight.pop(worker.node_key, None)
+        if failed and not busy:
+            self._mesh.cool_down(worker)
+
+    async def catalog(self) -> dict[str, dict[str, int]]:
+        """Model -> {"workers", "healthy_workers"}, from every worker's `inference.models`."""
+        async with self._catalog_lock:
+            cached = self._catalog
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
+            try:
+                workers = await self._mesh.discovery.lookup(service_topic("inference"))
+            except NoProviders:
+                workers = []
+            answers = await asyncio.gather(*(self._models_of(w) for w in workers))
+            catalog: dict[str, dict[str, int]] = {}
+            for worker, answer in zip(workers, answers):
+                for entry in answer:
+                    row = catalog.setdefault(entry["name"], {"workers": 0, "healthy_workers": 0})
+                    row["workers"] += 1
+                    if entry.get("healthy", True) and not self._mesh.is_cooling(worker):
+                        row["healthy_workers"] += 1
+            self._catalog = (time.monotonic() + self._catalog_ttl, catalog)
+            return catalog
+
+    async def _models_of(self, worker: Provider) -> list[dict[str, Any]]:
+        try:
+            answer = await self._mesh.connection(worker).call("inference.models", timeout=self._catalog_timeout)
+        except MeshError as exc:
+            log.info("worker did not list its models", endpoint=worker.endpoint, error=exc.message)
+            return []
+        models = answer.get("models") if isinstance(answer, dict) else None
+        return [m for m in models or [] if isinstance(m, dict) and isinstance(m.get("name"), str)]
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("worker lookup failed", error=str(future.exception()))
+
+
+def _number(value: Any, default: float) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
