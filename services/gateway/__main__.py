@@ -9,11 +9,10 @@ SIGTERM, then drains, ships the last usage and gives unused quota back.
 
 from __future__ import annotations
 
-import sys
 from contextlib import AsyncExitStack
 from functools import partial
 
-from shared.config import ConfigError, load
+from shared.config import load_or_exit
 from shared.db import database_dsn
 from shared.runner import MeshNode, run
 from services.gateway.app import open_gateway
@@ -28,11 +27,7 @@ async def build(config: GatewayConfig, stack: AsyncExitStack, node: MeshNode) ->
 
 
 def main() -> None:
-    try:
-        config = load(GatewayConfig)
-    except ConfigError as exc:
-        print("gateway: configuration error:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
-        raise SystemExit(2) from None
+    config = load_or_exit(GatewayConfig, "gateway")
     run("gateway", partial(build, config), config.mesh)
 
 

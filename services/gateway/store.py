@@ -9,51 +9,18 @@ that cannot be reached is `UNAVAILABLE` (retryable), never `INTERNAL`.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
 
 import asyncpg
 
-from shared.errors import Unavailable
+from shared.db import unavailable_when_down
 
 __all__ = ["MIGRATIONS", "Claim", "Grant", "GrantItem", "PriorLease", "QuotaStore", "Released"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
-
-_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.ConnectionDoesNotExistError,
-    asyncpg.InterfaceError,
-)
-C = TypeVar("C", bound=type)
-
-
-def _unavailable_when_down(cls: C) -> C:
-    """Every public coroutine method turns a lost database into `UNAVAILABLE`."""
-
-    def wrap(func: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(func)
-        async def guarded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return await func(*args, **kwargs)
-            except _CONNECTION_ERRORS as exc:
-                raise Unavailable("the quota database is unreachable", {"retry_safe": True}) from exc
-
-        return guarded
-
-    for name, member in list(vars(cls).items()):
-        if not name.startswith("_") and inspect.iscoroutinefunction(member):
-            setattr(cls, name, wrap(member))
-    return cls
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +77,7 @@ class PriorLease:
     claimed: int
 
 
-@_unavailable_when_down
+@unavailable_when_down("the quota database is unreachable")
 class QuotaStore:
     """The quota tables of the gateway database."""
 
