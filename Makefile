@@ -49,6 +49,7 @@ bench: install
 	$(BIN)/python bench/dht.py
 	$(BIN)/python bench/auth.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/web.py
 
 clean:
