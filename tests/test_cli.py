@@ -88,15 +88,7 @@ def test_requests_reach_prometheus_through_the_metrics_service(cli, stack):
     _, _, ready = stack
     assert cli("register", "erin", "erin@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0
     wanted = 'ai_platform_requests_total{method="auth.register",service="auth",status="ok"}'
-    deadline = time.monotonic() + 15  # reporters push every second
-    exposition = ""
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(ready["metrics"], timeout=5) as response:
-            exposition = response.read().decode()
-        if wanted in exposition:
-            break
-        time.sleep(0.5)
-    assert wanted in exposition
+    assert wanted in scrape_until(ready["metrics"], [wanted])  # reporters push every second
 
 
 @pytest.mark.timeout(240)
@@ -159,3 +151,21 @@ def test_infer_streams_tokens_as_they_arrive_then_hits_the_token_budget(cli, sta
     assert [m["name"] for m in models] == ["smollm2"]
     quota = json.loads(cli("quota", "--json").stdout)
     assert quota["tier"] == "free" and quota["rate_limit"]["requests_per_hour"]["limit"] == 100
+
+    # The gateway's view reached Prometheus: tokens, time to first token, the refusal.
+    wanted = ['ai_platform_tokens_total{direction="out",model="smollm2"}',
+              'ai_platform_time_to_first_token_seconds_count{model="smollm2"}',
+              'ai_platform_rate_limit_violations_total{tier="free"}']
+    assert all(line in scrape_until(stack[2]["metrics"], wanted) for line in wanted)
+
+
+def scrape_until(url: str, wanted: list[str], seconds: float = 15) -> str:
+    """The metrics exposition, once it holds every wanted series (or the last one read)."""
+    deadline, exposition = time.monotonic() + seconds, ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            exposition = response.read().decode()
+        if all(line in exposition for line in wanted):
+            break
+        time.sleep(0.5)
+    return exposition

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shared.db import apply_migrations, create_pool
 from shared.logging import get_logger
+from shared.metrics import Metrics as SharedMetrics
 from shared.rpc import MeshClient
 from services.auth.client import KeyValidator
 from services.gateway.accounts import Accounts
@@ -24,6 +25,7 @@ from services.gateway.journal import Journal
 from services.gateway.metrics import Metrics
 from services.gateway.quota import Quota
 from services.gateway.relay import Relay
+from services.gateway.report import Report
 from services.gateway.router import Router
 from services.gateway.service import GatewayService
 from services.gateway.shipper import UsageShipper
@@ -36,9 +38,12 @@ log = get_logger(__name__)
 
 async def open_gateway(
     stack: AsyncExitStack, config: GatewayConfig, mesh: MeshClient, *, dsn: str, gateway_id: str,
-    state_dir: Path, metrics: Metrics | None = None,
+    state_dir: Path, metrics: Metrics | None = None, shared_metrics: SharedMetrics | None = None,
 ) -> GatewayService:
-    """Pool, migrations, journal replay, leases of an earlier run, loops; the service."""
+    """Pool, migrations, journal replay, leases of an earlier run, loops; the service.
+
+    `shared_metrics` is the process's registry for the metrics service (the
+    runner's `node.metrics`); without it nothing leaves the process."""
     metrics = metrics or Metrics()
     pool = await create_pool(dsn, min_size=2, max_size=config.pool_size)
     stack.push_async_callback(pool.close)
@@ -69,8 +74,9 @@ async def open_gateway(
     await stack.enter_async_context(shipper)
     validator = await stack.enter_async_context(KeyValidator(mesh))
     router = Router(mesh)
-    relay = Relay(mesh, router, quota, accounts, metrics, attempts=config.attempts)
+    report = Report(shared_metrics)
+    relay = Relay(mesh, router, quota, accounts, metrics, attempts=config.attempts, report=report)
     return GatewayService(
         Callers(validator, mesh("auth")), quota, router, relay, accounts, journal, metrics,
-        limits=config.limits, gateway_id=gateway_id,
+        limits=config.limits, gateway_id=gateway_id, report=report,
     )

@@ -33,6 +33,7 @@ from services.gateway.accounts import Accounts, Job
 from services.gateway.callers import Caller
 from services.gateway.metrics import Metrics
 from services.gateway.quota import Quota
+from services.gateway.report import Report
 from services.gateway.router import Router
 
 __all__ = ["Relay"]
@@ -47,8 +48,9 @@ class Relay:
 
     def __init__(
         self, mesh: MeshClient, router: Router, quota: Quota, accounts: Accounts, metrics: Metrics, *,
-        attempts: int = 3, margin: float = 0.05,
+        attempts: int = 3, margin: float = 0.05, report: Report | None = None,
     ) -> None:
+        self._report = report or Report()
         self._mesh = mesh
         self._router = router
         self._quota = quota
@@ -134,6 +136,7 @@ class Relay:
             else:
                 self._router.first_token(provider, time.monotonic() - sent)
                 self._ttft.observe(time.monotonic() - sent)
+                self._report.first_token(job.model, time.monotonic() - sent)
                 return upstream, provider, first
             if upstream is not None:
                 await upstream.aclose()
@@ -180,6 +183,8 @@ class Relay:
         self._seconds.observe(time.monotonic() - job.started, status="ok")
         self._tokens.inc(prompt_tokens, kind="prompt")
         self._tokens.inc(completion_tokens, kind="completion")
+        self._report.finished(job.model, time.monotonic() - job.started, prompt_tokens, completion_tokens,
+                              cached=chunk.get("cached") is True)
         return {**chunk, "request_id": job.request_id,
                 "rate_limit": self._quota.facts(caller.user_id, caller.limits)}
 
@@ -194,6 +199,7 @@ class Relay:
         self._requests.inc(status=status)
         self._seconds.observe(time.monotonic() - job.started, status=status)
         self._tokens.inc(delivered, kind="completion")
+        self._report.finished(job.model, time.monotonic() - job.started, 0, delivered)
 
 
 def _count(value: Any) -> int:

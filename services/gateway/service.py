@@ -35,6 +35,7 @@ from services.gateway.journal import Journal
 from services.gateway.metrics import Metrics
 from services.gateway.quota import Quota
 from services.gateway.relay import Relay
+from services.gateway.report import Report
 from services.gateway.router import Router
 
 __all__ = ["GatewayService"]
@@ -50,7 +51,9 @@ class GatewayService:
     def __init__(
         self, callers: Callers, quota: Quota, router: Router, relay: Relay, accounts: Accounts,
         journal: Journal, metrics: Metrics, *, limits: Limits = Limits(), gateway_id: str = "",
+        report: Report | None = None,
     ) -> None:
+        self._report = report or Report()
         self._callers = callers
         self._quota = quota
         self._router = router
@@ -93,6 +96,7 @@ class GatewayService:
             self._requests.inc(status=exc.code.lower())
             if exc.code == "RATE_LIMITED":
                 self._refusals.inc(counter=exc.data.get("counter", "other"))
+                self._report.rate_limited(caller.tier)
             raise
         self._accounts.admitted(job, admission)
         checked.params["priority"] = caller.priority

@@ -260,11 +260,16 @@ class Connection:
         self._changed = asyncio.Event()
 
     async def _watch(self, monitor: zmq.asyncio.Socket) -> None:
+        # Ends only by cancellation, from close(), after disable_monitor(): a
+        # reader closed before that would make disable_monitor() block forever.
         try:
             while True:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
-                self._on_event(event)
-        finally:  # however this ends: an open socket would block the context's term()
+                frames = await monitor.recv_multipart()
+                try:
+                    self._on_event(parse_monitor_message(frames)["event"])
+                except Exception:
+                    log.exception("bad monitor event", endpoint=self.endpoint)
+        finally:  # an open socket would block the context's term()
             monitor.close(linger=0)
 
     def _on_event(self, event: int) -> None:
