@@ -153,6 +153,10 @@ def announce(args: argparse.Namespace, bootstrap: str, supervisor: Supervisor, d
     print(f"  dashboard  {summary['dashboard']}")
     print(f"  metrics    {summary['metrics']}")
     print(f"  logs       {data_dir / 'logs'}")
+    print("Try it:")
+    print("  inferswarm register alice alice@example.com && inferswarm login alice")
+    print("  inferswarm keys create laptop")
+    print('  inferswarm infer "Write a haiku about the sea."')
     print("Press Ctrl-C to stop.", flush=True)
 
 
