@@ -184,6 +184,7 @@ async def chat(args: Namespace, session: ClientSession, creds: Credentials) -> R
             try:
                 line = await loop.run_in_executor(None, input, "you> ")
             except EOFError:
+                sys.stdout.write("\n")  # end the prompt's line
                 break
             if not line.strip():
                 break

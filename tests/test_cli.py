@@ -169,3 +169,16 @@ def scrape_until(url: str, wanted: list[str], seconds: float = 15) -> str:
             break
         time.sleep(0.5)
     return exposition
+
+
+@pytest.mark.timeout(240)
+def test_chat_answers_each_line_and_ends_at_end_of_input(cli):
+    assert cli("register", "gil", "gil@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0
+    assert cli("login", "gil", "--password-stdin", stdin=PASSWORD).returncode == 0
+    assert cli("keys", "create", "k").returncode == 0
+    result = cli("chat", "--max-tokens", "12", "--temperature", "0", "--json",
+                 stdin="Hello!\nWhat did I just say?\n")
+    assert result.returncode == 0, result.stderr
+    conversation = json.loads(result.stdout.splitlines()[-1])["messages"]
+    assert [m["role"] for m in conversation] == ["user", "assistant", "user", "assistant"]
+    assert all(m["content"] for m in conversation)
