@@ -140,6 +140,8 @@ class Handler:
     def bind(self, params: dict[str, Any]) -> dict[str, Any]:
         """Check `params` against the signature; raise `InvalidParams` on a misfit."""
         keys = params.keys()
+        if self._varkw and any(type(k) is not str for k in keys):  # msgpack allows bin keys
+            raise InvalidParams(f"{self.wire_name}: parameter names must be strings")
         if not self._varkw and not keys <= self._names:
             unknown = sorted(str(k) for k in keys - self._names)
             raise InvalidParams(f"{self.wire_name}: unknown parameter(s) {', '.join(unknown)}")
