@@ -1,0 +1,133 @@
+"""Hostile input (issue 9) to the web service's JSON endpoints, over real HTTP.
+
+The stack is the one tests/test_web_api.py uses (`inferswarm up`: real
+PostgreSQL, auth, a worker on a model server we control, the web process);
+hypothesis sends random JSON bodies, near-valid bodies and non-JSON bytes to
+the REST and /v1 endpoints, with and without credentials. Every reply is a
+success or a typed JSON error; never a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from web_support import MODEL, PASSWORD, web_stack
+
+pytestmark = pytest.mark.timeout(120)
+
+ENDPOINTS = [
+    ("POST", "/api/auth/register"),
+    ("POST", "/api/auth/login"),
+    ("POST", "/api/auth/api-keys"),
+    ("DELETE", "/api/auth/api-keys/999999"),  # not the fuzzer's own key: it must stay valid
+    ("POST", "/api/inference"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+]
+FIELDS = ["model", "messages", "prompt", "max_tokens", "stream", "stream_options", "temperature", "n",
+          "username", "email", "password", "username_or_email", "name", "expires_in_days", "role", "content"]
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+              st.text(max_size=30), st.sampled_from([MODEL, "user", "assistant", "system", ""])),
+    lambda children: st.one_of(st.lists(children, max_size=4),
+                               st.dictionaries(st.one_of(st.sampled_from(FIELDS), st.text(max_size=8)), children,
+                                               max_size=5)),
+    max_leaves=15,
+)
+messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "bad"]),
+                                           "content": st.one_of(st.text(max_size=20), json_values)}), max_size=3)
+#: Near-valid bodies: the right field names with random (often right-typed) values.
+shaped = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.one_of(st.just(MODEL), json_values),
+        "messages": st.one_of(messages, json_values),
+        "prompt": st.one_of(st.text(max_size=30), json_values),
+        "max_tokens": st.one_of(st.integers(-5, 8), json_values),
+        "stream": st.one_of(st.booleans(), json_values),
+        "stream_options": st.one_of(st.just({"include_usage": True}), json_values),
+        "username": st.one_of(st.text(max_size=12), json_values),
+        "username_or_email": st.one_of(st.text(max_size=12), json_values),
+        "email": st.one_of(st.just("x@example.com"), json_values),
+        "password": st.one_of(st.text(max_size=12), json_values),
+        "expires_in_days": st.one_of(st.integers(-3, 10**6), json_values),
+    },
+)
+bodies = st.one_of(
+    st.builds(lambda v: json.dumps(v).encode(), shaped),
+    st.builds(lambda v: json.dumps(v).encode(), shaped),
+    st.builds(lambda v: json.dumps(v).encode(), json_values),
+    st.binary(max_size=80),
+    st.sampled_from([b"", b"{", b"[]", b"null", b'{"model": NaN}', b'"\\ud800"', b"\xff\xfe", b"1e999999"]),
+)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[Any]:
+    with web_stack(tmp_path_factory.mktemp("hostile-http")) as running:
+        yield running
+
+
+def request(base: str, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    req = urllib.request.Request(base + path, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=15) as reply:
+            return reply.status, reply.headers.get_content_type(), reply.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get_content_type(), exc.read(1 << 20)
+
+
+@pytest.fixture(scope="module")
+def credentials(stack) -> tuple[str, str]:
+    """A session token and an API key of a fresh user."""
+    body = json.dumps({"username": "fuzzer", "email": "fuzzer@example.com", "password": PASSWORD}).encode()
+    status, _, text = request(stack.base_url, "POST", "/api/auth/register", body, {"Content-Type": "application/json"})
+    assert status == 201, text
+    body = json.dumps({"username_or_email": "fuzzer", "password": PASSWORD}).encode()
+    status, _, text = request(stack.base_url, "POST", "/api/auth/login", body, {"Content-Type": "application/json"})
+    assert status == 200, text
+    token = json.loads(text)["token"]
+    body = json.dumps({"name": "fuzz"}).encode()
+    status, _, text = request(stack.base_url, "POST", "/api/auth/api-keys", body,
+                              {"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+    assert status == 201, text
+    return token, json.loads(text)["api_key"]
+
+
+def check(status: int, content_type: str, payload: bytes) -> None:
+    assert status != 500 and status < 600, (status, payload[:300])
+    if status >= 400:
+        assert content_type == "application/json", (status, content_type, payload[:300])
+        error = json.loads(payload)["error"]
+        assert isinstance(error["code"], str) and error["code"] and error["message"], error
+        # past 4xx, only a typed "try again later" from the mesh is acceptable
+        assert status < 500 or error["code"] in ("UNAVAILABLE", "TIMEOUT", "NO_PROVIDERS"), (status, error)
+
+
+@settings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(ENDPOINTS), bodies,
+       st.sampled_from(["api-key", "api-key", "token", "none", "bad-bearer", "bad-api-key"]),
+       st.sampled_from(["application/json", "application/json", "text/plain"]))
+def test_random_bodies_get_typed_errors_never_500(stack, credentials, endpoint, body, auth, content_type):
+    method, path = endpoint
+    token, api_key = credentials
+    headers = {"Content-Type": content_type}
+    if auth == "token":
+        headers["Authorization"] = f"Bearer {token}"
+    elif auth == "api-key":
+        headers["Authorization"] = f"Bearer {api_key}"
+        headers["X-API-Key"] = api_key
+    elif auth == "bad-bearer":
+        headers["Authorization"] = "Bearer " + "x" * 40
+    elif auth == "bad-api-key":
+        headers["Authorization"] = "Bearer isk_" + "0" * 40
+    check(*request(stack.base_url, method, path, body, headers))
