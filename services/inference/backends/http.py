@@ -26,9 +26,10 @@ from typing import Any
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
+from services.inference.backends.base import Backend
 from shared.errors import InvalidParams, MeshError, NotFound, Unavailable
 
-__all__ = ["HttpClient", "malformed", "dropped"]
+__all__ = ["HttpBackend", "HttpClient", "malformed", "dropped"]
 
 _MAX_ERROR_BODY = 4096
 _MAX_LINE = 1 << 20
@@ -159,3 +160,18 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "timed out waiting for data"
     return str(exc) or type(exc).__name__
+
+
+class HttpBackend(Backend):
+    """A backend that talks to a model server through one `HttpClient`: the
+    session opens with the backend and closes with it."""
+
+    http: HttpClient
+
+    async def start(self) -> None:
+        await self.http.open()
+        self.loaded = True
+
+    async def close(self) -> None:
+        await self.http.close()
+        self.loaded = False

@@ -23,15 +23,15 @@ from typing import Any
 
 from shared.errors import MeshError, NotFound
 from shared.logging import get_logger
-from services.inference.backends.base import Backend, Done, Event, GenerateRequest
-from services.inference.backends.http import HttpClient, dropped, malformed
+from services.inference.backends.base import Done, Event, GenerateRequest
+from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
 
 __all__ = ["OllamaBackend"]
 
 log = get_logger(__name__)
 
 
-class OllamaBackend(Backend):
+class OllamaBackend(HttpBackend):
     """One model on one Ollama server."""
 
     kind = "ollama"
@@ -41,14 +41,6 @@ class OllamaBackend(Backend):
         self.model = model
         self.http = HttpClient(url, timeout=timeout, name="ollama")
         self.info = {"upstream": model, "url": self.http.base_url}
-
-    async def start(self) -> None:
-        await self.http.open()
-        self.loaded = True
-
-    async def close(self) -> None:
-        await self.http.close()
-        self.loaded = False
 
     async def probe(self) -> None:
         tags = await self.http.get_json("/api/tags")

@@ -25,13 +25,13 @@ from typing import Any
 
 from shared.config import Secret
 from shared.errors import NotFound
-from services.inference.backends.base import Backend, Done, Event, GenerateRequest
-from services.inference.backends.http import HttpClient, dropped, malformed
+from services.inference.backends.base import Done, Event, GenerateRequest
+from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
 
 __all__ = ["OpenAIBackend"]
 
 
-class OpenAIBackend(Backend):
+class OpenAIBackend(HttpBackend):
     """One model on one OpenAI-compatible server."""
 
     kind = "openai"
@@ -42,14 +42,6 @@ class OpenAIBackend(Backend):
         headers = {"Authorization": f"Bearer {api_key.reveal()}"} if api_key is not None else {}
         self.http = HttpClient(url, timeout=timeout, headers=headers, name="openai server")
         self.info = {"upstream": model, "url": self.http.base_url}
-
-    async def start(self) -> None:
-        await self.http.open()
-        self.loaded = True
-
-    async def close(self) -> None:
-        await self.http.close()
-        self.loaded = False
 
     async def probe(self) -> None:
         listing = await self.http.get_json("/models")
