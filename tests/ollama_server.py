@@ -34,12 +34,24 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["OllamaServer", "tokens_of"]
+__all__ = ["OllamaServer", "tokens_of", "canned_reply"]
 
 
 def tokens_of(text: str) -> list[str]:
     """The fake tokenizer: words with their trailing spaces."""
     return re.findall(r"\S+\s*|\s+", text)
+
+
+def canned_reply(text: str, stop: Any, limit: Any) -> tuple[list[str], str]:
+    """`text` as tokens, cut at the first stop string and at `limit` tokens,
+    with the finish reason a real server would give ("stop" or "length")."""
+    for marker in [stop] if isinstance(stop, str) else stop or []:
+        if marker in text:
+            text = text[: text.index(marker)]
+    pieces, reason = tokens_of(text), "stop"
+    if isinstance(limit, int) and 0 <= limit < len(pieces):
+        pieces, reason = pieces[:limit], "length"
+    return pieces, reason
 
 
 def _now() -> str:
@@ -179,15 +191,7 @@ class OllamaServer:
         return response
 
     def _reply(self, options: dict[str, Any]) -> tuple[list[str], str]:
-        text, reason = self.reply, "stop"
-        for stop in options.get("stop") or []:
-            if stop in text:
-                text = text[: text.index(stop)]
-        pieces = tokens_of(text)
-        limit = options.get("num_predict")
-        if isinstance(limit, int) and 0 <= limit < len(pieces):
-            pieces, reason = pieces[:limit], "length"
-        return pieces, reason
+        return canned_reply(self.reply, options.get("stop"), options.get("num_predict"))
 
     async def _fault(self, request: web.Request, response: web.StreamResponse, index: int) -> bool:
         """Fail as switched at chunk `index`; True when the stream is over."""

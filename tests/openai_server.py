@@ -28,7 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ollama_server import tokens_of
+from ollama_server import canned_reply, tokens_of
 
 __all__ = ["OpenAIServer"]
 
@@ -147,16 +147,7 @@ class OpenAIServer:
         return response
 
     def _reply(self, body: dict[str, Any]) -> tuple[list[str], str]:
-        text, reason = self.reply, "stop"
-        stops = body.get("stop") or []
-        for stop in [stops] if isinstance(stops, str) else stops:
-            if stop in text:
-                text = text[: text.index(stop)]
-        pieces = tokens_of(text)
-        limit = body.get("max_tokens")
-        if isinstance(limit, int) and 0 <= limit < len(pieces):
-            pieces, reason = pieces[:limit], "length"
-        return pieces, reason
+        return canned_reply(self.reply, body.get("stop"), body.get("max_tokens"))
 
     async def _fault(self, request: web.Request, response: web.StreamResponse, index: int) -> bool:
         if self.malformed_after == index:
