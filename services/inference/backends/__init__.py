@@ -1,4 +1,4 @@
-"""Model backends behind one interface (`base.Backend`): local, ollama, openai."""
+"""Model backends behind one interface (`base.Backend`): local, ollama, openai, echo."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ def make_backend(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = 
         from services.inference.backends.local import LocalBackend
 
         return LocalBackend(spec.path, slots=spec.slots, n_threads=spec.n_threads or threads, n_ctx=spec.n_ctx)
+    if spec.backend == "echo":
+        from services.inference.backends.echo import EchoBackend
+
+        return EchoBackend(delay=spec.delay)
     if spec.backend == "ollama":
         from services.inference.backends.ollama import OllamaBackend
 
