@@ -8,12 +8,19 @@ import asyncio
 import json
 import subprocess
 import sys
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from nacl.public import PrivateKey
 
+from shared.dht import Provider
+from shared.dht.memory import MemoryDiscovery, MemoryRegistry
 from shared.errors import InvalidParams, Unavailable
+from shared.identity import CurveKeyPair, NodeIdentity
+from shared.rpc import MeshClient
+from services.gateway.router import Router
 from services.gateway.journal import Journal
 from services.gateway.leases import window_of
 from services.gateway.metrics import Metrics
@@ -164,3 +171,30 @@ def test_closing_a_connection_never_blocks_the_loop():
     done = subprocess.run([sys.executable, "-c", _CLOSE_MANY], cwd=root, capture_output=True, text=True,
                           timeout=20)
     assert done.stdout.strip() == "closed", done.stderr[-2000:]
+
+
+# -- routing -------------------------------------------------------------------------
+
+
+def _worker(n: int, **load: object) -> Provider:
+    return Provider(topic="t", service="inference", endpoint=f"tcp://127.0.0.1:{n}", node_key=bytes([n]) * 32,
+                    curve_key=b"", version="0", seq=0, ttl=30.0,
+                    load={"free_slots": 2, "slots": 2, "queued": 0, "queue_limit": 4, "healthy": True, **load})
+
+
+async def test_a_worker_not_measured_yet_is_tried_like_the_fastest_known_one():
+    discovery = MemoryDiscovery(MemoryRegistry(), NodeIdentity.generate())
+    router = Router(MeshClient(discovery, CurveKeyPair.from_private(PrivateKey.generate())), default_latency=1.0)
+    known, slow, joined = _worker(1), _worker(2), _worker(3)
+    router.first_token(known, 0.002)
+    router.first_token(slow, 0.2)
+    assert router.expected_wait(joined) == router.expected_wait(known) < router.expected_wait(slow)
+    picks = Counter(router.choose("m", [known, joined], set()).node_key for _ in range(200))
+    assert picks[joined.node_key] > 40  # ties are drawn at random: the new worker takes its share
+    # Its own figure replaces the guess once it has answered.
+    router.first_token(joined, 0.5)
+    assert router.expected_wait(joined) == 0.5
+    # Backlog beyond the free slots raises the expected wait.
+    busy = _worker(4, free_slots=0, queued=2)
+    router.first_token(busy, 0.002)
+    assert router.expected_wait(busy) == pytest.approx(2 * 0.002)

@@ -10,7 +10,9 @@ at random (power of two choices) by
     backlog       = queued + our in-flight requests to it - free slots (>= 0)
 
 so live load -- what the worker announced and what this gateway has sent it
-since -- steers the choice, and a slow worker is avoided before it fails.
+since -- steers the choice, and a slow worker is avoided before it fails. A
+worker not measured yet counts as fast as the fastest known one, so a worker
+that joins takes traffic at once.
 An unknown model is `NOT_FOUND` naming the models the workers serve; workers
 that exist but cannot take the request now are `UNAVAILABLE`.
 """
@@ -116,7 +118,12 @@ class Router:
         slots = max(1.0, _number(load.get("slots"), 1))
         backlog = _number(load.get("queued"), 0) + self._in_flight.get(worker.node_key, 0) \
             - _number(load.get("free_slots"), slots)
-        latency = self._latency.get(worker.node_key, self._default_latency)
+        latency = self._latency.get(worker.node_key)
+        if latency is None:
+            # Not measured yet (a worker that just joined): as fast as the
+            # fastest we know, so it is tried at once instead of waiting for
+            # the others to back up; its first answer gives it its own figure.
+            latency = min(self._latency.values(), default=self._default_latency)
         return (1 + max(0.0, backlog) / slots) * latency
 
     def started(self, worker: Provider) -> None:
