@@ -9,6 +9,7 @@ passes, like any other client on the network.
 from __future__ import annotations
 
 import os
+import socket
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -42,6 +43,22 @@ def resolve_mesh_id(data_dir: Path) -> MeshId:
     )
 
 
+def source_address(seed: str) -> str:
+    """The local address this host sends from to reach `seed` ("host:port").
+
+    The client's DHT node binds there: 127.0.0.1 for a stack on this machine,
+    the right interface's address for a mesh on another host. Connecting a
+    UDP socket sends nothing; it only asks the kernel for the route.
+    """
+    host, _, port = seed.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host.strip("[]") or "127.0.0.1", int(port)))
+            return probe.getsockname()[0]
+    except (OSError, ValueError):
+        return "127.0.0.1"  # an unreachable seed: joining fails with the usual message
+
+
 class ClientSession:
     """Lookup-only DHT node + mesh client with a public key, for one command."""
 
@@ -54,8 +71,8 @@ class ClientSession:
 
     async def __aenter__(self) -> ClientSession:
         discovery = KademliaDiscovery(
-            identity=NodeIdentity.generate(), mesh=self._mesh_id, port=0,
-            seeds=self._bootstrap, rpc_timeout=1.0,
+            identity=NodeIdentity.generate(), mesh=self._mesh_id, host=source_address(self._bootstrap[0]),
+            port=0, seeds=self._bootstrap, rpc_timeout=1.0,
         )
         await self._stack.enter_async_context(discovery)
         if not discovery.joined:

@@ -20,7 +20,7 @@ reverse order. On SIGTERM or SIGINT the process, in this order:
 Withdrawing before draining means no request is routed to a server that is
 already refusing work -- the brief's "drain, withdraw" in the safe order.
 When ready, the process prints one JSON line on stdout (logs go to stderr):
-``{"ready": "auth", "endpoint": "tcp://...", "dht": "127.0.0.1:7401", ...}``.
+``{"ready": "auth", "id": "<node public key>", "endpoint": "tcp://...", "dht": "127.0.0.1:7401", ...}``.
 """
 
 from __future__ import annotations
@@ -165,8 +165,8 @@ async def serve(
         )
         await stack.enter_async_context(announcer)
         node.announcer = announcer
-        info = {"ready": service, "node": node_name, "endpoint": server.endpoint,
-                "dht": node.discovery.address, "pid": os.getpid()}
+        info = {"ready": service, "node": node_name, "id": node.identity.public_key.hex(),
+                "endpoint": server.endpoint, "dht": node.discovery.address, "pid": os.getpid()}
         log.info("service ready", **info)
         (ready or _print_ready)(info)
         await stop.wait()
