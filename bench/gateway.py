@@ -5,9 +5,8 @@
 Real processes on loopback, as in production: a DHT seed and the caller in
 this process; `python -m services.auth` and `python -m services.gateway` on a
 real PostgreSQL (the embedded server in a temporary directory, or the server
-of DATABASE_URL); one inference worker running the real `InferenceService`
-with a zero-cost backend (a fixed short completion, returned at once -- used
-only here). The caller's tier has limits on requests per hour and tokens per
+of DATABASE_URL); one `python -m services.inference` worker serving the
+zero-cost `echo` backend (the message's two words back at once; cache off). The caller's tier has limits on requests per hour and tokens per
 month, so every gateway request is authenticated (cached key), admitted from
 a lease, journaled twice (admitted, done) and shipped to auth -- limits and
 accounting are on. Each request is a whole stream: a text chunk, the final
@@ -33,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -46,44 +45,6 @@ MODEL = "bench"
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 PASSWORD = "benchmark passphrase, long enough"
 ADMIN = "bench-admin@example.org"
-
-
-# -- the worker (a child process): the real inference service, a zero-cost backend --
-
-
-def run_worker() -> None:
-    from shared.config import MeshConfig, load
-    from shared.dht import model_topic, service_topic
-    from shared.runner import MeshNode, run
-    from services.inference.backends.base import Backend, Done, Event, GenerateRequest
-    from services.inference.cache import ResponseCache
-    from services.inference.health import ModelHealth
-    from services.inference.service import InferenceService, ServedModel
-    from services.inference.slots import SlotPool
-
-    class FixedBackend(Backend):
-        """A fixed short completion at once: the worker's cost without a model's."""
-
-        kind = "bench"
-
-        async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
-            yield "Hello!"
-            yield Done("stop", 4, 1)
-
-        async def probe(self) -> None:
-            return None
-
-    holder: dict[str, InferenceService] = {}
-
-    async def build(stack: AsyncExitStack, node: MeshNode) -> list[object]:
-        pool = SlotPool(256, 1024, on_change=node.announce_soon)
-        served = {MODEL: ServedModel(MODEL, FixedBackend(), pool, ModelHealth(on_change=node.announce_soon))}
-        holder["service"] = InferenceService(served, ResponseCache(ttl=0, max_entries=1, max_bytes=1), worker_id=node.identity.public_key.hex())
-        return [holder["service"]]
-
-    run("inference", build, load(MeshConfig), topics=[model_topic(MODEL), service_topic("inference")],
-        load=lambda: holder["service"].load() if holder else {},
-        topic_load=lambda topic: holder["service"].topic_load(topic) if holder else {})
 
 
 # -- processes -----------------------------------------------------------------------
@@ -205,8 +166,9 @@ async def main(seconds: float, rounds: int) -> None:
                 children.start("auth", [sys.executable, "-m", "services.auth"], DATABASE_URL=auth_dsn,
                                INFERSWARM_DATA_DIR=str(root / "auth"), INFERSWARM_ADMIN_EMAILS=ADMIN,
                                INFERSWARM_TIER_UNLIMITED_TOKENS_PER_MONTH="100000000000"),
-                children.start("worker", [sys.executable, __file__, "--worker"],
-                               INFERSWARM_DATA_DIR=str(root / "worker")),
+                children.start("worker", [sys.executable, "-m", "services.inference"],
+                               INFERSWARM_DATA_DIR=str(root / "worker"), INFERSWARM_CACHE_TTL="0",
+                               INFERSWARM_MODELS=json.dumps({MODEL: {"backend": "echo", "slots": 256, "queue": 1024}})),
                 children.start("gateway", [sys.executable, "-m", "services.gateway"], DATABASE_URL=gateway_dsn,
                                INFERSWARM_DATA_DIR=str(root / "gateway")),
             )
@@ -264,14 +226,10 @@ def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, flo
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    if args.worker:
-        run_worker()
-    else:
-        import logging
+    from shared.logging import configure_logging
 
-        logging.disable(logging.INFO)
-        asyncio.run(main(args.seconds, args.rounds))
+    configure_logging("warning", "console", service="bench")  # stderr: the last line of stdout is the JSON
+    asyncio.run(main(args.seconds, args.rounds))
