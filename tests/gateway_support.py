@@ -178,7 +178,7 @@ class GatewayMesh:
 
     async def worker_slots(self) -> dict[str, dict[str, int]]:
         """Each live worker's slots of the model now: {name: {slots, in_use, queued, limit}}."""
-        providers = await self.client.discovery.lookup(f"inferswarm/inference/{MODEL}")
+        providers = await self.client.discovery.lookup(f"inferswarm/model/{MODEL}")
         by_endpoint = {p.endpoint: p for p in providers}
         slots = {}
         for child in self.children.values():

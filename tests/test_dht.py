@@ -364,7 +364,7 @@ async def test_a_late_seed_is_retried_and_a_restarted_seed_rejoined(mesh):
 
 
 async def test_announcer_refreshes_pokes_and_withdraws(mesh):
-    other = "inferswarm/inference/tiny"
+    other = "inferswarm/model/tiny"
     load = {"queue": 0}
     async with cluster(mesh, 3) as nodes:
         announcer = Announcer(

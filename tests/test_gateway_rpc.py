@@ -159,7 +159,7 @@ async def test_a_worker_killed_mid_run(mesh):
     assert len(rows) == 12
     assert sorted(r["completion_tokens"] for r in rows if r["status"] == "worker_failed") == sorted(cut)
     await mesh.start_worker(victim)
-    await mesh.wait_for(f"inferswarm/inference/{MODEL}", 3)
+    await mesh.wait_for(f"inferswarm/model/{MODEL}", 3)
 
 
 async def test_a_revoked_key_is_refused_within_a_second_on_both_gateways(mesh):

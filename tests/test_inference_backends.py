@@ -174,7 +174,7 @@ async def test_failures_are_unavailable_and_flip_health_until_a_call_succeeds(
     assert fragment in failed.value.message
     status = await services.model_status(model)
     assert not status["healthy"] and status["last_error"]["code"] == "UNAVAILABLE"
-    assert services.topic_load(f"inferswarm/inference/{model}")["healthy"] is False
+    assert services.topic_load(f"inferswarm/model/{model}")["healthy"] is False
     server.heal()
     await collect(services, model=model, messages=CHAT, temperature=0.5)
     assert (await services.model_status(model))["healthy"]
@@ -253,7 +253,7 @@ async def test_one_busy_slot_serves_the_queue_enterprise_then_pro_then_free(olla
         with pytest.raises(Unavailable) as full:
             await collect(service, model="llama3", prompt="one too many", priority="enterprise")
         assert full.value.data == {"slots": 1, "in_use": 1, "queued": 4, "limit": 4, "retry_safe": True}
-        assert service.topic_load("inferswarm/inference/llama3")["queued"] == 4
+        assert service.topic_load("inferswarm/model/llama3")["queued"] == 4
         await asyncio.wait_for(asyncio.gather(busy, *queued), 10)
         assert order == ["busy", "enterprise", "pro", "free", "free-2"]
         assert [body["prompt"] for path, body in ollama.requests if path == "/api/generate"] == order

@@ -3,7 +3,7 @@
 Reads InferenceConfig from the environment (the model catalog: INFERSWARM_MODELS
 or INFERSWARM_MODELS_FILE, by default the local SmolLM2 model as "smollm2"),
 joins the mesh, starts the backends, and serves `inference.*`, announced on
-`inferswarm/inference/<model>` for each model and on `inferswarm/inference/v1`,
+`inferswarm/model/<model>` for each model and on `inferswarm/inference/v1`,
 with its load, until SIGTERM.
 """
 

@@ -48,7 +48,6 @@ REQUIRED = ("auth", "gateway", "inference")
 _MAX_MODELS = 64
 _CONCURRENT_CALLS = 32
 _MODEL_PREFIX = model_topic("")
-_WORKERS_TOPIC = service_topic("inference")  # shares the model topics' prefix
 
 
 class Prober(Protocol):
@@ -86,7 +85,7 @@ class Instance:
     def models(self) -> dict[str, Mapping[str, Any]]:
         """Per model this node announces a topic for, that record's load."""
         return {t[len(_MODEL_PREFIX):]: p.load for t, p in self.records.items()
-                if t.startswith(_MODEL_PREFIX) and t != _WORKERS_TOPIC}
+                if t.startswith(_MODEL_PREFIX)}
 
     def view(self) -> dict[str, Any]:
         return {
@@ -186,7 +185,7 @@ class HealthMonitor:
                     workers.append(provider)
         served = await asyncio.gather(*map(self._models_of, workers))
         models = sorted({name for names in served for name in names})[:_MAX_MODELS]
-        model_topics = [t for t in map(model_topic, models) if t != _WORKERS_TOPIC]
+        model_topics = [model_topic(m) for m in models]
         for topic, listed in zip(model_topics, await asyncio.gather(*map(self._lookup, model_topics))):
             for provider in listed:
                 found.setdefault(provider.node_key, {})[topic] = provider

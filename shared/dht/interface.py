@@ -26,8 +26,12 @@ def service_topic(service: str) -> str:
 
 
 def model_topic(model: str) -> str:
-    """The topic inference workers serving `model` announce on."""
-    return f"inferswarm/inference/{model}"
+    """The topic inference workers serving `model` announce on, e.g. `inferswarm/model/llama3`.
+
+    Models have a namespace of their own: no model name can collide with a
+    service topic (a model called "v1" once shared `inferswarm/inference/v1`).
+    """
+    return f"inferswarm/model/{model}"
 
 
 @dataclass(frozen=True, slots=True)

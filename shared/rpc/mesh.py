@@ -83,7 +83,7 @@ class MeshClient:
         return ServiceClient(self, service_topic(service))
 
     def topic(self, topic: str) -> ServiceClient:
-        """The client for any topic, e.g. a model's `inferswarm/inference/<model>`."""
+        """The client for any topic, e.g. a model's `inferswarm/model/<model>`."""
         return ServiceClient(self, topic)
 
     def connect(self, endpoint: str, server_key: bytes) -> Connection:
