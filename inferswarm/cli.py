@@ -120,11 +120,17 @@ def run_client(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> Result:
     command = COMMANDS[args.action]
     creds = Credentials.load()
-    if args.action == "logout":
-        return await command(args, None, creds)
     seeds = [seed.strip() for seed in args.bootstrap.split(",") if seed.strip()]
-    async with ClientSession(seeds, resolve_mesh_id(args.data_dir), timeout=args.timeout) as session:
-        return await command(args, session, creds)
+    if args.action == "logout" and not creds.token:
+        return await command(args, None, creds)
+    try:
+        session = ClientSession(seeds, resolve_mesh_id(args.data_dir), timeout=args.timeout)
+        async with session:
+            return await command(args, session, creds)
+    except SessionError as exc:
+        if args.action != "logout":
+            raise
+        return await command(args, None, creds, unreachable=str(exc))  # forget it here at least
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 from inferswarm.credentials import Credentials
 from inferswarm.errors import human_duration
 from inferswarm.session import ClientSession
-from shared.errors import Unauthenticated
+from shared.errors import MeshError, Unauthenticated
 
 __all__ = ["Result", "COMMANDS", "read_password"]
 
@@ -75,9 +75,21 @@ async def login(args: Namespace, session: ClientSession, creds: Credentials) -> 
     return Result(f"logged in as {creds.username}", {"user": answer["user"], "expires_at": answer.get("expires_at")})
 
 
-async def logout(args: Namespace, session: ClientSession | None, creds: Credentials) -> Result:
+async def logout(args: Namespace, session: ClientSession | None, creds: Credentials,
+                 unreachable: str | None = None) -> Result:
+    """End the session on the mesh (auth refuses the token from then on), then forget it here."""
+    ended, problem = False, unreachable
+    if session is not None and creds.token:
+        try:
+            await session("auth").call("auth.logout", {"token": creds.token})
+            ended = True
+        except MeshError as exc:  # expired already, or auth away: forgetting it is all that is left
+            problem = exc.message
     removed = Credentials.forget()
-    return Result("logged out" if removed else "was not logged in", {"logged_out": removed})
+    text = "logged out" if removed else "was not logged in"
+    if removed and not ended and problem:
+        text += f" here (the session was not ended on the mesh: {problem})"
+    return Result(text, {"logged_out": removed, "session_ended": ended})
 
 
 async def keys_create(args: Namespace, session: ClientSession, creds: Credentials) -> Result:

@@ -244,6 +244,25 @@ async def test_forged_expired_and_garbage_tokens_are_unauthenticated(auth, tmp_p
     assert (await auth("me", token=token))["username"] == "judy"
 
 
+async def test_logout_ends_that_session_only_and_is_audited(auth, db):
+    token = await auth.user("lena")
+    other = (await auth("login", username_or_email="lena", password=PASSWORD))["token"]
+    assert await auth("logout", token=token) == {"logged_out": True}
+    assert await auth("logout", token=token) == {"logged_out": True}  # idempotent
+    for method in ("me", "verify_token", "list_keys"):
+        with pytest.raises(Unauthenticated, match="session ended"):
+            await auth(method, token=token)
+    assert (await auth("me", token=other))["username"] == "lena"  # the other session goes on
+    jti = jwt.decode(token, options={"verify_signature": False})["jti"]
+    row = await db.fetchrow("SELECT user_id, expires_at FROM revoked_tokens WHERE jti = $1", jti)
+    assert row["expires_at"].timestamp() == jwt.decode(token, options={"verify_signature": False})["exp"]
+    events = await db.fetch("SELECT event FROM audit_log WHERE user_id = $1 AND event = 'logged_out'", row["user_id"])
+    assert len(events) == 1
+    for bad in ("garbage", token.replace(".", "x", 1)):
+        with pytest.raises(Unauthenticated):
+            await auth("logout", token=bad)
+
+
 async def test_token_key_lets_other_services_verify_locally(auth):
     token = await auth.user("kate")
     info = await auth("token_key")

@@ -62,8 +62,14 @@ def test_account_and_key_tour(cli, tmp_path):
     usage = cli("usage", "--json")
     assert usage.returncode == 0 and "days" in json.loads(usage.stdout)
 
-    assert cli("logout").returncode == 0
+    session = saved.read_text()
+    logged_out = cli("logout", "--json")
+    assert logged_out.returncode == 0 and json.loads(logged_out.stdout) == {"logged_out": True, "session_ended": True}
     assert not saved.exists()
+    # The session ended on the mesh, not only here: its token is refused from now on.
+    saved.write_text(session)
+    refused = cli("keys", "list")
+    assert refused.returncode != 0 and "session ended" in refused.stderr
 
 
 @pytest.mark.timeout(240)

@@ -104,6 +104,11 @@ async def test_register_login_and_the_key_lifecycle(client):
     report = await usage.json()
     assert set(report) >= {"start", "end", "days", "totals"}
 
+    # Logging out ends the session: its token is refused from then on.
+    logged_out = await client.post("/api/auth/logout", headers=auth)
+    assert logged_out.status == 200 and await logged_out.json() == {"logged_out": True}
+    await error_of(await client.get("/api/auth/api-keys", headers=auth), 401, "UNAUTHENTICATED")
+
 
 async def test_errors_map_to_statuses_through_the_one_table(client):
     await register(client, "rest-bob")

@@ -180,9 +180,14 @@ def test_register_login_create_key_once_revoke_and_logout(stack, browser, shots)
     expect(page.locator("table").first).to_contain_text("auth")
     page.screenshot(path=shots / "09-status.png", full_page=True)
 
+    session = next(c for c in page.context.cookies() if c["name"] == "inferswarm_session")
     page.click("button >> text=Log out")
     expect(page).to_have_url(re.compile(r"/$"))
     expect(page.locator("nav")).to_contain_text("Log in")
+    page.goto("/dashboard")
+    expect(page).to_have_url(re.compile(r"/login\?next=/dashboard$"))
+    # A copy of the session cookie kept from before is dead too: logout ended the session.
+    page.context.add_cookies([session])
     page.goto("/dashboard")
     expect(page).to_have_url(re.compile(r"/login\?next=/dashboard$"))
     assert not page.csp_violations, page.csp_violations  # type: ignore[attr-defined]

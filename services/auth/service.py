@@ -6,6 +6,7 @@ internal ones (mesh members only: gateways and the web service):
     auth.register      public    username, email, password -> user
     auth.login         public    username_or_email, password[, client_addr] -> token
     auth.me            public    token -> user with tier limits
+    auth.logout        public    token -> the token is revoked (until it would expire)
     auth.create_key    public    token, name[, expires_in_days] -> key (shown once)
     auth.list_keys     public    token -> keys (never the key)
     auth.revoke_key    public    token, key_id -> key
@@ -167,6 +168,16 @@ class AuthService:
         user = await self._authenticate(token)
         tier = self._tiers[user["tier"]]
         return {**self._user_view(user), "limits": tier.limits(), "priority": tier.priority}
+
+    @method(public=True, idempotent=True)
+    async def logout(self, token: str) -> dict[str, Any]:
+        """End this session: the token is refused from now on, everywhere."""
+        user_id, claims = self._claims(token)
+        expires_at = datetime.fromtimestamp(int(claims["exp"]), timezone.utc)
+        revoked = await self._store.revoke_token(str(claims["jti"]), user_id, expires_at)
+        if revoked:
+            log.info("session ended", user_id=user_id)
+        return {"logged_out": True}
 
     @method(public=True, idempotent=True)
     async def token_key(self) -> dict[str, Any]:
@@ -378,16 +389,22 @@ class AuthService:
     # -- helpers -------------------------------------------------------------------------
 
     async def _authenticate(self, token: str) -> asyncpg.Record:
-        """The active account behind a valid token, else `UNAUTHENTICATED`."""
+        """The active account behind a valid, unrevoked token, else `UNAUTHENTICATED`."""
+        user_id, claims = self._claims(token)
+        user = await self._store.session_user(user_id, str(claims["jti"]))
+        if user is None or not user["is_active"]:
+            raise Unauthenticated("session ended, or account disabled or removed")
+        return user
+
+    def _claims(self, token: str) -> tuple[int, dict[str, Any]]:
         claims = self._tokens.verify(token)
         try:
             user_id = int(claims["sub"])
         except ValueError:
             raise Unauthenticated("invalid token") from None
-        user = await self._store.user_by_id(user_id) if 0 < user_id < 2**63 else None
-        if user is None or not user["is_active"]:
-            raise Unauthenticated("account disabled or removed")
-        return user
+        if not 0 < user_id < 2**63:
+            raise Unauthenticated("invalid token")
+        return user_id, claims
 
     async def _authenticate_admin(self, token: str) -> asyncpg.Record:
         user = await self._authenticate(token)

@@ -66,6 +66,24 @@ class AuthStore:
     async def user_by_id(self, user_id: int) -> asyncpg.Record | None:
         return await self.pool.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id)
 
+    async def session_user(self, user_id: int, jti: str) -> asyncpg.Record | None:
+        """The account behind a session token, unless that token was revoked (one query)."""
+        return await self.pool.fetchrow(
+            f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1 "
+            "AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)", user_id, jti,
+        )
+
+    async def revoke_token(self, jti: str, user_id: int, expires_at: datetime) -> bool:
+        """End one session token; False when it already was."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            added = await conn.fetchval(
+                "INSERT INTO revoked_tokens (jti, user_id, expires_at) VALUES ($1, $2, $3) "
+                "ON CONFLICT (jti) DO NOTHING RETURNING true", jti, user_id, expires_at,
+            )
+            if added:
+                await _audit(conn, "logged_out", user_id, user_id, {})
+        return bool(added)
+
     async def list_users(self, limit: int, offset: int) -> list[asyncpg.Record]:
         """Accounts in the order they were created."""
         return await self.pool.fetch("SELECT * FROM users ORDER BY id LIMIT $1 OFFSET $2", limit, offset)
@@ -208,7 +226,7 @@ class AuthStore:
             return rows, bounds["newest"], bounds["oldest"]
 
     async def prune(self, keep_seconds: float) -> None:
-        """Forget old invalidations (always keeping the newest) and stale login failures."""
+        """Forget old invalidations (always keeping the newest), stale login failures, expired revocations."""
         await self.pool.execute(
             "DELETE FROM invalidations WHERE created_at < now() - make_interval(secs => $1) "
             "AND seq < (SELECT max(seq) FROM invalidations)", keep_seconds,
@@ -217,6 +235,7 @@ class AuthStore:
             "DELETE FROM login_failures WHERE last_failure < now() - make_interval(secs => $1) "
             "AND locked_until < now()", keep_seconds,
         )
+        await self.pool.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'")
 
     # -- login failures ------------------------------------------------------------------
 

@@ -90,6 +90,12 @@ async def login(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+@routes.post("/api/auth/logout")
+async def logout(request: web.Request) -> web.Response:
+    answer = await request.app[UPSTREAM].auth("logout", token=bearer(request))
+    return web.json_response(answer)
+
+
 @routes.get("/api/auth/api-keys")
 async def list_keys(request: web.Request) -> web.Response:
     keys = await request.app[UPSTREAM].auth("list_keys", token=bearer(request))

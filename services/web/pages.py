@@ -14,13 +14,16 @@ from typing import Any
 from aiohttp import web
 
 from shared.errors import MeshError
+from shared.logging import get_logger
 from services.web.errors import error_headers, status_of
 from services.web.forms import read_form, require, text
 from services.web.ratelimits import facts_of
-from services.web.security import clear_session, client_addr, set_session
+from services.web.security import SESSION_COOKIE, clear_session, client_addr, set_session
 from services.web.upstream import model_rows
 from services.web.session import TOKEN, UPSTREAM, field_errors, load_session, login_required, safe_next
 from services.web.views import bar_chart, daily_series, quota_bars, redirect, render
+
+log = get_logger(__name__)
 
 __all__ = ["routes"]
 
@@ -108,6 +111,12 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
 @routes.post("/logout")
 async def logout(request: web.Request) -> web.StreamResponse:
     await read_form(request)
+    token = request.cookies.get(SESSION_COOKIE)
+    if token:
+        try:  # ends the session everywhere, not only in this browser
+            await request.app[UPSTREAM].auth("logout", token=token)
+        except MeshError as exc:  # an expired or forged cookie, or auth away: the cookie goes anyway
+            log.info("logout not recorded by auth", code=exc.code)
     response = redirect("/")
     clear_session(response, request)
     return response
