@@ -5,6 +5,7 @@ shipper's batching and retries, and the metrics' bounded labels."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import subprocess
 import sys
@@ -198,3 +199,17 @@ async def test_a_worker_not_measured_yet_is_tried_like_the_fastest_known_one():
     busy = _worker(4, free_slots=0, queued=2)
     router.first_token(busy, 0.002)
     assert router.expected_wait(busy) == pytest.approx(2 * 0.002)
+
+
+async def test_a_restarted_worker_is_measured_afresh_not_by_its_previous_life():
+    discovery = MemoryDiscovery(MemoryRegistry(), NodeIdentity.generate())
+    router = Router(MeshClient(discovery, CurveKeyPair.from_private(PrivateKey.generate())), default_latency=1.0)
+    survivor, before = _worker(1), _worker(2)
+    router.first_token(survivor, 0.002)
+    router.first_token(before, 0.2)  # its last figure before kill -9
+    # Same node key, new endpoint: the restarted process. With the old figure
+    # it would lose every draw against the survivor and never be measured again.
+    after = dataclasses.replace(before, endpoint="tcp://127.0.0.1:99")
+    assert router.expected_wait(after) == router.expected_wait(survivor)
+    picks = Counter(router.choose("m", [survivor, after], set()).endpoint for _ in range(200))
+    assert picks[after.endpoint] > 40

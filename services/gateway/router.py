@@ -12,7 +12,10 @@ at random (power of two choices) by
 so live load -- what the worker announced and what this gateway has sent it
 since -- steers the choice, and a slow worker is avoided before it fails. A
 worker not measured yet counts as fast as the fastest known one, so a worker
-that joins takes traffic at once.
+that joins takes traffic at once -- and so does one that restarted: figures
+belong to a worker's endpoint (a new process listens on a new one), since a
+figure kept from its previous life could lose every draw to the others' and,
+never updated, keep it out of the rotation for good.
 An unknown model is `NOT_FOUND` naming the models the workers serve; workers
 that exist but cannot take the request now are `UNAVAILABLE`.
 """
@@ -46,7 +49,7 @@ class Router:
         self._default_latency = default_latency
         self._catalog_ttl = catalog_ttl
         self._catalog_timeout = catalog_timeout
-        self._latency: dict[bytes, float] = {}
+        self._latency: dict[tuple[bytes, str], float] = {}  #: by (node key, endpoint)
         self._in_flight: dict[bytes, int] = {}
         self._refresh = refresh
         self._stale_after = stale_after
@@ -118,7 +121,7 @@ class Router:
         slots = max(1.0, _number(load.get("slots"), 1))
         backlog = _number(load.get("queued"), 0) + self._in_flight.get(worker.node_key, 0) \
             - _number(load.get("free_slots"), slots)
-        latency = self._latency.get(worker.node_key)
+        latency = self._latency.get((worker.node_key, worker.endpoint))
         if latency is None:
             # Not measured yet (a worker that just joined): as fast as the
             # fastest we know, so it is tried at once instead of waiting for
@@ -131,8 +134,9 @@ class Router:
 
     def first_token(self, worker: Provider, seconds: float) -> None:
         """Fold one time-to-first-token into the worker's moving average."""
-        old = self._latency.get(worker.node_key)
-        self._latency[worker.node_key] = seconds if old is None else old + self._alpha * (seconds - old)
+        key = (worker.node_key, worker.endpoint)
+        old = self._latency.get(key)
+        self._latency[key] = seconds if old is None else old + self._alpha * (seconds - old)
 
     def finished(self, worker: Provider, *, failed: bool = False, busy: bool = False) -> None:
         """The request left the worker. A failure cools it down (not a full queue)."""
