@@ -313,11 +313,11 @@ class RpcServer:
                 await self._run_stream(ident, request, handler)
             else:
                 result = await handler.call(request.params)
-                self._send(ident, codec.encode_reply(request.id, result))
+                await self._send_waiting(ident, codec.encode_reply(request.id, result))
         except MeshError as exc:
             status = exc.code
             self._log_error(request, exc)
-            self._send(ident, codec.encode_error(request.id, *exc.to_wire()))
+            await self._send_waiting(ident, codec.encode_error(request.id, *exc.to_wire()))
         except asyncio.CancelledError:
             if (ident, request.id) in self._expired:
                 status = Timeout.code
@@ -331,7 +331,7 @@ class RpcServer:
             status = Internal.code
             log.exception("handler failed", method=request.method)
             error = Internal(f"internal error (trace {request.trace_id})")
-            self._send(ident, codec.encode_error(request.id, *error.to_wire()))
+            await self._send_waiting(ident, codec.encode_error(request.id, *error.to_wire()))
         finally:
             self._observe(request.method, status)
             key = (ident, request.id)
@@ -342,10 +342,10 @@ class RpcServer:
         stream = handler.call(request.params)
         try:
             async for item in stream:
-                if not await self._send_stream(ident, codec.encode_chunk(request.id, item)):
+                if not await self._send_waiting(ident, codec.encode_chunk(request.id, item)):
                     log.info("stream reader gone; stopping", method=request.method)
                     return
-            self._send(ident, codec.encode_end(request.id))
+            await self._send_waiting(ident, codec.encode_end(request.id))
         finally:
             await stream.aclose()
 
@@ -370,8 +370,12 @@ class RpcServer:
             return False
         return True
 
-    async def _send_stream(self, ident: bytes, data: bytes) -> bool:
-        """Send a chunk, waiting (within the deadline) while the peer's queue is full."""
+    async def _send_waiting(self, ident: bytes, data: bytes) -> bool:
+        """Send a chunk, reply or error, waiting (within the deadline) while the peer's queue is full.
+
+        Only a request's first refusal and a deadline's TIMEOUT use `_send`:
+        under load a full queue must delay the END or the reply, not drop it
+        (the caller would wait for it until its deadline)."""
         while True:
             if self._pump is None:
                 return False
