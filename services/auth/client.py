@@ -14,6 +14,13 @@ If polling fails (auth unreachable, a partition), the cache is trusted for
 after that: every call goes to auth (fail closed), which refuses or fails.
 So a revoked key is never honoured for longer than `stale_after` (1 s).
 
+While the cache is not trusted, callers of the same key share one
+`auth.validate_key` call begun less than `stale_after` ago with no eviction
+since, instead of each making their own: under load, one late poll would
+otherwise send every request to auth at once, and auth, slowed down by them,
+would answer the next polls late too (the answer shared is no older than a
+trusted cache's).
+
 Two races are closed: an answer is stored only if no eviction happened while
 it was being fetched, and only if the auth instance that gave it had applied
 at least the invalidations this validator has seen (its `cursor`), so a
@@ -56,6 +63,8 @@ class KeyValidator:
         self.synced_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._failing = False
+        #: key hash -> (when it began, the cache's epoch then, the auth.validate_key call being made)
+        self._calls: dict[bytes, tuple[float, int, asyncio.Task[dict[str, Any]]]] = {}
 
     @property
     def trusted(self) -> bool:
@@ -85,6 +94,20 @@ class KeyValidator:
             entry = self.cache.get(key_hash)
             if entry is not None:
                 return entry.result
+        began, epoch, call = self._calls.get(key_hash, (float("-inf"), -1, None))
+        if call is None or time.monotonic() - began > self.stale_after or epoch != self.cache.epoch:
+            call = asyncio.ensure_future(self._ask_auth(api_key, key_hash))
+            self._calls[key_hash] = (time.monotonic(), self.cache.epoch, call)
+            call.add_done_callback(lambda done: self._call_done(key_hash, done))
+        return await asyncio.shield(call)  # one caller giving up does not cancel it for the others
+
+    def _call_done(self, key_hash: bytes, call: asyncio.Task[dict[str, Any]]) -> None:
+        if self._calls.get(key_hash, (0.0, 0, None))[2] is call:
+            del self._calls[key_hash]
+        if not call.cancelled():
+            call.exception()  # retrieved: the callers that still wait get it anyway
+
+    async def _ask_auth(self, api_key: str, key_hash: bytes) -> dict[str, Any]:
         epoch = self.cache.epoch
         result = await self._auth.call(
             "auth.validate_key", {"api_key": api_key}, timeout=self._timeout, idempotent=True
