@@ -206,6 +206,36 @@ async def test_key_validator_never_caches_an_answer_older_than_its_cursor(pg_dsn
         assert len(validator.cache) == 1
 
 
+async def test_untrusted_key_validator_shares_one_call_among_callers_of_a_key(pg_dsn, tmp_path):
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(stack)
+        auth = await start_auth(stack, tmp_path, pg_dsn)
+        await mesh.serve(auth)
+        token = await auth.user("ivy")
+        key = (await auth("create_key", token=token, name="k"))["api_key"]
+        validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
+        validator._task.cancel()
+        validator.synced_at = float("-inf")  # as after a missed poll: the cache is not trusted
+        calls = 0
+        original = validator._auth.call
+
+        async def counting(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return await original(*args, **kwargs)
+
+        validator._auth.call = counting
+        answers = await asyncio.gather(*(validator.validate(key) for _ in range(50)))
+        assert calls == 1 and len({a["key_id"] for a in answers}) == 1
+
+        # An eviction while a call is in flight: later callers make their own.
+        first = asyncio.create_task(validator.validate(key))
+        await asyncio.sleep(0)
+        validator.cache.evict(key_id=answers[0]["key_id"], user_id=answers[0]["user_id"])
+        await asyncio.gather(first, validator.validate(key))
+        assert calls == 3
+
+
 async def test_tier_change_and_disabled_user_reach_the_validator_within_a_second(pg_dsn, tmp_path):
     async with AsyncExitStack() as stack:
         mesh = Mesh(stack)
