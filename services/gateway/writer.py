@@ -146,6 +146,11 @@ class LeaseWriter:
                 backoff = 0.05
             except Unavailable as exc:
                 log.warning("quota database unavailable", error=exc.message)
+                # Returns go first, so while the database is down they fail
+                # before any grant or claim is tried: fail those now, or their
+                # requests would wait for the database's return (or their
+                # deadline) instead of getting UNAVAILABLE.
+                self._fail_waiting(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 self._wake.set()
@@ -154,6 +159,21 @@ class LeaseWriter:
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
                 self._wake.set()
+
+    def _fail_waiting(self, exc: Unavailable) -> None:
+        """Every grant and claim not written yet fails with `exc`."""
+        grants, self._grants = self._grants, []
+        for op in grants:
+            op.state.granting = None
+            if not op.future.done():
+                op.future.set_exception(exc)
+                op.future.exception()  # retrieved: a waiter may have been cancelled
+        claims, self._claims = self._claims, {}
+        for lease in claims:
+            future, lease.claiming = lease.claiming, None
+            if future is not None and not future.done():
+                future.set_exception(exc)
+                future.exception()
 
     async def _write_grants(self) -> None:
         ops, self._grants = self._grants, []
