@@ -1,15 +1,17 @@
 """The fault suite: under a steady bounded load, kill -9 a worker, a gateway,
 the auth service and the metrics service, and crash-restart PostgreSQL, each
-in turn. After each: the load is served again within the fault's stated bound,
-the supervisor runs exactly one live process per service. At the end: every
-admitted request has exactly one usage record, the free-tier user was never
-admitted past its limit (and, exactly, up to it), and stopping `up` leaves no
-process behind.
+in turn. After each: the victim runs again, the load is served again within
+the fault's stated bound, the supervisor runs exactly one live process per
+service. At the end: every admitted request has exactly one usage record, the
+free-tier user was never admitted past its limit (and, exactly, up to it), and
+stopping `up` leaves no process behind.
 
 One stack for the module: `inferswarm up --gateways 2 --workers 2` on a
-PostgreSQL this module started (`DATABASE_URL`), so that it can crash it; the
+PostgreSQL this module started (`DATABASE_URL`), so that it can crash it
+(`pg_ctl stop -m immediate`, then start on the same data directory); the
 workers serve an echo model paced like a small real one (streams of ~0.3 s).
-The load runs from the first test to the accounting tests:
+The worker and the gateway killed are the ones busiest at that moment, so
+streams are cut. The load runs from the first test to the accounting tests:
 
 * "steady": 6 clients of an unlimited-tier user, each one request at a time
   (10 s deadline) through the mesh client, which picks a gateway and fails over;
@@ -31,7 +33,7 @@ import os
 import signal
 import time
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -96,12 +98,19 @@ SERVES_AGAIN_WITHIN = {
     # From PostgreSQL accepting connections again: connection pools open new
     # connections on the next query, auth re-opens its invalidation listener
     # on its next poll (0.5 s), gateways' key caches trust auth again after
-    # their next poll (0.25 s) and leases are granted again.
+    # their next poll (0.25 s), and their quota writers grant leases again
+    # after their current backoff (at most 2 s).
     "postgres": 5.0,
 }
 #: How long PostgreSQL stays down: long enough that every lease and every
-#: key cache has expired, so the outage is felt everywhere.
-POSTGRES_DOWN = 2.0
+#: key cache has expired (1 s each), so the outage is felt everywhere, and
+#: longer than `ANSWERED_WITHIN`, so a request held until the server returns shows.
+POSTGRES_DOWN = 6.0
+#: While PostgreSQL is down a request is still answered -- served from a lease,
+#: or refused with UNAVAILABLE -- within this many seconds, not held until the
+#: server returns: the gateway's quota writer retries the database with a
+#: backoff of at most 2 s, and each failed turn fails the requests waiting on it.
+ANSWERED_WITHIN = 4.0
 
 
 # -- the stack ----------------------------------------------------------------------------
@@ -114,6 +123,7 @@ class Stack:
     mesh: MeshNode
     load: Load
     users: dict[str, dict[str, Any]]
+    drills: dict[str, Drill] = field(default_factory=dict)  #: the faults run so far
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -185,6 +195,7 @@ class Drill:
     served: int = 0
     errors: dict[str, int] | None = None
     cut: int = 0  #: streams in flight at the fault that ended in an error
+    longest: float = 0.0  #: the longest request started after the fault, seconds
 
     def line(self) -> str:
         restart = (f"restarted in {self.back - self.began:.1f} s (pid {self.old_pid} -> {self.ready['pid']})"
@@ -192,7 +203,7 @@ class Drill:
         return (f"[fault] {self.fault} ({self.victim}): {restart}; {self.cut} streams cut; served again "
                 f"{self.served_again:.2f} s after the fault (bound {SERVES_AGAIN_WITHIN[self.fault]} s); "
                 f"of {self.failed + self.slow + self.served} requests started after it {self.failed} failed "
-                f"{self.errors or ''}, {self.slow} took over {SLOW} s")
+                f"{self.errors or ''}, {self.slow} took over {SLOW} s (the longest {self.longest:.1f} s)")
 
 
 async def healthy_before(stack: Stack) -> None:
@@ -220,7 +231,10 @@ async def watch(stack: Stack, drill: Drill, since: float) -> Drill:
     drill.served_again, drill.failed, drill.slow, drill.served, drill.errors = (
         measured.seconds, measured.failed, measured.slow, measured.served, measured.errors)
     drill.cut = sum(1 for c in steady if c.started < drill.began <= c.ended and not c.ok and c.text_chunks)
+    drill.longest = max((c.ended - c.started for c in steady if c.started >= since and c.status != "pending"),
+                        default=0.0)
     print(drill.line())
+    stack.drills[drill.fault] = drill
     assert drill.served > 0, "no request succeeded after the fault"
     assert drill.served_again <= bound, drill.line()
     assert stack.up.problems(SERVICES) == [], "not exactly one live process per service"
@@ -251,6 +265,19 @@ async def busiest_worker(stack: Stack) -> str:
     return next((by_key[w] for w, _ in ranked if by_key.get(w)), "inference-1")
 
 
+async def busiest_gateway(stack: Stack, timeout: float = 5.0) -> str:
+    """The gateway with the most of our requests in flight (waiting, at most
+    `timeout` s, for a few), so that its death cuts streams."""
+    names = stack.up.names_by_endpoint(("gateway-1", "gateway-2"))
+    deadline = time.monotonic() + timeout
+    while True:
+        providers = await stack.mesh.discovery.lookup(service_topic("gateway"))
+        busiest = max(providers, key=lambda p: stack.mesh.mesh.connection(p).in_flight)
+        if stack.mesh.mesh.connection(busiest).in_flight >= 3 or time.monotonic() > deadline:
+            return names[busiest.endpoint]
+        await asyncio.sleep(0.02)
+
+
 # -- the faults, in turn ---------------------------------------------------------------------
 
 
@@ -270,7 +297,7 @@ async def test_a_worker_killed_mid_stream_is_replaced_at_once_and_restarted(stac
 @pytest.mark.timeout(90)
 async def test_a_gateway_killed_mid_stream_fails_over_and_comes_back_with_its_journal(stack):
     await healthy_before(stack)
-    drill = await kill_and_watch(stack, "gateway-1", "gateway")
+    drill = await kill_and_watch(stack, await busiest_gateway(stack), "gateway")
     # It is announced at its new endpoint and counts both gateways live again
     # (its heartbeat row is back); its journal's records are checked in the books.
     provider = await provider_at(stack, service_topic("gateway"), drill.ready["endpoint"])
@@ -320,9 +347,12 @@ async def test_a_postgres_crash_and_restart_is_survived_by_every_service(stack):
     assert stack.pg.postmaster() not in (None, old_postmaster)
     await watch(stack, drill, since=drill.back)  # measured from the server's return
     during = recovery(stack.load.of("steady"), drill.began, drill.back)
+    held = sorted(round(c.ended - c.started, 1) for c in stack.load.of("steady")
+                  if drill.began <= c.started < drill.back and c.ended - c.started > ANSWERED_WITHIN)
     print(f"[fault] postgres: down {drill.back - drill.began:.1f} s (new postmaster {stack.pg.postmaster()}); "
           f"of {during.failed + during.slow + during.served} requests started meanwhile {during.failed} failed "
-          f"{during.errors}, {during.slow} took over {SLOW} s")
+          f"{during.errors}, {during.slow} took over {SLOW} s, {len(held)} over {ANSWERED_WITHIN} s {held}")
+    assert held == [], "requests held while the database was down, instead of answered"
     # No service died of it: the same processes serve before and after.
     assert {name: stack.up.pid_of(name) for name in SERVICES} == pids
 
@@ -338,6 +368,7 @@ class Books:
     counters: list[dict[str, Any]]  #: the limited user's quota counters
     limited_user: int
     gateways: dict[str, str]  #: endpoint -> gateway name, every start of each
+    drills: dict[str, Drill]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -361,7 +392,8 @@ async def books(stack) -> Books:
     counters = await fetch(gateway_dsn(stack), "SELECT counter, window_start, limit_value, granted"
                            " FROM quota_counters WHERE user_id = $1", stack.users["limited"]["id"])
     return Books(list(load.calls), rows, {r["user_id"]: r["n"] for r in daily}, counters,
-                 stack.users["limited"]["id"], stack.up.names_by_endpoint(("gateway-1", "gateway-2")))
+                 stack.users["limited"]["id"], stack.up.names_by_endpoint(("gateway-1", "gateway-2")),
+                 dict(stack.drills))
 
 
 def last_calls(calls: list[Call]) -> dict[str, Call]:
@@ -414,6 +446,8 @@ async def test_every_admitted_request_has_exactly_one_usage_record(books):
           f"a record required (and found) for {checked}")
     assert missing == [], f"admitted requests without a usage record: {missing[:10]}"
     assert wrong == [], f"records that disagree with what the client saw: {wrong[:10]}"
+    if "gateway" in books.drills:  # killed with requests in flight: its restart billed them
+        assert statuses.get("interrupted", 0) >= 1
     # The dashboard's aggregates counted each record once, replays included.
     assert books.daily == count_by(books.rows, lambda r: r["user_id"])
 
