@@ -128,6 +128,9 @@ class Stack:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory):
+    """PostgreSQL, `up` on it, our mesh client, two users, the load running.
+    Torn down whatever happened: up stopped (anything it left killed), then
+    PostgreSQL stopped and its data deleted."""
     root = tmp_path_factory.mktemp("faults")
     pg = RestartablePostgres(root / "pg")
     await pg.start()
@@ -149,7 +152,7 @@ async def stack(tmp_path_factory):
             load.start("limited", users["limited"]["api_key"], 4, pause=0.1, pinned=True)
             yield Stack(pg, up, mesh, load, users)
     finally:
-        up.stop(timeout=60)
+        await asyncio.to_thread(up.stop, 60)
         up.kill_everything()
         await pg.stop()
 
