@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -183,15 +184,31 @@ def _worker(n: int, **load: object) -> Provider:
                     load={"free_slots": 2, "slots": 2, "queued": 0, "queue_limit": 4, "healthy": True, **load})
 
 
-async def test_a_worker_not_measured_yet_is_tried_like_the_fastest_known_one():
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _router(clock: _Clock) -> Router:
     discovery = MemoryDiscovery(MemoryRegistry(), NodeIdentity.generate())
-    router = Router(MeshClient(discovery, CurveKeyPair.from_private(PrivateKey.generate())), default_latency=1.0)
+    return Router(MeshClient(discovery, CurveKeyPair.from_private(PrivateKey.generate())), default_latency=1.0,
+                  forget=2.0, clock=clock)
+
+
+def _shares(router: Router, a: Provider, b: Provider) -> Counter:
+    return Counter(router.choose("m", [a, b], set()).endpoint for _ in range(300))
+
+
+async def test_a_worker_not_measured_yet_is_tried_like_the_fastest_known_one():
+    router = _router(_Clock())
     known, slow, joined = _worker(1), _worker(2), _worker(3)
     router.first_token(known, 0.002)
     router.first_token(slow, 0.2)
     assert router.expected_wait(joined) == router.expected_wait(known) < router.expected_wait(slow)
-    picks = Counter(router.choose("m", [known, joined], set()).node_key for _ in range(200))
-    assert picks[joined.node_key] > 40  # ties are drawn at random: the new worker takes its share
+    assert _shares(router, known, joined)[joined.endpoint] > 60  # a tie is drawn at random: it takes its share
     # Its own figure replaces the guess once it has answered.
     router.first_token(joined, 0.5)
     assert router.expected_wait(joined) == 0.5
@@ -201,9 +218,27 @@ async def test_a_worker_not_measured_yet_is_tried_like_the_fastest_known_one():
     assert router.expected_wait(busy) == pytest.approx(2 * 0.002)
 
 
+async def test_an_old_slow_figure_fades_so_the_worker_is_tried_again():
+    clock = _Clock()
+    router = _router(clock)
+    fast, unlucky = _worker(1), _worker(2)
+    router.first_token(fast, 0.002)
+    router.first_token(unlucky, 0.05)  # one slow answer
+    assert _shares(router, fast, unlucky)[unlucky.endpoint] == 0  # the better of two wins every draw
+    clock.now += 2.0  # one time constant: 0.002 + 0.048 / e
+    assert router.expected_wait(unlucky) == pytest.approx(0.002 + 0.048 / math.e)
+    clock.now += 10.0  # faded to within 10% of the fast one: a tie again
+    assert _shares(router, fast, unlucky)[unlucky.endpoint] > 60
+    # Unrefreshed for a minute, a figure is dropped: the worker counts as unmeasured.
+    router.first_token(fast, 0.002)
+    clock.now += 61.0
+    router.first_token(fast, 0.002)
+    assert router.expected_wait(unlucky) == router.expected_wait(fast)
+    assert (unlucky.node_key, unlucky.endpoint) not in router._latency
+
+
 async def test_a_restarted_worker_is_measured_afresh_not_by_its_previous_life():
-    discovery = MemoryDiscovery(MemoryRegistry(), NodeIdentity.generate())
-    router = Router(MeshClient(discovery, CurveKeyPair.from_private(PrivateKey.generate())), default_latency=1.0)
+    router = _router(_Clock())
     survivor, before = _worker(1), _worker(2)
     router.first_token(survivor, 0.002)
     router.first_token(before, 0.2)  # its last figure before kill -9

@@ -10,12 +10,19 @@ at random (power of two choices) by
     backlog       = queued + our in-flight requests to it - free slots (>= 0)
 
 so live load -- what the worker announced and what this gateway has sent it
-since -- steers the choice, and a slow worker is avoided before it fails. A
-worker not measured yet counts as fast as the fastest known one, so a worker
-that joins takes traffic at once -- and so does one that restarted: figures
-belong to a worker's endpoint (a new process listens on a new one), since a
-figure kept from its previous life could lose every draw to the others' and,
-never updated, keep it out of the rotation for good.
+since -- steers the choice, and a slow worker is avoided before it fails.
+Waits within 10% of each other are a tie, drawn at random.
+
+A figure is only refreshed when its worker is chosen, so a worker that lost
+its draws would keep an old figure for good. Hence:
+
+* a worker not measured yet counts as fast as the fastest known one, so a
+  worker that joins takes traffic at once -- and so does one that restarted,
+  since figures belong to a worker's endpoint (a new process listens on a
+  new one);
+* a figure not refreshed fades toward the fastest known one (time constant
+  `forget`, 2 s), so one slow answer at low load is forgotten within seconds
+  and the worker is tried again; figures unrefreshed for a minute are dropped.
 An unknown model is `NOT_FOUND` naming the models the workers serve; workers
 that exist but cannot take the request now are `UNAVAILABLE`.
 """
@@ -23,8 +30,10 @@ that exist but cannot take the request now are `UNAVAILABLE`.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from shared.dht import Provider, model_topic, service_topic
@@ -34,6 +43,9 @@ from shared.rpc import MeshClient
 
 __all__ = ["Router"]
 
+_TIE = 1.1  #: expected waits within 10% of each other are a tie
+_DROP_AFTER = 60.0  #: seconds a figure is kept without being refreshed
+
 log = get_logger(__name__)
 
 
@@ -42,14 +54,20 @@ class Router:
 
     def __init__(
         self, mesh: MeshClient, *, latency_alpha: float = 0.3, default_latency: float = 0.05,
-        catalog_ttl: float = 2.0, catalog_timeout: float = 1.0, refresh: float = 0.5, stale_after: float = 3.0,
+        forget: float = 2.0, catalog_ttl: float = 2.0, catalog_timeout: float = 1.0, refresh: float = 0.5,
+        stale_after: float = 3.0, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._mesh = mesh
         self._alpha = latency_alpha
         self._default_latency = default_latency
+        self._forget = forget
+        self._clock = clock
         self._catalog_ttl = catalog_ttl
         self._catalog_timeout = catalog_timeout
-        self._latency: dict[tuple[bytes, str], float] = {}  #: by (node key, endpoint)
+        #: (node key, endpoint) -> (time to first token EWMA, when last folded in)
+        self._latency: dict[tuple[bytes, str], tuple[float, float]] = {}
+        self._fastest = default_latency
+        self._fastest_until = 0.0
         self._in_flight: dict[bytes, int] = {}
         self._refresh = refresh
         self._stale_after = stale_after
@@ -105,8 +123,9 @@ class Router:
                               {"model": model, "workers": len(workers), "retry_safe": True})
         if len(usable) == 1:
             return usable[0]
-        a, b = random.sample(usable, 2)
-        return a if self.expected_wait(a) <= self.expected_wait(b) else b
+        a, b = random.sample(usable, 2)  # in random order: a tie goes to either
+        wait_a, wait_b = self.expected_wait(a), self.expected_wait(b)
+        return a if wait_a <= wait_b * _TIE else b
 
     def _usable(self, worker: Provider) -> bool:
         load = worker.load or {}
@@ -121,13 +140,27 @@ class Router:
         slots = max(1.0, _number(load.get("slots"), 1))
         backlog = _number(load.get("queued"), 0) + self._in_flight.get(worker.node_key, 0) \
             - _number(load.get("free_slots"), slots)
-        latency = self._latency.get((worker.node_key, worker.endpoint))
-        if latency is None:
-            # Not measured yet (a worker that just joined): as fast as the
-            # fastest we know, so it is tried at once instead of waiting for
-            # the others to back up; its first answer gives it its own figure.
-            latency = min(self._latency.values(), default=self._default_latency)
-        return (1 + max(0.0, backlog) / slots) * latency
+        return (1 + max(0.0, backlog) / slots) * self._latency_of(worker)
+
+    def _latency_of(self, worker: Provider) -> float:
+        now = self._clock()
+        fastest = self._fastest_known(now)
+        figure = self._latency.get((worker.node_key, worker.endpoint))
+        if figure is None:  # not measured yet: tried at once, as fast as the fastest
+            return fastest
+        value, at = figure
+        if value <= fastest:
+            return value
+        return fastest + (value - fastest) * math.exp(-(now - at) / self._forget)
+
+    def _fastest_known(self, now: float) -> float:
+        """The lowest figure, recomputed (and old figures dropped) twice a second."""
+        if now >= self._fastest_until:
+            for key in [k for k, (_, at) in self._latency.items() if now - at > _DROP_AFTER]:
+                del self._latency[key]
+            self._fastest = min((v for v, _ in self._latency.values()), default=self._default_latency)
+            self._fastest_until = now + 0.5
+        return self._fastest
 
     def started(self, worker: Provider) -> None:
         self._in_flight[worker.node_key] = self._in_flight.get(worker.node_key, 0) + 1
@@ -136,7 +169,9 @@ class Router:
         """Fold one time-to-first-token into the worker's moving average."""
         key = (worker.node_key, worker.endpoint)
         old = self._latency.get(key)
-        self._latency[key] = seconds if old is None else old + self._alpha * (seconds - old)
+        value = seconds if old is None else old[0] + self._alpha * (seconds - old[0])
+        self._latency[key] = (value, self._clock())
+        self._fastest = min(self._fastest, value)
 
     def finished(self, worker: Provider, *, failed: bool = False, busy: bool = False) -> None:
         """The request left the worker. A failure cools it down (not a full queue)."""
