@@ -54,6 +54,7 @@ bench: install
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/web.py
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) .data
