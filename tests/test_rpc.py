@@ -27,6 +27,7 @@ class Probe:
         self.started: list[str] = []
         self.cancelled = asyncio.Event()
         self.finished = asyncio.Event()
+        self.produced = 0  #: chunks `count` has generated
 
     @method
     async def echo(self, value: str, times: int = 1) -> str:
@@ -61,6 +62,7 @@ class Probe:
             for i in range(n):
                 if delay:
                     await asyncio.sleep(delay)
+                self.produced += 1
                 yield {"i": i}
         finally:
             if n and delay:
@@ -121,6 +123,9 @@ def test_codec_round_trips_every_kind():
     request = codec.decode_inbound(codec.encode_request(7, "a.b", {"x": [1, "y"]}, 1500, "t" * 32))
     assert request == codec.Request(7, "a.b", {"x": [1, "y"]}, 1500, "t" * 32)
     assert codec.decode_inbound(codec.encode_cancel(9)) == codec.Cancel(9)
+    windowed = codec.decode_inbound(codec.encode_request(8, "a.b", {}, 1500, "t", window=64))
+    assert windowed.window == 64 and request.window == 0
+    assert codec.decode_inbound(codec.encode_credit(8, 32)) == codec.Credit(8, 32)
     assert codec.decode(codec.encode_reply(3, {"ok": True})) == [1, codec.REPLY, 3, {"ok": True}]
     assert codec.decode(codec.encode_chunk(3, "tok")) == [1, codec.CHUNK, 3, "tok"]
     assert codec.decode(codec.encode_end(3)) == [1, codec.END, 3]
@@ -140,6 +145,11 @@ def test_codec_round_trips_every_kind():
         msgpack.packb([1, codec.REQUEST, 1, "a.b", {}, "soon", "t"]),  # timeout not an int
         msgpack.packb([1, codec.REQUEST, 1, "a.b", {}, 100, "t" * 65]),  # trace id too long
         msgpack.packb([1, codec.REPLY, 1, None]),  # a server never accepts replies
+        msgpack.packb([1, codec.REQUEST, 1, "a.b", {}, 100, "t", -1]),  # negative window
+        msgpack.packb([1, codec.REQUEST, 1, "a.b", {}, 100, "t", 2**21]),  # window too large
+        msgpack.packb([1, codec.CREDIT, 1, 0]),  # credit of nothing
+        msgpack.packb([1, codec.CREDIT, 1, "lots"]),
+        msgpack.packb([1, codec.CREDIT, 1]),
     ],
 )
 def test_decode_inbound_rejects_malformed_envelopes(payload):
@@ -271,6 +281,58 @@ async def test_leaving_a_stream_early_cancels_the_generator(client, probe_server
     await asyncio.wait_for(probe.cancelled.wait(), 1.0)
     await asyncio.sleep(0.05)
     assert server.in_flight == 0
+
+
+@pytest.mark.parametrize("window", [8, 0])
+async def test_a_slow_reader_holds_the_server_to_its_window(probe_server, mesh, node, context, window):
+    probe, server = probe_server
+    connection = Connection(server.endpoint, node.curve.public, mesh.client, context=context, stream_window=window)
+    connection.open()
+    try:
+        stream = await connection.stream("probe.count", {"n": 200})
+        first = [await anext(stream) for _ in range(3)]
+        await asyncio.sleep(0.3)  # the reader dawdles
+        if window:
+            # Eight chunks ahead of the reader, one more generated and waiting for credit.
+            assert probe.produced == window + 1
+        else:  # no flow control: the server ran ahead, the client buffered everything
+            assert probe.produced == 200
+        await anext(stream)  # the fourth read gives back half a window of credit
+        await asyncio.sleep(0.1)
+        assert probe.produced == (window + 1 + window // 2 if window else 200)
+        rest = [chunk async for chunk in stream]
+        assert [c["i"] for c in first + rest] == [0, 1, 2] + list(range(4, 200))
+    finally:
+        await connection.close()
+
+
+async def test_a_server_ignoring_the_window_is_stopped_not_buffered(mesh, context):
+    keys = outsider_keys()
+    router = context.socket(zmq.ROUTER)  # a misbehaving server: CURVE, but deaf to credit
+    router.curve_server = True
+    router.curve_publickey, router.curve_secretkey = keys.public, keys.secret
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    connection = Connection(f"tcp://127.0.0.1:{port}", keys.public, mesh.client, context=context, stream_window=4)
+    connection.open()
+    try:
+        stream = await connection.stream("x.flood", {}, timeout=5)
+        ident, payload = await router.recv_multipart()
+        request = codec.decode_inbound(payload)
+        assert request.window == 4
+        for i in range(20):
+            await router.send_multipart([ident, codec.encode_chunk(request.id, i)])
+        await asyncio.sleep(0.2)
+        received = []
+        with pytest.raises(errors.Internal, match="more than 4 chunks ahead"):
+            async for chunk in stream:
+                received.append(chunk)
+        assert received == [0, 1, 2, 3]
+        _, cancel = await asyncio.wait_for(router.recv_multipart(), 2)
+        assert codec.decode_inbound(cancel) == codec.Cancel(request.id)
+    finally:
+        await connection.close()
+        router.close()
 
 
 async def test_stream_error_is_typed(client):

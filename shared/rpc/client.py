@@ -23,6 +23,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from shared.errors import (
     DecodeError,
+    Internal,
     MeshError,
     Timeout,
     TooLarge,
@@ -72,7 +73,9 @@ class Connection:
         context: zmq.asyncio.Context,
         max_message_bytes: int = 1 << 20,
         connect_timeout: float = 3.0,
+        stream_window: int = 64,
     ) -> None:
+        """`stream_window`: chunks a stream's server may send ahead of the reader (0: unbounded)."""
         self.endpoint = endpoint
         self._server_key = server_key
         self._client_keys = client_keys
@@ -81,6 +84,8 @@ class Connection:
         self._connect_timeout = connect_timeout
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any] | asyncio.Queue[Any]] = {}
+        self._window = stream_window
+        self._windows: dict[int, int] = {}  #: request id -> window, for flow-controlled streams
         self._deadlines = DeadlineQueue(self._expire, self._pending)
         self._connected = False
         self._failure: MeshError | None = None
@@ -193,21 +198,23 @@ class Connection:
         request_id = next(self._ids)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._pending[request_id] = queue
+        if self._window:
+            self._windows[request_id] = self._window
         self._deadlines.add(asyncio.get_running_loop(), deadline - time.monotonic(), request_id)
         try:
-            self._send_request(request_id, method, params, deadline, trace_id)
+            self._send_request(request_id, method, params, deadline, trace_id, window=self._window)
         except BaseException:
-            self._pending.pop(request_id, None)
+            self._forget(request_id, cancel=False)
             raise
-        return Stream(self, request_id, queue)
+        return Stream(self, request_id, queue, self._window)
 
     def _send_request(
         self, request_id: int, method: str, params: dict[str, Any] | None, deadline: float,
-        trace_id: str | None,
+        trace_id: str | None, *, window: int = 0,
     ) -> None:
         timeout_ms = int((deadline - time.monotonic()) * 1000)
         data = codec.encode_request(
-            request_id, method, params or {}, timeout_ms, trace_id or _current_trace_id()
+            request_id, method, params or {}, timeout_ms, trace_id or _current_trace_id(), window
         )
         if len(data) > self._max:
             raise TooLarge(f"request of {len(data)} bytes exceeds {self._max}", {"limit": self._max})
@@ -229,7 +236,15 @@ class Connection:
             except zmq.ZMQError:
                 pass  # not connected: the server lost the request with the connection
 
+    def _send_credit(self, request_id: int, chunks: int) -> None:
+        if self._pump is not None and not self.closed and request_id in self._pending:
+            try:
+                self._pump.send_one(codec.encode_credit(request_id, chunks))
+            except zmq.ZMQError:
+                pass  # not connected: the stream fails with the connection
+
     def _forget(self, request_id: int, *, cancel: bool) -> None:
+        self._windows.pop(request_id, None)
         if self._pending.pop(request_id, None) is not None and cancel:
             self._send_cancel(request_id)
 
@@ -324,6 +339,14 @@ class Connection:
             if not sink.done():
                 sink.set_result(message[3])
         elif kind == codec.CHUNK and len(message) == 4 and isinstance(sink, asyncio.Queue):
+            window = self._windows.get(request_id)
+            if window is not None and sink.qsize() >= window:
+                # The server sent past its credit: stop it rather than buffer without bound.
+                log.warning("stream server ignored its window", endpoint=self.endpoint, window=window)
+                self._deliver(request_id, sink, Internal(f"the server sent more than {window} chunks "
+                                                         "ahead of the reader"), final=True)
+                self._send_cancel(request_id)
+                return
             sink.put_nowait(message[3])
         elif kind == codec.END and isinstance(sink, asyncio.Queue):
             self._deliver(request_id, sink, _END, final=True)
@@ -335,6 +358,7 @@ class Connection:
             sink.put_nowait(item)
             if final:
                 self._pending.pop(request_id, None)
+                self._windows.pop(request_id, None)
         elif not sink.done():
             sink.set_exception(item)
 
@@ -347,12 +371,15 @@ class Stream:
     Use `async with` to make that prompt.
     """
 
-    def __init__(self, connection: Connection, request_id: int, queue: asyncio.Queue[Any]) -> None:
+    def __init__(self, connection: Connection, request_id: int, queue: asyncio.Queue[Any], window: int = 0) -> None:
         self._conn = connection
         self._id = request_id
         self._queue = queue
         self._done = False
         self.chunks = 0
+        #: Read chunks not yet given back as credit; given back a half window at a time.
+        self._unacked = 0
+        self._batch = max(1, window // 2) if window else 0
 
     def __aiter__(self) -> Stream:
         return self
@@ -372,6 +399,11 @@ class Stream:
             self._done = True
             raise item
         self.chunks += 1
+        if self._batch:
+            self._unacked += 1
+            if self._unacked >= self._batch:
+                self._conn._send_credit(self._id, self._unacked)
+                self._unacked = 0
         return item
 
     async def aclose(self) -> None:

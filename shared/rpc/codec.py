@@ -21,26 +21,34 @@ __all__ = [
     "END",
     "ERROR",
     "CANCEL",
+    "CREDIT",
+    "MAX_WINDOW",
     "Request",
     "Cancel",
+    "Credit",
     "encode_request",
     "encode_reply",
     "encode_chunk",
     "encode_end",
     "encode_error",
     "encode_cancel",
+    "encode_credit",
     "decode",
     "decode_inbound",
 ]
 
 VERSION = 1
 
-REQUEST = 1  # [V, REQUEST, id, method, params, timeout_ms, trace_id]
+REQUEST = 1  # [V, REQUEST, id, method, params, timeout_ms, trace_id(, window)]
 REPLY = 2  # [V, REPLY, id, result]
 CHUNK = 3  # [V, CHUNK, id, data]
 END = 4  # [V, END, id]
 ERROR = 5  # [V, ERROR, id, code, message, data]
 CANCEL = 6  # [V, CANCEL, id]
+CREDIT = 7  # [V, CREDIT, id, chunks]
+
+#: The largest stream window and the most chunks one CREDIT may grant.
+MAX_WINDOW = 1 << 20
 
 _MAX_ID = 2**63 - 1
 
@@ -51,10 +59,17 @@ class Request(NamedTuple):
     params: dict[str, Any]
     timeout_ms: int
     trace_id: str
+    #: Chunks the server may send before it waits for CREDIT; 0 = no flow control.
+    window: int = 0
 
 
 class Cancel(NamedTuple):
     id: int
+
+
+class Credit(NamedTuple):
+    id: int
+    chunks: int
 
 
 def _pack(message: list[Any]) -> bytes:
@@ -66,9 +81,10 @@ def _pack(message: list[Any]) -> bytes:
 
 
 def encode_request(
-    request_id: int, method: str, params: dict[str, Any], timeout_ms: int, trace_id: str
+    request_id: int, method: str, params: dict[str, Any], timeout_ms: int, trace_id: str, window: int = 0
 ) -> bytes:
-    return _pack([VERSION, REQUEST, request_id, method, params, timeout_ms, trace_id])
+    message = [VERSION, REQUEST, request_id, method, params, timeout_ms, trace_id]
+    return _pack([*message, window] if window else message)
 
 
 def encode_reply(request_id: int, result: Any) -> bytes:
@@ -94,6 +110,10 @@ def encode_cancel(request_id: int) -> bytes:
     return _pack([VERSION, CANCEL, request_id])
 
 
+def encode_credit(request_id: int, chunks: int) -> bytes:
+    return _pack([VERSION, CREDIT, request_id, chunks])
+
+
 def decode(data: bytes | memoryview) -> list[Any]:
     """Decode bytes into a checked envelope: a list starting [VERSION, kind, id]."""
     try:
@@ -110,8 +130,8 @@ def decode(data: bytes | memoryview) -> list[Any]:
     return message
 
 
-def decode_inbound(data: bytes | memoryview) -> Request | Cancel:
-    """Decode what a server receives: a request or a cancel.
+def decode_inbound(data: bytes | memoryview) -> Request | Cancel | Credit:
+    """Decode what a server receives: a request, a cancel or a credit.
 
     Raises `DecodeError` whose `data["id"]` holds the request id when the
     envelope got that far, so the error can still be answered.
@@ -119,8 +139,9 @@ def decode_inbound(data: bytes | memoryview) -> Request | Cancel:
     message = decode(data)
     kind, request_id = message[1], message[2]
     try:
-        if kind == REQUEST and len(message) == 7:
-            _, _, _, method, params, timeout_ms, trace_id = message
+        if kind == REQUEST and len(message) in (7, 8):
+            method, params, timeout_ms, trace_id = message[3:7]
+            window = message[7] if len(message) == 8 else 0
             if type(method) is not str or not method:
                 raise DecodeError("method must be a non-empty string")
             if type(params) is not dict:
@@ -129,9 +150,16 @@ def decode_inbound(data: bytes | memoryview) -> Request | Cancel:
                 raise DecodeError("timeout_ms must be an integer of at most a day")
             if type(trace_id) is not str or len(trace_id) > 64:
                 raise DecodeError("trace_id must be a string of at most 64 characters")
-            return Request(request_id, method, params, timeout_ms, trace_id)
+            if type(window) is not int or not 0 <= window <= MAX_WINDOW:
+                raise DecodeError(f"window must be an integer 0-{MAX_WINDOW}")
+            return Request(request_id, method, params, timeout_ms, trace_id, window)
         if kind == CANCEL and len(message) == 3:
             return Cancel(request_id)
+        if kind == CREDIT and len(message) == 4:
+            chunks = message[3]
+            if type(chunks) is not int or not 0 < chunks <= MAX_WINDOW:
+                raise DecodeError(f"credit must be an integer 1-{MAX_WINDOW}")
+            return Credit(request_id, chunks)
         raise DecodeError(f"unexpected message kind {kind!r} of {len(message)} items")
     except DecodeError as exc:
         exc.data["id"] = request_id

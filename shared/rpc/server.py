@@ -124,6 +124,7 @@ class RpcServer:
         self._check_members = dispatcher.has_public
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self._expired: set[tuple[bytes, int]] = set()
+        self._windows: dict[tuple[bytes, int], _Window] = {}  #: flow-controlled streams
         self._deadlines = DeadlineQueue(self._expire, self._tasks)
         self._draining = False
         self._ctx: zmq.asyncio.Context | None = None
@@ -239,6 +240,11 @@ class RpcServer:
         if type(message) is codec.Cancel:
             self._cancel(ident, message.id)
             return
+        if type(message) is codec.Credit:
+            window = self._windows.get((ident, message.id))
+            if window is not None:  # else a stream that already ended
+                window.grant(message.chunks)
+            return
         self._on_request(ident, payload, message)  # type: ignore[arg-type]
 
     def _on_request(self, ident: bytes, payload: bytes | zmq.Frame, request: codec.Request) -> None:
@@ -339,14 +345,21 @@ class RpcServer:
             self._expired.discard(key)
 
     async def _run_stream(self, ident: bytes, request: codec.Request, handler: Handler) -> None:
+        key = (ident, request.id)
+        window = _Window(request.window) if request.window else None
+        if window is not None:
+            self._windows[key] = window
         stream = handler.call(request.params)
         try:
             async for item in stream:
+                if window is not None:
+                    await window.take()  # the reader's credit: it holds at most `window` chunks unread
                 if not await self._send_waiting(ident, codec.encode_chunk(request.id, item)):
                     log.info("stream reader gone; stopping", method=request.method)
                     return
             await self._send_waiting(ident, codec.encode_end(request.id))
         finally:
+            self._windows.pop(key, None)
             await stream.aclose()
 
     def _log_error(self, request: codec.Request, exc: MeshError) -> None:
@@ -388,3 +401,23 @@ class RpcServer:
                 if exc.errno != zmq.EAGAIN:
                     raise
             await asyncio.sleep(_SEND_RETRY_S)  # a slow reader: back-pressure
+
+
+class _Window:
+    """A stream's credit: chunks the server may still send before the reader asks for more."""
+
+    __slots__ = ("available", "_more")
+
+    def __init__(self, size: int) -> None:
+        self.available = size
+        self._more = asyncio.Event()
+
+    async def take(self) -> None:
+        while self.available <= 0:
+            self._more.clear()
+            await self._more.wait()  # the request's deadline or a CANCEL ends the wait
+        self.available -= 1
+
+    def grant(self, chunks: int) -> None:
+        self.available = min(self.available + chunks, codec.MAX_WINDOW)
+        self._more.set()
