@@ -1,6 +1,6 @@
 """Load and soak benchmark: many streaming clients through 2 gateways, for minutes.
 
-    .venv/bin/python bench/load.py [--streams 1000] [--seconds 300] [--warmup 30]
+    .venv/bin/python bench/load.py [--streams 1000] [--seconds 300] [--warmup 90]
                                    [--baseline 20] [--gateways 2] [--workers 3] [--client-procs 2]
 
 The whole stack as real processes, started by `inferswarm up --json` in a
@@ -528,7 +528,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--streams", type=int, default=1000, help="concurrent streams (1000)")
     parser.add_argument("--seconds", type=float, default=300.0, help="soak length through the gateways (300)")
-    parser.add_argument("--warmup", type=float, default=30.0, help="through the gateways before the soak (30)")
+    parser.add_argument("--warmup", type=float, default=90.0,
+                        help="through the gateways before the soak, so the heaps reach their working size (90)")
     parser.add_argument("--baseline", type=float, default=20.0, help="straight to the workers, first (20)")
     parser.add_argument("--gateways", type=int, default=2)
     parser.add_argument("--workers", type=int, default=3)
