@@ -241,6 +241,25 @@ async def test_client_times_out_and_server_cancels_the_handler(client, probe_ser
     await asyncio.wait_for(probe.cancelled.wait(), 1.0)  # the server's deadline fired too
 
 
+async def test_a_call_with_no_time_left_is_not_sent(client, probe_server):
+    probe, _ = probe_server
+    await client.call("probe.echo", {"value": "x"})  # connected
+    with pytest.raises(errors.Timeout, match="no time left"):
+        await client.call("probe.sleep", {"seconds": 1}, timeout=0)
+    with pytest.raises(errors.Timeout, match="no time left"):
+        await client.stream("probe.count", {"n": 3}, timeout=-1)
+    await asyncio.sleep(0.05)
+    assert probe.started == []  # the server never saw them
+
+
+async def test_an_expired_stream_leaves_nothing_behind(client, probe_server):
+    stream = await client.stream("probe.count", {"n": 10, "delay": 1.0}, timeout=0.2)
+    with pytest.raises(errors.Timeout):
+        async for _ in stream:
+            pass
+    assert client._pending == {} and client._windows == {}
+
+
 async def test_server_does_not_start_expired_work(probe_server, mesh, node, context):
     probe, server = probe_server
     sock = raw_dealer(context, server, node, mesh.client)

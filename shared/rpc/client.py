@@ -180,6 +180,7 @@ class Connection:
     def _expire(self, request_id: Any) -> None:
         """The deadline of a call or stream passed: fail it and tell the server."""
         sink = self._pending.pop(request_id, None)
+        self._windows.pop(request_id, None)
         error = Timeout(f"no answer from {self.endpoint} before the deadline")
         if isinstance(sink, asyncio.Queue):
             sink.put_nowait(error)
@@ -213,6 +214,8 @@ class Connection:
         trace_id: str | None, *, window: int = 0,
     ) -> None:
         timeout_ms = int((deadline - time.monotonic()) * 1000)
+        if timeout_ms <= 0:  # e.g. spent on connecting or on discovery: the server would refuse it
+            raise Timeout(f"no time left to call {method} on {self.endpoint}")
         data = codec.encode_request(
             request_id, method, params or {}, timeout_ms, trace_id or _current_trace_id(), window
         )
