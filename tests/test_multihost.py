@@ -181,7 +181,8 @@ def test_a_worker_started_later_on_host_c_takes_traffic(cluster):
     ready = cluster.worker("worker-3")
     replies = cluster.infer_many(200, until_worker=ready["id"])
     assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]]
-    assert replies[-1]["worker"] == ready["id"], f"worker-3 took none of {len(replies)} requests"
+    # The client stops once worker-3 answered; requests in flight then still end after it.
+    assert ready["id"] in {r["worker"] for r in replies}, f"worker-3 took none of {len(replies)} requests"
 
 
 def test_killing_a_worker_leaves_requests_succeeding_on_the_others(cluster):
