@@ -451,3 +451,21 @@ async def test_standalone_node_prints_its_address_and_stops_on_sigterm(secret, m
             await proc.wait()
     assert (tmp_path / "node.key").exists() and not (tmp_path / "mesh.secret").exists()
     assert json.loads((tmp_path / "neighbours.json").read_text())["neighbours"]
+
+
+def test_peer_budget_pays_by_reply_size_refills_and_spares_loopback():
+    from shared.dht.budget import PeerBudget
+
+    now = [0.0]
+    budget = PeerBudget(rate=1000.0, burst=3000.0, min_cost=500, max_peers=2, clock=lambda: now[0])
+    assert budget.admit("127.0.0.1") and budget.pay_reply("::1", 10**9)  # this host: never limited
+    assert budget.admit("10.0.0.1") and budget.pay_reply("10.0.0.1", 2000)  # 500 + 1500 of 3000
+    assert budget.admit("10.0.0.1") and not budget.pay_reply("10.0.0.1", 1500)  # 1000 is not enough
+    assert budget.admit("10.0.0.1") and not budget.admit("10.0.0.1")  # 0 left; refusals take nothing
+    assert budget.admit("10.0.0.2")  # every peer its own bucket
+    now[0] += 0.5
+    assert budget.admit("10.0.0.1") and not budget.admit("10.0.0.1")  # 500 bytes refilled in 0.5 s
+    assert budget.refused == 3
+    budget.admit("10.0.0.3")  # a third peer: the least recently used bucket is forgotten
+    assert list(budget._buckets) == ["10.0.0.1", "10.0.0.3"]
+    assert PeerBudget(rate=0, burst=0).admit("10.0.0.9")  # rate 0: no limit

@@ -37,6 +37,10 @@ class DHTConfig:
     max_request_size: int = 8192  #: bytes of an incoming request datagram
     max_response_size: int = 60000  #: bytes of a reply datagram (UDP allows 65507)
     max_pings: int = 64  #: contacts pinged per liveness round
+    peer_bytes_per_s: float = 1_000_000.0  #: reply bytes per second one peer IP may be sent (0 = no limit)
+    peer_burst: float = 4_000_000.0  #: ... and at once, after a quiet spell
+    peer_min_cost: int = 512  #: bytes every request costs, whatever its reply
+    peer_exempt_loopback: bool = True  #: processes of this host are not limited
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -49,6 +53,8 @@ class DHTConfig:
             raise ValueError("DHTConfig: ttl must be within (0, max_ttl]")
         if self.rpc_timeout <= 0 or self.ping_interval <= 0:
             raise ValueError("DHTConfig: rpc_timeout and ping_interval must be > 0")
+        if self.peer_bytes_per_s and self.peer_burst < self.max_response_size:
+            raise ValueError("DHTConfig: peer_burst must hold at least one reply of max_response_size")
 
     @property
     def tombstone_lifetime(self) -> float:

@@ -17,6 +17,9 @@ What changes from kademlia/rpcudp, and why:
   contacted by crawls, so an operation waits on its timeout once, not on
   every call. Hearing from the node itself clears the mark. `check_liveness`
   pings idle contacts, so dead ones leave every table within a few seconds.
+* **Each peer IP has a budget** (`budget.py`): bytes of replies per second,
+  so the node can be neither flooded nor used to reflect large replies at a
+  forged address; requests past it are dropped as if lost. Loopback is exempt.
 * **Records are many per key and verified** (`rpc_store`, `rpc_find_value`);
   stored records are not forwarded to newly met nodes: they live seconds and
   their announcers re-announce to whichever nodes are closest by then.
@@ -34,6 +37,7 @@ import structlog
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 
+from shared.dht.budget import PeerBudget
 from shared.dht.config import DHTConfig
 from shared.dht.record import InvalidRecord, RecordVerifier
 from shared.dht.storage import RecordStore
@@ -85,6 +89,8 @@ class DHTProtocol(KademliaProtocol):
         self._outstanding: dict[bytes, tuple[asyncio.Future[CallResult], asyncio.TimerHandle, Address]] = {}
         self._dead: dict[bytes, float] = {}
         self._last_seen: dict[bytes, float] = {}
+        self.budget = PeerBudget(rate=config.peer_bytes_per_s, burst=config.peer_burst,
+                                 min_cost=config.peer_min_cost, exempt_loopback=config.peer_exempt_loopback)
 
     def __getattr__(self, name: str) -> Any:
         # rpcudp turns unknown attributes into remote calls; we want typos to fail.
@@ -131,10 +137,16 @@ class DHTProtocol(KademliaProtocol):
         if len(args) != len(checks) or not all(check(arg) for check, arg in zip(checks, args)):
             log.debug("dht.bad_arguments", peer=addr, method=method)
             return
+        if not self.budget.admit(addr[0]):
+            log.debug("dht.peer_over_budget", peer=addr, method=method)
+            return
         result = getattr(self, f"rpc_{method}")(addr, *args)
         response = encode_response(msg_id, result)
         if len(response) > self.config.max_response_size:
             log.warning("dht.response_too_large", method=method, size=len(response))
+            return
+        if not self.budget.pay_reply(addr[0], len(response)):
+            log.debug("dht.peer_over_budget", peer=addr, method=method, size=len(response))
             return
         self._send(response, addr)
 
