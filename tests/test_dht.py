@@ -283,6 +283,25 @@ async def test_forged_records_and_garbage_do_not_get_through(mesh):
     assert errors == []
 
 
+async def test_one_address_posing_as_many_nodes_holds_one_contact(mesh):
+    loop = asyncio.get_running_loop()
+    async with cluster(mesh, 2) as nodes:
+        target = nodes[1]
+        transport, peer = await loop.create_datagram_endpoint(RawPeer, local_addr=("127.0.0.1", 0))
+        try:
+            ids = [os.urandom(20) for _ in range(40)]
+            for node_id in ids:
+                assert await raw_request(transport, peer, ("127.0.0.1", target.port), "ping", [node_id]) \
+                    == target.identity.node_id
+            address = transport.get_extra_info("sockname")[:2]
+            at_address = [c.id for c in target.server.protocol.contacts() if (c.ip, c.port) == address]
+            # the latest id replaced the others; the real neighbour is untouched
+            assert at_address == [ids[-1]]
+            assert nodes[0].identity.node_id in contact_ids(target)
+        finally:
+            transport.close()
+
+
 # -- dead nodes (bmuller/kademlia#98) --------------------------------------------------
 
 

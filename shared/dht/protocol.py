@@ -17,6 +17,10 @@ What changes from kademlia/rpcudp, and why:
   contacted by crawls, so an operation waits on its timeout once, not on
   every call. Hearing from the node itself clears the mark. `check_liveness`
   pings idle contacts, so dead ones leave every table within a few seconds.
+* **One contact per address.** A node that speaks from an address the table
+  already holds under another id replaces that contact: it is the same
+  endpoint (a node restarted with a new key), or one endpoint posing as many
+  nodes, which must not fill the table nor draw a liveness ping per id.
 * **Each peer IP has a budget** (`budget.py`): bytes of replies per second,
   so the node can be neither flooded nor used to reflect large replies at a
   forged address; requests past it are dropped as if lost. Loopback is exempt.
@@ -89,6 +93,7 @@ class DHTProtocol(KademliaProtocol):
         self._outstanding: dict[bytes, tuple[asyncio.Future[CallResult], asyncio.TimerHandle, Address]] = {}
         self._dead: dict[bytes, float] = {}
         self._last_seen: dict[bytes, float] = {}
+        self._id_at: dict[Address, bytes] = {}  #: (ip, port) -> the id of the contact there
         self.budget = PeerBudget(rate=config.peer_bytes_per_s, burst=config.peer_burst,
                                  min_cost=config.peer_min_cost, exempt_loopback=config.peer_exempt_loopback)
 
@@ -263,9 +268,16 @@ class DHTProtocol(KademliaProtocol):
     # -- routing-table upkeep -------------------------------------------------
 
     def welcome_if_new(self, node: Node) -> None:
-        """Add (or refresh) a contact, unless it is us or recently dead."""
+        """Add (or refresh) a contact, unless it is us or recently dead; it
+        replaces the contact of another id at the same address."""
         if node.id == self.source_node.id or self.is_dead(node.id):
             return
+        address = (node.ip, node.port)
+        previous = self._id_at.get(address)
+        if previous is not None and previous != node.id:
+            self.router.remove_contact(Node(previous))
+            self._last_seen.pop(previous, None)
+        self._id_at[address] = node.id
         self.router.add_contact(node)
 
     def is_contactable(self, node: Node) -> bool:
@@ -300,7 +312,8 @@ class DHTProtocol(KademliaProtocol):
         idle = [n for n in contacts if now - self._last_seen.get(n.id, -1e9) >= self.config.ping_interval]
         idle.sort(key=lambda n: self._last_seen.get(n.id, -1e9))
         results = await asyncio.gather(*(self.call_ping(n) for n in idle[: self.config.max_pings]))
-        self._prune({n.id for n in self.contacts()})
+        self._prune({node_id for bucket in self.router.buckets
+                     for node_id in (*bucket.nodes, *bucket.replacement_nodes)})
         return sum(1 for answered, _ in results if not answered)
 
     def _heard_from(self, node: Node) -> None:
@@ -313,5 +326,7 @@ class DHTProtocol(KademliaProtocol):
     def _prune(self, known: set[bytes]) -> None:
         for node_id in [i for i in self._last_seen if i not in known]:
             del self._last_seen[node_id]
+        for address in [a for a, node_id in self._id_at.items() if node_id not in known]:
+            del self._id_at[address]
         for node_id in list(self._dead):
             self.is_dead(node_id)  # drops the mark once dead_ttl has passed
