@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.installed
 # Tools the tests use from Debian: promtool (package prometheus; its server is
 # not started), a headless Chromium for the dashboard tests, docker-compose
 # to validate deploy/docker-compose.yml offline (no Docker engine is needed),
-# and iproute2's `ip` for the multi-host test's network namespaces.
-SYSTEM_TEST_PACKAGES := prometheus chromium docker-compose iproute2
+# systemd's `systemd-analyze` to verify the units, and iproute2's `ip` for the
+# multi-host test's network namespaces.
+SYSTEM_TEST_PACKAGES := prometheus chromium docker-compose systemd iproute2
 
 # llama-cpp-python compiles from source (4-6 minutes on 2 cores, once: pip
 # caches the wheel). Portable x86-64 flags, so the wheel runs on any AVX2 host.
@@ -35,7 +36,8 @@ run: install
 
 system-test-deps:
 	@if ! command -v promtool >/dev/null || ! command -v chromium >/dev/null \
-			|| ! command -v docker-compose >/dev/null || ! command -v ip >/dev/null; then \
+			|| ! command -v docker-compose >/dev/null || ! command -v systemd-analyze >/dev/null \
+			|| ! command -v ip >/dev/null; then \
 		echo "installing $(SYSTEM_TEST_PACKAGES) (apt-get)"; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \

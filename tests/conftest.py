@@ -3,6 +3,11 @@
 `pg_server` is one real PostgreSQL for the session (the embedded one, or the
 server of `DATABASE_URL` when that is set); `pg_dsn` is a fresh, empty
 database on it for one test, dropped afterwards.
+
+A skipped test fails the run: `make test` installs everything the tests need,
+so a skip means something is missing, not that the feature works. Set
+INFERSWARM_ALLOW_SKIPS=1 to run a part of the suite on a machine that lacks
+it (the multi-host test needs root, say).
 """
 
 from __future__ import annotations
@@ -48,3 +53,20 @@ async def pg_dsn(pg_server: str) -> AsyncIterator[str]:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
+
+
+
+def _skipped(config: pytest.Config) -> int:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    return len(reporter.stats.get("skipped", [])) if reporter is not None else 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _skipped(session.config) and exitstatus == pytest.ExitCode.OK and not os.environ.get("INFERSWARM_ALLOW_SKIPS"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _skipped(config) and not os.environ.get("INFERSWARM_ALLOW_SKIPS"):
+        terminalreporter.write_line(f"{_skipped(config)} test(s) skipped, which fails the run "
+                                    "(INFERSWARM_ALLOW_SKIPS=1 allows it)", red=True)

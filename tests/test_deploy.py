@@ -2,9 +2,9 @@
 example environment files, checked offline (no Docker engine, no cluster).
 
 What runs: YAML parsing; `docker-compose config -q` (Debian's docker-compose
-1.29, skipped when absent); `systemd-analyze verify` on copies of the units
-whose ExecStart points at this venv's python (skipped when absent); `promtool
-check config` on the compose Prometheus config (skipped when absent); and every
+1.29); `systemd-analyze verify` on copies of the units whose ExecStart points
+at this venv's python; `promtool check config` on the compose Prometheus
+config (the Makefile installs all three); and every
 service's real config class (`shared.config.load`) fed the environment each
 deployment gives it, so a missing or invalid variable fails here as it would at
 start.
@@ -194,7 +194,6 @@ def test_compose_monitoring_reuses_deploy_files(compose):
                for v in services["grafana"]["volumes"])
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose (Debian package) not installed")
 def test_docker_compose_config(tmp_path):
     base = ["docker-compose", "-f", str(DEPLOY / "docker-compose.yml")]
     ok = subprocess.run(base + ["--env-file", str(compose_env_file(tmp_path)), "config", "-q"],
@@ -208,7 +207,6 @@ def test_docker_compose_config(tmp_path):
     assert refused.returncode != 0 and "deploy/.env" in refused.stderr  # the secrets are required
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) not installed")
 def test_compose_prometheus_config_passes_promtool(tmp_path):
     shutil.copy(DEPLOY / "compose/prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copy(DEPLOY / "prometheus/alerts.yml", tmp_path / "alerts.yml")  # mounted beside it
@@ -340,7 +338,6 @@ def test_systemd_units_are_complete():
             assert re.search(rf"^{var}=", (DEPLOY / "env" / f"{service}.env").read_text(), re.M), var
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 def test_systemd_analyze_verify(tmp_path):
     for unit in [*UNITS, DEPLOY / "systemd/inferswarm.target"]:
         text = unit.read_text().replace("/opt/inferswarm/venv/bin/python", sys.executable)

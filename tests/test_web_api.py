@@ -29,12 +29,11 @@ from services.web.app import create_app, start_site
 from services.web.config import WebConfig
 from services.web.errors import STATUS, error_headers, status_of
 from services.web.security import SECURITY_HEADERS
-from web_support import HAS_GATEWAY, MODEL, PASSWORD, web_stack
+from web_support import MODEL, PASSWORD, web_stack
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
 
 MAX_BODY = 64 * 1024
-needs_gateway = pytest.mark.skipif(not HAS_GATEWAY, reason="services/gateway has no __main__ yet")
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +220,6 @@ async def test_every_reply_carries_the_security_headers(client):
         assert reply.headers["Cache-Control"] == "no-store"
 
 
-@needs_gateway
 async def test_quota_and_inference_with_an_api_key(client):
     await register(client, "rest-fay")
     auth = await login(client, "rest-fay")

@@ -19,7 +19,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from services.web.security import CSP
-from web_support import ADMIN_EMAIL, HAS_GATEWAY, MODEL, PASSWORD, web_stack
+from web_support import ADMIN_EMAIL, MODEL, PASSWORD, web_stack
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -144,11 +144,11 @@ def test_register_login_create_key_once_revoke_and_logout(stack, browser, shots)
     row = page.locator("tr", has_text="laptop")
     expect(row.locator(".badge")).to_have_text("active")
 
-    if HAS_GATEWAY:  # use the key, and see it on the dashboard
-        _use_key(stack.base_url, secret)
-        _wait_for_usage(page)
-        page.screenshot(path=shots / "06-dashboard-with-usage.png", full_page=True)
-        page.goto("/keys")
+    # use the key, and see it on the dashboard
+    _use_key(stack.base_url, secret)
+    _wait_for_usage(page)
+    page.screenshot(path=shots / "06-dashboard-with-usage.png", full_page=True)
+    page.goto("/keys")
 
     # Revoke: dismissing the confirmation keeps the key; accepting revokes it.
     page.once("dialog", lambda dialog: dialog.dismiss())
@@ -160,21 +160,21 @@ def test_register_login_create_key_once_revoke_and_logout(stack, browser, shots)
     expect(page.locator(".notice")).to_contain_text("Key revoked")
     expect(page.locator("tr", has_text="laptop").locator(".badge")).to_have_text("revoked")
     page.screenshot(path=shots / "07-key-revoked.png", full_page=True)
-    if HAS_GATEWAY:  # revocation reaches every gateway within a second (services/auth/README.md)
-        revoked_at = time.monotonic()
-        while _status_of_key(stack.base_url, secret) != 401:
-            assert time.monotonic() - revoked_at < 1.5, "the revoked key still works"
-            time.sleep(0.1)
+    # revocation reaches every gateway within a second (services/auth/README.md)
+    revoked_at = time.monotonic()
+    while _status_of_key(stack.base_url, secret) != 401:
+        assert time.monotonic() - revoked_at < 1.5, "the revoked key still works"
+        time.sleep(0.1)
 
     page.goto("/models")
-    if HAS_GATEWAY:  # one healthy worker of one, 8 slots (tests/web_support.py); metrics probes every 2 s
-        cells = page.locator("tr", has_text=MODEL).locator("td")
-        for _ in range(20):
-            if cells.nth(3).inner_text() == "8":
-                break
-            page.wait_for_timeout(250)
-            page.reload()
-        expect(cells).to_have_text([MODEL, "1", "1", "8", re.compile(r"\d"), "0"])
+    # one healthy worker of one, 8 slots (tests/web_support.py); metrics probes every 2 s
+    cells = page.locator("tr", has_text=MODEL).locator("td")
+    for _ in range(20):
+        if cells.nth(3).inner_text() == "8":
+            break
+        page.wait_for_timeout(250)
+        page.reload()
+    expect(cells).to_have_text([MODEL, "1", "1", "8", re.compile(r"\d"), "0"])
     page.screenshot(path=shots / "08-models.png", full_page=True)
     page.goto("/status")
     expect(page.locator("table").first).to_contain_text("auth")

@@ -15,10 +15,9 @@ import urllib.request
 import openai
 import pytest
 
-from web_support import HAS_GATEWAY, MODEL, PASSWORD, web_stack
+from web_support import MODEL, PASSWORD, web_stack
 
-pytestmark = [pytest.mark.timeout(120),
-              pytest.mark.skipif(not HAS_GATEWAY, reason="services/gateway has no __main__ yet")]
+pytestmark = pytest.mark.timeout(120)
 
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
 HELLO = [{"role": "user", "content": "Say something."}]

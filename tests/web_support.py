@@ -11,7 +11,6 @@ the streams that were cut. Passwords are hashed with cheap Argon2 parameters.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -26,14 +25,13 @@ from pathlib import Path
 
 from openai_server import OpenAIServer
 
-__all__ = ["MODEL", "PASSWORD", "ADMIN_EMAIL", "HAS_GATEWAY", "free_tcp_port", "ModelServer", "WebStack",
+__all__ = ["MODEL", "PASSWORD", "ADMIN_EMAIL", "free_tcp_port", "ModelServer", "WebStack",
            "web_stack"]
 
 MODEL = "test-model"
 PASSWORD = "correct-horse-battery-9"
 ADMIN_EMAIL = "admin@example.com"
 #: The gateway is being built beside this service; inference tests run once it can be started.
-HAS_GATEWAY = importlib.util.find_spec("services.gateway.__main__") is not None
 
 
 def free_tcp_port() -> int:
