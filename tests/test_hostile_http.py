@@ -4,12 +4,16 @@ The stack is the one tests/test_web_api.py uses (`inferswarm up`: real
 PostgreSQL, auth, a worker on a model server we control, the web process);
 hypothesis sends random JSON bodies, near-valid bodies and non-JSON bytes to
 the REST and /v1 endpoints, with and without credentials. Every reply is a
-success or a typed JSON error; never a 500.
+success or a typed JSON error; never a 500. Connections that send nothing, or
+half a request head, are closed after the idle timeout while others are
+served, and a stream longer than that timeout is not cut by it.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,6 +26,8 @@ from hypothesis import strategies as st
 from web_support import MODEL, PASSWORD, web_stack
 
 pytestmark = pytest.mark.timeout(120)
+
+IDLE_TIMEOUT = 1.5  # INFERSWARM_WEB_IDLE_TIMEOUT of this module's stack
 
 ENDPOINTS = [
     ("POST", "/api/auth/register"),
@@ -73,7 +79,7 @@ bodies = st.one_of(
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Any]:
-    with web_stack(tmp_path_factory.mktemp("hostile-http")) as running:
+    with web_stack(tmp_path_factory.mktemp("hostile-http"), INFERSWARM_WEB_IDLE_TIMEOUT=str(IDLE_TIMEOUT)) as running:
         yield running
 
 
@@ -131,3 +137,53 @@ def test_random_bodies_get_typed_errors_never_500(stack, credentials, endpoint, 
     elif auth == "bad-api-key":
         headers["Authorization"] = "Bearer isk_" + "0" * 40
     check(*request(stack.base_url, method, path, body, headers))
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_silent_and_half_sent_connections_are_closed_while_others_are_served(stack, credentials):
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    opened = time.monotonic()
+    silent = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(300)]
+    half = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(50)]
+    try:
+        for sock in half:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Len")
+        # the others are served meanwhile, at once
+        started = time.monotonic()
+        status, _, body = request(stack.base_url, "GET", "/v1/models", None,
+                                  {"Authorization": f"Bearer {credentials[1]}"})
+        assert status == 200 and MODEL in body.decode()
+        assert time.monotonic() - started < 2.0
+        for sock in silent + half:  # recv waits until the server closes it
+            assert closed_by_peer(sock)
+        elapsed = time.monotonic() - opened
+        assert IDLE_TIMEOUT - 0.1 <= elapsed <= IDLE_TIMEOUT + 5.0, elapsed
+    finally:
+        for sock in silent + half:
+            sock.close()
+
+
+def test_a_stream_longer_than_the_idle_timeout_is_not_cut(stack, credentials):
+    stack.model.token_delay = 0.2  # the model's 14 words take ~2.8 s, past IDLE_TIMEOUT
+    try:
+        body = json.dumps({"model": MODEL, "stream": True,
+                           "messages": [{"role": "user", "content": "a slow answer, please"}]}).encode()
+        req = urllib.request.Request(f"{stack.base_url}/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {credentials[1]}"})
+        started = time.monotonic()
+        with urllib.request.urlopen(req, timeout=30) as reply:
+            events = [line for line in reply.read().decode().splitlines() if line.startswith("data: ")]
+        assert time.monotonic() - started > IDLE_TIMEOUT
+        assert events[-1] == "data: [DONE]"
+        text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+                       for e in events[:-1] if json.loads(e[6:])["choices"])
+        assert text.split() == "The quick brown fox jumps over the lazy dog near the quiet river bank".split()
+    finally:
+        stack.model.token_delay = 0.0

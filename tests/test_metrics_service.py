@@ -11,6 +11,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.metrics.http import MetricsHttp
 from shared.errors import InvalidParams
 from shared.metrics import (
     CACHE_HITS,
@@ -185,3 +186,18 @@ async def test_a_flood_of_distinct_label_values_stays_within_the_series_cap(tmp_
         assert value(parsed, "ai_platform_dht_peers", service="inference",
                      instance=instance_id(node.identity.public_key)) >= 1
         assert DHT_PEERS.name in {k[0] for k in parsed}
+
+
+async def test_metrics_http_closes_connections_that_send_no_request():
+    async with MetricsHttp(lambda: b"up 1\n", lambda: {"status": "ok"}, port=0, idle_timeout=0.5) as http:
+        opened = time.monotonic()
+        silent = [await asyncio.open_connection("127.0.0.1", http.port) for _ in range(50)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", http.port)  # served meanwhile
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b"up 1" in await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        for silent_reader, _ in silent:
+            assert await asyncio.wait_for(silent_reader.read(), 5) == b""  # closed by the server
+        assert 0.4 <= time.monotonic() - opened <= 4.0
+        for _, silent_writer in silent:
+            silent_writer.close()

@@ -27,10 +27,14 @@ class MetricsHttp:
     """An aiohttp server for `/metrics` and `/health`; `port=0` picks a free one."""
 
     def __init__(self, render: Callable[[], bytes], health: Callable[[], dict[str, Any]], *,
-                 host: str = "127.0.0.1", port: int = 9100) -> None:
+                 host: str = "127.0.0.1", port: int = 9100, idle_timeout: float = 30.0) -> None:
         self._render = render
         self._health = health
         self.host, self.port = host, port
+        # From a connection's start: one that sends no whole request is closed
+        # too (aiohttp's default waits an hour). Above Prometheus's usual 15 s
+        # scrape interval, so a scraper keeps its connection.
+        self._idle_timeout = idle_timeout
         self._runner: web.AppRunner | None = None
 
     @property
@@ -42,7 +46,7 @@ class MetricsHttp:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health_view)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, keepalive_timeout=self._idle_timeout)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()

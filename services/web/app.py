@@ -75,8 +75,11 @@ async def start_site(app: web.Application, config: WebConfig) -> tuple[web.AppRu
 
     `handler_cancellation`: a client that disconnects cancels its handler, which
     closes its inference stream -- the cancellation reaches the worker.
+    `keepalive_timeout` runs from a connection's start, so it also closes one
+    that never completes a request head (aiohttp's default waits an hour).
     """
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10.0)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=10.0,
+                           keepalive_timeout=config.idle_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context(config),

@@ -3,6 +3,9 @@
     INFERSWARM_WEB_HOST            address to listen on (127.0.0.1; 0.0.0.0 for every interface)
     INFERSWARM_WEB_PORT            HTTP port (8080; 0 = any free port, printed in the ready line)
     INFERSWARM_WEB_MAX_BODY        largest request body in bytes (1048576); larger is 413
+    INFERSWARM_WEB_IDLE_TIMEOUT    seconds a connection may wait with no request under way: one
+                                   that sends nothing, half a request head, or an idle keep-alive
+                                   is closed after this (15)
     INFERSWARM_WEB_TLS_CERT / _KEY PEM files: serve HTTPS (cookies are then always `Secure`)
     INFERSWARM_WEB_SECURE_COOKIES  force `Secure` cookies behind a TLS-terminating proxy (false)
     INFERSWARM_WEB_TRUST_PROXY     take the client address from X-Forwarded-For and the scheme
@@ -31,6 +34,7 @@ class WebConfig:
     host: str = env("INFERSWARM_WEB_HOST", default="127.0.0.1")
     port: int = env("INFERSWARM_WEB_PORT", default=8080, parse=port)
     max_body_bytes: int = env("INFERSWARM_WEB_MAX_BODY", default=1_048_576, parse=positive(int))
+    idle_timeout: float = env("INFERSWARM_WEB_IDLE_TIMEOUT", default=15.0, parse=positive(float))
     tls_cert: Path | None = env("INFERSWARM_WEB_TLS_CERT", default=None)
     tls_key: Path | None = env("INFERSWARM_WEB_TLS_KEY", default=None)
     secure_cookies: bool = env("INFERSWARM_WEB_SECURE_COOKIES", default=False)
