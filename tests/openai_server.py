@@ -50,6 +50,7 @@ class OpenAIServer:
         self.drop_after: int | None = None
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.disconnects = 0
+        self.pieces_sent = 0  #: tokens written to streams, all requests together
         self.base_url = ""
         self._runner: web.AppRunner | None = None
 
@@ -130,6 +131,7 @@ class OpenAIServer:
                 if await self._fault(request, response, index):
                     return response
                 await self._event(response, self._chunk(body, chat, ident, created, piece, None, include_usage))
+                self.pieces_sent += 1
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
             if await self._fault(request, response, len(pieces)):

@@ -6,7 +6,10 @@ hypothesis sends random JSON bodies, near-valid bodies and non-JSON bytes to
 the REST and /v1 endpoints, with and without credentials. Every reply is a
 success or a typed JSON error; never a 500. Connections that send nothing, or
 half a request head, are closed after the idle timeout while others are
-served, and a stream longer than that timeout is not cut by it.
+served, and a stream longer than that timeout is not cut by it. A client that
+stops reading a stream holds the model server to a bounded lead (credit flow
+control from web through the gateway to the worker, TCP below), and gets the
+whole answer when it reads again.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from web_support import MODEL, PASSWORD, web_stack
 pytestmark = pytest.mark.timeout(120)
 
 IDLE_TIMEOUT = 1.5  # INFERSWARM_WEB_IDLE_TIMEOUT of this module's stack
+LONG_ANSWER = 20_000  # tokens of ~1 KB; INFERSWARM_MAX_TOKENS of this module's stack allows them
+PAD = "x" * 1000
 
 ENDPOINTS = [
     ("POST", "/api/auth/register"),
@@ -79,7 +84,8 @@ bodies = st.one_of(
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[Any]:
-    with web_stack(tmp_path_factory.mktemp("hostile-http"), INFERSWARM_WEB_IDLE_TIMEOUT=str(IDLE_TIMEOUT)) as running:
+    with web_stack(tmp_path_factory.mktemp("hostile-http"), INFERSWARM_WEB_IDLE_TIMEOUT=str(IDLE_TIMEOUT),
+                   INFERSWARM_MAX_TOKENS=str(LONG_ANSWER)) as running:
         yield running
 
 
@@ -187,3 +193,57 @@ def test_a_stream_longer_than_the_idle_timeout_is_not_cut(stack, credentials):
         assert text.split() == "The quick brown fox jumps over the lazy dog near the quiet river bank".split()
     finally:
         stack.model.token_delay = 0.0
+
+
+def dechunked(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body's data."""
+    data, at = bytearray(), 0
+    while True:
+        end = body.index(b"\r\n", at)
+        size = int(body[at:end], 16)
+        if size == 0:
+            return bytes(data)
+        data += body[end + 2:end + 2 + size]
+        at = end + 2 + size + 2
+
+
+def test_a_reader_that_stops_holds_the_model_to_a_bounded_lead_then_gets_everything(stack, credentials):
+    reply = stack.model.reply
+    stack.model.reply = " ".join(f"w{i}{PAD}" for i in range(LONG_ANSWER))  # ~20 MB
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # before connect: the window stays small
+    received = bytearray()
+    try:
+        sock.settimeout(30)
+        sock.connect(("127.0.0.1", port))
+        body = json.dumps({"model": MODEL, "stream": True, "max_tokens": LONG_ANSWER,
+                           "messages": [{"role": "user", "content": "everything, slowly read"}]}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {credentials[1]}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 200"), received[:200]
+        # Stop reading. The model server is paused once the buffers on the way
+        # are full: the kernel's socket buffers (a few MB per TCP hop on
+        # loopback) and the streams' 64-chunk credit windows, nothing more.
+        paused_at = stack.model.pieces_sent
+        deadline = time.monotonic() + 20
+        while True:
+            time.sleep(1.0)
+            if stack.model.pieces_sent == paused_at:
+                break
+            paused_at = stack.model.pieces_sent
+            assert time.monotonic() < deadline, "the model server kept generating for a reader that stopped"
+        assert paused_at < LONG_ANSWER // 2, paused_at
+        # Read again: the rest arrives, every token once, and the stream ends.
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            data = sock.recv(1 << 16)
+            assert data, "the stream was cut"
+            received += data
+    finally:
+        sock.close()
+        stack.model.reply = reply
+    events = [json.loads(event[6:]) for event in dechunked(bytes(received).split(b"\r\n\r\n", 1)[1]).split(b"\n\n")
+              if event.startswith(b"data: {")]
+    words = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]).split()
+    assert words == [f"w{i}{PAD}" for i in range(LONG_ANSWER)]
