@@ -9,23 +9,38 @@ half a request head, are closed after the idle timeout while others are
 served, and a stream longer than that timeout is not cut by it. A client that
 stops reading a stream holds the model server to a bounded lead (credit flow
 control from web through the gateway to the worker, TCP below), and gets the
-whole answer when it reads again.
+whole answer when it reads again. And under rounds of all of that at once --
+random RPC frames to the gateway, random HTTP bodies to web, random datagrams
+to the gateway's DHT node, connections opened and dropped -- the processes'
+memory stays where it was after the first rounds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from typing import Any
 
+import msgpack
+import psutil
 import pytest
+import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shared.config import MeshConfig, Secret
+from shared.dht import service_topic
+from shared.dht.interface import Provider
+from shared.errors import MeshError
+from shared.rpc import codec
+from shared.runner import join_mesh
 from web_support import MODEL, PASSWORD, web_stack
 
 pytestmark = pytest.mark.timeout(120)
@@ -247,3 +262,96 @@ def test_a_reader_that_stops_holds_the_model_to_a_bounded_lead_then_gets_everyth
               if event.startswith(b"data: {")]
     words = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]).split()
     assert words == [f"w{i}{PAD}" for i in range(LONG_ANSWER)]
+
+
+async def _lookup_gateway(stack, data_dir) -> Provider:
+    config = MeshConfig(data_dir=data_dir, bootstrap=(stack.bootstrap,), mesh_secret=Secret(stack.mesh_secret))
+    async with AsyncExitStack() as resources:
+        node = await join_mesh(resources, "memory-probe", config)
+        for _ in range(50):
+            try:
+                return (await node.discovery.lookup(service_topic("gateway")))[0]
+            except MeshError:  # not announced yet
+                await asyncio.sleep(0.2)
+    raise AssertionError("no gateway announced")
+
+
+def _hostile_frames(rng: random.Random, api_key: str) -> list[bytes]:
+    """Garbage, near-valid envelopes, refused calls: what an outsider may send the gateway."""
+    frames = []
+    for i in range(1500):
+        kind = i % 6
+        if kind == 0:
+            frames.append(rng.randbytes(rng.randrange(1, 400)))
+        elif kind == 1:
+            frames.append(msgpack.packb([1, rng.randrange(0, 9), rng.randrange(0, 2**40), "x" * rng.randrange(0, 40)]))
+        elif kind == 2:  # a valid request with a wrong key: UNAUTHENTICATED
+            frames.append(codec.encode_request(rng.randrange(2**40), "gateway.infer",
+                                               {"api_key": "isk_" + rng.randbytes(32).hex()[:43], "prompt": "hi"},
+                                               5000, rng.randbytes(8).hex()))
+        elif kind == 3:  # an internal method from an outsider: FORBIDDEN
+            frames.append(codec.encode_request(rng.randrange(2**40), "rpc.ping", {}, 5000, "t"))
+        elif kind == 4:  # wrong parameters: INVALID_PARAMS
+            frames.append(codec.encode_request(rng.randrange(2**40), "gateway.infer",
+                                               {"api_key": api_key, "prompt": 7, "bogus": [1, 2]}, 5000, "t"))
+        else:  # an unknown method, a cancel and a credit for nothing
+            frames.append(codec.encode_request(rng.randrange(2**40), f"nope.{i}", {}, 5000, "t"))
+            frames.append(codec.encode_cancel(rng.randrange(2**40)))
+            frames.append(codec.encode_credit(rng.randrange(2**40), 5))
+    return frames
+
+
+def _flood(stack, gateway: Provider, dht_port: int, api_key: str, rng: random.Random) -> None:
+    context = zmq.Context()
+    try:
+        sock = context.socket(zmq.DEALER)
+        public, secret = zmq.curve_keypair()  # an outsider: public methods only
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = gateway.curve_key, public, secret
+        sock.linger = 0
+        sock.connect(gateway.endpoint)
+        for frame in _hostile_frames(rng, api_key):
+            sock.send(frame)
+            while sock.poll(0):  # keep our queue drained: replies are not the server's to hold
+                codec.decode(sock.recv())
+        deadline = time.monotonic() + 10
+        while sock.poll(500) and time.monotonic() < deadline:
+            sock.recv()
+        sock.close(linger=0)
+    finally:
+        context.term()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        for _ in range(1000):
+            udp.sendto(bytes([rng.randrange(3)]) + rng.randbytes(rng.randrange(20, 300)), ("127.0.0.1", dht_port))
+    for i in range(150):
+        body = rng.choice([b"", b"{", b"[]", b'{"model": 1}', rng.randbytes(200),
+                           json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}],
+                                       "max_tokens": -1}).encode()])
+        check(*request(stack.base_url, "POST", rng.choice(["/v1/chat/completions", "/api/auth/login",
+                                                           "/api/inference"]), body,
+                       {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}))
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    for sock in [socket.create_connection(("127.0.0.1", port)) for _ in range(100)]:
+        sock.close()
+
+
+def _rss_mb(pids: dict[str, int]) -> dict[str, float]:
+    return {name: psutil.Process(pid).memory_info().rss / 2**20 for name, pid in pids.items()}
+
+
+def test_memory_stays_bounded_under_rounds_of_hostile_traffic(stack, credentials, tmp_path):
+    gateway = asyncio.run(_lookup_gateway(stack, tmp_path))
+    pids = {c["name"]: c["pid"] for c in stack.ready["children"] if c["name"] in ("gateway", "web", "auth")}
+    dht_port = next(c.laddr.port for c in psutil.Process(pids["gateway"]).net_connections("udp"))
+    rng = random.Random(9)
+    for _ in range(2):  # warm-up: pools, caches, the allocator's arenas
+        _flood(stack, gateway, dht_port, credentials[1], rng)
+    before = _rss_mb(pids)
+    for _ in range(4):
+        _flood(stack, gateway, dht_port, credentials[1], rng)
+    after = _rss_mb(pids)
+    growth = {name: round((after[name] - before[name]) / before[name], 3) for name in pids}
+    print(f"[memory] MiB before {before}, after {after}: growth {growth}")
+    assert all(g < 0.10 for g in growth.values()), growth
+    # and everything still works
+    status, _, body = request(stack.base_url, "GET", "/v1/models", None, {"Authorization": f"Bearer {credentials[1]}"})
+    assert status == 200 and MODEL in body.decode()
