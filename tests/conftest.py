@@ -55,18 +55,20 @@ async def pg_dsn(pg_server: str) -> AsyncIterator[str]:
             await conn.close()
 
 
-
-def _skipped(config: pytest.Config) -> int:
+def _failing_skips(config: pytest.Config) -> int:
+    """How many tests were skipped, when skips fail the run (0 when allowed)."""
+    if os.environ.get("INFERSWARM_ALLOW_SKIPS"):
+        return 0
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     return len(reporter.stats.get("skipped", [])) if reporter is not None else 0
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _skipped(session.config) and exitstatus == pytest.ExitCode.OK and not os.environ.get("INFERSWARM_ALLOW_SKIPS"):
+    if exitstatus == pytest.ExitCode.OK and _failing_skips(session.config):
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    if _skipped(config) and not os.environ.get("INFERSWARM_ALLOW_SKIPS"):
-        terminalreporter.write_line(f"{_skipped(config)} test(s) skipped, which fails the run "
+    if skipped := _failing_skips(config):
+        terminalreporter.write_line(f"{skipped} test(s) skipped, which fails the run "
                                     "(INFERSWARM_ALLOW_SKIPS=1 allows it)", red=True)
