@@ -430,10 +430,13 @@ class FlakyDiscovery:
     async def withdraw(self, topic: str) -> None:
         self.records.pop(topic, None)
 
-    async def lookup(self, topic: str) -> list[Provider]:
+    async def lookup(self, topic: str, *, timeout: float | None = None) -> list[Provider]:
         if topic not in self.records:
             raise NoProviders(topic)
         return [self.records[topic]]
+
+    def forget(self, topic: str) -> None:
+        pass
 
 
 async def test_announcer_retries_failures_without_dying():

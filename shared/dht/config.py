@@ -22,7 +22,8 @@ class DHTConfig:
     max_ttl: float = 300.0  #: longest ttl a record may carry
     clock_skew: float = 5.0  #: wall-clock disagreement tolerated on seq/expiry
     tombstone_ttl: float | None = None  #: how long a withdrawal blocks replays; None = max_ttl + clock_skew
-    rpc_timeout: float = 1.0  #: wait for one UDP reply
+    rpc_timeout: float = 1.0  #: longest wait for one UDP reply (the adaptive wait's ceiling)
+    rpc_timeout_min: float = 0.005  #: shortest adaptive wait of a lookup's query (its floor)
     ping_interval: float = 5.0  #: liveness check of routing-table contacts
     dead_ttl: float = 15.0  #: a node that failed is neither re-added nor contacted for this long
     cache_ttl: float = 1.0  #: lookups are cached this long (0 = no cache)
@@ -41,6 +42,7 @@ class DHTConfig:
     peer_burst: float = 4_000_000.0  #: ... and at once, after a quiet spell
     peer_min_cost: int = 512  #: bytes every request costs, whatever its reply
     peer_exempt_loopback: bool = True  #: processes of this host are not limited
+    read_only: bool = False  #: a client node (BEP 43): asks, never answers, enters no routing table
 
     def __post_init__(self) -> None:
         for spec in fields(self):
@@ -53,6 +55,8 @@ class DHTConfig:
             raise ValueError("DHTConfig: ttl must be within (0, max_ttl]")
         if self.rpc_timeout <= 0 or self.ping_interval <= 0:
             raise ValueError("DHTConfig: rpc_timeout and ping_interval must be > 0")
+        if not 0 < self.rpc_timeout_min <= self.rpc_timeout:
+            raise ValueError("DHTConfig: rpc_timeout_min must be within (0, rpc_timeout]")
         if self.peer_bytes_per_s and self.peer_burst < self.max_response_size:
             raise ValueError("DHTConfig: peer_burst must hold at least one reply of max_response_size")
 

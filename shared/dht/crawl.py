@@ -1,119 +1,153 @@
-"""Iterative lookups over kademlia's `SpiderCrawl`, bounded and dead-aware.
+"""Iterative lookups, driven by answers as they arrive.
 
-Changes from kademlia's crawls:
+kademlia's `SpiderCrawl` works in rounds: it asks `alpha` contacts and waits
+for all of them, so one dead contact stalls the whole round for a full RPC
+timeout, and a routing table of dead contacts costs seconds. A `Crawl`
+instead keeps up to `parallel` queries in flight and sends the next one as
+soon as any query ends:
 
-* the candidate heap drops ourselves and recently dead nodes
-  (`LiveNodeHeap`), so a contact that just failed is not retried because a
-  peer still lists it (bmuller/kademlia#98);
-* a crawl runs at most `max_rounds` rounds, whatever peers reply;
-* `ProviderCrawl` replaces `ValueSpiderCrawl`, which stops at the first
-  value and keeps the "most common" one: it asks every one of the k closest
-  nodes and returns the *union* of the records they hold. Choosing among
-  them (verification, newest seq per node) is the caller's job.
+* it asks the closest contacts it knows, closest first, and learns closer
+  ones from each answer;
+* a contact that has not answered within the measured round trip
+  (`protocol.rtt.timeout`, see `rtt.py`) is *given up on*: its slot goes to
+  the next contact, it no longer counts among the closest, and the protocol
+  marks it dead, so other crawls and the answers this node gives leave it
+  out too -- until it replies again. Its request stays open: if the answer
+  comes while the crawl still runs, it is used like any other;
+* the crawl ends once the `ksize` closest contacts not given up on have all
+  answered, when there is no one left to ask, or at its deadline -- with what
+  it has by then. It never ends on an empty answer while a request is still
+  open: a lookup that gave up on everyone waits for the first late reply.
+
+Two uses: `crawl_nodes` (the k closest answering nodes, to store on) and
+`crawl_records` (the union of the records the k closest nodes hold; choosing
+among them -- verification, newest per node -- is the caller's job).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import heapq
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import structlog
-from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
-from kademlia.node import Node, NodeHeap
+from kademlia.node import Node
 
-from shared.dht.protocol import DHTProtocol
+from shared.dht.protocol import CallResult, DHTProtocol
 
-__all__ = ["LiveNodeHeap", "NodeCrawl", "ProviderCrawl"]
+__all__ = ["Crawl", "crawl_nodes", "crawl_records"]
 
 log = structlog.get_logger(__name__)
 
-
-class LiveNodeHeap(NodeHeap):
-    """A `NodeHeap` that refuses nodes `accept` says not to contact."""
-
-    def __init__(self, node: Node, maxsize: int, accept: Callable[[Node], bool]) -> None:
-        super().__init__(node, maxsize)
-        self._accept = accept
-
-    def push(self, nodes: Node | list[Node]) -> None:
-        if not isinstance(nodes, list):
-            nodes = [nodes]
-        super().push([node for node in nodes if self._accept(node)])
+Ask = Callable[[Node], Awaitable[CallResult]]
+#: What an answer teaches: the contacts it names.
+Learn = Callable[[Node, Any], Iterable[tuple[bytes, str, int]]]
 
 
-class _Bounded:
-    """Shared set-up of our crawls: a live heap and a round budget."""
-
-    protocol: DHTProtocol
-    nearest: NodeHeap
-
-    def _setup(self, protocol: DHTProtocol, node: Node, peers: list[Node], ksize: int, max_rounds: int) -> None:
-        self.nearest = LiveNodeHeap(node, ksize, protocol.is_contactable)
-        self.nearest.push(peers)
-        self.rounds_left = max_rounds
-
-    def _more_rounds(self) -> bool:
-        if self.rounds_left <= 0 or self.nearest.have_contacted_all():
-            return False
-        self.rounds_left -= 1
-        return True
-
-
-class NodeCrawl(_Bounded, NodeSpiderCrawl):
-    """Find the k closest nodes to a key that answer."""
+class Crawl:
+    """One lookup of `target` from `peers` (see the module doc)."""
 
     def __init__(
-        self, protocol: DHTProtocol, node: Node, peers: list[Node], ksize: int, alpha: int, max_rounds: int
+        self, protocol: DHTProtocol, target: Node, peers: Iterable[Node], *,
+        ksize: int, parallel: int, deadline: float | None = None,
     ) -> None:
-        NodeSpiderCrawl.__init__(self, protocol, node, [], ksize, alpha)
-        self._setup(protocol, node, peers, ksize, max_rounds)
+        self._protocol = protocol
+        self._target = target
+        self._ksize = ksize
+        self._parallel = max(1, parallel)
+        self._deadline = deadline  #: loop time; None = no deadline
+        self._known: dict[bytes, Node] = {}
+        self._asked: set[bytes] = set()
+        self._answered: set[bytes] = set()
+        self._failed: set[bytes] = set()
+        self.queries = 0
+        self._meet(peers)
 
-    async def find(self) -> list[Node]:
-        """The closest nodes that answered (kademlia's `_nodes_found` recurses here)."""
-        if not self._more_rounds():
-            return [node for node in self.nearest if node.id in self.nearest.contacted]
-        return await self._find(self.protocol.call_find_node)
+    def _meet(self, nodes: Iterable[Node]) -> None:
+        for node in nodes:
+            if node.id not in self._known and self._protocol.is_contactable(node):
+                self._known[node.id] = node
+
+    def _closest(self) -> list[Node]:
+        """The `ksize` closest contacts not given up on."""
+        candidates = (node for node in self._known.values() if node.id not in self._failed)
+        return heapq.nsmallest(self._ksize, candidates, key=self._target.distance_to)
+
+    async def run(self, ask: Ask, learn: Learn) -> list[Node]:
+        """Crawl; the closest contacts that answered, nearest first.
+
+        Requests still open when it ends are left to finish on their own (the
+        protocol then keeps the routing table right), never cancelled.
+        """
+        loop = asyncio.get_running_loop()
+        flying: dict[asyncio.Future[CallResult], tuple[Node, float]] = {}  #: -> (node, when to give up)
+        while True:
+            closest = self._closest()
+            waiting = [node for node in closest if node.id not in self._answered]
+            active = sum(1 for node, _ in flying.values() if node.id not in self._failed)
+            for node in waiting:
+                if active >= self._parallel:
+                    break
+                if node.id not in self._asked:
+                    self._asked.add(node.id)
+                    self.queries += 1
+                    future = asyncio.ensure_future(ask(node))
+                    flying[future] = (node, loop.time() + self._protocol.rtt.timeout)
+                    active += 1
+            if not flying or (not waiting and self._answered):
+                break
+            now = loop.time()
+            wake = min(give_up for node, give_up in flying.values() if node.id not in self._failed) \
+                if active else float("inf")
+            if self._deadline is not None:
+                if now >= self._deadline:
+                    break
+                wake = min(wake, self._deadline)
+            done, _ = await asyncio.wait(flying, timeout=None if wake == float("inf") else max(0.0, wake - now),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                node, _ = flying.pop(future)
+                answered, reply = future.result()
+                if answered:
+                    self._failed.discard(node.id)
+                    self._answered.add(node.id)
+                    self._meet(Node(*triple) for triple in learn(node, reply))
+                else:
+                    self._failed.add(node.id)
+            now = loop.time()
+            for node, give_up in flying.values():
+                if give_up <= now and node.id not in self._failed:
+                    self._failed.add(node.id)
+                    self._protocol.mark_dead(node)  # out of other crawls and of our answers, until it replies
+        return [node for node in self._closest() if node.id in self._answered]
 
 
-class ProviderCrawl(_Bounded, SpiderCrawl):
-    """Ask the k closest nodes to a key for their records; keep them all."""
+async def crawl_nodes(
+    protocol: DHTProtocol, target: Node, peers: list[Node], *, ksize: int, parallel: int,
+    deadline: float | None = None,
+) -> list[Node]:
+    """The k closest nodes to `target` that answer, nearest first."""
+    crawl = Crawl(protocol, target, peers, ksize=ksize, parallel=parallel, deadline=deadline)
+    return await crawl.run(lambda node: protocol.call_find_node(node, target), lambda _, nodes: nodes)
 
-    def __init__(
-        self,
-        protocol: DHTProtocol,
-        node: Node,
-        peers: list[Node],
-        ksize: int,
-        alpha: int,
-        max_rounds: int,
-        max_blobs: int,
-    ) -> None:
-        SpiderCrawl.__init__(self, protocol, node, [], ksize, alpha)
-        self._setup(protocol, node, peers, ksize, max_rounds)
-        self.blobs: dict[bytes, None] = {}  # an ordered set: peers repeat records
-        self.max_blobs = max_blobs
 
-    async def find(self) -> list[bytes]:
-        """Every distinct record blob the k closest nodes returned."""
-        if not self._more_rounds():
-            return list(self.blobs)
-        return await self._find(self.protocol.call_find_value)
+async def crawl_records(
+    protocol: DHTProtocol, target: Node, peers: list[Node], *, ksize: int, parallel: int,
+    max_blobs: int, deadline: float | None = None,
+) -> list[bytes]:
+    """Every distinct record blob the k closest nodes to `target` hold (at most `max_blobs`)."""
+    blobs: dict[bytes, None] = {}
 
-    async def _nodes_found(self, responses: dict[bytes, Any]) -> list[bytes]:
-        failed = []
-        for peer_id, (answered, reply) in responses.items():
-            if not answered:
-                failed.append(peer_id)
-                continue
-            blobs, nodes = reply
-            self._keep(blobs)
-            self.nearest.push([Node(*triple) for triple in nodes])
-        self.nearest.remove(failed)
-        return await self.find()
+    def learn(node: Node, reply: tuple[list[bytes], list[tuple[bytes, str, int]]]) -> list[tuple[bytes, str, int]]:
+        found, nodes = reply
+        for blob in found:
+            if len(blobs) >= max_blobs:
+                log.warning("dht.too_many_records", key=target.id.hex(), kept=max_blobs)
+                break
+            blobs[blob] = None
+        return nodes
 
-    def _keep(self, blobs: list[bytes]) -> None:
-        for blob in blobs:
-            if len(self.blobs) >= self.max_blobs:
-                log.warning("dht.too_many_records", key=self.node.id.hex(), kept=self.max_blobs)
-                return
-            self.blobs[blob] = None
+    crawl = Crawl(protocol, target, peers, ksize=ksize, parallel=parallel, deadline=deadline)
+    await crawl.run(lambda node: protocol.call_find_value(node, target), learn)
+    return list(blobs)

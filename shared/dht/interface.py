@@ -8,7 +8,10 @@ Any implementation (the Kademlia one in this package, or another DHT) provides
   holds one record per node, so every live provider is returned by `lookup`.
 * `withdraw` publishes a tombstone (TTL 0): the node's record disappears at once.
 * `lookup` returns every live, verified provider of a topic, or raises
-  `NoProviders` -- never an empty list.
+  `NoProviders` -- never an empty list. With `timeout`, it takes at most that
+  many seconds and returns what it found by then (`Timeout` if nothing).
+* `forget` drops whatever the implementation cached for a topic, so that a
+  caller who found a provider dead gets a fresh answer next time.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ class Provider:
     seq: int  #: wall-clock milliseconds when the record was signed
     ttl: float  #: seconds the record lives unless refreshed
     load: Mapping[str, Any] = field(default_factory=dict)
+    #: The signed record it came from (empty from `MemoryDiscovery`): a client
+    #: may keep it and verify it again later, e.g. the CLI's provider cache.
+    record: bytes = field(default=b"", repr=False, compare=False)
 
     @property
     def node_hex(self) -> str:
@@ -70,4 +76,8 @@ class Discovery(Protocol):
 
     async def withdraw(self, topic: str) -> None: ...
 
-    async def lookup(self, topic: str) -> list[Provider]: ...
+    async def lookup(self, topic: str, *, timeout: float | None = None) -> list[Provider]: ...
+
+    def forget(self, topic: str) -> None:
+        """A provider of `topic` failed: the next lookup must not answer from a cache."""
+        ...

@@ -69,8 +69,11 @@ class MemoryDiscovery:
     async def withdraw(self, topic: str) -> None:
         self._registry.topics.get(topic, {}).pop(self._identity.public_key, None)
 
-    async def lookup(self, topic: str) -> list[Provider]:
+    async def lookup(self, topic: str, *, timeout: float | None = None) -> list[Provider]:
         providers = self._registry.live(topic)
         if not providers:
             raise NoProviders(f"no live provider of {topic}", {"topic": topic})
         return providers
+
+    def forget(self, topic: str) -> None:
+        """Nothing is cached here."""

@@ -32,7 +32,7 @@ from shared.dht.config import DHTConfig
 from shared.dht.interface import Provider
 from shared.dht.record import InvalidRecord, RecordVerifier, peek, sign_record, topic_key, wall_ms
 from shared.dht.server import DHTServer
-from shared.errors import InvalidParams, NoProviders, Unavailable
+from shared.errors import InvalidParams, NoProviders, Timeout, Unavailable
 from shared.identity import MeshCredential, MeshId, NodeIdentity
 
 __all__ = ["KademliaDiscovery", "select_providers"]
@@ -72,7 +72,9 @@ class KademliaDiscovery:
     `config` holds every size and timing (`DHTConfig`); any of its fields may
     also be passed as a keyword, e.g. `KademliaDiscovery(..., rpc_timeout=0.3)`.
     `port=0` picks a free port; `address` is then the "host:port" other nodes
-    use as a seed. `neighbours_path` is a JSON file of known peers, read as
+    use as a seed. `read_only=True` makes a client node (BEP 43, see
+    PROTOCOL.md): it looks up, never announces, answers nobody and enters no
+    routing table -- what a short-lived process (a CLI call) must be. `neighbours_path` is a JSON file of known peers, read as
     extra seeds on start and rewritten periodically and on close.
     """
 
@@ -190,23 +192,38 @@ class KademliaDiscovery:
         self._require_started()
         await self._publish(topic, service="", endpoint="", version="", load=None, ttl=0)
 
-    async def lookup(self, topic: str) -> list[Provider]:
-        """Every live, verified provider of `topic`; `NoProviders` when there is none."""
+    async def lookup(self, topic: str, *, timeout: float | None = None) -> list[Provider]:
+        """Every live, verified provider of `topic`; `NoProviders` when there is none.
+
+        With `timeout`, the crawl stops after that many seconds and what it
+        found by then is the answer; `Timeout` if that is nothing and the time
+        ran out (rather than `NoProviders`, which would claim more than we know).
+        """
         self._require_started()
         providers = self._cache.get(topic)
         if providers is None:
-            blobs = await self._server.find_records(topic_key(topic))
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
+            blobs = await self._server.find_records(topic_key(topic), deadline)
             providers = select_providers(self.verifier, topic, blobs)
             self._cache.put(topic, providers)
+            if not providers and deadline is not None and loop.time() >= deadline:
+                raise Timeout(f"no provider of {topic!r} found within {timeout:.3g} s", {"topic": topic})
         if not providers:
             raise NoProviders(f"no live provider of {topic!r}", {"topic": topic})
         return providers
+
+    def forget(self, topic: str) -> None:
+        """Drop the cached lookup of `topic` (a provider of it failed)."""
+        self._cache.drop(topic)
 
     def _require_started(self) -> None:
         if self._stack is None:
             raise Unavailable("the DHT node is not started (use `async with` or `start()`)")
 
     async def _publish(self, topic: str, **fields: Any) -> None:
+        if self.config.read_only:
+            raise InvalidParams("a read-only DHT node cannot publish records")
         if not isinstance(topic, str) or not topic:
             raise InvalidParams("a topic must be a non-empty string")
         self._last_seq = max(wall_ms(), self._last_seq + 1)

@@ -10,13 +10,23 @@ What changes from kademlia/rpcudp, and why:
 * **Outgoing calls are explicit** (`ping`, `store`, `find_node`,
   `find_value`); rpcudp's `__getattr__`, which turns any misspelt attribute
   into a remote call, is disabled.
-* **The RPC timeout is configurable** (rpcudp: a fixed 5 s).
-* **Dead nodes stay away** (bmuller/kademlia#98). A node that fails to
-  answer is removed from the routing table *and* remembered as recently dead
-  for `dead_ttl`: it is neither re-added from other nodes' replies nor
-  contacted by crawls, so an operation waits on its timeout once, not on
-  every call. Hearing from the node itself clears the mark. `check_liveness`
-  pings idle contacts, so dead ones leave every table within a few seconds.
+* **Round trips are measured** (`rtt.py`): every reply is a sample, and
+  `rtt.timeout` (`srtt + 4 rttvar` within `[rpc_timeout_min, rpc_timeout]`)
+  is how long a lookup waits for a contact before moving on (`crawl.py`).
+  A request itself stays open for `rpc_timeout` (rpcudp: a fixed 5 s), so a
+  late reply still counts.
+* **Dead nodes stay away** (bmuller/kademlia#98). A node that a lookup gave
+  up on, or that did not answer at all, is remembered as recently dead for
+  `dead_ttl`: it is left out of every crawl and every answer we give, and not
+  re-added from other nodes' replies; one that stays silent for `rpc_timeout`
+  also leaves the routing table. So an operation waits on it once, not on
+  every call. Hearing from the node itself -- a late reply included -- clears
+  the mark. `check_liveness` pings idle contacts, so dead ones leave every
+  table within a few seconds.
+* **Read-only nodes (BEP 43).** A client node (`DHTConfig.read_only`) marks
+  its requests `ro`; the callee answers but neither adds it to its routing
+  table nor hands it out, so a CLI that exits leaves no dead contact behind.
+  A read-only node answers no requests itself.
 * **One contact per address.** A node that speaks from an address the table
   already holds under another id replaces that contact: it is the same
   endpoint (a node restarted with a new key), or one endpoint posing as many
@@ -35,6 +45,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -44,6 +55,7 @@ from kademlia.protocol import KademliaProtocol
 from shared.dht.budget import PeerBudget
 from shared.dht.config import DHTConfig
 from shared.dht.record import InvalidRecord, RecordVerifier
+from shared.dht.rtt import RttEstimator
 from shared.dht.storage import RecordStore
 from shared.dht.wire import (
     REQUEST,
@@ -53,6 +65,7 @@ from shared.dht.wire import (
     encode_response,
     is_node_id,
     node_list,
+    request_parts,
     value_reply,
 )
 
@@ -65,6 +78,16 @@ Address = tuple[str, int]
 CallResult = tuple[bool, Any]
 
 _MAX_DEAD = 4096  # remembered dead node ids; the oldest are forgotten first
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One request sent and not yet answered."""
+
+    future: asyncio.Future[CallResult]
+    timer: asyncio.TimerHandle
+    address: Address
+    sent: float  #: loop time
 
 
 def _is_blob(value: Any) -> bool:
@@ -90,7 +113,8 @@ class DHTProtocol(KademliaProtocol):
         self.config = config
         self.verifier = verifier
         self._wait_timeout = config.rpc_timeout
-        self._outstanding: dict[bytes, tuple[asyncio.Future[CallResult], asyncio.TimerHandle, Address]] = {}
+        self.rtt = RttEstimator(config.rpc_timeout_min, config.rpc_timeout)
+        self._outstanding: dict[bytes, _Pending] = {}
         self._dead: dict[bytes, float] = {}
         self._last_seen: dict[bytes, float] = {}
         self._id_at: dict[Address, bytes] = {}  #: (ip, port) -> the id of the contact there
@@ -124,17 +148,20 @@ class DHTProtocol(KademliaProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Nobody will answer any more: release every waiting caller now.
-        for future, timer, _ in self._outstanding.values():
-            timer.cancel()
-            if not future.done():
-                future.set_result((False, None))
+        for pending in self._outstanding.values():
+            pending.timer.cancel()
+            if not pending.future.done():
+                pending.future.set_result((False, None))
         self._outstanding.clear()
 
     def _accept_request(self, msg_id: bytes, payload: Any, addr: Address) -> None:
-        if not (isinstance(payload, list) and len(payload) == 2 and isinstance(payload[1], list)):
+        if self.config.read_only:
+            return  # BEP 43: a read-only node answers nobody (nobody should know it)
+        parts = request_parts(payload)
+        if parts is None:
             log.debug("dht.request_malformed", peer=addr)
             return
-        method, args = payload
+        method, args, read_only = parts
         checks = _SIGNATURES.get(method) if type(method) is str else None
         if checks is None:
             log.debug("dht.unknown_method", peer=addr, method=repr(method)[:40])
@@ -145,6 +172,8 @@ class DHTProtocol(KademliaProtocol):
         if not self.budget.admit(addr[0]):
             log.debug("dht.peer_over_budget", peer=addr, method=method)
             return
+        if not read_only:  # every request introduces its sender, but a client's
+            self._heard_from(Node(args[0], addr[0], addr[1]))
         result = getattr(self, f"rpc_{method}")(addr, *args)
         response = encode_response(msg_id, result)
         if len(response) > self.config.max_response_size:
@@ -157,23 +186,21 @@ class DHTProtocol(KademliaProtocol):
 
     def _accept_response(self, msg_id: bytes, payload: Any, addr: Address) -> None:
         pending = self._outstanding.get(msg_id)
-        if pending is None or tuple(pending[2][:2]) != tuple(addr[:2]):
+        if pending is None or tuple(pending.address[:2]) != tuple(addr[:2]):
             log.debug("dht.unexpected_response", peer=addr)
             return
         del self._outstanding[msg_id]
-        future, timer, _ = pending
-        timer.cancel()
-        if not future.done():
-            future.set_result((True, payload))
+        pending.timer.cancel()
+        self.rtt.sample(asyncio.get_running_loop().time() - pending.sent)
+        if not pending.future.done():
+            pending.future.set_result((True, payload))
 
     # -- handlers (reached only through _SIGNATURES) --------------------------
 
     def rpc_ping(self, sender: Address, nodeid: bytes) -> bytes:
-        self._heard_from(Node(nodeid, sender[0], sender[1]))
         return self.source_node.id
 
     def rpc_store(self, sender: Address, nodeid: bytes, key: bytes, value: bytes) -> bool:
-        self._heard_from(Node(nodeid, sender[0], sender[1]))
         try:
             record = self.verifier.verify(value, key=key)
         except InvalidRecord as exc:
@@ -182,10 +209,7 @@ class DHTProtocol(KademliaProtocol):
         return self.storage.put(key, record, self.verifier.lifetime(record))
 
     def rpc_find_node(self, sender: Address, nodeid: bytes, key: bytes) -> list[list[Any]]:
-        source = Node(nodeid, sender[0], sender[1])
-        self._heard_from(source)
-        neighbours = self.router.find_neighbors(Node(key), exclude=source)
-        return [[node.id, node.ip, node.port] for node in neighbours]
+        return [[node.id, node.ip, node.port] for node in self.neighbours(Node(key), exclude=sender)]
 
     def rpc_find_value(self, sender: Address, nodeid: bytes, key: bytes) -> dict[str, list[Any]]:
         nodes = self.rpc_find_node(sender, nodeid, key)
@@ -252,8 +276,9 @@ class DHTProtocol(KademliaProtocol):
             return future
         msg_id = os.urandom(20)
         timer = loop.call_later(self._wait_timeout, self._timeout, msg_id)
-        self._outstanding[msg_id] = (future, timer, address)
-        self._send(encode_request(msg_id, method, list(args)), address)
+        self._outstanding[msg_id] = _Pending(future, timer, address, loop.time())
+        data = encode_request(msg_id, method, list(args), read_only=self.config.read_only)
+        self._send(data, address)
         return future
 
     def _send(self, data: bytes, address: Address) -> None:
@@ -262,8 +287,8 @@ class DHTProtocol(KademliaProtocol):
 
     def _timeout(self, msg_id: bytes) -> None:
         pending = self._outstanding.pop(msg_id, None)
-        if pending is not None and not pending[0].done():
-            pending[0].set_result((False, None))
+        if pending is not None and not pending.future.done():
+            pending.future.set_result((False, None))
 
     # -- routing-table upkeep -------------------------------------------------
 
@@ -283,6 +308,13 @@ class DHTProtocol(KademliaProtocol):
     def is_contactable(self, node: Node) -> bool:
         """May a crawl contact `node`? Not ourselves, not a recently dead node."""
         return node.id != self.source_node.id and node.ip is not None and not self.is_dead(node.id)
+
+    def neighbours(self, target: Node, exclude: Address | None = None) -> list[Node]:
+        """The k closest live contacts to `target` (never a recently dead one), without `exclude`."""
+        k = self.config.ksize
+        found = self.router.find_neighbors(target, k=2 * k)
+        return [node for node in found
+                if not self.is_dead(node.id) and (node.ip, node.port) != exclude][:k]
 
     def is_dead(self, node_id: bytes) -> bool:
         """True while `node_id` failed to answer less than `dead_ttl` ago."""

@@ -106,6 +106,7 @@ class Record:
             seq=self.seq,
             ttl=self.ttl,
             load=dict(self.load),
+            record=self.blob,
         )
 
 

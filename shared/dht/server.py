@@ -6,8 +6,10 @@ pings, `bootstrappable_neighbors`, `stop`. Replaced:
 * `get`/`set` (one value per key) by `store_record` / `find_records`;
 * the hourly refresh no longer republishes stored keys: records live seconds
   and their own announcers re-announce them;
-* bootstrap and refresh use our bounded, dead-aware crawls, and a bootstrap
-  reply that is not a node id is treated as no reply;
+* bootstrap and refresh use our answer-driven, dead-aware crawls
+  (`crawl.py`), and a bootstrap reply that is not a node id is treated as no
+  reply; a read-only node's bootstrap only pings its seeds (its first lookup
+  crawls anyway, and no one needs to know it);
 * the pickle-based `save_state`/`load_state` are unused (the neighbours file
   is JSON, see `bootstrap.py`).
 """
@@ -21,7 +23,7 @@ from kademlia.network import Server
 from kademlia.node import Node
 
 from shared.dht.config import DHTConfig
-from shared.dht.crawl import NodeCrawl, ProviderCrawl
+from shared.dht.crawl import crawl_nodes, crawl_records
 from shared.dht.protocol import Address, DHTProtocol
 from shared.dht.record import Record, RecordVerifier
 from shared.dht.storage import RecordStore
@@ -62,13 +64,13 @@ class DHTServer(Server):
         """True while the routing table holds at least one node."""
         return any(len(bucket) for bucket in self.protocol.router.buckets)
 
-    async def crawl_nodes(self, target: Node) -> list[Node]:
-        """The k closest answering nodes to `target`, ourselves excluded."""
-        peers = self.protocol.router.find_neighbors(target)
+    async def crawl_nodes(self, target: Node, deadline: float | None = None) -> list[Node]:
+        """The k closest answering nodes to `target`, ourselves excluded (`alpha` queries at a time)."""
+        peers = self.protocol.neighbours(target)
         if not peers:
             return []
-        crawl = NodeCrawl(self.protocol, target, peers, self.ksize, self.alpha, self.config.max_crawl_rounds)
-        return await crawl.find()
+        return await crawl_nodes(self.protocol, target, peers, ksize=self.ksize, parallel=self.alpha,
+                                 deadline=deadline)
 
     async def store_record(self, dkey: bytes, record: Record) -> int:
         """Store a verified record on the k closest nodes; how many accepted it.
@@ -84,27 +86,29 @@ class DHTServer(Server):
         replies = await asyncio.gather(*(self.protocol.call_store(n, dkey, record.blob) for n in nodes))
         return stored + sum(1 for answered, accepted in replies if answered and accepted)
 
-    async def find_records(self, dkey: bytes) -> list[bytes]:
-        """Every record blob held here or by the k closest nodes (unverified)."""
+    async def find_records(self, dkey: bytes, deadline: float | None = None) -> list[bytes]:
+        """Every record blob held here or by the k closest nodes (unverified).
+
+        All k closest are asked at once: each of them is asked anyway, and one
+        wave of queries is faster than k/alpha of them. With a `deadline`
+        (loop time), what was found by then.
+        """
         local = self.storage.get(dkey)
         target = Node(dkey)
-        peers = self.protocol.router.find_neighbors(target)
+        peers = self.protocol.neighbours(target)
         if not peers:
             return local
-        max_blobs = 4 * self.config.max_records_per_topic
-        crawl = ProviderCrawl(
-            self.protocol, target, peers, self.ksize, self.alpha, self.config.max_crawl_rounds, max_blobs
-        )
-        return local + await crawl.find()
+        found = await crawl_records(self.protocol, target, peers, ksize=self.ksize, parallel=self.ksize,
+                                    max_blobs=4 * self.config.max_records_per_topic, deadline=deadline)
+        return local + found
 
     async def bootstrap(self, addrs: list[Address]) -> list[Node]:
-        """Ping `addrs`, then crawl for our own id; the nodes found."""
+        """Ping `addrs`, then (unless read-only) crawl for our own id; the nodes found."""
         answered = await asyncio.gather(*(self.bootstrap_node(addr) for addr in addrs))
         seeds = [node for node in answered if node is not None and node.id != self.node.id]
-        if not seeds:
-            return []
-        crawl = NodeCrawl(self.protocol, self.node, seeds, self.ksize, self.alpha, self.config.max_crawl_rounds)
-        return await crawl.find()
+        if not seeds or self.config.read_only:
+            return seeds
+        return await crawl_nodes(self.protocol, self.node, seeds, ksize=self.ksize, parallel=self.alpha)
 
     async def bootstrap_node(self, addr: Address) -> Node | None:
         answered, reply = await self.protocol.ping(addr, self.node.id)

@@ -4,8 +4,9 @@ rpcudp's framing is kept: one UDP datagram is
 
     kind (1 byte: 0x00 request, 0x01 response) | msg id (20 bytes) | payload
 
-where a request payload is msgpack `[method, [args...]]` and a response
-payload is the msgpack result. Unlike rpcudp, decoding uses the C `msgpack`
+where a request payload is msgpack `[method, [args...]]` -- or
+`[method, [args...], {"ro": true}]` from a read-only node (BEP 43) -- and a
+response payload is the msgpack result. Unlike rpcudp, decoding uses the C `msgpack`
 package with explicit limits, and every failure is a `WireError` for the
 caller to drop, never an exception escaping into the event loop.
 
@@ -27,6 +28,7 @@ __all__ = [
     "HEADER_SIZE",
     "WireError",
     "encode_request",
+    "request_parts",
     "encode_response",
     "decode_datagram",
     "is_node_id",
@@ -45,9 +47,26 @@ class WireError(ValueError):
     """A datagram that is not a well-formed DHT message."""
 
 
-def encode_request(msg_id: bytes, method: str, args: list[Any]) -> bytes:
-    """A request datagram calling `method(*args)`."""
-    return bytes([REQUEST]) + msg_id + msgpack.packb([method, args], use_bin_type=True)
+_READ_ONLY = {"ro": True}
+
+
+def encode_request(msg_id: bytes, method: str, args: list[Any], *, read_only: bool = False) -> bytes:
+    """A request datagram calling `method(*args)`; `read_only` marks a client node's."""
+    payload = [method, args, _READ_ONLY] if read_only else [method, args]
+    return bytes([REQUEST]) + msg_id + msgpack.packb(payload, use_bin_type=True)
+
+
+def request_parts(payload: Any) -> tuple[Any, list[Any], bool] | None:
+    """`(method, args, read_only)` of a request payload, or None if malformed.
+
+    Options other than `ro` are ignored, so that later versions may add some.
+    """
+    if not (isinstance(payload, list) and len(payload) in (2, 3) and isinstance(payload[1], list)):
+        return None
+    options = payload[2] if len(payload) == 3 else {}
+    if not isinstance(options, dict):
+        return None
+    return payload[0], payload[1], options.get("ro") is True
 
 
 def encode_response(msg_id: bytes, result: Any) -> bytes:
