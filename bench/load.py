@@ -167,7 +167,7 @@ async def run_client(setup: dict[str, Any]) -> None:
     async with AsyncExitStack() as stack:
         node = await join_mesh(stack, setup["name"], MeshConfig(
             data_dir=Path(setup["data_dir"]), mesh_secret=Secret(setup["secret"]),
-            bootstrap=(setup["bootstrap"],), log_level="warning"))
+            bootstrap=(setup["bootstrap"],), log_level="warning"), read_only=True)
         gateways = await providers(node, service_topic("gateway"), setup["gateways"])
         workers = await providers(node, model_topic(MODEL), setup["workers"])
         messages = [{"role": "user", "content": PROMPT}]
@@ -387,7 +387,7 @@ async def main(args: argparse.Namespace) -> None:
             secret = (up.data / "mesh.secret").read_text().strip()
             node = await join_mesh(stack, "load", MeshConfig(
                 data_dir=root / "bench", mesh_secret=Secret(secret), bootstrap=(ready["bootstrap"],),
-                log_level="warning"))
+                log_level="warning"), read_only=True)
             gateways = await providers(node, service_topic("gateway"), args.gateways)
             await providers(node, model_topic(MODEL), args.workers)
             api_key = await prepare_user(node.mesh("auth"))

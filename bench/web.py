@@ -134,7 +134,8 @@ async def unlimited_key(base: str, data_dir: Path, bootstrap: str) -> str:
         async with AsyncExitStack() as stack:  # admin actions are RPC only: join the mesh for one call
             secret = (data_dir / "mesh.secret").read_text().strip()
             node = await join_mesh(stack, "bench-client", MeshConfig(
-                data_dir=data_dir.parent / "client", bootstrap=(bootstrap,), mesh_secret=Secret(secret)))
+                data_dir=data_dir.parent / "client", bootstrap=(bootstrap,), mesh_secret=Secret(secret)),
+                read_only=True)
             await node.mesh("auth").call("auth.set_tier", {"token": tokens["bench-admin"], "user": "bench",
                                                            "tier": "unlimited"})
         reply = await http.post(f"{base}/api/auth/api-keys", json={"name": "bench"},

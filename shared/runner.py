@@ -99,8 +99,13 @@ def mesh_credential(config: MeshConfig) -> MeshCredential:
     )
 
 
-async def join_mesh(stack: AsyncExitStack, name: str, config: MeshConfig) -> MeshNode:
-    """Load identity and credential, start a DHT node and a mesh client on `stack`."""
+async def join_mesh(stack: AsyncExitStack, name: str, config: MeshConfig, *, read_only: bool = False) -> MeshNode:
+    """Load identity and credential, start a DHT node and a mesh client on `stack`.
+
+    `read_only=True` for a process that only calls others and will not live
+    long (a benchmark's or a tool's client): its DHT node enters no routing
+    table (see shared/dht/PROTOCOL.md), so its exit leaves no dead contact.
+    """
     credential = mesh_credential(config)
     state_dir = config.data_dir / "nodes" / name
     identity = NodeIdentity.load_or_create(state_dir / "node.key")
@@ -110,8 +115,9 @@ async def join_mesh(stack: AsyncExitStack, name: str, config: MeshConfig) -> Mes
         host=config.dht_host,
         port=config.dht_port,
         seeds=config.bootstrap,
-        neighbours_path=state_dir / "neighbours.json",
+        neighbours_path=None if read_only else state_dir / "neighbours.json",
         ttl=config.record_ttl,
+        read_only=read_only,
     )
     await stack.enter_async_context(discovery)
     mesh = MeshClient(discovery, credential.client, max_message_bytes=config.max_message_bytes)

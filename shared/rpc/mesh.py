@@ -9,7 +9,13 @@ connection per provider, and when a provider fails:
   another provider, whatever the method;
 * a request that may have run is retried only when the call is marked
   `idempotent=True`;
-* the provider is put in a short cooldown so the next picks avoid it.
+* the provider is put in a short cooldown so the next picks avoid it, and
+  discovery is told to `forget` the topic, so the retry looks it up afresh
+  (a provider restarted on another endpoint is found at once).
+
+Lookups spend the call's own deadline: a call with 60 s left never fails
+because discovery had a budget of its own, and one with 50 ms left never
+waits a second on a crawl.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import structlog
 import zmq.asyncio
 
 from shared.dht.interface import Discovery, Provider, service_topic
-from shared.errors import NoProviders, Unauthenticated, Unavailable
+from shared.errors import NoProviders, Timeout, Unauthenticated, Unavailable
 from shared.identity import CurveKeyPair
 from shared.rpc.client import Connection, Stream
 
@@ -150,12 +156,19 @@ class ServiceClient:
         self._mesh = mesh
         self.topic = topic
 
-    async def providers(self) -> list[Provider]:
-        return await self._mesh.discovery.lookup(self.topic)
+    async def providers(self, timeout: float | None = None) -> list[Provider]:
+        return await self._mesh.discovery.lookup(self.topic, timeout=timeout)
 
-    async def pick(self, exclude: set[bytes] | frozenset[bytes] = frozenset()) -> Provider:
-        """Choose a provider: power of two choices over those not cooling down."""
-        providers = [p for p in await self.providers() if p.node_key not in exclude]
+    async def pick(
+        self, exclude: set[tuple[bytes, str]] | frozenset[tuple[bytes, str]] = frozenset(),
+        timeout: float | None = None,
+    ) -> Provider:
+        """Choose a provider: power of two choices over those not cooling down.
+
+        `exclude` holds `(node_key, endpoint)` pairs already tried: the same
+        node found again at another endpoint (it restarted) is a new choice.
+        """
+        providers = [p for p in await self.providers(timeout) if (p.node_key, p.endpoint) not in exclude]
         if not providers:
             raise NoProviders(f"no other provider of {self.topic}", {"topic": self.topic})
         healthy = [p for p in providers if not self._mesh.is_cooling(p)] or providers
@@ -188,16 +201,19 @@ class ServiceClient:
         timeout: float | None, idempotent: bool,
     ) -> T:
         deadline = time.monotonic() + (timeout or self._mesh.default_timeout)
-        tried: set[bytes] = set()
+        tried: set[tuple[bytes, str]] = set()
         for number in range(1, self._mesh.attempts + 1):
-            provider = await self.pick(tried)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(f"no time left to call {method}", {"topic": self.topic})
+            provider = await self.pick(tried, timeout=left)
             try:
                 return await attempt(self._mesh.connection(provider), deadline - time.monotonic())
             except (Unavailable, Unauthenticated) as exc:
                 if _is_answer(exc):
                     raise
                 self._on_failure(provider, exc)
-                tried.add(provider.node_key)
+                tried.add((provider.node_key, provider.endpoint))
                 retry = exc.data.get("retry_safe") or idempotent
                 if not retry or number == self._mesh.attempts or time.monotonic() >= deadline:
                     raise
@@ -207,3 +223,4 @@ class ServiceClient:
     def _on_failure(self, provider: Provider, exc: Exception) -> None:
         log.warning("provider failed", topic=self.topic, endpoint=provider.endpoint, error=str(exc))
         self._mesh.cool_down(provider)
+        self._mesh.discovery.forget(self.topic)
