@@ -11,8 +11,10 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -22,11 +24,12 @@ from nacl.public import PrivateKey
 from shared.config import MeshConfig, Secret
 from shared.dht import service_topic
 from shared.dht.memory import MemoryDiscovery, MemoryRegistry
-from shared.errors import Forbidden, InvalidParams, MeshError, MethodNotFound, RateLimited, Unauthenticated
+from shared.errors import Forbidden, InvalidParams, MeshError, MethodNotFound, RateLimited, Timeout, Unauthenticated
 from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
 from shared.rpc import Connection, Dispatcher, MeshClient, RpcServer
 from shared.runner import join_mesh
 from services.auth.client import KeyValidator
+from services.auth.keys import hash_key
 from services.auth.store import INVALIDATION_CHANNEL
 from auth_support import PASSWORD, Calls, start_auth
 
@@ -236,6 +239,73 @@ async def test_untrusted_key_validator_shares_one_call_among_callers_of_a_key(pg
         assert calls == 3
 
 
+@asynccontextmanager
+async def table_locked(dsn: str, table: str) -> AsyncIterator[None]:
+    """Hold `table` in ACCESS EXCLUSIVE mode (every read of it waits) until the block ends."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield
+    finally:
+        await conn.close()
+
+
+async def outcome(started: float, call: asyncio.Task[Any], limit: float) -> tuple[float, Any]:
+    """(seconds from `started` until `call` ended, its result or error); fails past `limit`."""
+    done, _ = await asyncio.wait((call,), timeout=limit)
+    assert done, f"still running after {limit}s"
+    ended = time.monotonic() - started
+    return ended, call.exception() or call.result()
+
+
+async def test_a_shared_validation_never_fails_a_caller_before_its_own_deadline(pg_dsn, tmp_path):
+    """auth.validate_key held up by a lock on api_keys: a caller with 0.5 s left begins the
+    call; one with 1.5 s joins it; one with 30 s must not: it begins its own. Each of the
+    first two gets TIMEOUT at its own deadline (the joiner not at the first one's), and
+    the third gets its answer once the lock goes, after as long as that took."""
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(stack)
+        auth = await start_auth(stack, tmp_path, pg_dsn)
+        await mesh.serve(auth)
+        token = await auth.user("jack")
+        key = await auth("create_key", token=token, name="k")
+        validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
+        calls = 0
+        original = validator._auth.call
+
+        async def counting(method, *args, **kwargs):
+            nonlocal calls
+            calls += method == "auth.validate_key"  # not the polls
+            return await original(method, *args, **kwargs)
+
+        validator._auth.call = counting
+        async with table_locked(pg_dsn, "api_keys"):
+            started = time.monotonic()
+            short = asyncio.create_task(validator.validate(key["api_key"], deadline=started + 0.5))
+            joiner = asyncio.create_task(validator.validate(key["api_key"], deadline=started + 1.5))
+            patient = asyncio.create_task(validator.validate(key["api_key"], deadline=started + 30))
+            for _ in range(100):
+                if calls == 2:
+                    break
+                await asyncio.sleep(0.01)
+            assert calls == 2  # the short caller's call, shared by the joiner; the patient one's own
+            ended, error = await outcome(started, short, 5)
+            assert isinstance(error, Timeout) and 0.45 <= ended < 1.2, (ended, error)
+            ended, error = await outcome(started, joiner, 5)
+            assert isinstance(error, Timeout) and 1.45 <= ended < 2.2, (ended, error)
+            assert not patient.done()
+        released = time.monotonic() - started
+        ended, answer = await outcome(started, patient, 10)
+        assert answer["key_id"] == key["id"] and ended >= released
+        assert calls == 2  # the joiner, out of time on the short call, waited on the patient one's
+        assert (await validator.validate(key["api_key"], deadline=time.monotonic() + 1))["key_id"] == key["id"]
+        with pytest.raises(Timeout):  # no time left and not cached: refused without a call
+            validator.cache.clear()
+            await validator.validate(key["api_key"], deadline=time.monotonic())
+        assert calls == 2
+
+
 async def test_tier_change_and_disabled_user_reach_the_validator_within_a_second(pg_dsn, tmp_path):
     async with AsyncExitStack() as stack:
         mesh = Mesh(stack)
@@ -267,7 +337,7 @@ async def test_key_validator_fails_closed_when_auth_is_unreachable(pg_dsn, tmp_p
         web = await mesh.connect(server, outsider())
         token = await session(web, "erin")
         key = (await web.call("auth.create_key", {"token": token, "name": "k"}))["api_key"]
-        validator = await stack.enter_async_context(KeyValidator(await mesh.client(), timeout=0.3))
+        validator = await stack.enter_async_context(KeyValidator(await mesh.client(), max_timeout=0.3))
         await validator.validate(key)
         await web.close()
         await auth_stack.aclose()  # auth is gone: polls fail from now on

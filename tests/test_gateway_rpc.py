@@ -4,14 +4,17 @@ a DHT seed in the test process, PostgreSQL for auth and for the limits.
 
 Exact limits across both gateways under 64 concurrent callers, a worker
 killed mid-run, revocation within a second on both gateways, a cancelled
-stream stopping the worker and billed for what was delivered, bad input."""
+stream stopping the worker and billed for what was delivered, the caller's
+deadline bounding auth's key and token checks (not a fixed budget), bad input."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import asyncpg
 import pytest
@@ -223,6 +226,57 @@ async def test_the_callers_deadline_reaches_the_worker(mesh):
     rows = await mesh.records_settle(ivy.id, 1)
     assert rows[0]["status"] == "timeout"
     assert rows[0]["completion_tokens"] == late.value.data["delivered_tokens"]
+
+
+@asynccontextmanager
+async def table_locked(dsn: str, table: str) -> AsyncIterator[float]:
+    """Hold `table` in ACCESS EXCLUSIVE mode (every read of it waits); yields when it was taken."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield time.monotonic()
+    finally:
+        await conn.close()
+
+
+async def outcome(call: asyncio.Task[Any], limit: float) -> tuple[float, Any]:
+    """(time.monotonic() when `call` ended, its result or error); fails past `limit`."""
+    done, _ = await asyncio.wait((call,), timeout=limit)
+    assert done, f"still running after {limit}s"
+    return time.monotonic(), call.exception() or call.result()
+
+
+async def slow_auth_honours_each_callers_deadline(mesh: GatewayMesh, table: str, **credentials: Any) -> None:
+    """With auth held up ~3 s by a lock on `table` (longer than the gateway's old fixed 2 s
+    budget), a request with 1 s left gets TIMEOUT after about 1 s, and one with 30 s left,
+    begun just after it with the same credentials, waits for auth and succeeds."""
+    connection = (await mesh.gateways())[0]
+    async with table_locked(mesh.auth_dsn, table) as locked_at:
+        short = asyncio.create_task(infer(connection, timeout=1.0, **credentials))
+        patient = asyncio.create_task(infer(connection, timeout=30.0, **credentials))
+        ended, error = await outcome(short, 5)
+        assert isinstance(error, Timeout), error
+        assert 0.95 <= ended - locked_at < 2.5, ended - locked_at  # its own deadline: not earlier, not 30 s
+        assert not patient.done()
+        await asyncio.sleep(max(0.0, locked_at + 3.0 - time.monotonic()))  # auth stays slow for 3 s
+    released = time.monotonic()
+    ended, chunks = await outcome(patient, 30)
+    assert not isinstance(chunks, BaseException), chunks
+    assert chunks[-1]["done"] and ended >= released > locked_at + 3.0  # it waited for auth's answer
+
+
+async def test_a_slow_key_check_gets_the_callers_time_not_a_fixed_budget(mesh):
+    kim = await mesh.user("kim")  # a key no gateway has cached
+    await slow_auth_honours_each_callers_deadline(mesh, "api_keys", key=kim.api_key)
+    rows = await mesh.records_settle(kim.id, 1)
+    assert [r["status"] for r in rows] == ["ok"]  # the refused caller was not identified: no record
+
+
+async def test_a_slow_token_check_gets_the_callers_time_not_a_fixed_budget(mesh):
+    lea = await mesh.user("lea")
+    # A session token's check reads revoked_tokens (the key check does not).
+    await slow_auth_honours_each_callers_deadline(mesh, "revoked_tokens", key=None, token=lea.token)
 
 
 async def test_bad_input_is_refused_with_typed_errors(mesh):

@@ -1,6 +1,8 @@
 """Gateway building blocks without a network: UTC windows, the usage journal
 (replay after a crash, torn lines, the shipped mark, segment retention), the
-shipper's batching and retries, and the metrics' bounded labels."""
+shipper's batching and retries, the metrics' bounded labels, routing figures,
+and the router's catalog within the caller's deadline (real workers' RPC servers
+on loopback, one of them slow to answer)."""
 
 from __future__ import annotations
 
@@ -10,18 +12,20 @@ import json
 import math
 import subprocess
 import sys
+import time
 from collections import Counter
+from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from nacl.public import PrivateKey
 
-from shared.dht import Provider
+from shared.dht import Provider, service_topic
 from shared.dht.memory import MemoryDiscovery, MemoryRegistry
-from shared.errors import InvalidParams, Unavailable
-from shared.identity import CurveKeyPair, NodeIdentity
-from shared.rpc import MeshClient
+from shared.errors import InvalidParams, Timeout, Unavailable
+from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
+from shared.rpc import Dispatcher, MeshClient, RpcServer, method
 from services.gateway.router import Router
 from services.gateway.journal import Journal
 from services.gateway.leases import window_of
@@ -248,3 +252,48 @@ async def test_a_restarted_worker_is_measured_afresh_not_by_its_previous_life():
     assert router.expected_wait(after) == router.expected_wait(survivor)
     picks = Counter(router.choose("m", [survivor, after], set()).endpoint for _ in range(200))
     assert picks[after.endpoint] > 40
+
+
+# -- the catalog, within the caller's deadline ---------------------------------------------
+
+
+class _Lister:
+    """The `inference.models` of a worker that takes `delay` seconds to answer."""
+
+    name = "inference"
+
+    def __init__(self, model: str, delay: float) -> None:
+        self.model, self.delay = model, delay
+
+    @method(idempotent=True)
+    async def models(self) -> dict:
+        await asyncio.sleep(self.delay)  # the worker's own slowness, not the test's wait
+        return {"models": [{"name": self.model, "healthy": True}]}
+
+
+async def test_the_catalog_takes_the_callers_time_and_keeps_only_a_full_answer():
+    """A worker answering in 0.4 s is missed by a caller with 0.2 s left, and that partial
+    catalog is not kept for the next caller, who has the time and sees both workers."""
+    async with AsyncExitStack() as stack:
+        credential = MeshCredential(MeshCredential.new_secret())
+        registry = MemoryRegistry()
+        for model, delay in (("quick", 0.0), ("slow", 0.4)):
+            node = NodeIdentity.generate()
+            server = await stack.enter_async_context(RpcServer(
+                Dispatcher(_Lister(model, delay)), curve=node.curve, members=[credential.client.public]))
+            await MemoryDiscovery(registry, node).announce(service_topic("inference"), service="inference",
+                                                           endpoint=server.endpoint, version="test")
+        mesh = await stack.enter_async_context(
+            MeshClient(MemoryDiscovery(registry, NodeIdentity.generate()), credential.client))
+        router = Router(mesh, catalog_timeout=1.0)
+
+        started = time.monotonic()
+        hurried = await router.catalog(deadline=started + 0.2)
+        assert sorted(hurried) == ["quick"] and time.monotonic() - started < 0.5
+        patient = await router.catalog(deadline=time.monotonic() + 30)
+        assert sorted(patient) == ["quick", "slow"]  # not the hurried caller's catalog
+        assert await router.catalog(deadline=time.monotonic() + 0.05) == patient  # a full one is kept
+        with pytest.raises(Timeout):
+            await router.catalog(deadline=time.monotonic())
+        with pytest.raises(Timeout):  # a model not looked up yet, no time left to look
+            await router.workers("quick", deadline=time.monotonic())

@@ -1,7 +1,7 @@
 """What other services use to rely on auth: a caching API key validator.
 
     async with KeyValidator(node.mesh) as validator:
-        identity = await validator.validate(api_key)   # dict, or Unauthenticated
+        identity = await validator.validate(api_key, deadline=d)   # dict, or Unauthenticated
 
 `validate` answers from memory when it can and asks `auth.validate_key`
 otherwise. Entries live at most `ttl` seconds. A background task polls
@@ -14,12 +14,29 @@ If polling fails (auth unreachable, a partition), the cache is trusted for
 after that: every call goes to auth (fail closed), which refuses or fails.
 So a revoked key is never honoured for longer than `stale_after` (1 s).
 
+**Deadlines come from the caller.** `deadline` is the caller's (a
+`time.monotonic()` value, e.g. the request's being served); a call to
+`auth.validate_key` gets the time left until it, capped at `max_timeout`
+(30 s) so that one call cannot hold a long-lived request's whole budget, and
+never less. A deadline already passed is `Timeout` without a call; each
+caller stops waiting at its own deadline with `Timeout`. Without a deadline
+a caller waits up to `max_timeout`.
+
 While the cache is not trusted, callers of the same key share one
 `auth.validate_key` call begun less than `stale_after` ago with no eviction
 since, instead of each making their own: under load, one late poll would
 otherwise send every request to auth at once, and auth, slowed down by them,
 would answer the next polls late too (the answer shared is no older than a
-trusted cache's).
+trusted cache's). A shared call carries the deadline of the caller who began
+it, so a caller joins it only if that deadline is at most `stale_after`
+earlier than its own (capped) one -- callers arriving within the sharing
+window with the same budget all share, while a caller with 60 s left does not
+join a call begun by a caller with 1 s left: it begins a new one, which
+replaces the old one for later callers (the old one still serves its own
+waiters). And when a call it joined runs out of time before the caller's
+own deadline, the caller asks again with the time it has left. So no caller
+gets `Timeout` before its own deadline (or the cap) because of another
+caller's budget.
 
 Two races are closed: an answer is stored only if no eviction happened while
 it was being fetched, and only if the auth instance that gave it had applied
@@ -31,9 +48,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import MeshError, Unauthenticated
+from shared.errors import MeshError, Timeout, Unauthenticated
 from shared.logging import get_logger
 from shared.rpc import MeshClient
 from services.auth.cache import KeyCache
@@ -44,27 +62,39 @@ __all__ = ["KeyValidator"]
 log = get_logger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class _Shared:
+    """One `auth.validate_key` call that concurrent callers of a key may join."""
+
+    began: float  #: time.monotonic() when it was made
+    epoch: int  #: the cache's epoch then (an eviction since makes it unjoinable)
+    deadline: float  #: when its own budget ends
+    task: asyncio.Task[dict[str, Any]]
+
+
 class KeyValidator:
     """Validates API keys through `auth.validate_key`, caching answers safely."""
 
     def __init__(
         self, mesh: MeshClient, *, ttl: float = 30.0, poll_interval: float = 0.25,
-        stale_after: float = 1.0, max_entries: int = 100_000, timeout: float = 2.0,
+        stale_after: float = 1.0, max_entries: int = 100_000, max_timeout: float = 30.0,
         service: str = "auth",
     ) -> None:
         if poll_interval >= stale_after:
             raise ValueError("poll_interval must be shorter than stale_after")
+        if max_timeout <= 0:
+            raise ValueError("max_timeout must be positive")
         self._auth = mesh(service)
         self.cache = KeyCache(ttl=ttl, max_entries=max_entries)
         self.poll_interval = poll_interval
         self.stale_after = stale_after
-        self._timeout = timeout
+        self.max_timeout = max_timeout  #: the longest one auth.validate_key call may take
         self.cursor: int | None = None  #: None until the first successful poll
         self.synced_at = float("-inf")
         self._task: asyncio.Task[None] | None = None
         self._failing = False
-        #: key hash -> (when it began, the cache's epoch then, the auth.validate_key call being made)
-        self._calls: dict[bytes, tuple[float, int, asyncio.Task[dict[str, Any]]]] = {}
+        #: key hash -> the auth.validate_key call later callers of that key may join
+        self._calls: dict[bytes, _Shared] = {}
 
     @property
     def trusted(self) -> bool:
@@ -85,8 +115,12 @@ class KeyValidator:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def validate(self, api_key: str) -> dict[str, Any]:
-        """The key's owner, key id, tier, limits and priority; `Unauthenticated` if refused."""
+    async def validate(self, api_key: str, *, deadline: float | None = None) -> dict[str, Any]:
+        """The key's owner, key id, tier, limits and priority; `Unauthenticated` if refused.
+
+        `deadline` (time.monotonic()) is when the caller stops waiting: `Timeout`
+        then, or at once if it has passed and the answer is not in the cache.
+        None means `max_timeout` from now."""
         if not looks_like_key(api_key):
             raise Unauthenticated("invalid API key")
         key_hash = hash_key(api_key)
@@ -94,23 +128,52 @@ class KeyValidator:
             entry = self.cache.get(key_hash)
             if entry is not None:
                 return entry.result
-        began, epoch, call = self._calls.get(key_hash, (float("-inf"), -1, None))
-        if call is None or time.monotonic() - began > self.stale_after or epoch != self.cache.epoch:
-            call = asyncio.ensure_future(self._ask_auth(api_key, key_hash))
-            self._calls[key_hash] = (time.monotonic(), self.cache.epoch, call)
-            call.add_done_callback(lambda done: self._call_done(key_hash, done))
-        return await asyncio.shield(call)  # one caller giving up does not cancel it for the others
+        if deadline is None:
+            deadline = time.monotonic() + self.max_timeout
+        while True:
+            now = time.monotonic()
+            if deadline <= now:
+                raise Timeout("the deadline passed before the API key could be validated")
+            call = self._call_for(api_key, key_hash, now, min(deadline, now + self.max_timeout))
+            # Waiting on the task, not awaiting it: one caller giving up does not cancel it for the others.
+            done, _ = await asyncio.wait((call.task,), timeout=deadline - now)
+            if not done:
+                raise Timeout("the deadline passed while auth was validating the API key")
+            try:
+                return call.task.result()
+            except Timeout:
+                if call.deadline >= min(deadline, call.began + self.max_timeout) - 0.001:
+                    raise  # it had all the time this caller would have given it
+                # A call joined with a shorter budget ran out: ask again with the time left.
+
+    def _call_for(self, api_key: str, key_hash: bytes, now: float, until: float) -> _Shared:
+        """The shared call this caller may join (see the module doc), or a new one until `until`."""
+        shared = self._calls.get(key_hash)
+        if (
+            shared is not None
+            and now - shared.began <= self.stale_after
+            and shared.epoch == self.cache.epoch
+            and now < shared.deadline
+            and shared.deadline >= until - self.stale_after
+            and not shared.task.done()
+        ):
+            return shared
+        task = asyncio.ensure_future(self._ask_auth(api_key, key_hash, until - now))
+        shared = self._calls[key_hash] = _Shared(now, self.cache.epoch, until, task)
+        task.add_done_callback(lambda done: self._call_done(key_hash, done))
+        return shared
 
     def _call_done(self, key_hash: bytes, call: asyncio.Task[dict[str, Any]]) -> None:
-        if self._calls.get(key_hash, (0.0, 0, None))[2] is call:
+        shared = self._calls.get(key_hash)
+        if shared is not None and shared.task is call:
             del self._calls[key_hash]
         if not call.cancelled():
             call.exception()  # retrieved: the callers that still wait get it anyway
 
-    async def _ask_auth(self, api_key: str, key_hash: bytes) -> dict[str, Any]:
+    async def _ask_auth(self, api_key: str, key_hash: bytes, timeout: float) -> dict[str, Any]:
         epoch = self.cache.epoch
         result = await self._auth.call(
-            "auth.validate_key", {"api_key": api_key}, timeout=self._timeout, idempotent=True
+            "auth.validate_key", {"api_key": api_key}, timeout=timeout, idempotent=True
         )
         cursor = self.cursor
         if (
@@ -143,7 +206,7 @@ class KeyValidator:
 
     async def _call_invalidations(self, since: int | None) -> dict[str, Any]:
         return await self._auth.call(
-            "auth.invalidations", {"since": since}, timeout=min(self._timeout, self.stale_after),
+            "auth.invalidations", {"since": since}, timeout=min(self.max_timeout, self.stale_after),
             idempotent=True,
         )
 

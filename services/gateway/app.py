@@ -72,11 +72,12 @@ async def open_gateway(
     await quota.recover(await store.prior_leases(gateway_id, incarnation), replay.used, replay.leases)
 
     await stack.enter_async_context(shipper)
-    validator = await stack.enter_async_context(KeyValidator(mesh))
+    validator = await stack.enter_async_context(KeyValidator(mesh, max_timeout=config.auth_timeout))
     router = Router(mesh)
     report = Report(shared_metrics)
     relay = Relay(mesh, router, quota, accounts, metrics, attempts=config.attempts, report=report)
+    callers = Callers(validator, mesh("auth"), max_timeout=config.auth_timeout)
     return GatewayService(
-        Callers(validator, mesh("auth")), quota, router, relay, accounts, journal, metrics,
+        callers, quota, router, relay, accounts, journal, metrics,
         limits=config.limits, gateway_id=gateway_id, report=report,
     )

@@ -12,6 +12,8 @@
     INFERSWARM_GATEWAY_SHIP_BATCH         most usage records per batch (500)
     INFERSWARM_GATEWAY_JOURNAL_FSYNC      fdatasync every journal entry: survives power loss, slower (false)
     INFERSWARM_GATEWAY_ATTEMPTS           workers tried before the first token (3)
+    INFERSWARM_GATEWAY_AUTH_TIMEOUT       most seconds one call to auth on a request's path (key validation,
+                                          token check) may wait, within the caller's deadline (30)
     INFERSWARM_MAX_TOKENS, INFERSWARM_MAX_PROMPT_CHARS, INFERSWARM_MAX_MESSAGES
                                           request bounds, as the workers read them (4096, 32768, 256)
     INFERSWARM_GATEWAY_POOL_SIZE          database connections (10)
@@ -44,6 +46,7 @@ class GatewayConfig:
     ship_batch: int = env("INFERSWARM_GATEWAY_SHIP_BATCH", default=500, parse=positive(int))
     journal_fsync: bool = env("INFERSWARM_GATEWAY_JOURNAL_FSYNC", default=False, parse=parse_bool)
     attempts: int = env("INFERSWARM_GATEWAY_ATTEMPTS", default=3, parse=positive(int))
+    auth_timeout: float = env("INFERSWARM_GATEWAY_AUTH_TIMEOUT", default=30.0, parse=positive(float))
     max_tokens: int = env("INFERSWARM_MAX_TOKENS", default=4096, parse=positive(int))
     max_prompt_chars: int = env("INFERSWARM_MAX_PROMPT_CHARS", default=32768, parse=positive(int))
     max_messages: int = env("INFERSWARM_MAX_MESSAGES", default=256, parse=positive(int))

@@ -25,6 +25,15 @@ its draws would keep an old figure for good. Hence:
   and the worker is tried again; figures unrefreshed for a minute are dropped.
 An unknown model is `NOT_FOUND` naming the models the workers serve; workers
 that exist but cannot take the request now are `UNAVAILABLE`.
+
+Lookups on a request's path take the request's deadline: a caller stops
+waiting for a (shared) worker lookup at its own deadline (`TIMEOUT`), and
+each worker's `inference.models` for the catalog gets the caller's time left,
+at most `catalog_timeout` (1 s: one dead worker must not hold every
+`gateway.models` behind the catalog's lock), less a small margin to answer
+with the workers that did. A catalog built with less than `catalog_timeout`,
+in which a worker did not answer, is not kept: a caller with little
+time left must not shape what the next callers see.
 """
 
 from __future__ import annotations
@@ -34,17 +43,21 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.dht import Provider, model_topic, service_topic
-from shared.errors import MeshError, NoProviders, NotFound, Unavailable
+from shared.errors import MeshError, NoProviders, NotFound, Timeout, Unavailable
 from shared.logging import get_logger
 from shared.rpc import MeshClient
+from services.gateway.budget import budget
 
 __all__ = ["Router"]
 
 _TIE = 1.1  #: expected waits within 10% of each other are a tie
 _DROP_AFTER = 60.0  #: seconds a figure is kept without being refreshed
+_MARGIN = 0.05  #: of a caller's last moments, kept to answer with the catalog found by then
+
+T = TypeVar("T")
 
 log = get_logger(__name__)
 
@@ -76,12 +89,14 @@ class Router:
         self._catalog: tuple[float, dict[str, dict[str, int]]] | None = None
         self._catalog_lock = asyncio.Lock()
 
-    async def workers(self, model: str) -> list[Provider]:
+    async def workers(self, model: str, *, deadline: float | None = None) -> list[Provider]:
         """The live workers announcing `model`; `NOT_FOUND` when there are none.
 
         Lookups are kept `refresh` seconds and then refreshed in the
         background (one at a time per model) while the old list serves for up
-        to `stale_after`: no request waits on a DHT crawl in steady state."""
+        to `stale_after`: no request waits on a DHT crawl in steady state. A
+        caller waiting for a lookup stops at its `deadline` (`TIMEOUT`); the
+        lookup goes on for the others."""
         entry = self._workers.get(model)
         age = time.monotonic() - entry[0] if entry is not None else float("inf")
         if age < self._refresh:
@@ -94,9 +109,10 @@ class Router:
         looking = self._looking.get(model)
         if looking is None:
             looking = self._looking[model] = asyncio.ensure_future(self._lookup(model))
-        found = await asyncio.shield(looking)
+            looking.add_done_callback(_quiet)  # its failure is logged even if every caller left
+        found = await _wait(looking, deadline, f"the workers of model {model!r} were found")
         if found is None:
-            models = sorted(await self.catalog())
+            models = sorted(await self.catalog(deadline=deadline))
             raise NotFound(f"no worker serves model {model!r}" + (
                 f"; available: {', '.join(models)}" if models else "; no model is served right now"),
                 {"model": model, "models": models})
@@ -183,8 +199,18 @@ class Router:
         if failed and not busy:
             self._mesh.cool_down(worker)
 
-    async def catalog(self) -> dict[str, dict[str, int]]:
-        """Model -> {"workers", "healthy_workers"}, from every worker's `inference.models`."""
+    async def catalog(self, *, deadline: float | None = None) -> dict[str, dict[str, int]]:
+        """Model -> {"workers", "healthy_workers"}, from every worker's `inference.models`.
+
+        Within `deadline` (`TIMEOUT` past it); see the module doc."""
+        wait = None if deadline is None else budget(deadline, float("inf"), "list the models")
+        try:
+            async with asyncio.timeout(wait):
+                return await self._build_catalog(deadline)
+        except TimeoutError:
+            raise Timeout("the deadline passed before the models were listed") from None
+
+    async def _build_catalog(self, deadline: float | None) -> dict[str, dict[str, int]]:
         async with self._catalog_lock:
             cached = self._catalog
             if cached is not None and cached[0] > time.monotonic():
@@ -193,25 +219,41 @@ class Router:
                 workers = await self._mesh.discovery.lookup(service_topic("inference"))
             except NoProviders:
                 workers = []
-            answers = await asyncio.gather(*(self._models_of(w) for w in workers))
+            timeout = budget(deadline, self._catalog_timeout, "list the models")
+            if timeout < self._catalog_timeout:  # leave a moment to answer with the workers that did
+                timeout -= min(_MARGIN, timeout / 10)
+            answers = await asyncio.gather(*(self._models_of(w, timeout) for w in workers))
             catalog: dict[str, dict[str, int]] = {}
             for worker, answer in zip(workers, answers):
-                for entry in answer:
+                for entry in answer or []:
                     row = catalog.setdefault(entry["name"], {"workers": 0, "healthy_workers": 0})
                     row["workers"] += 1
                     if entry.get("healthy", True) and not self._mesh.is_cooling(worker):
                         row["healthy_workers"] += 1
-            self._catalog = (time.monotonic() + self._catalog_ttl, catalog)
+            if timeout >= self._catalog_timeout or None not in answers:  # as good as any caller's
+                self._catalog = (time.monotonic() + self._catalog_ttl, catalog)
             return catalog
 
-    async def _models_of(self, worker: Provider) -> list[dict[str, Any]]:
+    async def _models_of(self, worker: Provider, timeout: float) -> list[dict[str, Any]] | None:
+        """What the worker serves; None if it did not say within `timeout`."""
         try:
-            answer = await self._mesh.connection(worker).call("inference.models", timeout=self._catalog_timeout)
+            answer = await self._mesh.connection(worker).call("inference.models", timeout=timeout)
         except MeshError as exc:
             log.info("worker did not list its models", endpoint=worker.endpoint, error=exc.message)
-            return []
+            return None
         models = answer.get("models") if isinstance(answer, dict) else None
         return [m for m in models or [] if isinstance(m, dict) and isinstance(m.get("name"), str)]
+
+
+async def _wait(future: asyncio.Future[T], deadline: float | None, what: str) -> T:
+    """The result of a shared `future`, waiting for it until `deadline` at most (it is not cancelled)."""
+    timeout = None if deadline is None else deadline - time.monotonic()
+    if timeout is not None and timeout <= 0:
+        raise Timeout(f"the deadline passed before {what}")
+    done, _ = await asyncio.wait((future,), timeout=timeout)
+    if not done:
+        raise Timeout(f"the deadline passed before {what}")
+    return future.result()
 
 
 def _quiet(future: asyncio.Future[Any]) -> None:

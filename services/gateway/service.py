@@ -16,6 +16,11 @@ token is replaced (bounded attempts, within the caller's deadline); after
 the first token the caller gets a typed error. Every request an
 authenticated caller makes gets exactly one usage record, journaled before
 the last chunk is sent. Relaying lives in `relay.py`.
+
+Every call made while serving a request -- key validation, token checks,
+worker and catalog lookups, quota waits, the worker's stream -- gets the
+request's deadline (the caller's, from `current_request`), capped where a cap
+is documented, never a fixed budget shorter than what the caller granted.
 """
 
 from __future__ import annotations
@@ -76,10 +81,9 @@ class GatewayService:
         seed: int | None = None, stream: bool = True,
     ) -> AsyncIterator[dict[str, Any]]:
         """Generate with `model`; chunks as `inference.generate`, the last one with rate-limit facts."""
-        context = current_request.get()
-        deadline = context.deadline if context is not None else time.monotonic() + _DEFAULT_BUDGET
+        deadline = _deadline()
         try:
-            caller = await self._callers.identify(api_key, token)
+            caller = await self._callers.identify(api_key, token, deadline=deadline)
         except MeshError as exc:
             self._requests.inc(status=exc.code.lower())
             raise
@@ -89,7 +93,7 @@ class GatewayService:
                                     max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                     stop=stop, seed=seed, stream=stream)
             job.prompt_hash = checked.prompt_hash
-            workers = await self._router.workers(model)
+            workers = await self._router.workers(model, deadline=deadline)
             admission = await self._quota.admit(caller.user_id, caller.limits, checked.reserve, deadline=deadline)
         except MeshError as exc:
             self._accounts.finished(job, exc.code.lower())
@@ -113,13 +117,13 @@ class GatewayService:
     @method(public=True, idempotent=True)
     async def models(self) -> dict[str, Any]:
         """Every model some worker serves, with how many workers serve it and how many are healthy."""
-        catalog = await self._router.catalog()
+        catalog = await self._router.catalog(deadline=_deadline())
         return {"models": [{"name": name, **counts} for name, counts in sorted(catalog.items())]}
 
     @method(public=True, idempotent=True)
     async def quota(self, api_key: str | None = None, token: str | None = None) -> dict[str, Any]:
         """The caller's limits: per counter limit, used, remaining and reset (epoch seconds)."""
-        caller = await self._callers.identify(api_key, token)
+        caller = await self._callers.identify(api_key, token, deadline=_deadline())
         facts = await self._quota.snapshot(caller.user_id, caller.limits)
         for fact in facts.values():
             fact["used"] = None if fact["limit"] is None else fact["limit"] - fact["remaining"]
@@ -135,3 +139,9 @@ class GatewayService:
             "requests": {labels[0]: count for labels, count in self._requests.series.items()},
             "worker_retries": self._metrics.counter("gateway_worker_retries_total").value(),
         }
+
+
+def _deadline() -> float:
+    """The deadline of the request being served (time.monotonic()); a long default outside one."""
+    context = current_request.get()
+    return context.deadline if context is not None else time.monotonic() + _DEFAULT_BUDGET

@@ -200,7 +200,7 @@ class ServiceClient:
         self, method: str, attempt: Callable[[Connection, float], Awaitable[T]],
         timeout: float | None, idempotent: bool,
     ) -> T:
-        deadline = time.monotonic() + (timeout or self._mesh.default_timeout)
+        deadline = time.monotonic() + (self._mesh.default_timeout if timeout is None else timeout)
         tried: set[tuple[bytes, str]] = set()
         for number in range(1, self._mesh.attempts + 1):
             left = deadline - time.monotonic()
