@@ -5,8 +5,11 @@
     inferswarm logout                         inferswarm keys create|list|revoke
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
 
-Client commands find the mesh through `--bootstrap HOST:PORT` (or
-`INFERSWARM_BOOTSTRAP`; default the local stack, 127.0.0.1:7400) and accept
+Client commands work from any directory: they find the mesh through
+`--bootstrap HOST:PORT` (or `INFERSWARM_BOOTSTRAP`; default the local stack's,
+from the `mesh.json` that `up` writes in the user's config directory) and
+remember the providers they found in the user's cache directory, so that most
+commands call them directly, without joining the DHT. Every command accepts
 `--json`. Errors are one line on stderr with a meaningful exit code.
 """
 
@@ -23,7 +26,8 @@ from inferswarm import up
 from inferswarm.commands import COMMANDS, Result
 from inferswarm.credentials import Credentials
 from inferswarm.errors import describe, exit_code
-from inferswarm.session import DEFAULT_BOOTSTRAP, ClientSession, SessionError, resolve_mesh_id
+from inferswarm.localmesh import cache_dir
+from inferswarm.session import ClientSession, SessionError, resolve_bootstrap, resolve_mesh_id
 from shared.errors import MeshError
 from shared.logging import configure_logging
 
@@ -33,10 +37,11 @@ __all__ = ["main", "parser"]
 def _client_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--bootstrap", default=os.environ.get("INFERSWARM_BOOTSTRAP", DEFAULT_BOOTSTRAP),
-                        help="host:port of any mesh node (default: the local stack)")
-    common.add_argument("--data-dir", type=Path, default=Path(os.environ.get("INFERSWARM_DATA_DIR", ".data")),
-                        help="the local stack's data directory (for its mesh id)")
+    common.add_argument("--bootstrap", default=os.environ.get("INFERSWARM_BOOTSTRAP") or None,
+                        help="host:port of any mesh node (default: the local stack's)")
+    common.add_argument("--data-dir", type=Path, default=os.environ.get("INFERSWARM_DATA_DIR") or None,
+                        help="a stack's data directory, for its mesh id (default: INFERSWARM_MESH_ID, "
+                             "else the stack `inferswarm up` runs on this machine)")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
     return common
 
@@ -120,11 +125,12 @@ def run_client(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> Result:
     command = COMMANDS[args.action]
     creds = Credentials.load()
-    seeds = [seed.strip() for seed in args.bootstrap.split(",") if seed.strip()]
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)
     try:
-        session = ClientSession(seeds, resolve_mesh_id(args.data_dir), timeout=args.timeout)
+        mesh_id = resolve_mesh_id(args.data_dir)
+        seeds = resolve_bootstrap(args.bootstrap, mesh_id)
+        session = ClientSession(seeds, mesh_id, timeout=args.timeout, cache_dir=cache_dir())
         async with session:
             return await command(args, session, creds)
     except SessionError as exc:

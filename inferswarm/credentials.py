@@ -12,14 +12,14 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from inferswarm.localmesh import config_dir
 from shared.identity import write_private_file
 
 __all__ = ["Credentials", "credentials_path"]
 
 
 def credentials_path() -> Path:
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "inferswarm" / "credentials.json"
+    return config_dir() / "credentials.json"
 
 
 @dataclass

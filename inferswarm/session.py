@@ -1,9 +1,19 @@
-"""A client's way into the mesh: a short-lived DHT node and a public CURVE key.
+"""A client's way into the mesh: cached providers, a DHT node only when needed, a public CURVE key.
 
 The CLI is not a mesh member: it holds the mesh's public id (to check that the
 records it finds were announced by members) and a throwaway CurveZMQ key pair,
 so it can call public methods only -- authenticated by the token or API key it
 passes, like any other client on the network.
+
+Which mesh, and where to join it:
+
+* the mesh id: `INFERSWARM_MESH_ID`, else the `mesh.secret` of an explicitly
+  given data directory (`--data-dir`, `INFERSWARM_DATA_DIR`), else the
+  `mesh.json` that `inferswarm up` wrote on this machine (`localmesh.py`);
+* the bootstrap: `--bootstrap` / `INFERSWARM_BOOTSTRAP`, else `mesh.json`'s
+  (when it describes that same mesh), else 127.0.0.1:7400.
+
+The current directory plays no part.
 """
 
 from __future__ import annotations
@@ -15,12 +25,14 @@ from pathlib import Path
 
 from nacl.public import PrivateKey
 
+from inferswarm.localmesh import load_local_mesh, mesh_file
+from inferswarm.providers import CachedDiscovery, ProviderFile, cache_path, verifier_for
 from shared.dht import KademliaDiscovery
 from shared.errors import Unavailable
 from shared.identity import CurveKeyPair, MeshCredential, MeshId, NodeIdentity
 from shared.rpc import MeshClient, ServiceClient
 
-__all__ = ["ClientSession", "SessionError", "resolve_mesh_id"]
+__all__ = ["ClientSession", "SessionError", "resolve_mesh_id", "resolve_bootstrap"]
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:7400"
 
@@ -29,18 +41,45 @@ class SessionError(Exception):
     """The client cannot reach or recognise the mesh (a one-line message)."""
 
 
-def resolve_mesh_id(data_dir: Path) -> MeshId:
-    """`INFERSWARM_MESH_ID`, else the id of the local stack's mesh secret."""
+def resolve_mesh_id(data_dir: Path | None = None) -> MeshId:
+    """`INFERSWARM_MESH_ID`, else `data_dir`'s mesh secret, else the local stack's `mesh.json`."""
     text = os.environ.get("INFERSWARM_MESH_ID")
     if text:
-        return MeshId.from_text(text)
-    secret_path = data_dir / "mesh.secret"
-    if secret_path.exists():
-        return MeshId(MeshCredential.from_text(secret_path.read_text()).mesh_id)
+        return _mesh_id(text, "INFERSWARM_MESH_ID")
+    if data_dir is not None:
+        secret_path = data_dir / "mesh.secret"
+        try:
+            return MeshId(MeshCredential.from_text(secret_path.read_text()).mesh_id)
+        except (OSError, ValueError) as exc:
+            raise SessionError(f"no mesh id in the data directory {data_dir} ({_reason(exc)}): "
+                               f"set INFERSWARM_MESH_ID (printed by `inferswarm up`) instead") from None
+    local = load_local_mesh()
+    if local is not None:
+        return _mesh_id(local.mesh_id, str(mesh_file()))
     raise SessionError(
-        f"no mesh id: set INFERSWARM_MESH_ID (printed by `inferswarm up`) "
-        f"or run next to the stack's data directory ({data_dir})"
+        f"no mesh id: start a stack on this machine with `inferswarm up` (it writes {mesh_file()}), "
+        f"or set INFERSWARM_MESH_ID and INFERSWARM_BOOTSTRAP (both printed by `inferswarm up`)"
     )
+
+
+def resolve_bootstrap(explicit: str | None, mesh_id: MeshId) -> list[str]:
+    """The seeds to join through: `explicit`, else the local stack's if it is `mesh_id`'s mesh."""
+    if not explicit:
+        local = load_local_mesh()
+        same_mesh = local is not None and local.mesh_id.lower() == mesh_id.mesh_id.hex()
+        explicit = local.bootstrap if same_mesh else DEFAULT_BOOTSTRAP
+    return [seed.strip() for seed in explicit.split(",") if seed.strip()] or [DEFAULT_BOOTSTRAP]
+
+
+def _mesh_id(text: str, source: str) -> MeshId:
+    try:
+        return MeshId.from_text(text)
+    except ValueError as exc:
+        raise SessionError(f"{source}: {exc}") from None
+
+
+def _reason(exc: Exception) -> str:
+    return "no mesh.secret" if isinstance(exc, FileNotFoundError) else str(exc)
 
 
 def source_address(seed: str) -> str:
@@ -60,27 +99,31 @@ def source_address(seed: str) -> str:
 
 
 class ClientSession:
-    """Lookup-only DHT node + mesh client with a public key, for one command."""
+    """Discovery and a mesh client with a public key, for one command.
 
-    def __init__(self, bootstrap: list[str], mesh_id: MeshId, *, timeout: float = 30.0) -> None:
+    Lookups are answered from the provider cache when it can (`cache_dir`,
+    e.g. `cache_dir()` of `localmesh`; None keeps it in memory); only when it
+    cannot does the session start a read-only DHT node and join the mesh, so
+    a command whose providers are cached sends no datagram at all.
+    """
+
+    def __init__(self, bootstrap: list[str], mesh_id: MeshId, *, timeout: float = 30.0,
+                 cache_dir: Path | None = None) -> None:
         self._bootstrap = bootstrap or [DEFAULT_BOOTSTRAP]
         self._mesh_id = mesh_id
         self.timeout = timeout
+        self._cache_dir = cache_dir
         self._stack = AsyncExitStack()
+        self.discovery: CachedDiscovery | None = None
         self.mesh: MeshClient | None = None
 
     async def __aenter__(self) -> ClientSession:
-        discovery = KademliaDiscovery(
-            identity=NodeIdentity.generate(), mesh=self._mesh_id, host=source_address(self._bootstrap[0]),
-            port=0, seeds=self._bootstrap, rpc_timeout=1.0,
-        )
-        await self._stack.enter_async_context(discovery)
-        if not discovery.joined:
-            await self._stack.aclose()
-            seeds = ", ".join(self._bootstrap)
-            raise SessionError(f"cannot reach the mesh at {seeds} (is `inferswarm up` running?)")
+        store = None
+        if self._cache_dir is not None:
+            store = ProviderFile(cache_path(self._mesh_id, self._cache_dir), verifier_for(self._mesh_id))
+        self.discovery = CachedDiscovery(self._join, store)
         keys = CurveKeyPair.from_private(PrivateKey.generate())
-        self.mesh = MeshClient(discovery, keys, default_timeout=self.timeout)
+        self.mesh = MeshClient(self.discovery, keys, default_timeout=self.timeout)
         await self._stack.enter_async_context(self.mesh)
         return self
 
@@ -91,3 +134,17 @@ class ClientSession:
         if self.mesh is None:
             raise Unavailable("session not open")
         return self.mesh(service)
+
+    async def _join(self) -> KademliaDiscovery:
+        """A read-only DHT node joined to the mesh, closed with the session."""
+        node = KademliaDiscovery(
+            identity=NodeIdentity.generate(), mesh=self._mesh_id, host=source_address(self._bootstrap[0]),
+            port=0, seeds=self._bootstrap, rpc_timeout=1.0, read_only=True,
+        )
+        await node.start()
+        if not node.joined:
+            await node.close()
+            seeds = ", ".join(self._bootstrap)
+            raise SessionError(f"cannot reach the mesh at {seeds} (is `inferswarm up` running?)")
+        self._stack.push_async_callback(node.close)
+        return node

@@ -5,7 +5,8 @@ PostgreSQL (embedded, unless `DATABASE_URL` is set) with one database per
 service, the DHT bootstrap node, then every service. Once all are ready it
 prints where things are (or one JSON line with `--json`) and runs until
 SIGINT/SIGTERM, then stops the children newest first and PostgreSQL last,
-keeping the data for the next start.
+keeping the data for the next start. Each step says when it is ready (on
+stderr with `--json`, whose stdout is that one line).
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ import fcntl
 import importlib.util
 import json
 import os
+import shlex
+import shutil
 import signal
 import sys
+import time
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared.db import EmbeddedPostgres, ensure_database
 from shared.identity import MeshCredential
-from inferswarm.supervisor import ChildFailed, ChildSpec, Supervisor
+from inferswarm.localmesh import LocalMesh, save_local_mesh
+from inferswarm.supervisor import Child, ChildFailed, ChildSpec, Supervisor
 
 __all__ = ["add_arguments", "up"]
 
@@ -102,6 +106,9 @@ def service_specs(args: argparse.Namespace, base_env: dict[str, str], databases:
 
 async def start_postgres(stack: AsyncExitStack, data_dir: Path) -> dict[str, str]:
     """One database per service, on DATABASE_URL's server or the embedded one."""
+    # Imported here: asyncpg and pgserver would cost every client command ~0.15 s.
+    from shared.db import EmbeddedPostgres, ensure_database
+
     url = os.environ.get("DATABASE_URL")
     if url is None:
         server = await stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
@@ -111,27 +118,77 @@ async def start_postgres(stack: AsyncExitStack, data_dir: Path) -> dict[str, str
 
 async def run_stack(args: argparse.Namespace, stop: asyncio.Event) -> int:
     data_dir = args.data_dir.resolve()
+    progress(args, f"Starting inferswarm (data in {data_dir}) ...")
     secret_path = data_dir / "mesh.secret"
     credential = MeshCredential.load_or_create(secret_path)  # the first start creates it (0600)
     credential_hex = secret_path.read_text().strip()
     args.mesh_id = credential.mesh_id.hex()
     async with AsyncExitStack() as stack:
+        started = time.monotonic()
         databases = await start_postgres(stack, data_dir)
+        where = "server of DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded"
+        progress(args, f"  {'postgres':<12} ready ({where}, {time.monotonic() - started:.1f} s)")
         supervisor = Supervisor(data_dir / "logs")
         stack.push_async_callback(supervisor.stop)
-        bootstrap = await supervisor.start(ChildSpec("bootstrap", [
+        bootstrap = await start_child(args, supervisor, ChildSpec("bootstrap", [
             sys.executable, "-m", "shared.dht", "--port", str(args.dht_port),
             "--data-dir", str(data_dir / "nodes" / "bootstrap")], {"INFERSWARM_MESH_SECRET": credential_hex}))
+        args.remembered = remember_mesh(args, bootstrap.ready["dht"], data_dir)
         base_env = {
             "INFERSWARM_DATA_DIR": str(data_dir),
             "INFERSWARM_BOOTSTRAP": bootstrap.ready["dht"],
             "INFERSWARM_MESH_SECRET": credential_hex,
         }
         for spec in service_specs(args, base_env, databases):
-            await supervisor.start(spec)
+            await start_child(args, supervisor, spec)
         announce(args, bootstrap.ready["dht"], supervisor, data_dir)
         await stop.wait()
     return 0
+
+
+async def start_child(args: argparse.Namespace, supervisor: Supervisor, spec: ChildSpec) -> Child:
+    """Start one child and say so once it is ready (the bootstrap with its address)."""
+    started = time.monotonic()
+    child = await supervisor.start(spec)
+    where = f" {child.ready['dht']}" if spec.name == "bootstrap" else ""
+    progress(args, f"  {spec.name:<12} ready{where} ({time.monotonic() - started:.1f} s)")
+    return child
+
+
+def progress(args: argparse.Namespace, line: str) -> None:
+    """A step of the start: on stdout for people; with --json on stderr, as
+    stdout is then one JSON line."""
+    print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
+def cli_command() -> str:
+    """How to run this `inferswarm` from a shell in our working directory:
+    `inferswarm` if the PATH finds this very script, else its path (relative
+    when it is under the cwd: `.venv/bin/inferswarm`)."""
+    entry = Path(sys.argv[0])
+    if entry.suffix == ".py":  # `python -m inferswarm.cli`: the script installed beside that python
+        entry = Path(sys.executable).parent / "inferswarm"
+        if not entry.is_file():
+            return f"{shlex.quote(sys.executable)} -m inferswarm.cli"
+    entry = entry.resolve()
+    on_path = shutil.which("inferswarm")
+    if on_path and Path(on_path).resolve() == entry:
+        return "inferswarm"
+    if entry.is_relative_to(Path.cwd()):
+        relative = str(entry.relative_to(Path.cwd()))
+        return shlex.quote(relative if "/" in relative else f"./{relative}")  # a bare name would search the PATH
+    return shlex.quote(str(entry))
+
+
+def remember_mesh(args: argparse.Namespace, bootstrap: str, data_dir: Path) -> bool:
+    """Tell CLIs on this machine, whatever their directory, which mesh runs here
+    and where to join it (`mesh.json` in the user's config directory)."""
+    try:
+        save_local_mesh(LocalMesh(mesh_id=args.mesh_id, bootstrap=bootstrap, data_dir=str(data_dir)))
+    except OSError as exc:  # a read-only home: CLIs then need INFERSWARM_MESH_ID and INFERSWARM_BOOTSTRAP
+        print(f"inferswarm: could not save the mesh for local CLIs: {exc}", file=sys.stderr, flush=True)
+        return False
+    return True
 
 
 def announce(args: argparse.Namespace, bootstrap: str, supervisor: Supervisor, data_dir: Path) -> None:
@@ -154,9 +211,12 @@ def announce(args: argparse.Namespace, bootstrap: str, supervisor: Supervisor, d
     print(f"  metrics    {summary['metrics']}")
     print(f"  logs       {data_dir / 'logs'}")
     print("Try it:")
-    print("  inferswarm register alice alice@example.com && inferswarm login alice")
-    print("  inferswarm keys create laptop")
-    print('  inferswarm infer "Write a haiku about the sea."')
+    if not getattr(args, "remembered", True):  # no mesh.json: say what a CLI here needs
+        print(f"  export INFERSWARM_MESH_ID={args.mesh_id} INFERSWARM_BOOTSTRAP={shlex.quote(bootstrap)}")
+    cli = cli_command()
+    print(f"  {cli} register alice alice@example.com && {cli} login alice")
+    print(f"  {cli} keys create laptop")
+    print(f'  {cli} infer "Write a haiku about the sea."')
     print("Press Ctrl-C to stop.", flush=True)
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["free_udp_port", "free_tcp_port", "alive", "start_up", "read_ready", "Cli"]
+__all__ = ["free_udp_port", "free_tcp_port", "alive", "xdg_homes", "start_up", "read_ready", "Cli"]
 
 
 def free_udp_port() -> int:
@@ -34,8 +34,16 @@ def alive(pid: int) -> bool:
     return status.exists() and "zombie" not in status.read_text()
 
 
+def xdg_homes(data_dir: Path) -> dict[str, str]:
+    """The config and cache homes of the stack on `data_dir` and of its CLIs
+    (where `up` writes mesh.json): beside it, never the real home's."""
+    base = data_dir.parent / f"{data_dir.name}-home"
+    return {"XDG_CONFIG_HOME": str(base / "config"), "XDG_CACHE_HOME": str(base / "cache")}
+
+
 def start_up(data_dir: Path, dht_port: int, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, **(env or {})}
+    """`inferswarm up --json` on `data_dir`, with XDG homes of its own (`xdg_homes`)."""
+    env = {**{k: v for k, v in os.environ.items() if k != "DATABASE_URL"}, **xdg_homes(data_dir), **(env or {})}
     return subprocess.Popen(
         [sys.executable, "-m", "inferswarm.cli", "up", "--json", "--data-dir", str(data_dir),
          "--dht-port", str(dht_port), "--metrics-port", str(free_tcp_port()),
@@ -55,9 +63,12 @@ def read_ready(proc: subprocess.Popen) -> dict:
 class Cli:
     """Runs `inferswarm` client commands against one stack, as one user."""
 
-    def __init__(self, data_dir: Path, dht_port: int, config_home: Path) -> None:
+    def __init__(self, data_dir: Path, dht_port: int, config_home: Path, cache_home: Path | None = None) -> None:
+        # The provider cache beside the credentials unless told: one user, one machine.
+        cache_home = cache_home or config_home.with_name(config_home.name + "-cache")
         self.env = {**os.environ, "INFERSWARM_DATA_DIR": str(data_dir),
-                    "INFERSWARM_BOOTSTRAP": f"127.0.0.1:{dht_port}", "XDG_CONFIG_HOME": str(config_home)}
+                    "INFERSWARM_BOOTSTRAP": f"127.0.0.1:{dht_port}", "XDG_CONFIG_HOME": str(config_home),
+                    "XDG_CACHE_HOME": str(cache_home)}
         self.env.pop("INFERSWARM_API_KEY", None)
 
     def __call__(self, *args: str, stdin: str | None = None, timeout: float = 60, **env: str):

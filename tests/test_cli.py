@@ -98,7 +98,7 @@ def test_requests_reach_prometheus_through_the_metrics_service(cli, stack):
 
 
 @pytest.mark.timeout(240)
-def test_error_paths_print_one_line_and_a_meaningful_exit_code(cli, stack):
+def test_error_paths_print_one_line_and_a_meaningful_exit_code(cli, stack, tmp_path):
     data_dir, port, _ = stack
     assert cli("register", "dave", "dave@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0
     cases = [
@@ -115,7 +115,9 @@ def test_error_paths_print_one_line_and_a_meaningful_exit_code(cli, stack):
         assert len(lines) == 1 and fragment in lines[0].lower(), (args, result.stderr)
         assert "Traceback" not in result.stderr
 
-    unreachable = cli("keys", "list", "--bootstrap", f"127.0.0.1:{free_udp_port()}")
+    # The DHT is joined only when the provider cache cannot answer: a fresh one here.
+    unreachable = cli("models", "--bootstrap", f"127.0.0.1:{free_udp_port()}",
+                      XDG_CACHE_HOME=str(tmp_path / "fresh-cache"))
     assert unreachable.returncode == 6
     assert "cannot reach the mesh" in unreachable.stderr
 
