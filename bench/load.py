@@ -270,7 +270,8 @@ class Stack:
         catalog = {MODEL: {"backend": "echo", "slots": 256, "queue": 1024, "delay": DELAY}}
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_")}
         env.update(INFERSWARM_MODELS=json.dumps(catalog), INFERSWARM_ADMIN_EMAILS=ADMIN,
-                   INFERSWARM_TIER_UNLIMITED_TOKENS_PER_MONTH="none", INFERSWARM_LOG_LEVEL="warning")
+                   INFERSWARM_TIER_UNLIMITED_TOKENS_PER_MONTH="none", INFERSWARM_LOG_LEVEL="warning",
+                   XDG_CONFIG_HOME=str(self.root / "config"), XDG_CACHE_HOME=str(self.root / "cache"))
         with open(self.root / "up.log", "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "inferswarm.cli", "up", "--json", "--data-dir", str(self.data),

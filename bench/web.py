@@ -110,6 +110,7 @@ def start_stack(data_dir: Path, fixed_url: str, web_port: int) -> subprocess.Pop
         "INFERSWARM_MODELS": json.dumps({MODEL: {"backend": "openai", "url": fixed_url, "slots": 256,
                                                  "queue": 256}}),
         "INFERSWARM_CACHE_TTL": "0", "INFERSWARM_ADMIN_EMAILS": ADMIN, "INFERSWARM_LOG_LEVEL": "warning",
+        "XDG_CONFIG_HOME": str(data_dir.parent / "config"), "XDG_CACHE_HOME": str(data_dir.parent / "cache"),
     })
     proc = subprocess.Popen(
         [sys.executable, "-m", "inferswarm.cli", "up", "--json", "--data-dir", str(data_dir), "--dht-port", "0",

@@ -78,7 +78,7 @@ class Cluster:
     def on_host_a(self, argv: list[str], *, stdin: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
         """A command run by the client on host a, which knows only the bootstrap and the mesh id."""
         env = {**os.environ, "INFERSWARM_BOOTSTRAP": self.bootstrap, "INFERSWARM_MESH_ID": self.mesh_id,
-               "XDG_CONFIG_HOME": str(self.root / "client"), "INFERSWARM_DATA_DIR": str(self.root / "client")}
+               "XDG_CONFIG_HOME": str(self.root / "client"), "XDG_CACHE_HOME": str(self.root / "client-cache")}
         env.pop("INFERSWARM_API_KEY", None)
         return subprocess.run([*self.network.exec_prefix("a"), *argv], input=stdin, capture_output=True,
                               text=True, timeout=timeout, env=env)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openai_server import OpenAIServer
+from stack import xdg_homes
 
 __all__ = ["MODEL", "PASSWORD", "ADMIN_EMAIL", "free_tcp_port", "ModelServer", "WebStack",
            "web_stack"]
@@ -88,7 +89,7 @@ def web_stack(root: Path, **env: str) -> Iterator[WebStack]:
             "INFERSWARM_ADMIN_EMAILS": ADMIN_EMAIL,
             "INFERSWARM_ARGON2_TIME_COST": "1", "INFERSWARM_ARGON2_MEMORY_KIB": "8192",
             "INFERSWARM_ARGON2_PARALLELISM": "1", "INFERSWARM_CACHE_TTL": "0",
-            "INFERSWARM_LOG_LEVEL": "warning", **env,
+            "INFERSWARM_LOG_LEVEL": "warning", **xdg_homes(data_dir), **env,
         })
         stderr = open(root / "up.stderr", "w")  # a file: an undrained pipe could block `up`
         proc = subprocess.Popen(
