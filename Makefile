@@ -58,6 +58,7 @@ test: install system-test-deps
 bench: install
 	$(BIN)/python bench/rpc.py
 	$(BIN)/python bench/dht.py
+	$(BIN)/python bench/cli.py
 	$(BIN)/python bench/auth.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/gateway.py

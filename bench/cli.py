@@ -236,7 +236,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = {"help_p50_s": round(statistics.median(help_s), 3)}
         print(f"baseline `inferswarm --help`: p50 {result['help_p50_s']:.3f} s", flush=True)
         result.update(sequential(stack, args.sequential))
-        print(f"{args.sequential} sequential `models --json`: p50 {result['p50_s']:.3f} s, p99 {result['p99_s']:.3f} s, "
+        print(f"{args.sequential} sequential `models --json`: p50 {result['p50_s']:.3f} s, "
+              f"p99 {result['p99_s']:.3f} s, "
               f"first 50 {result['first50_p50_s']:.3f} s, last 50 {result['last50_p50_s']:.3f} s "
               f"(drift {result['drift']:.2f}), {result['failures_sequential']} failed", flush=True)
         result.update(await concurrent(stack, args.concurrent))

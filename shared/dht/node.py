@@ -74,8 +74,9 @@ class KademliaDiscovery:
     `port=0` picks a free port; `address` is then the "host:port" other nodes
     use as a seed. `read_only=True` makes a client node (BEP 43, see
     PROTOCOL.md): it looks up, never announces, answers nobody and enters no
-    routing table -- what a short-lived process (a CLI call) must be. `neighbours_path` is a JSON file of known peers, read as
-    extra seeds on start and rewritten periodically and on close.
+    routing table -- what a short-lived process (a CLI call) must be.
+    `neighbours_path` is a JSON file of known peers, read as extra seeds on
+    start and rewritten periodically and on close.
     """
 
     def __init__(

@@ -209,7 +209,8 @@ class DHTProtocol(KademliaProtocol):
         return self.storage.put(key, record, self.verifier.lifetime(record))
 
     def rpc_find_node(self, sender: Address, nodeid: bytes, key: bytes) -> list[list[Any]]:
-        return [[node.id, node.ip, node.port] for node in self.neighbours(Node(key), exclude=sender)]
+        neighbours = self.neighbours(Node(key), exclude=(sender[0], sender[1]))
+        return [[node.id, node.ip, node.port] for node in neighbours]
 
     def rpc_find_value(self, sender: Address, nodeid: bytes, key: bytes) -> dict[str, list[Any]]:
         nodes = self.rpc_find_node(sender, nodeid, key)
