@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from contextlib import AsyncExitStack
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from shared.config import MeshConfig
 from shared.rpc import Dispatcher
@@ -55,3 +59,16 @@ class Calls:
 
 async def start_auth(stack: AsyncExitStack, data_dir: Path, dsn: str, **overrides: Any) -> Calls:
     return Calls(await open_auth(stack, cheap_config(data_dir, **overrides), dsn))
+
+
+@asynccontextmanager
+async def table_locked(dsn: str, table: str) -> AsyncIterator[float]:
+    """Hold `table` in ACCESS EXCLUSIVE mode (every read of it waits) until the
+    block ends: auth made slow for real. Yields when the lock was taken."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield time.monotonic()
+    finally:
+        await conn.close()

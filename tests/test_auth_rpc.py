@@ -11,8 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +28,8 @@ from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
 from shared.rpc import Connection, Dispatcher, MeshClient, RpcServer
 from shared.runner import join_mesh
 from services.auth.client import KeyValidator
-from services.auth.keys import hash_key
 from services.auth.store import INVALIDATION_CHANNEL
-from auth_support import PASSWORD, Calls, start_auth
+from auth_support import PASSWORD, Calls, start_auth, table_locked
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -237,18 +235,6 @@ async def test_untrusted_key_validator_shares_one_call_among_callers_of_a_key(pg
         validator.cache.evict(key_id=answers[0]["key_id"], user_id=answers[0]["user_id"])
         await asyncio.gather(first, validator.validate(key))
         assert calls == 3
-
-
-@asynccontextmanager
-async def table_locked(dsn: str, table: str) -> AsyncIterator[None]:
-    """Hold `table` in ACCESS EXCLUSIVE mode (every read of it waits) until the block ends."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        async with conn.transaction():
-            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-            yield
-    finally:
-        await conn.close()
 
 
 async def outcome(started: float, call: asyncio.Task[Any], limit: float) -> tuple[float, Any]:

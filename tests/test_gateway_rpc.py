@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import Any
 
 import asyncpg
@@ -34,6 +33,7 @@ from shared.errors import (
 )
 from shared.identity import CurveKeyPair
 from shared.rpc import Connection
+from auth_support import table_locked
 from gateway_support import MODEL, GatewayMesh, infer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -226,18 +226,6 @@ async def test_the_callers_deadline_reaches_the_worker(mesh):
     rows = await mesh.records_settle(ivy.id, 1)
     assert rows[0]["status"] == "timeout"
     assert rows[0]["completion_tokens"] == late.value.data["delivered_tokens"]
-
-
-@asynccontextmanager
-async def table_locked(dsn: str, table: str) -> AsyncIterator[float]:
-    """Hold `table` in ACCESS EXCLUSIVE mode (every read of it waits); yields when it was taken."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        async with conn.transaction():
-            await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-            yield time.monotonic()
-    finally:
-        await conn.close()
 
 
 async def outcome(call: asyncio.Task[Any], limit: float) -> tuple[float, Any]:
