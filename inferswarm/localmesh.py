@@ -16,12 +16,12 @@ the records it finds) and where to join it. `INFERSWARM_MESH_ID` and
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from shared.identity import write_private_file
 
 __all__ = ["LocalMesh", "config_dir", "cache_dir", "mesh_file", "load_local_mesh", "save_local_mesh",
            "atomic_write"]
@@ -41,22 +41,8 @@ def mesh_file() -> Path:
     return config_dir() / "mesh.json"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` (0600): readers see the old file or the new one, never a part.
-
-    Each writer has a temporary file of its own, so concurrent writers never
-    mix their bytes: the last `os.replace` wins.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+#: Replace a file atomically, 0600 (one helper for every private file we write).
+atomic_write = write_private_file
 
 
 @dataclass(frozen=True)

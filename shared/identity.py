@@ -21,9 +21,11 @@ member derives the same:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +71,25 @@ def curve_key_of(node_key: bytes) -> bytes:
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Write `data` to `path` readable by the owner only (0600), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    """Write `data` to `path` readable by the owner only (0600), atomically.
+
+    Readers see the old file or the new one, never a part. The bytes go to a
+    temporary file of a random name created with `O_EXCL | O_NOFOLLOW`
+    (`tempfile.mkstemp`), never to a predictable name: a link planted there
+    by someone who can write the directory cannot redirect the secret, nor
+    truncate another file. Directories made on the way are 0700. Concurrent
+    writers each have their own temporary file; the last `os.replace` wins.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class NodeIdentity:

@@ -8,8 +8,9 @@
                                    is closed after this (15)
     INFERSWARM_WEB_TLS_CERT / _KEY PEM files: serve HTTPS (cookies are then always `Secure`)
     INFERSWARM_WEB_SECURE_COOKIES  force `Secure` cookies behind a TLS-terminating proxy (false)
-    INFERSWARM_WEB_TRUST_PROXY     take the client address from X-Forwarded-For and the scheme
-                                   from X-Forwarded-Proto (false: only behind a proxy you run)
+    INFERSWARM_WEB_TRUST_PROXY     one reverse proxy you run stands in front: take the client
+                                   address and scheme from the right-most X-Forwarded-For and
+                                   X-Forwarded-Proto values, the ones it appended (false)
     INFERSWARM_WEB_SECRET_FILE     the key signing CSRF tokens (default <data_dir>/web/secret.key);
                                    every web instance behind one load balancer must share it
     INFERSWARM_WEB_RPC_TIMEOUT     deadline of one RPC call to auth, gateway or metrics, s (10)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import secrets
 from pathlib import Path
 
@@ -87,22 +88,33 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
         response.headers.setdefault("Cache-Control", "no-store")
 
 
+def _from_proxy(request: web.Request, header: str) -> str:
+    """The right-most value of a forwarding header: the one our proxy wrote.
+
+    With `TRUST_PROXY`, one reverse proxy stands in front of web and appends
+    what it saw to `X-Forwarded-For`/`-Proto`; everything left of that came
+    from the client, who can write anything there (e.g. a fresh address per
+    login attempt, to escape the throttle)."""
+    return request.headers.get(header, "").split(",")[-1].strip()
+
+
 def is_secure(request: web.Request) -> bool:
     """Served over TLS here, or (when trusted) at the proxy, or forced by config."""
     if request.app.get(FORCE_SECURE, False) or request.secure:
         return True
     if request.app.get(TRUST_PROXY, False):
-        return request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip() == "https"
+        return _from_proxy(request, "X-Forwarded-Proto") == "https"
     return False
 
 
 def client_addr(request: web.Request) -> str:
     """The HTTP client's address, for login throttling (X-Forwarded-For only when trusted)."""
     if request.app.get(TRUST_PROXY, False):
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        first = forwarded.split(",")[0].strip()
-        if first:
-            return first[:64]
+        forwarded = _from_proxy(request, "X-Forwarded-For")
+        try:
+            return str(ipaddress.ip_address(forwarded))
+        except ValueError:
+            pass  # not an address: the proxy did not write it, so trust the socket
     return (request.remote or "unknown")[:64]
 
 

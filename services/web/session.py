@@ -9,6 +9,7 @@ valid session the browser is sent to the login page, which brings it back.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -42,9 +43,16 @@ async def load_session(request: web.Request) -> bool:
     return True
 
 
+#: A path on this site: one slash, then no second slash or backslash, and only
+#: URL characters -- no tab, newline or other control character, which browsers
+#: strip before parsing (`/\t/evil.example` is `//evil.example` to them).
+_SAME_SITE_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.~?=&%+:@!$'()*,;#-]*")
+
+
 def safe_next(target: str | None, default: str = "/dashboard") -> str:
-    """A same-site path to go back to; anything else (`//evil`, `https:`) is the default."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    """A same-site path to go back to; anything else (`//evil`, `https:`, `/\t/evil`,
+    `/%2F/evil`, `/\\evil`) is the default."""
+    if not target or not _SAME_SITE_PATH.fullmatch(target) or target[:4].lower() in ("/%2f", "/%5c"):
         return default
     return target
 
