@@ -113,3 +113,20 @@ def test_a_link_planted_at_a_private_file_s_temporary_name_redirects_nothing(tmp
     leftovers = {p.name for p in secret.parent.iterdir()} - {"mesh.secret", "mesh.secret.tmp", ".mesh.secret.tmp"}
     assert leftovers == set()
     assert Path(secret.parent / "mesh.secret.tmp").is_symlink()  # left alone, not followed
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+async def test_a_cross_site_post_that_is_not_json_is_refused(stack, content_type):
+    """What a page on another site can send without a CORS preflight: never acted on."""
+    name = f"forged{content_type.split('/')[1][:5].replace('-', '')}"
+    body = f'{{"username": "{name}", "email": "{name}@example.com", "password": "{PASSWORD}"}}'
+    async with aiohttp.ClientSession() as http:
+        reply = await http.post(f"{stack.base_url}/api/auth/register", data=body.encode(),
+                                headers={"Content-Type": content_type, "Origin": "https://evil.example"})
+        assert reply.status == 400
+        error = (await reply.json())["error"]
+        assert error["code"] == "DECODE_ERROR" and "application/json" in error["message"]
+        # nothing was registered: the same account can still be made, as JSON
+        made = await http.post(f"{stack.base_url}/api/auth/register", json={
+            "username": name, "email": f"{name}@example.com", "password": PASSWORD})
+        assert made.status == 201, await made.text()

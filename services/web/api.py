@@ -35,7 +35,15 @@ routes = web.RouteTableDef()
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object; DECODE_ERROR (400) for anything else."""
+    """The request's JSON object; DECODE_ERROR (400) for anything else.
+
+    Only as `Content-Type: application/json`: a page on another site can
+    POST `text/plain` or a form without asking first (no CORS preflight), so
+    a body of any other type could be someone else's forged request.
+    """
+    if request.content_type != "application/json":
+        raise DecodeError("send the body as JSON, with Content-Type: application/json",
+                          {"content_type": request.content_type[:64]})
     try:
         body = await request.json(loads=json.loads)
     except ValueError:
