@@ -21,6 +21,7 @@ import pytest_asyncio
 from nacl.public import PrivateKey
 
 from shared.db import ensure_database
+from shared.dht import model_topic
 from shared.errors import (
     InvalidParams,
     MethodNotFound,
@@ -90,6 +91,22 @@ async def test_a_request_flows_end_to_end_with_limits_and_accounting(mesh):
         assert time.monotonic() < deadline, health
         await asyncio.sleep(0.1)
     assert health["status"] == "ok" and health["live_gateways"] == 2
+
+
+async def test_the_response_cache_tells_no_user_what_another_asked(mesh):
+    """Deterministic answers are cached per user: with nell's answer cached on
+    every worker, otto asking the same is generated afresh (`cached: false`),
+    nell asking again is a hit whichever worker the gateway picks."""
+    nell, otto = await mesh.user("nell"), await mesh.user("otto")
+    asked = {"messages": [{"role": "user", "content": "nell's private question " + secrets.token_hex(4)}],
+             "temperature": 0, "max_tokens": 3}
+    for worker in await mesh.wait_for(model_topic(MODEL), 3):
+        stream = await mesh.client.mesh.connection(worker).stream(
+            "inference.generate", {"model": MODEL, **asked, "tenant": f"user:{nell.id}"}, timeout=30)
+        assert [chunk async for chunk in stream][-1]["cached"] is False
+    connection = (await mesh.gateways())[0]
+    assert (await infer(connection, otto.api_key, **asked))[-1]["cached"] is False
+    assert (await infer(connection, nell.api_key, **asked))[-1]["cached"] is True
 
 
 async def test_a_limit_of_n_admits_exactly_n_across_both_gateways_under_64_callers(mesh):

@@ -293,3 +293,8 @@ def test_cache_ttl_bounds_and_counts():
     disabled = ResponseCache(ttl=0, max_entries=10, max_bytes=1000)
     disabled.put("a", response)
     assert not disabled.enabled and len(disabled) == 0
+
+
+def test_cache_key_is_per_tenant():
+    assert cache_key("m", _request(), "user:1") != cache_key("m", _request(), "user:2")
+    assert cache_key("m", _request(), "user:1") == cache_key("m", _request(), "user:1")

@@ -104,6 +104,7 @@ class GatewayService:
             raise
         self._accounts.admitted(job, admission)
         checked.params["priority"] = caller.priority
+        checked.params["tenant"] = f"user:{caller.user_id}"  # the worker's response cache is per user
         self.in_flight += 1
         self._in_flight.set(self.in_flight)
         try:

@@ -1,9 +1,12 @@
 """An exact-match cache of finished responses to deterministic requests.
 
 Only a request whose answer cannot vary is cached: temperature 0 (greedy) or a
-fixed seed. The key is a SHA-256 over the model name and every input that
-shapes the answer (messages or prompt, max_tokens, temperature, top_p, stop,
-seed), so two requests share an entry only when they are the same request.
+fixed seed. The key is a SHA-256 over the tenant, the model name and every
+input that shapes the answer (messages or prompt, max_tokens, temperature,
+top_p, stop, seed), so two requests share an entry only when they are the same
+request of the same tenant. Keyed per tenant because a hit shows -- in its
+`cached: true` and in its speed -- that the same prompt was sent before: across
+users that would tell one what another asked.
 Entries live `ttl` seconds; the cache holds at most `max_entries` entries and
 `max_bytes` bytes of text, evicting the least recently used first. Hits and
 misses are counted (a request that is not deterministic is neither).
@@ -38,9 +41,10 @@ class CachedResponse:
         return len(self.text.encode()) + 64
 
 
-def cache_key(model: str, request: GenerateRequest) -> str:
-    """The key of `request` to `model`: equal exactly when the inputs are equal."""
+def cache_key(model: str, request: GenerateRequest, tenant: str = "") -> str:
+    """The key of `tenant`'s `request` to `model`: equal exactly when all of them are."""
     material = {
+        "tenant": tenant,
         "model": model,
         "messages": request.message_dicts() if request.messages is not None else None,
         "prompt": request.prompt,

@@ -1,7 +1,9 @@
 """The inference service: generation over the worker's models, with slots and a cache.
 
     inference.generate      model, messages | prompt, max_tokens, temperature, top_p,
-                            stop, seed, stream, priority -> stream of chunks
+                            stop, seed, stream, priority, tenant -> stream of chunks
+                            (`tenant`: whose request, an opaque string; the response
+                            cache is kept per tenant)
     inference.models        -> the models this worker serves, their backends, slots, health
     inference.model_status  model -> loaded, healthy, last error, latency, speed, cache counts
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.dht import model_topic
-from shared.errors import NotFound, Unavailable
+from shared.errors import InvalidParams, NotFound, Unavailable
 from shared.logging import get_logger
 from shared.rpc import current_request, method
 from services.inference.backends.base import Backend, Done
@@ -98,7 +100,7 @@ class InferenceService:
         self, model: str, messages: list[Any] | None = None, prompt: str | None = None,
         max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
         stop: str | list[Any] | None = None, seed: int | None = None, stream: bool = True,
-        priority: int | str = 0,
+        priority: int | str = 0, tenant: str = "",
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream the generation's text, then one final chunk (see the module doc)."""
         served = self._served(model)
@@ -108,7 +110,9 @@ class InferenceService:
         )
         rank = priority_of(priority)
         timing = _Timing()
-        key = cache_key(model, request) if request.deterministic and self.cache.enabled else None
+        if not isinstance(tenant, str) or len(tenant) > 128:
+            raise InvalidParams("tenant must be a string of at most 128 characters", {"param": "tenant"})
+        key = cache_key(model, request, tenant) if request.deterministic and self.cache.enabled else None
         hit = self.cache.get(model, key) if key is not None else None
         if hit is not None:
             for chunk in self._replay(served, hit, timing):
