@@ -328,6 +328,26 @@ class MeshConfig:
     max_message_bytes: int = env(
         "INFERSWARM_MAX_MESSAGE_BYTES", default=1_048_576, parse=positive(_parse_int)
     )
+    # What callers may cost this process's RPC server (shared/rpc/PROTOCOL.md, Limits).
+    rpc_max_depth: int = env("INFERSWARM_RPC_MAX_DEPTH", default=32, parse=positive(_parse_int))
+    rpc_public_max_items: int = env(
+        "INFERSWARM_RPC_PUBLIC_MAX_ITEMS", default=16_384, parse=positive(_parse_int)
+    )
+    rpc_max_in_flight: int = env(
+        "INFERSWARM_RPC_MAX_IN_FLIGHT", default=4096, parse=positive(_parse_int)
+    )
+    rpc_public_max_in_flight: int = env(
+        "INFERSWARM_RPC_PUBLIC_MAX_IN_FLIGHT", default=1024, parse=positive(_parse_int)
+    )
+    rpc_peer_max_in_flight: int = env(
+        "INFERSWARM_RPC_PEER_MAX_IN_FLIGHT", default=32, parse=positive(_parse_int)
+    )
+    rpc_public_max_timeout: float = env(
+        "INFERSWARM_RPC_PUBLIC_MAX_TIMEOUT", default=300.0, parse=positive(_parse_float)
+    )
+    rpc_stall_timeout: float = env(
+        "INFERSWARM_RPC_STALL_TIMEOUT", default=30.0, parse=positive(_parse_float)
+    )
 
     def __post_init__(self) -> None:
         # A wildcard bind address is no address a peer can dial: announcing

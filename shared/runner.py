@@ -43,7 +43,7 @@ from shared.dht import Announcer, KademliaDiscovery, service_topic
 from shared.identity import MeshCredential, NodeIdentity
 from shared.logging import configure_logging
 from shared.metrics import REQUESTS, RPC_ERRORS, Metrics, MetricsReporter
-from shared.rpc import Dispatcher, MeshClient, RpcServer
+from shared.rpc import Dispatcher, Limits, MeshClient, RpcServer
 
 __all__ = ["MeshNode", "join_mesh", "mesh_credential", "serve", "run", "VERSION"]
 
@@ -156,6 +156,15 @@ async def serve(
             port=config.rpc_port,
             advertise_host=config.advertised_host,
             max_message_bytes=config.max_message_bytes,
+            limits=Limits(
+                max_depth=config.rpc_max_depth,
+                public_max_items=config.rpc_public_max_items,
+                max_in_flight=config.rpc_max_in_flight,
+                public_max_in_flight=config.rpc_public_max_in_flight,
+                peer_max_in_flight=config.rpc_peer_max_in_flight,
+                public_max_timeout=config.rpc_public_max_timeout,
+                stall_timeout=config.rpc_stall_timeout,
+            ),
             drain_timeout=drain_timeout,
             observe=_request_counter(node.metrics, service),
         )

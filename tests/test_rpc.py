@@ -387,20 +387,30 @@ async def test_garbage_gets_decode_error_and_server_survives(probe_server, mesh,
 
 async def test_oversized_request_is_too_large(probe_server, mesh, node, context, client):
     _, server = probe_server
-    sock = raw_dealer(context, server, node, mesh.client)
-    await sock.send(codec.encode_request(5, "probe.echo", {"value": "x" * 100_000}, 1000, "t"))
-    reply = codec.decode(await asyncio.wait_for(sock.recv(), 2))
-    assert reply[1:4] == [codec.ERROR, 5, "TOO_LARGE"]
-    sock.close()
-    # The client refuses to send it at all, with the same typed error.
-    with pytest.raises(errors.TooLarge):
-        await client.call("probe.echo", {"value": "x" * 100_000})
+    same_cap = Connection(server.endpoint, node.curve.public, mesh.client, context=context,
+                          max_message_bytes=64 * 1024)
+    same_cap.open()
+    try:
+        # The client refuses to send it at all (the server's libzmq would drop the connection).
+        with pytest.raises(errors.TooLarge):
+            await same_cap.call("probe.echo", {"value": "x" * 100_000})
+        # A reply over the cap is TOO_LARGE too, not a frame the client's libzmq would drop.
+        with pytest.raises(errors.TooLarge):
+            await same_cap.call("probe.echo", {"value": "x" * 1000, "times": 100})
+        assert await same_cap.call("probe.echo", {"value": "fine"}) == "fine"
+    finally:
+        await same_cap.close()
+    # A client with a larger cap than the server's loses that connection, at once and typed.
+    started = time.monotonic()
+    with pytest.raises(errors.Unavailable):
+        await client.call("probe.echo", {"value": "x" * 100_000}, timeout=5)
+    assert time.monotonic() - started < 2
 
 
-async def test_frame_over_the_hard_cap_drops_only_that_peer(probe_server, mesh, node, context, client):
+async def test_frame_over_the_cap_drops_only_that_peer(probe_server, mesh, node, context, client):
     _, server = probe_server
     sock = raw_dealer(context, server, node, mesh.client)
-    await sock.send(b"\x00" * (1024 * 1024))  # 16x the cap: libzmq drops the connection
+    await sock.send(b"\x00" * (64 * 1024 + 1))  # one byte over the cap: libzmq drops the connection
     await asyncio.sleep(0.2)
     sock.close()
     assert await client.call("probe.echo", {"value": "fine"}) == "fine"

@@ -6,6 +6,10 @@ events into typed errors at once instead of at the deadline: a refused key is
 `UNAUTHENTICATED`, an unreachable or vanished server `UNAVAILABLE`. An
 `UNAVAILABLE` whose `data["retry_safe"]` is true never reached a server, so
 the mesh client may retry it anywhere.
+
+Replies are untrusted input too: libzmq drops a connection whose frame is
+over the size cap, and replies are decoded with the codec's limits (size,
+structure, depth); one that fails fails its call with the typed error.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from shared.errors import (
-    DecodeError,
     Internal,
     MeshError,
     Timeout,
@@ -71,7 +74,7 @@ class Connection:
         client_keys: CurveKeyPair,
         *,
         context: zmq.asyncio.Context,
-        max_message_bytes: int = 1 << 20,
+        max_message_bytes: int = codec.MAX_BYTES,
         connect_timeout: float = 3.0,
         stream_window: int = 64,
     ) -> None:
@@ -81,6 +84,7 @@ class Connection:
         self._client_keys = client_keys
         self._ctx = context
         self._max = max_message_bytes
+        self._decoder = codec.Decoder(max_bytes=max_message_bytes)
         self._connect_timeout = connect_timeout
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any] | asyncio.Queue[Any]] = {}
@@ -110,6 +114,8 @@ class Connection:
         sock.curve_publickey = self._client_keys.public
         sock.curve_secretkey = self._client_keys.secret
         sock.linger = 0
+        # A larger reply drops the connection, its body never read.
+        sock.maxmsgsize = self._max + codec.CURVE_OVERHEAD
         sock.immediate = True  # never queue requests for a server not yet there
         sock.reconnect_ivl = 100
         sock.reconnect_ivl_max = 2000
@@ -326,9 +332,10 @@ class Connection:
 
     def _on_message(self, data: bytes) -> None:
         try:
-            message = codec.decode(data)
-        except DecodeError as exc:
-            log.warning("undecodable reply", endpoint=self.endpoint, error=exc.message)
+            message = self._decoder.decode(data)
+        except MeshError as exc:  # DECODE_ERROR or TOO_LARGE
+            log.warning("undecodable reply", endpoint=self.endpoint, code=exc.code, error=exc.message)
+            self._fail_undecodable(exc)
             return
         kind, request_id = message[1], message[2]
         sink = self._pending.get(request_id)
@@ -355,6 +362,15 @@ class Connection:
             self._deliver(request_id, sink, _END, final=True)
         else:
             log.warning("unexpected reply kind", endpoint=self.endpoint, kind=kind)
+
+    def _fail_undecodable(self, exc: MeshError) -> None:
+        """Fail the call a bad reply was for, when its id could be read, rather
+        than leave the caller waiting for its deadline."""
+        request_id = exc.data.pop("id", None)
+        sink = self._pending.get(request_id) if request_id is not None else None
+        if sink is not None:
+            self._deliver(request_id, sink, exc, final=True)
+            self._send_cancel(request_id)
 
     def _deliver(self, request_id: int, sink: Any, item: Any, *, final: bool) -> None:
         if isinstance(sink, asyncio.Queue):

@@ -8,6 +8,12 @@ Access (see identity.py): a server whose methods are all internal admits only
 the mesh client key at the CURVE handshake (ZAP allow-list). A server with a
 public method admits any CURVE client and checks each request: internal
 methods then require the caller's key (ZAP `User-Id`) to be the mesh key.
+
+Cost (see limits.py and PROTOCOL.md, Limits): libzmq drops a connection whose
+frame is over the size cap; a public caller's message is decoded with an item
+budget; requests in flight are capped in total, for public callers together
+and per public key; a public caller's deadline is capped; a stream or reply
+whose reader stalls is cut after `stall_timeout`.
 """
 
 from __future__ import annotations
@@ -39,22 +45,41 @@ from shared.identity import CurveKeyPair
 from shared.rpc import codec
 from shared.rpc.deadlines import DeadlineQueue
 from shared.rpc.eager import start_eager
+from shared.rpc.limits import Admission, Limits
 from shared.rpc.pump import SocketPump
 from shared.rpc.dispatcher import Dispatcher, Handler, RequestContext, current_request, method
 
-__all__ = ["RpcServer"]
+__all__ = ["RpcServer", "Limits"]
 
 log = structlog.get_logger(__name__)
 
-#: libzmq drops a peer whose frame exceeds MAXMSGSIZE; below it, frames over
-#: the application cap still get a TOO_LARGE reply.
-_HARD_CAP_FACTOR = 4
 _SEND_RETRY_S = 0.002
 _ZAP_DOMAIN = "inferswarm"
 
 
 def _ignore(method: str, status: str) -> None:
     pass
+
+
+class _Stalled(Timeout):
+    """A stream's reader granted no credit for `stall_timeout`."""
+
+
+class _WarnOncePerSecond:
+    """Warnings any peer can trigger at will, at most one a second per event
+    (with how many were left out), so a flood of garbage is no flood of logs."""
+
+    def __init__(self) -> None:
+        self._quiet_until: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        if now < self._quiet_until.get(event, 0.0):
+            self._left_out[event] = self._left_out.get(event, 0) + 1
+            return
+        self._quiet_until[event] = now + 1.0
+        log.warning(event, left_out=self._left_out.pop(event, 0), **fields)
 
 
 class _KeyAllowList:
@@ -92,7 +117,8 @@ class RpcServer:
 
     Use as an async context manager: on exit it drains (new requests get
     `UNAVAILABLE` with `retry_safe`, in-flight ones get `drain_timeout` to
-    finish), then closes the socket.
+    finish), then closes the socket. `limits` bound what callers may cost
+    (see limits.py); `max_message_bytes` is the size cap of every frame.
     """
 
     def __init__(
@@ -104,7 +130,8 @@ class RpcServer:
         host: str = "127.0.0.1",
         port: int = 0,
         advertise_host: str | None = None,
-        max_message_bytes: int = 1 << 20,
+        max_message_bytes: int = codec.MAX_BYTES,
+        limits: Limits | None = None,
         drain_timeout: float = 10.0,
         observe: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -116,9 +143,17 @@ class RpcServer:
             dispatcher.add(_Builtins(self))
         self._curve = curve
         self._members = frozenset(members)
+        self._member_ids = frozenset(key.decode() for key in self._members)  #: as ZAP's User-Id
         self._host, self._port = host, port
         self._advertise_host = advertise_host or host
         self._max = max_message_bytes
+        self.limits = limits = limits or Limits()
+        self._decoder = codec.Decoder(max_bytes=max_message_bytes, max_depth=limits.max_depth)
+        self._public_decoder = codec.Decoder(max_bytes=max_message_bytes, max_depth=limits.max_depth,
+                                             max_items=limits.public_max_items)
+        self._admission = Admission(limits)
+        self._public_timeout_ms = max(1, int(limits.public_max_timeout * 1000))
+        self._warn = _WarnOncePerSecond()
         self._drain_timeout = drain_timeout
         #: Only a mixed (public + internal) server checks membership per request.
         self._check_members = dispatcher.has_public
@@ -162,7 +197,9 @@ class RpcServer:
         sock.curve_secretkey = self._curve.secret
         sock.zap_domain = _ZAP_DOMAIN.encode()
         sock.router_mandatory = True  # unroutable replies raise instead of vanishing
-        sock.maxmsgsize = self._max * _HARD_CAP_FACTOR
+        # libzmq drops the connection of a peer whose frame is over the cap,
+        # reading only its size, never its body: nothing larger ever reaches us.
+        sock.maxmsgsize = self._max + codec.CURVE_OVERHEAD
         sock.linger = 0
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6000)
@@ -226,47 +263,56 @@ class RpcServer:
 
     def _on_message(self, frames: list[Any]) -> None:
         if len(frames) != 2:
-            log.warning("dropped message with unexpected frame count", frames=len(frames))
+            self._warn("dropped message with unexpected frame count", frames=len(frames))
             return
         ident, payload = frames[0], frames[1]
-        if not isinstance(ident, bytes):
+        if isinstance(payload, bytes):  # copied frames: a members-only server
+            data, peer, member = payload, "", True
+        else:  # zero-copy frames carry the caller's key (ZAP User-Id)
             ident = ident.bytes
+            data, peer = payload.buffer, payload.get("User-Id") or ""
+            member = peer in self._member_ids
+        # Public callers' messages are decoded with an item budget (codec.py).
+        decoder = self._decoder if member else self._public_decoder
         try:
-            message = codec.decode_inbound(payload if isinstance(payload, bytes) else payload.buffer)
-        except DecodeError as exc:
-            log.warning("undecodable request", error=exc.message)
-            self._send(ident, codec.encode_error(exc.data.get("id", 0), *exc.to_wire()))
+            message = decoder.decode_inbound(data)
+        except MeshError as exc:  # DECODE_ERROR or TOO_LARGE
+            self._warn("undecodable request", code=exc.code, error=exc.message, member=member)
+            self._send(ident, self._error(exc.data.get("id", 0), exc))
             return
         if type(message) is codec.Cancel:
-            self._cancel(ident, message.id)
+            self._cancel(ident, message.id)  # an unknown id costs a lookup, nothing more
             return
         if type(message) is codec.Credit:
             window = self._windows.get((ident, message.id))
             if window is not None:  # else a stream that already ended
                 window.grant(message.chunks)
             return
-        self._on_request(ident, payload, message)  # type: ignore[arg-type]
+        self._on_request(ident, message, peer, member)  # type: ignore[arg-type]
 
-    def _on_request(self, ident: bytes, payload: bytes | zmq.Frame, request: codec.Request) -> None:
+    def _on_request(self, ident: bytes, request: codec.Request, peer: str, member: bool) -> None:
         try:
-            handler, peer = self._admit(payload, request)
+            handler = self._admit(request, peer, member)
         except MeshError as exc:
             known = self._dispatcher.get(request.method) is not None
             self._observe(request.method if known else "other", exc.code)
-            self._send(ident, codec.encode_error(request.id, *exc.to_wire()))
+            self._send(ident, self._error(request.id, exc))
             return
         key = (ident, request.id)
         if key in self._tasks:
             error = DecodeError("request id already in flight on this connection")
             self._send(ident, codec.encode_error(request.id, *error.to_wire()))
             return
+        if not member and request.timeout_ms > self._public_timeout_ms:
+            request = request._replace(timeout_ms=self._public_timeout_ms)
         loop = self._loop
         assert loop is not None
         # Most handlers answer without waiting: run them now, in this loop
         # turn; only one that suspends keeps a task (and a deadline).
-        task = start_eager(loop, self._run(ident, request, handler, peer), contextvars.copy_context())
+        task = start_eager(loop, self._run(ident, request, handler, peer, member), contextvars.copy_context())
         if task is not None and not task.done():
             self._tasks[key] = task
+            self._admission.enter(peer, member)
             self._deadlines.add(loop, request.timeout_ms / 1000, key)
 
     def _expire(self, key: Any) -> None:
@@ -275,23 +321,20 @@ class RpcServer:
             self._expired.add(key)
             task.cancel()
 
-    def _admit(self, payload: bytes | zmq.Frame, request: codec.Request) -> tuple[Handler, str]:
+    def _admit(self, request: codec.Request, peer: str, member: bool) -> Handler:
         """Decide whether a decoded request may run; raise the typed refusal."""
-        if len(payload) > self._max:
-            raise TooLarge(f"message of {len(payload)} bytes exceeds {self._max}", {"limit": self._max})
         handler = self._dispatcher.get(request.method)
         if handler is None:
             raise MethodNotFound(f"no method {request.method!r}")
-        peer = ""
-        if self._check_members:
-            peer = payload.get("User-Id") or ""  # type: ignore[union-attr]
-            if not handler.spec.public and peer.encode() not in self._members:
-                raise Forbidden(f"{request.method} is open to mesh members only")
+        if not member and not handler.spec.public:
+            raise Forbidden(f"{request.method} is open to mesh members only")
         if self._draining:
             raise Unavailable("server is shutting down", {"retry_safe": True})
         if request.timeout_ms <= 0:
             raise Timeout("deadline passed before the request was started")
-        return handler, peer
+        if request.method != "rpc.ping":  # a ping never waits: a busy server is still alive
+            self._admission.check(peer, member)  # the in-flight caps
+        return handler
 
     def _cancel(self, ident: bytes, request_id: int) -> None:
         task = self._tasks.get((ident, request_id))
@@ -300,7 +343,7 @@ class RpcServer:
 
     # -- running a handler -----------------------------------------------------
 
-    async def _run(self, ident: bytes, request: codec.Request, handler: Handler, peer: str) -> None:
+    async def _run(self, ident: bytes, request: codec.Request, handler: Handler, peer: str, member: bool) -> None:
         budget = request.timeout_ms / 1000
         current_request.set(
             RequestContext(
@@ -308,8 +351,7 @@ class RpcServer:
                 trace_id=request.trace_id,
                 deadline=time.monotonic() + budget,
                 peer=peer,
-                # A members-only server admitted nobody else at the handshake.
-                member=not self._check_members or peer.encode() in self._members,
+                member=member,  # a members-only server admitted nobody else at the handshake
             )
         )
         structlog.contextvars.bind_contextvars(trace_id=request.trace_id)
@@ -319,11 +361,15 @@ class RpcServer:
                 await self._run_stream(ident, request, handler)
             else:
                 result = await handler.call(request.params)
-                await self._send_waiting(ident, codec.encode_reply(request.id, result))
+                await self._send_waiting(ident, self._fitting(codec.encode_reply(request.id, result)))
+        except _Stalled as exc:  # the reader is not reading: tell it without waiting on it
+            status = exc.code
+            log.info("stream reader stalled; stopping", method=request.method, error=exc.message)
+            self._send(ident, self._error(request.id, exc))
         except MeshError as exc:
             status = exc.code
             self._log_error(request, exc)
-            await self._send_waiting(ident, codec.encode_error(request.id, *exc.to_wire()))
+            await self._send_waiting(ident, self._error(request.id, exc))
         except asyncio.CancelledError:
             if (ident, request.id) in self._expired:
                 status = Timeout.code
@@ -341,7 +387,8 @@ class RpcServer:
         finally:
             self._observe(request.method, status)
             key = (ident, request.id)
-            self._tasks.pop(key, None)
+            if self._tasks.pop(key, None) is not None:  # else it never suspended, never counted
+                self._admission.leave(peer, member)
             self._expired.discard(key)
 
     async def _run_stream(self, ident: bytes, request: codec.Request, handler: Handler) -> None:
@@ -353,8 +400,9 @@ class RpcServer:
         try:
             async for item in stream:
                 if window is not None:
-                    await window.take()  # the reader's credit: it holds at most `window` chunks unread
-                if not await self._send_waiting(ident, codec.encode_chunk(request.id, item)):
+                    # The reader's credit: it holds at most `window` chunks unread.
+                    await window.take(self.limits.stall_timeout)
+                if not await self._send_waiting(ident, self._fitting(codec.encode_chunk(request.id, item))):
                     log.info("stream reader gone; stopping", method=request.method)
                     return
             await self._send_waiting(ident, codec.encode_end(request.id))
@@ -370,6 +418,21 @@ class RpcServer:
 
     # -- sending ---------------------------------------------------------------
 
+    def _fitting(self, data: bytes) -> bytes:
+        """`data`, or `TooLarge` when the peer's libzmq would drop it (and
+        with it the whole connection, every other call of that client too)."""
+        if len(data) > self._max:
+            raise TooLarge(f"answer of {len(data)} bytes exceeds {self._max}", {"limit": self._max})
+        return data
+
+    def _error(self, request_id: int, exc: MeshError) -> bytes:
+        """An error frame; one whose message or data is over the cap keeps only its code."""
+        data = codec.encode_error(request_id, *exc.to_wire())
+        if len(data) > self._max:
+            code = exc.to_wire()[0]
+            data = codec.encode_error(request_id, code, f"{code} (details over the size cap)", {})
+        return data
+
     def _send(self, ident: bytes, data: bytes) -> bool:
         """Send one reply now; False when the peer is gone or its queue is full."""
         if self._pump is None:
@@ -384,11 +447,13 @@ class RpcServer:
         return True
 
     async def _send_waiting(self, ident: bytes, data: bytes) -> bool:
-        """Send a chunk, reply or error, waiting (within the deadline) while the peer's queue is full.
+        """Send a chunk, reply or error, waiting while the peer's queue is full:
+        within the deadline, and for at most `stall_timeout` on end.
 
         Only a request's first refusal and a deadline's TIMEOUT use `_send`:
         under load a full queue must delay the END or the reply, not drop it
         (the caller would wait for it until its deadline)."""
+        give_up = 0.0
         while True:
             if self._pump is None:
                 return False
@@ -400,6 +465,12 @@ class RpcServer:
                     return False  # the client disconnected: stop generating
                 if exc.errno != zmq.EAGAIN:
                     raise
+            now = time.monotonic()
+            if not give_up:
+                give_up = now + self.limits.stall_timeout
+            elif now >= give_up:
+                log.info("reader stalled; stopping", stalled_s=self.limits.stall_timeout)
+                return False  # a reader that reads nothing holds no slot for ever
             await asyncio.sleep(_SEND_RETRY_S)  # a slow reader: back-pressure
 
 
@@ -412,10 +483,16 @@ class _Window:
         self.available = size
         self._more = asyncio.Event()
 
-    async def take(self) -> None:
+    async def take(self, patience: float) -> None:
+        """One chunk's credit; `_Stalled` when none comes within `patience` seconds."""
         while self.available <= 0:
             self._more.clear()
-            await self._more.wait()  # the request's deadline or a CANCEL ends the wait
+            try:  # the request's deadline or a CANCEL also ends the wait
+                async with asyncio.timeout(patience):
+                    await self._more.wait()
+            except TimeoutError:
+                raise _Stalled(f"the reader granted no credit for {patience:g}s",
+                               {"stalled_s": patience}) from None
         self.available -= 1
 
     def grant(self, chunks: int) -> None:
