@@ -128,9 +128,11 @@ def best(rounds: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float
 
 
 async def prepare_user(auth: Any) -> str:
-    """An admin, and a user moved to a tier with large limits; the user's API key."""
+    """An admin (granted by us, a mesh member, as the operator does), and a user moved to a
+    tier with large limits; the user's API key."""
     for name, email in (("benchadmin", ADMIN), ("benchuser", "bench-user@example.org")):
         await auth.call("auth.register", {"username": name, "email": email, "password": PASSWORD})
+    await auth.call("auth.grant_admin", {"user": "benchadmin", "reason": "bench"})
     admin = (await auth.call("auth.login", {"username_or_email": "benchadmin", "password": PASSWORD}))["token"]
     await auth.call("auth.set_tier", {"token": admin, "user": "benchuser", "tier": "unlimited"})
     user = (await auth.call("auth.login", {"username_or_email": "benchuser", "password": PASSWORD}))["token"]
@@ -164,7 +166,7 @@ async def main(seconds: float, rounds: int) -> None:
             stack.push_async_callback(children.stop)
             await asyncio.gather(
                 children.start("auth", [sys.executable, "-m", "services.auth"], DATABASE_URL=auth_dsn,
-                               INFERSWARM_DATA_DIR=str(root / "auth"), INFERSWARM_ADMIN_EMAILS=ADMIN,
+                               INFERSWARM_DATA_DIR=str(root / "auth"),
                                INFERSWARM_TIER_UNLIMITED_TOKENS_PER_MONTH="100000000000"),
                 children.start("worker", [sys.executable, "-m", "services.inference"],
                                INFERSWARM_DATA_DIR=str(root / "worker"), INFERSWARM_CACHE_TTL="0",

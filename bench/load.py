@@ -269,7 +269,7 @@ class Stack:
     async def start(self) -> dict[str, Any]:
         catalog = {MODEL: {"backend": "echo", "slots": 256, "queue": 1024, "delay": DELAY}}
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_")}
-        env.update(INFERSWARM_MODELS=json.dumps(catalog), INFERSWARM_ADMIN_EMAILS=ADMIN,
+        env.update(INFERSWARM_MODELS=json.dumps(catalog),
                    INFERSWARM_TIER_UNLIMITED_TOKENS_PER_MONTH="none", INFERSWARM_LOG_LEVEL="warning",
                    XDG_CONFIG_HOME=str(self.root / "config"), XDG_CACHE_HOME=str(self.root / "cache"))
         with open(self.root / "up.log", "w") as log:
@@ -336,9 +336,11 @@ class Clients:
 
 
 async def prepare_user(auth: Any) -> str:
-    """An admin, and a user moved to the "unlimited" tier; the user's API key."""
+    """An admin (granted by us, a mesh member, as the operator does), and a user moved to the
+    "unlimited" tier; the user's API key."""
     for name, email in (("loadadmin", ADMIN), ("loaduser", "load-user@example.org")):
         await auth.call("auth.register", {"username": name, "email": email, "password": PASSWORD})
+    await auth.call("auth.grant_admin", {"user": "loadadmin", "reason": "bench"})
     admin = (await auth.call("auth.login", {"username_or_email": "loadadmin", "password": PASSWORD}))["token"]
     await auth.call("auth.set_tier", {"token": admin, "user": "loaduser", "tier": "unlimited"})
     user = (await auth.call("auth.login", {"username_or_email": "loaduser", "password": PASSWORD}))["token"]

@@ -109,7 +109,7 @@ def start_stack(data_dir: Path, fixed_url: str, web_port: int) -> subprocess.Pop
     env.update({
         "INFERSWARM_MODELS": json.dumps({MODEL: {"backend": "openai", "url": fixed_url, "slots": 256,
                                                  "queue": 256}}),
-        "INFERSWARM_CACHE_TTL": "0", "INFERSWARM_ADMIN_EMAILS": ADMIN, "INFERSWARM_LOG_LEVEL": "warning",
+        "INFERSWARM_CACHE_TTL": "0", "INFERSWARM_LOG_LEVEL": "warning",
         "XDG_CONFIG_HOME": str(data_dir.parent / "config"), "XDG_CACHE_HOME": str(data_dir.parent / "cache"),
     })
     proc = subprocess.Popen(
@@ -124,7 +124,8 @@ def start_stack(data_dir: Path, fixed_url: str, web_port: int) -> subprocess.Pop
 
 
 async def unlimited_key(base: str, data_dir: Path, bootstrap: str) -> str:
-    """Register the caller and an admin, move the caller to the unlimited tier, make a key."""
+    """Register the caller and an admin (granted by us, a mesh member, as the operator does),
+    move the caller to the unlimited tier, make a key."""
     async with aiohttp.ClientSession() as http:
         for name, email in (("bench", "bench@example.com"), ("bench-admin", ADMIN)):
             await http.post(f"{base}/api/auth/register", json={"username": name, "email": email, "password": PASSWORD})
@@ -137,6 +138,7 @@ async def unlimited_key(base: str, data_dir: Path, bootstrap: str) -> str:
             node = await join_mesh(stack, "bench-client", MeshConfig(
                 data_dir=data_dir.parent / "client", bootstrap=(bootstrap,), mesh_secret=Secret(secret)),
                 read_only=True)
+            await node.mesh("auth").call("auth.grant_admin", {"user": "bench-admin", "reason": "bench"})
             await node.mesh("auth").call("auth.set_tier", {"token": tokens["bench-admin"], "user": "bench",
                                                            "tier": "unlimited"})
         reply = await http.post(f"{base}/api/auth/api-keys", json={"name": "bench"},

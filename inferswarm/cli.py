@@ -4,6 +4,7 @@
     inferswarm register USERNAME EMAIL        inferswarm login USERNAME_OR_EMAIL
     inferswarm logout                         inferswarm keys create|list|revoke
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
+    inferswarm admin grant|revoke USER        (the operator: needs the mesh secret)
 
 Client commands work from any directory: they find the mesh through
 `--bootstrap HOST:PORT` (or `INFERSWARM_BOOTSTRAP`; default the local stack's,
@@ -11,6 +12,10 @@ from the `mesh.json` that `up` writes in the user's config directory) and
 remember the providers they found in the user's cache directory, so that most
 commands call them directly, without joining the DHT. Every command accepts
 `--json`. Errors are one line on stderr with a meaningful exit code.
+
+`admin grant` and `admin revoke` call auth as a mesh member, with the key
+derived from the mesh secret (`member.py`): whoever holds the secret is the
+operator. Without it they stop at once with exit code 3.
 """
 
 from __future__ import annotations
@@ -27,11 +32,16 @@ from inferswarm.commands import COMMANDS, Result
 from inferswarm.credentials import Credentials
 from inferswarm.errors import describe, exit_code
 from inferswarm.localmesh import cache_dir
+from inferswarm.member import NotAMember, member_credential
 from inferswarm.session import ClientSession, SessionError, resolve_bootstrap, resolve_mesh_id
 from shared.errors import MeshError
+from shared.identity import MeshId
 from shared.logging import configure_logging
 
 __all__ = ["main", "parser"]
+
+#: Commands that call members-only methods, with the mesh secret's key.
+MEMBER_COMMANDS = frozenset({"admin grant", "admin revoke"})
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -40,8 +50,9 @@ def _client_options() -> argparse.ArgumentParser:
     common.add_argument("--bootstrap", default=os.environ.get("INFERSWARM_BOOTSTRAP") or None,
                         help="host:port of any mesh node (default: the local stack's)")
     common.add_argument("--data-dir", type=Path, default=os.environ.get("INFERSWARM_DATA_DIR") or None,
-                        help="a stack's data directory, for its mesh id (default: INFERSWARM_MESH_ID, "
-                             "else the stack `inferswarm up` runs on this machine)")
+                        help="a stack's data directory, for its mesh id (and, for admin grant/revoke, "
+                             "its mesh.secret; default: INFERSWARM_MESH_ID, else the stack `inferswarm up` "
+                             "runs on this machine)")
     common.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer")
     return common
 
@@ -100,6 +111,11 @@ def parser() -> argparse.ArgumentParser:
     set_tier = client("admin set-tier", "change a user's tier (admins only)", admin)
     set_tier.add_argument("user", help="id, username or email")
     set_tier.add_argument("tier", choices=["free", "pro", "enterprise", "unlimited"])
+    for action, help in (("grant", "make a user an administrator (the operator: needs the mesh secret)"),
+                         ("revoke", "withdraw a user's administration (needs the mesh secret)")):
+        command = client(f"admin {action}", help, admin)
+        command.add_argument("user", help="id (digits), username or email")
+        command.add_argument("--reason", help="recorded in the audit log")
     return root
 
 
@@ -110,6 +126,9 @@ def run_client(args: argparse.Namespace) -> int:
     except MeshError as error:
         print(f"inferswarm: {describe(error)}", file=sys.stderr)
         return exit_code(error)
+    except NotAMember as error:
+        print(f"inferswarm: {error}", file=sys.stderr)
+        return 3
     except SessionError as error:
         print(f"inferswarm: {error}", file=sys.stderr)
         return 6
@@ -128,9 +147,14 @@ async def _run(args: argparse.Namespace) -> Result:
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)
     try:
-        mesh_id = resolve_mesh_id(args.data_dir)
+        keys = None
+        if args.action in MEMBER_COMMANDS:
+            credential = member_credential(args.data_dir, f"`inferswarm {args.action}`")
+            mesh_id, keys = MeshId(credential.mesh_id), credential.client
+        else:
+            mesh_id = resolve_mesh_id(args.data_dir)
         seeds = resolve_bootstrap(args.bootstrap, mesh_id)
-        session = ClientSession(seeds, mesh_id, timeout=args.timeout, cache_dir=cache_dir())
+        session = ClientSession(seeds, mesh_id, timeout=args.timeout, cache_dir=cache_dir(), keys=keys)
         async with session:
             return await command(args, session, creds)
     except SessionError as exc:

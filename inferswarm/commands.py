@@ -138,6 +138,35 @@ async def admin_set_tier(args: Namespace, session: ClientSession, creds: Credent
     return Result(f"{user['username']} is now on the {user['tier']} tier", user)
 
 
+async def admin_grant(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    """As a mesh member: `auth.grant_admin` (no login needed, the mesh secret is the authority)."""
+    return await _set_admin(args, session, "grant")
+
+
+async def admin_revoke(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    return await _set_admin(args, session, "revoke")
+
+
+async def _set_admin(args: Namespace, session: ClientSession, action: str) -> Result:
+    ref = args.user
+    params: dict[str, Any] = {"user": int(ref) if ref.isascii() and ref.isdigit() else ref}
+    if args.reason:
+        params["reason"] = args.reason
+    user = await session("auth").call(f"auth.{action}_admin", params)
+    # Non-ASCII shown escaped: the operator sees "\u0430dmin", not a look-alike of "admin".
+    who = f"{shown(user['username'])} (id {user['id']}, {shown(user['email'])})"
+    outcomes = {
+        ("grant", True): "is now an administrator", ("grant", False): "was already an administrator",
+        ("revoke", True): "is no longer an administrator", ("revoke", False): "was not an administrator",
+    }
+    return Result(f"{who} {outcomes[action, user['changed']]}", user)
+
+
+def shown(text: str) -> str:
+    """`text` as typed when it is plain printable ASCII, else with escapes (\\u212a)."""
+    return text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
+
+
 def _caller(creds: Credentials) -> dict[str, str]:
     """The API key if there is one, else the session token (the gateway takes either)."""
     key = creds.effective_api_key()
@@ -237,7 +266,8 @@ async def quota(args: Namespace, session: ClientSession, creds: Credentials) -> 
 
 
 async def status(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
-    report = await session("metrics").call("metrics.health", idempotent=True)
+    # Through the gateway, for administrators: the report names every endpoint of the mesh.
+    report = await session("gateway").call("gateway.status", {"token": need_token(creds)}, idempotent=True)
     rows = [[i["service"], i["instance"], i["status"], i.get("endpoint") or "-",
              "-" if i.get("latency_ms") is None else f"{i['latency_ms']:.1f} ms"]
             for i in sorted(report["instances"], key=lambda i: (i["service"], i["instance"]))]
@@ -267,6 +297,8 @@ COMMANDS = {
     "keys revoke": keys_revoke,
     "usage": usage,
     "admin set-tier": admin_set_tier,
+    "admin grant": admin_grant,
+    "admin revoke": admin_revoke,
     "status": status,
     "infer": infer,
     "chat": chat,

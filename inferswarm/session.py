@@ -3,7 +3,9 @@
 The CLI is not a mesh member: it holds the mesh's public id (to check that the
 records it finds were announced by members) and a throwaway CurveZMQ key pair,
 so it can call public methods only -- authenticated by the token or API key it
-passes, like any other client on the network.
+passes, like any other client on the network. The operator's commands
+(`inferswarm admin grant`) are the exception: given the mesh secret
+(`member.py`), they call with the mesh client key instead.
 
 Which mesh, and where to join it:
 
@@ -108,11 +110,13 @@ class ClientSession:
     """
 
     def __init__(self, bootstrap: list[str], mesh_id: MeshId, *, timeout: float = 30.0,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, keys: CurveKeyPair | None = None) -> None:
         self._bootstrap = bootstrap or [DEFAULT_BOOTSTRAP]
         self._mesh_id = mesh_id
         self.timeout = timeout
         self._cache_dir = cache_dir
+        #: The CURVE key to call with: a throwaway one, or a member's (`MeshCredential.client`).
+        self._keys = keys
         self._stack = AsyncExitStack()
         self.discovery: CachedDiscovery | None = None
         self.mesh: MeshClient | None = None
@@ -122,7 +126,7 @@ class ClientSession:
         if self._cache_dir is not None:
             store = ProviderFile(cache_path(self._mesh_id, self._cache_dir), verifier_for(self._mesh_id))
         self.discovery = CachedDiscovery(self._join, store)
-        keys = CurveKeyPair.from_private(PrivateKey.generate())
+        keys = self._keys or CurveKeyPair.from_private(PrivateKey.generate())
         self.mesh = MeshClient(self.discovery, keys, default_timeout=self.timeout)
         await self._stack.enter_async_context(self.mesh)
         return self

@@ -1,4 +1,8 @@
-"""Helpers shared by the auth tests: a cheap config, a running service, calls by wire name."""
+"""Helpers shared by the auth tests: a cheap config, a running service, calls by wire name.
+
+Admins are made as the operator makes them: `auth.grant_admin`, a members-only
+method (`Calls.admin` calls the handler; over RPC, call it with the mesh key).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from services.auth.app import open_auth
 from services.auth.config import AuthConfig
 from services.auth.service import AuthService
 
-ADMIN_EMAIL = "root@example.org"
+ADMIN_EMAIL = "root@example.org"  #: the address tests give the admin they grant (it confers nothing)
 PASSWORD = "correct horse battery staple"
 
 
@@ -24,7 +28,6 @@ def cheap_config(data_dir: Path, **overrides: Any) -> AuthConfig:
     """Production shape, test costs: argon2 at its minimum, short intervals."""
     options: dict[str, Any] = dict(
         mesh=MeshConfig(data_dir=data_dir),
-        admin_emails=(ADMIN_EMAIL,),
         argon2_time_cost=1,
         argon2_memory_kib=8,
         argon2_parallelism=1,
@@ -55,6 +58,12 @@ class Calls:
                    password=password)
         answer = await self("login", username_or_email=username, password=password)
         return answer["token"]
+
+    async def admin(self, username: str, email: str = ADMIN_EMAIL, password: str = PASSWORD) -> str:
+        """Register, be granted admin as the operator would (`auth.grant_admin`), log in; the token."""
+        token = await self.user(username, email, password)
+        await self("grant_admin", user=username, reason="test")
+        return token
 
 
 async def start_auth(stack: AsyncExitStack, data_dir: Path, dsn: str, **overrides: Any) -> Calls:

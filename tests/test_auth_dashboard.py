@@ -7,7 +7,7 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from auth_support import ADMIN_EMAIL, Calls, start_auth
+from auth_support import Calls, start_auth
 from shared.errors import Forbidden, InvalidParams, Unauthenticated
 
 
@@ -45,7 +45,7 @@ async def test_recent_usage_is_the_callers_newest_first(auth):
 
 
 async def test_list_users_is_for_admins_only(auth):
-    admin = await auth.user("root", ADMIN_EMAIL)
+    admin = await auth.admin("root")
     member = await auth.user("pia")
     users = await auth("list_users", token=admin)
     assert [u["username"] for u in users] == ["root", "pia"]

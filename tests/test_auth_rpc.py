@@ -298,8 +298,9 @@ async def test_tier_change_and_disabled_user_reach_the_validator_within_a_second
         server = await mesh.serve(await start_auth(stack, tmp_path, pg_dsn))
         web = await mesh.connect(server, outsider())
         token = await session(web, "dave")
-        await web.call("auth.register", {"username": "root", "email": "root@example.org", "password": PASSWORD})
-        admin = (await web.call("auth.login", {"username_or_email": "root", "password": PASSWORD}))["token"]
+        admin = await session(web, "root")
+        operator = await mesh.connect(server)  # the mesh key: only a member may grant admin
+        await operator.call("auth.grant_admin", {"user": "root"})
         key = (await web.call("auth.create_key", {"token": token, "name": "k"}))["api_key"]
         validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
         assert (await validator.validate(key))["tier"] == "free"
@@ -387,7 +388,6 @@ async def test_python_m_services_auth_runs_a_working_process(pg_dsn, tmp_path):
             "INFERSWARM_MESH_SECRET": secret, "INFERSWARM_BOOTSTRAP": client.discovery.address,
             "INFERSWARM_RECORD_TTL": "2", "INFERSWARM_ARGON2_TIME_COST": "1",
             "INFERSWARM_ARGON2_MEMORY_KIB": "8", "INFERSWARM_ARGON2_PARALLELISM": "1",
-            "INFERSWARM_ADMIN_EMAILS": "ops@example.org",
         }
         proc = subprocess.Popen([sys.executable, "-m", "services.auth"], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -398,7 +398,10 @@ async def test_python_m_services_auth_runs_a_working_process(pg_dsn, tmp_path):
             auth = client.mesh("auth")
             await auth.call("auth.register", {"username": "ops", "email": "ops@example.org", "password": PASSWORD})
             login = await auth.call("auth.login", {"username_or_email": "ops", "password": PASSWORD})
-            assert login["user"]["is_admin"]
+            assert not login["user"]["is_admin"]  # registering never makes an admin
+            granted = await auth.call("auth.grant_admin", {"user": "ops"})  # the client is a member
+            assert granted["is_admin"] and granted["changed"]
+            assert (await auth.call("auth.me", {"token": login["token"]}))["is_admin"]
             key = await auth.call("auth.create_key", {"token": login["token"], "name": "k"})
             assert (await auth.call("auth.validate_key", {"api_key": key["api_key"]}))["key_id"] == key["id"]
             assert (tmp_path / "auth" / "auth" / "jwt_ed25519.pem").stat().st_mode & 0o777 == 0o600

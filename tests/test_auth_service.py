@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.errors import Conflict, Forbidden, InvalidParams, NotFound, RateLimited, Unauthenticated
 from services.auth.tokens import TokenVerifier
-from auth_support import ADMIN_EMAIL, PASSWORD, Calls, start_auth
+from auth_support import PASSWORD, Calls, start_auth
 
 HUGE = "x" * 1_000_000
 SQL = "x'); DROP TABLE users; --"
@@ -422,7 +422,7 @@ async def test_too_many_keys_is_a_conflict(pg_dsn, tmp_path):
 
 async def test_set_tier_is_for_admins_and_takes_effect_at_once(auth, db):
     user_token = await auth.user("victor")
-    admin_token = await auth.user("root", email=ADMIN_EMAIL.upper())
+    admin_token = await auth.admin("root")
     key = await auth("create_key", token=user_token, name="k")
     assert (await auth("validate_key", api_key=key["api_key"]))["tier"] == "free"
     with pytest.raises(Forbidden):
@@ -449,7 +449,7 @@ async def test_set_tier_is_for_admins_and_takes_effect_at_once(auth, db):
 
 async def test_disabled_user_loses_keys_and_sessions(auth):
     user_token = await auth.user("wendy")
-    admin_token = await auth.user("root", email=ADMIN_EMAIL)
+    admin_token = await auth.admin("root")
     key = await auth("create_key", token=user_token, name="k")
     await auth("validate_key", api_key=key["api_key"])
     with pytest.raises(Forbidden):

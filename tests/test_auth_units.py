@@ -16,7 +16,7 @@ from shared.config import ConfigError, load
 from shared.errors import InvalidParams, Unauthenticated
 from services.auth import keys
 from services.auth.cache import KeyCache
-from services.auth.config import AuthConfig
+from services.auth.config import RETIRED_ADMIN_EMAILS, AuthConfig
 from services.auth.passwords import PRODUCTION, Argon2Params, PasswordHasher
 from services.auth.throttle import ThrottlePolicy
 from services.auth.tiers import TierConfig, TierTable, parse_limit
@@ -176,11 +176,11 @@ def test_key_cache_evicts_by_key_user_expiry_age_and_size():
 
 def test_config_from_environment(tmp_path):
     config = load(AuthConfig, {
-        "INFERSWARM_DATA_DIR": str(tmp_path), "INFERSWARM_ADMIN_EMAILS": "a@x.org, B@x.org",
+        "INFERSWARM_DATA_DIR": str(tmp_path), "INFERSWARM_ADMIN_EMAILS": "",
         "INFERSWARM_ARGON2_MEMORY_KIB": "131072", "INFERSWARM_TOKEN_TTL": "600",
         "DATABASE_URL": "postgresql://u:secretpw@h/db",
     })
-    assert config.admin_emails == ("a@x.org", "B@x.org") and config.argon2.memory_kib == 131072
+    assert config.argon2.memory_kib == 131072 and not hasattr(config, "admin_emails")
     assert config.jwt_key_path == tmp_path / "auth" / "jwt_ed25519.pem"
     assert "secretpw" not in repr(config)
     with pytest.raises(ConfigError) as info:
@@ -188,3 +188,8 @@ def test_config_from_environment(tmp_path):
     assert len(info.value.problems) == 2
     with pytest.raises(ConfigError):
         load(AuthConfig, {"INFERSWARM_AUTH_POLL_INTERVAL": "2", "INFERSWARM_AUTH_STALE_AFTER": "1"})
+    # Retired: a deployment that still lists admin emails is stopped, and told what replaced it.
+    with pytest.raises(ConfigError) as info:
+        load(AuthConfig, {"INFERSWARM_ADMIN_EMAILS": "a@x.org"})
+    assert info.value.problems == [f"INFERSWARM_ADMIN_EMAILS: {RETIRED_ADMIN_EMAILS}"]
+    assert "inferswarm admin grant" in RETIRED_ADMIN_EMAILS

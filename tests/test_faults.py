@@ -134,7 +134,7 @@ async def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     pg = RestartablePostgres(root / "pg")
     await pg.start()
-    env = {"DATABASE_URL": pg.dsn, "INFERSWARM_MODELS": json.dumps(CATALOG), "INFERSWARM_ADMIN_EMAILS": ADMIN,
+    env = {"DATABASE_URL": pg.dsn, "INFERSWARM_MODELS": json.dumps(CATALOG),
            # cheap password hashing: logins are not what is tested here
            "INFERSWARM_ARGON2_TIME_COST": "1", "INFERSWARM_ARGON2_MEMORY_KIB": "8",
            "INFERSWARM_ARGON2_PARALLELISM": "1"}
@@ -158,7 +158,8 @@ async def stack(tmp_path_factory):
 
 
 async def prepare_users(mesh: MeshNode) -> dict[str, dict[str, Any]]:
-    """An admin; "steady" moved to the unlimited tier; "limited" left on free."""
+    """An admin (granted by us, a mesh member, as the operator grants one); "steady"
+    moved to the unlimited tier; "limited" left on free."""
     auth = mesh.mesh("auth")
     users = {}
     for name, email in (("faultadmin", ADMIN), ("steady", "steady@example.org"), ("limited", "limited@example.org")):
@@ -172,6 +173,7 @@ async def prepare_users(mesh: MeshNode) -> dict[str, dict[str, Any]]:
                 await asyncio.sleep(0.2)
         token = (await auth.call("auth.login", {"username_or_email": name, "password": PASSWORD}))["token"]
         users[name] = {"id": user["id"], "token": token}
+    await auth.call("auth.grant_admin", {"user": "faultadmin", "reason": "faults test"})
     admin = users.pop("faultadmin")["token"]
     await auth.call("auth.set_tier", {"token": admin, "user": "steady", "tier": "unlimited"})
     for name, user in users.items():

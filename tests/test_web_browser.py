@@ -176,7 +176,11 @@ def test_register_login_create_key_once_revoke_and_logout(stack, browser, shots)
         page.reload()
     expect(cells).to_have_text([MODEL, "1", "1", "8", re.compile(r"\d"), "0"])
     page.screenshot(path=shots / "08-models.png", full_page=True)
+    expect(page.locator("nav")).not_to_contain_text("Status")  # the mesh's endpoints are for admins
+    assert page.goto("/status").status == 403
+    stack.grant_admin("ann")
     page.goto("/status")
+    expect(page.locator("nav")).to_contain_text("Status")
     expect(page.locator("table").first).to_contain_text("auth")
     page.screenshot(path=shots / "09-status.png", full_page=True)
 
@@ -228,6 +232,7 @@ def test_pages_fit_a_phone_screen(stack, browser, shots):
     assert fits_the_screen(page)
     page.screenshot(path=shots / "10-phone-landing.png", full_page=True)
     register_and_login(page, "phone-pat")
+    stack.grant_admin("phone-pat")  # to see /status too
     for path, name in (("/dashboard", "11-phone-dashboard"), ("/keys", "12-phone-keys"),
                        ("/status", "13-phone-status")):
         page.goto(path)
@@ -251,6 +256,9 @@ def test_admin_page_is_for_admins_only(stack, browser, shots):
 
     admin = new_page(browser, stack)
     register_and_login(admin, "boss", ADMIN_EMAIL)
+    expect(admin.locator("nav")).not_to_contain_text("Admin")  # an address makes nobody admin
+    stack.grant_admin("boss")  # the operator does, with the mesh secret
+    admin.reload()
     admin.click("nav >> text=Admin")
     admin.fill("#f-user", "plain-pia")
     admin.select_option("#f-tier", "pro")

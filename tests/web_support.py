@@ -6,6 +6,8 @@ on free ports under a temporary data directory. The worker serves the model
 "test-model" through its openai backend from `OpenAIServer` (tests/openai_server.py),
 run here in a thread of its own, so tests can slow its tokens down and count
 the streams that were cut. Passwords are hashed with cheap Argon2 parameters.
+Admins are granted as the operator grants them: `inferswarm admin grant`
+(`WebStack.grant_admin`), a real CLI process holding the stack's mesh secret.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ __all__ = ["MODEL", "PASSWORD", "ADMIN_EMAIL", "free_tcp_port", "ModelServer", "
 
 MODEL = "test-model"
 PASSWORD = "correct-horse-battery-9"
-ADMIN_EMAIL = "admin@example.com"
+ADMIN_EMAIL = "admin@example.com"  #: the address the tests' admin registers with; it confers nothing
 #: The gateway is being built beside this service; inference tests run once it can be started.
 
 
@@ -75,6 +77,15 @@ class WebStack:
     def mesh_secret(self) -> str:
         return (self.data_dir / "mesh.secret").read_text().strip()
 
+    def grant_admin(self, user: str) -> None:
+        """`inferswarm admin grant USER` with this stack's data directory (its mesh secret)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_")}
+        done = subprocess.run(
+            [sys.executable, "-m", "inferswarm.cli", "admin", "grant", user, "--data-dir", str(self.data_dir),
+             "--bootstrap", self.bootstrap], capture_output=True, text=True, timeout=60,
+            env={**env, **xdg_homes(self.data_dir)})
+        assert done.returncode == 0, done.stderr
+
 
 @contextmanager
 def web_stack(root: Path, **env: str) -> Iterator[WebStack]:
@@ -86,7 +97,6 @@ def web_stack(root: Path, **env: str) -> Iterator[WebStack]:
         child_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "INFERSWARM_API_KEY")}
         child_env.update({
             "INFERSWARM_MODELS": json.dumps(models),
-            "INFERSWARM_ADMIN_EMAILS": ADMIN_EMAIL,
             "INFERSWARM_ARGON2_TIME_COST": "1", "INFERSWARM_ARGON2_MEMORY_KIB": "8192",
             "INFERSWARM_ARGON2_PARALLELISM": "1", "INFERSWARM_CACHE_TTL": "0",
             "INFERSWARM_LOG_LEVEL": "warning", **xdg_homes(data_dir), **env,

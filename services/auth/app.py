@@ -36,6 +36,9 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
     stack.push_async_callback(pool.close)
     await apply_migrations(pool, MIGRATIONS)
     store = AuthStore(pool)
+    for user_id, column in await store.fill_folded_names():
+        log.warning("account name folds like an older account's: found by its exact name only",
+                    user_id=user_id, column=column)
     cache = KeyCache(ttl=config.cache_ttl)
     feed = InvalidationFeed(
         store, dsn, cache, poll_interval=config.poll_interval, stale_after=config.stale_after
@@ -55,7 +58,6 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
         throttle=LoginThrottle(store, config.throttle),
         feed=feed,
         housekeeper=housekeeper,
-        admin_emails=config.admin_emails,
         max_keys_per_user=config.max_keys_per_user,
     )
 

@@ -1,7 +1,7 @@
 """The auth service's configuration, read once from the environment.
 
     DATABASE_URL                         PostgreSQL to use (else the embedded one, database "auth")
-    INFERSWARM_ADMIN_EMAILS              comma-separated emails of administrators
+    INFERSWARM_ADMIN_EMAILS              no longer read, and refused when set (see RETIRED_ADMIN_EMAILS)
     INFERSWARM_TOKEN_TTL                 session token lifetime, seconds (3600)
     INFERSWARM_AUTH_JWT_KEY_FILE         Ed25519 signing key (PEM); default <data_dir>/auth/jwt_ed25519.pem
     INFERSWARM_AUTH_ISSUER / _AUDIENCE   JWT iss / aud ("inferswarm-auth" / "inferswarm")
@@ -15,15 +15,20 @@
     INFERSWARM_AUTH_MAX_KEYS             live API keys per account (100)
     INFERSWARM_LOGIN_FREE_FAILURES       failed logins per account before slowing down (5)
     INFERSWARM_LOGIN_CALLER_FREE_FAILURES  ... per caller address (20)
+    INFERSWARM_LOGIN_BASE_DELAY          first lock past the free failures, seconds; doubles each time (1)
     INFERSWARM_LOGIN_MAX_DELAY           longest lock after repeated failures, seconds (300)
     INFERSWARM_TIER_<TIER>_TOKENS_PER_MONTH  token budgets (see tiers.py)
 
 Every auth instance of one mesh must use the same signing key: share the
 file (or point INFERSWARM_AUTH_JWT_KEY_FILE at a copy) when running several.
+
+Administrators are not configured here: the operator grants them with
+`inferswarm admin grant USER` (see README.md, "Administrators").
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +38,24 @@ from services.auth.passwords import Argon2Params
 from services.auth.throttle import ThrottlePolicy
 from services.auth.tiers import TierConfig
 
-__all__ = ["AuthConfig"]
+__all__ = ["AuthConfig", "RETIRED_ADMIN_EMAILS"]
+
+#: Why auth refuses to start with INFERSWARM_ADMIN_EMAILS set. It made admins of
+#: whoever registered a listed address first (addresses are never verified).
+#: Refused rather than ignored: a deployment that still sets it expects those
+#: people to be admins, and should learn at once, not from a warning in a log,
+#: that they are not -- and how admins are made now.
+RETIRED_ADMIN_EMAILS = (
+    "no longer read: registering an address never makes an admin. Remove it, and grant "
+    "administrators with `inferswarm admin grant USER` on a host that holds the mesh secret"
+)
+
+
+def _retired(message: str) -> Callable[[str], None]:
+    def refuse(raw: str) -> None:
+        raise ValueError(message)
+
+    return refuse
 
 
 @dataclass(frozen=True)
@@ -43,7 +65,9 @@ class AuthConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     db: DatabaseConfig = field(default_factory=DatabaseConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
-    admin_emails: tuple[str, ...] = env("INFERSWARM_ADMIN_EMAILS", default=())
+    #: Always None: set, it fails the configuration (see RETIRED_ADMIN_EMAILS).
+    retired_admin_emails: None = env("INFERSWARM_ADMIN_EMAILS", default=None,
+                                     parse=_retired(RETIRED_ADMIN_EMAILS))
     token_ttl: float = env("INFERSWARM_TOKEN_TTL", default=3600.0, parse=positive(float))
     jwt_key_file: Path | None = env("INFERSWARM_AUTH_JWT_KEY_FILE", default=None)
     issuer: str = env("INFERSWARM_AUTH_ISSUER", default="inferswarm-auth")
@@ -60,6 +84,7 @@ class AuthConfig:
     login_caller_free_failures: int = env(
         "INFERSWARM_LOGIN_CALLER_FREE_FAILURES", default=20, parse=positive(int)
     )
+    login_base_delay: float = env("INFERSWARM_LOGIN_BASE_DELAY", default=1.0, parse=positive(float))
     login_max_delay: float = env("INFERSWARM_LOGIN_MAX_DELAY", default=300.0, parse=positive(float))
     pool_size: int = env("INFERSWARM_AUTH_POOL_SIZE", default=10, parse=positive(int))
 
@@ -85,5 +110,6 @@ class AuthConfig:
         return ThrottlePolicy(
             account_free_failures=self.login_free_failures,
             caller_free_failures=self.login_caller_free_failures,
+            base_delay=self.login_base_delay,
             max_delay=self.login_max_delay,
         )

@@ -1,7 +1,8 @@
 """The auth service: accounts, sessions, API keys, usage, tiers.
 
 Public methods (any CURVE client; they carry a password or a token) and
-internal ones (mesh members only: gateways and the web service):
+internal ones (mesh members only: gateways, the web service, the operator's
+`inferswarm admin grant|revoke`):
 
     auth.register      public    username, email, password -> user
     auth.login         public    username_or_email, password[, client_addr] -> token
@@ -13,6 +14,8 @@ internal ones (mesh members only: gateways and the web service):
     auth.usage         public    token[, start, end] -> per day and key
     auth.set_tier      public    token, user, tier -> user (admins only)
     auth.set_active    public    token, user, active -> user (admins only)
+    auth.grant_admin   internal  user[, reason] -> user (the operator: `inferswarm admin grant`)
+    auth.revoke_admin  internal  user[, reason] -> user
     auth.token_key     public    -> the JWT public key
     auth.validate_key  internal  api_key -> user, key, tier, limits, priority, cursor
     auth.verify_token  internal  token -> user
@@ -20,19 +23,22 @@ internal ones (mesh members only: gateways and the web service):
     auth.invalidations internal  since[, limit] -> entries after the cursor
     auth.active_users  internal  -> distinct users over 1 h and 24 h (for metrics)
 
+Nobody becomes an administrator by registering: `is_admin` is set only by
+`grant_admin`, which mesh members alone may call, and read from the database
+on every admin call.
+
 `validate_key` answers from an in-memory cache kept in step with the
 invalidation log by an `InvalidationFeed` (see README.md, "Revocation").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 
-from shared.errors import Conflict, Forbidden, InvalidParams, Unauthenticated
+from shared.errors import Conflict, Forbidden, InvalidParams, RateLimited, Unauthenticated
 from shared.logging import get_logger
 from shared.rpc import current_request, method
 from services.auth import keys as apikeys
@@ -42,7 +48,7 @@ from services.auth.invalidation import InvalidationFeed
 from services.auth.passwords import PasswordHasher
 from services.auth.records import parse_batch
 from services.auth.store import AuthStore
-from services.auth.throttle import LoginThrottle, Subject
+from services.auth.throttle import LoginThrottle
 from services.auth.tiers import DEFAULT_TIER, TierName, TierTable
 from services.auth.tokens import TokenIssuer
 from services.auth.usage_store import UsageStore
@@ -83,7 +89,7 @@ class AuthService:
     def __init__(
         self, store: AuthStore, usage: UsageStore, *, passwords: PasswordHasher,
         tokens: TokenIssuer, tiers: TierTable, throttle: LoginThrottle, feed: InvalidationFeed,
-        housekeeper: Housekeeper, admin_emails: Iterable[str] = (), max_keys_per_user: int = 100,
+        housekeeper: Housekeeper, max_keys_per_user: int = 100,
         max_key_days: int = 3650,
     ) -> None:
         self._store = store
@@ -95,7 +101,6 @@ class AuthService:
         self._feed = feed
         self._cache = feed.cache
         self._housekeeper = housekeeper
-        self._admins = frozenset(e.strip().lower() for e in admin_emails if e.strip())
         self._max_keys = max_keys_per_user
         self._max_key_days = max_key_days
         #: Keys refused for good (unknown, revoked, expired): hash -> reason.
@@ -105,14 +110,13 @@ class AuthService:
 
     @method(public=True)
     async def register(self, username: str, email: str, password: str) -> dict[str, Any]:
-        """Create an account on the free tier; `CONFLICT` if the username or email is taken."""
+        """Create an account on the free tier, never an admin; `CONFLICT` if the username or
+        email is taken (in any form that folds to the same: see `validation.fold`)."""
         username = check.check_username(username)
         email = check.check_email(email)
         check.check_password(password, username=username, email=email)
         password_hash = await self._passwords.hash(password)
-        user = await self._store.create_user(
-            username, email, password_hash, tier=DEFAULT_TIER, is_admin=self._is_admin_email(email)
-        )
+        user = await self._store.create_user(username, email, password_hash, tier=DEFAULT_TIER)
         log.info("user registered", user_id=user["id"])
         return self._user_view(user)
 
@@ -120,18 +124,29 @@ class AuthService:
     async def login(
         self, username_or_email: str, password: str, client_addr: str | None = None
     ) -> dict[str, Any]:
-        """A session token for the right password; failures are slowed down."""
+        """A session token for the right password; guesses are throttled before they are hashed.
+
+        The attempt is reserved (counted) first, then hashed: concurrent
+        guesses queue on the account's count, and a locked one is refused
+        without a hash (see throttle.py for who gets through a lock). A full
+        hashing queue refuses at once, before anything is written.
+        """
         identifier = check.check_login_identifier(username_or_email)
         if len(password) > check.MAX_PASSWORD * 4:
             raise InvalidParams("password too long", {"param": "password"})
-        subjects, caller = self._login_subjects(client_addr)
+        addr, peer = self._login_source(client_addr)
+        self._passwords.check_room()
         user = await self._store.user_by_login(identifier)
-        account = self._throttle.account(user["id"] if user else None, identifier)
-        await self._throttle.check([account, *subjects])
-        verdict = await self._passwords.verify(user["password_hash"] if user else None, password)
+        attempt = self._throttle.attempt(user["id"] if user else None, identifier, addr=addr, peer=peer)
+        held = await self._throttle.reserve(attempt)
+        try:
+            verdict = await self._passwords.verify(user["password_hash"] if user else None, password)
+        except RateLimited:  # the queue filled up meanwhile: no verdict, so not counted
+            await self._throttle.release(held)
+            raise
         if not verdict.ok:
-            await self._throttle.failed([account, *subjects])
             reason = "bad_password" if user else "unknown_user"
+            caller = f"addr:{addr}" if addr is not None else f"peer:{peer}" if peer is not None else None
             await self._store.audit("login_failed", user["id"] if user else None, None,
                                     {"reason": reason, "caller": caller})
             raise Unauthenticated("wrong username/email or password")
@@ -139,28 +154,32 @@ class AuthService:
             raise Forbidden("this account is disabled")
         if verdict.new_hash is not None:  # parameters changed since it was hashed
             await self._store.set_password_hash(user["id"], verdict.new_hash)
-        if user["is_admin"] != self._is_admin_email(user["email"]):
-            await self._store.set_admin(user["id"], self._is_admin_email(user["email"]))
-        await self._throttle.succeeded(account)
+        await self._throttle.succeeded(held)
         token, expires_at = self._tokens.issue(str(user["id"]), name=user["username"])
         return {"token": token, "expires_at": expires_at, "user": self._user_view(user)}
 
-    def _login_subjects(self, client_addr: str | None) -> tuple[list[Subject], str | None]:
-        """Whom failures are counted for besides the account, and how to name the caller."""
+    def _login_source(self, client_addr: str | None) -> tuple[str | None, str | None]:
+        """Where a login comes from: (the client address a member vouches for, else the caller's key).
+
+        A key is chosen by its caller, so it only ever counts against itself;
+        an address is what the web service saw, and may pass an account's lock
+        (see throttle.py). (None, None): a member that named no client.
+        """
         ctx = current_request.get()
         if client_addr is not None:
             if ctx is not None and not ctx.member:
                 raise Forbidden("client_addr is accepted from mesh members only")
             if not 0 < len(client_addr) <= _MAX_ADDR:
                 raise InvalidParams(f"client_addr must be 1-{_MAX_ADDR} characters", {"param": "client_addr"})
-            caller = f"addr:{client_addr}"
-        elif ctx is not None and ctx.peer and not ctx.member:
-            caller = f"peer:{ctx.peer}"
-        else:
-            # A member (the web service) that names no client: every member
-            # shares one key, so counting it would lock out everyone at once.
-            return [], None
-        return [self._throttle.caller(caller)], caller
+            return client_addr, None
+        if ctx is not None and ctx.peer and not ctx.member:
+            return None, ctx.peer
+        return None, None
+
+    @property
+    def passwords(self) -> PasswordHasher:
+        """The password hasher: its bounds and counters (`admitted`, `completed`, `refused`)."""
+        return self._passwords
 
     @method(public=True, idempotent=True)
     async def me(self, token: str) -> dict[str, Any]:
@@ -386,6 +405,30 @@ class AuthService:
         log.info("account active changed", user_id=target["id"], active=active, actor_id=actor["id"])
         return self._user_view(updated)
 
+    @method(idempotent=True)
+    async def grant_admin(self, user: int | str, reason: str | None = None) -> dict[str, Any]:
+        """Internal: make an account (id, username or email) an administrator.
+
+        Mesh members only: the operator, through `inferswarm admin grant` with
+        the mesh secret. `changed` is false when it already was one.
+        """
+        return await self._set_admin(user, True, reason)
+
+    @method(idempotent=True)
+    async def revoke_admin(self, user: int | str, reason: str | None = None) -> dict[str, Any]:
+        """Internal: withdraw administration; the account's next admin call is refused."""
+        return await self._set_admin(user, False, reason)
+
+    async def _set_admin(self, user: int | str, is_admin: bool, reason: str | None) -> dict[str, Any]:
+        details: dict[str, Any] = {"by": "mesh member"}
+        if reason is not None:
+            details["reason"] = check.check_name(reason, "reason")
+        target = await self._store.find_user(_user_ref(user))
+        updated, changed = await self._store.set_admin(target["id"], is_admin, details)
+        if changed:
+            log.info("admin granted" if is_admin else "admin revoked", user_id=target["id"])
+        return {**self._user_view(updated), "changed": changed}
+
     # -- helpers -------------------------------------------------------------------------
 
     async def _authenticate(self, token: str) -> asyncpg.Record:
@@ -407,18 +450,16 @@ class AuthService:
         return user_id, claims
 
     async def _authenticate_admin(self, token: str) -> asyncpg.Record:
+        """The account behind `token` if it is an admin now (read from the database), else `FORBIDDEN`."""
         user = await self._authenticate(token)
-        if not self._is_admin_email(user["email"]):
+        if not user["is_admin"]:
             raise Forbidden("administrators only")
         return user
-
-    def _is_admin_email(self, email: str) -> bool:
-        return email.lower() in self._admins
 
     def _user_view(self, user: asyncpg.Record) -> dict[str, Any]:
         return {
             "id": user["id"], "username": user["username"], "email": user["email"],
-            "tier": user["tier"], "is_admin": self._is_admin_email(user["email"]),
+            "tier": user["tier"], "is_admin": user["is_admin"],
             "is_active": user["is_active"], "created_at": _iso(user["created_at"]),
         }
 

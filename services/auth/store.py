@@ -1,6 +1,8 @@
 """All of the auth service's SQL: accounts, keys, audit, invalidations, login failures.
 
-Every query is parameterized. Database errors a caller can cause become domain
+Usernames and emails are looked up by their folded form (`validation.fold`,
+computed here in Python and stored beside them), never by PostgreSQL's
+`lower()`. Every query is parameterized. Database errors a caller can cause become domain
 errors here: a duplicate account is `Conflict` (without saying which field).
 Changes that caches must hear about (`revoke_key`, `set_tier`, `set_active`)
 append to the invalidation log and NOTIFY `INVALIDATION_CHANNEL` in the same
@@ -18,6 +20,7 @@ import asyncpg
 
 from shared.db import unavailable_when_down
 from shared.errors import Conflict, NotFound
+from services.auth.validation import fold
 
 __all__ = ["AuthStore", "INVALIDATION_CHANNEL"]
 
@@ -40,15 +43,16 @@ class AuthStore:
     # -- users -------------------------------------------------------------------
 
     async def create_user(
-        self, username: str, email: str, password_hash: str, *, tier: str, is_admin: bool
+        self, username: str, email: str, password_hash: str, *, tier: str
     ) -> asyncpg.Record:
-        """Insert an account; `Conflict` when the username or email is taken."""
+        """Insert an account, never an admin; `Conflict` when the username or
+        email is taken, also in another form of the same name (see `fold`)."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 user = await conn.fetchrow(
-                    f"INSERT INTO users (username, email, password_hash, tier, is_admin) "
-                    f"VALUES ($1, $2, $3, $4, $5) RETURNING {_USER_COLUMNS}",
-                    username, email, password_hash, tier, is_admin,
+                    f"INSERT INTO users (username, email, password_hash, tier, username_key, email_key) "
+                    f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_USER_COLUMNS}",
+                    username, email, password_hash, tier, fold(username), fold(email),
                 )
                 await _audit(conn, "user_registered", user["id"], user["id"], {"tier": tier})
                 return user
@@ -57,11 +61,50 @@ class AuthStore:
             raise Conflict("username or email already registered") from None
 
     async def user_by_login(self, identifier: str) -> asyncpg.Record | None:
-        """The account whose email (when `identifier` has an @) or username matches."""
-        column = "email" if "@" in identifier else "username"
+        """The account whose email (when `identifier` has an @) or username is
+        `identifier` once folded; an account left without a folded name (see
+        `fill_folded_names`) only by its exact stored name, which wins."""
+        key = fold(identifier)
+        column = "email" if "@" in key else "username"
         return await self.pool.fetchrow(
-            f"SELECT {_USER_COLUMNS} FROM users WHERE lower({column}) = lower($1)", identifier
+            f"SELECT {_USER_COLUMNS} FROM users WHERE {column}_key = $1 "
+            f"OR ({column}_key IS NULL AND {column} = $2) ORDER BY {column} = $2 DESC LIMIT 1",
+            key, identifier,
         )
+
+    async def fill_folded_names(self) -> list[tuple[int, str]]:
+        """Fold the names of accounts created before names were folded.
+
+        Where older accounts' names fold to the same text (they were distinct
+        under `lower()`), the oldest gets it and the others keep NULL: each is
+        still found by its exact name, and no new account can take the folded
+        one. Returns those (user id, column) for the operator to look at.
+        """
+        left: list[tuple[int, str]] = []
+        if not await self.pool.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM users WHERE username_key IS NULL OR email_key IS NULL)"):
+            return left  # the usual start: nothing to fold, no lock taken
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Instances starting together take turns: the second finds nothing left.
+            await conn.execute("LOCK TABLE users IN SHARE ROW EXCLUSIVE MODE")
+            for column in ("username", "email"):
+                taken = {r["k"] for r in await conn.fetch(
+                    f"SELECT {column}_key AS k FROM users WHERE {column}_key IS NOT NULL")}
+                ids, keys = [], []
+                for row in await conn.fetch(
+                        f"SELECT id, {column} AS name FROM users WHERE {column}_key IS NULL ORDER BY id"):
+                    key = fold(row["name"])
+                    if key in taken:
+                        left.append((row["id"], column))
+                        continue
+                    taken.add(key)
+                    ids.append(row["id"])
+                    keys.append(key)
+                await conn.execute(
+                    f"UPDATE users u SET {column}_key = t.key FROM unnest($1::bigint[], $2::text[]) "
+                    f"AS t(id, key) WHERE u.id = t.id", ids, keys,
+                )
+        return left
 
     async def user_by_id(self, user_id: int) -> asyncpg.Record | None:
         return await self.pool.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id)
@@ -100,8 +143,24 @@ class AuthStore:
             "UPDATE users SET password_hash = $2 WHERE id = $1", user_id, password_hash
         )
 
-    async def set_admin(self, user_id: int, is_admin: bool) -> None:
-        await self.pool.execute("UPDATE users SET is_admin = $2 WHERE id = $1", user_id, is_admin)
+    async def set_admin(
+        self, user_id: int, is_admin: bool, details: dict[str, Any]
+    ) -> tuple[asyncpg.Record, bool]:
+        """Grant or withdraw administration, audited; (the account, whether it changed).
+
+        The only writer of `is_admin`: the operator's `auth.grant_admin` and
+        `auth.revoke_admin`. No user is the actor: the audit row's `actor_id` is NULL.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchval("SELECT is_admin FROM users WHERE id = $1 FOR UPDATE", user_id)
+            if old is None:
+                raise NotFound("no such user")
+            user = await conn.fetchrow(
+                f"UPDATE users SET is_admin = $2 WHERE id = $1 RETURNING {_USER_COLUMNS}", user_id, is_admin
+            )
+            if old != is_admin:
+                await _audit(conn, "admin_granted" if is_admin else "admin_revoked", user_id, None, details)
+            return user, old != is_admin
 
     async def set_tier(self, user_id: int, tier: str, actor_id: int) -> asyncpg.Record:
         """Change a user's tier, audited, and invalidate the user's cached keys."""
@@ -226,44 +285,13 @@ class AuthStore:
             return rows, bounds["newest"], bounds["oldest"]
 
     async def prune(self, keep_seconds: float) -> None:
-        """Forget old invalidations (always keeping the newest), stale login failures, expired revocations."""
+        """Forget old invalidations (always keeping the newest) and expired revocations."""
         await self.pool.execute(
             "DELETE FROM invalidations WHERE created_at < now() - make_interval(secs => $1) "
             "AND seq < (SELECT max(seq) FROM invalidations)", keep_seconds,
         )
-        await self.pool.execute(
-            "DELETE FROM login_failures WHERE last_failure < now() - make_interval(secs => $1) "
-            "AND locked_until < now()", keep_seconds,
-        )
+        # login_failures are pruned by their owner, the throttle (throttle.py).
         await self.pool.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'")
-
-    # -- login failures ------------------------------------------------------------------
-
-    async def locked_until(self, subjects: list[str]) -> datetime | None:
-        """The latest lock among `subjects` still in force, if any."""
-        return await self.pool.fetchval(
-            "SELECT max(locked_until) FROM login_failures "
-            "WHERE subject = ANY($1::text[]) AND locked_until > now()", subjects,
-        )
-
-    async def count_failure(self, subject: str, window: float) -> int:
-        """One more failure for `subject` (restarting after a quiet `window`); the count."""
-        return await self.pool.fetchval(
-            "INSERT INTO login_failures AS f (subject, failures, last_failure, locked_until) "
-            "VALUES ($1, 1, now(), now()) ON CONFLICT (subject) DO UPDATE SET "
-            "failures = CASE WHEN f.last_failure < now() - make_interval(secs => $2) "
-            "THEN 1 ELSE f.failures + 1 END, last_failure = now() RETURNING failures",
-            subject, window,
-        )
-
-    async def lock(self, subject: str, seconds: float) -> None:
-        await self.pool.execute(
-            "UPDATE login_failures SET locked_until = now() + make_interval(secs => $2) "
-            "WHERE subject = $1", subject, seconds,
-        )
-
-    async def clear_failures(self, subject: str) -> None:
-        await self.pool.execute("DELETE FROM login_failures WHERE subject = $1", subject)
 
 
 async def _audit(

@@ -23,6 +23,7 @@ __all__ = [
     "check_name",
     "check_login_identifier",
     "common_passwords",
+    "fold",
 ]
 
 MIN_PASSWORD = 8
@@ -34,6 +35,28 @@ _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{2,31}")
 # The shape, not RFC 5322: one @, no spaces, a dot in the domain. Unicode is allowed.
 _EMAIL = re.compile(r"[^@\s\x00-\x1f\x7f]{1,64}@[^@\s\x00-\x1f\x7f.]+(?:\.[^@\s\x00-\x1f\x7f.]+)+")
 _COMMON_FILE = Path(__file__).with_name("common_passwords.txt")
+
+
+def fold(name: str) -> str:
+    """The form in which two usernames or emails are the same account.
+
+    NFKC (compatibility forms: the Kelvin sign U+212A is K, the ligature U+FB01
+    is "fi", fullwidth letters are ASCII), then casefold, then NFKC again -- close
+    to Unicode's NFKC_Casefold -- with invisible format characters (zero-width
+    space and joiners, soft hyphen, variation selectors) dropped. Computed
+    here, in Python, and stored: never left to PostgreSQL's `lower()`, whose
+    answer depends on the database's locale (in "C" it leaves U+212A alone, in
+    C.UTF-8 it turns U+0130 into "i" where Python keeps the dot above).
+    Letters of other scripts that merely look alike (Cyrillic "а") stay distinct.
+    """
+    text = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", name).casefold())
+    return "".join(c for c in text if not _invisible(c))
+
+
+def _invisible(char: str) -> bool:
+    if unicodedata.category(char) == "Cf":
+        return True
+    return "\ufe00" <= char <= "\ufe0f" or "\U000e0100" <= char <= "\U000e01ef"  # variation selectors
 
 
 @lru_cache(maxsize=1)
