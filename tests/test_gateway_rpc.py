@@ -415,8 +415,14 @@ async def test_workers_that_all_fail_are_unavailable_and_cost_no_quota(mesh):
     connection = (await mesh.gateways())[0]
     mesh.ollama.fail_status = 500
     try:
-        with pytest.raises(Unavailable):  # each worker failed before the first token
+        with pytest.raises(Unavailable) as failed:  # each worker failed before the first token
             await infer(connection, hugo.api_key)
+        # What the model server and the mesh look like stays inside: no URL, no endpoint, no upstream text.
+        message = failed.value.message
+        assert not any(inside in message for inside in ("http", "tcp://", str(mesh.ollama.port), "500", "ollama")), \
+            message
+        assert set(failed.value.data) <= {"retry_after", "retry_safe", "request_id", "cause"}, failed.value.data
+        assert not any("://" in str(value) for value in failed.value.data.values())
         with pytest.raises(Unavailable, match="can take a request now") as none_left:
             await infer(connection, hugo.api_key)
         assert none_left.value.data["workers"] == 3

@@ -79,5 +79,5 @@ async def open_gateway(
     callers = Callers(validator, mesh("auth"), max_timeout=config.auth_timeout)
     return GatewayService(
         callers, quota, router, relay, accounts, journal, metrics,
-        limits=config.limits, gateway_id=gateway_id, report=report,
+        limits=config.limits, gateway_id=gateway_id, report=report, metrics_service=mesh("metrics"),
     )

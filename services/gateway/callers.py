@@ -38,6 +38,7 @@ class Caller:
     tier: str
     limits: dict[str, Any]
     priority: int
+    is_admin: bool = False  #: known from a token (an API key never acts as an admin)
 
 
 class Callers:
@@ -73,7 +74,8 @@ class Callers:
             return cached[1]
         timeout = budget(deadline, self._max_timeout, "verify the session token")
         answer = await self._auth.call("auth.verify_token", {"token": token}, timeout=timeout, idempotent=True)
-        caller = Caller(answer["id"], None, answer["tier"], answer["limits"], int(answer.get("priority") or 0))
+        caller = Caller(answer["id"], None, answer["tier"], answer["limits"], int(answer.get("priority") or 0),
+                        is_admin=answer.get("is_admin") is True)
         if len(self._tokens) >= _MAX_TOKENS_CACHED:
             self._tokens.clear()
         self._tokens[digest] = (now + self._token_ttl, caller)  # from before the call: never older

@@ -17,6 +17,13 @@
   delivered (text chunks sent: one per token for the local model).
 
 The usage record is journaled before the last chunk is yielded.
+
+**What a worker said stays inside.** A worker's error reaches the caller with
+its code, but its message -- which may name a backend URL, an endpoint of the
+mesh or an upstream server's own error text -- is logged here (with the trace
+id) and replaced by a plain one; of its data only the keys a caller can act on
+pass (`_for_caller`). Errors about the request itself (`INVALID_PARAMS`,
+`TOO_LARGE`) keep their message: it speaks of what the caller sent.
 """
 
 from __future__ import annotations
@@ -41,6 +48,28 @@ __all__ = ["Relay"]
 log = get_logger(__name__)
 
 _RETRYABLE = (Unavailable, NotFound)
+#: What a caller reads when a worker failed, by code; other codes keep their message.
+_PLAIN = {
+    "UNAVAILABLE": "no worker could answer: the model server is unavailable",
+    "NOT_FOUND": "the model is not available on its workers",
+    "TIMEOUT": "the deadline passed before a worker answered",
+}
+_ABOUT_THE_REQUEST = ("INVALID_PARAMS", "TOO_LARGE")
+#: Data keys a caller may see: what it can act on, nothing about the mesh.
+_CALLER_DATA = ("retry_after", "retry_safe", "param", "request_id", "delivered_tokens", "cause")
+
+
+def _for_caller(error: MeshError, job: Job) -> MeshError:
+    """The worker's `error` as the caller may see it (see the module doc)."""
+    if error.code in _ABOUT_THE_REQUEST:
+        message = error.message
+    else:
+        log.info("worker error kept from the caller", code=error.code, error=error.message,
+                 request_id=job.request_id)
+        message = _PLAIN.get(error.code, "the worker failed")
+    data = {key: error.data[key] for key in _CALLER_DATA if key in error.data}
+    data["request_id"] = job.request_id
+    return type(error)(message, data)
 
 
 class Relay:
@@ -114,7 +143,7 @@ class Relay:
                 provider = self._router.choose(job.model, workers, tried)
             except Unavailable:
                 if last is not None:
-                    raise last from None
+                    raise _for_caller(last, job) from None
                 raise
             self._router.started(provider)
             sent = time.monotonic()
@@ -128,10 +157,12 @@ class Relay:
                                                {"retry_safe": False})
             except _RETRYABLE as exc:
                 error = exc
-            except BaseException:
+            except BaseException as exc:
                 if upstream is not None:
                     await upstream.aclose()
                 self._router.finished(provider)
+                if isinstance(exc, MeshError):
+                    raise _for_caller(exc, job) from exc
                 raise
             else:
                 self._router.first_token(provider, time.monotonic() - sent)
@@ -148,7 +179,7 @@ class Relay:
             last = error
             self._retries.inc()
         assert last is not None
-        raise last
+        raise _for_caller(last, job) from last
 
     async def _next(self, upstream: Stream, delivered: int, job: Job) -> dict[str, Any]:
         """The next chunk after some text was delivered; a failure is now the caller's."""
@@ -163,8 +194,9 @@ class Relay:
         except MeshError as exc:
             error = exc
         self._cut.inc(reason="worker")
+        log.info("worker failed mid-stream", code=error.code, error=error.message, request_id=job.request_id)
         raise Unavailable(
-            f"the worker failed after {delivered} chunks; the answer is incomplete ({error.message})",
+            f"the worker failed after {delivered} chunks; the answer is incomplete",
             {"request_id": job.request_id, "delivered_tokens": delivered, "retry_safe": False,
              "cause": error.code},
         ) from error

@@ -7,6 +7,7 @@
     gateway.quota   public  api_key | token -> {user_id, tier, rate_limit: {counter: {limit,
                             used, remaining, reset}}}
     gateway.health  public  -> {status, gateway, live_gateways, in_flight, usage_unshipped, ...}
+    gateway.status  public  token (an administrator's) -> the mesh's health report (metrics.health)
 
 `gateway.infer`, in order: authenticate (cached, revocation within 1 s),
 check the parameters, find the model's workers (`NOT_FOUND` for a model
@@ -31,9 +32,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
-from shared.errors import MeshError
-from shared.rpc import current_request, method
+from shared.errors import Forbidden, MeshError, Unavailable
+from shared.rpc import ServiceClient, current_request, method
 from services.gateway.accounts import Accounts, Job
+from services.gateway.budget import budget
 from services.gateway.callers import Callers
 from services.gateway.checks import Limits, check_request
 from services.gateway.journal import Journal
@@ -56,9 +58,10 @@ class GatewayService:
     def __init__(
         self, callers: Callers, quota: Quota, router: Router, relay: Relay, accounts: Accounts,
         journal: Journal, metrics: Metrics, *, limits: Limits = Limits(), gateway_id: str = "",
-        report: Report | None = None,
+        report: Report | None = None, metrics_service: ServiceClient | None = None,
     ) -> None:
         self._report = report or Report()
+        self._metrics_service = metrics_service
         self._callers = callers
         self._quota = quota
         self._router = router
@@ -129,6 +132,18 @@ class GatewayService:
         for fact in facts.values():
             fact["used"] = None if fact["limit"] is None else fact["limit"] - fact["remaining"]
         return {"user_id": caller.user_id, "tier": caller.tier, "priority": caller.priority, "rate_limit": facts}
+
+    @method(public=True, idempotent=True)
+    async def status(self, token: str) -> dict[str, Any]:
+        """The mesh's health report (`metrics.health`), for administrators: it names every endpoint."""
+        deadline = _deadline()
+        caller = await self._callers.identify(None, token, deadline=deadline)
+        if not caller.is_admin:
+            raise Forbidden("the status of the mesh is for administrators")
+        if self._metrics_service is None:
+            raise Unavailable("this gateway has no metrics service to ask")
+        return await self._metrics_service.call("metrics.health", timeout=budget(deadline, 10.0, "ask metrics"),
+                                                idempotent=True)
 
     @method(public=True, idempotent=True)
     async def health(self) -> dict[str, Any]:

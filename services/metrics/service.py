@@ -45,9 +45,10 @@ class MetricsService:
             raise
         return {"result": self._aggregator.apply(source, seq, parsed), "seq": seq}
 
-    @method(public=True, idempotent=True)
+    @method(idempotent=True)
     async def health(self) -> dict[str, Any]:
         """Announced and reachable, per instance; per service; the system rollup.
 
-        Public, like HTTP `/health`: `inferswarm status` asks it as a client."""
+        Members only: the report names every instance's endpoint. Users see it
+        through `gateway.status` or web's `/status`, both for admins only."""
         return self._health.report()

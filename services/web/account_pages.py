@@ -16,7 +16,7 @@ from aiohttp import web
 from shared.errors import MeshError
 from services.web.errors import error_headers, status_of
 from services.web.forms import read_form, require, text
-from services.web.session import ME, TOKEN, UPSTREAM, field_errors, login_required
+from services.web.session import TOKEN, UPSTREAM, admin_only, field_errors, login_required
 from services.web.views import redirect, render
 
 __all__ = ["routes", "TIERS"]
@@ -98,22 +98,17 @@ async def _admin_page(request: web.Request, *, status: int = 200, values: dict[s
                   tiers=TIERS, values=values or {}, errors=errors or {}, notice=notice)
 
 
-def _admin_only(request: web.Request) -> None:
-    if not request[ME].get("is_admin"):
-        raise web.HTTPForbidden(text="administrators only")
-
-
 @routes.get("/admin")
 @login_required
 async def admin_page(request: web.Request) -> web.Response:
-    _admin_only(request)
+    admin_only(request)
     return await _admin_page(request)
 
 
 @routes.post("/admin/users")
 @login_required
 async def admin_update(request: web.Request) -> web.Response:
-    _admin_only(request)
+    admin_only(request)
     form = await read_form(request)
     values = {"user": text(form, "user"), "tier": text(form, "tier"), "active": text(form, "active")}
     errors = require(values, {"user": "a username, email or id"})

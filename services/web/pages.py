@@ -20,7 +20,8 @@ from services.web.forms import read_form, require, text
 from services.web.ratelimits import facts_of
 from services.web.security import SESSION_COOKIE, clear_session, client_addr, set_session
 from services.web.upstream import model_rows
-from services.web.session import TOKEN, UPSTREAM, field_errors, load_session, login_required, safe_next
+from services.web.session import (TOKEN, UPSTREAM, admin_only, field_errors, load_session, login_required,
+                                  safe_next)
 from services.web.views import bar_chart, daily_series, quota_bars, redirect, render
 
 log = get_logger(__name__)
@@ -178,5 +179,6 @@ async def models_page(request: web.Request) -> web.Response:
 @routes.get("/status")
 @login_required
 async def status_page(request: web.Request) -> web.Response:
+    admin_only(request)  # the report names every endpoint of the mesh
     report, error = await _settle(request.app[UPSTREAM].health())
     return render(request, "status.html", report=report or {}, error=error, now=time.time())

@@ -21,8 +21,8 @@ from services.web.security import SESSION_COOKIE, clear_session
 from services.web.upstream import Upstream
 from services.web.views import ME, TOKEN
 
-__all__ = ["UPSTREAM", "TOKEN", "ME", "Handler", "load_session", "login_required", "safe_next", "login_redirect",
-           "field_errors"]
+__all__ = ["UPSTREAM", "TOKEN", "ME", "Handler", "load_session", "login_required", "admin_only", "safe_next",
+           "login_redirect", "field_errors"]
 
 UPSTREAM = web.AppKey("upstream", Upstream)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,6 +55,12 @@ def safe_next(target: str | None, default: str = "/dashboard") -> str:
     if not target or not _SAME_SITE_PATH.fullmatch(target) or target[:4].lower() in ("/%2f", "/%5c"):
         return default
     return target
+
+
+def admin_only(request: web.Request) -> None:
+    """403 unless the logged-in user is an administrator (after `login_required`)."""
+    if not request[ME].get("is_admin"):
+        raise web.HTTPForbidden(text="administrators only")
 
 
 def login_redirect(request: web.Request) -> web.Response:
