@@ -20,7 +20,9 @@ real server does: `fail_status` (every call answers that status),
 `malformed_after` (a non-JSON line after N chunks), `error_after` (an
 `{"error"}` line after N chunks, as Ollama sends when a runner dies),
 `drop_after` (the connection is cut after N chunks), `token_delay` (seconds
-between chunks). `disconnects` counts streams whose client went away.
+between chunks), `prefill_delay` (seconds before the first chunk: the prompt's
+evaluation), `stall_after` (after N chunks nothing more is sent until the
+client goes away). `disconnects` counts streams whose client went away.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class OllamaServer:
         self.port = port
         self.reply = reply
         self.token_delay = token_delay
+        self.prefill_delay = 0.0
+        self.stall_after: int | None = None
         self.fail_status: int | None = None
         self.malformed_after: int | None = None
         self.error_after: int | None = None
@@ -100,7 +104,7 @@ class OllamaServer:
 
     def heal(self) -> None:
         """Stop failing."""
-        self.fail_status = self.malformed_after = self.error_after = self.drop_after = None
+        self.fail_status = self.malformed_after = self.error_after = self.drop_after = self.stall_after = None
 
     # -- endpoints -------------------------------------------------------------
 
@@ -173,6 +177,8 @@ class OllamaServer:
         await response.prepare(request)
         self.active += 1
         try:
+            if self.prefill_delay:
+                await asyncio.sleep(self.prefill_delay)
             for index, piece in enumerate(pieces):
                 if await self._fault(request, response, index):
                     return response
@@ -206,6 +212,11 @@ class OllamaServer:
         if self.drop_after == index:
             assert request.transport is not None
             request.transport.abort()  # the connection cut mid-stream
+            return True
+        if self.stall_after == index:
+            while request.transport is not None and not request.transport.is_closing():
+                await asyncio.sleep(0.02)
+            self.disconnects += 1
             return True
         return False
 

@@ -390,8 +390,8 @@ async def books(stack) -> Books:
     await all_shipped(stack)
     await asyncio.sleep(2.5)  # leases live 1 s: unused units are back after 2
     users = [u["id"] for u in stack.users.values()]
-    rows = await fetch(auth_dsn(stack), "SELECT request_id, user_id, prompt_hash, status, completion_tokens, created_at"
-                       " FROM usage WHERE user_id = ANY($1)", users)
+    rows = await fetch(auth_dsn(stack), "SELECT request_id, user_id, prompt_hash, status, completion_tokens, worker,"
+                       " created_at FROM usage WHERE user_id = ANY($1)", users)
     daily = await fetch(auth_dsn(stack), "SELECT user_id, sum(requests)::bigint AS n FROM usage_daily"
                         " WHERE user_id = ANY($1) GROUP BY user_id", users)
     counters = await fetch(gateway_dsn(stack), "SELECT counter, window_start, limit_value, granted"
@@ -501,13 +501,14 @@ async def test_the_free_tier_user_was_admitted_exactly_its_limit_never_more(book
 
 def holds_a_unit(row: dict[str, Any]) -> bool:
     """Whether a request's record says it used its unit of the limit
-    (services/gateway/relay.py: a failure gives it back only when nothing
-    was delivered; a request cut by a crash counts as used)."""
-    if row["status"] in ("ok", "interrupted", "cancelled"):
+    (services/gateway/README.md, "Accounting": a request a worker took keeps
+    it -- text was delivered, or it was cut while a worker had it, and the
+    record names that worker; a request cut by a crash counts as used)."""
+    if row["status"] in ("ok", "interrupted"):
         return True
     if row["status"] in ("rate_limited", "invalid_params", "not_found"):
         return False
-    return row["completion_tokens"] > 0
+    return row["completion_tokens"] > 0 or (row["status"] in ("timeout", "cancelled") and row["worker"] is not None)
 
 
 @pytest.mark.timeout(120)

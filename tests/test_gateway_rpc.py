@@ -4,7 +4,8 @@ a DHT seed in the test process, PostgreSQL for auth and for the limits.
 
 Exact limits across both gateways under 64 concurrent callers, a worker
 killed mid-run, revocation within a second on both gateways, a cancelled
-stream stopping the worker and billed for what was delivered, the caller's
+stream stopping the worker and billed for its prompt and what was delivered,
+deadlines shorter than the prefill still using requests, the caller's
 deadline bounding auth's key and token checks (not a fixed budget), bad input."""
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ async def mesh(databases, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def fast_worker_replies(mesh):
-    mesh.ollama.token_delay = 0.0
+    mesh.ollama.token_delay = mesh.ollama.prefill_delay = 0.0
     mesh.ollama.heal()
     yield
 
@@ -205,25 +206,69 @@ async def test_a_revoked_key_is_refused_within_a_second_on_both_gateways(mesh):
             await infer(connection, dave.api_key)
 
 
-async def test_a_cancelled_stream_stops_the_worker_and_is_billed_for_what_was_delivered(mesh):
+async def test_a_cancelled_stream_stops_the_worker_and_is_billed_for_its_prompt_and_what_was_delivered(mesh):
+    """The first text chunk carries the prompt's tokens: a stream cut after 3
+    chunks bills the prompt as the whole request would, and the 3 tokens sent."""
     erin = await mesh.user("erin")
     connection = (await mesh.gateways())[0]
-    mesh.ollama.token_delay = 0.05
+    prompt = "count these five plain words"
+    whole = await infer(connection, erin.api_key, prompt=prompt, messages=None, max_tokens=5)
+    billed_prompt = whole[-1]["usage"]["prompt_tokens"]
+    assert billed_prompt == 5  # the server's own count, at the end of the stream
+    mesh.ollama.stall_after = 3  # the model server sends 3 chunks, then nothing until the cancel
     disconnects = mesh.ollama.disconnects
-    request = {"api_key": erin.api_key, "model": MODEL, "prompt": "count", "max_tokens": 300}
+    request = {"api_key": erin.api_key, "model": MODEL, "prompt": prompt, "max_tokens": 300}
     stream = await connection.stream("gateway.infer", request, timeout=30)
     received = [await anext(stream) for _ in range(3)]
     assert all("text" in chunk for chunk in received)
+    # The worker's early count: for Ollama an estimate (pre-tokens), equal here, the prompt is plain words.
+    assert received[0]["prompt_tokens"] == billed_prompt
     await stream.aclose()  # CANCEL
     deadline = time.monotonic() + 3
     while mesh.ollama.disconnects == disconnects:  # the worker closed its upstream stream
         assert time.monotonic() < deadline, "the worker kept generating"
         await asyncio.sleep(0.02)
-    rows = await mesh.records_settle(erin.id, 1)
-    assert [r["status"] for r in rows] == ["cancelled"]
-    assert 3 <= rows[0]["completion_tokens"] <= 4  # what had been sent when the cancel arrived
+    rows = await mesh.records_settle(erin.id, 2)
+    cut = [r for r in rows if r["status"] == "cancelled"]
+    assert len(cut) == 1 and (cut[0]["prompt_tokens"], cut[0]["completion_tokens"]) == (billed_prompt, 3)
     quota = await connection.call("gateway.quota", {"api_key": erin.api_key})
-    assert quota["rate_limit"]["requests_per_hour"]["used"] >= 1
+    assert quota["rate_limit"]["requests_per_hour"]["used"] == 2
+    assert quota["rate_limit"]["tokens_per_month"]["used"] == (billed_prompt + 5) + (billed_prompt + 3)
+
+
+async def test_deadlines_shorter_than_the_prefill_still_consume_requests(mesh):
+    """A caller whose every request times out before the first token (the model
+    server is slow to evaluate the prompt) still uses its requests: with 100 an
+    hour (the free tier), the 101st is RATE_LIMITED. A worker took each one.
+    One gateway serves the 100: near the limit, a request on another one may
+    wait up to a lease TTL (1 s) for this one's unused units, longer than 0.4 s."""
+    jay = await mesh.user("jay")
+    connections = await mesh.gateways()
+    mesh.ollama.prefill_delay = 1.0
+    todo = list(range(100))
+
+    async def caller(index: int) -> list[str]:
+        outcomes = []
+        while todo:
+            todo.pop()
+            with pytest.raises(Timeout) as late:
+                await infer(connections[0], jay.api_key, max_tokens=50, timeout=0.4)
+            assert "delivered_tokens" not in late.value.data  # nothing was delivered
+            outcomes.append("timeout")
+        return outcomes
+
+    outcomes = sum(await asyncio.gather(*(caller(i) for i in range(25))), [])
+    assert outcomes == ["timeout"] * 100
+    for connection in connections:
+        with pytest.raises(RateLimited) as refused:
+            await infer(connection, jay.api_key, timeout=10)
+        assert refused.value.data["counter"] == "requests_per_hour"
+    rows = await mesh.records_settle(jay.id, 102)
+    cut = [r for r in rows if r["status"] != "rate_limited"]
+    # "cancelled" when the caller's own timer (and its CANCEL) beat the gateway's deadline.
+    assert len(cut) == 100 and {r["status"] for r in cut} <= {"timeout", "cancelled"}
+    assert all(r["prompt_tokens"] == r["completion_tokens"] == 0 for r in rows)  # no token was reported
+    assert all(r["worker"] for r in cut)  # the worker that had it
 
 
 async def test_the_callers_deadline_reaches_the_worker(mesh):
@@ -410,7 +455,9 @@ async def test_a_crashed_gateway_is_billed_once_and_its_leases_come_back(mesh):
 
 
 async def test_workers_that_all_fail_are_unavailable_and_cost_no_quota(mesh):
-    """Kept last: it leaves the workers unhealthy and cooling down for a while."""
+    """Requests no worker took -- each one failed before accepting it, then none
+    could take one -- cost nothing. Kept last: it leaves the workers unhealthy
+    and cooling down for a while."""
     hugo = await mesh.user("hugo")
     connection = (await mesh.gateways())[0]
     mesh.ollama.fail_status = 500

@@ -110,7 +110,8 @@ async def test_a_stream_over_rpc_end_to_end(mesh):
     chunks = [chunk async for chunk in stream]
     final = chunks[-1]
     assert final["done"] and final["usage"]["completion_tokens"] > 0
-    assert all(set(c) == {"text"} for c in chunks[:-1]) and len(chunks) > 3
+    assert all(set(c) == {"text"} for c in chunks[1:-1]) and len(chunks) > 3
+    assert chunks[0]["prompt_tokens"] == final["usage"]["prompt_tokens"]  # the local model's count, early
     assert final["worker"]["id"] in {w.service.worker_id for w in workers}
     assert final["worker"]["load"]["free_slots"] == 1
     # The same request, not streamed, on a given worker: the same text.

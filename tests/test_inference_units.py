@@ -298,3 +298,17 @@ def test_cache_ttl_bounds_and_counts():
 def test_cache_key_is_per_tenant():
     assert cache_key("m", _request(), "user:1") != cache_key("m", _request(), "user:2")
     assert cache_key("m", _request(), "user:1") == cache_key("m", _request(), "user:1")
+
+
+def test_the_prompt_estimate_counts_pre_tokens_a_lower_bound_of_any_bpe():
+    from services.inference.backends.base import estimate_tokens
+
+    def prompt(text: str) -> GenerateRequest:
+        return GenerateRequest(None, text, 8, 0.0, 1.0)
+
+    assert estimate_tokens(prompt("count these five plain words")) == 5
+    # Words with their space, runs of digits, runs of symbols: " 1234", ",", "!?" are one each.
+    assert estimate_tokens(prompt("Hello, world 1234 !?")) == 5
+    assert estimate_tokens(prompt("")) == 1  # a prompt always costs something
+    chat = GenerateRequest((Message("system", "be brief"), Message("user", "hi there")), None, 8, 0.0, 1.0)
+    assert estimate_tokens(chat) == 4  # the contents; no chat-template tokens

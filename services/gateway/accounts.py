@@ -41,6 +41,14 @@ class Job:
     prompt_hash: str | None = None
     admission: Admission | None = None
     recorded: bool = False
+    #: A worker took the request (its stream opened, or it was working on it
+    #: when the caller's deadline passed or the caller left): it consumes its
+    #: request counts even if no text was delivered (README.md, "Accounting").
+    reached: bool = False
+    #: The worker that had it when it was cut before its stream opened (its record names it).
+    worker: str | None = None
+    #: The prompt's tokens as the worker reported them with its first text chunk.
+    prompt_tokens: int = 0
 
     def stub(self) -> dict[str, Any]:
         """What an `A` entry keeps to bill the request if the process dies."""

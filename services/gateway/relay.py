@@ -6,15 +6,22 @@
   down, queue full, not serving the model after all) is replaced by another,
   at most `attempts` in all and within the caller's deadline; the failed one
   is cooled down (a full queue is only skipped). If none works, the caller
-  gets the last typed error and the quota is released: nothing was delivered.
+  gets the last typed error and the quota is released: no worker took it.
+* **A worker took it** once its stream opened, or when the caller's deadline
+  passed (or the caller left) while a worker had it: from then on the request
+  consumes its request counts whatever the outcome -- a caller choosing
+  deadlines shorter than the prefill gets no free work. A worker's own
+  `TIMEOUT` for its queue (`INFERSWARM_QUEUE_TIMEOUT`, before the caller's
+  deadline) is not the caller's doing: nothing started, nothing is kept.
 * **After the first token** a failure is the caller's: `UNAVAILABLE` saying
   the answer is incomplete (`data.delivered_tokens`, `retry_safe: false`), or
-  `TIMEOUT`, and the request is billed for the text delivered.
+  `TIMEOUT`, and the request is billed for the text delivered and its prompt
+  (`prompt_tokens` of the first text chunk, as the worker counted it).
 * **The caller's deadline** is passed upstream, less a small margin so that
   the worker's `TIMEOUT` comes back in time to be answered and accounted.
 * **The caller cancels or disconnects**: the upstream stream is closed, which
   sends CANCEL, so the worker stops; the request is billed for what was
-  delivered (text chunks sent: one per token for the local model).
+  delivered (text chunks sent: one per token for the local model) and its prompt.
 
 The usage record is journaled before the last chunk is yielded.
 
@@ -28,6 +35,7 @@ pass (`_for_caller`). Errors about the request itself (`INVALID_PARAMS`,
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -110,6 +118,8 @@ class Relay:
                     return
                 if isinstance(chunk.get("text"), str):
                     delivered += 1
+                    if delivered == 1:
+                        job.prompt_tokens = _count(chunk.get("prompt_tokens"))
                 yield chunk
                 chunk = await self._next(upstream, delivered, job)
         except MeshError as exc:
@@ -152,12 +162,19 @@ class Relay:
                 upstream = await self._mesh.connection(provider).stream("inference.generate", params,
                                                                         timeout=budget)
                 first = await anext(upstream)
+                job.reached = True
             except StopAsyncIteration:
                 error: MeshError = Unavailable("the worker ended the stream without an answer",
                                                {"retry_safe": False})
             except _RETRYABLE as exc:
                 error = exc
             except BaseException as exc:
+                # The deadline passed or the caller left while the worker had it: it took the work
+                # (not a worker's own queue limit, reached before the caller's deadline).
+                own_limit = isinstance(exc, Timeout) and "queued" in exc.data \
+                    and time.monotonic() - sent < budget - self._margin
+                if isinstance(exc, (Timeout, asyncio.CancelledError, GeneratorExit)) and not own_limit:
+                    job.reached, job.worker = True, provider.node_hex
                 if upstream is not None:
                     await upstream.aclose()
                 self._router.finished(provider)
@@ -221,17 +238,19 @@ class Relay:
                 "rate_limit": self._quota.facts(caller.user_id, caller.limits)}
 
     def _failed(self, job: Job, status: str, delivered: int, provider: Provider | None) -> None:
+        prompt_tokens = job.prompt_tokens if delivered else 0
         if job.admission is not None:
-            if delivered == 0 and status != "cancelled":
-                self._quota.release(job.admission)  # nothing delivered: nothing kept
+            if job.reached or delivered:
+                self._quota.settle(job.admission, prompt_tokens + delivered)  # a worker took it
             else:
-                self._quota.settle(job.admission, delivered)
-        self._accounts.finished(job, status, completion_tokens=delivered,
-                                worker=provider.node_hex if provider is not None else None)
+                self._quota.release(job.admission)  # no worker took it: nothing kept
+        self._accounts.finished(job, status, prompt_tokens=prompt_tokens, completion_tokens=delivered,
+                                worker=provider.node_hex if provider is not None else job.worker)
         self._requests.inc(status=status)
         self._seconds.observe(time.monotonic() - job.started, status=status)
+        self._tokens.inc(prompt_tokens, kind="prompt")
         self._tokens.inc(delivered, kind="completion")
-        self._report.finished(job.model, time.monotonic() - job.started, 0, delivered)
+        self._report.finished(job.model, time.monotonic() - job.started, prompt_tokens, delivered)
 
 
 def _count(value: Any) -> int:

@@ -10,7 +10,9 @@
 Chunks of `generate` (README.md has the full contract):
 
     {"text": "..."}                  a piece of text (one per token from the local model);
-                                     with stream=False, the whole text in one chunk
+                                     with stream=False, the whole text in one chunk; the
+                                     first one also has "prompt_tokens" (what a stream cut
+                                     short bills for its prompt)
     {"done": true, "model", "finish_reason": "stop"|"length",
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens"},
      "timing": {"queue_ms", "ttft_ms", "tokens_per_s", "total_ms"},
@@ -29,7 +31,7 @@ from shared.dht import model_topic
 from shared.errors import InvalidParams, NotFound, Unavailable
 from shared.logging import get_logger
 from shared.rpc import current_request, method
-from services.inference.backends.base import Backend, Done
+from services.inference.backends.base import Backend, Done, Prompt
 from services.inference.cache import CachedResponse, ResponseCache, cache_key
 from services.inference.health import ModelHealth
 from services.inference.slots import SlotPool
@@ -122,17 +124,21 @@ class InferenceService:
         async with served.pool.acquire(rank, timeout=self._queue_budget()):
             timing.slot = time.monotonic()
             done = None
+            prompt_tokens: int | None = None
             async with aclosing(served.backend.generate(request)) as events:
                 try:
                     async for event in events:
                         if isinstance(event, Done):
                             done = event
                             continue
+                        if isinstance(event, Prompt):
+                            prompt_tokens = event.tokens
+                            continue
                         if timing.first is None:
                             timing.first = time.monotonic()
                         pieces.append(event)
                         if stream:
-                            yield {"text": event}
+                            yield _text(event, prompt_tokens if len(pieces) == 1 else None)
                 except (Unavailable, NotFound) as exc:  # the backend failed: unhealthy
                     served.health.failed(exc)
                     log.warning("backend failed", model=model, code=exc.code, error=exc.message)
@@ -141,7 +147,7 @@ class InferenceService:
         if key is not None:
             self.cache.put(key, result)
         if not stream and result.text:
-            yield {"text": result.text}
+            yield _text(result.text, result.prompt_tokens)
         final["worker"]["load"] = served.load()  # after the slot was freed
         yield final
 
@@ -210,7 +216,7 @@ class InferenceService:
     def _replay(self, served: ServedModel, hit: CachedResponse, timing: _Timing) -> list[dict[str, Any]]:
         """The chunks of a cached answer: its text in one chunk, then the final chunk."""
         timing.first = time.monotonic()
-        text = [{"text": hit.text}] if hit.text else []
+        text = [_text(hit.text, hit.prompt_tokens)] if hit.text else []
         return [*text, self._final(served, hit, timing, cached=True)]
 
     def _settle(self, served: ServedModel, pieces: list[str], done: Done | None, timing: _Timing
@@ -243,3 +249,7 @@ class InferenceService:
             "worker": {"id": self.worker_id, "load": served.load()},
         }
 
+
+def _text(text: str, prompt_tokens: int | None) -> dict[str, Any]:
+    """A text chunk; the first one carries the prompt's tokens (README.md, "Chunks")."""
+    return {"text": text} if prompt_tokens is None else {"text": text, "prompt_tokens": prompt_tokens}

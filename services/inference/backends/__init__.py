@@ -6,10 +6,10 @@ import os
 from collections.abc import Mapping
 
 from shared.config import ConfigError, Secret
-from services.inference.backends.base import Backend, Done, Event, GenerateRequest, Message
+from services.inference.backends.base import Backend, Done, Event, GenerateRequest, Message, Prompt
 from services.inference.catalog import ModelSpec
 
-__all__ = ["Backend", "Done", "Event", "GenerateRequest", "Message", "make_backend"]
+__all__ = ["Backend", "Done", "Event", "GenerateRequest", "Message", "Prompt", "make_backend"]
 
 
 def make_backend(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = os.environ) -> Backend:

@@ -5,7 +5,7 @@ an Ollama server, or a model on an OpenAI-compatible server. The service sees
 only this interface:
 
     await backend.start()                      # load / first probe; may raise
-    async for event in backend.generate(req):  # str pieces of text, then one Done
+    async for event in backend.generate(req):  # Prompt, str pieces of text, then one Done
         ...
     await backend.probe()                      # cheap health check; raises when down
     await backend.close()
@@ -21,10 +21,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Message", "GenerateRequest", "Done", "Event", "Backend", "FinishReason"]
+__all__ = ["Message", "GenerateRequest", "Prompt", "Done", "Event", "Backend", "FinishReason", "estimate_tokens"]
 
 FinishReason = Literal["stop", "length"]
 
@@ -62,6 +63,19 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class Prompt:
+    """The prompt was taken in: its tokens, known before the first piece of text.
+
+    Sent at most once, before the first text piece, so that a generation cut
+    short (cancelled, timed out, failed) still bills the prompt it cost. The
+    local backend counts the tokenized prompt; the HTTP backends, whose servers
+    report prompt tokens only at the end, send `estimate_tokens` of it (the
+    server's own figure, in `Done`, is what a completed generation bills)."""
+
+    tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class Done:
     """The last event of a generation: why it ended and what it cost."""
 
@@ -70,7 +84,23 @@ class Done:
     completion_tokens: int
 
 
-Event = str | Done
+Event = str | Prompt | Done
+
+#: Pre-tokens of the GPT-2 family's split (words with their leading space,
+#: runs of digits, runs of other symbols): BPE and SentencePiece tokenizers
+#: never merge across them, so their count is a lower bound of the tokens.
+_PRE_TOKENS = re.compile(r"\s?[^\W\d_]+|\s?\d+|\s?[^\w\s]+|\s+(?!\S)|_+")
+
+
+def estimate_tokens(request: GenerateRequest) -> int:
+    """The prompt's tokens as far as they can be known without the model's
+    tokenizer: its pre-tokens (see `_PRE_TOKENS`), a lower bound of what a
+    server counts -- no chat template tokens, at least 1."""
+    if request.messages is not None:
+        texts = [m.content for m in request.messages]
+    else:
+        texts = [request.prompt or ""]
+    return max(1, sum(len(_PRE_TOKENS.findall(text)) for text in texts))
 
 
 class Backend(ABC):
@@ -90,7 +120,7 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
-        """Stream pieces of text (`str`), then exactly one `Done`."""
+        """Stream at most one `Prompt` (before any text), pieces of text (`str`), then exactly one `Done`."""
 
     @abstractmethod
     async def probe(self) -> None:

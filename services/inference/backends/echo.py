@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from services.inference.backends.base import Backend, Done, Event, FinishReason, GenerateRequest
+from services.inference.backends.base import Backend, Done, Event, FinishReason, GenerateRequest, Prompt
 
 __all__ = ["EchoBackend"]
 
@@ -45,6 +45,7 @@ class EchoBackend(Backend):
         if cut is not None:
             answer, finish = answer[:cut], "stop"
         pieces = answer.split(" ") if answer else []
+        yield Prompt(len(sent.split()))
         for index, word in enumerate(pieces):
             if index and self.delay:
                 await asyncio.sleep(self.delay)

@@ -24,7 +24,8 @@ the cost is re-evaluating the prompt (milliseconds for this model).
 Token counts are the model's own: `prompt_tokens` is the length of the
 tokenized (templated) prompt, `completion_tokens` the number of tokens
 sampled, less the end-of-generation token -- the same figures llama-cpp's
-non-streamed `usage` reports.
+non-streamed `usage` reports. The prompt's count is sent (`Prompt`) with the
+first piece of text, once the prompt has been evaluated.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 from shared.config import ConfigError
 from shared.errors import InvalidParams, MeshError, Unavailable
 from shared.logging import get_logger
-from services.inference.backends.base import Backend, Done, Event, GenerateRequest
+from services.inference.backends.base import Backend, Done, Event, GenerateRequest, Prompt
 
 __all__ = ["LocalBackend", "default_gguf"]
 
@@ -184,6 +185,7 @@ def _generate(llm: Any, request: GenerateRequest, emit: Callable[[Any], None], s
         stop=list(request.stop), seed=request.seed, stream=True,
     )
     finish = "length"
+    prompted = False
     try:
         if request.messages is not None:
             chunks = llm.create_chat_completion(messages=request.message_dicts(), **options)
@@ -196,6 +198,9 @@ def _generate(llm: Any, request: GenerateRequest, emit: Callable[[Any], None], s
                 choice = chunk["choices"][0]
                 text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
                 if text:
+                    if not prompted:
+                        emit(Prompt(llm.prompt_tokens))
+                        prompted = True
                     emit(text)
                 finish = choice.get("finish_reason") or finish
         finally:

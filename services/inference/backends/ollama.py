@@ -8,6 +8,9 @@
   and a last line with `"done": true`, `done_reason`, `prompt_eval_count`
   and `eval_count` (the token counts reported as usage; Ollama omits
   `prompt_eval_count` when the prompt was cached, reported then as 0).
+  Since that count comes only at the end, the first line of the answer (the
+  prompt has been evaluated) is preceded by `Prompt(estimate_tokens(...))`:
+  what a generation cut short bills for its prompt.
 
 Generation options map to Ollama's `options`: `num_predict` (max_tokens),
 `temperature`, `top_p`, `seed`, `stop`. Failures are typed as in `http.py`;
@@ -23,7 +26,7 @@ from typing import Any
 
 from shared.errors import MeshError, NotFound
 from shared.logging import get_logger
-from services.inference.backends.base import Done, Event, GenerateRequest
+from services.inference.backends.base import Done, Event, GenerateRequest, Prompt, estimate_tokens
 from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
 
 __all__ = ["OllamaBackend"]
@@ -86,10 +89,14 @@ class OllamaBackend(HttpBackend):
         else:
             path, field = "/api/generate", "response"
             body.update(prompt=request.prompt, raw=True)
+        prompted = False
         async with self.http.request("POST", path, body) as response:
             async for line in self.http.lines(response):
                 event = self._parse(line, field)
                 if event is not None:
+                    if not prompted and isinstance(event, str):
+                        yield Prompt(estimate_tokens(request))
+                        prompted = True
                     yield event
                     if isinstance(event, Done):
                         return

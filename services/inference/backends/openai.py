@@ -12,6 +12,9 @@ API. `url` is the API base (as the OpenAI SDK's `base_url`, e.g.
 * Usage comes from the server's usage chunk. A server that ignores
   `include_usage` gets `prompt_tokens` 0 and `completion_tokens` counted as
   the text chunks received (one token each on every server we know).
+* Before the first text, `Prompt`: the `prompt_tokens` of a usage the server
+  sent with a chunk by then (vLLM's continuous usage), else
+  `estimate_tokens` -- what a generation cut short bills for its prompt.
 
 Failures are typed as in `http.py`; a stream that ends before `[DONE]` (or
 at least a finish reason) is a dropped stream, UNAVAILABLE.
@@ -25,7 +28,7 @@ from typing import Any
 
 from shared.config import Secret
 from shared.errors import NotFound
-from services.inference.backends.base import Done, Event, GenerateRequest
+from services.inference.backends.base import Done, Event, GenerateRequest, Prompt, estimate_tokens
 from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
 
 __all__ = ["OpenAIBackend"]
@@ -77,6 +80,10 @@ class OpenAIBackend(HttpBackend):
                     return
                 text = stream.feed(self._chunk(payload))
                 if text:
+                    if not stream.prompted:
+                        stream.prompted = True
+                        early = (stream.usage or {}).get("prompt_tokens")
+                        yield Prompt(early if type(early) is int and early >= 0 else estimate_tokens(request))
                     yield text
         if stream.finish is None:
             raise dropped(self.http.name, "the stream ended before [DONE]")
@@ -104,6 +111,7 @@ class _StreamState:
         self.finish: str | None = None
         self.usage: dict[str, Any] | None = None
         self.pieces = 0
+        self.prompted = False
 
     def feed(self, chunk: dict[str, Any]) -> str:
         usage = chunk.get("usage")
