@@ -2,7 +2,8 @@
 
     inferswarm up [--data-dir DIR] [--gateways N] [--workers N] [--json]
     inferswarm register USERNAME EMAIL        inferswarm login USERNAME_OR_EMAIL
-    inferswarm logout                         inferswarm keys create|list|revoke
+    inferswarm logout [--everywhere]          inferswarm keys create|list|revoke
+    inferswarm password
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
     inferswarm admin grant|revoke USER        (the operator: needs the mesh secret)
 
@@ -78,7 +79,12 @@ def parser() -> argparse.ArgumentParser:
     login = client("login", "log in and keep the session token")
     login.add_argument("username", metavar="USERNAME_OR_EMAIL")
     login.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    client("logout", "forget the saved token and key")
+    logout = client("logout", "end this session and forget the saved token and key")
+    logout.add_argument("--everywhere", action="store_true",
+                        help="end every session of the account (other machines and browsers too)")
+    change = client("password", "change your password (every other session ends)")
+    change.add_argument("--password-stdin", action="store_true",
+                        help="read two lines from stdin: the current password, then the new one")
 
     keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")

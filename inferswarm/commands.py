@@ -21,7 +21,7 @@ from typing import Any
 
 from inferswarm.credentials import Credentials
 from inferswarm.errors import human_duration
-from inferswarm.session import ClientSession
+from inferswarm.session import ClientSession, SessionError
 from shared.errors import MeshError, Unauthenticated
 
 __all__ = ["Result", "COMMANDS", "read_password"]
@@ -59,10 +59,11 @@ def need_api_key(creds: Credentials) -> str:
 
 
 async def register(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    """The same answer whether the email was new or not (auth does not say): log in next."""
     password = read_password(args, confirm=not args.password_stdin)
-    user = await session("auth").call("auth.register", {
+    answer = await session("auth").call("auth.register", {
         "username": args.username, "email": args.email, "password": password})
-    return Result(f"registered {user['username']} ({user['tier']} tier); now run `inferswarm login`", user)
+    return Result(f"account created: log in with `inferswarm login {answer['username']}`", answer)
 
 
 async def login(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
@@ -75,9 +76,38 @@ async def login(args: Namespace, session: ClientSession, creds: Credentials) -> 
     return Result(f"logged in as {creds.username}", {"user": answer["user"], "expires_at": answer.get("expires_at")})
 
 
+async def password(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+    """Change the password: every other session ends; this CLI keeps the new token."""
+    token = need_token(creds)
+    if args.password_stdin:  # two lines: the current password, then the new one
+        old, new = sys.stdin.readline().rstrip("\n"), sys.stdin.readline().rstrip("\n")
+    else:
+        old = getpass.getpass("Current password: ")
+        new = getpass.getpass("New password: ")
+        if getpass.getpass("Repeat new password: ") != new:
+            raise SystemExit("inferswarm: the passwords differ")
+    answer = await session("auth").call("auth.change_password", {
+        "token": token, "old_password": old, "new_password": new})
+    creds.token, creds.token_expires_at = answer["token"], answer.get("expires_at")
+    creds.save()
+    return Result("password changed; every other session has ended",
+                  {"changed": True, "user": answer["user"], "expires_at": answer.get("expires_at")})
+
+
 async def logout(args: Namespace, session: ClientSession | None, creds: Credentials,
                  unreachable: str | None = None) -> Result:
-    """End the session on the mesh (auth refuses the token from then on), then forget it here."""
+    """End the session on the mesh (auth refuses the token from then on), then forget it here.
+
+    With `--everywhere`, every session of the account ends (other machines and
+    browsers too); if auth cannot be told, the error is the result and this
+    CLI keeps its credentials, so the command can be run again.
+    """
+    if getattr(args, "everywhere", False) and creds.token:
+        if session is None:
+            raise SessionError(f"sessions not ended: {unreachable}")
+        await session("auth").call("auth.logout_all", {"token": creds.token})
+        Credentials.forget()
+        return Result("logged out everywhere", {"logged_out": True, "session_ended": True, "everywhere": True})
     ended, problem = False, unreachable
     if session is not None and creds.token:
         try:
@@ -292,6 +322,7 @@ COMMANDS = {
     "register": register,
     "login": login,
     "logout": logout,
+    "password": password,
     "keys create": keys_create,
     "keys list": keys_list,
     "keys revoke": keys_revoke,

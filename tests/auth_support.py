@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import zmq.asyncio
+from nacl.public import PrivateKey
 
 from shared.config import MeshConfig
-from shared.rpc import Dispatcher
+from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
+from shared.rpc import Connection, Dispatcher, RpcServer
 from services.auth.app import open_auth
 from services.auth.config import AuthConfig
 from services.auth.service import AuthService
@@ -64,6 +67,36 @@ class Calls:
         token = await self.user(username, email, password)
         await self("grant_admin", user=username, reason="test")
         return token
+
+
+class Auth:
+    """Auth served over real CurveZMQ, and connections to it as a member or an outsider."""
+
+    def __init__(self, stack: AsyncExitStack, calls: Calls) -> None:
+        self.stack, self.calls = stack, calls
+        self.credential = MeshCredential(MeshCredential.new_secret())
+        self.node = NodeIdentity.generate()
+        self.context = zmq.asyncio.Context()
+        stack.callback(self.context.destroy, 0)
+
+    async def start(self) -> Auth:
+        self.server = RpcServer(Dispatcher(self.calls.service), curve=self.node.curve,
+                                members=[self.credential.client.public])
+        await self.stack.enter_async_context(self.server)
+        return self
+
+    async def connect(self, keys: CurveKeyPair | None = None) -> Connection:
+        """As the mesh (the mesh client key) unless other keys are given."""
+        connection = Connection(self.server.endpoint, self.node.curve.public, keys or self.credential.client,
+                                context=self.context)
+        connection.open()
+        self.stack.push_async_callback(connection.close)
+        return connection
+
+
+def outsider() -> CurveKeyPair:
+    """A fresh CURVE key pair: a caller from outside the mesh."""
+    return CurveKeyPair.from_private(PrivateKey.generate())
 
 
 async def start_auth(stack: AsyncExitStack, data_dir: Path, dsn: str, **overrides: Any) -> Calls:

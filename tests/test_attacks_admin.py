@@ -33,17 +33,15 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-import zmq.asyncio
-from nacl.public import PrivateKey
 
 from shared.db import apply_migrations, create_pool
 from shared.errors import Conflict, Forbidden, InvalidParams, NotFound
-from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
-from shared.rpc import Connection, Dispatcher, RpcServer
+from shared.identity import MeshCredential, NodeIdentity
+from shared.rpc import Connection
 from services.auth.app import MIGRATIONS
 from services.auth.passwords import Argon2Params, PasswordHasher
 from services.auth.validation import fold
-from auth_support import ADMIN_EMAIL, PASSWORD, Calls, start_auth
+from auth_support import ADMIN_EMAIL, PASSWORD, Auth, Calls, outsider, start_auth
 from stack import Cli, free_udp_port, read_ready, start_up, xdg_homes
 
 pytestmark = pytest.mark.timeout(180)
@@ -51,35 +49,6 @@ pytestmark = pytest.mark.timeout(180)
 ROOT = Path(__file__).resolve().parent.parent
 #: Addresses that were, in some deployment or test, on the admin list.
 FORMER_ADMIN_EMAILS = [ADMIN_EMAIL, "admin@example.com", "ops@example.org"]
-
-
-class Auth:
-    """Auth served over real CurveZMQ, and connections to it as a member or an outsider."""
-
-    def __init__(self, stack: AsyncExitStack, calls: Calls) -> None:
-        self.stack, self.calls = stack, calls
-        self.credential = MeshCredential(MeshCredential.new_secret())
-        self.node = NodeIdentity.generate()
-        self.context = zmq.asyncio.Context()
-        stack.callback(self.context.destroy, 0)
-
-    async def start(self) -> Auth:
-        self.server = RpcServer(Dispatcher(self.calls.service), curve=self.node.curve,
-                                members=[self.credential.client.public])
-        await self.stack.enter_async_context(self.server)
-        return self
-
-    async def connect(self, keys: CurveKeyPair | None = None) -> Connection:
-        """As the mesh (the mesh client key) unless other keys are given."""
-        connection = Connection(self.server.endpoint, self.node.curve.public, keys or self.credential.client,
-                                context=self.context)
-        connection.open()
-        self.stack.push_async_callback(connection.close)
-        return connection
-
-
-def outsider() -> CurveKeyPair:
-    return CurveKeyPair.from_private(PrivateKey.generate())
 
 
 async def login(connection: Connection, who: str) -> dict:
@@ -177,8 +146,9 @@ async def test_a_member_grants_admin_and_a_revocation_holds_from_the_next_call(p
         web = await auth.connect(outsider())
         operator = await auth.connect()  # the mesh client key
         await register(web, "target", "target@example.com")
-        boss = await register(web, "boss", "boss@example.com")
-        token = (await login(web, "boss"))["token"]  # logged in before the grant: the same token works
+        await register(web, "boss", "boss@example.com")  # the public hears no id: the login says it
+        session = await login(web, "boss")  # logged in before the grant: the same token works
+        token, boss = session["token"], session["user"]
         with pytest.raises(Forbidden):
             await web.call("auth.set_tier", {"token": token, "user": "target", "tier": "pro"})
 

@@ -99,7 +99,11 @@ def web_stack(root: Path, **env: str) -> Iterator[WebStack]:
             "INFERSWARM_MODELS": json.dumps(models),
             "INFERSWARM_ARGON2_TIME_COST": "1", "INFERSWARM_ARGON2_MEMORY_KIB": "8192",
             "INFERSWARM_ARGON2_PARALLELISM": "1", "INFERSWARM_CACHE_TTL": "0",
-            "INFERSWARM_LOG_LEVEL": "warning", **xdg_homes(data_dir), **env,
+            "INFERSWARM_LOG_LEVEL": "warning",
+            # Suites register many accounts from one address (127.0.0.1); the limits
+            # themselves are tested in test_attacks_accounts.py.
+            "INFERSWARM_REGISTER_PER_SOURCE": "1000", "INFERSWARM_REGISTER_OVERALL": "1000",
+            **xdg_homes(data_dir), **env,
         })
         stderr = open(root / "up.stderr", "w")  # a file: an undrained pipe could block `up`
         proc = subprocess.Popen(

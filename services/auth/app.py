@@ -16,6 +16,7 @@ from services.auth.config import AuthConfig
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
 from services.auth.passwords import PRODUCTION, PasswordHasher
+from services.auth.registration import RegistrationThrottle
 from services.auth.service import AuthService
 from services.auth.store import AuthStore
 from services.auth.throttle import LoginThrottle
@@ -58,6 +59,7 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
         throttle=LoginThrottle(store, config.throttle),
         feed=feed,
         housekeeper=housekeeper,
+        registrations=RegistrationThrottle(store, config.registration),
         max_keys_per_user=config.max_keys_per_user,
     )
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from shared.config import ConfigError, MeshConfig, env, positive
 from shared.db import DatabaseConfig
 from services.auth.passwords import Argon2Params
+from services.auth.registration import RegistrationPolicy
 from services.auth.throttle import ThrottlePolicy
 from services.auth.tiers import TierConfig
 
@@ -86,6 +87,9 @@ class AuthConfig:
     )
     login_base_delay: float = env("INFERSWARM_LOGIN_BASE_DELAY", default=1.0, parse=positive(float))
     login_max_delay: float = env("INFERSWARM_LOGIN_MAX_DELAY", default=300.0, parse=positive(float))
+    register_per_source: int = env("INFERSWARM_REGISTER_PER_SOURCE", default=5, parse=positive(int))
+    register_overall: int = env("INFERSWARM_REGISTER_OVERALL", default=60, parse=positive(int))
+    register_window: float = env("INFERSWARM_REGISTER_WINDOW", default=60.0, parse=positive(float))
     pool_size: int = env("INFERSWARM_AUTH_POOL_SIZE", default=10, parse=positive(int))
 
     def __post_init__(self) -> None:
@@ -113,3 +117,8 @@ class AuthConfig:
             base_delay=self.login_base_delay,
             max_delay=self.login_max_delay,
         )
+
+    @property
+    def registration(self) -> RegistrationPolicy:
+        return RegistrationPolicy(per_source=self.register_per_source, overall=self.register_overall,
+                                  window=self.register_window)

@@ -4,10 +4,14 @@ Public methods (any CURVE client; they carry a password or a token) and
 internal ones (mesh members only: gateways, the web service, the operator's
 `inferswarm admin grant|revoke`):
 
-    auth.register      public    username, email, password -> user
+    auth.register      public    username, email, password[, client_addr] -> the same answer
+                                 whether the email was new or not (see `register`)
     auth.login         public    username_or_email, password[, client_addr] -> token
     auth.me            public    token -> user with tier limits
     auth.logout        public    token -> the token is revoked (until it would expire)
+    auth.logout_all    public    token -> every session of the user ends, this one too
+    auth.change_password public  token, old_password, new_password -> a new token; every
+                                 other session ends
     auth.create_key    public    token, name[, expires_in_days] -> key (shown once)
     auth.list_keys     public    token -> keys (never the key)
     auth.revoke_key    public    token, key_id -> key
@@ -48,6 +52,7 @@ from services.auth.invalidation import InvalidationFeed
 from services.auth.passwords import PasswordHasher
 from services.auth.records import parse_batch
 from services.auth.store import AuthStore
+from services.auth.registration import RegistrationThrottle
 from services.auth.throttle import LoginThrottle
 from services.auth.tiers import DEFAULT_TIER, TierName, TierTable
 from services.auth.tokens import TokenIssuer
@@ -89,8 +94,8 @@ class AuthService:
     def __init__(
         self, store: AuthStore, usage: UsageStore, *, passwords: PasswordHasher,
         tokens: TokenIssuer, tiers: TierTable, throttle: LoginThrottle, feed: InvalidationFeed,
-        housekeeper: Housekeeper, max_keys_per_user: int = 100,
-        max_key_days: int = 3650,
+        housekeeper: Housekeeper, registrations: RegistrationThrottle | None = None,
+        max_keys_per_user: int = 100, max_key_days: int = 3650,
     ) -> None:
         self._store = store
         self._usage = usage
@@ -98,6 +103,7 @@ class AuthService:
         self._tokens = tokens
         self._tiers = tiers
         self._throttle = throttle
+        self._registrations = registrations or RegistrationThrottle(store)
         self._feed = feed
         self._cache = feed.cache
         self._housekeeper = housekeeper
@@ -109,16 +115,41 @@ class AuthService:
     # -- accounts and sessions ---------------------------------------------------
 
     @method(public=True)
-    async def register(self, username: str, email: str, password: str) -> dict[str, Any]:
-        """Create an account on the free tier, never an admin; `CONFLICT` if the username or
-        email is taken (in any form that folds to the same: see `validation.fold`)."""
+    async def register(
+        self, username: str, email: str, password: str, client_addr: str | None = None
+    ) -> dict[str, Any]:
+        """Create an account on the free tier, never an admin.
+
+        Counted per source and overall before anything is hashed
+        (registration.py): `RATE_LIMITED` with `retry_after` past a limit. A
+        taken username is `CONFLICT` (usernames are public handles). A taken
+        email is not told to the public: the password is hashed all the same
+        and the answer is the one a new account gets, `{username, email, tier,
+        is_admin, message}`, with no id; nothing is written. Only a mesh member
+        naming no client (the operator's tools) gets the account itself and
+        `CONFLICT` for a taken email.
+        """
         username = check.check_username(username)
         email = check.check_email(email)
         check.check_password(password, username=username, email=email)
+        addr, peer = self._login_source(client_addr)
+        public = addr is not None or peer is not None
+        self._passwords.check_room()
+        if await self._store.username_taken(username):  # cheap, and public anyway
+            raise Conflict("username already registered")
+        await self._registrations.count(self._registrations.source(addr, peer))
         password_hash = await self._passwords.hash(password)
         user = await self._store.create_user(username, email, password_hash, tier=DEFAULT_TIER)
-        log.info("user registered", user_id=user["id"])
-        return self._user_view(user)
+        if user is not None:
+            log.info("user registered", user_id=user["id"])
+        elif not public:
+            raise Conflict("email already registered")
+        else:
+            log.info("registration for a registered email: answered as a new one")
+        if not public:
+            return self._user_view(user)
+        return {"username": username, "email": email, "tier": DEFAULT_TIER, "is_admin": False,
+                "message": "account created: log in"}
 
     @method(public=True)
     async def login(
@@ -155,11 +186,12 @@ class AuthService:
         if verdict.new_hash is not None:  # parameters changed since it was hashed
             await self._store.set_password_hash(user["id"], verdict.new_hash)
         await self._throttle.succeeded(held)
-        token, expires_at = self._tokens.issue(str(user["id"]), name=user["username"])
+        token, expires_at = self._tokens.issue(str(user["id"]), name=user["username"],
+                                               sep=user["session_epoch"])
         return {"token": token, "expires_at": expires_at, "user": self._user_view(user)}
 
     def _login_source(self, client_addr: str | None) -> tuple[str | None, str | None]:
-        """Where a login comes from: (the client address a member vouches for, else the caller's key).
+        """Where a login or registration comes from: (the client address a member vouches for, else the caller's key).
 
         A key is chosen by its caller, so it only ever counts against itself;
         an address is what the web service saw, and may pass an account's lock
@@ -197,6 +229,53 @@ class AuthService:
         if revoked:
             log.info("session ended", user_id=user_id)
         return {"logged_out": True}
+
+    @method(public=True)
+    async def logout_all(self, token: str) -> dict[str, Any]:
+        """End every session of the token's user, this one included, at once with auth
+        (gateways reuse a token's answer at most 1 s)."""
+        user = await self._authenticate(token)
+        if await self._store.end_sessions(user["id"], user["session_epoch"]) is None:
+            raise Unauthenticated("session ended, or account disabled or removed")
+        log.info("every session ended", user_id=user["id"])
+        return {"logged_out": True, "everywhere": True}
+
+    @method(public=True)
+    async def change_password(
+        self, token: str, old_password: str, new_password: str, client_addr: str | None = None
+    ) -> dict[str, Any]:
+        """Set a new password (the rules of registration) after checking the old one,
+        throttled like a login; every session of the user ends, and the caller gets a new
+        token `{token, expires_at, user}` for this one."""
+        user = await self._authenticate(token)
+        if len(old_password) > check.MAX_PASSWORD * 4:
+            raise InvalidParams("password too long", {"param": "old_password"})
+        try:
+            check.check_password(new_password, username=user["username"], email=user["email"])
+        except InvalidParams as exc:
+            raise InvalidParams(exc.message, {"param": "new_password"}) from None
+        addr, peer = self._login_source(client_addr)
+        self._passwords.check_room()
+        attempt = self._throttle.attempt(user["id"], user["username"], addr=addr, peer=peer)
+        held = await self._throttle.reserve(attempt)
+        try:
+            verdict = await self._passwords.verify(user["password_hash"], old_password)
+        except RateLimited:
+            await self._throttle.release(held)
+            raise
+        if not verdict.ok:
+            caller = f"addr:{addr}" if addr is not None else f"peer:{peer}" if peer is not None else None
+            await self._store.audit("password_change_failed", user["id"], user["id"], {"caller": caller})
+            raise Unauthenticated("wrong password", {"param": "old_password"})
+        await self._throttle.succeeded(held)
+        new_hash = await self._passwords.hash(new_password)
+        epoch = await self._store.end_sessions(user["id"], user["session_epoch"], password_hash=new_hash,
+                                               event="password_changed")
+        if epoch is None:  # every session ended meanwhile, this one too
+            raise Unauthenticated("session ended, or account disabled or removed")
+        log.info("password changed", user_id=user["id"])
+        fresh, expires_at = self._tokens.issue(str(user["id"]), name=user["username"], sep=epoch)
+        return {"token": fresh, "expires_at": expires_at, "user": self._user_view(user)}
 
     @method(public=True, idempotent=True)
     async def token_key(self) -> dict[str, Any]:
@@ -434,7 +513,7 @@ class AuthService:
     async def _authenticate(self, token: str) -> asyncpg.Record:
         """The active account behind a valid, unrevoked token, else `UNAUTHENTICATED`."""
         user_id, claims = self._claims(token)
-        user = await self._store.session_user(user_id, str(claims["jti"]))
+        user = await self._store.session_user(user_id, str(claims["jti"]), _epoch_of(claims))
         if user is None or not user["is_active"]:
             raise Unauthenticated("session ended, or account disabled or removed")
         return user
@@ -462,6 +541,14 @@ class AuthService:
             "tier": user["tier"], "is_admin": user["is_admin"],
             "is_active": user["is_active"], "created_at": _iso(user["created_at"]),
         }
+
+
+def _epoch_of(claims: dict[str, Any]) -> int:
+    """The session epoch a token was issued in (`sep`; 0 for tokens from before epochs)."""
+    epoch = claims.get("sep", 0)
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 2**31:
+        raise Unauthenticated("invalid token")
+    return epoch
 
 
 def _parse_day(text: str, param: str) -> date:

@@ -3,7 +3,8 @@
 Usernames and emails are looked up by their folded form (`validation.fold`,
 computed here in Python and stored beside them), never by PostgreSQL's
 `lower()`. Every query is parameterized. Database errors a caller can cause become domain
-errors here: a duplicate account is `Conflict` (without saying which field).
+errors here: a taken username is `Conflict`; a taken email is told to the
+service only (`create_user` returns None), which decides what the caller hears.
 Changes that caches must hear about (`revoke_key`, `set_tier`, `set_active`)
 append to the invalidation log and NOTIFY `INVALIDATION_CHANNEL` in the same
 transaction as the change itself; see README.md, "Revocation".
@@ -29,7 +30,7 @@ INVALIDATION_CHANNEL = "auth_invalidations"
 # seq order is commit order: a reader following `seq > cursor` skips nothing.
 _INVALIDATION_LOCK = 0x696E7661_6C696474
 
-_USER_COLUMNS = "id, username, email, password_hash, tier, is_admin, is_active, created_at"
+_USER_COLUMNS = "id, username, email, password_hash, tier, is_admin, is_active, created_at, session_epoch"
 _KEY_COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at"
 
 
@@ -44,21 +45,29 @@ class AuthStore:
 
     async def create_user(
         self, username: str, email: str, password_hash: str, *, tier: str
-    ) -> asyncpg.Record:
-        """Insert an account, never an admin; `Conflict` when the username or
-        email is taken, also in another form of the same name (see `fold`)."""
-        try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                user = await conn.fetchrow(
-                    f"INSERT INTO users (username, email, password_hash, tier, username_key, email_key) "
-                    f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_USER_COLUMNS}",
-                    username, email, password_hash, tier, fold(username), fold(email),
-                )
+    ) -> asyncpg.Record | None:
+        """Insert an account, never an admin. `Conflict` when the username is
+        taken (also in another form of the same name, see `fold`); None, and
+        nothing written, when only the email is (the caller decides what to say)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            user = await conn.fetchrow(
+                f"INSERT INTO users (username, email, password_hash, tier, username_key, email_key) "
+                f"VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING RETURNING {_USER_COLUMNS}",
+                username, email, password_hash, tier, fold(username), fold(email),
+            )
+            if user is not None:
                 await _audit(conn, "user_registered", user["id"], user["id"], {"tier": tier})
                 return user
-        except asyncpg.UniqueViolationError:
-            # Which of the two was taken is not said: that would confirm an account.
-            raise Conflict("username or email already registered") from None
+        if await self.username_taken(username):
+            raise Conflict("username already registered")
+        return None
+
+    async def username_taken(self, username: str) -> bool:
+        """Whether an account has this username (folded; or exactly, for an unfolded one)."""
+        return bool(await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM users WHERE username_key = $1 "
+            "OR (username_key IS NULL AND username = $2))", fold(username), username,
+        ))
 
     async def user_by_login(self, identifier: str) -> asyncpg.Record | None:
         """The account whose email (when `identifier` has an @) or username is
@@ -109,12 +118,29 @@ class AuthStore:
     async def user_by_id(self, user_id: int) -> asyncpg.Record | None:
         return await self.pool.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1", user_id)
 
-    async def session_user(self, user_id: int, jti: str) -> asyncpg.Record | None:
-        """The account behind a session token, unless that token was revoked (one query)."""
+    async def session_user(self, user_id: int, jti: str, epoch: int) -> asyncpg.Record | None:
+        """The account behind a session token, unless that token was revoked, alone or with
+        every session of an older epoch (one query)."""
         return await self.pool.fetchrow(
-            f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1 "
-            "AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)", user_id, jti,
+            f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1 AND session_epoch = $3 "
+            "AND NOT EXISTS (SELECT 1 FROM revoked_tokens WHERE jti = $2)", user_id, jti, epoch,
         )
+
+    async def end_sessions(self, user_id: int, epoch: int, *, password_hash: str | None = None,
+                           event: str = "logged_out_everywhere") -> int | None:
+        """End every session of the user (its epoch moves on), and set a new password hash
+        if given; only while the epoch is still `epoch` (the caller's session). The new
+        epoch, or None when the caller's session had ended meanwhile."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            new_epoch = await conn.fetchval(
+                "UPDATE users SET session_epoch = session_epoch + 1, "
+                "password_hash = coalesce($3, password_hash) "
+                "WHERE id = $1 AND session_epoch = $2 RETURNING session_epoch",
+                user_id, epoch, password_hash,
+            )
+            if new_epoch is not None:
+                await _audit(conn, event, user_id, user_id, {})
+        return new_epoch
 
     async def revoke_token(self, jti: str, user_id: int, expires_at: datetime) -> bool:
         """End one session token; False when it already was."""
@@ -292,6 +318,7 @@ class AuthStore:
         )
         # login_failures are pruned by their owner, the throttle (throttle.py).
         await self.pool.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'")
+        await self.pool.execute("DELETE FROM registration_counts WHERE window_start < now() - interval '1 day'")
 
 
 async def _audit(

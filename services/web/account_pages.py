@@ -1,4 +1,5 @@
-"""API keys (create, shown once; list; revoke with confirmation) and the admin page.
+"""API keys (create, shown once; list; revoke with confirmation), the account page
+(password change, log out everywhere) and the admin page.
 
 A new key is rendered straight into the response to the creating POST, never
 redirected to a URL, so it is in no history, log or cache (`no-store`); the
@@ -9,6 +10,7 @@ confirmation dialog, and without script the server asks on a page of its own
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +18,7 @@ from aiohttp import web
 from shared.errors import MeshError
 from services.web.errors import error_headers, status_of
 from services.web.forms import read_form, require, text
+from services.web.security import clear_session, client_addr, set_session
 from services.web.session import TOKEN, UPSTREAM, admin_only, field_errors, login_required
 from services.web.views import redirect, render
 
@@ -80,6 +83,58 @@ async def revoke_key(request: web.Request) -> web.Response:
         return render(request, "revoke_confirm.html", key=key)
     await request.app[UPSTREAM].auth("revoke_key", token=request[TOKEN], key_id=key_id)
     return redirect("/keys?revoked=1")
+
+
+# -- account: password, log out everywhere ---------------------------------------------------
+
+_PASSWORD_FIELDS = ("old_password", "new_password", "new_password2")
+
+
+@routes.get("/account")
+@login_required
+async def account_page(request: web.Request) -> web.Response:
+    notice = "Password changed: every other session has ended." if request.query.get("changed") else None
+    return render(request, "account.html", errors={}, notice=notice)
+
+
+@routes.post("/account/password")
+@login_required
+async def change_password(request: web.Request) -> web.StreamResponse:
+    form = await read_form(request)
+    values = {name: text(form, name, strip=False) for name in _PASSWORD_FIELDS}
+    errors = require(values, {"old_password": "your current password", "new_password": "a new password",
+                              "new_password2": "the new password again"})
+    if not errors and values["new_password"] != values["new_password2"]:
+        errors["new_password2"] = "The two passwords differ"
+    if errors:
+        return render(request, "account.html", status=400, errors=errors, notice=None)
+    try:
+        answer = await request.app[UPSTREAM].auth(
+            "change_password", token=request[TOKEN], old_password=values["old_password"],
+            new_password=values["new_password"], client_addr=client_addr(request))
+    except MeshError as exc:
+        if exc.code == "UNAUTHENTICATED" and exc.data.get("param") != "old_password":
+            raise  # the session itself ended: back to the login page
+        if exc.code == "RATE_LIMITED":
+            errors = {"_form": f"Too many failed attempts: try again in {error_headers(exc)['Retry-After']} s"}
+        else:
+            errors = field_errors(exc, _PASSWORD_FIELDS)
+        response = render(request, "account.html", status=status_of(exc), errors=errors, notice=None)
+        response.headers.update(error_headers(exc))
+        return response
+    response = redirect("/account?changed=1")
+    set_session(response, request, answer["token"], answer["expires_at"], time.time())
+    return response
+
+
+@routes.post("/account/logout-all")
+@login_required
+async def logout_all(request: web.Request) -> web.StreamResponse:
+    await read_form(request)
+    await request.app[UPSTREAM].auth("logout_all", token=request[TOKEN])
+    response = redirect("/")
+    clear_session(response, request)
+    return response
 
 
 # -- admin -------------------------------------------------------------------------------------

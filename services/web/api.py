@@ -1,7 +1,11 @@
 """The REST API (JSON), for scripts and other front ends.
 
-    POST   /api/auth/register        {username, email, password}            -> 201 user
+    POST   /api/auth/register        {username, email, password}            -> 201 {username, email, tier,
+                                     is_admin, message}: the same whether the email was new or not
     POST   /api/auth/login           {username_or_email, password}          -> {token, expires_at, user}
+    POST   /api/auth/logout          Bearer token                           -> {logged_out}
+    POST   /api/auth/logout-all      Bearer token                           -> {logged_out, everywhere}
+    POST   /api/auth/password        Bearer token, {old_password, new_password} -> {token, expires_at, user}
     GET    /api/auth/api-keys        Bearer token                           -> {keys: [...]}
     POST   /api/auth/api-keys        Bearer token, {name, expires_in_days?} -> 201 key (api_key shown once)
     DELETE /api/auth/api-keys/{id}   Bearer token                           -> the revoked key
@@ -82,7 +86,7 @@ async def register(request: web.Request) -> web.Response:
     body = await json_body(request)
     user = await request.app[UPSTREAM].auth(
         "register", username=_string(body, "username"), email=_string(body, "email"),
-        password=_string(body, "password"))
+        password=_string(body, "password"), client_addr=client_addr(request))
     return web.json_response(user, status=201)
 
 
@@ -101,6 +105,22 @@ async def login(request: web.Request) -> web.Response:
 @routes.post("/api/auth/logout")
 async def logout(request: web.Request) -> web.Response:
     answer = await request.app[UPSTREAM].auth("logout", token=bearer(request))
+    return web.json_response(answer)
+
+
+@routes.post("/api/auth/logout-all")
+async def logout_all(request: web.Request) -> web.Response:
+    answer = await request.app[UPSTREAM].auth("logout_all", token=bearer(request))
+    return web.json_response(answer)
+
+
+@routes.post("/api/auth/password")
+async def change_password(request: web.Request) -> web.Response:
+    token = bearer(request)
+    body = await json_body(request)
+    answer = await request.app[UPSTREAM].auth(
+        "change_password", token=token, old_password=_string(body, "old_password"),
+        new_password=_string(body, "new_password"), client_addr=client_addr(request))
     return web.json_response(answer)
 
 

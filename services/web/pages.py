@@ -61,10 +61,12 @@ async def register_submit(request: web.Request) -> web.StreamResponse:
         return render(request, "register.html", status=400, values=kept, errors=errors)
     try:
         await request.app[UPSTREAM].auth("register", username=values["username"], email=values["email"],
-                                         password=values["password"])
+                                         password=values["password"], client_addr=client_addr(request))
     except MeshError as exc:
-        if exc.code == "CONFLICT":
-            errors = {"username": "That username or email is already registered"}
+        if exc.code == "CONFLICT":  # only a taken username: a taken email is not told (auth)
+            errors = {"username": "That username is taken"}
+        elif exc.code == "RATE_LIMITED":
+            errors = {"_form": f"Too many registrations: try again in {error_headers(exc)['Retry-After']} s"}
         else:
             errors = field_errors(exc, _REGISTER_FIELDS)
         response = render(request, "register.html", status=status_of(exc), values=kept, errors=errors)
