@@ -23,6 +23,7 @@ import functools
 import hashlib
 import inspect
 import re
+import stat
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -283,6 +284,41 @@ def _import_pgserver() -> Any:
     return pgserver
 
 
+#: Appended to the cluster's postgresql.conf before each start (the last setting
+#: wins): PostgreSQL chmods its unix socket to this before listen(), so no other
+#: user can ever connect to it, wherever pgserver puts it.
+_PRIVATE_SOCKET = "unix_socket_permissions = 0700  # inferswarm: trust authentication, owner only\n"
+
+
+def _restrict_socket(pgdata: Path) -> None:
+    """Make sure the next start of the cluster in `pgdata` has a private socket."""
+    conf = pgdata / "postgresql.conf"
+    text = conf.read_text()
+    if not text.endswith(_PRIVATE_SOCKET):
+        with conf.open("a") as out:  # keeps the owner (pgserver's user when run as root)
+            out.write(("" if text.endswith("\n") else "\n") + _PRIVATE_SOCKET)
+
+
+def _get_server(pgserver: Any, pgdata: Path, cleanup_mode: str | None) -> Any:
+    """pgserver.get_server, with the socket made private between initdb and start.
+
+    pgserver runs initdb and starts the server in one constructor and has no
+    option for server settings; its documented class is extended (not patched)
+    to write `_PRIVATE_SOCKET` at the one moment in between.
+    """
+
+    class PrivateSocketServer(pgserver.PostgresServer):  # type: ignore[misc,name-defined]
+        def ensure_postgres_running(self) -> None:
+            _restrict_socket(self.pgdata)
+            super().ensure_postgres_running()
+
+    # get_server's own steps (pgdata is already resolved): create the directory,
+    # reuse the instance this process has for it.
+    pgdata.mkdir(exist_ok=True)
+    known = pgserver.PostgresServer._instances.get(pgdata)
+    return known if known is not None else PrivateSocketServer(pgdata, cleanup_mode=cleanup_mode)
+
+
 class EmbeddedPostgres:
     """A real PostgreSQL from the `pgserver` wheel, data kept in `pgdata`.
 
@@ -297,9 +333,15 @@ class EmbeddedPostgres:
     directory of `pgdata` so that user can reach it.
 
     The socket lives in `pgdata` unless that path is too long for a unix
-    socket (about 107 bytes); pgserver then puts it in a world-writable
-    directory under the runtime directory (/tmp/runtime-<uid>/…). Since
-    authentication is "trust", we make that socket owner-only (see `_harden`).
+    socket (about 107 bytes); pgserver then puts it in a directory under the
+    runtime directory (/tmp/runtime-<uid>/…), world-writable when run as root. Since
+    authentication is "trust", the socket must be owner-only from its first
+    moment: `unix_socket_permissions = 0700` is written to the cluster's
+    postgresql.conf after initdb and before every start (see
+    `_PRIVATE_SOCKET`), so PostgreSQL creates the socket owner-only before it
+    listens. `_harden` then makes a world-writable socket directory sticky (so
+    the socket cannot be replaced) and restricts a socket started without the
+    setting.
     """
 
     def __init__(
@@ -349,7 +391,7 @@ class EmbeddedPostgres:
         with _PGSERVER_LOCK:
             pgserver = _import_pgserver()
             self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-            server = pgserver.get_server(self.pgdata, cleanup_mode=self.cleanup_mode)
+            server = _get_server(pgserver, self.pgdata, self.cleanup_mode)
             server.__enter__()  # pgserver's per-process count of users
             self._server = server
             info = server.get_postmaster_info()
@@ -361,12 +403,20 @@ class EmbeddedPostgres:
         """Make a socket outside `pgdata` reachable by its owner (and root) only.
 
         Inside `pgdata` (mode 0700) it already is. Outside, anyone could connect
-        as the superuser without a password. pgserver offers no option for
-        `unix_socket_permissions`, so the socket file is changed after start.
+        as the superuser without a password. A server we started already made
+        it 0700 (`_PRIVATE_SOCKET`); this covers one started without it (by an
+        older version), which stays open until we get here.
+
+        Run as root, pgserver makes that directory world-writable (0777) for its
+        `pgserver` user: the sticky bit is added so that no other user can
+        replace the socket with one of their own once the server runs.
         """
         if info.socket_dir is not None and info.socket_dir != self.pgdata:
             try:
                 info.socket_path.chmod(0o700)
+                mode = info.socket_dir.stat().st_mode
+                if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+                    info.socket_dir.chmod(stat.S_IMODE(mode) | stat.S_ISVTX)
             except OSError as exc:  # a socket of another user's server we joined
                 path = str(info.socket_path)
                 log.warning("cannot restrict the postgres socket", path=path, error=str(exc))

@@ -216,3 +216,22 @@ async def test_embedded_server_with_a_long_data_dir(tmp_path: Path) -> None:
         assert not socket_dir.is_relative_to(data_dir)
         socket = next(socket_dir.glob(".s.PGSQL.*[0-9]"))
         assert stat.S_IMODE(socket.stat().st_mode) == 0o700
+        # nobody else can replace it: the directory is not writable by others,
+        # or (pgserver's 0777 when run as root) sticky
+        mode = socket_dir.stat().st_mode
+        assert not mode & stat.S_IWOTH or mode & stat.S_ISVTX, oct(mode)
+
+
+async def test_the_socket_is_private_from_the_server_start(tmp_path: Path) -> None:
+    # PostgreSQL itself makes the socket owner-only before it listens (not a
+    # chmod after start, which left a window): the setting is in force on the
+    # first start (initdb and start in one pgserver call) and on a restart.
+    pgdata = tmp_path / ("d" * 60) / ("e" * 40) / "postgres"
+    pgdata.parent.mkdir(parents=True)
+    for _ in range(2):
+        async with EmbeddedPostgres(pgdata) as server:
+            conn = await asyncpg.connect(server.dsn)
+            assert await conn.fetchval("SHOW unix_socket_permissions") == "0700"
+            await conn.close()
+    conf = (pgdata / "postgresql.conf").read_text()
+    assert conf.count("unix_socket_permissions = 0700") == 1  # written once, kept

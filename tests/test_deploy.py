@@ -12,8 +12,10 @@ start.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -21,10 +23,12 @@ import sys
 import typing
 from pathlib import Path
 
+import asyncpg
 import pytest
 import yaml
 
 from shared.config import MeshConfig, load
+from shared.db import EmbeddedPostgres
 from services.auth.config import AuthConfig
 from services.gateway.config import GatewayConfig
 from services.inference.config import InferenceConfig
@@ -34,6 +38,20 @@ from services.web.config import WebConfig
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 SECRET = "ab" * 32  # a valid mesh secret (64 hex characters)
+#: The compose file's secrets, none with a default; the test run gives each a value.
+COMPOSE_SECRETS = {
+    "INFERSWARM_MESH_SECRET": SECRET,
+    "POSTGRES_PASSWORD": "superuser-pw-0123456789",
+    "AUTH_DB_PASSWORD": "auth-pw-0123456789",
+    "GATEWAY_DB_PASSWORD": "gateway-pw-0123456789",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-pw-0123456789",
+}
+#: Compose variables that may have a default: none of them a secret.
+COMPOSE_OPTIONAL = {"INFERSWARM_IMAGE", "INFERSWARM_LOG_LEVEL", "INFERSWARM_MODELS", "INFERSWARM_LOCAL_THREADS"}
+INIT_SCRIPT = DEPLOY / "compose/postgres-init.sh"
+#: The services with a database: each gets a role and a database of its name.
+DB_SERVICES = ("auth", "gateway")
+MESH_NAMES = ("bootstrap", "auth", "gateway", "inference", "metrics", "web")
 
 CONFIGS: dict[str, type] = {
     "services.auth": AuthConfig,
@@ -96,15 +114,15 @@ def test_dockerfile_is_multi_stage_with_the_makefile_build():
 # --- docker-compose.yml ----------------------------------------------------------
 
 
-def compose_env_file(tmp_path: Path) -> Path:
+def compose_env_file(tmp_path: Path, values: dict[str, str] = COMPOSE_SECRETS) -> Path:
     env = tmp_path / "compose.env"
-    env.write_text(f"INFERSWARM_MESH_SECRET={SECRET}\nPOSTGRES_PASSWORD=pw\n")
+    env.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
     return env
 
 
 def interpolate(value: str) -> str:
     """Compose's ${VAR...} with the test's environment file (and defaults)."""
-    values = {"INFERSWARM_MESH_SECRET": SECRET, "POSTGRES_PASSWORD": "pw"}
+    values = COMPOSE_SECRETS
 
     def one(match: re.Match[str]) -> str:
         name, op, rest = re.match(r"(\w+)(?:(:?[-?])(.*))?$", match.group(1), re.S).groups()
@@ -144,8 +162,7 @@ def test_compose_has_the_full_mesh(compose):
 
 def test_every_compose_service_loads_its_config(compose):
     """The real config classes accept what compose gives each process."""
-    init_sql = (DEPLOY / "compose/postgres-init.sql").read_text()
-    created = set(re.findall(r"CREATE DATABASE (\w+);", init_sql))
+    created = init_script_services(INIT_SCRIPT.read_text())
     for name, svc in mesh_services(compose).items():
         module = module_of(svc["command"])
         env = {k: interpolate(str(v)) for k, v in svc["environment"].items()}
@@ -162,14 +179,38 @@ def test_every_compose_service_loads_its_config(compose):
         assert mesh.advertised_host == svc["hostname"] == mesh.dht_host == mesh.node_name
         assert svc["depends_on"]["bootstrap"]
         if hasattr(config, "db"):
-            database = env["DATABASE_URL"].rsplit("/", 1)[1]
-            assert env["DATABASE_URL"].startswith("postgresql://inferswarm:pw@postgres:5432/")
-            assert database in created and database == module.split(".")[1]
+            # its own role, owner of its own database only (the init script)
+            database = module.split(".")[1]
+            password = COMPOSE_SECRETS[f"{database.upper()}_DB_PASSWORD"]
+            assert env["DATABASE_URL"] == f"postgresql://{database}:{password}@postgres:5432/{database}"
+            assert created[database] == f"{database.upper()}_DB_PASSWORD"
+            assert svc["environment"]["DATABASE_URL"].count(":?") == 1  # no default password
             assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
         else:
             assert "DATABASE_URL" not in env
     hostnames = [svc.get("hostname") for svc in mesh_services(compose).values()]
     assert len(set(hostnames)) == len(hostnames)
+
+
+def init_script_services(script: str) -> dict[str, str]:
+    """{role and database: the variable holding its password} the script creates."""
+    return dict(re.findall(r'^create_service (\w+) "\$(\w+)"$', script, re.M))
+
+
+def test_compose_has_no_default_secret(compose):
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    for name, op in re.findall(r"\$\{(\w+)(:?[-?+]|)", text):
+        if name not in COMPOSE_OPTIONAL:
+            assert name in COMPOSE_SECRETS and op == ":?", (name, op)  # required, no default
+    assert compose["services"]["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"].startswith(
+        "${GRAFANA_ADMIN_PASSWORD:?")
+    postgres = compose["services"]["postgres"]
+    assert "./compose/postgres-init.sh:/docker-entrypoint-initdb.d/10-roles.sh:ro" in postgres["volumes"]
+    assert os.access(INIT_SCRIPT, os.X_OK)  # executed by the entrypoint, not sourced into it
+    for variable in init_script_services(INIT_SCRIPT.read_text()).values():
+        assert postgres["environment"][variable] == f"${{{variable}:?set {variable} in deploy/.env}}"
+    example, _ = env_lines(DEPLOY / "compose.env.example")
+    assert set(example) == set(COMPOSE_SECRETS) and not any(example.values())
 
 
 def test_compose_monitoring_reuses_deploy_files(compose):
@@ -199,12 +240,12 @@ def test_docker_compose_config(tmp_path):
     ok = subprocess.run(base + ["--env-file", str(compose_env_file(tmp_path)), "config", "-q"],
                         capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    empty = tmp_path / "empty.env"
-    empty.write_text("")
-    refused = subprocess.run(base + ["--env-file", str(empty), "config", "-q"],
-                             capture_output=True, text=True, timeout=30, cwd=tmp_path,
-                             env={"PATH": "/usr/bin:/bin"})
-    assert refused.returncode != 0 and "deploy/.env" in refused.stderr  # the secrets are required
+    for missing in COMPOSE_SECRETS:  # each secret is required: no default makes it work
+        values = {name: value for name, value in COMPOSE_SECRETS.items() if name != missing}
+        refused = subprocess.run(base + ["--env-file", str(compose_env_file(tmp_path, values)), "config", "-q"],
+                                 capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                                 env={"PATH": "/usr/bin:/bin"})
+        assert refused.returncode != 0 and f"set {missing} in deploy/.env" in refused.stderr, missing
 
 
 def test_compose_prometheus_config_passes_promtool(tmp_path):
@@ -310,9 +351,182 @@ def test_every_k8s_deployment_loads_its_config(k8s):
                 assert str(path.parent) in mounts
     assert len(images) == 1, images
     secret = by_kind(k8s, "Secret")["inferswarm-secrets"]["stringData"]
-    init = by_kind(k8s, "ConfigMap")["inferswarm-postgres-init"]["data"]["10-databases.sql"]
-    for key in ("AUTH_DATABASE_URL", "GATEWAY_DATABASE_URL"):
-        assert f"CREATE DATABASE {secret[key].rsplit('/', 1)[1]};" in init
+    init = by_kind(k8s, "ConfigMap")["inferswarm-postgres-init"]["data"]["10-roles.sh"]
+    assert init == INIT_SCRIPT.read_text()  # one script for compose and Kubernetes
+    created = init_script_services(init)
+    for service in DB_SERVICES:
+        # each service logs in as its own role, with that role's password
+        password = secret[created[service]]
+        assert secret[f"{service.upper()}_DATABASE_URL"] == (
+            f"postgresql://{service}:{password}@inferswarm-postgres:5432/{service}")
+    postgres = by_kind(k8s, "StatefulSet")["inferswarm-postgres"]["spec"]["template"]["spec"]
+    postgres_env = k8s_env(postgres["containers"][0], k8s)
+    assert set(created.values()) | {"POSTGRES_PASSWORD"} <= set(postgres_env)
+    init_volume = next(v for v in postgres["volumes"] if v["name"] == "init")
+    assert init_volume["configMap"]["defaultMode"] & 0o111 == 0o111  # executed, not sourced
+
+
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    workloads = {**by_kind(docs, "Deployment"), **by_kind(docs, "StatefulSet")}
+    return {name: w["spec"]["template"]["spec"] for name, w in workloads.items()}
+
+
+def test_k8s_pods_have_no_token_and_a_restricted_security_context(k8s):
+    specs = pod_specs(k8s)
+    assert "inferswarm-postgres" in specs and len(specs) == 7
+    for name, pod in specs.items():
+        assert pod["automountServiceAccountToken"] is False, name
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] != 0, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        for container in pod["containers"] + pod.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, name
+            assert context["readOnlyRootFilesystem"] is True, name
+            assert context["capabilities"]["drop"] == ["ALL"] and "add" not in context["capabilities"], name
+            assert not context.get("privileged"), name
+
+
+# A NetworkPolicy evaluator, enough for ours: label selectors (matchLabels and
+# `In` expressions), podSelector/namespaceSelector peers, ports by number.
+NAMESPACE_LABELS = {"kubernetes.io/metadata.name": "inferswarm"}
+
+
+def selects(selector: dict, labels: dict[str, str]) -> bool:
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return True
+
+
+def peer_matches(peer: dict, endpoint: dict) -> bool:
+    """Does a `from`/`to` entry match an endpoint {ns: labels, pod: labels} (pod None: outside)?"""
+    if "ipBlock" in peer:
+        return endpoint["pod"] is None
+    if endpoint["pod"] is None:
+        return False
+    if "namespaceSelector" in peer:
+        in_namespace = selects(peer["namespaceSelector"], endpoint["ns"])
+    else:
+        in_namespace = endpoint["ns"] == NAMESPACE_LABELS
+    return in_namespace and selects(peer.get("podSelector", {}), endpoint["pod"])
+
+
+def direction_allows(policies: list[dict], kind: str, subject: dict, peer: dict, port: int, proto: str) -> bool:
+    """Kubernetes semantics: isolated once a policy of that kind selects the pod, then any rule allows."""
+    key, peers = ("ingress", "from") if kind == "Ingress" else ("egress", "to")
+    chosen = [p["spec"] for p in policies
+              if kind in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], subject)]
+    if not chosen:
+        return True
+    for spec in chosen:
+        for rule in spec.get(key, []):
+            ports = rule.get("ports")
+            port_ok = ports is None or any(p["port"] == port and p.get("protocol", "TCP") == proto for p in ports)
+            peer_ok = peers not in rule or any(peer_matches(entry, peer) for entry in rule[peers])
+            if port_ok and peer_ok:
+                return True
+    return False
+
+
+def allowed(policies: list[dict], source: dict, target: dict, port: int, proto: str = "TCP") -> bool:
+    if source["pod"] is not None and source["ns"] == NAMESPACE_LABELS:
+        if not direction_allows(policies, "Egress", source["pod"], target, port, proto):
+            return False
+    if target["ns"] != NAMESPACE_LABELS:
+        return True  # our policies apply to our namespace only
+    return direction_allows(policies, "Ingress", target["pod"], source, port, proto)
+
+
+def pod(name: str, namespace: dict[str, str] = NAMESPACE_LABELS) -> dict:
+    return {"ns": namespace, "pod": {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "inferswarm"}}
+
+
+def test_k8s_network_policies_allow_only_the_mesh_flows(k8s):
+    policies = list(by_kind(k8s, "NetworkPolicy").values())
+    deny = by_kind(k8s, "NetworkPolicy")["default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    for labels in (w["spec"]["template"]["metadata"]["labels"] for w in
+                   {**by_kind(k8s, "Deployment"), **by_kind(k8s, "StatefulSet")}.values()):
+        assert labels == pod(labels["app.kubernetes.io/name"])["pod"]  # the labels modelled here
+    outside = {"ns": {}, "pod": None}
+    prometheus = pod("prometheus", {"kubernetes.io/metadata.name": "monitoring"})
+    dns = {"ns": {"kubernetes.io/metadata.name": "kube-system"}, "pod": {"k8s-app": "kube-dns"}}
+    for source in MESH_NAMES:
+        for target in MESH_NAMES:
+            for port, proto in ((7400, "UDP"), (7401, "UDP"), (7500, "TCP")):
+                assert allowed(policies, pod(source), pod(target), port, proto), (source, target, port)
+        assert allowed(policies, pod(source), dns, 53, "UDP")
+        assert not allowed(policies, outside, pod(source), 7500)  # RPC: members only
+        assert not allowed(policies, pod(source), outside, 443)  # no egress to the internet
+        expected = source in DB_SERVICES
+        assert allowed(policies, pod(source), pod("postgres"), 5432) == expected, source
+    assert allowed(policies, outside, pod("web"), 8080)
+    assert not allowed(policies, outside, pod("metrics"), 9100)
+    assert not allowed(policies, outside, pod("postgres"), 5432)
+    assert allowed(policies, prometheus, pod("metrics"), 9100)
+    assert not allowed(policies, prometheus, pod("auth"), 7500)
+    assert not allowed(policies, pod("postgres"), pod("auth"), 7500)
+    assert not allowed(policies, pod("web", {"kubernetes.io/metadata.name": "other"}), pod("auth"), 7500)
+    # the ports the policies open are the ones the pods listen on
+    ports = {(p["containerPort"], p.get("protocol", "TCP"))
+             for spec in pod_specs(k8s).values() for c in spec["containers"] for p in c["ports"]}
+    assert ports == {(7400, "UDP"), (7401, "UDP"), (7500, "TCP"), (8080, "TCP"), (9100, "TCP"), (5432, "TCP")}
+
+
+# --- the PostgreSQL init script, run against a real PostgreSQL ----------------------
+
+
+def run_init(dsn: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The script as the postgres image runs it: psql on PATH, POSTGRES_USER/DB set."""
+    import pgserver
+
+    query = dict(part.split("=", 1) for part in dsn.split("?", 1)[1].split("&"))
+    bin_dir = Path(pgserver.__file__).parent / "pginstall/bin"
+    full = {"PATH": f"{bin_dir}:/usr/bin:/bin", "PGHOST": query["host"].replace("%2F", "/"),
+            "PGPORT": query["port"], "POSTGRES_USER": "postgres", "POSTGRES_DB": "postgres", **env}
+    return subprocess.run([str(INIT_SCRIPT)], env=full, capture_output=True, text=True, timeout=60)
+
+
+async def test_the_init_script_creates_least_privilege_roles(tmp_path, k8s):
+    server = EmbeddedPostgres(tmp_path / "pg", cleanup_mode="delete")
+    dsn = await server.start()
+    try:
+        secret = by_kind(k8s, "Secret")["inferswarm-secrets"]["stringData"]
+        placeholders = {k: v for k, v in secret.items() if k.endswith("PASSWORD")}
+        for values in (placeholders, {**COMPOSE_SECRETS, "GATEWAY_DB_PASSWORD": ""},
+                       {**COMPOSE_SECRETS, "AUTH_DB_PASSWORD": "short"}):
+            refused = await asyncio.to_thread(run_init, dsn, values)
+            assert refused.returncode != 0 and "postgres-init:" in refused.stderr, refused
+        admin = await asyncpg.connect(dsn)
+        assert await admin.fetchval("SELECT count(*) FROM pg_roles WHERE rolname IN ('auth', 'gateway')") == 0
+
+        done = await asyncio.to_thread(run_init, dsn, COMPOSE_SECRETS)
+        assert done.returncode == 0, done.stderr
+        for name in DB_SERVICES:
+            role = await admin.fetchrow("SELECT * FROM pg_roles WHERE rolname = $1", name)
+            assert role["rolcanlogin"] and not any(role[f] for f in (
+                "rolsuper", "rolcreatedb", "rolcreaterole", "rolreplication", "rolbypassrls"))
+            assert await admin.fetchval("SELECT rolpassword IS NOT NULL FROM pg_authid WHERE rolname = $1", name)
+            owner = await admin.fetchval(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = $1", name)
+            assert owner == name
+        databases = [r["datname"] for r in await admin.fetch("SELECT datname FROM pg_database WHERE datallowconn")]
+        await admin.close()
+        host_port = dsn.split("?", 1)[1]
+        for name in DB_SERVICES:
+            own = await asyncpg.connect(f"postgresql://{name}@/{name}?{host_port}")
+            await own.execute("CREATE TABLE t (x int)")  # it owns its database's schema
+            await own.close()
+            for other in databases:  # every other database: no CONNECT
+                if other != name:
+                    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                        await asyncpg.connect(f"postgresql://{name}@/{other}?{host_port}")
+    finally:
+        await server.stop()
 
 
 # --- systemd ---------------------------------------------------------------------
@@ -329,13 +543,45 @@ def test_systemd_units_are_complete():
         service = unit.name.removeprefix("inferswarm-").removesuffix(".service").rstrip("@")
         assert f"EnvironmentFile=/etc/inferswarm/{service}.env" in text
         assert (DEPLOY / "env" / f"{service}.env").exists()
-        for option in ("User=inferswarm", "NoNewPrivileges=yes", "ProtectSystem=strict",
+        for option in ("DynamicUser=yes", "NoNewPrivileges=yes", "ProtectSystem=strict",
                        "ProtectHome=yes", "PrivateTmp=yes", "CapabilityBoundingSet=\n"):
             assert option in text, (unit.name, option)
         exec_start = re.search(r"^ExecStart=(.*)$", text, re.M).group(1).split()
         check_module(module_of(["python", *exec_start[1:]]))
         for var in re.findall(r"\$\{(\w+)\}", text):
             assert re.search(rf"^{var}=", (DEPLOY / "env" / f"{service}.env").read_text(), re.M), var
+
+
+def unit_option(text: str, name: str) -> list[str]:
+    return re.findall(rf"^{name}=(.*)$", text, re.M)
+
+
+def test_each_systemd_unit_has_its_own_user_state_and_mesh_secret():
+    """A worker cannot read auth's JWT key: no user, no state directory shared."""
+    users, states = set(), set()
+    for unit in UNITS:
+        text = unit.read_text()
+        service = unit.name.removeprefix("inferswarm-").removesuffix(".service")
+        ident = "inference-%i" if service == "inference@" else service
+        [user], [state] = unit_option(text, "User"), unit_option(text, "StateDirectory")
+        assert unit_option(text, "DynamicUser") == ["yes"] and not unit_option(text, "Group")
+        assert user == f"inferswarm-{ident}" and state == f"inferswarm/{ident}", unit.name
+        assert unit_option(text, "StateDirectoryMode") == ["0700"]
+        users.add(user), states.add(state)
+        data_dir = f"%S/{state}"
+        if service == "bootstrap":  # its data directory is an argument
+            assert unit_option(text, "ExecStart")[0].endswith(f"--data-dir {data_dir}")
+        else:  # MeshConfig's data_dir: the state directory
+            assert unit_option(text, "Environment").count(f"INFERSWARM_DATA_DIR={data_dir}") == 1
+        # the mesh secret: a credential, found where MeshConfig looks without the variable
+        assert unit_option(text, "LoadCredential") == ["mesh.secret:/etc/inferswarm/mesh.secret"]
+        secret_path = MeshConfig(data_dir=Path(data_dir)).mesh_secret_path
+        assert unit_option(text, "ExecStartPre") == [f"/bin/ln -sfn %d/mesh.secret {secret_path}"]
+        # the example environment sets neither (it would override the unit's)
+        env_file = DEPLOY / "env" / f"{service.rstrip('@')}.env"
+        values, _ = env_lines(env_file)
+        assert "INFERSWARM_DATA_DIR" not in values and not values.get("INFERSWARM_MESH_SECRET"), env_file
+    assert len(users) == len(states) == len(UNITS)
 
 
 def test_systemd_analyze_verify(tmp_path):
@@ -382,6 +628,8 @@ def test_env_files_document_every_variable_and_only_real_ones():
         for var in named:
             assert f'"{var}"' in source, var  # read by the code, by that name
             assert re.search(rf"^# {var}: \S", text, re.M), f"{stem}: {var} undocumented"
+        if stem in DB_SERVICES:  # its own role, not a shared or superuser one
+            assert values["DATABASE_URL"].startswith(f"postgresql://{stem}:"), stem
         values["INFERSWARM_MESH_SECRET"] = SECRET
         config = load(cls, values)  # the example, its secret filled in, is a valid configuration
         assert config.mesh.bootstrap
