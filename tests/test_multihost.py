@@ -220,3 +220,38 @@ def test_the_metrics_service_on_host_a_sees_every_host(cluster):
     )])
     assert result.returncode == 0, result.stderr
     assert 'service="gateway"' in result.stdout and 'service="inference"' in result.stdout
+
+
+GUESSER = """
+import asyncio, json, os, sys
+from inferswarm.session import ClientSession
+from shared.errors import MeshError
+from shared.identity import MeshId
+
+async def main():
+    outcomes = []
+    for i in range(26):  # a fresh CURVE key every time, as a rotating guesser would
+        async with ClientSession(os.environ["INFERSWARM_BOOTSTRAP"].split(","),
+                                 MeshId.from_text(os.environ["INFERSWARM_MESH_ID"]), timeout=20) as session:
+            try:
+                await session("auth").call("auth.login", {"username_or_email": f"nobody{i}",
+                                                          "password": "wrong password, long enough"})
+                outcomes.append("OK")
+            except MeshError as exc:
+                outcomes.append(exc.code)
+    print(json.dumps(outcomes))
+
+asyncio.run(main())
+"""
+
+
+def test_a_direct_guesser_is_counted_by_its_address_not_its_keys(cluster):
+    """Kept last: it leaves host a's address throttled for a while. From another
+    host, auth counts a direct caller's failed logins by the address its TCP
+    connection shows (20 free across accounts), so new CURVE keys buy nothing."""
+    result = cluster.on_host_a([sys.executable, "-c", GUESSER], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcomes = json.loads(result.stdout.strip().splitlines()[-1])  # after any log lines
+    verdicts = outcomes.count("UNAUTHENTICATED")
+    assert 20 <= verdicts <= 21 and outcomes[-1] == "RATE_LIMITED", outcomes
+    assert set(outcomes) == {"UNAUTHENTICATED", "RATE_LIMITED"}, outcomes

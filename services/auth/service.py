@@ -37,6 +37,7 @@ invalidation log by an `InvalidationFeed` (see README.md, "Revocation").
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -191,11 +192,16 @@ class AuthService:
         return {"token": token, "expires_at": expires_at, "user": self._user_view(user)}
 
     def _login_source(self, client_addr: str | None) -> tuple[str | None, str | None]:
-        """Where a login or registration comes from: (the client address a member vouches for, else the caller's key).
+        """Where a login or registration comes from: (an address, else the caller's key).
 
-        A key is chosen by its caller, so it only ever counts against itself;
-        an address is what the web service saw, and may pass an account's lock
-        (see throttle.py). (None, None): a member that named no client.
+        The address is the client's as a member vouches for it (web: the HTTP
+        client), else a direct caller's own, as its TCP connection shows it
+        (`Peer-Address`): a real address costs an attacker something, so it
+        counts, and may pass an account's lock, as web's does (see throttle.py).
+        A caller on this host (loopback) counts by its key instead -- a key is
+        chosen by its caller, so it only ever counts against itself -- or every
+        local user would share one count. (None, None): a member that named no
+        client.
         """
         ctx = current_request.get()
         if client_addr is not None:
@@ -204,8 +210,11 @@ class AuthService:
             if not 0 < len(client_addr) <= _MAX_ADDR:
                 raise InvalidParams(f"client_addr must be 1-{_MAX_ADDR} characters", {"param": "client_addr"})
             return client_addr, None
-        if ctx is not None and ctx.peer and not ctx.member:
-            return None, ctx.peer
+        if ctx is not None and not ctx.member:
+            if ctx.peer_addr and not _is_loopback(ctx.peer_addr):
+                return ctx.peer_addr, None
+            if ctx.peer:
+                return None, ctx.peer
         return None, None
 
     @property
@@ -573,3 +582,10 @@ def _user_ref(user: int | str) -> int | str:
     if not 0 < len(user) <= check.MAX_EMAIL:
         raise InvalidParams("user must be an id, a username or an email", {"param": "user"})
     return user
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False

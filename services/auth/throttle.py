@@ -17,8 +17,9 @@ Subjects, each with its own count and lock:
   attempts are free; each further one locks the account for `base_delay`,
   doubling up to `max_delay`, from the moment it is reserved.
 * the **caller**: the HTTP client address a mesh member (the web service)
-  vouches for (`addr:`, an IPv6 client by its /64), else a direct caller's
-  CurveZMQ key (`peer:`). It spans accounts (`caller_free_failures`, then the
+  vouches for, or a direct caller's own address as its TCP connection shows
+  it (`addr:`, an IPv6 client by its /64), else -- a direct caller on the
+  same host -- its CurveZMQ key (`peer:`). It spans accounts (`caller_free_failures`, then the
   same doubling), and always binds.
 * the **pair** of a vouched address and an account. It never locks; it only
   says whether that address has an attempt on that account not yet proved good.

@@ -70,6 +70,10 @@ class RequestContext:
     deadline: float  #: time.monotonic() by which the caller wants the answer
     peer: str  #: the caller's CurveZMQ public key (Z85), "" when unknown
     member: bool  #: the caller holds the mesh credential
+    #: A public caller's IP address, as its TCP connection shows it (libzmq's
+    #: `Peer-Address`); "" for members and when unknown. Unlike `peer`, which
+    #: the caller picks, it costs an attacker a real address.
+    peer_addr: str = ""
 
     def remaining(self) -> float:
         """Seconds left before the caller's deadline."""

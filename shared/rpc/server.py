@@ -266,12 +266,15 @@ class RpcServer:
             self._warn("dropped message with unexpected frame count", frames=len(frames))
             return
         ident, payload = frames[0], frames[1]
+        peer_addr = ""
         if isinstance(payload, bytes):  # copied frames: a members-only server
             data, peer, member = payload, "", True
-        else:  # zero-copy frames carry the caller's key (ZAP User-Id)
+        else:  # zero-copy frames carry the caller's key (ZAP User-Id) and address
             ident = ident.bytes
             data, peer = payload.buffer, payload.get("User-Id") or ""
             member = peer in self._member_ids
+            if not member:
+                peer_addr = payload.get("Peer-Address") or ""
         # Public callers' messages are decoded with an item budget (codec.py).
         decoder = self._decoder if member else self._public_decoder
         try:
@@ -288,9 +291,9 @@ class RpcServer:
             if window is not None:  # else a stream that already ended
                 window.grant(message.chunks)
             return
-        self._on_request(ident, message, peer, member)  # type: ignore[arg-type]
+        self._on_request(ident, message, peer, member, peer_addr)  # type: ignore[arg-type]
 
-    def _on_request(self, ident: bytes, request: codec.Request, peer: str, member: bool) -> None:
+    def _on_request(self, ident: bytes, request: codec.Request, peer: str, member: bool, peer_addr: str) -> None:
         try:
             handler = self._admit(request, peer, member)
         except MeshError as exc:
@@ -309,7 +312,8 @@ class RpcServer:
         assert loop is not None
         # Most handlers answer without waiting: run them now, in this loop
         # turn; only one that suspends keeps a task (and a deadline).
-        task = start_eager(loop, self._run(ident, request, handler, peer, member), contextvars.copy_context())
+        task = start_eager(loop, self._run(ident, request, handler, peer, member, peer_addr),
+                           contextvars.copy_context())
         if task is not None and not task.done():
             self._tasks[key] = task
             self._admission.enter(peer, member)
@@ -343,7 +347,9 @@ class RpcServer:
 
     # -- running a handler -----------------------------------------------------
 
-    async def _run(self, ident: bytes, request: codec.Request, handler: Handler, peer: str, member: bool) -> None:
+    async def _run(
+        self, ident: bytes, request: codec.Request, handler: Handler, peer: str, member: bool, peer_addr: str,
+    ) -> None:
         budget = request.timeout_ms / 1000
         current_request.set(
             RequestContext(
@@ -352,6 +358,7 @@ class RpcServer:
                 deadline=time.monotonic() + budget,
                 peer=peer,
                 member=member,  # a members-only server admitted nobody else at the handshake
+                peer_addr=peer_addr,
             )
         )
         structlog.contextvars.bind_contextvars(trace_id=request.trace_id)
