@@ -19,7 +19,7 @@ from shared.errors import MeshError
 from services.web.errors import error_headers, status_of
 from services.web.forms import read_form, require, text
 from services.web.security import clear_session, client_addr, set_session
-from services.web.session import TOKEN, UPSTREAM, admin_only, field_errors, login_required
+from services.web.session import TOKEN, UPSTREAM, admin_only, field_errors, form_errors, login_required, refused_form
 from services.web.views import redirect, render
 
 __all__ = ["routes", "TIERS"]
@@ -115,13 +115,7 @@ async def change_password(request: web.Request) -> web.StreamResponse:
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED" and exc.data.get("param") != "old_password":
             raise  # the session itself ended: back to the login page
-        if exc.code == "RATE_LIMITED":
-            errors = {"_form": f"Too many failed attempts: try again in {error_headers(exc)['Retry-After']} s"}
-        else:
-            errors = field_errors(exc, _PASSWORD_FIELDS)
-        response = render(request, "account.html", status=status_of(exc), errors=errors, notice=None)
-        response.headers.update(error_headers(exc))
-        return response
+        return refused_form(request, "account.html", exc, form_errors(exc, _PASSWORD_FIELDS), notice=None)
     response = redirect("/account?changed=1")
     set_session(response, request, answer["token"], answer["expires_at"], time.time())
     return response

@@ -15,13 +15,12 @@ from aiohttp import web
 
 from shared.errors import MeshError
 from shared.logging import get_logger
-from services.web.errors import error_headers, status_of
 from services.web.forms import read_form, require, text
 from services.web.ratelimits import facts_of
 from services.web.security import SESSION_COOKIE, clear_session, client_addr, set_session
 from services.web.upstream import model_rows
-from services.web.session import (TOKEN, UPSTREAM, admin_only, field_errors, load_session, login_required,
-                                  safe_next)
+from services.web.session import (TOKEN, UPSTREAM, admin_only, form_errors, load_session, login_required,
+                                  refused_form, safe_next)
 from services.web.views import bar_chart, daily_series, quota_bars, redirect, render
 
 log = get_logger(__name__)
@@ -65,13 +64,9 @@ async def register_submit(request: web.Request) -> web.StreamResponse:
     except MeshError as exc:
         if exc.code == "CONFLICT":  # only a taken username: a taken email is not told (auth)
             errors = {"username": "That username is taken"}
-        elif exc.code == "RATE_LIMITED":
-            errors = {"_form": f"Too many registrations: try again in {error_headers(exc)['Retry-After']} s"}
         else:
-            errors = field_errors(exc, _REGISTER_FIELDS)
-        response = render(request, "register.html", status=status_of(exc), values=kept, errors=errors)
-        response.headers.update(error_headers(exc))
-        return response
+            errors = form_errors(exc, _REGISTER_FIELDS)
+        return refused_form(request, "register.html", exc, errors, values=kept)
     return redirect("/login?registered=1")
 
 
@@ -98,14 +93,8 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
             "login", username_or_email=values["username_or_email"], password=values["password"],
             client_addr=client_addr(request))
     except MeshError as exc:
-        if exc.code == "RATE_LIMITED":
-            errors = {"_form": f"Too many failed attempts: try again in {error_headers(exc)['Retry-After']} s"}
-        else:
-            errors = field_errors(exc, ("username_or_email", "password"))
-        response = render(request, "login.html", status=status_of(exc), values=kept, errors=errors,
-                          registered=False)
-        response.headers.update(error_headers(exc))
-        return response
+        errors = form_errors(exc, ("username_or_email", "password"))
+        return refused_form(request, "login.html", exc, errors, values=kept, registered=False)
     response = redirect(values["next"])
     set_session(response, request, answer["token"], answer["expires_at"], time.time())
     return response

@@ -16,13 +16,14 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from shared.errors import Unauthenticated
+from shared.errors import MeshError, Unauthenticated
+from services.web.errors import error_headers, status_of
 from services.web.security import SESSION_COOKIE, clear_session
 from services.web.upstream import Upstream
-from services.web.views import ME, TOKEN
+from services.web.views import ME, TOKEN, render
 
 __all__ = ["UPSTREAM", "TOKEN", "ME", "Handler", "load_session", "login_required", "admin_only", "safe_next",
-           "login_redirect", "field_errors"]
+           "login_redirect", "field_errors", "form_errors", "refused_form"]
 
 UPSTREAM = web.AppKey("upstream", Upstream)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -85,6 +86,29 @@ def login_required(handler: Handler) -> Handler:
             return login_redirect(request)
 
     return wrapper
+
+
+#: What a form says when auth refused it for a while, by the refusal's `reason`.
+_RATE_LIMITED = {
+    "busy": "The server is busy",
+    "registrations": "Too many registrations",
+}
+
+
+def form_errors(exc: MeshError, fields: tuple[str, ...]) -> dict[str, str]:
+    """A refused form's errors: a rate limit says when to try again, others go by field."""
+    if exc.code == "RATE_LIMITED":
+        why = _RATE_LIMITED.get(exc.data.get("reason"), "Too many failed attempts")
+        return {"_form": f"{why}: try again in {error_headers(exc)['Retry-After']} s"}
+    return field_errors(exc, fields)
+
+
+def refused_form(request: web.Request, template: str, exc: MeshError, errors: dict[str, str],
+                 **context: Any) -> web.Response:
+    """The form again, with its errors, the error's status and headers (e.g. `Retry-After`)."""
+    response = render(request, template, status=status_of(exc), errors=errors, **context)
+    response.headers.update(error_headers(exc))
+    return response
 
 
 def field_errors(exc: Any, fields: tuple[str, ...], rename: dict[str, str] | None = None) -> dict[str, str]:
