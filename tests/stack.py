@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -13,16 +14,31 @@ from pathlib import Path
 __all__ = ["free_udp_port", "free_tcp_port", "alive", "xdg_homes", "start_up", "read_ready", "Cli"]
 
 
+#: Ports handed to servers the tests start are taken below the kernel's
+#: ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by default): a
+#: port from inside it may be taken, between our check and the server's bind,
+#: as the local port of some outgoing connection ("address already in use").
+_BELOW_EPHEMERAL = (20000, 32000)
+
+
+def _free_port(kind: int) -> int:
+    for _ in range(200):
+        port = random.randrange(*_BELOW_EPHEMERAL)
+        with socket.socket(socket.AF_INET, kind) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
+
+
 def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return _free_port(socket.SOCK_DGRAM)
 
 
 def free_tcp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return _free_port(socket.SOCK_STREAM)
 
 
 def alive(pid: int) -> bool:

@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openai_server import OpenAIServer
-from stack import xdg_homes
+from stack import free_tcp_port, xdg_homes
 
 __all__ = ["MODEL", "PASSWORD", "ADMIN_EMAIL", "free_tcp_port", "ModelServer", "WebStack",
            "web_stack"]
@@ -35,12 +34,6 @@ MODEL = "test-model"
 PASSWORD = "correct-horse-battery-9"
 ADMIN_EMAIL = "admin@example.com"  #: the address the tests' admin registers with; it confers nothing
 #: The gateway is being built beside this service; inference tests run once it can be started.
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ModelServer:
