@@ -59,7 +59,7 @@ async def serve_auth(spec: dict) -> None:
             dsn = await ensure_database(server_pg.dsn, "auth")
             config = AuthConfig(mesh=MeshConfig(data_dir=Path(tmp) / "data"))  # production argon2
             service = await open_auth(stack, config, dsn)
-            server = RpcServer(Dispatcher(service), curve=keys, members=[spec["client"].encode()])
+            server = RpcServer(Dispatcher(service), curve=keys, members={spec["client"].encode(): "operator"})
             await stack.enter_async_context(server)
             print(json.dumps({"endpoint": server.endpoint}), flush=True)
             await asyncio.to_thread(sys.stdin.readline)  # until the parent closes our stdin

@@ -320,7 +320,12 @@ class MeshConfig:
     rpc_port: int = env("INFERSWARM_RPC_PORT", default=0, parse=port)
     #: The host put in announced endpoints; None means `rpc_host`.
     advertise_host: str | None = env("INFERSWARM_ADVERTISE_HOST", default=None)
-    #: None means "read (or create) `data_dir/mesh.secret`".
+    #: This process's member credential (`inferswarm credential ROLE`), as
+    #: text or in a file; it wins over the mesh secret (shared/identity.py).
+    credential: Secret | None = env("INFERSWARM_CREDENTIAL", default=None)
+    credential_file: Path | None = env("INFERSWARM_CREDENTIAL_FILE", default=None)
+    #: The mesh secret itself (the operator's: every role's credential derives
+    #: from it). None means "read (or create) `data_dir/mesh.secret`".
     mesh_secret: Secret | None = env("INFERSWARM_MESH_SECRET", default=None)
     record_ttl: float = env("INFERSWARM_RECORD_TTL", default=30.0, parse=positive(_parse_float))
     log_level: LogLevel = env("INFERSWARM_LOG_LEVEL", default="info")

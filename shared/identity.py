@@ -5,38 +5,49 @@ is the node's identity: DHT records are signed with it, and the node's
 CurveZMQ server key pair is *derived* from it (Ed25519 -> Curve25519), so a
 record that verifies under key K can only advertise K's own Curve key.
 
-Membership in a mesh is a shared 32-byte secret (`INFERSWARM_MESH_SECRET`, or
-`mesh.secret` in the data directory), like a cluster join token. From it every
-member derives the same:
+A mesh is a 32-byte secret (`mesh.secret` in the first node's data
+directory), like a cluster join token; whoever holds it is the mesh's
+operator. From it derive:
 
-* **mesh signing key** -- signs a *member certificate* over a node's Ed25519
-  key; DHT records must carry one, so outsiders cannot announce services.
-  Its public half (the *mesh id*) is all a client needs to check records.
-* **mesh client key** -- the CurveZMQ key pair members use when they call each
-  other. Internal servers accept only this client key (ZAP allow-list), so an
-  internal method is reachable by mesh members only. Public sockets (the
-  gateway's) accept any CURVE client, and calls are then authorised per
-  method by the API key or token they carry.
+* the **mesh signing key**, whose public half is the *mesh id*: all a client
+  needs to check DHT records;
+* one **role key** per role (shared/roles.py: auth, gateway, inference,
+  metrics, web, dht, operator), each signed by the mesh key. A process is
+  given only its role's credential (`MemberCredential`, as text in
+  `INFERSWARM_CREDENTIAL`): its role key certifies the process's node key,
+  so its DHT records say which role signed them and are accepted only on
+  that role's topics; and the role's CurveZMQ client key, derived from the
+  role key, is what it calls others with, so servers know the caller's role
+  and serve an internal method to the roles it names only.
+
+Public sockets (the gateway's, auth's) accept any CURVE client, and calls are
+then authorised per method by the API key or token they carry.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import os
 import secrets
 import tempfile
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
+import msgpack
 from zmq.utils import z85
 from nacl.exceptions import BadSignatureError
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey, VerifyKey
 
+from shared.roles import OPERATOR, ROLES, check_role
+
 __all__ = [
     "CurveKeyPair",
     "NodeIdentity",
+    "MemberCredential",
     "MeshCredential",
     "MeshId",
     "curve_key_of",
@@ -44,7 +55,12 @@ __all__ = [
     "verify_member_cert",
 ]
 
-_CERT_CONTEXT = b"inferswarm/member-cert/v1\x00"
+_CERT_CONTEXT = b"inferswarm/member-cert/v2\x00"
+_ROLE_CONTEXT = b"inferswarm/role-cert/v1\x00"
+_ROLE_SEED_CONTEXT = b"inferswarm/role-seed/v1\x00"
+_MEMBER_PREFIX = "isw-member-v1:"
+#: The longest role name a certificate may carry.
+MAX_ROLE_LEN = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,20 +141,115 @@ class NodeIdentity:
         return self._signing_key.sign(message).signature
 
 
+class MemberCredential:
+    """One role's credential: all a process of that role holds of the mesh.
+
+    * a **role key** (Ed25519), with the mesh key's signature binding it to
+      the role name: it certifies the node keys of the role's processes, so
+      their DHT records say which role signed them (`certify`);
+    * the role's **CurveZMQ client key**, derived from the role key: servers
+      know each role's public client key (the `roster`), so a call says which
+      role made it;
+    * the **roster**: every role's public key with the mesh's signature, each
+      checked against the mesh id when the credential is loaded.
+
+    Made by whoever holds the mesh secret (`MeshCredential.member`), handed to
+    the process as text (`to_text`, `INFERSWARM_CREDENTIAL`).
+    """
+
+    def __init__(self, mesh_id: bytes, role: str, seed: bytes, roster: Mapping[str, bytes]) -> None:
+        check_role(role)
+        if len(mesh_id) != 32 or len(seed) != 32:
+            raise ValueError("a member credential needs a 32-byte mesh id and a 32-byte role seed")
+        self.mesh_id = mesh_id
+        self.role = role
+        self._seed = seed
+        self._signing_key = SigningKey(seed)
+        self.public_key: bytes = bytes(self._signing_key.verify_key)
+        self._roster_certs = dict(roster)
+        #: Z85 client key -> role, for servers to tell who calls.
+        self.roster: dict[bytes, str] = {}
+        for name, entry in self._roster_certs.items():
+            check_role(name)
+            if len(entry) != 96 or not _verify_role(mesh_id, name, entry[:32], entry[32:]):
+                raise ValueError(f"the roster's {name!r} entry is not signed by this mesh")
+            self.roster[curve_key_of(entry[:32])] = name
+        if self._roster_certs.get(role, b"")[:32] != self.public_key:
+            raise ValueError(f"the roster has no certificate for this credential's {role!r} key")
+        self._role_sig = self._roster_certs[role][32:]
+        self.client = CurveKeyPair.from_private(self._signing_key.to_curve25519_private_key())
+
+    def __repr__(self) -> str:  # never print the seed
+        return f"MemberCredential(role={self.role!r}, mesh_id={self.mesh_id.hex()[:16]}…)"
+
+    def certify(self, node_key: bytes) -> bytes:
+        """A member certificate for `node_key`, as DHT records carry it:
+        role key (32) | the mesh's signature of it (64) | the role key's
+        signature of the node key (64) | the role's name."""
+        name = self.role.encode()
+        node_sig = self._signing_key.sign(_CERT_CONTEXT + name + b"\x00" + node_key).signature
+        return self.public_key + self._role_sig + node_sig + name
+
+    def to_text(self) -> str:
+        """The credential as one line of text (for a file or an environment variable)."""
+        packed = msgpack.packb([self.mesh_id, self.role, self._seed, self._roster_certs], use_bin_type=True)
+        return _MEMBER_PREFIX + base64.urlsafe_b64encode(packed).decode().rstrip("=")
+
+    @classmethod
+    def from_text(cls, text: str) -> MemberCredential:
+        text = text.strip()
+        if not text.startswith(_MEMBER_PREFIX):
+            raise ValueError(f"a member credential starts with {_MEMBER_PREFIX!r} (made by `inferswarm credential`)")
+        body = text[len(_MEMBER_PREFIX):]
+        try:
+            packed = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+            mesh_id, role, seed, roster = msgpack.unpackb(packed, raw=False, max_bin_len=4096, max_str_len=64,
+                                                        max_array_len=8, max_map_len=16)
+        except Exception:  # any malformed text
+            raise ValueError("a member credential that cannot be read (cut or altered?)") from None
+        if not (type(mesh_id) is bytes and type(role) is str and type(seed) is bytes and isinstance(roster, dict)):
+            raise ValueError("a member credential that cannot be read (cut or altered?)")
+        return cls(mesh_id, role, seed, roster)
+
+
 class MeshCredential:
-    """What a mesh member derives from the shared mesh secret."""
+    """The mesh secret, and what derives from it: the operator's credential.
+
+    Whoever holds the secret can make every role's credential (`member`),
+    so a holder is the mesh's operator: as a member, it acts in the
+    `operator` role (`client`, `certify`, `roster` are that role's), which
+    may call every internal method. Give service processes `member(role)`,
+    never the secret.
+    """
+
+    role = OPERATOR
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 32:
             raise ValueError("the mesh secret must be at least 32 bytes")
+        self._secret = secret
         seed = hashlib.blake2b(secret, digest_size=32, person=b"isw-mesh-sign").digest()
         self._signing_key = SigningKey(seed)
         self.mesh_id: bytes = bytes(self._signing_key.verify_key)
-        client_seed = hashlib.blake2b(secret, digest_size=32, person=b"isw-mesh-curv").digest()
-        self.client = CurveKeyPair.from_private(PrivateKey(client_seed))
+        roster = {}
+        for role in ROLES:
+            public = bytes(SigningKey(self._role_seed(role)).verify_key)
+            roster[role] = public + self._signing_key.sign(_role_message(role, public)).signature
+        self._roster = roster
+        self._operator = self.member(OPERATOR)
+        self.client = self._operator.client
+        self.roster = self._operator.roster
 
     def __repr__(self) -> str:
         return f"MeshCredential(mesh_id={self.mesh_id.hex()[:16]}…)"
+
+    def _role_seed(self, role: str) -> bytes:
+        return hashlib.blake2b(_ROLE_SEED_CONTEXT + role.encode() + b"\x00" + self._secret, digest_size=32).digest()
+
+    def member(self, role: str) -> MemberCredential:
+        """The credential of `role` (the same every time: derived from the secret)."""
+        check_role(role)
+        return MemberCredential(self.mesh_id, role, self._role_seed(role), self._roster)
 
     @staticmethod
     def new_secret() -> bytes:
@@ -161,8 +272,8 @@ class MeshCredential:
         return cls(secret)
 
     def certify(self, node_key: bytes) -> bytes:
-        """A member certificate: the mesh key's signature over a node key."""
-        return self._signing_key.sign(_CERT_CONTEXT + node_key).signature
+        """A member certificate of the operator role for `node_key`."""
+        return self._operator.certify(node_key)
 
 
 class MeshId:
@@ -188,16 +299,36 @@ class MeshId:
         except ValueError as exc:
             raise ValueError(f"a mesh id must be 64 hex characters: {exc}") from None
 
+    #: No role: a client that only looks up and calls public methods.
+    role = ""
+
     def certify(self, node_key: bytes) -> bytes:
         """No certificate: records this node signed would be refused by others."""
-        return bytes(64)
+        return b""
 
 
-def verify_member_cert(mesh_id: bytes, node_key: bytes, cert: bytes) -> bool:
-    """True when `cert` is the mesh `mesh_id`'s certificate for `node_key`."""
+def _role_message(role: str, public: bytes) -> bytes:
+    return _ROLE_CONTEXT + role.encode() + b"\x00" + public
+
+
+def _verify_role(mesh_id: bytes, role: str, public: bytes, signature: bytes) -> bool:
     try:
-        VerifyKey(mesh_id).verify(_CERT_CONTEXT + node_key, cert)
+        VerifyKey(mesh_id).verify(_role_message(role, public), signature)
     except (BadSignatureError, ValueError, TypeError):
         return False
     return True
 
+
+def verify_member_cert(mesh_id: bytes, node_key: bytes, cert: bytes) -> str | None:
+    """The role `cert` certifies `node_key` for in the mesh `mesh_id`, or None
+    when it does not (see `MemberCredential.certify` for the layout)."""
+    if not 160 < len(cert) <= 160 + MAX_ROLE_LEN:
+        return None
+    public, role_sig, node_sig, name = cert[:32], cert[32:96], cert[96:160], cert[160:]
+    try:
+        role = name.decode("ascii")
+        check_role(role)
+        VerifyKey(public).verify(_CERT_CONTEXT + name + b"\x00" + node_key, node_sig)
+    except (BadSignatureError, ValueError, TypeError):
+        return None
+    return role if _verify_role(mesh_id, role, public, role_sig) else None

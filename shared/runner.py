@@ -40,7 +40,8 @@ import structlog
 
 from shared.config import ConfigError, MeshConfig
 from shared.dht import Announcer, KademliaDiscovery, service_topic
-from shared.identity import MeshCredential, NodeIdentity
+from shared.identity import MemberCredential, MeshCredential, NodeIdentity
+from shared.membership import mesh_credential
 from shared.logging import configure_logging
 from shared.metrics import REQUESTS, RPC_ERRORS, Metrics, MetricsReporter
 from shared.rpc import Dispatcher, Limits, MeshClient, RpcServer
@@ -61,7 +62,7 @@ class MeshNode:
     name: str
     config: MeshConfig
     identity: NodeIdentity
-    credential: MeshCredential
+    credential: MeshCredential | MemberCredential
     discovery: KademliaDiscovery
     mesh: MeshClient
     #: Set by `serve` once the process announces itself.
@@ -80,33 +81,19 @@ class MeshNode:
             self.announcer.poke()
 
 
-def mesh_credential(config: MeshConfig) -> MeshCredential:
-    """The mesh secret: from the environment, else the data directory.
-
-    The first node of a mesh (no bootstrap seeds) creates the secret file; a
-    node joining a mesh must be given the mesh's secret, never a fresh one.
-    """
-    if config.mesh_secret is not None:
-        return MeshCredential.from_text(config.mesh_secret.reveal())
-    path = config.mesh_secret_path
-    if path.exists() or not config.bootstrap:
-        return MeshCredential.load_or_create(path)
-    raise ConfigError(
-        [
-            "INFERSWARM_MESH_SECRET: required to join an existing mesh "
-            f"(copy it from the first node's {path.name}), or put it in {path}"
-        ]
-    )
-
-
-async def join_mesh(stack: AsyncExitStack, name: str, config: MeshConfig, *, read_only: bool = False) -> MeshNode:
+async def join_mesh(
+    stack: AsyncExitStack, name: str, config: MeshConfig, *, role: str | None = None, read_only: bool = False,
+) -> MeshNode:
     """Load identity and credential, start a DHT node and a mesh client on `stack`.
+
+    `role` is the member role the process acts in (its service's); None for
+    a tool or benchmark that holds the mesh secret (the operator).
 
     `read_only=True` for a process that only calls others and will not live
     long (a benchmark's or a tool's client): its DHT node enters no routing
     table (see shared/dht/PROTOCOL.md), so its exit leaves no dead contact.
     """
-    credential = mesh_credential(config)
+    credential = mesh_credential(config, role)
     state_dir = config.data_dir / "nodes" / name
     identity = NodeIdentity.load_or_create(state_dir / "node.key")
     discovery = KademliaDiscovery(
@@ -136,22 +123,25 @@ async def serve(
     ready: Callable[[dict[str, Any]], None] | None = None,
     stop: asyncio.Event | None = None,
     drain_timeout: float = 10.0,
+    role: str | None = None,
 ) -> None:
     """Run `service` until `stop` is set (or SIGTERM/SIGINT), then shut down.
 
     `load()` goes into every record; `topic_load(topic)` adds to one topic's.
+    `role`: the member role the process acts in; None means the service's
+    own (shared/roles.py).
     """
     stop = stop or _stop_on_signals()
     node_name = config.node_name or service
     async with AsyncExitStack() as stack:
-        node = await join_mesh(stack, node_name, config)
+        node = await join_mesh(stack, node_name, config, role=role or service)
         if service != "metrics":  # the metrics service records its own locally
             await stack.enter_async_context(MetricsReporter.for_node(node, node.metrics, service=service))
         handlers = await build(stack, node)
         server = RpcServer(
             Dispatcher(*handlers),
             curve=node.identity.curve,
-            members=[node.credential.client.public],
+            members=node.credential.roster,
             host=config.rpc_host,
             port=config.rpc_port,
             advertise_host=config.advertised_host,

@@ -81,7 +81,7 @@ class Auth:
 
     async def start(self) -> Auth:
         self.server = RpcServer(Dispatcher(self.calls.service), curve=self.node.curve,
-                                members=[self.credential.client.public])
+                                members=self.credential.roster)
         await self.stack.enter_async_context(self.server)
         return self
 

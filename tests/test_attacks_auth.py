@@ -54,7 +54,7 @@ class Auth:
         stack.callback(self.context.destroy, 0)
         self.node = NodeIdentity.generate()
         self.server = RpcServer(Dispatcher(calls.service), curve=self.node.curve,
-                                members=[self.credential.client.public])
+                                members=self.credential.roster)
 
     @classmethod
     async def start(cls, stack: AsyncExitStack, calls: Calls) -> Auth:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import subprocess
 import sys
 import time
@@ -200,7 +199,7 @@ def serve_child() -> None:
 
     async def main() -> None:
         keys = CurveKeyPair(spec["public"].encode(), spec["secret"].encode())
-        server = RpcServer(Dispatcher(Target()), curve=keys, members=[spec["member"].encode()],
+        server = RpcServer(Dispatcher(Target()), curve=keys, members={spec["member"].encode(): "operator"},
                            max_message_bytes=spec["cap"])
         async with server:
             print(json.dumps({"endpoint": server.endpoint}), flush=True)
@@ -394,7 +393,7 @@ async def small(request) -> AsyncIterator[tuple[RpcServer, Target, bytes, MeshCr
     mesh = MeshCredential(MeshCredential.new_secret())
     node = NodeIdentity.generate()
     target = Target()
-    async with RpcServer(Dispatcher(target), curve=node.curve, members=[mesh.client.public],
+    async with RpcServer(Dispatcher(target), curve=node.curve, members=mesh.roster,
                          limits=getattr(request, "param", SMALL), drain_timeout=1.0) as server:
         yield server, target, node.curve.public, mesh
 
@@ -550,24 +549,11 @@ async def test_a_stream_whose_reader_reads_nothing_is_cut_and_its_slot_freed(sma
 @pytest.fixture
 async def gateway_stack(pg_server, tmp_path, monkeypatch) -> AsyncIterator[Any]:
     """Auth, one worker and one gateway process whose public callers may have 3 requests in flight."""
-    import asyncpg
-
     import gateway_support
-    from shared.db import ensure_database
 
     monkeypatch.setitem(gateway_support.GATEWAY_ENV, "INFERSWARM_RPC_PEER_MAX_IN_FLIGHT", "3")
-    names = [f"test_{secrets.token_hex(6)}_auth", f"test_{secrets.token_hex(6)}_gw"]
-    dsns = [await ensure_database(pg_server, name) for name in names]
-    try:
-        async with AsyncExitStack() as stack:
-            yield await gateway_support.GatewayMesh(stack, tmp_path, *dsns).start(workers=1, gateways=1)
-    finally:
-        conn = await asyncpg.connect(pg_server)
-        try:
-            for name in names:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    async with gateway_support.gateway_databases(pg_server) as dsns, AsyncExitStack() as stack:
+        yield await gateway_support.GatewayMesh(stack, tmp_path, *dsns).start(workers=1, gateways=1)
 
 
 async def test_a_gateway_process_refuses_bombs_and_holds_a_key_to_its_cap(gateway_stack, context):

@@ -47,7 +47,7 @@ class Mesh:
     async def serve(self, auth: Calls) -> RpcServer:
         """Serve `auth` on a CurveZMQ socket and announce it in the registry."""
         node = NodeIdentity.generate()
-        server = RpcServer(Dispatcher(auth.service), curve=node.curve, members=[self.credential.client.public])
+        server = RpcServer(Dispatcher(auth.service), curve=node.curve, members=self.credential.roster)
         await self.stack.enter_async_context(server)
         await MemoryDiscovery(self.registry, node).announce(
             service_topic("auth"), service="auth", endpoint=server.endpoint, version="test")

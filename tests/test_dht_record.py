@@ -97,8 +97,44 @@ def test_missing_or_malformed_cert_is_rejected(verifier, node, mesh):
     body = body_of(node, mesh)
     del body["c"]
     assert reason(verifier, raw_blob(node, body)) == "BAD_TYPE"
-    assert reason(verifier, raw_blob(node, body_of(node, mesh, c=b"\x00" * 64))) == "BAD_CERT"
+    assert reason(verifier, raw_blob(node, body_of(node, mesh, c=b"\x00" * 160 + b"auth"))) == "BAD_CERT"
+    assert reason(verifier, raw_blob(node, body_of(node, mesh, c=b"\x00" * 64))) == "BAD_TYPE"
     assert reason(verifier, raw_blob(node, body_of(node, mesh, c=b"short"))) == "BAD_TYPE"
+
+
+@pytest.mark.parametrize("role, topic, accepted", [
+    ("auth", TOPIC, True),
+    ("inference", TOPIC, False),             # a worker cannot pass for auth (and collect passwords)
+    ("gateway", TOPIC, False),
+    ("inference", "inferswarm/model/llama3", True),
+    ("inference", "inferswarm/inference/v1", True),
+    ("auth", "inferswarm/model/llama3", False),
+    ("web", "inferswarm/gateway/v1", False),
+    ("dht", "inferswarm/dht/v1", False),      # no service of that name: nobody's topic
+    ("metrics", "inferswarm/whatever/v1", False),
+    ("operator", "inferswarm/whatever/v1", True),
+    ("operator", TOPIC, True),
+    ("web", "tests/scratch", True),           # outside inferswarm/: any member's
+])
+def test_a_record_is_accepted_only_on_its_roles_topics(verifier, node, mesh, role, topic, accepted):
+    blob = sign_record(node, mesh.member(role).certify(node.public_key), topic=topic, service=role,
+                       endpoint="tcp://127.0.0.1:5555", version="1.0", ttl=30)
+    if accepted:
+        assert verifier.verify(blob).topic == topic
+    else:
+        assert reason(verifier, blob) == "WRONG_ROLE"
+
+
+def test_a_cert_cannot_be_moved_to_another_role_or_mesh(verifier, node, mesh):
+    worker = mesh.member("inference").certify(node.public_key)
+    renamed = worker[:160] + b"auth"  # the role's name is signed twice: by the mesh and by the role key
+    assert reason(verifier, raw_blob(node, body_of(node, mesh, c=renamed))) == "BAD_CERT"
+    # a role key (with the mesh's signature) of another mesh certifies nothing here
+    other = MeshCredential(MeshCredential.new_secret()).member("auth").certify(node.public_key)
+    assert reason(verifier, raw_blob(node, body_of(node, mesh, c=other))) == "BAD_CERT"
+    # another node's cert does not certify this node
+    stranger = mesh.member("auth").certify(NodeIdentity.generate().public_key)
+    assert reason(verifier, raw_blob(node, body_of(node, mesh, c=stranger))) == "BAD_CERT"
 
 
 def test_oversized_record_is_rejected(verifier, node, mesh):

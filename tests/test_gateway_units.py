@@ -280,7 +280,7 @@ async def test_the_catalog_takes_the_callers_time_and_keeps_only_a_full_answer()
         for model, delay in (("quick", 0.0), ("slow", 0.4)):
             node = NodeIdentity.generate()
             server = await stack.enter_async_context(RpcServer(
-                Dispatcher(_Lister(model, delay)), curve=node.curve, members=[credential.client.public]))
+                Dispatcher(_Lister(model, delay)), curve=node.curve, members=credential.roster))
             await MemoryDiscovery(registry, node).announce(service_topic("inference"), service="inference",
                                                            endpoint=server.endpoint, version="test")
         mesh = await stack.enter_async_context(

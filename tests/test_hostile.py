@@ -319,7 +319,7 @@ def live_rpc(background) -> Iterator[tuple[RpcServer, NodeIdentity, MeshCredenti
     node = NodeIdentity.generate()
 
     async def start() -> RpcServer:
-        server = RpcServer(Dispatcher(Target()), curve=node.curve, members=[mesh.client.public],
+        server = RpcServer(Dispatcher(Target()), curve=node.curve, members=mesh.roster,
                            max_message_bytes=16 * 1024, drain_timeout=1.0)
         await server.start()
         return server
@@ -435,7 +435,7 @@ async def producer_server():
     mesh = MeshCredential(MeshCredential.new_secret())
     node = NodeIdentity.generate()
     producer = Producer()
-    server = RpcServer(Dispatcher(producer), curve=node.curve, members=[mesh.client.public], drain_timeout=1.0)
+    server = RpcServer(Dispatcher(producer), curve=node.curve, members=mesh.roster, drain_timeout=1.0)
     ctx = zmq.asyncio.Context()
     async with server:
         yield producer, server, node, mesh, ctx

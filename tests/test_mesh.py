@@ -47,7 +47,7 @@ class Provider:
         identity = NodeIdentity.generate()
         dht = KademliaDiscovery(identity=identity, mesh=self.mesh, seeds=self.seeds, **FAST)
         await self.stack.enter_async_context(dht)
-        self.server = RpcServer(Dispatcher(self.service), curve=identity.curve, members=[self.mesh.client.public])
+        self.server = RpcServer(Dispatcher(self.service), curve=identity.curve, members=self.mesh.roster)
         await self.stack.enter_async_context(self.server)
         announcer = Announcer(dht, [service_topic("who")], service="who", endpoint=self.server.endpoint,
                               version="test", load=lambda: {"in_flight": self.server.in_flight}, ttl=2.0)

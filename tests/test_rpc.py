@@ -98,7 +98,7 @@ async def context():
 @pytest.fixture
 async def probe_server(mesh, node):
     probe = Probe()
-    server = RpcServer(Dispatcher(probe), curve=node.curve, members=[mesh.client.public], max_message_bytes=64 * 1024)
+    server = RpcServer(Dispatcher(probe), curve=node.curve, members=mesh.roster, max_message_bytes=64 * 1024)
     async with server:
         yield probe, server
 
@@ -464,7 +464,7 @@ async def test_public_server_admits_anyone_to_public_methods_only(mesh, node, co
         async def internal(self) -> str:
             return "members only"
 
-    async with RpcServer(Dispatcher(Gate()), curve=node.curve, members=[mesh.client.public]) as server:
+    async with RpcServer(Dispatcher(Gate()), curve=node.curve, members=mesh.roster) as server:
         outsider = outsider_keys()
         stranger = Connection(server.endpoint, node.curve.public, outsider, context=context)
         member = Connection(server.endpoint, node.curve.public, mesh.client, context=context)
@@ -483,7 +483,7 @@ async def test_public_server_admits_anyone_to_public_methods_only(mesh, node, co
 
 async def test_drain_finishes_in_flight_and_refuses_new_work(mesh, node, context):
     probe = Probe()
-    server = RpcServer(Dispatcher(probe), curve=node.curve, members=[mesh.client.public], drain_timeout=5)
+    server = RpcServer(Dispatcher(probe), curve=node.curve, members=mesh.roster, drain_timeout=5)
     await server.start()
     connection = Connection(server.endpoint, node.curve.public, mesh.client, context=context)
     connection.open()
@@ -502,7 +502,7 @@ async def test_drain_finishes_in_flight_and_refuses_new_work(mesh, node, context
 
 async def test_server_killed_mid_call_fails_the_call_promptly(mesh, node, context):
     probe = Probe()
-    server = RpcServer(Dispatcher(probe), curve=node.curve, members=[mesh.client.public])
+    server = RpcServer(Dispatcher(probe), curve=node.curve, members=mesh.roster)
     await server.start()
     connection = Connection(server.endpoint, node.curve.public, mesh.client, context=context)
     connection.open()
@@ -540,11 +540,11 @@ async def test_trace_id_crosses_rpc_hops(mesh, context):
             return [here, await self.downstream.call("back.trace")]
 
     back_node, front_node = NodeIdentity.generate(), NodeIdentity.generate()
-    async with RpcServer(Dispatcher(Back()), curve=back_node.curve, members=[mesh.client.public]) as back:
+    async with RpcServer(Dispatcher(Back()), curve=back_node.curve, members=mesh.roster) as back:
         downstream = Connection(back.endpoint, back_node.curve.public, mesh.client, context=context)
         downstream.open()
         async with RpcServer(Dispatcher(Front(downstream)), curve=front_node.curve,
-                             members=[mesh.client.public]) as front:
+                             members=mesh.roster) as front:
             caller = Connection(front.endpoint, front_node.curve.public, mesh.client, context=context)
             caller.open()
             assert await caller.call("front.relay", trace_id="c0ffee" * 4) == ["c0ffee" * 4] * 2

@@ -2,8 +2,10 @@
 
     python -m shared.dht --host 127.0.0.1 --port 7400 [--seed host:port ...] --data-dir DIR
 
-The identity is DIR/node.key (created on first start); the mesh secret is
-`INFERSWARM_MESH_SECRET` (hex) or DIR/mesh.secret (created on first start).
+The identity is DIR/node.key (created on first start); the credential is the
+`dht` role's (`INFERSWARM_CREDENTIAL` or `INFERSWARM_CREDENTIAL_FILE`), else
+derived from the mesh secret, `INFERSWARM_MESH_SECRET` (hex) or
+DIR/mesh.secret (created on first start).
 Once listening it prints one JSON line, `{"dht": "host:port"}`, to stdout
 (logs go to stderr) and runs until SIGTERM or SIGINT.
 """
@@ -16,10 +18,13 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from shared.config import MeshConfig, load
 from shared.dht.node import KademliaDiscovery
-from shared.identity import MeshCredential, NodeIdentity
+from shared.identity import MemberCredential, MeshCredential, NodeIdentity
+from shared.membership import mesh_credential
 from shared.logging import configure_logging
 
 __all__ = ["main"]
@@ -34,11 +39,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _mesh(data_dir: Path) -> MeshCredential:
-    secret = os.environ.get("INFERSWARM_MESH_SECRET")
-    if secret:
-        return MeshCredential.from_text(secret)
-    return MeshCredential.load_or_create(data_dir / "mesh.secret")
+def _mesh(data_dir: Path) -> MeshCredential | MemberCredential:
+    config = replace(load(MeshConfig), data_dir=data_dir, bootstrap=())
+    return mesh_credential(config, "dht")
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     try:
         asyncio.run(_serve(args))
-    except ValueError as exc:  # a bad seed, key file or mesh secret
+    except ValueError as exc:  # a bad seed, key file, credential (ConfigError) or mesh secret
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

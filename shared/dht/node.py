@@ -33,7 +33,7 @@ from shared.dht.interface import Provider
 from shared.dht.record import InvalidRecord, RecordVerifier, peek, sign_record, topic_key, wall_ms
 from shared.dht.server import DHTServer
 from shared.errors import InvalidParams, NoProviders, Timeout, Unavailable
-from shared.identity import MeshCredential, MeshId, NodeIdentity
+from shared.identity import MemberCredential, MeshCredential, MeshId, NodeIdentity
 
 __all__ = ["KademliaDiscovery", "select_providers"]
 
@@ -83,7 +83,7 @@ class KademliaDiscovery:
         self,
         *,
         identity: NodeIdentity,
-        mesh: MeshCredential | MeshId,
+        mesh: MeshCredential | MemberCredential | MeshId,
         host: str = "127.0.0.1",
         port: int = 0,
         seeds: Iterable[str] = (),

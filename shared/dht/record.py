@@ -3,7 +3,7 @@
 A record body is a msgpack map with short keys (see PROTOCOL.md):
 
     t topic   s service   e endpoint   k node_key (raw Ed25519 public key)
-    c member cert   v version   l load (small map of scalars)
+    c member cert (its role's, see identity.py)   v version   l load (small map of scalars)
     q seq (wall-clock ms at signing)   d ttl (seconds; 0 = withdrawn)
 
 The blob stored in the DHT is msgpack `[body, signature]`, the signature being
@@ -31,7 +31,8 @@ from nacl.signing import VerifyKey
 
 from shared.dht.interface import Provider
 from shared.errors import InvalidParams
-from shared.identity import MeshCredential, NodeIdentity, curve_key_of, verify_member_cert
+from shared.identity import MAX_ROLE_LEN, MemberCredential, MeshCredential, NodeIdentity, curve_key_of, verify_member_cert
+from shared.roles import may_announce
 
 __all__ = [
     "RECORD_CONTEXT",
@@ -193,9 +194,10 @@ def _parse_body(body_bytes: bytes, max_size: int) -> dict[str, Any]:
     for key, name in _STR_FIELDS.items():
         if type(body.get(key)) is not str:
             raise InvalidRecord("BAD_TYPE", f"{name} must be a string")
-    for key, size in (("k", 32), ("c", 64)):
-        if type(body.get(key)) is not bytes or len(body[key]) != size:
-            raise InvalidRecord("BAD_TYPE", f"field {key!r} must be {size} bytes")
+    if type(body.get("k")) is not bytes or len(body["k"]) != 32:
+        raise InvalidRecord("BAD_TYPE", "field 'k' must be 32 bytes")
+    if type(body.get("c")) is not bytes or not 160 < len(body["c"]) <= 160 + MAX_ROLE_LEN:
+        raise InvalidRecord("BAD_TYPE", "field 'c' must be a member certificate")
     if type(body.get("q")) is not int:
         raise InvalidRecord("BAD_TYPE", "seq must be an integer")
     if type(body.get("d")) not in (int, float):
@@ -233,7 +235,7 @@ class RecordVerifier:
         self.clock_skew = clock_skew
         # Member certs repeat in every record of a node: remember the good
         # ones instead of re-running an Ed25519 verification each time.
-        self._good_certs: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        self._good_certs: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()
         self._cert_cache_size = cert_cache_size
 
     def verify(
@@ -249,7 +251,8 @@ class RecordVerifier:
         Rejected: wrong types or encoding, a blob over `max_size`, a ttl outside
         [0, max_ttl], a seq more than `clock_skew` in the future, an expired
         record, a topic whose digest is not `key` (or which is not `topic`), a
-        member cert not valid for this mesh, a bad signature.
+        member cert not valid for this mesh, a topic the cert's role may not
+        announce (shared/roles.py), a bad signature.
         """
         body_bytes, signature = _split_blob(blob, self.max_size)
         body = _parse_body(body_bytes, self.max_size)
@@ -258,7 +261,9 @@ class RecordVerifier:
             raise InvalidRecord("WRONG_KEY", "the topic does not hash to this key")
         if topic is not None and body["t"] != topic:
             raise InvalidRecord("WRONG_KEY", "a record of another topic")
-        self._check_cert(body["k"], body["c"])
+        role = self._check_cert(body["k"], body["c"])
+        if not may_announce(role, body["t"]):
+            raise InvalidRecord("WRONG_ROLE", f"a {role} member cannot announce {body['t']!r}")
         try:
             VerifyKey(body["k"]).verify(RECORD_CONTEXT + body_bytes, signature)
         except (CryptoError, ValueError, TypeError):
@@ -298,18 +303,22 @@ class RecordVerifier:
         if seq + lives * 1000 < now_ms - skew_ms:
             raise InvalidRecord("EXPIRED")
 
-    def _check_cert(self, node_key: bytes, cert: bytes) -> None:
+    def _check_cert(self, node_key: bytes, cert: bytes) -> str:
+        """The role `cert` gives `node_key`, or InvalidRecord."""
         pair = (node_key, cert)
-        if pair in self._good_certs:
+        role = self._good_certs.get(pair)
+        if role is not None:
             self._good_certs.move_to_end(pair)
-            return
-        if not verify_member_cert(self.mesh_id, node_key, cert):
+            return role
+        role = verify_member_cert(self.mesh_id, node_key, cert)
+        if role is None:
             raise InvalidRecord("BAD_CERT", "the member cert is not valid for this mesh")
-        self._good_certs[pair] = None
+        self._good_certs[pair] = role
         if len(self._good_certs) > self._cert_cache_size:
             self._good_certs.popitem(last=False)
+        return role
 
 
-def member_cert(mesh: MeshCredential, identity: NodeIdentity) -> bytes:
+def member_cert(mesh: MeshCredential | MemberCredential, identity: NodeIdentity) -> bytes:
     """This node's member cert, as records carry it."""
     return mesh.certify(identity.public_key)

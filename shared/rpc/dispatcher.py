@@ -14,12 +14,13 @@ import inspect
 import time
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import InvalidParams
+from shared.roles import check_role
 
 __all__ = [
     "method",
@@ -40,6 +41,9 @@ class MethodSpec:
     public: bool = False
     #: Safe to run twice: the mesh client may retry it on another provider.
     idempotent: bool = False
+    #: The member roles an internal method serves (shared/roles.py; the
+    #: operator always); None: every member.
+    roles: frozenset[str] | None = None
 
 
 def method(
@@ -48,14 +52,20 @@ def method(
     name: str | None = None,
     public: bool = False,
     idempotent: bool = False,
+    roles: Iterable[str] | None = None,
 ) -> Any:
     """Mark a service method as callable over RPC as `<service>.<name>`.
 
-    It only tags the function; a `Dispatcher` collects the tagged methods.
+    `roles`: the member roles an internal method serves (e.g. `("gateway",)`);
+    a public method serves everyone, so it takes none. It only tags the
+    function; a `Dispatcher` collects the tagged methods.
     """
+    allowed = None if roles is None else frozenset(check_role(role) for role in roles)
+    if public and allowed is not None:
+        raise TypeError("a public method serves every caller: it takes no roles")
 
     def mark(func: Callable[..., Any]) -> Callable[..., Any]:
-        func.__rpc_method__ = MethodSpec(name, public, idempotent)  # type: ignore[attr-defined]
+        func.__rpc_method__ = MethodSpec(name, public, idempotent, allowed)  # type: ignore[attr-defined]
         return func
 
     return mark(fn) if fn is not None else mark
@@ -69,11 +79,13 @@ class RequestContext:
     trace_id: str
     deadline: float  #: time.monotonic() by which the caller wants the answer
     peer: str  #: the caller's CurveZMQ public key (Z85), "" when unknown
-    member: bool  #: the caller holds the mesh credential
+    member: bool  #: the caller holds a member credential
     #: A public caller's IP address, as its TCP connection shows it (libzmq's
     #: `Peer-Address`); "" for members and when unknown. Unlike `peer`, which
     #: the caller picks, it costs an attacker a real address.
     peer_addr: str = ""
+    #: The caller's member role (shared/roles.py), "" for a public caller.
+    role: str = ""
 
     def remaining(self) -> float:
         """Seconds left before the caller's deadline."""
@@ -199,4 +211,9 @@ class Dispatcher:
     @property
     def has_public(self) -> bool:
         return any(h.spec.public for h in self._handlers.values())
+
+    @property
+    def has_roles(self) -> bool:
+        """True when some method serves only some roles."""
+        return any(h.spec.roles is not None for h in self._handlers.values())
 

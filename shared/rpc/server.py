@@ -4,10 +4,12 @@ Frames in, frames out: this module owns the socket, the ZAP policy, deadlines,
 cancellation and draining; the dispatcher owns the method table; services see
 only Python values.
 
-Access (see identity.py): a server whose methods are all internal admits only
-the mesh client key at the CURVE handshake (ZAP allow-list). A server with a
-public method admits any CURVE client and checks each request: internal
-methods then require the caller's key (ZAP `User-Id`) to be the mesh key.
+Access (see identity.py and roles.py): `members` maps each member role's
+client key to its role. A server whose methods are all internal admits only
+those keys at the CURVE handshake (ZAP allow-list). A server with a public
+method admits any CURVE client and checks each request: an internal method
+requires the caller's key (ZAP `User-Id`) to be a member's, and a method that
+names roles requires one of them (or the operator's): else `FORBIDDEN`.
 
 Cost (see limits.py and PROTOCOL.md, Limits): libzmq drops a connection whose
 frame is over the size cap; a public caller's message is decoded with an item
@@ -22,7 +24,7 @@ import asyncio
 import contextvars
 import errno
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import structlog
@@ -48,6 +50,7 @@ from shared.rpc.eager import start_eager
 from shared.rpc.limits import Admission, Limits
 from shared.rpc.pump import SocketPump
 from shared.rpc.dispatcher import Dispatcher, Handler, RequestContext, current_request, method
+from shared.roles import may_call
 
 __all__ = ["RpcServer", "Limits"]
 
@@ -126,7 +129,7 @@ class RpcServer:
         dispatcher: Dispatcher,
         *,
         curve: CurveKeyPair,
-        members: Collection[bytes],
+        members: Mapping[bytes, str],
         host: str = "127.0.0.1",
         port: int = 0,
         advertise_host: str | None = None,
@@ -143,7 +146,7 @@ class RpcServer:
             dispatcher.add(_Builtins(self))
         self._curve = curve
         self._members = frozenset(members)
-        self._member_ids = frozenset(key.decode() for key in self._members)  #: as ZAP's User-Id
+        self._roles = {key.decode(): role for key, role in members.items()}  #: by ZAP's User-Id
         self._host, self._port = host, port
         self._advertise_host = advertise_host or host
         self._max = max_message_bytes
@@ -155,8 +158,10 @@ class RpcServer:
         self._public_timeout_ms = max(1, int(limits.public_max_timeout * 1000))
         self._warn = _WarnOncePerSecond()
         self._drain_timeout = drain_timeout
-        #: Only a mixed (public + internal) server checks membership per request.
+        #: Only a mixed (public + internal) server checks membership per
+        #: request; one with methods for some roles only, the caller's role.
         self._check_members = dispatcher.has_public
+        self._check_roles = dispatcher.has_roles
         self._tasks: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self._expired: set[tuple[bytes, int]] = set()
         self._windows: dict[tuple[bytes, int], _Window] = {}  #: flow-controlled streams
@@ -211,8 +216,9 @@ class RpcServer:
         self.endpoint = f"tcp://{self._advertise_host}:{self._port}"
         self._loop = asyncio.get_running_loop()
         # Zero-copy frames carry the caller's key (ZAP User-Id); only a server
-        # that checks membership per request needs it, and copies are faster.
-        self._pump = SocketPump(sock, self._on_frames, copy=not self._check_members)
+        # that checks membership or roles per request needs it, and copies
+        # are faster.
+        self._pump = SocketPump(sock, self._on_frames, copy=not (self._check_members or self._check_roles))
         self._pump.start()
         log.info("rpc server listening", endpoint=self.endpoint, methods=self._dispatcher.names)
 
@@ -267,12 +273,13 @@ class RpcServer:
             return
         ident, payload = frames[0], frames[1]
         peer_addr = ""
-        if isinstance(payload, bytes):  # copied frames: a members-only server
-            data, peer, member = payload, "", True
+        if isinstance(payload, bytes):  # copied frames: members only, every role alike
+            data, peer, member, role = payload, "", True, ""
         else:  # zero-copy frames carry the caller's key (ZAP User-Id) and address
             ident = ident.bytes
             data, peer = payload.buffer, payload.get("User-Id") or ""
-            member = peer in self._member_ids
+            role = self._roles.get(peer, "")
+            member = role != ""
             if not member:
                 peer_addr = payload.get("Peer-Address") or ""
         # Public callers' messages are decoded with an item budget (codec.py).
@@ -291,11 +298,12 @@ class RpcServer:
             if window is not None:  # else a stream that already ended
                 window.grant(message.chunks)
             return
-        self._on_request(ident, message, peer, member, peer_addr)  # type: ignore[arg-type]
+        self._on_request(ident, message, peer, role, peer_addr)  # type: ignore[arg-type]
 
-    def _on_request(self, ident: bytes, request: codec.Request, peer: str, member: bool, peer_addr: str) -> None:
+    def _on_request(self, ident: bytes, request: codec.Request, peer: str, role: str, peer_addr: str) -> None:
+        member = bool(role) or not self._check_members  # a members-only server admitted no one else
         try:
-            handler = self._admit(request, peer, member)
+            handler = self._admit(request, peer, member, role)
         except MeshError as exc:
             known = self._dispatcher.get(request.method) is not None
             self._observe(request.method if known else "other", exc.code)
@@ -312,7 +320,7 @@ class RpcServer:
         assert loop is not None
         # Most handlers answer without waiting: run them now, in this loop
         # turn; only one that suspends keeps a task (and a deadline).
-        task = start_eager(loop, self._run(ident, request, handler, peer, member, peer_addr),
+        task = start_eager(loop, self._run(ident, request, handler, peer, member, peer_addr, role),
                            contextvars.copy_context())
         if task is not None and not task.done():
             self._tasks[key] = task
@@ -325,13 +333,17 @@ class RpcServer:
             self._expired.add(key)
             task.cancel()
 
-    def _admit(self, request: codec.Request, peer: str, member: bool) -> Handler:
+    def _admit(self, request: codec.Request, peer: str, member: bool, role: str) -> Handler:
         """Decide whether a decoded request may run; raise the typed refusal."""
         handler = self._dispatcher.get(request.method)
         if handler is None:
             raise MethodNotFound(f"no method {request.method!r}")
-        if not member and not handler.spec.public:
-            raise Forbidden(f"{request.method} is open to mesh members only")
+        if not handler.spec.public:
+            if not member:
+                raise Forbidden(f"{request.method} is open to mesh members only")
+            if not may_call(role, handler.spec.roles):
+                raise Forbidden(f"{request.method} is not open to the {role or 'unknown'} role",
+                                {"role": role})
         if self._draining:
             raise Unavailable("server is shutting down", {"retry_safe": True})
         if request.timeout_ms <= 0:
@@ -349,6 +361,7 @@ class RpcServer:
 
     async def _run(
         self, ident: bytes, request: codec.Request, handler: Handler, peer: str, member: bool, peer_addr: str,
+        role: str,
     ) -> None:
         budget = request.timeout_ms / 1000
         current_request.set(
@@ -359,6 +372,7 @@ class RpcServer:
                 peer=peer,
                 member=member,  # a members-only server admitted nobody else at the handshake
                 peer_addr=peer_addr,
+                role=role,
             )
         )
         structlog.contextvars.bind_contextvars(trace_id=request.trace_id)
