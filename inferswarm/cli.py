@@ -6,6 +6,7 @@
     inferswarm password
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
     inferswarm admin grant|revoke USER        (the operator: needs the mesh secret)
+    inferswarm credential ROLE [--out FILE]   (the operator: a service's credential)
 
 Client commands work from any directory: they find the mesh through
 `--bootstrap HOST:PORT` (or `INFERSWARM_BOOTSTRAP`; default the local stack's,
@@ -16,7 +17,10 @@ commands call them directly, without joining the DHT. Every command accepts
 
 `admin grant` and `admin revoke` call auth as a mesh member, with the key
 derived from the mesh secret (`member.py`): whoever holds the secret is the
-operator. Without it they stop at once with exit code 3.
+operator. Without it they stop at once with exit code 3. So does
+`credential ROLE`, which prints one member role's credential (e.g. `inference`
+for a worker on another host): what a service process is given instead of
+the secret (`INFERSWARM_CREDENTIAL` or `INFERSWARM_CREDENTIAL_FILE`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from inferswarm.localmesh import cache_dir
 from inferswarm.member import NotAMember, member_credential
 from inferswarm.session import ClientSession, SessionError, resolve_bootstrap, resolve_mesh_id
 from shared.errors import MeshError
-from shared.identity import MeshId
+from shared.identity import MeshId, write_private_file
+from shared.roles import OPERATOR, ROLES
 from shared.logging import configure_logging
 
 __all__ = ["main", "parser"]
@@ -64,6 +69,16 @@ def parser() -> argparse.ArgumentParser:
     up_parser = commands.add_parser("up", help="start the whole stack on this machine")
     up.add_arguments(up_parser)
     up_parser.set_defaults(run=up.up)
+    credential = commands.add_parser("credential", help="print a member role's credential (the operator: "
+                                                        "needs the mesh secret)")
+    credential.add_argument("role", choices=[role for role in ROLES if role != OPERATOR],
+                            help="the role of the process it is for")
+    credential.add_argument("--data-dir", type=Path, default=os.environ.get("INFERSWARM_DATA_DIR") or None,
+                            help="the stack's data directory, for its mesh.secret (default: "
+                                 "INFERSWARM_MESH_SECRET, else the stack `inferswarm up` runs on this machine)")
+    credential.add_argument("--out", type=Path, metavar="FILE",
+                            help="write it to FILE (owner-only, 0600) instead of stdout")
+    credential.set_defaults(run=run_credential)
 
     common = _client_options()
 
@@ -123,6 +138,23 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("user", help="id (digits), username or email")
         command.add_argument("--reason", help="recorded in the audit log")
     return root
+
+
+def run_credential(args: argparse.Namespace) -> int:
+    """Print (or write) the credential of `args.role`, derived from the mesh secret."""
+    try:
+        mesh = member_credential(args.data_dir, "`inferswarm credential`")
+    except SessionError as error:
+        print(f"inferswarm: {error}", file=sys.stderr)
+        return 3 if isinstance(error, NotAMember) else 6
+    text = mesh.member(args.role).to_text()
+    if args.out is None:
+        print(text)
+        return 0
+    write_private_file(args.out, text.encode() + b"\n")
+    print(f"the {args.role} credential of mesh {mesh.mesh_id.hex()} is in {args.out} (0600): give it to "
+          f"the process as INFERSWARM_CREDENTIAL_FILE={args.out}", file=sys.stderr)
+    return 0
 
 
 def run_client(args: argparse.Namespace) -> int:

@@ -1,10 +1,11 @@
 """The operator's way in: the mesh secret, for the commands only members may run.
 
 `inferswarm admin grant|revoke` call internal methods (`auth.grant_admin`),
-which auth accepts from the mesh client key alone -- the CurveZMQ key every
-member derives from the mesh secret (`shared/identity.py`). Holding the
-secret (or the database) is what makes someone the operator; no account,
-password or address does.
+which auth serves to the operator role alone -- whose CurveZMQ key only the
+mesh secret derives (`shared/identity.py`, `shared/roles.py`); `inferswarm
+credential ROLE` derives a role's credential from it. Holding the secret (or
+the database) is what makes someone the operator; no account, password,
+address or service credential does.
 
 Where the secret comes from, first found wins:
 

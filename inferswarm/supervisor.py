@@ -40,6 +40,8 @@ class ChildSpec:
     env: dict[str, str] = field(default_factory=dict)
     #: Children stop in groups, highest first; a group stops concurrently.
     stop_group: int = 0
+    #: Variables of our own environment the child must not inherit.
+    unset: tuple[str, ...] = ()
 
 
 class Child:
@@ -65,7 +67,7 @@ class Child:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
-                env={**os.environ, **self.spec.env},
+                env={**{k: v for k, v in os.environ.items() if k not in self.spec.unset}, **self.spec.env},
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which stops us in order
             )
         try:

@@ -2,7 +2,8 @@
 
 Order: lock the data directory, load (or create) the mesh secret, start
 PostgreSQL (embedded, unless `DATABASE_URL` is set) with one database per
-service, the DHT bootstrap node, then every service. Once all are ready it
+service, the DHT bootstrap node, then every service -- each child given its
+role's credential only, never the mesh secret. Once all are ready it
 prints where things are (or one JSON line with `--json`) and runs until
 SIGINT/SIGTERM, then stops the children newest first and PostgreSQL last,
 keeping the data for the next start. Each step says when it is ready (on
@@ -37,6 +38,9 @@ SERVICES = ("auth", "metrics", "inference", "gateway", "web")
 #: Stop order, highest first: entry points, then what they call, then auth
 #: (gateways ship their last usage records to it), the bootstrap node last.
 STOP_GROUPS = {"web": 3, "gateway": 3, "inference": 2, "metrics": 2, "auth": 1}
+#: What the operator's shell may hold that no child gets: children are given
+#: their role's credential instead (shared/roles.py).
+OPERATOR_ONLY = ("INFERSWARM_MESH_SECRET", "INFERSWARM_CREDENTIAL_FILE")
 #: Services that keep data in PostgreSQL (each gets a database of its own).
 WITH_DATABASE = ("auth", "gateway", "metrics")
 
@@ -80,8 +84,10 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
         handle.close()
 
 
-def service_specs(args: argparse.Namespace, base_env: dict[str, str], databases: dict[str, str]) -> list[ChildSpec]:
-    """One child per service instance whose package can be run."""
+def service_specs(args: argparse.Namespace, base_env: dict[str, str], databases: dict[str, str],
+                  mesh: MeshCredential) -> list[ChildSpec]:
+    """One child per service instance whose package can be run, each given
+    its role's credential only (never the mesh secret: shared/roles.py)."""
     counts = {"gateway": args.gateways, "inference": args.workers}
     specs = []
     for service in SERVICES:
@@ -90,7 +96,7 @@ def service_specs(args: argparse.Namespace, base_env: dict[str, str], databases:
         count = counts.get(service, 1)
         for index in range(1, count + 1):
             name = service if count == 1 else f"{service}-{index}"
-            env = {**base_env, "INFERSWARM_NODE_NAME": name}
+            env = {**base_env, "INFERSWARM_NODE_NAME": name, "INFERSWARM_CREDENTIAL": mesh.member(service).to_text()}
             if service in databases:
                 env["DATABASE_URL"] = databases[service]
             if service == "web":
@@ -100,7 +106,7 @@ def service_specs(args: argparse.Namespace, base_env: dict[str, str], databases:
             if service == "metrics":
                 env["INFERSWARM_METRICS_PORT"] = str(args.metrics_port)
             specs.append(ChildSpec(name, [sys.executable, "-m", f"services.{service}"], env,
-                                   stop_group=STOP_GROUPS[service]))
+                                   stop_group=STOP_GROUPS[service], unset=OPERATOR_ONLY))
     return specs
 
 
@@ -119,10 +125,8 @@ async def start_postgres(stack: AsyncExitStack, data_dir: Path) -> dict[str, str
 async def run_stack(args: argparse.Namespace, stop: asyncio.Event) -> int:
     data_dir = args.data_dir.resolve()
     progress(args, f"Starting inferswarm (data in {data_dir}) ...")
-    secret_path = data_dir / "mesh.secret"
-    credential = MeshCredential.load_or_create(secret_path)  # the first start creates it (0600)
-    credential_hex = secret_path.read_text().strip()
-    args.mesh_id = credential.mesh_id.hex()
+    mesh = MeshCredential.load_or_create(data_dir / "mesh.secret")  # the first start creates it (0600)
+    args.mesh_id = mesh.mesh_id.hex()
     async with AsyncExitStack() as stack:
         started = time.monotonic()
         databases = await start_postgres(stack, data_dir)
@@ -132,14 +136,14 @@ async def run_stack(args: argparse.Namespace, stop: asyncio.Event) -> int:
         stack.push_async_callback(supervisor.stop)
         bootstrap = await start_child(args, supervisor, ChildSpec("bootstrap", [
             sys.executable, "-m", "shared.dht", "--port", str(args.dht_port),
-            "--data-dir", str(data_dir / "nodes" / "bootstrap")], {"INFERSWARM_MESH_SECRET": credential_hex}))
+            "--data-dir", str(data_dir / "nodes" / "bootstrap")], {"INFERSWARM_CREDENTIAL": mesh.member("dht").to_text()},
+            unset=OPERATOR_ONLY))
         args.remembered = remember_mesh(args, bootstrap.ready["dht"], data_dir)
         base_env = {
             "INFERSWARM_DATA_DIR": str(data_dir),
             "INFERSWARM_BOOTSTRAP": bootstrap.ready["dht"],
-            "INFERSWARM_MESH_SECRET": credential_hex,
         }
-        for spec in service_specs(args, base_env, databases):
+        for spec in service_specs(args, base_env, databases, mesh):
             await start_child(args, supervisor, spec)
         announce(args, bootstrap.ready["dht"], supervisor, data_dir)
         await stop.wait()

@@ -5,7 +5,8 @@ seed, and the test's mesh client), the auth service (served over CurveZMQ and
 announced like any service) and an Ollama-protocol server that the workers'
 ollama backends stream from; in child processes, inference workers
 (`python -m services.inference`) and gateways (`python -m services.gateway`),
-which a test may kill -9 and restart with the same data directory.
+which a test may kill -9 and restart with the same data directory. Each child
+is given its role's credential only, as `inferswarm up` gives it.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from shared.config import MeshConfig, Secret
+from shared.db import ensure_database
 from shared.dht import Provider, service_topic
 from shared.identity import MeshCredential
 from shared.rpc import Connection
@@ -62,6 +68,22 @@ class Child:
     ready: dict[str, Any]
 
 
+@asynccontextmanager
+async def gateway_databases(pg_server: str) -> AsyncIterator[list[str]]:
+    """Two fresh databases on `pg_server`, auth's and the gateways', dropped after."""
+    names = [f"test_{secrets.token_hex(6)}_auth", f"test_{secrets.token_hex(6)}_gw"]
+    dsns = [await ensure_database(pg_server, name) for name in names]
+    try:
+        yield dsns
+    finally:
+        conn = await asyncpg.connect(pg_server)
+        try:
+            for name in names:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
 class GatewayMesh:
     """Everything the gateway tests run against (see the module doc)."""
 
@@ -71,6 +93,7 @@ class GatewayMesh:
         self.auth_dsn = auth_dsn
         self.gateway_dsn = gateway_dsn
         self.secret = MeshCredential.new_secret().hex()
+        self.mesh = MeshCredential.from_text(self.secret)  #: the operator's: children get their role's only
         self.children: dict[str, Child] = {}
         self.client: MeshNode
         self.ollama: OllamaServer
@@ -116,7 +139,7 @@ class GatewayMesh:
     def _env(self, name: str, extra: dict[str, str]) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items()
                 if not k.startswith("INFERSWARM_") and k != "DATABASE_URL"}
-        return {**base, "INFERSWARM_DATA_DIR": str(self.root / name), "INFERSWARM_MESH_SECRET": self.secret,
+        return {**base, "INFERSWARM_DATA_DIR": str(self.root / name),
                 "INFERSWARM_BOOTSTRAP": self.client.discovery.address, "INFERSWARM_RECORD_TTL": "3",
                 "INFERSWARM_LOG_LEVEL": "warning", **extra}
 
@@ -131,6 +154,7 @@ class GatewayMesh:
         return await self._spawn(name, "gateway", env)
 
     async def _spawn(self, name: str, kind: str, env: dict[str, str]) -> Child:
+        env = {**env, "INFERSWARM_CREDENTIAL": self.mesh.member(kind).to_text()}  # as `up` gives it
         log = open(self.root / f"{name}.log", "a")
         proc = subprocess.Popen([sys.executable, "-m", f"services.{kind}"], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=log, text=True)

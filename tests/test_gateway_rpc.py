@@ -21,7 +21,6 @@ import pytest
 import pytest_asyncio
 from nacl.public import PrivateKey
 
-from shared.db import ensure_database
 from shared.dht import model_topic
 from shared.errors import (
     InvalidParams,
@@ -36,22 +35,15 @@ from shared.errors import (
 from shared.identity import CurveKeyPair
 from shared.rpc import Connection
 from auth_support import table_locked
-from gateway_support import MODEL, GatewayMesh, infer
+from gateway_support import MODEL, GatewayMesh, gateway_databases, infer
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def databases(pg_server):
-    names = [f"test_{secrets.token_hex(6)}_auth", f"test_{secrets.token_hex(6)}_gw"]
-    dsns = [await ensure_database(pg_server, name) for name in names]
-    yield dsns
-    conn = await asyncpg.connect(pg_server)
-    try:
-        for name in names:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    async with gateway_databases(pg_server) as dsns:
+        yield dsns
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

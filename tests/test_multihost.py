@@ -4,8 +4,9 @@
     host b   a gateway
     host c   two inference workers (the echo backend), a third one started later
 
-Every process is configured with its own host's address and the bootstrap's
-address, nothing else: the gateway learns of the workers, and the client of
+Every process is configured with its own host's address, the bootstrap's
+address and its role's credential (made with `inferswarm credential ROLE`;
+no process holds the mesh secret), nothing else: the gateway learns of the workers, and the client of
 the gateway, only through the DHT. The hosts reach each other through a
 bridge in a namespace of their own, never through the machine's loopback.
 """
@@ -55,11 +56,12 @@ class Cluster:
         self.processes: dict[str, HostProcess] = {}
         self.ready: dict[str, dict[str, Any]] = {}
 
-    def start(self, name: str, host: str, argv: list[str], **env: str) -> dict[str, Any]:
+    def start(self, name: str, host: str, argv: list[str], role: str, **env: str) -> dict[str, Any]:
+        """`argv` on `host`, given `role`'s credential only (never the mesh secret)."""
         address = self.address[host]
         base = {k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_") and k != "DATABASE_URL"}
         base.update(INFERSWARM_DATA_DIR=str(self.root / host), INFERSWARM_NODE_NAME=name,
-                    INFERSWARM_MESH_SECRET=self.secret, INFERSWARM_BOOTSTRAP=self.bootstrap,
+                    INFERSWARM_CREDENTIAL_FILE=str(self.credential(role)), INFERSWARM_BOOTSTRAP=self.bootstrap,
                     INFERSWARM_DHT_HOST=address, INFERSWARM_RPC_HOST=address)
         (self.root / host).mkdir(parents=True, exist_ok=True)
         process = HostProcess(self.network, host, argv, {**base, **env}, self.root / f"{name}.log")
@@ -67,8 +69,20 @@ class Cluster:
         self.ready[name] = process.ready()
         return self.ready[name]
 
+    def credential(self, role: str) -> Path:
+        """`role`'s credential file, made as the README says: `inferswarm credential ROLE --out FILE`
+        where the mesh secret is."""
+        path = self.root / "credentials" / f"{role}.credential"
+        if not path.exists():
+            made = subprocess.run([sys.executable, "-m", "inferswarm.cli", "credential", role, "--out", str(path)],
+                                  env={**os.environ, "INFERSWARM_MESH_SECRET": self.secret}, capture_output=True,
+                                  text=True, timeout=30)
+            assert made.returncode == 0, made.stderr
+            assert path.stat().st_mode & 0o777 == 0o600 and f"INFERSWARM_CREDENTIAL_FILE={path}" in made.stderr
+        return path
+
     def service(self, name: str, host: str, service: str, **env: str) -> dict[str, Any]:
-        return self.start(name, host, [sys.executable, "-m", f"services.{service}"], **env)
+        return self.start(name, host, [sys.executable, "-m", f"services.{service}"], service, **env)
 
     def worker(self, name: str) -> dict[str, Any]:
         # Two slots and 50 ms between words: 6 requests at once need more than one worker.
@@ -112,7 +126,7 @@ def cluster() -> Iterator[Cluster]:
             cleanup.callback(cluster.stop)
             a = network.addresses["a"]
             cluster.start("bootstrap", "a", [sys.executable, "-m", "shared.dht", "--host", a, "--port",
-                                             str(DHT_PORT), "--data-dir", str(root / "a" / "bootstrap")])
+                                             str(DHT_PORT), "--data-dir", str(root / "a" / "bootstrap")], "dht")
             cluster.service("auth", "a", "auth", DATABASE_URL=databases["inferswarm_auth"])
             cluster.service("metrics", "a", "metrics", INFERSWARM_METRICS_HOST=a, INFERSWARM_METRICS_PORT="9100")
             cluster.service("gateway", "b", "gateway", DATABASE_URL=databases["inferswarm_gateway"])

@@ -15,13 +15,15 @@ import time
 
 import pytest
 
+from shared.identity import MemberCredential
 from stack import Cli, alive, free_tcp_port, free_udp_port, read_ready, start_up
 
 
 @pytest.fixture
 def stack(tmp_path):
     port = free_udp_port()
-    proc = start_up(tmp_path / "data", port)
+    # A mesh secret in the operator's shell must not reach any child.
+    proc = start_up(tmp_path / "data", port, env={"INFERSWARM_MESH_SECRET": "ab" * 32})
     try:
         yield proc, read_ready(proc), tmp_path / "data", port
     finally:
@@ -38,6 +40,14 @@ def test_up_starts_stops_cleanly_and_refuses_a_second_instance(stack):
     pids = [child["pid"] for child in ready["children"]]
     assert {child["name"] for child in ready["children"]} >= {"bootstrap"}
     assert all(alive(pid) for pid in pids)
+    # Each child holds its role's credential, never the mesh secret (shared/roles.py).
+    for child in ready["children"]:
+        environ = dict(item.split("=", 1) for item in
+                       open(f"/proc/{child['pid']}/environ").read().split("\0") if "=" in item)
+        assert "INFERSWARM_MESH_SECRET" not in environ, child["name"]
+        role = "dht" if child["name"] == "bootstrap" else child["name"].split("-")[0]
+        assert MemberCredential.from_text(environ["INFERSWARM_CREDENTIAL"]).role == role
+        assert MemberCredential.from_text(environ["INFERSWARM_CREDENTIAL"]).mesh_id.hex() == ready["mesh_id"]
 
     second = subprocess.run(
         [sys.executable, "-m", "inferswarm.cli", "up", "--data-dir", str(data_dir), "--dht-port", str(port)],

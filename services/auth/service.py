@@ -1,8 +1,8 @@
 """The auth service: accounts, sessions, API keys, usage, tiers.
 
 Public methods (any CURVE client; they carry a password or a token) and
-internal ones (mesh members only: gateways, the web service, the operator's
-`inferswarm admin grant|revoke`):
+internal ones, each for the member role named (shared/roles.py; the operator,
+e.g. `inferswarm admin grant|revoke`, may call all):
 
     auth.register      public    username, email, password[, client_addr] -> the same answer
                                  whether the email was new or not (see `register`)
@@ -18,14 +18,14 @@ internal ones (mesh members only: gateways, the web service, the operator's
     auth.usage         public    token[, start, end] -> per day and key
     auth.set_tier      public    token, user, tier -> user (admins only)
     auth.set_active    public    token, user, active -> user (admins only)
-    auth.grant_admin   internal  user[, reason] -> user (the operator: `inferswarm admin grant`)
-    auth.revoke_admin  internal  user[, reason] -> user
+    auth.grant_admin   operator  user[, reason] -> user (the operator: `inferswarm admin grant`)
+    auth.revoke_admin  operator  user[, reason] -> user
     auth.token_key     public    -> the JWT public key
-    auth.validate_key  internal  api_key -> user, key, tier, limits, priority, cursor
-    auth.verify_token  internal  token -> user
-    auth.record_usage  internal  batch -> counts (idempotent by request id)
-    auth.invalidations internal  since[, limit] -> entries after the cursor
-    auth.active_users  internal  -> distinct users over 1 h and 24 h (for metrics)
+    auth.validate_key  gateway   api_key -> user, key, tier, limits, priority, cursor
+    auth.verify_token  gateway   token -> user
+    auth.record_usage  gateway   batch -> counts (idempotent by request id)
+    auth.invalidations gateway   since[, limit] -> entries after the cursor
+    auth.active_users  metrics   -> distinct users over 1 h and 24 h (for metrics)
 
 Nobody becomes an administrator by registering: `is_admin` is set only by
 `grant_admin`, which mesh members alone may call, and read from the database
@@ -294,7 +294,7 @@ class AuthService:
             "issuer": self._tokens.issuer, "audience": self._tokens.audience,
         }
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=("gateway",))
     async def verify_token(self, token: str) -> dict[str, Any]:
         """Internal: the account behind a token, checked against the database."""
         user = await self._authenticate(token)
@@ -340,7 +340,7 @@ class AuthService:
         log.info("api key revoked", user_id=user["id"], key_id=key_id)
         return _key_view(key)
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=("gateway",))
     async def validate_key(self, api_key: str) -> dict[str, Any]:
         """Internal: who a key belongs to and what it may do, or `UNAUTHENTICATED`.
 
@@ -394,7 +394,7 @@ class AuthService:
         self._refused[key_hash] = reason
         raise Unauthenticated(reason)
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=("gateway",))
     async def invalidations(self, since: int | None = None, limit: int = 1000) -> dict[str, Any]:
         """Internal: invalidation entries after `since` (None: just the current cursor).
 
@@ -417,12 +417,12 @@ class AuthService:
 
     # -- usage ---------------------------------------------------------------------------
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=("gateway",))
     async def record_usage(self, batch: list) -> dict[str, int]:  # type: ignore[type-arg]
         """Internal: store usage records; a request id already stored is not counted again."""
         return await self._usage.record(parse_batch(batch))
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=("metrics",))
     async def active_users(self) -> dict[str, int]:
         """Internal: distinct users with a request in the last hour and 24 hours."""
         return await self._usage.active_users()
@@ -493,7 +493,7 @@ class AuthService:
         log.info("account active changed", user_id=target["id"], active=active, actor_id=actor["id"])
         return self._user_view(updated)
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=())  # the operator only
     async def grant_admin(self, user: int | str, reason: str | None = None) -> dict[str, Any]:
         """Internal: make an account (id, username or email) an administrator.
 
@@ -502,7 +502,7 @@ class AuthService:
         """
         return await self._set_admin(user, True, reason)
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=())  # the operator only
     async def revoke_admin(self, user: int | str, reason: str | None = None) -> dict[str, Any]:
         """Internal: withdraw administration; the account's next admin call is refused."""
         return await self._set_admin(user, False, reason)

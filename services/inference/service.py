@@ -7,6 +7,9 @@
     inference.models        -> the models this worker serves, their backends, slots, health
     inference.model_status  model -> loaded, healthy, last error, latency, speed, cache counts
 
+`generate` serves the gateway role only, `models` and `model_status` the
+gateway and metrics roles (and the operator: shared/roles.py).
+
 Chunks of `generate` (README.md has the full contract):
 
     {"text": "..."}                  a piece of text (one per token from the local model);
@@ -97,7 +100,7 @@ class InferenceService:
 
     # -- RPC -------------------------------------------------------------------
 
-    @method
+    @method(roles=("gateway",))
     async def generate(
         self, model: str, messages: list[Any] | None = None, prompt: str | None = None,
         max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
@@ -151,7 +154,7 @@ class InferenceService:
         final["worker"]["load"] = served.load()  # after the slot was freed
         yield final
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=("gateway", "metrics"))
     async def models(self) -> dict[str, Any]:
         """The models this worker serves: backend, slots, queue and health of each."""
         return {
@@ -162,7 +165,7 @@ class InferenceService:
             ],
         }
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=("gateway", "metrics"))
     async def model_status(self, model: str) -> dict[str, Any]:
         """Loaded, healthy, last error, latency, speed, slots and cache counts of `model`."""
         served = self._served(model)

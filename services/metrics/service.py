@@ -1,7 +1,7 @@
 """The metrics service: `metrics.record` and `metrics.health`.
 
-    metrics.record   internal, idempotent   batch -> {"result": "ok" | "duplicate", "seq"}
-    metrics.health   internal, idempotent   -> the health report (see health.py)
+    metrics.record   any member, idempotent   batch -> {"result": "ok" | "duplicate", "seq"}
+    metrics.health   gateway, web, idempotent   -> the health report (see health.py)
 
 The wire format of a batch is in shared/metrics/batch.py; the aggregation
 rules (sums, gauge staleness, exactly-once by seq, series caps) in
@@ -45,7 +45,7 @@ class MetricsService:
             raise
         return {"result": self._aggregator.apply(source, seq, parsed), "seq": seq}
 
-    @method(idempotent=True)
+    @method(idempotent=True, roles=("gateway", "web"))
     async def health(self) -> dict[str, Any]:
         """Announced and reachable, per instance; per service; the system rollup.
 
