@@ -21,14 +21,18 @@ import shutil
 import subprocess
 import sys
 import typing
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
 import pytest
 import yaml
 
-from shared.config import MeshConfig, load
+from shared.config import ConfigError, MeshConfig, load
 from shared.db import EmbeddedPostgres
+from shared.identity import MemberCredential, MeshCredential
+from shared.membership import mesh_credential
+from shared.roles import SERVICE_ROLES
 from services.auth.config import AuthConfig
 from services.gateway.config import GatewayConfig
 from services.inference.config import InferenceConfig
@@ -37,10 +41,14 @@ from services.web.config import WebConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-SECRET = "ab" * 32  # a valid mesh secret (64 hex characters)
+#: A mesh made for the test run; deployments hold only its roles' credentials.
+MESH = MeshCredential(MeshCredential.new_secret())
+#: The roles a deployed process holds: the services', and the bootstrap's `dht`.
+DEPLOYED_ROLES = (*SERVICE_ROLES, "dht")
+CREDENTIALS = {role: MESH.member(role).to_text() for role in DEPLOYED_ROLES}
 #: The compose file's secrets, none with a default; the test run gives each a value.
 COMPOSE_SECRETS = {
-    "INFERSWARM_MESH_SECRET": SECRET,
+    **{f"INFERSWARM_CREDENTIAL_{role.upper()}": CREDENTIALS[role] for role in DEPLOYED_ROLES},
     "POSTGRES_PASSWORD": "superuser-pw-0123456789",
     "AUTH_DB_PASSWORD": "auth-pw-0123456789",
     "GATEWAY_DB_PASSWORD": "gateway-pw-0123456789",
@@ -61,7 +69,8 @@ CONFIGS: dict[str, type] = {
     "services.web": WebConfig,
 }
 #: What the bootstrap process (shared/dht/__main__.py) reads from its environment.
-BOOTSTRAP_READS = {"INFERSWARM_MESH_SECRET", "INFERSWARM_LOG_LEVEL"}
+BOOTSTRAP_READS = {"INFERSWARM_CREDENTIAL", "INFERSWARM_CREDENTIAL_FILE", "INFERSWARM_MESH_SECRET",
+                   "INFERSWARM_LOG_LEVEL"}
 
 
 def env_names(cls: type) -> set[str]:
@@ -84,6 +93,27 @@ def module_of(command: list[str]) -> str:
 def check_module(module: str) -> None:
     assert module == "shared.dht" or module in CONFIGS, module
     assert importlib.util.find_spec(module) is not None, module
+
+
+def role_of(module: str) -> str:
+    """The member role a process of `module` must hold (the bootstrap: `dht`)."""
+    return "dht" if module == "shared.dht" else module.split(".")[1]
+
+
+def check_own_credential(env: dict[str, str], role: str) -> None:
+    """The environment gives the process its own role's credential, and nothing
+    of the mesh secret: what the process derives (shared/membership.py) is a
+    member of `role`, and the same credential refused to any other role."""
+    assert not env.get("INFERSWARM_MESH_SECRET"), role
+    assert env.get("INFERSWARM_CREDENTIAL") or env.get("INFERSWARM_CREDENTIAL_FILE"), role
+    config = replace(load(MeshConfig, env), data_dir=Path("/nonexistent"))  # no mesh.secret to fall back on
+    member = mesh_credential(config, role)
+    assert isinstance(member, MemberCredential) and member.role == role, role
+    assert member.mesh_id == MESH.mesh_id
+    for other in DEPLOYED_ROLES:
+        if other != role:
+            with pytest.raises(ConfigError, match="a credential of the"):
+                mesh_credential(config, other)
 
 
 # --- Dockerfile ---------------------------------------------------------------
@@ -166,7 +196,12 @@ def test_every_compose_service_loads_its_config(compose):
     for name, svc in mesh_services(compose).items():
         module = module_of(svc["command"])
         env = {k: interpolate(str(v)) for k, v in svc["environment"].items()}
-        assert env["INFERSWARM_MESH_SECRET"] == SECRET, name
+        # its own role's variable, required (no default), and no mesh secret
+        role = role_of(module)
+        assert svc["environment"]["INFERSWARM_CREDENTIAL"].startswith(
+            f"${{INFERSWARM_CREDENTIAL_{role.upper()}:?"), name
+        assert env["INFERSWARM_CREDENTIAL"] == CREDENTIALS[role], name
+        check_own_credential(env, role)
         if module == "shared.dht":
             assert set(env) <= BOOTSTRAP_READS
             continue
@@ -199,6 +234,8 @@ def init_script_services(script: str) -> dict[str, str]:
 
 def test_compose_has_no_default_secret(compose):
     text = (DEPLOY / "docker-compose.yml").read_text()
+    for name, svc in compose["services"].items():  # no container holds the mesh secret
+        assert "INFERSWARM_MESH_SECRET" not in svc.get("environment", {}), name
     for name, op in re.findall(r"\$\{(\w+)(:?[-?+]|)", text):
         if name not in COMPOSE_OPTIONAL:
             assert name in COMPOSE_SECRETS and op == ":?", (name, op)  # required, no default
@@ -333,8 +370,18 @@ def test_every_k8s_deployment_loads_its_config(k8s):
         check_module(module)
         assert pod["securityContext"]["runAsNonRoot"] is True
         env = k8s_env(container, k8s)
-        env["INFERSWARM_MESH_SECRET"] = SECRET  # the Secret ships placeholders
         env.pop("POD_IP", None), env.pop("POD_NAME", None)
+        # its own role's Secret entry, no other credential and no mesh secret
+        role = role_of(module)
+        refs = [item["valueFrom"]["secretKeyRef"]["key"] for item in container["env"]
+                if "secretKeyRef" in item.get("valueFrom", {})]
+        assert [key for key in refs if key.startswith("credential-")] == [f"credential-{role}"], name
+        assert next(item for item in container["env"] if item["name"] == "INFERSWARM_CREDENTIAL")[
+            "valueFrom"]["secretKeyRef"] == {"name": "inferswarm-secrets", "key": f"credential-{role}"}
+        with pytest.raises(ConfigError):  # the Secret's placeholder is no credential
+            mesh_credential(load(MeshConfig, env), role)
+        env["INFERSWARM_CREDENTIAL"] = CREDENTIALS[role]  # what the operator puts there
+        check_own_credential(env, role)
         if module == "shared.dht":
             assert set(env) <= BOOTSTRAP_READS
             continue
@@ -351,6 +398,15 @@ def test_every_k8s_deployment_loads_its_config(k8s):
                 assert str(path.parent) in mounts
     assert len(images) == 1, images
     secret = by_kind(k8s, "Secret")["inferswarm-secrets"]["stringData"]
+    assert {key for key in secret if key.startswith("credential-")} == {f"credential-{r}" for r in DEPLOYED_ROLES}
+    assert not any("MESH_SECRET" in key for key in secret)
+    for name, spec in pod_specs(k8s).items():  # no pod gets the mesh secret; PostgreSQL no credential
+        env_items = [item for c in spec["containers"] + spec.get("initContainers", []) for item in c.get("env", [])]
+        assert not any(item["name"] == "INFERSWARM_MESH_SECRET" for item in env_items), name
+        if name == "inferswarm-postgres":
+            assert not any(item["name"].startswith("INFERSWARM_CREDENTIAL") for item in env_items)
+    for role in DEPLOYED_ROLES:  # how config.yaml says to make each entry
+        assert f"inferswarm credential {role} --out credential-{role}" in (DEPLOY / "k8s/config.yaml").read_text()
     init = by_kind(k8s, "ConfigMap")["inferswarm-postgres-init"]["data"]["10-roles.sh"]
     assert init == INIT_SCRIPT.read_text()  # one script for compose and Kubernetes
     created = init_script_services(init)
@@ -556,12 +612,14 @@ def unit_option(text: str, name: str) -> list[str]:
     return re.findall(rf"^{name}=(.*)$", text, re.M)
 
 
-def test_each_systemd_unit_has_its_own_user_state_and_mesh_secret():
-    """A worker cannot read auth's JWT key: no user, no state directory shared."""
+def test_each_systemd_unit_has_its_own_user_state_and_credential(tmp_path):
+    """A worker cannot read auth's JWT key: no user, no state directory shared;
+    and it holds the inference role's credential, never auth's or the mesh secret."""
     users, states = set(), set()
     for unit in UNITS:
         text = unit.read_text()
         service = unit.name.removeprefix("inferswarm-").removesuffix(".service")
+        role = "dht" if service == "bootstrap" else service.rstrip("@")
         ident = "inference-%i" if service == "inference@" else service
         [user], [state] = unit_option(text, "User"), unit_option(text, "StateDirectory")
         assert unit_option(text, "DynamicUser") == ["yes"] and not unit_option(text, "Group")
@@ -573,14 +631,28 @@ def test_each_systemd_unit_has_its_own_user_state_and_mesh_secret():
             assert unit_option(text, "ExecStart")[0].endswith(f"--data-dir {data_dir}")
         else:  # MeshConfig's data_dir: the state directory
             assert unit_option(text, "Environment").count(f"INFERSWARM_DATA_DIR={data_dir}") == 1
-        # the mesh secret: a credential, found where MeshConfig looks without the variable
-        assert unit_option(text, "LoadCredential") == ["mesh.secret:/etc/inferswarm/mesh.secret"]
-        secret_path = MeshConfig(data_dir=Path(data_dir)).mesh_secret_path
-        assert unit_option(text, "ExecStartPre") == [f"/bin/ln -sfn %d/mesh.secret {secret_path}"]
-        # the example environment sets neither (it would override the unit's)
+        # its own role's credential only, a systemd credential the process reads by its path
+        assert unit_option(text, "LoadCredential") == [f"{role}.credential:/etc/inferswarm/{role}.credential"]
+        assert unit_option(text, "Environment").count(f"INFERSWARM_CREDENTIAL_FILE=%d/{role}.credential") == 1
+        assert not unit_option(text, "ExecStartPre")  # no mesh.secret link any more
+        options = "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+        assert "mesh.secret" not in options and "MESH_SECRET" not in options, unit.name
+        # the example environment sets none of these (it would override the unit's)
         env_file = DEPLOY / "env" / f"{service.rstrip('@')}.env"
         values, _ = env_lines(env_file)
-        assert "INFERSWARM_DATA_DIR" not in values and not values.get("INFERSWARM_MESH_SECRET"), env_file
+        assert "INFERSWARM_DATA_DIR" not in values, env_file
+        for var in ("INFERSWARM_CREDENTIAL", "INFERSWARM_CREDENTIAL_FILE", "INFERSWARM_MESH_SECRET"):
+            assert not values.get(var), (env_file, var)
+        # what the process gets as systemd starts it: the env file, then the unit's
+        # Environment= (%d: its credentials directory), with `inferswarm credential ROLE --out`
+        credentials = tmp_path / unit.name / "credentials"
+        credentials.mkdir(parents=True)
+        (credentials / f"{role}.credential").write_text(CREDENTIALS[role] + "\n")
+        env = dict(values)
+        for assignment in unit_option(text, "Environment"):
+            name, value = assignment.split("=", 1)
+            env[name] = value.replace("%d", str(credentials)).replace("%S", str(tmp_path / "state")).replace("%i", "1")
+        check_own_credential(env, role)
     assert len(users) == len(states) == len(UNITS)
 
 
@@ -630,11 +702,15 @@ def test_env_files_document_every_variable_and_only_real_ones():
             assert re.search(rf"^# {var}: \S", text, re.M), f"{stem}: {var} undocumented"
         if stem in DB_SERVICES:  # its own role, not a shared or superuser one
             assert values["DATABASE_URL"].startswith(f"postgresql://{stem}:"), stem
-        values["INFERSWARM_MESH_SECRET"] = SECRET
-        config = load(cls, values)  # the example, its secret filled in, is a valid configuration
+        assert not any(values.get(var) for var in (
+            "INFERSWARM_CREDENTIAL", "INFERSWARM_CREDENTIAL_FILE", "INFERSWARM_MESH_SECRET")), stem
+        values["INFERSWARM_CREDENTIAL"] = CREDENTIALS[stem]
+        config = load(cls, values)  # the example, its credential filled in, is a valid configuration
         assert config.mesh.bootstrap
+        check_own_credential(values, stem)
     values, named = env_lines(DEPLOY / "env/bootstrap.env")
     assert BOOTSTRAP_READS <= named
+    check_own_credential({**values, "INFERSWARM_CREDENTIAL": CREDENTIALS["dht"]}, "dht")
     for var in named:
         assert f'"{var}"' in source, var
 
