@@ -4,7 +4,10 @@
 
 (a) raw: zmq.asyncio DEALER/ROUTER, CURVE on, msgpack, an echo handler,
     ~200-byte payload -- the least code that does the same job;
-(b) ours: `RpcServer` + `Connection` calling an `@method` echo.
+(b) ours: `RpcServer` + `Connection` calling an `@method` echo;
+(c) roles: the same, the echo serving one member role only, so the server
+    reads each caller's key from the frame and checks its role (the path of
+    every service's server since roles: shared/roles.py).
 Each server runs in its own process (as in production); the client measures
 p50/p99 latency and throughput at 1, 16 and 64 requests in flight. Rounds
 alternate raw/ours and the best round of each is kept, because these machines
@@ -55,7 +58,7 @@ async def serve_raw(keys: CurveKeyPair) -> None:
         await sock.send_multipart([ident, msgpack.packb([request_id, value])])
 
 
-async def serve_ours(keys: CurveKeyPair, client_public: bytes) -> None:
+async def serve_ours(keys: CurveKeyPair, client_public: bytes, roles: bool) -> None:
     from shared.rpc import Dispatcher, RpcServer, method
 
     class Echo:
@@ -65,7 +68,15 @@ async def serve_ours(keys: CurveKeyPair, client_public: bytes) -> None:
         async def echo(self, value: str) -> str:
             return value
 
-    server = RpcServer(Dispatcher(Echo()), curve=keys, members=[client_public])
+    class GatewaysEcho:
+        name = "bench"
+
+        @method(roles=("gateway",))
+        async def echo(self, value: str) -> str:
+            return value
+
+    service = GatewaysEcho() if roles else Echo()
+    server = RpcServer(Dispatcher(service), curve=keys, members={client_public: "gateway"})
     await server.start()
     print(json.dumps({"endpoint": server.endpoint}), flush=True)
     await asyncio.Event().wait()
@@ -80,7 +91,7 @@ def run_server(kind: str) -> None:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    coro = serve_raw(keys) if kind == "raw" else serve_ours(keys, spec["client"].encode())
+    coro = serve_raw(keys) if kind == "raw" else serve_ours(keys, spec["client"].encode(), kind == "roles")
     asyncio.run(coro)
 
 
@@ -191,22 +202,26 @@ def best(rounds: list[dict]) -> dict:
 
 
 async def main(seconds: float, rounds: int, with_dht: bool) -> None:
-    raw_rounds, our_rounds = [], []
+    runs: dict[str, list[dict]] = {"raw": [], "ours": [], "roles": []}
     for _ in range(rounds):
-        raw_rounds.append(await bench_kind("raw", seconds))
-        our_rounds.append(await bench_kind("ours", seconds))
-    raw, ours = best(raw_rounds), best(our_rounds)
-    print(f"{'in flight':>9} | {'raw p50 µs':>10} {'p99 µs':>8} {'req/s':>8} | {'ours p50 µs':>11} {'p99 µs':>8} {'req/s':>8}")
+        for kind, kept in runs.items():
+            kept.append(await bench_kind(kind, seconds))
+    raw, ours, roles = (best(runs[kind]) for kind in ("raw", "ours", "roles"))
+    print(f"{'in flight':>9} | {'raw p50 µs':>10} {'p99 µs':>8} {'req/s':>8} | {'ours p50 µs':>11} {'p99 µs':>8} "
+          f"{'req/s':>8} | {'roles p50 µs':>12} {'p99 µs':>8} {'req/s':>8}")
     for level in LEVELS:
-        r, o = raw[level], ours[level]
+        r, o, c = raw[level], ours[level], roles[level]
         print(f"{level:>9} | {r['p50_us']:>10.0f} {r['p99_us']:>8.0f} {r['rps']:>8.0f} | "
-              f"{o['p50_us']:>11.0f} {o['p99_us']:>8.0f} {o['rps']:>8.0f}")
+              f"{o['p50_us']:>11.0f} {o['p99_us']:>8.0f} {o['rps']:>8.0f} | "
+              f"{c['p50_us']:>12.0f} {c['p99_us']:>8.0f} {c['rps']:>8.0f}")
     summary = {
         "throughput_ratio_16": round(ours[16]["rps"] / raw[16]["rps"], 3),
         "throughput_ratio_64": round(ours[64]["rps"] / raw[64]["rps"], 3),
         "p50_ratio_1": round(ours[1]["p50_us"] / raw[1]["p50_us"], 3),
+        "roles_vs_ours_64": round(roles[64]["rps"] / ours[64]["rps"], 3),
         "raw": {str(k): {m: round(v, 1) for m, v in raw[k].items()} for k in LEVELS},
         "ours": {str(k): {m: round(v, 1) for m, v in ours[k].items()} for k in LEVELS},
+        "roles": {str(k): {m: round(v, 1) for m, v in roles[k].items()} for k in LEVELS},
     }
     if with_dht:
         sys.path.insert(0, str(ROOT / "bench"))
@@ -222,7 +237,7 @@ async def main(seconds: float, rounds: int, with_dht: bool) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--serve", choices=["raw", "ours"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["raw", "ours", "roles"], help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-dht", action="store_true", help="skip the DHT figures")
