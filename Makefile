@@ -1,10 +1,10 @@
-# inferswarm — the two commands: `make run` and `make test`.
+# inferswarm — the two commands: `make run` and `make test` (and `make check`, the fast one).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-test-deps run test bench clean
+.PHONY: install system-test-deps run check test bench clean
 
 # Tools the tests use from Debian: promtool (package prometheus; its server is
 # not started), a headless Chromium for the dashboard tests, docker-compose
@@ -50,7 +50,14 @@ system-test-deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(SYSTEM_TEST_PACKAGES) >/dev/null; \
 	fi
 
-# Every test, against real PostgreSQL, ZeroMQ and DHT nodes started by the tests.
+# Under a minute: lint (ruff), type-check shared/ strictly (mypy) and the unit
+# tier (no sockets, no processes, no database). Configured in pyproject.toml.
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest -m unit -q
+
+# Every test, every tier, against real PostgreSQL, ZeroMQ and DHT nodes started by the tests.
 test: install system-test-deps
 	$(BIN)/python -m pytest
 

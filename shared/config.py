@@ -224,7 +224,7 @@ def load(cls: type[T], environ: Mapping[str, str] = os.environ) -> T:
     a misconfigured deployment is fixed in one round, not one error at a time.
     """
     problems: list[str] = []
-    config = _load(cls, environ, problems)
+    config: T = _load(cls, environ, problems)
     if problems:
         raise ConfigError(problems)
     return config
@@ -241,7 +241,7 @@ def _load(cls: type[Any], environ: Mapping[str, str], problems: list[str]) -> An
             if value is not dataclasses.MISSING:
                 values[fld.name] = value
         elif dataclasses.is_dataclass(tp):
-            values[fld.name] = _load(tp, environ, problems)
+            values[fld.name] = _load(typing.cast(type[Any], tp), environ, problems)
         elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
             raise TypeError(f"{cls.__name__}.{fld.name} names no environment variable")
     return None if problems else cls(**values)

@@ -307,7 +307,7 @@ def _get_server(pgserver: Any, pgdata: Path, cleanup_mode: str | None) -> Any:
     to write `_PRIVATE_SOCKET` at the one moment in between.
     """
 
-    class PrivateSocketServer(pgserver.PostgresServer):  # type: ignore[misc,name-defined]
+    class PrivateSocketServer(pgserver.PostgresServer):  # type: ignore[misc]
         def ensure_postgres_running(self) -> None:
             _restrict_socket(self.pgdata)
             super().ensure_postgres_running()

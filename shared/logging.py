@@ -148,7 +148,8 @@ def redact(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> Ev
     The event dict itself is ours and changed in place; nested dicts and lists
     belong to the caller and are copied only where something is masked.
     """
-    return _redact_mapping(event_dict, 0, copy=False)
+    redacted: MutableMapping[str, Any] = _redact_mapping(event_dict, 0, copy=False)
+    return redacted
 
 
 # --- configuration -----------------------------------------------------------------

@@ -72,3 +72,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     if skipped := _failing_skips(config):
         terminalreporter.write_line(f"{skipped} test(s) skipped, which fails the run "
                                     "(INFERSWARM_ALLOW_SKIPS=1 allows it)", red=True)
+
+
+#: The test pyramid's tiers (registered in pyproject.toml); every test has exactly one.
+TIERS = ("unit", "rpc", "db", "stack", "faults", "browser")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    wrong = []
+    for item in items:
+        tiers = sorted({mark.name for mark in item.iter_markers() if mark.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(tiers) or 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"every test needs exactly one tier marker ({', '.join(TIERS)}; see pyproject.toml); "
+            f"{len(wrong)} test(s) have none or several:\n" + "\n".join(wrong))

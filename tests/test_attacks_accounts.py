@@ -57,6 +57,7 @@ def public_answer(username: str, email: str) -> dict:
 # -- (a) and (b): registration throttling ----------------------------------------------------------
 
 
+@pytest.mark.db
 async def test_a_flood_from_one_source_is_refused_while_another_registers(pg_dsn, tmp_path, db):
     async with AsyncExitStack() as stack:
         auth = await Auth(stack, await start_auth(stack, tmp_path, pg_dsn, register_per_source=3,
@@ -97,6 +98,7 @@ async def test_a_flood_from_one_source_is_refused_while_another_registers(pg_dsn
         assert await db.fetchval("SELECT count(*) FROM users") == 3 + 1 + 3 + 1 + 3 + 1
 
 
+@pytest.mark.db
 async def test_the_overall_cap_holds_and_refusals_do_not_use_it_up(pg_dsn, tmp_path, db):
     async with AsyncExitStack() as stack:
         auth = await Auth(stack, await start_auth(stack, tmp_path, pg_dsn, register_per_source=2,
@@ -125,6 +127,7 @@ async def test_the_overall_cap_holds_and_refusals_do_not_use_it_up(pg_dsn, tmp_p
 # -- (c) a registered address is not revealed ------------------------------------------------------
 
 
+@pytest.mark.db
 async def test_a_registered_email_answers_like_a_new_one_in_body_and_time(pg_dsn, tmp_path, db):
     async with AsyncExitStack() as stack:
         # Real hashing cost, so that skipping the hash would show in the time.
@@ -167,6 +170,7 @@ async def test_a_registered_email_answers_like_a_new_one_in_body_and_time(pg_dsn
 # -- (d) and (e) over RPC ----------------------------------------------------------------------------
 
 
+@pytest.mark.db
 async def test_password_change_ends_other_sessions_and_the_old_password(pg_dsn, tmp_path):
     async with AsyncExitStack() as stack:
         auth = await Auth(stack, await start_auth(stack, tmp_path, pg_dsn)).start()
@@ -204,6 +208,7 @@ async def test_password_change_ends_other_sessions_and_the_old_password(pg_dsn, 
         assert (await rpc.call("auth.me", {"token": current}))["username"] == "paula"  # nothing changed
 
 
+@pytest.mark.db
 async def test_logout_all_ends_every_session_this_one_too(pg_dsn, tmp_path):
     async with AsyncExitStack() as stack:
         auth = await Auth(stack, await start_auth(stack, tmp_path, pg_dsn)).start()
@@ -262,6 +267,7 @@ async def refused_within(http, base: str, token: str, seconds: float) -> float:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.stack
 async def test_rest_register_password_and_logout_all(stack):
     base = stack.base_url
     async with aiohttp.ClientSession() as http:
@@ -303,6 +309,7 @@ def csrf_of(html: str) -> dict:
     return {found.group(1): found.group(2)}
 
 
+@pytest.mark.stack
 async def test_the_account_page_changes_the_password_and_logs_out_everywhere(stack):
     base = stack.base_url
     async with aiohttp.ClientSession() as http:
@@ -340,6 +347,7 @@ async def test_the_account_page_changes_the_password_and_logs_out_everywhere(sta
             assert (await rest(http, base, "/api/auth/api-keys", api_session))[0] == 401
 
 
+@pytest.mark.stack
 def test_the_cli_registers_changes_the_password_and_logs_out_everywhere(stack, tmp_path):
     port = int(stack.bootstrap.rsplit(":", 1)[1])
     laptop = Cli(stack.data_dir, port, tmp_path / "laptop")

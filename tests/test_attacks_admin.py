@@ -41,7 +41,7 @@ from shared.rpc import Connection
 from services.auth.app import MIGRATIONS
 from services.auth.passwords import Argon2Params, PasswordHasher
 from services.auth.validation import fold
-from auth_support import ADMIN_EMAIL, PASSWORD, Auth, Calls, outsider, start_auth
+from auth_support import ADMIN_EMAIL, PASSWORD, Auth, outsider, start_auth
 from stack import Cli, free_udp_port, read_ready, start_up, xdg_homes
 
 pytestmark = pytest.mark.timeout(180)
@@ -69,6 +69,7 @@ async def db(pg_dsn):
 # -- (a) an address confers nothing --------------------------------------------------------------
 
 
+@pytest.mark.db
 async def test_registering_a_former_admin_address_confers_nothing(pg_dsn, tmp_path, db):
     async with AsyncExitStack() as stack:
         auth = await Auth(stack, await start_auth(stack, tmp_path, pg_dsn)).start()
@@ -97,6 +98,7 @@ async def test_registering_a_former_admin_address_confers_nothing(pg_dsn, tmp_pa
         assert await db.fetchval("SELECT tier FROM users WHERE username = 'victim'") == "free"
 
 
+@pytest.mark.rpc
 def test_auth_refuses_to_start_with_the_retired_admin_list(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_")},
            "INFERSWARM_DATA_DIR": str(tmp_path), "INFERSWARM_ADMIN_EMAILS": "ops@example.org"}
@@ -111,6 +113,7 @@ def test_auth_refuses_to_start_with_the_retired_admin_list(tmp_path):
 # -- (b) outsiders cannot grant ------------------------------------------------------------------
 
 
+@pytest.mark.db
 async def test_an_outsider_key_cannot_grant_or_revoke_admin(pg_dsn, tmp_path, db):
     async with AsyncExitStack() as stack:
         auth = await Auth(stack, await start_auth(stack, tmp_path, pg_dsn)).start()
@@ -140,6 +143,7 @@ async def test_an_outsider_key_cannot_grant_or_revoke_admin(pg_dsn, tmp_path, db
 # -- (c) the operator grants and revokes ---------------------------------------------------------
 
 
+@pytest.mark.db
 async def test_a_member_grants_admin_and_a_revocation_holds_from_the_next_call(pg_dsn, tmp_path, db):
     async with AsyncExitStack() as stack:
         auth = await Auth(stack, await start_auth(stack, tmp_path, pg_dsn)).start()
@@ -213,6 +217,7 @@ def operator_cli(data_dir: Path, *args: str, config_home: Path | None = None, **
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.stack
 def test_admin_grant_as_a_cli_process_with_the_local_stacks_secret(stack, tmp_path):
     data_dir, port = stack
     dave = Cli(data_dir, port, tmp_path / "dave")
@@ -237,6 +242,7 @@ def test_admin_grant_as_a_cli_process_with_the_local_stacks_secret(stack, tmp_pa
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.stack
 def test_admin_grant_without_the_secret_stops_with_one_clear_line(stack, tmp_path):
     data_dir, port = stack
     mesh = json.loads((Path(xdg_homes(data_dir)["XDG_CONFIG_HOME"]) / "inferswarm" / "mesh.json").read_text())
@@ -269,6 +275,7 @@ def test_admin_grant_without_the_secret_stops_with_one_clear_line(stack, tmp_pat
 # -- (e) Unicode: look-alike names are one account -----------------------------------------------
 
 
+@pytest.mark.unit
 def test_fold_makes_compatibility_and_case_variants_one_name():
     assert fold("\u212aIM@Example.com") == fold("kim@example.com") == "kim@example.com"  # Kelvin sign
     assert fold("\ufb01ona@example.com") == "fiona@example.com"  # the "fi" ligature
@@ -282,6 +289,7 @@ KIM_VARIANTS = ["\u212aim@example.com", "\u212aIM@EXAMPLE.COM", "\uff4bim@exampl
                 "KIM@example.com"]
 
 
+@pytest.mark.db
 async def test_look_alike_registrations_conflict_and_every_lookup_reaches_one_account(pg_dsn, tmp_path, db):
     async with AsyncExitStack() as stack:
         auth = await start_auth(stack, tmp_path, pg_dsn)
@@ -312,6 +320,7 @@ async def test_look_alike_registrations_conflict_and_every_lookup_reaches_one_ac
             await auth("set_tier", token=admin, user="\u043aim@example.com", tier="pro")
 
 
+@pytest.mark.db
 async def test_accounts_stored_before_folding_are_folded_and_old_admins_withdrawn(pg_dsn, tmp_path, db):
     """A database at migration 0005, as the previous version left it: an admin made by the
     email list, and two addresses that `lower()` kept apart but that fold alike."""

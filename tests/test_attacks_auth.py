@@ -83,6 +83,7 @@ async def login(connection: Connection, user: str, password: str, **extra: Any) 
         return exc
 
 
+@pytest.mark.db
 async def test_concurrent_guesses_from_rotating_keys_get_a_handful_of_verdicts(pg_dsn, tmp_path):
     async with AsyncExitStack() as stack:
         calls = await start_auth(stack, tmp_path, pg_dsn, login_base_delay=LOCK)
@@ -117,6 +118,7 @@ async def test_concurrent_guesses_from_rotating_keys_get_a_handful_of_verdicts(p
         assert hasher.completed - hashed == FREE + 1 + 1 + 1 + 3
 
 
+@pytest.mark.db
 async def test_the_owner_logging_in_during_the_attack_neither_fails_nor_helps_it(pg_dsn, tmp_path):
     async with AsyncExitStack() as stack:
         calls = await start_auth(stack, tmp_path, pg_dsn, login_base_delay=LOCK)
@@ -133,6 +135,7 @@ async def test_the_owner_logging_in_during_the_attack_neither_fails_nor_helps_it
         assert all(isinstance(r, (Unauthenticated, RateLimited)) for r in attack)
 
 
+@pytest.mark.db
 async def test_the_bound_holds_across_auth_instances_sharing_a_database(pg_dsn, tmp_path):
     async with AsyncExitStack() as stack:
         first = await start_auth(stack, tmp_path, pg_dsn, login_base_delay=LOCK)
@@ -150,6 +153,7 @@ async def test_the_bound_holds_across_auth_instances_sharing_a_database(pg_dsn, 
             assert (await login(auth.member(), "sam", PASSWORD, client_addr="198.51.100.9"))["token"]
 
 
+@pytest.mark.unit
 def test_addresses_are_counted_by_what_the_client_cannot_vary_cheaply():
     assert source_of("203.0.113.9") == "addr:203.0.113.9"
     assert source_of("::ffff:203.0.113.9") == "addr:203.0.113.9"
@@ -159,6 +163,7 @@ def test_addresses_are_counted_by_what_the_client_cannot_vary_cheaply():
     assert source_of("unknown") == "addr:unknown"
 
 
+@pytest.mark.db
 async def test_a_flood_past_the_argon2_queue_is_refused_at_once_and_the_service_recovers(pg_dsn, tmp_path):
     async with AsyncExitStack() as stack:
         # 64 MiB, 8 passes (about half a second a hash here), one thread and
@@ -190,7 +195,8 @@ async def test_a_flood_past_the_argon2_queue_is_refused_at_once_and_the_service_
                    for _, _, r in results), results
         # Each refused in milliseconds, while the queue was still full.
         assert all(full for _, full, _ in results)
-        assert max(t for t, _, _ in results) < 0.1, sorted(t for t, _, _ in results)
+        # (generous for a loaded 2-core box: a verdict would take a queued Argon2 hash each)
+        assert max(t for t, _, _ in results) < 0.5, sorted(t for t, _, _ in results)
 
         fillers = await asyncio.gather(*filling)
         assert all(isinstance(r, Unauthenticated) for r in fillers), fillers
@@ -216,6 +222,7 @@ def from_addr(addr: str) -> dict[str, str]:
     return {"X-Forwarded-For": addr}
 
 
+@pytest.mark.stack
 async def test_the_same_attack_through_the_web_gets_429_with_retry_after(stack):
     attacker, owner = from_addr("203.0.113.66"), from_addr("198.51.100.23")
     url = f"{stack.base_url}/api/auth/login"

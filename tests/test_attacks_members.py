@@ -25,7 +25,7 @@ from shared.errors import Forbidden, InvalidParams
 from shared.runner import MeshNode, join_mesh
 from gateway_support import MODEL, GatewayMesh, gateway_databases, infer
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.stack]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

@@ -176,6 +176,7 @@ def hostile_bytes() -> st.SearchStrategy[bytes]:
 
 @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(hostile_bytes())
+@pytest.mark.rpc  # pure Python, but hundreds of fuzzed examples: too long for the unit tier
 def test_every_decoder_raises_only_typed_errors(data):
     for decoder in (codec.Decoder(), codec.Decoder(max_items=8), codec.Decoder(max_depth=3),
                     codec.Decoder(max_bytes=64)):
@@ -266,6 +267,7 @@ def reset_peak(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
+@pytest.mark.rpc
 async def test_decode_bombs_cost_the_server_almost_nothing(child, context):
     async with AsyncExitStack() as stack:
         legit = await open_connection(context, child.endpoint, child.key, new_keys(), stack)
@@ -316,6 +318,7 @@ async def test_decode_bombs_cost_the_server_almost_nothing(child, context):
     assert grown_kb < 8192, f"RSS grew by {grown_kb} kB"  # each bomb decoded cost ~70 MB before
 
 
+@pytest.mark.rpc
 async def test_a_members_bombs_are_bounded_by_depth_and_structure(child, context):
     """Members get no item budget (a metrics batch holds ~150,000 items a MB);
     nesting and claimed lengths are checked for them too."""
@@ -343,6 +346,7 @@ async def test_a_members_bombs_are_bounded_by_depth_and_structure(child, context
 # -- (b) frames over the cap -----------------------------------------------------------------
 
 
+@pytest.mark.rpc
 async def test_a_frame_over_the_cap_is_dropped_by_libzmq_unread(child, context):
     async with AsyncExitStack() as stack:
         legit = await open_connection(context, child.endpoint, child.key, new_keys(), stack)
@@ -413,6 +417,7 @@ async def first_chunks(connection: Connection, count: int, n: int = 10_000) -> l
 # -- (c) requests in flight ------------------------------------------------------------------
 
 
+@pytest.mark.rpc
 async def test_one_key_is_held_to_its_cap_over_all_its_connections(small, context):
     server, _, key, mesh = small
     cap = SMALL.peer_max_in_flight
@@ -442,6 +447,7 @@ async def test_one_key_is_held_to_its_cap_over_all_its_connections(small, contex
         assert [o for _, o in await first_chunks(first, 1, n=2)] == [0]
 
 
+@pytest.mark.rpc
 async def test_public_callers_together_and_everyone_are_capped_typed(small, context):
     server, _, key, mesh = small
     async with AsyncExitStack() as stack:
@@ -471,6 +477,7 @@ async def test_public_callers_together_and_everyone_are_capped_typed(small, cont
         await eventually(lambda: server.in_flight == 0)
 
 
+@pytest.mark.rpc
 async def test_cancels_and_credits_for_unknown_ids_cost_nothing(small, context):
     server, _, key, _ = small
     async with AsyncExitStack() as stack:
@@ -487,6 +494,7 @@ async def test_cancels_and_credits_for_unknown_ids_cost_nothing(small, context):
 # -- (d) deadlines -------------------------------------------------------------------------------
 
 
+@pytest.mark.rpc
 async def test_a_public_callers_one_day_deadline_is_capped(small, context):
     server, _, key, mesh = small
     async with AsyncExitStack() as stack:
@@ -508,6 +516,7 @@ async def test_a_public_callers_one_day_deadline_is_capped(small, context):
 
 
 @pytest.mark.parametrize("small", [STALL], indirect=True, ids=["stall 0.5s"])
+@pytest.mark.rpc
 async def test_a_stream_granted_no_credit_is_cut_and_its_slot_freed(small, context):
     server, target, key, _ = small
     async with AsyncExitStack() as stack:
@@ -530,6 +539,7 @@ async def test_a_stream_granted_no_credit_is_cut_and_its_slot_freed(small, conte
 
 
 @pytest.mark.parametrize("small", [STALL], indirect=True, ids=["stall 0.5s"])
+@pytest.mark.rpc
 async def test_a_stream_whose_reader_reads_nothing_is_cut_and_its_slot_freed(small, context):
     server, target, key, _ = small
     async with AsyncExitStack() as stack:
@@ -556,6 +566,7 @@ async def gateway_stack(pg_server, tmp_path, monkeypatch) -> AsyncIterator[Any]:
         yield await gateway_support.GatewayMesh(stack, tmp_path, *dsns).start(workers=1, gateways=1)
 
 
+@pytest.mark.stack
 async def test_a_gateway_process_refuses_bombs_and_holds_a_key_to_its_cap(gateway_stack, context):
     from gateway_support import infer
 

@@ -47,6 +47,7 @@ def next_field(html: str) -> str:
     return match.group(1).replace("&amp;", "&").replace("&#39;", "'")
 
 
+@pytest.mark.stack
 async def test_login_never_redirects_off_site(stack):
     async with aiohttp.ClientSession() as http:
         reply = await http.post(f"{stack.base_url}/api/auth/register", json={
@@ -84,6 +85,7 @@ async def behind_proxy():
     await client.close()
 
 
+@pytest.mark.rpc
 async def test_behind_the_proxy_only_its_own_forwarded_value_counts(behind_proxy):
     async def seen(**headers: str) -> dict:
         return await (await behind_proxy.get("/", headers=headers)).json()
@@ -99,6 +101,7 @@ async def test_behind_the_proxy_only_its_own_forwarded_value_counts(behind_proxy
     assert (await seen(**{"X-Forwarded-Proto": "http, https"}))["secure"] is True
 
 
+@pytest.mark.unit
 def test_a_link_planted_at_a_private_file_s_temporary_name_redirects_nothing(tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("untouched")
@@ -116,6 +119,7 @@ def test_a_link_planted_at_a_private_file_s_temporary_name_redirects_nothing(tmp
 
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+@pytest.mark.stack
 async def test_a_cross_site_post_that_is_not_json_is_refused(stack, content_type):
     """What a page on another site can send without a CORS preflight: never acted on."""
     name = f"forged{content_type.split('/')[1][:5].replace('-', '')}"

@@ -11,6 +11,8 @@ import pytest
 
 from auth_support import Calls, start_auth
 
+pytestmark = pytest.mark.db
+
 
 @pytest.fixture
 async def auth(pg_dsn, tmp_path) -> Calls:

@@ -10,6 +10,8 @@ import pytest
 from auth_support import Calls, start_auth
 from shared.errors import Forbidden, InvalidParams, Unauthenticated
 
+pytestmark = pytest.mark.db
+
 
 @pytest.fixture
 async def auth(pg_dsn, tmp_path) -> Calls:

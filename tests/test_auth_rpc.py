@@ -30,6 +30,9 @@ from shared.runner import join_mesh
 from services.auth.client import KeyValidator
 from services.auth.store import INVALIDATION_CHANNEL
 from auth_support import PASSWORD, Calls, start_auth, table_locked
+from waiting import wait_until
+
+pytestmark = pytest.mark.db
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -328,8 +331,8 @@ async def test_key_validator_fails_closed_when_auth_is_unreachable(pg_dsn, tmp_p
         await validator.validate(key)
         await web.close()
         await auth_stack.aclose()  # auth is gone: polls fail from now on
-        await asyncio.sleep(validator.stale_after + 0.1)
-        assert not validator.trusted
+        await wait_until(lambda: not validator.trusted, validator.stale_after + 5,
+                         message="the validator still trusts its cache with auth gone")
         with pytest.raises(MeshError):
             await validator.validate(key)  # not the cached answer
 
@@ -353,7 +356,8 @@ async def test_auth_instances_sharing_a_database_hear_revocations(pg_dsn, tmp_pa
         await writer("revoke_key", token=token, key_id=keys[1]["id"])
         validate_listening = lambda k: listening("validate_key", api_key=k)  # noqa: E731
         validate_deaf = lambda k: deaf("validate_key", api_key=k)  # noqa: E731
-        assert await refused_within(validate_listening, keys[0]["api_key"], 1.0) < 0.5
+        # the notification, not the 4.9 s poll (a ceiling generous for a loaded box)
+        assert await refused_within(validate_listening, keys[0]["api_key"], 2.5) < 2.5
         assert await refused_within(validate_deaf, keys[1]["api_key"], 1.0) < 1.0
 
 
@@ -373,8 +377,9 @@ async def test_auth_instance_survives_losing_its_listen_connection(pg_dsn, tmp_p
         await writer("revoke_key", token=token, key_id=key["id"])
         validate = lambda k: reader("validate_key", api_key=k)  # noqa: E731
         assert await refused_within(validate, key["api_key"], 1.0) < 1.0
-        await asyncio.sleep(0.5)
-        assert reader.service._feed._listener is not None and not reader.service._feed._listener.is_closed()
+        await wait_until(lambda: reader.service._feed._listener is not None
+                         and not reader.service._feed._listener.is_closed(), 5,
+                         message="the listen connection was never reopened")
 
 
 async def test_python_m_services_auth_runs_a_working_process(pg_dsn, tmp_path):

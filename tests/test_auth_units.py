@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import statistics
 import time
 
 import jwt
@@ -14,14 +13,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from shared.config import ConfigError, load
 from shared.errors import InvalidParams, Unauthenticated
+from shared.tiers import TierConfig, TierTable, parse_limit
 from services.auth import keys
 from services.auth.cache import KeyCache
 from services.auth.config import RETIRED_ADMIN_EMAILS, AuthConfig
 from services.auth.passwords import PRODUCTION, Argon2Params, PasswordHasher
 from services.auth.throttle import ThrottlePolicy
-from services.auth.tiers import TierConfig, TierTable, parse_limit
 from services.auth.tokens import TokenIssuer, TokenVerifier, load_or_create_key
 from services.auth.validation import check_email, check_password, common_passwords
+
+pytestmark = pytest.mark.unit
 
 CHEAP = Argon2Params(time_cost=1, memory_kib=8, parallelism=1)
 
@@ -35,14 +36,17 @@ async def test_production_argon2id_parameters_and_equal_cost_for_unknown_users()
     assert not (await hasher.verify(encoded, "a wrong password")).ok
 
     async def cost(encoded_or_none) -> float:
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            await hasher.verify(encoded_or_none, "a wrong password")
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        start = time.perf_counter()
+        await hasher.verify(encoded_or_none, "a wrong password")
+        return time.perf_counter() - start
 
-    unknown, wrong = await cost(None), await cost(encoded)
+    # Interleaved, and the fastest of each: other load on a shared 2-core box
+    # only ever adds time, and hits both kinds alike.
+    unknown_times, wrong_times = [], []
+    for _ in range(3):
+        unknown_times.append(await cost(None))
+        wrong_times.append(await cost(encoded))
+    unknown, wrong = min(unknown_times), min(wrong_times)
     assert 0.5 < unknown / wrong < 2.0  # the dummy hash costs what a real one does
 
 
@@ -170,7 +174,7 @@ def test_key_cache_evicts_by_key_user_expiry_age_and_size():
     assert len(cache) == 3 and cache.get(b"\x00" * 32) is None
     aged = KeyCache(ttl=0.0)
     aged.put(b"a" * 32, {}, user_id=1, key_id=1, expires_at=None)
-    time.sleep(0.001)
+    time.sleep(0.001)  # kept (the behaviour): older than its ttl of 0
     assert aged.get(b"a" * 32) is None
 
 

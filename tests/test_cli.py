@@ -13,6 +13,8 @@ import pytest
 
 from stack import Cli, free_udp_port, read_ready, start_up
 
+pytestmark = pytest.mark.stack
+
 PASSWORD = "correct-horse-battery-9"
 
 

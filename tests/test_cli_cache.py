@@ -24,6 +24,8 @@ from shared.dht import service_topic
 from shared.identity import MeshId
 from stack import free_udp_port, read_ready, start_up, xdg_homes
 
+pytestmark = pytest.mark.stack
+
 PASSWORD = "cached-horse-battery-3"
 GATEWAY = service_topic("gateway")
 

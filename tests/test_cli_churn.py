@@ -25,6 +25,8 @@ import pytest
 
 from stack import Cli, free_udp_port, read_ready, start_up, xdg_homes
 
+pytestmark = pytest.mark.stack
+
 PASSWORD = "churning-horse-battery-5"
 CATALOG = {"smollm2": {"backend": "echo", "slots": 256, "queue": 1024}}
 

@@ -24,7 +24,7 @@ from shared.dht.record import wall_ms
 from shared.errors import NoProviders
 from shared.identity import MeshCredential, MeshId, NodeIdentity
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.rpc]
 
 TOPIC = "inferswarm/gateway/v1"
 REPO = Path(__file__).resolve().parents[1]

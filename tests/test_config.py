@@ -11,6 +11,8 @@ import pytest
 
 from shared.config import ConfigError, MeshConfig, Secret, describe, env, load
 
+pytestmark = pytest.mark.unit
+
 
 @dataclass(frozen=True)
 class ServiceConfig:

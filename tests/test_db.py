@@ -50,6 +50,7 @@ MIGRATIONS = {
 }
 
 
+@pytest.mark.db
 async def test_migrations_run_in_numeric_order_once(conn: Connection, tmp_path: Path) -> None:
     directory = write(tmp_path / "migrations", MIGRATIONS)
     applied = await apply_migrations(conn, directory)
@@ -64,6 +65,7 @@ async def test_migrations_run_in_numeric_order_once(conn: Connection, tmp_path: 
     assert await apply_migrations(conn, directory) == ["11_more.sql"]
 
 
+@pytest.mark.db
 async def test_an_edited_migration_is_refused(conn: Connection, tmp_path: Path) -> None:
     directory = write(tmp_path / "migrations", MIGRATIONS)
     await apply_migrations(conn, directory)
@@ -75,12 +77,14 @@ async def test_an_edited_migration_is_refused(conn: Connection, tmp_path: Path) 
     assert await conn.fetchval("SELECT count(*) FROM schema_migrations") == 3
 
 
+@pytest.mark.db
 async def test_a_migration_of_another_service_is_refused(conn: Connection, tmp_path: Path) -> None:
     await apply_migrations(conn, write(tmp_path / "auth", {"1_users.sql": "SELECT 1;"}))
     with pytest.raises(MigrationError, match="share this database"):
         await apply_migrations(conn, write(tmp_path / "gateway", {"1_keys.sql": "SELECT 1;"}))
 
 
+@pytest.mark.db
 async def test_a_failed_migration_is_rolled_back(conn: Connection, tmp_path: Path) -> None:
     directory = write(
         tmp_path / "migrations",
@@ -99,6 +103,7 @@ async def test_a_failed_migration_is_rolled_back(conn: Connection, tmp_path: Pat
     assert await apply_migrations(conn, directory) == ["2_bad.sql"]
 
 
+@pytest.mark.db
 async def test_concurrent_apply_is_serialized(pg_dsn: str, tmp_path: Path) -> None:
     # The sleep keeps the first runner inside its migrations while the second
     # arrives; without the lock both would create `jobs` and one would fail.
@@ -120,6 +125,7 @@ async def test_concurrent_apply_is_serialized(pg_dsn: str, tmp_path: Path) -> No
     assert sorted(results, key=len) == [[], ["1_jobs.sql", "2_more.sql"]]
 
 
+@pytest.mark.db
 async def test_migrations_through_a_pool(pg_dsn: str, tmp_path: Path) -> None:
     directory = write(tmp_path / "migrations", {"1_t.sql": "CREATE TABLE t (n int);"})
     pool = await create_pool(pg_dsn, max_size=2)
@@ -131,23 +137,27 @@ async def test_migrations_through_a_pool(pg_dsn: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bad", ["users.sql", "0001-users.sql", "0001_.sql"])
+@pytest.mark.db
 async def test_badly_named_files_are_refused(conn: Connection, tmp_path: Path, bad: str) -> None:
     directory = write(tmp_path / "migrations", {bad: "SELECT 1;"})
     with pytest.raises(MigrationError, match="named like"):
         await apply_migrations(conn, directory)
 
 
+@pytest.mark.db
 async def test_a_missing_directory_is_refused(conn: Connection, tmp_path: Path) -> None:
     with pytest.raises(MigrationError, match="no such migrations directory"):
         await apply_migrations(conn, tmp_path / "absent")
 
 
+@pytest.mark.db
 async def test_same_version_twice_is_refused(conn: Connection, tmp_path: Path) -> None:
     directory = write(tmp_path / "migrations", {"1_a.sql": "SELECT 1;", "0001_b.sql": "SELECT 1;"})
     with pytest.raises(MigrationError, match="same version"):
         await apply_migrations(conn, directory)
 
 
+@pytest.mark.db
 async def test_unique_violation_becomes_conflict(conn: Connection) -> None:
     await conn.execute("CREATE TABLE users (email text CONSTRAINT users_email_key UNIQUE)")
     with translate_errors():
@@ -163,12 +173,14 @@ async def test_unique_violation_becomes_conflict(conn: Connection) -> None:
             await conn.execute("CREATE TABLE t (n int NOT NULL); INSERT INTO t VALUES (NULL)")
 
 
+@pytest.mark.db
 async def test_ensure_database_is_idempotent(pg_server: str, pg_dsn: str, conn: Connection) -> None:
     name = urlsplit(pg_dsn).path.lstrip("/")
     assert await ensure_database(pg_server, name) == pg_dsn
     assert await conn.fetchval("SELECT current_database()") == name
 
 
+@pytest.mark.unit
 def test_with_database() -> None:
     assert with_database("postgresql://u:p@db:5432/app?sslmode=require", "auth") == (
         "postgresql://u:p@db:5432/auth?sslmode=require"
@@ -178,6 +190,7 @@ def test_with_database() -> None:
     )
 
 
+@pytest.mark.db
 async def test_database_url_is_used_as_given(tmp_path: Path) -> None:
     url = "postgresql://u:p@db.internal/app"
     async with database_dsn(tmp_path, url) as dsn:
@@ -187,6 +200,7 @@ async def test_database_url_is_used_as_given(tmp_path: Path) -> None:
     assert not (tmp_path / "postgres").exists()
 
 
+@pytest.mark.db
 async def test_embedded_data_survives_a_restart(tmp_path: Path) -> None:
     pgdata = tmp_path / "pg"
     async with EmbeddedPostgres(pgdata) as server:
@@ -204,6 +218,7 @@ async def test_embedded_data_survives_a_restart(tmp_path: Path) -> None:
         await conn.close()
 
 
+@pytest.mark.db
 async def test_embedded_server_with_a_long_data_dir(tmp_path: Path) -> None:
     # Too long for a unix socket path (~107 bytes): pgserver moves the socket
     # out of the data directory, and we make it owner-only.
@@ -222,6 +237,7 @@ async def test_embedded_server_with_a_long_data_dir(tmp_path: Path) -> None:
         assert not mode & stat.S_IWOTH or mode & stat.S_ISVTX, oct(mode)
 
 
+@pytest.mark.db
 async def test_the_socket_is_private_from_the_server_start(tmp_path: Path) -> None:
     # PostgreSQL itself makes the socket owner-only before it listens (not a
     # chmod after start, which left a window): the setting is in force on the

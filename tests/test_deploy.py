@@ -119,6 +119,7 @@ def check_own_credential(env: dict[str, str], role: str) -> None:
 # --- Dockerfile ---------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_dockerfile_is_multi_stage_with_the_makefile_build():
     text = (DEPLOY / "Dockerfile").read_text()
     stages = re.findall(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", text, re.M | re.I)
@@ -172,6 +173,7 @@ def mesh_services(compose: dict) -> dict[str, dict]:
     return {name: svc for name, svc in compose["services"].items() if "command" in svc and svc["command"][0] == "python"}
 
 
+@pytest.mark.unit
 def test_compose_has_the_full_mesh(compose):
     services = compose["services"]
     modules = {name: module_of(svc["command"]) for name, svc in mesh_services(compose).items()}
@@ -190,6 +192,7 @@ def test_compose_has_the_full_mesh(compose):
     assert any("pgdata:" in v for v in services["postgres"]["volumes"])
 
 
+@pytest.mark.unit
 def test_every_compose_service_loads_its_config(compose):
     """The real config classes accept what compose gives each process."""
     created = init_script_services(INIT_SCRIPT.read_text())
@@ -232,6 +235,7 @@ def init_script_services(script: str) -> dict[str, str]:
     return dict(re.findall(r'^create_service (\w+) "\$(\w+)"$', script, re.M))
 
 
+@pytest.mark.unit
 def test_compose_has_no_default_secret(compose):
     text = (DEPLOY / "docker-compose.yml").read_text()
     for name, svc in compose["services"].items():  # no container holds the mesh secret
@@ -250,6 +254,7 @@ def test_compose_has_no_default_secret(compose):
     assert set(example) == set(COMPOSE_SECRETS) and not any(example.values())
 
 
+@pytest.mark.unit
 def test_compose_monitoring_reuses_deploy_files(compose):
     services = compose["services"]
     for svc in ("prometheus", "grafana"):
@@ -272,6 +277,7 @@ def test_compose_monitoring_reuses_deploy_files(compose):
                for v in services["grafana"]["volumes"])
 
 
+@pytest.mark.rpc
 def test_docker_compose_config(tmp_path):
     base = ["docker-compose", "-f", str(DEPLOY / "docker-compose.yml")]
     ok = subprocess.run(base + ["--env-file", str(compose_env_file(tmp_path)), "config", "-q"],
@@ -285,6 +291,7 @@ def test_docker_compose_config(tmp_path):
         assert refused.returncode != 0 and f"set {missing} in deploy/.env" in refused.stderr, missing
 
 
+@pytest.mark.rpc
 def test_compose_prometheus_config_passes_promtool(tmp_path):
     shutil.copy(DEPLOY / "compose/prometheus.yml", tmp_path / "prometheus.yml")
     shutil.copy(DEPLOY / "prometheus/alerts.yml", tmp_path / "alerts.yml")  # mounted beside it
@@ -311,6 +318,7 @@ def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
     return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
 
 
+@pytest.mark.unit
 def test_k8s_objects_are_well_formed(k8s):
     for doc in k8s:
         assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
@@ -360,6 +368,7 @@ def k8s_env(container: dict, docs: list[dict]) -> dict[str, str]:
     return env
 
 
+@pytest.mark.unit
 def test_every_k8s_deployment_loads_its_config(k8s):
     images = set()
     for name, deployment in by_kind(k8s, "Deployment").items():
@@ -427,6 +436,7 @@ def pod_specs(docs: list[dict]) -> dict[str, dict]:
     return {name: w["spec"]["template"]["spec"] for name, w in workloads.items()}
 
 
+@pytest.mark.unit
 def test_k8s_pods_have_no_token_and_a_restricted_security_context(k8s):
     specs = pod_specs(k8s)
     assert "inferswarm-postgres" in specs and len(specs) == 7
@@ -501,6 +511,7 @@ def pod(name: str, namespace: dict[str, str] = NAMESPACE_LABELS) -> dict:
     return {"ns": namespace, "pod": {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "inferswarm"}}
 
 
+@pytest.mark.unit
 def test_k8s_network_policies_allow_only_the_mesh_flows(k8s):
     policies = list(by_kind(k8s, "NetworkPolicy").values())
     deny = by_kind(k8s, "NetworkPolicy")["default-deny"]["spec"]
@@ -547,6 +558,7 @@ def run_init(dsn: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([str(INIT_SCRIPT)], env=full, capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.db
 async def test_the_init_script_creates_least_privilege_roles(tmp_path, k8s):
     server = EmbeddedPostgres(tmp_path / "pg", cleanup_mode="delete")
     dsn = await server.start()
@@ -590,6 +602,7 @@ async def test_the_init_script_creates_least_privilege_roles(tmp_path, k8s):
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
 
 
+@pytest.mark.unit
 def test_systemd_units_are_complete():
     names = {p.name for p in UNITS}
     assert names == {f"inferswarm-{n}.service" for n in
@@ -612,6 +625,7 @@ def unit_option(text: str, name: str) -> list[str]:
     return re.findall(rf"^{name}=(.*)$", text, re.M)
 
 
+@pytest.mark.unit
 def test_each_systemd_unit_has_its_own_user_state_and_credential(tmp_path):
     """A worker cannot read auth's JWT key: no user, no state directory shared;
     and it holds the inference role's credential, never auth's or the mesh secret."""
@@ -656,6 +670,7 @@ def test_each_systemd_unit_has_its_own_user_state_and_credential(tmp_path):
     assert len(users) == len(states) == len(UNITS)
 
 
+@pytest.mark.rpc
 def test_systemd_analyze_verify(tmp_path):
     for unit in [*UNITS, DEPLOY / "systemd/inferswarm.target"]:
         text = unit.read_text().replace("/opt/inferswarm/venv/bin/python", sys.executable)
@@ -689,6 +704,7 @@ def source_text() -> str:
                      for p in (ROOT / d).rglob("*.py"))
 
 
+@pytest.mark.unit
 def test_env_files_document_every_variable_and_only_real_ones():
     source = source_text()
     assert {p.stem for p in (DEPLOY / "env").glob("*.env")} == {*ENV_SERVICES, "bootstrap"}
@@ -715,6 +731,7 @@ def test_env_files_document_every_variable_and_only_real_ones():
         assert f'"{var}"' in source, var
 
 
+@pytest.mark.unit
 def test_readme_names_every_file():
     readme = (DEPLOY / "README.md").read_text()
     for path in DEPLOY.rglob("*"):

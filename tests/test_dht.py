@@ -30,6 +30,7 @@ from shared.dht import Announcer, DHTConfig, KademliaDiscovery, Provider, sign_r
 from shared.dht.record import RECORD_CONTEXT, wall_ms
 from shared.errors import NoProviders, Unavailable
 from shared.identity import MeshCredential, NodeIdentity, curve_key_of
+from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -106,6 +107,7 @@ def contact_ids(node: KademliaDiscovery) -> set[bytes]:
 # -- topics with many providers ----------------------------------------------------
 
 
+@pytest.mark.rpc
 async def test_every_node_sees_all_providers_and_their_updates(mesh):
     async with cluster(mesh, 5, chain=True) as nodes:
         for i in range(3):
@@ -119,7 +121,15 @@ async def test_every_node_sees_all_providers_and_their_updates(mesh):
 
         before = {p.node_key: p for p in await nodes[4].lookup(TOPIC)}
         await announce(nodes[0], 0, load={"queue": 9})
-        await asyncio.sleep(FAST.cache_ttl)
+
+        async def everyone_sees_the_update() -> bool:
+            for node in nodes:
+                providers = {p.node_key: p for p in await node.lookup(TOPIC)}
+                if providers[nodes[0].identity.public_key].load != {"queue": 9}:
+                    return False
+            return True
+
+        await wait_until(everyone_sees_the_update, FAST.cache_ttl + 3, message="the new load never reached everyone")
         for node in nodes:
             providers = {p.node_key: p for p in await node.lookup(TOPIC)}
             updated = providers[nodes[0].identity.public_key]
@@ -129,12 +139,14 @@ async def test_every_node_sees_all_providers_and_their_updates(mesh):
         assert all(node.server.storage.live_count(topic_key(TOPIC)) <= 3 for node in nodes)
 
 
+@pytest.mark.rpc
 async def test_a_lone_first_node_serves_its_own_records(mesh):
     async with cluster(mesh, 1) as (node,):
         await announce(node, 0)
         assert await endpoints(node) == {endpoint(0)}
 
 
+@pytest.mark.rpc
 async def test_empty_lookup_raises_and_is_not_cached(mesh):
     async with cluster(mesh, 2) as nodes:
         topic = "inferswarm/nobody/v1"
@@ -149,6 +161,7 @@ async def test_empty_lookup_raises_and_is_not_cached(mesh):
 # -- expiry and withdrawal ------------------------------------------------------------
 
 
+@pytest.mark.rpc
 async def test_a_provider_that_dies_disappears_within_its_ttl(mesh):
     async with cluster(mesh, 4) as nodes:
         await announce(nodes[2], 2, ttl=1.0)
@@ -163,6 +176,7 @@ async def _only(node: KademliaDiscovery, expected: str) -> bool:
     return await endpoints(node) == {expected}
 
 
+@pytest.mark.rpc
 async def test_withdrawal_is_immediate_and_blocks_replays(mesh):
     async with cluster(mesh, 4) as nodes:
         await announce(nodes[1], 1, ttl=8.0)
@@ -171,8 +185,12 @@ async def test_withdrawal_is_immediate_and_blocks_replays(mesh):
         (old_blob,) = nodes[0].server.storage.get(key)
         await nodes[1].withdraw(TOPIC)
         assert await endpoints(nodes[1]) == set()  # its own cache was dropped
-        await asyncio.sleep(FAST.cache_ttl)
-        assert await endpoints(nodes[3]) == set()
+
+        async def gone() -> bool:
+            return await endpoints(nodes[3]) == set()
+
+        # once the other node's lookup cache (0.2 s) expires; far sooner than the record's 8 s
+        await wait_until(gone, FAST.cache_ttl + 2, message="the withdrawn provider is still found")
         # replaying the older record to a storing node is refused
         storing = Node(nodes[0].identity.node_id, "127.0.0.1", nodes[0].port)
         answered, accepted = await nodes[2].server.protocol.call_store(storing, key, old_blob)
@@ -249,6 +267,7 @@ DROPPED = ("dht.datagram_dropped", "dht.request_malformed", "dht.unknown_method"
            "dht.bad_arguments", "dht.unexpected_response")
 
 
+@pytest.mark.rpc
 async def test_forged_records_and_garbage_do_not_get_through(mesh):
     loop = asyncio.get_running_loop()
     errors: list[dict] = []
@@ -283,6 +302,7 @@ async def test_forged_records_and_garbage_do_not_get_through(mesh):
     assert errors == []
 
 
+@pytest.mark.rpc
 async def test_one_address_posing_as_many_nodes_holds_one_contact(mesh):
     loop = asyncio.get_running_loop()
     async with cluster(mesh, 2) as nodes:
@@ -312,6 +332,7 @@ async def _timed_round(node: KademliaDiscovery, index: int) -> float:
     return time.perf_counter() - start
 
 
+@pytest.mark.rpc
 async def test_announce_and_lookup_are_fast_again_after_a_node_dies(mesh):
     async with cluster(mesh, 5) as nodes:
         for i in range(4):
@@ -323,7 +344,8 @@ async def test_announce_and_lookup_are_fast_again_after_a_node_dies(mesh):
         assert sum(first) < FAST.rpc_timeout + 0.3, first
         assert sorted(first)[-2] < 0.2, first
         # a few seconds later every survivor has dropped it and is fast
-        await asyncio.sleep(2 * (FAST.ping_interval + FAST.rpc_timeout))
+        await wait_until(lambda: all(dead.identity.node_id not in contact_ids(node) for node in nodes[:4]),
+                         10 * (FAST.ping_interval + FAST.rpc_timeout), message="a survivor kept the dead contact")
         for i, node in enumerate(nodes[:4]):
             assert dead.identity.node_id not in contact_ids(node)
             timings = [await _timed_round(node, i) for _ in range(3)]
@@ -339,6 +361,7 @@ def free_udp_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.rpc
 async def test_restart_from_the_saved_neighbours_needs_no_seed(mesh, tmp_path):
     path = tmp_path / "neighbours.json"
     identity = NodeIdentity.generate()
@@ -359,6 +382,7 @@ async def test_restart_from_the_saved_neighbours_needs_no_seed(mesh, tmp_path):
             assert await endpoints(nodes[1]) == {endpoint(7)}
 
 
+@pytest.mark.rpc
 async def test_a_late_seed_is_retried_and_a_restarted_seed_rejoined(mesh):
     port = free_udp_port()
     seed_identity = NodeIdentity.generate()
@@ -382,6 +406,7 @@ async def test_a_late_seed_is_retried_and_a_restarted_seed_rejoined(mesh):
 # -- announcer ----------------------------------------------------------------------------
 
 
+@pytest.mark.rpc
 async def test_announcer_refreshes_pokes_and_withdraws(mesh):
     other = "inferswarm/model/tiny"
     load = {"queue": 0}
@@ -402,9 +427,12 @@ async def test_announcer_refreshes_pokes_and_withdraws(mesh):
             announcer.poke()
             took = await eventually(lambda: _has_load(nodes[2], {"queue": 7}), timeout=1.0)
             assert took < 0.1 + FAST.cache_ttl + 0.2
-        await asyncio.sleep(FAST.cache_ttl)
-        for topic in (TOPIC, other):
-            assert await endpoints(nodes[2], topic) == set()
+
+        async def withdrawn() -> bool:
+            return all([await endpoints(nodes[2], topic) == set() for topic in (TOPIC, other)])
+
+        # withdrawn on leaving: gone once the lookup cache expires, before the 1 s ttl would do it
+        await wait_until(withdrawn, FAST.cache_ttl + 0.5, message="the announcer's records outlived it")
 
 
 async def _has_load(node: KademliaDiscovery, load: dict) -> bool:
@@ -439,6 +467,7 @@ class FlakyDiscovery:
         pass
 
 
+@pytest.mark.rpc
 async def test_announcer_retries_failures_without_dying():
     discovery = FlakyDiscovery(failures=3)
     announcer = Announcer(discovery, [TOPIC], service="auth", endpoint=endpoint(0), version="1.0",
@@ -452,6 +481,7 @@ async def test_announcer_retries_failures_without_dying():
 # -- the standalone node -------------------------------------------------------------------
 
 
+@pytest.mark.rpc
 async def test_standalone_node_prints_its_address_and_stops_on_sigterm(secret, mesh, tmp_path):
     env = dict(os.environ, INFERSWARM_MESH_SECRET=secret.hex())
     proc = await asyncio.create_subprocess_exec(
@@ -475,6 +505,7 @@ async def test_standalone_node_prints_its_address_and_stops_on_sigterm(secret, m
     assert json.loads((tmp_path / "neighbours.json").read_text())["neighbours"]
 
 
+@pytest.mark.unit
 def test_peer_budget_pays_by_reply_size_refills_and_spares_loopback():
     from shared.dht.budget import PeerBudget
 

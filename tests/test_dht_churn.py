@@ -88,6 +88,7 @@ def plant_dead(nodes: list[KademliaDiscovery], fraction: float, replacing: list[
     return dead
 
 
+@pytest.mark.rpc
 async def test_two_hundred_clients_come_and_go_and_never_enter_a_table(mesh):
     config = DHTConfig(ttl=20.0, rpc_timeout=1.0, ping_interval=30.0, dead_ttl=30.0, cache_ttl=0)
     async with services(mesh, 6, config) as nodes:
@@ -127,6 +128,7 @@ async def test_two_hundred_clients_come_and_go_and_never_enter_a_table(mesh):
         assert max(lookup_seconds) < config.rpc_timeout / 2, max(lookup_seconds)
 
 
+@pytest.mark.rpc
 async def test_a_full_client_node_would_have_entered_every_table(mesh):
     """The control: what the read-only flag prevents does happen without it."""
     config = DHTConfig(ttl=20.0, ping_interval=30.0, cache_ttl=0)
@@ -137,6 +139,7 @@ async def test_a_full_client_node_would_have_entered_every_table(mesh):
             assert all(full.identity.node_id in table_ids(node) for node in nodes)
 
 
+@pytest.mark.rpc
 async def test_a_read_only_node_answers_nobody(mesh):
     async with services(mesh, 2, SLOW_TIMEOUT) as nodes, client(mesh, nodes[0], SLOW_TIMEOUT) as ro:
         probe = NodeIdentity.generate().node_id
@@ -145,6 +148,7 @@ async def test_a_read_only_node_answers_nobody(mesh):
         assert ro.identity.node_id not in table_ids(nodes[0])
 
 
+@pytest.mark.rpc
 async def test_dead_contacts_cost_a_lookup_milliseconds_not_timeouts(mesh):
     async with services(mesh, 8, SLOW_TIMEOUT) as nodes:
         durations: list[float] = []
@@ -166,6 +170,7 @@ async def test_dead_contacts_cost_a_lookup_milliseconds_not_timeouts(mesh):
         assert statistics.median(durations) < SLOW_TIMEOUT.rpc_timeout / 20, durations
 
 
+@pytest.mark.rpc
 async def test_a_service_lookup_through_dead_contacts_is_fast_and_drops_them(mesh):
     async with services(mesh, 6, SLOW_TIMEOUT) as nodes:
         looking = nodes[5]
@@ -207,6 +212,7 @@ class LatePeer(asyncio.DatagramProtocol):
             asyncio.get_running_loop().call_later(self.delay, self.transport.sendto, packet, addr)
 
 
+@pytest.mark.rpc
 async def test_a_contact_given_up_on_comes_back_when_it_replies(mesh):
     loop = asyncio.get_running_loop()
     peer_id = NodeIdentity.generate().node_id
@@ -223,7 +229,8 @@ async def test_a_contact_given_up_on_comes_back_when_it_replies(mesh):
 
             began = time.perf_counter()
             assert len(await looking.lookup(TOPIC)) == 3
-            assert time.perf_counter() - began < 0.3  # it did not wait for the slow peer
+            # it did not wait for the slow peer (its timeout is 2 s; generous for a loaded box)
+            assert time.perf_counter() - began < SLOW_TIMEOUT.rpc_timeout / 2
             assert peer.lookups == 1 and protocol.is_dead(peer_id)
             assert peer_id not in {n.id for n in protocol.neighbours(Node(os.urandom(20)))}
 
@@ -237,6 +244,7 @@ async def test_a_contact_given_up_on_comes_back_when_it_replies(mesh):
         transport.close()
 
 
+@pytest.mark.rpc
 async def test_a_lookup_with_a_timeout_stops_on_time(mesh):
     async with services(mesh, 2, SLOW_TIMEOUT) as nodes, client(mesh, nodes[0], SLOW_TIMEOUT) as ro:
         protocol = ro.server.protocol
@@ -250,6 +258,7 @@ async def test_a_lookup_with_a_timeout_stops_on_time(mesh):
         assert 0.15 < time.perf_counter() - began < 1.0
 
 
+@pytest.mark.unit
 def test_rtt_estimator_follows_the_round_trip_within_its_bounds():
     rtt = RttEstimator(floor=0.005, ceiling=1.0)
     assert rtt.timeout == 1.0  # nothing measured: the ceiling

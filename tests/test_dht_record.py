@@ -18,6 +18,8 @@ from shared.dht.storage import RecordStore
 from shared.errors import InvalidParams
 from shared.identity import MeshCredential, NodeIdentity
 
+pytestmark = pytest.mark.unit
+
 TOPIC = "inferswarm/auth/v1"
 
 

@@ -20,6 +20,8 @@ from services.gateway.leases import window_of
 from services.gateway.quota import Quota
 from services.gateway.store import MIGRATIONS, QuotaStore
 
+pytestmark = pytest.mark.db
+
 RPH = {"requests_per_hour": 20, "requests_per_month": None, "tokens_per_month": None}
 
 

@@ -37,7 +37,7 @@ from shared.rpc import Connection
 from auth_support import table_locked
 from gateway_support import MODEL, GatewayMesh, gateway_databases, infer
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.stack]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")

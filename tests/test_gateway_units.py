@@ -37,6 +37,7 @@ def at(text: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
+@pytest.mark.unit
 def test_windows_are_utc_hours_and_months():
     hour = window_of("requests_per_hour", at("2026-03-31T23:59:59"))
     assert hour.start == datetime(2026, 3, 31, 23, tzinfo=UTC)
@@ -51,6 +52,7 @@ def record(request_id: str, **extra) -> dict:
             "completion_tokens": 2, "status": "ok", **extra}
 
 
+@pytest.mark.unit
 def test_journal_replays_an_interrupted_run(tmp_path):
     journal = Journal(tmp_path)
     assert journal.open().entries == 0
@@ -82,6 +84,7 @@ def test_journal_replays_an_interrupted_run(tmp_path):
     third.close()
 
 
+@pytest.mark.unit
 def test_journal_segments_go_once_shipped_and_nothing_live_began_in_them(tmp_path):
     journal = Journal(tmp_path, segment_bytes=400)
     journal.open()
@@ -103,6 +106,7 @@ def test_journal_segments_go_once_shipped_and_nothing_live_began_in_them(tmp_pat
     journal.close()
 
 
+@pytest.mark.unit
 async def test_shipper_batches_retries_and_drops_only_invalid_records(tmp_path):
     journal = Journal(tmp_path)
     journal.open()
@@ -133,6 +137,7 @@ async def test_shipper_batches_retries_and_drops_only_invalid_records(tmp_path):
     journal.close()
 
 
+@pytest.mark.unit
 def test_metrics_fold_label_values_past_the_cap():
     metrics = Metrics(max_series=3)
     requests = metrics.counter("requests_total", ("status",))
@@ -170,6 +175,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.rpc
 def test_closing_a_connection_never_blocks_the_loop():
     """The gateway closes connections to failed workers (cooldown): closing must not
     block. Stopping the socket monitor after its reader had closed used to hang."""
@@ -206,6 +212,7 @@ def _shares(router: Router, a: Provider, b: Provider) -> Counter:
     return Counter(router.choose("m", [a, b], set()).endpoint for _ in range(300))
 
 
+@pytest.mark.unit
 async def test_a_worker_not_measured_yet_is_tried_like_the_fastest_known_one():
     router = _router(_Clock())
     known, slow, joined = _worker(1), _worker(2), _worker(3)
@@ -222,6 +229,7 @@ async def test_a_worker_not_measured_yet_is_tried_like_the_fastest_known_one():
     assert router.expected_wait(busy) == pytest.approx(2 * 0.002)
 
 
+@pytest.mark.unit
 async def test_an_old_slow_figure_fades_so_the_worker_is_tried_again():
     clock = _Clock()
     router = _router(clock)
@@ -241,6 +249,7 @@ async def test_an_old_slow_figure_fades_so_the_worker_is_tried_again():
     assert (unlucky.node_key, unlucky.endpoint) not in router._latency
 
 
+@pytest.mark.unit
 async def test_a_restarted_worker_is_measured_afresh_not_by_its_previous_life():
     router = _router(_Clock())
     survivor, before = _worker(1), _worker(2)
@@ -271,6 +280,7 @@ class _Lister:
         return {"models": [{"name": self.model, "healthy": True}]}
 
 
+@pytest.mark.rpc
 async def test_the_catalog_takes_the_callers_time_and_keeps_only_a_full_answer():
     """A worker answering in 0.4 s is missed by a caller with 0.2 s left, and that partial
     catalog is not kept for the next caller, who has the time and sees both workers."""

@@ -43,7 +43,7 @@ from shared.rpc import codec
 from shared.runner import join_mesh
 from web_support import MODEL, PASSWORD, web_stack
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.stack]
 
 IDLE_TIMEOUT = 1.5  # INFERSWARM_WEB_IDLE_TIMEOUT of this module's stack
 LONG_ANSWER = 20_000  # tokens of ~1 KB; INFERSWARM_MAX_TOKENS of this module's stack allows them

@@ -20,6 +20,8 @@ from shared.rpc import RequestContext, current_request
 from services.inference.config import InferenceConfig
 from services.inference.worker import open_service, probe_all
 
+pytestmark = pytest.mark.rpc
+
 CHAT = [{"role": "user", "content": "Say hello"}]
 
 
@@ -277,7 +279,8 @@ async def test_a_queued_request_leaves_the_queue_when_its_callers_deadline_passe
                 await collect(service, model="llama3", prompt="late", temperature=0.5)
         finally:
             current_request.reset(token)
-        assert 0.1 < time.monotonic() - started < 0.5 and late.value.data["queued"] == 0
+        # at its 0.15 s deadline, not whenever the busy stream ends (room above it for a loaded box)
+        assert 0.1 < time.monotonic() - started < 1.0 and late.value.data["queued"] == 0
         assert pool.queued == 0 and pool.in_use == 1
         await busy.aclose()
         assert pool.in_use == 0
@@ -300,7 +303,7 @@ async def test_cancelling_a_stream_frees_the_slot_and_closes_the_upstream_stream
         assert pool.in_use == 1
         started = time.monotonic()
         await stream.aclose()
-        assert pool.in_use == 0 and time.monotonic() - started < 0.1
+        assert pool.in_use == 0 and time.monotonic() - started < 0.5  # at once, with room for a loaded box
         await eventually(lambda: server.disconnects == 1, timeout=2)
         assert (await service.model_status("m"))["healthy"]  # a cancel is no backend failure
 

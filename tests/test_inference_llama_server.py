@@ -23,6 +23,8 @@ from services.inference.backends.local import default_gguf  # noqa: E402
 from services.inference.config import InferenceConfig  # noqa: E402
 from services.inference.worker import open_service  # noqa: E402
 
+pytestmark = pytest.mark.rpc
+
 CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
 GREEDY = dict(temperature=0.0, seed=5)
 

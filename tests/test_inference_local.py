@@ -20,6 +20,9 @@ from shared.errors import InvalidParams, Unavailable  # noqa: E402
 from services.inference.backends.local import default_gguf  # noqa: E402
 from services.inference.config import InferenceConfig  # noqa: E402
 from services.inference.worker import open_service  # noqa: E402
+from waiting import wait_until  # noqa: E402
+
+pytestmark = pytest.mark.rpc
 
 CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
 LONG = [{"role": "user", "content": "Write a very long story about a lighthouse keeper and the sea."}]
@@ -131,7 +134,8 @@ async def test_full_queue_refuses_with_queue_state_and_queued_requests_run_in_tu
     await anext(first)
     waiting = [asyncio.create_task(collect(service, prompt=f"Count to {n}:", max_tokens=4, temperature=0.5))
                for n in (3, 4)]
-    await asyncio.sleep(0.05)
+    pool = service.served["smollm2"].pool
+    await wait_until(lambda: pool.queued == 2, 5, message="the two requests never queued")
     with pytest.raises(Unavailable) as refused:
         await collect(service, prompt="one more", max_tokens=4)
     assert refused.value.data == {"slots": 1, "in_use": 1, "queued": 2, "limit": 2, "retry_safe": True}

@@ -27,6 +27,8 @@ from shared.runner import join_mesh, serve  # noqa: E402
 from services.inference.config import InferenceConfig  # noqa: E402
 from services.inference.worker import InferenceWorker  # noqa: E402
 
+pytestmark = pytest.mark.rpc
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = '{"smollm2": {"backend": "local", "slots": 1, "queue": 4, "n_threads": 1}}'
 TOPIC = model_topic("smollm2")

@@ -10,13 +10,16 @@ import pytest
 
 from shared.config import ConfigError, load
 from shared.errors import InvalidParams, Timeout, Unavailable
+from shared.generation import Limits, build_request, priority_of
 from services.inference.backends import make_backend
 from services.inference.backends.base import GenerateRequest, Message
 from services.inference.cache import CachedResponse, ResponseCache, cache_key
 from services.inference.catalog import DEFAULT_MODELS, ModelSpec
 from services.inference.config import InferenceConfig
 from services.inference.slots import SlotPool
-from services.inference.validation import Limits, build_request, priority_of
+from waiting import wait_until
+
+pytestmark = pytest.mark.unit
 
 # -- the catalog ---------------------------------------------------------------
 
@@ -207,7 +210,7 @@ async def test_full_queue_refuses_with_its_state():
     pool = SlotPool(1, 1)
     gate = asyncio.Event()
     holders = [asyncio.create_task(_hold(pool, 0, [], str(i), gate)) for i in range(2)]
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: pool.queued == 1, 5, message="the second holder never queued")
     with pytest.raises(Unavailable) as refused:
         async with pool.acquire(2):
             pass
@@ -223,8 +226,7 @@ async def test_cancelled_and_timed_out_waiters_leave_the_queue():
     holder = asyncio.create_task(_hold(pool, 0, [], "h", gate))
     await asyncio.sleep(0)
     waiter = asyncio.create_task(_hold(pool, 0, [], "w", gate))
-    await asyncio.sleep(0.01)
-    assert pool.queued == 1
+    await wait_until(lambda: pool.queued == 1, 5, message="the waiter never queued")
     waiter.cancel()
     await asyncio.sleep(0)
     assert pool.queued == 0
@@ -244,7 +246,7 @@ async def test_a_slot_granted_to_a_waiter_that_just_gave_up_moves_on():
     await asyncio.sleep(0)
     quitter = asyncio.create_task(_hold(pool, 1, order, "quitter", gate))
     patient = asyncio.create_task(_hold(pool, 0, order, "patient", gate))
-    await asyncio.sleep(0.01)
+    await wait_until(lambda: pool.queued == 2, 5, message="the two waiters never queued")
     gate.set()
     await asyncio.sleep(0)  # holder released: the slot is handed to the quitter...
     quitter.cancel()  # ...which is cancelled before it could run

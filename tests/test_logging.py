@@ -46,6 +46,7 @@ def lines(stream: io.StringIO) -> list[dict]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
+@pytest.mark.rpc
 def test_a_process_writes_json_lines_with_its_trace_id() -> None:
     script = textwrap.dedent(
         """
@@ -81,6 +82,7 @@ def test_a_process_writes_json_lines_with_its_trace_id() -> None:
     assert "Traceback" in failed["exception"] and "ZeroDivisionError" in failed["exception"]
 
 
+@pytest.mark.unit
 def test_levels_are_filtered(log_stream: io.StringIO) -> None:
     log = get_logger("t")
     log.debug("not shown")
@@ -90,6 +92,7 @@ def test_levels_are_filtered(log_stream: io.StringIO) -> None:
     assert [line["event"] for line in lines(log_stream)] == ["shown", "shown too"]
 
 
+@pytest.mark.unit
 def test_sensitive_values_are_masked_at_any_depth(log_stream: io.StringIO) -> None:
     payload = {"user": "ann", "credentials": [{"password": "pw1"}, {"Authorization": "Bearer x"}]}
     get_logger("t").info(
@@ -119,6 +122,7 @@ def test_sensitive_values_are_masked_at_any_depth(log_stream: io.StringIO) -> No
     assert payload["credentials"][0]["password"] == "pw1"
 
 
+@pytest.mark.unit
 def test_stdlib_messages_and_tracebacks_are_masked(log_stream: io.StringIO) -> None:
     logging.getLogger("aiohttp.access").warning("GET /?api_key=isk_leaked1 401")
     try:
@@ -130,6 +134,7 @@ def test_stdlib_messages_and_tracebacks_are_masked(log_stream: io.StringIO) -> N
     assert "isk_leaked2" not in second["exception"] and "bad key ***" in second["exception"]
 
 
+@pytest.mark.unit
 def test_redact_copies_nothing_when_nothing_is_sensitive() -> None:
     nested = {"a": [1, "two", {"b": 3}]}
     event = {"event": "x", "nested": nested, "n": 1}
@@ -137,12 +142,14 @@ def test_redact_copies_nothing_when_nothing_is_sensitive() -> None:
     assert event["nested"] is nested and nested["a"][2] == {"b": 3}
 
 
+@pytest.mark.unit
 def test_configuring_twice_keeps_one_handler(log_stream: io.StringIO) -> None:
     configure_logging("info", "json", service="test", stream=log_stream, cache_loggers=False)
     get_logger("t").info("once")
     assert [line["event"] for line in lines(log_stream)] == ["once"]
 
 
+@pytest.mark.unit
 def test_console_format_for_people(log_stream: io.StringIO) -> None:
     configure_logging("debug", "console", service="test", stream=log_stream, cache_loggers=False)
     get_logger("t").debug("step", password="pw", n=1)
@@ -151,6 +158,7 @@ def test_console_format_for_people(log_stream: io.StringIO) -> None:
     assert not text.startswith("{")
 
 
+@pytest.mark.unit
 def test_bad_level_or_format_is_refused() -> None:
     with pytest.raises(ValueError, match="log level"):
         configure_logging("loud")
@@ -158,6 +166,7 @@ def test_bad_level_or_format_is_refused() -> None:
         configure_logging("info", "xml")
 
 
+@pytest.mark.unit
 def test_trace_ids() -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", new_trace_id())
     assert new_trace_id() != new_trace_id()
@@ -170,6 +179,7 @@ def test_trace_ids() -> None:
     assert current_trace_id() is None
 
 
+@pytest.mark.unit
 async def test_concurrent_requests_keep_their_own_trace_ids() -> None:
     async def read() -> str | None:
         return current_trace_id()

@@ -13,6 +13,9 @@ from shared import errors
 from shared.dht import Announcer, KademliaDiscovery, service_topic
 from shared.identity import MeshCredential, NodeIdentity
 from shared.rpc import Dispatcher, MeshClient, RpcServer, method
+from waiting import wait_until
+
+pytestmark = pytest.mark.rpc
 
 FAST = dict(rpc_timeout=0.3, ping_interval=0.5, dead_ttl=3.0, cache_ttl=0.2)
 
@@ -91,7 +94,7 @@ async def test_idempotent_call_survives_a_provider_dying_mid_call(mesh_net):
     for other in providers[1:]:
         client.cool_down(next(p for p in await client("who").providers() if p.endpoint == other.server.endpoint))
     call = asyncio.create_task(client("who").call("who.slow", {"seconds": 1.0}, timeout=5.0, idempotent=True))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: victim.server.in_flight == 1, 5, message="the call never reached the victim")
     await victim.kill()
     assert await asyncio.wait_for(call, 6) in {"b", "c"}
 
@@ -102,7 +105,7 @@ async def test_non_idempotent_call_in_flight_on_a_dying_provider_fails_typed(mes
     for other in (providers[0], providers[2]):
         client.cool_down(next(p for p in await client("who").providers() if p.endpoint == other.server.endpoint))
     call = asyncio.create_task(client("who").call("who.slow", {"seconds": 5.0}, timeout=5.0))
-    await asyncio.sleep(0.2)
+    await wait_until(lambda: victim.server.in_flight == 1, 5, message="the call never reached the victim")
     await victim.kill()
     with pytest.raises(errors.Unavailable) as lost:
         await asyncio.wait_for(call, 6)

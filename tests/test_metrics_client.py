@@ -23,6 +23,8 @@ from shared.metrics import (
 )
 from shared.metrics.families import ACTIVE_USERS, Kind
 
+pytestmark = pytest.mark.unit
+
 SOURCE = Source("gateway", "0123456789ab", "f00d")
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from shared.metrics import FAMILIES
 
+pytestmark = pytest.mark.rpc
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "inferswarm-dashboard.json"

@@ -12,12 +12,14 @@ from shared.rpc import method
 from services.auth.app import open_auth
 from auth_support import cheap_config
 from metrics_support import TTL, Child, eventually, get_health, mesh, samples, scrape, value
+import pytest
 
 
 def instance(report: dict, name: str) -> dict | None:
     return next((i for i in report["instances"] if i["instance"] == name), None)
 
 
+@pytest.mark.rpc
 async def test_a_killed_service_is_unreachable_within_seconds_and_gone_within_its_ttl(tmp_path):
     async with mesh(tmp_path) as net:
         app = await net.start_metrics()
@@ -57,6 +59,7 @@ async def test_a_killed_service_is_unreachable_within_seconds_and_gone_within_it
             print(f"unreachable after {unreachable_after:.2f}s, record gone after {gone_after:.2f}s")
 
 
+@pytest.mark.rpc
 async def test_health_over_rpc_and_a_required_service_missing_is_down(tmp_path):
     async with mesh(tmp_path) as net:
         app = await net.start_metrics(required=("metrics", "gateway"))
@@ -91,6 +94,7 @@ class Worker:
         return {"free_slots": 2 - self.in_use, "slots": 2, "queued": self.queued, "queue_limit": 8}
 
 
+@pytest.mark.rpc
 async def test_worker_capacity_comes_from_the_workers_records(tmp_path):
     async with mesh(tmp_path) as net:
         app = await net.start_metrics()
@@ -118,6 +122,7 @@ async def test_worker_capacity_comes_from_the_workers_records(tmp_path):
         assert value(parsed, "ai_platform_worker_queue_depth", model="smollm2") == 3
 
 
+@pytest.mark.db
 async def test_active_users_come_from_auth_periodically(tmp_path, pg_dsn):
     async with mesh(tmp_path) as net:
         services = []

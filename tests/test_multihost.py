@@ -33,7 +33,8 @@ import pytest
 from netns_support import HostProcess, Network, NetworkPostgres, can_make_namespaces
 from shared.identity import MeshCredential
 
-pytestmark = pytest.mark.skipif(not can_make_namespaces(), reason="needs root and iproute2 for network namespaces")
+pytestmark = [pytest.mark.skipif(not can_make_namespaces(), reason="needs root and iproute2 for network namespaces"),
+              pytest.mark.stack]
 
 DHT_PORT = 7400
 WEB_PORT = 8080

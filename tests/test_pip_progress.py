@@ -9,6 +9,7 @@ import itertools
 import subprocess
 import sys
 from pathlib import Path
+import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bin" / "pip_progress.py"
 spec = importlib.util.spec_from_file_location("pip_progress", SCRIPT)
@@ -66,6 +67,7 @@ def summary(text: str) -> list[str]:
     return out.getvalue().splitlines()
 
 
+@pytest.mark.unit
 def test_pip_top_level_lines_and_the_compile_progress_are_shown_shortened():
     assert summary(VERBOSE_PIP) == [
         "Obtaining file:///work/main",
@@ -85,6 +87,7 @@ def test_pip_top_level_lines_and_the_compile_progress_are_shown_shortened():
     ]
 
 
+@pytest.mark.unit
 def test_make_progress_is_shown_once_per_step_and_errors_pass_through():
     assert summary(MAKE_BUILD) == [
         "  Building wheel for tiny-native ...",
@@ -105,6 +108,7 @@ def run(tmp_path: Path, text: str, status: int) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=30)
 
 
+@pytest.mark.rpc
 def test_a_success_keeps_the_whole_log_and_exits_zero(tmp_path):
     result = run(tmp_path, VERBOSE_PIP, 0)
     assert result.returncode == 0
@@ -113,6 +117,7 @@ def test_a_success_keeps_the_whole_log_and_exits_zero(tmp_path):
     assert (tmp_path / "install.log").read_text() == VERBOSE_PIP
 
 
+@pytest.mark.rpc
 def test_a_failure_shows_the_log_tail_and_keeps_the_exit_status(tmp_path):
     result = run(tmp_path, MAKE_BUILD, 3)
     assert result.returncode == 3
@@ -122,6 +127,7 @@ def test_a_failure_shows_the_log_tail_and_keeps_the_exit_status(tmp_path):
     assert shown[-1] == f"--- the whole output is in {tmp_path / 'install.log'} ---"
 
 
+@pytest.mark.rpc
 def test_without_a_command_it_prints_its_usage(tmp_path):
     result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "log")], capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr

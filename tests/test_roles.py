@@ -47,6 +47,7 @@ def mesh() -> MeshCredential:
     return MeshCredential(MeshCredential.new_secret())
 
 
+@pytest.mark.unit
 def test_a_role_credential_travels_as_text_and_keeps_its_keys(mesh):
     for role in ROLES:
         member = mesh.member(role)
@@ -60,6 +61,7 @@ def test_a_role_credential_travels_as_text_and_keeps_its_keys(mesh):
     assert "seed" not in repr(mesh.member("auth")) and mesh.member("auth").to_text() not in repr(mesh.member("auth"))
 
 
+@pytest.mark.unit
 def test_an_altered_credential_is_refused(mesh):
     text = mesh.member("inference").to_text()
     with pytest.raises(ValueError, match="starts with"):
@@ -79,12 +81,14 @@ def test_an_altered_credential_is_refused(mesh):
         mesh.member("root")
 
 
+@pytest.mark.unit
 def test_topics_belong_to_roles():
     assert may_announce("auth", "inferswarm/auth/v1") and not may_announce("inference", "inferswarm/auth/v1")
     assert may_announce("inference", "inferswarm/model/x") and not may_announce("gateway", "inferswarm/model/x")
     assert not may_announce("", "inferswarm/auth/v1")  # a client without a role
 
 
+@pytest.mark.unit
 def test_public_methods_take_no_roles():
     with pytest.raises(TypeError, match="no roles"):
         method(public=True, roles=("gateway",))
@@ -92,6 +96,7 @@ def test_public_methods_take_no_roles():
         method(roles=("root",))
 
 
+@pytest.mark.rpc
 async def test_a_method_serves_only_the_roles_it_names(mesh):
     node = NodeIdentity.generate()
     context = zmq.asyncio.Context()
@@ -129,6 +134,7 @@ async def test_a_method_serves_only_the_roles_it_names(mesh):
         context.destroy(linger=0)
 
 
+@pytest.mark.unit
 def test_a_process_takes_the_credential_of_its_role(tmp_path, mesh):
     gateway_text = mesh.member("gateway").to_text()
     given = MeshConfig(data_dir=tmp_path, credential=Secret(gateway_text), bootstrap=("127.0.0.1:7400",))

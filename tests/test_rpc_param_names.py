@@ -7,6 +7,8 @@ import pytest
 from shared.errors import InvalidParams
 from shared.rpc import Dispatcher, method
 
+pytestmark = pytest.mark.unit
+
 
 class Open:
     name = "open"

@@ -43,6 +43,7 @@ def mesh_config(data_dir: Path, secret: str, seeds: tuple[str, ...] = ()) -> Mes
     return MeshConfig(data_dir=data_dir, bootstrap=seeds, mesh_secret=Secret(secret), record_ttl=FAST_TTL)
 
 
+@pytest.mark.db
 async def test_service_on_embedded_postgres_serves_through_the_mesh_and_withdraws(tmp_path):
     secret = MeshCredential.new_secret().hex()
     migrations = tmp_path / "migrations"
@@ -84,12 +85,14 @@ async def test_service_on_embedded_postgres_serves_through_the_mesh_and_withdraw
             await client.discovery.lookup(service_topic("notes"))
 
 
+@pytest.mark.unit
 def test_joining_a_mesh_without_its_secret_is_a_config_error(tmp_path):
     config = MeshConfig(data_dir=tmp_path, bootstrap=("127.0.0.1:7400",))
     with pytest.raises(ConfigError, match="INFERSWARM_CREDENTIAL: required to join"):
         mesh_credential(config)
 
 
+@pytest.mark.unit
 def test_first_node_creates_the_secret_once(tmp_path):
     config = load(MeshConfig, {"INFERSWARM_DATA_DIR": str(tmp_path)})
     first = mesh_credential(config)

@@ -18,6 +18,8 @@ import pytest
 from shared.identity import MemberCredential
 from stack import Cli, alive, free_tcp_port, free_udp_port, read_ready, start_up
 
+pytestmark = pytest.mark.stack
+
 
 @pytest.fixture
 def stack(tmp_path):

@@ -80,6 +80,7 @@ async def error_of(reply, status: int, code: str) -> dict:
     return error
 
 
+@pytest.mark.stack
 async def test_register_login_and_the_key_lifecycle(client):
     user = await register(client, "rest-alice")
     assert user["username"] == "rest-alice" and user["tier"] == "free" and "password" not in str(user)
@@ -109,6 +110,7 @@ async def test_register_login_and_the_key_lifecycle(client):
     await error_of(await client.get("/api/auth/api-keys", headers=auth), 401, "UNAUTHENTICATED")
 
 
+@pytest.mark.stack
 async def test_errors_map_to_statuses_through_the_one_table(client):
     await register(client, "rest-bob")
     bob = await login(client, "rest-bob")
@@ -141,6 +143,7 @@ async def test_errors_map_to_statuses_through_the_one_table(client):
     assert keys[0]["status"] == "active"
 
 
+@pytest.mark.stack
 async def test_failed_logins_are_throttled_with_429_and_retry_after(client):
     await register(client, "rest-erin")
     statuses = []
@@ -158,6 +161,7 @@ async def test_failed_logins_are_throttled_with_429_and_retry_after(client):
     assert right.status == 429
 
 
+@pytest.mark.unit
 async def test_the_error_table_covers_every_code():
     assert set(ERROR_CLASSES) <= set(STATUS)
     assert status_of(RemoteError("SOMETHING_NEW")) == 502
@@ -183,6 +187,7 @@ def self_signed(directory) -> tuple:
     return cert_path, key_path
 
 
+@pytest.mark.stack
 async def test_over_tls_the_cookies_are_secure_and_hsts_is_sent(node, tmp_path):
     cert, key = self_signed(tmp_path)
     config = WebConfig(mesh=node.config, host="127.0.0.1", port=0, tls_cert=cert, tls_key=key)
@@ -212,6 +217,7 @@ async def test_over_tls_the_cookies_are_secure_and_hsts_is_sent(node, tmp_path):
         await runner.cleanup()
 
 
+@pytest.mark.stack
 async def test_every_reply_carries_the_security_headers(client):
     for reply in (await client.get("/api/auth/api-keys"), await client.get("/api/nope"),
                   await client.post("/api/auth/register", json={})):
@@ -220,6 +226,7 @@ async def test_every_reply_carries_the_security_headers(client):
         assert reply.headers["Cache-Control"] == "no-store"
 
 
+@pytest.mark.stack
 async def test_quota_and_inference_with_an_api_key(client):
     await register(client, "rest-fay")
     auth = await login(client, "rest-fay")

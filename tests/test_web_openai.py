@@ -17,7 +17,7 @@ import pytest
 
 from web_support import MODEL, PASSWORD, web_stack
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.stack]
 
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
 HELLO = [{"role": "user", "content": "Say something."}]

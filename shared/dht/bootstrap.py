@@ -14,6 +14,7 @@ import os
 import random
 import socket
 from pathlib import Path
+from typing import cast
 
 import structlog
 
@@ -49,7 +50,7 @@ async def _resolve(host: str, port: int, family: int, timeout: float) -> list[Ad
     except (OSError, asyncio.TimeoutError) as exc:
         log.warning("dht.seed_unresolved", seed=f"{host}:{port}", error=str(exc) or type(exc).__name__)
         return []
-    return [(info[4][0], info[4][1]) for info in infos]
+    return [(cast(str, info[4][0]), cast(int, info[4][1])) for info in infos]
 
 
 async def resolve_seeds(seeds: list[str], *, ipv6: bool = False, timeout: float = 5.0) -> list[Address]:

@@ -92,7 +92,7 @@ class Crawl:
                 if node.id not in self._asked:
                     self._asked.add(node.id)
                     self.queries += 1
-                    future = asyncio.ensure_future(ask(node))
+                    future: asyncio.Future[tuple[bool, Any]] = asyncio.ensure_future(ask(node))
                     flying[future] = (node, loop.time() + self._protocol.rtt.timeout)
                     active += 1
             if not flying or (not waiting and self._answered):

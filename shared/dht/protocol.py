@@ -127,7 +127,7 @@ class DHTProtocol(KademliaProtocol):
 
     # -- receiving ----------------------------------------------------------
 
-    def datagram_received(self, data: bytes, addr: Address) -> None:  # type: ignore[override]
+    def datagram_received(self, data: bytes, addr: Address) -> None:
         is_request = data[:1] == bytes([REQUEST])
         limit = self.config.max_request_size if is_request else self.config.max_response_size
         try:
@@ -198,7 +198,8 @@ class DHTProtocol(KademliaProtocol):
     # -- handlers (reached only through _SIGNATURES) --------------------------
 
     def rpc_ping(self, sender: Address, nodeid: bytes) -> bytes:
-        return self.source_node.id
+        node_id: bytes = self.source_node.id
+        return node_id
 
     def rpc_store(self, sender: Address, nodeid: bytes, key: bytes, value: bytes) -> bool:
         try:
@@ -206,7 +207,8 @@ class DHTProtocol(KademliaProtocol):
         except InvalidRecord as exc:
             log.info("dht.store_rejected", peer=sender, reason=exc.reason)
             return False
-        return self.storage.put(key, record, self.verifier.lifetime(record))
+        stored: bool = self.storage.put(key, record, self.verifier.lifetime(record))
+        return stored
 
     def rpc_find_node(self, sender: Address, nodeid: bytes, key: bytes) -> list[list[Any]]:
         neighbours = self.neighbours(Node(key), exclude=(sender[0], sender[1]))

@@ -154,7 +154,8 @@ def sign_record(
         raise InvalidParams(str(exc)) from None
     body_bytes = msgpack.packb(body, use_bin_type=True)
     signature = identity.sign(RECORD_CONTEXT + body_bytes)
-    return msgpack.packb([body_bytes, signature], use_bin_type=True)
+    blob: bytes = msgpack.packb([body_bytes, signature], use_bin_type=True)
+    return blob
 
 
 def _unpack(data: bytes, limit: int) -> Any:

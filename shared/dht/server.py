@@ -58,7 +58,8 @@ class DHTServer(Server):
     @property
     def address(self) -> Address:
         """The bound `(ip, port)`."""
-        return self.transport.get_extra_info("sockname")[:2]
+        sockname: Address = self.transport.get_extra_info("sockname")[:2]
+        return sockname
 
     def has_contacts(self) -> bool:
         """True while the routing table holds at least one node."""

@@ -53,7 +53,8 @@ _READ_ONLY = {"ro": True}
 def encode_request(msg_id: bytes, method: str, args: list[Any], *, read_only: bool = False) -> bytes:
     """A request datagram calling `method(*args)`; `read_only` marks a client node's."""
     payload = [method, args, _READ_ONLY] if read_only else [method, args]
-    return bytes([REQUEST]) + msg_id + msgpack.packb(payload, use_bin_type=True)
+    packed: bytes = msgpack.packb(payload, use_bin_type=True)
+    return bytes([REQUEST]) + msg_id + packed
 
 
 def request_parts(payload: Any) -> tuple[Any, list[Any], bool] | None:
@@ -71,7 +72,8 @@ def request_parts(payload: Any) -> tuple[Any, list[Any], bool] | None:
 
 def encode_response(msg_id: bytes, result: Any) -> bytes:
     """A response datagram carrying `result`."""
-    return bytes([RESPONSE]) + msg_id + msgpack.packb(result, use_bin_type=True)
+    packed: bytes = msgpack.packb(result, use_bin_type=True)
+    return bytes([RESPONSE]) + msg_id + packed
 
 
 def decode_datagram(data: bytes, max_size: int) -> tuple[int, bytes, Any]:

@@ -130,7 +130,7 @@ def parse_batch(wire: Any, *, max_entries: int = MAX_ENTRIES) -> tuple[Source, i
 
 def _source(raw: Any) -> Source:
     if isinstance(raw, dict):
-        values = [raw.get(name) for name in ("service", "instance", "id")]
+        values: list[Any] = [raw.get(name) for name in ("service", "instance", "id")]
         if all(type(v) is str and 0 < len(v) <= _MAX_TEXT for v in values):
             return Source(*values)
     raise InvalidParams("batch.source must be {service, instance, id} (short strings)", {"param": "batch"})

@@ -54,7 +54,7 @@ class _Handle:
 
     def _key(self, labels: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
         try:
-            raw = tuple([labels[n] for n in self._names])
+            raw: Any = tuple([labels[n] for n in self._names])
             series = self._keys.get(raw)
         except (KeyError, TypeError):  # a missing label, or an unhashable value
             raw, series = _NO_KEY, None

@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import secrets
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import zmq
@@ -94,7 +94,7 @@ class Connection:
         self._connected = False
         self._failure: MeshError | None = None
         self._changed = asyncio.Event()
-        self._sock: zmq.Socket | None = None
+        self._sock: zmq.Socket[bytes] | None = None
         self._pump: SocketPump | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = False
@@ -109,7 +109,8 @@ class Connection:
         # A plain (non-asyncio) socket driven by a SocketPump (see pump.py),
         # made by the context so that its destroy() always closes it; the
         # monitor socket, rarely busy, stays an asyncio one.
-        sock = self._ctx.socket(zmq.DEALER, socket_class=zmq.Socket)
+        # (pyzmq's stubs type an asyncio context's sockets as asyncio ones, whatever the class)
+        sock = cast("zmq.Socket[bytes]", self._ctx.socket(zmq.DEALER, socket_class=zmq.Socket))  # type: ignore[arg-type]
         sock.curve_serverkey = self._server_key
         sock.curve_publickey = self._client_keys.public
         sock.curve_secretkey = self._client_keys.secret
@@ -300,7 +301,7 @@ class Connection:
         if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._set_state(True, None)
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            failure = Unauthenticated(f"{self.endpoint} refused this client's key", {"retry_safe": True})
+            failure: MeshError = Unauthenticated(f"{self.endpoint} refused this client's key", {"retry_safe": True})
             self._set_state(False, failure)
             self._fail_pending(failure)
         elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):

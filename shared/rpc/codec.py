@@ -25,7 +25,8 @@ Decoding untrusted bytes has a bounded cost (PROTOCOL.md, Limits); a
 from __future__ import annotations
 
 from itertools import compress
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import msgpack
 
@@ -87,7 +88,7 @@ _MAX_ID = 2**63 - 1
 #: Arrays up to this long are built without the checking pass: allocated up
 #: front 1023 levels deep, they cost at most 2 MB.
 _SHORT_ARRAY = 256
-_CONTAINER = {list: True, dict: True}.get
+_CONTAINER = cast("Callable[[type], bool | None]", {list: True, dict: True}.get)
 
 
 class Request(NamedTuple):
@@ -111,7 +112,8 @@ class Credit(NamedTuple):
 
 def _pack(message: list[Any]) -> bytes:
     try:
-        return msgpack.packb(message, use_bin_type=True, datetime=True)
+        packed: bytes = msgpack.packb(message, use_bin_type=True, datetime=True)
+        return packed
     except (TypeError, ValueError, OverflowError) as exc:
         # A value msgpack cannot carry (a set, a naive datetime, an object...).
         raise InvalidParams(f"value cannot be encoded: {exc}") from None

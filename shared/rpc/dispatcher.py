@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from shared.errors import InvalidParams
 from shared.roles import check_role
@@ -44,6 +44,19 @@ class MethodSpec:
     #: The member roles an internal method serves (shared/roles.py; the
     #: operator always); None: every member.
     roles: frozenset[str] | None = None
+
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+@overload
+def method(fn: _Handler, *, name: str | None = None, public: bool = False, idempotent: bool = False,
+           roles: Iterable[str] | None = None) -> _Handler: ...
+
+
+@overload
+def method(fn: None = None, *, name: str | None = None, public: bool = False, idempotent: bool = False,
+           roles: Iterable[str] | None = None) -> Callable[[_Handler], _Handler]: ...
 
 
 def method(

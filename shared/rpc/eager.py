@@ -31,7 +31,7 @@ def start_eager(
         return None if task.done() else task
     step = _FirstStep()
     task = loop.create_task(_continue(coro, step), context=context)
-    asyncio.tasks._enter_task(loop, task)  # type: ignore[attr-defined]
+    asyncio.tasks._enter_task(loop, task)
     try:
         step.yielded = context.run(coro.send, None)
     except StopIteration:
@@ -39,7 +39,7 @@ def start_eager(
     except BaseException as exc:  # surfaces through the task, as an exception would
         step.error = exc
     finally:
-        asyncio.tasks._leave_task(loop, task)  # type: ignore[attr-defined]
+        asyncio.tasks._leave_task(loop, task)
     return None if step.finished else task
 
 

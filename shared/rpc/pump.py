@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -25,7 +25,7 @@ class SocketPump:
 
     def __init__(
         self,
-        sock: zmq.Socket,
+        sock: zmq.Socket[bytes],
         on_message: Callable[[list[Any]], None],
         *,
         copy: bool = True,
@@ -42,7 +42,7 @@ class SocketPump:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._fd = self.sock.getsockopt(zmq.FD)
+        self._fd = cast(int, self.sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, self._drain)
         self._schedule()  # messages may already be queued: the edge is gone
 
@@ -64,7 +64,7 @@ class SocketPump:
             self._check_after_send()
 
     def _check_after_send(self) -> None:
-        if not self._scheduled and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not self._scheduled and cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._schedule()
 
     def _schedule(self) -> None:

@@ -25,7 +25,7 @@ import contextvars
 import errno
 import time
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import Any, cast
 
 import structlog
 import zmq
@@ -169,7 +169,7 @@ class RpcServer:
         self._draining = False
         self._ctx: zmq.asyncio.Context | None = None
         self._auth: AsyncioAuthenticator | None = None
-        self._sock: zmq.Socket | None = None
+        self._sock: zmq.Socket[bytes] | None = None
         self._pump: SocketPump | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.endpoint = ""
@@ -196,7 +196,8 @@ class RpcServer:
             self._auth.configure_curve_callback(_ZAP_DOMAIN, _KeyAllowList(self._members))
         # The ROUTER is a plain socket on the same libzmq context (so the ZAP
         # handler above serves it), driven by a SocketPump: see pump.py.
-        sock = self._ctx.socket(zmq.ROUTER, socket_class=zmq.Socket)
+        # (pyzmq's stubs type an asyncio context's sockets as asyncio ones, whatever the class)
+        sock = cast("zmq.Socket[bytes]", self._ctx.socket(zmq.ROUTER, socket_class=zmq.Socket))  # type: ignore[arg-type]
         sock.curve_server = True
         sock.curve_publickey = self._curve.public
         sock.curve_secretkey = self._curve.secret
@@ -394,7 +395,7 @@ class RpcServer:
         except asyncio.CancelledError:
             if (ident, request.id) in self._expired:
                 status = Timeout.code
-                error = Timeout(f"{request.method} did not finish within {budget:.3f}s")
+                error: MeshError = Timeout(f"{request.method} did not finish within {budget:.3f}s")
                 self._send(ident, codec.encode_error(request.id, *error.to_wire()))
             else:
                 # The caller cancelled, or we are closing: no one awaits an answer.
