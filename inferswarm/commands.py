@@ -23,6 +23,8 @@ from inferswarm.credentials import Credentials
 from inferswarm.errors import human_duration
 from inferswarm.session import ClientSession, SessionError
 from shared.errors import MeshError, Unauthenticated
+from services.auth.client import AuthClient
+from services.gateway.client import GatewayClient
 
 __all__ = ["Result", "COMMANDS", "read_password"]
 
@@ -61,15 +63,13 @@ def need_api_key(creds: Credentials) -> str:
 async def register(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
     """The same answer whether the email was new or not (auth does not say): log in next."""
     password = read_password(args, confirm=not args.password_stdin)
-    answer = await session("auth").call("auth.register", {
-        "username": args.username, "email": args.email, "password": password})
+    answer = await _auth(session).register(username=args.username, email=args.email, password=password)
     return Result(f"account created: log in with `inferswarm login {answer['username']}`", answer)
 
 
 async def login(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
     password = read_password(args)
-    answer = await session("auth").call("auth.login", {
-        "username_or_email": args.username, "password": password})
+    answer = await _auth(session).login(username_or_email=args.username, password=password)
     creds.username = answer["user"]["username"]
     creds.token, creds.token_expires_at = answer["token"], answer.get("expires_at")
     creds.save()
@@ -86,8 +86,7 @@ async def password(args: Namespace, session: ClientSession, creds: Credentials) 
         new = getpass.getpass("New password: ")
         if getpass.getpass("Repeat new password: ") != new:
             raise SystemExit("inferswarm: the passwords differ")
-    answer = await session("auth").call("auth.change_password", {
-        "token": token, "old_password": old, "new_password": new})
+    answer = await _auth(session).change_password(token=token, old_password=old, new_password=new)
     creds.token, creds.token_expires_at = answer["token"], answer.get("expires_at")
     creds.save()
     return Result("password changed; every other session has ended",
@@ -105,13 +104,13 @@ async def logout(args: Namespace, session: ClientSession | None, creds: Credenti
     if getattr(args, "everywhere", False) and creds.token:
         if session is None:
             raise SessionError(f"sessions not ended: {unreachable}")
-        await session("auth").call("auth.logout_all", {"token": creds.token})
+        await _auth(session).logout_all(token=creds.token)
         Credentials.forget()
         return Result("logged out everywhere", {"logged_out": True, "session_ended": True, "everywhere": True})
     ended, problem = False, unreachable
     if session is not None and creds.token:
         try:
-            await session("auth").call("auth.logout", {"token": creds.token})
+            await _auth(session).logout(token=creds.token)
             ended = True
         except MeshError as exc:  # expired already, or auth away: forgetting it is all that is left
             problem = exc.message
@@ -123,10 +122,8 @@ async def logout(args: Namespace, session: ClientSession | None, creds: Credenti
 
 
 async def keys_create(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
-    params: dict[str, Any] = {"token": need_token(creds), "name": args.name}
-    if args.expires_in_days is not None:
-        params["expires_in_days"] = args.expires_in_days
-    key = await session("auth").call("auth.create_key", params)
+    key = await _auth(session).create_key(token=need_token(creds), name=args.name,
+                                          expires_in_days=args.expires_in_days)
     creds.api_key = key["api_key"]
     creds.save()
     text = (f"{key['api_key']}\n"
@@ -136,24 +133,19 @@ async def keys_create(args: Namespace, session: ClientSession, creds: Credential
 
 
 async def keys_list(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
-    keys = await session("auth").call("auth.list_keys", {"token": need_token(creds)})
-    rows = [[k["id"], k["name"], k["prefix"], k["status"], k["created_at"][:19],
+    keys = await _auth(session).list_keys(token=need_token(creds))
+    rows = [[k["id"], k["name"], k["prefix"], k["status"], (k["created_at"] or "-")[:19],
              (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19]] for k in keys]
     return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires"], rows), keys)
 
 
 async def keys_revoke(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
-    key = await session("auth").call("auth.revoke_key", {"token": need_token(creds), "key_id": args.key_id})
+    key = await _auth(session).revoke_key(token=need_token(creds), key_id=args.key_id)
     return Result(f"revoked key {key['id']} ({key['name']})", key)
 
 
 async def usage(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
-    params: dict[str, Any] = {"token": need_token(creds)}
-    if args.start:
-        params["start"] = args.start
-    if args.end:
-        params["end"] = args.end
-    report = await session("auth").call("auth.usage", params)
+    report = await _auth(session).usage(token=need_token(creds), start=args.start or None, end=args.end or None)
     rows = [[d["day"], d.get("key_name") or "-", d["requests"], d["tokens"], d["errors"], d["cache_hits"]]
             for d in report["days"]]
     totals = report["totals"]
@@ -163,8 +155,7 @@ async def usage(args: Namespace, session: ClientSession, creds: Credentials) -> 
 
 
 async def admin_set_tier(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
-    user = await session("auth").call("auth.set_tier", {"token": need_token(creds), "user": args.user,
-                                                        "tier": args.tier})
+    user = await _auth(session).set_tier(token=need_token(creds), user=args.user, tier=args.tier)
     return Result(f"{user['username']} is now on the {user['tier']} tier", user)
 
 
@@ -179,10 +170,10 @@ async def admin_revoke(args: Namespace, session: ClientSession, creds: Credentia
 
 async def _set_admin(args: Namespace, session: ClientSession, action: str) -> Result:
     ref = args.user
-    params: dict[str, Any] = {"user": int(ref) if ref.isascii() and ref.isdigit() else ref}
-    if args.reason:
-        params["reason"] = args.reason
-    user = await session("auth").call(f"auth.{action}_admin", params)
+    user_ref = int(ref) if ref.isascii() and ref.isdigit() else ref
+    auth = _auth(session)
+    change = auth.grant_admin if action == "grant" else auth.revoke_admin
+    user = await change(user=user_ref, reason=args.reason or None)
     # Non-ASCII shown escaped: the operator sees "\u0430dmin", not a look-alike of "admin".
     who = f"{shown(user['username'])} (id {user['id']}, {shown(user['email'])})"
     outcomes = {
@@ -195,6 +186,14 @@ async def _set_admin(args: Namespace, session: ClientSession, action: str) -> Re
 def shown(text: str) -> str:
     """`text` as typed when it is plain printable ASCII, else with escapes (\\u212a)."""
     return text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
+
+
+def _auth(session: ClientSession) -> AuthClient:
+    return AuthClient(session("auth"))
+
+
+def _gateway(session: ClientSession) -> GatewayClient:
+    return GatewayClient(session("gateway"))
 
 
 def _caller(creds: Credentials) -> dict[str, str]:
@@ -215,7 +214,7 @@ async def generate(args: Namespace, session: ClientSession, creds: Credentials,
                               "stream": not args.no_stream}
     parts: list[str] = []
     final: dict[str, Any] = {}
-    async with await session("gateway").stream("gateway.infer", params) as stream:
+    async with await _gateway(session).infer(**params) as stream:
         async for chunk in stream:
             if chunk.get("done"):
                 final = chunk
@@ -278,13 +277,14 @@ async def chat(args: Namespace, session: ClientSession, creds: Credentials) -> R
 
 
 async def models(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
-    catalog = await session("gateway").call("gateway.models", idempotent=True)
+    catalog = await _gateway(session).models()
     rows = [[m["name"], m.get("workers", "-"), m.get("healthy_workers", "-")] for m in catalog["models"]]
     return Result(table(["model", "workers", "healthy"], rows), catalog)
 
 
 async def quota(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
-    answer = await session("gateway").call("gateway.quota", _caller(creds), idempotent=True)
+    caller = _caller(creds)
+    answer = await _gateway(session).quota(api_key=caller.get("api_key"), token=caller.get("token"))
     rows = []
     for counter, fact in sorted(answer["rate_limit"].items()):
         reset = fact.get("reset")
@@ -297,7 +297,7 @@ async def quota(args: Namespace, session: ClientSession, creds: Credentials) -> 
 
 async def status(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
     # Through the gateway, for administrators: the report names every endpoint of the mesh.
-    report = await session("gateway").call("gateway.status", {"token": need_token(creds)}, idempotent=True)
+    report = await _gateway(session).status(token=need_token(creds))
     rows = [[i["service"], i["instance"], i["status"], i.get("endpoint") or "-",
              "-" if i.get("latency_ms") is None else f"{i['latency_ms']:.1f} ms"]
             for i in sorted(report["instances"], key=lambda i: (i["service"], i["instance"]))]

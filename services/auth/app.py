@@ -11,6 +11,7 @@ from pathlib import Path
 
 from shared.db import apply_migrations, create_pool
 from shared.logging import get_logger
+from shared.tiers import TierTable
 from services.auth.cache import KeyCache
 from services.auth.config import AuthConfig
 from services.auth.housekeeping import Housekeeper
@@ -20,7 +21,6 @@ from services.auth.registration import RegistrationThrottle
 from services.auth.service import AuthService
 from services.auth.store import AuthStore
 from services.auth.throttle import LoginThrottle
-from services.auth.tiers import TierTable
 from services.auth.tokens import TokenIssuer, load_or_create_key
 from services.auth.usage_store import UsageStore
 

@@ -17,7 +17,7 @@
     INFERSWARM_LOGIN_CALLER_FREE_FAILURES  ... per caller address (20)
     INFERSWARM_LOGIN_BASE_DELAY          first lock past the free failures, seconds; doubles each time (1)
     INFERSWARM_LOGIN_MAX_DELAY           longest lock after repeated failures, seconds (300)
-    INFERSWARM_TIER_<TIER>_TOKENS_PER_MONTH  token budgets (see tiers.py)
+    INFERSWARM_TIER_<TIER>_TOKENS_PER_MONTH  token budgets (see shared/tiers.py)
 
 Every auth instance of one mesh must use the same signing key: share the
 file (or point INFERSWARM_AUTH_JWT_KEY_FILE at a copy) when running several.
@@ -34,10 +34,10 @@ from pathlib import Path
 
 from shared.config import ConfigError, MeshConfig, env, positive
 from shared.db import DatabaseConfig
+from shared.tiers import TierConfig
 from services.auth.passwords import Argon2Params
 from services.auth.registration import RegistrationPolicy
 from services.auth.throttle import ThrottlePolicy
-from services.auth.tiers import TierConfig
 
 __all__ = ["AuthConfig", "RETIRED_ADMIN_EMAILS"]
 

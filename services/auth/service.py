@@ -46,6 +46,7 @@ import asyncpg
 from shared.errors import Conflict, Forbidden, InvalidParams, RateLimited, Unauthenticated
 from shared.logging import get_logger
 from shared.rpc import current_request, method
+from shared.tiers import DEFAULT_TIER, TierName, TierTable
 from services.auth import keys as apikeys
 from services.auth import validation as check
 from services.auth.housekeeping import Housekeeper
@@ -55,7 +56,6 @@ from services.auth.records import parse_batch
 from services.auth.store import AuthStore
 from services.auth.registration import RegistrationThrottle
 from services.auth.throttle import LoginThrottle
-from services.auth.tiers import DEFAULT_TIER, TierName, TierTable
 from services.auth.tokens import TokenIssuer
 from services.auth.usage_store import UsageStore
 

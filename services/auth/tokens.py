@@ -1,17 +1,13 @@
 """Session tokens: JWTs signed with Ed25519 (EdDSA), verifiable with the public key alone.
 
 The auth service holds the private key in its data directory (0600, created on
-first start); every other service fetches the public key once with
-`auth.token_key` and verifies tokens locally with a `TokenVerifier`.
-Verification pins the algorithm to EdDSA, so `alg: none` and HMAC-with-the-
-public-key tricks are refused, and checks the signature, `iss`, `aud`, `exp`
-and the presence of every claim. Any failure is `UNAUTHENTICATED`.
+first start) and issues tokens with a `TokenIssuer`; every other service
+fetches the public key once with `auth.token_key` and verifies tokens locally
+with a `TokenVerifier` (services/auth/client/tokens.py, re-exported here).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import secrets
 import time
 from pathlib import Path
@@ -19,17 +15,12 @@ from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from shared.errors import Unauthenticated
 from shared.identity import write_private_file
+from services.auth.client.tokens import ALGORITHM, MAX_TOKEN_LENGTH, TokenVerifier
 
 __all__ = ["ALGORITHM", "MAX_TOKEN_LENGTH", "TokenIssuer", "TokenVerifier", "load_or_create_key"]
-
-ALGORITHM = "EdDSA"
-MAX_TOKEN_LENGTH = 4096
-_REQUIRED = ["iss", "aud", "sub", "iat", "exp", "jti"]
-_LEEWAY_S = 5.0  # clock skew between machines
 
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
@@ -45,58 +36,6 @@ def load_or_create_key(path: Path) -> Ed25519PrivateKey:
     )
     write_private_file(path, pem)
     return key
-
-
-def _public_pem(key: Ed25519PublicKey) -> str:
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-
-
-def _key_id(key: Ed25519PublicKey) -> str:
-    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.urlsafe_b64encode(hashlib.sha256(raw).digest()[:12]).decode().rstrip("=")
-
-
-class TokenVerifier:
-    """Checks tokens against one public key, issuer and audience."""
-
-    def __init__(self, public_key: Ed25519PublicKey | str, *, issuer: str, audience: str) -> None:
-        if isinstance(public_key, str):
-            loaded = serialization.load_pem_public_key(public_key.encode())
-            if not isinstance(loaded, Ed25519PublicKey):
-                raise ValueError("not an Ed25519 public key")
-            public_key = loaded
-        self.public_key = public_key
-        self.issuer = issuer
-        self.audience = audience
-        self.key_id = _key_id(public_key)
-
-    @property
-    def public_pem(self) -> str:
-        return _public_pem(self.public_key)
-
-    def verify(self, token: str) -> dict[str, Any]:
-        """The claims of a valid token; `Unauthenticated` for anything else."""
-        if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_LENGTH:
-            raise Unauthenticated("invalid token")
-        try:
-            claims = jwt.decode(
-                token,
-                self.public_key,
-                algorithms=[ALGORITHM],
-                audience=self.audience,
-                issuer=self.issuer,
-                leeway=_LEEWAY_S,
-                options={"require": _REQUIRED},
-            )
-        except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired") from None
-        except (jwt.PyJWTError, ValueError, TypeError):
-            raise Unauthenticated("invalid token") from None
-        if not isinstance(claims.get("sub"), str):
-            raise Unauthenticated("invalid token")
-        return claims
 
 
 class TokenIssuer(TokenVerifier):

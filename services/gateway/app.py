@@ -11,12 +11,13 @@ from __future__ import annotations
 import secrets
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
 
 from shared.db import apply_migrations, create_pool
 from shared.logging import get_logger
 from shared.metrics import Metrics as SharedMetrics
 from shared.rpc import MeshClient
-from services.auth.client import KeyValidator
+from services.auth.client import AuthClient, KeyValidator
 from services.gateway.accounts import Accounts
 from services.gateway.callers import Callers
 from services.gateway.config import GatewayConfig
@@ -57,11 +58,12 @@ async def open_gateway(
         log.warning("requests cut by the last stop billed as interrupted", requests=len(replay.interrupted))
 
     incarnation = secrets.token_hex(8)
-    shipper = UsageShipper(
-        journal, lambda batch: mesh("auth").call("auth.record_usage", {"batch": batch}, timeout=5.0,
-                                                 idempotent=True),
-        interval=config.ship_interval, max_batch=config.ship_batch,
-    )
+    auth = AuthClient(mesh("auth"))
+
+    async def ship(batch: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**await auth.record_usage(batch=batch, timeout=5.0)}
+
+    shipper = UsageShipper(journal, ship, interval=config.ship_interval, max_batch=config.ship_batch)
     accounts = Accounts(journal, on_record=shipper.poke)
     quota = Quota(store, gateway=gateway_id, incarnation=incarnation, lease_ttl=config.lease_ttl,
                   max_lease=config.max_lease, claim_horizon=config.claim_horizon, lease_log=accounts)
@@ -76,7 +78,7 @@ async def open_gateway(
     router = Router(mesh)
     report = Report(shared_metrics)
     relay = Relay(mesh, router, quota, accounts, metrics, attempts=config.attempts, report=report)
-    callers = Callers(validator, mesh("auth"), max_timeout=config.auth_timeout)
+    callers = Callers(validator, auth, max_timeout=config.auth_timeout)
     return GatewayService(
         callers, quota, router, relay, accounts, journal, metrics,
         limits=config.limits, gateway_id=gateway_id, report=report, metrics_service=mesh("metrics"),

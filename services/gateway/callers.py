@@ -1,10 +1,10 @@
 """Who is calling: an API key (through auth's `KeyValidator`) or a dashboard token.
 
-Keys are validated by `services/auth/client.KeyValidator`, which caches answers
-and stops honouring a revoked key within one second. Tokens go to
-`auth.verify_token` (checked against auth's database); an answer is reused for
-at most `token_ttl` (1 s), so a disabled account's token stops working within
-that too.
+Keys are validated by auth's `KeyValidator` (services/auth/client), which
+caches answers and stops honouring a revoked key within one second. Tokens go
+to `auth.verify_token` (`AuthClient.verify_token`, checked against auth's
+database); an answer is reused for at most `token_ttl` (1 s), so a disabled
+account's token stops working within that too.
 
 Both wait for auth until the request's `deadline` (the caller's), at most
 `max_timeout` (`INFERSWARM_GATEWAY_AUTH_TIMEOUT`, 30 s) per call; a deadline
@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import InvalidParams, Unauthenticated
-from shared.rpc import ServiceClient
-from services.auth.client import KeyValidator
-from services.auth.tokens import MAX_TOKEN_LENGTH
+from services.auth.client import MAX_TOKEN_LENGTH, AuthClient, KeyValidator
 from services.gateway.budget import budget
 
 __all__ = ["Caller", "Callers"]
@@ -36,7 +35,7 @@ class Caller:
     user_id: int
     key_id: int | None
     tier: str
-    limits: dict[str, Any]
+    limits: Mapping[str, Any]
     priority: int
     is_admin: bool = False  #: known from a token (an API key never acts as an admin)
 
@@ -44,7 +43,7 @@ class Caller:
 class Callers:
     """Turns `api_key` / `token` parameters into a `Caller`, or `UNAUTHENTICATED`."""
 
-    def __init__(self, validator: KeyValidator, auth: ServiceClient, *, token_ttl: float = 1.0,
+    def __init__(self, validator: KeyValidator, auth: AuthClient, *, token_ttl: float = 1.0,
                  max_timeout: float = 30.0) -> None:
         self._validator = validator
         self._auth = auth
@@ -73,7 +72,7 @@ class Callers:
         if cached is not None and cached[0] > now:
             return cached[1]
         timeout = budget(deadline, self._max_timeout, "verify the session token")
-        answer = await self._auth.call("auth.verify_token", {"token": token}, timeout=timeout, idempotent=True)
+        answer = await self._auth.verify_token(token=token, timeout=timeout)
         caller = Caller(answer["id"], None, answer["tier"], answer["limits"], int(answer.get("priority") or 0),
                         is_admin=answer.get("is_admin") is True)
         if len(self._tokens) >= _MAX_TOKENS_CACHED:

@@ -1,9 +1,9 @@
 """What `gateway.infer` checks before it spends anything, and what it derives.
 
-The generation parameters are checked with the workers' own rules
-(`services/inference/validation.py`), so a request the gateway admits is one a
-worker accepts, and bad input is refused before it costs quota. The gateway
-also derives:
+The generation parameters are checked with the workers' own rules (the
+generation contract, `shared/generation.py`), so a request the gateway admits
+is one a worker accepts, and bad input is refused before it costs quota. The
+gateway also derives:
 
 * `reserve`: the tokens to hold against `tokens_per_month` before the work --
   `max_tokens` plus an upper bound of the prompt's tokens (its UTF-8 bytes:
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import InvalidParams
-from services.inference.validation import Limits, build_request
+from shared.generation import Limits, build_request
 
 __all__ = ["Checked", "Limits", "check_request", "check_model"]
 

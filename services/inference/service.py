@@ -34,11 +34,11 @@ from shared.dht import model_topic
 from shared.errors import InvalidParams, NotFound, Unavailable
 from shared.logging import get_logger
 from shared.rpc import current_request, method
+from shared.generation import Limits, build_request, priority_of
 from services.inference.backends.base import Backend, Done, Prompt
 from services.inference.cache import CachedResponse, ResponseCache, cache_key
 from services.inference.health import ModelHealth
 from services.inference.slots import SlotPool
-from services.inference.validation import Limits, build_request, priority_of
 
 __all__ = ["ServedModel", "InferenceService"]
 

@@ -20,13 +20,13 @@ from typing import Any
 from shared.dht import model_topic, service_topic
 from shared.errors import MeshError, Unavailable
 from shared.logging import get_logger
+from shared.generation import Limits
 from services.inference.backends import make_backend
 from services.inference.cache import ResponseCache
 from services.inference.config import InferenceConfig
 from services.inference.health import ModelHealth
 from services.inference.service import InferenceService, ServedModel
 from services.inference.slots import SlotPool
-from services.inference.validation import Limits
 
 __all__ = ["InferenceWorker", "open_service", "probe_all"]
 

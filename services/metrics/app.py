@@ -16,8 +16,10 @@ from typing import Any
 
 from shared.dht.interface import Provider
 from shared.metrics import Metrics, MetricsReporter, instance_id
+from shared.metrics.reporter import RECORD
 from shared.rpc import MeshClient
 from shared.runner import MeshNode
+from services.auth.client import AuthClient
 from services.metrics.active_users import ActiveUsers
 from services.metrics.aggregate import Aggregator
 from services.metrics.config import MetricsConfig
@@ -56,7 +58,7 @@ class LocalSender:
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *,
                    timeout: float | None = None, idempotent: bool = False) -> Any:
-        assert method == "metrics.record", method
+        assert method == RECORD, method
         return await self._service.record(**(params or {}))
 
 
@@ -83,8 +85,10 @@ async def open_metrics(stack: AsyncExitStack, config: MetricsConfig, node: MeshN
     )
     await stack.enter_async_context(health)
 
+    auth = AuthClient(mesh("auth"))
+
     async def fetch_active_users() -> object:
-        return await mesh("auth").call("auth.active_users", timeout=5.0, idempotent=True)
+        return await auth.active_users(timeout=5.0)
 
     active_users = ActiveUsers(fetch_active_users, interval=config.active_users_interval)
     await stack.enter_async_context(active_users)

@@ -11,11 +11,11 @@ confirmation dialog, and without script the server asks on a page of its own
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from aiohttp import web
 
 from shared.errors import MeshError
+from services.auth.client import NewApiKey
 from services.web.errors import error_headers, status_of
 from services.web.forms import read_form, require, text
 from services.web.security import clear_session, client_addr, set_session
@@ -31,9 +31,9 @@ _EXPIRY_CHOICES = ("", "7", "30", "90", "365")
 
 
 async def _keys_page(request: web.Request, *, status: int = 200, values: dict[str, str] | None = None,
-                     errors: dict[str, str] | None = None, created: dict[str, Any] | None = None,
+                     errors: dict[str, str] | None = None, created: NewApiKey | None = None,
                      notice: str | None = None) -> web.Response:
-    keys = await request.app[UPSTREAM].auth("list_keys", token=request[TOKEN])
+    keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
     return render(request, "keys.html", status=status, keys=list(reversed(keys)), created=created,
                   values=values or {"expires_in_days": ""}, errors=errors or {}, notice=notice,
                   expiry_choices=_EXPIRY_CHOICES)
@@ -58,8 +58,8 @@ async def create_key(request: web.Request) -> web.Response:
         return await _keys_page(request, status=400, values=values, errors=errors)
     expires = int(values["expires_in_days"]) if values["expires_in_days"] else None
     try:
-        key = await request.app[UPSTREAM].auth("create_key", token=request[TOKEN], name=values["name"],
-                                               expires_in_days=expires)
+        key = await request.app[UPSTREAM].auth.create_key(token=request[TOKEN], name=values["name"],
+                                                          expires_in_days=expires)
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED":
             raise
@@ -76,12 +76,12 @@ async def revoke_key(request: web.Request) -> web.Response:
     form = await read_form(request)
     key_id = int(request.match_info["key_id"])
     if text(form, "confirm") != "yes":
-        keys = await request.app[UPSTREAM].auth("list_keys", token=request[TOKEN])
+        keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
         key = next((k for k in keys if k["id"] == key_id), None)
         if key is None:
             raise web.HTTPNotFound(text="no such key")
         return render(request, "revoke_confirm.html", key=key)
-    await request.app[UPSTREAM].auth("revoke_key", token=request[TOKEN], key_id=key_id)
+    await request.app[UPSTREAM].auth.revoke_key(token=request[TOKEN], key_id=key_id)
     return redirect("/keys?revoked=1")
 
 
@@ -109,8 +109,8 @@ async def change_password(request: web.Request) -> web.StreamResponse:
     if errors:
         return render(request, "account.html", status=400, errors=errors, notice=None)
     try:
-        answer = await request.app[UPSTREAM].auth(
-            "change_password", token=request[TOKEN], old_password=values["old_password"],
+        answer = await request.app[UPSTREAM].auth.change_password(
+            token=request[TOKEN], old_password=values["old_password"],
             new_password=values["new_password"], client_addr=client_addr(request))
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED" and exc.data.get("param") != "old_password":
@@ -125,7 +125,7 @@ async def change_password(request: web.Request) -> web.StreamResponse:
 @login_required
 async def logout_all(request: web.Request) -> web.StreamResponse:
     await read_form(request)
-    await request.app[UPSTREAM].auth("logout_all", token=request[TOKEN])
+    await request.app[UPSTREAM].auth.logout_all(token=request[TOKEN])
     response = redirect("/")
     clear_session(response, request)
     return response
@@ -138,7 +138,7 @@ async def _admin_page(request: web.Request, *, status: int = 200, values: dict[s
                       errors: dict[str, str] | None = None, notice: str | None = None) -> web.Response:
     users, users_error = None, None
     try:
-        users = await request.app[UPSTREAM].auth("list_users", token=request[TOKEN])
+        users = await request.app[UPSTREAM].auth.list_users(token=request[TOKEN])
     except MeshError as exc:
         if exc.code in ("UNAUTHENTICATED", "FORBIDDEN"):
             raise
@@ -173,9 +173,9 @@ async def admin_update(request: web.Request) -> web.Response:
     upstream, token = request.app[UPSTREAM], request[TOKEN]
     try:
         if values["tier"]:
-            updated = await upstream.auth("set_tier", token=token, user=user, tier=values["tier"])
+            updated = await upstream.auth.set_tier(token=token, user=user, tier=values["tier"])
         if values["active"]:
-            updated = await upstream.auth("set_active", token=token, user=user, active=values["active"] == "yes")
+            updated = await upstream.auth.set_active(token=token, user=user, active=values["active"] == "yes")
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED":
             raise

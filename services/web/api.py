@@ -22,7 +22,7 @@ Errors: `{"error": {"code", "message"}}` with the status of the error table.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal, overload
 
 from aiohttp import web
 
@@ -57,6 +57,14 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
+@overload
+def _string(body: dict[str, Any], name: str, *, required: Literal[True] = True) -> str: ...
+
+
+@overload
+def _string(body: dict[str, Any], name: str, *, required: bool) -> str | None: ...
+
+
 def _string(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
     value = body.get(name)
     if value is None and not required:
@@ -84,8 +92,8 @@ def api_key_of(request: web.Request) -> str:
 @routes.post("/api/auth/register")
 async def register(request: web.Request) -> web.Response:
     body = await json_body(request)
-    user = await request.app[UPSTREAM].auth(
-        "register", username=_string(body, "username"), email=_string(body, "email"),
+    user = await request.app[UPSTREAM].auth.register(
+        username=_string(body, "username"), email=_string(body, "email"),
         password=_string(body, "password"), client_addr=client_addr(request))
     return web.json_response(user, status=201)
 
@@ -96,21 +104,21 @@ async def login(request: web.Request) -> web.Response:
     identifier = body.get("username_or_email") or body.get("username") or body.get("email")
     if not isinstance(identifier, str) or not identifier:
         raise InvalidParams("username_or_email must be a non-empty string", {"param": "username_or_email"})
-    answer = await request.app[UPSTREAM].auth(
-        "login", username_or_email=identifier, password=_string(body, "password"),
+    answer = await request.app[UPSTREAM].auth.login(
+        username_or_email=identifier, password=_string(body, "password"),
         client_addr=client_addr(request))
     return web.json_response(answer)
 
 
 @routes.post("/api/auth/logout")
 async def logout(request: web.Request) -> web.Response:
-    answer = await request.app[UPSTREAM].auth("logout", token=bearer(request))
+    answer = await request.app[UPSTREAM].auth.logout(token=bearer(request))
     return web.json_response(answer)
 
 
 @routes.post("/api/auth/logout-all")
 async def logout_all(request: web.Request) -> web.Response:
-    answer = await request.app[UPSTREAM].auth("logout_all", token=bearer(request))
+    answer = await request.app[UPSTREAM].auth.logout_all(token=bearer(request))
     return web.json_response(answer)
 
 
@@ -118,15 +126,15 @@ async def logout_all(request: web.Request) -> web.Response:
 async def change_password(request: web.Request) -> web.Response:
     token = bearer(request)
     body = await json_body(request)
-    answer = await request.app[UPSTREAM].auth(
-        "change_password", token=token, old_password=_string(body, "old_password"),
+    answer = await request.app[UPSTREAM].auth.change_password(
+        token=token, old_password=_string(body, "old_password"),
         new_password=_string(body, "new_password"), client_addr=client_addr(request))
     return web.json_response(answer)
 
 
 @routes.get("/api/auth/api-keys")
 async def list_keys(request: web.Request) -> web.Response:
-    keys = await request.app[UPSTREAM].auth("list_keys", token=bearer(request))
+    keys = await request.app[UPSTREAM].auth.list_keys(token=bearer(request))
     return web.json_response({"keys": keys})
 
 
@@ -137,8 +145,8 @@ async def create_key(request: web.Request) -> web.Response:
     days = body.get("expires_in_days")
     if days is not None and type(days) is not int:
         raise InvalidParams("expires_in_days must be an integer", {"param": "expires_in_days"})
-    key = await request.app[UPSTREAM].auth("create_key", token=token, name=_string(body, "name"),
-                                           expires_in_days=days)
+    key = await request.app[UPSTREAM].auth.create_key(token=token, name=_string(body, "name"),
+                                                      expires_in_days=days)
     return web.json_response(key, status=201)
 
 
@@ -148,14 +156,14 @@ async def revoke_key(request: web.Request) -> web.Response:
     text = request.match_info["key_id"]
     if not text.isdigit() or len(text) > 18:
         raise InvalidParams("the key id must be a positive integer", {"param": "key_id"})
-    key = await request.app[UPSTREAM].auth("revoke_key", token=token, key_id=int(text))
+    key = await request.app[UPSTREAM].auth.revoke_key(token=token, key_id=int(text))
     return web.json_response(key)
 
 
 @routes.get("/api/usage")
 async def usage(request: web.Request) -> web.Response:
-    report = await request.app[UPSTREAM].auth("usage", token=bearer(request), start=request.query.get("start"),
-                                              end=request.query.get("end"))
+    report = await request.app[UPSTREAM].auth.usage(token=bearer(request), start=request.query.get("start"),
+                                                    end=request.query.get("end"))
     return web.json_response(report)
 
 
@@ -163,9 +171,9 @@ async def usage(request: web.Request) -> web.Response:
 async def quota(request: web.Request) -> web.Response:
     upstream = request.app[UPSTREAM]
     if request.headers.get("X-API-Key"):
-        answer = await upstream.gateway("quota", api_key=api_key_of(request))
+        answer = await upstream.gateway.quota(api_key=api_key_of(request))
     else:
-        answer = await upstream.gateway("quota", token=bearer(request))
+        answer = await upstream.gateway.quota(token=bearer(request))
     return web.json_response(answer)
 
 

@@ -180,7 +180,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def list_models(request: web.Request) -> web.Response:
     api_key = bearer(request)
     upstream = request.app[UPSTREAM]
-    quota, models = await asyncio.gather(upstream.gateway("quota", api_key=api_key), upstream.gateway("models"))
+    quota, models = await asyncio.gather(upstream.gateway.quota(api_key=api_key), upstream.gateway.models())
     data = [{"id": row["name"], "object": "model", "created": 0, "owned_by": "inferswarm",
              "workers": row["workers"]} for row in model_rows(models)]
     return web.json_response({"object": "list", "data": data}, headers=openai_headers(facts_of(quota)))

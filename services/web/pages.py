@@ -59,8 +59,8 @@ async def register_submit(request: web.Request) -> web.StreamResponse:
     if errors:
         return render(request, "register.html", status=400, values=kept, errors=errors)
     try:
-        await request.app[UPSTREAM].auth("register", username=values["username"], email=values["email"],
-                                         password=values["password"], client_addr=client_addr(request))
+        await request.app[UPSTREAM].auth.register(username=values["username"], email=values["email"],
+                                                  password=values["password"], client_addr=client_addr(request))
     except MeshError as exc:
         if exc.code == "CONFLICT":  # only a taken username: a taken email is not told (auth)
             errors = {"username": "That username is taken"}
@@ -89,8 +89,8 @@ async def login_submit(request: web.Request) -> web.StreamResponse:
     if errors:
         return render(request, "login.html", status=400, values=kept, errors=errors, registered=False)
     try:
-        answer = await request.app[UPSTREAM].auth(
-            "login", username_or_email=values["username_or_email"], password=values["password"],
+        answer = await request.app[UPSTREAM].auth.login(
+            username_or_email=values["username_or_email"], password=values["password"],
             client_addr=client_addr(request))
     except MeshError as exc:
         errors = form_errors(exc, ("username_or_email", "password"))
@@ -106,7 +106,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
     token = request.cookies.get(SESSION_COOKIE)
     if token:
         try:  # ends the session everywhere, not only in this browser
-            await request.app[UPSTREAM].auth("logout", token=token)
+            await request.app[UPSTREAM].auth.logout(token=token)
         except MeshError as exc:  # an expired or forged cookie, or auth away: the cookie goes anyway
             log.info("logout not recorded by auth", code=exc.code)
     response = redirect("/")
@@ -132,9 +132,9 @@ async def _settle(call: Any) -> tuple[Any, str | None]:
 async def dashboard(request: web.Request) -> web.Response:
     upstream, token = request.app[UPSTREAM], request[TOKEN]
     (usage, usage_error), (quota, quota_error), (recent, recent_error) = await asyncio.gather(
-        _settle(upstream.auth("usage", token=token)),
-        _settle(upstream.gateway("quota", token=token)),
-        _settle(upstream.auth("recent_usage", token=token, limit=20)),
+        _settle(upstream.auth.usage(token=token)),
+        _settle(upstream.gateway.quota(token=token)),
+        _settle(upstream.auth.recent_usage(token=token, limit=20)),
     )
     series = daily_series(usage["days"] if usage else [])
     return render(
@@ -160,8 +160,8 @@ def _rows(recent: Any) -> list[dict[str, Any]]:
 async def models_page(request: web.Request) -> web.Response:
     """What is served (`gateway.models`), with slots and queues from the health report when it has them."""
     upstream = request.app[UPSTREAM]
-    (answer, error), (report, _) = await asyncio.gather(_settle(upstream.gateway("models")),
-                                                        _settle(upstream.health()))
+    (answer, error), (report, _) = await asyncio.gather(_settle(upstream.gateway.models()),
+                                                        _settle(upstream.metrics.health()))
     capacity = (report or {}).get("models") or {}
     rows = [{**row, "capacity": capacity.get(row["name"]) or {}} for row in model_rows(answer)]
     return render(request, "models.html", models=rows, error=error)
@@ -171,5 +171,5 @@ async def models_page(request: web.Request) -> web.Response:
 @login_required
 async def status_page(request: web.Request) -> web.Response:
     admin_only(request)  # the report names every endpoint of the mesh
-    report, error = await _settle(request.app[UPSTREAM].health())
+    report, error = await _settle(request.app[UPSTREAM].metrics.health())
     return render(request, "status.html", report=report or {}, error=error, now=time.time())

@@ -58,7 +58,7 @@ class Relay:
         """
         quota = None
         if params.get("stream") and params.get("api_key"):
-            quota = asyncio.ensure_future(upstream.gateway("quota", api_key=params["api_key"]))
+            quota = asyncio.ensure_future(upstream.gateway.quota(api_key=params["api_key"]))
             quota.add_done_callback(_consume)  # its failure is not ours to report
         try:
             relay = cls(upstream, await upstream.infer(params))

@@ -37,7 +37,7 @@ async def load_session(request: web.Request) -> bool:
     upstream = request.app[UPSTREAM]
     try:
         await upstream.verify_token(token)  # local: no RPC for an expired or forged cookie
-        me = await upstream.auth("me", token=token)
+        me = await upstream.auth.me(token=token)
     except Unauthenticated:
         return False
     request[TOKEN], request[ME] = token, me

@@ -1,9 +1,11 @@
-"""The web service's view of the mesh: calls to auth, gateway and metrics.
+"""The web service's view of the mesh: typed clients of auth, gateway and metrics.
 
 The web process is a mesh member; everything it shows or does goes through
-these calls, each with a deadline. Read-only calls are marked idempotent so
-the mesh client may retry them on another provider. Open inference streams
-are tracked so that a shutdown closes them, which cancels the work upstream.
+`upstream.auth` (`AuthClient`), `upstream.gateway` (`GatewayClient`) and
+`upstream.metrics` (`MetricsClient`), each call with a deadline (`rpc_timeout`,
+or `infer_timeout` for a stream). Calls the servers declare idempotent may be
+retried by the mesh client on another provider. Open inference streams are
+tracked so that a shutdown closes them, which cancels the work upstream.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from typing import Any
 
 from shared.errors import Unauthenticated
 from shared.rpc import MeshClient, Stream
-from services.auth.tokens import TokenVerifier
+from services.auth.client import AuthClient, TokenVerifier
+from services.gateway.client import GatewayClient
+from services.metrics.client import MetricsClient
 
-__all__ = ["Upstream", "READ_ONLY", "model_rows"]
+__all__ = ["Upstream", "model_rows"]
 
-#: auth methods that change nothing: safe to retry elsewhere.
-READ_ONLY = frozenset({"me", "list_keys", "usage", "token_key", "revoke_key"})
 _KEY_REFRESH_S = 300.0
 
 
@@ -27,33 +29,20 @@ class Upstream:
     """Typed, deadline-bound calls from the web service to the other services."""
 
     def __init__(self, mesh: MeshClient, *, rpc_timeout: float = 10.0, infer_timeout: float = 300.0) -> None:
-        self._mesh = mesh
         self.rpc_timeout = rpc_timeout
         self.infer_timeout = infer_timeout
+        self.auth = AuthClient(mesh("auth"), timeout=rpc_timeout)
+        self.gateway = GatewayClient(mesh("gateway"), timeout=rpc_timeout)
+        self.metrics = MetricsClient(mesh("metrics"), timeout=rpc_timeout)
         self._verifier: TokenVerifier | None = None
         self._verifier_at = 0.0
         self._verifier_lock = asyncio.Lock()
         self._streams: set[Stream] = set()
 
-    async def auth(self, method: str, **params: Any) -> Any:
-        """`auth.<method>(**params)`; None values are left out."""
-        return await self._mesh("auth").call(
-            f"auth.{method}", _present(params), timeout=self.rpc_timeout, idempotent=method in READ_ONLY)
-
-    async def gateway(self, method: str, **params: Any) -> Any:
-        """A unary gateway call (`models`, `quota`), read-only."""
-        return await self._mesh("gateway").call(
-            f"gateway.{method}", _present(params), timeout=self.rpc_timeout, idempotent=True)
-
-    async def health(self) -> Any:
-        """The metrics service's picture of the mesh."""
-        return await self._mesh("metrics").call("metrics.health", {}, timeout=self.rpc_timeout,
-                                                idempotent=True)
-
     async def infer(self, params: dict[str, Any]) -> Stream:
-        """Start `gateway.infer`; the caller iterates the stream and must close it."""
-        stream = await self._mesh("gateway").stream("gateway.infer", _present(params),
-                                                    timeout=self.infer_timeout)
+        """Start `gateway.infer` (`params`: its keyword parameters); the caller iterates the
+        stream and must close it."""
+        stream = await self.gateway.infer(**params, timeout=self.infer_timeout)
         self._streams.add(stream)
         return stream
 
@@ -72,7 +61,7 @@ class Upstream:
         """Verifies session tokens locally, with auth's public key (refetched every 5 minutes)."""
         async with self._verifier_lock:
             if self._verifier is None or time.monotonic() - self._verifier_at > _KEY_REFRESH_S:
-                info = await self.auth("token_key")
+                info = await self.auth.token_key()
                 self._verifier = TokenVerifier(info["public_key"], issuer=info["issuer"],
                                                audience=info["audience"])
                 self._verifier_at = time.monotonic()
@@ -83,10 +72,6 @@ class Upstream:
         if not token:
             raise Unauthenticated("not logged in")
         return (await self.verifier()).verify(token)
-
-
-def _present(params: dict[str, Any]) -> dict[str, Any]:
-    return {name: value for name, value in params.items() if value is not None}
 
 
 def model_rows(answer: Any) -> list[dict[str, Any]]:

@@ -25,41 +25,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from shared.generation import GenerateRequest, Message
+
 __all__ = ["Message", "GenerateRequest", "Prompt", "Done", "Event", "Backend", "FinishReason", "estimate_tokens"]
 
 FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One chat message."""
-
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateRequest:
-    """A validated generation request; exactly one of `messages` and `prompt` is set."""
-
-    messages: tuple[Message, ...] | None
-    prompt: str | None
-    max_tokens: int
-    temperature: float
-    top_p: float
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    @property
-    def deterministic(self) -> bool:
-        """Greedy decoding or a fixed seed: the same request gives the same answer."""
-        return self.temperature == 0 or self.seed is not None
-
-    def message_dicts(self) -> list[dict[str, str]]:
-        return [m.to_dict() for m in self.messages or ()]
 
 
 @dataclass(frozen=True, slots=True)

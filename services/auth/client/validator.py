@@ -1,7 +1,7 @@
-"""What other services use to rely on auth: a caching API key validator.
+"""A caching API key validator for the services that take API keys (gateways).
 
     async with KeyValidator(node.mesh) as validator:
-        identity = await validator.validate(api_key, deadline=d)   # dict, or Unauthenticated
+        identity = await validator.validate(api_key, deadline=d)   # a KeyIdentity, or Unauthenticated
 
 `validate` answers from memory when it can and asks `auth.validate_key`
 otherwise. Entries live at most `ttl` seconds. A background task polls
@@ -49,12 +49,13 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from shared.errors import MeshError, Timeout, Unauthenticated
 from shared.logging import get_logger
 from shared.rpc import MeshClient
 from services.auth.cache import KeyCache
+from services.auth.client.api import AuthClient, Invalidations, KeyIdentity
 from services.auth.keys import hash_key, looks_like_key
 
 __all__ = ["KeyValidator"]
@@ -69,7 +70,7 @@ class _Shared:
     began: float  #: time.monotonic() when it was made
     epoch: int  #: the cache's epoch then (an eviction since makes it unjoinable)
     deadline: float  #: when its own budget ends
-    task: asyncio.Task[dict[str, Any]]
+    task: asyncio.Task[KeyIdentity]
 
 
 class KeyValidator:
@@ -84,7 +85,8 @@ class KeyValidator:
             raise ValueError("poll_interval must be shorter than stale_after")
         if max_timeout <= 0:
             raise ValueError("max_timeout must be positive")
-        self._auth = mesh(service)
+        self._auth = mesh(service)  #: the ServiceClient under `_client`
+        self._client = AuthClient(self._auth)
         self.cache = KeyCache(ttl=ttl, max_entries=max_entries)
         self.poll_interval = poll_interval
         self.stale_after = stale_after
@@ -115,7 +117,7 @@ class KeyValidator:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    async def validate(self, api_key: str, *, deadline: float | None = None) -> dict[str, Any]:
+    async def validate(self, api_key: str, *, deadline: float | None = None) -> KeyIdentity:
         """The key's owner, key id, tier, limits and priority; `Unauthenticated` if refused.
 
         `deadline` (time.monotonic()) is when the caller stops waiting: `Timeout`
@@ -127,7 +129,7 @@ class KeyValidator:
         if self.trusted:
             entry = self.cache.get(key_hash)
             if entry is not None:
-                return entry.result
+                return cast(KeyIdentity, entry.result)
         if deadline is None:
             deadline = time.monotonic() + self.max_timeout
         while True:
@@ -163,27 +165,25 @@ class KeyValidator:
         task.add_done_callback(lambda done: self._call_done(key_hash, done))
         return shared
 
-    def _call_done(self, key_hash: bytes, call: asyncio.Task[dict[str, Any]]) -> None:
+    def _call_done(self, key_hash: bytes, call: asyncio.Task[KeyIdentity]) -> None:
         shared = self._calls.get(key_hash)
         if shared is not None and shared.task is call:
             del self._calls[key_hash]
         if not call.cancelled():
             call.exception()  # retrieved: the callers that still wait get it anyway
 
-    async def _ask_auth(self, api_key: str, key_hash: bytes, timeout: float) -> dict[str, Any]:
+    async def _ask_auth(self, api_key: str, key_hash: bytes, timeout: float) -> KeyIdentity:
         epoch = self.cache.epoch
-        result = await self._auth.call(
-            "auth.validate_key", {"api_key": api_key}, timeout=timeout, idempotent=True
-        )
-        cursor = self.cursor
+        result = await self._client.validate_key(api_key=api_key, timeout=timeout)
+        cursor, answered = self.cursor, result.get("cursor")
         if (
             self.cache.epoch == epoch
             and cursor is not None
-            and isinstance(result.get("cursor"), int)
-            and result["cursor"] >= cursor
+            and isinstance(answered, int)
+            and answered >= cursor
         ):
-            self.cache.put(key_hash, result, user_id=result["user_id"], key_id=result["key_id"],
-                           expires_at=result.get("expires_at"))
+            self.cache.put(key_hash, cast(dict[str, Any], result), user_id=result["user_id"],
+                           key_id=result["key_id"], expires_at=result.get("expires_at"))
         return result
 
     async def poll(self) -> None:
@@ -204,11 +204,8 @@ class KeyValidator:
                 self.synced_at = started
                 return
 
-    async def _call_invalidations(self, since: int | None) -> dict[str, Any]:
-        return await self._auth.call(
-            "auth.invalidations", {"since": since}, timeout=min(self.max_timeout, self.stale_after),
-            idempotent=True,
-        )
+    async def _call_invalidations(self, since: int | None) -> Invalidations:
+        return await self._client.invalidations(since=since, timeout=min(self.max_timeout, self.stale_after))
 
     async def _run(self) -> None:
         while True:

@@ -1,5 +1,8 @@
 """The tier table: what each tier may use, from PRODUCT.md.
 
+A shared contract: auth answers with a tier's limits and priority, and
+inference turns a tier name into a queue priority (shared/generation.py).
+
 | tier       | requests/hour | requests/month | tokens/month (env)   | priority |
 | ---------- | ------------- | -------------- | -------------------- | -------- |
 | free       | 100           | 3,000          | 100,000              | 0        |
@@ -19,7 +22,7 @@ from typing import Any, Literal
 
 from shared.config import env
 
-__all__ = ["TierName", "TIER_NAMES", "Tier", "TierTable", "TierConfig", "parse_limit"]
+__all__ = ["DEFAULT_TIER", "TierName", "TIER_NAMES", "Tier", "TierTable", "TierConfig", "parse_limit"]
 
 TierName = Literal["free", "pro", "enterprise", "unlimited"]
 TIER_NAMES: tuple[str, ...] = ("free", "pro", "enterprise", "unlimited")

@@ -1,4 +1,8 @@
-"""Checking `inference.generate`'s parameters into a `GenerateRequest`.
+"""The generation contract: what `inference.generate` (and `gateway.infer`) accept.
+
+`build_request` checks a generation request's parameters into a
+`GenerateRequest`; workers run it and gateways run it before they spend any
+quota, so a request a gateway admits is one a worker accepts.
 
 Every refusal is INVALID_PARAMS naming the parameter (`data.param`):
 exactly one of `messages` and `prompt`; messages a non-empty list of
@@ -6,25 +10,56 @@ exactly one of `messages` and `prompt`; messages a non-empty list of
 message contents together) within the size cap; `max_tokens` between 1 and
 the cap; `temperature` in [0, 2]; `top_p` in (0, 1]; at most 4 stop strings
 of 1-64 characters; a seed in [0, 2^32); a priority that is a tier name or
-an integer.
+an integer (`priority_of`, with the tiers of shared/tiers.py).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from shared.errors import InvalidParams
-from services.auth.tiers import TierTable
-from services.inference.backends.base import GenerateRequest, Message
+from shared.tiers import TierTable
 
-__all__ = ["Limits", "build_request", "priority_of"]
+__all__ = ["GenerateRequest", "Limits", "Message", "build_request", "priority_of"]
 
 _ROLES = ("system", "user", "assistant")
 _MAX_STOPS = 4
 _MAX_STOP_CHARS = 64
 _TIERS = TierTable()
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One chat message."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateRequest:
+    """A validated generation request; exactly one of `messages` and `prompt` is set."""
+
+    messages: tuple[Message, ...] | None
+    prompt: str | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        """Greedy decoding or a fixed seed: the same request gives the same answer."""
+        return self.temperature == 0 or self.seed is not None
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [m.to_dict() for m in self.messages or ()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +133,7 @@ def _stops(stop: str | list[Any] | None) -> tuple[str, ...]:
 
 def priority_of(priority: int | str) -> int:
     """A queue priority from a tier name (free 0 < pro 1 < enterprise 2 <
-    unlimited 3, as in services/auth/tiers.py) or an integer given by a gateway."""
+    unlimited 3, as in shared/tiers.py) or an integer given by a gateway."""
     if isinstance(priority, int):
         if not -1000 <= priority <= 1000:
             raise _refuse("priority", "must be between -1000 and 1000")

@@ -1,0 +1,327 @@
+"""`AuthClient`: the auth service's RPC methods as typed calls.
+
+    auth = AuthClient(mesh("auth"), timeout=10.0)      # or AuthClient.of(mesh)
+    session = await auth.login(username_or_email="ada", password="...")
+    keys = await auth.list_keys(token=session["token"])
+
+One method per `auth.*` method (services/auth/service.py has what each does
+and who may call it); parameters are keyword-only, None leaves a parameter
+out (the server's default applies), and every method takes `timeout`. The
+answers are plain dicts as they come off the wire; the `TypedDict`s below
+document their shapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NotRequired, Required, TypedDict
+
+from shared.rpc.typed import TypedClient, Wire
+
+__all__ = [
+    "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuthClient",
+    "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "RecentRequest",
+    "RecordCounts", "Session", "TierLimits", "TokenKey", "UsageDay", "UsageRecord", "UsageReport",
+    "UsageTotals", "User",
+]
+
+
+class TierLimits(TypedDict):
+    """A tier's limits (shared/tiers.py); None is "no limit"."""
+
+    requests_per_hour: int | None
+    requests_per_month: int | None
+    tokens_per_month: int | None
+
+
+class User(TypedDict):
+    """An account as auth shows it."""
+
+    id: int
+    username: str
+    email: str
+    tier: str
+    is_admin: bool
+    is_active: bool
+    created_at: str | None  #: ISO 8601
+
+
+class Account(User):
+    """An account with its tier's limits (`me`, `verify_token`)."""
+
+    limits: TierLimits
+    priority: int
+
+
+class AccountCreated(TypedDict):
+    """What the public gets from `register`, whether the email was new or not (no id)."""
+
+    username: str
+    email: str
+    tier: str
+    is_admin: bool
+    message: str
+
+
+class Session(TypedDict):
+    """A session token (`login`, `change_password`)."""
+
+    token: str
+    expires_at: int  #: epoch seconds
+    user: User
+
+
+class LoggedOut(TypedDict):
+    logged_out: bool
+    everywhere: NotRequired[bool]  #: `logout_all`
+
+
+class TokenKey(TypedDict):
+    """What a `TokenVerifier` needs (`token_key`)."""
+
+    algorithm: str  #: "EdDSA"
+    public_key: str  #: PEM
+    kid: str
+    issuer: str
+    audience: str
+
+
+class ApiKey(TypedDict):
+    """An API key as listed: never the key itself."""
+
+    id: int
+    name: str
+    prefix: str  #: "isk_" and 4 characters
+    status: Literal["active", "expired", "revoked"]
+    created_at: str | None
+    last_used_at: str | None
+    expires_at: str | None
+    revoked_at: str | None
+
+
+class NewApiKey(ApiKey):
+    """A key just created: `api_key` is the only time it is ever shown."""
+
+    api_key: str
+
+
+class KeyIdentity(TypedDict):
+    """Who an API key belongs to and what it may do (`validate_key`)."""
+
+    user_id: int
+    key_id: int
+    tier: str
+    limits: TierLimits
+    priority: int
+    expires_at: float | None  #: epoch seconds
+    cursor: int | None  #: the invalidation seq this answer reflects
+
+
+class Invalidation(TypedDict):
+    seq: int
+    key_id: int | None
+    user_id: int | None
+
+
+class Invalidations(TypedDict):
+    """Invalidation entries after a cursor; `reset`: drop the whole cache; `more`: call again."""
+
+    cursor: int
+    entries: list[Invalidation]
+    reset: bool
+    more: bool
+
+
+class UsageRecord(TypedDict, total=False):
+    """One record of `record_usage`'s batch (checked in services/auth/records.py)."""
+
+    request_id: Required[str]  #: the idempotency key: stored once
+    user_id: Required[int]
+    key_id: int | None
+    model: Required[str]
+    prompt_hash: str | None  #: 16-128 lowercase hex digits, never the prompt
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    latency_ms: int | None
+    status: str  #: "ok", "error", "cancelled", ...
+    worker: str | None
+    at: float | None  #: epoch seconds; None: now
+
+
+class RecordCounts(TypedDict):
+    inserted: int
+    duplicates: int
+    rejected: int
+
+
+ActiveUsers = TypedDict("ActiveUsers", {"1h": int, "24h": int})
+ActiveUsers.__doc__ = "Distinct users with a request in the last hour and the last 24 hours."
+
+
+class UsageTotals(TypedDict):
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    tokens: int
+    errors: int
+    cache_hits: int
+
+
+class UsageDay(UsageTotals):
+    """One UTC day of one key."""
+
+    day: str  #: YYYY-MM-DD
+    key_id: int | None
+    key_name: str | None
+    key_prefix: str | None
+
+
+class UsageReport(TypedDict):
+    start: str
+    end: str
+    days: list[UsageDay]
+    totals: UsageTotals
+
+
+class RecentRequest(TypedDict):
+    created_at: str | None
+    model: str
+    key_name: str | None
+    key_prefix: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    latency_ms: int | None
+    status: str
+
+
+class AdminChange(User):
+    changed: bool  #: false when the account already was (or was not) an administrator
+
+
+class AuthClient(TypedClient):
+    """Typed calls to the auth service."""
+
+    SERVICE = "auth"
+    METHODS = {
+        "register": Wire("auth.register"),
+        "login": Wire("auth.login"),
+        "me": Wire("auth.me", idempotent=True),
+        "logout": Wire("auth.logout", idempotent=True),
+        "logout_all": Wire("auth.logout_all"),
+        "change_password": Wire("auth.change_password"),
+        "token_key": Wire("auth.token_key", idempotent=True),
+        "verify_token": Wire("auth.verify_token", idempotent=True),
+        "create_key": Wire("auth.create_key"),
+        "list_keys": Wire("auth.list_keys", idempotent=True),
+        "revoke_key": Wire("auth.revoke_key", idempotent=True),
+        "validate_key": Wire("auth.validate_key", idempotent=True),
+        "invalidations": Wire("auth.invalidations", idempotent=True),
+        "record_usage": Wire("auth.record_usage", idempotent=True),
+        "active_users": Wire("auth.active_users", idempotent=True),
+        "usage": Wire("auth.usage", idempotent=True),
+        "recent_usage": Wire("auth.recent_usage", idempotent=True),
+        "list_users": Wire("auth.list_users", idempotent=True),
+        "set_tier": Wire("auth.set_tier", idempotent=True),
+        "set_active": Wire("auth.set_active", idempotent=True),
+        "grant_admin": Wire("auth.grant_admin", idempotent=True),
+        "revoke_admin": Wire("auth.revoke_admin", idempotent=True),
+    }
+
+    # -- accounts and sessions -------------------------------------------------------
+
+    async def register(self, *, username: str, email: str, password: str, client_addr: str | None = None,
+                       timeout: float | None = None) -> AccountCreated | User:
+        """A new account (`User` only for a member naming no client; the public gets `AccountCreated`)."""
+        return await self._call("register", timeout, username=username, email=email, password=password,
+                                client_addr=client_addr)
+
+    async def login(self, *, username_or_email: str, password: str, client_addr: str | None = None,
+                    timeout: float | None = None) -> Session:
+        return await self._call("login", timeout, username_or_email=username_or_email, password=password,
+                                client_addr=client_addr)
+
+    async def me(self, *, token: str, timeout: float | None = None) -> Account:
+        return await self._call("me", timeout, token=token)
+
+    async def logout(self, *, token: str, timeout: float | None = None) -> LoggedOut:
+        return await self._call("logout", timeout, token=token)
+
+    async def logout_all(self, *, token: str, timeout: float | None = None) -> LoggedOut:
+        return await self._call("logout_all", timeout, token=token)
+
+    async def change_password(self, *, token: str, old_password: str, new_password: str,
+                              client_addr: str | None = None, timeout: float | None = None) -> Session:
+        return await self._call("change_password", timeout, token=token, old_password=old_password,
+                                new_password=new_password, client_addr=client_addr)
+
+    async def token_key(self, *, timeout: float | None = None) -> TokenKey:
+        return await self._call("token_key", timeout)
+
+    async def verify_token(self, *, token: str, timeout: float | None = None) -> Account:
+        """Internal (gateway): the account behind a token, checked against auth's database."""
+        return await self._call("verify_token", timeout, token=token)
+
+    # -- API keys ----------------------------------------------------------------------
+
+    async def create_key(self, *, token: str, name: str, expires_in_days: int | None = None,
+                         timeout: float | None = None) -> NewApiKey:
+        return await self._call("create_key", timeout, token=token, name=name, expires_in_days=expires_in_days)
+
+    async def list_keys(self, *, token: str, timeout: float | None = None) -> list[ApiKey]:
+        return await self._call("list_keys", timeout, token=token)
+
+    async def revoke_key(self, *, token: str, key_id: int, timeout: float | None = None) -> ApiKey:
+        return await self._call("revoke_key", timeout, token=token, key_id=key_id)
+
+    async def validate_key(self, *, api_key: str, timeout: float | None = None) -> KeyIdentity:
+        """Internal (gateway): use a `KeyValidator`, which caches, rather than this."""
+        return await self._call("validate_key", timeout, api_key=api_key)
+
+    async def invalidations(self, *, since: int | None = None, limit: int | None = None,
+                            timeout: float | None = None) -> Invalidations:
+        """Internal (gateway): `since` None asks for the current cursor only."""
+        return await self._call("invalidations", timeout, since=since, limit=limit)
+
+    # -- usage -------------------------------------------------------------------------
+
+    async def record_usage(self, *, batch: Sequence[UsageRecord] | Sequence[Mapping[str, Any]],
+                           timeout: float | None = None) -> RecordCounts:
+        """Internal (gateway): idempotent by each record's `request_id`."""
+        return await self._call("record_usage", timeout, batch=batch)
+
+    async def active_users(self, *, timeout: float | None = None) -> ActiveUsers:
+        """Internal (metrics)."""
+        return await self._call("active_users", timeout)
+
+    async def usage(self, *, token: str, start: str | None = None, end: str | None = None,
+                    timeout: float | None = None) -> UsageReport:
+        """Per UTC day and key from `start` to `end` (YYYY-MM-DD, inclusive; default the last 30 days)."""
+        return await self._call("usage", timeout, token=token, start=start, end=end)
+
+    async def recent_usage(self, *, token: str, limit: int | None = None,
+                           timeout: float | None = None) -> list[RecentRequest]:
+        return await self._call("recent_usage", timeout, token=token, limit=limit)
+
+    # -- administration ----------------------------------------------------------------
+
+    async def list_users(self, *, token: str, limit: int | None = None, offset: int | None = None,
+                         timeout: float | None = None) -> list[User]:
+        return await self._call("list_users", timeout, token=token, limit=limit, offset=offset)
+
+    async def set_tier(self, *, token: str, user: int | str, tier: str, timeout: float | None = None) -> User:
+        return await self._call("set_tier", timeout, token=token, user=user, tier=tier)
+
+    async def set_active(self, *, token: str, user: int | str, active: bool,
+                         timeout: float | None = None) -> User:
+        return await self._call("set_active", timeout, token=token, user=user, active=active)
+
+    async def grant_admin(self, *, user: int | str, reason: str | None = None,
+                          timeout: float | None = None) -> AdminChange:
+        """The operator only (a mesh member with no role: `inferswarm admin grant`)."""
+        return await self._call("grant_admin", timeout, user=user, reason=reason)
+
+    async def revoke_admin(self, *, user: int | str, reason: str | None = None,
+                           timeout: float | None = None) -> AdminChange:
+        return await self._call("revoke_admin", timeout, user=user, reason=reason)

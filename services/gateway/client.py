@@ -1,0 +1,97 @@
+"""`GatewayClient`: the gateway's RPC methods as typed calls.
+
+    gateway = GatewayClient(mesh("gateway"))          # or GatewayClient.of(mesh)
+    async with await gateway.infer(model="m", api_key=key, prompt="Hi") as stream:
+        async for chunk in stream: ...
+
+`infer` starts the stream (`gateway.infer`): chunks as `inference.generate`
+sends them, the last one also carrying `request_id` and `rate_limit`. The
+caller iterates the returned `Stream` and must close it (closing a running
+stream cancels the work upstream). Who may call what, and what each does, is
+in services/gateway/service.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+from shared.rpc import Stream
+from shared.rpc.typed import TypedClient, Wire
+from services.metrics.client import HealthReport
+
+__all__ = ["CounterFacts", "GatewayClient", "GatewayHealth", "ModelEntry", "Models", "Quota"]
+
+
+class ModelEntry(TypedDict):
+    name: str
+    workers: int
+    healthy_workers: int
+
+
+class Models(TypedDict):
+    models: list[ModelEntry]
+
+
+class CounterFacts(TypedDict):
+    """One rate-limit counter (`requests_per_hour`, `requests_per_month`, `tokens_per_month`)."""
+
+    limit: int | None
+    used: int | None
+    remaining: int | None
+    reset: float  #: epoch seconds
+
+
+class Quota(TypedDict):
+    user_id: int
+    tier: str
+    priority: int
+    rate_limit: dict[str, CounterFacts]
+
+
+class GatewayHealth(TypedDict):
+    status: str
+    gateway: str
+    live_gateways: int
+    in_flight: int
+    usage_unshipped: int
+    usage_shipped: int
+    requests: dict[str, int]  #: by status
+    worker_retries: float
+
+
+class GatewayClient(TypedClient):
+    """Typed calls to a gateway."""
+
+    SERVICE = "gateway"
+    METHODS = {
+        "infer": Wire("gateway.infer", stream=True),
+        "models": Wire("gateway.models", idempotent=True),
+        "quota": Wire("gateway.quota", idempotent=True),
+        "status": Wire("gateway.status", idempotent=True),
+        "health": Wire("gateway.health", idempotent=True),
+    }
+
+    async def infer(
+        self, *, model: str, api_key: str | None = None, token: str | None = None,
+        messages: list[dict[str, Any]] | None = None, prompt: str | None = None, max_tokens: int | None = None,
+        temperature: float | None = None, top_p: float | None = None, stop: str | list[str] | None = None,
+        seed: int | None = None, stream: bool | None = None, timeout: float | None = None,
+    ) -> Stream:
+        """Start a generation with an API key or a session token; exactly one of messages and prompt."""
+        return await self._stream("infer", timeout, model=model, api_key=api_key, token=token,
+                                  messages=messages, prompt=prompt, max_tokens=max_tokens,
+                                  temperature=temperature, top_p=top_p, stop=stop, seed=seed, stream=stream)
+
+    async def models(self, *, timeout: float | None = None) -> Models:
+        return await self._call("models", timeout)
+
+    async def quota(self, *, api_key: str | None = None, token: str | None = None,
+                    timeout: float | None = None) -> Quota:
+        return await self._call("quota", timeout, api_key=api_key, token=token)
+
+    async def status(self, *, token: str, timeout: float | None = None) -> HealthReport:
+        """The mesh's health report, for administrators (an admin's session token)."""
+        return await self._call("status", timeout, token=token)
+
+    async def health(self, *, timeout: float | None = None) -> GatewayHealth:
+        return await self._call("health", timeout)
