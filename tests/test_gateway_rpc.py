@@ -472,3 +472,4 @@ async def test_workers_that_all_fail_are_unavailable_and_cost_no_quota(mesh):
     quota = await connection.call("gateway.quota", {"api_key": hugo.api_key})
     assert quota["rate_limit"]["requests_per_hour"]["used"] == 0  # released: nothing was delivered
     assert quota["rate_limit"]["tokens_per_month"]["used"] == 0
+

@@ -256,7 +256,8 @@ async def test_one_busy_slot_serves_the_queue_enterprise_then_pro_then_free(olla
         assert service.served["llama3"].pool.state() == {"slots": 1, "in_use": 1, "queued": 4, "limit": 4}
         with pytest.raises(Unavailable) as full:
             await collect(service, model="llama3", prompt="one too many", priority="enterprise")
-        assert full.value.data == {"slots": 1, "in_use": 1, "queued": 4, "limit": 4, "retry_safe": True}
+        assert full.value.data == {"slots": 1, "in_use": 1, "queued": 4, "limit": 4, "retry_safe": True,
+                                   "reason": "queue_full"}
         assert service.topic_load("inferswarm/model/llama3")["queued"] == 4
         await asyncio.wait_for(asyncio.gather(busy, *queued), 10)
         assert order == ["busy", "enterprise", "pro", "free", "free-2"]
@@ -281,6 +282,7 @@ async def test_a_queued_request_leaves_the_queue_when_its_callers_deadline_passe
             current_request.reset(token)
         # at its 0.15 s deadline, not whenever the busy stream ends (room above it for a loaded box)
         assert 0.1 < time.monotonic() - started < 1.0 and late.value.data["queued"] == 0
+        assert late.value.data["reason"] == "queue_timeout"
         assert pool.queued == 0 and pool.in_use == 1
         await busy.aclose()
         assert pool.in_use == 0

@@ -138,7 +138,8 @@ async def test_full_queue_refuses_with_queue_state_and_queued_requests_run_in_tu
     await wait_until(lambda: pool.queued == 2, 5, message="the two requests never queued")
     with pytest.raises(Unavailable) as refused:
         await collect(service, prompt="one more", max_tokens=4)
-    assert refused.value.data == {"slots": 1, "in_use": 1, "queued": 2, "limit": 2, "retry_safe": True}
+    assert refused.value.data == {"slots": 1, "in_use": 1, "queued": 2, "limit": 2, "retry_safe": True,
+                                   "reason": "queue_full"}
     assert service.topic_load("inferswarm/model/smollm2") == {
         "free_slots": 0, "slots": 1, "queued": 2, "queue_limit": 2, "healthy": True,
         "tokens_per_s": service.topic_load("inferswarm/model/smollm2")["tokens_per_s"]}

@@ -214,7 +214,8 @@ async def test_full_queue_refuses_with_its_state():
     with pytest.raises(Unavailable) as refused:
         async with pool.acquire(2):
             pass
-    assert refused.value.data == {"slots": 1, "in_use": 1, "queued": 1, "limit": 1, "retry_safe": True}
+    assert refused.value.data == {"slots": 1, "in_use": 1, "queued": 1, "limit": 1, "retry_safe": True,
+                                   "reason": "queue_full"}
     gate.set()
     await asyncio.gather(*holders)
 

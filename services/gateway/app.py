@@ -15,18 +15,19 @@ from typing import Any
 
 from shared.db import apply_migrations, create_pool
 from shared.logging import get_logger
-from shared.metrics import Metrics as SharedMetrics
+from shared.metrics import Metrics
 from shared.rpc import MeshClient
 from services.auth.client import AuthClient, KeyValidator
+from services.metrics.client import MetricsClient
 from services.gateway.accounts import Accounts
 from services.gateway.callers import Callers
 from services.gateway.config import GatewayConfig
 from services.gateway.fleet import Fleet
+from services.gateway.counts import Counts
 from services.gateway.journal import Journal
-from services.gateway.metrics import Metrics
 from services.gateway.quota import Quota
 from services.gateway.relay import Relay
-from services.gateway.report import Report
+from services.gateway.request import Parts
 from services.gateway.router import Router
 from services.gateway.service import GatewayService
 from services.gateway.shipper import UsageShipper
@@ -39,13 +40,12 @@ log = get_logger(__name__)
 
 async def open_gateway(
     stack: AsyncExitStack, config: GatewayConfig, mesh: MeshClient, *, dsn: str, gateway_id: str,
-    state_dir: Path, metrics: Metrics | None = None, shared_metrics: SharedMetrics | None = None,
+    state_dir: Path, metrics: Metrics | None = None,
 ) -> GatewayService:
     """Pool, migrations, journal replay, leases of an earlier run, loops; the service.
 
-    `shared_metrics` is the process's registry for the metrics service (the
-    runner's `node.metrics`); without it nothing leaves the process."""
-    metrics = metrics or Metrics()
+    `metrics` is the process's registry for the metrics service (the runner's
+    `node.metrics`); without it nothing leaves the process (counts.py)."""
     pool = await create_pool(dsn, min_size=2, max_size=config.pool_size)
     stack.push_async_callback(pool.close)
     await apply_migrations(pool, MIGRATIONS)
@@ -76,10 +76,9 @@ async def open_gateway(
     await stack.enter_async_context(shipper)
     validator = await stack.enter_async_context(KeyValidator(mesh, max_timeout=config.auth_timeout))
     router = Router(mesh)
-    report = Report(shared_metrics)
-    relay = Relay(mesh, router, quota, accounts, metrics, attempts=config.attempts, report=report)
-    callers = Callers(validator, auth, max_timeout=config.auth_timeout)
-    return GatewayService(
-        callers, quota, router, relay, accounts, journal, metrics,
-        limits=config.limits, gateway_id=gateway_id, report=report, metrics_service=mesh("metrics"),
+    parts = Parts(
+        callers=Callers(validator, auth, max_timeout=config.auth_timeout), quota=quota, router=router,
+        relay=Relay(mesh, router, attempts=config.attempts), accounts=accounts, counts=Counts(metrics),
+        limits=config.limits,
     )
+    return GatewayService(parts, journal, gateway_id=gateway_id, metrics_service=MetricsClient.of(mesh))

@@ -56,7 +56,8 @@ class GatewayHealth(TypedDict):
     usage_unshipped: int
     usage_shipped: int
     requests: dict[str, int]  #: by status
-    worker_retries: float
+    worker_retries: int
+    streams_cut: int
 
 
 class GatewayClient(TypedClient):

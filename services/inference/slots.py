@@ -68,7 +68,8 @@ class SlotPool:
             self._changed()
             return
         if len(self._waiters) >= self.queue_limit:
-            raise Unavailable("all slots busy and the queue is full", {**self.state(), "retry_safe": True})
+            raise Unavailable("all slots busy and the queue is full",
+                              {**self.state(), "retry_safe": True, "reason": "queue_full"})
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         entry = (-priority, next(self._order), future)
         heapq.heappush(self._waiters, entry)
@@ -79,7 +80,7 @@ class SlotPool:
         except BaseException as exc:
             self._leave(entry)
             if isinstance(exc, TimeoutError):
-                raise Timeout(f"no slot free within {timeout:.3g}s", self.state()) from None
+                raise Timeout(f"no slot free within {timeout:.3g}s", {**self.state(), "reason": "queue_timeout"}) from None
             raise
 
     def _leave(self, entry: tuple[int, int, asyncio.Future[None]]) -> None:

@@ -1,0 +1,225 @@
+"""One `gateway.infer` call, owned by one object from its arrival to its record.
+
+    request = Request(parts, model, deadline)        # GatewayService.infer
+    try:
+        chunk = await request.start(api_key, token, generation)
+        while chunk is not None:
+            yield chunk
+            chunk = await request.next()
+    finally:
+        await request.end()
+
+Read top to bottom, in the order things happen:
+
+1. **identify** the caller: an API key or a session token (callers.py). A
+   failure is counted, nothing else: there is nobody to bill.
+2. **check** the parameters with the workers' rules (checks.py), **route**
+   (the model's workers, router.py: `NOT_FOUND` if nobody serves it) and
+   **admit** (hold quota, quota.py: `RATE_LIMITED` with `retry_after`). A
+   refusal is recorded (a usage record with its status) and counted.
+3. Admitted: an `A` journal entry (accounts.py), so that a crash from here on
+   is still billed and its leases settled on restart.
+4. **relay**: a worker's stream (relay.py, which tries other workers before
+   the first chunk); its chunks are passed on as they come.
+5. **settle** however it ends. A request a worker took -- its stream opened,
+   or the caller's deadline passed or the caller left while a worker had it
+   -- keeps its request counts and the tokens used: after text was delivered,
+   the prompt (`prompt_tokens` of the first text chunk) and the text chunks
+   delivered. A request no worker took releases everything.
+6. **record** the one usage record (a `D` entry): on success before the
+   final chunk is sent, otherwise when the request ends.
+7. **count** (counts.py), once.
+
+**State.** This object is the only writer of its request's state: the
+caller, the admission, the worker that took it, the chunks delivered, the
+prompt's tokens, the outcome. Collaborators get values and give values back;
+the relay reports a worker taking the work through `took`. The upstream is a
+plain object closed once, in `end`: no generator is nested in another, so a
+request dropped while it streams is settled once and never closed twice.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import MeshError
+from services.gateway.accounts import Accounts, safe_model
+from services.gateway.callers import Caller, Callers
+from services.gateway.checks import Limits, check_request
+from services.gateway.counts import Counts
+from services.gateway.quota import Admission, Quota
+from services.gateway.relay import Relay, Upstream
+from services.gateway.router import Router
+
+__all__ = ["Parts", "Request"]
+
+
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """The gateway's collaborators a request uses (none of them holds request state)."""
+
+    callers: Callers
+    quota: Quota
+    router: Router
+    relay: Relay
+    accounts: Accounts
+    counts: Counts
+    limits: Limits
+
+
+class Request:
+    """One `gateway.infer` call (see the module doc)."""
+
+    def __init__(self, parts: Parts, model: str, deadline: float) -> None:
+        self._parts = parts
+        self.request_id = "gw-" + secrets.token_hex(12)
+        self.model = model
+        self.deadline = deadline  #: time.monotonic() by which the caller wants the answer
+        self.started = time.monotonic()
+        self.at = time.time()
+        self.caller: Caller | None = None
+        self.prompt_hash: str | None = None
+        self.admission: Admission | None = None
+        self.worker: str | None = None  #: the worker that took it (node key, hex)
+        self.delivered = 0  #: text chunks passed on
+        self.prompt_tokens = 0  #: as the worker counted them, with its first text chunk
+        self._upstream: Upstream | None = None
+        self._status: str | None = None  #: how it failed, when it did
+        self._ended = False
+
+    # -- 1-4: from arrival to the first chunk -------------------------------------------
+
+    async def start(self, api_key: str | None, token: str | None, generation: dict[str, Any]) -> dict[str, Any]:
+        """Identify, check, route, admit, open a worker's stream: the first chunk to send."""
+        parts = self._parts
+        try:
+            self.caller = caller = await parts.callers.identify(api_key, token, deadline=self.deadline)
+            checked = check_request(parts.limits, model=self.model, **generation)
+            self.prompt_hash = checked.prompt_hash
+            workers = await parts.router.workers(self.model, deadline=self.deadline)
+            self.admission = await parts.quota.admit(caller.user_id, caller.limits, checked.reserve,
+                                                     deadline=self.deadline)
+        except MeshError as exc:
+            if exc.code == "RATE_LIMITED" and self.caller is not None:
+                parts.counts.refused(self.caller.tier)
+            self._status = exc.code.lower()
+            raise
+        except Exception:
+            self._status = "internal"
+            raise
+        parts.accounts.admitted(self.request_id, self._stub(), self.admission)
+        params = {**checked.params, "priority": caller.priority,
+                  "tenant": f"user:{caller.user_id}"}  # the worker's response cache is per user
+        try:
+            self._upstream = await parts.relay.open(self.request_id, self.model, params, workers, self.deadline,
+                                                    took=self._took)
+        except MeshError as exc:
+            self._status = exc.code.lower()
+            raise
+        except Exception:
+            self._status = "internal"
+            raise
+        parts.counts.first_token(self.model, self._upstream.ttft)
+        return self._passed(self._upstream.first)
+
+    def _took(self, worker: str) -> None:
+        """The relay's word: `worker` took the work (it consumes its request counts)."""
+        self.worker = worker
+
+    # -- 4-6: the chunks, to the final one ---------------------------------------------
+
+    async def next(self) -> dict[str, Any] | None:
+        """The next chunk to send; None once the final one was sent."""
+        if self._ended or self._upstream is None:
+            return None
+        try:
+            chunk = await self._upstream.next(self.delivered)
+        except MeshError as exc:
+            self._status = "timeout" if exc.code == "TIMEOUT" else "worker_failed"
+            raise
+        except Exception:
+            self._status = "internal"
+            raise
+        return self._passed(chunk)
+
+    def _passed(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        if chunk.get("done"):
+            return self._succeeded(chunk)
+        if isinstance(chunk.get("text"), str):
+            self.delivered += 1
+            if self.delivered == 1:
+                self.prompt_tokens = _count(chunk.get("prompt_tokens"))
+        return chunk
+
+    def _succeeded(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """Settle, record and count a request the worker finished; the final chunk to send."""
+        parts, caller, admission = self._parts, self.caller, self.admission
+        assert caller is not None and admission is not None and self._upstream is not None
+        usage = chunk.get("usage") if isinstance(chunk.get("usage"), dict) else {}
+        prompt_tokens, completion_tokens = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        parts.quota.settle(admission, prompt_tokens + completion_tokens)
+        worker = chunk.get("worker")
+        worker_id = worker.get("id") if isinstance(worker, dict) and isinstance(worker.get("id"), str) else None
+        cached = chunk.get("cached") is True
+        self._finish("ok", prompt_tokens, completion_tokens, worker_id or self._upstream.provider.node_hex, cached)
+        return {**chunk, "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.user_id, caller.limits)}
+
+    # -- 5-7: however it ended -----------------------------------------------------------
+
+    async def end(self) -> None:
+        """Close the worker's stream (CANCEL if it is still going); settle, record and
+        count a request that did not succeed. Idempotent; call it in a `finally`."""
+        try:
+            if self._upstream is not None:
+                await self._upstream.close()
+        finally:
+            if not self._ended:
+                self._failed()
+
+    def _failed(self) -> None:
+        status = self._status or "cancelled"  # no error of ours: the caller left
+        if status == "cancelled" and time.monotonic() >= self.deadline:
+            status = "timeout"
+        if self.caller is None:  # nobody to bill
+            self._ended = True
+            self._parts.counts.ended(status)
+            return
+        prompt_tokens = self.prompt_tokens if self.delivered else 0
+        if self.admission is not None:
+            if self.worker is not None or self.delivered:
+                self._parts.quota.settle(self.admission, prompt_tokens + self.delivered)  # a worker took it
+            else:
+                self._parts.quota.release(self.admission)  # no worker took it: nothing kept
+        self._finish(status, prompt_tokens, self.delivered, self.worker)
+
+    def _finish(self, status: str, prompt_tokens: int, completion_tokens: int, worker: str | None,
+                cached: bool = False) -> None:
+        """The one usage record, then the counts."""
+        self._ended = True
+        assert self.caller is not None
+        seconds = time.monotonic() - self.started
+        self._parts.accounts.recorded({
+            "request_id": self.request_id, "user_id": self.caller.user_id, "key_id": self.caller.key_id,
+            "model": safe_model(self.model), "prompt_hash": self.prompt_hash,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "cached": cached,
+            "latency_ms": int(seconds * 1000), "status": status,
+            "worker": worker if worker and len(worker) <= 256 else None, "at": round(self.at, 3),
+        }, self.admission)
+        counts = self._parts.counts
+        counts.ended(status)
+        if self.admission is not None:
+            counts.served(self.model, seconds, prompt_tokens, completion_tokens,
+                          cached=cached if status == "ok" else None)
+
+    def _stub(self) -> dict[str, Any]:
+        """What an `A` entry keeps to bill the request if the process dies."""
+        assert self.caller is not None
+        return {"user_id": self.caller.user_id, "key_id": self.caller.key_id, "model": safe_model(self.model),
+                "prompt_hash": self.prompt_hash, "at": round(self.at, 3)}
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
