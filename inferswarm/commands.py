@@ -53,13 +53,6 @@ def need_token(creds: Credentials) -> str:
     return creds.token
 
 
-def need_api_key(creds: Credentials) -> str:
-    key = creds.effective_api_key()
-    if not key:
-        raise Unauthenticated("no API key: run `inferswarm keys create NAME` or set INFERSWARM_API_KEY")
-    return key
-
-
 async def register(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
     """The same answer whether the email was new or not (auth does not say): log in next."""
     password = read_password(args, confirm=not args.password_stdin)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
-import importlib.util
 import json
 import os
 import shlex
@@ -33,7 +32,7 @@ from inferswarm.supervisor import Child, ChildFailed, ChildSpec, Supervisor
 
 __all__ = ["add_arguments", "up"]
 
-#: Services in start order; those whose package has no `__main__` yet are skipped.
+#: Services in start order.
 SERVICES = ("auth", "metrics", "inference", "gateway", "web")
 #: Stop order, highest first: entry points, then what they call, then auth
 #: (gateways ship their last usage records to it), the bootstrap node last.
@@ -86,13 +85,11 @@ def data_dir_lock(data_dir: Path) -> Iterator[None]:
 
 def service_specs(args: argparse.Namespace, base_env: dict[str, str], databases: dict[str, str],
                   mesh: MeshCredential) -> list[ChildSpec]:
-    """One child per service instance whose package can be run, each given
+    """One child per service instance, each given
     its role's credential only (never the mesh secret: shared/roles.py)."""
     counts = {"gateway": args.gateways, "inference": args.workers}
     specs = []
     for service in SERVICES:
-        if importlib.util.find_spec(f"services.{service}.__main__") is None:
-            continue
         count = counts.get(service, 1)
         for index in range(1, count + 1):
             name = service if count == 1 else f"{service}-{index}"

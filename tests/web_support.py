@@ -1,7 +1,7 @@
 """A real stack for the web tests: `inferswarm up` with a model server we control.
 
 The stack is what `make run` starts (embedded PostgreSQL, DHT bootstrap, auth,
-metrics, an inference worker, the gateway when it exists, and the web process)
+metrics, an inference worker, the gateway and the web process)
 on free ports under a temporary data directory. The worker serves the model
 "test-model" through its openai backend from `OpenAIServer` (tests/openai_server.py),
 run here in a thread of its own, so tests can slow its tokens down and count
@@ -33,7 +33,6 @@ __all__ = ["MODEL", "PASSWORD", "ADMIN_EMAIL", "free_tcp_port", "ModelServer", "
 MODEL = "test-model"
 PASSWORD = "correct-horse-battery-9"
 ADMIN_EMAIL = "admin@example.com"  #: the address the tests' admin registers with; it confers nothing
-#: The gateway is being built beside this service; inference tests run once it can be started.
 
 
 class ModelServer:

@@ -12,6 +12,7 @@ import time
 from datetime import datetime, timezone
 
 from shared.logging import get_logger
+from shared.tasks import Background
 from services.auth.store import AuthStore
 
 __all__ = ["Housekeeper"]
@@ -31,7 +32,7 @@ class Housekeeper:
         self._prune_interval = prune_interval
         self._keep_seconds = keep_seconds
         self._used: set[int] = set()
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
 
     def touch(self, key_id: int) -> None:
         """Note that a key was used (the hot path: one set insertion).
@@ -52,13 +53,11 @@ class Housekeeper:
                 raise
 
     async def __aenter__(self) -> Housekeeper:
-        self._task = asyncio.create_task(self._run(), name="auth housekeeping")
+        self._background.start(self._run(), name="auth housekeeping")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._background.stop()
         try:
             await self.flush()
         except Exception as exc:

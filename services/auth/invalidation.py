@@ -24,6 +24,7 @@ import asyncpg
 
 from shared.errors import Unavailable
 from shared.logging import get_logger
+from shared.tasks import Background
 from services.auth.cache import KeyCache
 from services.auth.store import INVALIDATION_CHANNEL, AuthStore
 
@@ -50,7 +51,7 @@ class InvalidationFeed:
         self.synced_at = float("-inf")
         self._wake = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
         self._failing = False
 
     @property
@@ -61,13 +62,11 @@ class InvalidationFeed:
     async def __aenter__(self) -> InvalidationFeed:
         await self._listen()
         await self.sync()
-        self._task = asyncio.create_task(self._run(), name="auth invalidations")
+        self._background.start(self._run(), name="auth invalidations")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._background.stop()
         await self._close_listener()
 
     async def sync(self) -> None:

@@ -289,12 +289,6 @@ class AuthStore:
     ) -> None:
         await _audit(self.pool, event, user_id, actor_id, details)
 
-    async def audit_events(self, user_id: int, limit: int = 100) -> list[asyncpg.Record]:
-        return await self.pool.fetch(
-            "SELECT event, user_id, actor_id, details, created_at FROM audit_log "
-            "WHERE user_id = $1 ORDER BY id DESC LIMIT $2", user_id, limit,
-        )
-
     # -- invalidations -----------------------------------------------------------------
 
     async def invalidations_since(self, since: int, limit: int) -> tuple[list[asyncpg.Record], int, int]:

@@ -18,6 +18,7 @@ from typing import Self
 
 from shared.errors import MeshError
 from shared.logging import get_logger
+from shared.tasks import Background
 from services.gateway.quota import Quota
 from services.gateway.store import QuotaStore
 
@@ -46,18 +47,16 @@ class Fleet:
         self.janitor_interval = janitor_interval
         self.grace = grace
         self.reclaimed = 0  #: units the janitor gave back, in this process
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background = Background()
 
     async def __aenter__(self) -> Self:
         await self.beat()
-        self._tasks = [asyncio.create_task(self._beating(), name="gateway heartbeat"),
-                       asyncio.create_task(self._sweeping(), name="quota janitor")]
+        self._background.start(self._beating(), name="gateway heartbeat")
+        self._background.start(self._sweeping(), name="quota janitor")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.stop()
         try:
             await self._store.leave(self._quota.gateway, self._quota.incarnation)
         except MeshError as exc:

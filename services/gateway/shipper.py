@@ -16,6 +16,7 @@ from typing import Any, Self
 
 from shared.errors import InvalidParams, MeshError
 from shared.logging import get_logger
+from shared.tasks import Background
 from services.gateway.journal import Journal
 
 __all__ = ["UsageShipper"]
@@ -39,18 +40,16 @@ class UsageShipper:
         self._max_backoff = max_backoff
         self._stop_timeout = stop_timeout
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
         self.failures = 0
         self.rejected = 0
 
     async def __aenter__(self) -> Self:
-        self._task = asyncio.create_task(self._run(), name="usage shipper")
+        self._background.start(self._run(), name="usage shipper")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._background.stop()
         try:  # a clean stop ships what is left; whatever fails stays in the journal
             await asyncio.wait_for(self.flush(), self._stop_timeout)
         except (MeshError, TimeoutError) as exc:

@@ -14,6 +14,7 @@ from typing import Any
 
 from shared.errors import MeshError
 from shared.logging import get_logger
+from shared.tasks import Background
 
 __all__ = ["WINDOWS", "ActiveUsers"]
 
@@ -31,16 +32,14 @@ class ActiveUsers:
         self.counts: dict[str, int] = {}
         self.fetched_at: float | None = None
         self.error: str | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
 
     async def __aenter__(self) -> ActiveUsers:
-        self._task = asyncio.create_task(self._run(), name="active-users")
+        self._background.start(self._run(), name="active-users")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._background.stop()
 
     async def refresh(self) -> bool:
         """Ask once; True when the counts were updated."""

@@ -38,6 +38,7 @@ from shared.dht.interface import Discovery, Provider, model_topic, service_topic
 from shared.errors import MeshError, NoProviders
 from shared.logging import get_logger
 from shared.metrics.families import instance_id
+from shared.tasks import Background
 
 __all__ = ["SERVICES", "REQUIRED", "Prober", "Instance", "HealthMonitor"]
 
@@ -128,17 +129,15 @@ class HealthMonitor:
         self.instances: dict[bytes, Instance] = {}
         self._served: dict[bytes, _Served] = {}
         self.checked_at: float | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
         self._limit = asyncio.Semaphore(_CONCURRENT_CALLS)
 
     async def __aenter__(self) -> HealthMonitor:
-        self._task = asyncio.create_task(self._run(), name="health-monitor")
+        self._background.start(self._run(), name="health-monitor")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._background.stop()
 
     async def probe(self) -> None:
         """One round: look every topic up, then ping every known instance."""

@@ -38,6 +38,7 @@ from shared.logging import get_logger
 from shared.metrics.batch import Batch, Source
 from shared.metrics.families import DHT_PEERS, instance_id
 from shared.metrics.registry import Metrics
+from shared.tasks import Background
 
 __all__ = ["MetricsReporter", "Sender"]
 
@@ -77,7 +78,7 @@ class MetricsReporter:
         self._max_pending = max(max_pending, 1)
         self._seq = 0
         self._peers = peers  # a KademliaDiscovery, whose routing table size is reported
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
         self._lock = asyncio.Lock()
         self.sent = 0  #: batches the service acknowledged
         self.dropped = 0  #: batches dropped: over `max_pending`, or refused as invalid
@@ -89,14 +90,11 @@ class MetricsReporter:
                    instance=instance_id(node.identity.public_key), peers=node.discovery, **options)
 
     async def __aenter__(self) -> MetricsReporter:
-        self._task = asyncio.create_task(self._run(), name=f"metrics-reporter {self.source.service}")
+        self._background.start(self._run(), name=f"metrics-reporter {self.source.service}")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._background.stop()
         try:
             async with asyncio.timeout(self.timeout):
                 await self.flush()

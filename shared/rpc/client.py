@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import secrets
 import time
 from typing import Any, cast
 
@@ -35,6 +34,7 @@ from shared.errors import (
     from_wire,
 )
 from shared.identity import CurveKeyPair
+from shared.logging import new_trace_id
 from shared.rpc import codec
 from shared.rpc.deadlines import DeadlineQueue
 from shared.rpc.pump import SocketPump
@@ -53,10 +53,6 @@ _MONITORED = (
 )
 _END = object()
 _monitor_ids = itertools.count()
-
-
-def new_trace_id() -> str:
-    return secrets.token_hex(16)
 
 
 def _current_trace_id() -> str:

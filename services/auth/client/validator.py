@@ -54,6 +54,7 @@ from typing import Any, cast
 from shared.errors import MeshError, Timeout, Unauthenticated
 from shared.logging import get_logger
 from shared.rpc import MeshClient
+from shared.tasks import Background
 from services.auth.cache import KeyCache
 from services.auth.client.api import AuthClient, Invalidations, KeyIdentity
 from services.auth.keys import hash_key, looks_like_key
@@ -93,7 +94,7 @@ class KeyValidator:
         self.max_timeout = max_timeout  #: the longest one auth.validate_key call may take
         self.cursor: int | None = None  #: None until the first successful poll
         self.synced_at = float("-inf")
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
         self._failing = False
         #: key hash -> the auth.validate_key call later callers of that key may join
         self._calls: dict[bytes, _Shared] = {}
@@ -108,14 +109,11 @@ class KeyValidator:
             await self.poll()
         except MeshError as exc:  # start anyway, untrusted: every call goes to auth
             log.warning("auth invalidations unavailable at start", error=exc.message)
-        self._task = asyncio.create_task(self._run(), name="key validator poll")
+        self._background.start(self._run(), name="key validator poll")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._background.stop()
 
     async def validate(self, api_key: str, *, deadline: float | None = None) -> KeyIdentity:
         """The key's owner, key id, tier, limits and priority; `Unauthenticated` if refused.
