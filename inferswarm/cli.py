@@ -28,12 +28,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 
 from inferswarm import up
 from inferswarm.commands import COMMANDS, Result
+from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
 from inferswarm.errors import describe, exit_code
 from inferswarm.localmesh import cache_dir
@@ -53,9 +53,9 @@ MEMBER_COMMANDS = frozenset({"admin grant", "admin revoke"})
 def _client_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    common.add_argument("--bootstrap", default=os.environ.get("INFERSWARM_BOOTSTRAP") or None,
+    common.add_argument("--bootstrap", default=client_config().bootstrap,
                         help="host:port of any mesh node (default: the local stack's)")
-    common.add_argument("--data-dir", type=Path, default=os.environ.get("INFERSWARM_DATA_DIR") or None,
+    common.add_argument("--data-dir", type=Path, default=client_config().data_dir,
                         help="a stack's data directory, for its mesh id (and, for admin grant/revoke, "
                              "its mesh.secret; default: INFERSWARM_MESH_ID, else the stack `inferswarm up` "
                              "runs on this machine)")
@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
                                                         "needs the mesh secret)")
     credential.add_argument("role", choices=[role for role in ROLES if role != OPERATOR],
                             help="the role of the process it is for")
-    credential.add_argument("--data-dir", type=Path, default=os.environ.get("INFERSWARM_DATA_DIR") or None,
+    credential.add_argument("--data-dir", type=Path, default=client_config().data_dir,
                             help="the stack's data directory, for its mesh.secret (default: "
                                  "INFERSWARM_MESH_SECRET, else the stack `inferswarm up` runs on this machine)")
     credential.add_argument("--out", type=Path, metavar="FILE",

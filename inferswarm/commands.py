@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import os
 import signal
 import sys
 import time
@@ -19,6 +18,7 @@ from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Any
 
+from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
 from inferswarm.errors import human_duration
 from inferswarm.session import ClientSession, SessionError
@@ -39,8 +39,9 @@ def read_password(args: Namespace, *, confirm: bool = False) -> str:
     """From stdin with --password-stdin, `INFERSWARM_PASSWORD`, or a prompt."""
     if getattr(args, "password_stdin", False):
         return sys.stdin.readline().rstrip("\n")
-    if os.environ.get("INFERSWARM_PASSWORD"):
-        return os.environ["INFERSWARM_PASSWORD"]
+    password = client_config().password
+    if password is not None:
+        return password.reveal()
     password = getpass.getpass("Password: ")
     if confirm and getpass.getpass("Repeat password: ") != password:
         raise SystemExit("inferswarm: the passwords differ")

@@ -8,10 +8,10 @@ can instead come from `INFERSWARM_API_KEY`, which wins over the file.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from inferswarm.config import client_config
 from inferswarm.localmesh import config_dir
 from shared.identity import write_private_file
 
@@ -46,7 +46,8 @@ class Credentials:
 
     def effective_api_key(self) -> str | None:
         """`INFERSWARM_API_KEY` if set (never written to the file), else the saved key."""
-        return os.environ.get("INFERSWARM_API_KEY") or self.api_key
+        key = client_config().api_key
+        return key.reveal() if key is not None else self.api_key
 
     def save(self, path: Path | None = None) -> None:
         path = path or credentials_path()

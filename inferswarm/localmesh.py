@@ -17,10 +17,10 @@ the records it finds) and where to join it. `INFERSWARM_MESH_ID` and
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from inferswarm.config import client_config
 from shared.identity import write_private_file
 
 __all__ = ["LocalMesh", "config_dir", "cache_dir", "mesh_file", "load_local_mesh", "save_local_mesh",
@@ -29,12 +29,12 @@ __all__ = ["LocalMesh", "config_dir", "cache_dir", "mesh_file", "load_local_mesh
 
 def config_dir() -> Path:
     """`$XDG_CONFIG_HOME/inferswarm` (the same rule as the credentials file)."""
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "inferswarm"
+    return (client_config().config_home or Path.home() / ".config") / "inferswarm"
 
 
 def cache_dir() -> Path:
     """`$XDG_CACHE_HOME/inferswarm`: what may be deleted at any time."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "inferswarm"
+    return (client_config().cache_home or Path.home() / ".cache") / "inferswarm"
 
 
 def mesh_file() -> Path:

@@ -19,9 +19,9 @@ Where the secret comes from, first found wins:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from inferswarm.config import client_config
 from inferswarm.localmesh import load_local_mesh, mesh_file
 from inferswarm.session import SessionError
 from shared.identity import MeshCredential
@@ -35,7 +35,8 @@ class NotAMember(SessionError):
 
 def member_credential(data_dir: Path | None, command: str = "this command") -> MeshCredential:
     """The mesh credential, or `NotAMember` saying where it was looked for."""
-    text = os.environ.get("INFERSWARM_MESH_SECRET")
+    secret = client_config().mesh_secret
+    text = secret.reveal() if secret is not None else None
     if text:
         try:
             credential = MeshCredential.from_text(text)
@@ -65,7 +66,7 @@ def member_credential(data_dir: Path | None, command: str = "this command") -> M
 
 
 def _same_mesh(credential: MeshCredential) -> MeshCredential:
-    named = os.environ.get("INFERSWARM_MESH_ID")
+    named = client_config().mesh_id
     if named and named.strip().lower() != credential.mesh_id.hex():
         raise SessionError("INFERSWARM_MESH_ID names another mesh than the mesh secret: unset one of them")
     return credential

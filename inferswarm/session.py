@@ -20,13 +20,13 @@ The current directory plays no part.
 
 from __future__ import annotations
 
-import os
 import socket
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 from nacl.public import PrivateKey
 
+from inferswarm.config import client_config
 from inferswarm.localmesh import load_local_mesh, mesh_file
 from inferswarm.providers import CachedDiscovery, ProviderFile, cache_path, verifier_for
 from shared.dht import KademliaDiscovery
@@ -45,7 +45,7 @@ class SessionError(Exception):
 
 def resolve_mesh_id(data_dir: Path | None = None) -> MeshId:
     """`INFERSWARM_MESH_ID`, else `data_dir`'s mesh secret, else the local stack's `mesh.json`."""
-    text = os.environ.get("INFERSWARM_MESH_ID")
+    text = client_config().mesh_id
     if text:
         return _mesh_id(text, "INFERSWARM_MESH_ID")
     if data_dir is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from shared.identity import MeshCredential
+from inferswarm.config import client_config
 from inferswarm.localmesh import LocalMesh, save_local_mesh
 from inferswarm.supervisor import Child, ChildFailed, ChildSpec, Supervisor
 
@@ -49,7 +50,7 @@ class AlreadyRunning(RuntimeError):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("INFERSWARM_DATA_DIR", ".data")),
+    parser.add_argument("--data-dir", type=Path, default=client_config().data_dir or Path(".data"),
                         help="where keys, PostgreSQL data and logs live (default .data)")
     parser.add_argument("--dht-port", type=int, default=7400, help="UDP port of the bootstrap node")
     parser.add_argument("--gateways", type=int, default=1)
@@ -112,7 +113,8 @@ async def start_postgres(stack: AsyncExitStack, data_dir: Path) -> dict[str, str
     # Imported here: asyncpg and pgserver would cost every client command ~0.15 s.
     from shared.db import EmbeddedPostgres, ensure_database
 
-    url = os.environ.get("DATABASE_URL")
+    database_url = client_config().database_url
+    url = database_url.reveal() if database_url is not None else None
     if url is None:
         server = await stack.enter_async_context(EmbeddedPostgres(data_dir / "postgres"))
         url = server.dsn
@@ -127,7 +129,7 @@ async def run_stack(args: argparse.Namespace, stop: asyncio.Event) -> int:
     async with AsyncExitStack() as stack:
         started = time.monotonic()
         databases = await start_postgres(stack, data_dir)
-        where = "server of DATABASE_URL" if os.environ.get("DATABASE_URL") else "embedded"
+        where = "server of DATABASE_URL" if client_config().database_url is not None else "embedded"
         progress(args, f"  {'postgres':<12} ready ({where}, {time.monotonic() - started:.1f} s)")
         supervisor = Supervisor(data_dir / "logs")
         stack.push_async_callback(supervisor.stop)

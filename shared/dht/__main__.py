@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from shared.config import MeshConfig, load
+from shared.config import ConfigError, MeshConfig, load
 from shared.dht.node import KademliaDiscovery
-from shared.identity import MemberCredential, MeshCredential, NodeIdentity
+from shared.identity import NodeIdentity
 from shared.membership import mesh_credential
 from shared.logging import configure_logging
 
@@ -39,19 +38,14 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _mesh(data_dir: Path) -> MeshCredential | MemberCredential:
-    config = replace(load(MeshConfig), data_dir=data_dir, bootstrap=())
-    return mesh_credential(config, "dht")
-
-
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(args: argparse.Namespace, config: MeshConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     node = KademliaDiscovery(
         identity=NodeIdentity.load_or_create(args.data_dir / "node.key"),
-        mesh=_mesh(args.data_dir),
+        mesh=mesh_credential(config, "dht"),
         host=args.host,
         port=args.port,
         seeds=args.seed,
@@ -63,12 +57,21 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the node; 0 on a clean stop, 2 on a configuration error."""
-    # stdout carries the one readiness line; logs go to stderr as JSON.
-    configure_logging(os.environ.get("INFERSWARM_LOG_LEVEL", "info"), "json", service="dht")
+    """Run the node; 0 on a clean stop, 2 on a configuration error.
+
+    The environment is read through `shared/config.py` like every process's
+    (`MeshConfig`: the credential, the log level); the command line gives the
+    addresses and the data directory."""
     args = _arguments(argv)
     try:
-        asyncio.run(_serve(args))
+        config = replace(load(MeshConfig), data_dir=args.data_dir, bootstrap=())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # stdout carries the one readiness line; logs go to stderr as JSON.
+    configure_logging(config.log_level, "json", service="dht")
+    try:
+        asyncio.run(_serve(args, config))
     except ValueError as exc:  # a bad seed, key file, credential (ConfigError) or mesh secret
         print(f"error: {exc}", file=sys.stderr)
         return 2
