@@ -28,7 +28,7 @@ from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
 from shared.rpc import Dispatcher, MeshClient, RpcServer, method
 from services.gateway.router import Router
 from services.gateway.journal import Journal
-from services.gateway.leases import window_of
+from services.gateway.quota.leases import window_of
 from services.gateway.counts import Counts
 from services.gateway.shipper import UsageShipper
 
