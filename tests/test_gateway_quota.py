@@ -18,6 +18,7 @@ from shared.errors import RateLimited
 from services.gateway.fleet import Fleet
 from services.gateway.quota.leases import window_of
 from services.gateway.quota import Quota
+from services.gateway.recovery import close_earlier_leases
 from services.gateway.store import MIGRATIONS, QuotaStore
 
 pytestmark = pytest.mark.db
@@ -183,6 +184,6 @@ async def test_a_restarted_gateway_gives_back_exactly_what_its_journal_says_was_
         new = await keeper(stack, store, "gw-r")
         prior = await store.prior_leases("gw-r", new.incarnation)
         # From the journal: requests 0, 2, 3, 4 used a unit (2-4 were cut by the crash).
-        returned = await new.recover(prior, {lease.id: 4}, {lease.id})
+        returned = await close_earlier_leases(store, prior, {lease.id: 4}, {lease.id})
         assert returned == lease.units - 4
         assert await granted(store, 6, "requests_per_hour") == 4

@@ -31,7 +31,7 @@ from shared.logging import get_logger
 from services.gateway.quota.book import LeaseBook, LeaseLog
 from services.gateway.quota.leases import COUNTERS, TOKEN_COUNTER, Key, KeyState, Part, window_of
 from services.gateway.quota.writer import LeaseWriter
-from services.gateway.store import Grant, PriorLease, QuotaStore
+from services.gateway.store import Grant, QuotaStore
 
 __all__ = ["Admission", "Quota"]
 
@@ -269,20 +269,3 @@ class Quota:
             self._book.saw_granted(Key(user_id, counter, window.start), int(limits[counter]), window.reset,
                                    granted.get(counter, 0))
         return self.facts(user_id, limits)
-
-    # -- after a crash ---------------------------------------------------------------
-
-    async def recover(self, prior: list[PriorLease], used: Mapping[int, int], known: set[int]) -> int:
-        """Close this gateway's leases from an earlier run; the units given back.
-
-        A lease the journal knows (`known`) keeps exactly what its requests
-        used; one it does not know keeps its `claimed` mark (what was possibly
-        used), as a janitor would."""
-        if not prior:
-            return 0
-        ids = [p.lease_id for p in prior]
-        kept = [used.get(p.lease_id, 0) if p.lease_id in known else p.claimed for p in prior]
-        answers = await self._store.release(ids, kept, [True] * len(ids))
-        total = sum(a.returned for a in answers)
-        log.info("leases of an earlier run closed", leases=len(answers), returned=total)
-        return total
