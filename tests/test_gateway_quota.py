@@ -16,8 +16,9 @@ import pytest
 from shared.db import apply_migrations, create_pool
 from shared.errors import RateLimited
 from services.gateway.fleet import Fleet
-from services.gateway.leases import window_of
+from services.gateway.quota.leases import window_of
 from services.gateway.quota import Quota
+from services.gateway.recovery import close_earlier_leases
 from services.gateway.store import MIGRATIONS, QuotaStore
 
 pytestmark = pytest.mark.db
@@ -36,7 +37,8 @@ async def store(pg_dsn):
 async def keeper(stack: AsyncExitStack, store: QuotaStore, name: str, **options) -> Quota:
     quota = Quota(store, gateway=name, incarnation=secrets.token_hex(4), **options)
     await stack.enter_async_context(quota)
-    quota.fleet = Fleet(store, quota, heartbeat_interval=0.2, dead_after=1.0, janitor_interval=0.2, grace=0.2)
+    quota.fleet = Fleet(store, gateway=name, incarnation=quota.incarnation, on_live=quota.set_live,
+                        heartbeat_interval=0.2, dead_after=1.0, janitor_interval=0.2, grace=0.2)
     await stack.enter_async_context(quota.fleet)
     return quota
 
@@ -44,7 +46,7 @@ async def keeper(stack: AsyncExitStack, store: QuotaStore, name: str, **options)
 def crash(quota: Quota) -> None:
     """Stop a keeper the way kill -9 would: no settling, no giving back, no heartbeat."""
     fleet = getattr(quota, "fleet", None)
-    for task in quota._writer._tasks + (fleet._tasks if fleet is not None else []):
+    for task in quota._writer._tasks + (fleet._background._tasks if fleet is not None else []):
         task.cancel()
 
 
@@ -182,6 +184,6 @@ async def test_a_restarted_gateway_gives_back_exactly_what_its_journal_says_was_
         new = await keeper(stack, store, "gw-r")
         prior = await store.prior_leases("gw-r", new.incarnation)
         # From the journal: requests 0, 2, 3, 4 used a unit (2-4 were cut by the crash).
-        returned = await new.recover(prior, {lease.id: 4}, {lease.id})
+        returned = await close_earlier_leases(store, prior, {lease.id: 4}, {lease.id})
         assert returned == lease.units - 4
         assert await granted(store, 6, "requests_per_hour") == 4

@@ -28,7 +28,8 @@ from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
 from shared.rpc import Dispatcher, MeshClient, RpcServer, method
 from services.gateway.router import Router
 from services.gateway.journal import Journal
-from services.gateway.leases import window_of
+from services.gateway.quota.leases import window_of
+from services.gateway.recovery import replay_journal, usage_journal
 from services.gateway.counts import Counts
 from services.gateway.shipper import UsageShipper
 
@@ -54,8 +55,9 @@ def record(request_id: str, **extra) -> dict:
 
 @pytest.mark.unit
 def test_journal_replays_an_interrupted_run(tmp_path):
-    journal = Journal(tmp_path)
-    assert journal.open().entries == 0
+    journal = usage_journal(tmp_path)
+    journal.open()
+    assert replay_journal(journal).entries == 0
     journal.append({"t": "L", "l": 7})
     journal.append({"t": "A", "r": "r1", "p": [[7, 1]], "u": {"user_id": 1}})
     journal.append({"t": "D", "r": "r1", "p": [[7, 1]], "rec": record("r1")})
@@ -66,8 +68,9 @@ def test_journal_replays_an_interrupted_run(tmp_path):
     with open(tmp_path / "00000001.jsonl", "ab") as f:
         f.write(b'{"t":"D","r":"r9","p":[[7,')  # a write cut in half
 
-    again = Journal(tmp_path)
-    replay = again.open(lambda entry: record(entry["r"], status="interrupted"))
+    again = usage_journal(tmp_path)
+    again.open()
+    replay = replay_journal(again, lambda entry: record(entry["r"], status="interrupted"))
     assert replay.torn == 1 and replay.leases == {7}
     assert replay.used == {7: 2, 8: 300}  # r1 and the cut r2 used lease 7; r3 gave its unit back
     assert [r["request_id"] for r in replay.interrupted] == ["r2"]
@@ -76,17 +79,35 @@ def test_journal_replays_an_interrupted_run(tmp_path):
     again.shipped(pending[1][0], 2)
     again.close()
 
-    third = Journal(tmp_path)
+    third = usage_journal(tmp_path)
     third.open()
     assert [r["request_id"] for _, r in third.pending(10)] == ["r2"]  # the mark survived
     with pytest.raises(RuntimeError, match="in use"):
-        Journal(tmp_path).open()  # one process per journal
+        usage_journal(tmp_path).open()  # one process per journal
     third.close()
 
 
 @pytest.mark.unit
+def test_a_journal_is_a_log_of_json_entries_read_back_by_the_next_run(tmp_path):
+    journal = Journal(tmp_path)  # nothing to ship
+    journal.open()
+    assert list(journal.earlier()) == []
+    journal.append({"k": 1})
+    journal.append({"t": "D", "rec": record("r1")})
+    journal.close()
+    with open(tmp_path / "00000001.jsonl", "ab") as f:
+        f.write(b'[1, 2]\n{"k": ')  # not an object; a write cut in half
+    again = Journal(tmp_path)
+    again.open()
+    again.append({"k": 3})  # this run's entries are not earlier ones
+    assert list(again.earlier()) == [{"k": 1}, {"t": "D", "rec": record("r1")}]
+    assert again.torn == 2 and again.pending(10) == [] and again.unshipped == 0
+    again.close()
+
+
+@pytest.mark.unit
 def test_journal_segments_go_once_shipped_and_nothing_live_began_in_them(tmp_path):
-    journal = Journal(tmp_path, segment_bytes=400)
+    journal = usage_journal(tmp_path, segment_bytes=400)
     journal.open()
     journal.begin("lease-1")
     for i in range(12):
@@ -108,7 +129,7 @@ def test_journal_segments_go_once_shipped_and_nothing_live_began_in_them(tmp_pat
 
 @pytest.mark.unit
 async def test_shipper_batches_retries_and_drops_only_invalid_records(tmp_path):
-    journal = Journal(tmp_path)
+    journal = usage_journal(tmp_path)
     journal.open()
     for i in range(7):
         journal.append({"t": "D", "r": f"r{i}", "p": [], "rec": record(f"r{i}")})

@@ -1,4 +1,5 @@
-"""The journal's entries for requests and leases (README.md, "Accounting").
+"""The journal's entries for requests and leases (README.md, "Accounting";
+their vocabulary and their replay after a crash: recovery.py).
 
 `Accounts` writes, for the request that owns them (request.py):
 
@@ -20,6 +21,7 @@ from typing import Any
 
 from services.gateway.journal import Journal
 from services.gateway.quota import Admission
+from services.gateway.recovery import admitted_entry, done_entry, lease_entry
 
 __all__ = ["Accounts", "safe_model"]
 
@@ -41,7 +43,7 @@ class Accounts:
     # -- leases (the quota's LeaseLog) -------------------------------------------
 
     def opened(self, lease_id: int) -> None:
-        self._journal.append({"t": "L", "l": lease_id})
+        self._journal.append(lease_entry(lease_id))
         self._journal.begin(("lease", lease_id))
 
     def closed(self, lease_id: int) -> None:
@@ -53,14 +55,13 @@ class Accounts:
         """The request holds its quota and goes to a worker (an `A` entry, even
         with no limit to hold: a crash from here on is billed on restart).
         `stub` is what bills it then (see `interrupted`)."""
-        self._journal.append({"t": "A", "r": request_id, "p": admission.reserved(), "u": stub})
+        self._journal.append(admitted_entry(request_id, admission.reserved(), stub))
         self._journal.begin(("request", request_id))
 
     def recorded(self, record: dict[str, Any], admission: Admission | None) -> None:
         """The request's usage record (a `D` entry), with what its leases keep."""
         request_id = record["request_id"]
-        self._journal.append({"t": "D", "r": request_id, "p": admission.finals() if admission else [],
-                              "rec": record})
+        self._journal.append(done_entry(request_id, admission.finals() if admission else [], record))
         if admission is not None:
             self._journal.end(("request", request_id))
         self._on_record()

@@ -24,8 +24,8 @@ from services.gateway.callers import Callers
 from services.gateway.config import GatewayConfig
 from services.gateway.fleet import Fleet
 from services.gateway.counts import Counts
-from services.gateway.journal import Journal
 from services.gateway.quota import Quota
+from services.gateway.recovery import close_earlier_leases, replay_journal, usage_journal
 from services.gateway.relay import Relay
 from services.gateway.request import Parts
 from services.gateway.router import Router
@@ -51,8 +51,9 @@ async def open_gateway(
     await apply_migrations(pool, MIGRATIONS)
     store = QuotaStore(pool)
 
-    journal = Journal(state_dir / "journal", fsync=config.journal_fsync)
-    replay = journal.open(Accounts.interrupted)
+    journal = usage_journal(state_dir / "journal", fsync=config.journal_fsync)
+    journal.open()
+    replay = replay_journal(journal, Accounts.interrupted)
     stack.callback(journal.close)
     if replay.interrupted:
         log.warning("requests cut by the last stop billed as interrupted", requests=len(replay.interrupted))
@@ -67,11 +68,12 @@ async def open_gateway(
     accounts = Accounts(journal, on_record=shipper.poke)
     quota = Quota(store, gateway=gateway_id, incarnation=incarnation, lease_ttl=config.lease_ttl,
                   max_lease=config.max_lease, claim_horizon=config.claim_horizon, lease_log=accounts)
-    fleet = Fleet(store, quota, heartbeat_interval=config.heartbeat, dead_after=config.dead_after,
+    fleet = Fleet(store, gateway=gateway_id, incarnation=incarnation, on_live=quota.set_live,
+                  heartbeat_interval=config.heartbeat, dead_after=config.dead_after,
                   janitor_interval=config.janitor_interval, grace=max(2 * config.lease_ttl, 1.0))
     await stack.enter_async_context(fleet)  # entered first, left last: our leases go back before we leave
     await stack.enter_async_context(quota)
-    await quota.recover(await store.prior_leases(gateway_id, incarnation), replay.used, replay.leases)
+    await close_earlier_leases(store, await store.prior_leases(gateway_id, incarnation), replay.used, replay.leases)
 
     await stack.enter_async_context(shipper)
     validator = await stack.enter_async_context(KeyValidator(mesh, max_timeout=config.auth_timeout))

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Self
 
 from shared.errors import MeshError
 from shared.logging import get_logger
 from shared.tasks import Background
-from services.gateway.quota import Quota
 from services.gateway.store import QuotaStore
 
 __all__ = ["Fleet"]
@@ -32,16 +32,20 @@ _ORPHAN_RETENTION = 35 * 86_400.0
 
 
 class Fleet:
-    """Heartbeat and janitor loops of one gateway."""
+    """Heartbeat and janitor loops of one gateway (`gateway`, in its `incarnation`);
+    every heartbeat tells `on_live` how many gateways are live (at least 1)."""
 
     def __init__(
-        self, store: QuotaStore, quota: Quota, *, heartbeat_interval: float = 1.0,
-        dead_after: float = 10.0, janitor_interval: float = 1.0, grace: float = 2.0,
+        self, store: QuotaStore, *, gateway: str, incarnation: str, on_live: Callable[[int], None],
+        heartbeat_interval: float = 1.0, dead_after: float = 10.0, janitor_interval: float = 1.0,
+        grace: float = 2.0,
     ) -> None:
         if heartbeat_interval * 2 >= dead_after:
             raise ValueError("dead_after must be more than two heartbeats")
         self._store = store
-        self._quota = quota
+        self.gateway = gateway
+        self.incarnation = incarnation
+        self._on_live = on_live
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
         self.janitor_interval = janitor_interval
@@ -58,13 +62,13 @@ class Fleet:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._background.stop()
         try:
-            await self._store.leave(self._quota.gateway, self._quota.incarnation)
+            await self._store.leave(self.gateway, self.incarnation)
         except MeshError as exc:
             log.warning("could not sign off the fleet", error=exc.message)
 
     async def beat(self) -> int:
-        live = await self._store.heartbeat(self._quota.gateway, self._quota.incarnation, self.dead_after)
-        self._quota.live = max(1, live)
+        live = await self._store.heartbeat(self.gateway, self.incarnation, self.dead_after)
+        self._on_live(max(1, live))
         return live
 
     async def sweep(self) -> int:

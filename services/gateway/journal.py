@@ -1,25 +1,26 @@
-"""The usage journal: an append-only file that outlives the gateway process.
+"""An append-only log of JSON entries that outlives the gateway process.
 
-Every request's usage record is appended here before its last chunk is sent,
-so `kill -9` right after a reply loses nothing; a shipper sends the records to
-`auth.record_usage` in batches and remembers how far it got (the `shipped`
-mark, written at most once a second); on restart the rest is sent again (auth
-drops duplicates by request id).
+    journal = Journal(directory, shipping=Shipping(b'{"t":"D"', "rec"))
+    journal.open()                       # lock the directory, start a new segment
+    for entry in journal.earlier(): ...  # what earlier runs appended (before appending)
+    journal.append({"t": "D", "rec": {...}})
+    journal.begin(tag) ... journal.end(tag)
+    batch = journal.pending(500); ...; journal.shipped(batch[-1][0], len(batch))
 
-Lines are JSON, one entry each, in segment files `00000001.jsonl`, ...:
+Entries are JSON objects, one a line, in segment files `00000001.jsonl`, ...;
+each run appends to a segment of its own. An append is one `write()` to the
+page cache: it survives the process, not a power loss -- `fsync=True` adds
+`fdatasync` to every append for that, at the cost of a disk flush per entry.
 
-    {"t":"L","l":17}                                 lease 17 opened
-    {"t":"A","r":"gw-…","p":[[17,1],[18,300]],"u":{…}} request admitted, holding units of leases
-    {"t":"D","r":"gw-…","p":[[17,1],[18,42]],"rec":{…}}  request done: units kept, its usage record
+Some entries carry a record to ship elsewhere (`Shipping`: the line starts
+with `prefix`, the record is `entry[field]`). `pending` hands them out in
+order, `shipped` moves the `shipped` mark past them (written at most once a
+second: a lost mark only sends again), across restarts. A segment is
+deleted once every record in it was shipped and nothing that began in it or
+before it (`begin(tag)` until `end(tag)`) is still live.
 
-`A` and `L` entries let a restarted gateway give back exactly what its leases
-did not use (README.md, "Limits"); the usage records carry a hash of the
-prompt, never the prompt. An append is one `write()` to the page cache: it
-survives the process, not a power loss -- `fsync=True` adds `fdatasync` to
-every append for that, at the cost of a disk flush per entry.
-
-A segment is deleted once every record in it was shipped and nothing that
-began in it or before it (an open lease, a running request) is still live.
+What the entries mean is their writers' business: for the gateway, the
+usage records and the lease and request entries of recovery.py.
 """
 
 from __future__ import annotations
@@ -29,33 +30,29 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from shared.logging import get_logger
 
-__all__ = ["Journal", "Position", "Replay"]
+__all__ = ["Journal", "Position", "Shipping"]
 
 log = get_logger(__name__)
 
 Position = tuple[int, int]  #: (segment, byte offset just after an entry)
-_DONE_PREFIX = b'{"t":"D"'
 _READ_CHUNK = 1 << 16
 _MEMORY_RECORDS = 10_000
 _MARK_EVERY = 1.0  #: seconds between writes of the shipped mark
 
 
-@dataclass
-class Replay:
-    """What the journal of an earlier run says (see `Journal.open`)."""
+class Shipping(NamedTuple):
+    """Which entries carry a record to ship: those whose line starts with
+    `prefix` (a test on bytes, so lines are parsed only for their records:
+    the writer puts the distinguishing key first), the record in `field`."""
 
-    leases: set[int] = field(default_factory=set)  #: leases whose whole history is here
-    used: dict[int, int] = field(default_factory=dict)  #: lease id -> units its requests kept
-    interrupted: list[dict[str, Any]] = field(default_factory=list)  #: records written for cut requests
-    entries: int = 0
-    torn: int = 0  #: unreadable lines (a write cut by a crash)
+    prefix: bytes
+    field: str
 
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps(separators=) is not
@@ -68,31 +65,32 @@ def _dump(entry: dict[str, Any]) -> bytes:
 class Journal:
     """Segments of JSON lines in `directory`, a `shipped` mark, retention by liveness."""
 
-    def __init__(self, directory: Path, *, segment_bytes: int = 16 << 20, fsync: bool = False) -> None:
+    def __init__(
+        self, directory: Path, *, shipping: Shipping | None = None, segment_bytes: int = 16 << 20,
+        fsync: bool = False,
+    ) -> None:
         self.directory = Path(directory)
+        self.shipping = shipping
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self._fd = -1
         self._lock_fd = -1
         self._segment = 0
+        self._first = 0  #: the first segment of this run
         self._size = 0
         self._live: dict[Hashable, int] = {}  #: tag -> segment it began in
         self._mark: Position = (0, 0)
         self._read: Position = (0, 0)
         self._pending: deque[tuple[Position, dict[str, Any]]] = deque()
         self._mark_written = 0.0
-        self.appended = 0  #: usage records appended by this process
+        self.appended = 0  #: records to ship appended by this process
         self.shipped_count = 0
+        self.torn = 0  #: unreadable lines met by `earlier` (writes cut by a crash)
 
-    # -- opening and replaying -------------------------------------------------
+    # -- opening, and the entries of earlier runs ----------------------------------
 
-    def open(self, interrupted_record: Any = None) -> Replay:
-        """Lock the directory, replay what is there, start a new segment.
-
-        `interrupted_record(admitted_entry) -> record` makes the usage record
-        of a request that was admitted but never finished (the process died);
-        those records are appended, so they are shipped like any other.
-        """
+    def open(self) -> None:
+        """Lock the directory (one process per journal) and start a new segment."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = os.open(self.directory / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -101,47 +99,30 @@ class Journal:
             os.close(self._lock_fd)
             raise RuntimeError(f"{self.directory} is in use by another gateway process") from None
         self._mark = self._read_mark()
-        replay, admitted = self._replay()
         segments = self._segments()
-        self._segment = (segments[-1] if segments else 0) + 1
+        self._segment = self._first = (segments[-1] if segments else 0) + 1
         if self._mark < (segments[0] if segments else self._segment, 0):
             self._mark = (segments[0] if segments else self._segment, 0)
         self._read = self._mark
         self._open_segment()
-        for request_id, entry in admitted.items():
-            record = interrupted_record(entry) if interrupted_record is not None else None
-            held = entry.get("p", [])
-            for lease_id, units in held:
-                replay.used[lease_id] = replay.used.get(lease_id, 0) + units
-            if record is not None:
-                self.append({"t": "D", "r": request_id, "p": held, "rec": record})
-                replay.interrupted.append(record)
-        return replay  # old segments go once shipped, after the caller used `replay`
 
-    def _replay(self) -> tuple[Replay, dict[str, dict[str, Any]]]:
-        replay = Replay()
-        admitted: dict[str, dict[str, Any]] = {}
+    def earlier(self) -> Iterator[dict[str, Any]]:
+        """The entries earlier runs appended, oldest first (read them before
+        anything is shipped: shipped segments go). A line that is not a JSON
+        object (a write cut by a crash) is skipped and counted in `torn`."""
         for segment in self._segments():
+            if segment >= self._first:
+                break
             with open(self._path(segment), "rb") as f:
                 for line in f:
                     try:
                         entry = json.loads(line)
-                        kind = entry["t"]
-                    except (ValueError, KeyError, TypeError):
-                        replay.torn += 1
+                    except ValueError:
+                        entry = None
+                    if not isinstance(entry, dict):
+                        self.torn += 1
                         continue
-                    replay.entries += 1
-                    if kind == "L":
-                        replay.leases.add(entry["l"])
-                    elif kind == "A":
-                        admitted[entry["r"]] = entry
-                    elif kind == "D":
-                        admitted.pop(entry["r"], None)
-                        for lease_id, units in entry.get("p", []):
-                            replay.used[lease_id] = replay.used.get(lease_id, 0) + units
-        if replay.torn:
-            log.warning("journal lines unreadable (cut by a crash?)", lines=replay.torn)
-        return replay, admitted
+                    yield entry
 
     def close(self) -> None:
         if self._lock_fd >= 0:
@@ -158,7 +139,7 @@ class Journal:
     def append(self, entry: dict[str, Any]) -> None:
         """Write one entry now (one `write()`; `fdatasync` too with `fsync`).
 
-        While the shipper's reader is caught up, a usage record is also kept
+        While the shipper's reader is caught up, a record to ship is also kept
         in memory for it, so the file is read back only after a restart or
         when more than `_MEMORY_RECORDS` wait."""
         data = _dump(entry)
@@ -173,13 +154,14 @@ class Journal:
         if self.fsync:
             os.fdatasync(self._fd)
         after = (self._segment, self._size)
-        done = entry["t"] == "D"
-        if done:
+        shipping = self.shipping
+        record = shipping is not None and data.startswith(shipping.prefix)
+        if record:
             self.appended += 1
-        if self._read == before and (not done or len(self._pending) < _MEMORY_RECORDS):
+        if self._read == before and (not record or len(self._pending) < _MEMORY_RECORDS):
             self._read = after
-            if done:
-                self._pending.append((after, entry["rec"]))
+            if shipping is not None and record:
+                self._pending.append((after, entry[shipping.field]))
 
     def begin(self, tag: Hashable) -> None:
         """Something that must be recoverable from this segment on is live."""
@@ -202,12 +184,12 @@ class Journal:
 
     @property
     def unshipped(self) -> int:
-        """Usage records appended by this process and not shipped yet (an estimate
-        across restarts: replayed records are not counted)."""
+        """Records appended by this process and not shipped yet (an estimate
+        across restarts: earlier runs' records are not counted)."""
         return max(0, self.appended - self.shipped_count)
 
     def pending(self, limit: int) -> list[tuple[Position, dict[str, Any]]]:
-        """Up to `limit` usage records after the shipped mark, oldest first."""
+        """Up to `limit` records to ship after the shipped mark, oldest first."""
         while len(self._pending) < limit and self._read_more():
             pass
         return [self._pending[i] for i in range(min(limit, len(self._pending)))]
@@ -242,13 +224,14 @@ class Journal:
                 return True
             return False  # nothing yet, or an entry being written: wait for its newline
         position = offset
+        shipping = self.shipping
         for line in data[: end + 1].splitlines(keepends=True):
             position += len(line)
-            if line.startswith(_DONE_PREFIX):
+            if shipping is not None and line.startswith(shipping.prefix):
                 try:
-                    self._pending.append(((segment, position), json.loads(line)["rec"]))
+                    self._pending.append(((segment, position), json.loads(line)[shipping.field]))
                 except (ValueError, KeyError, TypeError):
-                    log.warning("unreadable usage record skipped", segment=segment, offset=position)
+                    log.warning("unreadable record to ship skipped", segment=segment, offset=position)
         self._read = (segment, position)
         return True
 

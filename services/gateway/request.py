@@ -15,7 +15,7 @@ Read top to bottom, in the order things happen:
    failure is counted, nothing else: there is nobody to bill.
 2. **check** the parameters with the workers' rules (checks.py), **route**
    (the model's workers, router.py: `NOT_FOUND` if nobody serves it) and
-   **admit** (hold quota, quota.py: `RATE_LIMITED` with `retry_after`). A
+   **admit** (hold quota, quota/: `RATE_LIMITED` with `retry_after`). A
    refusal is recorded (a usage record with its status) and counted.
 3. Admitted: an `A` journal entry (accounts.py), so that a crash from here on
    is still billed and its leases settled on restart.

@@ -4,8 +4,10 @@
 each turn it gives back what expired leases do not use (first, since a grant
 may need it), then sends every pending grant in one call, then every claim.
 No two statements of one gateway ever wait on each other, and every answer
-is applied to the local leases in the same loop turn. An expiry loop retires
-leases at 0.8 of their TTL, well before the database's `expires_at`.
+is applied to the local leases (through the `LeaseBook`, their one owner)
+in the same loop turn. An expiry loop retires leases at 0.8 of their TTL,
+well before the database's `expires_at`. The writer's own state is its
+queues: pending grants, claims, and leases to give back.
 """
 
 from __future__ import annotations
@@ -13,32 +15,16 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 from shared.errors import Unavailable
 from shared.logging import get_logger
-from services.gateway.leases import Key, KeyState, Lease
+from services.gateway.quota.book import LeaseBook
+from services.gateway.quota.leases import KeyState, Lease
 from services.gateway.store import Grant, GrantItem, QuotaStore
 
-__all__ = ["LeaseLog", "LeaseWriter"]
+__all__ = ["LeaseWriter"]
 
 log = get_logger(__name__)
-
-
-class LeaseLog(Protocol):
-    """Where the journal hears about leases (for exact recovery after a crash)."""
-
-    def opened(self, lease_id: int) -> None: ...
-
-    def closed(self, lease_id: int) -> None: ...
-
-
-class _NoLog:
-    def opened(self, lease_id: int) -> None:
-        pass
-
-    def closed(self, lease_id: int) -> None:
-        pass
 
 
 @dataclass(slots=True)
@@ -52,18 +38,16 @@ class LeaseWriter:
     """Grants, claims and returns of one gateway's leases (see the module doc)."""
 
     def __init__(
-        self, store: QuotaStore, states: dict[Key, KeyState], leases: dict[int, Lease], *, gateway: str,
-        incarnation: str, ttl: float, max_lease: int, horizon: float, lease_log: LeaseLog | None = None,
+        self, store: QuotaStore, book: LeaseBook, *, gateway: str, incarnation: str, ttl: float,
+        max_lease: int, horizon: float,
     ) -> None:
         self._store = store
-        self._states = states
-        self._leases = leases
+        self._book = book
         self.gateway = gateway
         self.incarnation = incarnation
         self.ttl = ttl
         self._max_lease = max_lease
         self._horizon = horizon
-        self._log = lease_log or _NoLog()
         self.live = 1  #: live gateways, kept up to date by the heartbeat
         self._grants: list[_GrantOp] = []
         self._claims: dict[Lease, int] = {}
@@ -77,8 +61,8 @@ class LeaseWriter:
 
     async def stop(self, timeout: float = 3.0) -> None:
         """Give back every unused unit (leases of requests still running keep theirs)."""
-        for lease in self._leases.values():
-            lease.expired = True
+        for lease in self._book.leases():
+            self._book.retire(lease)
             self._dirty.add(lease)
         self._wake.set()
         deadline = time.monotonic() + timeout
@@ -94,10 +78,6 @@ class LeaseWriter:
         self._dirty.add(lease)
         self._wake.set()
 
-    def returning(self, key: Key) -> bool:
-        """Units of `key` on their way back from one of our expired leases."""
-        return any(l.key == key and l.expired and not l.closed and l.free > 0 for l in self._leases.values())
-
     def grant(self, state: KeyState, n: int, *, background: bool = False) -> asyncio.Future[Grant]:
         """Ask for units: more for the open lease (`top_up`) while it has a while
         to live, else a new lease. In the `background` the open lease serves
@@ -105,8 +85,7 @@ class LeaseWriter:
         lease = state.lease
         now = time.monotonic()
         top_up = lease is not None and not lease.expired and lease.expires - now > self.ttl / 2
-        if lease is not None and not top_up and not background and not lease.expired:
-            lease.expired = True
+        if lease is not None and not top_up and not background and self._book.retire(lease):
             self._dirty.add(lease)
         have = lease.free if top_up and lease is not None else 0
         ahead = state.ahead(self._horizon, n)
@@ -120,7 +99,7 @@ class LeaseWriter:
             used + max(n, 2 * ahead),
         )
         future: asyncio.Future[Grant] = asyncio.get_running_loop().create_future()
-        state.granting = future
+        self._book.granting(state, future)
         self._grants.append(_GrantOp(state, item, future))
         self._wake.set()
         return future
@@ -129,10 +108,11 @@ class LeaseWriter:
         """Raise `lease`'s claimed mark towards `target` (never past its units)."""
         if lease.claiming is not None:
             return lease.claiming
-        lease.claiming = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._book.claiming(lease, future)
         self._claims[lease] = min(lease.units, target)
         self._wake.set()
-        return lease.claiming
+        return future
 
     async def _run(self) -> None:
         backoff = 0.05
@@ -164,13 +144,13 @@ class LeaseWriter:
         """Every grant and claim not written yet fails with `exc`."""
         grants, self._grants = self._grants, []
         for op in grants:
-            op.state.granting = None
+            self._book.granting(op.state, None)
             if not op.future.done():
                 op.future.set_exception(exc)
                 op.future.exception()  # retrieved: a waiter may have been cancelled
         claims, self._claims = self._claims, {}
         for lease in claims:
-            future, lease.claiming = lease.claiming, None
+            future = self._book.claim_over(lease)
             if future is not None and not future.done():
                 future.set_exception(exc)
                 future.exception()
@@ -191,7 +171,7 @@ class LeaseWriter:
                                              [op.item for op in ops])
         except Exception as exc:
             for op in ops:
-                op.state.granting = None
+                self._book.granting(op.state, None)
                 if not op.future.done():
                     op.future.set_exception(exc if isinstance(exc, Unavailable) else Unavailable(str(exc)))
                     op.future.exception()  # retrieved: a waiter may have been cancelled
@@ -202,24 +182,11 @@ class LeaseWriter:
             self._apply(op, grant, sent)
 
     def _apply(self, op: _GrantOp, grant: Grant, sent: float) -> None:
-        state = op.state
-        state.granted = grant.granted
-        state.granting = None
-        if grant.added > 0 and grant.lease_id is not None:
-            lease = state.lease
-            if lease is not None and lease.id == grant.lease_id:
-                lease.units, lease.claimed = grant.units, max(lease.claimed, grant.claimed)
-            else:
-                if lease is not None and not lease.expired:
-                    lease.expired = True
-                    self._dirty.add(lease)
-                # Given back well before the database says it expires, so a request
-                # of another gateway waiting (at most a TTL) for it sees it come back.
-                expires = sent + self.ttl * 0.8
-                lease = Lease(grant.lease_id, state.key, grant.units, grant.claimed, expires)
-                self._leases[lease.id] = lease
-                state.lease = lease
-                self._log.opened(lease.id)
+        # A new lease goes back well before the database says it expires, so a
+        # request of another gateway waiting (at most a TTL) for it sees it come back.
+        retired = self._book.granted(op.state, grant, expires=sent + self.ttl * 0.8)
+        if retired is not None:
+            self._dirty.add(retired)
         if not op.future.done():
             op.future.set_result(grant)
 
@@ -232,7 +199,7 @@ class LeaseWriter:
             answers = await self._store.claim(list(leases), list(claims.values()))
         except Exception as exc:
             for lease in claims:
-                future, lease.claiming = lease.claiming, None
+                future = self._book.claim_over(lease)
                 if future is not None and not future.done():
                     future.set_exception(exc if isinstance(exc, Unavailable) else Unavailable(str(exc)))
                     future.exception()
@@ -241,14 +208,10 @@ class LeaseWriter:
             raise
         for answer in answers:
             lease = leases[answer.lease_id]
-            lease.claimed = max(lease.claimed, min(answer.claimed, lease.units))
-            if answer.orphaned and not lease.expired:  # a janitor took us for dead: stop using it
-                lease.expired = True
+            if self._book.claimed(lease, answer.claimed, answer.orphaned):  # a janitor took us for dead
                 self._dirty.add(lease)
         for lease in claims:
-            future, lease.claiming = lease.claiming, None
-            if lease.id not in {a.lease_id for a in answers}:  # gone: closed meanwhile
-                lease.expired = True
+            future = self._book.claim_over(lease, gone=lease.id not in {a.lease_id for a in answers})
             if future is not None and not future.done():
                 future.set_result(None)
 
@@ -259,7 +222,7 @@ class LeaseWriter:
             if lease.closed:
                 continue
             if not lease.expired and lease.free == 0 and lease.holders == 0:
-                lease.expired = True  # used up and settled: nothing will ever come back
+                self._book.retire(lease)  # used up and settled: nothing will ever come back
             if lease.expired and (lease.holders == 0 or final):
                 batch.append((lease, lease.used, True))
             elif lease.expired and lease.free > 0:
@@ -274,37 +237,13 @@ class LeaseWriter:
             raise
         returned = {a.lease_id: a for a in answers}
         for lease, used, close in batch:
-            answer = returned.get(lease.id)
-            state = self._states.get(lease.key)
-            if answer is not None and state is not None:
-                state.granted = answer.granted
-            if close or answer is None:
-                self._close(lease, state)
-            else:
-                lease.units, lease.claimed = used, min(lease.claimed, used)
-
-    def _close(self, lease: Lease, state: KeyState | None) -> None:
-        lease.closed = lease.expired = True
-        self._leases.pop(lease.id, None)
-        if state is not None and state.lease is lease:
-            state.lease = None
-        self._log.closed(lease.id)
+            self._book.gave_back(lease, returned.get(lease.id), close=close, used=used)
 
     async def _expirer(self) -> None:
         period = max(0.01, min(0.1, self.ttl / 8))
         while True:
             await asyncio.sleep(period)
-            now = time.monotonic()
-            for lease in self._leases.values():
-                if not lease.expired and now >= lease.expires:
-                    lease.expired = True
-                    self._dirty.add(lease)
+            self._dirty.update(self._book.expire_due(time.monotonic()))
             if self._dirty:
                 self._wake.set()
-            if len(self._states) > 10_000:
-                self._forget_idle()
-
-    def _forget_idle(self) -> None:
-        idle = [k for k, s in self._states.items() if s.lease is None and s.granting is None and s.waiting == 0]
-        for key in idle:
-            del self._states[key]
+            self._book.forget_idle()

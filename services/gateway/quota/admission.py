@@ -13,7 +13,9 @@ rule) to top leases up and renew them, to raise a lease's `claimed` mark
 ahead of use, and to take unused units back. A request the database refuses
 waits -- at most a lease TTL, within its deadline -- for other gateways'
 leases to come back before it is `RATE_LIMITED`. The design and its
-guarantees are in README.md, "Limits".
+guarantees are in README.md, "Limits". The per-key states and the leases
+belong to the `LeaseBook` (book.py): `Quota` reads them and changes them
+only through it.
 """
 
 from __future__ import annotations
@@ -26,19 +28,12 @@ from typing import Any, Self
 
 from shared.errors import RateLimited, Unavailable
 from shared.logging import get_logger
-from services.gateway.leases import (
-    COUNTERS,
-    TOKEN_COUNTER,
-    Key,
-    KeyState,
-    Lease,
-    Part,
-    window_of,
-)
-from services.gateway.store import Grant, PriorLease, QuotaStore
-from services.gateway.writer import LeaseLog, LeaseWriter
+from services.gateway.quota.book import LeaseBook, LeaseLog
+from services.gateway.quota.leases import COUNTERS, TOKEN_COUNTER, Key, KeyState, Part, window_of
+from services.gateway.quota.writer import LeaseWriter
+from services.gateway.store import Grant, QuotaStore
 
-__all__ = ["Admission", "LeaseLog", "Quota"]
+__all__ = ["Admission", "Quota"]
 
 log = get_logger(__name__)
 
@@ -78,19 +73,18 @@ class Quota:
         self._horizon = claim_horizon
         self._poll = poll_interval
         self._clock = clock
-        self._states: dict[Key, KeyState] = {}
-        self._leases: dict[int, Lease] = {}
-        self._writer = LeaseWriter(store, self._states, self._leases, gateway=gateway, incarnation=incarnation,
-                                   ttl=lease_ttl, max_lease=max_lease, horizon=claim_horizon, lease_log=lease_log)
+        self._book = LeaseBook(lease_log)
+        self._writer = LeaseWriter(store, self._book, gateway=gateway, incarnation=incarnation,
+                                   ttl=lease_ttl, max_lease=max_lease, horizon=claim_horizon)
         self.overruns = 0  #: tokens used beyond a reservation (a worker over-reporting)
 
     @property
     def live(self) -> int:
-        """Live gateways (set by the heartbeat): leases are a 1/(4 x live) share."""
+        """Live gateways (see `set_live`): leases are a 1/(4 x live) share."""
         return self._writer.live
 
-    @live.setter
-    def live(self, count: int) -> None:
+    def set_live(self, count: int) -> None:
+        """How many gateways are live (the heartbeat's `Fleet(on_live=)`)."""
         self._writer.live = count
 
     # -- lifecycle -------------------------------------------------------------
@@ -117,11 +111,7 @@ class Quota:
             if limit is None:
                 continue
             window = window_of(counter, now)
-            key = Key(user_id, counter, window.start)
-            state = self._states.get(key)
-            if state is None:
-                state = self._states[key] = KeyState(key, int(limit), window.reset)
-            state.limit = int(limit)
+            state = self._book.key_state(Key(user_id, counter, window.start), int(limit), window.reset)
             wanted.append((state, tokens if counter == TOKEN_COUNTER else 1))
         return wanted
 
@@ -157,22 +147,15 @@ class Quota:
     def _token_final(self, part: Part, used: int) -> int:
         if used <= part.units:
             return used
-        lease, extra = part.lease, used - part.units
-        if not lease.closed and lease.used + extra <= lease.claimed:
-            lease.used += extra
-            part.units += extra
+        if self._book.stretch(part, used - part.units):
             return used
         self.overruns += used - part.units
         log.warning("tokens used beyond the reservation", reserved=part.units, used=used)
         return part.units
 
     def _finish(self, part: Part, final: int) -> None:
-        lease = part.lease
-        part.final = final
-        lease.used -= part.units - final
-        lease.holders -= 1
-        if lease.expired or (lease.free == 0 and lease.holders == 0):
-            self._writer.dirty(lease)
+        if self._book.finish(part, final):
+            self._writer.dirty(part.lease)
 
     def _take(self, needs: list[tuple[KeyState, int]]) -> Admission | None:
         """Admit from the open leases, all counters or none; no awaiting."""
@@ -183,12 +166,9 @@ class Quota:
         now = time.monotonic()
         parts = []
         for state, n in needs:
-            lease = state.lease
-            assert lease is not None
-            lease.used += n
-            lease.holders += 1
-            state.note(n, now)
-            parts.append(Part(lease, n))
+            part = self._book.take(state, n, now)
+            lease = part.lease
+            parts.append(part)
             # Ahead of need, in the background: claim further, top the lease up
             # (or renew it near its end), so that requests rarely wait.
             ahead = state.ahead(self._horizon, n)
@@ -204,7 +184,7 @@ class Quota:
         started = time.monotonic()
         wait_until: float | None = None
         for state, n in needs:
-            state.waiting += n
+            self._book.wait(state, n)
         try:
             for _ in range(_MAX_ROUNDS):
                 admission = self._take(needs)
@@ -216,7 +196,7 @@ class Quota:
                 if refused is None:
                     continue
                 state, n, grant = refused
-                if wait_until is None or self._writer.returning(state.key):
+                if wait_until is None or self._book.returning(state.key):
                     wait_until = max(wait_until or 0.0, self._wait_until(state, grant, started, deadline))
                 now = time.monotonic()
                 if now >= wait_until:
@@ -225,7 +205,7 @@ class Quota:
             raise Unavailable("the quota could not be settled in time", {"retry_safe": True})
         finally:
             for state, n in needs:
-                state.waiting -= n
+                self._book.wait(state, -n)
 
     async def _step(self, state: KeyState, n: int) -> Grant | None:
         """Make the open lease of `state` fit `n`: claim further, or ask for units."""
@@ -245,15 +225,13 @@ class Quota:
         gateways' (until they expire) and our own that are being trimmed."""
         limit = min(started + self.ttl, deadline - 0.05)
         until = started
-        if self._writer.returning(state.key):
+        if self._book.returning(state.key):
             until = time.monotonic() + 2 * self._poll
         if grant.others_units > 0 and grant.others_expiry is not None:
             now = time.monotonic()
             expiry = now + (grant.others_expiry.timestamp() - self._clock())
             until = max(until, max(now, expiry) + 2 * self._poll)
         return min(limit, until)
-
-
 
     def _refusal(self, state: KeyState, n: int, limits: Mapping[str, Any]) -> RateLimited:
         counter = state.key.counter
@@ -277,7 +255,7 @@ class Quota:
             if limit is None:
                 facts[counter] = {"limit": None, "remaining": None, "reset": window.reset}
                 continue
-            state = self._states.get(Key(user_id, counter, window.start))
+            state = self._book.state(Key(user_id, counter, window.start))
             remaining = state.remaining() if state is not None else int(limit)
             facts[counter] = {"limit": int(limit), "remaining": min(remaining, int(limit)), "reset": window.reset}
         return facts
@@ -288,28 +266,6 @@ class Quota:
         windows = {c: window_of(c, now) for c in COUNTERS if limits.get(c) is not None}
         granted = await self._store.counters(user_id, [(c, w.start) for c, w in windows.items()])
         for counter, window in windows.items():
-            state = self._states.get(Key(user_id, counter, window.start))
-            if state is not None:
-                state.granted = granted.get(counter, 0)
-            else:
-                limit = int(limits[counter])
-                self._states[Key(user_id, counter, window.start)] = KeyState(
-                    Key(user_id, counter, window.start), limit, window.reset, granted=granted.get(counter, 0))
+            self._book.saw_granted(Key(user_id, counter, window.start), int(limits[counter]), window.reset,
+                                   granted.get(counter, 0))
         return self.facts(user_id, limits)
-
-    # -- after a crash ---------------------------------------------------------------
-
-    async def recover(self, prior: list[PriorLease], used: Mapping[int, int], known: set[int]) -> int:
-        """Close this gateway's leases from an earlier run; the units given back.
-
-        A lease the journal knows (`known`) keeps exactly what its requests
-        used; one it does not know keeps its `claimed` mark (what was possibly
-        used), as a janitor would."""
-        if not prior:
-            return 0
-        ids = [p.lease_id for p in prior]
-        kept = [used.get(p.lease_id, 0) if p.lease_id in known else p.claimed for p in prior]
-        answers = await self._store.release(ids, kept, [True] * len(ids))
-        total = sum(a.returned for a in answers)
-        log.info("leases of an earlier run closed", leases=len(answers), returned=total)
-        return total
