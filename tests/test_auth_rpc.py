@@ -199,7 +199,7 @@ async def test_key_validator_never_caches_an_answer_older_than_its_cursor(pg_dsn
         token = await auth.user("hugo")
         key = (await auth("create_key", token=token, name="k"))["api_key"]
         validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
-        validator._task.cancel()  # hold the validator's view still
+        await validator.pause_polling()  # hold the validator's view still
         # As if this validator had seen an invalidation the auth instance has not applied yet.
         validator.cursor = auth.service._feed.cursor + 1
         validator.synced_at = time.monotonic()
@@ -218,7 +218,7 @@ async def test_untrusted_key_validator_shares_one_call_among_callers_of_a_key(pg
         token = await auth.user("ivy")
         key = (await auth("create_key", token=token, name="k"))["api_key"]
         validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
-        validator._task.cancel()
+        await validator.pause_polling()
         validator.synced_at = float("-inf")  # as after a missed poll: the cache is not trusted
         calls = 0
         original = validator._auth.call

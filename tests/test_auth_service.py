@@ -607,8 +607,7 @@ async def test_an_instance_that_cannot_sync_stops_trusting_its_cache(auth):
     token = await auth.user("cleo")
     key = await auth("create_key", token=token, name="k")
     feed = auth.service._feed
-    feed._task.cancel()  # as if every poll failed from now on
-    await asyncio.gather(feed._task, return_exceptions=True)
+    await feed.pause_polling()  # as if every poll failed from now on
     store = auth.service._store
     original, lookups = store.key_by_hash, 0
 

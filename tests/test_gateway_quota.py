@@ -45,9 +45,10 @@ async def keeper(stack: AsyncExitStack, store: QuotaStore, name: str, **options)
 
 def crash(quota: Quota) -> None:
     """Stop a keeper the way kill -9 would: no settling, no giving back, no heartbeat."""
+    quota.halt()
     fleet = getattr(quota, "fleet", None)
-    for task in quota._writer._tasks + (fleet._background._tasks if fleet is not None else []):
-        task.cancel()
+    if fleet is not None:
+        fleet.halt()
 
 
 async def granted(store: QuotaStore, user_id: int, counter: str) -> int:

@@ -69,6 +69,11 @@ class InvalidationFeed:
         await self._background.stop()
         await self._close_listener()
 
+    async def pause_polling(self) -> None:
+        """Poll no more, as if every poll failed from now on: once `stale_after`
+        passes the cache is not trusted (what an outage of the log looks like)."""
+        await self._background.stop()
+
     async def sync(self) -> None:
         """Apply every invalidation after the cursor, reading the log until its end."""
         while True:

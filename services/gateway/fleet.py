@@ -59,6 +59,10 @@ class Fleet:
         self._background.start(self._sweeping(), name="quota janitor")
         return self
 
+    def halt(self) -> None:
+        """Stop dead: no more heartbeats, nothing left cleanly (`kill -9`, for the fault tests)."""
+        self._background.halt()
+
     async def __aexit__(self, *exc_info: object) -> None:
         await self._background.stop()
         try:

@@ -115,6 +115,11 @@ class KeyValidator:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._background.stop()
 
+    async def pause_polling(self) -> None:
+        """Poll auth's invalidations no more, holding this validator's view still:
+        once `stale_after` passes it is not trusted and every call goes to auth."""
+        await self._background.stop()
+
     async def validate(self, api_key: str, *, deadline: float | None = None) -> KeyIdentity:
         """The key's owner, key id, tier, limits and priority; `Unauthenticated` if refused.
 

@@ -96,6 +96,10 @@ class Quota:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
+    def halt(self) -> None:
+        """Stop dead, giving nothing back (`kill -9`, for the fault tests)."""
+        self._writer.halt()
+
     async def close(self, timeout: float = 3.0) -> None:
         """Give back every unused unit (requests still running keep theirs)."""
         await self._writer.stop(timeout)

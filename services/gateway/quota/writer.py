@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 
 from shared.errors import Unavailable
 from shared.logging import get_logger
+from shared.tasks import Background
 from services.gateway.quota.book import LeaseBook
 from services.gateway.quota.leases import KeyState, Lease
 from services.gateway.store import Grant, GrantItem, QuotaStore
@@ -53,11 +54,16 @@ class LeaseWriter:
         self._claims: dict[Lease, int] = {}
         self._dirty: set[Lease] = set()
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background = Background()
+        self._loop: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run(), name="quota writer"),
-                       asyncio.create_task(self._expirer(), name="quota expiry")]
+        self._loop = self._background.start(self._run(), name="quota writer")
+        self._background.start(self._expirer(), name="quota expiry")
+
+    def halt(self) -> None:
+        """Stop dead: nothing given back, nothing written (`kill -9`, for the fault tests)."""
+        self._background.halt()
 
     async def stop(self, timeout: float = 3.0) -> None:
         """Give back every unused unit (leases of requests still running keep theirs)."""
@@ -66,11 +72,9 @@ class LeaseWriter:
             self._dirty.add(lease)
         self._wake.set()
         deadline = time.monotonic() + timeout
-        while self._dirty and time.monotonic() < deadline and self._tasks and not self._tasks[0].done():
+        while self._dirty and time.monotonic() < deadline and self._loop is not None and not self._loop.done():
             await asyncio.sleep(0.01)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._background.stop()
         await self._release_dirty(final=True)
 
     def dirty(self, lease: Lease) -> None:
