@@ -10,6 +10,8 @@
 The tier table is a contract of its own, in shared/tiers.py.
 """
 
+from typing import Any
+
 from services.auth.client.api import (
     Account,
     AccountCreated,
@@ -33,8 +35,20 @@ from services.auth.client.api import (
     UsageTotals,
     User,
 )
-from services.auth.client.tokens import ALGORITHM, MAX_TOKEN_LENGTH, TokenVerifier
 from services.auth.client.validator import KeyValidator
+
+#: Imported when first used: PyJWT and its cryptography cost a command-line
+#: client ~45 ms and 10 MB it does not need (the CLI never verifies a token).
+_FROM_TOKENS = frozenset({"ALGORITHM", "MAX_TOKEN_LENGTH", "TokenVerifier"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_TOKENS:
+        from services.auth.client import tokens
+
+        return getattr(tokens, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
