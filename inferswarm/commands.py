@@ -23,6 +23,7 @@ from inferswarm.credentials import Credentials
 from inferswarm.errors import human_duration
 from inferswarm.session import ClientSession, SessionError
 from shared.errors import MeshError, Unauthenticated
+from shared.generation import is_final, text_of
 from services.auth.client import AuthClient
 from services.gateway.client import GatewayClient
 
@@ -210,12 +211,13 @@ async def generate(args: Namespace, session: ClientSession, creds: Credentials,
     final: dict[str, Any] = {}
     async with await _gateway(session).infer(**params) as stream:
         async for chunk in stream:
-            if chunk.get("done"):
+            text = text_of(chunk)
+            if is_final(chunk):
                 final = chunk
-            elif "text" in chunk:
-                parts.append(chunk["text"])
+            elif text is not None:
+                parts.append(text)
                 if echo:
-                    sys.stdout.write(chunk["text"])
+                    sys.stdout.write(text)
                     sys.stdout.flush()
     return "".join(parts), final
 

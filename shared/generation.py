@@ -16,13 +16,14 @@ an integer (`priority_of`, with the tiers of shared/tiers.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from shared.errors import InvalidParams
 from shared.tiers import TierTable
 
-__all__ = ["GenerateRequest", "Limits", "Message", "build_request", "priority_of"]
+__all__ = ["GenerateRequest", "Limits", "Message", "build_request", "is_final", "priority_of", "text_of"]
 
 _ROLES = ("system", "user", "assistant")
 _MAX_STOPS = 4
@@ -141,3 +142,20 @@ def priority_of(priority: int | str) -> int:
     if priority not in _TIERS:
         raise _refuse("priority", f"must be an integer or a tier name ({', '.join(_TIERS.names())})")
     return _TIERS[priority].priority
+
+
+# -- the chunks of a generation stream (services/inference/README.md, "Chunks") --------
+
+
+def is_final(chunk: Any) -> bool:
+    """True for the last chunk of a generation stream (`inference.generate`, and
+    `gateway.infer` relaying it): the one map with `done: true`, which carries
+    `usage`, `finish_reason`, `timing`, `cached` (and from the gateway
+    `request_id` and `rate_limit`). The chunks before it carry text (`text_of`)."""
+    return isinstance(chunk, Mapping) and chunk.get("done") is True
+
+
+def text_of(chunk: Any) -> str | None:
+    """The piece of text a chunk carries, or None when it carries none."""
+    text = chunk.get("text") if isinstance(chunk, Mapping) else None
+    return text if isinstance(text, str) else None

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import MeshError
+from shared.generation import is_final, text_of
 from services.gateway.accounts import Accounts, safe_model
 from services.gateway.callers import Caller, Callers
 from services.gateway.checks import Limits, check_request
@@ -146,9 +147,9 @@ class Request:
         return self._passed(chunk)
 
     def _passed(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        if chunk.get("done"):
+        if is_final(chunk):
             return self._succeeded(chunk)
-        if isinstance(chunk.get("text"), str):
+        if text_of(chunk) is not None:
             self.delivered += 1
             if self.delivered == 1:
                 self.prompt_tokens = _count(chunk.get("prompt_tokens"))

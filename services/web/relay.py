@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from shared.errors import InvalidParams, MeshError
+from shared.generation import is_final, text_of
 from shared.rpc import Stream
 from services.web.ratelimits import facts_of
 from services.web.upstream import Upstream
@@ -31,10 +32,6 @@ __all__ = ["Relay", "check_generation", "MAX_STOP"]
 MAX_STOP = 4
 _SAMPLING = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
 _QUOTA_WAIT_S = 1.0
-
-
-def _is_final(chunk: Mapping[str, Any]) -> bool:
-    return bool(chunk.get("done")) or "finish_reason" in chunk or "usage" in chunk
 
 
 class Relay:
@@ -82,12 +79,13 @@ class Relay:
             if not isinstance(chunk, dict):
                 continue
             self.facts = facts_of(chunk) or self.facts
-            if _is_final(chunk):
+            text = text_of(chunk)
+            if is_final(chunk):
                 self.final = chunk
-                if isinstance(chunk.get("text"), str) and chunk["text"]:
-                    return {"text": chunk["text"]}
+                if text:
+                    return {"text": text}
                 continue
-            if isinstance(chunk.get("text"), str):
+            if text is not None:
                 self.text_chunks += 1
                 return chunk
         return None
