@@ -11,7 +11,6 @@ use `open_service` for the same wiring without a mesh.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
@@ -21,6 +20,7 @@ from shared.dht import model_topic, service_topic
 from shared.errors import MeshError, Unavailable
 from shared.logging import get_logger
 from shared.generation import Limits
+from shared.tasks import Background
 from services.inference.backends import make_backend
 from services.inference.cache import ResponseCache
 from services.inference.config import InferenceConfig
@@ -54,8 +54,9 @@ async def open_service(
         queue_timeout=config.queue_timeout,
     )
     await probe_all(service, timeout=config.probe_interval)
-    prober = asyncio.create_task(_probe_forever(service, config.probe_interval), name="inference.prober")
-    stack.push_async_callback(_cancel, prober)
+    prober = Background()
+    prober.start(_probe_forever(service, config.probe_interval), name="inference.prober")
+    stack.push_async_callback(prober.stop)
     return service
 
 
@@ -83,12 +84,6 @@ async def _probe_forever(service: InferenceService, interval: float) -> None:
     while True:  # until cancelled by the stack; each turn waits `interval`
         await asyncio.sleep(interval)
         await probe_all(service, timeout=interval)
-
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 class InferenceWorker:

@@ -18,7 +18,6 @@ an inference worker's free slots for the model of that topic), over `load`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,6 +27,7 @@ import structlog
 
 from shared.dht.interface import Discovery
 from shared.errors import MeshError
+from shared.tasks import Background
 
 __all__ = ["Announcer", "DEFAULT_TTL"]
 
@@ -71,19 +71,15 @@ class Announcer:
         self.withdraw_timeout = withdraw_timeout
         self._poked = asyncio.Event()
         self._last_announce = float("-inf")
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background()
 
     async def __aenter__(self) -> Announcer:
         ok = await self.announce_now()
-        self._task = asyncio.create_task(self._run(ok), name=f"announcer.{self.service}")
+        self._background.start(self._run(ok), name=f"announcer.{self.service}")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._background.stop()
         await self._withdraw_all()
 
     def poke(self) -> None:

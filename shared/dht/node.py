@@ -15,7 +15,6 @@ reverse (one `AsyncExitStack`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -34,6 +33,7 @@ from shared.dht.record import InvalidRecord, RecordVerifier, peek, sign_record, 
 from shared.dht.server import DHTServer
 from shared.errors import InvalidParams, NoProviders, Timeout, Unavailable
 from shared.identity import MemberCredential, MeshCredential, MeshId, NodeIdentity
+from shared.tasks import Background
 
 __all__ = ["KademliaDiscovery", "select_providers"]
 
@@ -151,9 +151,10 @@ class KademliaDiscovery:
             if self._neighbours is not None:
                 stack.callback(self._save_neighbours)
             await self._join()
+            loops = Background()
+            stack.push_async_callback(loops.stop)
             for loop in (self._stay_connected, self._maintain, self._save_regularly):
-                task = asyncio.create_task(loop(), name=f"dht.{loop.__name__}")
-                stack.push_async_callback(_cancel, task)
+                loops.start(loop(), name=f"dht.{loop.__name__}")
             self._port = self.port
             log.info("dht.started", address=self.address, node_id=self.identity.node_id.hex())
             self._stack = stack.pop_all()
@@ -297,8 +298,3 @@ async def _guarded(step: Callable[[], Awaitable[Any]]) -> Any:
         log.exception("dht.background_step_failed", step=getattr(step, "__name__", repr(step)))
         return None
 
-
-async def _cancel(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
