@@ -36,6 +36,7 @@ from shared.identity import CurveKeyPair
 from shared.rpc import Connection
 from auth_support import table_locked
 from gateway_support import MODEL, GatewayMesh, gateway_databases, infer
+from waiting import wait_until
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.stack]
 
@@ -157,22 +158,29 @@ async def test_a_worker_killed_mid_run(mesh):
         return "ok", 30
 
     runs = [asyncio.create_task(one(i)) for i in range(12)]
-    await asyncio.sleep(0.4)  # 6 stream (2 slots a worker), 6 wait in the workers' queues
+
+    async def all_placed() -> bool:  # every request streams (2 slots a worker) or waits in a worker's queue
+        slots = await mesh.worker_slots()
+        return sum(s["in_use"] + s["queued"] for s in slots.values()) == 12
+
+    await wait_until(all_placed, 10, message="the 12 requests never reached the workers")
     slots = await mesh.worker_slots()
     victim = max(slots, key=lambda name: (min(slots[name]["in_use"], 1), slots[name]["queued"]))
     assert slots[victim]["in_use"] > 0
     mesh.kill(victim)
-    outcomes = await asyncio.gather(*runs)
-    cut = [delivered for kind, delivered in outcomes if kind == "cut"]
-    assert len(cut) == slots[victim]["in_use"]
-    assert all(delivered > 0 for delivered in cut)  # nothing failed before its first token
-    retries = sum([(await c.call("gateway.health"))["worker_retries"] for c in connections])
-    assert retries - retries_before >= slots[victim]["queued"]  # its queued requests went elsewhere
-    rows = await mesh.records_settle(carol.id, 12)
-    assert len(rows) == 12
-    assert sorted(r["completion_tokens"] for r in rows if r["status"] == "worker_failed") == sorted(cut)
-    await mesh.start_worker(victim)
-    await mesh.wait_for(f"inferswarm/model/{MODEL}", 3)
+    try:
+        outcomes = await asyncio.gather(*runs)
+        cut = [delivered for kind, delivered in outcomes if kind == "cut"]
+        assert len(cut) == slots[victim]["in_use"]
+        assert all(delivered > 0 for delivered in cut)  # nothing failed before its first token
+        retries = sum([(await c.call("gateway.health"))["worker_retries"] for c in connections])
+        assert retries - retries_before >= slots[victim]["queued"]  # its queued requests went elsewhere
+        rows = await mesh.records_settle(carol.id, 12)
+        assert len(rows) == 12
+        assert sorted(r["completion_tokens"] for r in rows if r["status"] == "worker_failed") == sorted(cut)
+    finally:  # the module's other tests get their three workers back, whatever happened here
+        await mesh.start_worker(victim)
+        await mesh.wait_for(f"inferswarm/model/{MODEL}", 3)
 
 
 async def test_a_revoked_key_is_refused_within_a_second_on_both_gateways(mesh):
