@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field, replace
@@ -22,6 +21,7 @@ from shared.identity import MeshCredential
 from shared.runner import MeshNode, join_mesh, serve
 from services.metrics.app import MetricsApp, open_metrics
 from services.metrics.config import MetricsConfig
+from waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 TTL = 2.0  #: record TTL of every node in these tests
@@ -33,16 +33,7 @@ FAST = dict(http_port=0, probe_interval=0.3, ping_timeout=0.5, forget_after=30.0
 
 async def eventually(check: Callable[[], Any], *, timeout: float, interval: float = 0.1) -> Any:
     """Poll `check` (sync or async) until it returns something truthy; its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {check}")
-        await asyncio.sleep(interval)
+    return await wait_until(check, timeout, interval=interval, message=f"{check} never held")
 
 
 @dataclass
