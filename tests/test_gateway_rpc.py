@@ -183,6 +183,29 @@ async def test_a_worker_killed_mid_run(mesh):
         await mesh.wait_for(f"inferswarm/model/{MODEL}", 3)
 
 
+async def test_an_ended_session_is_refused_within_a_second_on_both_gateways(mesh):
+    """Each gateway keeps session tokens' answers (up to 60 s), in step with auth's
+    invalidation log through the loop that evicts revoked keys: logging out
+    everywhere, a password change or a disabled account is honoured within a second."""
+    hana = await mesh.user("hana")
+    connections = await mesh.gateways()
+    for connection in connections:
+        assert (await connection.call("gateway.quota", {"token": hana.token}))["user_id"] == hana.id
+        assert (await connection.call("gateway.health"))["sessions_cached"] >= 1
+    await mesh.client.mesh("auth").call("auth.logout_all", {"token": hana.token})
+    started = time.monotonic()
+    for connection in connections:
+        deadline = started + 1.0
+        while True:
+            try:
+                await connection.call("gateway.quota", {"token": hana.token})
+            except Unauthenticated:
+                break
+            assert time.monotonic() < deadline, "a gateway honoured an ended session for over a second"
+            await asyncio.sleep(0.02)
+    assert time.monotonic() - started < 1.0
+
+
 async def test_a_revoked_key_is_refused_within_a_second_on_both_gateways(mesh):
     dave = await mesh.user("dave")
     connections = await mesh.gateways()

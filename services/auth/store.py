@@ -5,8 +5,9 @@ computed here in Python and stored beside them), never by PostgreSQL's
 `lower()`. Every query is parameterized. Database errors a caller can cause become domain
 errors here: a taken username is `Conflict`; a taken email is told to the
 service only (`create_user` returns None), which decides what the caller hears.
-Changes that caches must hear about (`revoke_key`, `set_tier`, `set_active`)
-append to the invalidation log and NOTIFY `INVALIDATION_CHANNEL` in the same
+Changes that caches must hear about (`revoke_key`, `set_tier`, `set_active`,
+`set_admin`, and sessions ending: `revoke_token`, `end_sessions`) append to
+the invalidation log and NOTIFY `INVALIDATION_CHANNEL` in the same
 transaction as the change itself; see README.md, "Revocation".
 Usage records live in `usage_store.py`.
 """
@@ -140,6 +141,7 @@ class AuthStore:
             )
             if new_epoch is not None:
                 await _audit(conn, event, user_id, user_id, {})
+                await _invalidate(conn, event, user_id=user_id)  # cached sessions of the user go
         return new_epoch
 
     async def revoke_token(self, jti: str, user_id: int, expires_at: datetime) -> bool:
@@ -151,6 +153,7 @@ class AuthStore:
             )
             if added:
                 await _audit(conn, "logged_out", user_id, user_id, {})
+                await _invalidate(conn, "logged_out", user_id=user_id)  # cached sessions of the user go
         return bool(added)
 
     async def list_users(self, limit: int, offset: int) -> list[asyncpg.Record]:
@@ -185,7 +188,9 @@ class AuthStore:
                 f"UPDATE users SET is_admin = $2 WHERE id = $1 RETURNING {_USER_COLUMNS}", user_id, is_admin
             )
             if old != is_admin:
-                await _audit(conn, "admin_granted" if is_admin else "admin_revoked", user_id, None, details)
+                event = "admin_granted" if is_admin else "admin_revoked"
+                await _audit(conn, event, user_id, None, details)
+                await _invalidate(conn, event, user_id=user_id)  # a cached session knows is_admin
             return user, old != is_admin
 
     async def set_tier(self, user_id: int, tier: str, actor_id: int) -> asyncpg.Record:

@@ -3,8 +3,12 @@
 Keys are validated by auth's `KeyValidator` (services/auth/client), which
 caches answers and stops honouring a revoked key within one second. Tokens go
 to `auth.verify_token` (`AuthClient.verify_token`, checked against auth's
-database); an answer is reused for at most `token_ttl` (1 s), so a disabled
-account's token stops working within that too.
+database); an answer is kept in a `TokenCache` that the same validator's
+invalidation loop keeps in step (`sync_also`): a logout, a "log out
+everywhere", a password change, a disabled account, a tier or admin change
+evicts the user's cached sessions within the loop's second, as for keys. An
+answer is used only while that loop is trusted, for at most `token_ttl` (60 s)
+and never past the token's own expiry.
 
 Both wait for auth until the request's `deadline` (the caller's), at most
 `max_timeout` (`INFERSWARM_GATEWAY_AUTH_TIMEOUT`, 30 s) per call; a deadline
@@ -13,7 +17,9 @@ already passed is `TIMEOUT` without a call.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +29,7 @@ from shared.errors import InvalidParams, Unauthenticated
 from services.auth.client import MAX_TOKEN_LENGTH, AuthClient, KeyValidator
 from services.gateway.budget import budget
 
-__all__ = ["Caller", "Callers"]
+__all__ = ["Caller", "Callers", "TokenCache"]
 
 _MAX_TOKENS_CACHED = 10_000
 
@@ -40,16 +46,57 @@ class Caller:
     is_admin: bool = False  #: known from a token (an API key never acts as an admin)
 
 
+class TokenCache:
+    """Callers by token digest, evicted by user (see the module doc)."""
+
+    def __init__(self, max_entries: int = _MAX_TOKENS_CACHED) -> None:
+        self._entries: dict[bytes, tuple[float, Caller]] = {}  #: digest -> (until, caller), monotonic
+        self._by_user: dict[int, set[bytes]] = {}
+        self._max_entries = max_entries
+        self.epoch = 0  #: counts evictions: an answer fetched across one is not kept
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, digest: bytes, now: float) -> Caller | None:
+        entry = self._entries.get(digest)
+        return entry[1] if entry is not None and entry[0] > now else None
+
+    def put(self, digest: bytes, caller: Caller, until: float) -> None:
+        if len(self._entries) >= self._max_entries:
+            self.clear()
+        self._entries[digest] = (until, caller)
+        self._by_user.setdefault(caller.user_id, set()).add(digest)
+
+    def evict(self, *, key_id: int | None = None, user_id: int | None = None) -> int:
+        self.epoch += 1
+        digests = self._by_user.pop(user_id, set()) if user_id is not None else set()
+        for digest in digests:
+            self._entries.pop(digest, None)
+        return len(digests)
+
+    def clear(self) -> None:
+        self.epoch += 1
+        self._entries.clear()
+        self._by_user.clear()
+
+
 class Callers:
     """Turns `api_key` / `token` parameters into a `Caller`, or `UNAUTHENTICATED`."""
 
-    def __init__(self, validator: KeyValidator, auth: AuthClient, *, token_ttl: float = 1.0,
+    def __init__(self, validator: KeyValidator, auth: AuthClient, *, token_ttl: float = 60.0,
                  max_timeout: float = 30.0) -> None:
         self._validator = validator
         self._auth = auth
         self._token_ttl = token_ttl
         self._max_timeout = max_timeout
-        self._tokens: dict[bytes, tuple[float, Caller]] = {}
+        self._tokens = TokenCache()
+        validator.sync_also(self._tokens)
+
+    @property
+    def sessions_cached(self) -> int:
+        """Session tokens whose answer is kept (shown by `gateway.health`)."""
+        return len(self._tokens)
 
     async def identify(self, api_key: str | None, token: str | None, *, deadline: float | None = None) -> Caller:
         """The caller behind `api_key` or `token`, asking auth until `deadline` (time.monotonic()) at most."""
@@ -67,15 +114,27 @@ class Callers:
         if not 0 < len(token) <= MAX_TOKEN_LENGTH:
             raise Unauthenticated("invalid token")
         digest = hashlib.sha256(token.encode()).digest()
-        cached = self._tokens.get(digest)
         now = time.monotonic()
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        trusted = self._validator.trusted
+        cached = self._tokens.get(digest, now) if trusted else None
+        if cached is not None:
+            return cached
+        epoch = self._tokens.epoch
         timeout = budget(deadline, self._max_timeout, "verify the session token")
         answer = await self._auth.verify_token(token=token, timeout=timeout)
         caller = Caller(answer["id"], None, answer["tier"], answer["limits"], int(answer.get("priority") or 0),
                         is_admin=answer.get("is_admin") is True)
-        if len(self._tokens) >= _MAX_TOKENS_CACHED:
-            self._tokens.clear()
-        self._tokens[digest] = (now + self._token_ttl, caller)  # from before the call: never older
+        if trusted and self._validator.trusted and self._tokens.epoch == epoch:  # no eviction meanwhile
+            until = min(now + self._token_ttl, now + _seconds_left(token))  # from before the call: never older
+            self._tokens.put(digest, caller, until)
         return caller
+
+
+def _seconds_left(token: str) -> float:
+    """Seconds until the token's own `exp` (auth verified it just now; this only reads it)."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return float(claims["exp"]) - time.time()
+    except (IndexError, ValueError, KeyError, TypeError):
+        return 0.0  # unreadable: not cached

@@ -58,6 +58,7 @@ class GatewayHealth(TypedDict):
     requests: dict[str, int]  #: by status
     worker_retries: int
     streams_cut: int
+    sessions_cached: int
 
 
 class GatewayClient(TypedClient):

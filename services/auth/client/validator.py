@@ -6,8 +6,10 @@
 `validate` answers from memory when it can and asks `auth.validate_key`
 otherwise. Entries live at most `ttl` seconds. A background task polls
 `auth.invalidations(since=cursor)` every `poll_interval` and evicts the keys
-and users named there, so a revocation, tier change or disabled account stops
-being honoured within `poll_interval` plus one round trip.
+and users named there -- from its own cache and from every cache added with
+`sync_also` (a gateway's session tokens) -- so a revocation, tier change,
+disabled account or ended session stops being honoured within
+`poll_interval` plus one round trip.
 
 If polling fails (auth unreachable, a partition), the cache is trusted for
 `stale_after` seconds after the last successful poll began and not at all
@@ -49,7 +51,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from shared.errors import MeshError, Timeout, Unauthenticated
 from shared.logging import get_logger
@@ -59,9 +61,17 @@ from services.auth.cache import KeyCache
 from services.auth.client.api import AuthClient, Invalidations, KeyIdentity
 from services.auth.keys import hash_key, looks_like_key
 
-__all__ = ["KeyValidator"]
+__all__ = ["KeyValidator", "SyncedCache"]
 
 log = get_logger(__name__)
+
+
+class SyncedCache(Protocol):
+    """A cache the invalidation log keeps in step (`KeyCache`, a gateway's `TokenCache`)."""
+
+    def evict(self, *, key_id: int | None = None, user_id: int | None = None) -> int: ...
+
+    def clear(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,9 @@ class KeyValidator:
         self._auth = mesh(service)  #: the ServiceClient under `_client`
         self._client = AuthClient(self._auth)
         self.cache = KeyCache(ttl=ttl, max_entries=max_entries)
+        #: Every cache the invalidation log keeps in step: the key cache, and
+        #: any other a caller adds (`sync_also`, e.g. a gateway's session tokens).
+        self._caches: list[SyncedCache] = [self.cache]
         self.poll_interval = poll_interval
         self.stale_after = stale_after
         self.max_timeout = max_timeout  #: the longest one auth.validate_key call may take
@@ -195,17 +208,28 @@ class KeyValidator:
             started = time.monotonic()
             if self.cursor is None:
                 answer = await self._call_invalidations(None)
-                self.cache.clear()  # nothing cached yet can be vouched for
+                self._clear()  # nothing cached yet can be vouched for
             else:
                 answer = await self._call_invalidations(self.cursor)
                 if answer["reset"]:
-                    self.cache.clear()
+                    self._clear()
                 for entry in answer["entries"]:
-                    self.cache.evict(key_id=entry["key_id"], user_id=entry["user_id"])
+                    for cache in self._caches:
+                        cache.evict(key_id=entry["key_id"], user_id=entry["user_id"])
             self.cursor = answer["cursor"]
             if not answer["more"]:
                 self.synced_at = started
                 return
+
+    def sync_also(self, cache: SyncedCache) -> None:
+        """Keep `cache` in step with the invalidation log too (cleared now: it may be
+        used only while `trusted`, like the key cache)."""
+        cache.clear()
+        self._caches.append(cache)
+
+    def _clear(self) -> None:
+        for cache in self._caches:
+            cache.clear()
 
     async def _call_invalidations(self, since: int | None) -> Invalidations:
         return await self._client.invalidations(since=since, timeout=min(self.max_timeout, self.stale_after))
