@@ -96,8 +96,7 @@ class KeyValidator:
             raise ValueError("poll_interval must be shorter than stale_after")
         if max_timeout <= 0:
             raise ValueError("max_timeout must be positive")
-        self._auth = mesh(service)  #: the ServiceClient under `_client`
-        self._client = AuthClient(self._auth)
+        self._client = AuthClient(mesh(service))
         self.cache = KeyCache(ttl=ttl, max_entries=max_entries)
         #: Every cache the invalidation log keeps in step: the key cache, and
         #: any other a caller adds (`sync_also`, e.g. a gateway's session tokens).
@@ -109,6 +108,7 @@ class KeyValidator:
         self.synced_at = float("-inf")
         self._background = Background()
         self._failing = False
+        self.asked = 0  #: `auth.validate_key` calls made (answers not served from the cache)
         #: key hash -> the auth.validate_key call later callers of that key may join
         self._calls: dict[bytes, _Shared] = {}
 
@@ -189,6 +189,7 @@ class KeyValidator:
             call.exception()  # retrieved: the callers that still wait get it anyway
 
     async def _ask_auth(self, api_key: str, key_hash: bytes, timeout: float) -> KeyIdentity:
+        self.asked += 1
         epoch = self.cache.epoch
         result = await self._client.validate_key(api_key=api_key, timeout=timeout)
         cursor, answered = self.cursor, result.get("cursor")
