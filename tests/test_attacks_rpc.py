@@ -572,7 +572,7 @@ async def test_a_gateway_process_refuses_bombs_and_holds_a_key_to_its_cap(gatewa
 
     mesh = gateway_stack
     member = await mesh.gateway("g1")
-    endpoint, key, pid = member.endpoint, member._server_key, mesh.children["g1"].proc.pid
+    endpoint, key, pid = member.endpoint, member.server_key, mesh.children["g1"].proc.pid
     ada = await mesh.user("ada")
     async with AsyncExitStack() as stack:
         legit = await open_connection(context, endpoint, key, new_keys(), stack)  # a CLI: a public key

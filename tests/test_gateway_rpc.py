@@ -356,8 +356,8 @@ async def test_bad_input_is_refused_with_typed_errors(mesh):
     fred = await mesh.user("fred")
     connection = (await mesh.gateways())[1]
     # Any CURVE client may call the public methods (they carry a key or a token).
-    stranger = Connection(connection.endpoint, connection._server_key,
-                          CurveKeyPair.from_private(PrivateKey.generate()), context=mesh.client.mesh._ctx)
+    stranger = Connection(connection.endpoint, connection.server_key,
+                          CurveKeyPair.from_private(PrivateKey.generate()), context=mesh.client.mesh.context)
     stranger.open()
     try:
         assert (await infer(stranger, fred.api_key))[-1]["done"]

@@ -76,7 +76,7 @@ class Connection:
     ) -> None:
         """`stream_window`: chunks a stream's server may send ahead of the reader (0: unbounded)."""
         self.endpoint = endpoint
-        self._server_key = server_key
+        self.server_key = server_key  #: the server's CurveZMQ public key (Z85) this connection trusts
         self._client_keys = client_keys
         self._ctx = context
         self._max = max_message_bytes
@@ -107,7 +107,7 @@ class Connection:
         # monitor socket, rarely busy, stays an asyncio one.
         # (pyzmq's stubs type an asyncio context's sockets as asyncio ones, whatever the class)
         sock = cast("zmq.Socket[bytes]", self._ctx.socket(zmq.DEALER, socket_class=zmq.Socket))  # type: ignore[arg-type]
-        sock.curve_serverkey = self._server_key
+        sock.curve_serverkey = self.server_key
         sock.curve_publickey = self._client_keys.public
         sock.curve_secretkey = self._client_keys.secret
         sock.linger = 0

@@ -84,6 +84,11 @@ class MeshClient:
             await asyncio.gather(*(connection.close() for connection in batch))
         self._ctx.destroy(linger=0)
 
+    @property
+    def context(self) -> zmq.asyncio.Context:
+        """The ZeroMQ context of this client's connections (for a connection made beside them)."""
+        return self._ctx
+
     def __call__(self, service: str) -> ServiceClient:
         """The client for a service by name, e.g. `mesh("auth")`."""
         return ServiceClient(self, service_topic(service))
