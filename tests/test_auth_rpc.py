@@ -28,7 +28,6 @@ from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
 from shared.rpc import Connection, Dispatcher, MeshClient, RpcServer
 from shared.runner import join_mesh
 from services.auth.client import KeyValidator
-from services.auth.store import INVALIDATION_CHANNEL
 from auth_support import PASSWORD, Calls, start_auth, table_locked
 from waiting import wait_until
 
@@ -193,7 +192,7 @@ async def test_key_validator_never_caches_an_answer_older_than_its_cursor(pg_dsn
         validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
         await validator.pause_polling()  # hold the validator's view still
         # As if this validator had seen an invalidation the auth instance has not applied yet.
-        validator.cursor = auth.service._feed.cursor + 1
+        validator.cursor = auth.service.feed.cursor + 1
         validator.synced_at = time.monotonic()
         answer = await validator.validate(key)
         assert answer["cursor"] < validator.cursor and len(validator.cache) == 0
@@ -318,13 +317,13 @@ async def test_auth_instances_sharing_a_database_hear_revocations(pg_dsn, tmp_pa
         listening = await start_auth(stack, tmp_path, pg_dsn, poll_interval=4.9, stale_after=5.0)
         # This one misses every notification: its poll must catch up.
         deaf = await start_auth(stack, tmp_path, pg_dsn, poll_interval=0.3, stale_after=1.0)
-        await deaf.service._feed._listener.remove_listener(INVALIDATION_CHANNEL, deaf.service._feed._on_notify)
+        await deaf.service.feed.stop_listening()
 
         token = await writer.user("frank")
         keys = [await writer("create_key", token=token, name=f"k{i}") for i in range(2)]
         await listening("validate_key", api_key=keys[0]["api_key"])
         await deaf("validate_key", api_key=keys[1]["api_key"])
-        assert len(listening.service._cache) == 1 and len(deaf.service._cache) == 1
+        assert len(listening.service.cache) == 1 and len(deaf.service.cache) == 1
 
         await writer("revoke_key", token=token, key_id=keys[0]["id"])
         await writer("revoke_key", token=token, key_id=keys[1]["id"])
@@ -344,15 +343,15 @@ async def test_auth_instance_survives_losing_its_listen_connection(pg_dsn, tmp_p
         await reader("validate_key", api_key=key["api_key"])
         conn = await asyncpg.connect(pg_dsn)
         try:
-            pid = reader.service._feed._listener.get_server_pid()
+            pid = reader.service.feed.listener_pid
+            assert pid is not None
             await conn.execute("SELECT pg_terminate_backend($1)", pid)
         finally:
             await conn.close()
         await writer("revoke_key", token=token, key_id=key["id"])
         validate = lambda k: reader("validate_key", api_key=k)  # noqa: E731
         assert await refused_within(validate, key["api_key"], 1.0) < 1.0
-        await wait_until(lambda: reader.service._feed._listener is not None
-                         and not reader.service._feed._listener.is_closed(), 5,
+        await wait_until(lambda: reader.service.feed.listener_pid not in (None, pid), 5,
                          message="the listen connection was never reopened")
 
 

@@ -326,7 +326,7 @@ async def test_key_names_may_be_unicode_and_sql(auth):
 async def test_validate_key_answers_from_memory(auth):
     token = await auth.user("olga")
     created = await auth("create_key", token=token, name="ci")
-    store = auth.service._store
+    store = auth.service.store
     lookups = 0
     original = store.key_by_hash
 
@@ -344,7 +344,7 @@ async def test_validate_key_answers_from_memory(auth):
     assert answer["priority"] == 0 and isinstance(answer["cursor"], int)
     # Use is recorded in batches, not per call.
     assert (await auth("list_keys", token=token))[0]["last_used_at"] is None
-    await auth.service._housekeeper.flush()
+    await auth.service.housekeeper.flush()
     assert (await auth("list_keys", token=token))[0]["last_used_at"] is not None
 
 
@@ -394,7 +394,7 @@ async def test_expired_key_is_refused(auth, db):
     token = await auth.user("sam")
     key = await auth("create_key", token=token, name="k", expires_in_days=1)
     assert (await auth("validate_key", api_key=key["api_key"]))["expires_at"] > time.time()
-    auth.service._cache.clear()  # as after a restart; the database now says "expired"
+    auth.service.cache.clear()  # as after a restart; the database now says "expired"
     await db.execute("UPDATE api_keys SET expires_at = now() - interval '1 second'")
     with pytest.raises(Unauthenticated, match="expired"):
         await auth("validate_key", api_key=key["api_key"])
@@ -405,7 +405,7 @@ async def test_cached_key_stops_at_its_expiry(auth, db):
     token = await auth.user("tara")
     key = await auth("create_key", token=token, name="k", expires_in_days=1)
     await auth("validate_key", api_key=key["api_key"])
-    entry = next(iter(auth.service._cache._entries.values()))
+    entry = next(iter(auth.service.cache._entries.values()))
     entry.valid_until = time.monotonic()  # the key's expiry passes while it is cached
     await db.execute("UPDATE api_keys SET expires_at = now() - interval '1 second'")
     with pytest.raises(Unauthenticated, match="expired"):
@@ -606,9 +606,9 @@ async def test_an_unreachable_database_is_unavailable_not_internal():
 async def test_an_instance_that_cannot_sync_stops_trusting_its_cache(auth):
     token = await auth.user("cleo")
     key = await auth("create_key", token=token, name="k")
-    feed = auth.service._feed
+    feed = auth.service.feed
     await feed.pause_polling()  # as if every poll failed from now on
-    store = auth.service._store
+    store = auth.service.store
     original, lookups = store.key_by_hash, 0
 
     async def counting(key_hash):

@@ -110,6 +110,18 @@ class InvalidationFeed:
                     log.warning("cannot read the invalidation log", error=str(exc))
                 self._failing = True
 
+    @property
+    def listener_pid(self) -> int | None:
+        """The server process of the LISTEN connection; None while there is none."""
+        listener = self._listener
+        return listener.get_server_pid() if listener is not None and not listener.is_closed() else None
+
+    async def stop_listening(self) -> None:
+        """Hear no notification, keep the connection (a listener that went deaf: polls
+        alone then keep the cache in step)."""
+        if self._listener is not None:
+            await self._listener.remove_listener(INVALIDATION_CHANNEL, self._on_notify)
+
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         try:
             seq_text, key_text, user_text = payload.split(":")

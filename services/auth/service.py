@@ -98,16 +98,18 @@ class AuthService:
         housekeeper: Housekeeper, registrations: RegistrationThrottle | None = None,
         max_keys_per_user: int = 100, max_key_days: int = 3650,
     ) -> None:
-        self._store = store
+        self.store = store  #: the accounts' SQL (services/auth/store.py)
         self._usage = usage
         self._passwords = passwords
         self._tokens = tokens
         self._tiers = tiers
         self._throttle = throttle
         self._registrations = registrations or RegistrationThrottle(store)
-        self._feed = feed
-        self._cache = feed.cache
-        self._housekeeper = housekeeper
+        #: The parts an operator's tools and the tests may read: the invalidation
+        #: feed (cursor, trust), the key cache it keeps in step, the usage flusher.
+        self.feed = feed
+        self.cache = feed.cache
+        self.housekeeper = housekeeper
         self._max_keys = max_keys_per_user
         self._max_key_days = max_key_days
         #: Keys refused for good (unknown, revoked, expired): hash -> reason.
@@ -136,11 +138,11 @@ class AuthService:
         addr, peer = self._login_source(client_addr)
         public = addr is not None or peer is not None
         self._passwords.check_room()
-        if await self._store.username_taken(username):  # cheap, and public anyway
+        if await self.store.username_taken(username):  # cheap, and public anyway
             raise Conflict("username already registered")
         await self._registrations.count(self._registrations.source(addr, peer))
         password_hash = await self._passwords.hash(password)
-        user = await self._store.create_user(username, email, password_hash, tier=DEFAULT_TIER)
+        user = await self.store.create_user(username, email, password_hash, tier=DEFAULT_TIER)
         if user is not None:
             log.info("user registered", user_id=user["id"])
         elif not public:
@@ -168,7 +170,7 @@ class AuthService:
             raise InvalidParams("password too long", {"param": "password"})
         addr, peer = self._login_source(client_addr)
         self._passwords.check_room()
-        user = await self._store.user_by_login(identifier)
+        user = await self.store.user_by_login(identifier)
         attempt = self._throttle.attempt(user["id"] if user else None, identifier, addr=addr, peer=peer)
         held = await self._throttle.reserve(attempt)
         try:
@@ -179,13 +181,13 @@ class AuthService:
         if not verdict.ok:
             reason = "bad_password" if user else "unknown_user"
             caller = f"addr:{addr}" if addr is not None else f"peer:{peer}" if peer is not None else None
-            await self._store.audit("login_failed", user["id"] if user else None, None,
+            await self.store.audit("login_failed", user["id"] if user else None, None,
                                     {"reason": reason, "caller": caller})
             raise Unauthenticated("wrong username/email or password")
         if not user["is_active"]:
             raise Forbidden("this account is disabled")
         if verdict.new_hash is not None:  # parameters changed since it was hashed
-            await self._store.set_password_hash(user["id"], verdict.new_hash)
+            await self.store.set_password_hash(user["id"], verdict.new_hash)
         await self._throttle.succeeded(held)
         token, expires_at = self._tokens.issue(str(user["id"]), name=user["username"],
                                                sep=user["session_epoch"])
@@ -234,7 +236,7 @@ class AuthService:
         """End this session: the token is refused from now on, everywhere."""
         user_id, claims = self._claims(token)
         expires_at = datetime.fromtimestamp(int(claims["exp"]), timezone.utc)
-        revoked = await self._store.revoke_token(str(claims["jti"]), user_id, expires_at)
+        revoked = await self.store.revoke_token(str(claims["jti"]), user_id, expires_at)
         if revoked:
             log.info("session ended", user_id=user_id)
         return {"logged_out": True}
@@ -244,7 +246,7 @@ class AuthService:
         """End every session of the token's user, this one included, at once with auth
         (gateways reuse a token's answer at most 1 s)."""
         user = await self._authenticate(token)
-        if await self._store.end_sessions(user["id"], user["session_epoch"]) is None:
+        if await self.store.end_sessions(user["id"], user["session_epoch"]) is None:
             raise Unauthenticated("session ended, or account disabled or removed")
         log.info("every session ended", user_id=user["id"])
         return {"logged_out": True, "everywhere": True}
@@ -274,11 +276,11 @@ class AuthService:
             raise
         if not verdict.ok:
             caller = f"addr:{addr}" if addr is not None else f"peer:{peer}" if peer is not None else None
-            await self._store.audit("password_change_failed", user["id"], user["id"], {"caller": caller})
+            await self.store.audit("password_change_failed", user["id"], user["id"], {"caller": caller})
             raise Unauthenticated("wrong password", {"param": "old_password"})
         await self._throttle.succeeded(held)
         new_hash = await self._passwords.hash(new_password)
-        epoch = await self._store.end_sessions(user["id"], user["session_epoch"], password_hash=new_hash,
+        epoch = await self.store.end_sessions(user["id"], user["session_epoch"], password_hash=new_hash,
                                                event="password_changed")
         if epoch is None:  # every session ended meanwhile, this one too
             raise Unauthenticated("session ended, or account disabled or removed")
@@ -318,7 +320,7 @@ class AuthService:
                 )
             expires_at = datetime.now(timezone.utc) + timedelta(days=expires_in_days)
         api_key = apikeys.generate_key()
-        key = await self._store.create_key(
+        key = await self.store.create_key(
             user["id"], name, apikeys.hash_key(api_key), apikeys.display_prefix(api_key),
             expires_at, max_keys=self._max_keys,
         )
@@ -329,14 +331,14 @@ class AuthService:
     async def list_keys(self, token: str) -> list[dict[str, Any]]:
         """The caller's keys, newest last: names, prefixes, dates, status; never a key."""
         user = await self._authenticate(token)
-        return [_key_view(key) for key in await self._store.list_keys(user["id"])]
+        return [_key_view(key) for key in await self.store.list_keys(user["id"])]
 
     @method(public=True, idempotent=True)
     async def revoke_key(self, token: str, key_id: int) -> dict[str, Any]:
         """Revoke one of the caller's keys, everywhere within a second."""
         user = await self._authenticate(token)
-        key = await self._store.revoke_key(user["id"], _check_id(key_id, "key_id"), user["id"])
-        self._cache.evict(key_id=key_id)  # here at once; other instances via the log
+        key = await self.store.revoke_key(user["id"], _check_id(key_id, "key_id"), user["id"])
+        self.cache.evict(key_id=key_id)  # here at once; other instances via the log
         log.info("api key revoked", user_id=user["id"], key_id=key_id)
         return _key_view(key)
 
@@ -351,11 +353,11 @@ class AuthService:
         if not apikeys.MIN_KEY_LENGTH <= len(api_key) <= apikeys.MAX_KEY_LENGTH:
             raise Unauthenticated("invalid API key")
         key_hash = apikeys.hash_key(api_key)
-        feed = self._feed
+        feed = self.feed
         if feed.trusted:
-            entry = self._cache.get(key_hash)
+            entry = self.cache.get(key_hash)
             if entry is not None:
-                self._housekeeper.touch(entry.key_id)
+                self.housekeeper.touch(entry.key_id)
                 return {**entry.result, "cursor": feed.cursor}
         refusal = self._refused.get(key_hash)
         if refusal is not None:
@@ -365,8 +367,8 @@ class AuthService:
         return await self._validate_from_database(key_hash)
 
     async def _validate_from_database(self, key_hash: bytes) -> dict[str, Any]:
-        epoch, cursor = self._cache.epoch, self._feed.cursor
-        row = await self._store.key_by_hash(key_hash)
+        epoch, cursor = self.cache.epoch, self.feed.cursor
+        row = await self.store.key_by_hash(key_hash)
         if row is None or not apikeys.same_hash(row["key_hash"], key_hash):
             self._refuse(key_hash, "invalid API key")
         if row["revoked_at"] is not None:
@@ -382,10 +384,10 @@ class AuthService:
             "limits": tier.limits(), "priority": tier.priority, "expires_at": expires_at,
         }
         # Cache only if no invalidation arrived while we read: it may concern this key.
-        if self._cache.epoch == epoch:
-            self._cache.put(key_hash, result, user_id=row["user_id"], key_id=row["id"],
+        if self.cache.epoch == epoch:
+            self.cache.put(key_hash, result, user_id=row["user_id"], key_id=row["id"],
                             expires_at=expires_at)
-        self._housekeeper.touch(row["id"])
+        self.housekeeper.touch(row["id"])
         return {**result, "cursor": cursor}
 
     def _refuse(self, key_hash: bytes, reason: str) -> None:
@@ -406,9 +408,9 @@ class AuthService:
         if since is not None and not 0 <= since < 2**63:
             raise InvalidParams("since must be a cursor from a previous call", {"param": "since"})
         if since is None:
-            _, newest, _ = await self._store.invalidations_since(2**62, 1)
+            _, newest, _ = await self.store.invalidations_since(2**62, 1)
             return {"cursor": newest, "entries": [], "reset": False, "more": False}
-        rows, newest, oldest = await self._store.invalidations_since(since, limit)
+        rows, newest, oldest = await self.store.invalidations_since(since, limit)
         reset = since > newest or since < oldest - 1
         entries = [{"seq": r["seq"], "key_id": r["key_id"], "user_id": r["user_id"]} for r in rows]
         more = len(rows) == limit
@@ -469,15 +471,15 @@ class AuthService:
         await self._authenticate_admin(token)
         if not 1 <= limit <= 1000 or offset < 0:
             raise InvalidParams("limit must be 1..1000 and offset >= 0", {"param": "limit"})
-        return [self._user_view(row) for row in await self._store.list_users(limit, offset)]
+        return [self._user_view(row) for row in await self.store.list_users(limit, offset)]
 
     @method(public=True, idempotent=True)
     async def set_tier(self, token: str, user: int | str, tier: TierName) -> dict[str, Any]:
         """Admins only: move an account (id, username or email) to another tier."""
         actor = await self._authenticate_admin(token)
-        target = await self._store.find_user(_user_ref(user))
-        updated = await self._store.set_tier(target["id"], tier, actor["id"])
-        self._cache.evict(user_id=target["id"])
+        target = await self.store.find_user(_user_ref(user))
+        updated = await self.store.set_tier(target["id"], tier, actor["id"])
+        self.cache.evict(user_id=target["id"])
         log.info("tier changed", user_id=target["id"], tier=tier, actor_id=actor["id"])
         return self._user_view(updated)
 
@@ -485,11 +487,11 @@ class AuthService:
     async def set_active(self, token: str, user: int | str, active: bool) -> dict[str, Any]:
         """Admins only: disable (or re-enable) an account and, with it, all its keys."""
         actor = await self._authenticate_admin(token)
-        target = await self._store.find_user(_user_ref(user))
+        target = await self.store.find_user(_user_ref(user))
         if target["id"] == actor["id"] and not active:
             raise Conflict("an admin cannot disable their own account")
-        updated = await self._store.set_active(target["id"], active, actor["id"])
-        self._cache.evict(user_id=target["id"])
+        updated = await self.store.set_active(target["id"], active, actor["id"])
+        self.cache.evict(user_id=target["id"])
         log.info("account active changed", user_id=target["id"], active=active, actor_id=actor["id"])
         return self._user_view(updated)
 
@@ -511,8 +513,8 @@ class AuthService:
         details: dict[str, Any] = {"by": "mesh member"}
         if reason is not None:
             details["reason"] = check.check_name(reason, "reason")
-        target = await self._store.find_user(_user_ref(user))
-        updated, changed = await self._store.set_admin(target["id"], is_admin, details)
+        target = await self.store.find_user(_user_ref(user))
+        updated, changed = await self.store.set_admin(target["id"], is_admin, details)
         if changed:
             log.info("admin granted" if is_admin else "admin revoked", user_id=target["id"])
         return {**self._user_view(updated), "changed": changed}
@@ -522,7 +524,7 @@ class AuthService:
     async def _authenticate(self, token: str) -> asyncpg.Record:
         """The active account behind a valid, unrevoked token, else `UNAUTHENTICATED`."""
         user_id, claims = self._claims(token)
-        user = await self._store.session_user(user_id, str(claims["jti"]), _epoch_of(claims))
+        user = await self.store.session_user(user_id, str(claims["jti"]), _epoch_of(claims))
         if user is None or not user["is_active"]:
             raise Unauthenticated("session ended, or account disabled or removed")
         return user
