@@ -223,7 +223,7 @@ class GatewayMesh:
         endpoint = self.children[name].ready["endpoint"]
         deadline = time.monotonic() + 10
         while True:
-            self.client.discovery._cache.drop(service_topic("gateway"))
+            self.client.discovery.forget(service_topic("gateway"))
             for provider in await self.wait_for(service_topic("gateway"), 1):
                 if provider.endpoint == endpoint:
                     return self.client.mesh.connection(provider)

@@ -488,7 +488,7 @@ async def test_cancels_and_credits_for_unknown_ids_cost_nothing(small, context):
             await attacker.send(codec.encode_credit(request_id, codec.MAX_WINDOW))
         await attacker.send(codec.encode_request(9, "target.echo", {"value": "after"}, 5000, "t"))
         assert (await answer(attacker))[1:4] == [codec.REPLY, 9, "after"]  # nothing else was answered
-        assert server.in_flight == 0 and server._windows == {} and server._admission.peers == 0
+        assert server.in_flight == 0 and server.flow_controlled == 0 and server.public_peers == 0
 
 
 # -- (d) deadlines -------------------------------------------------------------------------------

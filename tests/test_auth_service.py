@@ -405,7 +405,7 @@ async def test_cached_key_stops_at_its_expiry(auth, db):
     token = await auth.user("tara")
     key = await auth("create_key", token=token, name="k", expires_in_days=1)
     await auth("validate_key", api_key=key["api_key"])
-    entry = next(iter(auth.service.cache._entries.values()))
+    (entry,) = auth.service.cache.entries()
     entry.valid_until = time.monotonic()  # the key's expiry passes while it is cached
     await db.execute("UPDATE api_keys SET expires_at = now() - interval '1 second'")
     with pytest.raises(Unauthenticated, match="expired"):

@@ -84,7 +84,8 @@ def _b64(data: dict) -> str:
 
 
 def test_tokens_verify_and_forgeries_fail():
-    issuer = _issuer()
+    key = Ed25519PrivateKey.generate()  # the test keeps the signing key it gave the issuer
+    issuer = _issuer(key=key)
     token, expires = issuer.issue("42")
     claims = issuer.verify(token)
     assert claims["sub"] == "42" and claims["exp"] == expires and claims["jti"]
@@ -95,7 +96,7 @@ def test_tokens_verify_and_forgeries_fail():
         f"{header}.{_b64({**claims, 'sub': '1'})}.{signature}",
         jwt.encode(claims, "k" * 32, algorithm="HS256"),  # HMAC instead of EdDSA
         TokenIssuer(Ed25519PrivateKey.generate(), issuer="iss", audience="other", ttl=60).issue("42")[0],
-        jwt.encode({k: v for k, v in claims.items() if k != "jti"}, issuer._private_key, algorithm="EdDSA"),
+        jwt.encode({k: v for k, v in claims.items() if k != "jti"}, key, algorithm="EdDSA"),
         _issuer(ttl=-60).issue("42")[0],
         "", "x" * 5000, "a.b.c", None, 7,
     ]
@@ -105,7 +106,7 @@ def test_tokens_verify_and_forgeries_fail():
         with pytest.raises(Unauthenticated):
             verifier.verify(bad)
     with pytest.raises(Unauthenticated, match="expired"):
-        issuer.verify(_issuer(ttl=-60, key=issuer._private_key).issue("42")[0])
+        issuer.verify(_issuer(ttl=-60, key=key).issue("42")[0])
 
 
 def test_signing_key_is_private_and_reused(tmp_path):

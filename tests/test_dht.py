@@ -520,5 +520,5 @@ def test_peer_budget_pays_by_reply_size_refills_and_spares_loopback():
     assert budget.admit("10.0.0.1") and not budget.admit("10.0.0.1")  # 500 bytes refilled in 0.5 s
     assert budget.refused == 3
     budget.admit("10.0.0.3")  # a third peer: the least recently used bucket is forgotten
-    assert list(budget._buckets) == ["10.0.0.1", "10.0.0.3"]
+    assert budget.tracked == ["10.0.0.1", "10.0.0.3"]
     assert PeerBudget(rate=0, burst=0).admit("10.0.0.9")  # rate 0: no limit

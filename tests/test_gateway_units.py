@@ -258,7 +258,7 @@ async def test_an_old_slow_figure_fades_so_the_worker_is_tried_again():
     clock.now += 61.0
     router.first_token(fast, 0.002)
     assert router.expected_wait(unlucky) == router.expected_wait(fast)
-    assert (unlucky.node_key, unlucky.endpoint) not in router._latency
+    assert router.measured(unlucky) is None
 
 
 @pytest.mark.unit

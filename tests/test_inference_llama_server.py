@@ -80,7 +80,7 @@ async def test_openai_backend_on_llama_cpp_server_matches_llama_cpp_in_process(l
         text, final = "".join(c.get("text", "") for c in chunks), chunks[-1]
         # The same generation in this process: llama_cpp.server applies its own
         # default repeat_penalty of 1.1 (the library's is 1.0), so ask for that.
-        (llm,) = service.served["smollm2"].backend._free
+        (llm,) = service.served["smollm2"].backend.idle
         llm.reset()
         direct = llm.create_chat_completion(CHAT, max_tokens=24, repeat_penalty=1.1, **GREEDY)
         assert text == direct["choices"][0]["message"]["content"] != ""

@@ -51,7 +51,7 @@ def text_of(chunks: list[dict]) -> str:
 def llama_of(service):
     """The backend's llama.cpp context, to ask the library directly (slot idle),
     reset as the backend does before each generation."""
-    (llm,) = service.served["smollm2"].backend._free
+    (llm,) = service.served["smollm2"].backend.idle
     llm.reset()
     return llm
 
@@ -122,7 +122,7 @@ async def test_cancelling_frees_the_slot_within_100ms(service, how):
         await stream.aclose()
     freed = time.monotonic() - started
     assert pool.in_use == 0 and freed < 0.1, f"slot freed after {freed * 1000:.0f} ms"
-    assert len(service.served["smollm2"].backend._free) == 1  # the thread let go of the context
+    assert len(service.served["smollm2"].backend.idle) == 1  # the thread let go of the context
     assert all("done" not in c for c in received)
     # The model is in a sane state for the next request.
     chunks = await collect(service, prompt="The capital of France is", max_tokens=4, **GREEDY)

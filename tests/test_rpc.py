@@ -273,7 +273,7 @@ async def test_an_expired_stream_leaves_nothing_behind(client, probe_server):
     with pytest.raises(errors.Timeout):
         async for _ in stream:
             pass
-    assert client._pending == {} and client._windows == {}
+    assert client.in_flight == 0 and client.flow_controlled == 0
 
 
 @pytest.mark.rpc

@@ -47,6 +47,10 @@ class KeyCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries(self) -> list[CachedKey]:
+        """The cached answers now, oldest insertion first."""
+        return list(self._entries.values())
+
     def get(self, key_hash: bytes) -> CachedKey | None:
         """The live entry for `key_hash`, or None (dropping a dead one)."""
         entry = self._entries.get(key_hash)

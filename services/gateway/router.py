@@ -151,6 +151,11 @@ class Router:
         full = isinstance(limit, int) and _number(load.get("free_slots"), 1) <= 0 and queued >= limit
         return not full  # as announced; a fresher refusal makes us try the next one
 
+    def measured(self, worker: Provider) -> float | None:
+        """The worker's time-to-first-token average, None when not measured (or forgotten)."""
+        figure = self._latency.get((worker.node_key, worker.endpoint))
+        return None if figure is None else figure[0]
+
     def expected_wait(self, worker: Provider) -> float:
         load = worker.load or {}
         slots = max(1.0, _number(load.get("slots"), 1))

@@ -40,6 +40,11 @@ class PeerBudget:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # ip -> (tokens, at)
         self.refused = 0  #: requests dropped for want of budget
 
+    @property
+    def tracked(self) -> list[str]:
+        """The peers (IPs) with a bucket, oldest first."""
+        return list(self._buckets)
+
     def admit(self, ip: str) -> bool:
         """Before the work: take `min_cost` from `ip`'s bucket; False (nothing taken) if it cannot pay."""
         return self._take(ip, self.min_cost)

@@ -156,6 +156,11 @@ class Connection:
     def in_flight(self) -> int:
         return len(self._pending)
 
+    @property
+    def flow_controlled(self) -> int:
+        """Streams of this connection that grant credit, still open."""
+        return len(self._windows)
+
     # -- calls -----------------------------------------------------------------
 
     async def call(

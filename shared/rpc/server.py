@@ -257,6 +257,16 @@ class RpcServer:
         return len(self._tasks)
 
     @property
+    def flow_controlled(self) -> int:
+        """Streams whose reader grants credit, still open."""
+        return len(self._windows)
+
+    @property
+    def public_peers(self) -> int:
+        """Public callers' keys with a request in flight."""
+        return self._admission.peers
+
+    @property
     def port(self) -> int:
         return self._port
 

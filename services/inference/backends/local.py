@@ -112,6 +112,12 @@ class LocalBackend(Backend):
         self._free: list[Any] = []
         self._executor: ThreadPoolExecutor | None = None
 
+    @property
+    def idle(self) -> list[Any]:
+        """The llama.cpp contexts no generation holds now (to ask the library
+        directly, as the tests compare with it; none while all slots are busy)."""
+        return list(self._free)
+
     async def start(self) -> None:
         path = self.path or default_gguf()
         if not path.is_file():
