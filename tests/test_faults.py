@@ -465,8 +465,10 @@ def expected_status(call: Call) -> set[str] | None:
         return {"rate_limited"}
     if call.request_id is not None:  # failed after admission, and the gateway said so
         return {"worker_failed", "timeout", "unavailable"}
-    if call.text_chunks > 0:  # admitted, streaming, then its gateway died
-        return {"interrupted"}
+    if call.text_chunks > 0:  # admitted, streaming, then its gateway died: before the worker's
+        # final chunk (billed "interrupted" on restart), or in the moment between journaling
+        # the finished request and sending its final chunk ("ok": every token had been sent)
+        return {"interrupted", "ok"}
     return None
 
 

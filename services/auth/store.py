@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -180,50 +180,36 @@ class AuthStore:
         The only writer of `is_admin`: the operator's `auth.grant_admin` and
         `auth.revoke_admin`. No user is the actor: the audit row's `actor_id` is NULL.
         """
-        async with self.pool.acquire() as conn, conn.transaction():
-            old = await conn.fetchval("SELECT is_admin FROM users WHERE id = $1 FOR UPDATE", user_id)
-            if old is None:
-                raise NotFound("no such user")
-            user = await conn.fetchrow(
-                f"UPDATE users SET is_admin = $2 WHERE id = $1 RETURNING {_USER_COLUMNS}", user_id, is_admin
-            )
-            if old != is_admin:
-                event = "admin_granted" if is_admin else "admin_revoked"
-                await _audit(conn, event, user_id, None, details)
-                await _invalidate(conn, event, user_id=user_id)  # a cached session knows is_admin
-            return user, old != is_admin
+        event = "admin_granted" if is_admin else "admin_revoked"
+        return await self._change_user(user_id, "is_admin", is_admin, event, None, details)
 
     async def set_tier(self, user_id: int, tier: str, actor_id: int) -> asyncpg.Record:
         """Change a user's tier, audited, and invalidate the user's cached keys."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            old = await conn.fetchval("SELECT tier FROM users WHERE id = $1 FOR UPDATE", user_id)
-            if old is None:
-                raise NotFound("no such user")
-            user = await conn.fetchrow(
-                f"UPDATE users SET tier = $2 WHERE id = $1 RETURNING {_USER_COLUMNS}", user_id, tier
-            )
-            if old != tier:
-                await _audit(conn, "tier_changed", user_id, actor_id, {"from": old, "to": tier})
-                await _invalidate(conn, "tier_changed", user_id=user_id)
-            return user
+        return (await self._change_user(user_id, "tier", tier, "tier_changed", actor_id, None))[0]
 
     async def set_active(self, user_id: int, active: bool, actor_id: int) -> asyncpg.Record:
         """Disable or re-enable an account, audited, and invalidate its cached keys."""
+        event = "user_enabled" if active else "user_disabled"
+        return (await self._change_user(user_id, "is_active", active, event, actor_id, {}))[0]
+
+    async def _change_user(
+        self, user_id: int, column: Literal["is_admin", "tier", "is_active"], value: Any, event: str,
+        actor_id: int | None, details: dict[str, Any] | None,
+    ) -> tuple[asyncpg.Record, bool]:
+        """Set one column of a user in one transaction; when it changed, audit `event`
+        (`details`, or {"from", "to"} when None) and log an invalidation: caches of the
+        user's keys and sessions must hear of it. (The account, whether it changed.)"""
         async with self.pool.acquire() as conn, conn.transaction():
-            old = await conn.fetchval(
-                "SELECT is_active FROM users WHERE id = $1 FOR UPDATE", user_id
-            )
+            old = await conn.fetchval(f"SELECT {column} FROM users WHERE id = $1 FOR UPDATE", user_id)
             if old is None:
                 raise NotFound("no such user")
             user = await conn.fetchrow(
-                f"UPDATE users SET is_active = $2 WHERE id = $1 RETURNING {_USER_COLUMNS}",
-                user_id, active,
+                f"UPDATE users SET {column} = $2 WHERE id = $1 RETURNING {_USER_COLUMNS}", user_id, value
             )
-            if old != active:
-                event = "user_enabled" if active else "user_disabled"
-                await _audit(conn, event, user_id, actor_id, {})
+            if old != value:
+                await _audit(conn, event, user_id, actor_id, {"from": old, "to": value} if details is None else details)
                 await _invalidate(conn, event, user_id=user_id)
-            return user
+            return user, old != value
 
     # -- API keys ------------------------------------------------------------------
 
