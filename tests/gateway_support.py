@@ -84,6 +84,13 @@ async def gateway_databases(pg_server: str) -> AsyncIterator[list[str]]:
             await conn.close()
 
 
+@asynccontextmanager
+async def running_mesh(pg_server: str, root: Path, *, workers: int = 3, gateways: int = 2) -> AsyncIterator[GatewayMesh]:
+    """A started `GatewayMesh` on fresh databases; stopped and dropped after."""
+    async with gateway_databases(pg_server) as dsns, AsyncExitStack() as stack:
+        yield await GatewayMesh(stack, root, *dsns).start(workers=workers, gateways=gateways)
+
+
 class GatewayMesh:
     """Everything the gateway tests run against (see the module doc)."""
 

@@ -23,21 +23,15 @@ from shared.dht import model_topic, service_topic
 from shared.dht.record import Record, sign_record, topic_key, wall_ms
 from shared.errors import Forbidden, InvalidParams
 from shared.runner import MeshNode, join_mesh
-from gateway_support import MODEL, GatewayMesh, gateway_databases, infer
+from gateway_support import MODEL, GatewayMesh, infer, running_mesh
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.stack]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def databases(pg_server):
-    async with gateway_databases(pg_server) as dsns:
-        yield dsns
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mesh(databases, tmp_path_factory):
-    async with AsyncExitStack() as stack:
-        yield await GatewayMesh(stack, tmp_path_factory.mktemp("members"), *databases).start(workers=1, gateways=1)
+async def mesh(pg_server, tmp_path_factory):
+    async with running_mesh(pg_server, tmp_path_factory.mktemp("members"), workers=1, gateways=1) as running:
+        yield running
 
 
 async def member(stack: AsyncExitStack, mesh: GatewayMesh, role: str, name: str) -> MeshNode:

@@ -562,8 +562,8 @@ async def gateway_stack(pg_server, tmp_path, monkeypatch) -> AsyncIterator[Any]:
     import gateway_support
 
     monkeypatch.setitem(gateway_support.GATEWAY_ENV, "INFERSWARM_RPC_PEER_MAX_IN_FLIGHT", "3")
-    async with gateway_support.gateway_databases(pg_server) as dsns, AsyncExitStack() as stack:
-        yield await gateway_support.GatewayMesh(stack, tmp_path, *dsns).start(workers=1, gateways=1)
+    async with gateway_support.running_mesh(pg_server, tmp_path, workers=1, gateways=1) as running:
+        yield running
 
 
 @pytest.mark.stack

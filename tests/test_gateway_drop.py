@@ -6,20 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import AsyncExitStack
 
 import pytest
 import pytest_asyncio
 
-from gateway_support import MODEL, GatewayMesh, gateway_databases
+from gateway_support import MODEL, running_mesh
 
 pytestmark = [pytest.mark.stack, pytest.mark.asyncio(loop_scope="module")]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def mesh(pg_server, tmp_path_factory):
-    async with gateway_databases(pg_server) as dsns, AsyncExitStack() as stack:
-        yield await GatewayMesh(stack, tmp_path_factory.mktemp("drop"), *dsns).start(workers=3, gateways=2)
+    async with running_mesh(pg_server, tmp_path_factory.mktemp("drop"), workers=3, gateways=2) as running:
+        yield running
 
 
 async def test_dropping_many_streams_at_once_settles_each_once(mesh):

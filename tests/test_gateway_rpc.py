@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from contextlib import AsyncExitStack
 from typing import Any
 
 import asyncpg
@@ -35,22 +34,16 @@ from shared.errors import (
 from shared.identity import CurveKeyPair
 from shared.rpc import Connection
 from auth_support import table_locked
-from gateway_support import MODEL, GatewayMesh, gateway_databases, infer
+from gateway_support import MODEL, GatewayMesh, infer, running_mesh
 from waiting import wait_until
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.stack]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def databases(pg_server):
-    async with gateway_databases(pg_server) as dsns:
-        yield dsns
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def mesh(databases, tmp_path_factory):
-    async with AsyncExitStack() as stack:
-        yield await GatewayMesh(stack, tmp_path_factory.mktemp("gw"), *databases).start()
+async def mesh(pg_server, tmp_path_factory):
+    async with running_mesh(pg_server, tmp_path_factory.mktemp("gw")) as running:
+        yield running
 
 
 @pytest.fixture(autouse=True)
