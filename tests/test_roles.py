@@ -165,3 +165,33 @@ def test_a_process_takes_the_credential_of_its_role(tmp_path, mesh):
     secret = MeshConfig(data_dir=tmp_path, mesh_secret=Secret(_SECRET.hex()))
     assert mesh_credential(secret, "metrics").client == mesh.member("metrics").client
     assert mesh_credential(secret).client == mesh.client
+
+
+@pytest.mark.rpc
+def test_the_credential_command_as_an_operator_and_as_anyone_else(tmp_path):
+    """`inferswarm credential ROLE`: from the mesh secret, a credential of that role
+    (owner-only file); without the secret, or for no role, a one-line refusal."""
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_")}
+    base.update(XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+
+    def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "inferswarm.cli", "credential", *args],
+                              capture_output=True, text=True, timeout=60, env={**base, **env})
+
+    out = tmp_path / "worker.credential"
+    made = cli("inference", "--out", str(out), INFERSWARM_MESH_SECRET=_SECRET.hex())
+    assert made.returncode == 0, made.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert MemberCredential.from_text(out.read_text()).client == MeshCredential(_SECRET).member("inference").client
+    printed = cli("web", INFERSWARM_MESH_SECRET=_SECRET.hex())
+    assert MemberCredential.from_text(printed.stdout).role == "web"
+    nobody = cli("gateway")  # no secret here, no local stack
+    assert nobody.returncode == 3 and nobody.stderr.startswith("inferswarm: ") and "mesh secret" in nobody.stderr
+    assert nobody.stdout == ""
+    bad = cli("gateway", INFERSWARM_MESH_SECRET="not-hex")
+    assert bad.returncode == 3 and "INFERSWARM_MESH_SECRET" in bad.stderr
+    assert cli("operator", INFERSWARM_MESH_SECRET=_SECRET.hex()).returncode == 2  # the secret itself: no
