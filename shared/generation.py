@@ -1,66 +1,245 @@
-"""The generation contract: what `inference.generate` (and `gateway.infer`) accept.
+"""The generation contract: what `inference.generate` and `gateway.infer` accept.
 
-`build_request` checks a generation request's parameters into a
-`GenerateRequest`; workers run it and gateways run it before they spend any
-quota, so a request a gateway admits is one a worker accepts.
+One function, `build_request`, checks the parameters of a generation request
+into a `GenerateRequest`. Workers run it on what they are asked, gateways run
+it before they spend any quota, and the web service runs it on what it made of
+an OpenAI body -- so a request a gateway admits is one a worker accepts, and
+the three cannot disagree about a bound. The parameters have OpenAI's names
+and shapes (chat completions), so the web service passes them through:
 
-Every refusal is INVALID_PARAMS naming the parameter (`data.param`):
-exactly one of `messages` and `prompt`; messages a non-empty list of
-`{"role": "system"|"user"|"assistant", "content": str}`; the prompt (or all
-message contents together) within the size cap; `max_tokens` between 1 and
-the cap; `temperature` in [0, 2]; `top_p` in (0, 1]; at most 4 stop strings
-of 1-64 characters; a seed in [0, 2^32); a priority that is a tier name or
-an integer (`priority_of`, with the tiers of shared/tiers.py).
+    messages | prompt      exactly one; messages are OpenAI's: roles system,
+                           developer, user, assistant (`content` may be null
+                           when it has `tool_calls`), tool (`tool_call_id`);
+                           content a string or a list of text parts
+    max_tokens             1..limit, or absent: the model decides (what its
+                           context leaves, bounded by its documented maximum)
+    temperature, top_p     [0, 2] and (0, 1], or absent: the model's defaults
+    frequency_penalty,
+    presence_penalty       [-2, 2], or absent
+    stop                   a string or up to 4 strings of 1-64 characters
+    seed                   [0, 2^32)
+    tools                  up to 128 `{"type": "function", "function": {name,
+                           description?, parameters?, strict?}}`
+    tool_choice            "auto" | "none" | "required" |
+                           {"type": "function", "function": {"name"}} (a tool given)
+    parallel_tool_calls    bool (default true)
+    response_format        {"type": "text" | "json_object"} |
+                           {"type": "json_schema", "json_schema": {name, schema, strict?, description?}}
+
+Anything else is refused, and every refusal is INVALID_PARAMS naming the
+parameter (`data.param`): nothing is silently dropped here. (The web service
+has an operator switch to drop OpenAI parameters we do not support before
+they reach this contract; it says which it dropped.)
+
+The chunks of a generation stream are part of the contract too (`is_final`,
+`text_of`, `tool_calls_of`; services/inference/README.md, "Chunks").
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from shared.errors import InvalidParams
 from shared.tiers import TierTable
 
-__all__ = ["GenerateRequest", "Limits", "Message", "build_request", "is_final", "priority_of", "text_of"]
+__all__ = [
+    "GenerateRequest", "Limits", "Message", "ResponseFormat", "Tool", "ToolCall", "ToolChoice",
+    "build_request", "is_final", "output_of", "priority_of", "text_of", "tool_calls_of",
+]
 
-_ROLES = ("system", "user", "assistant")
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+_ROLES: tuple[Role, ...] = ("system", "developer", "user", "assistant", "tool")
 _MAX_STOPS = 4
 _MAX_STOP_CHARS = 64
+_MAX_TOOLS = 128
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _TIERS = TierTable()
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+#: The parameters `build_request` knows; any other name is refused.
+PARAMETERS = frozenset({
+    "messages", "prompt", "max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
+    "stop", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+})
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A function call the model made: `arguments` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One chat message."""
+    """One chat message. `content` is None only for an assistant message that calls tools."""
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Role
+    content: str | None
+    name: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    @property
+    def text(self) -> str:
+        return self.content or ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A function the model may call; `parameters` is its arguments' JSON Schema."""
+
+    name: str
+    description: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        function: dict[str, Any] = {"name": self.name, "parameters": dict(self.parameters)}
+        if self.description:
+            function["description"] = self.description
+        if self.strict:
+            function["strict"] = True
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """`auto`, `none`, `required`, or `function` with the one tool's `name`."""
+
+    mode: Literal["auto", "none", "required", "function"]
+    name: str | None = None
+
+    def to_wire(self) -> str | dict[str, Any]:
+        if self.mode == "function":
+            return {"type": "function", "function": {"name": self.name}}
+        return self.mode
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseFormat:
+    """`text`, `json_object` (any JSON object) or `json_schema` (a JSON value valid against `schema`)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = None
+    schema: Mapping[str, Any] | None = None
+    strict: bool = False
+    description: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        if self.type != "json_schema":
+            return {"type": self.type}
+        spec: dict[str, Any] = {"name": self.name, "schema": dict(self.schema or {}), "strict": self.strict}
+        if self.description:
+            spec["description"] = self.description
+        return {"type": "json_schema", "json_schema": spec}
 
 
 @dataclass(frozen=True, slots=True)
 class GenerateRequest:
-    """A validated generation request; exactly one of `messages` and `prompt` is set."""
+    """A validated generation request; exactly one of `messages` and `prompt` is set.
+
+    `max_tokens`, `temperature` and `top_p` are None when the caller left them
+    to the model; a worker fills them (`resolved`) before it generates."""
 
     messages: tuple[Message, ...] | None
     prompt: str | None
-    max_tokens: int
-    temperature: float
-    top_p: float
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
     @property
     def deterministic(self) -> bool:
         """Greedy decoding or a fixed seed: the same request gives the same answer."""
         return self.temperature == 0 or self.seed is not None
 
-    def message_dicts(self) -> list[dict[str, str]]:
+    @property
+    def choice(self) -> ToolChoice:
+        """The tool choice in force: OpenAI's default is `auto` with tools, `none` without."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return ToolChoice("auto" if self.tools else "none")
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model may answer with tool calls."""
+        return bool(self.tools) and self.choice.mode != "none"
+
+    @property
+    def wants_json(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
+
+    def message_dicts(self) -> list[dict[str, Any]]:
         return [m.to_dict() for m in self.messages or ()]
+
+    def resolved(self, *, max_tokens: int, temperature: float, top_p: float) -> GenerateRequest:
+        """This request with what the caller left to the model filled in."""
+        return replace(
+            self, max_tokens=self.max_tokens if self.max_tokens is not None else max_tokens,
+            temperature=self.temperature if self.temperature is not None else temperature,
+            top_p=self.top_p if self.top_p is not None else top_p,
+        )
+
+    def to_params(self) -> dict[str, Any]:
+        """The wire parameters of this request (those set), as `build_request` takes them."""
+        out: dict[str, Any] = {}
+        if self.messages is not None:
+            out["messages"] = self.message_dicts()
+        else:
+            out["prompt"] = self.prompt
+        for name in ("max_tokens", "temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.stop:
+            out["stop"] = list(self.stop)
+        if self.tools:
+            out["tools"] = [tool.to_dict() for tool in self.tools]
+        if self.tool_choice is not None:
+            out["tool_choice"] = self.tool_choice.to_wire()
+        if not self.parallel_tool_calls:
+            out["parallel_tool_calls"] = False
+        if self.response_format is not None:
+            out["response_format"] = self.response_format.to_wire()
+        return out
+
+    def prompt_text(self) -> str:
+        """Everything the model reads, as one text: what the prompt hash and size bounds are taken over."""
+        if self.messages is None:
+            return self.prompt or ""
+        parts: list[Any] = self.message_dicts()
+        if self.tools:
+            parts.append([tool.to_dict() for tool in self.tools])
+        return _encode(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,60 +251,225 @@ class Limits:
     max_messages: int = 256
 
 
-def _refuse(param: str, text: str) -> InvalidParams:
-    return InvalidParams(f"inference.generate: {param} {text}", {"param": param})
+def _refuse(param: str, text: str, **data: Any) -> InvalidParams:
+    return InvalidParams(f"{param} {text}", {"param": param, **data})
 
 
-def build_request(
-    limits: Limits, *, messages: list[Any] | None, prompt: str | None, max_tokens: int,
-    temperature: float, top_p: float, stop: str | list[Any] | None, seed: int | None,
-) -> GenerateRequest:
-    """The validated request; `InvalidParams` for anything out of shape or bounds."""
+def build_request(limits: Limits, params: Mapping[str, Any]) -> GenerateRequest:
+    """The validated request; `InvalidParams` naming the parameter for anything unknown, out of shape or bounds."""
+    unknown = sorted(str(name) for name in params if name not in PARAMETERS)
+    if unknown:
+        raise _refuse(unknown[0], "is not a supported parameter", reason="unsupported")
+    messages, prompt = params.get("messages"), params.get("prompt")
     if (messages is None) == (prompt is None):
-        raise InvalidParams("inference.generate: give exactly one of messages and prompt", {"param": "messages"})
+        raise _refuse("messages", "or prompt: give exactly one of them")
     parsed = _messages(messages, limits) if messages is not None else None
-    size = sum(len(m.content) for m in parsed) if parsed is not None else len(prompt or "")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt):
+        raise _refuse("prompt", "must be a non-empty string")
+    tools = _tools(params.get("tools"))
+    request = GenerateRequest(
+        messages=parsed, prompt=prompt,
+        max_tokens=_max_tokens(params.get("max_tokens"), limits),
+        temperature=_number(params, "temperature", 0.0, 2.0),
+        top_p=_number(params, "top_p", 0.0, 1.0, open_low=True),
+        frequency_penalty=_number(params, "frequency_penalty", -2.0, 2.0),
+        presence_penalty=_number(params, "presence_penalty", -2.0, 2.0),
+        stop=_stops(params.get("stop")), seed=_seed(params.get("seed")),
+        tools=tools, tool_choice=_tool_choice(params.get("tool_choice"), tools),
+        parallel_tool_calls=_flag(params, "parallel_tool_calls", True),
+        response_format=_response_format(params.get("response_format")),
+    )
+    if prompt is not None and (tools or request.tool_choice is not None):
+        raise _refuse("tools", "need messages (a chat request), not a prompt")
+    size = _size(request)
     if size > limits.max_prompt_chars:
         what = "messages" if parsed is not None else "prompt"
         raise _refuse(what, f"too long: {size} characters, at most {limits.max_prompt_chars}")
-    if prompt is not None and not prompt:
-        raise _refuse("prompt", "must not be empty")
-    if not 1 <= max_tokens <= limits.max_tokens:
-        raise _refuse("max_tokens", f"must be between 1 and {limits.max_tokens}")
-    if not (math.isfinite(temperature) and 0 <= temperature <= 2):
-        raise _refuse("temperature", "must be between 0 and 2")
-    if not (math.isfinite(top_p) and 0 < top_p <= 1):
-        raise _refuse("top_p", "must be in (0, 1]")
-    if seed is not None and not 0 <= seed < 2**32:
-        raise _refuse("seed", "must be in [0, 2^32)")
-    return GenerateRequest(
-        messages=parsed, prompt=prompt, max_tokens=max_tokens, temperature=float(temperature),
-        top_p=float(top_p), stop=_stops(stop), seed=seed,
-    )
+    return request
 
 
-def _messages(messages: list[Any], limits: Limits) -> tuple[Message, ...]:
-    if not messages:
-        raise _refuse("messages", "must not be empty")
+def _size(request: GenerateRequest) -> int:
+    """The characters the model reads: contents, arguments of past calls, tool definitions."""
+    if request.messages is None:
+        return len(request.prompt or "")
+    size = sum(len(m.text) + sum(len(c.arguments) for c in m.tool_calls) for m in request.messages)
+    return size + (len(_encode([tool.to_dict() for tool in request.tools])) if request.tools else 0)
+
+
+def _max_tokens(value: Any, limits: Limits) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int or not 1 <= value <= limits.max_tokens:
+        raise _refuse("max_tokens", f"must be an integer between 1 and {limits.max_tokens}")
+    return value
+
+
+def _number(params: Mapping[str, Any], name: str, low: float, high: float, *, open_low: bool = False
+            ) -> float | None:
+    value = params.get(name)
+    if value is None:
+        return None
+    ok = type(value) in (int, float) and math.isfinite(value) and (low < value if open_low else low <= value)
+    if not ok or value > high:
+        interval = f"({low:g}, {high:g}]" if open_low else f"[{low:g}, {high:g}]"
+        raise _refuse(name, f"must be a number in {interval}")
+    return float(value)
+
+
+def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = params.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _refuse(name, "must be a boolean")
+    return value
+
+
+def _seed(seed: Any) -> int | None:
+    if seed is not None and (type(seed) is not int or not 0 <= seed < 2**32):
+        raise _refuse("seed", "must be an integer in [0, 2^32)")
+    return seed
+
+
+def _content(content: Any, where: str, *, nullable: bool) -> str | None:
+    """A message's text: a string, or the text parts of a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if content is None and nullable:
+        return None
+    if isinstance(content, list) and content:
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _refuse("messages", f"{where}.content: only text parts are supported, not {kind!r}",
+                              reason="unsupported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _refuse("messages", f"{where}.content must be a string or a list of text parts")
+
+
+def _messages(messages: Any, limits: Limits) -> tuple[Message, ...]:
+    if not isinstance(messages, list) or not messages:
+        raise _refuse("messages", "must be a non-empty list")
     if len(messages) > limits.max_messages:
         raise _refuse("messages", f"too many: {len(messages)}, at most {limits.max_messages}")
-    parsed = []
-    for index, item in enumerate(messages):
-        if not isinstance(item, dict) or set(item) - {"role", "content", "name"}:
-            raise _refuse("messages", f"[{index}] must be {{role, content}}")
-        role, content = item.get("role"), item.get("content")
-        if role not in _ROLES:
-            raise _refuse("messages", f"[{index}].role must be one of {', '.join(_ROLES)}")
-        if not isinstance(content, str):
-            raise _refuse("messages", f"[{index}].content must be a string")
-        parsed.append(Message(role, content))
-    return tuple(parsed)
+    return tuple(_message(item, f"[{index}]") for index, item in enumerate(messages))
 
 
-def _stops(stop: str | list[Any] | None) -> tuple[str, ...]:
+_MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
+
+
+def _message(item: Any, where: str) -> Message:
+    if not isinstance(item, dict):
+        raise _refuse("messages", f"{where} must be an object with a role")
+    extra = sorted(str(k) for k in item if k not in _MESSAGE_KEYS)
+    if extra:
+        raise _refuse("messages", f"{where}.{extra[0]} is not supported", reason="unsupported")
+    role = item.get("role")
+    if role not in _ROLES:
+        raise _refuse("messages", f"{where}.role must be one of {', '.join(_ROLES)}")
+    calls = _history_calls(item.get("tool_calls"), where) if role == "assistant" else ()
+    if role != "assistant" and item.get("tool_calls") is not None:
+        raise _refuse("messages", f"{where}.tool_calls belong to assistant messages")
+    content = _content(item.get("content"), where, nullable=role == "assistant" and bool(calls))
+    name = item.get("name")
+    if name is not None and (not isinstance(name, str) or not _NAME.fullmatch(name)):
+        raise _refuse("messages", f"{where}.name must be 1-64 of A-Z a-z 0-9 _ -")
+    call_id = item.get("tool_call_id")
+    if role == "tool":
+        if not isinstance(call_id, str) or not _ID.fullmatch(call_id):
+            raise _refuse("messages", f"{where}.tool_call_id is required for a tool message (1-128 printable)")
+    elif call_id is not None:
+        raise _refuse("messages", f"{where}.tool_call_id belongs to tool messages")
+    return Message(role, content, name, calls, call_id)
+
+
+def _history_calls(calls: Any, where: str) -> tuple[ToolCall, ...]:
+    if calls is None:
+        return ()
+    if not isinstance(calls, list):
+        raise _refuse("messages", f"{where}.tool_calls must be a list")
+    out = []
+    for index, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        ok = (isinstance(function, dict) and isinstance(call.get("id"), str) and _ID.fullmatch(call["id"])
+              and call.get("type", "function") == "function" and isinstance(function.get("name"), str)
+              and isinstance(function.get("arguments"), str))
+        if not ok or not isinstance(function, dict):
+            raise _refuse("messages", f"{where}.tool_calls[{index}] must be "
+                          "{id, type: function, function: {name, arguments}}")
+        out.append(ToolCall(call["id"], function["name"], function["arguments"]))
+    return tuple(out)
+
+
+def _tools(tools: Any) -> tuple[Tool, ...]:
+    if tools is None:
+        return ()
+    if not isinstance(tools, list) or len(tools) > _MAX_TOOLS:
+        raise _refuse("tools", f"must be a list of at most {_MAX_TOOLS} tools")
+    out, names = [], set()
+    for index, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type") != "function":
+            raise _refuse("tools", f"[{index}] must be {{type: function, function: {{name, ...}}}}")
+        name, parameters = function.get("name"), function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise _refuse("tools", f"[{index}].function.name must be 1-64 of A-Z a-z 0-9 _ -")
+        if name in names:
+            raise _refuse("tools", f"[{index}]: two tools are named {name!r}")
+        names.add(name)
+        if not isinstance(parameters, dict):
+            raise _refuse("tools", f"[{index}].function.parameters must be a JSON Schema object")
+        description = function.get("description", "")
+        if not isinstance(description, str):
+            raise _refuse("tools", f"[{index}].function.description must be a string")
+        strict = function.get("strict") is True
+        out.append(Tool(name, description, parameters, strict))
+    return tuple(out)
+
+
+def _tool_choice(choice: Any, tools: tuple[Tool, ...]) -> ToolChoice | None:
+    if choice is None:
+        return None
+    if choice in ("auto", "none", "required"):
+        mode: Any = choice
+        if mode != "none" and not tools:
+            raise _refuse("tool_choice", f"{choice!r} needs tools")
+        return ToolChoice(mode)
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str):
+        raise _refuse("tool_choice", "must be auto, none, required or {type: function, function: {name}}")
+    if name not in {tool.name for tool in tools}:
+        raise _refuse("tool_choice", f"names {name!r}, which is not one of the tools")
+    return ToolChoice("function", name)
+
+
+def _response_format(value: Any) -> ResponseFormat | None:
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind in ("text", "json_object"):
+        return ResponseFormat(kind)
+    if kind != "json_schema":
+        raise _refuse("response_format", "type must be text, json_object or json_schema")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise _refuse("response_format", "json_schema must be {name, schema: {...}, strict?}")
+    name = spec.get("name", "response")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise _refuse("response_format", "json_schema.name must be 1-64 of A-Z a-z 0-9 _ -")
+    description = spec.get("description", "")
+    if not isinstance(description, str):
+        raise _refuse("response_format", "json_schema.description must be a string")
+    return ResponseFormat("json_schema", name, spec["schema"], spec.get("strict") is True, description)
+
+
+def _stops(stop: Any) -> tuple[str, ...]:
     items = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if len(items) > _MAX_STOPS:
-        raise _refuse("stop", f"at most {_MAX_STOPS} strings")
+    if not isinstance(items, list) or len(items) > _MAX_STOPS:
+        raise _refuse("stop", f"must be a string or a list of at most {_MAX_STOPS} strings")
     for item in items:
         if not isinstance(item, str) or not 1 <= len(item) <= _MAX_STOP_CHARS:
             raise _refuse("stop", f"items must be strings of 1-{_MAX_STOP_CHARS} characters")
@@ -151,7 +495,8 @@ def is_final(chunk: Any) -> bool:
     """True for the last chunk of a generation stream (`inference.generate`, and
     `gateway.infer` relaying it): the one map with `done: true`, which carries
     `usage`, `finish_reason`, `timing`, `cached` (and from the gateway
-    `request_id` and `rate_limit`). The chunks before it carry text (`text_of`)."""
+    `request_id` and `rate_limit`). The chunks before it carry text (`text_of`)
+    or tool calls (`tool_calls_of`)."""
     return isinstance(chunk, Mapping) and chunk.get("done") is True
 
 
@@ -159,3 +504,15 @@ def text_of(chunk: Any) -> str | None:
     """The piece of text a chunk carries, or None when it carries none."""
     text = chunk.get("text") if isinstance(chunk, Mapping) else None
     return text if isinstance(text, str) else None
+
+
+def tool_calls_of(chunk: Any) -> list[dict[str, Any]] | None:
+    """The tool calls a chunk carries -- OpenAI's `tool_calls` delta items
+    `{index, id, type: "function", function: {name, arguments}}` -- or None."""
+    calls = chunk.get("tool_calls") if isinstance(chunk, Mapping) else None
+    return calls if isinstance(calls, list) else None
+
+
+def output_of(chunk: Any) -> bool:
+    """Whether a chunk carries output for the caller: text or tool calls."""
+    return text_of(chunk) is not None or tool_calls_of(chunk) is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,6 +95,14 @@ def test_the_rule_itself() -> None:
     assert not _foreign("web", "shared.rpc")
 
 
+def _named(func: Any) -> set[str]:
+    return {p.name for p in inspect.signature(func).parameters.values() if p.kind is not p.VAR_KEYWORD}
+
+
+def _takes_more(func: Any) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(func).parameters.values())
+
+
 @pytest.mark.parametrize("client, service", [
     (AuthClient, AuthService), (GatewayClient, GatewayService), (MetricsClient, MetricsService),
 ], ids=["auth", "gateway", "metrics"])
@@ -110,7 +119,9 @@ def test_typed_client_matches_its_service(client: type[TypedClient], service: ty
         assert wire.idempotent == spec.idempotent, f"{wire.name}: idempotent differs from the server's"
         assert wire.stream == inspect.isasyncgenfunction(func), f"{wire.name}: streaming differs"
         method = getattr(client, name)
-        sent = set(inspect.signature(method).parameters) - {"self", "timeout"}
-        taken = set(inspect.signature(func).parameters) - {"self"}
+        sent = _named(method) - {"self", "timeout"}
+        taken = _named(func) - {"self"}
+        if _takes_more(func):  # the rest of gateway.infer's parameters: the generation contract's
+            assert _takes_more(method), f"{client.__name__}.{name} cannot send the contract's parameters"
         assert sent <= taken, f"{client.__name__}.{name} sends parameters {wire.name} does not take: {sent - taken}"
         assert "timeout" in inspect.signature(method).parameters

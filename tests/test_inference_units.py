@@ -131,8 +131,7 @@ OK = dict(max_tokens=10, temperature=0.0, top_p=1.0, stop=None, seed=None)
 
 
 def test_a_valid_chat_request():
-    request = build_request(LIMITS, messages=[{"role": "user", "content": "hi"}], prompt=None,
-                            **{**OK, "stop": "###", "seed": 7})
+    request = build_request(LIMITS, {"messages": [{"role": "user", "content": "hi"}], **OK, "stop": "###", "seed": 7})
     assert request.messages == (Message("user", "hi"),) and request.stop == ("###",)
     assert request.deterministic
 
@@ -162,15 +161,15 @@ def test_a_valid_chat_request():
 def test_invalid_requests_name_the_parameter(change, param):
     args = {"messages": [{"role": "user", "content": "hi"}], "prompt": None, **OK, **change}
     with pytest.raises(InvalidParams) as refused:
-        build_request(LIMITS, **args)
+        build_request(LIMITS, args)
     assert refused.value.data["param"] == param
 
 
 def test_prompt_bounds():
     with pytest.raises(InvalidParams, match="too long"):
-        build_request(LIMITS, messages=None, prompt="x" * 51, **OK)
+        build_request(LIMITS, {"prompt": "x" * 51, **OK})
     with pytest.raises(InvalidParams, match="empty"):
-        build_request(LIMITS, messages=None, prompt="", **OK)
+        build_request(LIMITS, {"prompt": "", **OK})
 
 
 def test_priority_from_tier_names_or_numbers():

@@ -9,7 +9,8 @@ gateway also derives:
   `max_tokens` plus an upper bound of the prompt's tokens (its UTF-8 bytes:
   no byte-level tokenizer makes more tokens than bytes, plus room for the
   chat template), so the settled count can only be lower;
-* `prompt_hash`: SHA-256 of the prompt, the only trace of it that is kept.
+* `prompt_hash`: SHA-256 of the prompt (messages and tool definitions), the
+  only trace of it that is kept.
 """
 
 from __future__ import annotations
@@ -17,24 +18,27 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from shared.dht import Provider
 from shared.errors import InvalidParams
-from shared.generation import Limits, build_request
+from shared.generation import GenerateRequest, Limits, build_request
 
-__all__ = ["Checked", "Limits", "check_request", "check_model"]
+__all__ = ["Checked", "Limits", "check_capabilities", "check_request", "check_model"]
 
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _TEMPLATE_TOKENS_PER_MESSAGE = 8
 _TEMPLATE_TOKENS = 16
+_TOOL_INSTRUCTIONS = 512  #: what a worker may add to show a model its tools (backends/tool_prompt.py)
 
 
 @dataclass(frozen=True, slots=True)
 class Checked:
     """A request fit to send to a worker."""
 
+    request: GenerateRequest
     params: dict[str, Any]  #: the parameters of `inference.generate`
     reserve: int
     prompt_hash: str
@@ -46,29 +50,47 @@ def check_model(model: str) -> str:
     return model
 
 
-def check_request(
-    limits: Limits, *, model: str, messages: list[Any] | None, prompt: str | None, max_tokens: int,
-    temperature: float, top_p: float, stop: str | list[Any] | None, seed: int | None, stream: bool,
-) -> Checked:
-    """The worker's parameters, the token reservation and the prompt's hash."""
+def check_request(limits: Limits, *, model: str, generation: Mapping[str, Any], stream: bool) -> Checked:
+    """The worker's parameters, the token reservation and the prompt's hash.
+
+    A request that leaves `max_tokens` to the model reserves `limits.max_tokens`,
+    the most any worker of this deployment generates for one request (workers
+    read the same INFERSWARM_MAX_TOKENS); the settled count can only be lower."""
     check_model(model)
     try:
-        request = build_request(limits, messages=messages, prompt=prompt, max_tokens=max_tokens,
-                                temperature=temperature, top_p=top_p, stop=stop, seed=seed)
+        request = build_request(limits, generation)
     except InvalidParams as exc:
-        raise InvalidParams(exc.message.replace("inference.generate:", "gateway.infer:"), exc.data) from None
-    params: dict[str, Any] = {"model": model, "max_tokens": request.max_tokens,
-                              "temperature": request.temperature, "top_p": request.top_p, "stream": stream}
-    if request.messages is not None:
-        params["messages"] = request.message_dicts()
-        text = _encode(params["messages"])
-        bound = sum(len(m.content.encode()) + _TEMPLATE_TOKENS_PER_MESSAGE for m in request.messages)
-    else:
-        params["prompt"] = text = request.prompt or ""
-        bound = len(text.encode())
-    if request.stop:
-        params["stop"] = list(request.stop)
-    if request.seed is not None:
-        params["seed"] = request.seed
+        raise InvalidParams(f"gateway.infer: {exc.message}", exc.data) from None
+    params: dict[str, Any] = {"model": model, **request.to_params(), "stream": stream}
+    text = request.prompt_text()
     digest = hashlib.sha256(text.encode()).hexdigest()
-    return Checked(params, request.max_tokens + bound + _TEMPLATE_TOKENS, digest)
+    reserve = (request.max_tokens or limits.max_tokens) + _prompt_bound(request) + _TEMPLATE_TOKENS
+    return Checked(request, params, reserve, digest)
+
+
+def _prompt_bound(request: GenerateRequest) -> int:
+    """At least the prompt's tokens: its UTF-8 bytes, with room for the template of each message."""
+    if request.messages is None:
+        return len((request.prompt or "").encode())
+    bound = sum(len(m.text.encode()) + sum(len(c.arguments.encode()) + len(c.name) for c in m.tool_calls)
+                + _TEMPLATE_TOKENS_PER_MESSAGE for m in request.messages)
+    if request.tools:
+        bound += len(json.dumps([tool.to_dict() for tool in request.tools]).encode()) + _TOOL_INSTRUCTIONS
+    return bound
+
+
+def check_capabilities(request: GenerateRequest, workers: list[Provider]) -> None:
+    """Refuse what no worker of the model can do (tools, structured output), naming the parameter.
+
+    Workers announce what each model can do (`capabilities` in the model's
+    load); a worker that announces nothing is taken at its word later."""
+    needs = []
+    if request.calls_tools:
+        needs.append(("tools", "tools"))
+    if request.wants_json:
+        needs.append(("json", "response_format"))
+    for capability, param in needs:
+        known = [w.load.get("capabilities") for w in workers if isinstance(w.load.get("capabilities"), list)]
+        if known and not any(capability in caps for caps in known):
+            raise InvalidParams(f"gateway.infer: {param}: this model does not support {capability}",
+                                {"param": param, "reason": "unsupported"})

@@ -74,15 +74,15 @@ class GatewayClient(TypedClient):
     }
 
     async def infer(
-        self, *, model: str, api_key: str | None = None, token: str | None = None,
-        messages: list[dict[str, Any]] | None = None, prompt: str | None = None, max_tokens: int | None = None,
-        temperature: float | None = None, top_p: float | None = None, stop: str | list[str] | None = None,
-        seed: int | None = None, stream: bool | None = None, timeout: float | None = None,
+        self, *, model: str, api_key: str | None = None, token: str | None = None, stream: bool | None = None,
+        timeout: float | None = None, **generation: Any,
     ) -> Stream:
-        """Start a generation with an API key or a session token; exactly one of messages and prompt."""
-        return await self._stream("infer", timeout, model=model, api_key=api_key, token=token,
-                                  messages=messages, prompt=prompt, max_tokens=max_tokens,
-                                  temperature=temperature, top_p=top_p, stop=stop, seed=seed, stream=stream)
+        """Start a generation with an API key or a session token. `generation` holds the
+        parameters of the generation contract (shared/generation.py: messages | prompt,
+        max_tokens, temperature, top_p, stop, seed, tools, tool_choice, response_format...);
+        None values are left out."""
+        return await self._stream("infer", timeout, model=model, api_key=api_key, token=token, stream=stream,
+                                  **generation)
 
     async def models(self, *, timeout: float | None = None) -> Models:
         return await self._call("models", timeout)

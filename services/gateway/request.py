@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import MeshError
-from shared.generation import is_final, text_of
+from shared.generation import is_final, output_of
 from services.gateway.accounts import Accounts, safe_model
 from services.gateway.callers import Caller, Callers
-from services.gateway.checks import Limits, check_request
+from services.gateway.checks import Limits, check_capabilities, check_request
 from services.gateway.counts import Counts
 from services.gateway.quota import Admission, Quota
 from services.gateway.relay import Relay, Upstream
@@ -85,7 +85,7 @@ class Request:
         self.prompt_hash: str | None = None
         self.admission: Admission | None = None
         self.worker: str | None = None  #: the worker that took it (node key, hex)
-        self.delivered = 0  #: text chunks passed on
+        self.delivered = 0  #: chunks of output (text or tool calls) passed on
         self.prompt_tokens = 0  #: as the worker counted them, with its first text chunk
         self._upstream: Upstream | None = None
         self._status: str | None = None  #: how it failed, when it did
@@ -93,14 +93,17 @@ class Request:
 
     # -- 1-4: from arrival to the first chunk -------------------------------------------
 
-    async def start(self, api_key: str | None, token: str | None, generation: dict[str, Any]) -> dict[str, Any]:
-        """Identify, check, route, admit, open a worker's stream: the first chunk to send."""
+    async def start(self, api_key: str | None, token: str | None, generation: dict[str, Any],
+                    stream: bool) -> dict[str, Any]:
+        """Identify, check, route, admit, open a worker's stream: the first chunk to send
+        (with the request's id, so an HTTP reply can name it before the end)."""
         parts = self._parts
         try:
             self.caller = caller = await parts.callers.identify(api_key, token, deadline=self.deadline)
-            checked = check_request(parts.limits, model=self.model, **generation)
+            checked = check_request(parts.limits, model=self.model, generation=generation, stream=stream)
             self.prompt_hash = checked.prompt_hash
             workers = await parts.router.workers(self.model, deadline=self.deadline)
+            check_capabilities(checked.request, workers)
             self.admission = await parts.quota.admit(caller.user_id, caller.limits, checked.reserve,
                                                      deadline=self.deadline)
         except MeshError as exc:
@@ -124,7 +127,8 @@ class Request:
             self._status = "internal"
             raise
         parts.counts.first_token(self.model, self._upstream.ttft)
-        return self._passed(self._upstream.first)
+        first = self._passed(self._upstream.first)
+        return first if "request_id" in first else {**first, "request_id": self.request_id}
 
     def _took(self, worker: str) -> None:
         """The relay's word: `worker` took the work (it consumes its request counts)."""
@@ -149,7 +153,7 @@ class Request:
     def _passed(self, chunk: dict[str, Any]) -> dict[str, Any]:
         if is_final(chunk):
             return self._succeeded(chunk)
-        if text_of(chunk) is not None:
+        if output_of(chunk):
             self.delivered += 1
             if self.delivered == 1:
                 self.prompt_tokens = _count(chunk.get("prompt_tokens"))

@@ -1,8 +1,10 @@
 """The gateway service: the public entry for inference.
 
-    gateway.infer   public  api_key | token, model, messages | prompt, max_tokens, temperature,
-                            top_p, stop, seed, stream -> the worker's chunks; the last one also
-                            carries request_id and rate_limit (limit/remaining/reset per counter)
+    gateway.infer   public  api_key | token, model, stream, and the generation parameters
+                            (shared/generation.py: messages | prompt, max_tokens, temperature,
+                            top_p, stop, seed, tools, tool_choice, response_format, ...) -> the
+                            worker's chunks; the first and the last carry request_id, the last
+                            also rate_limit (limit/remaining/reset per counter)
     gateway.models  public  -> {models: [{name, workers, healthy_workers}]}
     gateway.quota   public  api_key | token -> {user_id, tier, rate_limit: {counter: {limit,
                             used, remaining, reset}}}
@@ -55,18 +57,16 @@ class GatewayService:
 
     @method(public=True)
     async def infer(
-        self, model: str, api_key: str | None = None, token: str | None = None,
-        messages: list[Any] | None = None, prompt: str | None = None, max_tokens: int = 256,
-        temperature: float = 0.7, top_p: float = 0.95, stop: str | list[Any] | None = None,
-        seed: int | None = None, stream: bool = True,
+        self, model: str, api_key: str | None = None, token: str | None = None, stream: bool = True,
+        **generation: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Generate with `model`; chunks as `inference.generate`, the last one with rate-limit facts."""
+        """Generate with `model`; the parameters of the generation contract (shared/generation.py);
+        chunks as `inference.generate`, the first and the last with `request_id`, the last
+        with rate-limit facts."""
         request = Request(self._parts, model, _deadline())
-        generation = {"messages": messages, "prompt": prompt, "max_tokens": max_tokens,
-                      "temperature": temperature, "top_p": top_p, "stop": stop, "seed": seed, "stream": stream}
         self._counts.in_flight += 1
         try:
-            chunk: dict[str, Any] | None = await request.start(api_key, token, generation)
+            chunk: dict[str, Any] | None = await request.start(api_key, token, generation, stream)
             while chunk is not None:
                 yield chunk
                 chunk = await request.next()

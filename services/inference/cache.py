@@ -3,7 +3,8 @@
 Only a request whose answer cannot vary is cached: temperature 0 (greedy) or a
 fixed seed. The key is a SHA-256 over the tenant, the model name and every
 input that shapes the answer (messages or prompt, max_tokens, temperature,
-top_p, stop, seed), so two requests share an entry only when they are the same
+top_p, stop, seed, tools, tool choice, response format: every parameter of the
+contract), so two requests share an entry only when they are the same
 request of the same tenant. Keyed per tenant because a hit shows -- in its
 `cached: true` and in its speed -- that the same prompt was sent before: across
 users that would tell one what another asked.
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.inference.backends.base import GenerateRequest
+from services.inference.backends.base import GenerateRequest, ToolCall
 
 __all__ = ["CachedResponse", "ResponseCache", "cache_key"]
 
@@ -35,25 +36,17 @@ class CachedResponse:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def size(self) -> int:
-        return len(self.text.encode()) + 64
+        calls = sum(len(c.id) + len(c.name) + len(c.arguments) for c in self.tool_calls)
+        return len(self.text.encode()) + calls + 64
 
 
 def cache_key(model: str, request: GenerateRequest, tenant: str = "") -> str:
     """The key of `tenant`'s `request` to `model`: equal exactly when all of them are."""
-    material = {
-        "tenant": tenant,
-        "model": model,
-        "messages": request.message_dicts() if request.messages is not None else None,
-        "prompt": request.prompt,
-        "max_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "stop": list(request.stop),
-        "seed": request.seed,
-    }
+    material = {"tenant": tenant, "model": model, **request.to_params()}
     blob = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -27,6 +27,17 @@ Keys of an entry (unknown keys are refused, so a typo fails at start):
 | n_threads    | local          | CPU threads (INFERSWARM_LOCAL_THREADS, else all cores)                 |
 | n_ctx        | local          | context window in tokens (2048)                                        |
 | delay        | echo           | seconds between the words it echoes (0)                                |
+| temperature  | all            | the model's default temperature (OpenAI's 1; the embedded SmolLM2 0.2) |
+| top_p        | all            | the model's default top_p (1; the embedded SmolLM2 0.9)                |
+| max_output   | all            | the most tokens a request may generate, and the default when it sets   |
+|              |                | no max_tokens (INFERSWARM_MAX_TOKENS; local models also stop where     |
+|              |                | their context ends)                                                    |
+| repeat_penalty | local        | llama.cpp's repeat penalty (1.0, none; the embedded SmolLM2 1.1)       |
+
+A request's own temperature, top_p and max_tokens win over these defaults;
+max_tokens is refused beyond `max_output`. The embedded SmolLM2 ships with
+its model card's sampling (0.2, 0.9) and a repeat penalty, which keep a 135M
+model from looping.
 
 With nothing configured a worker serves the local model as "smollm2".
 """
@@ -41,20 +52,35 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ModelSpec", "BackendKind", "DEFAULT_MODELS", "parse_models", "read_models_file"]
+__all__ = ["ModelSpec", "BackendKind", "DEFAULT_MODELS", "Sampling", "parse_models", "read_models_file"]
 
 BackendKind = Literal["local", "ollama", "openai", "echo"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}$")
-_COMMON = {"backend", "slots", "queue"}
+_COMMON = {"backend", "slots", "queue", "temperature", "top_p", "max_output"}
 _KEYS: dict[str, set[str]] = {
-    "local": _COMMON | {"path", "n_threads", "n_ctx"},
+    "local": _COMMON | {"path", "n_threads", "n_ctx", "repeat_penalty"},
     "ollama": _COMMON | {"url", "model", "timeout"},
     "openai": _COMMON | {"url", "model", "timeout", "api_key_env"},
     "echo": _COMMON | {"delay"},
 }
 _DEFAULT_SLOTS = {"local": 1, "echo": 64}
 _DEFAULT_URL = {"ollama": "http://127.0.0.1:11434"}
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """A model's generation defaults, as vLLM takes them from a model's generation
+    config: what applies where a request leaves a parameter out."""
+
+    temperature: float = 1.0  #: OpenAI's default
+    top_p: float = 1.0  #: OpenAI's default
+    #: The most tokens one request may generate, and what it gets when it leaves
+    #: max_tokens out (None: the worker's INFERSWARM_MAX_TOKENS; the local model
+    #: also stops where its context ends).
+    max_output: int | None = None
+    #: llama.cpp's repeat penalty (local models; 1.0 is none).
+    repeat_penalty: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +101,17 @@ class ModelSpec:
     n_ctx: int = 2048
     #: Seconds between echoed words (echo).
     delay: float = 0.0
+    sampling: Sampling = Sampling()
 
 
-DEFAULT_MODELS: tuple[ModelSpec, ...] = (ModelSpec(name="smollm2", backend="local", slots=1),)
+#: The embedded SmolLM2-135M-Instruct: its model card's sampling (temperature
+#: 0.2, top_p 0.9) and a repeat penalty, which keep a 135M model out of the
+#: loops it falls into at OpenAI's (1, 1) or at 0.7 with no penalty.
+SMOLLM2_SAMPLING = Sampling(temperature=0.2, top_p=0.9, repeat_penalty=1.1)
+
+DEFAULT_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(name="smollm2", backend="local", slots=1, sampling=SMOLLM2_SAMPLING),
+)
 
 
 def parse_models(raw: str) -> tuple[ModelSpec, ...]:
@@ -126,7 +160,8 @@ def _spec(name: str, entry: Any) -> ModelSpec:
     if unknown:
         raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)} for backend {kind!r}")
     slots = _int(entry, "slots", _DEFAULT_SLOTS.get(kind, 4), where, minimum=1)
-    spec = ModelSpec(name=name, backend=kind, slots=slots, queue=_int(entry, "queue", 16, where, minimum=0))
+    spec = ModelSpec(name=name, backend=kind, slots=slots, queue=_int(entry, "queue", 16, where, minimum=0),
+                     sampling=_sampling(entry, where, embedded=kind == "local" and not entry.get("path")))
     if kind == "local":
         return _local(spec, entry, where)
     if kind == "echo":
@@ -164,7 +199,23 @@ def _remote(spec: ModelSpec, entry: Mapping[str, Any], where: str) -> ModelSpec:
 
 
 def _fields(spec: ModelSpec) -> dict[str, Any]:
-    return {"name": spec.name, "backend": spec.backend, "slots": spec.slots, "queue": spec.queue}
+    return {"name": spec.name, "backend": spec.backend, "slots": spec.slots, "queue": spec.queue,
+            "sampling": spec.sampling}
+
+
+def _sampling(entry: Mapping[str, Any], where: str, *, embedded: bool) -> Sampling:
+    """The entry's generation defaults; the embedded SmolLM2's where it sets none."""
+    base = SMOLLM2_SAMPLING if embedded else Sampling()
+    values: dict[str, Any] = {}
+    for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("repeat_penalty", 0.0, 2.0)):
+        value = entry.get(key, getattr(base, key))
+        if type(value) not in (int, float) or not low <= value <= high or (key != "temperature" and value == 0):
+            raise ValueError(f"{where}: {key} must be a number in ({low:g}, {high:g}], got {value!r}")
+        values[key] = float(value)
+    max_output = entry.get("max_output")
+    if max_output is not None:
+        max_output = _int(entry, "max_output", 1, where, minimum=1)
+    return Sampling(**values, max_output=max_output)
 
 
 def _seconds(entry: Mapping[str, Any], key: str, default: float, where: str) -> float:

@@ -1,9 +1,10 @@
 """The inference service: generation over the worker's models, with slots and a cache.
 
-    inference.generate      model, messages | prompt, max_tokens, temperature, top_p,
-                            stop, seed, stream, priority, tenant -> stream of chunks
-                            (`tenant`: whose request, an opaque string; the response
-                            cache is kept per tenant)
+    inference.generate      model, stream, priority, tenant, and the generation parameters
+                            (shared/generation.py: messages | prompt, max_tokens, temperature,
+                            top_p, stop, seed, tools, tool_choice, response_format, ...) ->
+                            stream of chunks (`tenant`: whose request, an opaque string; the
+                            response cache is kept per tenant)
     inference.models        -> the models this worker serves, their backends, slots, health
     inference.model_status  model -> loaded, healthy, last error, latency, speed, cache counts
 
@@ -16,7 +17,11 @@ Chunks of `generate` (README.md has the full contract):
                                      with stream=False, the whole text in one chunk; the
                                      first one also has "prompt_tokens" (what a stream cut
                                      short bills for its prompt)
-    {"done": true, "model", "finish_reason": "stop"|"length",
+    {"tool_calls": [{"index", "id", "type": "function",
+                     "function": {"name", "arguments"}}]}
+                                     the model called tools (OpenAI's delta shape, each
+                                     call whole); at most one such chunk, after any text
+    {"done": true, "model", "finish_reason": "stop"|"length"|"tool_calls",
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens"},
      "timing": {"queue_ms", "ttft_ms", "tokens_per_s", "total_ms"},
      "cached": bool, "worker": {"id", "load": {...}}}       always last
@@ -34,9 +39,10 @@ from shared.dht import model_topic
 from shared.errors import InvalidParams, NotFound, Unavailable
 from shared.logging import get_logger
 from shared.rpc import current_request, method
-from shared.generation import Limits, build_request, priority_of
-from services.inference.backends.base import Backend, Done, Prompt
+from shared.generation import GenerateRequest, Limits, ToolCall, build_request, priority_of
+from services.inference.backends.base import Backend, Done, Prompt, ToolCalls
 from services.inference.cache import CachedResponse, ResponseCache, cache_key
+from services.inference.catalog import Sampling
 from services.inference.health import ModelHealth
 from services.inference.slots import SlotPool
 
@@ -53,6 +59,7 @@ class ServedModel:
     backend: Backend
     pool: SlotPool
     health: ModelHealth
+    sampling: Sampling = Sampling()
 
     def load(self) -> dict[str, Any]:
         """What a gateway routes on, as announced on this model's topic."""
@@ -60,6 +67,7 @@ class ServedModel:
             "free_slots": self.pool.free, "slots": self.pool.slots, "queued": self.pool.queued,
             "queue_limit": self.pool.queue_limit, "healthy": self.health.healthy,
             "tokens_per_s": round(self.health.tokens_per_s or 0.0, 1),
+            "capabilities": list(self.backend.capabilities),
         }
 
 
@@ -102,17 +110,15 @@ class InferenceService:
 
     @method(roles=("gateway",))
     async def generate(
-        self, model: str, messages: list[Any] | None = None, prompt: str | None = None,
-        max_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.95,
-        stop: str | list[Any] | None = None, seed: int | None = None, stream: bool = True,
-        priority: int | str = 0, tenant: str = "",
+        self, model: str, stream: bool = True, priority: int | str = 0, tenant: str = "", **generation: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Stream the generation's text, then one final chunk (see the module doc)."""
+        """Stream the generation's text (or tool calls), then one final chunk (see the module doc).
+
+        `generation` holds the parameters of the generation contract
+        (shared/generation.py); what the request leaves out, the model's
+        defaults fill in (catalog.py, `Sampling`)."""
         served = self._served(model)
-        request = build_request(
-            self.limits, messages=messages, prompt=prompt, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, stop=stop, seed=seed,
-        )
+        request = self._resolved(served, build_request(self.limits, generation))
         rank = priority_of(priority)
         timing = _Timing()
         if not isinstance(tenant, str) or len(tenant) > 128:
@@ -124,6 +130,7 @@ class InferenceService:
                 yield chunk
             return
         pieces: list[str] = []
+        calls: tuple[ToolCall, ...] = ()
         async with served.pool.acquire(rank, timeout=self._queue_budget()):
             timing.slot = time.monotonic()
             done = None
@@ -139,6 +146,11 @@ class InferenceService:
                             continue
                         if timing.first is None:
                             timing.first = time.monotonic()
+                        if isinstance(event, ToolCalls):
+                            calls = event.calls
+                            if stream:
+                                yield _calls(calls, prompt_tokens if not pieces else None)
+                            continue
                         pieces.append(event)
                         if stream:
                             yield _text(event, prompt_tokens if len(pieces) == 1 else None)
@@ -146,13 +158,31 @@ class InferenceService:
                     served.health.failed(exc)
                     log.warning("backend failed", model=model, code=exc.code, error=exc.message)
                     raise
-            result, final = self._settle(served, pieces, done, timing)
+            result, final = self._settle(served, pieces, calls, done, timing)
         if key is not None:
             self.cache.put(key, result)
-        if not stream and result.text:
-            yield _text(result.text, result.prompt_tokens)
+        if not stream:
+            for chunk in from_result(result):
+                yield chunk
         final["worker"]["load"] = served.load()  # after the slot was freed
         yield final
+
+    def _resolved(self, served: ServedModel, request: GenerateRequest) -> GenerateRequest:
+        """The request with the model's defaults where it left them out; a `max_tokens`
+        beyond the model's maximum, or tools or a format it cannot do, are refused."""
+        sampling, limit = served.sampling, self.limits.max_tokens
+        most = min(sampling.max_output, limit) if sampling.max_output is not None else limit
+        if request.max_tokens is not None and request.max_tokens > most:
+            raise InvalidParams(f"max_tokens must be at most {most} for model {served.name!r}",
+                                {"param": "max_tokens"})
+        capabilities = served.backend.capabilities
+        if request.calls_tools and "tools" not in capabilities:
+            raise InvalidParams(f"tools: model {served.name!r} does not support tools",
+                                {"param": "tools", "reason": "unsupported"})
+        if request.wants_json and "json" not in capabilities:
+            raise InvalidParams(f"response_format: model {served.name!r} does not support structured output",
+                                {"param": "response_format", "reason": "unsupported"})
+        return request.resolved(max_tokens=most, temperature=sampling.temperature, top_p=sampling.top_p)
 
     @method(idempotent=True, roles=("gateway", "metrics"))
     async def models(self) -> dict[str, Any]:
@@ -217,19 +247,19 @@ class InferenceService:
         return max(0.0, min(self.queue_timeout, context.remaining()))
 
     def _replay(self, served: ServedModel, hit: CachedResponse, timing: _Timing) -> list[dict[str, Any]]:
-        """The chunks of a cached answer: its text in one chunk, then the final chunk."""
+        """The chunks of a cached answer: its text (or calls) in one chunk, then the final chunk."""
         timing.first = time.monotonic()
-        text = [_text(hit.text, hit.prompt_tokens)] if hit.text else []
-        return [*text, self._final(served, hit, timing, cached=True)]
+        return [*from_result(hit), self._final(served, hit, timing, cached=True)]
 
-    def _settle(self, served: ServedModel, pieces: list[str], done: Done | None, timing: _Timing
-                ) -> tuple[CachedResponse, dict[str, Any]]:
+    def _settle(self, served: ServedModel, pieces: list[str], calls: tuple[ToolCall, ...], done: Done | None,
+                timing: _Timing) -> tuple[CachedResponse, dict[str, Any]]:
         """The result and final chunk of a finished generation; its figures go to health."""
         if done is None:
             error = Unavailable(f"{served.backend.kind} backend ended without a result")
             served.health.failed(error)
             raise error
-        result = CachedResponse("".join(pieces), done.finish_reason, done.prompt_tokens, done.completion_tokens)
+        result = CachedResponse("".join(pieces), done.finish_reason, done.prompt_tokens, done.completion_tokens,
+                                calls)
         final = self._final(served, result, timing, cached=False)
         figures = final["timing"]
         served.health.succeeded(ttft_ms=figures["ttft_ms"] - figures["queue_ms"],
@@ -256,3 +286,19 @@ class InferenceService:
 def _text(text: str, prompt_tokens: int | None) -> dict[str, Any]:
     """A text chunk; the first one carries the prompt's tokens (README.md, "Chunks")."""
     return {"text": text} if prompt_tokens is None else {"text": text, "prompt_tokens": prompt_tokens}
+
+
+def _calls(calls: tuple[ToolCall, ...], prompt_tokens: int | None) -> dict[str, Any]:
+    """A chunk of tool calls, in OpenAI's delta shape (each call whole, with its index)."""
+    chunk: dict[str, Any] = {"tool_calls": [{"index": i, **call.to_dict()} for i, call in enumerate(calls)]}
+    if prompt_tokens is not None:
+        chunk["prompt_tokens"] = prompt_tokens
+    return chunk
+
+
+def from_result(result: CachedResponse) -> list[dict[str, Any]]:
+    """The output chunks of a whole answer (not streamed, or replayed): its text, its calls."""
+    chunks = [_text(result.text, result.prompt_tokens)] if result.text else []
+    if result.tool_calls:
+        chunks.append(_calls(result.tool_calls, None if chunks else result.prompt_tokens))
+    return chunks

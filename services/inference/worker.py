@@ -45,7 +45,8 @@ async def open_service(
         await backend.start()
         stack.push_async_callback(backend.close)
         pool = SlotPool(spec.slots, spec.queue, on_change=changed)
-        served[spec.name] = ServedModel(spec.name, backend, pool, ModelHealth(on_change=changed))
+        served[spec.name] = ServedModel(spec.name, backend, pool, ModelHealth(on_change=changed),
+                                        sampling=spec.sampling)
     service = InferenceService(
         served,
         ResponseCache(ttl=config.cache_ttl, max_entries=config.cache_entries, max_bytes=config.cache_bytes),

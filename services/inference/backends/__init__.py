@@ -20,7 +20,8 @@ def make_backend(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = 
     if spec.backend == "local":
         from services.inference.backends.local import LocalBackend
 
-        return LocalBackend(spec.path, slots=spec.slots, n_threads=spec.n_threads or threads, n_ctx=spec.n_ctx)
+        return LocalBackend(spec.path, slots=spec.slots, n_threads=spec.n_threads or threads, n_ctx=spec.n_ctx,
+                            repeat_penalty=spec.sampling.repeat_penalty)
     if spec.backend == "echo":
         from services.inference.backends.echo import EchoBackend
 

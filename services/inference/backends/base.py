@@ -25,11 +25,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from shared.generation import GenerateRequest, Message
+from shared.generation import GenerateRequest, Message, ToolCall
 
-__all__ = ["Message", "GenerateRequest", "Prompt", "Done", "Event", "Backend", "FinishReason", "estimate_tokens"]
+__all__ = ["Message", "GenerateRequest", "Prompt", "Done", "Event", "Backend", "FinishReason", "ToolCall",
+           "ToolCalls", "estimate_tokens"]
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +55,15 @@ class Done:
     completion_tokens: int
 
 
-Event = str | Prompt | Done
+@dataclass(frozen=True, slots=True)
+class ToolCalls:
+    """The model answered with calls of the request's tools (then `Done` with
+    finish_reason "tool_calls"). Sent once, after any text."""
+
+    calls: tuple[ToolCall, ...]
+
+
+Event = str | Prompt | ToolCalls | Done
 
 #: Pre-tokens of the GPT-2 family's split (words with their leading space,
 #: runs of digits, runs of other symbols): BPE and SentencePiece tokenizers
@@ -67,7 +76,7 @@ def estimate_tokens(request: GenerateRequest) -> int:
     tokenizer: its pre-tokens (see `_PRE_TOKENS`), a lower bound of what a
     server counts -- no chat template tokens, at least 1."""
     if request.messages is not None:
-        texts = [m.content for m in request.messages]
+        texts = [m.text for m in request.messages]
     else:
         texts = [request.prompt or ""]
     return max(1, sum(len(_PRE_TOKENS.findall(text)) for text in texts))
@@ -78,6 +87,9 @@ class Backend(ABC):
 
     #: "local", "ollama" or "openai".
     kind: str = ""
+    #: What the model can do, as announced: "chat", "tools" (tools and
+    #: tool_choice), "json" (response_format json_object and json_schema).
+    capabilities: tuple[str, ...] = ("chat",)
 
     def __init__(self) -> None:
         #: Static facts shown by `inference.models` (family, size, upstream name...).
@@ -90,7 +102,8 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
-        """Stream at most one `Prompt` (before any text), pieces of text (`str`), then exactly one `Done`."""
+        """Stream at most one `Prompt` (before any text), pieces of text (`str`), at most one
+        `ToolCalls` (a backend with the "tools" capability), then exactly one `Done`."""
 
     @abstractmethod
     async def probe(self) -> None:

@@ -34,8 +34,8 @@ class EchoBackend(Backend):
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
         if request.messages is not None:
-            sent = " ".join(m.content for m in request.messages)
-            source = request.messages[-1].content if request.messages else ""
+            sent = " ".join(m.text for m in request.messages)
+            source = request.messages[-1].text if request.messages else ""
         else:
             sent = source = request.prompt or ""
         words = source.split() or ["echo"]

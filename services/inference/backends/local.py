@@ -41,7 +41,8 @@ from typing import Any
 from shared.config import ConfigError
 from shared.errors import InvalidParams, MeshError, Unavailable
 from shared.logging import get_logger
-from services.inference.backends.base import Backend, Done, Event, GenerateRequest, Prompt
+from services.inference.backends.base import Backend, Done, Event, GenerateRequest, Prompt, ToolCalls
+from services.inference.backends.structured import grammar_of, parse_calls, prompt_messages
 
 __all__ = ["LocalBackend", "default_gguf"]
 
@@ -105,10 +106,14 @@ class LocalBackend(Backend):
 
     kind = "local"
 
-    def __init__(self, path: Path | None = None, *, slots: int = 1, n_threads: int = 2, n_ctx: int = 2048) -> None:
+    capabilities = ("chat", "tools", "json")
+
+    def __init__(self, path: Path | None = None, *, slots: int = 1, n_threads: int = 2, n_ctx: int = 2048,
+                 repeat_penalty: float = 1.0) -> None:
         super().__init__()
         self.path = path
         self.slots, self.n_threads, self.n_ctx = slots, n_threads, n_ctx
+        self.repeat_penalty = repeat_penalty
         self._free: list[Any] = []
         self._executor: ThreadPoolExecutor | None = None
 
@@ -150,6 +155,13 @@ class LocalBackend(Backend):
             raise Unavailable("local model not loaded")
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        output = _Output(request)
+        async for event in self._raw(request, grammar_of(request)):
+            for item in output.feed(event):
+                yield item
+
+    async def _raw(self, request: GenerateRequest, grammar: str | None) -> AsyncIterator[Event]:
+        """The model's own events: its text pieces as they come."""
         if not self._free or self._executor is None:
             raise Unavailable("no free local context", {"retry_safe": True})
         llm = self._free.pop()
@@ -163,7 +175,8 @@ class LocalBackend(Backend):
             except RuntimeError:  # the loop is closed: nobody listens any more
                 stop.set()
 
-        thread = loop.run_in_executor(self._executor, _generate, llm, request, emit, stop)
+        options = {"repeat_penalty": self.repeat_penalty}
+        thread = loop.run_in_executor(self._executor, _generate, llm, request, grammar, options, emit, stop)
         try:
             while True:
                 item = await queue.get()
@@ -182,19 +195,60 @@ class LocalBackend(Backend):
             self._free.append(llm)
 
 
-def _generate(llm: Any, request: GenerateRequest, emit: Callable[[Any], None], stop: threading.Event) -> None:
+class _Output:
+    """The model's text as the caller gets it: text, or tool calls (structured.py).
+
+    With tools in play, the answer is a call block or text: forced calls
+    ("required", a named function) are collected whole; under "auto" the first
+    character decides (`<` opens the call block, which the grammar allows only
+    there), and text is passed on from then on."""
+
+    def __init__(self, request: GenerateRequest) -> None:
+        self.calls: bool | None = None if request.choice.mode == "auto" else True
+        if not request.calls_tools:
+            self.calls = False
+        self.held: list[str] = []
+
+    def feed(self, event: Event) -> list[Event]:
+        if isinstance(event, str):
+            if self.calls is False:
+                return [event]
+            self.held.append(event)
+            if self.calls is None and "".join(self.held).strip():
+                self.calls = "".join(self.held).lstrip().startswith("<")
+                if not self.calls:
+                    held, self.held = self.held, []
+                    return list(held)
+            return []
+        if isinstance(event, Done) and self.calls:
+            if event.finish_reason == "length":  # cut off inside the block: no valid call to give
+                return [event]
+            calls = parse_calls("".join(self.held))
+            return [ToolCalls(calls), Done("tool_calls", event.prompt_tokens, event.completion_tokens)]
+        if isinstance(event, Done) and self.held:  # text that never decided (only spaces)
+            held, self.held = self.held, []
+            return [*held, event]
+        return [event]
+
+
+def _generate(llm: Any, request: GenerateRequest, grammar: str | None, extra: dict[str, Any],
+              emit: Callable[[Any], None], stop: threading.Event) -> None:
     """Run one generation in a worker thread, emitting text pieces then `Done`."""
     llm.stop_flag = stop
     llm.reset()  # a clean context: see the module doc, "Determinism"
     options: dict[str, Any] = dict(
         max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
         stop=list(request.stop), seed=request.seed, stream=True,
+        frequency_penalty=request.frequency_penalty or 0.0, presence_penalty=request.presence_penalty or 0.0,
+        **extra,
     )
     finish = "length"
     prompted = False
     try:
+        if grammar is not None:
+            options["grammar"] = _grammar(grammar)
         if request.messages is not None:
-            chunks = llm.create_chat_completion(messages=request.message_dicts(), **options)
+            chunks = llm.create_chat_completion(messages=prompt_messages(request), **options)
         else:
             chunks = llm.create_completion(prompt=request.prompt, **options)
         try:
@@ -220,11 +274,22 @@ def _generate(llm: Any, request: GenerateRequest, emit: Callable[[Any], None], s
         llm.stop_flag = None
 
 
+def _grammar(text: str) -> Any:
+    from llama_cpp import LlamaGrammar
+
+    try:
+        return LlamaGrammar.from_string(text, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - a schema whose grammar llama.cpp refuses
+        raise InvalidParams(f"response_format or tools: a schema this model cannot follow ({exc})",
+                            {"param": "response_format", "reason": "unsupported"}) from None
+
+
 def _typed(exc: BaseException) -> MeshError:
     if isinstance(exc, MeshError):
         return exc
     text = str(exc)
     if isinstance(exc, ValueError) and "context window" in text:
-        return InvalidParams(f"prompt too long for the model: {text}")
+        return InvalidParams(f"prompt too long for the model: {text}",
+                             {"param": "messages", "reason": "context_length_exceeded"})
     log.error("local generation failed", exc_info=exc)
     return Unavailable(f"local model failed: {type(exc).__name__}: {text}", {"retry_safe": False})
