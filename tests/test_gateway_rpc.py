@@ -376,6 +376,8 @@ async def test_bad_input_is_refused_with_typed_errors(mesh):
                 await infer(stranger, fred.api_key, **params)
             if error is NotFound:
                 assert refused.value.data == {"model": "no-such-model", "models": [MODEL]}
+            if "surprise" in params:  # not a parameter of the generation contract: named
+                assert refused.value.data["param"] == "surprise"
         with pytest.raises(Unauthenticated):
             await stranger.call("gateway.quota", {})
         with pytest.raises(MethodNotFound):
@@ -386,11 +388,13 @@ async def test_bad_input_is_refused_with_typed_errors(mesh):
         assert [c async for c in via_token][-1]["done"]
     finally:
         await stranger.close()
-    # Refusals of a known caller are recorded; not those of an unknown caller, nor
-    # those the RPC layer refuses before the handler runs (types, size, names).
-    rows = await mesh.records_settle(fred.id, 10)
+    # Refusals of a known caller are recorded (the generation contract's too: its
+    # parameters reach the handler as **generation); not those of an unknown caller,
+    # nor those the RPC layer refuses before the handler runs (types of named
+    # parameters, size).
+    rows = await mesh.records_settle(fred.id, 13)
     statuses = sorted(r["status"] for r in rows)
-    assert statuses == ["invalid_params"] * 6 + ["not_found"] + ["ok"] * 3
+    assert statuses == ["invalid_params"] * 9 + ["not_found"] + ["ok"] * 3
     # An expired key (never seen by a gateway yet) is refused.
     expired = await mesh.client.mesh("auth").call("auth.create_key", {"token": fred.token, "name": "old"})
     conn = await asyncpg.connect(mesh.auth_dsn)

@@ -18,6 +18,7 @@ pytest.importorskip("llama_cpp")
 from shared.config import load  # noqa: E402
 from shared.errors import InvalidParams, Unavailable  # noqa: E402
 from services.inference.backends.local import default_gguf  # noqa: E402
+from services.inference.catalog import SMOLLM2_SAMPLING  # noqa: E402
 from services.inference.config import InferenceConfig  # noqa: E402
 from services.inference.worker import open_service  # noqa: E402
 from waiting import wait_until  # noqa: E402
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.rpc
 CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
 LONG = [{"role": "user", "content": "Write a very long story about a lighthouse keeper and the sea."}]
 GREEDY = dict(temperature=0.0, seed=42)
+#: The embedded model's repeat penalty (catalog.py), which the direct calls must use too.
+PENALTY = dict(repeat_penalty=SMOLLM2_SAMPLING.repeat_penalty)
 
 
 def config(cache_ttl: str = "0", slots: int = 1, queue: int = 2) -> InferenceConfig:
@@ -68,7 +71,7 @@ async def test_streamed_chunks_join_to_the_whole_result_and_to_llama_cpps_own(se
     whole = await collect(service, messages=CHAT, max_tokens=40, stream=False, **GREEDY)
     assert len(whole) == 2 and whole[0]["text"] == text_of(streamed) != ""
     assert whole[-1]["usage"] == streamed[-1]["usage"] and not whole[-1]["cached"]
-    direct = llama_of(service).create_chat_completion(CHAT, max_tokens=40, **GREEDY)
+    direct = llama_of(service).create_chat_completion(CHAT, max_tokens=40, **GREEDY, **PENALTY)
     assert direct["choices"][0]["message"]["content"] == text_of(streamed)
     # Token counts are the model's: the same as llama-cpp's non-streamed usage.
     usage = streamed[-1]["usage"]
@@ -81,7 +84,7 @@ async def test_streamed_chunks_join_to_the_whole_result_and_to_llama_cpps_own(se
 
 async def test_prompt_completion_with_max_tokens_and_stop(service):
     chunks = await collect(service, prompt="The capital of France is", max_tokens=8, **GREEDY)
-    direct = llama_of(service).create_completion("The capital of France is", max_tokens=8, **GREEDY)
+    direct = llama_of(service).create_completion("The capital of France is", max_tokens=8, **GREEDY, **PENALTY)
     assert text_of(chunks) == direct["choices"][0]["text"]
     assert chunks[-1]["finish_reason"] == "length" and chunks[-1]["usage"]["completion_tokens"] == 8
     assert chunks[-1]["usage"]["prompt_tokens"] == direct["usage"]["prompt_tokens"]
@@ -142,7 +145,7 @@ async def test_full_queue_refuses_with_queue_state_and_queued_requests_run_in_tu
                                    "reason": "queue_full"}
     assert service.topic_load("inferswarm/model/smollm2") == {
         "free_slots": 0, "slots": 1, "queued": 2, "queue_limit": 2, "healthy": True,
-        "tokens_per_s": service.topic_load("inferswarm/model/smollm2")["tokens_per_s"]}
+        "capabilities": "chat,tools,json", "tokens_per_s": service.topic_load("inferswarm/model/smollm2")["tokens_per_s"]}
     await first.aclose()
     done = await asyncio.wait_for(asyncio.gather(*waiting), 20)
     assert all(chunks[-1]["done"] for chunks in done)

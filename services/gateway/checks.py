@@ -83,14 +83,15 @@ def check_capabilities(request: GenerateRequest, workers: list[Provider]) -> Non
     """Refuse what no worker of the model can do (tools, structured output), naming the parameter.
 
     Workers announce what each model can do (`capabilities` in the model's
-    load); a worker that announces nothing is taken at its word later."""
+    load: "chat,tools,json"); a worker that announces nothing is taken at its
+    word later."""
     needs = []
     if request.calls_tools:
         needs.append(("tools", "tools"))
     if request.wants_json:
         needs.append(("json", "response_format"))
     for capability, param in needs:
-        known = [w.load.get("capabilities") for w in workers if isinstance(w.load.get("capabilities"), list)]
-        if known and not any(capability in caps for caps in known):
+        known = [w.load.get("capabilities") for w in workers if isinstance(w.load.get("capabilities"), str)]
+        if known and not any(capability in str(caps).split(",") for caps in known):
             raise InvalidParams(f"gateway.infer: {param}: this model does not support {capability}",
                                 {"param": param, "reason": "unsupported"})

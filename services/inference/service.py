@@ -67,7 +67,7 @@ class ServedModel:
             "free_slots": self.pool.free, "slots": self.pool.slots, "queued": self.pool.queued,
             "queue_limit": self.pool.queue_limit, "healthy": self.health.healthy,
             "tokens_per_s": round(self.health.tokens_per_s or 0.0, 1),
-            "capabilities": list(self.backend.capabilities),
+            "capabilities": ",".join(self.backend.capabilities),  # records hold scalars only
         }
 
 

@@ -29,11 +29,12 @@ from aiohttp import web
 from shared.errors import DecodeError, InvalidParams, MeshError, Unauthenticated
 from services.web.errors import rest_error_body
 from services.web.ratelimits import openai_headers
-from services.web.relay import Relay, check_generation
+from services.web.params import generation_params
+from services.web.relay import Relay
 from services.web.security import client_addr
 from services.web.session import UPSTREAM
 
-__all__ = ["routes", "json_body", "bearer", "api_key_of", "prompt_of"]
+__all__ = ["routes", "json_body", "bearer", "api_key_of"]
 
 routes = web.RouteTableDef()
 
@@ -177,22 +178,6 @@ async def quota(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-def prompt_of(body: dict[str, Any]) -> dict[str, Any]:
-    """`messages` (a list of {role, content}) or `prompt` (a string), exactly one."""
-    messages, prompt = body.get("messages"), body.get("prompt")
-    if (messages is None) == (prompt is None):
-        raise InvalidParams("give either messages or prompt", {"param": "messages"})
-    if prompt is not None:
-        if not isinstance(prompt, str):
-            raise InvalidParams("prompt must be a string", {"param": "prompt"})
-        return {"prompt": prompt}
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise InvalidParams("messages must be a non-empty list of {role, content} strings", {"param": "messages"})
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
-
-
 @routes.post("/api/inference")
 async def inference(request: web.Request) -> web.StreamResponse:
     api_key = api_key_of(request)
@@ -200,19 +185,21 @@ async def inference(request: web.Request) -> web.StreamResponse:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidParams("stream must be true or false", {"param": "stream"})
-    params = {"api_key": api_key, "model": _string(body, "model"), **prompt_of(body), **check_generation(body),
-              "stream": stream}
+    generation, _ = generation_params(body, drop_unsupported=False, chat=None)
+    params = {"api_key": api_key, "model": _string(body, "model"), **generation, "stream": stream}
     relay = await Relay.start(request.app[UPSTREAM], params)
     try:
         if not stream:
             text = await relay.collect()
-            return web.json_response({"text": text, **_final_view(relay)}, headers=openai_headers(relay.facts))
+            calls = {"tool_calls": relay.calls} if relay.calls else {}
+            return web.json_response({"text": text, **calls, **_final_view(relay)},
+                                     headers=openai_headers(relay.facts))
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                                **openai_headers(relay.facts)})
         await response.prepare(request)
         try:
-            async for piece in relay.texts():
-                await response.write(json.dumps({"text": piece}).encode() + b"\n")
+            async for chunk in relay.outputs():
+                await response.write(json.dumps(chunk).encode() + b"\n")
             last: dict[str, Any] = {"done": True, **_final_view(relay)}
         except MeshError as exc:  # after the status line: the error ends the stream in-band
             last = {"error": rest_error_body(exc)}

@@ -19,6 +19,7 @@ from shared.rpc import MeshClient
 from services.web import account_pages, api, openai_api, pages
 from services.web.config import WebConfig
 from services.web.middleware import error_middleware
+from services.web.params import DROP_PARAMS
 from services.web.security import (FORCE_SECURE, TRUST_PROXY, Csrf, add_security_headers,
                                    load_or_create_secret)
 from services.web.session import UPSTREAM
@@ -50,7 +51,7 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(config: WebConfig, mesh: MeshClient) -> web.Application:
     """The aiohttp application; request bodies over `config.max_body_bytes` are 413."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
-    app[CONFIG], app[MESH] = config, mesh
+    app[CONFIG], app[MESH], app[DROP_PARAMS] = config, mesh, config.drop_params
     app[TRUST_PROXY], app[FORCE_SECURE] = config.trust_proxy, config.secure_cookies or config.tls
     app.cleanup_ctx.append(_pages_ctx)
     app.cleanup_ctx.append(_upstream_ctx)

@@ -15,6 +15,8 @@
                                    every web instance behind one load balancer must share it
     INFERSWARM_WEB_RPC_TIMEOUT     deadline of one RPC call to auth, gateway or metrics, s (10)
     INFERSWARM_WEB_INFER_TIMEOUT   deadline of one whole inference stream, s (300)
+    INFERSWARM_DROP_PARAMS         drop OpenAI parameters we do not support instead of refusing
+                                   them with a 400 (false; the reply names what it dropped)
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class WebConfig:
     secret_file: Path | None = env("INFERSWARM_WEB_SECRET_FILE", default=None)
     rpc_timeout: float = env("INFERSWARM_WEB_RPC_TIMEOUT", default=10.0, parse=positive(float))
     infer_timeout: float = env("INFERSWARM_WEB_INFER_TIMEOUT", default=300.0, parse=positive(float))
+    drop_params: bool = env("INFERSWARM_DROP_PARAMS", default=False)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -13,6 +13,11 @@ SDKs raise `AuthenticationError` (401), `NotFoundError` (404),
 final `data: {"error": ...}` event, which the SDKs raise as `APIError`.
 A client that disconnects cancels the handler, which closes the RPC stream:
 the gateway and the worker stop generating.
+
+The generation parameters (tools, response_format, ...) pass through to the
+gateway as the generation contract has them; params.py decides which names
+of a body get there (none silently ignored). Replies name the gateway's
+request id in `x-request-id`.
 """
 
 from __future__ import annotations
@@ -26,71 +31,38 @@ from typing import Any
 from aiohttp import web
 
 from shared.errors import InvalidParams, MeshError
+from shared.generation import text_of, tool_calls_of
 from services.web.api import bearer, json_body
 from services.web.errors import openai_error_body
+from services.web.params import DROP_PARAMS, DROPPED_HEADER, generation_params
 from services.web.ratelimits import facts_of, openai_headers
-from services.web.relay import Relay, check_generation
+from services.web.relay import Relay
 from services.web.session import UPSTREAM
 from services.web.upstream import model_rows
 
-__all__ = ["routes", "chat_messages", "completion_prompt"]
+__all__ = ["routes"]
 
 routes = web.RouteTableDef()
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
-def _content_text(content: Any) -> str | None:
-    """A message's text: a string, or the text parts of a list of content parts."""
-    if isinstance(content, str):
-        return content
-    if content is None:
-        return ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                return None
-            parts.append(part["text"])
-        return "".join(parts)
-    return None
-
-
-def chat_messages(body: dict[str, Any]) -> list[dict[str, str]]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidParams("messages must be a non-empty array", {"param": "messages"})
-    out = []
-    for index, message in enumerate(messages):
-        text = _content_text(message.get("content")) if isinstance(message, dict) else None
-        if text is None or not isinstance(message.get("role"), str):
-            raise InvalidParams(f"messages[{index}] must have a role and text content",
-                                {"param": f"messages[{index}]"})
-        out.append({"role": message["role"], "content": text})
-    return out
-
-
-def completion_prompt(body: dict[str, Any]) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidParams("prompt must be a string (one prompt per request)", {"param": "prompt"})
-    return prompt
-
-
-def _common(body: dict[str, Any]) -> tuple[str, bool, bool, dict[str, Any]]:
-    """model, stream, include_usage and the sampling parameters of a request."""
+def _common(request: web.Request, body: dict[str, Any], *, chat: bool
+            ) -> tuple[str, bool, bool, dict[str, Any], list[str]]:
+    """model, stream, include_usage, the contract's parameters and the names dropped (params.py)."""
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidParams("model must be a non-empty string", {"param": "model"})
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidParams("stream must be a boolean", {"param": "stream"})
-    if body.get("n", 1) != 1:
-        raise InvalidParams("only n=1 is supported", {"param": "n"})
     options = body.get("stream_options") or {}
-    include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return model, stream, include_usage, check_generation(body)
+    if not isinstance(options, dict):
+        raise InvalidParams("stream_options must be an object", {"param": "stream_options"})
+    include_usage = options.get("include_usage") is True
+    if not chat and isinstance(body.get("prompt"), list) and len(body["prompt"]) == 1:
+        body = {**body, "prompt": body["prompt"][0]}  # one prompt in a list: the SDKs' habit
+    params, dropped = generation_params(body, drop_unsupported=request.app[DROP_PARAMS], chat=chat)
+    return model, stream, include_usage, params, dropped
 
 
 def _sse(data: Any) -> bytes:
@@ -100,8 +72,8 @@ def _sse(data: Any) -> bytes:
 class _Shape:
     """OpenAI's objects for one request: chat or legacy completions."""
 
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat, self.model = chat, model
+    def __init__(self, chat: bool, model: str, include_usage: bool = False) -> None:
+        self.chat, self.model, self.include_usage = chat, model, include_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
@@ -109,54 +81,72 @@ class _Shape:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
-    def whole(self, text: str, finish: str, usage: dict[str, int]) -> dict[str, Any]:
+    def whole(self, text: str, calls: list[dict[str, Any]], finish: str, usage: dict[str, int]) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": None, "finish_reason": finish}
+            message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None,
+                                       "refusal": None}
+            if calls:
+                message["tool_calls"] = [_call(call) for call in calls]
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
             return {**self._envelope("chat.completion", [choice]), "usage": usage}
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return {**self._envelope("text_completion", [choice]), "usage": usage}
 
-    def piece(self, text: str | None, finish: str | None = None, *, role: bool = False) -> dict[str, Any]:
+    def piece(self, delta: dict[str, Any] | None, finish: str | None = None, text: str = "") -> dict[str, Any]:
+        """A chunk: chat's `delta` (content, role or tool_calls), or a completion's text."""
         if self.chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if text is not None:
-                delta["content"] = text
-            return self._envelope("chat.completion.chunk",
-                                  [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
-        return self._envelope("text_completion",
-                              [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}])
+            choice = {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}
+            chunk = self._envelope("chat.completion.chunk", [choice])
+        else:
+            chunk = self._envelope("text_completion",
+                                   [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}])
+        if self.include_usage:
+            chunk["usage"] = None  # as OpenAI: every chunk has it, null but on the last
+        return chunk
 
     def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._envelope(kind, []), "usage": usage}
 
 
+def _call(call: dict[str, Any], *, index: bool = False) -> dict[str, Any]:
+    """A tool call as OpenAI shows it: in a message, or (with its index) in a delta."""
+    out = {"id": call.get("id"), "type": "function", "function": call.get("function")}
+    return {"index": call.get("index", 0), **out} if index else out
+
+
+def _delta(chunk: dict[str, Any]) -> dict[str, Any]:
+    text = text_of(chunk)
+    if text is not None:
+        return {"content": text}
+    return {"tool_calls": [_call(call, index=True) for call in tool_calls_of(chunk) or ()]}
+
+
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     api_key = bearer(request)
     body = await json_body(request)
-    model, stream, include_usage, sampling = _common(body)
-    prompt = {"messages": chat_messages(body)} if chat else {"prompt": completion_prompt(body)}
-    params = {"api_key": api_key, "model": model, **prompt, **sampling, "stream": stream}
-    relay = await Relay.start(request.app[UPSTREAM], params)
-    shape = _Shape(chat, model)
+    model, stream, include_usage, generation, dropped = _common(request, body, chat=chat)
+    relay = await Relay.start(request.app[UPSTREAM], {"api_key": api_key, "model": model, **generation,
+                                                      "stream": stream})
+    shape = _Shape(chat, model, include_usage)
     try:
         if not stream:
-            text = await relay.collect()
-            return web.json_response(shape.whole(text, relay.finish_reason, relay.usage),
-                                     headers=openai_headers(relay.facts))
-        response = web.StreamResponse(headers={**_SSE_HEADERS, **openai_headers(relay.facts)})
+            text = await relay.collect()  # the final chunk's exact rate-limit facts with it
+            return web.json_response(shape.whole(text, relay.calls, relay.finish_reason, relay.usage),
+                                     headers={**openai_headers(relay.facts), **_named(relay, dropped)})
+        headers = {**openai_headers(relay.facts), **_named(relay, dropped)}
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
         await response.prepare(request)
         if chat:
-            await response.write(_sse(shape.piece(None, role=True)))
+            await response.write(_sse(shape.piece({"role": "assistant", "content": ""})))
         try:
-            async for piece in relay.texts():
-                await response.write(_sse(shape.piece(piece)))
+            async for chunk in relay.outputs():
+                await response.write(_sse(shape.piece(_delta(chunk), text=text_of(chunk) or "")))
         except MeshError as exc:  # the stream already began: end it with the error
             await response.write(_sse(openai_error_body(exc)))
             await response.write_eof()
             return response
-        await response.write(_sse(shape.piece(None if chat else "", relay.finish_reason)))
+        await response.write(_sse(shape.piece({}, relay.finish_reason)))
         if include_usage:
             await response.write(_sse(shape.usage_chunk(relay.usage)))
         await response.write(b"data: [DONE]\n\n")
@@ -164,6 +154,14 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         return response
     finally:
         await relay.close()
+
+
+def _named(relay: Relay, dropped: list[str]) -> dict[str, str]:
+    """The request's id (the gateway's: the usage record's id) and the parameters dropped."""
+    headers = {"x-request-id": relay.request_id} if relay.request_id else {}
+    if dropped:
+        headers[DROPPED_HEADER] = ",".join(dropped)
+    return headers
 
 
 @routes.post("/v1/chat/completions")

@@ -11,26 +11,26 @@ closes the RPC stream, which sends CANCEL, and the gateway and worker stop
 generating and bill for what was delivered.
 
 Chunks (services/inference/README.md, via the gateway): `{"text": ...}`
-pieces, then a final chunk with `usage`, `finish_reason`, `timing`, `cached`,
-`request_id` and the rate-limit facts. Anything else is kept as metadata.
+pieces or `{"tool_calls": [...]}`, then a final chunk with `usage`,
+`finish_reason`, `timing`, `cached`, `request_id` and the rate-limit facts.
+The first chunk carries `request_id` too, so a reply names it in its headers.
+Anything else is kept as metadata.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
-from shared.errors import InvalidParams, MeshError
-from shared.generation import is_final, text_of
+from shared.errors import MeshError
+from shared.generation import is_final, output_of, text_of, tool_calls_of
 from shared.rpc import Stream
 from services.web.ratelimits import facts_of
 from services.web.upstream import Upstream
 
-__all__ = ["Relay", "check_generation", "MAX_STOP"]
+__all__ = ["Relay"]
 
-MAX_STOP = 4
-_SAMPLING = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0)}
 _QUOTA_WAIT_S = 1.0
 
 
@@ -44,6 +44,8 @@ class Relay:
         self.final: dict[str, Any] = {}
         self.facts: dict[str, dict[str, Any]] = {}
         self.text_chunks = 0
+        self.request_id: str | None = None  #: the gateway's, from its first chunk
+        self.calls: list[dict[str, Any]] = []  #: tool calls gathered by `texts`
 
     @classmethod
     async def start(cls, upstream: Upstream, params: dict[str, Any]) -> Relay:
@@ -74,31 +76,43 @@ class Relay:
                 quota.cancel()
 
     async def _next(self) -> dict[str, Any] | None:
-        """The next text chunk; metadata and the final chunk are absorbed. None at the end."""
+        """The next chunk of output (text or tool calls); metadata and the final chunk
+        are absorbed. None at the end."""
         async for chunk in self._stream:
             if not isinstance(chunk, dict):
                 continue
             self.facts = facts_of(chunk) or self.facts
-            text = text_of(chunk)
+            if isinstance(chunk.get("request_id"), str):
+                self.request_id = chunk["request_id"]
             if is_final(chunk):
                 self.final = chunk
+                text = text_of(chunk)
                 if text:
                     return {"text": text}
                 continue
-            if text is not None:
+            if output_of(chunk):
                 self.text_chunks += 1
                 return chunk
         return None
 
-    async def texts(self) -> AsyncIterator[str]:
-        """The text pieces in order (the first one already received included)."""
+    async def outputs(self) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of output in order (the first one already received included):
+        `text_of` or `tool_calls_of` each (shared/generation.py)."""
         while self._pending:
-            yield self._pending.pop(0)["text"]
+            yield self._pending.pop(0)
         while (chunk := await self._next()) is not None:
-            yield chunk["text"]
+            yield chunk
+
+    async def texts(self) -> AsyncIterator[str]:
+        """The text pieces in order (tool calls are kept in `calls`)."""
+        async for chunk in self.outputs():
+            text = text_of(chunk)
+            if text is not None:
+                yield text
+            self.calls.extend(tool_calls_of(chunk) or ())
 
     async def collect(self) -> str:
-        """The whole completion (for a non-streaming reply)."""
+        """The whole completion (for a non-streaming reply); tool calls in `calls`."""
         return "".join([piece async for piece in self.texts()])
 
     async def close(self) -> None:
@@ -127,33 +141,3 @@ async def _facts_of_quota(quota: asyncio.Future[Any]) -> dict[str, dict[str, Any
         return facts_of(await asyncio.wait_for(asyncio.shield(quota), _QUOTA_WAIT_S))
     except (MeshError, TimeoutError):
         return {}
-
-
-def check_generation(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The sampling parameters of a request body, checked; `InvalidParams` names the field."""
-    out: dict[str, Any] = {}
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None:
-        if type(max_tokens) is not int or max_tokens < 1:
-            raise InvalidParams("max_tokens must be a positive integer", {"param": "max_tokens"})
-        out["max_tokens"] = max_tokens
-    for name, (low, high) in _SAMPLING.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if type(value) not in (int, float) or not low <= value <= high:
-            raise InvalidParams(f"{name} must be a number from {low:g} to {high:g}", {"param": name})
-        out[name] = float(value)
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    if stop is not None:
-        if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-            raise InvalidParams(f"stop must be a string or up to {MAX_STOP} strings", {"param": "stop"})
-        out["stop"] = stop
-    seed = body.get("seed")
-    if seed is not None:
-        if type(seed) is not int:
-            raise InvalidParams("seed must be an integer", {"param": "seed"})
-        out["seed"] = seed
-    return out

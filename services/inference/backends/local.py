@@ -35,6 +35,7 @@ import importlib.util
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +157,10 @@ class LocalBackend(Backend):
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
         output = _Output(request)
-        async for event in self._raw(request, grammar_of(request)):
-            for item in output.feed(event):
-                yield item
+        async with aclosing(self._raw(request, grammar_of(request))) as events:  # closed with us: see `_raw`
+            async for event in events:
+                for item in output.feed(event):
+                    yield item
 
     async def _raw(self, request: GenerateRequest, grammar: str | None) -> AsyncIterator[Event]:
         """The model's own events: its text pieces as they come."""

@@ -1,0 +1,78 @@
+"""From an HTTP body to the parameters of `gateway.infer`: nothing silently ignored.
+
+The generation parameters are the contract's (shared/generation.py) and pass
+through unchanged: the gateway checks them with the workers' own rules and
+its refusals name the parameter, which becomes a 400 with OpenAI's `param`.
+This module only decides which names of a body reach the contract:
+
+* the contract's own names (`messages`, `tools`, `response_format`, ...) and
+  `max_completion_tokens` (OpenAI's newer name of `max_tokens`);
+* the transport's: `model`, `stream`, `stream_options` (handled by the caller);
+* `user`: accepted, informational only (as OpenAI documents it: an end-user id
+  for abuse monitoring); it changes nothing in the answer;
+* OpenAI parameters we do not support (`logprobs`, `n` > 1, `logit_bias`,
+  ...): refused with a 400 naming the parameter -- unless the operator set
+  `INFERSWARM_DROP_PARAMS=true` (LiteLLM's `drop_params`), in which case they
+  are dropped and the reply says so in `x-inferswarm-dropped-params`. A value
+  equal to OpenAI's default (`n: 1`, `logprobs: false`, `store: false`, ...)
+  asks for nothing and is accepted;
+* anything else is not an OpenAI parameter: refused by name, as OpenAI does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from shared.errors import InvalidParams
+from shared.generation import PARAMETERS
+
+__all__ = ["DROP_PARAMS", "DROPPED_HEADER", "generation_params"]
+
+DROP_PARAMS = web.AppKey("drop_params", bool)
+DROPPED_HEADER = "x-inferswarm-dropped-params"
+
+_TRANSPORT = frozenset({"model", "stream", "stream_options", "user"})
+
+#: OpenAI's parameters this platform does not do, and the values that ask for nothing.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "echo": (False,),
+    "best_of": (1,), "suffix": ("",), "functions": (), "function_call": ("none",), "audio": (),
+    "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "service_tier": ("auto", "default"),
+    "store": (False,), "metadata": ({},), "web_search_options": (), "verbosity": (), "prompt_cache_key": (),
+    "safety_identifier": (),
+}
+
+
+def generation_params(body: Mapping[str, Any], *, drop_unsupported: bool, chat: bool | None = True
+                      ) -> tuple[dict[str, Any], list[str]]:
+    """The contract's parameters of an OpenAI request body, and the names dropped.
+
+    `chat`: True for chat completions (messages), False for completions (a
+    prompt), None for our REST `/api/inference` (either)."""
+    params: dict[str, Any] = {}
+    dropped: list[str] = []
+    for name, value in body.items():
+        if name in PARAMETERS:
+            if value is not None:
+                params[name] = value
+        elif name == "max_completion_tokens":
+            if value is not None:
+                params["max_tokens"] = value
+        elif name in _TRANSPORT:
+            continue
+        elif name in _UNSUPPORTED:
+            if value is None or value in _UNSUPPORTED[name]:
+                continue
+            if not drop_unsupported:
+                raise InvalidParams(f"{name} is not supported by this server", {"param": name, "reason": "unsupported"})
+            dropped.append(name)
+        else:
+            raise InvalidParams(f"Unrecognized request argument supplied: {name}", {"param": name})
+    if chat is False and "messages" in params:
+        raise InvalidParams("Unrecognized request argument supplied: messages", {"param": "messages"})
+    if chat and "prompt" in params:
+        raise InvalidParams("Unrecognized request argument supplied: prompt", {"param": "prompt"})
+    return params, dropped
