@@ -1,6 +1,7 @@
 """The OpenAI-compatible API: what OpenAI's SDKs call, forwarded to `gateway.infer`.
 
     GET  /v1/models              -> {"object": "list", "data": [{"id", "object": "model", ...}]}
+    GET  /v1/models/{model}      -> {"id", "object": "model", ...}, or 404 `model_not_found`
     POST /v1/chat/completions    -> chat.completion, or SSE chat.completion.chunk ... [DONE]
     POST /v1/completions         -> text_completion, or SSE text_completion chunks ... [DONE]
 
@@ -25,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from shared.errors import InvalidParams, MeshError
+from shared.errors import InvalidParams, MeshError, NotFound
 from services.web.api import bearer, json_body
 from services.web.errors import openai_error_body
 from services.web.ratelimits import facts_of, openai_headers
@@ -144,8 +145,8 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         if not stream:
             text = await relay.collect()
             return web.json_response(shape.whole(text, relay.finish_reason, relay.usage),
-                                     headers=openai_headers(relay.facts))
-        response = web.StreamResponse(headers={**_SSE_HEADERS, **openai_headers(relay.facts)})
+                                     headers=relay.headers())
+        response = web.StreamResponse(headers={**_SSE_HEADERS, **relay.headers()})
         await response.prepare(request)
         if chat:
             await response.write(_sse(shape.piece(None, role=True)))
@@ -181,6 +182,22 @@ async def list_models(request: web.Request) -> web.Response:
     api_key = bearer(request)
     upstream = request.app[UPSTREAM]
     quota, models = await asyncio.gather(upstream.gateway.quota(api_key=api_key), upstream.gateway.models())
-    data = [{"id": row["name"], "object": "model", "created": 0, "owned_by": "inferswarm",
-             "workers": row["workers"]} for row in model_rows(models)]
+    data = [_model_object(row) for row in model_rows(models)]
     return web.json_response({"object": "list", "data": data}, headers=openai_headers(facts_of(quota)))
+
+
+@routes.get("/v1/models/{model:.+}")  # ids may hold `/` and `:` (`org/name:tag`)
+async def retrieve_model(request: web.Request) -> web.Response:
+    api_key = bearer(request)
+    name = request.match_info["model"]
+    upstream = request.app[UPSTREAM]
+    quota, models = await asyncio.gather(upstream.gateway.quota(api_key=api_key), upstream.gateway.models())
+    row = next((row for row in model_rows(models) if row["name"] == name), None)
+    if row is None:
+        raise NotFound(f"The model `{name[:200]}` does not exist or you do not have access to it.", {"model": name})
+    return web.json_response(_model_object(row), headers=openai_headers(facts_of(quota)))
+
+
+def _model_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["name"], "object": "model", "created": 0, "owned_by": "inferswarm",
+            "workers": row["workers"]}

@@ -13,6 +13,8 @@ generating and bill for what was delivered.
 Chunks (services/inference/README.md, via the gateway): `{"text": ...}`
 pieces, then a final chunk with `usage`, `finish_reason`, `timing`, `cached`,
 `request_id` and the rate-limit facts. Anything else is kept as metadata.
+`request_id` is kept from whichever chunk carries it first -- the first chunk
+(newer gateways), so a stream's `x-request-id` header has it, or the final one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from shared.errors import InvalidParams, MeshError
 from shared.generation import is_final, text_of
 from shared.rpc import Stream
-from services.web.ratelimits import facts_of
+from services.web.ratelimits import facts_of, openai_headers
 from services.web.upstream import Upstream
 
 __all__ = ["Relay", "check_generation", "MAX_STOP"]
@@ -44,6 +46,7 @@ class Relay:
         self.final: dict[str, Any] = {}
         self.facts: dict[str, dict[str, Any]] = {}
         self.text_chunks = 0
+        self.request_id: str | None = None  #: the gateway's id of this request, once a chunk told it
 
     @classmethod
     async def start(cls, upstream: Upstream, params: dict[str, Any]) -> Relay:
@@ -79,6 +82,8 @@ class Relay:
             if not isinstance(chunk, dict):
                 continue
             self.facts = facts_of(chunk) or self.facts
+            if self.request_id is None and isinstance(chunk.get("request_id"), str) and chunk["request_id"]:
+                self.request_id = chunk["request_id"]
             text = text_of(chunk)
             if is_final(chunk):
                 self.final = chunk
@@ -103,6 +108,13 @@ class Relay:
 
     async def close(self) -> None:
         await self._upstream.release(self._stream)
+
+    def headers(self) -> dict[str, str]:
+        """The reply's `x-ratelimit-*` headers and, once known, its `x-request-id`."""
+        headers = openai_headers(self.facts)
+        if self.request_id is not None:
+            headers["x-request-id"] = self.request_id
+        return headers
 
     @property
     def usage(self) -> dict[str, int]:
