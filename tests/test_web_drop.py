@@ -13,8 +13,9 @@ import aiohttp
 import openai
 import pytest
 
-from test_web_openai import HELLO, _post as post
+from test_web_openai import HELLO
 from web_support import MODEL, PASSWORD, web_stack
+from web_support import post_json as post
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(120)]
 

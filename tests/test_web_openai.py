@@ -8,14 +8,12 @@ one token per word.
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 
 import openai
 import pytest
 
-from web_support import MODEL, PASSWORD, web_stack
+from web_support import MODEL, new_key, web_stack
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.stack]
 
@@ -27,20 +25,6 @@ HELLO = [{"role": "user", "content": "Say something."}]
 def stack(tmp_path_factory):
     with web_stack(tmp_path_factory.mktemp("web-openai")) as running:
         yield running
-
-
-def _post(url: str, body: dict, headers: dict | None = None) -> dict:
-    request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-    with urllib.request.urlopen(request, timeout=30) as reply:
-        return json.loads(reply.read())
-
-
-def new_key(stack, name: str) -> str:
-    _post(f"{stack.base_url}/api/auth/register",
-          {"username": name, "email": f"{name}@example.com", "password": PASSWORD})
-    token = _post(f"{stack.base_url}/api/auth/login", {"username_or_email": name, "password": PASSWORD})["token"]
-    return _post(f"{stack.base_url}/api/auth/api-keys", {"name": "sdk"}, {"Authorization": f"Bearer {token}"})["api_key"]
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +75,12 @@ def test_sdk_error_classes(stack, client):
     bad = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="isk_" + "x" * 43, max_retries=0)
     with pytest.raises(openai.AuthenticationError) as refused:
         bad.chat.completions.create(model=MODEL, messages=HELLO)
-    assert refused.value.status_code == 401 and refused.value.code == "unauthenticated"
+    assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as unknown:
         client.chat.completions.create(model="no-such-model", messages=HELLO)
+    assert unknown.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as invalid:
         client.chat.completions.create(model=MODEL, messages=HELLO, temperature=9)
     assert invalid.value.body["param"] == "temperature"
@@ -111,7 +96,7 @@ def test_rate_limit_is_a_429_with_retry_after_and_headers(stack):
             error = exc
             break
     assert error is not None, "never rate limited"
-    assert error.status_code == 429 and error.code == "rate_limited"
+    assert error.status_code == 429 and error.code == "rate_limit_exceeded"
     assert int(error.response.headers["retry-after"]) >= 1
     assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
     assert error.response.headers["x-ratelimit-limit-requests"] == "100"

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from openai_server import OpenAIServer
 from stack import free_tcp_port, xdg_homes
 
 __all__ = ["MODEL", "PASSWORD", "ADMIN_EMAIL", "free_tcp_port", "ModelServer", "WebStack",
-           "web_stack"]
+           "web_stack", "post_json", "new_account", "new_key"]
 
 MODEL = "test-model"
 PASSWORD = "correct-horse-battery-9"
@@ -118,3 +119,26 @@ def web_stack(root: Path, **env: str) -> Iterator[WebStack]:
                 proc.kill()
                 proc.wait(timeout=10)
             stderr.close()
+
+
+def post_json(url: str, body: dict, headers: dict | None = None) -> dict:
+    """POST a JSON body with the standard library; the JSON reply (an error status raises)."""
+    request = urllib.request.Request(url, method="POST", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(request, timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def new_account(stack: WebStack, name: str) -> tuple[str, str]:
+    """Register `name`, log in and create an API key: (session token, API key)."""
+    post_json(f"{stack.base_url}/api/auth/register",
+              {"username": name, "email": f"{name}@example.com", "password": PASSWORD})
+    token = post_json(f"{stack.base_url}/api/auth/login",
+                      {"username_or_email": name, "password": PASSWORD})["token"]
+    key = post_json(f"{stack.base_url}/api/auth/api-keys", {"name": "sdk"}, {"Authorization": f"Bearer {token}"})
+    return token, key["api_key"]
+
+
+def new_key(stack: WebStack, name: str) -> str:
+    """A new account's API key."""
+    return new_account(stack, name)[1]

@@ -73,6 +73,8 @@ def for_caller(error: MeshError, request_id: str) -> MeshError:
         log.info("worker error kept from the caller", code=error.code, error=error.message, request_id=request_id)
         message = _PLAIN.get(error.code, "the worker failed")
     data = {key: error.data[key] for key in _CALLER_DATA if key in error.data}
+    if error.code in _ABOUT_THE_REQUEST and isinstance(error.data.get("reason"), str):
+        data["reason"] = error.data["reason"]  # e.g. context_length_exceeded, unsupported
     data["request_id"] = request_id
     return type(error)(message, data)
 

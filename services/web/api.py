@@ -27,7 +27,7 @@ from typing import Any, Literal, overload
 from aiohttp import web
 
 from shared.errors import DecodeError, InvalidParams, MeshError, Unauthenticated
-from services.web.errors import rest_error_body
+from services.web.errors import MISSING_CREDENTIAL, rest_error_body
 from services.web.ratelimits import openai_headers
 from services.web.params import generation_params
 from services.web.relay import Relay
@@ -79,7 +79,7 @@ def bearer(request: web.Request) -> str:
     """The credential of `Authorization: Bearer ...`; UNAUTHENTICATED without one."""
     scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not credential.strip():
-        raise Unauthenticated("missing Authorization: Bearer <token>")
+        raise Unauthenticated("missing Authorization: Bearer <token>", {"reason": MISSING_CREDENTIAL})
     return credential.strip()
 
 

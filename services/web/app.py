@@ -1,5 +1,9 @@
 """Wiring the web application: routes, middleware, templates and resources.
 
+Middleware, outermost first: errors to replies (middleware.py), then `/v1`
+CORS preflights (cors.py); every reply then passes `on_response_prepare`:
+security headers, the `/v1` request id, `/v1` CORS headers.
+
 `create_app(config, mesh)` is used by `__main__` (inside the runner's
 lifecycle), by the tests (with aiohttp's test server) and by the benchmark.
 Resources are wired with `cleanup_ctx`, entered on startup and left in
@@ -18,7 +22,8 @@ from aiohttp import web
 from shared.rpc import MeshClient
 from services.web import account_pages, api, openai_api, pages
 from services.web.config import WebConfig
-from services.web.middleware import error_middleware
+from services.web.cors import CORS, CorsPolicy, add_cors_headers, cors_middleware
+from services.web.middleware import add_request_id, error_middleware
 from services.web.params import DROP_PARAMS
 from services.web.security import (FORCE_SECURE, TRUST_PROXY, Csrf, add_security_headers,
                                    load_or_create_secret)
@@ -50,12 +55,15 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(config: WebConfig, mesh: MeshClient) -> web.Application:
     """The aiohttp application; request bodies over `config.max_body_bytes` are 413."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware])
-    app[CONFIG], app[MESH], app[DROP_PARAMS] = config, mesh, config.drop_params
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware, cors_middleware])
+    app[CONFIG], app[MESH], app[CORS] = config, mesh, CorsPolicy(config.cors_origins)
+    app[DROP_PARAMS] = config.drop_params
     app[TRUST_PROXY], app[FORCE_SECURE] = config.trust_proxy, config.secure_cookies or config.tls
     app.cleanup_ctx.append(_pages_ctx)
     app.cleanup_ctx.append(_upstream_ctx)
     app.on_response_prepare.append(add_security_headers)
+    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(add_cors_headers)
     for table in (pages.routes, account_pages.routes, api.routes, openai_api.routes):
         app.router.add_routes(table)
     app.router.add_static("/static/", STATIC_DIR, follow_symlinks=False)

@@ -17,16 +17,45 @@
     INFERSWARM_WEB_INFER_TIMEOUT   deadline of one whole inference stream, s (300)
     INFERSWARM_DROP_PARAMS         drop OpenAI parameters we do not support instead of refusing
                                    them with a 400 (false; the reply names what it dropped)
+    INFERSWARM_WEB_CORS_ORIGINS    browser origins that may call /v1 (CORS), comma-separated and
+                                   exact (`https://app.example.com`, `http://localhost:5173`), or
+                                   `*` for any; none by default (services/web/cors.py)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from shared.config import ConfigError, MeshConfig, env, port, positive
 
-__all__ = ["WebConfig"]
+__all__ = ["WebConfig", "parse_origins"]
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(raw: str) -> str:
+    """One origin as a browser writes it in `Origin`: `scheme://host[:port]`, lower case."""
+    if raw == "*":
+        return raw
+    try:
+        parts = urlsplit(raw)
+        port_number = parts.port
+    except ValueError:
+        raise ValueError(f"{raw!r} is not an origin (scheme://host[:port])") from None
+    if (parts.scheme not in _DEFAULT_PORTS or not parts.hostname or parts.username is not None
+            or parts.path not in ("", "/") or parts.query or parts.fragment):
+        raise ValueError(f"{raw!r} is not an origin: http(s)://host[:port], no path")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    shown_port = "" if port_number in (None, _DEFAULT_PORTS[parts.scheme]) else f":{port_number}"
+    return f"{parts.scheme}://{host}{shown_port}"
+
+
+def parse_origins(raw: str) -> tuple[str, ...]:
+    """Comma-separated origins (or `*`), normalized as browsers send them."""
+    return tuple(_origin(item.strip().lower()) for item in raw.split(",") if item.strip())
+
 
 
 @dataclass(frozen=True)
@@ -46,6 +75,7 @@ class WebConfig:
     rpc_timeout: float = env("INFERSWARM_WEB_RPC_TIMEOUT", default=10.0, parse=positive(float))
     infer_timeout: float = env("INFERSWARM_WEB_INFER_TIMEOUT", default=300.0, parse=positive(float))
     drop_params: bool = env("INFERSWARM_DROP_PARAMS", default=False)
+    cors_origins: tuple[str, ...] = env("INFERSWARM_WEB_CORS_ORIGINS", default=(), parse=parse_origins)
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

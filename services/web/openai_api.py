@@ -1,6 +1,7 @@
 """The OpenAI-compatible API: what OpenAI's SDKs call, forwarded to `gateway.infer`.
 
     GET  /v1/models              -> {"object": "list", "data": [{"id", "object": "model", ...}]}
+    GET  /v1/models/{model}      -> {"id", "object": "model", ...}, or 404 `model_not_found`
     POST /v1/chat/completions    -> chat.completion, or SSE chat.completion.chunk ... [DONE]
     POST /v1/completions         -> text_completion, or SSE text_completion chunks ... [DONE]
 
@@ -30,7 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
-from shared.errors import InvalidParams, MeshError
+from shared.errors import InvalidParams, MeshError, NotFound
 from shared.generation import text_of, tool_calls_of
 from services.web.api import bearer, json_body
 from services.web.errors import openai_error_body
@@ -133,8 +134,8 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         if not stream:
             text = await relay.collect()  # the final chunk's exact rate-limit facts with it
             return web.json_response(shape.whole(text, relay.calls, relay.finish_reason, relay.usage),
-                                     headers={**openai_headers(relay.facts), **_named(relay, dropped)})
-        headers = {**openai_headers(relay.facts), **_named(relay, dropped)}
+                                     headers={**relay.headers(), **_dropped(dropped)})
+        headers = {**relay.headers(), **_dropped(dropped)}
         response = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
         await response.prepare(request)
         if chat:
@@ -156,12 +157,9 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         await relay.close()
 
 
-def _named(relay: Relay, dropped: list[str]) -> dict[str, str]:
-    """The request's id (the gateway's: the usage record's id) and the parameters dropped."""
-    headers = {"x-request-id": relay.request_id} if relay.request_id else {}
-    if dropped:
-        headers[DROPPED_HEADER] = ",".join(dropped)
-    return headers
+def _dropped(dropped: list[str]) -> dict[str, str]:
+    """The parameters dropped (INFERSWARM_DROP_PARAMS), named."""
+    return {DROPPED_HEADER: ",".join(dropped)} if dropped else {}
 
 
 @routes.post("/v1/chat/completions")
@@ -179,6 +177,22 @@ async def list_models(request: web.Request) -> web.Response:
     api_key = bearer(request)
     upstream = request.app[UPSTREAM]
     quota, models = await asyncio.gather(upstream.gateway.quota(api_key=api_key), upstream.gateway.models())
-    data = [{"id": row["name"], "object": "model", "created": 0, "owned_by": "inferswarm",
-             "workers": row["workers"]} for row in model_rows(models)]
+    data = [_model_object(row) for row in model_rows(models)]
     return web.json_response({"object": "list", "data": data}, headers=openai_headers(facts_of(quota)))
+
+
+@routes.get("/v1/models/{model:.+}")  # ids may hold `/` and `:` (`org/name:tag`)
+async def retrieve_model(request: web.Request) -> web.Response:
+    api_key = bearer(request)
+    name = request.match_info["model"]
+    upstream = request.app[UPSTREAM]
+    quota, models = await asyncio.gather(upstream.gateway.quota(api_key=api_key), upstream.gateway.models())
+    row = next((row for row in model_rows(models) if row["name"] == name), None)
+    if row is None:
+        raise NotFound(f"The model `{name[:200]}` does not exist or you do not have access to it.", {"model": name})
+    return web.json_response(_model_object(row), headers=openai_headers(facts_of(quota)))
+
+
+def _model_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["name"], "object": "model", "created": 0, "owned_by": "inferswarm",
+            "workers": row["workers"]}

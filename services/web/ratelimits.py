@@ -18,9 +18,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["COUNTERS", "facts_of", "binding_requests", "openai_headers", "reset_duration"]
+__all__ = ["COUNTERS", "MONTHLY_COUNTERS", "facts_of", "binding_requests", "openai_headers", "reset_duration"]
 
 COUNTERS = ("requests_per_hour", "requests_per_month", "tokens_per_month")
+#: Counters that refill only with the next month: being over one is "insufficient quota", not "slow down".
+MONTHLY_COUNTERS = ("requests_per_month", "tokens_per_month")
 _CONTAINERS = ("rate_limits", "ratelimits", "rate_limit", "ratelimit", "limits", "quota", "counters")
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from shared.errors import MeshError
 from shared.generation import is_final, output_of, text_of, tool_calls_of
 from shared.rpc import Stream
-from services.web.ratelimits import facts_of
+from services.web.ratelimits import facts_of, openai_headers
 from services.web.upstream import Upstream
 
 __all__ = ["Relay"]
@@ -44,7 +44,7 @@ class Relay:
         self.final: dict[str, Any] = {}
         self.facts: dict[str, dict[str, Any]] = {}
         self.text_chunks = 0
-        self.request_id: str | None = None  #: the gateway's, from its first chunk
+        self.request_id: str | None = None  #: the gateway's id of this request, once a chunk told it
         self.calls: list[dict[str, Any]] = []  #: tool calls gathered by `texts`
 
     @classmethod
@@ -82,7 +82,7 @@ class Relay:
             if not isinstance(chunk, dict):
                 continue
             self.facts = facts_of(chunk) or self.facts
-            if isinstance(chunk.get("request_id"), str):
+            if self.request_id is None and isinstance(chunk.get("request_id"), str) and chunk["request_id"]:
                 self.request_id = chunk["request_id"]
             if is_final(chunk):
                 self.final = chunk
@@ -117,6 +117,13 @@ class Relay:
 
     async def close(self) -> None:
         await self._upstream.release(self._stream)
+
+    def headers(self) -> dict[str, str]:
+        """The reply's `x-ratelimit-*` headers and, once known, its `x-request-id`."""
+        headers = openai_headers(self.facts)
+        if self.request_id is not None:
+            headers["x-request-id"] = self.request_id
+        return headers
 
     @property
     def usage(self) -> dict[str, int]:
