@@ -78,6 +78,9 @@ class Backend(ABC):
 
     #: "local", "ollama" or "openai".
     kind: str = ""
+    #: What the model does, listed by `inference.models` and announced with its load
+    #: (an embedding model, `embedding.Embedder`, says "embeddings").
+    capabilities: tuple[str, ...] = ("chat",)
 
     def __init__(self) -> None:
         #: Static facts shown by `inference.models` (family, size, upstream name...).
