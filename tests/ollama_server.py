@@ -11,6 +11,13 @@ its API a worker uses, with Ollama's field names and error shapes:
   then `{"done": true, "done_reason", "total_duration", "load_duration",
   "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration"}`
   (`/api/generate`'s last line also has `context`); `"stream": false` gives one object.
+* `POST /api/embed` `{"model", "input": str | [str], "truncate", "dimensions"}`
+  -> `{"model", "embeddings": [[float, ...]], "total_duration", "load_duration",
+  "prompt_eval_count"}` for the models in `embedding_dims` (name -> length):
+  unit vectors drawn from a hash of each text (`hash_vector`), `dimensions`
+  keeping the first ones, renormalised; a chat model answers 400
+  (`"x" does not support embeddings`), as Ollama does. `prefill_delay`
+  holds the answer that long (the texts' evaluation).
 * errors: `{"error": "..."}` with 400 (bad request), 404 (unknown model:
   `model "x" not found, try pulling it first`) or 500.
 
@@ -28,15 +35,18 @@ client goes away). `disconnects` counts streams whose client went away.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 import re
+import struct
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
 
-__all__ = ["OllamaServer", "tokens_of", "canned_reply"]
+__all__ = ["OllamaServer", "tokens_of", "canned_reply", "hash_vector", "unit_vector"]
 
 
 def tokens_of(text: str) -> list[str]:
@@ -56,11 +66,61 @@ def canned_reply(text: str, stop: Any, limit: Any) -> tuple[list[str], str]:
     return pieces, reason
 
 
+def hash_vector(text: str, dimensions: int) -> list[float]:
+    """A unit vector that depends only on `text`: what the test servers embed.
+    Its first `k` values, renormalised, are its `dimensions=k` version."""
+    stream = b"".join(hashlib.sha256(f"{text}\x00{i}".encode()).digest() for i in range(dimensions // 8 + 1))
+    raw = [v / 2**31 - 1.0 for v in struct.unpack(f"<{dimensions}I", stream[:4 * dimensions])]
+    return unit_vector(raw)
+
+
+def unit_vector(values: list[float]) -> list[float]:
+    """`values` scaled to length 1 (as Ollama and OpenAI return embeddings)."""
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-class OllamaServer:
+class _Embeddings:
+    """`POST /api/embed`, kept apart from the generation endpoints."""
+
+    #: The embedding models among `models`, and the length of their vectors.
+    embedding_dims: dict[str, int] = {"all-minilm:latest": 384, "nomic-embed-text:latest": 768}
+
+    def add_embedding_routes(self, app: web.Application) -> None:
+        app.router.add_post("/api/embed", self.embed)
+
+    async def embed(self, request: web.Request) -> web.Response:
+        started = time.monotonic_ns()
+        body, problem = await self._body(request)  # type: ignore[attr-defined]
+        if problem is not None:
+            return problem
+        model = body["model"]
+        native = self.embedding_dims.get(model) or self.embedding_dims.get(f"{model}:latest")
+        if native is None:
+            return _error(400, f'"{model}" does not support embeddings')
+        texts = body.get("input", [])
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return _error(400, "invalid input type")
+        size = body.get("dimensions") or native
+        if type(size) is not int or not 0 < size <= native:
+            return _error(400, f"invalid dimensions: {size}, the model has {native}")
+        if self.prefill_delay:  # type: ignore[attr-defined]
+            await asyncio.sleep(self.prefill_delay)  # type: ignore[attr-defined]
+        vectors = [unit_vector(hash_vector(text, native)[:size]) for text in texts]
+        total = time.monotonic_ns() - started
+        return web.json_response({
+            "model": model, "embeddings": vectors, "total_duration": total, "load_duration": 1_000_000,
+            # the words, and the [CLS] and [SEP] a BERT-family embedding model adds to each text
+            "prompt_eval_count": sum(len(tokens_of(t)) + 2 for t in texts),
+        })
+
+
+class OllamaServer(_Embeddings):
     """An Ollama API on 127.0.0.1 (`port`, by default a free one), started with `async with`."""
 
     def __init__(self, models: tuple[str, ...] = ("llama3:8b",), *,
@@ -90,6 +150,7 @@ class OllamaServer:
         app.router.add_post("/api/show", self.show)
         app.router.add_post("/api/chat", self.chat)
         app.router.add_post("/api/generate", self.generate)
+        self.add_embedding_routes(app)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)

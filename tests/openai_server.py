@@ -9,6 +9,14 @@ Implements what a worker uses, with OpenAI's shapes:
   carrying `finish_reason`, a usage chunk (`"choices": []`) when
   `stream_options.include_usage` is set, then `data: [DONE]`; without
   streaming one `chat.completion` / `text_completion` object with `usage`.
+* `POST /v1/embeddings` `{"model", "input": str | [str], "encoding_format":
+  "float" | "base64", "dimensions"}` -> `{"object": "list", "data": [{"object":
+  "embedding", "index", "embedding": [float, ...] | base64 of float32}],
+  "model", "usage": {"prompt_tokens", "total_tokens"}}` for the models in
+  `embedding_dims` (name -> length), vectors as `ollama_server.hash_vector`;
+  `dimensions` only for the models in `shortenable` (as OpenAI's
+  text-embedding-3 models), else 400; an empty string or list is 400.
+  `reverse_data` sends the items last index first.
 * errors: `{"error": {"message", "type", "param", "code"}}` with 400, 401
   (a wrong `Authorization: Bearer` key when `api_key` is set), 404
   (`model_not_found`), 500.
@@ -22,18 +30,75 @@ and `usage=False` to ignore `include_usage` as some servers do.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import struct
 import time
 from typing import Any
 
 from aiohttp import web
 
-from ollama_server import canned_reply, tokens_of
+from ollama_server import canned_reply, hash_vector, tokens_of, unit_vector
 
 __all__ = ["OpenAIServer"]
 
 
-class OpenAIServer:
+class _Embeddings:
+    """`POST /v1/embeddings`, kept apart from the completion endpoints."""
+
+    #: The embedding models among `models`, and the length of their vectors.
+    embedding_dims: dict[str, int] = {"text-embedding-3-small": 1536, "text-embedding-ada-002": 1536}
+    #: The models that take `dimensions`.
+    shortenable: frozenset[str] = frozenset({"text-embedding-3-small"})
+    #: Send `data` last index first: a client must order by `index`, not by position.
+    reverse_data = False
+
+    def add_embedding_routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/embeddings", self.embeddings)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        refusal = self._refusal(request)  # type: ignore[attr-defined]
+        if refusal is not None:
+            return refusal
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "We could not parse the JSON body of your request.", "invalid_request_error", None)
+        self.requests.append((request.path, body))  # type: ignore[attr-defined]
+        model = body.get("model")
+        if model not in self.models:  # type: ignore[attr-defined]
+            return _error(404, f"The model `{model}` does not exist or you do not have access to it.",
+                          "invalid_request_error", "model_not_found")
+        native = self.embedding_dims.get(model)
+        if native is None:
+            return _error(400, f"The model `{model}` does not support embeddings.", "invalid_request_error", None)
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
+            return _error(400, "'$.input' is invalid. Please check the API reference: "
+                               "https://platform.openai.com/docs/api-reference.", "invalid_request_error", None)
+        size = body.get("dimensions", native)
+        if "dimensions" in body and model not in self.shortenable:
+            return _error(400, "This model does not support specifying dimensions.", "invalid_request_error", None)
+        if type(size) is not int or not 0 < size <= native:
+            return _error(400, f"Invalid value for 'dimensions': {size}.", "invalid_request_error", None)
+        vectors = [unit_vector(hash_vector(text, native)[:size]) for text in texts]
+        encoding = body.get("encoding_format", "float")
+        tokens = sum(len(tokens_of(t)) for t in texts)
+        data = [{"object": "embedding", "index": i, "embedding": _encoded(v, encoding)} for i, v in enumerate(vectors)]
+        if self.reverse_data:
+            data.reverse()
+        return web.json_response({"object": "list", "data": data, "model": model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _encoded(vector: list[float], encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+    return vector
+
+
+class OpenAIServer(_Embeddings):
     """An OpenAI-compatible API on 127.0.0.1 (a random port); `base_url` ends in /v1."""
 
     def __init__(self, models: tuple[str, ...] = ("gpt-4o-mini",), *, api_key: str | None = None,
@@ -59,6 +124,7 @@ class OpenAIServer:
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        self.add_embedding_routes(app)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

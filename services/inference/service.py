@@ -5,11 +5,17 @@
                             top_p, stop, seed, tools, tool_choice, response_format, ...) ->
                             stream of chunks (`tenant`: whose request, an opaque string; the
                             response cache is kept per tenant)
+    inference.embed         model, input, dimensions, priority, tenant -> the vectors
     inference.models        -> the models this worker serves, their backends, slots, health
     inference.model_status  model -> loaded, healthy, last error, latency, speed, cache counts
 
-`generate` serves the gateway role only, `models` and `model_status` the
-gateway and metrics roles (and the operator: shared/roles.py).
+`generate` and `embed` serve the gateway role only, `models` and
+`model_status` the gateway and metrics roles (and the operator: shared/roles.py).
+A model is a chat model (`generate`) or an embedding model (`embed`), as its
+catalog entry's `kind` says; asking it for the other is INVALID_PARAMS with
+`data: {param: "model", reason: "unsupported"}`. Every model lists what it does
+in `capabilities`: a list in `inference.models` and `model_status`, joined by
+commas in its announced load (records carry scalars only).
 
 Chunks of `generate` (README.md has the full contract):
 
@@ -25,6 +31,14 @@ Chunks of `generate` (README.md has the full contract):
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens"},
      "timing": {"queue_ms", "ttft_ms", "tokens_per_s", "total_ms"},
      "cached": bool, "worker": {"id", "load": {...}}}       always last
+
+The answer of `embed` (one map, not a stream; `shared/embedding.py` has the
+parameter checks):
+
+    {"model", "vectors": [bytes, ...],   one per text, in order: little-endian float32
+     "dimensions": int,                  floats in each vector (bytes / 4)
+     "usage": {"prompt_tokens", "total_tokens"},   equal: nothing is generated
+     "worker": {"id", "load": {...}}}
 """
 
 from __future__ import annotations
@@ -39,8 +53,10 @@ from shared.dht import model_topic
 from shared.errors import InvalidParams, NotFound, Unavailable
 from shared.logging import get_logger
 from shared.rpc import current_request, method
+from shared.embedding import build_embed_request
 from shared.generation import GenerateRequest, Limits, ToolCall, build_request, priority_of
 from services.inference.backends.base import Backend, Done, Prompt, ToolCalls
+from services.inference.backends.embedding import Embedder
 from services.inference.cache import CachedResponse, ResponseCache, cache_key
 from services.inference.catalog import Sampling
 from services.inference.health import ModelHealth
@@ -53,16 +69,27 @@ log = get_logger(__name__)
 
 @dataclass(slots=True)
 class ServedModel:
-    """One model name this worker serves: its backend, slots and health."""
+    """One model name this worker serves: its backend (a chat `Backend` or an
+    `Embedder`), slots and health."""
 
     name: str
-    backend: Backend
+    backend: Backend | Embedder
     pool: SlotPool
     health: ModelHealth
     sampling: Sampling = Sampling()
 
+    @property
+    def capabilities(self) -> list[str]:
+        """What the model does: "chat", "embeddings"... (its backend's `capabilities`)."""
+        return list(self.backend.capabilities)
+
     def load(self) -> dict[str, Any]:
-        """What a gateway routes on, as announced on this model's topic."""
+        """What a gateway routes on, as announced on this model's topic.
+
+        A DHT record's load is a small map of scalars (shared/dht/record.py),
+        so `capabilities` is announced as one comma-separated string
+        ("chat", "embeddings", "chat,tools"); `inference.models` lists them.
+        """
         return {
             "free_slots": self.pool.free, "slots": self.pool.slots, "queued": self.pool.queued,
             "queue_limit": self.pool.queue_limit, "healthy": self.health.healthy,
@@ -118,6 +145,7 @@ class InferenceService:
         (shared/generation.py); what the request leaves out, the model's
         defaults fill in (catalog.py, `Sampling`)."""
         served = self._served(model)
+        backend = _chat(served)
         request = self._resolved(served, build_request(self.limits, generation))
         rank = priority_of(priority)
         timing = _Timing()
@@ -135,7 +163,7 @@ class InferenceService:
             timing.slot = time.monotonic()
             done = None
             prompt_tokens: int | None = None
-            async with aclosing(served.backend.generate(request)) as events:
+            async with aclosing(backend.generate(request)) as events:
                 try:
                     async for event in events:
                         if isinstance(event, Done):
@@ -184,13 +212,47 @@ class InferenceService:
                                 {"param": "response_format", "reason": "unsupported"})
         return request.resolved(max_tokens=most, temperature=sampling.temperature, top_p=sampling.top_p)
 
+    @method(roles=("gateway",))
+    async def embed(self, model: str, input: list[Any], dimensions: int | None = None,
+                    priority: int | str = 0, tenant: str = "") -> dict[str, Any]:
+        """One vector per text of `input`, in order, taking a slot of the model
+        like a generation (see the module doc). `tenant` is checked as
+        `generate` checks it; nothing is cached, so it is not used yet."""
+        served = self._served(model)
+        embedder = _embedder(served)
+        request = build_embed_request(self.limits, input=input, dimensions=dimensions)
+        rank = priority_of(priority)
+        if not isinstance(tenant, str) or len(tenant) > 128:
+            raise InvalidParams("tenant must be a string of at most 128 characters", {"param": "tenant"})
+        embedder.check_dimensions(request.dimensions)  # before waiting for a slot
+        async with served.pool.acquire(rank, timeout=self._queue_budget()):
+            started = time.monotonic()
+            try:
+                embedded = await embedder.embed(list(request.texts), request.dimensions)
+            except (Unavailable, NotFound) as exc:  # the backend failed: unhealthy
+                served.health.failed(exc)
+                log.warning("backend failed", model=model, code=exc.code, error=exc.message)
+                raise
+            busy = time.monotonic() - started
+        tokens = embedded.prompt_tokens
+        # For an embedding model "latency" is the whole call and speed the input tokens read per second.
+        served.health.succeeded(ttft_ms=busy * 1000, tokens_per_s=tokens / busy if tokens and busy > 0 else None)
+        return {
+            "model": served.name,
+            "vectors": embedded.vectors,
+            "dimensions": embedded.dimensions,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "worker": {"id": self.worker_id, "load": served.load()},
+        }
+
     @method(idempotent=True, roles=("gateway", "metrics"))
     async def models(self) -> dict[str, Any]:
         """The models this worker serves: backend, slots, queue and health of each."""
         return {
             "worker": self.worker_id,
             "models": [
-                {"name": name, **s.backend.describe(), "loaded": s.backend.loaded, **s.load()}
+                {"name": name, **s.backend.describe(), "loaded": s.backend.loaded, **s.load(),
+                 "capabilities": s.capabilities}
                 for name, s in self.served.items()
             ],
         }
@@ -204,6 +266,7 @@ class InferenceService:
             "model": model,
             **served.backend.describe(),
             "loaded": served.backend.loaded,
+            "capabilities": served.capabilities,
             "healthy": health.pop("healthy"),
             "last_error": health.pop("last_error"),
             "latency": {"ttft_ms": health.pop("ttft_ms")},
@@ -281,6 +344,26 @@ class InferenceService:
             "cached": cached,
             "worker": {"id": self.worker_id, "load": served.load()},
         }
+
+
+def _chat(served: ServedModel) -> Backend:
+    """The model's generation backend, or INVALID_PARAMS when it is an embedding model."""
+    if isinstance(served.backend, Backend):
+        return served.backend
+    raise InvalidParams(
+        f"model {served.name!r} is an embedding model: it turns texts into vectors (inference.embed), "
+        "it does not generate text",
+        {"param": "model", "reason": "unsupported", "capabilities": served.capabilities})
+
+
+def _embedder(served: ServedModel) -> Embedder:
+    """The model's embedder, or INVALID_PARAMS when it is a chat model."""
+    if isinstance(served.backend, Embedder):
+        return served.backend
+    raise InvalidParams(
+        f"model {served.name!r} is a chat model: it generates text (inference.generate), "
+        "it does not make embeddings",
+        {"param": "model", "reason": "unsupported", "capabilities": served.capabilities})
 
 
 def _text(text: str, prompt_tokens: int | None) -> dict[str, Any]:

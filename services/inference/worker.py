@@ -21,7 +21,7 @@ from shared.errors import MeshError, Unavailable
 from shared.logging import get_logger
 from shared.generation import Limits
 from shared.tasks import Background
-from services.inference.backends import make_backend
+from services.inference.backends import Backend, Embedder, make_backend, make_embedder
 from services.inference.cache import ResponseCache
 from services.inference.config import InferenceConfig
 from services.inference.health import ModelHealth
@@ -41,7 +41,11 @@ async def open_service(
     changed = on_change or (lambda: None)
     served: dict[str, ServedModel] = {}
     for spec in config.models:
-        backend = make_backend(spec, threads=config.threads, environ=environ)
+        backend: Backend | Embedder
+        if spec.kind == "embedding":
+            backend = make_embedder(spec, threads=config.threads, environ=environ)
+        else:
+            backend = make_backend(spec, threads=config.threads, environ=environ)
         await backend.start()
         stack.push_async_callback(backend.close)
         pool = SlotPool(spec.slots, spec.queue, on_change=changed)

@@ -1,4 +1,5 @@
-"""Model backends behind one interface (`base.Backend`): local, ollama, openai, echo."""
+"""Model backends behind two interfaces: generation (`base.Backend`: local,
+ollama, openai, echo) and embedding (`embedding.Embedder`: local, ollama, openai)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from collections.abc import Mapping
 
 from shared.config import ConfigError, Secret
 from services.inference.backends.base import Backend, Done, Event, GenerateRequest, Message, Prompt
+from services.inference.backends.embedding import Embedded, Embedder
 from services.inference.catalog import ModelSpec
 
-__all__ = ["Backend", "Done", "Event", "GenerateRequest", "Message", "Prompt", "make_backend"]
+__all__ = ["Backend", "Done", "Event", "GenerateRequest", "Message", "Prompt", "Embedded", "Embedder",
+           "make_backend", "make_embedder"]
 
 
 def make_backend(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = os.environ) -> Backend:
@@ -32,10 +35,32 @@ def make_backend(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = 
         return OllamaBackend(spec.url, spec.upstream, timeout=spec.timeout)
     from services.inference.backends.openai import OpenAIBackend
 
-    api_key = None
-    if spec.api_key_env is not None:
-        value = environ.get(spec.api_key_env, "")
-        if not value:
-            raise ConfigError([f"model {spec.name!r}: api_key_env {spec.api_key_env} is not set"])
-        api_key = Secret(value)
-    return OpenAIBackend(spec.url, spec.upstream, api_key=api_key, timeout=spec.timeout)
+    return OpenAIBackend(spec.url, spec.upstream, api_key=_api_key(spec, environ), timeout=spec.timeout)
+
+
+def make_embedder(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = os.environ) -> Embedder:
+    """The embedder a catalog entry of kind "embedding" describes (not started yet).
+
+    Raises `ConfigError` as `make_backend` does, and for a backend without embeddings.
+    """
+    if spec.backend == "local":
+        from services.inference.backends.minilm import LocalEmbedder
+
+        return LocalEmbedder(spec.path, spec.tokenizer, slots=spec.slots, n_threads=spec.n_threads or threads)
+    from services.inference.backends.embedding_http import OllamaEmbedder, OpenAIEmbedder
+
+    if spec.backend == "ollama":
+        return OllamaEmbedder(spec.url, spec.upstream, timeout=spec.timeout)
+    if spec.backend == "openai":
+        return OpenAIEmbedder(spec.url, spec.upstream, api_key=_api_key(spec, environ), timeout=spec.timeout)
+    raise ConfigError([f"model {spec.name!r}: backend {spec.backend!r} has no embedding models"])
+
+
+def _api_key(spec: ModelSpec, environ: Mapping[str, str]) -> Secret | None:
+    """The API key of an openai entry, from the variable it names (None: no key sent)."""
+    if spec.api_key_env is None:
+        return None
+    value = environ.get(spec.api_key_env, "")
+    if not value:
+        raise ConfigError([f"model {spec.name!r}: api_key_env {spec.api_key_env} is not set"])
+    return Secret(value)

@@ -87,8 +87,10 @@ class Backend(ABC):
 
     #: "local", "ollama" or "openai".
     kind: str = ""
-    #: What the model can do, as announced: "chat", "tools" (tools and
-    #: tool_choice), "json" (response_format json_object and json_schema).
+    #: What the model can do, listed by `inference.models` and announced with its
+    #: load: "chat", "tools" (tools and tool_choice), "json" (response_format
+    #: json_object and json_schema); an embedding model (`embedding.Embedder`)
+    #: says "embeddings".
     capabilities: tuple[str, ...] = ("chat",)
 
     def __init__(self) -> None:
