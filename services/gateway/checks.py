@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.dht import Provider
+from shared.embedding import build_embed_request
 from shared.errors import InvalidParams
 from shared.generation import GenerateRequest, Limits, build_request
 
-__all__ = ["Checked", "Limits", "check_capabilities", "check_request", "check_model"]
+__all__ = ["Checked", "Limits", "check_capabilities", "check_embedding", "check_request", "check_model"]
 
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
 _TEMPLATE_TOKENS_PER_MESSAGE = 8
@@ -38,7 +39,7 @@ _TOOL_INSTRUCTIONS = 512  #: what a worker may add to show a model its tools (ba
 class Checked:
     """A request fit to send to a worker."""
 
-    request: GenerateRequest
+    request: GenerateRequest | None  #: a generation's (None for an embedding)
     params: dict[str, Any]  #: the parameters of `inference.generate`
     reserve: int
     prompt_hash: str
@@ -79,19 +80,35 @@ def _prompt_bound(request: GenerateRequest) -> int:
     return bound
 
 
-def check_capabilities(request: GenerateRequest, workers: list[Provider]) -> None:
+def check_embedding(limits: Limits, *, model: str, input: Any, dimensions: Any) -> Checked:
+    """An embedding request's worker parameters, reservation (its texts' UTF-8 bytes:
+    no more tokens than that) and the hash of its texts."""
+    check_model(model)
+    try:
+        request = build_embed_request(limits, input=input, dimensions=dimensions)
+    except InvalidParams as exc:
+        raise InvalidParams(exc.message.replace("inference.embed:", "gateway.embed:"), exc.data) from None
+    params: dict[str, Any] = {"model": model, "input": list(request.texts)}
+    if request.dimensions is not None:
+        params["dimensions"] = request.dimensions
+    text = json.dumps(list(request.texts), ensure_ascii=False)
+    reserve = sum(len(t.encode()) + 2 for t in request.texts)  # and the [CLS] [SEP] of each
+    return Checked(None, params, reserve, hashlib.sha256(text.encode()).hexdigest())
+
+
+def check_capabilities(request: GenerateRequest | None, workers: list[Provider]) -> None:
     """Refuse what no worker of the model can do (tools, structured output), naming the parameter.
 
     Workers announce what each model can do (`capabilities` in the model's
     load: "chat,tools,json"); a worker that announces nothing is taken at its
     word later."""
-    needs = []
-    if request.calls_tools:
+    needs = [("embeddings", "model")] if request is None else [("chat", "model")]
+    if request is not None and request.calls_tools:
         needs.append(("tools", "tools"))
-    if request.wants_json:
+    if request is not None and request.wants_json:
         needs.append(("json", "response_format"))
     for capability, param in needs:
         known = [w.load.get("capabilities") for w in workers if isinstance(w.load.get("capabilities"), str)]
         if known and not any(capability in str(caps).split(",") for caps in known):
-            raise InvalidParams(f"gateway.infer: {param}: this model does not support {capability}",
+            raise InvalidParams(f"{param}: this model does not support {capability}",
                                 {"param": param, "reason": "unsupported"})

@@ -5,6 +5,9 @@
     chunk = await upstream.next(delivered)       # until a chunk with "done"
     await upstream.close()                       # always (idempotent)
 
+    answer = await relay.call(request_id, "inference.embed", model, params, workers, deadline,
+                              took=on_taken)     # a unary call, with the same retries
+
 Relay only streams; what a request costs and how it is recorded is the
 request's (request.py). What it tells the request: `took(worker)` when a
 worker took the work -- its stream opened, or the caller's deadline passed (or
@@ -184,6 +187,56 @@ class Relay:
             self.router.finished(provider, failed=True, busy=busy)
             log.info("worker failed before the first token; trying another", worker=provider.node_hex[:16],
                      code=error.code, error=error.message)
+            tried.add(provider.node_key)
+            last = error
+            self.retries += 1
+        assert last is not None
+        raise for_caller(last, request_id) from last
+
+
+    async def call(
+        self, request_id: str, method: str, model: str, params: dict[str, Any], workers: list[Provider],
+        deadline: float, *, took: Callable[[str], None],
+    ) -> dict[str, Any]:
+        """A worker's whole answer to a unary `method` (`inference.embed`), with the
+        rules of `open` before a first chunk: other workers are tried on a failure,
+        within `attempts` and the deadline."""
+        tried: set[bytes] = set()
+        last: MeshError | None = None
+        for _ in range(self.attempts):
+            budget = deadline - time.monotonic()
+            budget -= min(self._margin, budget / 10)
+            if budget <= 0:
+                raise Timeout("the deadline passed before a worker answered", {"request_id": request_id})
+            try:
+                provider = self.router.choose(model, workers, tried)
+            except Unavailable:
+                if last is not None:
+                    raise for_caller(last, request_id) from None
+                raise
+            self.router.started(provider)
+            sent = time.monotonic()
+            try:
+                answer = await self._mesh.connection(provider).call(method, params, timeout=budget)
+            except _RETRYABLE as exc:
+                error: MeshError = exc
+            except BaseException as exc:
+                if isinstance(exc, (Timeout, asyncio.CancelledError)):
+                    took(provider.node_hex)
+                self.router.finished(provider)
+                if isinstance(exc, MeshError):
+                    raise for_caller(exc, request_id) from exc
+                raise
+            else:
+                took(provider.node_hex)
+                self.router.first_token(provider, time.monotonic() - sent)
+                self.router.finished(provider)
+                if not isinstance(answer, dict):
+                    raise Unavailable("the worker's answer is not a map", {"request_id": request_id})
+                return answer
+            self.router.finished(provider, failed=True, busy=error.data.get("reason") == QUEUE_FULL)
+            log.info("worker failed; trying another", worker=provider.node_hex[:16], code=error.code,
+                     error=error.message)
             tried.add(provider.node_key)
             last = error
             self.retries += 1

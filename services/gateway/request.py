@@ -45,11 +45,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from shared.errors import MeshError
 from shared.generation import is_final, output_of
 from services.gateway.accounts import Accounts, safe_model
 from services.gateway.callers import Caller, Callers
-from services.gateway.checks import Limits, check_capabilities, check_request
+from services.gateway.checks import Limits, check_capabilities, check_embedding, check_request
 from services.gateway.counts import Counts
 from services.gateway.quota import Admission, Quota
 from services.gateway.relay import Relay, Upstream
@@ -98,7 +101,7 @@ class Request:
         """Identify, check, route, admit, open a worker's stream: the first chunk to send
         (with the request's id, so an HTTP reply can name it before the end)."""
         parts = self._parts
-        try:
+        with self._failing():
             self.caller = caller = await parts.callers.identify(api_key, token, deadline=self.deadline)
             checked = check_request(parts.limits, model=self.model, generation=generation, stream=stream)
             self.prompt_hash = checked.prompt_hash
@@ -106,29 +109,57 @@ class Request:
             check_capabilities(checked.request, workers)
             self.admission = await parts.quota.admit(caller.user_id, caller.limits, checked.reserve,
                                                      deadline=self.deadline)
-        except MeshError as exc:
-            if exc.code == "RATE_LIMITED" and self.caller is not None:
-                parts.counts.refused(self.caller.tier)
-            self._status = exc.code.lower()
-            raise
-        except Exception:
-            self._status = "internal"
-            raise
         parts.accounts.admitted(self.request_id, self._stub(), self.admission)
         params = {**checked.params, "priority": caller.priority,
                   "tenant": f"user:{caller.user_id}"}  # the worker's response cache is per user
-        try:
+        with self._failing():
             self._upstream = await parts.relay.open(self.request_id, self.model, params, workers, self.deadline,
                                                     took=self._took)
+        parts.counts.first_token(self.model, self._upstream.ttft)
+        first = self._passed(self._upstream.first)
+        return first if "request_id" in first else {**first, "request_id": self.request_id}
+
+    async def embed(self, api_key: str | None, token: str | None, input: Any, dimensions: Any) -> dict[str, Any]:
+        """An embedding request (`gateway.embed`): identify, check, route, admit, call a
+        worker's `inference.embed`, settle its prompt tokens and record it -- the
+        steps of a generation, with one answer instead of a stream."""
+        parts = self._parts
+        with self._failing():
+            self.caller = caller = await parts.callers.identify(api_key, token, deadline=self.deadline)
+            checked = check_embedding(parts.limits, model=self.model, input=input, dimensions=dimensions)
+            self.prompt_hash = checked.prompt_hash
+            workers = await parts.router.workers(self.model, deadline=self.deadline)
+            check_capabilities(None, workers)
+            self.admission = await parts.quota.admit(caller.user_id, caller.limits, checked.reserve,
+                                                     deadline=self.deadline)
+        parts.accounts.admitted(self.request_id, self._stub(), self.admission)
+        params = {**checked.params, "priority": caller.priority, "tenant": f"user:{caller.user_id}"}
+        with self._failing():
+            answer = await parts.relay.call(self.request_id, "inference.embed", self.model, params, workers,
+                                            self.deadline, took=self._took)
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        prompt_tokens = _count(usage.get("prompt_tokens"))
+        parts.quota.settle(self.admission, prompt_tokens)
+        worker = answer.get("worker")
+        worker_id = worker.get("id") if isinstance(worker, dict) and isinstance(worker.get("id"), str) else None
+        self._finish("ok", prompt_tokens, 0, worker_id or self.worker)
+        return {"model": answer.get("model"), "vectors": answer.get("vectors"), "dimensions": answer.get("dimensions"),
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+                "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.user_id, caller.limits)}
+
+    @contextmanager
+    def _failing(self) -> Iterator[None]:
+        """Keep how a step failed, for the record `end` writes."""
+        try:
+            yield
         except MeshError as exc:
+            if exc.code == "RATE_LIMITED" and self.caller is not None and self.admission is None:
+                self._parts.counts.refused(self.caller.tier)
             self._status = exc.code.lower()
             raise
         except Exception:
             self._status = "internal"
             raise
-        parts.counts.first_token(self.model, self._upstream.ttft)
-        first = self._passed(self._upstream.first)
-        return first if "request_id" in first else {**first, "request_id": self.request_id}
 
     def _took(self, worker: str) -> None:
         """The relay's word: `worker` took the work (it consumes its request counts)."""

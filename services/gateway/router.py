@@ -86,7 +86,7 @@ class Router:
         self._stale_after = stale_after
         self._workers: dict[str, tuple[float, list[Provider]]] = {}
         self._looking: dict[str, asyncio.Future[list[Provider] | None]] = {}
-        self._catalog: tuple[float, dict[str, dict[str, int]]] | None = None
+        self._catalog: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._catalog_lock = asyncio.Lock()
 
     async def workers(self, model: str, *, deadline: float | None = None) -> list[Provider]:
@@ -204,8 +204,9 @@ class Router:
         if failed and not busy:
             self._mesh.cool_down(worker)
 
-    async def catalog(self, *, deadline: float | None = None) -> dict[str, dict[str, int]]:
-        """Model -> {"workers", "healthy_workers"}, from every worker's `inference.models`.
+    async def catalog(self, *, deadline: float | None = None) -> dict[str, dict[str, Any]]:
+        """Model -> {"workers", "healthy_workers", "capabilities"}, from every worker's
+        `inference.models` (capabilities: what any of its workers can do).
 
         Within `deadline` (`TIMEOUT` past it); see the module doc."""
         wait = None if deadline is None else budget(deadline, float("inf"), "list the models")
@@ -215,7 +216,7 @@ class Router:
         except TimeoutError:
             raise Timeout("the deadline passed before the models were listed") from None
 
-    async def _build_catalog(self, deadline: float | None) -> dict[str, dict[str, int]]:
+    async def _build_catalog(self, deadline: float | None) -> dict[str, dict[str, Any]]:
         async with self._catalog_lock:
             cached = self._catalog
             if cached is not None and cached[0] > time.monotonic():
@@ -228,13 +229,17 @@ class Router:
             if timeout < self._catalog_timeout:  # leave a moment to answer with the workers that did
                 timeout -= min(_MARGIN, timeout / 10)
             answers = await asyncio.gather(*(self._models_of(w, timeout) for w in workers))
-            catalog: dict[str, dict[str, int]] = {}
+            catalog: dict[str, dict[str, Any]] = {}
             for worker, answer in zip(workers, answers):
                 for entry in answer or []:
-                    row = catalog.setdefault(entry["name"], {"workers": 0, "healthy_workers": 0})
+                    row = catalog.setdefault(entry["name"], {"workers": 0, "healthy_workers": 0, "capabilities": []})
                     row["workers"] += 1
                     if entry.get("healthy", True) and not self._mesh.is_cooling(worker):
                         row["healthy_workers"] += 1
+                    can = entry.get("capabilities")
+                    for capability in can if isinstance(can, list) else []:
+                        if isinstance(capability, str) and capability not in row["capabilities"]:
+                            row["capabilities"].append(capability)
             if timeout >= self._catalog_timeout or None not in answers:  # as good as any caller's
                 self._catalog = (time.monotonic() + self._catalog_ttl, catalog)
             return catalog

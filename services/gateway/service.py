@@ -5,7 +5,10 @@
                             top_p, stop, seed, tools, tool_choice, response_format, ...) -> the
                             worker's chunks; the first and the last carry request_id, the last
                             also rate_limit (limit/remaining/reset per counter)
-    gateway.models  public  -> {models: [{name, workers, healthy_workers}]}
+    gateway.embed   public  api_key | token, model, input (list of texts), dimensions? -> {model,
+                            vectors (float32 LE bytes each), dimensions, usage, request_id,
+                            rate_limit}: routed, limited and billed like a generation
+    gateway.models  public  -> {models: [{name, workers, healthy_workers, capabilities}]}
     gateway.quota   public  api_key | token -> {user_id, tier, rate_limit: {counter: {limit,
                             used, remaining, reset}}}
     gateway.health  public  -> {status, gateway, live_gateways, in_flight, usage_unshipped, ...}
@@ -70,6 +73,21 @@ class GatewayService:
             while chunk is not None:
                 yield chunk
                 chunk = await request.next()
+        finally:
+            self._counts.in_flight -= 1
+            await request.end()
+
+    @method(public=True)
+    async def embed(
+        self, model: str, input: list[Any], api_key: str | None = None, token: str | None = None,
+        dimensions: int | None = None,
+    ) -> dict[str, Any]:
+        """One vector per text of `input` (little-endian float32 bytes each), routed, limited
+        and billed like a generation (its prompt tokens); with `request_id` and rate-limit facts."""
+        request = Request(self._parts, model, _deadline())
+        self._counts.in_flight += 1
+        try:
+            return await request.embed(api_key, token, input, dimensions)
         finally:
             self._counts.in_flight -= 1
             await request.end()
