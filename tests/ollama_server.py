@@ -22,8 +22,27 @@ its API a worker uses, with Ollama's field names and error shapes:
   `model "x" not found, try pulling it first`) or 500.
 
 The reply is `reply` split into word tokens, honouring `options.num_predict`
-(done_reason "length") and `options.stop`. Switches make it fail the ways a
-real server does: `fail_status` (every call answers that status),
+(done_reason "length") and `options.stop`.
+
+Tools and structured output, deterministic:
+
+* `/api/chat` with `tools` (OpenAI's function shape, checked) and a last
+  message from the user that mentions tools by name calls each of them, in
+  the order of `tools`, with arguments built from its parameters schema
+  (`sample_of`: the first choice, the minimum, the shortest everywhere):
+  one line `{"message": {"role": "assistant", "content": "", "tool_calls":
+  [{"id": "call_...", "function": {"index", "name", "arguments": {...}}}]}}`
+  then the done line, whose `done_reason` is "stop" as Ollama's is.
+  `call_ids = False` answers in the shape of Ollama before 0.12: no `id`,
+  no `index`.
+* `format`: "json" makes the reply `{"reply": reply}`, a JSON Schema object
+  makes it `sample_of(schema)`, as JSON text split into word tokens.
+* History is checked as Ollama decodes it: a past call's `arguments` must be
+  an object (400 with Go's unmarshal error otherwise).
+
+`requests` records every request's path and body, the last one last.
+
+Switches make it fail the ways a real server does: `fail_status` (every call answers that status),
 `malformed_after` (a non-JSON line after N chunks), `error_after` (an
 `{"error"}` line after N chunks, as Ollama sends when a runner dies),
 `drop_after` (the connection is cut after N chunks), `token_delay` (seconds
@@ -46,7 +65,8 @@ from typing import Any
 
 from aiohttp import web
 
-__all__ = ["OllamaServer", "tokens_of", "canned_reply", "hash_vector", "unit_vector"]
+__all__ = ["OllamaServer", "tokens_of", "canned_reply", "hash_vector", "unit_vector", "mentioned_tools",
+           "sample_of", "structured_reply"]
 
 
 def tokens_of(text: str) -> list[str]:
@@ -78,6 +98,73 @@ def unit_vector(values: list[float]) -> list[float]:
     """`values` scaled to length 1 (as Ollama and OpenAI return embeddings)."""
     norm = math.sqrt(sum(v * v for v in values)) or 1.0
     return [v / norm for v in values]
+
+
+def sample_of(schema: Any) -> Any:
+    """A JSON value valid against `schema` (the parts of JSON Schema tools use),
+    the same every time: the first choice, the smallest length, the minimum."""
+    if not isinstance(schema, dict):
+        return {}
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            return sample_of(schema[key][0])
+    kind = schema.get("type", "object" if "properties" in schema else None)
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or kind is None:
+        return {name: sample_of(sub) for name, sub in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        count = min(max(1, schema.get("minItems", 1)), schema.get("maxItems", 1))
+        return [sample_of(schema.get("items", {})) for _ in range(count)]
+    if kind == "string":
+        text = "example" * (1 + schema.get("minLength", 0) // 7)
+        return text[: schema.get("maxLength", len(text))]
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum", 0) + 1 if "exclusiveMinimum" in schema else 1)
+        low = min(low, schema.get("maximum", low))
+        return int(low) if kind == "integer" else float(low)
+    return {"boolean": True, "null": None}.get(kind)
+
+
+def mentioned_tools(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tools (their `function`) the last message names, when it is the user's."""
+    messages = body.get("messages") or [{}]
+    last = messages[-1] if isinstance(messages[-1], dict) else {}
+    text = last.get("content") if last.get("role") == "user" else None
+    if not isinstance(text, str):
+        return []
+    functions = [t["function"] for t in body.get("tools") or []]
+    return [f for f in functions if f["name"] in text]
+
+
+def _tools_problem(body: dict[str, Any]) -> str | None:
+    """What Ollama would refuse in the tools, history or format of a chat request."""
+    for tool in body.get("tools") or []:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            return "json: cannot unmarshal tools: a tool is {type: function, function: {name, ...}}"
+    for message in body.get("messages") or []:
+        for call in message.get("tool_calls") or [] if isinstance(message, dict) else []:
+            arguments = (call.get("function") or {}).get("arguments") if isinstance(call, dict) else None
+            if not isinstance(arguments, dict):
+                kind = "string" if isinstance(arguments, str) else type(arguments).__name__
+                return (f"json: cannot unmarshal {kind} into Go struct field ToolCallFunction.messages.tool_calls"
+                        ".function.arguments of type api.ToolCallFunctionArguments")
+    fmt = body.get("format")
+    if fmt not in (None, "", "json") and not isinstance(fmt, dict):
+        return f"invalid format: {json.dumps(fmt)}; expected \"json\" or a valid JSON Schema"
+    return None
+
+
+def structured_reply(reply: str, fmt: Any) -> str:
+    """The reply as the JSON a `format` / `response_format` asks for."""
+    if isinstance(fmt, dict):
+        return json.dumps(sample_of(fmt))
+    return json.dumps({"reply": reply})
 
 
 def _now() -> str:
@@ -136,6 +223,7 @@ class OllamaServer(_Embeddings):
         self.malformed_after: int | None = None
         self.error_after: int | None = None
         self.drop_after: int | None = None
+        self.call_ids = True
         self.requests: list[tuple[str, dict[str, Any]]] = []
         #: client (host, port) of each request: one port for many requests = a kept connection
         self.peers: list[tuple[str, int]] = []
@@ -228,12 +316,19 @@ class OllamaServer(_Embeddings):
             return problem
         if chat and not isinstance(body.get("messages"), list):
             return _error(400, "messages is required")
-        options = body.get("options") or {}
-        pieces, reason = self._reply(options)
+        problem_text = _tools_problem(body) if chat else None
+        if problem_text is not None:
+            return _error(400, problem_text)
+        calls = self._calls(body) if chat else []
+        pieces, reason = self._reply(body) if not calls else ([], "stop")
         prompt_text = json.dumps(body.get("messages")) if chat else str(body.get("prompt", ""))
-        counts = {"prompt_eval_count": len(tokens_of(prompt_text)), "eval_count": len(pieces)}
+        eval_count = len(pieces) + sum(len(tokens_of(json.dumps(c))) for c in calls)
+        counts = {"prompt_eval_count": len(tokens_of(prompt_text)), "eval_count": eval_count}
         if body.get("stream") is False:
-            return web.json_response(self._last(body, chat, "".join(pieces), reason, counts, started))
+            last = self._last(body, chat, "".join(pieces), reason, counts, started)
+            if calls:
+                last["message"]["tool_calls"] = calls
+            return web.json_response(last)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
         self.active += 1
@@ -246,6 +341,10 @@ class OllamaServer(_Embeddings):
                 await self._line(response, self._chunk(body, chat, piece))
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
+            if calls:
+                line = self._chunk(body, chat, "")
+                line["message"]["tool_calls"] = calls
+                await self._line(response, line)
             if await self._fault(request, response, len(pieces)):
                 return response
             await self._line(response, self._last(body, chat, "", reason, counts, started))
@@ -257,8 +356,21 @@ class OllamaServer(_Embeddings):
             self.active -= 1
         return response
 
-    def _reply(self, options: dict[str, Any]) -> tuple[list[str], str]:
-        return canned_reply(self.reply, options.get("stop"), options.get("num_predict"))
+    def _reply(self, body: dict[str, Any]) -> tuple[list[str], str]:
+        options = body.get("options") or {}
+        text = structured_reply(self.reply, body["format"]) if body.get("format") else self.reply
+        return canned_reply(text, options.get("stop"), options.get("num_predict"))
+
+    def _calls(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The tool calls this answer makes, in Ollama's shape (see the module doc)."""
+        calls = []
+        for index, function in enumerate(mentioned_tools(body)):
+            call: dict[str, Any] = {"function": {"name": function["name"],
+                                                 "arguments": sample_of(function.get("parameters"))}}
+            if self.call_ids:
+                call = {"id": f"call_{index:08x}", "function": {"index": index, **call["function"]}}
+            calls.append(call)
+        return calls
 
     async def _fault(self, request: web.Request, response: web.StreamResponse, index: int) -> bool:
         """Fail as switched at chunk `index`; True when the stream is over."""

@@ -22,7 +22,30 @@ Implements what a worker uses, with OpenAI's shapes:
   (`model_not_found`), 500.
 
 The reply is `reply` split into word tokens, honouring `max_tokens`
-(finish_reason "length") and `stop`. Switches as in `ollama_server.py`:
+(finish_reason "length") and `stop`.
+
+Tools and structured output, deterministic, checked as OpenAI checks them
+(`tool_choice` and `parallel_tool_calls` only with `tools`, a named
+`tool_choice` one of them, a `tool` message answering an earlier call's id,
+`response_format` text / json_object / json_schema with name and schema):
+
+* it calls tools when `tool_choice` is "required" (the first tool), names a
+  function (that one), or is "auto" / absent and the last message is the
+  user's and mentions tools by name (each of them, in the order of `tools`);
+  never with "none"; with `parallel_tool_calls: false`, the first call only.
+  The arguments are built from the tool's parameters schema (`sample_of` in
+  ollama_server.py). Streamed as OpenAI does: a chunk with the call's
+  `index`, `id`, `type` and `function.name` (and `"arguments": ""`), then its
+  arguments in pieces of `argument_piece` characters over several chunks
+  (each piece counts as a token for `max_tokens`), then `finish_reason:
+  "tool_calls"`.
+* `response_format` json_object makes the reply `{"reply": reply}`,
+  json_schema makes it `sample_of(schema)`, as JSON text in word tokens.
+  `llama_cpp_formats = True` takes formats as llama-cpp-python's server
+  does: `json_schema` refused (a validation error answered with 500), a
+  `schema` inside `json_object` followed.
+
+`requests` records every request's path and body, the last one last. Switches as in `ollama_server.py`:
 `fail_status`, `malformed_after`, `error_after`, `drop_after`, `token_delay`,
 and `usage=False` to ignore `include_usage` as some servers do.
 """
@@ -38,7 +61,8 @@ from typing import Any
 
 from aiohttp import web
 
-from ollama_server import canned_reply, hash_vector, tokens_of, unit_vector
+from ollama_server import (canned_reply, hash_vector, mentioned_tools, sample_of, structured_reply, tokens_of,
+                           unit_vector)
 
 __all__ = ["OpenAIServer"]
 
@@ -113,6 +137,8 @@ class OpenAIServer(_Embeddings):
         self.malformed_after: int | None = None
         self.error_after: int | None = None
         self.drop_after: int | None = None
+        self.argument_piece = 5
+        self.llama_cpp_formats = False
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.disconnects = 0
         self.pieces_sent = 0  #: tokens written to streams, all requests together
@@ -180,6 +206,17 @@ class OpenAIServer(_Embeddings):
                           "invalid_request_error", "model_not_found")
         if chat and not isinstance(body.get("messages"), list) or not chat and "prompt" not in body:
             return _error(400, "Missing required parameter.", "invalid_request_error", None)
+        fmt = body.get("response_format") or {}
+        if self.llama_cpp_formats and fmt.get("type") == "json_schema":
+            detail = ("1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
+                      "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}")
+            return _error(500, detail, "internal_server_error", None)
+        problem = _tools_problem(body) if chat else None
+        if problem is not None:
+            return _error(400, problem, "invalid_request_error", None)
+        calls = self._calls(body) if chat else []
+        if calls:
+            return await self._call_stream(request, body, calls)
         pieces, reason = self._reply(body)
         prompt_text = json.dumps(body["messages"]) if chat else str(body["prompt"])
         usage = {"prompt_tokens": len(tokens_of(prompt_text)), "completion_tokens": len(pieces)}
@@ -215,7 +252,81 @@ class OpenAIServer(_Embeddings):
         return response
 
     def _reply(self, body: dict[str, Any]) -> tuple[list[str], str]:
-        return canned_reply(self.reply, body.get("stop"), body.get("max_tokens"))
+        fmt = body.get("response_format") or {}
+        text = self.reply
+        if fmt.get("type") in ("json_object", "json_schema"):
+            text = structured_reply(self.reply, (fmt.get("json_schema") or {}).get("schema") or fmt.get("schema"))
+        return canned_reply(text, body.get("stop"), body.get("max_tokens"))
+
+    @staticmethod
+    def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
+        """The calls this answer makes, `{id, type, function: {name, arguments}}` (see the module doc)."""
+        choice = body.get("tool_choice", "auto")
+        functions = [t["function"] for t in body.get("tools") or []]
+        if choice == "none" or not functions:
+            return []
+        if choice == "required":
+            functions = functions[:1]
+        elif isinstance(choice, dict):
+            functions = [f for f in functions if f["name"] == choice["function"]["name"]]
+        else:
+            functions = mentioned_tools(body)
+        if body.get("parallel_tool_calls") is False:
+            functions = functions[:1]
+        return [{"id": f"call_{index:024x}", "type": "function",
+                 "function": {"name": f["name"], "arguments": json.dumps(sample_of(f.get("parameters")))}}
+                for index, f in enumerate(functions)]
+
+    async def _call_stream(self, request: web.Request, body: dict[str, Any], calls: list[dict[str, Any]]
+                           ) -> web.StreamResponse:
+        """The answer that calls tools, streamed in fragments (or whole without `stream`)."""
+        prompt_tokens = len(tokens_of(json.dumps(body["messages"])))
+        ident, created = f"chatcmpl-{time.monotonic_ns()}", int(time.time())
+        fragments: list[dict[str, Any]] = []  # one delta.tool_calls item per chunk
+        for index, call in enumerate(calls):
+            fragments.append({"index": index, "id": call["id"], "type": "function",
+                              "function": {"name": call["function"]["name"], "arguments": ""}})
+            text, size = call["function"]["arguments"], self.argument_piece
+            fragments += [{"index": index, "function": {"arguments": text[i:i + size]}}
+                          for i in range(0, len(text), size)]
+        limit, reason = body.get("max_tokens"), "tool_calls"
+        if isinstance(limit, int) and limit < len(fragments) - len(calls):
+            fragments, reason = fragments[: len(calls) + limit], "length"  # roughly: the headers are free
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(fragments) - len(calls)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": body["model"],
+                "system_fingerprint": "fp_tests"}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": None, "tool_calls": calls, "refusal": None}
+            return web.json_response({**base, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": reason}]})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        include_usage = self.usage and bool((body.get("stream_options") or {}).get("include_usage"))
+        extra = {"usage": None} if include_usage else {}
+        try:
+            for index, fragment in enumerate(fragments):
+                if await self._fault(request, response, index):
+                    return response
+                delta: dict[str, Any] = {"tool_calls": [fragment]}
+                if index == 0:
+                    delta = {"role": "assistant", "content": None, **delta, "refusal": None}
+                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+                await self._event(response, {**base, "choices": [choice], **extra})
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+            if await self._fault(request, response, len(fragments)):
+                return response
+            last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason}
+            await self._event(response, {**base, "choices": [last], **extra})
+            if include_usage:
+                await self._event(response, {**base, "choices": [], "usage": usage})
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnects += 1
+            raise
+        return response
 
     async def _fault(self, request: web.Request, response: web.StreamResponse, index: int) -> bool:
         if self.malformed_after == index:
@@ -263,6 +374,43 @@ class OpenAIServer(_Embeddings):
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
         return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": body["model"], "choices": [choice], "usage": usage}
+
+
+def _tools_problem(body: dict[str, Any]) -> str | None:
+    """What OpenAI would refuse in the tools, tool choice, history or response format of a chat request."""
+    tools = body.get("tools")
+    names = []
+    for tool in tools or []:
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not function.get("name"):
+            return "Invalid value for 'tools': each tool is {type: function, function: {name, ...}}."
+        names.append(function["name"])
+    for param in ("tool_choice", "parallel_tool_calls"):
+        if param in body and not tools:
+            return f"Invalid value for '{param}': '{param}' is only allowed when 'tools' are specified."
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        if choice.get("type") != "function" or name not in names:
+            return f"Invalid value for 'tool_choice': no function named {name!r} was specified in 'tools'."
+    elif choice not in ("auto", "none", "required"):
+        return "Invalid value for 'tool_choice': must be auto, none, required or a named function."
+    called: set[str] = set()
+    for message in body["messages"]:
+        for call in message.get("tool_calls") or []:
+            called.add(call.get("id"))
+        if message.get("role") == "tool" and message.get("tool_call_id") not in called:
+            return ("Invalid parameter: messages with role 'tool' must be a response to a preceeding message "
+                    "with 'tool_calls'.")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        spec = fmt.get("json_schema") if isinstance(fmt, dict) else None
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            return "Invalid value for 'response_format.type': must be text, json_object or json_schema."
+        if fmt["type"] == "json_schema" and (not isinstance(spec, dict) or not spec.get("name")
+                                             or not isinstance(spec.get("schema"), dict)):
+            return "Missing required parameter: 'response_format.json_schema.name' or '.schema'."
+    return None
 
 
 def _error(status: int, message: str, kind: str, code: str | None) -> web.Response:

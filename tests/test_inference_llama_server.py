@@ -18,8 +18,13 @@ import pytest
 
 pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] extras not installed")
 
+from schema_check import valid  # noqa: E402
+
 from shared.config import load  # noqa: E402
+from shared.generation import Limits, build_request  # noqa: E402
+from services.inference.backends.base import Done, ToolCalls  # noqa: E402
 from services.inference.backends.local import default_gguf  # noqa: E402
+from services.inference.backends.openai import OpenAIBackend  # noqa: E402
 from services.inference.config import InferenceConfig  # noqa: E402
 from services.inference.worker import open_service  # noqa: E402
 
@@ -90,3 +95,50 @@ async def test_openai_backend_on_llama_cpp_server_matches_llama_cpp_in_process(l
         prompt = [c async for c in service.generate(model="smollm2-server", prompt="The sea is", max_tokens=6,
                                                     **GREEDY)]
         assert prompt[-1]["finish_reason"] == "length" and prompt[-1]["usage"]["completion_tokens"] == 6
+
+
+# -- tools and structured output ---------------------------------------------------------
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 12},
+                                            "unit": {"enum": ["celsius", "fahrenheit"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+REPORT = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "sunny": {"type": "boolean"}},
+          "required": ["city", "sunny"], "additionalProperties": False}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def _request(**params):
+    return build_request(Limits(), params).resolved(max_tokens=64, temperature=0.0, top_p=1.0)
+
+
+@pytest.fixture
+async def backend(llama_server):
+    server = OpenAIBackend(llama_server, "smollm2-server")
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def test_response_format_json_schema_on_llama_cpp_server_gives_valid_json(backend):
+    fmt = {"type": "json_schema", "json_schema": {"name": "report", "schema": REPORT}}
+    for attempt in range(2):
+        events = [e async for e in backend.generate(_request(messages=ASK, response_format=fmt, seed=5))]
+        assert events[-1] == Done("stop", 0, events[-1].completion_tokens)
+        assert valid(REPORT, json.loads("".join(e for e in events if isinstance(e, str))))
+        # llama_cpp.server refuses OpenAI's json_schema: the first request learnt its dialect
+        assert backend.schema_in_json_object
+
+
+async def test_a_named_tool_choice_on_llama_cpp_server_is_a_valid_call(backend):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    events = [e async for e in backend.generate(_request(messages=ASK, tools=tools, tool_choice=choice, seed=5))]
+    calls, done = events[-2:]
+    assert isinstance(calls, ToolCalls) and done.finish_reason == "tool_calls"
+    assert not any(isinstance(e, str) for e in events)
+    (call,) = calls.calls
+    assert call.name == "get_weather" and call.id.startswith("call_")
+    assert valid(WEATHER, json.loads(call.arguments))

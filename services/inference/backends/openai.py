@@ -11,10 +11,40 @@ API. `url` is the API base (as the OpenAI SDK's `base_url`, e.g.
   as server-sent events: `data: {chunk}` lines, then `data: [DONE]`.
 * Usage comes from the server's usage chunk. A server that ignores
   `include_usage` gets `prompt_tokens` 0 and `completion_tokens` counted as
-  the text chunks received (one token each on every server we know).
-* Before the first text, `Prompt`: the `prompt_tokens` of a usage the server
-  sent with a chunk by then (vLLM's continuous usage), else
-  `estimate_tokens` -- what a generation cut short bills for its prompt.
+  the chunks with output received (one token each on every server we know).
+* Before the first output (text or a tool call), `Prompt`: the
+  `prompt_tokens` of a usage the server sent with a chunk by then (vLLM's
+  continuous usage), else `estimate_tokens` -- what a generation cut short
+  bills for its prompt.
+
+Tools and structured output pass through in OpenAI's own shapes: `tools`,
+`tool_choice` and `parallel_tool_calls` (sent with the tools only: OpenAI
+refuses them without), `response_format`, `frequency_penalty` and
+`presence_penalty`; messages as OpenAI shapes them, except that a
+`developer` message is sent as `system` -- most compatible servers (vLLM,
+llama_cpp.server) refuse the newer role, and to the models it means the same.
+Whether a server honours `tool_choice` is its own affair: llama_cpp.server
+constrains a named function's arguments with a grammar and ignores
+"required".
+
+llama-cpp-python's server (0.3.x) takes `response_format` only as `text` or
+`json_object`, with the JSON Schema in its own `schema` key, and refuses
+OpenAI's `json_schema` (a validation error, which it answers with status 500).
+When a server refuses a `json_schema` format with an error status that names
+`response_format`, the request is sent again at once in that form,
+`{"type": "json_object", "schema": ...}`, and the backend keeps using it for
+this server once it was taken. (Prompt requests send `response_format` to
+`/completions` too: vLLM honours it there, llama_cpp.server ignores it.)
+
+Streamed tool calls are put together as the OpenAI SDK does: `delta.tool_calls`
+fragments by `index`, the first fragment of a call giving its `id`, `type`
+and `function.name`, every fragment appending to `function.arguments`
+(llama_cpp.server repeats the id and name in every fragment: only the first
+counts). When the stream ends, one `ToolCalls` event (the server's ids; a
+call without one gets `call_` + 24 hex digits) then `Done` with
+finish_reason "tool_calls" -- also when the server said "stop" after calls.
+A stream cut at max_tokens reports "length" and no calls (their arguments
+are cut). Fragments that are not OpenAI's shape are malformed data.
 
 Failures are typed as in `http.py`; a stream that ends before `[DONE]` (or
 at least a finish reason) is a dropped stream, UNAVAILABLE.
@@ -23,12 +53,15 @@ at least a finish reason) is a dropped stream, UNAVAILABLE.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 from shared.config import Secret
-from shared.errors import NotFound
-from services.inference.backends.base import Done, Event, GenerateRequest, Prompt, estimate_tokens
+from shared.errors import InvalidParams, MeshError, NotFound
+from services.inference.backends.base import (
+    Done, Event, GenerateRequest, Prompt, ToolCall, ToolCalls, estimate_tokens,
+)
 from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
 
 __all__ = ["OpenAIBackend"]
@@ -39,12 +72,16 @@ class OpenAIBackend(HttpBackend):
 
     kind = "openai"
 
+    capabilities = ("chat", "tools", "json")
+
     def __init__(self, url: str, model: str, *, api_key: Secret | None = None, timeout: float = 120.0) -> None:
         super().__init__()
         self.model = model
         headers = {"Authorization": f"Bearer {api_key.reveal()}"} if api_key is not None else {}
         self.http = HttpClient(url, timeout=timeout, headers=headers, name="openai server")
         self.info = {"upstream": model, "url": self.http.base_url}
+        #: The server takes a JSON Schema only as llama-cpp-python's `json_object` + `schema`.
+        self.schema_in_json_object = False
 
     async def probe(self) -> None:
         listing = await self.http.get_json("/models")
@@ -55,39 +92,78 @@ class OpenAIBackend(HttpBackend):
             raise NotFound(f"{self.http.name} does not list model {self.model!r}")
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        path, body = self._body(request)
+        started = False
+        try:
+            async for event in self._stream(request, path, body):
+                started = True
+                yield event
+        except MeshError as refused:
+            if started or not self._schema_refused(request, refused):
+                raise
+            body["response_format"] = _llama_cpp_format(request)
+            try:
+                async for event in self._stream(request, path, body):
+                    self.schema_in_json_object = True
+                    yield event
+            except MeshError:
+                if not self.schema_in_json_object:
+                    raise refused from None  # this form was refused too: the first answer says why
+                raise
+
+    def _schema_refused(self, request: GenerateRequest, error: MeshError) -> bool:
+        """Whether the server refused OpenAI's `json_schema` format (see the module doc)."""
+        fmt = request.response_format
+        refusal = isinstance(error, InvalidParams) or "upstream_status" in error.data
+        return (fmt is not None and fmt.type == "json_schema" and not self.schema_in_json_object and refusal
+                and "response_format" in error.message)
+
+    def _body(self, request: GenerateRequest) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {
             "model": self.model, "max_tokens": request.max_tokens, "temperature": request.temperature,
             "top_p": request.top_p, "stream": True, "stream_options": {"include_usage": True},
         }
-        if request.seed is not None:
-            body["seed"] = request.seed
+        for name in ("seed", "frequency_penalty", "presence_penalty"):
+            if getattr(request, name) is not None:
+                body[name] = getattr(request, name)
         if request.stop:
             body["stop"] = list(request.stop)
-        if request.messages is not None:
-            path, chat = "/chat/completions", True
-            body["messages"] = request.message_dicts()
-        else:
-            path, chat = "/completions", False
+        fmt = request.response_format
+        if fmt is not None:
+            dialect = fmt.type == "json_schema" and self.schema_in_json_object
+            body["response_format"] = _llama_cpp_format(request) if dialect else fmt.to_wire()
+        if request.messages is None:
             body["prompt"] = request.prompt
-        stream = _StreamState(chat, self.http.name)
+            return "/completions", body
+        body["messages"] = [_message(m) for m in request.message_dicts()]
+        if request.tools:  # tool_choice and parallel_tool_calls only with them, as OpenAI wants
+            body["tools"] = [tool.to_dict() for tool in request.tools]
+            body["parallel_tool_calls"] = request.parallel_tool_calls
+            if request.tool_choice is not None:
+                body["tool_choice"] = request.tool_choice.to_wire()
+        return "/chat/completions", body
+
+    async def _stream(self, request: GenerateRequest, path: str, body: dict[str, Any]) -> AsyncIterator[Event]:
+        stream = _StreamState(path == "/chat/completions", self.http.name)
         async with self.http.request("POST", path, body) as response:
             async for line in self.http.lines(response):
                 if not line.startswith(b"data:"):
                     continue  # comments (":"), event names, ids: not ours
                 payload = line[5:].strip()
                 if payload == b"[DONE]":
-                    yield stream.done()
-                    return
+                    break
                 text = stream.feed(self._chunk(payload))
+                if stream.output and not stream.prompted:
+                    stream.prompted = True
+                    early = (stream.usage or {}).get("prompt_tokens")
+                    yield Prompt(early if type(early) is int and early >= 0 else estimate_tokens(request))
                 if text:
-                    if not stream.prompted:
-                        stream.prompted = True
-                        early = (stream.usage or {}).get("prompt_tokens")
-                        yield Prompt(early if type(early) is int and early >= 0 else estimate_tokens(request))
                     yield text
-        if stream.finish is None:
-            raise dropped(self.http.name, "the stream ended before [DONE]")
-        yield stream.done()
+            else:
+                if stream.finish is None:
+                    raise dropped(self.http.name, "the stream ended before [DONE]")
+        for event in stream.end():
+            yield event
 
     def _chunk(self, payload: bytes) -> dict[str, Any]:
         try:
@@ -103,6 +179,20 @@ class OpenAIBackend(HttpBackend):
         return chunk
 
 
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message as compatible servers take it: `developer` is `system` (see the module doc)."""
+    if message["role"] == "developer":
+        return {**message, "role": "system"}
+    return message
+
+
+def _llama_cpp_format(request: GenerateRequest) -> dict[str, Any]:
+    """`response_format` in llama-cpp-python's dialect: a JSON Schema inside `json_object`."""
+    fmt = request.response_format
+    assert fmt is not None
+    return {"type": "json_object", "schema": dict(fmt.schema or {})}
+
+
 class _StreamState:
     """What the chunks of one stream said so far."""
 
@@ -112,6 +202,8 @@ class _StreamState:
         self.usage: dict[str, Any] | None = None
         self.pieces = 0
         self.prompted = False
+        self.output = False
+        self.calls: dict[int, dict[str, Any]] = {}
 
     def feed(self, chunk: dict[str, Any]) -> str:
         usage = chunk.get("usage")
@@ -120,24 +212,66 @@ class _StreamState:
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             raise malformed(self.name, "a chunk without choices")
-        text = ""
+        text, fragments = "", False
         for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            piece = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+            delta = (choice.get("delta") or {}) if self.chat else {}
+            if not isinstance(delta, dict):
+                raise malformed(self.name, "a choice's delta is not an object")
+            piece = delta.get("content") if self.chat else choice.get("text")
             if piece is not None and not isinstance(piece, str):
                 raise malformed(self.name, "choice text is not a string")
             text += piece or ""
+            fragments = self._fragments(delta.get("tool_calls")) or fragments
             if choice.get("finish_reason"):
                 self.finish = str(choice["finish_reason"])
-        if text:
+        if text or fragments:
             self.pieces += 1
+            self.output = True
         return text
 
-    def done(self) -> Done:
-        reason = "length" if self.finish == "length" else "stop"
+    def _fragments(self, items: Any) -> bool:
+        """Add the `delta.tool_calls` fragments of one chunk; True when there were any."""
+        if items is None:
+            return False
+        if not isinstance(items, list):
+            raise malformed(self.name, "delta.tool_calls is not a list")
+        for position, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise malformed(self.name, "a tool call fragment is not an object")
+            index, function = item.get("index", position), item.get("function") or {}
+            if type(index) is not int or not isinstance(function, dict):
+                raise malformed(self.name, "a tool call fragment is not {index, id?, function: {...}}")
+            call = self.calls.setdefault(index, {"id": None, "name": None, "arguments": ""})
+            for key, value in (("id", item.get("id")), ("name", function.get("name")),
+                               ("arguments", function.get("arguments"))):
+                if value is not None and not isinstance(value, str):
+                    raise malformed(self.name, f"a tool call's {key} is not a string")
+            if call["id"] is None and item.get("id"):
+                call["id"] = item["id"]
+            if call["name"] is None and function.get("name"):
+                call["name"] = function["name"]
+            call["arguments"] += function.get("arguments") or ""
+        return bool(items)
+
+    def end(self) -> list[Event]:
+        """The last events: `ToolCalls` when calls were made, then `Done`."""
         usage = self.usage or {}
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if type(prompt) is not int or type(completion) is not int:
             prompt, completion = 0, self.pieces
-        return Done(reason, prompt, completion)
+        if self.finish == "length":
+            return [Done("length", prompt, completion)]
+        if not self.calls:
+            if self.finish == "tool_calls":
+                raise malformed(self.name, "finish_reason tool_calls without any tool call")
+            return [Done("stop", prompt, completion)]
+        calls = []
+        for index in sorted(self.calls):
+            call = self.calls[index]
+            if not call["name"]:
+                raise malformed(self.name, f"tool call {index} has no function name")
+            call_id = call["id"] or "call_" + secrets.token_hex(12)
+            calls.append(ToolCall(call_id, call["name"], call["arguments"] or "{}"))
+        return [ToolCalls(tuple(calls)), Done("tool_calls", prompt, completion)]
