@@ -299,7 +299,7 @@ async def test_ollama_embed(remote, ollama):
     assert shorter["dimensions"] == 64 and ollama.requests[-1][1]["dimensions"] == 64
     assert_hash_vectors(shorter["vectors"], texts, 384, 64)
     rows = {m["name"]: m for m in (await remote.models())["models"]}
-    assert rows["all-minilm"]["capabilities"] == ["embeddings"] and rows["llama3"]["capabilities"] == ["chat"]
+    assert rows["all-minilm"]["capabilities"] == ["embeddings"] and rows["llama3"]["capabilities"] == ["chat", "tools", "json"]
     assert rows["all-minilm"]["details"]["family"] == "llama"  # /api/show, through the chat backend's probe
 
 
