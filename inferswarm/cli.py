@@ -15,6 +15,13 @@ remember the providers they found in the user's cache directory, so that most
 commands call them directly, without joining the DHT. Every command accepts
 `--json`. Errors are one line on stderr with a meaningful exit code.
 
+Where the mesh cannot be reached, `--base-url URL` (or `INFERSWARM_BASE_URL`)
+sends `infer`, `chat`, `models`, `quota`, `usage`, `register`, `login`,
+`logout`, `password` and `keys` to the web service's HTTP API instead
+(`httpclient.py`), with the same output, error lines and exit codes;
+`--ca-file FILE` trusts a certificate authority for an https URL. The other
+commands need the mesh and do not take `--base-url`.
+
 `admin grant` and `admin revoke` call auth as a mesh member, with the key
 derived from the mesh secret (`member.py`): whoever holds the secret is the
 operator. Without it they stop at once with exit code 3. So does
@@ -36,6 +43,7 @@ from inferswarm.commands import COMMANDS, Result
 from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
 from inferswarm.errors import describe, exit_code
+from inferswarm.httpclient import HttpSession
 from inferswarm.localmesh import cache_dir
 from inferswarm.member import NotAMember, member_credential
 from inferswarm.session import ClientSession, SessionError, resolve_bootstrap, resolve_mesh_id
@@ -48,6 +56,9 @@ __all__ = ["main", "parser"]
 
 #: Commands that call members-only methods, with the mesh secret's key.
 MEMBER_COMMANDS = frozenset({"admin grant", "admin revoke"})
+#: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
+HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
+                           "keys revoke", "usage", "models", "quota", "infer", "chat"})
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -63,8 +74,26 @@ def _client_options() -> argparse.ArgumentParser:
     return common
 
 
+def _http_options() -> argparse.ArgumentParser:
+    http = argparse.ArgumentParser(add_help=False)
+    http.add_argument("--base-url", metavar="URL", default=client_config().base_url,
+                      help="use the web service at URL (http[s]://HOST[:PORT]) instead of the mesh, e.g. "
+                           "where the mesh cannot be reached (default: INFERSWARM_BASE_URL; the API key is "
+                           "INFERSWARM_API_KEY or the saved one)")
+    http.add_argument("--ca-file", type=Path, metavar="FILE", default=client_config().ca_file,
+                      help="trust this certificate authority (PEM) for an https URL (default: "
+                           "INFERSWARM_CA_FILE, else the system's)")
+    return http
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="inferswarm", description="An AI inference platform on a DHT mesh.")
+    root = argparse.ArgumentParser(
+        prog="inferswarm", description="An AI inference platform on a DHT mesh.",
+        epilog="Client commands reach the mesh through --bootstrap (default: the stack `inferswarm up` runs "
+               "here). Where the mesh cannot be reached, infer, chat, models, quota, usage, register, login, "
+               "logout, password and keys take --base-url URL (or INFERSWARM_BASE_URL): the web service's "
+               "HTTP API, with the same output and exit codes. The API key: INFERSWARM_API_KEY, else the one "
+               "`keys create` saved. `inferswarm COMMAND --help` for each command's options.")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
     up_parser = commands.add_parser("up", help="start the whole stack on this machine")
     up.add_arguments(up_parser)
@@ -80,10 +109,11 @@ def parser() -> argparse.ArgumentParser:
                             help="write it to FILE (owner-only, 0600) instead of stdout")
     credential.set_defaults(run=run_credential)
 
-    common = _client_options()
+    common, http = _client_options(), _http_options()
 
     def client(name: str, help: str, sub: argparse._SubParsersAction = commands) -> argparse.ArgumentParser:
-        command = sub.add_parser(name.split()[-1], help=help, parents=[common])
+        parents = [common, http] if name in HTTP_COMMANDS else [common]
+        command = sub.add_parser(name.split()[-1], help=help, parents=parents)
         command.set_defaults(run=run_client, action=name)
         return command
 
@@ -123,8 +153,19 @@ def parser() -> argparse.ArgumentParser:
         if name == "infer":
             command.add_argument("prompt", help="the prompt, or - to read it from stdin")
         command.add_argument("--model", default="smollm2")
+        command.add_argument("--system", metavar="TEXT", help="a system message, before the conversation")
         command.add_argument("--max-tokens", type=int, default=256)
         command.add_argument("--temperature", type=float, default=0.7)
+        command.add_argument("--top-p", type=float, metavar="X",
+                             help="sample only from the likeliest tokens whose probabilities add up to X, "
+                                  "in (0, 1] (default: the gateway's, 0.95)")
+        command.add_argument("--stop", action="append", metavar="TEXT",
+                             help="end the answer before TEXT (repeatable, up to 4)")
+        command.add_argument("--seed", type=int, metavar="N", help="a sampling seed: the same request, "
+                                                                   "the same answer")
+        command.add_argument("--json-schema", type=Path, metavar="FILE",
+                             help="answer in JSON valid against the JSON Schema in FILE (OpenAI's "
+                                  "response_format json_schema, strict)")
         command.add_argument("--no-stream", action="store_true", help="print the answer when complete")
 
     admin = commands.add_parser("admin", help="administration").add_subparsers(
@@ -184,6 +225,11 @@ async def _run(args: argparse.Namespace) -> Result:
     creds = Credentials.load()
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)
+    if getattr(args, "base_url", None):
+        web = HttpSession(args.base_url, api_key=creds.effective_api_key(), timeout=args.timeout,
+                          ca_file=args.ca_file)
+        async with web:
+            return await command(args, web, creds)
     try:
         keys = None
         if args.action in MEMBER_COMMANDS:

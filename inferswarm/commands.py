@@ -5,29 +5,41 @@ is for people, `Result.data` for `--json`. Streaming commands (`infer`) print
 as tokens arrive and return the final facts. Errors are not handled here: they
 propagate as typed `MeshError`s, and the CLI turns each into one line and an
 exit code (see `errors.py` beside this module).
+
+The session is a `ClientSession` (the mesh) or, with `--base-url`, an
+`HttpSession` (the web service's HTTP API, `httpclient.py`): both give
+`session("gateway")` and `session("auth")` with the same methods, so no
+command knows which it has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import getpass
+import json
+import re
 import signal
 import sys
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeAlias
 
 from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
 from inferswarm.errors import human_duration
+from inferswarm.httpclient import HttpSession
 from inferswarm.session import ClientSession, SessionError
-from shared.errors import MeshError, Unauthenticated
+from shared.errors import InvalidParams, MeshError, Unauthenticated
 from shared.generation import is_final, text_of
 from services.auth.client import AuthClient
 from services.gateway.client import GatewayClient
 
-__all__ = ["Result", "COMMANDS", "read_password"]
+__all__ = ["Result", "COMMANDS", "read_password", "json_schema_format"]
+
+#: The mesh, or the web service over HTTP (`--base-url`): the same calls either way.
+Session: TypeAlias = ClientSession | HttpSession
 
 
 @dataclass
@@ -55,14 +67,14 @@ def need_token(creds: Credentials) -> str:
     return creds.token
 
 
-async def register(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def register(args: Namespace, session: Session, creds: Credentials) -> Result:
     """The same answer whether the email was new or not (auth does not say): log in next."""
     password = read_password(args, confirm=not args.password_stdin)
     answer = await _auth(session).register(username=args.username, email=args.email, password=password)
     return Result(f"account created: log in with `inferswarm login {answer['username']}`", answer)
 
 
-async def login(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def login(args: Namespace, session: Session, creds: Credentials) -> Result:
     password = read_password(args)
     answer = await _auth(session).login(username_or_email=args.username, password=password)
     creds.username = answer["user"]["username"]
@@ -71,7 +83,7 @@ async def login(args: Namespace, session: ClientSession, creds: Credentials) -> 
     return Result(f"logged in as {creds.username}", {"user": answer["user"], "expires_at": answer.get("expires_at")})
 
 
-async def password(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def password(args: Namespace, session: Session, creds: Credentials) -> Result:
     """Change the password: every other session ends; this CLI keeps the new token."""
     token = need_token(creds)
     if args.password_stdin:  # two lines: the current password, then the new one
@@ -88,7 +100,7 @@ async def password(args: Namespace, session: ClientSession, creds: Credentials) 
                   {"changed": True, "user": answer["user"], "expires_at": answer.get("expires_at")})
 
 
-async def logout(args: Namespace, session: ClientSession | None, creds: Credentials,
+async def logout(args: Namespace, session: Session | None, creds: Credentials,
                  unreachable: str | None = None) -> Result:
     """End the session on the mesh (auth refuses the token from then on), then forget it here.
 
@@ -116,7 +128,7 @@ async def logout(args: Namespace, session: ClientSession | None, creds: Credenti
     return Result(text, {"logged_out": removed, "session_ended": ended})
 
 
-async def keys_create(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def keys_create(args: Namespace, session: Session, creds: Credentials) -> Result:
     key = await _auth(session).create_key(token=need_token(creds), name=args.name,
                                           expires_in_days=args.expires_in_days)
     creds.api_key = key["api_key"]
@@ -127,19 +139,19 @@ async def keys_create(args: Namespace, session: ClientSession, creds: Credential
     return Result(text, key)
 
 
-async def keys_list(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def keys_list(args: Namespace, session: Session, creds: Credentials) -> Result:
     keys = await _auth(session).list_keys(token=need_token(creds))
     rows = [[k["id"], k["name"], k["prefix"], k["status"], (k["created_at"] or "-")[:19],
              (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19]] for k in keys]
     return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires"], rows), keys)
 
 
-async def keys_revoke(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def keys_revoke(args: Namespace, session: Session, creds: Credentials) -> Result:
     key = await _auth(session).revoke_key(token=need_token(creds), key_id=args.key_id)
     return Result(f"revoked key {key['id']} ({key['name']})", key)
 
 
-async def usage(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def usage(args: Namespace, session: Session, creds: Credentials) -> Result:
     report = await _auth(session).usage(token=need_token(creds), start=args.start or None, end=args.end or None)
     rows = [[d["day"], d.get("key_name") or "-", d["requests"], d["tokens"], d["errors"], d["cache_hits"]]
             for d in report["days"]]
@@ -149,21 +161,21 @@ async def usage(args: Namespace, session: ClientSession, creds: Credentials) -> 
     return Result(text, report)
 
 
-async def admin_set_tier(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def admin_set_tier(args: Namespace, session: Session, creds: Credentials) -> Result:
     user = await _auth(session).set_tier(token=need_token(creds), user=args.user, tier=args.tier)
     return Result(f"{user['username']} is now on the {user['tier']} tier", user)
 
 
-async def admin_grant(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def admin_grant(args: Namespace, session: Session, creds: Credentials) -> Result:
     """As a mesh member: `auth.grant_admin` (no login needed, the mesh secret is the authority)."""
     return await _set_admin(args, session, "grant")
 
 
-async def admin_revoke(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def admin_revoke(args: Namespace, session: Session, creds: Credentials) -> Result:
     return await _set_admin(args, session, "revoke")
 
 
-async def _set_admin(args: Namespace, session: ClientSession, action: str) -> Result:
+async def _set_admin(args: Namespace, session: Session, action: str) -> Result:
     ref = args.user
     user_ref = int(ref) if ref.isascii() and ref.isdigit() else ref
     auth = _auth(session)
@@ -183,11 +195,11 @@ def shown(text: str) -> str:
     return text if text.isascii() and text.isprintable() else ascii(text)[1:-1]
 
 
-def _auth(session: ClientSession) -> AuthClient:
+def _auth(session: Session) -> AuthClient:
     return AuthClient(session("auth"))
 
 
-def _gateway(session: ClientSession) -> GatewayClient:
+def _gateway(session: Session) -> GatewayClient:
     return GatewayClient(session("gateway"))
 
 
@@ -201,15 +213,44 @@ def _caller(creds: Credentials) -> dict[str, str]:
     raise Unauthenticated("no API key: run `inferswarm keys create NAME` or set INFERSWARM_API_KEY")
 
 
-async def generate(args: Namespace, session: ClientSession, creds: Credentials,
-                   messages: list[dict[str, str]], *, echo: bool) -> tuple[str, dict[str, Any]]:
+def json_schema_format(path: Path) -> dict[str, Any]:
+    """OpenAI's `response_format` for the JSON Schema in `path` (`--json-schema`).
+
+    Named after the file (its stem, in the characters OpenAI allows); strict, so
+    the answer is JSON valid against the schema. A file that cannot be read, is
+    not JSON or is not a JSON object is INVALID_PARAMS, before anything is sent.
+    """
+    try:
+        schema = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise InvalidParams(f"--json-schema {path}: {(exc.strerror or str(exc)).lower()}",
+                            {"param": "json_schema"}) from None
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise InvalidParams(f"--json-schema {path}: not JSON ({exc})", {"param": "json_schema"}) from None
+    if not isinstance(schema, dict):
+        raise InvalidParams(f"--json-schema {path}: a JSON Schema is an object, not {type(schema).__name__}",
+                            {"param": "json_schema"})
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", path.stem)[:64] or "schema"
+    return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+
+
+async def generate(args: Namespace, session: Session, creds: Credentials, messages: list[dict[str, str]], *,
+                   echo: bool, response_format: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
     """One `gateway.infer` call; prints text as it arrives when `echo`; (text, final chunk)."""
-    params: dict[str, Any] = {**_caller(creds), "model": args.model, "messages": messages,
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    params: dict[str, Any] = {**_caller(creds), "model": args.model, "messages": system + messages,
                               "max_tokens": args.max_tokens, "temperature": args.temperature,
+                              "top_p": args.top_p, "stop": args.stop, "seed": args.seed,
                               "stream": not args.no_stream}
     parts: list[str] = []
     final: dict[str, Any] = {}
-    async with await _gateway(session).infer(**params) as stream:
+    gateway = _gateway(session)
+    if response_format is None:
+        started = await gateway.infer(**params)
+    else:  # the wire method itself until GatewayClient.infer takes response_format (issue 17)
+        wire = {k: v for k, v in params.items() if v is not None}
+        started = await gateway.service.stream("gateway.infer", {**wire, "response_format": response_format})
+    async with started as stream:
         async for chunk in stream:
             text = text_of(chunk)
             if is_final(chunk):
@@ -222,17 +263,19 @@ async def generate(args: Namespace, session: ClientSession, creds: Credentials,
     return "".join(parts), final
 
 
-async def infer(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def infer(args: Namespace, session: Session, creds: Credentials) -> Result:
+    response_format = json_schema_format(args.json_schema) if args.json_schema else None
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     text, final = await generate(args, session, creds, [{"role": "user", "content": prompt}],
-                                 echo=not args.json)
+                                 echo=not args.json, response_format=response_format)
     if not args.json:
         sys.stdout.write("\n")
     return Result("", {"text": text, **{k: v for k, v in final.items() if k != "done"}})
 
 
-async def chat(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def chat(args: Namespace, session: Session, creds: Credentials) -> Result:
     """A conversation: Ctrl-C stops the current answer, Ctrl-D (or an empty line) ends."""
+    response_format = json_schema_format(args.json_schema) if args.json_schema else None
     messages: list[dict[str, str]] = []
     loop = asyncio.get_running_loop()
     answering: list[asyncio.Future[Any]] = []
@@ -255,7 +298,8 @@ async def chat(args: Namespace, session: ClientSession, creds: Credentials) -> R
             if not line.strip():
                 break
             messages.append({"role": "user", "content": line})
-            answering[:] = [asyncio.ensure_future(generate(args, session, creds, messages, echo=True))]
+            answering[:] = [asyncio.ensure_future(generate(args, session, creds, messages, echo=True,
+                                                           response_format=response_format))]
             try:
                 text, _ = await answering[0]
             except asyncio.CancelledError:
@@ -272,13 +316,13 @@ async def chat(args: Namespace, session: ClientSession, creds: Credentials) -> R
     return Result("", {"messages": messages})
 
 
-async def models(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def models(args: Namespace, session: Session, creds: Credentials) -> Result:
     catalog = await _gateway(session).models()
     rows = [[m["name"], m.get("workers", "-"), m.get("healthy_workers", "-")] for m in catalog["models"]]
     return Result(table(["model", "workers", "healthy"], rows), catalog)
 
 
-async def quota(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def quota(args: Namespace, session: Session, creds: Credentials) -> Result:
     caller = _caller(creds)
     answer = await _gateway(session).quota(api_key=caller.get("api_key"), token=caller.get("token"))
     rows = []
@@ -291,7 +335,7 @@ async def quota(args: Namespace, session: ClientSession, creds: Credentials) -> 
     return Result(text, answer)
 
 
-async def status(args: Namespace, session: ClientSession, creds: Credentials) -> Result:
+async def status(args: Namespace, session: Session, creds: Credentials) -> Result:
     # Through the gateway, for administrators: the report names every endpoint of the mesh.
     report = await _gateway(session).status(token=need_token(creds))
     rows = [[i["service"], i["instance"], i["status"], i.get("endpoint") or "-",

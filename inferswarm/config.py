@@ -3,7 +3,8 @@
 Read through `shared/config.py` like every process's configuration, each time
 a command asks (`client_config()`), so a test or a script may set a variable
 between two commands. Every variable is optional; the command line wins
-where it has an option of its own (`--bootstrap`, `--data-dir`).
+where it has an option of its own (`--bootstrap`, `--data-dir`, `--base-url`,
+`--ca-file`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class ClientConfig:
     mesh_id: str | None = env("INFERSWARM_MESH_ID", default=None)
     #: The mesh secret: the operator's commands (`admin grant`, `credential`).
     mesh_secret: Secret | None = env("INFERSWARM_MESH_SECRET", default=None)
+    #: The web service to use instead of the mesh (`--base-url`): http(s)://HOST[:PORT].
+    base_url: str | None = env("INFERSWARM_BASE_URL", default=None)
+    #: A certificate authority (PEM) to trust for an https base URL (`--ca-file`).
+    ca_file: Path | None = env("INFERSWARM_CA_FILE", default=None)
     #: An API key to use instead of the saved one.
     api_key: Secret | None = env("INFERSWARM_API_KEY", default=None)
     #: The password for `register`, `login` (instead of a prompt or stdin).
