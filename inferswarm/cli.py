@@ -154,11 +154,13 @@ def parser() -> argparse.ArgumentParser:
             command.add_argument("prompt", help="the prompt, or - to read it from stdin")
         command.add_argument("--model", default="smollm2")
         command.add_argument("--system", metavar="TEXT", help="a system message, before the conversation")
-        command.add_argument("--max-tokens", type=int, default=256)
-        command.add_argument("--temperature", type=float, default=0.7)
+        command.add_argument("--max-tokens", type=int, metavar="N",
+                             help="the most tokens to generate (default: the model's, what its context leaves)")
+        command.add_argument("--temperature", type=float, metavar="T",
+                             help="sampling temperature in [0, 2] (default: the model's)")
         command.add_argument("--top-p", type=float, metavar="X",
                              help="sample only from the likeliest tokens whose probabilities add up to X, "
-                                  "in (0, 1] (default: the gateway's, 0.95)")
+                                  "in (0, 1] (default: the model's)")
         command.add_argument("--stop", action="append", metavar="TEXT",
                              help="end the answer before TEXT (repeatable, up to 4)")
         command.add_argument("--seed", type=int, metavar="N", help="a sampling seed: the same request, "

@@ -244,13 +244,7 @@ async def generate(args: Namespace, session: Session, creds: Credentials, messag
                               "stream": not args.no_stream}
     parts: list[str] = []
     final: dict[str, Any] = {}
-    gateway = _gateway(session)
-    if response_format is None:
-        started = await gateway.infer(**params)
-    else:  # the wire method itself until GatewayClient.infer takes response_format (issue 17)
-        wire = {k: v for k, v in params.items() if v is not None}
-        started = await gateway.service.stream("gateway.infer", {**wire, "response_format": response_format})
-    async with started as stream:
+    async with await _gateway(session).infer(**params, response_format=response_format) as stream:
         async for chunk in stream:
             text = text_of(chunk)
             if is_final(chunk):

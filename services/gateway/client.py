@@ -19,13 +19,23 @@ from shared.rpc import Stream
 from shared.rpc.typed import TypedClient, Wire
 from services.metrics.client import HealthReport
 
-__all__ = ["CounterFacts", "GatewayClient", "GatewayHealth", "ModelEntry", "Models", "Quota"]
+__all__ = ["CounterFacts", "Embeddings", "GatewayClient", "GatewayHealth", "ModelEntry", "Models", "Quota"]
 
 
 class ModelEntry(TypedDict):
     name: str
     workers: int
     healthy_workers: int
+    capabilities: list[str]  #: "chat", "tools", "json", "embeddings": what any of its workers can do
+
+
+class Embeddings(TypedDict):
+    model: str
+    vectors: list[bytes]  #: little-endian float32, one per text, in order
+    dimensions: int
+    usage: dict[str, int]
+    request_id: str
+    rate_limit: dict[str, CounterFacts]
 
 
 class Models(TypedDict):
@@ -67,6 +77,7 @@ class GatewayClient(TypedClient):
     SERVICE = "gateway"
     METHODS = {
         "infer": Wire("gateway.infer", stream=True),
+        "embed": Wire("gateway.embed"),
         "models": Wire("gateway.models", idempotent=True),
         "quota": Wire("gateway.quota", idempotent=True),
         "status": Wire("gateway.status", idempotent=True),
@@ -83,6 +94,14 @@ class GatewayClient(TypedClient):
         None values are left out."""
         return await self._stream("infer", timeout, model=model, api_key=api_key, token=token, stream=stream,
                                   **generation)
+
+    async def embed(
+        self, *, model: str, input: list[str], api_key: str | None = None, token: str | None = None,
+        dimensions: int | None = None, timeout: float | None = None,
+    ) -> Embeddings:
+        """One vector per text (little-endian float32 bytes each), billed as prompt tokens."""
+        return await self._call("embed", timeout, model=model, input=input, api_key=api_key, token=token,
+                                dimensions=dimensions)
 
     async def models(self, *, timeout: float | None = None) -> Models:
         return await self._call("models", timeout)

@@ -194,5 +194,6 @@ async def retrieve_model(request: web.Request) -> web.Response:
 
 
 def _model_object(row: dict[str, Any]) -> dict[str, Any]:
+    capabilities = row.get("capabilities")
     return {"id": row["name"], "object": "model", "created": 0, "owned_by": "inferswarm",
-            "workers": row["workers"]}
+            "workers": row["workers"], "capabilities": capabilities if isinstance(capabilities, list) else []}
