@@ -358,12 +358,16 @@ def _messages(messages: Any, limits: Limits) -> tuple[Message, ...]:
 
 
 _MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
+#: Fields of an assistant message as servers return it, which apps send back
+#: as they got it (`messages.append(reply.message)`): accepted when empty.
+_EMPTY_ECHOES = {"function_call", "audio", "annotations", "reasoning_content"}
 
 
 def _message(item: Any, where: str) -> Message:
     if not isinstance(item, dict):
         raise _refuse("messages", f"{where} must be an object with a role")
-    extra = sorted(str(k) for k in item if k not in _MESSAGE_KEYS)
+    extra = sorted(str(k) for k, v in item.items()
+                   if k not in _MESSAGE_KEYS and not (k in _EMPTY_ECHOES and v in (None, [], "")))
     if extra:
         raise _refuse("messages", f"{where}.{extra[0]} is not supported", reason="unsupported")
     role = item.get("role")

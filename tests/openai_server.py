@@ -43,7 +43,8 @@ Tools and structured output, deterministic, checked as OpenAI checks them
   json_schema makes it `sample_of(schema)`, as JSON text in word tokens.
   `llama_cpp_formats = True` takes formats as llama-cpp-python's server
   does: `json_schema` refused (a validation error answered with 500), a
-  `schema` inside `json_object` followed.
+  `schema` inside `json_object` followed. `ignores_required = True` treats
+  "required" as "auto", as llama_cpp.server does.
 
 `requests` records every request's path and body, the last one last. Switches as in `ollama_server.py`:
 `fail_status`, `malformed_after`, `error_after`, `drop_after`, `token_delay`,
@@ -139,6 +140,7 @@ class OpenAIServer(_Embeddings):
         self.drop_after: int | None = None
         self.argument_piece = 5
         self.llama_cpp_formats = False
+        self.ignores_required = False
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.disconnects = 0
         self.pieces_sent = 0  #: tokens written to streams, all requests together
@@ -258,14 +260,15 @@ class OpenAIServer(_Embeddings):
             text = structured_reply(self.reply, (fmt.get("json_schema") or {}).get("schema") or fmt.get("schema"))
         return canned_reply(text, body.get("stop"), body.get("max_tokens"))
 
-    @staticmethod
-    def _calls(body: dict[str, Any]) -> list[dict[str, Any]]:
+    def _calls(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         """The calls this answer makes, `{id, type, function: {name, arguments}}` (see the module doc)."""
         choice = body.get("tool_choice", "auto")
         functions = [t["function"] for t in body.get("tools") or []]
         if choice == "none" or not functions:
             return []
-        if choice == "required":
+        if choice == "required" and self.ignores_required:
+            functions = mentioned_tools(body)
+        elif choice == "required":
             functions = functions[:1]
         elif isinstance(choice, dict):
             functions = [f for f in functions if f["name"] == choice["function"]["name"]]

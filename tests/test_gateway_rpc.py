@@ -72,7 +72,8 @@ async def test_a_request_flows_end_to_end_with_limits_and_accounting(mesh):
     assert sorted(r["status"] for r in rows) == ["ok", "ok"]
     assert all(r["completion_tokens"] == 3 for r in rows)
     models = await connections[1].call("gateway.models")
-    assert models["models"] == [{"name": MODEL, "workers": 3, "healthy_workers": 3}]
+    assert models["models"] == [{"name": MODEL, "workers": 3, "healthy_workers": 3,
+                                 "capabilities": ["chat", "tools", "json"]}]
     deadline = time.monotonic() + 3
     while (health := await connections[0].call("gateway.health"))["live_gateways"] < 2:  # heartbeats
         assert time.monotonic() < deadline, health

@@ -118,6 +118,19 @@ async def test_a_forced_call_is_one_tool_calls_event_with_valid_arguments(either
 
 
 @pytest.mark.rpc
+async def test_required_with_one_tool_goes_by_name_and_an_ignored_forced_call_is_an_error(openai):
+    server, backend = openai
+    server.ignores_required = True  # as llama_cpp.server: "required" taken as "auto"
+    events = await events_of(backend, request(messages=ASK, tools=TOOLS[:1], tool_choice="required"))
+    (call,) = calls_of(events).calls  # sent as the one tool, by name: a demand servers honour
+    assert call.name == "get_weather"
+    assert server.requests[-1][1]["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    with pytest.raises(Unavailable, match="without one"):  # two tools, none mentioned: text came back
+        await events_of(backend, request(messages=ASK, tools=TOOLS, tool_choice="required"))
+    assert server.requests[-1][1]["tool_choice"] == "required"
+
+
+@pytest.mark.rpc
 async def test_a_forced_call_wins_over_a_response_format_on_ollama(ollama):
     server, backend = ollama
     events = await events_of(backend, request(

@@ -81,15 +81,16 @@ class WebStack:
 
 
 @contextmanager
-def web_stack(root: Path, **env: str) -> Iterator[WebStack]:
-    """Start the whole stack; stop it (SIGTERM, then wait) when the block ends."""
+def web_stack(root: Path, *, models: dict | None = None, **env: str) -> Iterator[WebStack]:
+    """Start the whole stack; stop it (SIGTERM, then wait) when the block ends.
+    `models`: catalog entries served beside "test-model" (e.g. the local smollm2)."""
     web_port = free_tcp_port()
     data_dir = root / "data"
     with ModelServer(reply="The quick brown fox jumps over the lazy dog near the quiet river bank") as model:
-        models = {MODEL: {"backend": "openai", "url": model.base_url, "slots": 8, "queue": 64}}
+        catalog = {MODEL: {"backend": "openai", "url": model.base_url, "slots": 8, "queue": 64}, **(models or {})}
         child_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "INFERSWARM_API_KEY")}
         child_env.update({
-            "INFERSWARM_MODELS": json.dumps(models),
+            "INFERSWARM_MODELS": json.dumps(catalog),
             "INFERSWARM_ARGON2_TIME_COST": "1", "INFERSWARM_ARGON2_MEMORY_KIB": "8192",
             "INFERSWARM_ARGON2_PARALLELISM": "1", "INFERSWARM_CACHE_TTL": "0",
             "INFERSWARM_LOG_LEVEL": "warning",

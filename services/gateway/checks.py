@@ -43,6 +43,7 @@ class Checked:
     params: dict[str, Any]  #: the parameters of `inference.generate`
     reserve: int
     prompt_hash: str
+    prompt_reserve: int = 0  #: the part of `reserve` for the prompt (the rest is for the output)
 
 
 def check_model(model: str) -> str:
@@ -56,7 +57,9 @@ def check_request(limits: Limits, *, model: str, generation: Mapping[str, Any], 
 
     A request that leaves `max_tokens` to the model reserves `limits.max_tokens`,
     the most any worker of this deployment generates for one request (workers
-    read the same INFERSWARM_MAX_TOKENS); the settled count can only be lower."""
+    read the same INFERSWARM_MAX_TOKENS); the settled count can only be lower.
+    When the caller's token budget has less left, the request gets what it
+    leaves instead (request.py, `_admit`)."""
     check_model(model)
     try:
         request = build_request(limits, generation)
@@ -65,8 +68,8 @@ def check_request(limits: Limits, *, model: str, generation: Mapping[str, Any], 
     params: dict[str, Any] = {"model": model, **request.to_params(), "stream": stream}
     text = request.prompt_text()
     digest = hashlib.sha256(text.encode()).hexdigest()
-    reserve = (request.max_tokens or limits.max_tokens) + _prompt_bound(request) + _TEMPLATE_TOKENS
-    return Checked(request, params, reserve, digest)
+    prompt = _prompt_bound(request) + _TEMPLATE_TOKENS
+    return Checked(request, params, (request.max_tokens or limits.max_tokens) + prompt, digest, prompt)
 
 
 def _prompt_bound(request: GenerateRequest) -> int:
@@ -93,7 +96,7 @@ def check_embedding(limits: Limits, *, model: str, input: Any, dimensions: Any) 
         params["dimensions"] = request.dimensions
     text = json.dumps(list(request.texts), ensure_ascii=False)
     reserve = sum(len(t.encode()) + 2 for t in request.texts)  # and the [CLS] [SEP] of each
-    return Checked(None, params, reserve, hashlib.sha256(text.encode()).hexdigest())
+    return Checked(None, params, reserve, hashlib.sha256(text.encode()).hexdigest(), reserve)
 
 
 def check_capabilities(request: GenerateRequest | None, workers: list[Provider]) -> None:

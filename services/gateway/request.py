@@ -48,13 +48,13 @@ from typing import Any
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from shared.errors import MeshError
+from shared.errors import MeshError, RateLimited
 from shared.generation import is_final, output_of
 from services.gateway.accounts import Accounts, safe_model
 from services.gateway.callers import Caller, Callers
-from services.gateway.checks import Limits, check_capabilities, check_embedding, check_request
+from services.gateway.checks import Checked, Limits, check_capabilities, check_embedding, check_request
 from services.gateway.counts import Counts
-from services.gateway.quota import Admission, Quota
+from services.gateway.quota import TOKEN_COUNTER, Admission, Quota
 from services.gateway.relay import Relay, Upstream
 from services.gateway.router import Router
 
@@ -107,11 +107,12 @@ class Request:
             self.prompt_hash = checked.prompt_hash
             workers = await parts.router.workers(self.model, deadline=self.deadline)
             check_capabilities(checked.request, workers)
-            self.admission = await parts.quota.admit(caller.user_id, caller.limits, checked.reserve,
-                                                     deadline=self.deadline)
+            self.admission, room = await self._admit(caller, checked)
         parts.accounts.admitted(self.request_id, self._stub(), self.admission)
         params = {**checked.params, "priority": caller.priority,
                   "tenant": f"user:{caller.user_id}"}  # the worker's response cache is per user
+        if room is not None:
+            params["max_tokens"] = room
         with self._failing():
             self._upstream = await parts.relay.open(self.request_id, self.model, params, workers, self.deadline,
                                                     took=self._took)
@@ -146,6 +147,25 @@ class Request:
         return {"model": answer.get("model"), "vectors": answer.get("vectors"), "dimensions": answer.get("dimensions"),
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
                 "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.user_id, caller.limits)}
+
+    async def _admit(self, caller: Caller, checked: Checked) -> tuple[Admission, int | None]:
+        """Hold the request's tokens; a request that left `max_tokens` to the model and
+        would pass the caller's monthly token budget gets what the budget leaves (the
+        `max_tokens` to send, else None): no hidden cap, and still never overspent."""
+        quota = self._parts.quota
+        try:
+            return await quota.admit(caller.user_id, caller.limits, checked.reserve, deadline=self.deadline), None
+        except RateLimited as exc:
+            request = checked.request
+            facts = exc.data.get("rate_limit") or {}
+            left = (facts.get(TOKEN_COUNTER) or {}).get("remaining")
+            if request is None or request.max_tokens is not None or exc.data.get("counter") != TOKEN_COUNTER \
+                    or not isinstance(left, int) or left - checked.prompt_reserve < 1:
+                raise
+            room = left - checked.prompt_reserve
+        admission = await quota.admit(caller.user_id, caller.limits, checked.prompt_reserve + room,
+                                      deadline=self.deadline)
+        return admission, room
 
     @contextmanager
     def _failing(self) -> Iterator[None]:

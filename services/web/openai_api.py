@@ -138,8 +138,9 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         headers = {**relay.headers(), **_dropped(dropped)}
         response = web.StreamResponse(headers={**_SSE_HEADERS, **headers})
         await response.prepare(request)
-        if chat:
-            await response.write(_sse(shape.piece({"role": "assistant", "content": ""})))
+        if chat:  # as OpenAI: content "" before text, null before tool calls
+            opening = None if relay.opens_with_calls else ""
+            await response.write(_sse(shape.piece({"role": "assistant", "content": opening})))
         try:
             async for chunk in relay.outputs():
                 await response.write(_sse(shape.piece(_delta(chunk), text=text_of(chunk) or "")))

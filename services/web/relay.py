@@ -95,6 +95,11 @@ class Relay:
                 return chunk
         return None
 
+    @property
+    def opens_with_calls(self) -> bool:
+        """Whether the answer's first output (already received) is tool calls, not text."""
+        return bool(self._pending) and tool_calls_of(self._pending[0]) is not None
+
     async def outputs(self) -> AsyncIterator[dict[str, Any]]:
         """The chunks of output in order (the first one already received included):
         `text_of` or `tool_calls_of` each (shared/generation.py)."""

@@ -10,5 +10,6 @@
 
 from services.gateway.quota.admission import Admission, Quota
 from services.gateway.quota.book import LeaseBook, LeaseLog
+from services.gateway.quota.leases import TOKEN_COUNTER
 
-__all__ = ["Admission", "LeaseBook", "LeaseLog", "Quota"]
+__all__ = ["Admission", "LeaseBook", "LeaseLog", "Quota", "TOKEN_COUNTER"]

@@ -23,9 +23,12 @@ refuses them without), `response_format`, `frequency_penalty` and
 `presence_penalty`; messages as OpenAI shapes them, except that a
 `developer` message is sent as `system` -- most compatible servers (vLLM,
 llama_cpp.server) refuse the newer role, and to the models it means the same.
-Whether a server honours `tool_choice` is its own affair: llama_cpp.server
-constrains a named function's arguments with a grammar and ignores
-"required".
+Not every server honours `tool_choice`: llama_cpp.server constrains a
+named function's arguments with a grammar and ignores "required". So
+"required" with one tool is sent as that tool by name (the same demand), and
+a forced call (required, or a named function) that the server answers
+without a call is an error (UNAVAILABLE, malformed answer) rather than text
+the caller did not ask for.
 
 llama-cpp-python's server (0.3.x) takes `response_format` only as `text` or
 `json_object`, with the JSON Schema in its own `schema` key, and refuses
@@ -59,6 +62,7 @@ from typing import Any
 
 from shared.config import Secret
 from shared.errors import InvalidParams, MeshError, NotFound
+from shared.generation import ToolChoice
 from services.inference.backends.base import (
     Done, Event, GenerateRequest, Prompt, ToolCall, ToolCalls, estimate_tokens,
 )
@@ -92,6 +96,16 @@ class OpenAIBackend(HttpBackend):
             raise NotFound(f"{self.http.name} does not list model {self.model!r}")
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        forced = request.calls_tools and request.choice.mode in ("required", "function")
+        called = False
+        async for event in self._generate(request):
+            called = called or isinstance(event, ToolCalls)
+            if forced and isinstance(event, Done) and not called and event.finish_reason != "length":
+                raise malformed(self.http.name, "tool_choice asked for a tool call and the server answered "
+                                "without one (it does not honour tool_choice)")
+            yield event
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
         path, body = self._body(request)
         started = False
         try:
@@ -139,8 +153,11 @@ class OpenAIBackend(HttpBackend):
         if request.tools:  # tool_choice and parallel_tool_calls only with them, as OpenAI wants
             body["tools"] = [tool.to_dict() for tool in request.tools]
             body["parallel_tool_calls"] = request.parallel_tool_calls
-            if request.tool_choice is not None:
-                body["tool_choice"] = request.tool_choice.to_wire()
+            choice = request.tool_choice
+            if choice is not None and choice.mode == "required" and len(request.tools) == 1:
+                choice = ToolChoice("function", request.tools[0].name)  # the same, and more servers honour it
+            if choice is not None:
+                body["tool_choice"] = choice.to_wire()
         return "/chat/completions", body
 
     async def _stream(self, request: GenerateRequest, path: str, body: dict[str, Any]) -> AsyncIterator[Event]:

@@ -1,0 +1,133 @@
+"""The generation contract (shared/generation.py) and the names of an HTTP body that reach it
+(services/web/params.py): what is accepted, what is refused and how it is named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.errors import InvalidParams
+from shared.generation import Limits, Message, ToolCall, ToolChoice, build_request
+from services.inference.backends.structured import grammar_of, parse_calls, prompt_messages
+from services.web.params import generation_params
+
+pytestmark = pytest.mark.unit
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                        "required": ["city"]}}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+HISTORY = [
+    {"role": "developer", "content": "Be brief."},
+    *ASK,
+    {"role": "assistant", "content": None, "refusal": None, "annotations": [],
+     "tool_calls": [{"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"},
+]
+
+
+def test_a_conversation_with_tools_history_and_a_format():
+    request = build_request(Limits(), {
+        "messages": HISTORY, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False, "response_format": {"type": "json_object"}, "presence_penalty": 0.5,
+    })
+    assert request.messages[0] == Message("developer", "Be brief.")
+    assert request.messages[2].tool_calls == (ToolCall("call_1", "get_weather", "{\"city\": \"Paris\"}"),)
+    assert request.messages[3].tool_call_id == "call_1"
+    assert request.choice == ToolChoice("function", "get_weather") and request.calls_tools and request.wants_json
+    assert (request.max_tokens, request.temperature, request.top_p) == (None, None, None)  # left to the model
+    # What a gateway sends on is what a worker takes: the same request again.
+    assert build_request(Limits(), request.to_params()) == request
+
+
+def test_defaults_are_filled_only_where_the_caller_left_them():
+    request = build_request(Limits(), {"messages": ASK, "temperature": 0.0})
+    filled = request.resolved(max_tokens=2048, temperature=0.2, top_p=0.9)
+    assert (filled.max_tokens, filled.temperature, filled.top_p) == (2048, 0.0, 0.9)
+    assert filled.deterministic
+    assert build_request(Limits(), {"messages": ASK, "tools": [TOOL]}).choice.mode == "auto"
+    assert build_request(Limits(), {"messages": ASK}).choice.mode == "none"
+
+
+@pytest.mark.parametrize("params, param", [
+    ({"messages": ASK, "logprobs": True}, "logprobs"),
+    ({"messages": ASK, "tool_choice": "required"}, "tool_choice"),  # no tools
+    ({"messages": ASK, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
+    ({"messages": ASK, "tools": [TOOL, TOOL]}, "tools"),  # one name twice
+    ({"messages": ASK, "tools": [{"type": "retrieval"}]}, "tools"),
+    ({"messages": ASK, "response_format": {"type": "xml"}}, "response_format"),
+    ({"messages": ASK, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),  # no tool_call_id
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "messages"),
+    ({"messages": [{"role": "assistant", "content": None}]}, "messages"),  # null content without calls
+    ({"messages": [{"role": "user", "content": "x", "audio": {"id": "a"}}]}, "messages"),
+    ({"prompt": "x", "tools": [TOOL]}, "tools"),
+    ({"messages": ASK, "top_p": 0}, "top_p"),
+    ({"messages": ASK, "frequency_penalty": 3}, "frequency_penalty"),
+    ({"messages": ASK, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+])
+def test_refusals_name_the_parameter(params, param):
+    with pytest.raises(InvalidParams) as refused:
+        build_request(Limits(), params)
+    assert refused.value.data["param"] == param
+
+
+def test_tool_definitions_count_toward_the_prompt_bound():
+    big = {"type": "function", "function": {"name": "f", "description": "d" * 60}}
+    with pytest.raises(InvalidParams, match="too long"):
+        build_request(Limits(max_prompt_chars=50), {"messages": [{"role": "user", "content": "hi"}], "tools": [big]})
+
+
+# -- the local backend's part: prompt, grammar, parse ---------------------------------------
+
+
+def test_tools_are_shown_in_the_system_message_and_history_in_the_call_format():
+    request = build_request(Limits(), {"messages": HISTORY, "tools": [TOOL], "tool_choice": "required"})
+    rendered = prompt_messages(request)
+    assert rendered[0]["role"] == "system" and rendered[0]["content"].startswith("Be brief.")
+    assert "<tools>" in rendered[0]["content"] and "You must call" in rendered[0]["content"]
+    assert rendered[2]["content"] == '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
+    assert rendered[3]["role"] == "user" and "get_weather" in rendered[3]["content"]
+
+
+def test_grammars_for_each_choice_and_format():
+    forced = grammar_of(build_request(Limits(), {"messages": ASK, "tools": [TOOL], "tool_choice": "required"}))
+    assert forced is not None and forced.startswith('root ::= ("<tool_call>" tc-calls "</tool_call>")\n')
+    auto = grammar_of(build_request(Limits(), {"messages": ASK, "tools": [TOOL]}))
+    assert auto is not None and auto.splitlines()[0].endswith("| ([^<\\x00] [^\\x00]*)")
+    schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}
+    assert "tc-answer" in (grammar_of(build_request(Limits(), {"messages": ASK, "response_format": schema})) or "")
+    assert grammar_of(build_request(Limits(), {"messages": ASK, "tools": [TOOL], "tool_choice": "none"})) is None
+
+
+def test_calls_parse_with_fresh_ids_and_arguments_as_json_text():
+    (call,) = parse_calls('<tool_call>[{"name": "get_weather", "arguments": {"city": "Lyon"}}]</tool_call>')
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Lyon"}
+    assert call.id.startswith("call_") and len(call.id) == 29
+
+
+# -- which names of an HTTP body reach the contract ---------------------------------------
+
+
+def test_an_openai_body_passes_the_contracts_names_through():
+    params, dropped = generation_params({"model": "m", "messages": ASK, "stream": True, "user": "u-1",
+                                         "max_completion_tokens": 9, "n": 1, "logprobs": False, "tools": [TOOL]},
+                                        drop_unsupported=False)
+    assert params == {"messages": ASK, "max_tokens": 9, "tools": [TOOL]} and dropped == []
+
+
+def test_unsupported_parameters_are_refused_or_dropped_and_named():
+    body = {"model": "m", "messages": ASK, "logprobs": True, "n": 3}
+    with pytest.raises(InvalidParams) as refused:
+        generation_params(body, drop_unsupported=False)
+    assert refused.value.data == {"param": "logprobs", "reason": "unsupported"}
+    params, dropped = generation_params(body, drop_unsupported=True)
+    assert params == {"messages": ASK} and dropped == ["logprobs", "n"]
+    with pytest.raises(InvalidParams) as unknown:  # not OpenAI's at all: refused either way
+        generation_params({"messages": ASK, "frobnicate": 1}, drop_unsupported=True)
+    assert unknown.value.data["param"] == "frobnicate"
+    with pytest.raises(InvalidParams):
+        generation_params({"prompt": "x"}, drop_unsupported=False, chat=True)
