@@ -81,12 +81,16 @@ class WebStack:
 
 
 @contextmanager
-def web_stack(root: Path, **env: str) -> Iterator[WebStack]:
-    """Start the whole stack; stop it (SIGTERM, then wait) when the block ends."""
+def web_stack(root: Path, extra_models: dict | None = None, **env: str) -> Iterator[WebStack]:
+    """Start the whole stack; stop it (SIGTERM, then wait) when the block ends.
+
+    `extra_models`: catalog entries the worker serves besides MODEL (such as the
+    embedded `{"smollm2": {"backend": "local"}}`, which does tools and JSON)."""
     web_port = free_tcp_port()
     data_dir = root / "data"
     with ModelServer(reply="The quick brown fox jumps over the lazy dog near the quiet river bank") as model:
-        models = {MODEL: {"backend": "openai", "url": model.base_url, "slots": 8, "queue": 64}}
+        models = {MODEL: {"backend": "openai", "url": model.base_url, "slots": 8, "queue": 64},
+                  **(extra_models or {})}
         child_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "INFERSWARM_API_KEY")}
         child_env.update({
             "INFERSWARM_MODELS": json.dumps(models),
