@@ -73,8 +73,8 @@ def _v1_route_error(request: web.Request, exc: web.HTTPException) -> MeshError |
         return MethodNotAllowed(f"Invalid method for URL ({asked})", {"allow": sorted(exc.allowed_methods)})
     if exc.status == 404:
         return NotFound(f"Unknown request URL: {asked}. Please check the URL for typos; the routes are "
-                        "GET /v1/models, GET /v1/models/{model}, POST /v1/chat/completions and "
-                        "POST /v1/completions.", {"reason": UNKNOWN_URL})
+                        "GET /v1/models, GET /v1/models/{model}, POST /v1/chat/completions, "
+                        "POST /v1/completions and POST /v1/responses.", {"reason": UNKNOWN_URL})
     return None
 
 

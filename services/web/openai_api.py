@@ -4,6 +4,7 @@
     GET  /v1/models/{model}      -> {"id", "object": "model", ...}, or 404 `model_not_found`
     POST /v1/chat/completions    -> chat.completion, or SSE chat.completion.chunk ... [DONE]
     POST /v1/completions         -> text_completion, or SSE text_completion chunks ... [DONE]
+    (POST /v1/responses          -> responses_api.py: the Responses API, translated to the same path)
 
 `Authorization: Bearer <API key>`. Replies carry `x-ratelimit-limit-requests`,
 `x-ratelimit-remaining-requests` and `x-ratelimit-reset-requests` (and the
