@@ -73,6 +73,7 @@ bench: install
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/web.py
+	$(BIN)/python bench/embeddings.py
 	$(BIN)/python bench/load.py
 
 clean:

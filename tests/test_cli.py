@@ -167,7 +167,7 @@ def test_infer_streams_tokens_as_they_arrive_then_hits_the_token_budget(cli, sta
     assert unknown.returncode == 5 and "available: smollm2" in unknown.stderr
 
     models = json.loads(cli("models", "--json").stdout)["models"]
-    assert [m["name"] for m in models] == ["smollm2"]
+    assert [m["name"] for m in models] == ["minilm", "smollm2"]
     quota = json.loads(cli("quota", "--json").stdout)
     assert quota["tier"] == "free" and quota["rate_limit"]["requests_per_hour"]["limit"] == 100
 

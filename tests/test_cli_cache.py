@@ -70,7 +70,7 @@ def test_the_cli_works_from_any_directory_with_what_up_wrote(stack, tmp_path):
     for cwd in (empty, "/"):
         result = inferswarm("models", "--json", env=user_env(homes, tmp_path / "home"), cwd=cwd)
         assert result.returncode == 0, result.stderr
-        assert [m["name"] for m in json.loads(result.stdout)["models"]] == ["smollm2"]
+        assert [m["name"] for m in json.loads(result.stdout)["models"]] == ["minilm", "smollm2"]
     assert list(empty.iterdir()) == []  # nothing left in the working directory
 
 
@@ -160,7 +160,7 @@ def test_cached_gateways_that_restarted_elsewhere_are_found_again_by_a_lookup(tm
 
         result = inferswarm("models", "--json", env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
-        assert [m["name"] for m in json.loads(result.stdout)["models"]] == ["smollm2"]
+        assert [m["name"] for m in json.loads(result.stdout)["models"]] == ["minilm", "smollm2"]
         # The fallback lookup's answer replaced the dead records for the next commands.
         assert {p.endpoint for p in cached(homes, ready["mesh_id"])[GATEWAY]} == after
     finally:

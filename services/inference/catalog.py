@@ -52,7 +52,8 @@ chat setting and refused there, as `tokenizer` is for a chat model::
     {"minilm": {"backend": "local", "kind": "embedding", "slots": 2},
      "nomic":  {"backend": "ollama", "kind": "embedding", "model": "nomic-embed-text"}}
 
-With nothing configured a worker serves the local model as "smollm2".
+With nothing configured a worker serves the local chat model as "smollm2"
+and the local embedding model (all-MiniLM-L6-v2) as "minilm".
 """
 
 from __future__ import annotations
@@ -136,8 +137,10 @@ class ModelSpec:
 #: loops it falls into at OpenAI's (1, 1) or at 0.7 with no penalty.
 SMOLLM2_SAMPLING = Sampling(temperature=0.2, top_p=0.9, repeat_penalty=1.1)
 
+#: With nothing configured: the embedded chat model and the embedded embedding model.
 DEFAULT_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(name="smollm2", backend="local", slots=1, sampling=SMOLLM2_SAMPLING),
+    ModelSpec(name="minilm", backend="local", slots=1, kind="embedding"),
 )
 
 
