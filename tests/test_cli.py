@@ -140,8 +140,9 @@ def test_infer_streams_tokens_as_they_arrive_then_hits_the_token_budget(cli, sta
     assert cli("keys", "create", "k").returncode == 0
 
     # Streamed: the first text is on stdout well before the command ends.
-    proc = subprocess.Popen([sys.executable, "-m", "inferswarm.cli", "infer", "Count from one to twenty.",
-                             "--max-tokens", "120", "--temperature", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "inferswarm.cli", "infer",
+                             "Tell a long story about a lighthouse keeper.", "--max-tokens", "120",
+                             "--temperature", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli.env)
     first = proc.stdout.read(1)
     first_at = time.monotonic()
@@ -164,7 +165,7 @@ def test_infer_streams_tokens_as_they_arrive_then_hits_the_token_budget(cli, sta
     assert line.startswith("inferswarm: rate limited: ") and "tokens left this month, resets in" in line
 
     unknown = cli("infer", "x", "--model", "no-such-model")
-    assert unknown.returncode == 5 and "available: smollm2" in unknown.stderr
+    assert unknown.returncode == 5 and "available: minilm, smollm2" in unknown.stderr
 
     models = json.loads(cli("models", "--json").stdout)["models"]
     assert [m["name"] for m in models] == ["minilm", "smollm2"]

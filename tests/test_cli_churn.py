@@ -132,4 +132,4 @@ def test_the_cli_works_from_any_directory(stack, tmp_path):
         result = subprocess.run([sys.executable, "-m", "inferswarm.cli", "models", "--json"], cwd=cwd, env=env,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, (cwd, result.stderr)
-        assert [m["name"] for m in json.loads(result.stdout)["models"]] == ["minilm", "smollm2"]
+        assert [m["name"] for m in json.loads(result.stdout)["models"]] == ["smollm2"]

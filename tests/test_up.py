@@ -151,7 +151,7 @@ def test_up_says_each_step_as_it_is_ready_and_its_try_it_lines_run(tmp_path):
         pasted = subprocess.run(["bash", "-c", "\n".join([*exports, f"{cli} models --json"])],
                                 capture_output=True, text=True, timeout=60, env=env)
         assert pasted.returncode == 0, (cli, exports, pasted.stderr)
-        assert [m["name"] for m in json.loads(pasted.stdout)["models"]] == ["smollm2"]
+        assert [m["name"] for m in json.loads(pasted.stdout)["models"]] == ["minilm", "smollm2"]
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, (tmp_path / "up.stderr").read_text()[-2000:]

@@ -108,7 +108,7 @@ def test_instructions_and_a_list_of_items_become_the_chat_messages(stack, client
     path, body = stack.model.requests[-1]  # what the model server was asked
     assert path == "/v1/chat/completions"
     assert [(m["role"], m["content"]) for m in body["messages"]][-4:] == [
-        ("developer", "Be brief."), ("user", "Name an animal."), ("assistant", "A fox."), ("user", "Another?")]
+        ("system", "Be brief."), ("user", "Name an animal."), ("assistant", "A fox."), ("user", "Another?")]
     assert body["messages"][0]["content"].startswith("Answer in English.")
 
 
@@ -171,7 +171,8 @@ def test_refusals_are_openai_errors_naming_the_parameter(stack, client):
         {"type": "input_image", "image_url": "https://example.com/a.png"}]}]).body["param"] == "input"
     assert refused(reasoning={"effort": "high"}).body["param"] == "reasoning"
     # the gateway's refusals, in the Responses API's words
-    assert refused(tools=[WEATHER]).body["param"] == "tools"  # test-model does chat only
+    bad_tool = {**WEATHER, "parameters": {"type": "array", "minItems": 10**9}}  # a schema no grammar should build
+    assert refused(tools=[bad_tool]).body["param"] == "tools"
     too_many = refused(max_output_tokens=10**6)
     assert too_many.body["param"] == "max_output_tokens" and too_many.body["message"].startswith("max_output_tokens: ")
     assert client.responses.create(model=MODEL, input="Hi", store=True, metadata={"k": "v"}).metadata == {"k": "v"}
