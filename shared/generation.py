@@ -17,6 +17,8 @@ and shapes (chat completions), so the web service passes them through:
     frequency_penalty,
     presence_penalty       [-2, 2], or absent
     stop                   a string or up to 4 strings of 1-64 characters
+    (schemas)              no repetition (minItems, maxLength, a pattern's {n}, ...)
+                           over MAX_REPEAT (1000): grammars write them out
     seed                   [0, 2^32)
     tools                  up to 128 `{"type": "function", "function": {name,
                            description?, parameters?, strict?}}`
@@ -289,11 +291,16 @@ def build_request(limits: Limits, params: Mapping[str, Any]) -> GenerateRequest:
 
 
 def _size(request: GenerateRequest) -> int:
-    """The characters the model reads: contents, arguments of past calls, tool definitions."""
-    if request.messages is None:
-        return len(request.prompt or "")
-    size = sum(len(m.text) + sum(len(c.arguments) for c in m.tool_calls) for m in request.messages)
-    return size + (len(_encode([tool.to_dict() for tool in request.tools])) if request.tools else 0)
+    """What bounds the work: the characters the model reads (contents, arguments of past
+    calls, tool definitions) and the response_format schema, whose grammar is built."""
+    size = len(request.prompt or "")
+    if request.messages is not None:
+        size = sum(len(m.text) + sum(len(c.arguments) for c in m.tool_calls) for m in request.messages)
+    if request.tools:
+        size += len(_encode([tool.to_dict() for tool in request.tools]))
+    if request.response_format is not None and request.response_format.schema is not None:
+        size += len(_encode(dict(request.response_format.schema)))  # its grammar grows with it
+    return size
 
 
 def _max_tokens(value: Any, limits: Limits) -> int | None:
@@ -429,6 +436,7 @@ def _tools(tools: Any) -> tuple[Tool, ...]:
         if not isinstance(description, str):
             raise _refuse("tools", f"[{index}].function.description must be a string")
         strict = function.get("strict") is True
+        _bounded(parameters, "tools")
         out.append(Tool(name, description, parameters, strict))
     return tuple(out)
 
@@ -467,7 +475,37 @@ def _response_format(value: Any) -> ResponseFormat | None:
     description = spec.get("description", "")
     if not isinstance(description, str):
         raise _refuse("response_format", "json_schema.description must be a string")
+    _bounded(spec["schema"], "response_format")
     return ResponseFormat("json_schema", name, spec["schema"], spec.get("strict") is True, description)
+
+
+#: The largest repetition a schema may ask (minItems, maxLength, a pattern's
+#: {n}): grammar-constrained decoding writes each repetition out, so a schema
+#: of a few bytes asking for 10^9 items would take gigabytes to build --
+#: in our workers or in the Ollama or model server behind them.
+MAX_REPEAT = 1000
+_COUNTS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def _bounded(schema: Any, param: str) -> None:
+    """Refuse repetitions over `MAX_REPEAT` anywhere in `schema`, before any grammar is built."""
+    if isinstance(schema, list):
+        for item in schema:
+            _bounded(item, param)
+        return
+    if not isinstance(schema, Mapping):
+        return
+    for key, value in schema.items():
+        if key in _COUNTS and isinstance(value, int) and value > MAX_REPEAT:
+            raise InvalidParams(f"{param}: {key} {value} is over {MAX_REPEAT}, the most a grammar repeats",
+                                {"param": param, "reason": "unsupported"})
+        if key == "pattern" and isinstance(value, str):
+            for low, high in _QUANTIFIER.findall(value):
+                if int(low) > MAX_REPEAT or (high and int(high) > MAX_REPEAT):
+                    raise InvalidParams(f"{param}: pattern repeats over {MAX_REPEAT} times",
+                                        {"param": param, "reason": "unsupported"})
+        _bounded(value, param)
 
 
 def _stops(stop: Any) -> tuple[str, ...]:

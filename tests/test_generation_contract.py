@@ -131,3 +131,40 @@ def test_unsupported_parameters_are_refused_or_dropped_and_named():
     assert unknown.value.data["param"] == "frobnicate"
     with pytest.raises(InvalidParams):
         generation_params({"prompt": "x"}, drop_unsupported=False, chat=True)
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "array", "items": {"type": "string"}, "minItems": 10**9},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^a{100000}$"}}},
+    {"type": "object", "properties": {"deep": {"type": "string", "maxLength": 5000}}},
+])
+def test_schemas_asking_for_huge_repetitions_are_refused_by_the_contract(schema):
+    """Grammars write repetitions out (ours and the model servers'): a few bytes of schema
+    must not cost gigabytes anywhere, so the contract refuses them for every backend."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    with pytest.raises(InvalidParams) as refused:
+        build_request(Limits(), {"messages": ASK, "response_format": fmt})
+    assert refused.value.data == {"param": "response_format", "reason": "unsupported"}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                                          "properties": {"x": schema}}}}
+    with pytest.raises(InvalidParams) as refused:
+        build_request(Limits(), {"messages": ASK, "tools": [tool], "tool_choice": "required"})
+    assert refused.value.data["param"] == "tools"
+
+
+def test_a_grammar_over_its_size_bound_is_refused(monkeypatch):
+    from services.inference.backends import structured
+
+    monkeypatch.setattr(structured, "MAX_GRAMMAR_CHARS", 200)  # a schema that is fine, a bound it is not
+    schema = {"type": "object", "properties": {f"field_{n}": {"type": "string"} for n in range(20)}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    with pytest.raises(InvalidParams) as refused:
+        grammar_of(build_request(Limits(), {"messages": ASK, "response_format": fmt}))
+    assert refused.value.data == {"param": "response_format", "reason": "unsupported"}
+
+
+def test_a_response_format_schema_counts_toward_the_size_bound():
+    fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": {"description": "d" * 100}}}
+    with pytest.raises(InvalidParams, match="too long"):
+        build_request(Limits(max_prompt_chars=60), {"messages": [{"role": "user", "content": "hi"}],
+                                                    "response_format": fmt})

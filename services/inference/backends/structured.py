@@ -14,8 +14,10 @@ what a model server's tool parser does, in three parts:
   schemas; for "auto", either that block or an answer that does not start
   with `<`; for `response_format`, the JSON Schema (or any JSON object) --
   also as the answer of "auto". The JSON Schema is converted to GBNF by
-  llama-cpp-python's `SchemaConverter`; a schema it cannot convert is
-  INVALID_PARAMS naming the parameter.
+  llama-cpp-python's `SchemaConverter`, which writes repetitions out one by
+  one (the contract bounds them: `shared/generation.py`, `MAX_REPEAT`); a
+  schema it cannot convert, or whose grammar would pass `MAX_GRAMMAR_CHARS`,
+  is INVALID_PARAMS naming the parameter.
 * **parse**: an answer that starts with `<tool_call>` is parsed into
   `ToolCall`s with fresh ids (`call_` + 24 hex digits).
 """
@@ -114,6 +116,10 @@ def grammar_of(request: GenerateRequest) -> str | None:
         else:
             rules.append(_ANSWER_TEXT)
     grammar: str = converter.format_grammar()
+    if len(grammar) > MAX_GRAMMAR_CHARS:
+        param = "tools" if calls_schema is not None else "response_format"
+        raise InvalidParams(f"{param}: the schema's grammar is over {MAX_GRAMMAR_CHARS} characters",
+                            {"param": param, "reason": "unsupported"})
     return f"root ::= {' | '.join(f'({rule})' for rule in rules)}\n{grammar}"
 
 
@@ -153,6 +159,10 @@ def _converter() -> Any:
     from llama_cpp.llama_grammar import SchemaConverter
 
     return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+#: The largest grammar built for one request, in characters.
+MAX_GRAMMAR_CHARS = 512 * 1024
 
 
 def _visit(converter: Any, schema: Mapping[str, Any], name: str, param: str) -> None:
