@@ -27,6 +27,10 @@ and shapes (chat completions), so the web service passes them through:
     parallel_tool_calls    bool (default true)
     response_format        {"type": "text" | "json_object"} |
                            {"type": "json_schema", "json_schema": {name, schema, strict?, description?}}
+    logprobs               bool (default false): text chunks carry the log probabilities
+                           of their tokens (a model with the "logprobs" capability)
+    top_logprobs           0..20, only with logprobs true: the most likely alternatives
+                           given with each token
 
 Anything else is refused, and every refusal is INVALID_PARAMS naming the
 parameter (`data.param`): nothing is silently dropped here. (The web service
@@ -50,8 +54,8 @@ from shared.errors import InvalidParams
 from shared.tiers import TierTable
 
 __all__ = [
-    "GenerateRequest", "Limits", "Message", "ResponseFormat", "Tool", "ToolCall", "ToolChoice",
-    "build_request", "is_final", "output_of", "priority_of", "text_of", "tool_calls_of",
+    "MAX_TOP_LOGPROBS", "PARAMETERS", "GenerateRequest", "Limits", "Message", "ResponseFormat", "Tool", "ToolCall", "ToolChoice",
+    "build_request", "is_final", "logprobs_of", "output_of", "priority_of", "text_of", "tool_calls_of",
 ]
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
@@ -67,8 +71,10 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 #: The parameters `build_request` knows; any other name is refused.
 PARAMETERS = frozenset({
     "messages", "prompt", "max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
-    "stop", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format",
+    "stop", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs", "top_logprobs",
 })
+#: The most alternatives `top_logprobs` may ask for (OpenAI's bound).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +184,8 @@ class GenerateRequest:
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def deterministic(self) -> bool:
@@ -232,6 +240,10 @@ class GenerateRequest:
             out["parallel_tool_calls"] = False
         if self.response_format is not None:
             out["response_format"] = self.response_format.to_wire()
+        if self.logprobs:
+            out["logprobs"] = True
+            if self.top_logprobs:
+                out["top_logprobs"] = self.top_logprobs
         return out
 
     def prompt_text(self) -> str:
@@ -280,6 +292,7 @@ def build_request(limits: Limits, params: Mapping[str, Any]) -> GenerateRequest:
         tools=tools, tool_choice=_tool_choice(params.get("tool_choice"), tools),
         parallel_tool_calls=_flag(params, "parallel_tool_calls", True),
         response_format=_response_format(params.get("response_format")),
+        logprobs=_flag(params, "logprobs", False), top_logprobs=_top_logprobs(params),
     )
     if prompt is not None and (tools or request.tool_choice is not None):
         raise _refuse("tools", "need messages (a chat request), not a prompt")
@@ -329,6 +342,18 @@ def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
         return default
     if not isinstance(value, bool):
         raise _refuse(name, "must be a boolean")
+    return value
+
+
+def _top_logprobs(params: Mapping[str, Any]) -> int:
+    """`top_logprobs`: 0..20, and above 0 only with `logprobs: true` (as OpenAI has it)."""
+    value = params.get("top_logprobs")
+    if value is None:
+        return 0
+    if type(value) is not int or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise _refuse("top_logprobs", f"must be an integer between 0 and {MAX_TOP_LOGPROBS}")
+    if value and params.get("logprobs") is not True:
+        raise _refuse("top_logprobs", "needs logprobs: true")
     return value
 
 
@@ -546,6 +571,14 @@ def text_of(chunk: Any) -> str | None:
     """The piece of text a chunk carries, or None when it carries none."""
     text = chunk.get("text") if isinstance(chunk, Mapping) else None
     return text if isinstance(text, str) else None
+
+
+def logprobs_of(chunk: Any) -> list[dict[str, Any]]:
+    """The log probabilities of a text chunk's tokens (a request with `logprobs`), in
+    OpenAI's ChatCompletionTokenLogprob shape: `{token, logprob, bytes, top_logprobs:
+    [{token, logprob, bytes}]}` each; [] when it carries none."""
+    items = chunk.get("logprobs") if isinstance(chunk, Mapping) else None
+    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
 
 
 def tool_calls_of(chunk: Any) -> list[dict[str, Any]] | None:

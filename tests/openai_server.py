@@ -17,6 +17,13 @@ Implements what a worker uses, with OpenAI's shapes:
   `dimensions` only for the models in `shortenable` (as OpenAI's
   text-embedding-3 models), else 400; an empty string or list is 400.
   `reverse_data` sends the items last index first.
+* `logprobs`: chat's `logprobs: true` with `top_logprobs` 0..20, or the legacy
+  `logprobs: 0..5` of /completions (else 400): every chunk with text carries
+  `choices[0].logprobs` as OpenAI streams it -- chat `{"content": [{"token",
+  "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}],
+  "refusal": null}`, legacy `{"tokens", "token_logprobs", "top_logprobs":
+  [{token: logprob}], "text_offset"}` -- with made-up, deterministic figures
+  (`_piece_logprobs`); the whole answer has them all.
 * errors: `{"error": {"message", "type", "param", "code"}}` with 400, 401
   (a wrong `Authorization: Bearer` key when `api_key` is set), 404
   (`model_not_found`), 500.
@@ -213,7 +220,7 @@ class OpenAIServer(_Embeddings):
             detail = ("1 validation error:\n  {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), "
                       "'msg': \"Input should be 'text' or 'json_object'\", 'input': 'json_schema'}")
             return _error(500, detail, "internal_server_error", None)
-        problem = _tools_problem(body) if chat else None
+        problem = (_tools_problem(body) if chat else None) or _logprobs_problem(body, chat)
         if problem is not None:
             return _error(400, problem, "invalid_request_error", None)
         calls = self._calls(body) if chat else []
@@ -224,8 +231,12 @@ class OpenAIServer(_Embeddings):
         usage = {"prompt_tokens": len(tokens_of(prompt_text)), "completion_tokens": len(pieces)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         ident, created = f"chatcmpl-{time.monotonic_ns()}", int(time.time())
+        logprobs = [_piece_logprobs(body, chat, pieces, index) for index in range(len(pieces))]
         if not body.get("stream"):
-            return web.json_response(self._whole(body, chat, ident, created, "".join(pieces), reason, usage))
+            whole = self._whole(body, chat, ident, created, "".join(pieces), reason, usage)
+            if _wants_logprobs(body, chat):
+                whole["choices"][0]["logprobs"] = _joined(logprobs, chat)
+            return web.json_response(whole)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         include_usage = self.usage and bool((body.get("stream_options") or {}).get("include_usage"))
@@ -235,7 +246,9 @@ class OpenAIServer(_Embeddings):
             for index, piece in enumerate(pieces):
                 if await self._fault(request, response, index):
                     return response
-                await self._event(response, self._chunk(body, chat, ident, created, piece, None, include_usage))
+                chunk = self._chunk(body, chat, ident, created, piece, None, include_usage)
+                chunk["choices"][0]["logprobs"] = logprobs[index]
+                await self._event(response, chunk)
                 self.pieces_sent += 1
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
@@ -414,6 +427,54 @@ def _tools_problem(body: dict[str, Any]) -> str | None:
                                              or not isinstance(spec.get("schema"), dict)):
             return "Missing required parameter: 'response_format.json_schema.name' or '.schema'."
     return None
+
+
+def _wants_logprobs(body: dict[str, Any], chat: bool) -> bool:
+    return body.get("logprobs") is True if chat else type(body.get("logprobs")) is int
+
+
+def _logprobs_problem(body: dict[str, Any], chat: bool) -> str | None:
+    """What OpenAI refuses in `logprobs` / `top_logprobs` (chat) or the legacy `logprobs` count."""
+    if chat:
+        top = body.get("top_logprobs")
+        if top is not None and (type(top) is not int or not 0 <= top <= 20):
+            return "Invalid 'top_logprobs': integer below minimum value or above maximum value (20)."
+        if top is not None and body.get("logprobs") is not True:
+            return "Invalid value for 'top_logprobs': 'logprobs' must be set to true if 'top_logprobs' is used."
+        return None
+    count = body.get("logprobs")
+    if count is not None and (type(count) is not int or not 0 <= count <= 5):
+        return "Invalid value for 'logprobs': must be an integer between 0 and 5."
+    return None
+
+
+def _piece_logprobs(body: dict[str, Any], chat: bool, pieces: list[str], index: int) -> dict[str, Any] | None:
+    """The `logprobs` of the chunk of `pieces[index]` as OpenAI streams it, or None when not asked.
+
+    Made-up but well-formed and deterministic: the token's logprob is -0.1 * (1 + index % 3),
+    its alternatives the token itself then " alt1", " alt2"... one nat less likely each."""
+    if not _wants_logprobs(body, chat):
+        return None
+    piece = pieces[index]
+    logprob = -0.1 * (1 + index % 3)
+    count = body.get("top_logprobs", 0) if chat else body["logprobs"]
+    top = [(piece, logprob)] + [(f" alt{j}", logprob - j) for j in range(1, count)] if count else []
+    if chat:
+        item = {"token": piece, "logprob": logprob, "bytes": list(piece.encode()),
+                "top_logprobs": [{"token": t, "logprob": p, "bytes": list(t.encode())} for t, p in top]}
+        return {"content": [item], "refusal": None}
+    offset = len("".join(pieces[:index]))
+    return {"tokens": [piece], "token_logprobs": [logprob], "top_logprobs": [dict(top) if count else None],
+            "text_offset": [offset]}
+
+
+def _joined(chunks: list[dict[str, Any] | None], chat: bool) -> dict[str, Any]:
+    """The logprobs of a whole answer, from those of its chunks."""
+    parts = [c for c in chunks if c is not None]
+    if chat:
+        return {"content": [item for c in parts for item in c["content"]], "refusal": None}
+    return {key: [v for c in parts for v in c[key]] for key in ("tokens", "token_logprobs", "top_logprobs",
+                                                                  "text_offset")}
 
 
 def _error(status: int, message: str, kind: str, code: str | None) -> web.Response:

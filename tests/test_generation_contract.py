@@ -8,7 +8,9 @@ import json
 import pytest
 
 from shared.errors import InvalidParams
-from shared.generation import Limits, Message, ToolCall, ToolChoice, build_request
+from shared.generation import (
+    MAX_TOP_LOGPROBS, PARAMETERS, Limits, Message, ToolCall, ToolChoice, build_request, logprobs_of,
+)
 from services.inference.backends.structured import grammar_of, parse_calls, prompt_messages
 from services.web.params import generation_params
 
@@ -52,7 +54,12 @@ def test_defaults_are_filled_only_where_the_caller_left_them():
 
 
 @pytest.mark.parametrize("params, param", [
-    ({"messages": ASK, "logprobs": True}, "logprobs"),
+    ({"messages": ASK, "logprobs": "yes"}, "logprobs"),
+    ({"messages": ASK, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": ASK, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"messages": ASK, "logprobs": True, "top_logprobs": 2.0}, "top_logprobs"),
+    ({"messages": ASK, "top_logprobs": 2}, "top_logprobs"),  # only with logprobs: true
+    ({"messages": ASK, "logprobs": False, "top_logprobs": 2}, "top_logprobs"),
     ({"messages": ASK, "tool_choice": "required"}, "tool_choice"),  # no tools
     ({"messages": ASK, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
@@ -73,6 +80,25 @@ def test_refusals_name_the_parameter(params, param):
     with pytest.raises(InvalidParams) as refused:
         build_request(Limits(), params)
     assert refused.value.data["param"] == param
+
+
+def test_logprobs_and_top_logprobs_go_through_the_contract_and_back():
+    request = build_request(Limits(), {"messages": ASK, "logprobs": True, "top_logprobs": 20})
+    assert (request.logprobs, request.top_logprobs) == (True, 20)
+    assert request.to_params()["logprobs"] is True and request.to_params()["top_logprobs"] == 20
+    assert build_request(Limits(), request.to_params()) == request
+    only = build_request(Limits(), {"prompt": "x", "logprobs": True})
+    assert (only.logprobs, only.top_logprobs) == (True, 0) and "top_logprobs" not in only.to_params()
+    # What asks for nothing is accepted and leaves nothing on the wire.
+    nothing = build_request(Limits(), {"messages": ASK, "logprobs": False, "top_logprobs": 0})
+    assert not nothing.logprobs and "logprobs" not in nothing.to_params()
+    assert {"logprobs", "top_logprobs"} <= PARAMETERS and MAX_TOP_LOGPROBS == 20
+
+
+def test_chunk_logprobs_are_read_whatever_the_chunk_holds():
+    item = {"token": " Paris", "logprob": -0.25, "bytes": [32, 80, 97, 114, 105, 115], "top_logprobs": []}
+    assert logprobs_of({"text": " Paris", "logprobs": [item]}) == [item]
+    assert logprobs_of({"text": "x"}) == [] and logprobs_of({"logprobs": "junk"}) == [] and logprobs_of(None) == []
 
 
 def test_tool_definitions_count_toward_the_prompt_bound():
@@ -116,16 +142,31 @@ def test_an_openai_body_passes_the_contracts_names_through():
     params, dropped = generation_params({"model": "m", "messages": ASK, "stream": True, "user": "u-1",
                                          "max_completion_tokens": 9, "n": 1, "logprobs": False, "tools": [TOOL]},
                                         drop_unsupported=False)
-    assert params == {"messages": ASK, "max_tokens": 9, "tools": [TOOL]} and dropped == []
+    assert params == {"messages": ASK, "max_tokens": 9, "tools": [TOOL], "logprobs": False} and dropped == []
+    params, _ = generation_params({"messages": ASK, "logprobs": True, "top_logprobs": 3}, drop_unsupported=False)
+    assert params == {"messages": ASK, "logprobs": True, "top_logprobs": 3}  # the contract's own names
+
+
+def test_legacy_completions_logprobs_is_a_count_of_alternatives():
+    params, _ = generation_params({"prompt": "x", "logprobs": 2}, drop_unsupported=False, chat=False)
+    assert params == {"prompt": "x", "logprobs": True, "top_logprobs": 2}
+    assert generation_params({"prompt": "x", "logprobs": 0}, drop_unsupported=False, chat=False)[0] == {
+        "prompt": "x", "logprobs": True, "top_logprobs": 0}  # the sampled tokens' only
+    assert generation_params({"prompt": "x", "logprobs": None}, drop_unsupported=False, chat=False)[0] == {
+        "prompt": "x"}
+    for wrong in (6, -1, "2", True):
+        with pytest.raises(InvalidParams) as refused:
+            generation_params({"prompt": "x", "logprobs": wrong}, drop_unsupported=False, chat=False)
+        assert refused.value.data["param"] == "logprobs"
 
 
 def test_unsupported_parameters_are_refused_or_dropped_and_named():
-    body = {"model": "m", "messages": ASK, "logprobs": True, "n": 3}
+    body = {"model": "m", "messages": ASK, "logit_bias": {"50256": -100}, "n": 3}
     with pytest.raises(InvalidParams) as refused:
         generation_params(body, drop_unsupported=False)
-    assert refused.value.data == {"param": "logprobs", "reason": "unsupported"}
+    assert refused.value.data == {"param": "logit_bias", "reason": "unsupported"}
     params, dropped = generation_params(body, drop_unsupported=True)
-    assert params == {"messages": ASK} and dropped == ["logprobs", "n"]
+    assert params == {"messages": ASK} and dropped == ["logit_bias", "n"]
     with pytest.raises(InvalidParams) as unknown:  # not OpenAI's at all: refused either way
         generation_params({"messages": ASK, "frobnicate": 1}, drop_unsupported=True)
     assert unknown.value.data["param"] == "frobnicate"

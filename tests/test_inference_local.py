@@ -145,7 +145,7 @@ async def test_full_queue_refuses_with_queue_state_and_queued_requests_run_in_tu
                                    "reason": "queue_full"}
     assert service.topic_load("inferswarm/model/smollm2") == {
         "free_slots": 0, "slots": 1, "queued": 2, "queue_limit": 2, "healthy": True,
-        "capabilities": "chat,tools,json", "tokens_per_s": service.topic_load("inferswarm/model/smollm2")["tokens_per_s"]}
+        "capabilities": "chat,tools,json,logprobs", "tokens_per_s": service.topic_load("inferswarm/model/smollm2")["tokens_per_s"]}
     await first.aclose()
     done = await asyncio.wait_for(asyncio.gather(*waiting), 20)
     assert all(chunks[-1]["done"] for chunks in done)

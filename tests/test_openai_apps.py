@@ -54,7 +54,7 @@ def client(stack, key) -> openai.OpenAI:
 
 def test_models_say_what_they_can_do(client):
     listed = {model.id: model for model in client.models.list()}
-    assert listed["smollm2"].capabilities == ["chat", "tools", "json"]
+    assert listed["smollm2"].capabilities == ["chat", "tools", "json", "logprobs"]
     assert listed["minilm"].capabilities == ["embeddings"]
     assert listed["echo"].capabilities == ["chat"]
     assert client.models.retrieve("minilm").capabilities == ["embeddings"]
@@ -207,8 +207,8 @@ def test_no_hidden_token_cap_and_the_models_own_sampling(client, stack):
 
 def test_what_is_not_supported_is_refused_by_name(client):
     cases = [
-        (dict(logprobs=True), "logprobs"),
-        (dict(n=2), "n"),
+        (dict(model="echo", logprobs=True), "logprobs"),  # a model without the capability
+        (dict(n=99), "n"),  # over INFERSWARM_MAX_N
         (dict(extra_body={"frobnicate": 1}), "frobnicate"),
         (dict(model="echo", tools=[WEATHER_TOOL], tool_choice="required"), "tools"),
         (dict(model="echo", response_format={"type": "json_object"}), "response_format"),

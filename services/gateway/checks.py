@@ -100,16 +100,19 @@ def check_embedding(limits: Limits, *, model: str, input: Any, dimensions: Any) 
 
 
 def check_capabilities(request: GenerateRequest | None, workers: list[Provider]) -> None:
-    """Refuse what no worker of the model can do (tools, structured output), naming the parameter.
+    """Refuse what no worker of the model can do (tools, structured output, logprobs), naming
+    the parameter.
 
     Workers announce what each model can do (`capabilities` in the model's
-    load: "chat,tools,json"); a worker that announces nothing is taken at its
+    load: "chat,tools,json,logprobs"); a worker that announces nothing is taken at its
     word later."""
     needs = [("embeddings", "model")] if request is None else [("chat", "model")]
     if request is not None and request.calls_tools:
         needs.append(("tools", "tools"))
     if request is not None and request.wants_json:
         needs.append(("json", "response_format"))
+    if request is not None and request.logprobs:
+        needs.append(("logprobs", "logprobs"))
     for capability, param in needs:
         known = [w.load.get("capabilities") for w in workers if isinstance(w.load.get("capabilities"), str)]
         if known and not any(capability in str(caps).split(",") for caps in known):

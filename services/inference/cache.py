@@ -1,7 +1,8 @@
 """An exact-match cache of finished responses to deterministic requests.
 
 Only a request whose answer cannot vary is cached: temperature 0 (greedy) or a
-fixed seed. The key is a SHA-256 over the tenant, the model name and every
+fixed seed -- and not one asking for `logprobs`, which entries do not keep
+(service.py never looks such a request up). The key is a SHA-256 over the tenant, the model name and every
 input that shapes the answer (messages or prompt, max_tokens, temperature,
 top_p, stop, seed, tools, tool choice, response format: every parameter of the
 contract), so two requests share an entry only when they are the same

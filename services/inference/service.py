@@ -22,7 +22,12 @@ Chunks of `generate` (README.md has the full contract):
     {"text": "..."}                  a piece of text (one per token from the local model);
                                      with stream=False, the whole text in one chunk; the
                                      first one also has "prompt_tokens" (what a stream cut
-                                     short bills for its prompt)
+                                     short bills for its prompt); with `logprobs: true`
+                                     each also has "logprobs": [{"token", "logprob",
+                                     "bytes", "top_logprobs": [{"token", "logprob",
+                                     "bytes"}]}] for the tokens of that piece (OpenAI's
+                                     ChatCompletionTokenLogprob; a model without the
+                                     "logprobs" capability refuses the request)
     {"tool_calls": [{"index", "id", "type": "function",
                      "function": {"name", "arguments"}}]}
                                      the model called tools (OpenAI's delta shape, each
@@ -55,7 +60,7 @@ from shared.logging import get_logger
 from shared.rpc import current_request, method
 from shared.embedding import build_embed_request
 from shared.generation import GenerateRequest, Limits, ToolCall, build_request, priority_of
-from services.inference.backends.base import Backend, Done, Prompt, ToolCalls
+from services.inference.backends.base import Backend, Done, Logprobs, Prompt, ToolCalls
 from services.inference.backends.embedding import Embedder
 from services.inference.cache import CachedResponse, ResponseCache, cache_key
 from services.inference.catalog import Sampling
@@ -151,7 +156,9 @@ class InferenceService:
         timing = _Timing()
         if not isinstance(tenant, str) or len(tenant) > 128:
             raise InvalidParams("tenant must be a string of at most 128 characters", {"param": "tenant"})
-        key = cache_key(model, request, tenant) if request.deterministic and self.cache.enabled else None
+        # Logprobs are not kept in the cache: a request that asks for them is never cached.
+        cacheable = request.deterministic and not request.logprobs and self.cache.enabled
+        key = cache_key(model, request, tenant) if cacheable else None
         hit = self.cache.get(model, key) if key is not None else None
         if hit is not None:
             for chunk in self._replay(served, hit, timing):
@@ -159,6 +166,8 @@ class InferenceService:
             return
         pieces: list[str] = []
         calls: tuple[ToolCall, ...] = ()
+        logprobs: list[dict[str, Any]] = []  # of the next piece of text
+        all_logprobs: list[dict[str, Any]] = []  # of the whole text (stream=False)
         async with served.pool.acquire(rank, timeout=self._queue_budget()):
             timing.slot = time.monotonic()
             done = None
@@ -172,6 +181,9 @@ class InferenceService:
                         if isinstance(event, Prompt):
                             prompt_tokens = event.tokens
                             continue
+                        if isinstance(event, Logprobs):
+                            logprobs.extend(event.items)
+                            continue
                         if timing.first is None:
                             timing.first = time.monotonic()
                         if isinstance(event, ToolCalls):
@@ -181,7 +193,10 @@ class InferenceService:
                             continue
                         pieces.append(event)
                         if stream:
-                            yield _text(event, prompt_tokens if len(pieces) == 1 else None)
+                            yield _text(event, prompt_tokens if len(pieces) == 1 else None, logprobs,
+                                        request.logprobs)
+                        all_logprobs.extend(logprobs)
+                        logprobs = []
                 except (Unavailable, NotFound) as exc:  # the backend failed: unhealthy
                     served.health.failed(exc)
                     log.warning("backend failed", model=model, code=exc.code, error=exc.message)
@@ -190,7 +205,7 @@ class InferenceService:
         if key is not None:
             self.cache.put(key, result)
         if not stream:
-            for chunk in from_result(result):
+            for chunk in from_result(result, all_logprobs if request.logprobs else None):
                 yield chunk
         final["worker"]["load"] = served.load()  # after the slot was freed
         yield final
@@ -210,6 +225,9 @@ class InferenceService:
         if request.wants_json and "json" not in capabilities:
             raise InvalidParams(f"response_format: model {served.name!r} does not support structured output",
                                 {"param": "response_format", "reason": "unsupported"})
+        if request.logprobs and "logprobs" not in capabilities:
+            raise InvalidParams(f"logprobs: model {served.name!r} does not give log probabilities",
+                                {"param": "logprobs", "reason": "unsupported"})
         return request.resolved(max_tokens=most, temperature=sampling.temperature, top_p=sampling.top_p)
 
     @method(roles=("gateway",))
@@ -366,9 +384,16 @@ def _embedder(served: ServedModel) -> Embedder:
         {"param": "model", "reason": "unsupported", "capabilities": served.capabilities})
 
 
-def _text(text: str, prompt_tokens: int | None) -> dict[str, Any]:
-    """A text chunk; the first one carries the prompt's tokens (README.md, "Chunks")."""
-    return {"text": text} if prompt_tokens is None else {"text": text, "prompt_tokens": prompt_tokens}
+def _text(text: str, prompt_tokens: int | None, logprobs: list[dict[str, Any]] | None = None,
+          asked: bool = False) -> dict[str, Any]:
+    """A text chunk; the first one carries the prompt's tokens, and each the logprobs
+    of its tokens when the request asked for them (README.md, "Chunks")."""
+    chunk: dict[str, Any] = {"text": text}
+    if prompt_tokens is not None:
+        chunk["prompt_tokens"] = prompt_tokens
+    if asked:
+        chunk["logprobs"] = list(logprobs or ())
+    return chunk
 
 
 def _calls(calls: tuple[ToolCall, ...], prompt_tokens: int | None) -> dict[str, Any]:
@@ -379,9 +404,10 @@ def _calls(calls: tuple[ToolCall, ...], prompt_tokens: int | None) -> dict[str, 
     return chunk
 
 
-def from_result(result: CachedResponse) -> list[dict[str, Any]]:
-    """The output chunks of a whole answer (not streamed, or replayed): its text, its calls."""
-    chunks = [_text(result.text, result.prompt_tokens)] if result.text else []
+def from_result(result: CachedResponse, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The output chunks of a whole answer (not streamed, or replayed): its text (with the
+    logprobs of all its tokens, when asked: `logprobs` not None), its calls."""
+    chunks = [_text(result.text, result.prompt_tokens, logprobs, logprobs is not None)] if result.text else []
     if result.tool_calls:
         chunks.append(_calls(result.tool_calls, None if chunks else result.prompt_tokens))
     return chunks

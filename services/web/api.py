@@ -12,7 +12,8 @@
     GET    /api/usage?start&end      Bearer token                           -> per day and key, totals
     GET    /api/quota                Bearer token or X-API-Key              -> limits, remaining, reset
     POST   /api/inference            X-API-Key, {model, messages | prompt, max_tokens, temperature,
-                                     top_p, stop, seed, stream?}            -> completion, or NDJSON chunks
+                                     top_p, stop, seed, logprobs?, top_logprobs?, stream?}
+                                                                            -> completion, or NDJSON chunks
 
 Sessions here are the token of `/api/auth/login` in `Authorization: Bearer`;
 cookies are never read, so no cross-site page can act through this API.
@@ -192,7 +193,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
         if not stream:
             text = await relay.collect()
             calls = {"tool_calls": relay.calls} if relay.calls else {}
-            return web.json_response({"text": text, **calls, **_final_view(relay)},
+            logprobs = {"logprobs": relay.logprobs} if generation.get("logprobs") else {}
+            return web.json_response({"text": text, **calls, **logprobs, **_final_view(relay)},
                                      headers=openai_headers(relay.facts))
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson",
                                                **openai_headers(relay.facts)})

@@ -24,7 +24,7 @@ from services.web import account_pages, api, embeddings_api, openai_api, pages, 
 from services.web.config import WebConfig
 from services.web.cors import CORS, CorsPolicy, add_cors_headers, cors_middleware
 from services.web.middleware import add_request_id, error_middleware
-from services.web.params import DROP_PARAMS
+from services.web.params import DROP_PARAMS, MAX_N
 from services.web.security import (FORCE_SECURE, TRUST_PROXY, Csrf, add_security_headers,
                                    load_or_create_secret)
 from services.web.session import UPSTREAM
@@ -58,6 +58,7 @@ def create_app(config: WebConfig, mesh: MeshClient) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware, cors_middleware])
     app[CONFIG], app[MESH], app[CORS] = config, mesh, CorsPolicy(config.cors_origins)
     app[DROP_PARAMS] = config.drop_params
+    app[MAX_N] = config.max_n
     app[TRUST_PROXY], app[FORCE_SECURE] = config.trust_proxy, config.secure_cookies or config.tls
     app.cleanup_ctx.append(_pages_ctx)
     app.cleanup_ctx.append(_upstream_ctx)

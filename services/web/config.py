@@ -17,6 +17,8 @@
     INFERSWARM_WEB_INFER_TIMEOUT   deadline of one whole inference stream, s (300)
     INFERSWARM_DROP_PARAMS         drop OpenAI parameters we do not support instead of refusing
                                    them with a 400 (false; the reply names what it dropped)
+    INFERSWARM_MAX_N               the most choices (`n`) one /v1 completion may ask for; each is
+                                   its own gateway.infer call, billed and limited as such (8)
     INFERSWARM_WEB_CORS_ORIGINS    browser origins that may call /v1 (CORS), comma-separated and
                                    exact (`https://app.example.com`, `http://localhost:5173`), or
                                    `*` for any; none by default (services/web/cors.py)
@@ -75,6 +77,7 @@ class WebConfig:
     rpc_timeout: float = env("INFERSWARM_WEB_RPC_TIMEOUT", default=10.0, parse=positive(float))
     infer_timeout: float = env("INFERSWARM_WEB_INFER_TIMEOUT", default=300.0, parse=positive(float))
     drop_params: bool = env("INFERSWARM_DROP_PARAMS", default=False)
+    max_n: int = env("INFERSWARM_MAX_N", default=8, parse=positive(int))
     cors_origins: tuple[str, ...] = env("INFERSWARM_WEB_CORS_ORIGINS", default=(), parse=parse_origins)
 
     def __post_init__(self) -> None:

@@ -10,12 +10,17 @@ This module only decides which names of a body reach the contract:
 * the transport's: `model`, `stream`, `stream_options` (handled by the caller);
 * `user`: accepted, informational only (as OpenAI documents it: an end-user id
   for abuse monitoring); it changes nothing in the answer;
-* OpenAI parameters we do not support (`logprobs`, `n` > 1, `logit_bias`,
-  ...): refused with a 400 naming the parameter -- unless the operator set
-  `INFERSWARM_DROP_PARAMS=true` (LiteLLM's `drop_params`), in which case they
-  are dropped and the reply says so in `x-inferswarm-dropped-params`. A value
-  equal to OpenAI's default (`n: 1`, `logprobs: false`, `store: false`, ...)
-  asks for nothing and is accepted;
+* `logprobs` and `top_logprobs` are the contract's; on legacy completions
+  (`chat=False`) `logprobs` is OpenAI's count, 0..5, which becomes `logprobs:
+  true` with that `top_logprobs`. A model without the "logprobs" capability
+  refuses them (the gateway's 400 naming `logprobs`), whatever
+  INFERSWARM_DROP_PARAMS says: some models do support them;
+* OpenAI parameters we do not support (`n` > 1 here -- openai_api.py takes
+  `n` itself --, `logit_bias`, ...): refused with a 400 naming the parameter
+  -- unless the operator set `INFERSWARM_DROP_PARAMS=true` (LiteLLM's
+  `drop_params`), in which case they are dropped and the reply says so in
+  `x-inferswarm-dropped-params`. A value equal to OpenAI's default (`n: 1`,
+  `store: false`, ...) asks for nothing and is accepted;
 * anything else is not an OpenAI parameter: refused by name, as OpenAI does.
 """
 
@@ -29,16 +34,18 @@ from aiohttp import web
 from shared.errors import InvalidParams
 from shared.generation import PARAMETERS
 
-__all__ = ["DROP_PARAMS", "DROPPED_HEADER", "generation_params"]
+__all__ = ["DROP_PARAMS", "DROPPED_HEADER", "MAX_N", "generation_params"]
 
 DROP_PARAMS = web.AppKey("drop_params", bool)
+MAX_N = web.AppKey("max_n", int)  #: the most choices (`n`) one request may ask for (INFERSWARM_MAX_N)
 DROPPED_HEADER = "x-inferswarm-dropped-params"
 
 _TRANSPORT = frozenset({"model", "stream", "stream_options", "user"})
+_LEGACY_MAX_LOGPROBS = 5  #: OpenAI's bound of the legacy completions' `logprobs`
 
 #: OpenAI's parameters this platform does not do, and the values that ask for nothing.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "echo": (False,),
+    "n": (1,), "logit_bias": ({},), "echo": (False,),
     "best_of": (1,), "suffix": ("",), "functions": (), "function_call": ("none",), "audio": (),
     "modalities": (["text"],), "prediction": (), "reasoning_effort": (), "service_tier": ("auto", "default"),
     "store": (False,), "metadata": ({},), "web_search_options": (), "verbosity": (), "prompt_cache_key": (),
@@ -55,7 +62,9 @@ def generation_params(body: Mapping[str, Any], *, drop_unsupported: bool, chat: 
     params: dict[str, Any] = {}
     dropped: list[str] = []
     for name, value in body.items():
-        if name in PARAMETERS:
+        if chat is False and name == "logprobs":
+            params.update(_legacy_logprobs(value))
+        elif name in PARAMETERS:
             if value is not None:
                 params[name] = value
         elif name == "max_completion_tokens":
@@ -76,3 +85,13 @@ def generation_params(body: Mapping[str, Any], *, drop_unsupported: bool, chat: 
     if chat and "prompt" in params:
         raise InvalidParams("Unrecognized request argument supplied: prompt", {"param": "prompt"})
     return params, dropped
+
+
+def _legacy_logprobs(value: Any) -> dict[str, Any]:
+    """The legacy completions' `logprobs: <count>` (0..5: the sampled token's logprob and
+    the `count` most likely) as the contract's `logprobs` and `top_logprobs`."""
+    if value is None or value is False:
+        return {}
+    if type(value) is not int or not 0 <= value <= _LEGACY_MAX_LOGPROBS:
+        raise InvalidParams(f"logprobs must be an integer between 0 and {_LEGACY_MAX_LOGPROBS}", {"param": "logprobs"})
+    return {"logprobs": True, "top_logprobs": value}

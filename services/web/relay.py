@@ -11,7 +11,7 @@ closes the RPC stream, which sends CANCEL, and the gateway and worker stop
 generating and bill for what was delivered.
 
 Chunks (services/inference/README.md, via the gateway): `{"text": ...}`
-pieces or `{"tool_calls": [...]}`, then a final chunk with `usage`,
+pieces (with `logprobs` when asked) or `{"tool_calls": [...]}`, then a final chunk with `usage`,
 `finish_reason`, `timing`, `cached`, `request_id` and the rate-limit facts.
 The first chunk carries `request_id` too, so a reply names it in its headers.
 Anything else is kept as metadata.
@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from shared.errors import MeshError
-from shared.generation import is_final, output_of, text_of, tool_calls_of
+from shared.generation import is_final, logprobs_of, output_of, text_of, tool_calls_of
 from shared.rpc import Stream
 from services.web.ratelimits import facts_of, openai_headers
 from services.web.upstream import Upstream
@@ -46,6 +46,7 @@ class Relay:
         self.text_chunks = 0
         self.request_id: str | None = None  #: the gateway's id of this request, once a chunk told it
         self.calls: list[dict[str, Any]] = []  #: tool calls gathered by `texts`
+        self.logprobs: list[dict[str, Any]] = []  #: the text's token logprobs gathered by `texts`
 
     @classmethod
     async def start(cls, upstream: Upstream, params: dict[str, Any]) -> Relay:
@@ -109,10 +110,11 @@ class Relay:
             yield chunk
 
     async def texts(self) -> AsyncIterator[str]:
-        """The text pieces in order (tool calls are kept in `calls`)."""
+        """The text pieces in order (tool calls are kept in `calls`, logprobs in `logprobs`)."""
         async for chunk in self.outputs():
             text = text_of(chunk)
             if text is not None:
+                self.logprobs.extend(logprobs_of(chunk))
                 yield text
             self.calls.extend(tool_calls_of(chunk) or ())
 

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 from shared.generation import GenerateRequest, Message, ToolCall
 
-__all__ = ["Message", "GenerateRequest", "Prompt", "Done", "Event", "Backend", "FinishReason", "ToolCall",
-           "ToolCalls", "estimate_tokens"]
+__all__ = ["Message", "GenerateRequest", "Prompt", "Done", "Event", "Backend", "FinishReason", "Logprobs",
+           "ToolCall", "ToolCalls", "estimate_tokens", "token_logprob"]
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -63,7 +63,28 @@ class ToolCalls:
     calls: tuple[ToolCall, ...]
 
 
-Event = str | Prompt | ToolCalls | Done
+@dataclass(frozen=True, slots=True)
+class Logprobs:
+    """The log probabilities of the tokens of the next piece of text (a request with
+    `logprobs`, to a backend with the "logprobs" capability): OpenAI's
+    ChatCompletionTokenLogprob items, `{token, logprob, bytes, top_logprobs: [{token,
+    logprob, bytes}]}`, `top_logprobs` holding the request's `top_logprobs` most likely
+    tokens, most likely first. Sent just before the piece it belongs to."""
+
+    items: tuple[dict[str, Any], ...]
+
+
+Event = str | Prompt | Logprobs | ToolCalls | Done
+
+
+def token_logprob(token: str, logprob: float, top: list[tuple[str, float]] | None = None,
+                  raw: bytes | None = None) -> dict[str, Any]:
+    """One token's item in OpenAI's shape; `raw` its bytes when they are not `token`'s UTF-8."""
+    item: dict[str, Any] = {"token": token, "logprob": float(logprob),
+                            "bytes": list(raw if raw is not None else token.encode())}
+    if top is not None:
+        item["top_logprobs"] = [{"token": t, "logprob": float(p), "bytes": list(t.encode())} for t, p in top]
+    return item
 
 #: Pre-tokens of the GPT-2 family's split (words with their leading space,
 #: runs of digits, runs of other symbols): BPE and SentencePiece tokenizers
@@ -89,8 +110,8 @@ class Backend(ABC):
     kind: str = ""
     #: What the model can do, listed by `inference.models` and announced with its
     #: load: "chat", "tools" (tools and tool_choice), "json" (response_format
-    #: json_object and json_schema); an embedding model (`embedding.Embedder`)
-    #: says "embeddings".
+    #: json_object and json_schema), "logprobs" (`Logprobs` before its text pieces
+    #: when asked); an embedding model (`embedding.Embedder`) says "embeddings".
     capabilities: tuple[str, ...] = ("chat",)
 
     def __init__(self) -> None:
@@ -104,8 +125,9 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
-        """Stream at most one `Prompt` (before any text), pieces of text (`str`), at most one
-        `ToolCalls` (a backend with the "tools" capability), then exactly one `Done`."""
+        """Stream at most one `Prompt` (before any text), pieces of text (`str`, each after
+        its `Logprobs` when the request asks for them), at most one `ToolCalls` (a backend
+        with the "tools" capability), then exactly one `Done`."""
 
     @abstractmethod
     async def probe(self) -> None:

@@ -10,6 +10,9 @@ real model without its CPU.
 It exists for what a deployment needs without a model: load and soak runs,
 fault drills, smoke tests of a new host (like LiteLLM's `mock_response`).
 The answer is deterministic, so it exercises the cache like a greedy model.
+It has no "logprobs" capability: its words are not drawn from a distribution,
+and made-up figures would only mislead; a request with `logprobs` is refused
+(it is also the model the tests use for that refusal).
 """
 
 from __future__ import annotations

@@ -21,6 +21,15 @@ With the reset, a request at temperature 0 (or a fixed seed) gets the same
 answer on any slot whatever ran before, which is what makes caching it sound;
 the cost is re-evaluating the prompt (milliseconds for this model).
 
+Logprobs (`logprobs: true`): llama-cpp's own need `logits_all=True`, a row of
+logits kept per token of the context (n_ctx x n_vocab floats, ~400 MB for this
+model), so they are taken here instead: `sample` copies the row of raw logits
+llama.cpp keeps for the token being sampled and gives its log-softmax, the
+figure llama-cpp's own `logprobs` gives (before temperature, penalties and any
+grammar), with the `top_logprobs` most likely tokens. The items of the tokens
+sampled since the last piece of text go with that piece (`Logprobs`); the
+end-of-generation token has none, and a tool call block's are not given.
+
 Token counts are the model's own: `prompt_tokens` is the length of the
 tokenized (templated) prompt, `completion_tokens` the number of tokens
 sampled, less the end-of-generation token -- the same figures llama-cpp's
@@ -42,7 +51,9 @@ from typing import Any
 from shared.config import ConfigError
 from shared.errors import InvalidParams, MeshError, Unavailable
 from shared.logging import get_logger
-from services.inference.backends.base import Backend, Done, Event, GenerateRequest, Prompt, ToolCalls
+from services.inference.backends.base import (
+    Backend, Done, Event, GenerateRequest, Logprobs, Prompt, ToolCalls, token_logprob,
+)
 from services.inference.backends.structured import grammar_of, parse_calls, prompt_messages
 
 __all__ = ["LocalBackend", "default_gguf"]
@@ -73,6 +84,7 @@ def _llama_class() -> type:
     """A `Llama` that counts sampled tokens and can be stopped between tokens."""
     try:
         import llama_cpp
+        import numpy as np
     except ImportError as exc:
         raise ConfigError([f"local backend: llama-cpp-python is not installed ({exc})"]) from None
 
@@ -81,18 +93,52 @@ def _llama_class() -> type:
         prompt_tokens = 0
         sampled = 0
         last_token = -1
+        #: Alternatives to give with each sampled token's logprob; None: no logprobs.
+        top_logprobs: int | None = None
+        #: The logprob items of the tokens sampled and not yet taken (`take_logprobs`).
+        logprob_items: list[dict[str, Any]] = []
 
         def generate(self, tokens: Any, *args: Any, **kwargs: Any) -> Any:
             self.prompt_tokens, self.sampled, self.last_token = len(tokens), 0, -1
+            self.logprob_items = []
             return super().generate(tokens, *args, **kwargs)
 
         def sample(self, *args: Any, **kwargs: Any) -> int:
             if self.stop_flag is not None and self.stop_flag.is_set():
                 raise _Stopped
+            logits = self._logits_row(kwargs.get("idx")) if self.top_logprobs is not None else None
             token = super().sample(*args, **kwargs)
             self.sampled += 1
             self.last_token = token
+            if logits is not None and not llama_cpp.llama_vocab_is_eog(self._model.vocab, token):
+                self.logprob_items.append(self._logprob_item(token, logits))
             return token
+
+        def _logits_row(self, idx: int | None) -> Any:
+            """The raw logits the next token is sampled from (llama.cpp keeps the last
+            row even without `logits_all`), copied before anything else runs."""
+            row = idx - self.n_tokens if idx is not None else -1
+            pointer = self._ctx.get_logits_ith(row)
+            return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
+
+        def _logprob_item(self, token: int, logits: Any) -> dict[str, Any]:
+            """OpenAI's item for `token`: log-softmax of the raw logits, as llama-cpp's own
+            `logprobs` computes it (before temperature, penalties and grammar)."""
+            logprobs = llama_cpp.Llama.logits_to_logprobs(logits)
+            count = self.top_logprobs or 0
+            best = np.argpartition(-logprobs, count)[:count].tolist() if count else []
+            best.sort(key=lambda i: (-float(logprobs[i]), i))
+            item = self._entry(token, logprobs)
+            item["top_logprobs"] = [self._entry(i, logprobs) for i in best]
+            return item
+
+        def _entry(self, token: int, logprobs: Any) -> dict[str, Any]:
+            raw = self.detokenize([token])
+            return token_logprob(raw.decode("utf-8", errors="replace"), float(logprobs[token]), raw=raw)
+
+        def take_logprobs(self) -> tuple[dict[str, Any], ...]:
+            items, self.logprob_items = tuple(self.logprob_items), []
+            return items
 
         @property
         def completion_tokens(self) -> int:
@@ -107,7 +153,7 @@ class LocalBackend(Backend):
 
     kind = "local"
 
-    capabilities = ("chat", "tools", "json")
+    capabilities = ("chat", "tools", "json", "logprobs")
 
     def __init__(self, path: Path | None = None, *, slots: int = 1, n_threads: int = 2, n_ctx: int = 2048,
                  repeat_penalty: float = 1.0) -> None:
@@ -209,15 +255,19 @@ class _Output:
         self.calls: bool | None = None if request.choice.mode == "auto" else True
         if not request.calls_tools:
             self.calls = False
-        self.held: list[str] = []
+        self.held: list[Event] = []  # text pieces and the `Logprobs` before each
+
+    @property
+    def text(self) -> str:
+        return "".join(event for event in self.held if isinstance(event, str))
 
     def feed(self, event: Event) -> list[Event]:
-        if isinstance(event, str):
+        if isinstance(event, (str, Logprobs)):
             if self.calls is False:
                 return [event]
             self.held.append(event)
-            if self.calls is None and "".join(self.held).strip():
-                self.calls = "".join(self.held).lstrip().startswith("<")
+            if isinstance(event, str) and self.calls is None and self.text.strip():
+                self.calls = self.text.lstrip().startswith("<")
                 if not self.calls:
                     held, self.held = self.held, []
                     return list(held)
@@ -225,7 +275,7 @@ class _Output:
         if isinstance(event, Done) and self.calls:
             if event.finish_reason == "length":  # cut off inside the block: no valid call to give
                 return [event]
-            calls = parse_calls("".join(self.held))
+            calls = parse_calls(self.text)  # the logprobs of the call block are not given
             return [ToolCalls(calls), Done("tool_calls", event.prompt_tokens, event.completion_tokens)]
         if isinstance(event, Done) and self.held:  # text that never decided (only spaces)
             held, self.held = self.held, []
@@ -237,6 +287,7 @@ def _generate(llm: Any, request: GenerateRequest, grammar: str | None, extra: di
               emit: Callable[[Any], None], stop: threading.Event) -> None:
     """Run one generation in a worker thread, emitting text pieces then `Done`."""
     llm.stop_flag = stop
+    llm.top_logprobs = request.top_logprobs if request.logprobs else None
     llm.reset()  # a clean context: see the module doc, "Determinism"
     options: dict[str, Any] = dict(
         max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
@@ -263,6 +314,8 @@ def _generate(llm: Any, request: GenerateRequest, grammar: str | None, extra: di
                     if not prompted:
                         emit(Prompt(llm.prompt_tokens))
                         prompted = True
+                    if request.logprobs:  # the tokens sampled since the last piece: this piece's
+                        emit(Logprobs(llm.take_logprobs()))
                     emit(text)
                 finish = choice.get("finish_reason") or finish
         finally:
@@ -274,6 +327,7 @@ def _generate(llm: Any, request: GenerateRequest, grammar: str | None, extra: di
         emit(exc)
     finally:
         llm.stop_flag = None
+        llm.top_logprobs = None
 
 
 def _grammar(text: str) -> Any:

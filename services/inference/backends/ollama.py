@@ -43,6 +43,11 @@ Tools and structured output, in Ollama's terms:
   json_schema. When a call is forced as well, the call wins: the response is
   the call.
 
+No "logprobs" capability: the API this backend was written and tested against
+(tests/ollama_server.py) has no log probabilities, and recent Ollama releases'
+`logprobs` option could not be checked here, so a request with `logprobs` to an
+Ollama model is refused rather than answered without them.
+
 Failures are typed as in `http.py`; an `{"error": ...}` line inside the stream
 is UNAVAILABLE. Closing the generation early closes the connection, which
 stops Ollama generating.

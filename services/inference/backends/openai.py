@@ -49,6 +49,14 @@ finish_reason "tool_calls" -- also when the server said "stop" after calls.
 A stream cut at max_tokens reports "length" and no calls (their arguments
 are cut). Fragments that are not OpenAI's shape are malformed data.
 
+Logprobs pass through too: chat sends `logprobs: true` and `top_logprobs`, and
+reads each chunk's `choices[0].logprobs.content` (OpenAI's
+ChatCompletionTokenLogprob items, `bytes` filled in from the token when a
+server leaves it null); a prompt sends the legacy `logprobs: <top count>` and
+turns the legacy `{tokens, token_logprobs, top_logprobs: [{token: logprob}]}`
+into the same items (alternatives most likely first). A server that sends
+none gives text without them; one that sends them malformed is malformed data.
+
 Failures are typed as in `http.py`; a stream that ends before `[DONE]` (or
 at least a finish reason) is a dropped stream, UNAVAILABLE.
 """
@@ -64,7 +72,7 @@ from shared.config import Secret
 from shared.errors import InvalidParams, MeshError, NotFound
 from shared.generation import ToolChoice
 from services.inference.backends.base import (
-    Done, Event, GenerateRequest, Prompt, ToolCall, ToolCalls, estimate_tokens,
+    Done, Event, GenerateRequest, Logprobs, Prompt, ToolCall, ToolCalls, estimate_tokens, token_logprob,
 )
 from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
 
@@ -76,7 +84,7 @@ class OpenAIBackend(HttpBackend):
 
     kind = "openai"
 
-    capabilities = ("chat", "tools", "json")
+    capabilities = ("chat", "tools", "json", "logprobs")
 
     def __init__(self, url: str, model: str, *, api_key: Secret | None = None, timeout: float = 120.0) -> None:
         super().__init__()
@@ -142,12 +150,17 @@ class OpenAIBackend(HttpBackend):
                 body[name] = getattr(request, name)
         if request.stop:
             body["stop"] = list(request.stop)
+        if request.logprobs:  # chat's flag and count; the legacy endpoint's count (added below)
+            body.update(logprobs=True, top_logprobs=request.top_logprobs)
         fmt = request.response_format
         if fmt is not None:
             dialect = fmt.type == "json_schema" and self.schema_in_json_object
             body["response_format"] = _llama_cpp_format(request) if dialect else fmt.to_wire()
         if request.messages is None:
             body["prompt"] = request.prompt
+            if request.logprobs:
+                body["logprobs"] = request.top_logprobs
+                del body["top_logprobs"]
             return "/completions", body
         body["messages"] = [_message(m) for m in request.message_dicts()]
         if request.tools:  # tool_choice and parallel_tool_calls only with them, as OpenAI wants
@@ -175,6 +188,8 @@ class OpenAIBackend(HttpBackend):
                     early = (stream.usage or {}).get("prompt_tokens")
                     yield Prompt(early if type(early) is int and early >= 0 else estimate_tokens(request))
                 if text:
+                    if request.logprobs:
+                        yield Logprobs(stream.take_logprobs())
                     yield text
             else:
                 if stream.finish is None:
@@ -210,6 +225,32 @@ def _llama_cpp_format(request: GenerateRequest) -> dict[str, Any]:
     return {"type": "json_object", "schema": dict(fmt.schema or {})}
 
 
+def _number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _is_logprob(item: Any, *, top: bool) -> bool:
+    """Whether `item` is a ChatCompletionTokenLogprob (`top`) or one of its alternatives."""
+    if not isinstance(item, dict) or not isinstance(item.get("token"), str) or not _number(item.get("logprob")):
+        return False
+    raw = item.get("bytes")
+    if raw is not None and not (isinstance(raw, list) and all(type(b) is int and 0 <= b < 256 for b in raw)):
+        return False
+    alternatives = item.get("top_logprobs") if top else None
+    return alternatives is None or (isinstance(alternatives, list)
+                                    and all(_is_logprob(a, top=False) for a in alternatives))
+
+
+def _logprob(item: dict[str, Any], *, top: bool) -> dict[str, Any]:
+    """A checked item (`_is_logprob`) with exactly the contract's keys."""
+    raw = item.get("bytes")
+    out = {"token": item["token"], "logprob": float(item["logprob"]),
+           "bytes": list(raw) if raw is not None else list(item["token"].encode())}
+    if top:
+        out["top_logprobs"] = [_logprob(a, top=False) for a in item.get("top_logprobs") or ()]
+    return out
+
+
 class _StreamState:
     """What the chunks of one stream said so far."""
 
@@ -221,6 +262,11 @@ class _StreamState:
         self.prompted = False
         self.output = False
         self.calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: list[dict[str, Any]] = []  #: of the text not yet taken
+
+    def take_logprobs(self) -> tuple[dict[str, Any], ...]:
+        items, self.logprobs = tuple(self.logprobs), []
+        return items
 
     def feed(self, chunk: dict[str, Any]) -> str:
         usage = chunk.get("usage")
@@ -240,6 +286,7 @@ class _StreamState:
             if piece is not None and not isinstance(piece, str):
                 raise malformed(self.name, "choice text is not a string")
             text += piece or ""
+            self.logprobs += self._logprobs(choice.get("logprobs")) if piece else []
             fragments = self._fragments(delta.get("tool_calls")) or fragments
             if choice.get("finish_reason"):
                 self.finish = str(choice["finish_reason"])
@@ -247,6 +294,33 @@ class _StreamState:
             self.pieces += 1
             self.output = True
         return text
+
+    def _logprobs(self, value: Any) -> list[dict[str, Any]]:
+        """A choice's logprobs in the contract's shape: chat's `{content: [...]}` as they
+        are, the legacy `{tokens, token_logprobs, top_logprobs: [{token: logprob}]}`
+        turned into it."""
+        if value is None:
+            return []
+        if not isinstance(value, dict):
+            raise malformed(self.name, "a choice's logprobs is not an object")
+        if self.chat:
+            items = value.get("content") or []
+            if not isinstance(items, list) or not all(_is_logprob(item, top=True) for item in items):
+                raise malformed(self.name, "logprobs.content is not a list of {token, logprob, bytes, top_logprobs}")
+            return [_logprob(item, top=True) for item in items]
+        tokens, values, tops = value.get("tokens"), value.get("token_logprobs"), value.get("top_logprobs")
+        tops = tops if tops is not None else [None] * len(tokens or [])
+        ok = (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)
+              and len(tokens) == len(values) == len(tops) and all(isinstance(t, str) for t in tokens)
+              and all(_number(v) for v in values) and all(t is None or isinstance(t, dict) for t in tops))
+        if not ok:
+            raise malformed(self.name, "logprobs is not {tokens, token_logprobs, top_logprobs}")
+        out = []
+        for token, logprob, top in zip(tokens, values, tops):
+            alternatives = sorted(((str(t), float(p)) for t, p in (top or {}).items() if _number(p)),
+                                  key=lambda pair: -pair[1])
+            out.append(token_logprob(token, float(logprob), alternatives))
+        return out
 
     def _fragments(self, items: Any) -> bool:
         """Add the `delta.tool_calls` fragments of one chunk; True when there were any."""
