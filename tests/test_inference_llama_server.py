@@ -5,25 +5,19 @@ sse-starlette, starlette-context, pydantic-settings) are not installed."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
-import subprocess
-import sys
-import time
 from contextlib import AsyncExitStack
 
-import aiohttp
 import pytest
 
 pytest.importorskip("llama_cpp.server.app", reason="llama-cpp-python[server] extras not installed")
 
+from llama_server_support import llama_server as running_llama_server  # noqa: E402
 from schema_check import valid  # noqa: E402
 
 from shared.config import load  # noqa: E402
 from shared.generation import Limits, build_request  # noqa: E402
 from services.inference.backends.base import Done, ToolCalls  # noqa: E402
-from services.inference.backends.local import default_gguf  # noqa: E402
 from services.inference.backends.openai import OpenAIBackend  # noqa: E402
 from services.inference.config import InferenceConfig  # noqa: E402
 from services.inference.worker import open_service  # noqa: E402
@@ -34,42 +28,10 @@ CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
 GREEDY = dict(temperature=0.0, seed=5)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
-async def llama_server():
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf()), "--host", "127.0.0.1",
-         "--port", str(port), "--n_threads", "1", "--n_ctx", "2048", "--model_alias", "smollm2-server"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 30
-            while True:
-                assert proc.poll() is None, "llama_cpp.server exited"
-                assert time.monotonic() < deadline, "llama_cpp.server did not start"
-                try:
-                    async with session.get(url + "/models") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.2)
+def llama_server():
+    with running_llama_server() as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 async def test_openai_backend_on_llama_cpp_server_matches_llama_cpp_in_process(llama_server):

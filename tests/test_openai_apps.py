@@ -26,8 +26,16 @@ WEATHER = {"type": "object", "properties": {"city": {"type": "string"},
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
                                                  "parameters": WEATHER}}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-MODELS = {"smollm2": {"backend": "local", "slots": 1}, "minilm": {"backend": "local", "kind": "embedding"},
-          "echo": {"backend": "echo"}}
+MODELS = {
+    "smollm2": {"backend": "local", "slots": 1}, "minilm": {"backend": "local", "kind": "embedding"},
+    "echo": {"backend": "echo"},
+    # the same app features through the Ollama and OpenAI-compatible backends (faithful test servers)
+    "llama-ollama": {"backend": "ollama", "url": "ollama", "model": "llama3.1:8b"},
+    "minilm-ollama": {"backend": "ollama", "kind": "embedding", "url": "ollama", "model": "all-minilm"},
+    "te3-openai": {"backend": "openai", "kind": "embedding", "url": "openai", "model": "text-embedding-3-small"},
+}
+#: Chat models that do tools and structured output: one per kind of backend.
+TOOL_MODELS = ["smollm2", MODEL, "llama-ollama"]
 
 
 class City(BaseModel):
@@ -38,7 +46,8 @@ class City(BaseModel):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with web_stack(tmp_path_factory.mktemp("apps"), models=MODELS) as running:
+    with web_stack(tmp_path_factory.mktemp("apps"), models=MODELS, upstream_models=("text-embedding-3-small",),
+                   ollama_models=("llama3.1:8b", "all-minilm")) as running:
         yield running
 
 
@@ -55,6 +64,8 @@ def client(stack, key) -> openai.OpenAI:
 def test_models_say_what_they_can_do(client):
     listed = {model.id: model for model in client.models.list()}
     assert listed["smollm2"].capabilities == ["chat", "tools", "json", "logprobs"]
+    assert listed["llama-ollama"].capabilities == ["chat", "tools", "json"]  # Ollama gives no logprobs
+    assert listed["minilm-ollama"].capabilities == listed["te3-openai"].capabilities == ["embeddings"]
     assert listed["minilm"].capabilities == ["embeddings"]
     assert listed["echo"].capabilities == ["chat"]
     assert client.models.retrieve("minilm").capabilities == ["embeddings"]
@@ -63,9 +74,10 @@ def test_models_say_what_they_can_do(client):
 # -- tools -------------------------------------------------------------------------------
 
 
-def test_a_tool_calling_round_trip(client):
+@pytest.mark.parametrize("model", TOOL_MODELS)
+def test_a_tool_calling_round_trip(client, model):
     messages: list = list(ASK)
-    first = client.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER_TOOL],
+    first = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL],
                                            tool_choice="required", temperature=0)
     choice = first.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
@@ -77,16 +89,17 @@ def test_a_tool_calling_round_trip(client):
     # The app runs the function and answers with a tool message; the model finishes.
     messages += [choice.message, {"role": "tool", "tool_call_id": call.id,
                                   "content": json.dumps({"temperature_c": 18, "sky": "sunny"})}]
-    second = client.chat.completions.create(model="smollm2", messages=messages, tools=[WEATHER_TOOL],
+    second = client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL],
                                             tool_choice="none", temperature=0, max_tokens=60)
     answer = second.choices[0]
     assert answer.finish_reason in ("stop", "length") and answer.message.content
     assert not answer.message.tool_calls
 
 
-def test_a_named_function_streamed_in_openais_delta_format(client):
+@pytest.mark.parametrize("model", TOOL_MODELS)
+def test_a_named_function_streamed_in_openais_delta_format(client, model):
     with client.chat.completions.stream(
-            model="smollm2", messages=ASK, tools=[WEATHER_TOOL], temperature=0,
+            model=model, messages=ASK, tools=[WEATHER_TOOL], temperature=0,
             tool_choice={"type": "function", "function": {"name": "get_weather"}}) as stream:
         kinds = Counter(event.type for event in stream)
         final = stream.get_final_completion()
@@ -111,17 +124,19 @@ def test_auto_answers_with_text_or_a_valid_call(client):
 # -- structured output -------------------------------------------------------------------
 
 
-def test_json_schema_output_parsed_by_the_sdk(client):
+@pytest.mark.parametrize("model", TOOL_MODELS)
+def test_json_schema_output_parsed_by_the_sdk(client, model):
     parsed = client.chat.completions.parse(
-        model="smollm2", messages=[{"role": "user", "content": "Describe the city of Lyon."}],
+        model=model, messages=[{"role": "user", "content": "Describe the city of Lyon."}],
         response_format=City, temperature=0, max_tokens=120)
     city = parsed.choices[0].message.parsed
     assert isinstance(city, City) and city.name
 
 
-def test_json_object_output_is_a_json_object(client):
+@pytest.mark.parametrize("model", TOOL_MODELS)
+def test_json_object_output_is_a_json_object(client, model):
     reply = client.chat.completions.create(
-        model="smollm2", messages=[{"role": "user", "content": "List three colours as JSON."}],
+        model=model, messages=[{"role": "user", "content": "List three colours as JSON."}],
         response_format={"type": "json_object"}, temperature=0, max_tokens=80)
     assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content), dict)
@@ -162,6 +177,20 @@ def test_embeddings_of_a_hundred_strings(client, stack):
         assert got.embedding == pytest.approx(want, abs=1e-6)  # float32 either way
     one = client.embeddings.create(model="minilm", input=texts[0])
     assert one.data[0].embedding == pytest.approx(vectors[0], abs=1e-6)
+
+
+@pytest.mark.parametrize("model, upstream, dims", [("minilm-ollama", "ollama", 384),
+                                                   ("te3-openai", "openai", 1536)])
+def test_embeddings_through_ollama_and_openai_compatible_servers(client, stack, model, upstream, dims):
+    server = stack.ollama if upstream == "ollama" else stack.model
+    reply = client.embeddings.create(model=model, input=["first text", "second text"])
+    assert [len(d.embedding) for d in reply.data] == [dims, dims] and reply.usage.prompt_tokens > 0
+    path, body = server.requests[-1]
+    assert path.endswith("/embed" if upstream == "ollama" else "/embeddings")
+    assert body["input"] == ["first text", "second text"]
+    if upstream == "openai":
+        shorter = client.embeddings.create(model=model, input="first text", dimensions=256)
+        assert len(shorter.data[0].embedding) == 256 and server.requests[-1][1]["dimensions"] == 256
 
 
 def test_embeddings_are_limited_and_billed_like_generation(stack):

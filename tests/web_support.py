@@ -13,6 +13,7 @@ Admins are granted as the operator grants them: `inferswarm admin grant`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ollama_server import OllamaServer
 from openai_server import OpenAIServer
 from stack import free_tcp_port, xdg_homes
 
@@ -37,17 +40,19 @@ ADMIN_EMAIL = "admin@example.com"  #: the address the tests' admin registers wit
 
 
 class ModelServer:
-    """`OpenAIServer` on its own event loop in a daemon thread."""
+    """A protocol test server (`OpenAIServer`, or `server_class` such as `OllamaServer`)
+    on its own event loop in a daemon thread."""
 
-    def __init__(self, **options: object) -> None:
-        self._options = options
+    def __init__(self, models: tuple[str, ...] = (MODEL,), server_class: type = OpenAIServer,
+                 **options: object) -> None:
+        self._models, self._class, self._options = models, server_class, options
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="model-server", daemon=True)
-        self.server: OpenAIServer | None = None
+        self.server: Any = None
 
-    def __enter__(self) -> OpenAIServer:
+    def __enter__(self) -> Any:
         self._thread.start()
-        self.server = OpenAIServer((MODEL,), **self._options)  # type: ignore[arg-type]
+        self.server = self._class(self._models, **self._options)
         asyncio.run_coroutine_threadsafe(self.server.__aenter__(), self._loop).result(10)
         return self.server
 
@@ -65,6 +70,7 @@ class WebStack:
     bootstrap: str
     model: OpenAIServer
     ready: dict
+    ollama: Any = None  #: the `OllamaServer`, when the stack has one
 
     @property
     def mesh_secret(self) -> str:
@@ -81,13 +87,24 @@ class WebStack:
 
 
 @contextmanager
-def web_stack(root: Path, *, models: dict | None = None, **env: str) -> Iterator[WebStack]:
+def web_stack(root: Path, *, models: dict | None = None, upstream_models: tuple[str, ...] = (),
+              ollama_models: tuple[str, ...] = (), **env: str) -> Iterator[WebStack]:
     """Start the whole stack; stop it (SIGTERM, then wait) when the block ends.
-    `models`: catalog entries served beside "test-model" (e.g. the local smollm2)."""
+
+    `models`: catalog entries served beside "test-model" (e.g. the local smollm2);
+    an entry whose url is "openai" or "ollama" is served by the OpenAI test server
+    (listing `upstream_models` too) or by an Ollama test server (started when
+    `ollama_models` names its models)."""
     web_port = free_tcp_port()
     data_dir = root / "data"
-    with ModelServer(reply="The quick brown fox jumps over the lazy dog near the quiet river bank") as model:
-        catalog = {MODEL: {"backend": "openai", "url": model.base_url, "slots": 8, "queue": 64}, **(models or {})}
+    with contextlib.ExitStack() as servers:
+        model = servers.enter_context(ModelServer(
+            (MODEL, *upstream_models), reply="The quick brown fox jumps over the lazy dog near the quiet river bank"))
+        ollama = servers.enter_context(ModelServer(ollama_models, OllamaServer)) if ollama_models else None
+        urls = {"openai": model.base_url, "ollama": ollama.url if ollama else ""}
+        catalog = {MODEL: {"backend": "openai", "url": model.base_url, "slots": 8, "queue": 64}}
+        for name, entry in (models or {}).items():
+            catalog[name] = {**entry, "url": urls[entry["url"]]} if entry.get("url") in urls else entry
         child_env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "INFERSWARM_API_KEY")}
         child_env.update({
             "INFERSWARM_MODELS": json.dumps(catalog),
@@ -111,7 +128,7 @@ def web_stack(root: Path, *, models: dict | None = None, **env: str) -> Iterator
                 code = proc.wait()
                 raise AssertionError(f"up exited early ({code}): {(root / 'up.stderr').read_text()[-3000:]}")
             ready = json.loads(line)
-            yield WebStack(f"http://127.0.0.1:{web_port}", data_dir, ready["bootstrap"], model, ready)
+            yield WebStack(f"http://127.0.0.1:{web_port}", data_dir, ready["bootstrap"], model, ready, ollama)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
