@@ -208,6 +208,14 @@ class GenerateRequest:
     def wants_json(self) -> bool:
         return self.response_format is not None and self.response_format.type != "text"
 
+    def call_name(self, call_id: str | None) -> str | None:
+        """The function name of the call `call_id` in the history (what a tool message answers)."""
+        for message in self.messages or ():
+            for call in message.tool_calls:
+                if call.id == call_id:
+                    return call.name
+        return None
+
     def message_dicts(self) -> list[dict[str, Any]]:
         return [m.to_dict() for m in self.messages or ()]
 

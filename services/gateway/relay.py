@@ -141,20 +141,9 @@ class Relay:
         took: Callable[[str], None],
     ) -> Upstream:
         """A worker's stream and its first chunk, trying others while nothing was delivered."""
-        tried: set[bytes] = set()
-        last: MeshError | None = None
+        attempts = _Attempts(self, request_id, model, workers, deadline)
         for _ in range(self.attempts):
-            budget = deadline - time.monotonic()
-            budget -= min(self._margin, budget / 10)
-            if budget <= 0:
-                raise Timeout("the deadline passed before a worker answered", {"request_id": request_id})
-            try:
-                provider = self.router.choose(model, workers, tried)
-            except Unavailable:
-                if last is not None:
-                    raise for_caller(last, request_id) from None
-                raise
-            self.router.started(provider)
+            provider, budget = attempts.next()
             sent = time.monotonic()
             stream: Stream | None = None
             try:
@@ -183,16 +172,8 @@ class Relay:
                 self.router.first_token(provider, ttft)
                 return Upstream(self, request_id, stream, provider, first, ttft)
             await _close(stream)
-            busy = error.data.get("reason") == QUEUE_FULL  # a full queue: skip, not cool down
-            self.router.finished(provider, failed=True, busy=busy)
-            log.info("worker failed before the first token; trying another", worker=provider.node_hex[:16],
-                     code=error.code, error=error.message)
-            tried.add(provider.node_key)
-            last = error
-            self.retries += 1
-        assert last is not None
-        raise for_caller(last, request_id) from last
-
+            attempts.failed(provider, error)
+        raise attempts.exhausted()
 
     async def call(
         self, request_id: str, method: str, model: str, params: dict[str, Any], workers: list[Provider],
@@ -201,25 +182,15 @@ class Relay:
         """A worker's whole answer to a unary `method` (`inference.embed`), with the
         rules of `open` before a first chunk: other workers are tried on a failure,
         within `attempts` and the deadline."""
-        tried: set[bytes] = set()
-        last: MeshError | None = None
+        attempts = _Attempts(self, request_id, model, workers, deadline)
         for _ in range(self.attempts):
-            budget = deadline - time.monotonic()
-            budget -= min(self._margin, budget / 10)
-            if budget <= 0:
-                raise Timeout("the deadline passed before a worker answered", {"request_id": request_id})
-            try:
-                provider = self.router.choose(model, workers, tried)
-            except Unavailable:
-                if last is not None:
-                    raise for_caller(last, request_id) from None
-                raise
-            self.router.started(provider)
+            provider, budget = attempts.next()
             sent = time.monotonic()
             try:
                 answer = await self._mesh.connection(provider).call(method, params, timeout=budget)
             except _RETRYABLE as exc:
-                error: MeshError = exc
+                attempts.failed(provider, exc)
+                continue
             except BaseException as exc:
                 if isinstance(exc, (Timeout, asyncio.CancelledError)):
                     took(provider.node_hex)
@@ -227,21 +198,54 @@ class Relay:
                 if isinstance(exc, MeshError):
                     raise for_caller(exc, request_id) from exc
                 raise
-            else:
-                took(provider.node_hex)
-                self.router.first_token(provider, time.monotonic() - sent)
-                self.router.finished(provider)
-                if not isinstance(answer, dict):
-                    raise Unavailable("the worker's answer is not a map", {"request_id": request_id})
-                return answer
-            self.router.finished(provider, failed=True, busy=error.data.get("reason") == QUEUE_FULL)
-            log.info("worker failed; trying another", worker=provider.node_hex[:16], code=error.code,
-                     error=error.message)
-            tried.add(provider.node_key)
-            last = error
-            self.retries += 1
-        assert last is not None
-        raise for_caller(last, request_id) from last
+            took(provider.node_hex)
+            self.router.first_token(provider, time.monotonic() - sent)
+            self.router.finished(provider)
+            if not isinstance(answer, dict):
+                raise Unavailable("the worker's answer is not a map", {"request_id": request_id})
+            return answer
+        raise attempts.exhausted()
+
+
+class _Attempts:
+    """The workers tried for one request, in turn: each within the caller's deadline
+    (less the margin), none twice; the last failure is what the caller gets."""
+
+    def __init__(self, relay: Relay, request_id: str, model: str, workers: list[Provider], deadline: float) -> None:
+        self._relay, self._request_id, self._model, self._workers = relay, request_id, model, workers
+        self._deadline = deadline
+        self._tried: set[bytes] = set()
+        self._last: MeshError | None = None
+
+    def next(self) -> tuple[Provider, float]:
+        """The next worker (started on the router) and the seconds it may take."""
+        budget = self._deadline - time.monotonic()
+        budget -= min(self._relay._margin, budget / 10)
+        if budget <= 0:
+            raise Timeout("the deadline passed before a worker answered", {"request_id": self._request_id})
+        try:
+            provider = self._relay.router.choose(self._model, self._workers, self._tried)
+        except Unavailable:
+            if self._last is not None:
+                raise for_caller(self._last, self._request_id) from None
+            raise
+        self._relay.router.started(provider)
+        return provider, budget
+
+    def failed(self, provider: Provider, error: MeshError) -> None:
+        """`provider` failed before answering: cool it down (a full queue is only skipped)."""
+        busy = error.data.get("reason") == QUEUE_FULL
+        self._relay.router.finished(provider, failed=True, busy=busy)
+        log.info("worker failed before answering; trying another", worker=provider.node_hex[:16],
+                 code=error.code, error=error.message)
+        self._tried.add(provider.node_key)
+        self._last = error
+        self._relay.retries += 1
+
+    def exhausted(self) -> MeshError:
+        """What the caller gets once every attempt failed."""
+        assert self._last is not None
+        return for_caller(self._last, self._request_id)
 
 
 async def _close(stream: Stream | None) -> None:

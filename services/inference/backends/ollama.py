@@ -209,20 +209,12 @@ def _message(message: Message, request: GenerateRequest) -> dict[str, Any]:
         return {"role": "system", "content": message.text}
     if message.role == "tool":
         out = {"role": "tool", "content": message.text}
-        name = _call_name(request, message.tool_call_id)
+        name = request.call_name(message.tool_call_id)
         return {**out, "tool_name": name} if name is not None else out
     out = {"role": message.role, "content": message.text}
     if message.tool_calls:
         out["tool_calls"] = [{"function": {"name": c.name, "arguments": _arguments(c)}} for c in message.tool_calls]
     return out
-
-
-def _call_name(request: GenerateRequest, call_id: str | None) -> str | None:
-    for message in request.messages or ():
-        for call in message.tool_calls:
-            if call.id == call_id:
-                return call.name
-    return None
 
 
 def _arguments(call: ToolCall) -> dict[str, Any]:

@@ -71,21 +71,13 @@ def _plain(message: Message, request: GenerateRequest) -> dict[str, str]:
     if message.role == "developer":
         return {"role": "system", "content": message.text}
     if message.role == "tool":
-        name = _call_name(request, message.tool_call_id)
+        name = request.call_name(message.tool_call_id)
         body = json.dumps({"name": name, "content": message.text}, ensure_ascii=False)
         return {"role": "user", "content": f"<tool_response>{body}</tool_response>"}
     if message.tool_calls:
         calls = [{"name": c.name, "arguments": _arguments(c.arguments)} for c in message.tool_calls]
         return {"role": "assistant", "content": f"{message.text}{CALL_OPEN}{json.dumps(calls)}{CALL_CLOSE}"}
     return {"role": message.role, "content": message.text}
-
-
-def _call_name(request: GenerateRequest, call_id: str | None) -> str | None:
-    for message in request.messages or ():
-        for call in message.tool_calls:
-            if call.id == call_id:
-                return call.name
-    return None
 
 
 def _arguments(text: str) -> Any:
