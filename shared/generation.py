@@ -277,30 +277,39 @@ def _refuse(param: str, text: str, **data: Any) -> InvalidParams:
     return InvalidParams(f"{param} {text}", {"param": param, **data})
 
 
-def build_request(limits: Limits, params: Mapping[str, Any]) -> GenerateRequest:
-    """The validated request; `InvalidParams` naming the parameter for anything unknown, out of shape or bounds."""
-    unknown = sorted(str(name) for name in params if name not in PARAMETERS)
-    if unknown:
+def build_request(limits: Limits, params: Mapping[str, Any], *, max_tokens: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None) -> GenerateRequest:
+    """The validated request; `InvalidParams` naming the parameter for anything unknown, out of
+    shape or bounds. The keywords fill what `params` leaves out (a worker's model defaults)."""
+    if not params.keys() <= PARAMETERS:
+        unknown = sorted(str(name) for name in params if name not in PARAMETERS)
         raise _refuse(unknown[0], "is not a supported parameter", reason="unsupported")
-    messages, prompt = params.get("messages"), params.get("prompt")
+    get = params.get
+    messages, prompt = get("messages"), get("prompt")
     if (messages is None) == (prompt is None):
         raise _refuse("messages", "or prompt: give exactly one of them")
     parsed = _messages(messages, limits) if messages is not None else None
     if prompt is not None and (not isinstance(prompt, str) or not prompt):
         raise _refuse("prompt", "must be a non-empty string")
-    tools = _tools(params.get("tools"))
+    tools = _tools(get("tools")) if get("tools") is not None else ()
+    choice = _tool_choice(get("tool_choice"), tools) if get("tool_choice") is not None else None
+    asked_max = _max_tokens(get("max_tokens"), limits)
+    asked_temperature = _number(params, "temperature", 0.0, 2.0)
+    asked_top_p = _number(params, "top_p", 0.0, 1.0, open_low=True)
     request = GenerateRequest(
         messages=parsed, prompt=prompt,
-        max_tokens=_max_tokens(params.get("max_tokens"), limits),
-        temperature=_number(params, "temperature", 0.0, 2.0),
-        top_p=_number(params, "top_p", 0.0, 1.0, open_low=True),
+        max_tokens=asked_max if asked_max is not None else max_tokens,
+        temperature=asked_temperature if asked_temperature is not None else temperature,
+        top_p=asked_top_p if asked_top_p is not None else top_p,
         frequency_penalty=_number(params, "frequency_penalty", -2.0, 2.0),
         presence_penalty=_number(params, "presence_penalty", -2.0, 2.0),
-        stop=_stops(params.get("stop")), seed=_seed(params.get("seed")),
-        tools=tools, tool_choice=_tool_choice(params.get("tool_choice"), tools),
+        stop=_stops(get("stop")) if get("stop") is not None else (),
+        seed=_seed(get("seed")),
+        tools=tools, tool_choice=choice,
         parallel_tool_calls=_flag(params, "parallel_tool_calls", True),
-        response_format=_response_format(params.get("response_format")),
-        logprobs=_flag(params, "logprobs", False), top_logprobs=_top_logprobs(params),
+        response_format=_response_format(get("response_format")) if get("response_format") is not None else None,
+        logprobs=_flag(params, "logprobs", False),
+        top_logprobs=_top_logprobs(params) if get("top_logprobs") is not None else 0,
     )
     if prompt is not None and (tools or request.tool_choice is not None):
         raise _refuse("tools", "need messages (a chat request), not a prompt")
@@ -394,7 +403,7 @@ def _messages(messages: Any, limits: Limits) -> tuple[Message, ...]:
         raise _refuse("messages", "must be a non-empty list")
     if len(messages) > limits.max_messages:
         raise _refuse("messages", f"too many: {len(messages)}, at most {limits.max_messages}")
-    return tuple(_message(item, f"[{index}]") for index, item in enumerate(messages))
+    return tuple(_message(item, index) for index, item in enumerate(messages))
 
 
 _MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "refusal"}
@@ -403,14 +412,18 @@ _MESSAGE_KEYS = {"role", "content", "name", "tool_calls", "tool_call_id", "refus
 _EMPTY_ECHOES = {"function_call", "audio", "annotations", "reasoning_content"}
 
 
-def _message(item: Any, where: str) -> Message:
+def _message(item: Any, index: int) -> Message:
+    where = f"[{index}]"
     if not isinstance(item, dict):
         raise _refuse("messages", f"{where} must be an object with a role")
-    extra = sorted(str(k) for k, v in item.items()
-                   if k not in _MESSAGE_KEYS and not (k in _EMPTY_ECHOES and v in (None, [], "")))
-    if extra:
-        raise _refuse("messages", f"{where}.{extra[0]} is not supported", reason="unsupported")
+    if not item.keys() <= _MESSAGE_KEYS:
+        extra = sorted(str(k) for k, v in item.items()
+                       if k not in _MESSAGE_KEYS and not (k in _EMPTY_ECHOES and v in (None, [], "")))
+        if extra:
+            raise _refuse("messages", f"{where}.{extra[0]} is not supported", reason="unsupported")
     role = item.get("role")
+    if role == "user" and len(item) == 2 and isinstance(item.get("content"), str):  # the common case
+        return Message("user", item["content"])
     if role not in _ROLES:
         raise _refuse("messages", f"{where}.role must be one of {', '.join(_ROLES)}")
     calls = _history_calls(item.get("tool_calls"), where) if role == "assistant" else ()

@@ -49,6 +49,9 @@ def test_defaults_are_filled_only_where_the_caller_left_them():
     filled = request.resolved(max_tokens=2048, temperature=0.2, top_p=0.9)
     assert (filled.max_tokens, filled.temperature, filled.top_p) == (2048, 0.0, 0.9)
     assert filled.deterministic
+    # A worker fills them as it checks (one construction): the same request.
+    assert build_request(Limits(), {"messages": ASK, "temperature": 0.0}, max_tokens=2048, temperature=0.2,
+                         top_p=0.9) == filled
     assert build_request(Limits(), {"messages": ASK, "tools": [TOOL]}).choice.mode == "auto"
     assert build_request(Limits(), {"messages": ASK}).choice.mode == "none"
 

@@ -151,7 +151,7 @@ class InferenceService:
         defaults fill in (catalog.py, `Sampling`)."""
         served = self._served(model)
         backend = _chat(served)
-        request = self._resolved(served, build_request(self.limits, generation))
+        request = self._resolved(served, generation)
         rank = priority_of(priority)
         timing = _Timing()
         if not isinstance(tenant, str) or len(tenant) > 128:
@@ -210,11 +210,13 @@ class InferenceService:
         final["worker"]["load"] = served.load()  # after the slot was freed
         yield final
 
-    def _resolved(self, served: ServedModel, request: GenerateRequest) -> GenerateRequest:
-        """The request with the model's defaults where it left them out; a `max_tokens`
-        beyond the model's maximum, or tools or a format it cannot do, are refused."""
+    def _resolved(self, served: ServedModel, generation: dict[str, Any]) -> GenerateRequest:
+        """The checked request with the model's defaults where it left them out; a
+        `max_tokens` beyond the model's maximum, or tools or a format it cannot do, are refused."""
         sampling, limit = served.sampling, self.limits.max_tokens
         most = min(sampling.max_output, limit) if sampling.max_output is not None else limit
+        request = build_request(self.limits, generation, max_tokens=most, temperature=sampling.temperature,
+                                top_p=sampling.top_p)
         if request.max_tokens is not None and request.max_tokens > most:
             raise InvalidParams(f"max_tokens must be at most {most} for model {served.name!r}",
                                 {"param": "max_tokens"})
@@ -228,7 +230,7 @@ class InferenceService:
         if request.logprobs and "logprobs" not in capabilities:
             raise InvalidParams(f"logprobs: model {served.name!r} does not give log probabilities",
                                 {"param": "logprobs", "reason": "unsupported"})
-        return request.resolved(max_tokens=most, temperature=sampling.temperature, top_p=sampling.top_p)
+        return request
 
     @method(roles=("gateway",))
     async def embed(self, model: str, input: list[Any], dimensions: int | None = None,
