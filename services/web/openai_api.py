@@ -267,15 +267,22 @@ async def _stream(response: web.StreamResponse, shape: _Shape, relays: list[Rela
         for index, relay in enumerate(relays):
             opening = None if relay.opens_with_calls else ""
             await response.write(_sse(shape.piece({"role": "assistant", "content": opening}, index=index)))
-    queue: asyncio.Queue[tuple[int, dict[str, Any] | BaseException | None]] = asyncio.Queue()
+    if len(relays) == 1:  # one choice: straight through, so a reader that stops holds the model
+        async for item in relays[0].outputs():
+            await response.write(_sse(_piece(shape, item, 0, asked)))
+        await response.write(_sse(shape.piece({}, relays[0].finish_reason, index=0)))
+        return
+    # Several: one pump per choice into a queue of one item per choice at most, so a
+    # reader that stops holds every model too (an unbounded queue would not).
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | BaseException | None]] = asyncio.Queue(maxsize=len(relays))
 
     async def pump(index: int, relay: Relay) -> None:
         try:
             async for chunk in relay.outputs():
-                queue.put_nowait((index, chunk))
-            queue.put_nowait((index, None))
+                await queue.put((index, chunk))
+            await queue.put((index, None))
         except Exception as exc:  # noqa: BLE001 - raised again by the writer below
-            queue.put_nowait((index, exc))
+            await queue.put((index, exc))
 
     pumps = [asyncio.ensure_future(pump(index, relay)) for index, relay in enumerate(relays)]
     try:
@@ -287,14 +294,18 @@ async def _stream(response: web.StreamResponse, shape: _Shape, relays: list[Rela
                 if item is None:
                     await response.write(_sse(shape.piece({}, relays[index].finish_reason, index=index)))
                     break
-                text = text_of(item)
-                logprobs = logprobs_of(item) if asked.logprobs and text is not None else None
-                await response.write(_sse(shape.piece(_delta(item), text=text or "", index=index,
-                                                      logprobs=logprobs)))
+                await response.write(_sse(_piece(shape, item, index, asked)))
     finally:
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+
+
+def _piece(shape: _Shape, item: dict[str, Any], index: int, asked: _Asked) -> dict[str, Any]:
+    """The chunk of choice `index` carrying one output of its relay."""
+    text = text_of(item)
+    logprobs = logprobs_of(item) if asked.logprobs and text is not None else None
+    return shape.piece(_delta(item), text=text or "", index=index, logprobs=logprobs)
 
 
 def _usage(relays: list[Relay]) -> dict[str, int]:
