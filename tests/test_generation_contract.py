@@ -113,13 +113,13 @@ def test_tool_definitions_count_toward_the_prompt_bound():
 # -- the local backend's part: prompt, grammar, parse ---------------------------------------
 
 
-def test_tools_are_shown_in_the_system_message_and_history_in_the_call_format():
+def test_tools_are_shown_in_the_system_message_and_results_fold_into_the_users_turn():
     request = build_request(Limits(), {"messages": HISTORY, "tools": [TOOL], "tool_choice": "required"})
     rendered = prompt_messages(request)
     assert rendered[0]["role"] == "system" and rendered[0]["content"].startswith("Be brief.")
     assert "<tools>" in rendered[0]["content"] and "You must call" in rendered[0]["content"]
-    assert rendered[2]["content"] == '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
-    assert rendered[3]["role"] == "user" and "get_weather" in rendered[3]["content"]
+    assert rendered[1:] == [{"role": "user", "content":
+                             'Weather in Paris?\n\nget_weather({"city": "Paris"}) returned: 18 C and sunny'}]
 
 
 def test_grammars_for_each_choice_and_format():

@@ -5,9 +5,10 @@ what a model server's tool parser does, in three parts:
 
 * **prompt**: the tools are shown to the model in the system message (their
   JSON definitions, and how to call them: `<tool_call>[{"name": ..., "arguments":
-  {...}}]</tool_call>`, the format SmolLM2 was trained on); calls in the
-  history are written back in that format and tool results as
-  `<tool_response>` turns; `developer` messages become system messages.
+  {...}}]</tool_call>`, the format SmolLM2 was trained on); a call in the
+  history and its results fold into the user turn they answer
+  (`get_weather({"city": "Paris"}) returned: ...`), from which a small model
+  answers (`_history`); `developer` messages become system messages.
 * **grammar**: llama.cpp's grammar-constrained decoding makes the output valid
   by construction, even from a 135M model: for `tool_choice` "required" or a
   named function, the call block whose items match the tools' parameter
@@ -30,7 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from shared.errors import InvalidParams
-from shared.generation import GenerateRequest, Message, Tool, ToolCall
+from shared.generation import GenerateRequest, Tool, ToolCall
 
 __all__ = ["CALL_OPEN", "grammar_of", "parse_calls", "prompt_messages"]
 
@@ -47,7 +48,7 @@ _ANSWER_TEXT = r"[^<\x00] [^\x00]*"
 
 def prompt_messages(request: GenerateRequest) -> list[dict[str, Any]]:
     """The chat messages to render with the model's template: tools in the system message."""
-    out: list[dict[str, Any]] = [_plain(m, request) for m in request.messages or ()]
+    out = _history(request)
     if request.calls_tools:
         tools = request.tools
         choice = request.choice
@@ -67,17 +68,36 @@ def _shown(tool: Tool) -> dict[str, Any]:
     return {"name": tool.name, "description": tool.description, "parameters": dict(tool.parameters)}
 
 
-def _plain(message: Message, request: GenerateRequest) -> dict[str, str]:
-    if message.role == "developer":
-        return {"role": "system", "content": message.text}
-    if message.role == "tool":
-        name = request.call_name(message.tool_call_id)
-        body = json.dumps({"name": name, "content": message.text}, ensure_ascii=False)
-        return {"role": "user", "content": f"<tool_response>{body}</tool_response>"}
-    if message.tool_calls:
-        calls = [{"name": c.name, "arguments": _arguments(c.arguments)} for c in message.tool_calls]
-        return {"role": "assistant", "content": f"{message.text}{CALL_OPEN}{json.dumps(calls)}{CALL_CLOSE}"}
-    return {"role": message.role, "content": message.text}
+def _history(request: GenerateRequest) -> list[dict[str, Any]]:
+    """The conversation as plain turns. A small model answers from a tool's result when the
+    result is in the user's turn ("get_weather({...}) returned: ..."), and tends to copy
+    the format of a call turn or a `<tool_response>` turn instead; so a call and its
+    results fold into the user turn they answer (the call's own text, if any, stays)."""
+    out: list[dict[str, Any]] = []
+    for message in request.messages or ():
+        if message.role == "developer":
+            out.append({"role": "system", "content": message.text})
+        elif message.role == "tool":
+            name = request.call_name(message.tool_call_id) or "a tool"
+            line = f"{name}({_shown_arguments(request, message.tool_call_id)}) returned: {message.text}"
+            if out and out[-1]["role"] == "user":
+                out[-1] = {"role": "user", "content": f"{out[-1]['content']}\n\n{line}"}
+            else:
+                out.append({"role": "user", "content": line})
+        elif message.tool_calls:
+            if message.text:
+                out.append({"role": "assistant", "content": message.text})
+        else:
+            out.append({"role": message.role, "content": message.text})
+    return out
+
+
+def _shown_arguments(request: GenerateRequest, call_id: str | None) -> str:
+    for message in request.messages or ():
+        for call in message.tool_calls:
+            if call.id == call_id:
+                return json.dumps(_arguments(call.arguments), ensure_ascii=False)
+    return ""
 
 
 def _arguments(text: str) -> Any:
