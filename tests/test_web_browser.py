@@ -16,17 +16,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
+from browser_support import PHONE, chromium, fits_the_screen, new_page, register_and_login
 from services.web.security import CSP
 from web_support import ADMIN_EMAIL, MODEL, PASSWORD, web_stack
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.browser]
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-PHONE = {"width": 375, "height": 740}
 
 
 @pytest.fixture(scope="module")
@@ -37,12 +33,8 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+    with chromium() as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -51,33 +43,6 @@ def shots(tmp_path_factory) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     yield target
     print(f"\nscreenshots: {target}")
-
-
-def new_page(browser: Browser, stack, viewport=None) -> Page:
-    context = browser.new_context(base_url=stack.base_url, viewport=viewport or {"width": 1200, "height": 900})
-    context.set_default_timeout(10_000)
-    page = context.new_page()
-    page.csp_violations = []  # type: ignore[attr-defined]
-    page.on("console", lambda msg: "Content Security Policy" in msg.text and page.csp_violations.append(msg.text))
-    return page
-
-
-def register_and_login(page: Page, name: str, email: str | None = None) -> None:
-    page.goto("/register")
-    page.fill("#f-username", name)
-    page.fill("#f-email", email or f"{name}@example.com")
-    page.fill("#f-password", PASSWORD)
-    page.fill("#f-password2", PASSWORD)
-    page.click("button[type=submit] >> text=Create account")
-    expect(page).to_have_url(re.compile(r"/login\?registered=1$"))
-    page.fill("#f-username_or_email", name)
-    page.fill("#f-password", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(re.compile(r"/dashboard$"))
-
-
-def fits_the_screen(page: Page) -> bool:
-    return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth + 1")
 
 
 def test_register_login_create_key_once_revoke_and_logout(stack, browser, shots):
