@@ -6,6 +6,8 @@
     inferswarm password
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
     inferswarm admin grant|revoke USER        (the operator: needs the mesh secret)
+    inferswarm admin price set MODEL --input X --output Y [--cached Z] [--currency C] [--from ISO8601]
+    inferswarm admin price list [--model M]   (the operator, else a logged-in admin)
     inferswarm credential ROLE [--out FILE]   (the operator: a service's credential)
 
 Client commands work from any directory: they find the mesh through
@@ -24,7 +26,9 @@ commands need the mesh and do not take `--base-url`.
 
 `admin grant` and `admin revoke` call auth as a mesh member, with the key
 derived from the mesh secret (`member.py`): whoever holds the secret is the
-operator. Without it they stop at once with exit code 3. So does
+operator. Without it they stop at once with exit code 3. `admin price set`
+and `admin price list` do the same with the secret, and without it use the
+saved session (an administrator's, for `set`). So does
 `credential ROLE`, which prints one member role's credential (e.g. `inference`
 for a worker on another host): what a service process is given instead of
 the secret (`INFERSWARM_CREDENTIAL` or `INFERSWARM_CREDENTIAL_FILE`).
@@ -56,6 +60,8 @@ __all__ = ["main", "parser"]
 
 #: Commands that call members-only methods, with the mesh secret's key.
 MEMBER_COMMANDS = frozenset({"admin grant", "admin revoke"})
+#: Commands run as the operator when the mesh secret is at hand, else with the saved session token.
+OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list"})
 #: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
 HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
                            "keys revoke", "usage", "models", "quota", "infer", "chat"})
@@ -180,6 +186,19 @@ def parser() -> argparse.ArgumentParser:
         command = client(f"admin {action}", help, admin)
         command.add_argument("user", help="id (digits), username or email")
         command.add_argument("--reason", help="recorded in the audit log")
+    price = admin.add_parser("price", help="model prices per million tokens (the operator, or admins)"
+                             ).add_subparsers(dest="price_command", required=True, metavar="ACTION")
+    set_price = client("admin price set", "a new price version for a model, from now or --from on", price)
+    set_price.add_argument("model")
+    set_price.add_argument("--input", required=True, metavar="X", help="per million prompt tokens, e.g. 0.15")
+    set_price.add_argument("--output", required=True, metavar="Y", help="per million completion tokens")
+    set_price.add_argument("--cached", metavar="Z", help="per million prompt tokens of a cached answer "
+                                                         "(default: the input price; 0: free)")
+    set_price.add_argument("--currency", metavar="CODE", help="ISO 4217 (default: USD)")
+    set_price.add_argument("--from", dest="effective_from", metavar="ISO8601",
+                           help="when it applies, with a time zone, e.g. 2027-01-01T00:00:00Z (default: now)")
+    list_prices = client("admin price list", "prices in force now, and scheduled ones", price)
+    list_prices.add_argument("--model", help="one model only")
     return root
 
 
@@ -234,9 +253,20 @@ async def _run(args: argparse.Namespace) -> Result:
             return await command(args, web, creds)
     try:
         keys = None
-        if args.action in MEMBER_COMMANDS:
-            credential = member_credential(args.data_dir, f"`inferswarm {args.action}`")
-            mesh_id, keys = MeshId(credential.mesh_id), credential.client
+        args.as_operator = False
+        if args.action in MEMBER_COMMANDS | OPERATOR_OR_SESSION:
+            try:
+                credential = member_credential(args.data_dir, f"`inferswarm {args.action}`")
+            except NotAMember as exc:
+                if args.action not in OPERATOR_OR_SESSION:
+                    raise
+                if not creds.token:
+                    raise NotAMember(f"{exc}; or log in as an administrator") from None
+                credential = None  # a logged-in user: auth decides with the token
+            if credential is not None:
+                mesh_id, keys, args.as_operator = MeshId(credential.mesh_id), credential.client, True
+            else:
+                mesh_id = resolve_mesh_id(args.data_dir)
         else:
             mesh_id = resolve_mesh_id(args.data_dir)
         seeds = resolve_bootstrap(args.bootstrap, mesh_id)

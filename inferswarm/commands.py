@@ -158,6 +158,10 @@ async def usage(args: Namespace, session: Session, creds: Credentials) -> Result
     totals = report["totals"]
     text = table(["day", "key", "requests", "tokens", "errors", "cache hits"], rows)
     text += f"\ntotal: {totals.get('requests', 0)} requests, {totals.get('tokens', 0)} tokens"
+    for currency, cost in sorted((totals.get("cost") or {}).items()):
+        text += f", {cost} {currency}"
+    if totals.get("unpriced"):
+        text += f" ({totals['unpriced']} requests without a price)"
     return Result(text, report)
 
 
@@ -188,6 +192,25 @@ async def _set_admin(args: Namespace, session: Session, action: str) -> Result:
         ("revoke", True): "is no longer an administrator", ("revoke", False): "was not an administrator",
     }
     return Result(f"{who} {outcomes[action, user['changed']]}", user)
+
+
+async def admin_price_set(args: Namespace, session: Session, creds: Credentials) -> Result:
+    """As the operator (the mesh secret), else as the logged-in admin."""
+    token = None if args.as_operator else need_token(creds)
+    price = await _auth(session).set_price(
+        token=token, model=args.model, input=args.input, output=args.output, cached=args.cached,
+        currency=args.currency, effective_from=args.effective_from)
+    cached = f", cached input {price['cached']}" if price["cached"] is not None else ""
+    return Result(f"{price['model']}: input {price['input']}, output {price['output']}{cached} "
+                  f"{price['currency']} per million tokens, from {price['effective_from']}", price)
+
+
+async def admin_price_list(args: Namespace, session: Session, creds: Credentials) -> Result:
+    token = None if args.as_operator else need_token(creds)
+    prices = await _auth(session).prices(token=token, model=args.model)
+    rows = [[p["model"], p["input"], p["output"], p["cached"] or "-", p["currency"], p["effective_from"][:19],
+             p["status"]] for p in prices]
+    return Result(table(["model", "input", "output", "cached", "currency", "from", "status"], rows), prices)
 
 
 def shown(text: str) -> str:
@@ -364,6 +387,8 @@ COMMANDS = {
     "admin set-tier": admin_set_tier,
     "admin grant": admin_grant,
     "admin revoke": admin_revoke,
+    "admin price set": admin_price_set,
+    "admin price list": admin_price_list,
     "status": status,
     "infer": infer,
     "chat": chat,

@@ -17,6 +17,7 @@ from services.auth.config import AuthConfig
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
 from services.auth.passwords import PRODUCTION, PasswordHasher
+from services.auth.price_store import PriceStore
 from services.auth.registration import RegistrationThrottle
 from services.auth.service import AuthService
 from services.auth.store import AuthStore
@@ -61,6 +62,7 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
         housekeeper=housekeeper,
         registrations=RegistrationThrottle(store, config.registration),
         max_keys_per_user=config.max_keys_per_user,
+        prices=PriceStore(pool),
     )
 
 

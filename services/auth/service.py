@@ -15,9 +15,12 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.create_key    public    token, name[, expires_in_days] -> key (shown once)
     auth.list_keys     public    token -> keys (never the key)
     auth.revoke_key    public    token, key_id -> key
-    auth.usage         public    token[, start, end] -> per day and key
+    auth.usage         public    token[, start, end] -> per day and key (and model: costs)
     auth.set_tier      public    token, user, tier -> user (admins only)
     auth.set_active    public    token, user, active -> user (admins only)
+    auth.set_price     public    model, input, output[, cached, currency, effective_from, token] ->
+                                 the new price version (admins by token, or the operator)
+    auth.prices        public    token[, model] (the operator: no token) -> current and scheduled prices
     auth.grant_admin   operator  user[, reason] -> user (the operator: `inferswarm admin grant`)
     auth.revoke_admin  operator  user[, reason] -> user
     auth.token_key     public    -> the JWT public key
@@ -45,6 +48,7 @@ import asyncpg
 
 from shared.errors import Conflict, Forbidden, InvalidParams, RateLimited, Unauthenticated
 from shared.logging import get_logger
+from shared.roles import OPERATOR
 from shared.rpc import current_request, method
 from shared.tiers import DEFAULT_TIER, TierName, TierTable
 from services.auth import keys as apikeys
@@ -52,6 +56,8 @@ from services.auth import validation as check
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
 from services.auth.passwords import PasswordHasher
+from services.auth import prices as money
+from services.auth.price_store import PriceStore
 from services.auth.records import parse_batch
 from services.auth.store import AuthStore
 from services.auth.registration import RegistrationThrottle
@@ -96,10 +102,11 @@ class AuthService:
         self, store: AuthStore, usage: UsageStore, *, passwords: PasswordHasher,
         tokens: TokenIssuer, tiers: TierTable, throttle: LoginThrottle, feed: InvalidationFeed,
         housekeeper: Housekeeper, registrations: RegistrationThrottle | None = None,
-        max_keys_per_user: int = 100, max_key_days: int = 3650,
+        max_keys_per_user: int = 100, max_key_days: int = 3650, prices: PriceStore | None = None,
     ) -> None:
         self.store = store  #: the accounts' SQL (services/auth/store.py)
         self._usage = usage
+        self._prices = prices or PriceStore(usage.pool)
         self._passwords = passwords
         self._tokens = tokens
         self._tiers = tiers
@@ -438,16 +445,70 @@ class AuthService:
         if first > last or (last - first).days >= _MAX_RANGE_DAYS:
             raise InvalidParams(f"start must be before end, at most {_MAX_RANGE_DAYS} days apart")
         rows = await self._usage.daily(user["id"], first, last)
+        costs = await self._usage.costs(user["id"], first, last)
+        by_day_key: dict[tuple[date, int | None], list[asyncpg.Record]] = {}
+        for c in costs:
+            by_day_key.setdefault((c["day"], c["key_id"]), []).append(c)
         days = [{
             "day": r["day"].isoformat(), "key_id": r["key_id"], "key_name": r["key_name"],
             "key_prefix": r["key_prefix"], "requests": r["requests"],
             "prompt_tokens": r["prompt_tokens"], "completion_tokens": r["completion_tokens"],
             "tokens": r["prompt_tokens"] + r["completion_tokens"], "errors": r["errors"],
-            "cache_hits": r["cache_hits"],
+            "cache_hits": r["cache_hits"], **_cost_totals(by_day_key.get((r["day"], r["key_id"]), [])),
         } for r in rows]
-        totals = {f: sum(d[f] for d in days) for f in
-                  ("requests", "prompt_tokens", "completion_tokens", "tokens", "errors", "cache_hits")}
-        return {"start": first.isoformat(), "end": last.isoformat(), "days": days, "totals": totals}
+        totals: dict[str, Any] = {f: sum(d[f] for d in days) for f in
+                                  ("requests", "prompt_tokens", "completion_tokens", "tokens", "errors",
+                                   "cache_hits")}
+        totals.update(_cost_totals(costs))
+        models = [{
+            "day": c["day"].isoformat(), "key_id": c["key_id"], "model": c["model"],
+            "currency": c["currency"] or None, "requests": c["requests"],
+            "cost": money.money(c["cost"]) if c["currency"] else None, "unpriced": c["unpriced"],
+        } for c in costs]
+        return {"start": first.isoformat(), "end": last.isoformat(), "days": days, "totals": totals,
+                "costs": models}
+
+    # -- prices --------------------------------------------------------------------------
+
+    @method(public=True)
+    async def set_price(
+        self, model: str, input: str | int, output: str | int, cached: str | int | None = None,
+        currency: str = "USD", effective_from: str | None = None, token: str | None = None,
+    ) -> dict[str, Any]:
+        """A new version of a model's price per million tokens (decimal strings), from
+        `effective_from` (ISO 8601 with an offset, not in the past; default now) on.
+
+        Admins by their token; the operator (a member of the operator role) without one.
+        Usage already stored keeps its cost.
+        """
+        actor_id = await self._price_setter(token)
+        row = await self._prices.set_price(
+            money.check_model(model), money.check_price(input, "input"), money.check_price(output, "output"),
+            None if cached is None else money.check_price(cached, "cached"), money.check_currency(currency),
+            None if effective_from is None else money.check_moment(effective_from, "effective_from"),
+            actor_id=actor_id, by="admin" if actor_id is not None else "operator",
+        )
+        log.info("price set", model=model, actor_id=actor_id, effective_from=row["effective_from"].isoformat())
+        return money.price_view(row, row["now"])
+
+    @method(public=True, idempotent=True)
+    async def prices(self, token: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
+        """Every model's price in force now and those scheduled, by model then time: anyone
+        logged in (the operator without a token)."""
+        if token is not None:
+            await self._authenticate(token)
+        elif not _is_operator():
+            raise Unauthenticated("a session token is needed")
+        rows = await self._prices.prices(None if model is None else money.check_model(model))
+        return [money.price_view(row, row["now"]) for row in rows]
+
+    async def _price_setter(self, token: str | None) -> int | None:
+        """Who sets a price: an admin's id, or None for the operator; else refused."""
+        if token is not None:
+            return int((await self._authenticate_admin(token))["id"])
+        if not _is_operator():
+            raise Unauthenticated("an administrator's session token is needed")
+        return None
 
     # -- administration ----------------------------------------------------------------
 
@@ -552,6 +613,22 @@ class AuthService:
             "tier": user["tier"], "is_admin": user["is_admin"],
             "is_active": user["is_active"], "created_at": _iso(user["created_at"]),
         }
+
+
+def _is_operator() -> bool:
+    """The caller holds the mesh secret itself (`inferswarm admin`), or calls in-process."""
+    ctx = current_request.get()
+    return ctx is None or (ctx.member and ctx.role == OPERATOR)
+
+
+def _cost_totals(costs: list[asyncpg.Record]) -> dict[str, Any]:
+    """`cost`: the sum per currency, as decimal strings; `unpriced`: requests without a price."""
+    sums: dict[str, Any] = {}
+    for c in costs:
+        if c["currency"]:
+            sums[c["currency"]] = sums.get(c["currency"], 0) + c["cost"]
+    return {"cost": {cur: money.money(total) for cur, total in sorted(sums.items())},
+            "unpriced": sum(c["unpriced"] for c in costs)}
 
 
 def _epoch_of(claims: dict[str, Any]) -> int:

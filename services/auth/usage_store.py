@@ -6,6 +6,12 @@ are added to `usage_daily`, in the same statement and so the same
 transaction. A retried batch, or two gateways sending the same record, count
 once. Rows naming an unknown user, or a key that is not that user's, are
 rejected and counted as such.
+
+Each record is priced as it is inserted, in the same statement: the version
+of its model's price in force at its moment (`model_prices`, price_store.py),
+`cost` rounded half to even to 10 decimals (prices.py has the rule), NULL
+without a price. `usage_daily_costs` sums cost per day, key, model and
+currency, and counts the unpriced requests.
 """
 
 from __future__ import annotations
@@ -49,14 +55,28 @@ WITH batch AS (
     SELECT b.* FROM batch b JOIN users u ON u.id = b.user_id
     WHERE b.key_id IS NULL
        OR EXISTS (SELECT 1 FROM api_keys k WHERE k.id = b.key_id AND k.user_id = b.user_id)
+), priced AS (
+    -- The version of the model's price in force at the record's moment, if any. `* 0.000001`,
+    -- not `/ 1000000`: numeric multiplication is exact, division keeps only ~16 digits.
+    SELECT a.*, p.currency,
+           round_half_even((a.prompt_tokens * CASE WHEN a.cached AND p.cached_price IS NOT NULL
+                                                   THEN p.cached_price ELSE p.input_price END
+                            + a.completion_tokens * p.output_price) * 0.000001, 10) AS cost
+    FROM (SELECT accepted.*, COALESCE(accepted.created_at, now()) AS at FROM accepted) a
+    LEFT JOIN LATERAL (
+        SELECT mp.input_price, mp.output_price, mp.cached_price, mp.currency FROM model_prices mp
+        WHERE mp.model = a.model AND mp.effective_from <= a.at
+        ORDER BY mp.effective_from DESC LIMIT 1
+    ) p ON true
 ), inserted AS (
     INSERT INTO usage (request_id, user_id, key_id, model, prompt_hash, prompt_tokens,
-                       completion_tokens, cached, latency_ms, status, worker, created_at)
+                       completion_tokens, cached, latency_ms, status, worker, created_at, cost, currency)
     SELECT request_id, user_id, key_id, model, prompt_hash, prompt_tokens, completion_tokens,
-           cached, latency_ms, status, worker, COALESCE(created_at, now())
-    FROM accepted
+           cached, latency_ms, status, worker, at, cost, currency
+    FROM priced
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING user_id, key_id, created_at, prompt_tokens, completion_tokens, cached, status
+    RETURNING user_id, key_id, created_at, model, prompt_tokens, completion_tokens, cached, status,
+              cost, currency
 ), daily AS (
     INSERT INTO usage_daily AS d (user_id, key_id, day, requests, prompt_tokens,
                                   completion_tokens, errors, cache_hits)
@@ -70,6 +90,15 @@ WITH batch AS (
         completion_tokens = d.completion_tokens + EXCLUDED.completion_tokens,
         errors = d.errors + EXCLUDED.errors,
         cache_hits = d.cache_hits + EXCLUDED.cache_hits
+), costs AS (
+    INSERT INTO usage_daily_costs AS c (user_id, key_id, day, model, currency, requests, cost, unpriced)
+    SELECT user_id, key_id, (created_at AT TIME ZONE 'UTC')::date, model, COALESCE(currency, ''),
+           count(*), COALESCE(sum(cost), 0), count(*) FILTER (WHERE cost IS NULL)
+    FROM inserted GROUP BY 1, 2, 3, 4, 5
+    ON CONFLICT (user_id, day, (COALESCE(key_id, 0)), model, currency) DO UPDATE SET
+        requests = c.requests + EXCLUDED.requests,
+        cost = c.cost + EXCLUDED.cost,
+        unpriced = c.unpriced + EXCLUDED.unpriced
 )
 SELECT (SELECT count(*) FROM accepted) AS accepted, (SELECT count(*) FROM inserted) AS inserted
 """
@@ -82,7 +111,13 @@ WHERE d.user_id = $1 AND d.day BETWEEN $2 AND $3
 ORDER BY d.day, d.key_id NULLS FIRST
 """
 
-# Distinct users over both windows in one pass over the last 24 hours.
+_COSTS = """
+SELECT c.day, c.key_id, c.model, c.currency, c.requests, c.cost, c.unpriced
+FROM usage_daily_costs c
+WHERE c.user_id = $1 AND c.day BETWEEN $2 AND $3
+ORDER BY c.day, c.key_id NULLS FIRST, c.model, c.currency
+"""
+
 _RECENT = """
 SELECT u.created_at, u.model, u.prompt_tokens, u.completion_tokens, u.cached, u.latency_ms,
        u.status, k.name AS key_name, k.prefix AS key_prefix
@@ -92,6 +127,7 @@ ORDER BY u.created_at DESC
 LIMIT $2
 """
 
+# Distinct users over both windows in one pass over the last 24 hours.
 _ACTIVE_USERS = """
 SELECT count(DISTINCT user_id) FILTER (WHERE created_at >= now() - interval '1 hour') AS last_hour,
        count(DISTINCT user_id) AS last_day
@@ -126,6 +162,10 @@ class UsageStore:
     async def daily(self, user_id: int, start: date, end: date) -> list[asyncpg.Record]:
         """Per day and per key, from `start` to `end` inclusive (UTC days)."""
         return await self.pool.fetch(_DAILY, user_id, start, end)
+
+    async def costs(self, user_id: int, start: date, end: date) -> list[asyncpg.Record]:
+        """Cost per day, key, model and currency ('' for unpriced requests), `start` to `end` inclusive."""
+        return await self.pool.fetch(_COSTS, user_id, start, end)
 
     async def recent(self, user_id: int, limit: int) -> list[asyncpg.Record]:
         """A user's latest requests, newest first."""

@@ -9,7 +9,12 @@
     GET    /api/auth/api-keys        Bearer token                           -> {keys: [...]}
     POST   /api/auth/api-keys        Bearer token, {name, expires_in_days?} -> 201 key (api_key shown once)
     DELETE /api/auth/api-keys/{id}   Bearer token                           -> the revoked key
-    GET    /api/usage?start&end      Bearer token                           -> per day and key, totals
+    GET    /api/usage?start&end      Bearer token                           -> per day and key, totals, costs
+                                                                               per day/key/model (decimal strings)
+    GET    /api/prices?model         Bearer token                           -> {prices: [...]}: in force now and
+                                                                               scheduled, money as decimal strings
+    POST   /api/prices               Bearer token (an admin), {model, input, output, cached?, currency?,
+                                     effective_from?}                       -> 201 the new price version
     GET    /api/quota                Bearer token or X-API-Key              -> limits, remaining, reset
     POST   /api/inference            X-API-Key, {model, messages | prompt, max_tokens, temperature,
                                      top_p, stop, seed, logprobs?, top_logprobs?, stream?}
@@ -18,10 +23,14 @@
 Sessions here are the token of `/api/auth/login` in `Authorization: Bearer`;
 cookies are never read, so no cross-site page can act through this API.
 Errors: `{"error": {"code", "message"}}` with the status of the error table.
+Money is a decimal string ("0.150000"): JSON has no decimal type. A price may
+be sent as a string or a JSON number; a number is taken as written (never
+through a float), so 0.15 is exactly 0.15.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Literal, overload
 
@@ -40,7 +49,7 @@ __all__ = ["routes", "json_body", "bearer", "api_key_of"]
 routes = web.RouteTableDef()
 
 
-async def json_body(request: web.Request) -> dict[str, Any]:
+async def json_body(request: web.Request, *, exact: bool = False) -> dict[str, Any]:
     """The request's JSON object; DECODE_ERROR (400) for anything else.
 
     Only as `Content-Type: application/json`: a page on another site can
@@ -50,8 +59,10 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise DecodeError("send the body as JSON, with Content-Type: application/json",
                           {"content_type": request.content_type[:64]})
+    # `exact`: a JSON number with a fraction stays the text it was written as (money).
+    loads = functools.partial(json.loads, parse_float=str) if exact else json.loads
     try:
-        body = await request.json(loads=json.loads)
+        body = await request.json(loads=loads)
     except ValueError:
         raise DecodeError("the body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -167,6 +178,38 @@ async def usage(request: web.Request) -> web.Response:
     report = await request.app[UPSTREAM].auth.usage(token=bearer(request), start=request.query.get("start"),
                                                     end=request.query.get("end"))
     return web.json_response(report)
+
+
+@routes.get("/api/prices")
+async def prices(request: web.Request) -> web.Response:
+    listed = await request.app[UPSTREAM].auth.prices(token=bearer(request), model=request.query.get("model"))
+    return web.json_response({"prices": listed})
+
+
+@routes.post("/api/prices")
+async def set_price(request: web.Request) -> web.Response:
+    token = bearer(request)
+    body = await json_body(request, exact=True)
+    unknown = sorted(set(body) - {"model", "input", "output", "cached", "currency", "effective_from"})
+    if unknown:
+        raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
+    price = await request.app[UPSTREAM].auth.set_price(
+        token=token, model=_string(body, "model"), input=_amount(body, "input"), output=_amount(body, "output"),
+        cached=_amount(body, "cached", required=False), currency=_string(body, "currency", required=False),
+        effective_from=_string(body, "effective_from", required=False))
+    return web.json_response(price, status=201)
+
+
+def _amount(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
+    """Money as its decimal text, for auth to check (a whole number of any size too)."""
+    value = body.get(name)
+    if value is None and not required:
+        return None
+    if type(value) is int:
+        return str(value)
+    if not isinstance(value, str):
+        raise InvalidParams(f"{name} must be a decimal number such as \"0.15\"", {"param": name})
+    return value
 
 
 @routes.get("/api/quota")

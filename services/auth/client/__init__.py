@@ -24,11 +24,13 @@ from services.auth.client.api import (
     KeyIdentity,
     LoggedOut,
     NewApiKey,
+    Price,
     RecentRequest,
     RecordCounts,
     Session,
     TierLimits,
     TokenKey,
+    UsageCost,
     UsageDay,
     UsageRecord,
     UsageReport,
@@ -53,6 +55,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
     "AuthClient", "Invalidation", "Invalidations", "KeyIdentity", "KeyValidator", "LoggedOut", "NewApiKey",
-    "RecentRequest", "RecordCounts", "Session", "TierLimits", "TokenKey", "TokenVerifier", "UsageDay",
-    "UsageRecord", "UsageReport", "UsageTotals", "User",
+    "Price", "RecentRequest", "RecordCounts", "Session", "TierLimits", "TokenKey", "TokenVerifier", "UsageCost",
+    "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]

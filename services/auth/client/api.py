@@ -20,8 +20,8 @@ from shared.rpc.typed import TypedClient, Wire
 
 __all__ = [
     "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuthClient",
-    "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "RecentRequest",
-    "RecordCounts", "Session", "TierLimits", "TokenKey", "UsageDay", "UsageRecord", "UsageReport",
+    "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "RecentRequest",
+    "RecordCounts", "Session", "TierLimits", "TokenKey", "UsageCost", "UsageDay", "UsageRecord", "UsageReport",
     "UsageTotals", "User",
 ]
 
@@ -166,6 +166,8 @@ class UsageTotals(TypedDict):
     tokens: int
     errors: int
     cache_hits: int
+    cost: dict[str, str]  #: currency -> the sum of priced requests' costs, a decimal string ("0.0123000000")
+    unpriced: int  #: requests whose model had no price at their time (no cost)
 
 
 class UsageDay(UsageTotals):
@@ -177,11 +179,37 @@ class UsageDay(UsageTotals):
     key_prefix: str | None
 
 
+class UsageCost(TypedDict):
+    """One UTC day of one key and one model, in one currency."""
+
+    day: str
+    key_id: int | None
+    model: str
+    currency: str | None  #: None for requests without a price
+    requests: int
+    cost: str | None  #: a decimal string; None when none of them had a price
+    unpriced: int
+
+
 class UsageReport(TypedDict):
     start: str
     end: str
     days: list[UsageDay]
     totals: UsageTotals
+    costs: list[UsageCost]
+
+
+class Price(TypedDict):
+    """A version of a model's price, per million tokens; money as decimal strings ("0.150000")."""
+
+    model: str
+    input: str
+    output: str
+    cached: str | None  #: a cached answer's prompt tokens; None: the input price
+    currency: str  #: ISO 4217
+    effective_from: str  #: ISO 8601
+    status: Literal["current", "scheduled"]
+    created_at: str
 
 
 class RecentRequest(TypedDict):
@@ -225,6 +253,8 @@ class AuthClient(TypedClient):
         "list_users": Wire("auth.list_users", idempotent=True),
         "set_tier": Wire("auth.set_tier", idempotent=True),
         "set_active": Wire("auth.set_active", idempotent=True),
+        "set_price": Wire("auth.set_price"),
+        "prices": Wire("auth.prices", idempotent=True),
         "grant_admin": Wire("auth.grant_admin", idempotent=True),
         "revoke_admin": Wire("auth.revoke_admin", idempotent=True),
     }
@@ -316,6 +346,19 @@ class AuthClient(TypedClient):
     async def set_active(self, *, token: str, user: int | str, active: bool,
                          timeout: float | None = None) -> User:
         return await self._call("set_active", timeout, token=token, user=user, active=active)
+
+    async def set_price(self, *, model: str, input: str | int, output: str | int, cached: str | int | None = None,
+                        currency: str | None = None, effective_from: str | None = None, token: str | None = None,
+                        timeout: float | None = None) -> Price:
+        """A new price version (per million tokens, decimal strings): admins by `token`, the operator
+        without one. `effective_from`: ISO 8601 with an offset, not in the past (default now)."""
+        return await self._call("set_price", timeout, model=model, input=input, output=output, cached=cached,
+                                currency=currency, effective_from=effective_from, token=token)
+
+    async def prices(self, *, token: str | None = None, model: str | None = None,
+                     timeout: float | None = None) -> list[Price]:
+        """The prices in force now and those scheduled (anyone logged in; the operator without a token)."""
+        return await self._call("prices", timeout, token=token, model=model)
 
     async def grant_admin(self, *, user: int | str, reason: str | None = None,
                           timeout: float | None = None) -> AdminChange:
