@@ -9,6 +9,7 @@
     inferswarm admin price set MODEL --input X --output Y [--cached Z] [--currency C] [--from ISO8601]
     inferswarm admin price list [--model M]   (the operator, else a logged-in admin)
     inferswarm credential ROLE [--out FILE]   (the operator: a service's credential)
+    inferswarm receipts verify FILE [--keys FILE | --base-url URL]   (signed usage receipts)
 
 Client commands work from any directory: they find the mesh through
 `--bootstrap HOST:PORT` (or `INFERSWARM_BOOTSTRAP`; default the local stack's,
@@ -22,7 +23,8 @@ sends `infer`, `chat`, `models`, `quota`, `usage`, `register`, `login`,
 `logout`, `password` and `keys` to the web service's HTTP API instead
 (`httpclient.py`), with the same output, error lines and exit codes;
 `--ca-file FILE` trusts a certificate authority for an https URL. The other
-commands need the mesh and do not take `--base-url`.
+commands need the mesh and do not take `--base-url` (but `receipts verify`,
+which may ask the web service for the gateways' keys: receipts.py).
 
 `admin grant` and `admin revoke` call auth as a mesh member, with the key
 derived from the mesh secret (`member.py`): whoever holds the secret is the
@@ -42,7 +44,7 @@ import json
 import sys
 from pathlib import Path
 
-from inferswarm import up
+from inferswarm import receipts, up
 from inferswarm.commands import COMMANDS, Result
 from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
@@ -175,6 +177,12 @@ def parser() -> argparse.ArgumentParser:
                              help="answer in JSON valid against the JSON Schema in FILE (OpenAI's "
                                   "response_format json_schema, strict)")
         command.add_argument("--no-stream", action="store_true", help="print the answer when complete")
+
+    verify = commands.add_parser("receipts", help="signed usage receipts").add_subparsers(
+        dest="receipts_command", required=True, metavar="ACTION").add_parser(
+        "verify", parents=[common, http], help="check receipts against the gateways' keys (--keys FILE, the web "
+                                               "service at --base-url, else the mesh)")
+    receipts.add_arguments(verify)
 
     admin = commands.add_parser("admin", help="administration").add_subparsers(
         dest="admin_command", required=True, metavar="ACTION")

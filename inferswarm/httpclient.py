@@ -15,7 +15,7 @@ and the commands run unchanged. Each method is one route:
     list_keys, create_key, revoke_key       /api/auth/...              (services/web/api.py)
 
 Answers come back in the RPC shapes: `/v1` chunks become `{"text"}` chunks and
-a final `{"done": true, model, finish_reason, usage, id}` (no `timing`,
+a final `{"done": true, model, finish_reason, usage, id, receipt}` (no `timing`,
 `cached` or `rate_limit`: /v1 does not carry them). Errors become the same typed
 errors (`shared.errors`), so the CLI prints the same line and exit code: the
 code from the body (OpenAI's `code` is ours in lower case, REST's is ours),
@@ -53,6 +53,7 @@ STATUS_CODES = {400: "INVALID_PARAMS", 401: "UNAUTHENTICATED", 403: "FORBIDDEN",
                 409: "CONFLICT", 413: "TOO_LARGE", 429: "RATE_LIMITED", 500: "INTERNAL",
                 501: "METHOD_NOT_FOUND", 503: "UNAVAILABLE", 504: "TIMEOUT"}
 _COUNTERS = ("requests_per_hour", "requests_per_month", "tokens_per_month")
+_RECEIPT_HEADER = "x-inferswarm-receipt"  #: shared/receipts.py's HEADER (this module keeps to the standard library)
 _NO_KEY = "no API key: run `inferswarm keys create NAME` or set INFERSWARM_API_KEY"
 
 
@@ -375,11 +376,13 @@ class EventStream:
                    if isinstance(c, dict)]
         for chunk in self._absorb({**completion, "choices": choices}):
             yield chunk
+        if self._reply.headers.get(_RECEIPT_HEADER):
+            self._final["receipt"] = self._reply.headers[_RECEIPT_HEADER]
         yield self._final
 
     def _absorb(self, event: dict[str, Any]) -> list[dict[str, Any]]:
-        """The text of one chunk; its model, id, finish reason and usage kept for the final chunk."""
-        for name in ("model", "id", "usage"):
+        """The text of one chunk; its model, id, finish reason, usage and receipt kept for the final chunk."""
+        for name in ("model", "id", "usage", "receipt"):
             if event.get(name) is not None:
                 self._final[name] = event[name]
         texts = []

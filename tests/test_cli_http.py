@@ -150,7 +150,8 @@ def test_infer_prints_what_the_mesh_path_prints(stack, tmp_path):
         assert answer[name] == mesh_answer[name], name
     assert answer["text"] == "The quick brown fox jumps " and answer["finish_reason"] == "length"
     assert answer["model"] == MODEL and answer["usage"]["completion_tokens"] == 5
-    assert set(answer) == {"text", "model", "id", "finish_reason", "usage"}, (answer, mesh_answer)
+    assert set(answer) == {"text", "model", "id", "finish_reason", "usage", "receipt"}, (answer, mesh_answer)
+    assert answer["receipt"].startswith("isr-v1.") and mesh_answer["receipt"].startswith("isr-v1.")
 
     # The same through INFERSWARM_BASE_URL, with a key given by INFERSWARM_API_KEY only.
     key = json.loads(ok(user.http("keys", "create", "env", "--json")))["api_key"]

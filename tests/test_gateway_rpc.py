@@ -5,7 +5,7 @@ a DHT seed in the test process, PostgreSQL for auth and for the limits.
 Exact limits across both gateways under 64 concurrent callers, a worker
 killed mid-run, revocation within a second on both gateways, a cancelled
 stream stopping the worker and billed for its prompt and what was delivered,
-deadlines shorter than the prefill still using requests, the caller's
+deadlines shorter than the prefill still using requests, signed receipts, the caller's
 deadline bounding auth's key and token checks (not a fixed budget), bad input."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from shared.errors import (
     Unavailable,
 )
 from shared.identity import CurveKeyPair
+from shared.receipts import verify
 from shared.rpc import Connection
 from auth_support import table_locked
 from gateway_support import MODEL, GatewayMesh, infer, running_mesh
@@ -63,6 +64,10 @@ async def test_a_request_flows_end_to_end_with_limits_and_accounting(mesh):
         assert [c["text"] for c in chunks[:-1]] == ["w0 ", "w1 ", "w2 "]
         assert final["done"] and final["usage"]["completion_tokens"] == 3
         assert final["request_id"].startswith("gw-")
+        signer = (await connection.call("gateway.health"))["gateway"]  # its node key signs the receipt
+        receipt = verify(final["receipt"], [signer])
+        assert (receipt.request_id, receipt.model, receipt.user_id) == (final["request_id"], MODEL, ada.id)
+        assert (receipt.prompt_tokens, receipt.completion_tokens) == (final["usage"]["prompt_tokens"], 3)
         facts = final["rate_limit"]
         assert facts["requests_per_hour"]["limit"] == 100 and facts["requests_per_hour"]["remaining"] < 100
         assert facts["tokens_per_month"]["reset"] > time.time()

@@ -21,7 +21,7 @@ from services.gateway.config import GatewayConfig
 
 async def build(config: GatewayConfig, stack: AsyncExitStack, node: MeshNode) -> list[object]:
     dsn = await stack.enter_async_context(database_dsn(config.mesh.data_dir, config.db.url, database="gateway"))
-    service = await open_gateway(stack, config, node.mesh, dsn=dsn, gateway_id=node.identity.public_key.hex(),
+    service = await open_gateway(stack, config, node.mesh, dsn=dsn, signer=node.identity,
                                  state_dir=node.state_dir, metrics=node.metrics)
     return [service]
 

@@ -16,6 +16,7 @@ from typing import Any
 from shared.db import apply_migrations, create_pool
 from shared.logging import get_logger
 from shared.metrics import Metrics
+from shared.receipts import Signer
 from shared.rpc import MeshClient
 from services.auth.client import AuthClient, KeyValidator
 from services.metrics.client import MetricsClient
@@ -39,13 +40,17 @@ log = get_logger(__name__)
 
 
 async def open_gateway(
-    stack: AsyncExitStack, config: GatewayConfig, mesh: MeshClient, *, dsn: str, gateway_id: str,
+    stack: AsyncExitStack, config: GatewayConfig, mesh: MeshClient, *, dsn: str, signer: Signer,
     state_dir: Path, metrics: Metrics | None = None,
 ) -> GatewayService:
     """Pool, migrations, journal replay, leases of an earlier run, loops; the service.
 
+    `signer` is the node's identity: its public key is the gateway's id, and
+    it signs the usage receipts (shared/receipts.py).
+
     `metrics` is the process's registry for the metrics service (the runner's
     `node.metrics`); without it nothing leaves the process (counts.py)."""
+    gateway_id = signer.public_key.hex()
     pool = await create_pool(dsn, min_size=2, max_size=config.pool_size)
     stack.push_async_callback(pool.close)
     await apply_migrations(pool, MIGRATIONS)
@@ -81,6 +86,6 @@ async def open_gateway(
     parts = Parts(
         callers=Callers(validator, auth, max_timeout=config.auth_timeout), quota=quota, router=router,
         relay=Relay(mesh, router, attempts=config.attempts), accounts=accounts, counts=Counts(metrics),
-        limits=config.limits,
+        limits=config.limits, signer=signer,
     )
     return GatewayService(parts, journal, gateway_id=gateway_id, metrics_service=MetricsClient.of(mesh))

@@ -5,9 +5,10 @@
         async for chunk in stream: ...
 
 `infer` starts the stream (`gateway.infer`): chunks as `inference.generate`
-sends them, the last one also carrying `request_id` and `rate_limit`. The
-caller iterates the returned `Stream` and must close it (closing a running
-stream cancels the work upstream). Who may call what, and what each does, is
+sends them, the last one also carrying `request_id`, `rate_limit` and the
+signed `receipt` (shared/receipts.py). The caller iterates the returned
+`Stream` and must close it (closing a running stream cancels the work
+upstream). Who may call what, and what each does, is
 in services/gateway/service.py.
 """
 
@@ -36,6 +37,7 @@ class Embeddings(TypedDict):
     usage: dict[str, int]
     request_id: str
     rate_limit: dict[str, CounterFacts]
+    receipt: str  #: the signed usage receipt (shared/receipts.py)
 
 
 class Models(TypedDict):

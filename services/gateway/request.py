@@ -27,7 +27,9 @@ Read top to bottom, in the order things happen:
    the prompt (`prompt_tokens` of the first text chunk) and the text chunks
    delivered. A request no worker took releases everything.
 6. **record** the one usage record (a `D` entry): on success before the
-   final chunk is sent, otherwise when the request ends.
+   final chunk is sent, otherwise when the request ends. A success's final
+   chunk (and an embedding's answer) carries its signed `receipt`
+   (shared/receipts.py: request id, model, tokens, start, user, signer).
 7. **count** (counts.py), once.
 
 **State.** This object is the only writer of its request's state: the
@@ -50,6 +52,7 @@ from contextlib import contextmanager
 
 from shared.errors import MeshError, RateLimited
 from shared.generation import is_final, output_of
+from shared.receipts import Signer, sign
 from services.gateway.accounts import Accounts, safe_model
 from services.gateway.callers import Caller, Callers
 from services.gateway.checks import Checked, Limits, check_capabilities, check_embedding, check_request
@@ -72,6 +75,7 @@ class Parts:
     accounts: Accounts
     counts: Counts
     limits: Limits
+    signer: Signer  #: signs the receipts (the gateway's node key)
 
 
 class Request:
@@ -146,7 +150,8 @@ class Request:
         self._finish("ok", prompt_tokens, 0, worker_id or self.worker)
         return {"model": answer.get("model"), "vectors": answer.get("vectors"), "dimensions": answer.get("dimensions"),
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-                "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.user_id, caller.limits)}
+                "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.user_id, caller.limits),
+                "receipt": self._receipt(answer.get("model"), prompt_tokens, 0)}
 
     async def _admit(self, caller: Caller, checked: Checked) -> tuple[Admission, int | None]:
         """Hold the request's tokens; a request that left `max_tokens` to the model and
@@ -221,7 +226,16 @@ class Request:
         worker_id = worker.get("id") if isinstance(worker, dict) and isinstance(worker.get("id"), str) else None
         cached = chunk.get("cached") is True
         self._finish("ok", prompt_tokens, completion_tokens, worker_id or self._upstream.provider.node_hex, cached)
-        return {**chunk, "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.user_id, caller.limits)}
+        return {**chunk, "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.user_id, caller.limits),
+                "receipt": self._receipt(chunk.get("model"), prompt_tokens, completion_tokens)}
+
+    def _receipt(self, served: Any, prompt_tokens: int, completion_tokens: int) -> str:
+        """The signed receipt of a request served to the end (shared/receipts.py): the
+        tokens it was billed, the model that served it (the worker's name for it)."""
+        assert self.caller is not None
+        model = safe_model(served) if isinstance(served, str) and served else safe_model(self.model)
+        return sign(self._parts.signer, request_id=self.request_id, model=model, prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens, at=self.at, user_id=self.caller.user_id)
 
     # -- 5-7: however it ended -----------------------------------------------------------
 

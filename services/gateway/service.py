@@ -4,10 +4,11 @@
                             (shared/generation.py: messages | prompt, max_tokens, temperature,
                             top_p, stop, seed, tools, tool_choice, response_format, ...) -> the
                             worker's chunks; the first and the last carry request_id, the last
-                            also rate_limit (limit/remaining/reset per counter)
+                            also rate_limit (limit/remaining/reset per counter) and receipt
+                            (signed, shared/receipts.py)
     gateway.embed   public  api_key | token, model, input (list of texts), dimensions? -> {model,
                             vectors (float32 LE bytes each), dimensions, usage, request_id,
-                            rate_limit}: routed, limited and billed like a generation
+                            rate_limit, receipt}: routed, limited and billed like a generation
     gateway.models  public  -> {models: [{name, workers, healthy_workers, capabilities}]}
     gateway.quota   public  api_key | token -> {user_id, tier, rate_limit: {counter: {limit,
                             used, remaining, reset}}}

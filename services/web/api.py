@@ -16,9 +16,12 @@
     POST   /api/prices               Bearer token (an admin), {model, input, output, cached?, currency?,
                                      effective_from?}                       -> 201 the new price version
     GET    /api/quota                Bearer token or X-API-Key              -> limits, remaining, reset
+    GET    /api/receipts/keys        --                                     -> ["<hex key>", ...]: the live
+                                     gateways' public keys, which sign usage receipts
     POST   /api/inference            X-API-Key, {model, messages | prompt, max_tokens, temperature,
                                      top_p, stop, seed, logprobs?, top_logprobs?, stream?}
                                                                             -> completion, or NDJSON chunks
+                                                                               (the last with `receipt`)
 
 Sessions here are the token of `/api/auth/login` in `Authorization: Bearer`;
 cookies are never read, so no cross-site page can act through this API.
@@ -222,6 +225,12 @@ async def quota(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
+@routes.get("/api/receipts/keys")
+async def receipt_keys(request: web.Request) -> web.Response:
+    """The public keys (hex) of the live gateways, which sign usage receipts (shared/receipts.py)."""
+    return web.json_response(await request.app[UPSTREAM].gateway_keys())
+
+
 @routes.post("/api/inference")
 async def inference(request: web.Request) -> web.StreamResponse:
     api_key = api_key_of(request)
@@ -259,4 +268,4 @@ def _final_view(relay: Relay) -> dict[str, Any]:
     final = relay.final
     return {"model": final.get("model"), "finish_reason": relay.finish_reason, "usage": relay.usage,
             "request_id": final.get("request_id"), "cached": bool(final.get("cached")),
-            "timing": final.get("timing"), "rate_limits": relay.facts or None}
+            "timing": final.get("timing"), "rate_limits": relay.facts or None, "receipt": relay.receipt}

@@ -41,7 +41,7 @@ ALLOWED_HEADERS = frozenset({"authorization", "content-type", "accept", "x-clien
 #: (`openai-organization`, `openai-project`, `openai-beta`).
 ALLOWED_PREFIXES = ("x-stainless-", "openai-")
 EXPOSED_HEADERS = ", ".join((
-    "x-request-id", "x-client-request-id", "retry-after", "x-should-retry",
+    "x-request-id", "x-client-request-id", "retry-after", "x-should-retry", "x-inferswarm-receipt",
     "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
     "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"))
 MAX_AGE = "600"  #: seconds a browser may keep a preflight's answer (Chromium keeps at most 7200)

@@ -11,8 +11,9 @@ worker sends each vector as little-endian float32 bytes: `base64` is exactly
 those bytes encoded (what the OpenAI SDKs ask for by default and decode with
 NumPy), `float` the list of numbers. Token arrays as input (OpenAI accepts
 lists of token ids) are refused by name: our models take text. Headers as on
-the other `/v1` replies: `x-request-id` (the usage record's id) and the
-rate-limit facts.
+the other `/v1` replies: `x-request-id` (the usage record's id), the
+rate-limit facts and `x-inferswarm-receipt` (the signed usage receipt,
+shared/receipts.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from shared.errors import InvalidParams
+from shared.receipts import HEADER as RECEIPT_HEADER
 from services.web.api import bearer, json_body
 from services.web.ratelimits import facts_of, openai_headers
 from services.web.session import UPSTREAM
@@ -76,6 +78,8 @@ async def embeddings(request: web.Request) -> web.Response:
     usage = answer["usage"]
     headers = openai_headers(facts_of(answer))
     headers["x-request-id"] = answer["request_id"]
+    if isinstance(answer.get("receipt"), str):
+        headers[RECEIPT_HEADER] = answer["receipt"]
     return web.json_response({"object": "list", "data": data, "model": answer["model"],
                               "usage": {"prompt_tokens": usage["prompt_tokens"],
                                         "total_tokens": usage["total_tokens"]}}, headers=headers)

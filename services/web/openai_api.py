@@ -25,7 +25,13 @@ request id in `x-request-id`.
 once, each a request of its own (billed, limited, recorded), answered as `n`
 choices; a stream interleaves their chunks as they come, each with its
 `index`. `x-request-id` is the first call's id, `x-inferswarm-request-ids`
-lists all of them. A call refused or failing before its first output fails
+lists all of them.
+
+Signed usage receipts (shared/receipts.py): a whole reply carries
+`x-inferswarm-receipt`, the receipts of its calls comma-separated in choice
+order; a stream's headers go before any receipt exists, so each choice's
+finish chunk carries `receipt` (its call's) and the usage chunk, when asked,
+`receipt` with all of them as the header has them (the SDKs ignore the field). A call refused or failing before its first output fails
 the whole request and the others are closed; after a stream began, an error
 ends it in-band. Logprobs (a model with the "logprobs" capability) are shown
 in chat's `{content, refusal}` or the legacy `{tokens, token_logprobs,
@@ -47,6 +53,7 @@ from aiohttp import web
 
 from shared.errors import InvalidParams, MeshError, NotFound
 from shared.generation import logprobs_of, text_of, tool_calls_of
+from shared.receipts import HEADER as RECEIPT_HEADER
 from services.web.api import bearer, json_body
 from services.web.errors import openai_error_body
 from services.web.params import DROP_PARAMS, DROPPED_HEADER, MAX_N, generation_params
@@ -223,7 +230,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
             await response.write_eof()
             return response
         if asked.include_usage:
-            await response.write(_sse(shape.usage_chunk(_usage(relays))))
+            await response.write(_sse({**shape.usage_chunk(_usage(relays)), **_receipts(relays)}))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
@@ -270,7 +277,7 @@ async def _stream(response: web.StreamResponse, shape: _Shape, relays: list[Rela
     if len(relays) == 1:  # one choice: straight through, so a reader that stops holds the model
         async for item in relays[0].outputs():
             await response.write(_sse(_piece(shape, item, 0, asked)))
-        await response.write(_sse(shape.piece({}, relays[0].finish_reason, index=0)))
+        await response.write(_sse(_finish(shape, relays[0], 0)))
         return
     # Several: one pump per choice into a queue of one item per choice at most, so a
     # reader that stops holds every model too (an unbounded queue would not).
@@ -292,7 +299,7 @@ async def _stream(response: web.StreamResponse, shape: _Shape, relays: list[Rela
                 if isinstance(item, BaseException):
                     raise item
                 if item is None:
-                    await response.write(_sse(shape.piece({}, relays[index].finish_reason, index=index)))
+                    await response.write(_sse(_finish(shape, relays[index], index)))
                     break
                 await response.write(_sse(_piece(shape, item, index, asked)))
     finally:
@@ -306,6 +313,19 @@ def _piece(shape: _Shape, item: dict[str, Any], index: int, asked: _Asked) -> di
     text = text_of(item)
     logprobs = logprobs_of(item) if asked.logprobs and text is not None else None
     return shape.piece(_delta(item), text=text or "", index=index, logprobs=logprobs)
+
+
+def _finish(shape: _Shape, relay: Relay, index: int) -> dict[str, Any]:
+    """The last chunk of choice `index`: its `finish_reason`, and its request's signed `receipt`."""
+    return {**shape.piece({}, relay.finish_reason, index=index), **_receipts([relay])}
+
+
+def _receipts(relays: list[Relay]) -> dict[str, str]:
+    """`{"receipt": ...}`: the calls' signed receipts, comma-separated in choice order (as the
+    header); nothing when a call has none."""
+    receipts = [relay.receipt for relay in relays]
+    known = [receipt for receipt in receipts if receipt is not None]
+    return {"receipt": ",".join(known)} if known and len(known) == len(receipts) else {}
 
 
 def _usage(relays: list[Relay]) -> dict[str, int]:
@@ -328,6 +348,9 @@ def _headers(relays: list[Relay]) -> dict[str, str]:
         headers["x-request-id"] = relays[0].request_id
     if ids:
         headers[REQUEST_IDS_HEADER] = ",".join(ids)
+    receipts = _receipts(relays)  # a whole reply's; a stream's headers go before any exists
+    if receipts:
+        headers[RECEIPT_HEADER] = receipts["receipt"]
     return headers
 
 

@@ -12,7 +12,8 @@ generating and bill for what was delivered.
 
 Chunks (services/inference/README.md, via the gateway): `{"text": ...}`
 pieces (with `logprobs` when asked) or `{"tool_calls": [...]}`, then a final chunk with `usage`,
-`finish_reason`, `timing`, `cached`, `request_id` and the rate-limit facts.
+`finish_reason`, `timing`, `cached`, `request_id`, the rate-limit facts and
+the signed `receipt`.
 The first chunk carries `request_id` too, so a reply names it in its headers.
 Anything else is kept as metadata.
 """
@@ -25,6 +26,7 @@ from typing import Any
 
 from shared.errors import MeshError
 from shared.generation import is_final, logprobs_of, output_of, text_of, tool_calls_of
+from shared.receipts import HEADER as RECEIPT_HEADER
 from shared.rpc import Stream
 from services.web.ratelimits import facts_of, openai_headers
 from services.web.upstream import Upstream
@@ -126,10 +128,13 @@ class Relay:
         await self._upstream.release(self._stream)
 
     def headers(self) -> dict[str, str]:
-        """The reply's `x-ratelimit-*` headers and, once known, its `x-request-id`."""
+        """The reply's `x-ratelimit-*` headers and, once known, its `x-request-id` and
+        `x-inferswarm-receipt`."""
         headers = openai_headers(self.facts)
         if self.request_id is not None:
             headers["x-request-id"] = self.request_id
+        if self.receipt is not None:
+            headers[RECEIPT_HEADER] = self.receipt
         return headers
 
     @property
@@ -137,6 +142,12 @@ class Relay:
         usage = self.final.get("usage") or {}
         prompt, completion = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    @property
+    def receipt(self) -> str | None:
+        """The gateway's signed usage receipt (shared/receipts.py), once the final chunk came."""
+        receipt = self.final.get("receipt")
+        return receipt if isinstance(receipt, str) and receipt else None
 
     @property
     def finish_reason(self) -> str:

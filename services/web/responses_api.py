@@ -29,7 +29,11 @@ continued (`previous_response_id` is a 400). Errors before the first chunk
 are the same OpenAI error replies as chat completions' (errors.py); a
 refusal of the gateway names the Responses parameter (`input` for
 `messages`, `max_output_tokens`, `text.format`). Replies carry
-`x-request-id` and the `x-ratelimit-*` headers as chat completions do.
+`x-request-id` and the `x-ratelimit-*` headers as chat completions do, and a
+whole reply `x-inferswarm-receipt` (the signed usage receipt,
+shared/receipts.py); a stream has its receipt as `receipt` in the
+`response` object of its last event (`response.completed` or
+`.incomplete`).
 """
 
 from __future__ import annotations
@@ -106,8 +110,9 @@ class ResponseBuilder:
             events += self._call(call)
         return events
 
-    def finish(self, finish_reason: str, usage: dict[str, int]) -> list[Event]:
-        """The last events: open items closed, then `response.completed` (or `.incomplete`)."""
+    def finish(self, finish_reason: str, usage: dict[str, int], receipt: str | None = None) -> list[Event]:
+        """The last events: open items closed, then `response.completed` (or `.incomplete`),
+        whose response carries the request's signed `receipt` (a stream's only place for it)."""
         cut = finish_reason == "length"
         events = self._open_message() if not self.output else []  # an empty answer is an empty message
         events += self._close_message("incomplete" if cut else "completed")
@@ -119,7 +124,10 @@ class ResponseBuilder:
                       "total_tokens": prompt + completion}
         self.completed_at = int(time.time())
         kind = "response.incomplete" if cut else "response.completed"
-        return events + [self._event(kind, response=self.body())]
+        body = self.body()
+        if receipt is not None:
+            body["receipt"] = receipt
+        return events + [self._event(kind, response=body)]
 
     def fail(self, exc: MeshError) -> list[Event]:
         """`response.failed`, for an error after the stream began."""
@@ -212,7 +220,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         except MeshError as exc:  # the stream already began: end it with the failure
             await response.write(_sse(built.fail(exc)))
         else:
-            await response.write(_sse(built.finish(relay.finish_reason, relay.usage)))
+            await response.write(_sse(built.finish(relay.finish_reason, relay.usage, relay.receipt)))
         await response.write_eof()
         return response
     finally:

@@ -32,7 +32,8 @@ class Upstream:
         self.rpc_timeout = rpc_timeout
         self.infer_timeout = infer_timeout
         self.auth = AuthClient(mesh("auth"), timeout=rpc_timeout)
-        self.gateway = GatewayClient(mesh("gateway"), timeout=rpc_timeout)
+        self._gateways = mesh("gateway")
+        self.gateway = GatewayClient(self._gateways, timeout=rpc_timeout)
         self.metrics = MetricsClient(mesh("metrics"), timeout=rpc_timeout)
         self._verifier: TokenVerifier | None = None
         self._verifier_at = 0.0
@@ -56,6 +57,13 @@ class Upstream:
         streams, self._streams = list(self._streams), set()
         for stream in streams:
             await stream.aclose()
+
+    async def gateway_keys(self) -> list[str]:
+        """The node keys (hex, sorted) of the gateways the mesh knows live now: the keys that
+        sign usage receipts. From the same verified, role-bound records (and the same cached
+        lookup) that `gateway.*` calls are routed by; `UNAVAILABLE` (503) when none is live."""
+        providers = await self._gateways.providers(timeout=self.rpc_timeout)
+        return sorted({provider.node_hex for provider in providers})
 
     async def verifier(self) -> TokenVerifier:
         """Verifies session tokens locally, with auth's public key (refetched every 5 minutes)."""
