@@ -1,7 +1,7 @@
 """The tier table: what each tier may use, from PRODUCT.md.
 
 A shared contract: auth answers with a tier's limits and priority, and
-inference turns a tier name into a queue priority (shared/generation.py).
+inference turns a tier name into a queue priority (shared/generation/).
 
 | tier       | requests/hour | requests/month | tokens/month (env)   | priority |
 | ---------- | ------------- | -------------- | -------------------- | -------- |

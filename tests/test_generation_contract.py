@@ -1,4 +1,4 @@
-"""The generation contract (shared/generation.py) and the names of an HTTP body that reach it
+"""The generation contract (shared/generation/) and the names of an HTTP body that reach it
 (services/web/params.py): what is accepted, what is refused and how it is named."""
 
 from __future__ import annotations

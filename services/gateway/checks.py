@@ -1,7 +1,7 @@
 """What `gateway.infer` checks before it spends anything, and what it derives.
 
 The generation parameters are checked with the workers' own rules (the
-generation contract, `shared/generation.py`), so a request the gateway admits
+generation contract, `shared/generation/`), so a request the gateway admits
 is one a worker accepts, and bad input is refused before it costs quota. The
 gateway also derives:
 

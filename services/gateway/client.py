@@ -91,7 +91,7 @@ class GatewayClient(TypedClient):
         timeout: float | None = None, **generation: Any,
     ) -> Stream:
         """Start a generation with an API key or a session token. `generation` holds the
-        parameters of the generation contract (shared/generation.py: messages | prompt,
+        parameters of the generation contract (shared/generation/: messages | prompt,
         max_tokens, temperature, top_p, stop, seed, tools, tool_choice, response_format...);
         None values are left out."""
         return await self._stream("infer", timeout, model=model, api_key=api_key, token=token, stream=stream,

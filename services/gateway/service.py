@@ -1,7 +1,7 @@
 """The gateway service: the public entry for inference.
 
     gateway.infer   public  api_key | token, model, stream, and the generation parameters
-                            (shared/generation.py: messages | prompt, max_tokens, temperature,
+                            (shared/generation/: messages | prompt, max_tokens, temperature,
                             top_p, stop, seed, tools, tool_choice, response_format, ...) -> the
                             worker's chunks; the first and the last carry request_id, the last
                             also rate_limit (limit/remaining/reset per counter) and receipt
@@ -64,7 +64,7 @@ class GatewayService:
         self, model: str, api_key: str | None = None, token: str | None = None, stream: bool = True,
         **generation: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Generate with `model`; the parameters of the generation contract (shared/generation.py);
+        """Generate with `model`; the parameters of the generation contract (shared/generation/);
         chunks as `inference.generate`, the first and the last with `request_id`, the last
         with rate-limit facts."""
         request = Request(self._parts, model, _deadline())

@@ -1,7 +1,7 @@
 """The inference service: generation over the worker's models, with slots and a cache.
 
     inference.generate      model, stream, priority, tenant, and the generation parameters
-                            (shared/generation.py: messages | prompt, max_tokens, temperature,
+                            (shared/generation/: messages | prompt, max_tokens, temperature,
                             top_p, stop, seed, tools, tool_choice, response_format, ...) ->
                             stream of chunks (`tenant`: whose request, an opaque string; the
                             response cache is kept per tenant)
@@ -147,7 +147,7 @@ class InferenceService:
         """Stream the generation's text (or tool calls), then one final chunk (see the module doc).
 
         `generation` holds the parameters of the generation contract
-        (shared/generation.py); what the request leaves out, the model's
+        (shared/generation/); what the request leaves out, the model's
         defaults fill in (catalog.py, `Sampling`)."""
         served = self._served(model)
         backend = _chat(served)

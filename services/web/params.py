@@ -1,6 +1,6 @@
 """From an HTTP body to the parameters of `gateway.infer`: nothing silently ignored.
 
-The generation parameters are the contract's (shared/generation.py) and pass
+The generation parameters are the contract's (shared/generation/) and pass
 through unchanged: the gateway checks them with the workers' own rules and
 its refusals name the parameter, which becomes a 400 with OpenAI's `param`.
 This module only decides which names of a body reach the contract:

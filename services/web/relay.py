@@ -105,7 +105,7 @@ class Relay:
 
     async def outputs(self) -> AsyncIterator[dict[str, Any]]:
         """The chunks of output in order (the first one already received included):
-        `text_of` or `tool_calls_of` each (shared/generation.py)."""
+        `text_of` or `tool_calls_of` each (shared/generation/)."""
         while self._pending:
             yield self._pending.pop(0)
         while (chunk := await self._next()) is not None:

@@ -2,7 +2,7 @@
 
 The Responses API says in its own words what chat completions says with
 messages; this module translates, so the answer comes from the same path
-(`gateway.infer`, shared/generation.py) as `/v1/chat/completions`:
+(`gateway.infer`, shared/generation/) as `/v1/chat/completions`:
 
     input (a string)           one user message
     input (a list of items)    messages `{role, content}` (`type: "message"`
@@ -74,7 +74,7 @@ class ResponsesRequest:
 
     model: str
     stream: bool
-    params: dict[str, Any]  #: the generation contract's parameters (shared/generation.py)
+    params: dict[str, Any]  #: the generation contract's parameters (shared/generation/)
     echo: dict[str, Any] = field(default_factory=dict)  #: the request's settings, as `response` repeats them
     dropped: list[str] = field(default_factory=list)
 

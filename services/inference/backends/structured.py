@@ -16,7 +16,7 @@ what a model server's tool parser does, in three parts:
   with `<`; for `response_format`, the JSON Schema (or any JSON object) --
   also as the answer of "auto". The JSON Schema is converted to GBNF by
   llama-cpp-python's `SchemaConverter`, which writes repetitions out one by
-  one (the contract bounds them: `shared/generation.py`, `MAX_REPEAT`); a
+  one (the contract bounds them: `shared/generation/`, `MAX_REPEAT`); a
   schema it cannot convert, or whose grammar would pass `MAX_GRAMMAR_CHARS`,
   is INVALID_PARAMS naming the parameter.
 * **parse**: an answer that starts with `<tool_call>` is parsed into

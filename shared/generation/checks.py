@@ -1,276 +1,31 @@
-"""The generation contract: what `inference.generate` and `gateway.infer` accept.
+"""`build_request`: the parameters of a generation to a checked `GenerateRequest`.
 
-One function, `build_request`, checks the parameters of a generation request
-into a `GenerateRequest`. Workers run it on what they are asked, gateways run
-it before they spend any quota, and the web service runs it on what it made of
-an OpenAI body -- so a request a gateway admits is one a worker accepts, and
-the three cannot disagree about a bound. The parameters have OpenAI's names
-and shapes (chat completions), so the web service passes them through:
-
-    messages | prompt      exactly one; messages are OpenAI's: roles system,
-                           developer, user, assistant (`content` may be null
-                           when it has `tool_calls`), tool (`tool_call_id`);
-                           content a string or a list of text parts
-    max_tokens             1..limit, or absent: the model decides (what its
-                           context leaves, bounded by its documented maximum)
-    temperature, top_p     [0, 2] and (0, 1], or absent: the model's defaults
-    frequency_penalty,
-    presence_penalty       [-2, 2], or absent
-    stop                   a string or up to 4 strings of 1-64 characters
-    (schemas)              no repetition (minItems, maxLength, a pattern's {n}, ...)
-                           over MAX_REPEAT (1000): grammars write them out
-    seed                   [0, 2^32)
-    tools                  up to 128 `{"type": "function", "function": {name,
-                           description?, parameters?, strict?}}`
-    tool_choice            "auto" | "none" | "required" |
-                           {"type": "function", "function": {"name"}} (a tool given)
-    parallel_tool_calls    bool (default true)
-    response_format        {"type": "text" | "json_object"} |
-                           {"type": "json_schema", "json_schema": {name, schema, strict?, description?}}
-    logprobs               bool (default false): text chunks carry the log probabilities
-                           of their tokens (a model with the "logprobs" capability)
-    top_logprobs           0..20, only with logprobs true: the most likely alternatives
-                           given with each token
-
-Anything else is refused, and every refusal is INVALID_PARAMS naming the
-parameter (`data.param`): nothing is silently dropped here. (The web service
-has an operator switch to drop OpenAI parameters we do not support before
-they reach this contract; it says which it dropped.)
-
-The chunks of a generation stream are part of the contract too (`is_final`,
-`text_of`, `tool_calls_of`; services/inference/README.md, "Chunks").
+Every refusal is INVALID_PARAMS naming the parameter (`data.param`); the
+bounds are the package doc's.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 from shared.errors import InvalidParams
+from shared.generation.request import (
+    MAX_TOP_LOGPROBS, PARAMETERS, ROLES, GenerateRequest, Limits, Message, ResponseFormat, Tool, ToolCall,
+    ToolChoice, compact_json,
+)
 from shared.tiers import TierTable
 
-__all__ = [
-    "MAX_TOP_LOGPROBS", "PARAMETERS", "GenerateRequest", "Limits", "Message", "ResponseFormat", "Tool", "ToolCall", "ToolChoice",
-    "build_request", "is_final", "logprobs_of", "output_of", "priority_of", "text_of", "tool_calls_of",
-]
+__all__ = ["MAX_REPEAT", "build_request", "priority_of"]
 
-Role = Literal["system", "developer", "user", "assistant", "tool"]
-_ROLES: tuple[Role, ...] = ("system", "developer", "user", "assistant", "tool")
 _MAX_STOPS = 4
 _MAX_STOP_CHARS = 64
 _MAX_TOOLS = 128
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ID = re.compile(r"[\x21-\x7e]{1,128}")
 _TIERS = TierTable()
-_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-#: The parameters `build_request` knows; any other name is refused.
-PARAMETERS = frozenset({
-    "messages", "prompt", "max_tokens", "temperature", "top_p", "frequency_penalty", "presence_penalty",
-    "stop", "seed", "tools", "tool_choice", "parallel_tool_calls", "response_format", "logprobs", "top_logprobs",
-})
-#: The most alternatives `top_logprobs` may ask for (OpenAI's bound).
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCall:
-    """A function call the model made: `arguments` is JSON text, as OpenAI sends it."""
-
-    id: str
-    name: str
-    arguments: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One chat message. `content` is None only for an assistant message that calls tools."""
-
-    role: Role
-    content: str | None
-    name: str | None = None
-    tool_calls: tuple[ToolCall, ...] = ()
-    tool_call_id: str | None = None
-
-    @property
-    def text(self) -> str:
-        return self.content or ""
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": self.role, "content": self.content}
-        if self.name is not None:
-            out["name"] = self.name
-        if self.tool_calls:
-            out["tool_calls"] = [call.to_dict() for call in self.tool_calls]
-        if self.tool_call_id is not None:
-            out["tool_call_id"] = self.tool_call_id
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Tool:
-    """A function the model may call; `parameters` is its arguments' JSON Schema."""
-
-    name: str
-    description: str = ""
-    parameters: Mapping[str, Any] = field(default_factory=lambda: {"type": "object", "properties": {}})
-    strict: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        function: dict[str, Any] = {"name": self.name, "parameters": dict(self.parameters)}
-        if self.description:
-            function["description"] = self.description
-        if self.strict:
-            function["strict"] = True
-        return {"type": "function", "function": function}
-
-
-@dataclass(frozen=True, slots=True)
-class ToolChoice:
-    """`auto`, `none`, `required`, or `function` with the one tool's `name`."""
-
-    mode: Literal["auto", "none", "required", "function"]
-    name: str | None = None
-
-    def to_wire(self) -> str | dict[str, Any]:
-        if self.mode == "function":
-            return {"type": "function", "function": {"name": self.name}}
-        return self.mode
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseFormat:
-    """`text`, `json_object` (any JSON object) or `json_schema` (a JSON value valid against `schema`)."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    name: str | None = None
-    schema: Mapping[str, Any] | None = None
-    strict: bool = False
-    description: str = ""
-
-    def to_wire(self) -> dict[str, Any]:
-        if self.type != "json_schema":
-            return {"type": self.type}
-        spec: dict[str, Any] = {"name": self.name, "schema": dict(self.schema or {}), "strict": self.strict}
-        if self.description:
-            spec["description"] = self.description
-        return {"type": "json_schema", "json_schema": spec}
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateRequest:
-    """A validated generation request; exactly one of `messages` and `prompt` is set.
-
-    `max_tokens`, `temperature` and `top_p` are None when the caller left them
-    to the model; a worker fills them (`resolved`) before it generates."""
-
-    messages: tuple[Message, ...] | None
-    prompt: str | None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    tools: tuple[Tool, ...] = ()
-    tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool = True
-    response_format: ResponseFormat | None = None
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-    @property
-    def deterministic(self) -> bool:
-        """Greedy decoding or a fixed seed: the same request gives the same answer."""
-        return self.temperature == 0 or self.seed is not None
-
-    @property
-    def choice(self) -> ToolChoice:
-        """The tool choice in force: OpenAI's default is `auto` with tools, `none` without."""
-        if self.tool_choice is not None:
-            return self.tool_choice
-        return ToolChoice("auto" if self.tools else "none")
-
-    @property
-    def calls_tools(self) -> bool:
-        """Whether the model may answer with tool calls."""
-        return bool(self.tools) and self.choice.mode != "none"
-
-    @property
-    def wants_json(self) -> bool:
-        return self.response_format is not None and self.response_format.type != "text"
-
-    def call_name(self, call_id: str | None) -> str | None:
-        """The function name of the call `call_id` in the history (what a tool message answers)."""
-        for message in self.messages or ():
-            for call in message.tool_calls:
-                if call.id == call_id:
-                    return call.name
-        return None
-
-    def message_dicts(self) -> list[dict[str, Any]]:
-        return [m.to_dict() for m in self.messages or ()]
-
-    def resolved(self, *, max_tokens: int, temperature: float, top_p: float) -> GenerateRequest:
-        """This request with what the caller left to the model filled in."""
-        return replace(
-            self, max_tokens=self.max_tokens if self.max_tokens is not None else max_tokens,
-            temperature=self.temperature if self.temperature is not None else temperature,
-            top_p=self.top_p if self.top_p is not None else top_p,
-        )
-
-    def to_params(self) -> dict[str, Any]:
-        """The wire parameters of this request (those set), as `build_request` takes them."""
-        out: dict[str, Any] = {}
-        if self.messages is not None:
-            out["messages"] = self.message_dicts()
-        else:
-            out["prompt"] = self.prompt
-        for name in ("max_tokens", "temperature", "top_p", "seed", "frequency_penalty", "presence_penalty"):
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        if self.stop:
-            out["stop"] = list(self.stop)
-        if self.tools:
-            out["tools"] = [tool.to_dict() for tool in self.tools]
-        if self.tool_choice is not None:
-            out["tool_choice"] = self.tool_choice.to_wire()
-        if not self.parallel_tool_calls:
-            out["parallel_tool_calls"] = False
-        if self.response_format is not None:
-            out["response_format"] = self.response_format.to_wire()
-        if self.logprobs:
-            out["logprobs"] = True
-            if self.top_logprobs:
-                out["top_logprobs"] = self.top_logprobs
-        return out
-
-    def prompt_text(self) -> str:
-        """Everything the model reads, as one text: what the prompt hash and size bounds are taken over."""
-        if self.messages is None:
-            return self.prompt or ""
-        parts: list[Any] = self.message_dicts()
-        if self.tools:
-            parts.append([tool.to_dict() for tool in self.tools])
-        return _encode(parts)
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """The bounds a request must fit."""
-
-    max_tokens: int = 4096
-    max_prompt_chars: int = 32768
-    max_messages: int = 256
 
 
 def _refuse(param: str, text: str, **data: Any) -> InvalidParams:
@@ -327,9 +82,9 @@ def _size(request: GenerateRequest) -> int:
     if request.messages is not None:
         size = sum(len(m.text) + sum(len(c.arguments) for c in m.tool_calls) for m in request.messages)
     if request.tools:
-        size += len(_encode([tool.to_dict() for tool in request.tools]))
+        size += len(compact_json([tool.to_dict() for tool in request.tools]))
     if request.response_format is not None and request.response_format.schema is not None:
-        size += len(_encode(dict(request.response_format.schema)))  # its grammar grows with it
+        size += len(compact_json(dict(request.response_format.schema)))  # its grammar grows with it
     return size
 
 
@@ -424,8 +179,8 @@ def _message(item: Any, index: int) -> Message:
     role = item.get("role")
     if role == "user" and len(item) == 2 and isinstance(item.get("content"), str):  # the common case
         return Message("user", item["content"])
-    if role not in _ROLES:
-        raise _refuse("messages", f"{where}.role must be one of {', '.join(_ROLES)}")
+    if role not in ROLES:
+        raise _refuse("messages", f"{where}.role must be one of {', '.join(ROLES)}")
     calls = _history_calls(item.get("tool_calls"), where) if role == "assistant" else ()
     if role != "assistant" and item.get("tool_calls") is not None:
         raise _refuse("messages", f"{where}.tool_calls belong to assistant messages")
@@ -574,41 +329,3 @@ def priority_of(priority: int | str) -> int:
     if priority not in _TIERS:
         raise _refuse("priority", f"must be an integer or a tier name ({', '.join(_TIERS.names())})")
     return _TIERS[priority].priority
-
-
-# -- the chunks of a generation stream (services/inference/README.md, "Chunks") --------
-
-
-def is_final(chunk: Any) -> bool:
-    """True for the last chunk of a generation stream (`inference.generate`, and
-    `gateway.infer` relaying it): the one map with `done: true`, which carries
-    `usage`, `finish_reason`, `timing`, `cached` (and from the gateway
-    `request_id` and `rate_limit`). The chunks before it carry text (`text_of`)
-    or tool calls (`tool_calls_of`)."""
-    return isinstance(chunk, Mapping) and chunk.get("done") is True
-
-
-def text_of(chunk: Any) -> str | None:
-    """The piece of text a chunk carries, or None when it carries none."""
-    text = chunk.get("text") if isinstance(chunk, Mapping) else None
-    return text if isinstance(text, str) else None
-
-
-def logprobs_of(chunk: Any) -> list[dict[str, Any]]:
-    """The log probabilities of a text chunk's tokens (a request with `logprobs`), in
-    OpenAI's ChatCompletionTokenLogprob shape: `{token, logprob, bytes, top_logprobs:
-    [{token, logprob, bytes}]}` each; [] when it carries none."""
-    items = chunk.get("logprobs") if isinstance(chunk, Mapping) else None
-    return [item for item in items if isinstance(item, dict)] if isinstance(items, list) else []
-
-
-def tool_calls_of(chunk: Any) -> list[dict[str, Any]] | None:
-    """The tool calls a chunk carries -- OpenAI's `tool_calls` delta items
-    `{index, id, type: "function", function: {name, arguments}}` -- or None."""
-    calls = chunk.get("tool_calls") if isinstance(chunk, Mapping) else None
-    return calls if isinstance(calls, list) else None
-
-
-def output_of(chunk: Any) -> bool:
-    """Whether a chunk carries output for the caller: text or tool calls."""
-    return text_of(chunk) is not None or tool_calls_of(chunk) is not None
