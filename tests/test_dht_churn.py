@@ -22,6 +22,7 @@ import pytest
 from kademlia.node import Node
 
 from shared.dht import DHTConfig, KademliaDiscovery
+from shared.dht.record import sign_record, wall_ms
 from shared.dht.rtt import RttEstimator
 from shared.errors import InvalidParams, Timeout
 from shared.identity import MeshCredential, MeshId, NodeIdentity
@@ -188,11 +189,13 @@ async def test_a_service_lookup_through_dead_contacts_is_fast_and_drops_them(mes
 
 
 class LatePeer(asyncio.DatagramProtocol):
-    """A DHT peer speaking the wire format: pings at once, lookups after `delay`."""
+    """A DHT peer speaking the wire format: pings at once, lookups after `delay`
+    (answering `find_value` with `records`, the blobs it holds)."""
 
-    def __init__(self, node_id: bytes, delay: float) -> None:
+    def __init__(self, node_id: bytes, delay: float, records: list[bytes] = ()) -> None:
         self.node_id = node_id
         self.delay = delay
+        self.records = list(records)
         self.transport: Any = None
         self.lookups = 0
 
@@ -203,7 +206,7 @@ class LatePeer(asyncio.DatagramProtocol):
         if data[:1] != b"\x00":
             return
         method, _args, *_ = msgpack.unpackb(data[21:])
-        reply: Any = self.node_id if method == "ping" else {"v": [], "n": []} if method == "find_value" else []
+        reply: Any = self.node_id if method == "ping" else {"v": self.records, "n": []} if method == "find_value" else []
         packet = b"\x01" + data[1:21] + msgpack.packb(reply, use_bin_type=True)
         if method == "ping":
             self.transport.sendto(packet, addr)
@@ -242,6 +245,34 @@ async def test_a_contact_given_up_on_comes_back_when_it_replies(mesh):
             assert peer_id in {n.id for n in protocol.neighbours(Node(os.urandom(20)))}
     finally:
         transport.close()
+
+
+@pytest.mark.rpc
+async def test_a_record_held_only_by_a_contact_given_up_on_is_still_found(mesh):
+    """On a loaded machine the node holding a record may answer after the adaptive
+    wait: the lookup gives up on it for the crawl, but does not end empty while its
+    reply can still come -- an empty answer would claim that nobody serves the topic."""
+    loop = asyncio.get_running_loop()
+    async with services(mesh, 2, SLOW_TIMEOUT) as nodes:
+        signer = nodes[0]
+        topic = "inferswarm/late/v1"
+        blob = sign_record(signer.identity, signer._cert, topic=topic, service="late", endpoint="tcp://127.0.0.1:7100",
+                           version="1", seq=wall_ms(), load={}, ttl=20.0)
+        peer_id = NodeIdentity.generate().node_id
+        transport, peer = await loop.create_datagram_endpoint(lambda: LatePeer(peer_id, 0.3, [blob]),
+                                                              local_addr=("127.0.0.1", 0))
+        try:
+            looking = nodes[1]
+            protocol = looking.server.protocol
+            answered, _ = await protocol.call_ping(Node(peer_id, *transport.get_extra_info("sockname")[:2]))
+            assert answered and protocol.rtt.timeout < 0.3  # it will be given up on
+            began = time.perf_counter()
+            (found,) = await looking.lookup(topic)
+            took = time.perf_counter() - began
+            assert found.endpoint == "tcp://127.0.0.1:7100" and peer.lookups >= 1
+            assert 0.25 < took < SLOW_TIMEOUT.rpc_timeout, took  # its late reply, not the full timeout
+        finally:
+            transport.close()
 
 
 @pytest.mark.rpc

@@ -17,7 +17,10 @@ soon as any query ends:
 * the crawl ends once the `ksize` closest contacts not given up on have all
   answered, when there is no one left to ask, or at its deadline -- with what
   it has by then. It never ends on an empty answer while a request is still
-  open: a lookup that gave up on everyone waits for the first late reply.
+  open: a lookup that gave up on everyone waits for the first late reply, and
+  a record lookup that found no record yet waits for every late reply (on a
+  loaded machine the holders may be the contacts given up on; a topic with
+  no provider then costs up to one RPC timeout when some contact is slow).
 
 Two uses: `crawl_nodes` (the k closest answering nodes, to store on) and
 `crawl_records` (the union of the records the k closest nodes hold; choosing
@@ -74,11 +77,15 @@ class Crawl:
         candidates = (node for node in self._known.values() if node.id not in self._failed)
         return heapq.nsmallest(self._ksize, candidates, key=self._target.distance_to)
 
-    async def run(self, ask: Ask, learn: Learn) -> list[Node]:
+    async def run(self, ask: Ask, learn: Learn, enough: Callable[[], bool] | None = None) -> list[Node]:
         """Crawl; the closest contacts that answered, nearest first.
 
-        Requests still open when it ends are left to finish on their own (the
-        protocol then keeps the routing table right), never cancelled.
+        `enough` (when given) says whether what was learnt answers the lookup:
+        a crawl that would end without it waits for the late replies still
+        open (each bounded by the protocol's RPC timeout) before it gives up --
+        under load the contacts given up on may be the very ones that hold the
+        answer. Requests still open when it ends are left to finish on their
+        own (the protocol then keeps the routing table right), never cancelled.
         """
         loop = asyncio.get_running_loop()
         flying: dict[asyncio.Future[CallResult], tuple[Node, float]] = {}  #: -> (node, when to give up)
@@ -95,7 +102,7 @@ class Crawl:
                     future: asyncio.Future[tuple[bool, Any]] = asyncio.ensure_future(ask(node))
                     flying[future] = (node, loop.time() + self._protocol.rtt.timeout)
                     active += 1
-            if not flying or (not waiting and self._answered):
+            if not flying or (not waiting and self._answered and (enough is None or enough())):
                 break
             now = loop.time()
             wake = min(give_up for node, give_up in flying.values() if node.id not in self._failed) \
@@ -149,5 +156,5 @@ async def crawl_records(
         return nodes
 
     crawl = Crawl(protocol, target, peers, ksize=ksize, parallel=parallel, deadline=deadline)
-    await crawl.run(lambda node: protocol.call_find_value(node, target), learn)
+    await crawl.run(lambda node: protocol.call_find_value(node, target), learn, lambda: bool(blobs))
     return list(blobs)
