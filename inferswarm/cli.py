@@ -5,6 +5,8 @@
     inferswarm logout [--everywhere]          inferswarm keys create|list|revoke
     inferswarm password
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
+    inferswarm costs [--from D] [--to D] [--by model|key] [--group day|week|month] [--csv]
+    inferswarm admin top-spenders [--from D] [--to D] [--limit N]   (the operator, else a logged-in admin)
     inferswarm admin grant|revoke USER        (the operator: needs the mesh secret)
     inferswarm admin price set MODEL --input X --output Y [--cached Z] [--currency C] [--from ISO8601]
     inferswarm admin price list [--model M]   (the operator, else a logged-in admin)
@@ -19,7 +21,7 @@ commands call them directly, without joining the DHT. Every command accepts
 `--json`. Errors are one line on stderr with a meaningful exit code.
 
 Where the mesh cannot be reached, `--base-url URL` (or `INFERSWARM_BASE_URL`)
-sends `infer`, `chat`, `models`, `quota`, `usage`, `register`, `login`,
+sends `infer`, `chat`, `models`, `quota`, `usage`, `costs`, `register`, `login`,
 `logout`, `password` and `keys` to the web service's HTTP API instead
 (`httpclient.py`), with the same output, error lines and exit codes;
 `--ca-file FILE` trusts a certificate authority for an https URL. The other
@@ -46,6 +48,7 @@ from pathlib import Path
 
 from inferswarm import receipts, up
 from inferswarm.commands import COMMANDS, Result
+from inferswarm.costs import COST_COMMANDS
 from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
 from inferswarm.errors import describe, exit_code
@@ -63,10 +66,10 @@ __all__ = ["main", "parser"]
 #: Commands that call members-only methods, with the mesh secret's key.
 MEMBER_COMMANDS = frozenset({"admin grant", "admin revoke"})
 #: Commands run as the operator when the mesh secret is at hand, else with the saved session token.
-OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list"})
+OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list", "admin top-spenders"})
 #: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
 HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
-                           "keys revoke", "usage", "models", "quota", "infer", "chat"})
+                           "keys revoke", "usage", "costs", "models", "quota", "infer", "chat"})
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -98,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="inferswarm", description="An AI inference platform on a DHT mesh.",
         epilog="Client commands reach the mesh through --bootstrap (default: the stack `inferswarm up` runs "
-               "here). Where the mesh cannot be reached, infer, chat, models, quota, usage, register, login, "
+               "here). Where the mesh cannot be reached, infer, chat, models, quota, usage, costs, register, login, "
                "logout, password and keys take --base-url URL (or INFERSWARM_BASE_URL): the web service's "
                "HTTP API, with the same output and exit codes. The API key: INFERSWARM_API_KEY, else the one "
                "`keys create` saved. `inferswarm COMMAND --help` for each command's options.")
@@ -152,6 +155,14 @@ def parser() -> argparse.ArgumentParser:
     usage.add_argument("--start", help="YYYY-MM-DD (default: 30 days ago)")
     usage.add_argument("--end", help="YYYY-MM-DD (default: today)")
 
+    costs = client("costs", "your cost and usage per day, week or month, by model or key")
+    costs.add_argument("--from", dest="start", metavar="DATE", help="YYYY-MM-DD (default: the 30 days ending --to)")
+    costs.add_argument("--to", dest="end", metavar="DATE", help="YYYY-MM-DD, included (default: today, UTC)")
+    costs.add_argument("--group", choices=["day", "week", "month"], default="day",
+                       help="one row per UTC day, ISO week (from Monday) or month (default: day)")
+    costs.add_argument("--by", choices=["model", "key"], help="one row per model, or per API key, in each period")
+    costs.add_argument("--csv", action="store_true", help="CSV with a header line, to stdout")
+
     client("status", "every service and worker: announced, reachable, capacity")
     client("models", "models served, and by how many workers")
     client("quota", "your limits: used, remaining, reset")
@@ -194,6 +205,10 @@ def parser() -> argparse.ArgumentParser:
         command = client(f"admin {action}", help, admin)
         command.add_argument("user", help="id (digits), username or email")
         command.add_argument("--reason", help="recorded in the audit log")
+    top = client("admin top-spenders", "the users who spent most, per currency (the operator, or admins)", admin)
+    top.add_argument("--from", dest="start", metavar="DATE", help="YYYY-MM-DD (default: the 30 days ending --to)")
+    top.add_argument("--to", dest="end", metavar="DATE", help="YYYY-MM-DD, included (default: today, UTC)")
+    top.add_argument("--limit", type=int, metavar="N", help="the first N of each currency, 1-100 (default: 10)")
     price = admin.add_parser("price", help="model prices per million tokens (the operator, or admins)"
                              ).add_subparsers(dest="price_command", required=True, metavar="ACTION")
     set_price = client("admin price set", "a new price version for a model, from now or --from on", price)
@@ -250,7 +265,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> Result:
-    command = COMMANDS[args.action]
+    command = {**COMMANDS, **COST_COMMANDS}[args.action]
     creds = Credentials.load()
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)

@@ -11,6 +11,8 @@ and the commands run unchanged. Each method is one route:
     gateway.models    GET    /v1/models                                the API key as Bearer
     gateway.quota     GET    /api/quota                                X-API-Key, else the session token
     auth.usage        GET    /api/usage?start=&end=                    the session token as Bearer
+    auth.report       GET    /api/reports?start=&end=&group=&by=       the session token as Bearer
+    auth.top_spenders GET    /api/admin/top-spenders?start=&end=&limit= an admin's session token as Bearer
     auth.register, login, logout, logout_all, change_password,
     list_keys, create_key, revoke_key       /api/auth/...              (services/web/api.py)
 
@@ -66,6 +68,7 @@ class Route(NamedTuple):
     body: tuple[str, ...] = ()
     query: tuple[str, ...] = ()
     unwrap: str | None = None  #: the field of the reply that is the RPC answer
+    rename: tuple[tuple[str, str], ...] = ()  #: (RPC parameter, its name in the query), where they differ
 
 
 ROUTES = {
@@ -78,6 +81,9 @@ ROUTES = {
     "auth.create_key": Route("POST", "/api/auth/api-keys", "token", ("name", "expires_in_days")),
     "auth.revoke_key": Route("DELETE", "/api/auth/api-keys/{key_id}", "token"),
     "auth.usage": Route("GET", "/api/usage", "token", query=("start", "end")),
+    "auth.report": Route("GET", "/api/reports", "token", query=("start", "end", "group_by", "by"),
+                         rename=(("group_by", "group"),)),
+    "auth.top_spenders": Route("GET", "/api/admin/top-spenders", "token", query=("start", "end", "limit")),
     "gateway.quota": Route("GET", "/api/quota", "either"),
 }
 
@@ -261,7 +267,8 @@ class HttpService:
             raise MethodNotFound(f"{method} is not offered over HTTP: this command needs the mesh")
         path = route.path.format(**{k: quote(str(params.pop(k, "")), safe="") for k in ("key_id",)
                                     if "{" + k + "}" in route.path})
-        query = {k: params[k] for k in route.query if params.get(k) is not None}
+        names = dict(route.rename)
+        query = {names.get(k, k): params[k] for k in route.query if params.get(k) is not None}
         body = {k: params[k] for k in route.body if params.get(k) is not None}
         answer = await self._exchange(route.verb, path + ("?" + urlencode(query) if query else ""),
                                       body if route.verb == "POST" else None, _auth(route.auth, params), deadline)

@@ -21,6 +21,10 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.set_price     public    model, input, output[, cached, currency, effective_from, token] ->
                                  the new price version (admins by token, or the operator)
     auth.prices        public    token[, model] (the operator: no token) -> current and scheduled prices
+    auth.report        public    token[, start, end, group_by, by] -> the caller's cost and usage per
+                                 day/week/month, by model or key
+    auth.top_spenders  public    token[, start, end, limit] (the operator: no token) -> users ranked by
+                                 cost per currency (admins only)
     auth.grant_admin   operator  user[, reason] -> user (the operator: `inferswarm admin grant`)
     auth.revoke_admin  operator  user[, reason] -> user
     auth.token_key     public    -> the JWT public key
@@ -57,6 +61,7 @@ from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
 from services.auth.passwords import PasswordHasher
 from services.auth import prices as money
+from services.auth import reports
 from services.auth.price_store import PriceStore
 from services.auth.records import parse_batch
 from services.auth.store import AuthStore
@@ -468,6 +473,31 @@ class AuthService:
         return {"start": first.isoformat(), "end": last.isoformat(), "days": days, "totals": totals,
                 "costs": models}
 
+    @method(public=True, idempotent=True)
+    async def report(self, token: str, start: str | None = None, end: str | None = None,
+                     group_by: str = "day", by: str | None = None) -> dict[str, Any]:
+        """The caller's cost and usage per UTC day, ISO week or month (`group_by`), and per model or
+        key (`by`), from `start` to `end` (YYYY-MM-DD, inclusive; default the last 30 days, at most 366).
+        See reports.py for the rows' shape."""
+        user = await self._authenticate(token)
+        first, last = reports.day_range(start, end)
+        period, dimension = reports.check_period(group_by), reports.check_by(by)
+        # One user: the seam where an organisation's report would pass its members (reports.py).
+        records = await self._usage.report([user["id"]], first, last, period, dimension)
+        return {"start": first.isoformat(), "end": last.isoformat(), "group_by": period, "by": dimension,
+                "rows": reports.report_rows(records, dimension), "totals": reports.report_totals(records)}
+
+    @method(public=True, idempotent=True)
+    async def top_spenders(self, token: str | None = None, start: str | None = None, end: str | None = None,
+                           limit: int = 10) -> dict[str, Any]:
+        """Admins (by token) or the operator (no token): the `limit` (1-100) users who spent most in
+        each currency from `start` to `end` (as `report`), by cost then requests; the requests
+        without a price are ranked apart (`currency` None), by their number."""
+        await self._admin_or_operator(token)
+        first, last = reports.day_range(start, end)
+        records = await self._usage.top_spenders(first, last, reports.check_limit(limit))
+        return {"start": first.isoformat(), "end": last.isoformat(), "spenders": reports.spender_rows(records)}
+
     # -- prices --------------------------------------------------------------------------
 
     @method(public=True)
@@ -481,7 +511,7 @@ class AuthService:
         Admins by their token; the operator (a member of the operator role) without one.
         Usage already stored keeps its cost.
         """
-        actor_id = await self._price_setter(token)
+        actor_id = await self._admin_or_operator(token)
         row = await self._prices.set_price(
             money.check_model(model), money.check_price(input, "input"), money.check_price(output, "output"),
             None if cached is None else money.check_price(cached, "cached"), money.check_currency(currency),
@@ -502,8 +532,9 @@ class AuthService:
         rows = await self._prices.prices(None if model is None else money.check_model(model))
         return [money.price_view(row, row["now"]) for row in rows]
 
-    async def _price_setter(self, token: str | None) -> int | None:
-        """Who sets a price: an admin's id, or None for the operator; else refused."""
+    async def _admin_or_operator(self, token: str | None) -> int | None:
+        """Who sets a price or reads every user's spending: an admin's id, or None for the operator;
+        else refused."""
         if token is not None:
             return int((await self._authenticate_admin(token))["id"])
         if not _is_operator():

@@ -11,7 +11,11 @@ Each record is priced as it is inserted, in the same statement: the version
 of its model's price in force at its moment (`model_prices`, price_store.py),
 `cost` rounded half to even to 10 decimals (prices.py has the rule), NULL
 without a price. `usage_daily_costs` sums cost per day, key, model and
-currency, and counts the unpriced requests.
+currency (with the tokens, migration 0009), and counts the unpriced requests.
+
+Reports (`auth.report`, `auth.top_spenders`) read `usage_daily_costs` only:
+it has every figure per day, key and model, so a year of a user's usage is at
+most a few thousand rows, whatever the number of requests.
 """
 
 from __future__ import annotations
@@ -91,14 +95,18 @@ WITH batch AS (
         errors = d.errors + EXCLUDED.errors,
         cache_hits = d.cache_hits + EXCLUDED.cache_hits
 ), costs AS (
-    INSERT INTO usage_daily_costs AS c (user_id, key_id, day, model, currency, requests, cost, unpriced)
+    INSERT INTO usage_daily_costs AS c (user_id, key_id, day, model, currency, requests, cost, unpriced,
+                                        prompt_tokens, completion_tokens)
     SELECT user_id, key_id, (created_at AT TIME ZONE 'UTC')::date, model, COALESCE(currency, ''),
-           count(*), COALESCE(sum(cost), 0), count(*) FILTER (WHERE cost IS NULL)
+           count(*), COALESCE(sum(cost), 0), count(*) FILTER (WHERE cost IS NULL),
+           sum(prompt_tokens), sum(completion_tokens)
     FROM inserted GROUP BY 1, 2, 3, 4, 5
     ON CONFLICT (user_id, day, (COALESCE(key_id, 0)), model, currency) DO UPDATE SET
         requests = c.requests + EXCLUDED.requests,
         cost = c.cost + EXCLUDED.cost,
-        unpriced = c.unpriced + EXCLUDED.unpriced
+        unpriced = c.unpriced + EXCLUDED.unpriced,
+        prompt_tokens = c.prompt_tokens + EXCLUDED.prompt_tokens,
+        completion_tokens = c.completion_tokens + EXCLUDED.completion_tokens
 )
 SELECT (SELECT count(*) FROM accepted) AS accepted, (SELECT count(*) FROM inserted) AS inserted
 """
@@ -125,6 +133,42 @@ FROM usage u LEFT JOIN api_keys k ON k.id = u.key_id
 WHERE u.user_id = $1
 ORDER BY u.created_at DESC
 LIMIT $2
+"""
+
+# A report: per period (the start of its UTC day, ISO week (Monday) or month) and, with `$5`,
+# per model or per key, one row per currency ('' for requests without a price). `$1` is a list of
+# users: one today; an organisation's members when organisations exist (the seam, see service.py).
+# `day::timestamp`, not `day`: a date would be cast to timestamptz, in the session's time zone.
+_REPORT = """
+SELECT date_trunc($4, c.day::timestamp)::date AS period,
+       CASE WHEN $5 = 'model' THEN c.model END AS model,
+       CASE WHEN $5 = 'key' THEN c.key_id END AS key_id,
+       CASE WHEN $5 = 'key' THEN k.name END AS key_name,
+       c.currency, sum(c.requests) AS requests, sum(c.prompt_tokens) AS prompt_tokens,
+       sum(c.completion_tokens) AS completion_tokens, sum(c.cost) AS cost, sum(c.unpriced) AS unpriced
+FROM usage_daily_costs c LEFT JOIN api_keys k ON k.id = c.key_id
+WHERE c.user_id = ANY($1::bigint[]) AND c.day BETWEEN $2 AND $3
+GROUP BY 1, 2, 3, 4, 5
+ORDER BY 1, 2, 3 NULLS FIRST, 5
+"""
+
+# Users ranked per currency by cost, then requests (then id, so ties are stable); the
+# requests without a price form the currency '' and rank by requests alone.
+_TOP_SPENDERS = """
+WITH per_user AS (
+    SELECT c.user_id, c.currency, sum(c.requests) AS requests, sum(c.prompt_tokens) AS prompt_tokens,
+           sum(c.completion_tokens) AS completion_tokens, sum(c.cost) AS cost, sum(c.unpriced) AS unpriced
+    FROM usage_daily_costs c
+    WHERE c.day BETWEEN $1 AND $2
+    GROUP BY 1, 2
+), ranked AS (
+    SELECT p.*, row_number() OVER (PARTITION BY p.currency
+                                   ORDER BY p.cost DESC, p.requests DESC, p.user_id) AS rank
+    FROM per_user p
+)
+SELECT r.*, u.username FROM ranked r JOIN users u ON u.id = r.user_id
+WHERE r.rank <= $3
+ORDER BY r.currency = '', r.currency, r.rank
 """
 
 # Distinct users over both windows in one pass over the last 24 hours.
@@ -166,6 +210,16 @@ class UsageStore:
     async def costs(self, user_id: int, start: date, end: date) -> list[asyncpg.Record]:
         """Cost per day, key, model and currency ('' for unpriced requests), `start` to `end` inclusive."""
         return await self.pool.fetch(_COSTS, user_id, start, end)
+
+    async def report(self, user_ids: list[int], start: date, end: date, period: str,
+                     by: str | None) -> list[asyncpg.Record]:
+        """Per `period` ('day', 'week', 'month') and `by` (None, 'model', 'key') and currency,
+        the usage of `user_ids` from `start` to `end` inclusive (UTC days)."""
+        return await self.pool.fetch(_REPORT, user_ids, start, end, period, by)
+
+    async def top_spenders(self, start: date, end: date, limit: int) -> list[asyncpg.Record]:
+        """The `limit` first users of each currency by cost, then requests, `start` to `end` inclusive."""
+        return await self.pool.fetch(_TOP_SPENDERS, start, end, limit)
 
     async def recent(self, user_id: int, limit: int) -> list[asyncpg.Record]:
         """A user's latest requests, newest first."""

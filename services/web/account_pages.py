@@ -10,7 +10,10 @@ confirmation dialog, and without script the server asks on a page of its own
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
+from typing import Any
 
 from aiohttp import web
 
@@ -136,15 +139,22 @@ async def logout_all(request: web.Request) -> web.StreamResponse:
 
 async def _admin_page(request: web.Request, *, status: int = 200, values: dict[str, str] | None = None,
                       errors: dict[str, str] | None = None, notice: str | None = None) -> web.Response:
-    users, users_error = None, None
+    auth, token = request.app[UPSTREAM].auth, request[TOKEN]
+    (users, users_error), (top, top_error) = await asyncio.gather(
+        _settle(auth.list_users(token=token)), _settle(auth.top_spenders(token=token, limit=20)))
+    return render(request, "admin.html", status=status, users=users or [], users_error=users_error,
+                  spenders=(top or {}).get("spenders", []), top=top, top_error=top_error,
+                  tiers=TIERS, values=values or {}, errors=errors or {}, notice=notice)
+
+
+async def _settle(call: Awaitable[Any]) -> tuple[Any, str | None]:
+    """A panel's data, or why it cannot be shown; a refused session or admin goes up."""
     try:
-        users = await request.app[UPSTREAM].auth.list_users(token=request[TOKEN])
+        return await call, None
     except MeshError as exc:
         if exc.code in ("UNAUTHENTICATED", "FORBIDDEN"):
             raise
-        users_error = f"{exc.message} ({exc.code})"
-    return render(request, "admin.html", status=status, users=users or [], users_error=users_error,
-                  tiers=TIERS, values=values or {}, errors=errors or {}, notice=notice)
+        return None, f"{exc.message} ({exc.code})"
 
 
 @routes.get("/admin")

@@ -11,6 +11,10 @@
     DELETE /api/auth/api-keys/{id}   Bearer token                           -> the revoked key
     GET    /api/usage?start&end      Bearer token                           -> per day and key, totals, costs
                                                                                per day/key/model (decimal strings)
+    GET    /api/reports?start&end&group&by  Bearer token                    -> cost and usage per day|week|month,
+                                                                               by model|key (auth.report)
+    GET    /api/reports.csv?...      Bearer token                           -> the same rows as a CSV download
+    GET    /api/admin/top-spenders?start&end&limit  Bearer token (an admin) -> users ranked by cost per currency
     GET    /api/prices?model         Bearer token                           -> {prices: [...]}: in force now and
                                                                                scheduled, money as decimal strings
     POST   /api/prices               Bearer token (an admin), {model, input, output, cached?, currency?,
@@ -44,6 +48,7 @@ from services.web.errors import MISSING_CREDENTIAL, rest_error_body
 from services.web.ratelimits import openai_headers
 from services.web.params import generation_params
 from services.web.relay import Relay
+from services.web.report_views import csv_response
 from services.web.security import client_addr
 from services.web.session import UPSTREAM
 
@@ -181,6 +186,34 @@ async def usage(request: web.Request) -> web.Response:
     report = await request.app[UPSTREAM].auth.usage(token=bearer(request), start=request.query.get("start"),
                                                     end=request.query.get("end"))
     return web.json_response(report)
+
+
+async def _report(request: web.Request) -> Any:
+    query = request.query
+    return await request.app[UPSTREAM].auth.report(
+        token=bearer(request), start=query.get("start"), end=query.get("end"), group_by=query.get("group"),
+        by=query.get("by") or None)
+
+
+@routes.get("/api/reports")
+async def report(request: web.Request) -> web.Response:
+    return web.json_response(await _report(request))
+
+
+@routes.get("/api/reports.csv")
+async def report_csv(request: web.Request) -> web.Response:
+    return csv_response(await _report(request))
+
+
+@routes.get("/api/admin/top-spenders")
+async def top_spenders(request: web.Request) -> web.Response:
+    text = request.query.get("limit")
+    if text is not None and (not text.isdigit() or len(text) > 6):
+        raise InvalidParams("limit must be a whole number from 1 to 100", {"param": "limit"})
+    answer = await request.app[UPSTREAM].auth.top_spenders(
+        token=bearer(request), start=request.query.get("start"), end=request.query.get("end"),
+        limit=None if text is None else int(text))
+    return web.json_response(answer)
 
 
 @routes.get("/api/prices")

@@ -76,7 +76,8 @@ def daily_series(days: Iterable[Mapping[str, Any]], end: date | None = None, len
 
 
 def bar_chart(series: list[dict[str, Any]], field: str, *, width: int = 600, height: int = 140) -> dict[str, Any]:
-    """Geometry of one SVG bar chart: bars, the maximum, and axis labels."""
+    """Geometry of one SVG bar chart: bars, the maximum, and axis labels (a row's own `label`, if it
+    has one, is its bar's tooltip)."""
     peak = max((row[field] for row in series), default=0)
     slot = width / max(len(series), 1)
     bars = []
@@ -85,7 +86,7 @@ def bar_chart(series: list[dict[str, Any]], field: str, *, width: int = 600, hei
         bar_height = 0.0 if peak == 0 else max(1.0, (height - 16) * value / peak) if value else 0.0
         bars.append({"x": round(index * slot + 1, 2), "y": round(height - bar_height, 2),
                      "width": round(max(slot - 2, 1), 2), "height": round(bar_height, 2),
-                     "label": f"{row['day']}: {value:,} {field}"})
+                     "label": row.get("label") or f"{row['day']}: {value:,} {field}"})
     return {"bars": bars, "peak": peak, "width": width, "height": height, "field": field,
             "first": series[0]["day"] if series else "", "last": series[-1]["day"] if series else ""}
 

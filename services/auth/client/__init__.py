@@ -27,9 +27,14 @@ from services.auth.client.api import (
     Price,
     RecentRequest,
     RecordCounts,
+    Report,
+    ReportRow,
+    ReportTotals,
     Session,
+    Spender,
     TierLimits,
     TokenKey,
+    TopSpenders,
     UsageCost,
     UsageDay,
     UsageRecord,
@@ -55,6 +60,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
     "AuthClient", "Invalidation", "Invalidations", "KeyIdentity", "KeyValidator", "LoggedOut", "NewApiKey",
-    "Price", "RecentRequest", "RecordCounts", "Session", "TierLimits", "TokenKey", "TokenVerifier", "UsageCost",
+    "Price", "RecentRequest", "RecordCounts", "Report", "ReportRow", "ReportTotals", "Session", "Spender",
+    "TierLimits", "TokenKey", "TokenVerifier", "TopSpenders", "UsageCost",
     "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]

@@ -21,8 +21,8 @@ from shared.rpc.typed import TypedClient, Wire
 __all__ = [
     "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuthClient",
     "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "RecentRequest",
-    "RecordCounts", "Session", "TierLimits", "TokenKey", "UsageCost", "UsageDay", "UsageRecord", "UsageReport",
-    "UsageTotals", "User",
+    "RecordCounts", "Report", "ReportRow", "ReportTotals", "Session", "Spender", "TierLimits", "TokenKey",
+    "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]
 
 
@@ -199,6 +199,54 @@ class UsageReport(TypedDict):
     costs: list[UsageCost]
 
 
+class ReportTotals(TypedDict):
+    """Usage and cost over a report's whole range."""
+
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: dict[str, str]  #: currency -> exact decimal string; currencies are never added together
+    unpriced: int  #: requests whose model had no price at their time
+
+
+class ReportRow(ReportTotals, total=False):
+    """One period (and model or key) of a `report`."""
+
+    period: Required[str]  #: YYYY-MM-DD: the UTC day, the Monday of the ISO week, or the 1st of the month
+    model: str  #: with by="model"
+    key_id: int | None  #: with by="key"; None: requests made without an API key
+    key_name: str | None  #: with by="key"; None without a key (or for a deleted one)
+
+
+class Report(TypedDict):
+    start: str
+    end: str
+    group_by: Literal["day", "week", "month"]
+    by: Literal["model", "key"] | None
+    rows: list[ReportRow]
+    totals: ReportTotals
+
+
+class Spender(TypedDict):
+    """One user's rank among a currency's spenders (`top_spenders`)."""
+
+    currency: str | None  #: None: the requests without a price, ranked by their number
+    rank: int  #: 1 is the first, within its currency
+    user_id: int
+    username: str
+    cost: str | None  #: exact decimal string; None for `currency` None
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    unpriced: int
+
+
+class TopSpenders(TypedDict):
+    start: str
+    end: str
+    spenders: list[Spender]  #: by currency (the unpriced last), then rank
+
+
 class Price(TypedDict):
     """A version of a model's price, per million tokens; money as decimal strings ("0.150000")."""
 
@@ -255,6 +303,8 @@ class AuthClient(TypedClient):
         "set_active": Wire("auth.set_active", idempotent=True),
         "set_price": Wire("auth.set_price"),
         "prices": Wire("auth.prices", idempotent=True),
+        "report": Wire("auth.report", idempotent=True),
+        "top_spenders": Wire("auth.top_spenders", idempotent=True),
         "grant_admin": Wire("auth.grant_admin", idempotent=True),
         "revoke_admin": Wire("auth.revoke_admin", idempotent=True),
     }
@@ -330,6 +380,12 @@ class AuthClient(TypedClient):
         """Per UTC day and key from `start` to `end` (YYYY-MM-DD, inclusive; default the last 30 days)."""
         return await self._call("usage", timeout, token=token, start=start, end=end)
 
+    async def report(self, *, token: str, start: str | None = None, end: str | None = None,
+                     group_by: str | None = None, by: str | None = None, timeout: float | None = None) -> Report:
+        """The caller's cost and usage per `group_by` ("day", "week", "month") and `by` (None, "model",
+        "key"), `start` to `end` (YYYY-MM-DD, inclusive; default the last 30 days, at most 366)."""
+        return await self._call("report", timeout, token=token, start=start, end=end, group_by=group_by, by=by)
+
     async def recent_usage(self, *, token: str, limit: int | None = None,
                            timeout: float | None = None) -> list[RecentRequest]:
         return await self._call("recent_usage", timeout, token=token, limit=limit)
@@ -359,6 +415,11 @@ class AuthClient(TypedClient):
                      timeout: float | None = None) -> list[Price]:
         """The prices in force now and those scheduled (anyone logged in; the operator without a token)."""
         return await self._call("prices", timeout, token=token, model=model)
+
+    async def top_spenders(self, *, token: str | None = None, start: str | None = None, end: str | None = None,
+                           limit: int | None = None, timeout: float | None = None) -> TopSpenders:
+        """Admins (by `token`) or the operator (without): users ranked by cost per currency, then requests."""
+        return await self._call("top_spenders", timeout, token=token, start=start, end=end, limit=limit)
 
     async def grant_admin(self, *, user: int | str, reason: str | None = None,
                           timeout: float | None = None) -> AdminChange:
