@@ -27,6 +27,7 @@ from services.auth.client.api import (
     Price,
     RecentRequest,
     RecordCounts,
+    RotatedApiKey,
     Session,
     TierLimits,
     TokenKey,
@@ -55,6 +56,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
     "AuthClient", "Invalidation", "Invalidations", "KeyIdentity", "KeyValidator", "LoggedOut", "NewApiKey",
-    "Price", "RecentRequest", "RecordCounts", "Session", "TierLimits", "TokenKey", "TokenVerifier", "UsageCost",
+    "Price", "RecentRequest", "RecordCounts", "RotatedApiKey", "Session", "TierLimits", "TokenKey", "TokenVerifier", "UsageCost",
     "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]
