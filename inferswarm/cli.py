@@ -3,6 +3,7 @@
     inferswarm up [--data-dir DIR] [--gateways N] [--workers N] [--json]
     inferswarm register USERNAME EMAIL        inferswarm login USERNAME_OR_EMAIL
     inferswarm logout [--everywhere]          inferswarm keys create|list|revoke
+    inferswarm keys rotate KEY_ID [--overlap 24h|90m|0]   (a new key; the old one stops after the overlap)
     inferswarm password
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
     inferswarm costs [--from D] [--to D] [--by model|key] [--group day|week|month] [--csv]
@@ -47,7 +48,7 @@ import sys
 from pathlib import Path
 
 from inferswarm import receipts, up
-from inferswarm.commands import COMMANDS, Result
+from inferswarm.commands import COMMANDS, Result, overlap_seconds
 from inferswarm.costs import COST_COMMANDS
 from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
@@ -69,7 +70,7 @@ MEMBER_COMMANDS = frozenset({"admin grant", "admin revoke"})
 OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list", "admin top-spenders"})
 #: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
 HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
-                           "keys revoke", "usage", "costs", "models", "quota", "infer", "chat"})
+                           "keys revoke", "keys rotate", "usage", "costs", "models", "quota", "infer", "chat"})
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -142,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
     change.add_argument("--password-stdin", action="store_true",
                         help="read two lines from stdin: the current password, then the new one")
 
-    keys = commands.add_parser("keys", help="create, list and revoke API keys").add_subparsers(
+    keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")
     create = client("keys create", "create a key (shown once)", keys)
     create.add_argument("name")
@@ -150,6 +151,12 @@ def parser() -> argparse.ArgumentParser:
     client("keys list", "list your keys", keys)
     revoke = client("keys revoke", "revoke a key", keys)
     revoke.add_argument("key_id", type=int, help="the id shown by `keys list`")
+    rotate = client("keys rotate", "replace a key: a new key (shown once, saved), the old one stops after "
+                                   "--overlap", keys)
+    rotate.add_argument("key_id", type=int, help="the id shown by `keys list`")
+    rotate.add_argument("--overlap", type=overlap_seconds, metavar="DURATION",
+                        help="how long the old key keeps working: 0 (stops now), 90m, 24h, 7d; at most 30 days "
+                             "(default: 24h)")
 
     usage = client("usage", "requests and tokens per day")
     usage.add_argument("--start", help="YYYY-MM-DD (default: 30 days ago)")

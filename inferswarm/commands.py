@@ -21,8 +21,9 @@ import re
 import signal
 import sys
 import time
-from argparse import Namespace
+from argparse import ArgumentTypeError, Namespace
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -36,7 +37,7 @@ from shared.generation import is_final, text_of
 from services.auth.client import AuthClient
 from services.gateway.client import GatewayClient
 
-__all__ = ["Result", "COMMANDS", "read_password", "json_schema_format"]
+__all__ = ["Result", "COMMANDS", "read_password", "json_schema_format", "overlap_seconds"]
 
 #: The mesh, or the web service over HTTP (`--base-url`): the same calls either way.
 Session: TypeAlias = ClientSession | HttpSession
@@ -149,6 +150,41 @@ async def keys_list(args: Namespace, session: Session, creds: Credentials) -> Re
 async def keys_revoke(args: Namespace, session: Session, creds: Credentials) -> Result:
     key = await _auth(session).revoke_key(token=need_token(creds), key_id=args.key_id)
     return Result(f"revoked key {key['id']} ({key['name']})", key)
+
+
+async def keys_rotate(args: Namespace, session: Session, creds: Credentials) -> Result:
+    key = await _auth(session).rotate_key(token=need_token(creds), key_id=args.key_id,
+                                          overlap_seconds=args.overlap)
+    creds.api_key = key["api_key"]
+    creds.save()
+    old = key["old_key"]
+    text = (f"{key['api_key']}\n"
+            f"This key is shown once: keep it secret. Saved as this CLI's key "
+            f"(id {key['id']}, prefix {key['prefix']}).\n"
+            f"The old key {old['id']} ({old['prefix']}) {_stops(old['expires_at'])}.")
+    return Result(text, key)
+
+
+def _stops(expires_at: str | None) -> str:
+    """When a rotated key stops working, as people read it."""
+    if expires_at is None:  # not after a rotation: auth always sets it
+        return "does not expire"
+    left = datetime.fromisoformat(expires_at).timestamp() - time.time()
+    if left <= 0:
+        return f"stopped working at {expires_at[:19]} UTC (within a second everywhere)"
+    return f"keeps working until {expires_at[:19]} UTC (in {human_duration(left)}), then stops"
+
+
+_DURATION = re.compile(r"(\d{1,7})([smhd]?)")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def overlap_seconds(text: str) -> int:
+    """`--overlap`: 0, 90s, 90m, 24h, 7d (a bare number is seconds)."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is None:
+        raise ArgumentTypeError(f"{text!r}: expected a duration such as 0, 90m, 24h or 7d")
+    return int(match[1]) * _UNIT_S[match[2]]
 
 
 async def usage(args: Namespace, session: Session, creds: Credentials) -> Result:
@@ -383,6 +419,7 @@ COMMANDS = {
     "keys create": keys_create,
     "keys list": keys_list,
     "keys revoke": keys_revoke,
+    "keys rotate": keys_rotate,
     "usage": usage,
     "admin set-tier": admin_set_tier,
     "admin grant": admin_grant,

@@ -14,7 +14,7 @@ and the commands run unchanged. Each method is one route:
     auth.report       GET    /api/reports?start=&end=&group=&by=       the session token as Bearer
     auth.top_spenders GET    /api/admin/top-spenders?start=&end=&limit= an admin's session token as Bearer
     auth.register, login, logout, logout_all, change_password,
-    list_keys, create_key, revoke_key       /api/auth/...              (services/web/api.py)
+    list_keys, create_key, revoke_key, rotate_key  /api/auth/...       (services/web/api.py)
 
 Answers come back in the RPC shapes: `/v1` chunks become `{"text"}` chunks and
 a final `{"done": true, model, finish_reason, usage, id, receipt}` (no `timing`,
@@ -80,6 +80,7 @@ ROUTES = {
     "auth.list_keys": Route("GET", "/api/auth/api-keys", "token", unwrap="keys"),
     "auth.create_key": Route("POST", "/api/auth/api-keys", "token", ("name", "expires_in_days")),
     "auth.revoke_key": Route("DELETE", "/api/auth/api-keys/{key_id}", "token"),
+    "auth.rotate_key": Route("POST", "/api/auth/api-keys/{key_id}/rotate", "token", ("overlap_seconds",)),
     "auth.usage": Route("GET", "/api/usage", "token", query=("start", "end")),
     "auth.report": Route("GET", "/api/reports", "token", query=("start", "end", "group_by", "by"),
                          rename=(("group_by", "group"),)),

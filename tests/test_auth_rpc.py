@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from contextlib import AsyncExitStack
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
 from shared.rpc import Connection, Dispatcher, MeshClient, RpcServer
 from shared.runner import join_mesh
 from services.auth.client import KeyValidator
+from services.auth.keys import hash_key
 from auth_support import PASSWORD, Calls, start_auth, table_locked
 from waiting import wait_until
 
@@ -180,6 +182,42 @@ async def test_key_validator_caches_and_drops_a_revoked_key_within_a_second(pg_d
         for garbage in ("", "isk_nope", "x" * 10_000):
             with pytest.raises(Unauthenticated):
                 await validator.validate(garbage)
+
+
+async def test_a_rotated_key_works_through_its_overlap_and_stops_within_a_second_after(pg_dsn, tmp_path):
+    """A gateway's validator caches the old key with no expiry; the rotation's
+    invalidation drops that answer, the next one carries the new expiry, and the
+    cache serves it no longer than that."""
+    async with AsyncExitStack() as stack:
+        mesh = Mesh(stack)
+        server = await mesh.serve(await start_auth(stack, tmp_path, pg_dsn))
+        web = await mesh.connect(server, outsider())
+        token = await session(web, "rolf")
+        old = await web.call("auth.create_key", {"token": token, "name": "service"})
+        validator = await stack.enter_async_context(KeyValidator(await mesh.client()))
+        assert (await validator.validate(old["api_key"]))["expires_at"] is None  # cached: no expiry
+
+        new = await web.call("auth.rotate_key", {"token": token, "key_id": old["id"], "overlap_seconds": 2})
+        stops = datetime.fromisoformat(new["old_key"]["expires_at"]).timestamp()
+        await wait_until(lambda: validator.cache.get(hash_key(old["api_key"])) is None, 1.0,
+                         message="the rotation did not reach the validator's cache within a second")
+        while time.time() < stops - 0.3:  # the overlap: both keys work
+            assert (await validator.validate(old["api_key"]))["key_id"] == old["id"]
+            assert (await validator.validate(new["api_key"]))["key_id"] == new["id"]
+            await asyncio.sleep(0.05)
+        assert (await validator.validate(old["api_key"]))["expires_at"] == pytest.approx(stops, abs=0.01)
+        await wait_until(lambda: refused(validator.validate, old["api_key"]), stops + 1.0 - time.time() + 0.5,
+                         message="the old key outlived its overlap")
+        assert stops - 0.05 <= time.time() < stops + 1.0
+        assert (await validator.validate(new["api_key"]))["key_id"] == new["id"]
+
+
+async def refused(validate, api_key: str) -> bool:
+    try:
+        await validate(api_key)
+    except Unauthenticated:
+        return True
+    return False
 
 
 async def test_key_validator_never_caches_an_answer_older_than_its_cursor(pg_dsn, tmp_path):

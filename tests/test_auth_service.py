@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from contextlib import AsyncExitStack
-from datetime import date
+from datetime import date, datetime
 
 import asyncpg
 import jwt
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from shared.errors import Conflict, Forbidden, InvalidParams, NotFound, RateLimited, Unauthenticated
 from services.auth.tokens import TokenVerifier
 from auth_support import PASSWORD, Calls, start_auth
+from waiting import wait_until
 
 pytestmark = pytest.mark.db
 
@@ -422,6 +423,134 @@ async def test_too_many_keys_is_a_conflict(pg_dsn, tmp_path):
             await auth("create_key", token=token, name="c")
         await auth("revoke_key", token=token, key_id=first["id"])
         assert await auth("create_key", token=token, name="c")
+
+
+# -- rotation ----------------------------------------------------------------------------------
+
+
+async def _refused(auth, api_key: str) -> bool:
+    try:
+        await auth("validate_key", api_key=api_key)
+    except Unauthenticated:
+        return True
+    return False
+
+
+async def test_rotation_makes_a_successor_and_both_keys_work_during_the_overlap(auth, db):
+    token = await auth.user("rosa")
+    old = await auth("create_key", token=token, name="deploy bot", expires_in_days=10)
+    assert (await auth("validate_key", api_key=old["api_key"]))["key_id"] == old["id"]  # cached
+    before = time.time()
+    new = await auth("rotate_key", token=token, key_id=old["id"], overlap_seconds=3600)
+    # The successor: shown once, the same name and expiry, naming the key it replaces.
+    assert new["api_key"].startswith("isk_") and new["api_key"] != old["api_key"]
+    assert new["prefix"] == new["api_key"][:8] and new["status"] == "active"
+    assert (new["name"], new["expires_at"], new["rotated_from"]) == ("deploy bot", old["expires_at"], old["id"])
+    # The old key: active for one hour more (its cached answer, with the old expiry, was dropped).
+    retired = new["old_key"]
+    assert retired["id"] == old["id"] and retired["status"] == "active"
+    stops = datetime.fromisoformat(retired["expires_at"]).timestamp()
+    assert before + 3600 - 5 < stops < time.time() + 3600 + 5
+    for api_key, key_id in ((old["api_key"], old["id"]), (new["api_key"], new["id"])):
+        answer = await auth("validate_key", api_key=api_key)
+        assert answer["key_id"] == key_id
+    assert (await auth("validate_key", api_key=old["api_key"]))["expires_at"] == pytest.approx(stops, abs=0.01)
+    # The list shows the chain; the key itself never.
+    listed = {k["id"]: k for k in await auth("list_keys", token=token)}
+    assert listed[new["id"]]["rotated_from"] == old["id"] and listed[old["id"]]["rotated_from"] is None
+    assert new["api_key"] not in str(listed)
+    row = await db.fetchrow("SELECT key_hash, rotated_from FROM api_keys WHERE id = $1", new["id"])
+    assert row["key_hash"] == hashlib.sha256(new["api_key"].encode()).digest() and row["rotated_from"] == old["id"]
+    # Audited once, with both ids; caches told through the invalidation log.
+    audit = await db.fetch("SELECT user_id, actor_id, details FROM audit_log WHERE event = 'key_rotated'")
+    assert len(audit) == 1
+    details = json.loads(audit[0]["details"])
+    assert (details["key_id"], details["new_key_id"], details["overlap_seconds"]) == (old["id"], new["id"], 3600)
+    assert new["api_key"] not in audit[0]["details"]
+    assert await db.fetchval("SELECT count(*) FROM invalidations WHERE key_id = $1 AND reason = 'key_rotated'",
+                             old["id"]) == 1
+
+
+async def test_rotation_with_no_overlap_stops_the_old_key_at_once(auth):
+    token = await auth.user("sven")
+    old = await auth("create_key", token=token, name="ci")
+    await auth("validate_key", api_key=old["api_key"])  # now cached, with no expiry
+    new = await auth("rotate_key", token=token, key_id=old["id"], overlap_seconds=0)
+    assert new["old_key"]["status"] == "expired" and new["expires_at"] is None
+    with pytest.raises(Unauthenticated, match="expired"):
+        await auth("validate_key", api_key=old["api_key"])
+    assert (await auth("validate_key", api_key=new["api_key"]))["key_id"] == new["id"]
+    statuses = {k["id"]: k["status"] for k in await auth("list_keys", token=token)}
+    assert statuses == {old["id"]: "expired", new["id"]: "active"}
+
+
+async def test_rotation_stops_the_old_key_at_the_end_of_a_short_overlap(auth):
+    token = await auth.user("tilda")
+    old = await auth("create_key", token=token, name="ci")
+    new = await auth("rotate_key", token=token, key_id=old["id"], overlap_seconds=1)
+    stops = datetime.fromisoformat(new["old_key"]["expires_at"]).timestamp()
+    assert (await auth("validate_key", api_key=old["api_key"]))["key_id"] == old["id"]  # cached till its expiry
+    await wait_until(lambda: _refused(auth, old["api_key"]), 3.0, message="the old key outlived its overlap")
+    assert time.time() >= stops - 0.05  # not before its time
+    assert time.time() < stops + 1.0
+    assert (await auth("validate_key", api_key=new["api_key"]))["key_id"] == new["id"]
+
+
+async def test_rotation_never_extends_a_key(auth):
+    token = await auth.user("ugo")
+    old = await auth("create_key", token=token, name="short-lived", expires_in_days=1)
+    new = await auth("rotate_key", token=token, key_id=old["id"], overlap_seconds=30 * 86_400)
+    assert new["old_key"]["expires_at"] == old["expires_at"] == new["expires_at"]
+    default = await auth("create_key", token=token, name="default overlap")
+    rotated = await auth("rotate_key", token=token, key_id=default["id"])
+    left = datetime.fromisoformat(rotated["old_key"]["expires_at"]).timestamp() - time.time()
+    assert 86_400 - 60 < left <= 86_400  # 24 hours unless told otherwise
+
+
+async def test_rotation_refusals(pg_dsn, tmp_path, db):
+    async with AsyncExitStack() as stack:
+        auth = await start_auth(stack, tmp_path, pg_dsn, max_keys_per_user=2)
+        owner, thief = await auth.user("vera"), await auth.user("wim")
+        key = await auth("create_key", token=owner, name="k")
+        for bad in (-1, 30 * 86_400 + 1, 2**63, True, 1.5, "60", None):
+            with pytest.raises(InvalidParams) as info:
+                await auth("rotate_key", token=owner, key_id=key["id"], overlap_seconds=bad)
+            assert info.value.data.get("param", "overlap_seconds") == "overlap_seconds"
+        for bad_id in (0, -1, 2**63, "1"):
+            with pytest.raises(InvalidParams):
+                await auth("rotate_key", token=owner, key_id=bad_id)
+        for key_id in (key["id"], 424242):  # someone else's key is no key at all
+            with pytest.raises(NotFound):
+                await auth("rotate_key", token=thief, key_id=key_id)
+        with pytest.raises(Unauthenticated):
+            await auth("rotate_key", token="not a token", key_id=key["id"])
+        # A live successor: rotating again is a conflict naming it (a double submit makes one key).
+        new = await auth("rotate_key", token=owner, key_id=key["id"], overlap_seconds=600)
+        with pytest.raises(Conflict) as info:
+            await auth("rotate_key", token=owner, key_id=key["id"])
+        assert info.value.data == {"param": "key_id", "status": "rotated", "successor": new["id"]}
+        # Two live keys (the old one in its overlap, the new): the limit holds.
+        with pytest.raises(Conflict, match="live keys"):
+            await auth("rotate_key", token=owner, key_id=new["id"])
+        # Revoking the successor undoes the rotation: the old key (still in its overlap) may be rotated again.
+        await auth("revoke_key", token=owner, key_id=new["id"])
+        again = await auth("rotate_key", token=owner, key_id=key["id"], overlap_seconds=0)
+        assert again["rotated_from"] == key["id"] and again["old_key"]["status"] == "expired"
+        await auth("revoke_key", token=owner, key_id=again["id"])
+        with pytest.raises(Conflict) as info:
+            await auth("rotate_key", token=owner, key_id=again["id"])
+        assert info.value.data["status"] == "revoked" and info.value.data["param"] == "key_id"
+        expired = await auth("create_key", token=owner, name="old")
+        await db.execute("UPDATE api_keys SET expires_at = now() - interval '1 second' WHERE id = $1",
+                         expired["id"])
+        with pytest.raises(Conflict) as info:
+            await auth("rotate_key", token=owner, key_id=expired["id"])
+        assert info.value.data["status"] == "expired"
+        with pytest.raises(Conflict) as info:  # the key the second rotation expired
+            await auth("rotate_key", token=owner, key_id=key["id"])
+        assert info.value.data["status"] == "expired"
+        assert await db.fetchval("SELECT count(*) FROM audit_log WHERE event = 'key_rotated'") == 2
+        assert await db.fetchval("SELECT count(*) FROM api_keys WHERE rotated_from IS NOT NULL") == 2
 
 
 # -- administration ----------------------------------------------------------------------------

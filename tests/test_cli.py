@@ -75,6 +75,42 @@ def test_account_and_key_tour(cli, tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_keys_rotate_prints_the_new_key_once_and_when_the_old_one_stops(cli, stack, tmp_path):
+    _, _, ready = stack
+    assert cli("register", "rory", "rory@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0
+    assert cli("login", "rory", "--password-stdin", stdin=PASSWORD).returncode == 0
+    first = json.loads(cli("keys", "create", "deploy", "--json").stdout)
+    saved = tmp_path / "config" / "inferswarm" / "credentials.json"
+
+    rotated = cli("keys", "rotate", str(first["id"]), "--overlap", "90m")
+    assert rotated.returncode == 0, rotated.stderr
+    secret, *rest = rotated.stdout.splitlines()
+    assert secret.startswith("isk_") and secret != first["api_key"]
+    assert "shown once" in rotated.stdout and f"old key {first['id']}" in rotated.stdout
+    assert "keeps working until" in rotated.stdout and "(in 90 min)" in rotated.stdout
+    assert json.loads(saved.read_text())["api_key"] == secret  # saved, as `keys create` does
+    listed = json.loads(cli("keys", "list", "--json").stdout)
+    assert [(k["name"], k["status"], k["rotated_from"]) for k in listed] == [
+        ("deploy", "active", None), ("deploy", "active", first["id"])]
+    assert secret not in cli("keys", "list").stdout
+
+    # Over the web service's HTTP API, the same; --overlap 0 stops the old key at once.
+    again = cli("keys", "rotate", str(listed[1]["id"]), "--overlap", "0", "--json", "--base-url", ready["dashboard"].rstrip("/"))
+    assert again.returncode == 0, again.stderr
+    answer = json.loads(again.stdout)
+    assert answer["rotated_from"] == listed[1]["id"] and answer["old_key"]["status"] == "expired"
+    assert json.loads(saved.read_text())["api_key"] == answer["api_key"]
+
+    for args, code, words in [(("--overlap", "soon"), 2, "expected a duration"),
+                              (("--overlap", "31d"), 9, "overlap_seconds"),
+                              ((), 8, "already rotated")]:
+        refused = cli("keys", "rotate", str(first["id"]), *args)
+        assert refused.returncode == code and words in refused.stderr, (args, refused.returncode, refused.stderr)
+    gone = cli("keys", "rotate", str(listed[1]["id"]))
+    assert gone.returncode != 0 and "expired key cannot be rotated" in gone.stderr
+
+
+@pytest.mark.timeout(240)
 def test_status_shows_every_service_to_an_admin_only(cli, stack):
     data_dir, _, _ = stack
     assert cli("register", "stan", "stan@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0

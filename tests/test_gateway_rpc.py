@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -226,6 +227,39 @@ async def test_a_revoked_key_is_refused_within_a_second_on_both_gateways(mesh):
     for connection in connections:
         with pytest.raises(Unauthenticated):
             await infer(connection, dave.api_key)
+
+
+async def test_a_rotated_key_works_through_its_overlap_then_stops_within_a_second_on_both_gateways(mesh):
+    """Both gateways hold the old key's answer (no expiry); rotating with a 2 s overlap
+    makes them ask again (the invalidation), and the answer they cache then ends at
+    the key's new expiry."""
+    rhea = await mesh.user("rhea")
+    connections = await mesh.gateways()
+    for connection in connections:
+        assert (await infer(connection, rhea.api_key))[-1]["done"]
+    new = await mesh.client.mesh("auth").call("auth.rotate_key", {
+        "token": rhea.token, "key_id": rhea.key_id, "overlap_seconds": 2})
+    stops = datetime.fromisoformat(new["old_key"]["expires_at"]).timestamp()
+    for connection in connections:  # the overlap: both keys work on both gateways
+        for key in (rhea.api_key, new["api_key"]):
+            assert (await connection.call("gateway.quota", {"api_key": key}))["user_id"] == rhea.id
+    assert time.time() < stops, "the checks took the whole overlap: nothing was shown"
+
+    async def refused(connection: Connection) -> float:
+        while time.time() < stops + 2.0:
+            try:
+                await connection.call("gateway.quota", {"api_key": rhea.api_key})
+            except Unauthenticated:
+                return time.time() - stops
+            await asyncio.sleep(0.02)
+        raise AssertionError("the rotated key was still honoured 2 s after its overlap")
+
+    late = await asyncio.gather(*(refused(c) for c in connections))
+    assert all(-0.05 < seconds < 1.0 for seconds in late), late
+    for connection in connections:
+        assert (await infer(connection, new["api_key"]))[-1]["done"]
+        with pytest.raises(Unauthenticated):
+            await infer(connection, rhea.api_key)
 
 
 async def test_a_cancelled_stream_stops_the_worker_and_is_billed_for_its_prompt_and_what_was_delivered(mesh):

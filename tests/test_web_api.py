@@ -111,6 +111,39 @@ async def test_register_login_and_the_key_lifecycle(client):
 
 
 @pytest.mark.stack
+async def test_rotating_a_key_over_rest(client):
+    await register(client, "rest-rita")
+    auth = await login(client, "rest-rita")
+    key = await (await client.post("/api/auth/api-keys", json={"name": "ci"}, headers=auth)).json()
+    url = f"/api/auth/api-keys/{key['id']}/rotate"
+    for body, param in [({"overlap_seconds": -1}, "overlap_seconds"), ({"overlap_seconds": 30 * 86_400 + 1},
+                        "overlap_seconds"), ({"overlap_seconds": "60"}, "overlap_seconds"),
+                        ({"overlap_seconds": 1.5}, "overlap_seconds"), ({"overlap_seconds": True}, "overlap_seconds"),
+                        ({"overlap": 60}, "overlap")]:
+        error = await error_of(await client.post(url, json=body, headers=auth), 400, "INVALID_PARAMS")
+        assert error.get("param", param) == param, error
+    await error_of(await client.post(url, data="overlap_seconds=60", headers=auth), 400, "DECODE_ERROR")
+    await error_of(await client.post(url, json={}), 401, "UNAUTHENTICATED")
+    await error_of(await client.post("/api/auth/api-keys/424242/rotate", json={}, headers=auth), 404, "NOT_FOUND")
+
+    rotated = await client.post(url, json={"overlap_seconds": 600}, headers=auth)
+    assert rotated.status == 201, await rotated.text()
+    new = await rotated.json()
+    assert new["api_key"].startswith("isk_") and new["rotated_from"] == key["id"] and new["name"] == "ci"
+    assert new["old_key"]["id"] == key["id"] and new["old_key"]["status"] == "active"
+    assert new["old_key"]["expires_at"] is not None
+    listed = (await (await client.get("/api/auth/api-keys", headers=auth)).json())["keys"]
+    assert [(k["id"], k["rotated_from"]) for k in listed] == [(key["id"], None), (new["id"], key["id"])]
+    assert new["api_key"] not in str(listed)
+    await error_of(await client.post(url, json={}, headers=auth), 409, "CONFLICT")  # already rotated
+    default = await (await client.post(f"/api/auth/api-keys/{new['id']}/rotate", json={}, headers=auth)).json()
+    assert default["rotated_from"] == new["id"] and default["old_key"]["expires_at"]
+    await client.delete(f"/api/auth/api-keys/{default['id']}", headers=auth)
+    await error_of(await client.post(f"/api/auth/api-keys/{default['id']}/rotate", json={}, headers=auth),
+                   409, "CONFLICT")  # revoked
+
+
+@pytest.mark.stack
 async def test_errors_map_to_statuses_through_the_one_table(client):
     await register(client, "rest-bob")
     bob = await login(client, "rest-bob")

@@ -4,7 +4,7 @@ On every page a logged-in administrator can open, the page does not scroll
 sideways, every link, button and field lies inside the screen and can be
 clicked, and no table cell's text runs out of its cell -- with a long key
 name and a long model name to wrap. At 375 px a key is revoked by its
-Revoke button. Screenshots go to $INFERSWARM_WEB_SCREENSHOTS (default: a
+Revoke button; at 375 px and 1280 px a key is rotated, the new one shown once. Screenshots go to $INFERSWARM_WEB_SCREENSHOTS (default: a
 pytest temporary directory, printed at the end) -- look at them.
 """
 
@@ -139,6 +139,59 @@ def test_a_key_is_revoked_from_a_phone_without_script(stack, browser, shots, adm
     page.screenshot(path=shots / "375-revoke-confirm.png", full_page=True)
     page.get_by_role("button", name="Revoke the key").click()
     expect(page.locator("tr", has_text="no-script-phone").locator(".badge")).to_have_text("revoked")
+    page.context.close()
+
+
+@pytest.mark.parametrize("viewport", VIEWPORTS.values(), ids=VIEWPORTS.keys())
+def test_a_key_is_rotated_and_the_new_one_shown_once(stack, browser, shots, admin, viewport):
+    page = new_page(browser, stack, viewport=viewport, storage_state=admin)
+    width, name = viewport["width"], f"rotate-me-{viewport['width']}"
+    old = _create_key(page, name)
+    page.goto("/keys")
+    # The form is CSRF-checked like every other; without `confirm=yes` it only asks.
+    key_id = page.locator("tr", has_text=name).get_attribute("data-key-id")
+    token = page.locator("input[name=csrf_token]").first.input_value()
+    forged = page.request.post(f"/keys/{key_id}/rotate",
+                               form={"confirm": "yes", "overlap_seconds": "0", "csrf_token": "x" * 43})
+    assert forged.status == 403
+    asked = page.request.post(f"/keys/{key_id}/rotate", form={"csrf_token": token})
+    assert asked.status == 200 and "Rotate the key" in asked.text() and "isk_" in asked.text()
+    assert old not in asked.text()
+    odd = page.request.post(f"/keys/{key_id}/rotate", form={"confirm": "yes", "overlap_seconds": "5",
+                                                            "csrf_token": token})
+    assert odd.status == 400 and "Choose one of the listed times" in odd.text()
+    page.goto("/keys")
+    expect(page.locator("tr", has_text=name)).to_have_count(1)  # nothing rotated yet
+    rotate = page.locator("tr", has_text=name).get_by_role("button", name="Rotate")
+    box = rotate.bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= width, box
+    rotate.click()
+    # The server asks how long the old key should keep working (24 hours unless chosen).
+    expect(page.locator("h1")).to_have_text(f"Rotate “{name}”?")
+    expect(page.locator("#f-overlap_seconds")).to_have_value("86400")
+    assert fits_the_screen(page) and page.evaluate(OUT_OF_VIEW) == []
+    page.screenshot(path=shots / f"{width}-rotate-confirm.png", full_page=True)
+    page.select_option("#f-overlap_seconds", "3600")
+    page.get_by_role("button", name="Rotate the key").click()
+
+    secret = page.locator("#new-key-value").input_value()
+    assert secret.startswith("isk_") and secret != old
+    expect(page.locator("#new-key")).to_contain_text("only time it is shown")
+    expect(page.locator(".notice")).to_contain_text("keeps working until")
+    assert fits_the_screen(page) and page.evaluate(OUT_OF_VIEW) == [] and page.evaluate(OVERFLOWING) == []
+    page.screenshot(path=shots / f"{width}-key-rotated.png", full_page=True)
+    page.goto("/keys")  # shown once: never again
+    assert secret not in page.content() and old not in page.content()
+    rows = page.locator("tr", has_text=name)
+    expect(rows).to_have_count(2)
+    expect(rows.filter(has_text="replaces")).to_have_count(1)
+    retiring = rows.filter(has_text="replaced by")
+    expect(retiring.locator(".badge")).to_have_text("active")
+    expect(retiring.get_by_role("button", name="Rotate")).to_have_count(0)  # rotated already
+    assert fits_the_screen(page) and page.evaluate(OVERFLOWING) == []
+    assert _status_of_key(stack.base_url, secret, MODEL) == 200
+    assert _status_of_key(stack.base_url, old, MODEL) == 200  # the overlap: an hour
+    assert not page.csp_violations, page.csp_violations  # type: ignore[attr-defined]
     page.context.close()
 
 

@@ -15,6 +15,8 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.create_key    public    token, name[, expires_in_days] -> key (shown once)
     auth.list_keys     public    token -> keys (never the key)
     auth.revoke_key    public    token, key_id -> key
+    auth.rotate_key    public    token, key_id[, overlap_seconds] -> a new key (shown once) replacing
+                                 it; the old one stops after the overlap (default 24 h)
     auth.usage         public    token[, start, end] -> per day and key (and model: costs)
     auth.set_tier      public    token, user, tier -> user (admins only)
     auth.set_active    public    token, user, active -> user (admins only)
@@ -77,6 +79,9 @@ log = get_logger(__name__)
 _MAX_REFUSALS = 10_000
 _MAX_RANGE_DAYS = 366
 _MAX_ADDR = 64
+#: Rotation: how long the old key keeps working by default, and at most (30 days).
+DEFAULT_OVERLAP_S = 86_400
+MAX_OVERLAP_S = 30 * 86_400
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -95,6 +100,7 @@ def _key_view(key: asyncpg.Record) -> dict[str, Any]:
         "id": key["id"], "name": key["name"], "prefix": key["prefix"], "status": status,
         "created_at": _iso(key["created_at"]), "last_used_at": _iso(key["last_used_at"]),
         "expires_at": _iso(key["expires_at"]), "revoked_at": _iso(key["revoked_at"]),
+        "rotated_from": key["rotated_from"],
     }
 
 
@@ -353,6 +359,29 @@ class AuthService:
         self.cache.evict(key_id=key_id)  # here at once; other instances via the log
         log.info("api key revoked", user_id=user["id"], key_id=key_id)
         return _key_view(key)
+
+    @method(public=True)
+    async def rotate_key(
+        self, token: str, key_id: int, overlap_seconds: int = DEFAULT_OVERLAP_S
+    ) -> dict[str, Any]:
+        """Replace one of the caller's keys: a new key (`api_key` shown once) with the old
+        one's name and expiry and `rotated_from` naming it; the old key keeps working for
+        `overlap_seconds` (0..30 days; never longer than its own expiry) and is refused after
+        that, everywhere within a second. `old_key` is the old key as it now is."""
+        user = await self._authenticate(token)
+        key_id = _check_id(key_id, "key_id")
+        if isinstance(overlap_seconds, bool) or not 0 <= overlap_seconds <= MAX_OVERLAP_S:
+            raise InvalidParams(f"overlap_seconds must be 0-{MAX_OVERLAP_S} (30 days)",
+                                {"param": "overlap_seconds"})
+        api_key = apikeys.generate_key()
+        old, new = await self.store.rotate_key(
+            user["id"], key_id, apikeys.hash_key(api_key), apikeys.display_prefix(api_key),
+            overlap_seconds, max_keys=self._max_keys,
+        )
+        self.cache.evict(key_id=key_id)  # its cached expiry is the old one; other instances via the log
+        log.info("api key rotated", user_id=user["id"], key_id=key_id, new_key_id=new["id"],
+                 overlap_seconds=overlap_seconds)
+        return {**_key_view(new), "api_key": api_key, "old_key": _key_view(old)}
 
     @method(idempotent=True, roles=("gateway",))
     async def validate_key(self, api_key: str) -> dict[str, Any]:

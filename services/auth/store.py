@@ -5,7 +5,7 @@ computed here in Python and stored beside them), never by PostgreSQL's
 `lower()`. Every query is parameterized. Database errors a caller can cause become domain
 errors here: a taken username is `Conflict`; a taken email is told to the
 service only (`create_user` returns None), which decides what the caller hears.
-Changes that caches must hear about (`revoke_key`, `set_tier`, `set_active`,
+Changes that caches must hear about (`revoke_key`, `rotate_key`, `set_tier`, `set_active`,
 `set_admin`, and sessions ending: `revoke_token`, `end_sessions`) append to
 the invalidation log and NOTIFY `INVALIDATION_CHANNEL` in the same
 transaction as the change itself; see README.md, "Revocation".
@@ -32,7 +32,7 @@ INVALIDATION_CHANNEL = "auth_invalidations"
 _INVALIDATION_LOCK = 0x696E7661_6C696474
 
 _USER_COLUMNS = "id, username, email, password_hash, tier, is_admin, is_active, created_at, session_epoch"
-_KEY_COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at"
+_KEY_COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at, rotated_from"
 
 
 @unavailable_when_down()
@@ -256,6 +256,59 @@ class AuthStore:
                 await _invalidate(conn, "key_revoked", key_id=key_id, user_id=None)
             return await conn.fetchrow(f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = $1", key_id)
 
+    async def rotate_key(
+        self, user_id: int, key_id: int, key_hash: bytes, prefix: str, overlap_seconds: int, *, max_keys: int,
+    ) -> tuple[asyncpg.Record, asyncpg.Record]:
+        """Replace one of `user_id`'s keys: a new key with its name and expiry, `rotated_from`
+        naming it, while the old key's expiry comes forward to now + `overlap_seconds` (never
+        later than it was). One transaction, audited (`key_rotated`), logged as an
+        invalidation of the old key: caches holding its old expiry drop it. (old, new).
+
+        `NotFound` for anyone else's key; `Conflict` for a revoked or expired key, for one
+        already rotated (a successor not revoked), and past `max_keys` live keys.
+        """
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)  # as create_key
+            old = await conn.fetchrow(
+                f"SELECT {_KEY_COLUMNS}, expires_at <= now() AS expired FROM api_keys "
+                f"WHERE id = $1 AND user_id = $2 FOR UPDATE", key_id, user_id,
+            )
+            if old is None:
+                raise NotFound("no such key")
+            if old["revoked_at"] is not None:
+                raise Conflict("a revoked key cannot be rotated", {"param": "key_id", "status": "revoked"})
+            if old["expired"]:
+                raise Conflict("an expired key cannot be rotated", {"param": "key_id", "status": "expired"})
+            # Rotated already (a double submit, say): one successor per key, unless it was
+            # revoked -- that undoes the rotation.
+            successor = await conn.fetchval(
+                "SELECT id FROM api_keys WHERE rotated_from = $1 AND revoked_at IS NULL ORDER BY id LIMIT 1",
+                key_id,
+            )
+            if successor is not None:
+                raise Conflict(f"this key was already rotated: key {successor} replaces it",
+                               {"param": "key_id", "status": "rotated", "successor": successor})
+            retired = await conn.fetchrow(
+                f"UPDATE api_keys SET expires_at = LEAST(expires_at, now() + make_interval(secs => $2)) "
+                f"WHERE id = $1 RETURNING {_KEY_COLUMNS}", key_id, overlap_seconds,
+            )
+            live = await conn.fetchval(
+                "SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL "
+                "AND (expires_at IS NULL OR expires_at > now())", user_id,
+            )
+            if live >= max_keys:  # the old key still counts while its overlap lasts
+                raise Conflict(f"at most {max_keys} live keys per account; revoke one first")
+            new = await conn.fetchrow(
+                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, rotated_from) "
+                f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_KEY_COLUMNS}",
+                user_id, old["name"], key_hash, prefix, old["expires_at"], key_id,
+            )
+            details = {"key_id": key_id, "new_key_id": new["id"], "prefix": prefix,
+                       "overlap_seconds": overlap_seconds, "old_expires_at": _iso(retired["expires_at"])}
+            await _audit(conn, "key_rotated", user_id, user_id, details)
+            await _invalidate(conn, "key_rotated", key_id=key_id, user_id=None)
+            return retired, new
+
     async def key_by_hash(self, key_hash: bytes) -> asyncpg.Record | None:
         """A key and the state of its owner, for validation."""
         return await self.pool.fetchrow(
@@ -304,6 +357,10 @@ class AuthStore:
         # login_failures are pruned by their owner, the throttle (throttle.py).
         await self.pool.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'")
         await self.pool.execute("DELETE FROM registration_counts WHERE window_start < now() - interval '1 day'")
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 async def _audit(

@@ -1,11 +1,13 @@
-"""API keys (create, shown once; list; revoke with confirmation), the account page
-(password change, log out everywhere) and the admin page.
+"""API keys (create, shown once; list; revoke with confirmation; rotate, choosing the
+overlap), the account page (password change, log out everywhere) and the admin page.
 
 A new key is rendered straight into the response to the creating POST, never
 redirected to a URL, so it is in no history, log or cache (`no-store`); the
 page says it will not be shown again. Revoking asks first: `app.js` shows a
 confirmation dialog, and without script the server asks on a page of its own
-(the form's `confirm` field is only `yes` once the person has agreed).
+(the form's `confirm` field is only `yes` once the person has agreed). Rotating
+always asks on a page of its own, script or not, since it asks how long the old
+key should keep working; the new key is then shown once, like a created one.
 """
 
 from __future__ import annotations
@@ -18,28 +20,37 @@ from typing import Any
 from aiohttp import web
 
 from shared.errors import MeshError
-from services.auth.client import NewApiKey
+from services.auth.client import ApiKey, NewApiKey
 from services.web.errors import error_headers, status_of
 from services.web.forms import read_form, require, text
 from services.web.security import clear_session, client_addr, set_session
-from services.web.session import TOKEN, UPSTREAM, admin_only, field_errors, form_errors, login_required, refused_form
-from services.web.views import redirect, render
+from services.web.session import (TOKEN, UPSTREAM, admin_only, field_errors, form_errors, login_required,
+                                  refused_form)
+from services.web.views import moment, redirect, render
 
-__all__ = ["routes", "TIERS"]
+__all__ = ["routes", "TIERS", "OVERLAP_CHOICES"]
 
 routes = web.RouteTableDef()
 
 TIERS = ("free", "pro", "enterprise", "unlimited")
 _EXPIRY_CHOICES = ("", "7", "30", "90", "365")
+#: How long a rotated key keeps working (seconds, label); the default is 24 hours.
+OVERLAP_CHOICES = (("0", "stop now"), ("3600", "1 hour"), ("86400", "24 hours"), ("604800", "7 days"),
+                   ("2592000", "30 days"))
+_DEFAULT_OVERLAP = "86400"
 
 
 async def _keys_page(request: web.Request, *, status: int = 200, values: dict[str, str] | None = None,
                      errors: dict[str, str] | None = None, created: NewApiKey | None = None,
                      notice: str | None = None) -> web.Response:
     keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
+    # The rotation chain: what each key replaced, and the key replacing it (auth refuses to
+    # rotate a key twice unless its successor was revoked: no Rotate button then).
+    prefixes = {k["id"]: k["prefix"] for k in keys}
+    successors = {k["rotated_from"]: k for k in keys if k.get("rotated_from") and k["status"] != "revoked"}
     return render(request, "keys.html", status=status, keys=list(reversed(keys)), created=created,
                   values=values or {"expires_in_days": ""}, errors=errors or {}, notice=notice,
-                  expiry_choices=_EXPIRY_CHOICES)
+                  expiry_choices=_EXPIRY_CHOICES, prefixes=prefixes, successors=successors)
 
 
 @routes.get("/keys")
@@ -86,6 +97,44 @@ async def revoke_key(request: web.Request) -> web.Response:
         return render(request, "revoke_confirm.html", key=key)
     await request.app[UPSTREAM].auth.revoke_key(token=request[TOKEN], key_id=key_id)
     return redirect("/keys?revoked=1")
+
+
+@routes.post("/keys/{key_id:[0-9]{1,18}}/rotate")
+@login_required
+async def rotate_key(request: web.Request) -> web.Response:
+    form = await read_form(request)
+    key_id = int(request.match_info["key_id"])
+    keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
+    key = next((k for k in keys if k["id"] == key_id), None)
+    if key is None:
+        raise web.HTTPNotFound(text="no such key")
+    overlap = text(form, "overlap_seconds") or _DEFAULT_OVERLAP
+    if text(form, "confirm") != "yes":
+        return _rotate_page(request, key, overlap)
+    if overlap not in dict(OVERLAP_CHOICES):
+        return _rotate_page(request, key, _DEFAULT_OVERLAP, status=400,
+                            errors={"overlap_seconds": "Choose one of the listed times"})
+    try:
+        new = await request.app[UPSTREAM].auth.rotate_key(token=request[TOKEN], key_id=key_id,
+                                                          overlap_seconds=int(overlap))
+    except MeshError as exc:
+        if exc.code == "UNAUTHENTICATED":
+            raise
+        return refused_form(request, "rotate_confirm.html", exc, field_errors(exc, ("overlap_seconds",)),
+                            key=key, overlap=overlap, choices=OVERLAP_CHOICES)
+    old = new["old_key"]
+    if overlap == "0":
+        notice = f"“{old['name']}” rotated: the old key {old['prefix']}… has stopped working."
+    else:
+        notice = (f"“{old['name']}” rotated: the old key {old['prefix']}… keeps working until "
+                  f"{moment(old['expires_at'])} UTC, then stops.")
+    return await _keys_page(request, status=201, created=new, notice=notice)
+
+
+def _rotate_page(request: web.Request, key: ApiKey, overlap: str, *, status: int = 200,
+                 errors: dict[str, str] | None = None) -> web.Response:
+    return render(request, "rotate_confirm.html", status=status, key=key, overlap=overlap,
+                  choices=OVERLAP_CHOICES, errors=errors or {})
 
 
 # -- account: password, log out everywhere ---------------------------------------------------

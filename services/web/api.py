@@ -9,6 +9,8 @@
     GET    /api/auth/api-keys        Bearer token                           -> {keys: [...]}
     POST   /api/auth/api-keys        Bearer token, {name, expires_in_days?} -> 201 key (api_key shown once)
     DELETE /api/auth/api-keys/{id}   Bearer token                           -> the revoked key
+    POST   /api/auth/api-keys/{id}/rotate  Bearer token, {overlap_seconds?}  -> 201 the new key (api_key shown
+                                     once) with `old_key`, whose expires_at is when it stops (default 24 h)
     GET    /api/usage?start&end      Bearer token                           -> per day and key, totals, costs
                                                                                per day/key/model (decimal strings)
     GET    /api/reports?start&end&group&by  Bearer token                    -> cost and usage per day|week|month,
@@ -171,14 +173,33 @@ async def create_key(request: web.Request) -> web.Response:
     return web.json_response(key, status=201)
 
 
-@routes.delete("/api/auth/api-keys/{key_id}")
-async def revoke_key(request: web.Request) -> web.Response:
-    token = bearer(request)
+def _key_id(request: web.Request) -> int:
     text = request.match_info["key_id"]
     if not text.isdigit() or len(text) > 18:
         raise InvalidParams("the key id must be a positive integer", {"param": "key_id"})
-    key = await request.app[UPSTREAM].auth.revoke_key(token=token, key_id=int(text))
+    return int(text)
+
+
+@routes.delete("/api/auth/api-keys/{key_id}")
+async def revoke_key(request: web.Request) -> web.Response:
+    token = bearer(request)
+    key = await request.app[UPSTREAM].auth.revoke_key(token=token, key_id=_key_id(request))
     return web.json_response(key)
+
+
+@routes.post("/api/auth/api-keys/{key_id}/rotate")
+async def rotate_key(request: web.Request) -> web.Response:
+    token = bearer(request)
+    key_id = _key_id(request)
+    body = await json_body(request)
+    unknown = sorted(set(body) - {"overlap_seconds"})
+    if unknown:
+        raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
+    overlap = body.get("overlap_seconds")
+    if overlap is not None and type(overlap) is not int:
+        raise InvalidParams("overlap_seconds must be an integer (seconds)", {"param": "overlap_seconds"})
+    key = await request.app[UPSTREAM].auth.rotate_key(token=token, key_id=key_id, overlap_seconds=overlap)
+    return web.json_response(key, status=201)
 
 
 @routes.get("/api/usage")

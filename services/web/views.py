@@ -17,7 +17,7 @@ from aiohttp import web
 
 from services.web.security import CSRF_FIELD, Csrf
 
-__all__ = ["TEMPLATES", "CSRF", "TOKEN", "ME", "make_environment", "render", "redirect", "daily_series", "bar_chart", "quota_bars",
+__all__ = ["TEMPLATES", "CSRF", "TOKEN", "ME", "make_environment", "render", "redirect", "moment", "daily_series", "bar_chart", "quota_bars",
            "humanize_duration"]
 
 TEMPLATE_DIR = Path(__file__).with_name("templates")
@@ -34,12 +34,12 @@ def make_environment() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
     )
     env.filters["day"] = lambda text: (text or "-")[:10]
-    env.filters["moment"] = _moment
+    env.filters["moment"] = moment
     env.filters["thousands"] = lambda n: f"{n:,}" if isinstance(n, (int, float)) else n
     return env
 
 
-def _moment(value: Any) -> str:
+def moment(value: Any) -> str:
     """An ISO timestamp or epoch seconds as `YYYY-MM-DD HH:MM` (UTC)."""
     if isinstance(value, (int, float)):
         value = datetime.fromtimestamp(value, timezone.utc).isoformat()

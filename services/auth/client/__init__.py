@@ -30,6 +30,7 @@ from services.auth.client.api import (
     Report,
     ReportRow,
     ReportTotals,
+    RotatedApiKey,
     Session,
     Spender,
     TierLimits,
@@ -60,7 +61,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
     "AuthClient", "Invalidation", "Invalidations", "KeyIdentity", "KeyValidator", "LoggedOut", "NewApiKey",
-    "Price", "RecentRequest", "RecordCounts", "Report", "ReportRow", "ReportTotals", "Session", "Spender",
-    "TierLimits", "TokenKey", "TokenVerifier", "TopSpenders", "UsageCost",
+    "Price", "RecentRequest", "RecordCounts", "Report", "ReportRow", "ReportTotals", "RotatedApiKey", "Session",
+    "Spender", "TierLimits", "TokenKey", "TokenVerifier", "TopSpenders", "UsageCost",
     "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]

@@ -97,12 +97,20 @@ class ApiKey(TypedDict):
     last_used_at: str | None
     expires_at: str | None
     revoked_at: str | None
+    rotated_from: int | None  #: the key this one replaced (`rotate_key`), else None
 
 
 class NewApiKey(ApiKey):
     """A key just created: `api_key` is the only time it is ever shown."""
 
     api_key: str
+
+
+class RotatedApiKey(NewApiKey):
+    """A key made by `rotate_key`, and the key it replaces as it now is (its `expires_at`
+    is when it stops: the end of the overlap)."""
+
+    old_key: ApiKey
 
 
 class KeyIdentity(TypedDict):
@@ -292,6 +300,7 @@ class AuthClient(TypedClient):
         "create_key": Wire("auth.create_key"),
         "list_keys": Wire("auth.list_keys", idempotent=True),
         "revoke_key": Wire("auth.revoke_key", idempotent=True),
+        "rotate_key": Wire("auth.rotate_key"),
         "validate_key": Wire("auth.validate_key", idempotent=True),
         "invalidations": Wire("auth.invalidations", idempotent=True),
         "record_usage": Wire("auth.record_usage", idempotent=True),
@@ -354,6 +363,11 @@ class AuthClient(TypedClient):
 
     async def revoke_key(self, *, token: str, key_id: int, timeout: float | None = None) -> ApiKey:
         return await self._call("revoke_key", timeout, token=token, key_id=key_id)
+
+    async def rotate_key(self, *, token: str, key_id: int, overlap_seconds: int | None = None,
+                         timeout: float | None = None) -> RotatedApiKey:
+        """A new key replacing `key_id`, which stops after `overlap_seconds` (None: auth's 24 h)."""
+        return await self._call("rotate_key", timeout, token=token, key_id=key_id, overlap_seconds=overlap_seconds)
 
     async def validate_key(self, *, api_key: str, timeout: float | None = None) -> KeyIdentity:
         """Internal (gateway): use a `KeyValidator`, which caches, rather than this."""
