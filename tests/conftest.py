@@ -16,11 +16,30 @@ import asyncio
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from shared.db import EmbeddedPostgres, ensure_database
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    """Headless Chromium for a module of browser tests (tests/browser_support.py)."""
+    from browser_support import chromium  # Playwright only for the tests that drive a browser
+
+    with chromium() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where a module's screenshots go (INFERSWARM_WEB_SCREENSHOTS, else a temporary directory)."""
+    target = Path(os.environ.get("INFERSWARM_WEB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
+    target.mkdir(parents=True, exist_ok=True)
+    yield target
+    print(f"\nscreenshots: {target}")
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import urllib.request
 from decimal import Decimal
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect
 
-from browser_support import DESKTOP, PHONE, chromium, fits_the_screen, new_page
+from browser_support import DESKTOP, PHONE, fits_the_screen, new_page
 from services.auth.prices import cost_of
 from waiting import wait_until_sync
 from web_support import MODEL, PASSWORD, new_account, post_json, web_stack
@@ -27,20 +26,6 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
 def stack(tmp_path_factory):
     with web_stack(tmp_path_factory.mktemp("reports-browser")) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    target = Path(os.environ.get("INFERSWARM_WEB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    target.mkdir(parents=True, exist_ok=True)
-    yield target
-    print(f"\nscreenshots: {target}")
 
 
 def _log_in(page: Page, name: str) -> None:

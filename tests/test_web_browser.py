@@ -8,17 +8,15 @@ directory, printed at the end) -- look at them.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from browser_support import PHONE, chromium, fits_the_screen, new_page, register_and_login
+from browser_support import PHONE, fits_the_screen, new_page, register_and_login
 from services.web.security import CSP
 from web_support import ADMIN_EMAIL, MODEL, PASSWORD, web_stack
 
@@ -29,20 +27,6 @@ pytestmark = [pytest.mark.timeout(120), pytest.mark.browser]
 def stack(tmp_path_factory):
     with web_stack(tmp_path_factory.mktemp("web-browser")) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    target = Path(os.environ.get("INFERSWARM_WEB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    target.mkdir(parents=True, exist_ok=True)
-    yield target
-    print(f"\nscreenshots: {target}")
 
 
 def test_register_login_create_key_once_revoke_and_logout(stack, browser, shots):

@@ -11,16 +11,14 @@ pytest temporary directory, printed at the end) -- look at them.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from browser_support import DESKTOP, PHONE, chromium, fits_the_screen, new_page, register_and_login
+from browser_support import DESKTOP, PHONE, fits_the_screen, new_page, register_and_login
 from web_support import MODEL, web_stack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
@@ -48,20 +46,6 @@ def stack(tmp_path_factory):
     long_model = {LONG_MODEL: {"backend": "openai", "url": "openai", "model": MODEL, "slots": 2, "queue": 4}}
     with web_stack(tmp_path_factory.mktemp("web-mobile"), models=long_model) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory) -> Path:
-    target = Path(os.environ.get("INFERSWARM_WEB_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    target.mkdir(parents=True, exist_ok=True)
-    yield target
-    print(f"\nscreenshots: {target}")
 
 
 @pytest.fixture(scope="module")
