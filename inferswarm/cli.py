@@ -4,6 +4,8 @@
     inferswarm register USERNAME EMAIL        inferswarm login USERNAME_OR_EMAIL
     inferswarm logout [--everywhere]          inferswarm keys create|list|revoke
     inferswarm keys rotate KEY_ID [--overlap 24h|90m|0]   (a new key; the old one stops after the overlap)
+    inferswarm keys create NAME [--models a,b] [--expires 30d|ISO8601]   (limited to those models; expiring)
+    inferswarm keys edit KEY_ID [--name N] [--models a,b | --all-models] [--expires 30d|ISO8601 | --no-expiry]
     inferswarm password
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
     inferswarm costs [--from D] [--to D] [--by model|key] [--group day|week|month] [--csv]
@@ -48,7 +50,7 @@ import sys
 from pathlib import Path
 
 from inferswarm import receipts, up
-from inferswarm.commands import COMMANDS, Result, overlap_seconds
+from inferswarm.commands import COMMANDS, Result, expiry_moment, model_list, overlap_seconds
 from inferswarm.costs import COST_COMMANDS
 from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
@@ -70,7 +72,7 @@ MEMBER_COMMANDS = frozenset({"admin grant", "admin revoke"})
 OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list", "admin top-spenders"})
 #: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
 HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
-                           "keys revoke", "keys rotate", "usage", "costs", "models", "quota", "infer", "chat"})
+                           "keys revoke", "keys rotate", "keys edit", "usage", "costs", "models", "quota", "infer", "chat"})
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -143,12 +145,27 @@ def parser() -> argparse.ArgumentParser:
     change.add_argument("--password-stdin", action="store_true",
                         help="read two lines from stdin: the current password, then the new one")
 
-    keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys").add_subparsers(
+    keys = commands.add_parser("keys", help="create, list, edit, revoke and rotate API keys").add_subparsers(
         dest="keys_command", required=True, metavar="ACTION")
     create = client("keys create", "create a key (shown once)", keys)
     create.add_argument("name")
-    create.add_argument("--expires-in-days", type=int)
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument("--expires-in-days", type=int)
+    expiry.add_argument("--expires", type=expiry_moment, metavar="WHEN",
+                        help="when the key stops: a duration from now (30d, 12h) or an ISO 8601 date-time")
+    create.add_argument("--models", type=model_list, metavar="A,B",
+                        help="the only models the key may use, comma-separated (default: every model)")
     client("keys list", "list your keys", keys)
+    edit = client("keys edit", "change a key's name, models or expiry (gateways see it within a second)", keys)
+    edit.add_argument("key_id", type=int, help="the id shown by `keys list`")
+    edit.add_argument("--name")
+    models = edit.add_mutually_exclusive_group()
+    models.add_argument("--models", type=model_list, metavar="A,B", help="the only models the key may use")
+    models.add_argument("--all-models", action="store_true", help="let the key use every model")
+    expires = edit.add_mutually_exclusive_group()
+    expires.add_argument("--expires", type=expiry_moment, metavar="WHEN",
+                         help="a duration from now (30d, 12h) or an ISO 8601 date-time")
+    expires.add_argument("--no-expiry", action="store_true", help="the key never expires")
     revoke = client("keys revoke", "revoke a key", keys)
     revoke.add_argument("key_id", type=int, help="the id shown by `keys list`")
     rotate = client("keys rotate", "replace a key: a new key (shown once, saved), the old one stops after "

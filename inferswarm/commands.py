@@ -23,7 +23,7 @@ import sys
 import time
 from argparse import ArgumentTypeError, Namespace
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -37,7 +37,8 @@ from shared.generation import is_final, text_of
 from services.auth.client import AuthClient
 from services.gateway.client import GatewayClient
 
-__all__ = ["Result", "COMMANDS", "read_password", "json_schema_format", "overlap_seconds"]
+__all__ = ["Result", "COMMANDS", "read_password", "json_schema_format", "overlap_seconds", "expiry_moment",
+           "model_list"]
 
 #: The mesh, or the web service over HTTP (`--base-url`): the same calls either way.
 Session: TypeAlias = ClientSession | HttpSession
@@ -131,7 +132,8 @@ async def logout(args: Namespace, session: Session | None, creds: Credentials,
 
 async def keys_create(args: Namespace, session: Session, creds: Credentials) -> Result:
     key = await _auth(session).create_key(token=need_token(creds), name=args.name,
-                                          expires_in_days=args.expires_in_days)
+                                          expires_in_days=args.expires_in_days, expires_at=args.expires,
+                                          allowed_models=args.models)
     creds.api_key = key["api_key"]
     creds.save()
     text = (f"{key['api_key']}\n"
@@ -143,8 +145,29 @@ async def keys_create(args: Namespace, session: Session, creds: Credentials) -> 
 async def keys_list(args: Namespace, session: Session, creds: Credentials) -> Result:
     keys = await _auth(session).list_keys(token=need_token(creds))
     rows = [[k["id"], k["name"], k["prefix"], k["status"], (k["created_at"] or "-")[:19],
-             (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19]] for k in keys]
-    return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires"], rows), keys)
+             (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19], _models(k)] for k in keys]
+    return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires", "models"], rows), keys)
+
+
+def _models(key: Any) -> str:
+    allowed = key.get("allowed_models")
+    return "all" if allowed is None else ",".join(allowed)
+
+
+async def keys_edit(args: Namespace, session: Session, creds: Credentials) -> Result:
+    changes: dict[str, Any] = {}
+    if args.name is not None:
+        changes["name"] = args.name
+    if args.models is not None or args.all_models:
+        changes["allowed_models"] = args.models  # None: every model
+    if args.expires is not None or args.no_expiry:
+        changes["expires_at"] = args.expires  # None: never
+    if not changes:
+        raise InvalidParams("nothing to change: give --name, --models/--all-models or --expires/--no-expiry",
+                            {"param": "name"})
+    key = await _auth(session).update_key(token=need_token(creds), key_id=args.key_id, **changes)
+    expires = (key.get("expires_at") or "never")[:19]
+    return Result(f"updated key {key['id']} ({key['name']}): models {_models(key)}, expires {expires}", key)
 
 
 async def keys_revoke(args: Namespace, session: Session, creds: Credentials) -> Result:
@@ -185,6 +208,29 @@ def overlap_seconds(text: str) -> int:
     if match is None:
         raise ArgumentTypeError(f"{text!r}: expected a duration such as 0, 90m, 24h or 7d")
     return int(match[1]) * _UNIT_S[match[2]]
+
+
+def expiry_moment(text: str) -> str:
+    """`--expires`: a duration from now (30d, 12h, 90m) or an ISO 8601 date-time (UTC unless it says),
+    as the ISO 8601 moment auth takes."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if match is not None and int(match[1]) > 0:
+        moment = datetime.now(timezone.utc) + timedelta(seconds=int(match[1]) * _UNIT_S[match[2]])
+        return moment.isoformat(timespec="seconds")
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ArgumentTypeError(f"{text!r}: expected a duration such as 30d or 12h, or an ISO 8601 date-time") \
+            from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).isoformat()
+
+
+def model_list(text: str) -> list[str]:
+    """`--models a,b`: the names, comma-separated (auth checks each)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ArgumentTypeError("expected one or more model names, comma-separated")
+    return names
 
 
 async def usage(args: Namespace, session: Session, creds: Credentials) -> Result:
@@ -420,6 +466,7 @@ COMMANDS = {
     "keys list": keys_list,
     "keys revoke": keys_revoke,
     "keys rotate": keys_rotate,
+    "keys edit": keys_edit,
     "usage": usage,
     "admin set-tier": admin_set_tier,
     "admin grant": admin_grant,

@@ -14,7 +14,7 @@ and the commands run unchanged. Each method is one route:
     auth.report       GET    /api/reports?start=&end=&group=&by=       the session token as Bearer
     auth.top_spenders GET    /api/admin/top-spenders?start=&end=&limit= an admin's session token as Bearer
     auth.register, login, logout, logout_all, change_password,
-    list_keys, create_key, revoke_key, rotate_key  /api/auth/...       (services/web/api.py)
+    list_keys, create_key, update_key, revoke_key, rotate_key  /api/auth/...       (services/web/api.py)
 
 Answers come back in the RPC shapes: `/v1` chunks become `{"text"}` chunks and
 a final `{"done": true, model, finish_reason, usage, id, receipt}` (no `timing`,
@@ -69,6 +69,7 @@ class Route(NamedTuple):
     query: tuple[str, ...] = ()
     unwrap: str | None = None  #: the field of the reply that is the RPC answer
     rename: tuple[tuple[str, str], ...] = ()  #: (RPC parameter, its name in the query), where they differ
+    nulls: bool = False  #: a body parameter given as None is sent as null (PATCH: null clears, absent keeps)
 
 
 ROUTES = {
@@ -78,7 +79,10 @@ ROUTES = {
     "auth.logout_all": Route("POST", "/api/auth/logout-all", "token"),
     "auth.change_password": Route("POST", "/api/auth/password", "token", ("old_password", "new_password")),
     "auth.list_keys": Route("GET", "/api/auth/api-keys", "token", unwrap="keys"),
-    "auth.create_key": Route("POST", "/api/auth/api-keys", "token", ("name", "expires_in_days")),
+    "auth.create_key": Route("POST", "/api/auth/api-keys", "token",
+                             ("name", "expires_in_days", "expires_at", "allowed_models")),
+    "auth.update_key": Route("PATCH", "/api/auth/api-keys/{key_id}", "token", ("name", "expires_at", "allowed_models"),
+                             nulls=True),
     "auth.revoke_key": Route("DELETE", "/api/auth/api-keys/{key_id}", "token"),
     "auth.rotate_key": Route("POST", "/api/auth/api-keys/{key_id}/rotate", "token", ("overlap_seconds",)),
     "auth.usage": Route("GET", "/api/usage", "token", query=("start", "end")),
@@ -270,9 +274,9 @@ class HttpService:
                                     if "{" + k + "}" in route.path})
         names = dict(route.rename)
         query = {names.get(k, k): params[k] for k in route.query if params.get(k) is not None}
-        body = {k: params[k] for k in route.body if params.get(k) is not None}
+        body = {k: params[k] for k in route.body if k in params and (route.nulls or params[k] is not None)}
         answer = await self._exchange(route.verb, path + ("?" + urlencode(query) if query else ""),
-                                      body if route.verb == "POST" else None, _auth(route.auth, params), deadline)
+                                      body if route.verb in ("POST", "PATCH") else None, _auth(route.auth, params), deadline)
         return answer[route.unwrap] if route.unwrap else answer
 
     async def stream(self, method: str, params: dict[str, Any] | None = None, *,

@@ -12,8 +12,11 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.logout_all    public    token -> every session of the user ends, this one too
     auth.change_password public  token, old_password, new_password -> a new token; every
                                  other session ends
-    auth.create_key    public    token, name[, expires_in_days] -> key (shown once)
+    auth.create_key    public    token, name[, expires_in_days | expires_at, allowed_models] -> key
+                                 (shown once); allowed_models: the models it may name (null: all)
     auth.list_keys     public    token -> keys (never the key)
+    auth.update_key    public    token, key_id[, name, expires_at (null: none), allowed_models
+                                 (null: every model)] -> key; dropped from caches within 1 s
     auth.revoke_key    public    token, key_id -> key
     auth.rotate_key    public    token, key_id[, overlap_seconds] -> a new key (shown once) replacing
                                  it; the old one stops after the overlap (default 24 h)
@@ -59,6 +62,7 @@ from shared.rpc import current_request, method
 from shared.tiers import DEFAULT_TIER, TierName, TierTable
 from services.auth import keys as apikeys
 from services.auth import validation as check
+from services.auth.key_edits import check_allowed_models, check_expiry
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
 from services.auth.passwords import PasswordHasher
@@ -101,7 +105,12 @@ def _key_view(key: asyncpg.Record) -> dict[str, Any]:
         "created_at": _iso(key["created_at"]), "last_used_at": _iso(key["last_used_at"]),
         "expires_at": _iso(key["expires_at"]), "revoked_at": _iso(key["revoked_at"]),
         "rotated_from": key["rotated_from"],
+        "allowed_models": list(key["allowed_models"]) if key["allowed_models"] is not None else None,
     }
+
+
+#: An `update_key` parameter left out: keep the key's value (null is a value: clear it).
+KEEP: Any = ...
 
 
 class AuthService:
@@ -325,25 +334,60 @@ class AuthService:
 
     @method(public=True)
     async def create_key(
-        self, token: str, name: str, expires_in_days: int | None = None
+        self, token: str, name: str, expires_in_days: int | None = None, expires_at: str | None = None,
+        allowed_models: list[str] | None = None,
     ) -> dict[str, Any]:
-        """A new API key; the `api_key` field is the only time it is ever shown."""
+        """A new API key; the `api_key` field is the only time it is ever shown. It expires
+        after `expires_in_days` or at `expires_at` (ISO 8601; not both; default never), and
+        may name only `allowed_models` (1-64 model names; default every model)."""
         user = await self._authenticate(token)
         name = check.check_name(name)
-        expires_at = None
+        when = None
+        if expires_in_days is not None and expires_at is not None:
+            raise InvalidParams("give expires_in_days or expires_at, not both", {"param": "expires_at"})
         if expires_in_days is not None:
             if not 1 <= expires_in_days <= self._max_key_days:
                 raise InvalidParams(
                     f"expires_in_days must be 1-{self._max_key_days}", {"param": "expires_in_days"}
                 )
-            expires_at = datetime.now(timezone.utc) + timedelta(days=expires_in_days)
+            when = datetime.now(timezone.utc) + timedelta(days=expires_in_days)
+        elif expires_at is not None:
+            when = check_expiry(expires_at, max_days=self._max_key_days)
+        models = check_allowed_models(allowed_models) if allowed_models is not None else None
         api_key = apikeys.generate_key()
         key = await self.store.create_key(
             user["id"], name, apikeys.hash_key(api_key), apikeys.display_prefix(api_key),
-            expires_at, max_keys=self._max_keys,
+            when, max_keys=self._max_keys, allowed_models=models,
         )
         log.info("api key created", user_id=user["id"], key_id=key["id"])
         return {**_key_view(key), "api_key": api_key}
+
+    @method(public=True)
+    async def update_key(
+        self, token: str, key_id: int, name: Any = KEEP, expires_at: Any = KEEP, allowed_models: Any = KEEP,
+    ) -> dict[str, Any]:
+        """Edit one of the caller's keys: its `name`, `expires_at` (ISO 8601, in the future;
+        null: never expires) or `allowed_models` (1-64 model names; null: every model). A
+        parameter left out is kept. Gateways drop their cached answer for the key within a
+        second. `CONFLICT` for a revoked key, `NOT_FOUND` for anyone else's."""
+        user = await self._authenticate(token)
+        key_id = _check_id(key_id, "key_id")
+        changes: dict[str, Any] = {}
+        if name is not KEEP:
+            if not isinstance(name, str):
+                raise InvalidParams("name must be text", {"param": "name"})
+            changes["name"] = check.check_name(name)
+        if expires_at is not KEEP:
+            changes["expires_at"] = None if expires_at is None else check_expiry(
+                expires_at, max_days=self._max_key_days)
+        if allowed_models is not KEEP:
+            changes["allowed_models"] = None if allowed_models is None else check_allowed_models(allowed_models)
+        if not changes:
+            raise InvalidParams("nothing to change: give name, expires_at or allowed_models", {"param": "name"})
+        key = await self.store.update_key(user["id"], key_id, changes)
+        self.cache.evict(key_id=key_id)  # here at once; other instances and gateways via the log
+        log.info("api key updated", user_id=user["id"], key_id=key_id, fields=sorted(changes))
+        return _key_view(key)
 
     @method(public=True, idempotent=True)
     async def list_keys(self, token: str) -> list[dict[str, Any]]:
@@ -423,6 +467,7 @@ class AuthService:
         result = {
             "user_id": row["user_id"], "key_id": row["id"], "tier": tier.name,
             "limits": tier.limits(), "priority": tier.priority, "expires_at": expires_at,
+            "allowed_models": list(row["allowed_models"]) if row["allowed_models"] is not None else None,
         }
         # Cache only if no invalidation arrived while we read: it may concern this key.
         if self.cache.epoch == epoch:

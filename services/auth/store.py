@@ -5,7 +5,7 @@ computed here in Python and stored beside them), never by PostgreSQL's
 `lower()`. Every query is parameterized. Database errors a caller can cause become domain
 errors here: a taken username is `Conflict`; a taken email is told to the
 service only (`create_user` returns None), which decides what the caller hears.
-Changes that caches must hear about (`revoke_key`, `rotate_key`, `set_tier`, `set_active`,
+Changes that caches must hear about (`revoke_key`, `rotate_key`, `update_key`, `set_tier`, `set_active`,
 `set_admin`, and sessions ending: `revoke_token`, `end_sessions`) append to
 the invalidation log and NOTIFY `INVALIDATION_CHANNEL` in the same
 transaction as the change itself; see README.md, "Revocation".
@@ -32,7 +32,7 @@ INVALIDATION_CHANNEL = "auth_invalidations"
 _INVALIDATION_LOCK = 0x696E7661_6C696474
 
 _USER_COLUMNS = "id, username, email, password_hash, tier, is_admin, is_active, created_at, session_epoch"
-_KEY_COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at, rotated_from"
+_KEY_COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at, rotated_from, allowed_models"
 
 
 @unavailable_when_down()
@@ -215,9 +215,10 @@ class AuthStore:
 
     async def create_key(
         self, user_id: int, name: str, key_hash: bytes, prefix: str,
-        expires_at: datetime | None, *, max_keys: int,
+        expires_at: datetime | None, *, max_keys: int, allowed_models: list[str] | None = None,
     ) -> asyncpg.Record:
-        """Store a new key's hash; `Conflict` past `max_keys` live keys."""
+        """Store a new key's hash (and its model allow-list, None: every model);
+        `Conflict` past `max_keys` live keys."""
         async with self.pool.acquire() as conn, conn.transaction():
             # Lock the user row: concurrent creations count one after another.
             await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
@@ -228,11 +229,11 @@ class AuthStore:
             if live >= max_keys:
                 raise Conflict(f"at most {max_keys} live keys per account; revoke one first")
             key = await conn.fetchrow(
-                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at) "
-                f"VALUES ($1, $2, $3, $4, $5) RETURNING {_KEY_COLUMNS}",
-                user_id, name, key_hash, prefix, expires_at,
+                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, allowed_models) "
+                f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_KEY_COLUMNS}",
+                user_id, name, key_hash, prefix, expires_at, allowed_models,
             )
-            details = {"key_id": key["id"], "name": name, "prefix": prefix}
+            details = {"key_id": key["id"], "name": name, "prefix": prefix, "allowed_models": allowed_models}
             await _audit(conn, "key_created", user_id, user_id, details)
             return key
 
@@ -299,9 +300,9 @@ class AuthStore:
             if live >= max_keys:  # the old key still counts while its overlap lasts
                 raise Conflict(f"at most {max_keys} live keys per account; revoke one first")
             new = await conn.fetchrow(
-                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, rotated_from) "
-                f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_KEY_COLUMNS}",
-                user_id, old["name"], key_hash, prefix, old["expires_at"], key_id,
+                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, rotated_from, allowed_models) "
+                f"VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_KEY_COLUMNS}",
+                user_id, old["name"], key_hash, prefix, old["expires_at"], key_id, old["allowed_models"],
             )
             details = {"key_id": key_id, "new_key_id": new["id"], "prefix": prefix,
                        "overlap_seconds": overlap_seconds, "old_expires_at": _iso(retired["expires_at"])}
@@ -309,10 +310,40 @@ class AuthStore:
             await _invalidate(conn, "key_rotated", key_id=key_id, user_id=None)
             return retired, new
 
+    async def update_key(self, user_id: int, key_id: int, changes: dict[str, Any]) -> asyncpg.Record:
+        """Change one of `user_id`'s keys: `changes` maps `name`, `expires_at`, `allowed_models`
+        to their new values (None clears the last two). One transaction; when anything changed,
+        audited (`key_updated`, each field's old and new value) and logged as an invalidation
+        of the key, so cached answers (its old allow-list, its old expiry) are dropped.
+
+        `NotFound` for anyone else's key; `Conflict` for a revoked one.
+        """
+        fields = [f for f in ("name", "expires_at", "allowed_models") if f in changes]
+        async with self.pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchrow(
+                f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = $1 AND user_id = $2 FOR UPDATE", key_id, user_id,
+            )
+            if old is None:
+                raise NotFound("no such key")
+            if old["revoked_at"] is not None:
+                raise Conflict("a revoked key cannot be edited", {"param": "key_id", "status": "revoked"})
+            changed = {f: {"from": _plain(old[f]), "to": _plain(changes[f])}
+                       for f in fields if old[f] != changes[f]}
+            if not changed:
+                return old
+            sets = ", ".join(f"{f} = ${i}" for i, f in enumerate(changed, start=2))
+            key = await conn.fetchrow(
+                f"UPDATE api_keys SET {sets} WHERE id = $1 RETURNING {_KEY_COLUMNS}",
+                key_id, *(changes[f] for f in changed),
+            )
+            await _audit(conn, "key_updated", user_id, user_id, {"key_id": key_id, "changed": changed})
+            await _invalidate(conn, "key_updated", key_id=key_id, user_id=None)
+            return key
+
     async def key_by_hash(self, key_hash: bytes) -> asyncpg.Record | None:
         """A key and the state of its owner, for validation."""
         return await self.pool.fetchrow(
-            "SELECT k.id, k.user_id, k.key_hash, k.expires_at, k.revoked_at, "
+            "SELECT k.id, k.user_id, k.key_hash, k.expires_at, k.revoked_at, k.allowed_models, "
             "u.tier, u.is_active FROM api_keys k JOIN users u ON u.id = k.user_id "
             "WHERE k.key_hash = $1", key_hash,
         )
@@ -361,6 +392,11 @@ class AuthStore:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+def _plain(value: Any) -> Any:
+    """A column's value as the audit log's JSON keeps it."""
+    return _iso(value) if isinstance(value, datetime) else value
 
 
 async def _audit(

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import InvalidParams, Unauthenticated
+from shared.errors import Forbidden, InvalidParams, Unauthenticated
 from services.auth.client import MAX_TOKEN_LENGTH, AuthClient, KeyValidator
 from services.gateway.budget import budget
 
@@ -44,6 +44,14 @@ class Caller:
     limits: Mapping[str, Any]
     priority: int
     is_admin: bool = False  #: known from a token (an API key never acts as an admin)
+    #: The models an API key may name (its allow-list); None: every model (and a session token).
+    allowed_models: tuple[str, ...] | None = None
+
+    def check_model(self, model: str) -> None:
+        """`FORBIDDEN` naming `model` when the caller's key may not use it."""
+        if self.allowed_models is not None and model not in self.allowed_models:
+            raise Forbidden(f"this API key may not use model {model!r}",
+                            {"param": "model", "allowed": list(self.allowed_models)})
 
 
 class TokenCache:
@@ -104,8 +112,10 @@ class Callers:
             raise InvalidParams("give an api_key or a token, not both", {"param": "token"})
         if api_key is not None:
             answer = await self._validator.validate(api_key, deadline=deadline)
+            allowed = answer.get("allowed_models")
             return Caller(answer["user_id"], answer["key_id"], answer["tier"], answer["limits"],
-                          int(answer.get("priority") or 0))
+                          int(answer.get("priority") or 0),
+                          allowed_models=tuple(allowed) if isinstance(allowed, list) else None)
         if token is not None:
             return await self._by_token(token, deadline)
         raise Unauthenticated("an API key (api_key) or a session token (token) is required")

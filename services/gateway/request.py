@@ -12,7 +12,9 @@
 Read top to bottom, in the order things happen:
 
 1. **identify** the caller: an API key or a session token (callers.py). A
-   failure is counted, nothing else: there is nobody to bill.
+   failure is counted, nothing else: there is nobody to bill. A key with a
+   model allow-list is refused a model outside it here (`FORBIDDEN` naming
+   `model`), before anything is routed or held.
 2. **check** the parameters with the workers' rules (checks.py), **route**
    (the model's workers, router.py: `NOT_FOUND` if nobody serves it) and
    **admit** (hold quota, quota/: `RATE_LIMITED` with `retry_after`). A
@@ -107,6 +109,7 @@ class Request:
         parts = self._parts
         with self._failing():
             self.caller = caller = await parts.callers.identify(api_key, token, deadline=self.deadline)
+            caller.check_model(self.model)
             checked = check_request(parts.limits, model=self.model, generation=generation, stream=stream)
             self.prompt_hash = checked.prompt_hash
             workers = await parts.router.workers(self.model, deadline=self.deadline)
@@ -131,6 +134,7 @@ class Request:
         parts = self._parts
         with self._failing():
             self.caller = caller = await parts.callers.identify(api_key, token, deadline=self.deadline)
+            caller.check_model(self.model)
             checked = check_embedding(parts.limits, model=self.model, input=input, dimensions=dimensions)
             self.prompt_hash = checked.prompt_hash
             workers = await parts.router.workers(self.model, deadline=self.deadline)

@@ -8,12 +8,15 @@ confirmation dialog, and without script the server asks on a page of its own
 (the form's `confirm` field is only `yes` once the person has agreed). Rotating
 always asks on a page of its own, script or not, since it asks how long the old
 key should keep working; the new key is then shown once, like a created one.
+Editing (name, allowed models, expiry) is a form POST too: the first POST shows the
+edit page, the second (`save=yes`) sends only the fields that changed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import date, datetime, timezone
 from collections.abc import Awaitable
 from typing import Any
 
@@ -64,7 +67,8 @@ async def keys_page(request: web.Request) -> web.Response:
 @login_required
 async def create_key(request: web.Request) -> web.Response:
     form = await read_form(request)
-    values = {"name": text(form, "name"), "expires_in_days": text(form, "expires_in_days")}
+    values = {"name": text(form, "name"), "expires_in_days": text(form, "expires_in_days"),
+              "models": text(form, "models")}
     errors = require(values, {"name": "a name for the key"})
     if values["expires_in_days"] not in _EXPIRY_CHOICES:
         errors["expires_in_days"] = "Choose one of the listed expiries"
@@ -73,12 +77,14 @@ async def create_key(request: web.Request) -> web.Response:
     expires = int(values["expires_in_days"]) if values["expires_in_days"] else None
     try:
         key = await request.app[UPSTREAM].auth.create_key(token=request[TOKEN], name=values["name"],
-                                                          expires_in_days=expires)
+                                                          expires_in_days=expires,
+                                                          allowed_models=_model_names(values["models"]))
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED":
             raise
         response = await _keys_page(request, status=status_of(exc), values=values,
-                                    errors=field_errors(exc, ("name", "expires_in_days")))
+                                    errors=field_errors(exc, ("name", "expires_in_days", "models"),
+                                                        {"allowed_models": "models"}))
         response.headers.update(error_headers(exc))
         return response
     return await _keys_page(request, status=201, created=key)
@@ -129,6 +135,70 @@ async def rotate_key(request: web.Request) -> web.Response:
         notice = (f"“{old['name']}” rotated: the old key {old['prefix']}… keeps working until "
                   f"{moment(old['expires_at'])} UTC, then stops.")
     return await _keys_page(request, status=201, created=new, notice=notice)
+
+
+def _model_names(text: str) -> list[str] | None:
+    """The models field: names separated by commas (or spaces); empty means every model."""
+    names = [name for name in text.replace(",", " ").split() if name]
+    return names or None
+
+
+def _edit_values(key: ApiKey) -> dict[str, str]:
+    """The edit form as the key is now (the expiry as a date, UTC)."""
+    expires = key.get("expires_at")
+    return {"name": key["name"], "models": ", ".join(key.get("allowed_models") or []),
+            "expires": datetime.fromisoformat(expires).astimezone(timezone.utc).date().isoformat() if expires else ""}
+
+
+def _expiry_of(value: str) -> str | None:
+    """A date from the form as the moment the key stops (the start of that day, UTC); '' is never."""
+    if not value:
+        return None
+    try:
+        day = date.fromisoformat(value)
+    except ValueError:
+        raise ValueError("Enter a date as YYYY-MM-DD, or leave it empty for never") from None
+    return datetime(day.year, day.month, day.day, tzinfo=timezone.utc).isoformat()
+
+
+@routes.post("/keys/{key_id:[0-9]{1,18}}/edit")
+@login_required
+async def edit_key(request: web.Request) -> web.Response:
+    form = await read_form(request)
+    key_id = int(request.match_info["key_id"])
+    keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
+    key = next((k for k in keys if k["id"] == key_id), None)
+    if key is None:
+        raise web.HTTPNotFound(text="no such key")
+    before = _edit_values(key)
+    if text(form, "save") != "yes":
+        return render(request, "key_edit.html", key=key, values=before, errors={})
+    values = {"name": text(form, "name"), "models": text(form, "models"), "expires": text(form, "expires")}
+    errors = require(values, {"name": "a name for the key"})
+    changes: dict[str, Any] = {}
+    try:
+        if values["expires"] != before["expires"]:
+            changes["expires_at"] = _expiry_of(values["expires"])
+    except ValueError as exc:
+        errors["expires"] = str(exc)
+    if errors:
+        return render(request, "key_edit.html", status=400, key=key, values=values, errors=errors)
+    if values["name"] != before["name"]:
+        changes["name"] = values["name"]
+    if _model_names(values["models"]) != _model_names(before["models"]):
+        changes["allowed_models"] = _model_names(values["models"])
+    if not changes:
+        return await _keys_page(request, notice=f"“{key['name']}”: nothing changed.")
+    try:
+        updated = await request.app[UPSTREAM].auth.update_key(token=request[TOKEN], key_id=key_id, **changes)
+    except MeshError as exc:
+        if exc.code == "UNAUTHENTICATED":
+            raise
+        return refused_form(request, "key_edit.html", exc,
+                            field_errors(exc, ("name", "models", "expires"),
+                                         {"allowed_models": "models", "expires_at": "expires"}),
+                            key=key, values=values)
+    return await _keys_page(request, notice=f"“{updated['name']}” saved: gateways use the change within a second.")
 
 
 def _rotate_page(request: web.Request, key: ApiKey, overlap: str, *, status: int = 200,

@@ -7,7 +7,10 @@
     POST   /api/auth/logout-all      Bearer token                           -> {logged_out, everywhere}
     POST   /api/auth/password        Bearer token, {old_password, new_password} -> {token, expires_at, user}
     GET    /api/auth/api-keys        Bearer token                           -> {keys: [...]}
-    POST   /api/auth/api-keys        Bearer token, {name, expires_in_days?} -> 201 key (api_key shown once)
+    POST   /api/auth/api-keys        Bearer token, {name, expires_in_days? | expires_at?, allowed_models?}
+                                                                            -> 201 key (api_key shown once)
+    PATCH  /api/auth/api-keys/{id}   Bearer token, {name?, expires_at? (null: never), allowed_models? (null:
+                                     every model)}: fields left out are kept -> the key as it now is
     DELETE /api/auth/api-keys/{id}   Bearer token                           -> the revoked key
     POST   /api/auth/api-keys/{id}/rotate  Bearer token, {overlap_seconds?}  -> 201 the new key (api_key shown
                                      once) with `old_key`, whose expires_at is when it stops (default 24 h)
@@ -165,12 +168,46 @@ async def list_keys(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     token = bearer(request)
     body = await json_body(request)
+    _known(body, {"name", "expires_in_days", "expires_at", "allowed_models"})
     days = body.get("expires_in_days")
     if days is not None and type(days) is not int:
         raise InvalidParams("expires_in_days must be an integer", {"param": "expires_in_days"})
-    key = await request.app[UPSTREAM].auth.create_key(token=token, name=_string(body, "name"),
-                                                      expires_in_days=days)
+    key = await request.app[UPSTREAM].auth.create_key(
+        token=token, name=_string(body, "name"), expires_in_days=days,
+        expires_at=_string(body, "expires_at", required=False), allowed_models=_models(body))
     return web.json_response(key, status=201)
+
+
+@routes.patch("/api/auth/api-keys/{key_id}")
+async def update_key(request: web.Request) -> web.Response:
+    """Edit a key: a field present (null included) is changed, one left out is kept."""
+    token = bearer(request)
+    key_id = _key_id(request)
+    body = await json_body(request)
+    _known(body, {"name", "expires_at", "allowed_models"})
+    changes: dict[str, Any] = {}
+    if "name" in body:
+        changes["name"] = _string(body, "name")
+    if "expires_at" in body:
+        changes["expires_at"] = _string(body, "expires_at", required=False)
+    if "allowed_models" in body:
+        changes["allowed_models"] = _models(body)
+    key = await request.app[UPSTREAM].auth.update_key(token=token, key_id=key_id, **changes)
+    return web.json_response(key)
+
+
+def _known(body: dict[str, Any], names: set[str]) -> None:
+    unknown = sorted(set(body) - names)
+    if unknown:
+        raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
+
+
+def _models(body: dict[str, Any]) -> list[str] | None:
+    """`allowed_models`: a list of names (auth checks each), or null/absent for every model."""
+    value = body.get("allowed_models")
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise InvalidParams("allowed_models must be a list of model names, or null", {"param": "allowed_models"})
+    return value
 
 
 def _key_id(request: web.Request) -> int:

@@ -38,6 +38,7 @@ the programs using them branch on it:
 | UNAUTHENTICATED, no `Authorization: Bearer` at all       | 401   | invalid_request_error | null                         |
 | NOT_FOUND naming a `model` (no worker serves it)         | 404   | invalid_request_error | model_not_found              |
 | NOT_FOUND of the router (no such `/v1` URL)              | 404   | invalid_request_error | unknown_url                  |
+| FORBIDDEN naming `model` (not in the key's allow-list)   | 403   | permission_error      | model_not_allowed            |
 | METHOD_NOT_ALLOWED (+ `Allow`)                           | 405   | invalid_request_error | null                         |
 | RATE_LIMITED by a monthly counter (`requests_per_month`, | 429   | insufficient_quota    | insufficient_quota           |
 |   `tokens_per_month`): + `x-should-retry: false`         |       |                       |                              |
@@ -159,6 +160,8 @@ def openai_kind(exc: MeshError) -> tuple[str, str | None]:
         return "invalid_request_error", "unknown_url"
     if code == "NOT_FOUND" and isinstance(exc.data.get("model"), str):
         return "invalid_request_error", "model_not_found"
+    if code == "FORBIDDEN" and exc.data.get("param") == "model":
+        return default, "model_not_allowed"
     if code == "RATE_LIMITED":
         if _monthly(exc):
             return "insufficient_quota", "insufficient_quota"

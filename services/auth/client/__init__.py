@@ -13,6 +13,7 @@ The tier table is a contract of its own, in shared/tiers.py.
 from typing import Any
 
 from services.auth.client.api import (
+    KEEP,
     Account,
     AccountCreated,
     ActiveUsers,
@@ -59,7 +60,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
+    "KEEP", "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
     "AuthClient", "Invalidation", "Invalidations", "KeyIdentity", "KeyValidator", "LoggedOut", "NewApiKey",
     "Price", "RecentRequest", "RecordCounts", "Report", "ReportRow", "ReportTotals", "RotatedApiKey", "Session",
     "Spender", "TierLimits", "TokenKey", "TokenVerifier", "TopSpenders", "UsageCost",

@@ -19,7 +19,7 @@ from typing import Any, Literal, NotRequired, Required, TypedDict
 from shared.rpc.typed import TypedClient, Wire
 
 __all__ = [
-    "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuthClient",
+    "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuthClient",
     "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "RecentRequest",
     "RecordCounts", "Report", "ReportRow", "ReportTotals", "Session", "Spender", "TierLimits", "TokenKey",
     "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
@@ -98,6 +98,7 @@ class ApiKey(TypedDict):
     expires_at: str | None
     revoked_at: str | None
     rotated_from: int | None  #: the key this one replaced (`rotate_key`), else None
+    allowed_models: list[str] | None  #: the models it may name; None: every model
 
 
 class NewApiKey(ApiKey):
@@ -122,6 +123,7 @@ class KeyIdentity(TypedDict):
     limits: TierLimits
     priority: int
     expires_at: float | None  #: epoch seconds
+    allowed_models: NotRequired[list[str] | None]  #: the models it may name; None (or absent): every model
     cursor: int | None  #: the invalidation seq this answer reflects
 
 
@@ -284,6 +286,10 @@ class AdminChange(User):
     changed: bool  #: false when the account already was (or was not) an administrator
 
 
+#: `update_key`: a field left as this is not sent, so auth keeps it (None is sent: it clears).
+KEEP: Any = ...
+
+
 class AuthClient(TypedClient):
     """Typed calls to the auth service."""
 
@@ -301,6 +307,7 @@ class AuthClient(TypedClient):
         "list_keys": Wire("auth.list_keys", idempotent=True),
         "revoke_key": Wire("auth.revoke_key", idempotent=True),
         "rotate_key": Wire("auth.rotate_key"),
+        "update_key": Wire("auth.update_key"),
         "validate_key": Wire("auth.validate_key", idempotent=True),
         "invalidations": Wire("auth.invalidations", idempotent=True),
         "record_usage": Wire("auth.record_usage", idempotent=True),
@@ -355,8 +362,23 @@ class AuthClient(TypedClient):
     # -- API keys ----------------------------------------------------------------------
 
     async def create_key(self, *, token: str, name: str, expires_in_days: int | None = None,
+                         expires_at: str | None = None, allowed_models: list[str] | None = None,
                          timeout: float | None = None) -> NewApiKey:
-        return await self._call("create_key", timeout, token=token, name=name, expires_in_days=expires_in_days)
+        """A new key: it expires after `expires_in_days` or at `expires_at` (ISO 8601), and may
+        name only `allowed_models` (None: every model)."""
+        return await self._call("create_key", timeout, token=token, name=name, expires_in_days=expires_in_days,
+                                expires_at=expires_at, allowed_models=allowed_models)
+
+    async def update_key(self, *, token: str, key_id: int, name: Any = KEEP, expires_at: Any = KEEP,
+                         allowed_models: Any = KEEP, timeout: float | None = None) -> ApiKey:
+        """Edit a key: each of `name`, `expires_at` (ISO 8601), `allowed_models` given is sent, None
+        included (it clears the expiry, or allows every model); one left out (`KEEP`) is kept."""
+        changes = {k: v for k, v in (("name", name), ("expires_at", expires_at), ("allowed_models", allowed_models))
+                   if v is not KEEP}
+        wire = self.METHODS["update_key"]
+        return await self.service.call(  # type: ignore[no-any-return]
+            wire.name, {"token": token, "key_id": key_id, **changes},
+            timeout=self.timeout if timeout is None else timeout, idempotent=wire.idempotent)
 
     async def list_keys(self, *, token: str, timeout: float | None = None) -> list[ApiKey]:
         return await self._call("list_keys", timeout, token=token)
