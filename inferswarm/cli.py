@@ -10,6 +10,8 @@
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
     inferswarm costs [--from D] [--to D] [--by model|key] [--group day|week|month] [--csv]
     inferswarm admin top-spenders [--from D] [--to D] [--limit N]   (the operator, else a logged-in admin)
+    inferswarm audit [--user U] [--action A] [--since ISO] [--until ISO] [--limit N] [--before-id N]
+                                              (your own events; an admin's: everyone's)
     inferswarm admin grant|revoke USER        (the operator: needs the mesh secret)
     inferswarm admin price set MODEL --input X --output Y [--cached Z] [--currency C] [--from ISO8601]
     inferswarm admin price list [--model M]   (the operator, else a logged-in admin)
@@ -50,6 +52,7 @@ import sys
 from pathlib import Path
 
 from inferswarm import receipts, up
+from inferswarm.audit import AUDIT_COMMANDS
 from inferswarm.commands import COMMANDS, Result, expiry_moment, model_list, overlap_seconds
 from inferswarm.costs import COST_COMMANDS
 from inferswarm.config import client_config
@@ -233,6 +236,13 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--from", dest="start", metavar="DATE", help="YYYY-MM-DD (default: the 30 days ending --to)")
     top.add_argument("--to", dest="end", metavar="DATE", help="YYYY-MM-DD, included (default: today, UTC)")
     top.add_argument("--limit", type=int, metavar="N", help="the first N of each currency, 1-100 (default: 10)")
+    trail = client("audit", "the audit log: your own events (an admin's: everyone's), newest first")
+    trail.add_argument("--user", metavar="U", help="a username or email (admins; a user: only their own)")
+    trail.add_argument("--action", dest="event", metavar="A", help="an event (key_created) or a prefix of events (key_*)")
+    trail.add_argument("--since", metavar="ISO", help="from this time on, ISO 8601 (UTC unless an offset is given)")
+    trail.add_argument("--until", metavar="ISO", help="before this time, ISO 8601")
+    trail.add_argument("--limit", type=int, metavar="N", help="at most N events, 1-500 (default: 100)")
+    trail.add_argument("--before-id", type=int, metavar="N", help="older than event N: the next page")
     price = admin.add_parser("price", help="model prices per million tokens (the operator, or admins)"
                              ).add_subparsers(dest="price_command", required=True, metavar="ACTION")
     set_price = client("admin price set", "a new price version for a model, from now or --from on", price)
@@ -289,7 +299,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> Result:
-    command = {**COMMANDS, **COST_COMMANDS}[args.action]
+    command = {**COMMANDS, **COST_COMMANDS, **AUDIT_COMMANDS}[args.action]
     creds = Credentials.load()
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)

@@ -30,6 +30,8 @@ e.g. `inferswarm admin grant|revoke`, may call all):
                                  day/week/month, by model or key
     auth.top_spenders  public    token[, start, end, limit] (the operator: no token) -> users ranked by
                                  cost per currency (admins only)
+    auth.audit         public    token[, user, action, since, until, limit, before_id] (the operator: no
+                                 token) -> audit events newest first: the caller's own; admins' all
     auth.grant_admin   operator  user[, reason] -> user (the operator: `inferswarm admin grant`)
     auth.revoke_admin  operator  user[, reason] -> user
     auth.token_key     public    -> the JWT public key
@@ -67,6 +69,7 @@ from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
 from services.auth.passwords import PasswordHasher
 from services.auth import prices as money
+from services.auth import audit as audit_log
 from services.auth import reports
 from services.auth.price_store import PriceStore
 from services.auth.records import parse_batch
@@ -571,6 +574,44 @@ class AuthService:
         first, last = reports.day_range(start, end)
         records = await self._usage.top_spenders(first, last, reports.check_limit(limit))
         return {"start": first.isoformat(), "end": last.isoformat(), "spenders": reports.spender_rows(records)}
+
+    # -- audit -----------------------------------------------------------------------------
+
+    @method(public=True, idempotent=True)
+    async def audit(self, token: str | None = None, user: int | str | None = None, action: str | None = None,
+                    since: str | None = None, until: str | None = None, limit: int = audit_log.DEFAULT_LIMIT,
+                    before_id: int | None = None) -> dict[str, Any]:
+        """Audit events, newest first: a user's own (as actor or subject); an admin's (or the operator's,
+        without a token) everyone's, or `user`'s. `action`: an event or a prefix ("key_*"); `since`
+        (included) and `until` (excluded): ISO 8601; `limit` 1-500; the next page: `before_id`."""
+        events = audit_log.check_actions(action)
+        first, last = audit_log.check_moment(since, "since"), audit_log.check_moment(until, "until")
+        if first is not None and last is not None and first > last:
+            raise InvalidParams("since must not be after until", {"param": "since"})
+        limit, before_id = audit_log.check_limit(limit), audit_log.check_before_id(before_id)
+        involving = await self._audit_subject(token, user)
+        rows = await self.store.audit_events(involving=involving, events=events, since=first, until=last,
+                                             before_id=before_id, limit=limit + 1)
+        page = rows[:limit]
+        return {"events": [audit_log.event_view(r) for r in page],
+                "next_before_id": page[-1]["id"] if len(rows) > limit else None}
+
+    async def _audit_subject(self, token: str | None, user: int | str | None) -> int | None:
+        """Whose events the caller may read: a user's id, or None for everyone's (admins, the operator)."""
+        if token is None:
+            await self._admin_or_operator(None)
+            caller = None
+        else:
+            caller = await self._authenticate(token)
+        ref = None if user is None else _user_ref(user)
+        if caller is not None and not caller["is_admin"]:
+            # Compared, not looked up: a user learns nothing of whether another account exists.
+            own = (caller["id"],) if isinstance(ref, int) else (check.fold(caller["username"]),
+                                                                  check.fold(caller["email"]))
+            if ref is not None and (ref if isinstance(ref, int) else check.fold(ref)) not in own:
+                raise Forbidden("only administrators may read another user's events")
+            return int(caller["id"])
+        return None if ref is None else int((await self.store.find_user(ref))["id"])
 
     # -- prices --------------------------------------------------------------------------
 

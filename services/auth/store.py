@@ -364,6 +364,26 @@ class AuthStore:
     ) -> None:
         await _audit(self.pool, event, user_id, actor_id, details)
 
+    async def audit_events(
+        self, *, involving: int | None, events: list[str] | None, since: datetime | None,
+        until: datetime | None, before_id: int | None, limit: int,
+    ) -> list[asyncpg.Record]:
+        """Audit rows newest first (by id: keyset pages with `before_id`), with the usernames of
+        subject and actor; `involving`: only rows where that user is the subject or the actor;
+        `since` included, `until` excluded."""
+        return await self.pool.fetch(
+            "SELECT a.id, a.event, a.details, a.created_at, a.actor_id, "
+            "s.username AS subject, ac.username AS actor "
+            "FROM audit_log a LEFT JOIN users s ON s.id = a.user_id LEFT JOIN users ac ON ac.id = a.actor_id "
+            "WHERE ($1::bigint IS NULL OR a.user_id = $1 OR a.actor_id = $1) "
+            "AND ($2::text[] IS NULL OR a.event = ANY($2::text[])) "
+            "AND ($3::timestamptz IS NULL OR a.created_at >= $3) "
+            "AND ($4::timestamptz IS NULL OR a.created_at < $4) "
+            "AND ($5::bigint IS NULL OR a.id < $5) "
+            "ORDER BY a.id DESC LIMIT $6",
+            involving, events, since, until, before_id, limit,
+        )
+
     # -- invalidations -----------------------------------------------------------------
 
     async def invalidations_since(self, since: int, limit: int) -> tuple[list[asyncpg.Record], int, int]:

@@ -20,6 +20,8 @@
                                                                                by model|key (auth.report)
     GET    /api/reports.csv?...      Bearer token                           -> the same rows as a CSV download
     GET    /api/admin/top-spenders?start&end&limit  Bearer token (an admin) -> users ranked by cost per currency
+    GET    /api/audit?user&action&since&until&limit&before_id  Bearer token -> {events, next_before_id}: the
+                                     caller's own events, newest first (an admin's: everyone's, or `user`'s)
     GET    /api/prices?model         Bearer token                           -> {prices: [...]}: in force now and
                                                                                scheduled, money as decimal strings
     POST   /api/prices               Bearer token (an admin), {model, input, output, cached?, currency?,
@@ -272,6 +274,25 @@ async def top_spenders(request: web.Request) -> web.Response:
         token=bearer(request), start=request.query.get("start"), end=request.query.get("end"),
         limit=None if text is None else int(text))
     return web.json_response(answer)
+
+
+@routes.get("/api/audit")
+async def audit(request: web.Request) -> web.Response:
+    query = request.query
+    page = await request.app[UPSTREAM].auth.audit(
+        token=bearer(request), user=query.get("user") or None, action=query.get("action") or None,
+        since=query.get("since") or None, until=query.get("until") or None,
+        limit=_whole(query.get("limit"), "limit"), before_id=_whole(query.get("before_id"), "before_id"))
+    return web.json_response(page)
+
+
+def _whole(text: str | None, name: str) -> int | None:
+    """A query's whole number (None when absent), refused by name when it is not one."""
+    if text is None or text == "":
+        return None
+    if not text.isdigit() or len(text) > 19:
+        raise InvalidParams(f"{name} must be a whole number", {"param": name})
+    return int(text)
 
 
 @routes.get("/api/prices")

@@ -19,7 +19,7 @@ from typing import Any, Literal, NotRequired, Required, TypedDict
 from shared.rpc.typed import TypedClient, Wire
 
 __all__ = [
-    "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuthClient",
+    "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuditEvent", "AuditPage", "AuthClient",
     "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "RecentRequest",
     "RecordCounts", "Report", "ReportRow", "ReportTotals", "Session", "Spender", "TierLimits", "TokenKey",
     "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
@@ -286,6 +286,22 @@ class AdminChange(User):
     changed: bool  #: false when the account already was (or was not) an administrator
 
 
+class AuditEvent(TypedDict):
+    """One audit event (`audit`): who did what, to whom, when."""
+
+    id: int
+    at: str  #: ISO 8601
+    actor: str | None  #: a username, "operator", or None (nobody: a failed login)
+    user: str | None  #: the account it is about (None: none, or a deleted one)
+    action: str  #: key_created, login_failed, price_set, ...
+    details: dict[str, Any]  #: never a secret (keys by prefix only)
+
+
+class AuditPage(TypedDict):
+    events: list[AuditEvent]  #: newest first
+    next_before_id: int | None  #: pass as `before_id` for the next page; None: this was the last
+
+
 #: `update_key`: a field left as this is not sent, so auth keeps it (None is sent: it clears).
 KEEP: Any = ...
 
@@ -321,6 +337,7 @@ class AuthClient(TypedClient):
         "prices": Wire("auth.prices", idempotent=True),
         "report": Wire("auth.report", idempotent=True),
         "top_spenders": Wire("auth.top_spenders", idempotent=True),
+        "audit": Wire("auth.audit", idempotent=True),
         "grant_admin": Wire("auth.grant_admin", idempotent=True),
         "revoke_admin": Wire("auth.revoke_admin", idempotent=True),
     }
@@ -456,6 +473,14 @@ class AuthClient(TypedClient):
                            limit: int | None = None, timeout: float | None = None) -> TopSpenders:
         """Admins (by `token`) or the operator (without): users ranked by cost per currency, then requests."""
         return await self._call("top_spenders", timeout, token=token, start=start, end=end, limit=limit)
+
+    async def audit(self, *, token: str | None = None, user: int | str | None = None, action: str | None = None,
+                    since: str | None = None, until: str | None = None, limit: int | None = None,
+                    before_id: int | None = None, timeout: float | None = None) -> AuditPage:
+        """Audit events, newest first: the caller's own; an admin's (or the operator's, without `token`)
+        everyone's, or `user`'s. `action`: an event or a prefix ("key_*")."""
+        return await self._call("audit", timeout, token=token, user=user, action=action, since=since,
+                                until=until, limit=limit, before_id=before_id)
 
     async def grant_admin(self, *, user: int | str, reason: str | None = None,
                           timeout: float | None = None) -> AdminChange:
