@@ -192,10 +192,13 @@ def test_infer_streams_tokens_as_they_arrive_then_hits_the_token_budget(cli, sta
     assert answer["rate_limit"]["tokens_per_month"]["limit"] == 400
 
     # Budgets are reserved from max_tokens and settled to what was used: asking
-    # for one token more than remains is refused.
+    # for the whole budget once some of it was used is refused. (Reservations
+    # that do not fit by one token are tested in test_gateway_quota.py: `quota`
+    # reports what this gateway can vouch for, which is less than what is left
+    # while an expired lease's unused units are on their way back.)
     remaining = json.loads(cli("quota", "--json").stdout)["rate_limit"]["tokens_per_month"]["remaining"]
     assert 0 < remaining < 400
-    refused = cli("infer", "Say hi.", "--max-tokens", str(remaining + 1))
+    refused = cli("infer", "Say hi.", "--max-tokens", "400")
     assert refused.returncode == 4, refused.stderr
     line = refused.stderr.strip()
     assert line.startswith("inferswarm: rate limited: ") and "tokens left this month, resets in" in line
