@@ -96,13 +96,18 @@ async def revoke_key(request: web.Request) -> web.Response:
     form = await read_form(request)
     key_id = int(request.match_info["key_id"])
     if text(form, "confirm") != "yes":
-        keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
-        key = next((k for k in keys if k["id"] == key_id), None)
-        if key is None:
-            raise web.HTTPNotFound(text="no such key")
-        return render(request, "revoke_confirm.html", key=key)
+        return render(request, "revoke_confirm.html", key=await _own_key(request, key_id))
     await request.app[UPSTREAM].auth.revoke_key(token=request[TOKEN], key_id=key_id)
     return redirect("/keys?revoked=1")
+
+
+async def _own_key(request: web.Request, key_id: int) -> ApiKey:
+    """The caller's key `key_id`, as listed; 404 when the caller has no such key."""
+    keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
+    key = next((k for k in keys if k["id"] == key_id), None)
+    if key is None:
+        raise web.HTTPNotFound(text="no such key")
+    return key
 
 
 @routes.post("/keys/{key_id:[0-9]{1,18}}/rotate")
@@ -110,10 +115,7 @@ async def revoke_key(request: web.Request) -> web.Response:
 async def rotate_key(request: web.Request) -> web.Response:
     form = await read_form(request)
     key_id = int(request.match_info["key_id"])
-    keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
-    key = next((k for k in keys if k["id"] == key_id), None)
-    if key is None:
-        raise web.HTTPNotFound(text="no such key")
+    key = await _own_key(request, key_id)
     overlap = text(form, "overlap_seconds") or _DEFAULT_OVERLAP
     if text(form, "confirm") != "yes":
         return _rotate_page(request, key, overlap)
@@ -166,10 +168,7 @@ def _expiry_of(value: str) -> str | None:
 async def edit_key(request: web.Request) -> web.Response:
     form = await read_form(request)
     key_id = int(request.match_info["key_id"])
-    keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
-    key = next((k for k in keys if k["id"] == key_id), None)
-    if key is None:
-        raise web.HTTPNotFound(text="no such key")
+    key = await _own_key(request, key_id)
     before = _edit_values(key)
     if text(form, "save") != "yes":
         return render(request, "key_edit.html", key=key, values=before, errors={})

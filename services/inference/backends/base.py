@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from shared.generation import GenerateRequest, Message, ToolCall
 
-__all__ = ["Message", "GenerateRequest", "Prompt", "Done", "Event", "Backend", "FinishReason", "Logprobs",
+__all__ = ["Message", "GenerateRequest", "Prompt", "Done", "Event", "Backend", "Engine", "FinishReason", "Logprobs",
            "ToolCall", "ToolCalls", "estimate_tokens", "token_logprob"]
 
 FinishReason = Literal["stop", "length", "tool_calls"]
@@ -103,19 +103,20 @@ def estimate_tokens(request: GenerateRequest) -> int:
     return max(1, sum(len(_PRE_TOKENS.findall(text)) for text in texts))
 
 
-class Backend(ABC):
-    """One model behind one engine or server."""
+class Engine(ABC):
+    """What every model engine has, chat backend (`Backend`) or embedder
+    (`embedding.Embedder`): its kind, capabilities, facts, start, probe, close."""
 
-    #: "local", "ollama" or "openai".
+    #: "local", "ollama", "openai" or "echo".
     kind: str = ""
     #: What the model can do, listed by `inference.models` and announced with its
     #: load: "chat", "tools" (tools and tool_choice), "json" (response_format
     #: json_object and json_schema), "logprobs" (`Logprobs` before its text pieces
-    #: when asked); an embedding model (`embedding.Embedder`) says "embeddings".
-    capabilities: tuple[str, ...] = ("chat",)
+    #: when asked); an embedding model says "embeddings".
+    capabilities: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        #: Static facts shown by `inference.models` (family, size, upstream name...).
+        #: Static facts shown by `inference.models` (family, size, file, upstream name...).
         self.info: dict[str, Any] = {}
         self.loaded = False
 
@@ -124,14 +125,8 @@ class Backend(ABC):
         self.loaded = True
 
     @abstractmethod
-    def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
-        """Stream at most one `Prompt` (before any text), pieces of text (`str`, each after
-        its `Logprobs` when the request asks for them), at most one `ToolCalls` (a backend
-        with the "tools" capability), then exactly one `Done`."""
-
-    @abstractmethod
     async def probe(self) -> None:
-        """Return when the backend can serve the model; raise a typed error otherwise."""
+        """Return when the engine can serve the model; raise a typed error otherwise."""
 
     async def close(self) -> None:
         """Release what `start` acquired. The default does nothing."""
@@ -140,3 +135,14 @@ class Backend(ABC):
     def describe(self) -> dict[str, Any]:
         return {"backend": self.kind, **self.info}
 
+
+class Backend(Engine):
+    """One chat model behind one engine or server."""
+
+    capabilities: tuple[str, ...] = ("chat",)
+
+    @abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        """Stream at most one `Prompt` (before any text), pieces of text (`str`, each after
+        its `Logprobs` when the request asks for them), at most one `ToolCalls` (a backend
+        with the "tools" capability), then exactly one `Done`."""

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 import struct
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import Unavailable
+from services.inference.backends.base import Engine
 
 __all__ = ["Embedded", "Embedder", "pack_vector", "unpack_vector", "check_batch"]
 
@@ -76,22 +77,10 @@ def check_batch(vectors: list[Any], count: int, where: str) -> list[bytes]:
     return packed
 
 
-class Embedder(ABC):
+class Embedder(Engine):
     """One embedding model behind one engine or server."""
 
-    #: "local", "ollama" or "openai".
-    kind: str = ""
-    #: What the model does, listed by `inference.models` and announced with its load.
     capabilities: tuple[str, ...] = ("embeddings",)
-
-    def __init__(self) -> None:
-        #: Static facts shown by `inference.models` (file, dimensions, upstream name...).
-        self.info: dict[str, Any] = {}
-        self.loaded = False
-
-    async def start(self) -> None:
-        """Load the model or reach the server once. The default does nothing."""
-        self.loaded = True
 
     @abstractmethod
     async def embed(self, texts: list[str], dimensions: int | None) -> Embedded:
@@ -102,14 +91,3 @@ class Embedder(ABC):
         """Refuse (`InvalidParams` naming `dimensions`) a length the model
         cannot make, before the request waits for a slot. The default lets
         the server decide."""
-
-    @abstractmethod
-    async def probe(self) -> None:
-        """Return when the backend can serve the model; raise a typed error otherwise."""
-
-    async def close(self) -> None:
-        """Release what `start` acquired. The default does nothing."""
-        self.loaded = False
-
-    def describe(self) -> dict[str, Any]:
-        return {"backend": self.kind, **self.info}
