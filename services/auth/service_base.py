@@ -1,0 +1,145 @@
+"""What the auth service's handlers share: its state, the caller's checks, parameter helpers.
+
+`AuthService` (service.py) is one class made of a handler class per concern
+(key_methods.py, billing_methods.py, admin_methods.py) over this base;
+the dispatcher sees one service, `auth`.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+import asyncpg
+
+from shared.errors import Forbidden, InvalidParams, Unauthenticated
+from shared.logging import get_logger
+from shared.roles import OPERATOR
+from shared.rpc import current_request
+from shared.tiers import TierTable
+from services.auth import validation as check
+from services.auth.housekeeping import Housekeeper
+from services.auth.invalidation import InvalidationFeed
+from services.auth.passwords import PasswordHasher
+from services.auth.price_store import PriceStore
+from services.auth.store import AuthStore
+from services.auth.registration import RegistrationThrottle
+from services.auth.throttle import LoginThrottle
+from services.auth.tokens import TokenIssuer
+from services.auth.usage_store import UsageStore
+
+
+__all__ = ["AuthBase", "KEEP", "check_id", "iso", "is_operator", "parse_day", "user_ref"]
+
+log = get_logger(__name__)
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+#: An `update_key` parameter left out: keep the key's value (null is a value: clear it).
+KEEP: Any = ...
+
+
+class AuthBase:
+    """The state every handler class of `AuthService` reads, and the caller checks."""
+
+    def __init__(
+        self, store: AuthStore, usage: UsageStore, *, passwords: PasswordHasher,
+        tokens: TokenIssuer, tiers: TierTable, throttle: LoginThrottle, feed: InvalidationFeed,
+        housekeeper: Housekeeper, registrations: RegistrationThrottle | None = None,
+        max_keys_per_user: int = 100, max_key_days: int = 3650, prices: PriceStore | None = None,
+    ) -> None:
+        self.store = store  #: the accounts' SQL (services/auth/store.py)
+        self._usage = usage
+        self._prices = prices or PriceStore(usage.pool)
+        self._passwords = passwords
+        self._tokens = tokens
+        self._tiers = tiers
+        self._throttle = throttle
+        self._registrations = registrations or RegistrationThrottle(store)
+        #: The parts an operator's tools and the tests may read: the invalidation
+        #: feed (cursor, trust), the key cache it keeps in step, the usage flusher.
+        self.feed = feed
+        self.cache = feed.cache
+        self.housekeeper = housekeeper
+        self._max_keys = max_keys_per_user
+        self._max_key_days = max_key_days
+        #: Keys refused for good (unknown, revoked, expired): hash -> reason.
+        self._refused: dict[bytes, str] = {}
+
+
+    # -- helpers -------------------------------------------------------------------------
+
+    async def _authenticate(self, token: str) -> asyncpg.Record:
+        """The active account behind a valid, unrevoked token, else `UNAUTHENTICATED`."""
+        user_id, claims = self._claims(token)
+        user = await self.store.session_user(user_id, str(claims["jti"]), epoch_of(claims))
+        if user is None or not user["is_active"]:
+            raise Unauthenticated("session ended, or account disabled or removed")
+        return user
+
+    def _claims(self, token: str) -> tuple[int, dict[str, Any]]:
+        claims = self._tokens.verify(token)
+        try:
+            user_id = int(claims["sub"])
+        except ValueError:
+            raise Unauthenticated("invalid token") from None
+        if not 0 < user_id < 2**63:
+            raise Unauthenticated("invalid token")
+        return user_id, claims
+
+    async def _authenticate_admin(self, token: str) -> asyncpg.Record:
+        """The account behind `token` if it is an admin now (read from the database), else `FORBIDDEN`."""
+        user = await self._authenticate(token)
+        if not user["is_admin"]:
+            raise Forbidden("administrators only")
+        return user
+
+    def _user_view(self, user: asyncpg.Record) -> dict[str, Any]:
+        return {
+            "id": user["id"], "username": user["username"], "email": user["email"],
+            "tier": user["tier"], "is_admin": user["is_admin"],
+            "is_active": user["is_active"], "created_at": iso(user["created_at"]),
+        }
+
+
+def is_operator() -> bool:
+    """The caller holds the mesh secret itself (`inferswarm admin`), or calls in-process."""
+    ctx = current_request.get()
+    return ctx is None or (ctx.member and ctx.role == OPERATOR)
+
+
+def epoch_of(claims: dict[str, Any]) -> int:
+    """The session epoch a token was issued in (`sep`; 0 for tokens from before epochs)."""
+    epoch = claims.get("sep", 0)
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 2**31:
+        raise Unauthenticated("invalid token")
+    return epoch
+
+
+def parse_day(text: str, param: str) -> date:
+    try:
+        if len(text) != 10:
+            raise ValueError(text)
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InvalidParams(f"{param} must be a date as YYYY-MM-DD", {"param": param}) from None
+
+
+def check_id(value: int, param: str) -> int:
+    """A database id: 1 to 2**63-1, else `INVALID_PARAMS` (never an overflow in SQL)."""
+    if not 0 < value < 2**63:
+        raise InvalidParams(f"{param} is not a valid id", {"param": param})
+    return value
+
+
+def user_ref(user: int | str) -> int | str:
+    if isinstance(user, int):
+        return check_id(user, "user")
+    if not 0 < len(user) <= check.MAX_EMAIL:
+        raise InvalidParams("user must be an id, a username or an email", {"param": "user"})
+    return user
+
+
