@@ -17,7 +17,7 @@ from shared.db import apply_migrations, create_pool
 from shared.errors import RateLimited
 from services.gateway.fleet import Fleet
 from services.gateway.quota.leases import window_of
-from services.gateway.quota import Quota
+from services.gateway.quota import Quota, Scope
 from services.gateway.recovery import close_earlier_leases
 from services.gateway.store import MIGRATIONS, QuotaStore
 
@@ -53,7 +53,12 @@ def crash(quota: Quota) -> None:
 
 async def granted(store: QuotaStore, user_id: int, counter: str) -> int:
     window = window_of(counter)
-    return (await store.counters(user_id, [(counter, window.start)]))[counter]
+    return (await store.counters(f"u:{user_id}", [(counter, window.start)], time.time()))[counter]
+
+
+def scoped(user_id: int, limits: dict) -> list[Scope]:
+    """A user's limits as the one scope a request answers to."""
+    return [Scope(f"u:{user_id}", limits)]
 
 
 async def hammer(quotas: list[Quota], user_id: int, limits: dict, callers: int, tokens: int = 1,
@@ -65,7 +70,7 @@ async def hammer(quotas: list[Quota], user_id: int, limits: dict, callers: int, 
         nonlocal admitted, refused
         quota = quotas[i % len(quotas)]
         try:
-            admission = await quota.admit(user_id, limits, tokens, deadline=time.monotonic() + 5)
+            admission = await quota.admit(scoped(user_id, limits), tokens, deadline=time.monotonic() + 5)
         except RateLimited as exc:
             refused += 1
             assert exc.data["retry_after"] >= 1 and "rate_limit" in exc.data
@@ -84,7 +89,7 @@ async def test_two_gateways_admit_exactly_the_limit_under_64_concurrent_callers(
         admitted, refused = await hammer(quotas, 1, RPH, 64)
         assert (admitted, refused) == (20, 44)
         assert await granted(store, 1, "requests_per_hour") == 20
-        assert quotas[0].facts(1, RPH)["requests_per_hour"]["remaining"] == 0
+        assert quotas[0].facts(scoped(1, RPH))["requests_per_hour"]["remaining"] == 0
         # Later requests are refused at once: nobody holds anything that could come back.
         start = time.monotonic()
         assert await hammer(quotas, 1, RPH, 8) == (0, 8)
@@ -92,7 +97,7 @@ async def test_two_gateways_admit_exactly_the_limit_under_64_concurrent_callers(
 
 
 async def test_far_from_the_limit_leases_keep_the_database_off_the_path(store):
-    limits = {"requests_per_hour": 100_000, "requests_per_month": None, "tokens_per_month": None}
+    limits = {"requests_per_hour": None, "requests_per_month": 100_000, "tokens_per_month": None}
     async with AsyncExitStack() as stack:
         quota = await keeper(stack, store, "gw-a", max_lease=500)
         calls = 0
@@ -108,44 +113,43 @@ async def test_far_from_the_limit_leases_keep_the_database_off_the_path(store):
             assert await hammer([quota], 2, limits, 50, work=0) == (50, 0)
         assert calls <= 3
         await quota.close()
-        assert await granted(store, 2, "requests_per_hour") == 500  # every unused unit came back
+        assert await granted(store, 2, "requests_per_month") == 500  # every unused unit came back
 
 
 async def test_tokens_are_reserved_settled_and_released(store):
     limits = {"requests_per_hour": None, "requests_per_month": None, "tokens_per_month": 1000}
     async with AsyncExitStack() as stack:
         a, b = await keeper(stack, store, "gw-a"), await keeper(stack, store, "gw-b")
-        first = await a.admit(3, limits, 600, deadline=time.monotonic() + 5)
+        first = await a.admit(scoped(3, limits), 600, deadline=time.monotonic() + 5)
         with pytest.raises(RateLimited):  # 600 reserved on a; 600 more do not fit
-            await b.admit(3, limits, 600, deadline=time.monotonic() + 2)
+            await b.admit(scoped(3, limits), 600, deadline=time.monotonic() + 2)
         a.settle(first, 150)  # used 150: 450 go back to a's lease, and to the fleet when it expires
-        second = await b.admit(3, limits, 600, deadline=time.monotonic() + 5)
-        failed = await a.admit(3, limits, 200, deadline=time.monotonic() + 5)
+        second = await b.admit(scoped(3, limits), 600, deadline=time.monotonic() + 5)
+        failed = await a.admit(scoped(3, limits), 200, deadline=time.monotonic() + 5)
         a.release(failed)  # failed before generating: nothing kept
         b.settle(second, 600)
         with pytest.raises(RateLimited) as too_big:
-            await a.admit(3, limits, 1001, deadline=time.monotonic() + 1)
+            await a.admit(scoped(3, limits), 1001, deadline=time.monotonic() + 1)
         assert "limit is 1000" in too_big.value.message
         await asyncio.sleep(a.ttl + 0.3)  # leases expire and are trimmed
         assert await granted(store, 3, "tokens_per_month") == 750
-        facts = await a.snapshot(3, limits)
+        facts = await a.snapshot(scoped(3, limits))
         assert facts["tokens_per_month"]["remaining"] == 250
-        assert facts["requests_per_hour"] == {"limit": None, "remaining": None,
-                                              "reset": window_of("requests_per_hour").reset}
+        assert facts["requests_per_hour"]["limit"] is None and facts["requests_per_hour"]["remaining"] is None
 
 
 async def test_a_refused_request_waits_for_another_gateways_unused_lease(store):
     limits = {"requests_per_hour": 16, "requests_per_month": None, "tokens_per_month": None}
     async with AsyncExitStack() as stack:
         a, b = await keeper(stack, store, "gw-a"), await keeper(stack, store, "gw-b")
-        held = await a.admit(4, limits, 1, deadline=time.monotonic() + 5)
+        held = await a.admit(scoped(4, limits), 1, deadline=time.monotonic() + 5)
         lease_units = held.parts[0].lease.units  # an eighth of what is left (2 gateways)
         assert lease_units > 1
         a.settle(held, 1)
-        others = [await b.admit(4, limits, 1, deadline=time.monotonic() + 5) for _ in range(16 - lease_units)]
+        others = [await b.admit(scoped(4, limits), 1, deadline=time.monotonic() + 5) for _ in range(16 - lease_units)]
         start = time.monotonic()
         # b is refused by the database, but a's unused units come back within a lease's life.
-        late = await b.admit(4, limits, 1, deadline=time.monotonic() + 5)
+        late = await b.admit(scoped(4, limits), 1, deadline=time.monotonic() + 5)
         assert time.monotonic() - start < a.ttl + 0.3
         for admission in [*others, late]:
             b.settle(admission, 1)
@@ -153,38 +157,38 @@ async def test_a_refused_request_waits_for_another_gateways_unused_lease(store):
 
 
 async def test_the_janitor_reclaims_a_crashed_gateways_unclaimed_units(store):
-    limits = {"requests_per_hour": 1000, "requests_per_month": None, "tokens_per_month": None}
+    limits = {"requests_per_hour": None, "requests_per_month": 1000, "tokens_per_month": None}
     async with AsyncExitStack() as stack:
         survivor = await keeper(stack, store, "gw-live")
         crashed = await keeper(AsyncExitStack(), store, "gw-dead", claim_horizon=0.0)
-        taken = [await crashed.admit(5, limits, 1, deadline=time.monotonic() + 5) for _ in range(3)]
+        taken = [await crashed.admit(scoped(5, limits), 1, deadline=time.monotonic() + 5) for _ in range(3)]
         lease = taken[0].parts[0].lease
         assert lease.units > lease.claimed >= 3
-        before = await granted(store, 5, "requests_per_hour")
+        before = await granted(store, 5, "requests_per_month")
         crash(crashed)
         deadline = time.monotonic() + 5
-        while await granted(store, 5, "requests_per_hour") == before:
+        while await granted(store, 5, "requests_per_month") == before:
             assert time.monotonic() < deadline, "the janitor never came"
             await asyncio.sleep(0.1)
         # What the crashed gateway may have used (its claim) stays counted; the rest is back.
-        assert await granted(store, 5, "requests_per_hour") == lease.claimed
+        assert await granted(store, 5, "requests_per_month") == lease.claimed
         assert survivor is not None
 
 
 async def test_a_restarted_gateway_gives_back_exactly_what_its_journal_says_was_unused(store):
-    limits = {"requests_per_hour": 1000, "requests_per_month": None, "tokens_per_month": None}
+    limits = {"requests_per_hour": None, "requests_per_month": 1000, "tokens_per_month": None}
     async with AsyncExitStack() as stack:
         old = Quota(store, gateway="gw-r", incarnation="before")
         await old.__aenter__()  # never left: it crashes
-        taken = [await old.admit(6, limits, 1, deadline=time.monotonic() + 5) for _ in range(5)]
+        taken = [await old.admit(scoped(6, limits), 1, deadline=time.monotonic() + 5) for _ in range(5)]
         old.settle(taken[0], 1)
         old.release(taken[1])  # failed: not used
         crash(old)
         lease = taken[0].parts[0].lease
-        assert await granted(store, 6, "requests_per_hour") == lease.units
+        assert await granted(store, 6, "requests_per_month") == lease.units
         new = await keeper(stack, store, "gw-r")
         prior = await store.prior_leases("gw-r", new.incarnation)
         # From the journal: requests 0, 2, 3, 4 used a unit (2-4 were cut by the crash).
         returned = await close_earlier_leases(store, prior, {lease.id: 4}, {lease.id})
         assert returned == lease.units - 4
-        assert await granted(store, 6, "requests_per_hour") == 4
+        assert await granted(store, 6, "requests_per_month") == 4

@@ -130,8 +130,8 @@ async def test_a_limit_of_n_admits_exactly_n_across_both_gateways_under_64_calle
     assert sum(r["status"] == "ok" for r in rows) == 100
     conn = await asyncpg.connect(mesh.gateway_dsn)
     try:
-        granted = await conn.fetchval("SELECT granted FROM quota_counters WHERE user_id = $1"
-                                      " AND counter = 'requests_per_hour'", bob.id)
+        granted = await conn.fetchval("SELECT granted FROM quota_counters WHERE subject = $1"
+                                      " AND counter = 'requests_per_hour'", f"u:{bob.id}")
     finally:
         await conn.close()
     assert granted == 100
@@ -451,7 +451,7 @@ async def gateway_leases(mesh: GatewayMesh, gateway: str, user_id: int) -> list[
     conn = await asyncpg.connect(mesh.gateway_dsn)
     try:
         return await conn.fetch("SELECT counter, units, claimed, orphaned_at FROM quota_leases"
-                                " WHERE gateway = $1 AND user_id = $2", gateway, user_id)
+                                " WHERE gateway = $1 AND subject = $2", gateway, f"u:{user_id}")
     finally:
         await conn.close()
 
@@ -460,7 +460,7 @@ async def granted(mesh: GatewayMesh, user_id: int, counter: str) -> int:
     conn = await asyncpg.connect(mesh.gateway_dsn)
     try:
         return await conn.fetchval("SELECT coalesce(sum(granted), 0) FROM quota_counters"
-                                   " WHERE user_id = $1 AND counter = $2", user_id, counter)
+                                   " WHERE subject = $1 AND counter = $2", f"u:{user_id}", counter)
     finally:
         await conn.close()
 

@@ -39,10 +39,11 @@ def at(text: str) -> float:
 
 
 @pytest.mark.unit
-def test_windows_are_utc_hours_and_months():
+def test_windows_are_utc_days_and_months_and_the_hour_rolls():
     hour = window_of("requests_per_hour", at("2026-03-31T23:59:59"))
-    assert hour.start == datetime(2026, 3, 31, 23, tzinfo=UTC)
-    assert hour.reset == at("2026-04-01T00:00:00")
+    assert hour.start == datetime(1970, 1, 1, tzinfo=UTC)  # one key per subject: a GCRA, no calendar
+    day = window_of("spend_per_day", at("2026-03-31T23:59:59"))
+    assert (day.start, day.reset) == (datetime(2026, 3, 31, tzinfo=UTC), at("2026-04-01T00:00:00"))
     month = window_of("tokens_per_month", at("2026-12-15T08:00:00"))
     assert (month.start, month.end) == (datetime(2026, 12, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC))
     assert window_of("requests_per_month", at("2026-02-01T00:00:00")).start == datetime(2026, 2, 1, tzinfo=UTC)

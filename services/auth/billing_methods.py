@@ -129,6 +129,19 @@ class BillingMethods(AuthBase):
         rows = await self._prices.prices(None if model is None else money.check_model(model))
         return [money.price_view(row, row["now"]) for row in rows]
 
+    @method(idempotent=True, roles=("gateway",))
+    async def price_table(self, since: int | None = None) -> dict[str, Any]:
+        """Internal (gateways, for budgets and receipts): every model's price in force now and
+        those scheduled, with `version` (grows with each price set); `prices` is None when
+        `since` is that version already (nothing changed)."""
+        if since is not None and not 0 <= since < 2**63:
+            raise InvalidParams("since must be a version from a previous call", {"param": "since"})
+        version = await self._prices.version()
+        if since == version:
+            return {"version": version, "prices": None}
+        rows = await self._prices.prices(None)
+        return {"version": version, "prices": [money.price_view(row, row["now"]) for row in rows]}
+
     async def _admin_or_operator(self, token: str | None) -> int | None:
         """Who sets a price or reads every user's spending: an admin's id, or None for the operator;
         else refused."""

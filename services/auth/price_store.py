@@ -73,6 +73,10 @@ class PriceStore:
                 actor_id, json.dumps(details))
             return row
 
+    async def version(self) -> int:
+        """Grows with every version added (versions are never changed or removed): the newest id."""
+        return int(await self.pool.fetchval("SELECT coalesce(max(id), 0) FROM model_prices"))
+
     async def prices(self, model: str | None) -> list[asyncpg.Record]:
         """The version in force now of each model (or of `model`), then the versions to come."""
         return await self.pool.fetch(_PRICES, model)

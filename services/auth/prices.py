@@ -15,24 +15,24 @@ usage_store.py)::
 where p is the cached price for a cached answer when the model has one, else
 the input price; rounded half to even to 10 decimals (`COST_PLACES`, the
 migration's `round_half_even`); NULL when the model had no price at the
-record's time. `cost_of` is the same rule in Python.
+record's time. `cost_of` (shared/pricing.py) is the same rule in Python, the
+gateways' for budgets and receipts.
 """
 
 from __future__ import annotations
 
 import re
 from datetime import datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from typing import Any
 
 from shared.errors import InvalidParams
+from shared.pricing import COST_PLACES, cost_of  # the one rule (the SQL applies it too)
 
 __all__ = ["COST_PLACES", "PRICE_PLACES", "check_model", "check_price", "check_currency", "check_moment",
            "cost_of", "money", "price_view"]
 
 PRICE_PLACES = 6  #: decimals of a price per million tokens (NUMERIC(12,6))
-COST_PLACES = 10  #: decimals a record's cost is rounded to, half to even (NUMERIC(20,10))
-_MILLION = Decimal(1_000_000)
 _PRICE = re.compile(r"(\d{1,6})(?:\.(\d+))?")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 #: The names a worker's catalog accepts (services/inference/catalog.py).
@@ -83,12 +83,6 @@ def check_moment(text: str, param: str) -> datetime:
     return moment
 
 
-def cost_of(prompt_tokens: int, completion_tokens: int, cached: bool, *, input: Decimal, output: Decimal,
-            cached_price: Decimal | None = None) -> Decimal:
-    """What a record costs at these prices: the rule the SQL applies, for tests and tools."""
-    prompt_price = cached_price if cached and cached_price is not None else input
-    exact = (prompt_tokens * prompt_price + completion_tokens * output) / _MILLION
-    return exact.quantize(Decimal(1).scaleb(-COST_PLACES), rounding=ROUND_HALF_EVEN)
 
 
 def money(value: Decimal | None) -> str | None:

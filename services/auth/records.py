@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 from shared.errors import InvalidParams
@@ -26,8 +27,10 @@ _HEX = re.compile(r"[0-9a-f]{16,128}")
 _STATUS = re.compile(r"[a-z_]{1,32}")
 _FIELDS = frozenset({
     "request_id", "user_id", "key_id", "model", "prompt_hash", "prompt_tokens",
-    "completion_tokens", "cached", "latency_ms", "status", "worker", "at",
+    "completion_tokens", "cached", "latency_ms", "status", "worker", "at", "cost", "currency",
 })
+_COST = re.compile(r"\d{1,10}(?:\.\d{1,10})?")  # NUMERIC(20,10)
+_CURRENCY = re.compile(r"[A-Z]{3}")
 #: Records from further back than this (or from the future) are refused.
 _MAX_AGE_S = 35 * 86_400
 _MAX_AHEAD_S = 300
@@ -95,7 +98,20 @@ def _parse(index: int, item: Any) -> UsageRecord:
         status=status,
         worker=_text(index, item, "worker", 256, optional=True),
         created_at=_timestamp(index, item.get("at")),
+        **_charged(index, item),
     )
+
+
+def _charged(index: int, item: dict[str, Any]) -> dict[str, Any]:
+    """`cost` and `currency`, given together or not at all: what the gateway charged."""
+    cost, currency = item.get("cost"), item.get("currency")
+    if cost is None and currency is None:
+        return {}
+    if type(cost) is not str or not _COST.fullmatch(cost):
+        raise _fail(index, "cost", "expected a decimal string with at most 10 decimals, with currency")
+    if type(currency) is not str or not _CURRENCY.fullmatch(currency):
+        raise _fail(index, "currency", "expected an ISO 4217 code such as USD, with cost")
+    return {"cost": Decimal(cost), "currency": currency}
 
 
 def _timestamp(index: int, value: Any) -> datetime | None:

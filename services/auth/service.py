@@ -38,6 +38,7 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.validate_key  gateway   api_key -> user, key, tier, limits, priority, cursor
     auth.verify_token  gateway   token -> user
     auth.record_usage  gateway   batch -> counts (idempotent by request id)
+    auth.price_table   gateway   [since] -> {version, prices (None: unchanged since `since`)}
     auth.invalidations gateway   since[, limit] -> entries after the cursor
     auth.active_users  metrics   -> distinct users over 1 h and 24 h (for metrics)
 

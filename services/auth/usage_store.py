@@ -7,10 +7,12 @@ transaction. A retried batch, or two gateways sending the same record, count
 once. Rows naming an unknown user, or a key that is not that user's, are
 rejected and counted as such.
 
-Each record is priced as it is inserted, in the same statement: the version
-of its model's price in force at its moment (`model_prices`, price_store.py),
-`cost` rounded half to even to 10 decimals (prices.py has the rule), NULL
-without a price. `usage_daily_costs` sums cost per day, key, model and
+Each record is priced as it is inserted, in the same statement: by what its
+gateway charged when the gateway priced it (`cost`, `currency`: the price it
+knew at the request's start, as its receipt and the budgets say), else by the
+version of its model's price in force at its moment (`model_prices`,
+price_store.py), `cost` rounded half to even to 10 decimals (shared/pricing.py
+has the rule), NULL without a price. `usage_daily_costs` sums cost per day, key, model and
 currency (with the tokens, migration 0009), and counts the unpriced requests.
 
 Reports (`auth.report`, `auth.top_spenders`) read `usage_daily_costs` only:
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime
+from decimal import Decimal
 
 import asyncpg
 
@@ -46,26 +49,32 @@ class UsageRecord:
     status: str
     worker: str | None
     created_at: datetime | None  #: None: now
+    #: What the gateway charged (its price at the request's start, as its receipt says);
+    #: None: priced here, by the version in force at `created_at`.
+    cost: Decimal | None = None
+    currency: str | None = None
 
 
 _RECORD = """
 WITH batch AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::text[], $5::text[],
                          $6::int[], $7::int[], $8::bool[], $9::int[], $10::text[], $11::text[],
-                         $12::timestamptz[])
+                         $12::timestamptz[], $13::numeric[], $14::text[])
         AS b(request_id, user_id, key_id, model, prompt_hash, prompt_tokens, completion_tokens,
-             cached, latency_ms, status, worker, created_at)
+             cached, latency_ms, status, worker, created_at, charged, charged_currency)
 ), accepted AS (
     SELECT b.* FROM batch b JOIN users u ON u.id = b.user_id
     WHERE b.key_id IS NULL
        OR EXISTS (SELECT 1 FROM api_keys k WHERE k.id = b.key_id AND k.user_id = b.user_id)
 ), priced AS (
-    -- The version of the model's price in force at the record's moment, if any. `* 0.000001`,
+    -- What the gateway charged, if it priced the request (its receipt says the same); else the
+    -- version of the model's price in force at the record's moment, if any. `* 0.000001`,
     -- not `/ 1000000`: numeric multiplication is exact, division keeps only ~16 digits.
-    SELECT a.*, p.currency,
-           round_half_even((a.prompt_tokens * CASE WHEN a.cached AND p.cached_price IS NOT NULL
-                                                   THEN p.cached_price ELSE p.input_price END
-                            + a.completion_tokens * p.output_price) * 0.000001, 10) AS cost
+    SELECT a.*, COALESCE(a.charged_currency, p.currency) AS currency,
+           COALESCE(a.charged,
+                    round_half_even((a.prompt_tokens * CASE WHEN a.cached AND p.cached_price IS NOT NULL
+                                                            THEN p.cached_price ELSE p.input_price END
+                                     + a.completion_tokens * p.output_price) * 0.000001, 10)) AS cost
     FROM (SELECT accepted.*, COALESCE(accepted.created_at, now()) AS at FROM accepted) a
     LEFT JOIN LATERAL (
         SELECT mp.input_price, mp.output_price, mp.cached_price, mp.currency FROM model_prices mp
@@ -192,7 +201,7 @@ class UsageStore:
             return {"inserted": 0, "duplicates": 0, "rejected": 0}
         columns = list(zip(*(
             (r.request_id, r.user_id, r.key_id, r.model, r.prompt_hash, r.prompt_tokens,
-             r.completion_tokens, r.cached, r.latency_ms, r.status, r.worker, r.created_at)
+             r.completion_tokens, r.cached, r.latency_ms, r.status, r.worker, r.created_at, r.cost, r.currency)
             for r in records
         )))
         row = await self.pool.fetchrow(_RECORD, *(list(c) for c in columns))

@@ -24,6 +24,7 @@ from services.gateway.accounts import Accounts
 from services.gateway.callers import Callers
 from services.gateway.config import GatewayConfig
 from services.gateway.fleet import Fleet
+from services.gateway.prices import PriceBook
 from services.gateway.counts import Counts
 from services.gateway.quota import Quota
 from services.gateway.recovery import close_earlier_leases, replay_journal, usage_journal
@@ -82,10 +83,11 @@ async def open_gateway(
 
     await stack.enter_async_context(shipper)
     validator = await stack.enter_async_context(KeyValidator(mesh, max_timeout=config.auth_timeout))
+    prices = await stack.enter_async_context(PriceBook(auth, interval=config.price_poll))
     router = Router(mesh)
     parts = Parts(
         callers=Callers(validator, auth, max_timeout=config.auth_timeout), quota=quota, router=router,
         relay=Relay(mesh, router, attempts=config.attempts), accounts=accounts, counts=Counts(metrics),
-        limits=config.limits, signer=signer,
+        limits=config.limits, signer=signer, prices=prices,
     )
     return GatewayService(parts, journal, gateway_id=gateway_id, metrics_service=MetricsClient.of(mesh))

@@ -28,24 +28,27 @@ from typing import Any
 from shared.errors import Forbidden, InvalidParams, Unauthenticated
 from services.auth.client import MAX_TOKEN_LENGTH, AuthClient, KeyValidator
 from services.gateway.budget import budget
+from services.gateway.quota import COUNTERS, Scope, money_units, subject_of
 
-__all__ = ["Caller", "Callers", "TokenCache"]
+__all__ = ["Caller", "Callers", "TokenCache", "scopes_of"]
 
 _MAX_TOKENS_CACHED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """An authenticated caller and what their tier allows."""
+    """An authenticated caller and what they may use: the limits of each scope they
+    answer to (their key, their account, their organisation; `scopes_of`)."""
 
     user_id: int
     key_id: int | None
     tier: str
-    limits: Mapping[str, Any]
+    scopes: tuple[Scope, ...]
     priority: int
     is_admin: bool = False  #: known from a token (an API key never acts as an admin)
     #: The models an API key may name (its allow-list); None: every model (and a session token).
     allowed_models: tuple[str, ...] | None = None
+    currency: str | None = None  #: of the money limits (auth's `currency`)
 
     def check_model(self, model: str) -> None:
         """`FORBIDDEN` naming `model` when the caller's key may not use it."""
@@ -113,9 +116,10 @@ class Callers:
         if api_key is not None:
             answer = await self._validator.validate(api_key, deadline=deadline)
             allowed = answer.get("allowed_models")
-            return Caller(answer["user_id"], answer["key_id"], answer["tier"], answer["limits"],
+            return Caller(answer["user_id"], answer["key_id"], answer["tier"], scopes_of(answer, answer["user_id"]),
                           int(answer.get("priority") or 0),
-                          allowed_models=tuple(allowed) if isinstance(allowed, list) else None)
+                          allowed_models=tuple(allowed) if isinstance(allowed, list) else None,
+                          currency=answer.get("currency"))
         if token is not None:
             return await self._by_token(token, deadline)
         raise Unauthenticated("an API key (api_key) or a session token (token) is required")
@@ -132,12 +136,37 @@ class Callers:
         epoch = self._tokens.epoch
         timeout = budget(deadline, self._max_timeout, "verify the session token")
         answer = await self._auth.verify_token(token=token, timeout=timeout)
-        caller = Caller(answer["id"], None, answer["tier"], answer["limits"], int(answer.get("priority") or 0),
-                        is_admin=answer.get("is_admin") is True)
+        caller = Caller(answer["id"], None, answer["tier"], scopes_of(answer, answer["id"]),
+                        int(answer.get("priority") or 0), is_admin=answer.get("is_admin") is True,
+                        currency=answer.get("currency"))
         if trusted and self._validator.trusted and self._tokens.epoch == epoch:  # no eviction meanwhile
             until = min(now + self._token_ttl, now + _seconds_left(token))  # from before the call: never older
             self._tokens.put(digest, caller, until)
         return caller
+
+
+def scopes_of(answer: Mapping[str, Any], user_id: int) -> tuple[Scope, ...]:
+    """The scopes of auth's answer (`scopes`: [{scope, id, limits}]; an older auth's
+    `limits` alone: the user's), money limits as units of 1e-10."""
+    listed = answer.get("scopes")
+    if not isinstance(listed, list):
+        listed = [{"scope": "user", "id": user_id, "limits": answer.get("limits") or {}}]
+    return tuple(Scope(subject_of(item["scope"], int(item["id"])), _limits(item.get("limits") or {}))
+                 for item in listed)
+
+
+def _limits(limits: Mapping[str, Any]) -> dict[str, int | None]:
+    """Counter -> limit in the counter's units; names this gateway does not know are ignored."""
+    out: dict[str, int | None] = {}
+    for name, counter in COUNTERS.items():
+        value = limits.get(name)
+        if value is None:
+            out[name] = None
+        elif counter.unit == "money":
+            out[name] = money_units(str(value))
+        else:
+            out[name] = int(value)
+    return out
 
 
 def _seconds_left(token: str) -> float:

@@ -16,9 +16,11 @@ Read top to bottom, in the order things happen:
    model allow-list is refused a model outside it here (`FORBIDDEN` naming
    `model`), before anything is routed or held.
 2. **check** the parameters with the workers' rules (checks.py), **route**
-   (the model's workers, router.py: `NOT_FOUND` if nobody serves it) and
-   **admit** (hold quota, quota/: `RATE_LIMITED` with `retry_after`). A
-   refusal is recorded (a usage record with its status) and counted.
+   (the model's workers, router.py: `NOT_FOUND` if nobody serves it), **price**
+   (the model's price at the request's start, spend.py) and **admit** (hold
+   quota of every scope -- key, user, organisation -- and the worst-case cost
+   of every budget, quota/: `RATE_LIMITED` with `retry_after`). A refusal is
+   recorded (a usage record with its status) and counted.
 3. Admitted: an `A` journal entry (accounts.py), so that a crash from here on
    is still billed and its leases settled on restart.
 4. **relay**: a worker's stream (relay.py, which tries other workers before
@@ -31,7 +33,7 @@ Read top to bottom, in the order things happen:
 6. **record** the one usage record (a `D` entry): on success before the
    final chunk is sent, otherwise when the request ends. A success's final
    chunk (and an embedding's answer) carries its signed `receipt`
-   (shared/receipts.py: request id, model, tokens, start, user, signer).
+   (shared/receipts.py: request id, model, tokens, cost, start, user, signer).
 7. **count** (counts.py), once.
 
 **State.** This object is the only writer of its request's state: the
@@ -52,6 +54,8 @@ from typing import Any
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from decimal import Decimal
+
 from shared.errors import MeshError, RateLimited
 from shared.generation import is_final, output_of
 from shared.receipts import Signer, sign
@@ -59,9 +63,11 @@ from services.gateway.accounts import Accounts, safe_model
 from services.gateway.callers import Caller, Callers
 from services.gateway.checks import Checked, Limits, check_capabilities, check_embedding, check_request
 from services.gateway.counts import Counts
-from services.gateway.quota import TOKEN_COUNTER, Admission, Quota
+from services.gateway.prices import PriceBook
+from services.gateway.quota import COUNTERS, TOKEN_COUNTER, Admission, Quota
 from services.gateway.relay import Relay, Upstream
 from services.gateway.router import Router
+from services.gateway.spend import Spend
 
 __all__ = ["Parts", "Request"]
 
@@ -78,6 +84,7 @@ class Parts:
     counts: Counts
     limits: Limits
     signer: Signer  #: signs the receipts (the gateway's node key)
+    prices: PriceBook  #: what each model costs, for budgets, receipts and records
 
 
 class Request:
@@ -93,6 +100,7 @@ class Request:
         self.caller: Caller | None = None
         self.prompt_hash: str | None = None
         self.admission: Admission | None = None
+        self.spend = Spend(None, False)  #: the price at the start, once the caller is known
         self.worker: str | None = None  #: the worker that took it (node key, hex)
         self.delivered = 0  #: chunks of output (text or tool calls) passed on
         self.prompt_tokens = 0  #: as the worker counted them, with its first text chunk
@@ -114,6 +122,7 @@ class Request:
             self.prompt_hash = checked.prompt_hash
             workers = await parts.router.workers(self.model, deadline=self.deadline)
             check_capabilities(checked.request, workers)
+            self.spend = Spend.of(caller, parts.prices, self.model, self.at)
             self.admission, room = await self._admit(caller, checked)
         parts.accounts.admitted(self.request_id, self._stub(), self.admission)
         params = {**checked.params, "priority": caller.priority,
@@ -139,8 +148,9 @@ class Request:
             self.prompt_hash = checked.prompt_hash
             workers = await parts.router.workers(self.model, deadline=self.deadline)
             check_capabilities(None, workers)
-            self.admission = await parts.quota.admit(caller.user_id, caller.limits, checked.reserve,
-                                                     deadline=self.deadline)
+            self.spend = spend = Spend.of(caller, parts.prices, self.model, self.at)
+            self.admission = await parts.quota.admit(caller.scopes, checked.reserve,
+                                                     spend=spend.worst(checked.reserve, 0), deadline=self.deadline)
         parts.accounts.admitted(self.request_id, self._stub(), self.admission)
         params = {**checked.params, "priority": caller.priority, "tenant": f"user:{caller.user_id}"}
         with self._failing():
@@ -148,33 +158,46 @@ class Request:
                                             self.deadline, took=self._took)
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         prompt_tokens = _count(usage.get("prompt_tokens"))
-        parts.quota.settle(self.admission, prompt_tokens)
+        parts.quota.settle(self.admission, prompt_tokens, self.spend.used(prompt_tokens, 0))
         worker = answer.get("worker")
         worker_id = worker.get("id") if isinstance(worker, dict) and isinstance(worker.get("id"), str) else None
         self._finish("ok", prompt_tokens, 0, worker_id or self.worker)
         return {"model": answer.get("model"), "vectors": answer.get("vectors"), "dimensions": answer.get("dimensions"),
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
-                "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.user_id, caller.limits),
+                "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.scopes),
                 "receipt": self._receipt(answer.get("model"), prompt_tokens, 0)}
 
     async def _admit(self, caller: Caller, checked: Checked) -> tuple[Admission, int | None]:
-        """Hold the request's tokens; a request that left `max_tokens` to the model and
-        would pass the caller's monthly token budget gets what the budget leaves (the
-        `max_tokens` to send, else None): no hidden cap, and still never overspent."""
-        quota = self._parts.quota
+        """Hold the request's tokens and worst-case cost; a request that left `max_tokens`
+        to the model and would pass the caller's monthly token budget or a money budget
+        gets what the budget leaves (the `max_tokens` to send, else None): no hidden cap,
+        and still never overspent."""
+        quota, spend, prompt = self._parts.quota, self.spend, checked.prompt_reserve
+        worst = spend.worst(prompt, checked.reserve - prompt)
         try:
-            return await quota.admit(caller.user_id, caller.limits, checked.reserve, deadline=self.deadline), None
+            return await quota.admit(caller.scopes, checked.reserve, spend=worst, deadline=self.deadline), None
         except RateLimited as exc:
-            request = checked.request
-            facts = exc.data.get("rate_limit") or {}
-            left = (facts.get(TOKEN_COUNTER) or {}).get("remaining")
-            if request is None or request.max_tokens is not None or exc.data.get("counter") != TOKEN_COUNTER \
-                    or not isinstance(left, int) or left - checked.prompt_reserve < 1:
+            room = self._room(exc, checked)
+            if room is None:
                 raise
-            room = left - checked.prompt_reserve
-        admission = await quota.admit(caller.user_id, caller.limits, checked.prompt_reserve + room,
+        admission = await quota.admit(caller.scopes, prompt + room, spend=spend.worst(prompt, room),
                                       deadline=self.deadline)
         return admission, room
+
+    def _room(self, refusal: RateLimited, checked: Checked) -> int | None:
+        """The output tokens the refusing budget leaves a request that did not set
+        `max_tokens`, if at least one; else None (the refusal stands)."""
+        request, counter = checked.request, refusal.data.get("counter")
+        if request is None or request.max_tokens is not None or counter not in COUNTERS:
+            return None
+        left = ((refusal.data.get("rate_limit") or {}).get(counter) or {}).get("remaining")
+        if counter == TOKEN_COUNTER and isinstance(left, int):
+            room: int | None = left - checked.prompt_reserve
+        elif COUNTERS[counter].unit == "money" and isinstance(left, str):
+            room = self.spend.room(Decimal(left), checked.prompt_reserve)
+        else:
+            return None
+        return room if room is not None and room >= 1 else None
 
     @contextmanager
     def _failing(self) -> Iterator[None]:
@@ -225,21 +248,23 @@ class Request:
         assert caller is not None and admission is not None and self._upstream is not None
         usage = chunk.get("usage") if isinstance(chunk.get("usage"), dict) else {}
         prompt_tokens, completion_tokens = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
-        parts.quota.settle(admission, prompt_tokens + completion_tokens)
+        cached = chunk.get("cached") is True
+        parts.quota.settle(admission, prompt_tokens + completion_tokens,
+                           self.spend.used(prompt_tokens, completion_tokens, cached))
         worker = chunk.get("worker")
         worker_id = worker.get("id") if isinstance(worker, dict) and isinstance(worker.get("id"), str) else None
-        cached = chunk.get("cached") is True
         self._finish("ok", prompt_tokens, completion_tokens, worker_id or self._upstream.provider.node_hex, cached)
-        return {**chunk, "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.user_id, caller.limits),
-                "receipt": self._receipt(chunk.get("model"), prompt_tokens, completion_tokens)}
+        return {**chunk, "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.scopes),
+                "receipt": self._receipt(chunk.get("model"), prompt_tokens, completion_tokens, cached)}
 
-    def _receipt(self, served: Any, prompt_tokens: int, completion_tokens: int) -> str:
+    def _receipt(self, served: Any, prompt_tokens: int, completion_tokens: int, cached: bool = False) -> str:
         """The signed receipt of a request served to the end (shared/receipts.py): the
-        tokens it was billed, the model that served it (the worker's name for it)."""
+        tokens it was billed and their cost, the model that served it (the worker's name for it)."""
         assert self.caller is not None
         model = safe_model(served) if isinstance(served, str) and served else safe_model(self.model)
         return sign(self._parts.signer, request_id=self.request_id, model=model, prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens, at=self.at, user_id=self.caller.user_id)
+                    completion_tokens=completion_tokens, at=self.at, user_id=self.caller.user_id,
+                    cost=self.spend.cost(prompt_tokens, completion_tokens, cached))
 
     # -- 5-7: however it ended -----------------------------------------------------------
 
@@ -263,8 +288,9 @@ class Request:
             return
         prompt_tokens = self.prompt_tokens if self.delivered else 0
         if self.admission is not None:
-            if self.worker is not None or self.delivered:
-                self._parts.quota.settle(self.admission, prompt_tokens + self.delivered)  # a worker took it
+            if self.worker is not None or self.delivered:  # a worker took it
+                self._parts.quota.settle(self.admission, prompt_tokens + self.delivered,
+                                         self.spend.used(prompt_tokens, self.delivered))
             else:
                 self._parts.quota.release(self.admission)  # no worker took it: nothing kept
         self._finish(status, prompt_tokens, self.delivered, self.worker)
@@ -275,13 +301,17 @@ class Request:
         self._ended = True
         assert self.caller is not None
         seconds = time.monotonic() - self.started
-        self._parts.accounts.recorded({
+        record = {
             "request_id": self.request_id, "user_id": self.caller.user_id, "key_id": self.caller.key_id,
             "model": safe_model(self.model), "prompt_hash": self.prompt_hash,
             "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "cached": cached,
             "latency_ms": int(seconds * 1000), "status": status,
             "worker": worker if worker and len(worker) <= 256 else None, "at": round(self.at, 3),
-        }, self.admission)
+        }
+        cost = self.spend.cost(prompt_tokens, completion_tokens, cached)
+        if cost is not None and self.spend.price is not None:  # what the receipt says and the budget kept
+            record["cost"], record["currency"] = str(cost), self.spend.price.currency
+        self._parts.accounts.recorded(record, self.admission)
         counts = self._parts.counts
         counts.ended(status)
         if self.admission is not None:

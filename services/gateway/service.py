@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 from shared.errors import Forbidden, Unavailable
@@ -103,9 +104,15 @@ class GatewayService:
     async def quota(self, api_key: str | None = None, token: str | None = None) -> dict[str, Any]:
         """The caller's limits: per counter limit, used, remaining and reset (epoch seconds)."""
         caller = await self._callers.identify(api_key, token, deadline=_deadline())
-        facts = await self._quota.snapshot(caller.user_id, caller.limits)
+        facts = await self._quota.snapshot(caller.scopes)
         for fact in facts.values():
-            fact["used"] = None if fact["limit"] is None else fact["limit"] - fact["remaining"]
+            limit, remaining = fact["limit"], fact["remaining"]
+            if limit is None:
+                fact["used"] = None
+            elif isinstance(limit, str):  # money: decimal strings, exact
+                fact["used"] = str(Decimal(limit) - Decimal(remaining))
+            else:
+                fact["used"] = limit - remaining
         return {"user_id": caller.user_id, "tier": caller.tier, "priority": caller.priority, "rate_limit": facts}
 
     @method(public=True, idempotent=True)

@@ -9,6 +9,7 @@ that cannot be reached is `UNAVAILABLE` (retryable), never `INTERNAL`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,12 +26,13 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 
 @dataclass(frozen=True, slots=True)
 class GrantItem:
-    """Ask for units of one (user, counter, window) key."""
+    """Ask for units of one (subject, counter, window) key."""
 
-    user_id: int
+    subject: str
     counter: str
     window_start: datetime
     limit: int
+    unit_us: int  #: a rolling counter's microseconds per unit; 0 for a calendar window
     need: int  #: at least this many, or nothing
     most: int  #: at most this many
     lease_id: int | None  #: top up this lease of ours, or None for a new one
@@ -70,7 +72,7 @@ class PriorLease:
     """A lease of this gateway from an earlier run (found at start)."""
 
     lease_id: int
-    user_id: int
+    subject: str
     counter: str
     window_start: datetime
     units: int
@@ -85,16 +87,17 @@ class QuotaStore:
         self._pool = pool
 
     async def grant(
-        self, gateway: str, incarnation: str, ttl: float, live: int, items: Sequence[GrantItem]
+        self, gateway: str, incarnation: str, ttl: float, live: int, now: float, items: Sequence[GrantItem]
     ) -> list[Grant]:
-        """Grant units for every item, in one transaction; results in item order."""
+        """Grant units for every item, in one transaction; results in item order. `now`
+        (epoch seconds, the gateway's clock) is what rolling counters drain by."""
         rows = await self._pool.fetch(
-            "SELECT * FROM quota_grant($1, $2, $3, $4, $5::bigint[], $6::text[], $7::timestamptz[],"
-            " $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[])",
-            gateway, incarnation, int(ttl * 1000), live,
-            [i.user_id for i in items], [i.counter for i in items], [i.window_start for i in items],
-            [i.limit for i in items], [i.need for i in items], [i.most for i in items],
-            [i.lease_id for i in items], [i.claim for i in items],
+            "SELECT * FROM quota_grant($1, $2, $3, $4, $5, $6::text[], $7::text[], $8::timestamptz[],"
+            " $9::bigint[], $10::bigint[], $11::bigint[], $12::bigint[], $13::bigint[], $14::bigint[])",
+            gateway, incarnation, int(ttl * 1000), live, int(now * 1_000_000),
+            [i.subject for i in items], [i.counter for i in items], [i.window_start for i in items],
+            [i.limit for i in items], [i.unit_us for i in items], [i.need for i in items],
+            [i.most for i in items], [i.lease_id for i in items], [i.claim for i in items],
         )
         rows = sorted(rows, key=lambda r: r["idx"])
         return [
@@ -146,11 +149,11 @@ class QuotaStore:
     async def prior_leases(self, gateway: str, incarnation: str) -> list[PriorLease]:
         """This gateway's leases from earlier runs (orphaned or not)."""
         rows = await self._pool.fetch(
-            "SELECT id, user_id, counter, window_start, units, claimed FROM quota_leases"
-            " WHERE gateway = $1 AND incarnation <> $2 ORDER BY user_id, counter, window_start, id",
+            "SELECT id, subject, counter, window_start, units, claimed FROM quota_leases"
+            " WHERE gateway = $1 AND incarnation <> $2 ORDER BY subject, counter, window_start, id",
             gateway, incarnation,
         )
-        return [PriorLease(r["id"], r["user_id"], r["counter"], r["window_start"], r["units"], r["claimed"])
+        return [PriorLease(r["id"], r["subject"], r["counter"], r["window_start"], r["units"], r["claimed"])
                 for r in rows]
 
     async def orphan(self, dead_after: float, grace: float, limit: int = 1000) -> list[tuple[int, str, int]]:
@@ -160,16 +163,19 @@ class QuotaStore:
         )
         return [(r["lease_id"], r["gateway"], r["returned"]) for r in rows]
 
-    async def counters(self, user_id: int, keys: Sequence[tuple[str, datetime]]) -> dict[str, int]:
-        """`granted` of each (counter, window) of a user, 0 for keys never used."""
+    async def counters(self, subject: str, keys: Sequence[tuple[str, datetime]], now: float) -> dict[str, int]:
+        """Units outstanding of each (counter, window) of a subject, 0 for keys never used;
+        a rolling counter's at `now` (epoch seconds)."""
         rows = await self._pool.fetch(
             """
-            SELECT x.counter, coalesce(q.granted, 0) AS granted
+            SELECT x.counter,
+                   CASE WHEN q.unit_us > 0 THEN GREATEST(0, (q.tat - $4 + q.unit_us - 1) / q.unit_us)
+                        ELSE coalesce(q.granted, 0) END AS granted
             FROM unnest($2::text[], $3::timestamptz[]) AS x(counter, window_start)
             LEFT JOIN quota_counters q
-              ON q.user_id = $1 AND q.counter = x.counter AND q.window_start = x.window_start
+              ON q.subject = $1 AND q.counter = x.counter AND q.window_start = x.window_start
             """,
-            user_id, [k[0] for k in keys], [k[1] for k in keys],
+            subject, [k[0] for k in keys], [k[1] for k in keys], int(now * 1_000_000),
         )
         return {r["counter"]: r["granted"] for r in rows}
 
@@ -180,5 +186,11 @@ class QuotaStore:
                 "DELETE FROM quota_leases WHERE orphaned_at < now() - $1 * interval '1 millisecond'",
                 int(orphan_retention * 1000),
             )
-            counters = await conn.execute("DELETE FROM quota_counters WHERE window_start < $1", before)
+            # Past calendar windows; rolling counters drained for an hour with no lease.
+            counters = await conn.execute(
+                "DELETE FROM quota_counters q WHERE (q.unit_us = 0 AND q.window_start < $1)"
+                " OR (q.unit_us > 0 AND q.tat < $2 AND q.updated_at < now() - interval '1 hour'"
+                "     AND NOT EXISTS (SELECT 1 FROM quota_leases l WHERE l.subject = q.subject"
+                "                     AND l.counter = q.counter AND l.window_start = q.window_start))",
+                before, int(time.time() * 1_000_000) - 3_600_000_000)
         return int(leases.split()[-1]), int(counters.split()[-1])

@@ -40,8 +40,9 @@ the programs using them branch on it:
 | NOT_FOUND of the router (no such `/v1` URL)              | 404   | invalid_request_error | unknown_url                  |
 | FORBIDDEN naming `model` (not in the key's allow-list)   | 403   | permission_error      | model_not_allowed            |
 | METHOD_NOT_ALLOWED (+ `Allow`)                           | 405   | invalid_request_error | null                         |
-| RATE_LIMITED by a monthly counter (`requests_per_month`, | 429   | insufficient_quota    | insufficient_quota           |
-|   `tokens_per_month`): + `x-should-retry: false`         |       |                       |                              |
+| RATE_LIMITED by a budget (`requests_per_month`,          | 429   | insufficient_quota    | insufficient_quota           |
+|   `tokens_per_month`, `spend_per_day`, `spend_per_month`):|      |                       |                              |
+|   + `x-should-retry: false`                              |       |                       |                              |
 | RATE_LIMITED otherwise (`requests_per_hour`)             | 429   | requests (tokens)     | rate_limit_exceeded          |
 | INVALID_PARAMS, `data.reason` context_length_exceeded    | 400   | invalid_request_error | context_length_exceeded      |
 | INVALID_PARAMS otherwise, DECODE_ERROR                   | 400   | invalid_request_error | null (`param` names it)      |
@@ -63,7 +64,7 @@ from typing import Any, NamedTuple
 from aiohttp import web
 
 from shared.errors import MeshError, RemoteError
-from services.web.ratelimits import MONTHLY_COUNTERS
+from services.web.ratelimits import QUOTA_COUNTERS
 
 __all__ = ["HttpError", "STATUS", "MethodNotAllowed", "http_error", "status_of", "retry_after_of",
            "error_headers", "openai_kind", "openai_error_headers", "rest_error", "rest_error_body",
@@ -147,7 +148,8 @@ def _wire_code(exc: MeshError) -> str:
 
 
 def _monthly(exc: MeshError) -> bool:
-    return exc.code == "RATE_LIMITED" and exc.data.get("counter") in MONTHLY_COUNTERS
+    """Over a budget (a month's or a day's): "insufficient quota", not "slow down"."""
+    return exc.code == "RATE_LIMITED" and exc.data.get("counter") in QUOTA_COUNTERS
 
 
 def openai_kind(exc: MeshError) -> tuple[str, str | None]:

@@ -26,6 +26,7 @@ from services.auth.client.api import (
     LoggedOut,
     NewApiKey,
     Price,
+    PriceTable,
     RecentRequest,
     RecordCounts,
     Report,
@@ -62,7 +63,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "KEEP", "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
     "AuthClient", "Invalidation", "Invalidations", "KeyIdentity", "KeyValidator", "LoggedOut", "NewApiKey",
-    "Price", "RecentRequest", "RecordCounts", "Report", "ReportRow", "ReportTotals", "RotatedApiKey", "Session",
+    "Price", "PriceTable", "RecentRequest", "RecordCounts", "Report", "ReportRow", "ReportTotals", "RotatedApiKey", "Session",
     "Spender", "TierLimits", "TokenKey", "TokenVerifier", "TopSpenders", "UsageCost",
     "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]

@@ -20,7 +20,7 @@ from shared.rpc.typed import TypedClient, Wire
 
 __all__ = [
     "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuditEvent", "AuditPage", "AuthClient",
-    "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "RecentRequest",
+    "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "PriceTable", "RecentRequest",
     "RecordCounts", "Report", "ReportRow", "ReportTotals", "Session", "Spender", "TierLimits", "TokenKey",
     "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]
@@ -270,6 +270,13 @@ class Price(TypedDict):
     created_at: str
 
 
+class PriceTable(TypedDict):
+    """`auth.price_table`: the prices in force and scheduled; None when unchanged since `since`."""
+
+    version: int
+    prices: list[Price] | None
+
+
 class RecentRequest(TypedDict):
     created_at: str | None
     model: str
@@ -335,6 +342,7 @@ class AuthClient(TypedClient):
         "set_active": Wire("auth.set_active", idempotent=True),
         "set_price": Wire("auth.set_price"),
         "prices": Wire("auth.prices", idempotent=True),
+        "price_table": Wire("auth.price_table", idempotent=True),
         "report": Wire("auth.report", idempotent=True),
         "top_spenders": Wire("auth.top_spenders", idempotent=True),
         "audit": Wire("auth.audit", idempotent=True),
@@ -463,6 +471,11 @@ class AuthClient(TypedClient):
         without one. `effective_from`: ISO 8601 with an offset, not in the past (default now)."""
         return await self._call("set_price", timeout, model=model, input=input, output=output, cached=cached,
                                 currency=currency, effective_from=effective_from, token=token)
+
+    async def price_table(self, *, since: int | None = None, timeout: float | None = None) -> PriceTable:
+        """Internal (gateway): the prices in force and scheduled, with their `version`
+        (`prices` None when `since` is it already)."""
+        return await self._call("price_table", timeout, since=since)
 
     async def prices(self, *, token: str | None = None, model: str | None = None,
                      timeout: float | None = None) -> list[Price]:

@@ -2,9 +2,15 @@
 
     quota = Quota(store, gateway="3fa0…", incarnation="9c1e…")
     async with quota:
-        admission = await quota.admit(user_id, limits, tokens=300, deadline=d)   # or RateLimited
-        ...                                       # the work
-        quota.settle(admission, tokens_used=120)  # or quota.release(admission) if it failed
+        scopes = [Scope("u:42", {"requests_per_hour": 100}), Scope("k:7", {"spend_per_month": 10**10})]
+        admission = await quota.admit(scopes, tokens=300, spend=0, deadline=d)   # or RateLimited
+        ...                                                 # the work
+        quota.settle(admission, tokens_used=120, spend_used=0)  # or quota.release(admission) if it failed
+
+A request needs units of every limited counter of every scope it answers to
+(its key, its user, its organisation): 1 of each request counter, its token
+reservation of `tokens_per_month`, its worst-case cost of each money counter
+(units of 1e-10, leases.py) -- so the tighter limit always binds.
 
 Requests are admitted from local leases (blocks of units the database
 granted this gateway) without waiting, from every limited counter or none.
@@ -21,23 +27,36 @@ only through it.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
-from collections.abc import Mapping
-from typing import Any, Self
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, Self
 
 from shared.errors import RateLimited, Unavailable
 from shared.logging import get_logger
 from services.gateway.quota.book import LeaseBook, LeaseLog
-from services.gateway.quota.leases import COUNTERS, TOKEN_COUNTER, Key, KeyState, Part, window_of
+from services.gateway.quota.leases import COUNTERS, Key, KeyState, Part, money_text, window_of
 from services.gateway.quota.writer import LeaseWriter
 from services.gateway.store import Grant, QuotaStore
 
-__all__ = ["Admission", "Quota"]
+__all__ = ["Admission", "Quota", "Scope"]
 
 log = get_logger(__name__)
 
 _MAX_ROUNDS = 500  # of the slow path: each round waits on the database or `poll_interval`
+_SCOPES = {"u": "user", "k": "key", "o": "org"}
+
+
+class Scope(NamedTuple):
+    """Whom a request answers to (a subject, leases.py's `subject_of`) and its limits:
+    counter -> limit in the counter's units (money in units of 1e-10), None for none."""
+
+    subject: str
+    limits: Mapping[str, int | None]
+
+    @property
+    def name(self) -> str:
+        """"user", "key" or "org"."""
+        return _SCOPES.get(self.subject[0], self.subject)
 
 
 class Admission:
@@ -73,9 +92,9 @@ class Quota:
         self._horizon = claim_horizon
         self._poll = poll_interval
         self._clock = clock
-        self._book = LeaseBook(lease_log)
+        self._book = LeaseBook(lease_log, clock)
         self._writer = LeaseWriter(store, self._book, gateway=gateway, incarnation=incarnation,
-                                   ttl=lease_ttl, max_lease=max_lease, horizon=claim_horizon)
+                                   ttl=lease_ttl, max_lease=max_lease, horizon=claim_horizon, clock=clock)
         self.overruns = 0  #: tokens used beyond a reservation (a worker over-reporting)
 
     @property
@@ -106,38 +125,40 @@ class Quota:
 
     # -- admission -------------------------------------------------------------
 
-    def needs(self, user_id: int, limits: Mapping[str, Any], tokens: int) -> list[tuple[KeyState, int]]:
-        """The (key, units) a request needs, for the counters that have a limit."""
+    def needs(self, scopes: Sequence[Scope], tokens: int, spend: int = 0) -> list[tuple[KeyState, int]]:
+        """The (key, units) a request needs, for the counters that have a limit (a money
+        counter only when the request costs something)."""
         now = self._clock()
         wanted = []
-        for counter in COUNTERS:
-            limit = limits.get(counter)
-            if limit is None:
-                continue
-            window = window_of(counter, now)
-            state = self._book.key_state(Key(user_id, counter, window.start), int(limit), window.reset)
-            wanted.append((state, tokens if counter == TOKEN_COUNTER else 1))
+        for scope in scopes:
+            for name, counter in COUNTERS.items():
+                limit = scope.limits.get(name)
+                n = 1 if counter.unit == "requests" else tokens if counter.unit == "tokens" else spend
+                if limit is None or n <= 0:
+                    continue
+                window = window_of(name, now)
+                state = self._book.key_state(Key(scope.subject, name, window.start), int(limit), window.reset)
+                wanted.append((state, n))
         return wanted
 
-    async def admit(
-        self, user_id: int, limits: Mapping[str, Any], tokens: int, *, deadline: float
-    ) -> Admission:
+    async def admit(self, scopes: Sequence[Scope], tokens: int, *, spend: int = 0, deadline: float) -> Admission:
         """Hold what the request needs of every limited counter, or raise `RateLimited`."""
-        needs = self.needs(user_id, limits, tokens)
+        needs = self.needs(scopes, tokens, spend)
         admission = self._take(needs)
         if admission is None:
-            admission = await self._admit_slow(needs, limits, deadline)
+            admission = await self._admit_slow(needs, scopes, deadline)
         return admission
 
-    def settle(self, admission: Admission, tokens_used: int) -> None:
+    def settle(self, admission: Admission, tokens_used: int, spend_used: int = 0) -> None:
         """The request is over: keep what it used, give its lease the rest."""
         if admission.done:
             return
         admission.done = True
         for part in admission.parts:
+            unit = COUNTERS[part.lease.key.counter].unit
             final = part.units
-            if part.lease.key.counter == TOKEN_COUNTER:
-                final = self._token_final(part, max(0, tokens_used))
+            if unit != "requests":
+                final = self._final(part, max(0, tokens_used if unit == "tokens" else spend_used))
             self._finish(part, final)
 
     def release(self, admission: Admission) -> None:
@@ -148,13 +169,14 @@ class Quota:
         for part in admission.parts:
             self._finish(part, 0)
 
-    def _token_final(self, part: Part, used: int) -> int:
+    def _final(self, part: Part, used: int) -> int:
+        """What a part of tokens or money keeps: what was used, within what its lease has claimed."""
         if used <= part.units:
             return used
         if self._book.stretch(part, used - part.units):
             return used
         self.overruns += used - part.units
-        log.warning("tokens used beyond the reservation", reserved=part.units, used=used)
+        log.warning("used beyond the reservation", counter=part.lease.key.counter, reserved=part.units, used=used)
         return part.units
 
     def _finish(self, part: Part, final: int) -> None:
@@ -183,7 +205,7 @@ class Quota:
         return Admission(parts)
 
     async def _admit_slow(
-        self, needs: list[tuple[KeyState, int]], limits: Mapping[str, Any], deadline: float
+        self, needs: list[tuple[KeyState, int]], scopes: Sequence[Scope], deadline: float
     ) -> Admission:
         started = time.monotonic()
         wait_until: float | None = None
@@ -204,7 +226,7 @@ class Quota:
                     wait_until = max(wait_until or 0.0, self._wait_until(state, grant, started, deadline))
                 now = time.monotonic()
                 if now >= wait_until:
-                    raise self._refusal(state, n, limits)
+                    raise self._refusal(state, n, scopes)
                 await asyncio.sleep(min(self._poll, wait_until - now))
             raise Unavailable("the quota could not be settled in time", {"retry_safe": True})
         finally:
@@ -237,39 +259,62 @@ class Quota:
             until = max(until, max(now, expiry) + 2 * self._poll)
         return min(limit, until)
 
-    def _refusal(self, state: KeyState, n: int, limits: Mapping[str, Any]) -> RateLimited:
+    def _refusal(self, state: KeyState, n: int, scopes: Sequence[Scope]) -> RateLimited:
         counter = state.key.counter
-        facts = self.facts(state.key.user_id, limits)
-        retry_after = max(1, math.ceil(state.reset - self._clock()))
-        if n > state.limit:
-            message = f"this request needs {n} of {counter} but the limit is {state.limit}"
+        now = self._clock()
+        scope = next((sc.name for sc in scopes if sc.subject == state.key.subject), state.key.subject)
+        whose = f"the {scope}'s {counter}"
+        if COUNTERS[counter].unit == "money":
+            left = state.remaining(now)
+            message = (f"{whose} budget of {money_text(state.limit)} has {money_text(left)} left; this request "
+                       f"may cost up to {money_text(n)} (its prompt and max_tokens at the model's prices)")
+        elif n > state.limit:
+            message = f"this request needs {n} of {whose} but the limit is {state.limit}"
         else:
-            message = f"{counter} limit of {state.limit} reached"
-        return RateLimited(message, {"retry_after": retry_after, "counter": counter, "rate_limit": facts})
+            message = f"{whose} limit of {state.limit} reached"
+        return RateLimited(message, {"retry_after": state.retry_after(n, now), "counter": counter, "scope": scope,
+                                     "rate_limit": self.facts(scopes)})
 
     # -- what callers are told ---------------------------------------------------
 
-    def facts(self, user_id: int, limits: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        """Limit, remaining and reset of each counter, as this gateway knows them."""
+    def facts(self, scopes: Sequence[Scope]) -> dict[str, dict[str, Any]]:
+        """Limit, remaining and reset of each counter, as this gateway knows them: of
+        the scope with the least left (its `scope`). Money as decimal strings."""
         now = self._clock()
         facts = {}
-        for counter in COUNTERS:
-            window = window_of(counter, now)
-            limit = limits.get(counter)
-            if limit is None:
-                facts[counter] = {"limit": None, "remaining": None, "reset": window.reset}
-                continue
-            state = self._book.state(Key(user_id, counter, window.start))
-            remaining = state.remaining() if state is not None else int(limit)
-            facts[counter] = {"limit": int(limit), "remaining": min(remaining, int(limit)), "reset": window.reset}
+        for name, counter in COUNTERS.items():
+            window = window_of(name, now)
+            best: tuple[int, int, int, str] | None = None  # remaining, limit, reset, scope
+            for scope in scopes:
+                limit = scope.limits.get(name)
+                if limit is None:
+                    continue
+                state = self._book.state(Key(scope.subject, name, window.start))
+                if state is None:
+                    fact = (int(limit), int(limit), now if counter.rolling else window.reset, scope.name)
+                else:
+                    fact = (min(state.remaining(now), int(limit)), int(limit), state.reset_at(now), scope.name)
+                if best is None or fact[0] < best[0]:
+                    best = fact
+            if best is None:
+                reset = int(now) if counter.rolling else window.reset
+                facts[name] = {"limit": None, "remaining": None, "reset": reset}
+            elif counter.unit == "money":
+                facts[name] = {"limit": money_text(best[1]), "remaining": money_text(best[0]),
+                               "reset": int(best[2]), "scope": best[3]}
+            else:
+                facts[name] = {"limit": best[1], "remaining": best[0], "reset": int(best[2]), "scope": best[3]}
         return facts
 
-    async def snapshot(self, user_id: int, limits: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        """`facts`, with the fleet-wide count read from the database now."""
+    async def snapshot(self, scopes: Sequence[Scope]) -> dict[str, dict[str, Any]]:
+        """`facts`, with the fleet-wide counts read from the database now."""
         now = self._clock()
-        windows = {c: window_of(c, now) for c in COUNTERS if limits.get(c) is not None}
-        granted = await self._store.counters(user_id, [(c, w.start) for c, w in windows.items()])
-        for counter, window in windows.items():
-            self._book.saw_granted(Key(user_id, counter, window.start), int(limits[counter]), window.reset,
-                                   granted.get(counter, 0))
-        return self.facts(user_id, limits)
+        for scope in scopes:
+            windows = {c: window_of(c, now) for c in COUNTERS if scope.limits.get(c) is not None}
+            if not windows:
+                continue
+            granted = await self._store.counters(scope.subject, [(c, w.start) for c, w in windows.items()], now)
+            for counter, window in windows.items():
+                self._book.saw_granted(Key(scope.subject, counter, window.start), int(scope.limits[counter] or 0),
+                                       window.reset, granted.get(counter, 0))
+        return self.facts(scopes)

@@ -19,6 +19,8 @@ the state consistent.
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from services.gateway.quota.leases import Key, KeyState, Lease, Part
@@ -48,10 +50,11 @@ class _NoLog:
 class LeaseBook:
     """Per-key states and open leases of one gateway (see the module doc)."""
 
-    def __init__(self, lease_log: LeaseLog | None = None) -> None:
+    def __init__(self, lease_log: LeaseLog | None = None, clock: Callable[[], float] = time.time) -> None:
         self._states: dict[Key, KeyState] = {}
         self._leases: dict[int, Lease] = {}
         self._log = lease_log or _NoLog()
+        self._clock = clock  #: the quota's clock: when a count was seen (rolling counters drain by it)
 
     # -- reading ---------------------------------------------------------------
 
@@ -73,16 +76,16 @@ class LeaseBook:
         state = self._states.get(key)
         if state is None:
             state = self._states[key] = KeyState(key, limit, reset)
-        state.limit = limit
+        state.set_limit(limit)
         return state
 
     def saw_granted(self, key: Key, limit: int, reset: int, granted: int) -> None:
         """The fleet-wide count of `key`, read from the database."""
         state = self._states.get(key)
-        if state is not None:
-            state.granted = granted
-        else:
-            self._states[key] = KeyState(key, limit, reset, granted=granted)
+        if state is None:
+            state = self._states[key] = KeyState(key, limit, reset)
+        state.set_limit(limit)
+        state.granted, state.seen_at = granted, self._clock()
 
     def take(self, state: KeyState, n: int, now: float) -> Part:
         """Hold `n` units of the open lease of `state` (the caller checked it fits)."""
@@ -138,7 +141,7 @@ class LeaseBook:
     def granted(self, state: KeyState, grant: Grant, expires: float) -> Lease | None:
         """Apply the database's answer to a grant: top the open lease up, or open
         a new one (living until `expires`, monotonic). The lease it retired, if any."""
-        state.granted = grant.granted
+        state.granted, state.seen_at = grant.granted, self._clock()
         state.granting = None
         retired = None
         if grant.added > 0 and grant.lease_id is not None:
@@ -176,7 +179,7 @@ class LeaseBook:
         lease was gone); a lease closed, or cut to `used`."""
         state = self._states.get(lease.key)
         if answer is not None and state is not None:
-            state.granted = answer.granted
+            state.granted, state.seen_at = answer.granted, self._clock()
         if close or answer is None:
             lease.closed = lease.expired = True
             self._leases.pop(lease.id, None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from shared.errors import Unavailable
@@ -40,7 +41,7 @@ class LeaseWriter:
 
     def __init__(
         self, store: QuotaStore, book: LeaseBook, *, gateway: str, incarnation: str, ttl: float,
-        max_lease: int, horizon: float,
+        max_lease: int, horizon: float, clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
         self._book = book
@@ -49,6 +50,7 @@ class LeaseWriter:
         self.ttl = ttl
         self._max_lease = max_lease
         self._horizon = horizon
+        self._clock = clock  #: the quota's clock (rolling counters drain by it)
         self.live = 1  #: live gateways, kept up to date by the heartbeat
         self._grants: list[_GrantOp] = []
         self._claims: dict[Lease, int] = {}
@@ -98,7 +100,7 @@ class LeaseWriter:
         # Room for `max_lease` requests (the database cuts it to a share of
         # what is left), but claimed only `ahead` of use: what a crash strands.
         item = GrantItem(
-            state.key.user_id, state.key.counter, state.key.window_start, state.limit, need,
+            state.key.subject, state.key.counter, state.key.window_start, state.limit, state.unit_us, need,
             max(need, self._max_lease * n), lease.id if top_up and lease is not None else None,
             used + max(n, 2 * ahead),
         )
@@ -163,7 +165,7 @@ class LeaseWriter:
         ops, self._grants = self._grants, []
         if not ops:
             return
-        ops.sort(key=lambda op: (op.item.user_id, op.item.counter, op.item.window_start))
+        ops.sort(key=lambda op: (op.item.subject, op.item.counter, op.item.window_start))
         for op in ops:  # claim from where the lease is now, not where it was when asked
             lease = op.state.lease
             if op.item.lease_id is not None and lease is not None and lease.id == op.item.lease_id:
@@ -171,7 +173,7 @@ class LeaseWriter:
                 op.item = replace(op.item, claim=max(op.item.claim, lease.used + 2 * ahead))
         sent = time.monotonic()
         try:
-            grants = await self._store.grant(self.gateway, self.incarnation, self.ttl, self.live,
+            grants = await self._store.grant(self.gateway, self.incarnation, self.ttl, self.live, self._clock(),
                                              [op.item for op in ops])
         except Exception as exc:
             for op in ops:
@@ -222,7 +224,7 @@ class LeaseWriter:
     async def _release_dirty(self, *, final: bool = False) -> None:
         dirty, self._dirty = self._dirty, set()
         batch: list[tuple[Lease, int, bool]] = []
-        for lease in sorted(dirty, key=lambda l: (l.key.user_id, l.key.counter, l.key.window_start, l.id)):
+        for lease in sorted(dirty, key=lambda l: (l.key.subject, l.key.counter, l.key.window_start, l.id)):
             if lease.closed:
                 continue
             if not lease.expired and lease.free == 0 and lease.holders == 0:
