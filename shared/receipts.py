@@ -10,7 +10,8 @@ with, so whoever can look the gateway up knows the key. A receipt is a map:
     model              the model that served it
     prompt_tokens      as the worker counted them
     completion_tokens  as the worker counted them (0 for embeddings)
-    cost               None until prices exist; else a decimal string ("0.0042")
+    cost               the request's cost at the model's price at its start, a decimal string
+                       with 10 decimals ("0.0042000000", shared/pricing.py); None: no price
     at                 epoch seconds of the request's start, rounded to 3 decimals (a float)
     user_id            the account billed
     gateway            the signer's public key (64 hex digits)

@@ -105,6 +105,28 @@ async def test_cached_answers_use_the_cached_price_when_there_is_one(auth, db):
 
 
 @pytest.mark.db
+async def test_a_cost_the_gateway_charged_is_stored_as_charged(auth, db):
+    """A gateway priced the request (its receipt and the budget say so): the record keeps that
+    figure even when the version auth has for the moment differs; cost and currency go together."""
+    token = await auth.user("gus")
+    user_id = await _user_id(auth, token)
+    await auth("set_price", model=MODEL, input="1", output="2")
+    batch = [_record("charged", user_id, cost="0.0000004200", currency="EUR"), _record("priced-here", user_id)]
+    await auth("record_usage", batch=batch)
+    assert await _costs(db) == {"charged": Decimal("0.0000004200"), "priced-here": Decimal("0.0020000000")}
+    assert await db.fetchval("SELECT currency FROM usage WHERE request_id = 'charged'") == "EUR"
+    report = await auth("usage", token=token)
+    assert report["totals"]["cost"] == {"EUR": "0.0000004200", "USD": "0.0020000000"}
+    for bad, field in (({"cost": "0.1"}, "currency"), ({"currency": "USD"}, "cost"),
+                       ({"cost": 0.1, "currency": "USD"}, "cost"), ({"cost": "1e-3", "currency": "USD"}, "cost"),
+                       ({"cost": "0.00000000001", "currency": "USD"}, "cost"),
+                       ({"cost": "0.1", "currency": "usd"}, "currency")):
+        with pytest.raises(InvalidParams) as refused:
+            await auth("record_usage", batch=[_record("bad", user_id, **bad)])
+        assert refused.value.data["field"] == field, bad
+
+
+@pytest.mark.db
 async def test_costs_are_rounded_half_to_even_at_ten_decimals(auth, db):
     user_id = await _user_id(auth, await auth.user("cyd"))
     cases = {"m-half-down": "0.00005", "m-half-up": "0.00015", "m-even": "0.00025", "m-below": "0.000025",
