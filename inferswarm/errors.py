@@ -40,18 +40,23 @@ def describe(error: MeshError) -> str:
 
 
 def _rate_limited(message: str, data: dict) -> str:
-    """E.g. "rate limited: 0 of 100 requests left this hour, resets in 12 min"."""
+    """E.g. "rate limited: 0 of 100 requests left in the last hour, next in 36 s"."""
     retry = data.get("retry_after")
     counter = data.get("counter")  # e.g. "requests_per_hour", "tokens_per_month"
     fact = (data.get("rate_limit") or {}).get(counter) if isinstance(counter, str) else None
-    if isinstance(fact, dict) and fact.get("limit") is not None and "_per_" in counter:
+    if isinstance(counter, str) and counter.startswith("spend_"):  # a money budget: its message says it all
+        text = f"over budget: {message}"
+    elif isinstance(fact, dict) and isinstance(fact.get("limit"), int) and "_per_" in counter:
         unit, window = counter.split("_per_", 1)
         remaining = max(0, int(fact.get("remaining") or 0))
-        text = f"rate limited: {remaining} of {fact['limit']} {unit} left this {window}"
+        text = f"rate limited: {remaining} of {fact['limit']} {unit} left"
+        text += " in the last hour" if counter == "requests_per_hour" else f" this {window}"
     else:
         text = f"rate limited: {message}"
     if isinstance(retry, (int, float)):
-        text += f", resets in {human_duration(retry)}"
+        # The hour rolls: retry_after is when the next request fits, not when all comes back.
+        text += f", next in {human_duration(retry)}" if counter == "requests_per_hour" \
+            else f", resets in {human_duration(retry)}"
     return text
 
 

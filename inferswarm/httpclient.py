@@ -54,7 +54,7 @@ __all__ = ["HttpSession", "HttpService", "EventStream", "ROUTES", "STATUS_CODES"
 STATUS_CODES = {400: "INVALID_PARAMS", 401: "UNAUTHENTICATED", 403: "FORBIDDEN", 404: "NOT_FOUND",
                 409: "CONFLICT", 413: "TOO_LARGE", 429: "RATE_LIMITED", 500: "INTERNAL",
                 501: "METHOD_NOT_FOUND", 503: "UNAVAILABLE", 504: "TIMEOUT"}
-_COUNTERS = ("requests_per_hour", "requests_per_month", "tokens_per_month")
+_COUNTERS = ("requests_per_hour", "requests_per_month", "tokens_per_month", "spend_per_day", "spend_per_month")
 _RECEIPT_HEADER = "x-inferswarm-receipt"  #: shared/receipts.py's HEADER (this module keeps to the standard library)
 _NO_KEY = "no API key: run `inferswarm keys create NAME` or set INFERSWARM_API_KEY"
 
@@ -447,6 +447,12 @@ def _rate_limit_data(message: str, headers: dict[str, str], error: dict[str, Any
     if str(retry).isdigit():
         data["retry_after"] = int(retry)  # type: ignore[arg-type]
     counter = next((name for name in _COUNTERS if name in message), None)
+    if counter is not None and counter.startswith("spend_"):  # a money budget: decimal strings
+        data["counter"] = counter
+        limit, remaining = headers.get("x-inferswarm-budget-limit"), headers.get("x-inferswarm-budget-remaining")
+        if limit and remaining:
+            data["rate_limit"] = {counter: {"limit": limit, "remaining": remaining}}
+        return data
     kind = "tokens" if counter == "tokens_per_month" else "requests"
     limit, remaining = headers.get(f"x-ratelimit-limit-{kind}"), headers.get(f"x-ratelimit-remaining-{kind}")
     if counter and limit and remaining and limit.isdigit() and remaining.isdigit():

@@ -62,6 +62,21 @@ def test_a_429_reads_like_the_mesh_s_refusal():
     assert line(bare) == (4, f"rate limited: {URL} answered HTTP 429, resets in 5 s")
 
 
+def test_a_429_of_a_money_budget_says_the_budget_and_of_the_hour_when_the_next_fits():
+    message = ("the key's spend_per_month budget of 1.00 has 0.004 left; this request may cost up to 0.012 "
+               "(its prompt and max_tokens at the model's prices)")
+    headers = {"retry-after": "86400", "x-inferswarm-budget-limit": "1.00", "x-inferswarm-budget-remaining": "0.004"}
+    body = {"error": {"message": message, "type": "insufficient_quota", "code": "insufficient_quota"}}
+    error = error_of(429, headers, body, URL)
+    assert error.data["rate_limit"] == {"spend_per_month": {"limit": "1.00", "remaining": "0.004"}}
+    assert line(error) == (4, f"over budget: {message}, resets in 24.0 h")
+    hourly = {"retry-after": "36", "x-ratelimit-limit-requests": "100", "x-ratelimit-remaining-requests": "0"}
+    body = {"error": {"message": "the user's requests_per_hour limit of 100 reached", "type": "requests",
+                      "code": "rate_limit_exceeded"}}
+    assert line(error_of(429, hourly, body, URL)) == (4, "rate limited: 0 of 100 requests left in the last hour, "
+                                                         "next in 36 s")
+
+
 def test_a_redirect_says_where_to_point_instead():
     error = error_of(301, {"location": "https://ai.example.com/"}, None, "http://ai.example.com")
     assert isinstance(error, InvalidParams)
