@@ -44,13 +44,15 @@ class Models(TypedDict):
     models: list[ModelEntry]
 
 
-class CounterFacts(TypedDict):
-    """One rate-limit counter (`requests_per_hour`, `requests_per_month`, `tokens_per_month`)."""
+class CounterFacts(TypedDict, total=False):
+    """One counter (`requests_per_hour`, `requests_per_month`, `tokens_per_month`; money, as
+    decimal strings: `spend_per_day`, `spend_per_month`), of the scope with the least left."""
 
-    limit: int | None
-    used: int | None
-    remaining: int | None
-    reset: float  #: epoch seconds
+    limit: int | str | None
+    used: int | str | None
+    remaining: int | str | None
+    reset: float  #: epoch seconds: a window's end; the rolling hour's, when it is whole again
+    scope: str  #: "key", "user" or "org" (absent without a limit)
 
 
 class Quota(TypedDict):
@@ -58,6 +60,7 @@ class Quota(TypedDict):
     tier: str
     priority: int
     rate_limit: dict[str, CounterFacts]
+    currency: str | None  #: of the money counters
 
 
 class GatewayHealth(TypedDict):

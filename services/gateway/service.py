@@ -10,8 +10,8 @@
                             vectors (float32 LE bytes each), dimensions, usage, request_id,
                             rate_limit, receipt}: routed, limited and billed like a generation
     gateway.models  public  -> {models: [{name, workers, healthy_workers, capabilities}]}
-    gateway.quota   public  api_key | token -> {user_id, tier, rate_limit: {counter: {limit,
-                            used, remaining, reset}}}
+    gateway.quota   public  api_key | token -> {user_id, tier, currency, rate_limit: {counter:
+                            {limit, used, remaining, reset, scope}}} (money as decimal strings)
     gateway.health  public  -> {status, gateway, live_gateways, in_flight, usage_unshipped, ...}
     gateway.status  public  token (an administrator's) -> the mesh's health report (metrics.health)
 
@@ -113,7 +113,8 @@ class GatewayService:
                 fact["used"] = str(Decimal(limit) - Decimal(remaining))
             else:
                 fact["used"] = limit - remaining
-        return {"user_id": caller.user_id, "tier": caller.tier, "priority": caller.priority, "rate_limit": facts}
+        return {"user_id": caller.user_id, "tier": caller.tier, "priority": caller.priority, "rate_limit": facts,
+                "currency": caller.currency}
 
     @method(public=True, idempotent=True)
     async def status(self, token: str) -> dict[str, Any]:

@@ -142,6 +142,7 @@ async def dashboard(request: web.Request) -> web.Response:
         totals=(usage or {}).get("totals", {}), usage_error=usage_error,
         requests_chart=bar_chart(series, "requests"), tokens_chart=bar_chart(series, "tokens"),
         quota=quota_bars(facts_of(quota), time.time()) if quota else [], quota_error=quota_error,
+        currency=(quota or {}).get("currency"),
         recent=_rows(recent), recent_error=recent_error,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,11 @@ def bar_chart(series: list[dict[str, Any]], field: str, *, width: int = 600, hei
 
 
 _COUNTER_LABELS = {
-    "requests_per_hour": "Requests this hour",
+    "requests_per_hour": "Requests in the last hour",
     "requests_per_month": "Requests this month",
     "tokens_per_month": "Tokens this month",
+    "spend_per_day": "Spend today",
+    "spend_per_month": "Spend this month",
 }
 
 
@@ -108,6 +111,12 @@ def quota_bars(limits: Mapping[str, Mapping[str, Any]], now: float) -> list[dict
         limit, remaining = facts.get("limit"), facts.get("remaining")
         reset = facts.get("reset")
         resets_in = humanize_duration(reset - now) if isinstance(reset, (int, float)) else "-"
+        if isinstance(limit, str) and isinstance(remaining, str):  # money: exact decimal strings
+            used = max(Decimal(limit) - Decimal(remaining), Decimal(0))
+            bars.append({"counter": counter, "label": label, "money": True, "limit": limit, "remaining": remaining,
+                         "used": str(used), "high": str(Decimal(limit) * Decimal("0.8")), "unlimited": False,
+                         "resets_in": resets_in, "scope": facts.get("scope")})
+            continue
         if not isinstance(limit, (int, float)) or not isinstance(remaining, (int, float)):
             bars.append({"counter": counter, "label": label, "unlimited": True, "resets_in": resets_in})
             continue
