@@ -12,11 +12,15 @@ a lease, journaled twice (admitted, done) and shipped to auth -- limits and
 accounting are on. Each request is a whole stream: a text chunk, the final
 chunk, the end.
 
-At 1, 16 and 64 requests in flight, for the direct path and the gateway path
-(rounds alternate, the best round of each is kept): p50/p99 latency and
-requests/s; the gateway's overhead is the difference of the p50s. The
-gateway's RSS is read at the end. The last line is JSON with
-`added_p50_ms_1` and `rps_64` (the gateway path).
+At 1, 16 and 64 requests in flight, for the direct path, the gateway path
+and the gateway path with money budgets on (the model priced, the caller's
+key with a monthly budget: each request reserves its worst-case cost and
+settles its cost, and its receipt carries it) -- rounds alternate, the best
+round of each is kept: p50/p99 latency and requests/s; the gateway's
+overhead is the difference of the p50s. The gateway's RSS is read at the end.
+The last line is JSON with `added_p50_ms_1` and `rps_64` (the gateway path),
+`budget_added_p50_ms_1`, `budget_rps_64` and `budget_overhead_ratio_1` (added
+p50 with budgets / without, at 1 in flight).
 """
 
 from __future__ import annotations
@@ -127,16 +131,21 @@ def best(rounds: list[dict[int, dict[str, float]]]) -> dict[int, dict[str, float
 # -- the run ------------------------------------------------------------------------------
 
 
-async def prepare_user(auth: Any) -> str:
+async def prepare_user(auth: Any) -> tuple[str, str]:
     """An admin (granted by us, a mesh member, as the operator does), and a user moved to a
-    tier with large limits; the user's API key."""
+    tier with large limits; the user's API key, and one with a monthly money budget (and
+    a price for the model: set by us, the operator)."""
     for name, email in (("benchadmin", ADMIN), ("benchuser", "bench-user@example.org")):
         await auth.call("auth.register", {"username": name, "email": email, "password": PASSWORD})
     await auth.call("auth.grant_admin", {"user": "benchadmin", "reason": "bench"})
     admin = (await auth.call("auth.login", {"username_or_email": "benchadmin", "password": PASSWORD}))["token"]
     await auth.call("auth.set_tier", {"token": admin, "user": "benchuser", "tier": "unlimited"})
     user = (await auth.call("auth.login", {"username_or_email": "benchuser", "password": PASSWORD}))["token"]
-    return (await auth.call("auth.create_key", {"token": user, "name": "bench"}))["api_key"]
+    await auth.call("auth.set_price", {"model": MODEL, "input": "0.15", "output": "0.6"})
+    plain = (await auth.call("auth.create_key", {"token": user, "name": "bench"}))["api_key"]
+    budgeted = await auth.call("auth.create_key", {"token": user, "name": "bench-budget",
+                                                   "limits": {"spend_per_month": "1000000"}})
+    return plain, budgeted["api_key"]
 
 
 async def main(seconds: float, rounds: int) -> None:
@@ -182,34 +191,51 @@ async def main(seconds: float, rounds: int) -> None:
                         break
                     except Exception:
                         await asyncio.sleep(0.1)
-            api_key = await prepare_user(client.mesh("auth"))
+            api_key, budget_key = await prepare_user(client.mesh("auth"))
             worker = client.mesh.connection(providers[model_topic(MODEL)])
             gateway = client.mesh.connection(providers[service_topic("gateway")])
             params = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16}
             direct = streamer(worker, "inference.generate", params)
             through = streamer(gateway, "gateway.infer", {**params, "api_key": api_key})
+            budgeted = streamer(gateway, "gateway.infer", {**params, "api_key": budget_key})
             final = [c async for c in await gateway.stream("gateway.infer", {**params, "api_key": api_key})][-1]
             assert final["rate_limit"]["requests_per_hour"]["limit"] == 1_000_000, final
             assert final["rate_limit"]["tokens_per_month"]["limit"] is not None, final
+            await until_budgeted(gateway, {**params, "api_key": budget_key})
 
-            direct_rounds, gateway_rounds = [], []
+            direct_rounds, gateway_rounds, budget_rounds = [], [], []
             for _ in range(rounds):
                 direct_rounds.append({level: await measure(direct, level, seconds) for level in LEVELS})
                 gateway_rounds.append({level: await measure(through, level, seconds) for level in LEVELS})
+                budget_rounds.append({level: await measure(budgeted, level, seconds) for level in LEVELS})
             rss = children.rss_mb("gateway")
             health = await gateway.call("gateway.health")
-            report(best(direct_rounds), best(gateway_rounds), rss, health)
+            report(best(direct_rounds), best(gateway_rounds), best(budget_rounds), rss, health)
 
 
-def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, float]], rss: float,
-           health: dict[str, Any]) -> None:
+async def until_budgeted(gateway: Any, params: dict[str, Any]) -> None:
+    """Wait for the gateway to know the price (it polls auth each second): a request's
+    final chunk then has a cost and the budget counter a limit."""
+    for _ in range(100):
+        final = [c async for c in await gateway.stream("gateway.infer", params)][-1]
+        if final["rate_limit"]["spend_per_month"]["limit"] is not None and final["rate_limit"]["spend_per_month"][
+                "remaining"] != final["rate_limit"]["spend_per_month"]["limit"]:
+            return
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"the gateway never charged the budget: {final}")
+
+
+def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, float]],
+           budgeted: dict[int, dict[str, float]], rss: float, health: dict[str, Any]) -> None:
     print(f"{'in flight':>9} | {'direct p50 ms':>13} {'p99 ms':>7} {'req/s':>7} | "
-          f"{'gateway p50 ms':>14} {'p99 ms':>7} {'req/s':>7} | {'added p50 ms':>12} {'added p99 ms':>12}")
+          f"{'gateway p50 ms':>14} {'p99 ms':>7} {'req/s':>7} | {'added p50 ms':>12} {'added p99 ms':>12} | "
+          f"{'budgets p50 ms':>14} {'req/s':>7} {'added p50 ms':>12}")
     for level in LEVELS:
-        d, g = direct[level], through[level]
+        d, g, b = direct[level], through[level], budgeted[level]
         print(f"{level:>9} | {d['p50_ms']:>13.3f} {d['p99_ms']:>7.3f} {d['rps']:>7.0f} | "
               f"{g['p50_ms']:>14.3f} {g['p99_ms']:>7.3f} {g['rps']:>7.0f} | "
-              f"{g['p50_ms'] - d['p50_ms']:>12.3f} {g['p99_ms'] - d['p99_ms']:>12.3f}")
+              f"{g['p50_ms'] - d['p50_ms']:>12.3f} {g['p99_ms'] - d['p99_ms']:>12.3f} | "
+              f"{b['p50_ms']:>14.3f} {b['rps']:>7.0f} {b['p50_ms'] - d['p50_ms']:>12.3f}")
     print(f"gateway RSS {rss:.0f} MiB; usage records shipped {health['usage_shipped']}, "
           f"waiting {health['usage_unshipped']}")
     summary = {
@@ -217,12 +243,17 @@ def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, flo
         "added_p99_ms_1": round(through[1]["p99_ms"] - direct[1]["p99_ms"], 3),
         "rps_64": round(through[64]["rps"]),
         "direct_rps_64": round(direct[64]["rps"]),
+        "budget_added_p50_ms_1": round(budgeted[1]["p50_ms"] - direct[1]["p50_ms"], 3),
+        "budget_rps_64": round(budgeted[64]["rps"]),
+        "budget_overhead_ratio_1": round((budgeted[1]["p50_ms"] - direct[1]["p50_ms"])
+                                         / max(1e-9, through[1]["p50_ms"] - direct[1]["p50_ms"]), 3),
         "gateway_rss_mb": round(rss, 1),
         "gateway": {str(k): {m: round(v, 3) for m, v in through[k].items()} for k in LEVELS},
         "direct": {str(k): {m: round(v, 3) for m, v in direct[k].items()} for k in LEVELS},
     }
     print(f"targets: added_p50_ms_1 <= 1.0 (got {summary['added_p50_ms_1']}), "
-          f"rps_64 >= 3000 (got {summary['rps_64']})")
+          f"rps_64 >= 3000 (got {summary['rps_64']}), "
+          f"budget_overhead_ratio_1 <= 1.2 (got {summary['budget_overhead_ratio_1']})")
     print(json.dumps(summary))
 
 
