@@ -15,6 +15,10 @@
     inferswarm admin grant|revoke USER        (the operator: needs the mesh secret)
     inferswarm admin price set MODEL --input X --output Y [--cached Z] [--currency C] [--from ISO8601]
     inferswarm admin price list [--model M]   (the operator, else a logged-in admin)
+    inferswarm admin tiers                    (the operator, else anyone logged in)
+    inferswarm admin tiers set NAME [--requests-per-hour N|none] [--requests-per-month N|none]
+        [--tokens-per-month N|none] [--budget-day AMOUNT|none] [--budget-month AMOUNT|none] [--priority P]
+                                              (the operator, else a logged-in admin)
     inferswarm credential ROLE [--out FILE]   (the operator: a service's credential)
     inferswarm receipts verify FILE [--keys FILE | --base-url URL]   (signed usage receipts)
 
@@ -35,9 +39,9 @@ which may ask the web service for the gateways' keys: receipts.py).
 
 `admin grant` and `admin revoke` call auth as a mesh member, with the key
 derived from the mesh secret (`member.py`): whoever holds the secret is the
-operator. Without it they stop at once with exit code 3. `admin price set`
-and `admin price list` do the same with the secret, and without it use the
-saved session (an administrator's, for `set`). So does
+operator. Without it they stop at once with exit code 3. `admin price set`,
+`admin price list`, `admin tiers` and `admin tiers set` do the same with the
+secret, and without it use the saved session (an administrator's, for `set`). So does
 `credential ROLE`, which prints one member role's credential (e.g. `inference`
 for a worker on another host): what a service process is given instead of
 the secret (`INFERSWARM_CREDENTIAL` or `INFERSWARM_CREDENTIAL_FILE`).
@@ -55,6 +59,7 @@ from inferswarm import receipts, up
 from inferswarm.audit import AUDIT_COMMANDS
 from inferswarm.commands import COMMANDS, Result, expiry_moment, model_list, overlap_seconds
 from inferswarm.costs import COST_COMMANDS
+from inferswarm.tiers import TIER_COMMANDS, add_set_arguments
 from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
 from inferswarm.errors import describe, exit_code
@@ -72,7 +77,8 @@ __all__ = ["main", "parser"]
 #: Commands that call members-only methods, with the mesh secret's key.
 MEMBER_COMMANDS = frozenset({"admin grant", "admin revoke"})
 #: Commands run as the operator when the mesh secret is at hand, else with the saved session token.
-OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list", "admin top-spenders"})
+OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list", "admin top-spenders", "admin tiers",
+                                 "admin tiers set"})
 #: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
 HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
                            "keys revoke", "keys rotate", "keys edit", "usage", "costs", "models", "quota", "infer", "chat"})
@@ -256,6 +262,11 @@ def parser() -> argparse.ArgumentParser:
                            help="when it applies, with a time zone, e.g. 2027-01-01T00:00:00Z (default: now)")
     list_prices = client("admin price list", "prices in force now, and scheduled ones", price)
     list_prices.add_argument("--model", help="one model only")
+    tiers = client("admin tiers", "the tiers and their limits; `set` changes them (the operator, or admins)", admin)
+    set_tier_limits = client("admin tiers set", "change a tier's limits and priority; every gateway applies "
+                                                "them within a second", tiers.add_subparsers(
+                                                    dest="tiers_command", metavar="[ACTION]"))
+    add_set_arguments(set_tier_limits)
     return root
 
 
@@ -299,7 +310,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> Result:
-    command = {**COMMANDS, **COST_COMMANDS, **AUDIT_COMMANDS}[args.action]
+    command = {**COMMANDS, **COST_COMMANDS, **AUDIT_COMMANDS, **TIER_COMMANDS}[args.action]
     creds = Credentials.load()
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)

@@ -22,6 +22,7 @@ from services.auth.registration import RegistrationThrottle
 from services.auth.service import AuthService
 from services.auth.store import AuthStore
 from services.auth.throttle import LoginThrottle
+from services.auth.tier_store import TierStore
 from services.auth.tokens import TokenIssuer, load_or_create_key
 from services.auth.usage_store import UsageStore
 
@@ -41,9 +42,14 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
     for user_id, column in await store.fill_folded_names():
         log.warning("account name folds like an older account's: found by its exact name only",
                     user_id=user_id, column=column)
+    # The tiers as the database has them, before any answer is made of them; reloaded by the
+    # feed whenever the log says they changed.
+    tiers, tier_store = TierTable(config.tiers), TierStore(pool, config.tiers)
+    await tier_store.load(tiers)
     cache = KeyCache(ttl=config.cache_ttl)
     feed = InvalidationFeed(
-        store, dsn, cache, poll_interval=config.poll_interval, stale_after=config.stale_after
+        store, dsn, cache, poll_interval=config.poll_interval, stale_after=config.stale_after,
+        reload=lambda: tier_store.load(tiers),
     )
     await stack.enter_async_context(feed)
     housekeeper = await stack.enter_async_context(Housekeeper(store))
@@ -56,13 +62,14 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
         passwords=PasswordHasher(params, concurrency=config.hash_concurrency),
         tokens=TokenIssuer(signing_key, issuer=config.issuer, audience=config.audience,
                            ttl=config.token_ttl),
-        tiers=TierTable(config.tiers),
+        tiers=tiers,
         throttle=LoginThrottle(store, config.throttle),
         feed=feed,
         housekeeper=housekeeper,
         registrations=RegistrationThrottle(store, config.registration),
         max_keys_per_user=config.max_keys_per_user,
         prices=PriceStore(pool),
+        tier_store=tier_store,
     )
 
 

@@ -7,8 +7,9 @@ a password), and `details` is redacted again here, defensively: any field
 whose name looks like a secret is replaced by "[redacted]", at any depth.
 
 A row's `actor_id` is NULL when no user acted: for the operator's changes
-(`admin_granted`, `admin_revoked`, `price_set` without a token) the actor is
-shown as "operator"; for the rest (a failed login) as None.
+(`admin_granted`, `admin_revoked`, `price_set` without a token, a tier's
+limits set with `by: "operator"`) the actor is shown as "operator"; for the
+rest (a failed login) as None.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ EVENTS = (
 _OPERATOR_EVENTS = frozenset({"admin_granted", "admin_revoked", "price_set"})
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 100
-_SECRET = re.compile(r"secret|password|token|hash|api_?key|^key$", re.IGNORECASE)
+# "token" but not a tier's `tokens_per_month` (a limit, not a secret).
+_SECRET = re.compile(r"secret|password|token(?!s_per_)|hash|api_?key|^key$", re.IGNORECASE)
 REDACTED = "[redacted]"
 
 
@@ -92,7 +94,8 @@ def event_view(row: Any) -> dict[str, Any]:
     if isinstance(details, str):  # jsonb arrives as text without a codec
         details = json.loads(details)
     actor = row["actor"]
-    if actor is None and row["actor_id"] is None and row["event"] in _OPERATOR_EVENTS:
+    by_operator = row["event"] in _OPERATOR_EVENTS or (isinstance(details, dict) and details.get("by") == "operator")
+    if actor is None and row["actor_id"] is None and by_operator:
         actor = "operator"
     return {"id": row["id"], "at": row["created_at"].isoformat(), "actor": actor, "user": row["subject"],
             "action": row["event"], "details": redact(details)}

@@ -8,13 +8,13 @@ from typing import Any
 
 import asyncpg
 
-from shared.errors import InvalidParams, Unauthenticated
+from shared.errors import InvalidParams
 from shared.logging import get_logger
 from shared.rpc import method
 from services.auth import prices as money
 from services.auth import reports
 from services.auth.records import parse_batch
-from services.auth.service_base import AuthBase, iso, is_operator, parse_day
+from services.auth.service_base import AuthBase, iso, parse_day
 
 __all__ = ["BillingMethods"]
 
@@ -122,10 +122,7 @@ class BillingMethods(AuthBase):
     async def prices(self, token: str | None = None, model: str | None = None) -> list[dict[str, Any]]:
         """Every model's price in force now and those scheduled, by model then time: anyone
         logged in (the operator without a token)."""
-        if token is not None:
-            await self._authenticate(token)
-        elif not is_operator():
-            raise Unauthenticated("a session token is needed")
+        await self._logged_in_or_operator(token)
         rows = await self._prices.prices(None if model is None else money.check_model(model))
         return [money.price_view(row, row["now"]) for row in rows]
 
@@ -141,15 +138,6 @@ class BillingMethods(AuthBase):
             return {"version": version, "prices": None}
         rows = await self._prices.prices(None)
         return {"version": version, "prices": [money.price_view(row, row["now"]) for row in rows]}
-
-    async def _admin_or_operator(self, token: str | None) -> int | None:
-        """Who sets a price or reads every user's spending: an admin's id, or None for the operator;
-        else refused."""
-        if token is not None:
-            return int((await self._authenticate_admin(token))["id"])
-        if not is_operator():
-            raise Unauthenticated("an administrator's session token is needed")
-        return None
 
     # -- administration ----------------------------------------------------------------
 

@@ -17,7 +17,7 @@
     INFERSWARM_LOGIN_CALLER_FREE_FAILURES  ... per caller address (20)
     INFERSWARM_LOGIN_BASE_DELAY          first lock past the free failures, seconds; doubles each time (1)
     INFERSWARM_LOGIN_MAX_DELAY           longest lock after repeated failures, seconds (300)
-    INFERSWARM_TIER_<TIER>_TOKENS_PER_MONTH  token budgets (see shared/tiers.py)
+    INFERSWARM_TIER_<TIER>_TOKENS_PER_MONTH  token budgets of tiers no admin has edited (README.md, "Tiers")
 
 Every auth instance of one mesh must use the same signing key: share the
 file (or point INFERSWARM_AUTH_JWT_KEY_FILE at a copy) when running several.

@@ -7,6 +7,13 @@ Two paths, one for speed and one for certainty (README.md, "Revocation"):
 * poll: every `poll_interval` the log is read from the cursor on. This catches
   whatever a lost connection made us miss, and it is what `trusted` rests on.
 
+An entry naming neither a key nor a user (a tier's limits changed) means
+"everything": the tiers are reloaded (`reload`) and then the whole cache is
+dropped -- in that order, so no answer computed with the old limits can be
+stored after the drop (the drop bumps the cache's epoch). Such an entry is
+applied by the poll only, never from its NOTIFY, which just wakes the poll:
+the cursor must not pass it before the reload is done.
+
 `synced_at` is when the last successful poll *started*: every invalidation
 committed before it has been applied. While it is older than `stale_after`
 the cache is not trusted and `validate_key` reads the database, so a
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -38,7 +46,7 @@ class InvalidationFeed:
 
     def __init__(
         self, store: AuthStore, dsn: str, cache: KeyCache, *, poll_interval: float = 0.5,
-        stale_after: float = 1.0, batch: int = 1000,
+        stale_after: float = 1.0, batch: int = 1000, reload: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         self._dsn = dsn
@@ -46,6 +54,7 @@ class InvalidationFeed:
         self.poll_interval = poll_interval
         self.stale_after = stale_after
         self._batch = batch
+        self._reload = reload  #: reads what the cache's answers are made of again (the tiers)
         #: Every invalidation with seq <= cursor has been applied.
         self.cursor = 0
         self.synced_at = float("-inf")
@@ -79,17 +88,26 @@ class InvalidationFeed:
         while True:
             started, since = time.monotonic(), self.cursor
             rows, newest, oldest = await self._store.invalidations_since(since, self._batch)
-            if since > newest or since < oldest - 1:
-                # Another database, or entries pruned before we saw them.
-                self.cache.clear()
+            # Another database, or entries pruned before we saw them: anything may have changed.
+            lost = since > newest or since < oldest - 1
+            if lost or any(_is_reset(row["key_id"], row["user_id"]) for row in rows):
+                await self.reset()
+            else:
+                for row in rows:
+                    self.cache.evict(key_id=row["key_id"], user_id=row["user_id"])
+            if lost:
                 self.cursor = newest
-            for row in rows:
-                self.cache.evict(key_id=row["key_id"], user_id=row["user_id"])
             if rows:
                 self.cursor = max(self.cursor, rows[-1]["seq"])
             if len(rows) < self._batch:
                 self.synced_at = started
                 return
+
+    async def reset(self) -> None:
+        """Reload the tiers, then drop the whole cache (see the module doc for the order)."""
+        if self._reload is not None:
+            await self._reload()
+        self.cache.clear()
 
     async def _run(self) -> None:
         while True:
@@ -131,6 +149,9 @@ class InvalidationFeed:
         except ValueError:
             self._wake.set()
             return
+        if _is_reset(key_id, user_id):
+            self._wake.set()  # the poll reloads the tiers, then drops everything (module doc)
+            return
         self.cache.evict(key_id=key_id, user_id=user_id)
         if seq == self.cursor + 1:
             self.cursor = seq  # writers are serialized: nothing can be missing below it
@@ -155,3 +176,8 @@ class InvalidationFeed:
                 await asyncio.wait_for(conn.close(), 2.0)
             except Exception:
                 conn.terminate()
+
+
+def _is_reset(key_id: int | None, user_id: int | None) -> bool:
+    """An entry naming neither a key nor a user: everything is to be dropped (a tier changed)."""
+    return key_id is None and user_id is None

@@ -29,11 +29,12 @@ from typing import Any
 from shared.errors import InvalidParams
 from shared.pricing import COST_PLACES, cost_of  # the one rule (the SQL applies it too)
 
-__all__ = ["COST_PLACES", "PRICE_PLACES", "check_model", "check_price", "check_currency", "check_moment",
+__all__ = ["COST_PLACES", "PRICE_PLACES", "check_amount", "check_model", "check_price", "check_currency", "check_moment",
            "cost_of", "money", "price_view"]
 
 PRICE_PLACES = 6  #: decimals of a price per million tokens (NUMERIC(12,6))
-_PRICE = re.compile(r"(\d{1,6})(?:\.(\d+))?")
+_AMOUNT = re.compile(r"([0-9]{1,13})(?:\.([0-9]{1,30}))?")  # ASCII digits only, unlike \d
+_MAX_PRICE = Decimal("999999.999999")
 _CURRENCY = re.compile(r"[A-Z]{3}")
 #: The names a worker's catalog accepts (services/inference/catalog.py).
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
@@ -49,13 +50,19 @@ def check_model(model: str) -> str:
 
 def check_price(value: str | int, param: str) -> Decimal:
     """A price per million tokens: exact, 0 to 999999.999999, at most `PRICE_PLACES` decimals."""
+    return check_amount(value, param, maximum=_MAX_PRICE)
+
+
+def check_amount(value: str | int, param: str, *, maximum: Decimal) -> Decimal:
+    """Money as typed (a price, a tier's budget): a decimal string or a whole number, exact,
+    0 to `maximum`, at most `PRICE_PLACES` decimals; a float is refused (0.1 is not exact)."""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InvalidParams(f"{param} must be a decimal string such as \"0.15\" (a float is not exact)",
                             {"param": param})
     text = str(value)
-    match = _PRICE.fullmatch(text)
-    if match is None:
-        raise InvalidParams(f"{param} must be a non-negative decimal number below 1000000, "
+    match = _AMOUNT.fullmatch(text)
+    if match is None or Decimal(text) > maximum:
+        raise InvalidParams(f"{param} must be a non-negative decimal number up to {maximum}, "
                             f"such as \"0.15\"", {"param": param})
     if match[2] is not None and len(match[2]) > PRICE_PLACES:
         raise InvalidParams(f"{param} has more than {PRICE_PLACES} decimals", {"param": param})

@@ -23,6 +23,9 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.usage         public    token[, start, end] -> per day and key (and model: costs)
     auth.set_tier      public    token, user, tier -> user (admins only)
     auth.set_active    public    token, user, active -> user (admins only)
+    auth.tiers         public    [token] (the operator: no token) -> every tier: limits, priority
+    auth.set_tier_limits public  name, limits[, priority, token] -> the tier (admins by token, or the
+                                 operator); every cache drops its answers within 1 s
     auth.set_price     public    model, input, output[, cached, currency, effective_from, token] ->
                                  the new price version (admins by token, or the operator)
     auth.prices        public    token[, model] (the operator: no token) -> current and scheduled prices
@@ -65,6 +68,7 @@ from services.auth.passwords import PasswordHasher
 from services.auth.admin_methods import AdminMethods
 from services.auth.billing_methods import BillingMethods
 from services.auth.key_methods import KeyMethods
+from services.auth.tier_methods import TierMethods
 
 __all__ = ["AuthService"]
 
@@ -73,9 +77,9 @@ log = get_logger(__name__)
 _MAX_ADDR = 64
 
 
-class AuthService(KeyMethods, BillingMethods, AdminMethods):
+class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods):
     """Who may do what, and the record of what was done: accounts and sessions here; keys,
-    usage and prices, administration in their handler classes."""
+    usage and prices, administration, tiers in their handler classes."""
 
     name = "auth"
 

@@ -1,7 +1,7 @@
 """What the auth service's handlers share: its state, the caller's checks, parameter helpers.
 
 `AuthService` (service.py) is one class made of a handler class per concern
-(key_methods.py, billing_methods.py, admin_methods.py) over this base;
+(key_methods.py, billing_methods.py, admin_methods.py, tier_methods.py) over this base;
 the dispatcher sees one service, `auth`.
 """
 
@@ -25,6 +25,7 @@ from services.auth.price_store import PriceStore
 from services.auth.store import AuthStore
 from services.auth.registration import RegistrationThrottle
 from services.auth.throttle import LoginThrottle
+from services.auth.tier_store import TierStore
 from services.auth.tokens import TokenIssuer
 from services.auth.usage_store import UsageStore
 
@@ -50,13 +51,15 @@ class AuthBase:
         tokens: TokenIssuer, tiers: TierTable, throttle: LoginThrottle, feed: InvalidationFeed,
         housekeeper: Housekeeper, registrations: RegistrationThrottle | None = None,
         max_keys_per_user: int = 100, max_key_days: int = 3650, prices: PriceStore | None = None,
+        tier_store: TierStore | None = None,
     ) -> None:
         self.store = store  #: the accounts' SQL (services/auth/store.py)
         self._usage = usage
         self._prices = prices or PriceStore(usage.pool)
         self._passwords = passwords
         self._tokens = tokens
-        self._tiers = tiers
+        self._tiers = tiers  #: kept in step with the `tiers` table by the feed (tier_methods.py)
+        self._tier_store = tier_store or TierStore(usage.pool, tiers.config)
         self._throttle = throttle
         self._registrations = registrations or RegistrationThrottle(store)
         #: The parts an operator's tools and the tests may read: the invalidation
@@ -96,6 +99,22 @@ class AuthBase:
         if not user["is_admin"]:
             raise Forbidden("administrators only")
         return user
+
+    async def _admin_or_operator(self, token: str | None) -> int | None:
+        """Who sets a price or a tier's limits, or reads every user's spending: an admin's id,
+        or None for the operator; else refused."""
+        if token is not None:
+            return int((await self._authenticate_admin(token))["id"])
+        if not is_operator():
+            raise Unauthenticated("an administrator's session token is needed")
+        return None
+
+    async def _logged_in_or_operator(self, token: str | None) -> None:
+        """Anyone logged in (by `token`), or the operator without one; else `UNAUTHENTICATED`."""
+        if token is not None:
+            await self._authenticate(token)
+        elif not is_operator():
+            raise Unauthenticated("a session token is needed")
 
     def _user_view(self, user: asyncpg.Record) -> dict[str, Any]:
         return {

@@ -6,7 +6,7 @@ computed here in Python and stored beside them), never by PostgreSQL's
 errors here: a taken username is `Conflict`; a taken email is told to the
 service only (`create_user` returns None), which decides what the caller hears.
 Changes that caches must hear about (`revoke_key`, `rotate_key`, `update_key`, `set_tier`, `set_active`,
-`set_admin`, and sessions ending: `revoke_token`, `end_sessions`) append to
+`set_admin`, sessions ending: `revoke_token`, `end_sessions`, and a tier's limits: tier_store.py) append to
 the invalidation log and NOTIFY `INVALIDATION_CHANNEL` in the same
 transaction as the change itself; see README.md, "Revocation".
 Usage records live in `usage_store.py`.
@@ -24,7 +24,7 @@ from shared.db import unavailable_when_down
 from shared.errors import Conflict, NotFound
 from services.auth.validation import fold
 
-__all__ = ["AuthStore", "INVALIDATION_CHANNEL"]
+__all__ = ["AuthStore", "INVALIDATION_CHANNEL", "log_invalidation", "write_audit"]
 
 INVALIDATION_CHANNEL = "auth_invalidations"
 # Serializes writers of the invalidation log ("invalidt" in ASCII), so that
@@ -445,3 +445,7 @@ async def _invalidate(
     payload = f"{seq}:{key_id if key_id is not None else ''}:{user_id if user_id is not None else ''}"
     await conn.execute("SELECT pg_notify($1, $2)", INVALIDATION_CHANNEL, payload)
     return seq
+
+
+#: For the other stores' transactions (tier_store.py): the same audit row and log entry.
+write_audit, log_invalidation = _audit, _invalidate

@@ -26,6 +26,11 @@
                                                                                scheduled, money as decimal strings
     POST   /api/prices               Bearer token (an admin), {model, input, output, cached?, currency?,
                                      effective_from?}                       -> 201 the new price version
+    GET    /api/tiers                Bearer token                           -> {tiers: [{name, limits, priority,
+                                                                               edited}]}: budgets as decimal strings
+    PATCH  /api/tiers/{name}         Bearer token (an admin), {requests_per_hour?, requests_per_month?,
+                                     tokens_per_month?, spend_per_day?, spend_per_month? (null: no limit),
+                                     priority?}: fields left out are kept  -> the tier as it now is
     GET    /api/quota                Bearer token or X-API-Key              -> limits, remaining, reset
     GET    /api/receipts/keys        --                                     -> ["<hex key>", ...]: the live
                                      gateways' public keys, which sign usage receipts
@@ -51,6 +56,7 @@ from typing import Any, Literal, overload
 from aiohttp import web
 
 from shared.errors import DecodeError, InvalidParams, MeshError, Unauthenticated
+from shared.tiers import LIMIT_NAMES
 from services.web.errors import MISSING_CREDENTIAL, rest_error_body
 from services.web.ratelimits import openai_headers
 from services.web.params import generation_params
@@ -313,6 +319,25 @@ async def set_price(request: web.Request) -> web.Response:
         cached=_amount(body, "cached", required=False), currency=_string(body, "currency", required=False),
         effective_from=_string(body, "effective_from", required=False))
     return web.json_response(price, status=201)
+
+
+@routes.get("/api/tiers")
+async def tiers(request: web.Request) -> web.Response:
+    return web.json_response({"tiers": await request.app[UPSTREAM].auth.tiers(token=bearer(request))})
+
+
+@routes.patch("/api/tiers/{name}")
+async def set_tier_limits(request: web.Request) -> web.Response:
+    """Admins: the limits given change (money as written, never through a float), the others are kept."""
+    token = bearer(request)
+    body = await json_body(request, exact=True)
+    unknown = sorted(set(body) - {*LIMIT_NAMES, "priority"})
+    if unknown:
+        raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
+    limits = {name: body[name] for name in LIMIT_NAMES if name in body}
+    tier = await request.app[UPSTREAM].auth.set_tier_limits(
+        token=token, name=request.match_info["name"], limits=limits, priority=body.get("priority"))
+    return web.json_response(tier)
 
 
 def _amount(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:

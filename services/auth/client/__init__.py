@@ -35,6 +35,7 @@ from services.auth.client.api import (
     RotatedApiKey,
     Session,
     Spender,
+    TierInfo,
     TierLimits,
     TokenKey,
     TopSpenders,
@@ -64,6 +65,6 @@ __all__ = [
     "KEEP", "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
     "AuthClient", "Invalidation", "Invalidations", "KeyIdentity", "KeyValidator", "LoggedOut", "NewApiKey",
     "Price", "PriceTable", "RecentRequest", "RecordCounts", "Report", "ReportRow", "ReportTotals", "RotatedApiKey", "Session",
-    "Spender", "TierLimits", "TokenKey", "TokenVerifier", "TopSpenders", "UsageCost",
+    "Spender", "TierInfo", "TierLimits", "TokenKey", "TokenVerifier", "TopSpenders", "UsageCost",
     "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]

@@ -22,16 +22,27 @@ __all__ = [
     "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuditEvent", "AuditPage", "AuthClient",
     "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "PriceTable", "RecentRequest",
     "RecordCounts", "Report", "ReportRow", "ReportTotals", "Session", "Spender", "TierLimits", "TokenKey",
-    "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
+    "TierInfo", "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]
 
 
 class TierLimits(TypedDict):
-    """A tier's limits (shared/tiers.py); None is "no limit"."""
+    """A tier's limits (shared/tiers.py); None is "no limit"; budgets are decimal strings ("5.000000")."""
 
     requests_per_hour: int | None
     requests_per_month: int | None
     tokens_per_month: int | None
+    spend_per_day: str | None
+    spend_per_month: str | None
+
+
+class TierInfo(TypedDict):
+    """A tier (`tiers`, `set_tier_limits`); `edited`: false while it has its defaults."""
+
+    name: str
+    limits: TierLimits
+    priority: int
+    edited: bool
 
 
 class User(TypedDict):
@@ -128,6 +139,8 @@ class KeyIdentity(TypedDict):
 
 
 class Invalidation(TypedDict):
+    """What to evict: a key, a user's keys and sessions; neither (a tier changed): everything."""
+
     seq: int
     key_id: int | None
     user_id: int | None
@@ -335,6 +348,8 @@ class AuthClient(TypedClient):
         "invalidations": Wire("auth.invalidations", idempotent=True),
         "record_usage": Wire("auth.record_usage", idempotent=True),
         "active_users": Wire("auth.active_users", idempotent=True),
+        "tiers": Wire("auth.tiers", idempotent=True),
+        "set_tier_limits": Wire("auth.set_tier_limits", idempotent=True),
         "usage": Wire("auth.usage", idempotent=True),
         "recent_usage": Wire("auth.recent_usage", idempotent=True),
         "list_users": Wire("auth.list_users", idempotent=True),
@@ -459,6 +474,18 @@ class AuthClient(TypedClient):
 
     async def set_tier(self, *, token: str, user: int | str, tier: str, timeout: float | None = None) -> User:
         return await self._call("set_tier", timeout, token=token, user=user, tier=tier)
+
+    async def tiers(self, *, token: str | None = None, timeout: float | None = None) -> list[TierInfo]:
+        """Every tier, its limits and priority (anyone logged in; the operator without a token)."""
+        return await self._call("tiers", timeout, token=token)
+
+    async def set_tier_limits(self, *, name: str, limits: Mapping[str, int | str | None],
+                              priority: int | None = None, token: str | None = None,
+                              timeout: float | None = None) -> TierInfo:
+        """Change some of a tier's limits (None: no limit; names left out are kept; budgets as
+        decimal strings) and its priority (None: kept): admins by `token`, the operator without."""
+        return await self._call("set_tier_limits", timeout, name=name, limits=dict(limits), priority=priority,
+                                token=token)
 
     async def set_active(self, *, token: str, user: int | str, active: bool,
                          timeout: float | None = None) -> User:

@@ -9,7 +9,9 @@ otherwise. Entries live at most `ttl` seconds. A background task polls
 and users named there -- from its own cache and from every cache added with
 `sync_also` (a gateway's session tokens) -- so a revocation, tier change,
 disabled account or ended session stops being honoured within
-`poll_interval` plus one round trip.
+`poll_interval` plus one round trip. An entry naming neither a key nor a
+user (a tier's limits changed: every answer may carry them) drops every
+cache entirely.
 
 If polling fails (auth unreachable, a partition), the cache is trusted for
 `stale_after` seconds after the last successful poll began and not at all
@@ -215,8 +217,7 @@ class KeyValidator:
                 if answer["reset"]:
                     self._clear()
                 for entry in answer["entries"]:
-                    for cache in self._caches:
-                        cache.evict(key_id=entry["key_id"], user_id=entry["user_id"])
+                    self._apply(entry["key_id"], entry["user_id"])
             self.cursor = answer["cursor"]
             if not answer["more"]:
                 self.synced_at = started
@@ -227,6 +228,14 @@ class KeyValidator:
         used only while `trusted`, like the key cache)."""
         cache.clear()
         self._caches.append(cache)
+
+    def _apply(self, key_id: int | None, user_id: int | None) -> None:
+        """One entry: evict what it names; naming nothing (a tier's limits changed), everything."""
+        if key_id is None and user_id is None:
+            self._clear()
+            return
+        for cache in self._caches:
+            cache.evict(key_id=key_id, user_id=user_id)
 
     def _clear(self) -> None:
         for cache in self._caches:
