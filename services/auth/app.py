@@ -63,6 +63,7 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
         registrations=RegistrationThrottle(store, config.registration),
         max_keys_per_user=config.max_keys_per_user,
         prices=PriceStore(pool),
+        currency=config.currency,
     )
 
 
