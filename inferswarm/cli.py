@@ -6,6 +6,9 @@
     inferswarm keys rotate KEY_ID [--overlap 24h|90m|0]   (a new key; the old one stops after the overlap)
     inferswarm keys create NAME [--models a,b] [--expires 30d|ISO8601]   (limited to those models; expiring)
     inferswarm keys edit KEY_ID [--name N] [--models a,b | --all-models] [--expires 30d|ISO8601 | --no-expiry]
+    inferswarm keys create|edit ... [--requests-per-hour N] [--requests-per-month N] [--tokens-per-month N]
+                               [--budget-day AMOUNT] [--budget-month AMOUNT]   (`none` clears, on edit)
+    inferswarm budget                         inferswarm budget set [--day AMOUNT|none] [--month AMOUNT|none] [--user U]
     inferswarm password
     inferswarm usage [--start D] [--end D]    inferswarm admin set-tier USER TIER
     inferswarm costs [--from D] [--to D] [--by model|key] [--group day|week|month] [--csv]
@@ -31,7 +34,7 @@ commands call them directly, without joining the DHT. Every command accepts
 
 Where the mesh cannot be reached, `--base-url URL` (or `INFERSWARM_BASE_URL`)
 sends `infer`, `chat`, `models`, `quota`, `usage`, `costs`, `register`, `login`,
-`logout`, `password` and `keys` to the web service's HTTP API instead
+`logout`, `password`, `keys` and `budget` to the web service's HTTP API instead
 (`httpclient.py`), with the same output, error lines and exit codes;
 `--ca-file FILE` trusts a certificate authority for an https URL. The other
 commands need the mesh and do not take `--base-url` (but `receipts verify`,
@@ -57,12 +60,14 @@ from pathlib import Path
 
 from inferswarm import receipts, up
 from inferswarm.audit import AUDIT_COMMANDS
+from inferswarm.budget import BUDGET_COMMANDS
 from inferswarm.commands import COMMANDS, Result, expiry_moment, model_list, overlap_seconds
 from inferswarm.costs import COST_COMMANDS
 from inferswarm.tiers import TIER_COMMANDS, add_set_arguments
 from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
 from inferswarm.errors import describe, exit_code
+from inferswarm.limits import add_budget_options, add_limit_options
 from inferswarm.httpclient import HttpSession
 from inferswarm.localmesh import cache_dir
 from inferswarm.member import NotAMember, member_credential
@@ -81,7 +86,8 @@ OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list", "admin t
                                  "admin tiers set"})
 #: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
 HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
-                           "keys revoke", "keys rotate", "keys edit", "usage", "costs", "models", "quota", "infer", "chat"})
+                           "keys revoke", "keys rotate", "keys edit", "usage", "costs", "models", "quota", "infer", "chat",
+                           "budget", "budget set"})
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -114,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
         prog="inferswarm", description="An AI inference platform on a DHT mesh.",
         epilog="Client commands reach the mesh through --bootstrap (default: the stack `inferswarm up` runs "
                "here). Where the mesh cannot be reached, infer, chat, models, quota, usage, costs, register, login, "
-               "logout, password and keys take --base-url URL (or INFERSWARM_BASE_URL): the web service's "
+               "logout, password, keys and budget take --base-url URL (or INFERSWARM_BASE_URL): the web service's "
                "HTTP API, with the same output and exit codes. The API key: INFERSWARM_API_KEY, else the one "
                "`keys create` saved. `inferswarm COMMAND --help` for each command's options.")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -164,8 +170,10 @@ def parser() -> argparse.ArgumentParser:
                         help="when the key stops: a duration from now (30d, 12h) or an ISO 8601 date-time")
     create.add_argument("--models", type=model_list, metavar="A,B",
                         help="the only models the key may use, comma-separated (default: every model)")
+    add_limit_options(create, clearing=False)
     client("keys list", "list your keys", keys)
-    edit = client("keys edit", "change a key's name, models or expiry (gateways see it within a second)", keys)
+    edit = client("keys edit", "change a key's name, models, expiry or limits (gateways see it within a second)",
+                  keys)
     edit.add_argument("key_id", type=int, help="the id shown by `keys list`")
     edit.add_argument("--name")
     models = edit.add_mutually_exclusive_group()
@@ -175,6 +183,7 @@ def parser() -> argparse.ArgumentParser:
     expires.add_argument("--expires", type=expiry_moment, metavar="WHEN",
                          help="a duration from now (30d, 12h) or an ISO 8601 date-time")
     expires.add_argument("--no-expiry", action="store_true", help="the key never expires")
+    add_limit_options(edit, clearing=True)
     revoke = client("keys revoke", "revoke a key", keys)
     revoke.add_argument("key_id", type=int, help="the id shown by `keys list`")
     rotate = client("keys rotate", "replace a key: a new key (shown once, saved), the old one stops after "
@@ -183,6 +192,11 @@ def parser() -> argparse.ArgumentParser:
     rotate.add_argument("--overlap", type=overlap_seconds, metavar="DURATION",
                         help="how long the old key keeps working: 0 (stops now), 90m, 24h, 7d; at most 30 days "
                              "(default: 24h)")
+
+    budget = client("budget", "your money budgets and the limits in force")
+    set_budget = client("budget set", "set (or clear, with none) a budget: yours, or --user's (admins)",
+                        budget.add_subparsers(dest="budget_command", metavar="ACTION"))
+    add_budget_options(set_budget)
 
     usage = client("usage", "requests and tokens per day")
     usage.add_argument("--start", help="YYYY-MM-DD (default: 30 days ago)")
@@ -310,7 +324,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> Result:
-    command = {**COMMANDS, **COST_COMMANDS, **AUDIT_COMMANDS, **TIER_COMMANDS}[args.action]
+    command = {**COMMANDS, **COST_COMMANDS, **AUDIT_COMMANDS, **TIER_COMMANDS, **BUDGET_COMMANDS}[args.action]
     creds = Credentials.load()
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)

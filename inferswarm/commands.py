@@ -31,10 +31,11 @@ from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
 from inferswarm.errors import human_duration
 from inferswarm.httpclient import HttpSession
+from inferswarm.limits import limit_changes
 from inferswarm.session import ClientSession, SessionError
 from shared.errors import InvalidParams, MeshError, Unauthenticated
 from shared.generation import is_final, text_of
-from services.auth.client import AuthClient
+from services.auth.client import AuthClient, describe_limits
 from services.gateway.client import GatewayClient
 
 __all__ = ["Result", "COMMANDS", "read_password", "json_schema_format", "overlap_seconds", "expiry_moment",
@@ -133,7 +134,7 @@ async def logout(args: Namespace, session: Session | None, creds: Credentials,
 async def keys_create(args: Namespace, session: Session, creds: Credentials) -> Result:
     key = await _auth(session).create_key(token=need_token(creds), name=args.name,
                                           expires_in_days=args.expires_in_days, expires_at=args.expires,
-                                          allowed_models=args.models)
+                                          allowed_models=args.models, limits=limit_changes(args) or None)
     creds.api_key = key["api_key"]
     creds.save()
     text = (f"{key['api_key']}\n"
@@ -145,8 +146,10 @@ async def keys_create(args: Namespace, session: Session, creds: Credentials) -> 
 async def keys_list(args: Namespace, session: Session, creds: Credentials) -> Result:
     keys = await _auth(session).list_keys(token=need_token(creds))
     rows = [[k["id"], k["name"], k["prefix"], k["status"], (k["created_at"] or "-")[:19],
-             (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19], _models(k)] for k in keys]
-    return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires", "models"], rows), keys)
+             (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19], _models(k),
+             describe_limits(k.get("limits"), none="-")] for k in keys]
+    return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires", "models", "limits"],
+                        rows), keys)
 
 
 def _models(key: Any) -> str:
@@ -162,12 +165,15 @@ async def keys_edit(args: Namespace, session: Session, creds: Credentials) -> Re
         changes["allowed_models"] = args.models  # None: every model
     if args.expires is not None or args.no_expiry:
         changes["expires_at"] = args.expires  # None: never
+    if limit_changes(args):
+        changes["limits"] = limit_changes(args)  # a None value clears that limit
     if not changes:
-        raise InvalidParams("nothing to change: give --name, --models/--all-models or --expires/--no-expiry",
-                            {"param": "name"})
+        raise InvalidParams("nothing to change: give --name, --models/--all-models, --expires/--no-expiry "
+                            "or a limit (--requests-per-hour, ..., --budget-month)", {"param": "name"})
     key = await _auth(session).update_key(token=need_token(creds), key_id=args.key_id, **changes)
     expires = (key.get("expires_at") or "never")[:19]
-    return Result(f"updated key {key['id']} ({key['name']}): models {_models(key)}, expires {expires}", key)
+    return Result(f"updated key {key['id']} ({key['name']}): models {_models(key)}, expires {expires}, "
+                  f"limits {describe_limits(key.get('limits'))}", key)
 
 
 async def keys_revoke(args: Namespace, session: Session, creds: Credentials) -> Result:

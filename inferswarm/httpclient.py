@@ -13,6 +13,8 @@ and the commands run unchanged. Each method is one route:
     auth.usage        GET    /api/usage?start=&end=                    the session token as Bearer
     auth.report       GET    /api/reports?start=&end=&group=&by=       the session token as Bearer
     auth.top_spenders GET    /api/admin/top-spenders?start=&end=&limit= an admin's session token as Bearer
+    auth.me           GET    /api/budget                               the session token as Bearer
+    auth.set_budget   PUT    /api/budget                               the session token as Bearer
     auth.register, login, logout, logout_all, change_password,
     list_keys, create_key, update_key, revoke_key, rotate_key  /api/auth/...       (services/web/api.py)
 
@@ -80,11 +82,14 @@ ROUTES = {
     "auth.change_password": Route("POST", "/api/auth/password", "token", ("old_password", "new_password")),
     "auth.list_keys": Route("GET", "/api/auth/api-keys", "token", unwrap="keys"),
     "auth.create_key": Route("POST", "/api/auth/api-keys", "token",
-                             ("name", "expires_in_days", "expires_at", "allowed_models")),
-    "auth.update_key": Route("PATCH", "/api/auth/api-keys/{key_id}", "token", ("name", "expires_at", "allowed_models"),
-                             nulls=True),
+                             ("name", "expires_in_days", "expires_at", "allowed_models", "limits")),
+    "auth.update_key": Route("PATCH", "/api/auth/api-keys/{key_id}", "token",
+                             ("name", "expires_at", "allowed_models", "limits"), nulls=True),
     "auth.revoke_key": Route("DELETE", "/api/auth/api-keys/{key_id}", "token"),
     "auth.rotate_key": Route("POST", "/api/auth/api-keys/{key_id}/rotate", "token", ("overlap_seconds",)),
+    # GET /api/budget answers what `auth.me` does (the account, its budget, limits, currency).
+    "auth.me": Route("GET", "/api/budget", "token"),
+    "auth.set_budget": Route("PUT", "/api/budget", "token", ("spend_per_day", "spend_per_month", "user"), nulls=True),
     "auth.usage": Route("GET", "/api/usage", "token", query=("start", "end")),
     "auth.report": Route("GET", "/api/reports", "token", query=("start", "end", "group_by", "by"),
                          rename=(("group_by", "group"),)),
@@ -276,7 +281,7 @@ class HttpService:
         query = {names.get(k, k): params[k] for k in route.query if params.get(k) is not None}
         body = {k: params[k] for k in route.body if k in params and (route.nulls or params[k] is not None)}
         answer = await self._exchange(route.verb, path + ("?" + urlencode(query) if query else ""),
-                                      body if route.verb in ("POST", "PATCH") else None, _auth(route.auth, params), deadline)
+                                      body if route.verb in ("POST", "PATCH", "PUT") else None, _auth(route.auth, params), deadline)
         return answer[route.unwrap] if route.unwrap else answer
 
     async def stream(self, method: str, params: dict[str, Any] | None = None, *,

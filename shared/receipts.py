@@ -124,7 +124,7 @@ def sign(signer: Signer, *, request_id: str, model: str, prompt_tokens: int, com
          at: float, user_id: int, cost: Decimal | str | None = None) -> str:
     """A receipt signed by `signer`, in its text form."""
     receipt = Receipt(request_id=request_id, model=model, prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens, cost=None if cost is None else str(cost),
+                      completion_tokens=completion_tokens, cost=None if cost is None else _decimal_text(cost),
                       at=round(float(at), 3), user_id=user_id, gateway=signer.public_key.hex())
     _check(receipt.fields())
     payload = encode(receipt.fields())
@@ -203,6 +203,11 @@ def _check(fields: dict[str, Any]) -> None:
         raise InvalidReceipt("format", "cost is null or a decimal string")
     if not (isinstance(fields["gateway"], str) and _HEX_KEY.fullmatch(fields["gateway"])):
         raise InvalidReceipt("format", "gateway is a public key in 64 lower-case hex digits")
+
+
+def _decimal_text(cost: Decimal | str) -> str:
+    """A cost as plain digits ("0.0000000000", never "0E-10": what a verifier's pattern takes)."""
+    return format(cost, "f") if isinstance(cost, Decimal) else cost
 
 
 def _b64(data: bytes) -> str:

@@ -56,8 +56,8 @@ async def test_register_login_and_me(auth):
         assert session["user"]["id"] == user["id"] and session["expires_at"] > time.time()
     me = await auth("me", token=session["token"])
     assert me["limits"] == {"requests_per_hour": 100, "requests_per_month": 3000, "tokens_per_month": 100_000,
-                           "spend_per_day": None, "spend_per_month": None}
-    assert me["priority"] == 0
+                            "spend_per_day": None, "spend_per_month": None}
+    assert me["priority"] == 0 and me["currency"] == "USD"
 
 
 async def test_passwords_are_stored_as_argon2id_only(auth, db):

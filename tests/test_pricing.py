@@ -57,3 +57,15 @@ def test_a_caller_without_a_budget_spends_nothing_but_the_cost_is_still_known():
     assert spend.worst(100, 100) == 0 and spend.used(100, 100) == 0
     assert spend.cost(1000, 0) == Decimal("0.0001500000")
     assert Spend(None, True).cost(1, 1) is None and not Spend(None, True).counted
+
+
+def test_a_free_request_s_cost_is_plain_digits_on_the_wire_and_in_a_receipt():
+    from shared.identity import NodeIdentity
+    from shared.receipts import sign, verify
+
+    free = Spend(Price("m", Decimal(0), Decimal(0), None, "USD", 0.0), True).cost(10, 10)
+    assert free == 0 and format(free, "f") == "0.0000000000"
+    node = NodeIdentity.generate()
+    text = sign(node, request_id="gw-1", model="m", prompt_tokens=10, completion_tokens=10, at=1.5, user_id=1,
+                cost=free)
+    assert verify(text, [node.public_key.hex()]).cost == "0.0000000000"

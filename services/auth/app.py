@@ -70,6 +70,7 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
         max_keys_per_user=config.max_keys_per_user,
         prices=PriceStore(pool),
         tier_store=tier_store,
+        currency=config.currency,
     )
 
 

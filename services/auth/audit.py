@@ -28,7 +28,7 @@ __all__ = ["EVENTS", "MAX_LIMIT", "DEFAULT_LIMIT", "check_actions", "check_momen
 EVENTS = (
     "user_registered", "login_failed", "logged_out", "logged_out_everywhere", "password_changed",
     "password_change_failed", "admin_granted", "admin_revoked", "tier_changed", "user_enabled",
-    "user_disabled", "key_created", "key_revoked", "key_rotated", "key_updated", "price_set",
+    "user_disabled", "key_created", "key_revoked", "key_rotated", "key_updated", "budget_changed", "price_set",
 )
 #: The events whose NULL actor is the operator (a mesh member), not nobody.
 _OPERATOR_EVENTS = frozenset({"admin_granted", "admin_revoked", "price_set"})

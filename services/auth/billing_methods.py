@@ -1,4 +1,4 @@
-"""The usage, cost and price handlers of `AuthService`.
+"""The usage, cost, budget and price handlers of `AuthService`.
 """
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ from typing import Any
 
 import asyncpg
 
-from shared.errors import InvalidParams
+from shared.errors import Forbidden, InvalidParams
 from shared.logging import get_logger
 from shared.rpc import method
 from services.auth import prices as money
-from services.auth import reports
+from services.auth import limits, reports
 from services.auth.records import parse_batch
-from services.auth.service_base import AuthBase, iso, parse_day
+from services.auth.service_base import KEEP, AuthBase, iso, parse_day, user_ref
 
 __all__ = ["BillingMethods"]
 
@@ -94,6 +94,34 @@ class BillingMethods(AuthBase):
         first, last = reports.day_range(start, end)
         records = await self._usage.top_spenders(first, last, reports.check_limit(limit))
         return {"start": first.isoformat(), "end": last.isoformat(), "spenders": reports.spender_rows(records)}
+
+    # -- budgets -------------------------------------------------------------------------
+
+    @method(public=True, idempotent=True)
+    async def set_budget(self, token: str, spend_per_day: Any = KEEP, spend_per_month: Any = KEEP,
+                         user: int | str | None = None) -> dict[str, Any]:
+        """Set (or clear with null) the caller's own money budgets in the platform currency; an
+        admin may name another account (`user`: id, username or email). A budget left out is
+        kept. Audited (`budget_changed`); gateways use the new limits within a second. The
+        account as `me` shows it: `budget` and the effective `limits`."""
+        caller = await self._authenticate(token)
+        given = {n: v for n, v in (("spend_per_day", spend_per_day), ("spend_per_month", spend_per_month))
+                 if v is not KEEP}
+        if not given:
+            raise InvalidParams("nothing to change: give spend_per_day or spend_per_month",
+                                {"param": "spend_per_day"})
+        budget = limits.check_limits(given, names=limits.BUDGET_NAMES)
+        target = caller
+        if user is not None:
+            ref = user_ref(user)
+            if not self._is_self(caller, ref):
+                if not caller["is_admin"]:
+                    raise Forbidden("only administrators may set another user's budget")
+                target = await self.store.find_user(ref)
+        updated = await self.store.set_budget(target["id"], budget, caller["id"])
+        self.cache.evict(user_id=target["id"])  # here at once; other instances and gateways via the log
+        log.info("budget set", user_id=target["id"], actor_id=caller["id"], fields=sorted(budget))
+        return self._account_view(updated)
 
     # -- prices --------------------------------------------------------------------------
 

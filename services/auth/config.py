@@ -18,6 +18,7 @@
     INFERSWARM_LOGIN_BASE_DELAY          first lock past the free failures, seconds; doubles each time (1)
     INFERSWARM_LOGIN_MAX_DELAY           longest lock after repeated failures, seconds (300)
     INFERSWARM_TIER_<TIER>_TOKENS_PER_MONTH  token budgets of tiers no admin has edited (README.md, "Tiers")
+    INFERSWARM_CURRENCY                  the platform currency of budgets and money limits (USD)
 
 Every auth instance of one mesh must use the same signing key: share the
 file (or point INFERSWARM_AUTH_JWT_KEY_FILE at a copy) when running several.
@@ -28,6 +29,7 @@ Administrators are not configured here: the operator grants them with
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,13 @@ def _retired(message: str) -> Callable[[str], None]:
         raise ValueError(message)
 
     return refuse
+
+
+def _currency(raw: str) -> str:
+    """An ISO 4217 code: three capital letters (budgets and money limits are in it)."""
+    if re.fullmatch(r"[A-Z]{3}", raw) is None:
+        raise ValueError(f"expected an ISO 4217 code such as USD (three capital letters), got {raw!r}")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,7 @@ class AuthConfig:
     register_overall: int = env("INFERSWARM_REGISTER_OVERALL", default=60, parse=positive(int))
     register_window: float = env("INFERSWARM_REGISTER_WINDOW", default=60.0, parse=positive(float))
     pool_size: int = env("INFERSWARM_AUTH_POOL_SIZE", default=10, parse=positive(int))
+    currency: str = env("INFERSWARM_CURRENCY", default="USD", parse=_currency)
 
     def __post_init__(self) -> None:
         problems = []

@@ -15,6 +15,7 @@ from shared.rpc import method
 from services.auth import keys as apikeys
 from services.auth import validation as check
 from services.auth.key_edits import check_allowed_models, check_expiry
+from services.auth.limits import BUDGET_NAMES, check_limits, limits_of
 from services.auth.service_base import KEEP, AuthBase, check_id, iso
 
 __all__ = ["KeyMethods"]
@@ -41,7 +42,18 @@ def _key_view(key: asyncpg.Record) -> dict[str, Any]:
         "expires_at": iso(key["expires_at"]), "revoked_at": iso(key["revoked_at"]),
         "rotated_from": key["rotated_from"],
         "allowed_models": list(key["allowed_models"]) if key["allowed_models"] is not None else None,
+        "limits": limits_of(key),
     }
+
+
+def _scopes(row: asyncpg.Record, user_limits: dict[str, Any]) -> list[dict[str, Any]]:
+    """What a gateway enforces for a key: every counter of every scope (README.md, "Per-key
+    limits and budgets"); the key scope only when the key has a limit of its own."""
+    scopes = [{"scope": "user", "id": row["user_id"], "limits": user_limits}]
+    own = limits_of(row)
+    if any(value is not None for value in own.values()):
+        scopes.append({"scope": "key", "id": row["id"], "limits": own})
+    return scopes
 
 
 class KeyMethods(AuthBase):
@@ -52,11 +64,12 @@ class KeyMethods(AuthBase):
     @method(public=True)
     async def create_key(
         self, token: str, name: str, expires_in_days: int | None = None, expires_at: str | None = None,
-        allowed_models: list[str] | None = None,
+        allowed_models: list[str] | None = None, limits: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """A new API key; the `api_key` field is the only time it is ever shown. It expires
-        after `expires_in_days` or at `expires_at` (ISO 8601; not both; default never), and
-        may name only `allowed_models` (1-64 model names; default every model)."""
+        after `expires_in_days` or at `expires_at` (ISO 8601; not both; default never), may
+        name only `allowed_models` (1-64 model names; default every model), and has its own
+        `limits` (any of limits.LIMIT_NAMES; default none but the user's)."""
         user = await self._authenticate(token)
         name = check.check_name(name)
         when = None
@@ -71,10 +84,11 @@ class KeyMethods(AuthBase):
         elif expires_at is not None:
             when = check_expiry(expires_at, max_days=self._max_key_days)
         models = check_allowed_models(allowed_models) if allowed_models is not None else None
+        own = check_limits(limits) if limits is not None else {}
         api_key = apikeys.generate_key()
         key = await self.store.create_key(
             user["id"], name, apikeys.hash_key(api_key), apikeys.display_prefix(api_key),
-            when, max_keys=self._max_keys, allowed_models=models,
+            when, max_keys=self._max_keys, allowed_models=models, limits=own,
         )
         log.info("api key created", user_id=user["id"], key_id=key["id"])
         return {**_key_view(key), "api_key": api_key}
@@ -82,9 +96,11 @@ class KeyMethods(AuthBase):
     @method(public=True)
     async def update_key(
         self, token: str, key_id: int, name: Any = KEEP, expires_at: Any = KEEP, allowed_models: Any = KEEP,
+        limits: Any = KEEP,
     ) -> dict[str, Any]:
         """Edit one of the caller's keys: its `name`, `expires_at` (ISO 8601, in the future;
-        null: never expires) or `allowed_models` (1-64 model names; null: every model). A
+        null: never expires), `allowed_models` (1-64 model names; null: every model) or
+        `limits` (a map of some limits to values; null: none; a limit left out is kept). A
         parameter left out is kept. Gateways drop their cached answer for the key within a
         second. `CONFLICT` for a revoked key, `NOT_FOUND` for anyone else's."""
         user = await self._authenticate(token)
@@ -99,8 +115,11 @@ class KeyMethods(AuthBase):
                 expires_at, max_days=self._max_key_days)
         if allowed_models is not KEEP:
             changes["allowed_models"] = None if allowed_models is None else check_allowed_models(allowed_models)
+        if limits is not KEEP:
+            changes.update(check_limits(limits))
         if not changes:
-            raise InvalidParams("nothing to change: give name, expires_at or allowed_models", {"param": "name"})
+            raise InvalidParams("nothing to change: give name, expires_at, allowed_models or limits",
+                                {"param": "name"})
         key = await self.store.update_key(user["id"], key_id, changes)
         self.cache.evict(key_id=key_id)  # here at once; other instances and gateways via the log
         log.info("api key updated", user_id=user["id"], key_id=key_id, fields=sorted(changes))
@@ -181,10 +200,12 @@ class KeyMethods(AuthBase):
         if not row["is_active"]:
             raise Unauthenticated("account disabled")  # not for good: it may be re-enabled
         tier = self._tiers[row["tier"]]
+        user_limits = self._user_limits(row["tier"], {n: row[f"user_{n}"] for n in BUDGET_NAMES})
         result = {
             "user_id": row["user_id"], "key_id": row["id"], "tier": tier.name,
-            "limits": tier.limits(), "priority": tier.priority, "expires_at": expires_at,
+            "limits": user_limits, "priority": tier.priority, "expires_at": expires_at,
             "allowed_models": list(row["allowed_models"]) if row["allowed_models"] is not None else None,
+            "scopes": _scopes(row, user_limits), "currency": self.currency,
         }
         # Cache only if no invalidation arrived while we read: it may concern this key.
         if self.cache.epoch == epoch:

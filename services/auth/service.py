@@ -7,20 +7,25 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.register      public    username, email, password[, client_addr] -> the same answer
                                  whether the email was new or not (see `register`)
     auth.login         public    username_or_email, password[, client_addr] -> token
-    auth.me            public    token -> user with tier limits
+    auth.me            public    token -> user with budget, limits (the tighter of tier and budget),
+                                 priority, currency
     auth.logout        public    token -> the token is revoked (until it would expire)
     auth.logout_all    public    token -> every session of the user ends, this one too
     auth.change_password public  token, old_password, new_password -> a new token; every
                                  other session ends
-    auth.create_key    public    token, name[, expires_in_days | expires_at, allowed_models] -> key
-                                 (shown once); allowed_models: the models it may name (null: all)
+    auth.create_key    public    token, name[, expires_in_days | expires_at, allowed_models, limits] ->
+                                 key (shown once); allowed_models: the models it may name (null: all);
+                                 limits: the key's own (requests_per_hour, ..., spend_per_month)
     auth.list_keys     public    token -> keys (never the key)
     auth.update_key    public    token, key_id[, name, expires_at (null: none), allowed_models
-                                 (null: every model)] -> key; dropped from caches within 1 s
+                                 (null: every model), limits (a name null: none)] -> key; dropped
+                                 from caches within 1 s
     auth.revoke_key    public    token, key_id -> key
     auth.rotate_key    public    token, key_id[, overlap_seconds] -> a new key (shown once) replacing
                                  it; the old one stops after the overlap (default 24 h)
     auth.usage         public    token[, start, end] -> per day and key (and model: costs)
+    auth.set_budget    public    token[, spend_per_day, spend_per_month (null: none), user (admins)]
+                                 -> the account as `me` shows it; dropped from caches within 1 s
     auth.set_tier      public    token, user, tier -> user (admins only)
     auth.set_active    public    token, user, active -> user (admins only)
     auth.tiers         public    [token] (the operator: no token) -> every tier: limits, priority
@@ -38,8 +43,9 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.grant_admin   operator  user[, reason] -> user (the operator: `inferswarm admin grant`)
     auth.revoke_admin  operator  user[, reason] -> user
     auth.token_key     public    -> the JWT public key
-    auth.validate_key  gateway   api_key -> user, key, tier, limits, priority, cursor
-    auth.verify_token  gateway   token -> user
+    auth.validate_key  gateway   api_key -> user, key, tier, limits, scopes (user; key when it has
+                                 limits), currency, priority, cursor
+    auth.verify_token  gateway   token -> user as `me`, scopes (user)
     auth.record_usage  gateway   batch -> counts (idempotent by request id)
     auth.price_table   gateway   [since] -> {version, prices (None: unchanged since `since`)}
     auth.invalidations gateway   since[, limit] -> entries after the cursor
@@ -194,10 +200,9 @@ class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods):
 
     @method(public=True, idempotent=True)
     async def me(self, token: str) -> dict[str, Any]:
-        """The account behind a token, with its tier's limits."""
-        user = await self._authenticate(token)
-        tier = self._tiers[user["tier"]]
-        return {**self._user_view(user), "limits": tier.limits(), "priority": tier.priority}
+        """The account behind a token, with its own `budget`, its effective `limits` (the
+        tighter of its tier's and its budget's), `priority` and the platform `currency`."""
+        return self._account_view(await self._authenticate(token))
 
     @method(public=True, idempotent=True)
     async def logout(self, token: str) -> dict[str, Any]:
@@ -266,10 +271,10 @@ class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods):
 
     @method(idempotent=True, roles=("gateway",))
     async def verify_token(self, token: str) -> dict[str, Any]:
-        """Internal: the account behind a token, checked against the database."""
-        user = await self._authenticate(token)
-        tier = self._tiers[user["tier"]]
-        return {**self._user_view(user), "limits": tier.limits(), "priority": tier.priority}
+        """Internal: the account behind a token, checked against the database, as `me` shows it,
+        with `scopes`: the user scope alone (a session has no key)."""
+        account = self._account_view(await self._authenticate(token))
+        return {**account, "scopes": [{"scope": "user", "id": account["id"], "limits": account["limits"]}]}
 
 
 def _is_loopback(address: str) -> bool:

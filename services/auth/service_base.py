@@ -7,6 +7,7 @@ the dispatcher sees one service, `auth`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import date, datetime
 from typing import Any
 
@@ -17,6 +18,7 @@ from shared.logging import get_logger
 from shared.roles import OPERATOR
 from shared.rpc import current_request
 from shared.tiers import TierTable
+from services.auth import limits
 from services.auth import validation as check
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
@@ -52,6 +54,7 @@ class AuthBase:
         housekeeper: Housekeeper, registrations: RegistrationThrottle | None = None,
         max_keys_per_user: int = 100, max_key_days: int = 3650, prices: PriceStore | None = None,
         tier_store: TierStore | None = None,
+        currency: str = "USD",
     ) -> None:
         self.store = store  #: the accounts' SQL (services/auth/store.py)
         self._usage = usage
@@ -69,6 +72,8 @@ class AuthBase:
         self.housekeeper = housekeeper
         self._max_keys = max_keys_per_user
         self._max_key_days = max_key_days
+        #: The platform currency: of budgets and of money limits (INFERSWARM_CURRENCY).
+        self.currency = currency
         #: Keys refused for good (unknown, revoked, expired): hash -> reason.
         self._refused: dict[bytes, str] = {}
 
@@ -115,6 +120,24 @@ class AuthBase:
             await self._authenticate(token)
         elif not is_operator():
             raise Unauthenticated("a session token is needed")
+    def _user_limits(self, tier: str, budget: Mapping[str, Any]) -> dict[str, Any]:
+        """The user scope's limits: per counter the tighter of the tier's and the user's own."""
+        return limits.effective(self._tiers[tier].limits(), budget)
+
+    def _account_view(self, user: asyncpg.Record) -> dict[str, Any]:
+        """An account with its own `budget`, its effective `limits` (the user scope), its
+        tier's `priority` and the platform `currency` (`me`, `verify_token`, `set_budget`)."""
+        own = limits.limits_of(user)
+        budget = {name: own[name] for name in limits.BUDGET_NAMES}
+        return {**self._user_view(user), "limits": self._user_limits(user["tier"], budget),
+                "priority": self._tiers[user["tier"]].priority, "budget": budget, "currency": self.currency}
+
+    def _is_self(self, caller: asyncpg.Record, ref: int | str) -> bool:
+        """Whether `ref` (an id, username or email) names the caller: compared, never looked up,
+        so a user learns nothing of whether another account exists."""
+        if isinstance(ref, int):
+            return ref == caller["id"]
+        return check.fold(ref) in (check.fold(caller["username"]), check.fold(caller["email"]))
 
     def _user_view(self, user: asyncpg.Record) -> dict[str, Any]:
         return {

@@ -6,7 +6,7 @@ computed here in Python and stored beside them), never by PostgreSQL's
 errors here: a taken username is `Conflict`; a taken email is told to the
 service only (`create_user` returns None), which decides what the caller hears.
 Changes that caches must hear about (`revoke_key`, `rotate_key`, `update_key`, `set_tier`, `set_active`,
-`set_admin`, sessions ending: `revoke_token`, `end_sessions`, and a tier's limits: tier_store.py) append to
+`set_admin`, `set_budget`, sessions ending: `revoke_token`, `end_sessions`, and a tier's limits: tier_store.py) append to
 the invalidation log and NOTIFY `INVALIDATION_CHANNEL` in the same
 transaction as the change itself; see README.md, "Revocation".
 Usage records live in `usage_store.py`.
@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 import asyncpg
 
 from shared.db import unavailable_when_down
 from shared.errors import Conflict, NotFound
+from services.auth.limits import BUDGET_NAMES, LIMIT_NAMES, money_text
 from services.auth.validation import fold
 
 __all__ = ["AuthStore", "INVALIDATION_CHANNEL", "log_invalidation", "write_audit"]
@@ -31,8 +33,12 @@ INVALIDATION_CHANNEL = "auth_invalidations"
 # seq order is commit order: a reader following `seq > cursor` skips nothing.
 _INVALIDATION_LOCK = 0x696E7661_6C696474
 
-_USER_COLUMNS = "id, username, email, password_hash, tier, is_admin, is_active, created_at, session_epoch"
-_KEY_COLUMNS = "id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at, rotated_from, allowed_models"
+_USER_COLUMNS = ("id, username, email, password_hash, tier, is_admin, is_active, created_at, session_epoch, "
+                 "spend_per_day, spend_per_month")
+#: A key's own limits (migration 0012), in `LIMIT_NAMES` order.
+_LIMIT_COLUMNS = ", ".join(LIMIT_NAMES)
+_KEY_COLUMNS = ("id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at, rotated_from, "
+                f"allowed_models, {_LIMIT_COLUMNS}")
 
 
 @unavailable_when_down()
@@ -211,14 +217,36 @@ class AuthStore:
                 await _invalidate(conn, event, user_id=user_id)
             return user, old != value
 
+    async def set_budget(self, user_id: int, budget: dict[str, Decimal | None], actor_id: int) -> asyncpg.Record:
+        """Set a user's own money budgets (`budget`: some of `BUDGET_NAMES`, None clears); when
+        they changed, audited (`budget_changed`, from and to) and logged as an invalidation of
+        the user: every cached answer for their keys and sessions carries the old limits."""
+        names = [n for n in BUDGET_NAMES if n in budget]
+        async with self.pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchrow(f"SELECT {_USER_COLUMNS} FROM users WHERE id = $1 FOR UPDATE", user_id)
+            if old is None:
+                raise NotFound("no such user")
+            changed = [n for n in names if old[n] != budget[n]]
+            if not changed:
+                return old
+            sets = ", ".join(f"{n} = ${i}" for i, n in enumerate(changed, start=2))
+            user = await conn.fetchrow(f"UPDATE users SET {sets} WHERE id = $1 RETURNING {_USER_COLUMNS}",
+                                       user_id, *(budget[n] for n in changed))
+            details = {"from": {n: _plain(old[n]) for n in changed}, "to": {n: _plain(budget[n]) for n in changed}}
+            await _audit(conn, "budget_changed", user_id, actor_id, details)
+            await _invalidate(conn, "budget_changed", user_id=user_id)
+            return user
+
     # -- API keys ------------------------------------------------------------------
 
     async def create_key(
         self, user_id: int, name: str, key_hash: bytes, prefix: str,
         expires_at: datetime | None, *, max_keys: int, allowed_models: list[str] | None = None,
+        limits: dict[str, Any] | None = None,
     ) -> asyncpg.Record:
-        """Store a new key's hash (and its model allow-list, None: every model);
-        `Conflict` past `max_keys` live keys."""
+        """Store a new key's hash (and its model allow-list, None: every model; its own `limits`,
+        `LIMIT_NAMES` to values, a name left out: none); `Conflict` past `max_keys` live keys."""
+        limits = limits or {}
         async with self.pool.acquire() as conn, conn.transaction():
             # Lock the user row: concurrent creations count one after another.
             await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
@@ -229,11 +257,12 @@ class AuthStore:
             if live >= max_keys:
                 raise Conflict(f"at most {max_keys} live keys per account; revoke one first")
             key = await conn.fetchrow(
-                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, allowed_models) "
-                f"VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_KEY_COLUMNS}",
-                user_id, name, key_hash, prefix, expires_at, allowed_models,
+                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, allowed_models, "
+                f"{_LIMIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {_KEY_COLUMNS}",
+                user_id, name, key_hash, prefix, expires_at, allowed_models, *(limits.get(n) for n in LIMIT_NAMES),
             )
-            details = {"key_id": key["id"], "name": name, "prefix": prefix, "allowed_models": allowed_models}
+            details = {"key_id": key["id"], "name": name, "prefix": prefix, "allowed_models": allowed_models,
+                       "limits": {n: _plain(v) for n, v in limits.items() if v is not None}}
             await _audit(conn, "key_created", user_id, user_id, details)
             return key
 
@@ -299,10 +328,13 @@ class AuthStore:
             )
             if live >= max_keys:  # the old key still counts while its overlap lasts
                 raise Conflict(f"at most {max_keys} live keys per account; revoke one first")
+            # The successor keeps the old key's list and limits: the same credential's next version.
             new = await conn.fetchrow(
-                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, rotated_from, allowed_models) "
-                f"VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {_KEY_COLUMNS}",
+                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, rotated_from, allowed_models, "
+                f"{_LIMIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+                f"RETURNING {_KEY_COLUMNS}",
                 user_id, old["name"], key_hash, prefix, old["expires_at"], key_id, old["allowed_models"],
+                *(old[n] for n in LIMIT_NAMES),
             )
             details = {"key_id": key_id, "new_key_id": new["id"], "prefix": prefix,
                        "overlap_seconds": overlap_seconds, "old_expires_at": _iso(retired["expires_at"])}
@@ -312,13 +344,14 @@ class AuthStore:
 
     async def update_key(self, user_id: int, key_id: int, changes: dict[str, Any]) -> asyncpg.Record:
         """Change one of `user_id`'s keys: `changes` maps `name`, `expires_at`, `allowed_models`
-        to their new values (None clears the last two). One transaction; when anything changed,
-        audited (`key_updated`, each field's old and new value) and logged as an invalidation
-        of the key, so cached answers (its old allow-list, its old expiry) are dropped.
+        and any of `LIMIT_NAMES` to their new values (None clears all but the name). One
+        transaction; when anything changed, audited (`key_updated`, each field's old and new
+        value) and logged as an invalidation of the key, so cached answers (its old allow-list,
+        expiry or limits) are dropped.
 
         `NotFound` for anyone else's key; `Conflict` for a revoked one.
         """
-        fields = [f for f in ("name", "expires_at", "allowed_models") if f in changes]
+        fields = [f for f in ("name", "expires_at", "allowed_models", *LIMIT_NAMES) if f in changes]
         async with self.pool.acquire() as conn, conn.transaction():
             old = await conn.fetchrow(
                 f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE id = $1 AND user_id = $2 FOR UPDATE", key_id, user_id,
@@ -344,6 +377,8 @@ class AuthStore:
         """A key and the state of its owner, for validation."""
         return await self.pool.fetchrow(
             "SELECT k.id, k.user_id, k.key_hash, k.expires_at, k.revoked_at, k.allowed_models, "
+            f"{', '.join('k.' + n for n in LIMIT_NAMES)}, "
+            f"{', '.join(f'u.{n} AS user_{n}' for n in BUDGET_NAMES)}, "
             "u.tier, u.is_active FROM api_keys k JOIN users u ON u.id = k.user_id "
             "WHERE k.key_hash = $1", key_hash,
         )
@@ -415,7 +450,9 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def _plain(value: Any) -> Any:
-    """A column's value as the audit log's JSON keeps it."""
+    """A column's value as the audit log's JSON keeps it (money as its decimal string)."""
+    if isinstance(value, Decimal):
+        return money_text(value)
     return _iso(value) if isinstance(value, datetime) else value
 
 

@@ -310,7 +310,7 @@ class Request:
         }
         cost = self.spend.cost(prompt_tokens, completion_tokens, cached)
         if cost is not None and self.spend.price is not None:  # what the receipt says and the budget kept
-            record["cost"], record["currency"] = str(cost), self.spend.price.currency
+            record["cost"], record["currency"] = format(cost, "f"), self.spend.price.currency
         self._parts.accounts.recorded(record, self.admission)
         counts = self._parts.counts
         counts.ended(status)

@@ -8,8 +8,9 @@ confirmation dialog, and without script the server asks on a page of its own
 (the form's `confirm` field is only `yes` once the person has agreed). Rotating
 always asks on a page of its own, script or not, since it asks how long the old
 key should keep working; the new key is then shown once, like a created one.
-Editing (name, allowed models, expiry) is a form POST too: the first POST shows the
-edit page, the second (`save=yes`) sends only the fields that changed.
+Editing (name, allowed models, expiry, limits) is a form POST too: the first POST shows
+the edit page, the second (`save=yes`) sends only the fields that changed. A key's
+five limits and the account's budget are optional fields (limit_forms.py).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from shared.errors import MeshError
 from services.auth.client import ApiKey, NewApiKey
 from services.web.errors import error_headers, status_of
 from services.web.forms import read_form, require, text
+from services.web.limit_forms import BUDGET_FIELDS, LIMIT_FIELDS, form_values, limit_params, shown_values
 from services.web.security import clear_session, client_addr, set_session
-from services.web.session import (TOKEN, UPSTREAM, admin_only, field_errors, form_errors, login_required,
+from services.web.session import (ME, TOKEN, UPSTREAM, admin_only, field_errors, form_errors, login_required,
                                   refused_form)
 from services.web.views import moment, redirect, render
 
@@ -37,6 +39,8 @@ routes = web.RouteTableDef()
 
 TIERS = ("free", "pro", "enterprise", "unlimited")
 _EXPIRY_CHOICES = ("", "7", "30", "90", "365")
+_LIMIT_NAMES = tuple(name for name, _, _ in LIMIT_FIELDS)
+_BUDGET_NAMES = tuple(name for name, _, _ in BUDGET_FIELDS)
 #: How long a rotated key keeps working (seconds, label); the default is 24 hours.
 OVERLAP_CHOICES = (("0", "stop now"), ("3600", "1 hour"), ("86400", "24 hours"), ("604800", "7 days"),
                    ("2592000", "30 days"))
@@ -53,7 +57,7 @@ async def _keys_page(request: web.Request, *, status: int = 200, values: dict[st
     successors = {k["rotated_from"]: k for k in keys if k.get("rotated_from") and k["status"] != "revoked"}
     return render(request, "keys.html", status=status, keys=list(reversed(keys)), created=created,
                   values=values or {"expires_in_days": ""}, errors=errors or {}, notice=notice,
-                  expiry_choices=_EXPIRY_CHOICES, prefixes=prefixes, successors=successors)
+                  expiry_choices=_EXPIRY_CHOICES, prefixes=prefixes, successors=successors, limit_fields=LIMIT_FIELDS)
 
 
 @routes.get("/keys")
@@ -68,22 +72,25 @@ async def keys_page(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     form = await read_form(request)
     values = {"name": text(form, "name"), "expires_in_days": text(form, "expires_in_days"),
-              "models": text(form, "models")}
+              "models": text(form, "models"), **form_values(form)}
     errors = require(values, {"name": "a name for the key"})
     if values["expires_in_days"] not in _EXPIRY_CHOICES:
         errors["expires_in_days"] = "Choose one of the listed expiries"
+    limits, limit_errors = limit_params(values)
+    errors.update(limit_errors)
     if errors:
         return await _keys_page(request, status=400, values=values, errors=errors)
     expires = int(values["expires_in_days"]) if values["expires_in_days"] else None
     try:
         key = await request.app[UPSTREAM].auth.create_key(token=request[TOKEN], name=values["name"],
                                                           expires_in_days=expires,
-                                                          allowed_models=_model_names(values["models"]))
+                                                          allowed_models=_model_names(values["models"]),
+                                                          limits={k: v for k, v in limits.items() if v is not None})
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED":
             raise
         response = await _keys_page(request, status=status_of(exc), values=values,
-                                    errors=field_errors(exc, ("name", "expires_in_days", "models"),
+                                    errors=field_errors(exc, ("name", "expires_in_days", "models", *_LIMIT_NAMES),
                                                         {"allowed_models": "models"}))
         response.headers.update(error_headers(exc))
         return response
@@ -146,10 +153,11 @@ def _model_names(text: str) -> list[str] | None:
 
 
 def _edit_values(key: ApiKey) -> dict[str, str]:
-    """The edit form as the key is now (the expiry as a date, UTC)."""
+    """The edit form as the key is now (the expiry as a date, UTC; its limits, '' for none)."""
     expires = key.get("expires_at")
     return {"name": key["name"], "models": ", ".join(key.get("allowed_models") or []),
-            "expires": datetime.fromisoformat(expires).astimezone(timezone.utc).date().isoformat() if expires else ""}
+            "expires": datetime.fromisoformat(expires).astimezone(timezone.utc).date().isoformat() if expires else "",
+            **shown_values(key.get("limits"))}
 
 
 def _expiry_of(value: str) -> str | None:
@@ -171,17 +179,21 @@ async def edit_key(request: web.Request) -> web.Response:
     key = await _own_key(request, key_id)
     before = _edit_values(key)
     if text(form, "save") != "yes":
-        return render(request, "key_edit.html", key=key, values=before, errors={})
-    values = {"name": text(form, "name"), "models": text(form, "models"), "expires": text(form, "expires")}
+        return render(request, "key_edit.html", key=key, values=before, errors={}, limit_fields=LIMIT_FIELDS)
+    values = {"name": text(form, "name"), "models": text(form, "models"), "expires": text(form, "expires"),
+              **form_values(form)}
     errors = require(values, {"name": "a name for the key"})
-    changes: dict[str, Any] = {}
+    limits, limit_errors = limit_params(values, before)
+    errors.update(limit_errors)
+    changes: dict[str, Any] = {"limits": limits} if limits else {}
     try:
         if values["expires"] != before["expires"]:
             changes["expires_at"] = _expiry_of(values["expires"])
     except ValueError as exc:
         errors["expires"] = str(exc)
     if errors:
-        return render(request, "key_edit.html", status=400, key=key, values=values, errors=errors)
+        return render(request, "key_edit.html", status=400, key=key, values=values, errors=errors,
+                      limit_fields=LIMIT_FIELDS)
     if values["name"] != before["name"]:
         changes["name"] = values["name"]
     if _model_names(values["models"]) != _model_names(before["models"]):
@@ -194,9 +206,9 @@ async def edit_key(request: web.Request) -> web.Response:
         if exc.code == "UNAUTHENTICATED":
             raise
         return refused_form(request, "key_edit.html", exc,
-                            field_errors(exc, ("name", "models", "expires"),
+                            field_errors(exc, ("name", "models", "expires", *_LIMIT_NAMES),
                                          {"allowed_models": "models", "expires_at": "expires"}),
-                            key=key, values=values)
+                            key=key, values=values, limit_fields=LIMIT_FIELDS)
     return await _keys_page(request, notice=f"“{updated['name']}” saved: gateways use the change within a second.")
 
 
@@ -206,16 +218,49 @@ def _rotate_page(request: web.Request, key: ApiKey, overlap: str, *, status: int
                   choices=OVERLAP_CHOICES, errors=errors or {})
 
 
-# -- account: password, log out everywhere ---------------------------------------------------
+# -- account: budget, password, log out everywhere -------------------------------------------
 
 _PASSWORD_FIELDS = ("old_password", "new_password", "new_password2")
+
+
+_NOTICES = {"changed": "Password changed: every other session has ended.",
+            "budget": "Budget saved: gateways use it within a second."}
+
+
+def _account(request: web.Request, *, status: int = 200, errors: dict[str, str] | None = None,
+             notice: str | None = None, budget: dict[str, str] | None = None,
+             refused: MeshError | None = None) -> web.Response:
+    """The account page; the budget form as typed (`budget`), else as the account's budget is now;
+    after a `refused` form, with that error's status and headers (e.g. `Retry-After`)."""
+    values = budget if budget is not None else shown_values(request[ME].get("budget"), _BUDGET_NAMES)
+    response = render(request, "account.html", status=status_of(refused) if refused else status,
+                      errors=errors or {}, notice=notice, budget_fields=BUDGET_FIELDS, budget_values=values)
+    response.headers.update(error_headers(refused) if refused else {})
+    return response
 
 
 @routes.get("/account")
 @login_required
 async def account_page(request: web.Request) -> web.Response:
-    notice = "Password changed: every other session has ended." if request.query.get("changed") else None
-    return render(request, "account.html", errors={}, notice=notice)
+    notice = next((text for name, text in _NOTICES.items() if request.query.get(name)), None)
+    return _account(request, notice=notice)
+
+
+@routes.post("/account/budget")
+@login_required
+async def set_budget(request: web.Request) -> web.StreamResponse:
+    form = await read_form(request)
+    values = form_values(form, _BUDGET_NAMES)
+    changes, _ = limit_params(values, shown_values(request[ME].get("budget"), _BUDGET_NAMES), _BUDGET_NAMES)
+    if not changes:
+        return _account(request, notice="Budget: nothing changed.")
+    try:
+        await request.app[UPSTREAM].auth.set_budget(token=request[TOKEN], **changes)
+    except MeshError as exc:
+        if exc.code == "UNAUTHENTICATED":
+            raise
+        return _account(request, errors=field_errors(exc, _BUDGET_NAMES), budget=values, refused=exc)
+    return redirect("/account?budget=1")
 
 
 @routes.post("/account/password")
@@ -228,7 +273,7 @@ async def change_password(request: web.Request) -> web.StreamResponse:
     if not errors and values["new_password"] != values["new_password2"]:
         errors["new_password2"] = "The two passwords differ"
     if errors:
-        return render(request, "account.html", status=400, errors=errors, notice=None)
+        return _account(request, status=400, errors=errors)
     try:
         answer = await request.app[UPSTREAM].auth.change_password(
             token=request[TOKEN], old_password=values["old_password"],
@@ -236,7 +281,7 @@ async def change_password(request: web.Request) -> web.StreamResponse:
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED" and exc.data.get("param") != "old_password":
             raise  # the session itself ended: back to the login page
-        return refused_form(request, "account.html", exc, form_errors(exc, _PASSWORD_FIELDS), notice=None)
+        return _account(request, errors=form_errors(exc, _PASSWORD_FIELDS), refused=exc)
     response = redirect("/account?changed=1")
     set_session(response, request, answer["token"], answer["expires_at"], time.time())
     return response

@@ -7,10 +7,15 @@
     POST   /api/auth/logout-all      Bearer token                           -> {logged_out, everywhere}
     POST   /api/auth/password        Bearer token, {old_password, new_password} -> {token, expires_at, user}
     GET    /api/auth/api-keys        Bearer token                           -> {keys: [...]}
-    POST   /api/auth/api-keys        Bearer token, {name, expires_in_days? | expires_at?, allowed_models?}
-                                                                            -> 201 key (api_key shown once)
+    POST   /api/auth/api-keys        Bearer token, {name, expires_in_days? | expires_at?, allowed_models?,
+                                     limits?}                               -> 201 key (api_key shown once)
     PATCH  /api/auth/api-keys/{id}   Bearer token, {name?, expires_at? (null: never), allowed_models? (null:
-                                     every model)}: fields left out are kept -> the key as it now is
+                                     every model), limits? (a limit null: none; one left out: kept)}: fields
+                                     left out are kept                      -> the key as it now is
+    GET    /api/budget               Bearer token                           -> the account (auth.me): its
+                                     `budget`, effective `limits`, `currency`
+    PUT    /api/budget               Bearer token, {spend_per_day?, spend_per_month? (null: none), user?
+                                     (admins)}: one left out is kept        -> the account as GET shows it
     DELETE /api/auth/api-keys/{id}   Bearer token                           -> the revoked key
     POST   /api/auth/api-keys/{id}/rotate  Bearer token, {overlap_seconds?}  -> 201 the new key (api_key shown
                                      once) with `old_key`, whose expires_at is when it stops (default 24 h)
@@ -42,9 +47,12 @@
 Sessions here are the token of `/api/auth/login` in `Authorization: Bearer`;
 cookies are never read, so no cross-site page can act through this API.
 Errors: `{"error": {"code", "message"}}` with the status of the error table.
-Money is a decimal string ("0.150000"): JSON has no decimal type. A price may
-be sent as a string or a JSON number; a number is taken as written (never
-through a float), so 0.15 is exactly 0.15.
+Money is a decimal string ("0.150000"): JSON has no decimal type. A price, a
+budget or a key's money limit may be sent as a string or a JSON number; a number
+is taken as written (never through a float), so 0.15 is exactly 0.15. `limits`
+is a map of `requests_per_hour`, `requests_per_month`, `tokens_per_month`
+(whole numbers), `spend_per_day`, `spend_per_month` (money) to values; auth
+checks each and names a refused one.
 """
 
 from __future__ import annotations
@@ -175,14 +183,15 @@ async def list_keys(request: web.Request) -> web.Response:
 @routes.post("/api/auth/api-keys")
 async def create_key(request: web.Request) -> web.Response:
     token = bearer(request)
-    body = await json_body(request)
-    _known(body, {"name", "expires_in_days", "expires_at", "allowed_models"})
+    body = await json_body(request, exact=True)
+    _known(body, {"name", "expires_in_days", "expires_at", "allowed_models", "limits"})
     days = body.get("expires_in_days")
     if days is not None and type(days) is not int:
         raise InvalidParams("expires_in_days must be an integer", {"param": "expires_in_days"})
     key = await request.app[UPSTREAM].auth.create_key(
         token=token, name=_string(body, "name"), expires_in_days=days,
-        expires_at=_string(body, "expires_at", required=False), allowed_models=_models(body))
+        expires_at=_string(body, "expires_at", required=False), allowed_models=_models(body),
+        limits=_limits(body))
     return web.json_response(key, status=201)
 
 
@@ -191,8 +200,8 @@ async def update_key(request: web.Request) -> web.Response:
     """Edit a key: a field present (null included) is changed, one left out is kept."""
     token = bearer(request)
     key_id = _key_id(request)
-    body = await json_body(request)
-    _known(body, {"name", "expires_at", "allowed_models"})
+    body = await json_body(request, exact=True)
+    _known(body, {"name", "expires_at", "allowed_models", "limits"})
     changes: dict[str, Any] = {}
     if "name" in body:
         changes["name"] = _string(body, "name")
@@ -200,6 +209,8 @@ async def update_key(request: web.Request) -> web.Response:
         changes["expires_at"] = _string(body, "expires_at", required=False)
     if "allowed_models" in body:
         changes["allowed_models"] = _models(body)
+    if "limits" in body:
+        changes["limits"] = _limits(body)  # null is auth's to refuse, by name, as over RPC
     key = await request.app[UPSTREAM].auth.update_key(token=token, key_id=key_id, **changes)
     return web.json_response(key)
 
@@ -216,6 +227,34 @@ def _models(body: dict[str, Any]) -> list[str] | None:
     if value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
         raise InvalidParams("allowed_models must be a list of model names, or null", {"param": "allowed_models"})
     return value
+
+
+def _limits(body: dict[str, Any]) -> dict[str, Any] | None:
+    """`limits`: an object (auth checks its names and values), or null/absent for none."""
+    value = body.get("limits")
+    if value is not None and not isinstance(value, dict):
+        raise InvalidParams("limits must be an object such as {\"requests_per_hour\": 100}", {"param": "limits"})
+    return value
+
+
+@routes.get("/api/budget")
+async def budget(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[UPSTREAM].auth.me(token=bearer(request)))
+
+
+@routes.put("/api/budget")
+async def set_budget(request: web.Request) -> web.Response:
+    """Set the caller's budgets (an admin: `user`'s): a field present (null included) is changed."""
+    token = bearer(request)
+    body = await json_body(request, exact=True)
+    _known(body, {"spend_per_day", "spend_per_month", "user"})
+    user = body.get("user")
+    if user is not None and not (isinstance(user, str) or type(user) is int):
+        raise InvalidParams("user must be an id, a username or an email", {"param": "user"})
+    amounts = {name: _amount(body, name, required=False) for name in ("spend_per_day", "spend_per_month")
+               if name in body}
+    account = await request.app[UPSTREAM].auth.set_budget(token=token, user=user, **amounts)
+    return web.json_response(account)
 
 
 def _key_id(request: web.Request) -> int:

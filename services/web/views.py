@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 from aiohttp import web
 
+from services.auth.client import describe_limits
 from services.web.security import CSRF_FIELD, Csrf
 
 __all__ = ["TEMPLATES", "CSRF", "TOKEN", "ME", "make_environment", "render", "redirect", "moment", "daily_series", "bar_chart", "quota_bars",
@@ -37,7 +39,14 @@ def make_environment() -> jinja2.Environment:
     env.filters["day"] = lambda text: (text or "-")[:10]
     env.filters["moment"] = moment
     env.filters["thousands"] = lambda n: f"{n:,}" if isinstance(n, (int, float)) else n
+    env.filters["limits"] = describe_limits  # a key's or an account's limits, compactly
+    env.filters["words"] = words
     return env
+
+
+def words(text: Any) -> Markup:
+    """`text` breaking only between its words: "2026-12-05 13:40" never splits at a hyphen."""
+    return Markup(" ").join(Markup('<span class="nowrap">{}</span>').format(word) for word in str(text).split())
 
 
 def moment(value: Any) -> str:

@@ -5,7 +5,9 @@
 * `KeyValidator` (validator.py): validates API keys through auth, caching
   answers and evicting them within a second of a revocation (gateways);
 * `TokenVerifier`, `MAX_TOKEN_LENGTH` (tokens.py): verifies session tokens
-  locally with auth's public key (`AuthClient.token_key()`).
+  locally with auth's public key (`AuthClient.token_key()`);
+* `LIMIT_NAMES` and the rest of limits.py: the names of a scope's limits
+  (README.md, "Per-key limits and budgets"), and `describe_limits`.
 
 The tier table is a contract of its own, in shared/tiers.py.
 """
@@ -20,9 +22,11 @@ from services.auth.client.api import (
     AdminChange,
     ApiKey,
     AuthClient,
+    Budget,
     Invalidation,
     Invalidations,
     KeyIdentity,
+    Limits,
     LoggedOut,
     NewApiKey,
     Price,
@@ -33,6 +37,7 @@ from services.auth.client.api import (
     ReportRow,
     ReportTotals,
     RotatedApiKey,
+    Scope,
     Session,
     Spender,
     TierInfo,
@@ -46,6 +51,7 @@ from services.auth.client.api import (
     UsageTotals,
     User,
 )
+from services.auth.client.limits import BUDGET_NAMES, COUNT_NAMES, LIMIT_NAMES, describe_limits
 from services.auth.client.validator import KeyValidator
 
 #: Imported when first used: PyJWT and its cryptography cost a command-line
@@ -62,9 +68,10 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "KEEP", "ALGORITHM", "MAX_TOKEN_LENGTH", "Account", "AccountCreated", "ActiveUsers", "AdminChange", "ApiKey",
-    "AuthClient", "Invalidation", "Invalidations", "KeyIdentity", "KeyValidator", "LoggedOut", "NewApiKey",
-    "Price", "PriceTable", "RecentRequest", "RecordCounts", "Report", "ReportRow", "ReportTotals", "RotatedApiKey", "Session",
-    "Spender", "TierInfo", "TierLimits", "TokenKey", "TokenVerifier", "TopSpenders", "UsageCost",
-    "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
+    "KEEP", "ALGORITHM", "BUDGET_NAMES", "COUNT_NAMES", "LIMIT_NAMES", "MAX_TOKEN_LENGTH", "Account", "AccountCreated",
+    "ActiveUsers", "AdminChange", "ApiKey", "AuthClient", "Budget", "Invalidation", "Invalidations", "KeyIdentity",
+    "KeyValidator", "Limits", "LoggedOut", "NewApiKey", "Price", "PriceTable", "RecentRequest", "RecordCounts", "Report",
+    "ReportRow", "ReportTotals", "RotatedApiKey", "Scope", "Session", "Spender", "TierInfo", "TierLimits", "TokenKey",
+    "TokenVerifier", "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
+    "describe_limits",
 ]

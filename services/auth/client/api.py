@@ -20,6 +20,7 @@ from shared.rpc.typed import TypedClient, Wire
 
 __all__ = [
     "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuditEvent", "AuditPage", "AuthClient",
+    "Budget", "Limits", "Scope",
     "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "PriceTable", "RecentRequest",
     "RecordCounts", "Report", "ReportRow", "ReportTotals", "Session", "Spender", "TierLimits", "TokenKey",
     "TierInfo", "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
@@ -27,11 +28,23 @@ __all__ = [
 
 
 class TierLimits(TypedDict):
-    """A tier's limits (shared/tiers.py); None is "no limit"; budgets are decimal strings ("5.000000")."""
+    """A scope's limits (a user's: the tighter of its tier's and its budget; a key's own); None is
+    "no limit". Money is a decimal string in the platform currency ("1.50"), never a float."""
 
     requests_per_hour: int | None
     requests_per_month: int | None
     tokens_per_month: int | None
+    spend_per_day: NotRequired[str | None]  #: always present since migration 0012
+    spend_per_month: NotRequired[str | None]
+
+
+#: The same five names, for a key's own limits and the `limits` of `create_key`/`update_key`.
+Limits = TierLimits
+
+
+class Budget(TypedDict):
+    """A user's own money budgets (`set_budget`), decimal strings in the platform currency; None: none."""
+
     spend_per_day: str | None
     spend_per_month: str | None
 
@@ -43,6 +56,14 @@ class TierInfo(TypedDict):
     limits: TierLimits
     priority: int
     edited: bool
+
+
+class Scope(TypedDict):
+    """One scope a gateway enforces every counter of: the user's, and a key's with limits of its own."""
+
+    scope: Literal["user", "key", "org"]
+    id: int  #: the user's id, or the key's
+    limits: TierLimits
 
 
 class User(TypedDict):
@@ -58,10 +79,13 @@ class User(TypedDict):
 
 
 class Account(User):
-    """An account with its tier's limits (`me`, `verify_token`)."""
+    """An account with its effective limits (`me`, `verify_token`, `set_budget`)."""
 
-    limits: TierLimits
+    limits: TierLimits  #: the user scope: per counter the tighter of the tier's and `budget`
     priority: int
+    budget: Budget  #: the user's own
+    currency: str  #: the platform currency (ISO 4217) of money limits
+    scopes: NotRequired[list[Scope]]  #: `verify_token` only: the user scope
 
 
 class AccountCreated(TypedDict):
@@ -110,6 +134,7 @@ class ApiKey(TypedDict):
     revoked_at: str | None
     rotated_from: int | None  #: the key this one replaced (`rotate_key`), else None
     allowed_models: list[str] | None  #: the models it may name; None: every model
+    limits: Limits  #: the key's own (all five names; None: none of its own)
 
 
 class NewApiKey(ApiKey):
@@ -135,6 +160,8 @@ class KeyIdentity(TypedDict):
     priority: int
     expires_at: float | None  #: epoch seconds
     allowed_models: NotRequired[list[str] | None]  #: the models it may name; None (or absent): every model
+    scopes: list[Scope]  #: enforce every counter of each: the user's; the key's when it has limits
+    currency: str  #: of the money limits (ISO 4217)
     cursor: int | None  #: the invalidation seq this answer reflects
 
 
@@ -322,7 +349,7 @@ class AuditPage(TypedDict):
     next_before_id: int | None  #: pass as `before_id` for the next page; None: this was the last
 
 
-#: `update_key`: a field left as this is not sent, so auth keeps it (None is sent: it clears).
+#: `update_key`, `set_budget`: a field left as this is not sent, so auth keeps it (None is sent: it clears).
 KEEP: Any = ...
 
 
@@ -354,6 +381,7 @@ class AuthClient(TypedClient):
         "recent_usage": Wire("auth.recent_usage", idempotent=True),
         "list_users": Wire("auth.list_users", idempotent=True),
         "set_tier": Wire("auth.set_tier", idempotent=True),
+        "set_budget": Wire("auth.set_budget", idempotent=True),
         "set_active": Wire("auth.set_active", idempotent=True),
         "set_price": Wire("auth.set_price"),
         "prices": Wire("auth.prices", idempotent=True),
@@ -403,21 +431,28 @@ class AuthClient(TypedClient):
 
     async def create_key(self, *, token: str, name: str, expires_in_days: int | None = None,
                          expires_at: str | None = None, allowed_models: list[str] | None = None,
+                         limits: Mapping[str, int | str | None] | None = None,
                          timeout: float | None = None) -> NewApiKey:
-        """A new key: it expires after `expires_in_days` or at `expires_at` (ISO 8601), and may
-        name only `allowed_models` (None: every model)."""
+        """A new key: it expires after `expires_in_days` or at `expires_at` (ISO 8601), may name only
+        `allowed_models` (None: every model), and has its own `limits` (counts as ints, money as
+        decimal strings; None: none but the user's)."""
         return await self._call("create_key", timeout, token=token, name=name, expires_in_days=expires_in_days,
-                                expires_at=expires_at, allowed_models=allowed_models)
+                                expires_at=expires_at, allowed_models=allowed_models,
+                                limits=None if limits is None else dict(limits))
 
     async def update_key(self, *, token: str, key_id: int, name: Any = KEEP, expires_at: Any = KEEP,
-                         allowed_models: Any = KEEP, timeout: float | None = None) -> ApiKey:
-        """Edit a key: each of `name`, `expires_at` (ISO 8601), `allowed_models` given is sent, None
-        included (it clears the expiry, or allows every model); one left out (`KEEP`) is kept."""
-        changes = {k: v for k, v in (("name", name), ("expires_at", expires_at), ("allowed_models", allowed_models))
-                   if v is not KEEP}
-        wire = self.METHODS["update_key"]
-        return await self.service.call(  # type: ignore[no-any-return]
-            wire.name, {"token": token, "key_id": key_id, **changes},
+                         allowed_models: Any = KEEP, limits: Any = KEEP, timeout: float | None = None) -> ApiKey:
+        """Edit a key: each of `name`, `expires_at` (ISO 8601), `allowed_models`, `limits` (a map of
+        some limits; a None value clears that one) given is sent, None included (it clears the
+        expiry, or allows every model); one left out (`KEEP`) is kept."""
+        return await self._keeping("update_key", timeout, {"token": token, "key_id": key_id}, name=name,
+                                   expires_at=expires_at, allowed_models=allowed_models, limits=limits)
+
+    async def _keeping(self, method: str, timeout: float | None, params: dict[str, Any], /, **maybe: Any) -> Any:
+        """Call `method` with `params` and those of `maybe` not `KEEP` (None is sent: it clears)."""
+        wire = self.METHODS[method]
+        return await self.service.call(
+            wire.name, {**params, **{k: v for k, v in maybe.items() if v is not KEEP}},
             timeout=self.timeout if timeout is None else timeout, idempotent=wire.idempotent)
 
     async def list_keys(self, *, token: str, timeout: float | None = None) -> list[ApiKey]:
@@ -486,6 +521,14 @@ class AuthClient(TypedClient):
         decimal strings) and its priority (None: kept): admins by `token`, the operator without."""
         return await self._call("set_tier_limits", timeout, name=name, limits=dict(limits), priority=priority,
                                 token=token)
+
+    async def set_budget(self, *, token: str, spend_per_day: Any = KEEP, spend_per_month: Any = KEEP,
+                         user: int | str | None = None, timeout: float | None = None) -> Account:
+        """Set the caller's own money budgets (decimal strings; None clears; `KEEP` keeps), or, for an
+        admin, `user`'s; the account with its `budget` and effective `limits`."""
+        return await self._keeping("set_budget", timeout, {"token": token, **({"user": user} if user is not None
+                                                                              else {})},
+                                   spend_per_day=spend_per_day, spend_per_month=spend_per_month)
 
     async def set_active(self, *, token: str, user: int | str, active: bool,
                          timeout: float | None = None) -> User:
