@@ -15,8 +15,8 @@ up: what is reserved is never less than what is settled.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_EVEN, Decimal
 
 __all__ = ["COST_PLACES", "UNITS", "Price", "cost_of"]
 
@@ -36,7 +36,12 @@ def cost_of(prompt_tokens: int, completion_tokens: int, cached: bool, *, input: 
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """One version of a model's price per million tokens."""
+    """One version of a model's price per million tokens.
+
+    Per request it is computed in integers (on every request's path): a price
+    has at most 6 decimals, so p x 10^6 is a whole number of micro-units, and a
+    token at p costs p x 10^6 / 100 budget units -- `cost_of`'s rule exactly,
+    with the rounding done on whole numbers."""
 
     model: str
     input: Decimal
@@ -44,18 +49,26 @@ class Price:
     cached: Decimal | None
     currency: str
     effective_from: float  #: epoch seconds
+    _micro: tuple[int, int, int] = field(init=False, repr=False, compare=False)  #: input, output, cached x 10^6
 
-    def cost(self, prompt_tokens: int, completion_tokens: int, cached: bool = False) -> Decimal:
-        """What a request that used these tokens costs."""
-        return cost_of(prompt_tokens, completion_tokens, cached, input=self.input, output=self.output,
-                       cached_price=self.cached)
+    def __post_init__(self) -> None:
+        micro = [int(p * _MILLION) for p in (self.input, self.output, self.input if self.cached is None else
+                                              self.cached)]
+        if any(Decimal(m) / _MILLION != p for m, p in zip(micro, (self.input, self.output))):
+            raise ValueError(f"a price has at most 6 decimals: {self}")
+        object.__setattr__(self, "_micro", tuple(micro))
 
     def units(self, prompt_tokens: int, completion_tokens: int, cached: bool = False) -> int:
-        """`cost` in budget units (exact: a cost has `COST_PLACES` decimals)."""
-        return int(self.cost(prompt_tokens, completion_tokens, cached) * UNITS)
+        """What a request that used these tokens costs, in budget units (rounded half to even)."""
+        n = prompt_tokens * self._micro[2 if cached else 0] + completion_tokens * self._micro[1]
+        whole, rest = divmod(n, 100)
+        return whole + 1 if rest > 50 or (rest == 50 and whole % 2) else whole
+
+    def cost(self, prompt_tokens: int, completion_tokens: int, cached: bool = False) -> Decimal:
+        """What a request that used these tokens costs (10 decimals)."""
+        return Decimal(self.units(prompt_tokens, completion_tokens, cached)).scaleb(-COST_PLACES)
 
     def worst(self, prompt_tokens: int, completion_tokens: int) -> int:
         """The most a request of at most these tokens can cost, in budget units, rounded up."""
-        prompt_price = max(self.input, self.cached) if self.cached is not None else self.input
-        exact = (prompt_tokens * prompt_price + completion_tokens * self.output) * UNITS / _MILLION
-        return int(exact.to_integral_value(rounding=ROUND_CEILING))
+        n = prompt_tokens * max(self._micro[0], self._micro[2]) + completion_tokens * self._micro[1]
+        return -(-n // 100)

@@ -69,3 +69,16 @@ def test_a_free_request_s_cost_is_plain_digits_on_the_wire_and_in_a_receipt():
     text = sign(node, request_id="gw-1", model="m", prompt_tokens=10, completion_tokens=10, at=1.5, user_id=1,
                 cost=free)
     assert verify(text, [node.public_key.hex()]).cost == "0.0000000000"
+
+
+def test_the_integer_path_is_cost_of_exactly():
+    rng = random.Random(21)
+    for _ in range(5000):
+        prices = [Decimal(rng.randint(0, 10**12 - 1)) / 10**6 for _ in range(3)]
+        cached = None if rng.random() < 0.3 else prices[2]
+        price = Price("m", prices[0], prices[1], cached, "USD", 0.0)
+        prompt, output, hit = rng.randint(0, 10**6), rng.randint(0, 10**5), rng.random() < 0.5
+        assert price.cost(prompt, output, hit) == cost_of(prompt, output, hit, input=prices[0], output=prices[1],
+                                                          cached_price=cached)
+    with pytest.raises(ValueError):
+        Price("m", Decimal("0.0000001"), Decimal(0), None, "USD", 0.0)
