@@ -11,6 +11,7 @@ import pytest
 
 from shared.report_csv import report_csv, safe_cell
 from services.web.report_views import fold, period_starts, series
+from services.web.views import bar_chart, make_environment, quota_bars
 
 pytestmark = pytest.mark.unit
 
@@ -59,3 +60,20 @@ def test_fold_sums_each_key_over_the_periods_exactly():
     folded = fold(REPORT["rows"], "key_id")
     assert [(f["key_id"], f["requests"], f["unpriced"], f["cost"]) for f in folded] == [
         (7, 3, 0, {"EUR": "0.5000000000", "USD": "0.1000100001"}), (None, 1, 1, {})]
+
+
+def test_the_dashboard_shows_budgets_beside_the_counters_exactly():
+    """Quota bars of every kind (a limit, no limit, a money budget) render on the dashboard."""
+    facts = {"requests_per_hour": {"limit": 100, "remaining": 64, "reset": 1_000_036, "scope": "user"},
+             "tokens_per_month": {"limit": None, "remaining": None, "reset": 1_100_000},
+             "spend_per_month": {"limit": "1.00", "remaining": "0.0100000001", "reset": 1_200_000, "scope": "key"}}
+    bars = quota_bars(facts, 1_000_000)
+    money = next(b for b in bars if b["counter"] == "spend_per_month")
+    assert (money["used"], money["remaining"], money["scope"]) == ("0.9899999999", "0.0100000001", "key")
+    page = make_environment().get_template("dashboard.html").render(
+        user={"username": "ann", "is_admin": False, "tier": "free", "email": "ann@example.com"}, csrf_field="csrf", csrf_token="t", path="/dashboard",
+        totals={}, usage_error=None, requests_chart=bar_chart([], "requests"), tokens_chart=bar_chart([], "tokens"),
+        quota=bars, quota_error=None,
+        currency="USD", recent=[], recent_error=None)
+    assert "0.9899999999 of 1.00 USD · 0.0100000001 left (the key's budget)" in page
+    assert "36 of 100 · 64 left" in page and "no limit" in page

@@ -27,7 +27,7 @@ from services.web.errors import (CONTEXT_LENGTH, MISSING_CREDENTIAL, UNKNOWN_URL
                                  openai_error_body, openai_error_headers, status_of)
 from services.web.relay import Relay
 from waiting import wait_until, wait_until_sync
-from web_support import MODEL, new_account, new_key, web_stack
+from web_support import MODEL, new_account, new_key, post_json, web_stack
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -172,6 +172,35 @@ async def test_a_monthly_limit_is_insufficient_quota_and_not_retried(stack):
                                 json={"model": MODEL, "prompt": "x", "max_tokens": 4000})
         assert reply.status == 429
         assert (await reply.json())["error"]["code"] == "RATE_LIMITED"
+
+
+@pytest.mark.stack
+async def test_a_money_budget_shows_in_headers_and_its_refusal_is_insufficient_quota(stack):
+    """An admin prices the model; a key with a budget of 0.0005: the reply says what is left
+    (x-inferswarm-budget-*), and once the worst case no longer fits the SDK gets a 429
+    insufficient_quota naming the budget, not retried."""
+    admin_token, _ = new_account(stack, "edge-prices")
+    stack.grant_admin("edge-prices")
+    post_json(f"{stack.base_url}/api/prices", {"model": MODEL, "input": "1", "output": "100"},
+              {"Authorization": f"Bearer {admin_token}"})
+    token, _ = new_account(stack, "edge-budget")
+    key = post_json(f"{stack.base_url}/api/auth/api-keys", {"name": "capped", "limits": {"spend_per_month": "0.0005"}},
+                    {"Authorization": f"Bearer {token}"})["api_key"]
+    sdk, sent = counting_client(stack, key, max_retries=2)
+
+    def charged() -> httpx.Headers | None:  # the gateways learn a price within a second
+        raw = sdk.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO, max_tokens=2)
+        headers = raw.headers
+        return headers if headers.get("x-inferswarm-budget-remaining", "0.0005") != "0.0005" else None
+
+    headers = await asyncio.to_thread(wait_until_sync, charged, 10.0, interval=0.2)
+    assert headers["x-inferswarm-budget-limit"] == "0.0005" and headers["x-inferswarm-budget-reset"]
+    sent.clear()
+    with pytest.raises(openai.RateLimitError) as refused:  # 100 tokens of output at 100 a million: 0.01
+        await asyncio.to_thread(sdk.chat.completions.create, model=MODEL, messages=HELLO, max_tokens=100)
+    assert (refused.value.code, refused.value.type) == ("insufficient_quota", "insufficient_quota")
+    assert "spend_per_month budget of 0.0005" in refused.value.message, refused.value.message
+    assert refused.value.response.headers["x-should-retry"] == "false" and len(sent) == 1
 
 
 # -- /v1/models/{id} ---------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ ALLOWED_PREFIXES = ("x-stainless-", "openai-")
 EXPOSED_HEADERS = ", ".join((
     "x-request-id", "x-client-request-id", "retry-after", "x-should-retry", "x-inferswarm-receipt",
     "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests",
-    "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"))
+    "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens",
+    "x-inferswarm-budget-limit", "x-inferswarm-budget-remaining", "x-inferswarm-budget-reset"))
 MAX_AGE = "600"  #: seconds a browser may keep a preflight's answer (Chromium keeps at most 7200)
 
 
