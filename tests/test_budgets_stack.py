@@ -154,3 +154,21 @@ async def _settled(mesh: GatewayMesh, key_id: int, count: int) -> list[asyncpg.R
         assert time.monotonic() < deadline, f"{len(rows)} of {count} usage records shipped"
         await asyncio.sleep(0.1)
     return rows
+
+
+async def test_a_request_without_max_tokens_gets_what_the_budget_can_pay_for(mesh):
+    """No hidden cap: a request that leaves max_tokens to the model is not refused by a budget that
+    cannot pay for the model's maximum, but gets the output the budget can pay for."""
+    auth = mesh.client.mesh("auth")
+    await auth.call("auth.set_price", {"model": MODEL, "input": "0", "output": "1000"})  # 0.001 a token
+    user = await mesh.user("rory")
+    key = await new_key(mesh, user.token, "five cents", {"spend_per_day": "0.05"})
+    await _until_priced(mesh, user.api_key, "0", "1000")
+    chunks = await infer((await mesh.gateways())[0], key["api_key"], max_tokens=None)
+    final = chunks[-1]
+    assert final["usage"]["completion_tokens"] == 50, final["usage"]  # 0.05 / 0.001, the prompt free
+    assert Decimal(receipt_of(mesh, final).cost) == Decimal("0.05")
+    assert final["rate_limit"]["spend_per_day"]["remaining"] == "0.00"
+    with pytest.raises(RateLimited) as spent:
+        await infer((await mesh.gateways())[1], key["api_key"], max_tokens=None)
+    assert spent.value.data["counter"] == "spend_per_day"
