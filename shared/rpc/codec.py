@@ -255,6 +255,7 @@ class Decoder:
                                       max_map_len=self.max_length, list_hook=self._hook,
                                       object_hook=self._hook)
         except _OverBudget:
+            _check_complete(data)  # truncated or trailing bytes: malformed, not large
             raise TooLarge(f"message holds more than {self.max_items} items",
                            {"max_items": self.max_items}) from None
         except ValueError as exc:  # among others: an array or map over its length limit
