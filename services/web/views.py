@@ -131,7 +131,7 @@ def quota_bars(limits: Mapping[str, Mapping[str, Any]], now: float) -> list[dict
             continue
         bars.append({
             "counter": counter, "label": label, "limit": int(limit), "remaining": int(remaining),
-            "used": max(int(limit) - int(remaining), 0), "unlimited": False, "resets_in": resets_in,
+            "used": max(int(limit) - int(remaining), 0), "unlimited": False, "money": False, "resets_in": resets_in,
         })
     return bars
 
