@@ -22,6 +22,8 @@
     inferswarm admin tiers set NAME [--requests-per-hour N|none] [--requests-per-month N|none]
         [--tokens-per-month N|none] [--budget-day AMOUNT|none] [--budget-month AMOUNT|none] [--priority P]
                                               (the operator, else a logged-in admin)
+    inferswarm webhook set URL [--thresholds 50,80,100]   (your spending alerts' webhook; its secret shown once)
+    inferswarm webhook show|rotate-secret|remove|deliveries     inferswarm alerts [--limit N]
     inferswarm credential ROLE [--out FILE]   (the operator: a service's credential)
     inferswarm receipts verify FILE [--keys FILE | --base-url URL]   (signed usage receipts)
 
@@ -64,6 +66,7 @@ from inferswarm.budget import BUDGET_COMMANDS
 from inferswarm.commands import COMMANDS, Result, expiry_moment, model_list, overlap_seconds
 from inferswarm.costs import COST_COMMANDS
 from inferswarm.tiers import TIER_COMMANDS, add_set_arguments
+from inferswarm.webhooks import WEBHOOK_COMMANDS, add_webhook_parsers
 from inferswarm.config import client_config
 from inferswarm.credentials import Credentials
 from inferswarm.errors import describe, exit_code
@@ -197,6 +200,7 @@ def parser() -> argparse.ArgumentParser:
     set_budget = client("budget set", "set (or clear, with none) a budget: yours, or --user's (admins)",
                         budget.add_subparsers(dest="budget_command", metavar="ACTION"))
     add_budget_options(set_budget)
+    add_webhook_parsers(client, commands)
 
     usage = client("usage", "requests and tokens per day")
     usage.add_argument("--start", help="YYYY-MM-DD (default: 30 days ago)")
@@ -324,7 +328,8 @@ def run_client(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> Result:
-    command = {**COMMANDS, **COST_COMMANDS, **AUDIT_COMMANDS, **TIER_COMMANDS, **BUDGET_COMMANDS}[args.action]
+    command = {**COMMANDS, **COST_COMMANDS, **AUDIT_COMMANDS, **TIER_COMMANDS, **BUDGET_COMMANDS,
+               **WEBHOOK_COMMANDS}[args.action]
     creds = Credentials.load()
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)

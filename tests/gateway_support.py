@@ -85,17 +85,21 @@ async def gateway_databases(pg_server: str) -> AsyncIterator[list[str]]:
 
 
 @asynccontextmanager
-async def running_mesh(pg_server: str, root: Path, *, workers: int = 3, gateways: int = 2) -> AsyncIterator[GatewayMesh]:
-    """A started `GatewayMesh` on fresh databases; stopped and dropped after."""
+async def running_mesh(pg_server: str, root: Path, *, workers: int = 3, gateways: int = 2,
+                       auth: dict[str, Any] | None = None) -> AsyncIterator[GatewayMesh]:
+    """A started `GatewayMesh` on fresh databases; stopped and dropped after. `auth`: AuthConfig
+    fields for its auth service (e.g. `webhook_allow_private=True`)."""
     async with gateway_databases(pg_server) as dsns, AsyncExitStack() as stack:
-        yield await GatewayMesh(stack, root, *dsns).start(workers=workers, gateways=gateways)
+        yield await GatewayMesh(stack, root, *dsns, auth=auth).start(workers=workers, gateways=gateways)
 
 
 class GatewayMesh:
     """Everything the gateway tests run against (see the module doc)."""
 
-    def __init__(self, stack: AsyncExitStack, root: Path, auth_dsn: str, gateway_dsn: str) -> None:
+    def __init__(self, stack: AsyncExitStack, root: Path, auth_dsn: str, gateway_dsn: str,
+                 auth: dict[str, Any] | None = None) -> None:
         self.stack = stack
+        self.auth_options = auth or {}
         self.root = root
         self.auth_dsn = auth_dsn
         self.gateway_dsn = gateway_dsn
@@ -118,14 +122,14 @@ class GatewayMesh:
         return self
 
     async def _serve_auth(self) -> None:
-        auth_config = cheap_config(self.root / "auth")
+        auth_config = cheap_config(self.root / "auth", **self.auth_options)
         mesh = MeshConfig(data_dir=self.root / "auth", mesh_secret=Secret(self.secret), record_ttl=3.0,
                           bootstrap=(self.client.discovery.address,))
         ready: list[dict[str, Any]] = []
         stop = asyncio.Event()
 
         async def build(stack: AsyncExitStack, node: MeshNode) -> list[object]:
-            self.auth = await open_auth(stack, auth_config, self.auth_dsn)
+            self.auth = await open_auth(stack, auth_config, self.auth_dsn, metrics=node.metrics)
             return [self.auth]
 
         task = asyncio.create_task(serve("auth", build, mesh, ready=ready.append, stop=stop))

@@ -31,7 +31,8 @@ SOURCE = Source("gateway", "0123456789ab", "f00d")
 def test_families_have_fixed_safe_labels():
     forbidden = {"user", "user_id", "key", "key_id", "api_key", "prompt", "email"}
     for fam in FAMILIES.values():
-        assert fam.name.startswith("ai_platform_")
+        # ai_platform_ for the platform's own; inferswarm_ for the product's (inferswarm_budget_alerts_total)
+        assert fam.name.startswith(("ai_platform_", "inferswarm_")), fam.name
         assert not forbidden & set(fam.label_names), fam.name
         assert (fam.kind is Kind.COUNTER) == fam.name.endswith("_total"), fam.name
     assert REQUESTS.label_names == ("service", "method", "status")

@@ -78,9 +78,13 @@ class WebStack:
 
     def grant_admin(self, user: str) -> None:
         """`inferswarm admin grant USER` with this stack's data directory (its mesh secret)."""
+        self.operator("admin", "grant", user)
+
+    def operator(self, *args: str) -> None:
+        """`inferswarm ARGS...` as the operator: with this stack's data directory (its mesh secret)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_")}
         done = subprocess.run(
-            [sys.executable, "-m", "inferswarm.cli", "admin", "grant", user, "--data-dir", str(self.data_dir),
+            [sys.executable, "-m", "inferswarm.cli", *args, "--data-dir", str(self.data_dir),
              "--bootstrap", self.bootstrap], capture_output=True, text=True, timeout=60,
             env={**env, **xdg_homes(self.data_dir)})
         assert done.returncode == 0, done.stderr

@@ -21,7 +21,7 @@ async def build(config: AuthConfig, stack: AsyncExitStack, node: MeshNode) -> li
     dsn = await stack.enter_async_context(
         database_dsn(config.mesh.data_dir, config.db.url, database="auth")
     )
-    return [await open_auth(stack, config, dsn)]
+    return [await open_auth(stack, config, dsn, metrics=node.metrics)]
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from shared.db import apply_migrations, create_pool
 from shared.logging import get_logger
+from shared.metrics import Metrics
 from shared.tiers import TierTable
 from services.auth.cache import KeyCache
 from services.auth.config import AuthConfig
@@ -25,6 +26,8 @@ from services.auth.throttle import LoginThrottle
 from services.auth.tier_store import TierStore
 from services.auth.tokens import TokenIssuer, load_or_create_key
 from services.auth.usage_store import UsageStore
+from services.auth.webhook_sender import WebhookSender
+from services.auth.webhook_store import WebhookStore
 
 __all__ = ["MIGRATIONS", "open_auth"]
 
@@ -33,8 +36,10 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 log = get_logger(__name__)
 
 
-async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> AuthService:
-    """Pool, migrations, background loops and the service; all closed by `stack`."""
+async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str,
+                    metrics: Metrics | None = None) -> AuthService:
+    """Pool, migrations, background loops and the service; all closed by `stack`. `metrics`: the
+    process's registry, pushed to the metrics service (`node.metrics`); None: counted, never sent."""
     pool = await create_pool(dsn, min_size=2, max_size=config.pool_size)
     stack.push_async_callback(pool.close)
     await apply_migrations(pool, MIGRATIONS)
@@ -53,6 +58,8 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
     )
     await stack.enter_async_context(feed)
     housekeeper = await stack.enter_async_context(Housekeeper(store))
+    # One sender per instance; they share the deliveries through the database (webhook_store.py).
+    sender = await stack.enter_async_context(WebhookSender(WebhookStore(pool), config.webhooks))
     params = config.argon2
     if params.memory_kib < PRODUCTION.memory_kib or params.time_cost < PRODUCTION.time_cost:
         log.warning("argon2 parameters below RFC 9106 low-memory profile", **_params_of(params))
@@ -71,6 +78,9 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str) -> Auth
         prices=PriceStore(pool),
         tier_store=tier_store,
         currency=config.currency,
+        metrics=metrics,
+        sender=sender,
+        allow_private_webhooks=config.webhook_allow_private,
     )
 
 

@@ -29,6 +29,7 @@ EVENTS = (
     "user_registered", "login_failed", "logged_out", "logged_out_everywhere", "password_changed",
     "password_change_failed", "admin_granted", "admin_revoked", "tier_changed", "user_enabled",
     "user_disabled", "key_created", "key_revoked", "key_rotated", "key_updated", "budget_changed", "price_set",
+    "budget_alert", "webhook_set", "webhook_removed", "webhook_secret_rotated",
 )
 #: The events whose NULL actor is the operator (a mesh member), not nobody.
 _OPERATOR_EVENTS = frozenset({"admin_granted", "admin_revoked", "price_set"})

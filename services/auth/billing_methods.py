@@ -30,8 +30,12 @@ class BillingMethods(AuthBase):
 
     @method(idempotent=True, roles=("gateway",))
     async def record_usage(self, batch: list) -> dict[str, int]:  # type: ignore[type-arg]
-        """Internal: store usage records; a request id already stored is not counted again."""
-        return await self._usage.record(parse_batch(batch))
+        """Internal: store usage records; a request id already stored is not counted again. The
+        spending alerts of their users and keys are fired before the answer (alert_methods.py), so a
+        batch retried after a failure is looked at again."""
+        counts, user_ids, key_ids = await self._usage.record_naming(parse_batch(batch))
+        await self._alert(user_ids, key_ids)
+        return counts
 
     @method(idempotent=True, roles=("metrics",))
     async def active_users(self) -> dict[str, int]:

@@ -19,6 +19,13 @@
     INFERSWARM_LOGIN_MAX_DELAY           longest lock after repeated failures, seconds (300)
     INFERSWARM_TIER_<TIER>_TOKENS_PER_MONTH  token budgets of tiers no admin has edited (README.md, "Tiers")
     INFERSWARM_CURRENCY                  the platform currency of budgets and money limits (USD)
+    INFERSWARM_WEBHOOK_TIMEOUT           seconds a webhook receiver has to answer (10)
+    INFERSWARM_WEBHOOK_BASE_DELAY        first retry of a failed delivery, seconds; doubles each time (1)
+    INFERSWARM_WEBHOOK_MAX_DELAY         longest wait between two attempts, seconds (3600)
+    INFERSWARM_WEBHOOK_MAX_ATTEMPTS      attempts before a delivery is failed (8)
+    INFERSWARM_WEBHOOK_POLL_INTERVAL     how often the sender looks for due deliveries, seconds (1)
+    INFERSWARM_WEBHOOK_ALLOW_PRIVATE     let webhooks reach private, loopback, link-local addresses (false;
+                                         webhook_urls.py: a server-side request forgery otherwise)
 
 Every auth instance of one mesh must use the same signing key: share the
 file (or point INFERSWARM_AUTH_JWT_KEY_FILE at a copy) when running several.
@@ -40,6 +47,7 @@ from shared.tiers import TierConfig
 from services.auth.passwords import Argon2Params
 from services.auth.registration import RegistrationPolicy
 from services.auth.throttle import ThrottlePolicy
+from services.auth.webhook_sender import WebhookPolicy
 
 __all__ = ["AuthConfig", "RETIRED_ADMIN_EMAILS"]
 
@@ -101,6 +109,12 @@ class AuthConfig:
     register_window: float = env("INFERSWARM_REGISTER_WINDOW", default=60.0, parse=positive(float))
     pool_size: int = env("INFERSWARM_AUTH_POOL_SIZE", default=10, parse=positive(int))
     currency: str = env("INFERSWARM_CURRENCY", default="USD", parse=_currency)
+    webhook_timeout: float = env("INFERSWARM_WEBHOOK_TIMEOUT", default=10.0, parse=positive(float))
+    webhook_base_delay: float = env("INFERSWARM_WEBHOOK_BASE_DELAY", default=1.0, parse=positive(float))
+    webhook_max_delay: float = env("INFERSWARM_WEBHOOK_MAX_DELAY", default=3600.0, parse=positive(float))
+    webhook_max_attempts: int = env("INFERSWARM_WEBHOOK_MAX_ATTEMPTS", default=8, parse=positive(int))
+    webhook_poll_interval: float = env("INFERSWARM_WEBHOOK_POLL_INTERVAL", default=1.0, parse=positive(float))
+    webhook_allow_private: bool = env("INFERSWARM_WEBHOOK_ALLOW_PRIVATE", default=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -127,6 +141,12 @@ class AuthConfig:
             base_delay=self.login_base_delay,
             max_delay=self.login_max_delay,
         )
+
+    @property
+    def webhooks(self) -> WebhookPolicy:
+        return WebhookPolicy(timeout=self.webhook_timeout, base_delay=self.webhook_base_delay,
+                             max_delay=self.webhook_max_delay, max_attempts=self.webhook_max_attempts,
+                             poll_interval=self.webhook_poll_interval, allow_private=self.webhook_allow_private)
 
     @property
     def registration(self) -> RegistrationPolicy:

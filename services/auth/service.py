@@ -40,6 +40,13 @@ e.g. `inferswarm admin grant|revoke`, may call all):
                                  cost per currency (admins only)
     auth.audit         public    token[, user, action, since, until, limit, before_id] (the operator: no
                                  token) -> audit events newest first: the caller's own; admins' all
+    auth.set_webhook   public    token, url[, thresholds] -> the webhook, its signing secret (once, when
+                                 created); refused for a non-public address (README.md, "Spending alerts")
+    auth.webhook       public    token[, user (admins)] -> url, thresholds, created_at (never the secret)
+    auth.remove_webhook public   token -> {removed}
+    auth.rotate_webhook_secret public  token -> the webhook with a new secret (once)
+    auth.webhook_deliveries public  token[, limit, before_id, user (admins)] -> the delivery log
+    auth.alerts        public    token[, limit, user (admins)] -> the latest spending alerts
     auth.grant_admin   operator  user[, reason] -> user (the operator: `inferswarm admin grant`)
     auth.revoke_admin  operator  user[, reason] -> user
     auth.token_key     public    -> the JWT public key
@@ -72,6 +79,7 @@ from shared.tiers import DEFAULT_TIER
 from services.auth import validation as check
 from services.auth.passwords import PasswordHasher
 from services.auth.admin_methods import AdminMethods
+from services.auth.alert_methods import AlertMethods
 from services.auth.billing_methods import BillingMethods
 from services.auth.key_methods import KeyMethods
 from services.auth.tier_methods import TierMethods
@@ -83,9 +91,9 @@ log = get_logger(__name__)
 _MAX_ADDR = 64
 
 
-class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods):
+class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods, AlertMethods):
     """Who may do what, and the record of what was done: accounts and sessions here; keys,
-    usage and prices, administration, tiers in their handler classes."""
+    usage and prices, administration, tiers, spending alerts in their handler classes."""
 
     name = "auth"
 

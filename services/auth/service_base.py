@@ -15,11 +15,13 @@ import asyncpg
 
 from shared.errors import Forbidden, InvalidParams, Unauthenticated
 from shared.logging import get_logger
+from shared.metrics import BUDGET_ALERTS, Metrics
 from shared.roles import OPERATOR
 from shared.rpc import current_request
 from shared.tiers import TierTable
 from services.auth import limits
 from services.auth import validation as check
+from services.auth.alert_store import AlertStore
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
 from services.auth.passwords import PasswordHasher
@@ -30,6 +32,8 @@ from services.auth.throttle import LoginThrottle
 from services.auth.tier_store import TierStore
 from services.auth.tokens import TokenIssuer
 from services.auth.usage_store import UsageStore
+from services.auth.webhook_sender import WebhookSender
+from services.auth.webhook_store import WebhookStore
 
 
 __all__ = ["AuthBase", "KEEP", "check_id", "iso", "is_operator", "parse_day", "user_ref"]
@@ -55,6 +59,8 @@ class AuthBase:
         max_keys_per_user: int = 100, max_key_days: int = 3650, prices: PriceStore | None = None,
         tier_store: TierStore | None = None,
         currency: str = "USD",
+        metrics: Metrics | None = None, sender: WebhookSender | None = None,
+        allow_private_webhooks: bool = False,
     ) -> None:
         self.store = store  #: the accounts' SQL (services/auth/store.py)
         self._usage = usage
@@ -76,7 +82,18 @@ class AuthBase:
         self.currency = currency
         #: Keys refused for good (unknown, revoked, expired): hash -> reason.
         self._refused: dict[bytes, str] = {}
+        #: Spending alerts (alert_methods.py): their SQL, the counter pushed to the metrics
+        #: service (the process's registry: `node.metrics`), the sender this instance runs.
+        self._alerts = AlertStore(usage.pool)
+        self._webhooks = WebhookStore(usage.pool)
+        self._alert_counter = (metrics or Metrics()).counter(BUDGET_ALERTS)
+        self.sender = sender
+        self._allow_private_webhooks = allow_private_webhooks
 
+
+    async def _alert(self, user_ids: list[int], key_ids: list[int]) -> None:
+        """Fire the spending alerts of usage just stored (alert_methods.py does)."""
+        raise NotImplementedError
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -117,7 +117,9 @@ WITH batch AS (
         prompt_tokens = c.prompt_tokens + EXCLUDED.prompt_tokens,
         completion_tokens = c.completion_tokens + EXCLUDED.completion_tokens
 )
-SELECT (SELECT count(*) FROM accepted) AS accepted, (SELECT count(*) FROM inserted) AS inserted
+SELECT (SELECT count(*) FROM accepted) AS accepted, (SELECT count(*) FROM inserted) AS inserted,
+       (SELECT array_agg(DISTINCT user_id) FROM accepted) AS user_ids,
+       (SELECT array_agg(DISTINCT key_id) FROM accepted WHERE key_id IS NOT NULL) AS key_ids
 """
 
 _DAILY = """
@@ -197,8 +199,13 @@ class UsageStore:
 
     async def record(self, records: list[UsageRecord]) -> dict[str, int]:
         """Store a batch; how many were new, already known, or rejected."""
+        return (await self.record_naming(records))[0]
+
+    async def record_naming(self, records: list[UsageRecord]) -> tuple[dict[str, int], list[int], list[int]]:
+        """Store a batch: the counts of `record`, and the users and keys of its accepted records
+        (new or already known: a batch retried after a crash is looked at again, see alerts.py)."""
         if not records:
-            return {"inserted": 0, "duplicates": 0, "rejected": 0}
+            return {"inserted": 0, "duplicates": 0, "rejected": 0}, [], []
         columns = list(zip(*(
             (r.request_id, r.user_id, r.key_id, r.model, r.prompt_hash, r.prompt_tokens,
              r.completion_tokens, r.cached, r.latency_ms, r.status, r.worker, r.created_at, r.cost, r.currency)
@@ -206,11 +213,8 @@ class UsageStore:
         )))
         row = await self.pool.fetchrow(_RECORD, *(list(c) for c in columns))
         accepted, inserted = row["accepted"], row["inserted"]
-        return {
-            "inserted": inserted,
-            "duplicates": accepted - inserted,
-            "rejected": len(records) - accepted,
-        }
+        counts = {"inserted": inserted, "duplicates": accepted - inserted, "rejected": len(records) - accepted}
+        return counts, list(row["user_ids"] or []), list(row["key_ids"] or [])
 
     async def daily(self, user_id: int, start: date, end: date) -> list[asyncpg.Record]:
         """Per day and per key, from `start` to `end` inclusive (UTC days)."""

@@ -36,6 +36,8 @@
     PATCH  /api/tiers/{name}         Bearer token (an admin), {requests_per_hour?, requests_per_month?,
                                      tokens_per_month?, spend_per_day?, spend_per_month? (null: no limit),
                                      priority?}: fields left out are kept  -> the tier as it now is
+    GET/PUT/DELETE /api/webhook, POST /api/webhook/rotate, GET /api/webhook/deliveries, GET /api/alerts:
+                                     spending alerts and their webhook (webhook_api.py)
     GET    /api/quota                Bearer token or X-API-Key              -> limits, remaining, reset
     GET    /api/receipts/keys        --                                     -> ["<hex key>", ...]: the live
                                      gateways' public keys, which sign usage receipts
@@ -73,7 +75,7 @@ from services.web.report_views import csv_response
 from services.web.security import client_addr
 from services.web.session import UPSTREAM
 
-__all__ = ["routes", "json_body", "bearer", "api_key_of"]
+__all__ = ["routes", "json_body", "bearer", "api_key_of", "whole"]
 
 routes = web.RouteTableDef()
 
@@ -327,11 +329,11 @@ async def audit(request: web.Request) -> web.Response:
     page = await request.app[UPSTREAM].auth.audit(
         token=bearer(request), user=query.get("user") or None, action=query.get("action") or None,
         since=query.get("since") or None, until=query.get("until") or None,
-        limit=_whole(query.get("limit"), "limit"), before_id=_whole(query.get("before_id"), "before_id"))
+        limit=whole(query.get("limit"), "limit"), before_id=whole(query.get("before_id"), "before_id"))
     return web.json_response(page)
 
 
-def _whole(text: str | None, name: str) -> int | None:
+def whole(text: str | None, name: str) -> int | None:
     """A query's whole number (None when absent), refused by name when it is not one."""
     if text is None or text == "":
         return None

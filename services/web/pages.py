@@ -131,10 +131,11 @@ async def _settle(call: Any) -> tuple[Any, str | None]:
 @login_required
 async def dashboard(request: web.Request) -> web.Response:
     upstream, token = request.app[UPSTREAM], request[TOKEN]
-    (usage, usage_error), (quota, quota_error), (recent, recent_error) = await asyncio.gather(
+    (usage, usage_error), (quota, quota_error), (recent, recent_error), (alerts, alerts_error) = await asyncio.gather(
         _settle(upstream.auth.usage(token=token)),
         _settle(upstream.gateway.quota(token=token)),
         _settle(upstream.auth.recent_usage(token=token, limit=20)),
+        _settle(upstream.auth.alerts(token=token, limit=10)),
     )
     series = daily_series(usage["days"] if usage else [])
     return render(
@@ -144,6 +145,7 @@ async def dashboard(request: web.Request) -> web.Response:
         quota=quota_bars(facts_of(quota), time.time()) if quota else [], quota_error=quota_error,
         currency=(quota or {}).get("currency"),
         recent=_rows(recent), recent_error=recent_error,
+        alerts=(alerts or {}).get("alerts", []), alerts_error=alerts_error,
     )
 
 

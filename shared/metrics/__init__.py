@@ -15,6 +15,7 @@ through it), `registry` records, `batch` is the wire format of
 from shared.metrics.batch import MAX_ENTRIES, Batch, Source, parse_batch
 from shared.metrics.families import (
     ACTIVE_USERS,
+    BUDGET_ALERTS,
     CACHE_HITS,
     CACHE_MISSES,
     DHT_PEERS,
@@ -38,6 +39,7 @@ from shared.metrics.reporter import MetricsReporter, Sender
 
 __all__ = [
     "ACTIVE_USERS",
+    "BUDGET_ALERTS",
     "Batch",
     "CACHE_HITS",
     "CACHE_MISSES",

@@ -44,6 +44,7 @@ __all__ = [
     "CACHE_MISSES",
     "RPC_ERRORS",
     "DHT_PEERS",
+    "BUDGET_ALERTS",
     "ACTIVE_USERS",
     "SERVICE_UP",
     "SERVICE_ANNOUNCED",
@@ -111,9 +112,12 @@ TIER = closed("tier", ("free", "pro", "enterprise", "unlimited"))
 DIRECTION = closed("direction", ("in", "out"))
 WINDOW = closed("time_window", ("1h", "24h"))
 INSTANCE = Label("instance", shape=_INSTANCE)
-FAMILY = Label("family", shape=re.compile(r"ai_platform_[a-z_]{1,64}"))
+FAMILY = Label("family", shape=re.compile(r"(?:ai_platform|inferswarm)_[a-z_]{1,64}"))
 RESULT = closed("result", ("ok", "duplicate", "invalid"))
 HEALTH = closed("status", ("ok", "degraded", "down"))
+BUDGET_COUNTER = closed("counter", ("spend_per_day", "spend_per_month"))
+#: An alert's threshold: a whole percentage 1..100 (at most 100 series with the counter's 2).
+THRESHOLD = closed("threshold", (str(p) for p in range(1, 101)))
 
 #: Seconds; from a cache hit (milliseconds) to a long generation (minutes).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -171,6 +175,9 @@ RPC_ERRORS = _family("ai_platform_rpc_errors_total", C, "RPC errors, by service 
                      SERVICE, CODE)
 DHT_PEERS = _family("ai_platform_dht_peers", G, "Contacts in the DHT routing table of each node.",
                     SERVICE, INSTANCE)
+BUDGET_ALERTS = _family("inferswarm_budget_alerts_total", C,
+                        "Spending alerts fired (a budget's threshold reached in its period), by budget "
+                        "counter and threshold; pushed by auth.", BUDGET_COUNTER, THRESHOLD)
 
 # -- produced by the metrics service ---------------------------------------------------
 ACTIVE_USERS = _family("ai_platform_active_users", G, "Distinct users with a request in the window.",
@@ -205,7 +212,7 @@ METRICS_SOURCES = _family("ai_platform_metrics_sources", G, "Reporting processes
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (
         REQUESTS, REQUEST_DURATION, RATE_LIMIT_VIOLATIONS, TOKENS, TIME_TO_FIRST_TOKEN, CACHE_HITS,
-        CACHE_MISSES, RPC_ERRORS, DHT_PEERS, ACTIVE_USERS, SERVICE_UP, SERVICE_ANNOUNCED, SERVICE_PING,
+        CACHE_MISSES, RPC_ERRORS, DHT_PEERS, BUDGET_ALERTS, ACTIVE_USERS, SERVICE_UP, SERVICE_ANNOUNCED, SERVICE_PING,
         SYSTEM_STATUS, WORKERS, WORKER_SLOTS, WORKER_SLOTS_FREE, WORKER_QUEUE_DEPTH, METRICS_BATCHES,
         METRICS_SERIES, METRICS_OVERFLOW, METRICS_SOURCES,
     )

@@ -6,6 +6,8 @@
   answers and evicting them within a second of a revocation (gateways);
 * `TokenVerifier`, `MAX_TOKEN_LENGTH` (tokens.py): verifies session tokens
   locally with auth's public key (`AuthClient.token_key()`);
+* `Alert`, `Webhook` and the rest of alerts.py: the shapes of the spending
+  alerts' and webhooks' answers (`AuthClient.set_webhook`, `alerts`, ...);
 * `LIMIT_NAMES` and the rest of limits.py: the names of a scope's limits
   (README.md, "Per-key limits and budgets"), and `describe_limits`.
 
@@ -51,6 +53,7 @@ from services.auth.client.api import (
     UsageTotals,
     User,
 )
+from services.auth.client.alerts import Alert, AlertList, Webhook, WebhookAttempt, WebhookLog, WebhookWithSecret
 from services.auth.client.limits import BUDGET_NAMES, COUNT_NAMES, LIMIT_NAMES, describe_limits
 from services.auth.client.validator import KeyValidator
 
@@ -73,5 +76,5 @@ __all__ = [
     "KeyValidator", "Limits", "LoggedOut", "NewApiKey", "Price", "PriceTable", "RecentRequest", "RecordCounts", "Report",
     "ReportRow", "ReportTotals", "RotatedApiKey", "Scope", "Session", "Spender", "TierInfo", "TierLimits", "TokenKey",
     "TokenVerifier", "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
-    "describe_limits",
+    "describe_limits", "Alert", "AlertList", "Webhook", "WebhookAttempt", "WebhookLog", "WebhookWithSecret",
 ]

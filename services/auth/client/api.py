@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NotRequired, Required, TypedDict
 
 from shared.rpc.typed import TypedClient, Wire
+from services.auth.client.alerts import ALERT_METHODS, AlertCalls
 
 __all__ = [
     "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuditEvent", "AuditPage", "AuthClient",
@@ -353,8 +354,8 @@ class AuditPage(TypedDict):
 KEEP: Any = ...
 
 
-class AuthClient(TypedClient):
-    """Typed calls to the auth service."""
+class AuthClient(AlertCalls, TypedClient):
+    """Typed calls to the auth service (the spending alerts' in alerts.py)."""
 
     SERVICE = "auth"
     METHODS = {
@@ -391,6 +392,7 @@ class AuthClient(TypedClient):
         "audit": Wire("auth.audit", idempotent=True),
         "grant_admin": Wire("auth.grant_admin", idempotent=True),
         "revoke_admin": Wire("auth.revoke_admin", idempotent=True),
+        **ALERT_METHODS,
     }
 
     # -- accounts and sessions -------------------------------------------------------
