@@ -133,7 +133,7 @@ async def logout(args: Namespace, session: Session | None, creds: Credentials,
 async def keys_create(args: Namespace, session: Session, creds: Credentials) -> Result:
     key = await _auth(session).create_key(token=need_token(creds), name=args.name,
                                           expires_in_days=args.expires_in_days, expires_at=args.expires,
-                                          allowed_models=args.models)
+                                          allowed_models=args.models, org=args.org)
     creds.api_key = key["api_key"]
     creds.save()
     text = (f"{key['api_key']}\n"
@@ -145,8 +145,10 @@ async def keys_create(args: Namespace, session: Session, creds: Credentials) -> 
 async def keys_list(args: Namespace, session: Session, creds: Credentials) -> Result:
     keys = await _auth(session).list_keys(token=need_token(creds))
     rows = [[k["id"], k["name"], k["prefix"], k["status"], (k["created_at"] or "-")[:19],
-             (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19], _models(k)] for k in keys]
-    return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires", "models"], rows), keys)
+             (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19], _models(k),
+             k.get("org_id") or "-"] for k in keys]
+    return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires", "models", "org"], rows),
+                  keys)
 
 
 def _models(key: Any) -> str:

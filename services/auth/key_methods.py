@@ -15,6 +15,7 @@ from shared.rpc import method
 from services.auth import keys as apikeys
 from services.auth import validation as check
 from services.auth.key_edits import check_allowed_models, check_expiry
+from services.auth.org_methods import add_org_scope, org_id_of
 from services.auth.service_base import KEEP, AuthBase, check_id, iso
 
 __all__ = ["KeyMethods"]
@@ -41,6 +42,7 @@ def _key_view(key: asyncpg.Record) -> dict[str, Any]:
         "expires_at": iso(key["expires_at"]), "revoked_at": iso(key["revoked_at"]),
         "rotated_from": key["rotated_from"],
         "allowed_models": list(key["allowed_models"]) if key["allowed_models"] is not None else None,
+        "org_id": key["org_id"],  # None: a personal key
     }
 
 
@@ -52,11 +54,12 @@ class KeyMethods(AuthBase):
     @method(public=True)
     async def create_key(
         self, token: str, name: str, expires_in_days: int | None = None, expires_at: str | None = None,
-        allowed_models: list[str] | None = None,
+        allowed_models: list[str] | None = None, org: int | str | None = None,
     ) -> dict[str, Any]:
         """A new API key; the `api_key` field is the only time it is ever shown. It expires
         after `expires_in_days` or at `expires_at` (ISO 8601; not both; default never), and
-        may name only `allowed_models` (1-64 model names; default every model)."""
+        may name only `allowed_models` (1-64 model names; default every model). With `org`
+        (an organisation of the caller's, by id or name) it is that organisation's key."""
         user = await self._authenticate(token)
         name = check.check_name(name)
         when = None
@@ -71,10 +74,11 @@ class KeyMethods(AuthBase):
         elif expires_at is not None:
             when = check_expiry(expires_at, max_days=self._max_key_days)
         models = check_allowed_models(allowed_models) if allowed_models is not None else None
+        org_id = await org_id_of(self._orgs, org, user["id"])
         api_key = apikeys.generate_key()
         key = await self.store.create_key(
             user["id"], name, apikeys.hash_key(api_key), apikeys.display_prefix(api_key),
-            when, max_keys=self._max_keys, allowed_models=models,
+            when, max_keys=self._max_keys, allowed_models=models, org_id=org_id,
         )
         log.info("api key created", user_id=user["id"], key_id=key["id"])
         return {**_key_view(key), "api_key": api_key}
@@ -186,6 +190,7 @@ class KeyMethods(AuthBase):
             "limits": tier.limits(), "priority": tier.priority, "expires_at": expires_at,
             "allowed_models": list(row["allowed_models"]) if row["allowed_models"] is not None else None,
         }
+        await add_org_scope(self._orgs, result, row["id"])  # org_id; `scopes`: the user's, the org's
         # Cache only if no invalidation arrived while we read: it may concern this key.
         if self.cache.epoch == epoch:
             self.cache.put(key_hash, result, user_id=row["user_id"], key_id=row["id"],

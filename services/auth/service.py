@@ -1,4 +1,4 @@
-"""The auth service: accounts, sessions, API keys, usage, tiers.
+"""The auth service: accounts, sessions, API keys, usage, tiers, organisations.
 
 Public methods (any CURVE client; they carry a password or a token) and
 internal ones, each for the member role named (shared/roles.py; the operator,
@@ -12,8 +12,9 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.logout_all    public    token -> every session of the user ends, this one too
     auth.change_password public  token, old_password, new_password -> a new token; every
                                  other session ends
-    auth.create_key    public    token, name[, expires_in_days | expires_at, allowed_models] -> key
-                                 (shown once); allowed_models: the models it may name (null: all)
+    auth.create_key    public    token, name[, expires_in_days | expires_at, allowed_models, org] -> key
+                                 (shown once); allowed_models: the models it may name (null: all);
+                                 org: a key of that organisation (the caller's)
     auth.list_keys     public    token -> keys (never the key)
     auth.update_key    public    token, key_id[, name, expires_at (null: none), allowed_models
                                  (null: every model)] -> key; dropped from caches within 1 s
@@ -35,10 +36,22 @@ e.g. `inferswarm admin grant|revoke`, may call all):
                                  cost per currency (admins only)
     auth.audit         public    token[, user, action, since, until, limit, before_id] (the operator: no
                                  token) -> audit events newest first: the caller's own; admins' all
+    auth.create_org    public    token, name -> the organisation (the caller owns it)
+    auth.orgs          public    token -> the caller's organisations and roles
+    auth.org           public    token, org -> limits, members, pending invitations (members only)
+    auth.invite        public    token, org, username[, role] -> invitation (owners, admins)
+    auth.invitations   public    token -> invitations to the caller not answered yet
+    auth.answer_invite public    token, invite_id, accept -> {accepted, org}
+    auth.set_member_role public  token, org, user, role -> member (owners; the last owner stays)
+    auth.remove_member public    token, org, user -> {removed, revoked_keys} (owners, admins; or leaving)
+    auth.set_org_limits public   token, org, limits -> the organisation (owners, admins); gateways
+                                 apply it within 1 s
+    auth.org_report    public    token, org[, start, end, group_by, by] -> usage of its keys by member,
+                                 model or key (a plain member: their own)
     auth.grant_admin   operator  user[, reason] -> user (the operator: `inferswarm admin grant`)
     auth.revoke_admin  operator  user[, reason] -> user
     auth.token_key     public    -> the JWT public key
-    auth.validate_key  gateway   api_key -> user, key, tier, limits, priority, cursor
+    auth.validate_key  gateway   api_key -> user, key, tier, limits, priority, org_id, scopes, cursor
     auth.verify_token  gateway   token -> user
     auth.record_usage  gateway   batch -> counts (idempotent by request id)
     auth.price_table   gateway   [since] -> {version, prices (None: unchanged since `since`)}
@@ -68,6 +81,7 @@ from services.auth.passwords import PasswordHasher
 from services.auth.admin_methods import AdminMethods
 from services.auth.billing_methods import BillingMethods
 from services.auth.key_methods import KeyMethods
+from services.auth.org_methods import OrgMethods
 from services.auth.tier_methods import TierMethods
 
 __all__ = ["AuthService"]
@@ -77,9 +91,9 @@ log = get_logger(__name__)
 _MAX_ADDR = 64
 
 
-class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods):
+class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods, OrgMethods):
     """Who may do what, and the record of what was done: accounts and sessions here; keys,
-    usage and prices, administration, tiers in their handler classes."""
+    usage and prices, administration, tiers, organisations in their handler classes."""
 
     name = "auth"
 

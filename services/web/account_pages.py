@@ -46,14 +46,16 @@ _DEFAULT_OVERLAP = "86400"
 async def _keys_page(request: web.Request, *, status: int = 200, values: dict[str, str] | None = None,
                      errors: dict[str, str] | None = None, created: NewApiKey | None = None,
                      notice: str | None = None) -> web.Response:
-    keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
+    auth, token = request.app[UPSTREAM].auth, request[TOKEN]
+    keys, orgs = await asyncio.gather(auth.list_keys(token=token), auth.orgs(token=token))
     # The rotation chain: what each key replaced, and the key replacing it (auth refuses to
     # rotate a key twice unless its successor was revoked: no Rotate button then).
     prefixes = {k["id"]: k["prefix"] for k in keys}
     successors = {k["rotated_from"]: k for k in keys if k.get("rotated_from") and k["status"] != "revoked"}
     return render(request, "keys.html", status=status, keys=list(reversed(keys)), created=created,
                   values=values or {"expires_in_days": ""}, errors=errors or {}, notice=notice,
-                  expiry_choices=_EXPIRY_CHOICES, prefixes=prefixes, successors=successors)
+                  expiry_choices=_EXPIRY_CHOICES, prefixes=prefixes, successors=successors,
+                  orgs=orgs, org_names={o["id"]: o["name"] for o in orgs})
 
 
 @routes.get("/keys")
@@ -68,22 +70,25 @@ async def keys_page(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     form = await read_form(request)
     values = {"name": text(form, "name"), "expires_in_days": text(form, "expires_in_days"),
-              "models": text(form, "models")}
+              "models": text(form, "models"), "org": text(form, "org")}
     errors = require(values, {"name": "a name for the key"})
     if values["expires_in_days"] not in _EXPIRY_CHOICES:
         errors["expires_in_days"] = "Choose one of the listed expiries"
+    if values["org"] and not (values["org"].isdigit() and len(values["org"]) <= 18):
+        errors["org"] = "Choose one of your organisations, or none"
     if errors:
         return await _keys_page(request, status=400, values=values, errors=errors)
     expires = int(values["expires_in_days"]) if values["expires_in_days"] else None
     try:
         key = await request.app[UPSTREAM].auth.create_key(token=request[TOKEN], name=values["name"],
                                                           expires_in_days=expires,
-                                                          allowed_models=_model_names(values["models"]))
+                                                          allowed_models=_model_names(values["models"]),
+                                                          org=int(values["org"]) if values["org"] else None)
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED":
             raise
         response = await _keys_page(request, status=status_of(exc), values=values,
-                                    errors=field_errors(exc, ("name", "expires_in_days", "models"),
+                                    errors=field_errors(exc, ("name", "expires_in_days", "models", "org"),
                                                         {"allowed_models": "models"}))
         response.headers.update(error_headers(exc))
         return response

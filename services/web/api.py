@@ -7,8 +7,8 @@
     POST   /api/auth/logout-all      Bearer token                           -> {logged_out, everywhere}
     POST   /api/auth/password        Bearer token, {old_password, new_password} -> {token, expires_at, user}
     GET    /api/auth/api-keys        Bearer token                           -> {keys: [...]}
-    POST   /api/auth/api-keys        Bearer token, {name, expires_in_days? | expires_at?, allowed_models?}
-                                                                            -> 201 key (api_key shown once)
+    POST   /api/auth/api-keys        Bearer token, {name, expires_in_days? | expires_at?, allowed_models?,
+                                     org? (an organisation's id or name)}  -> 201 key (api_key shown once)
     PATCH  /api/auth/api-keys/{id}   Bearer token, {name?, expires_at? (null: never), allowed_models? (null:
                                      every model)}: fields left out are kept -> the key as it now is
     DELETE /api/auth/api-keys/{id}   Bearer token                           -> the revoked key
@@ -38,6 +38,8 @@
                                      top_p, stop, seed, logprobs?, top_logprobs?, stream?}
                                                                             -> completion, or NDJSON chunks
                                                                                (the last with `receipt`)
+
+Organisations: org_api.py (`/api/orgs...`, `/api/invites...`).
 
 Sessions here are the token of `/api/auth/login` in `Authorization: Bearer`;
 cookies are never read, so no cross-site page can act through this API.
@@ -176,13 +178,16 @@ async def list_keys(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     token = bearer(request)
     body = await json_body(request)
-    _known(body, {"name", "expires_in_days", "expires_at", "allowed_models"})
+    _known(body, {"name", "expires_in_days", "expires_at", "allowed_models", "org"})
     days = body.get("expires_in_days")
     if days is not None and type(days) is not int:
         raise InvalidParams("expires_in_days must be an integer", {"param": "expires_in_days"})
+    org = body.get("org")  # an organisation's id or name (auth checks it); absent: a personal key
+    if org is not None and type(org) not in (int, str):
+        raise InvalidParams("org must be an organisation's id or name", {"param": "org"})
     key = await request.app[UPSTREAM].auth.create_key(
         token=token, name=_string(body, "name"), expires_in_days=days,
-        expires_at=_string(body, "expires_at", required=False), allowed_models=_models(body))
+        expires_at=_string(body, "expires_at", required=False), allowed_models=_models(body), org=org)
     return web.json_response(key, status=201)
 
 

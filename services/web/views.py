@@ -118,11 +118,11 @@ def quota_bars(limits: Mapping[str, Mapping[str, Any]], now: float) -> list[dict
                          "resets_in": resets_in, "scope": facts.get("scope")})
             continue
         if not isinstance(limit, (int, float)) or not isinstance(remaining, (int, float)):
-            bars.append({"counter": counter, "label": label, "unlimited": True, "resets_in": resets_in})
+            bars.append({"counter": counter, "label": label, "unlimited": True, "money": False, "resets_in": resets_in})
             continue
         bars.append({
             "counter": counter, "label": label, "limit": int(limit), "remaining": int(remaining),
-            "used": max(int(limit) - int(remaining), 0), "unlimited": False, "resets_in": resets_in,
+            "used": max(int(limit) - int(remaining), 0), "unlimited": False, "money": False, "resets_in": resets_in,
         })
     return bars
 

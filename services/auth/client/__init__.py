@@ -1,7 +1,7 @@
 """Everything other services may use of auth: nothing else under services/auth is theirs.
 
-* `AuthClient` (api.py): the `auth.*` RPC methods as typed calls, with the
-  wire shapes of their answers (`TypedDict`s);
+* `AuthClient` (api.py, and orgs.py for organisations): the `auth.*` RPC
+  methods as typed calls, with the wire shapes of their answers (`TypedDict`s);
 * `KeyValidator` (validator.py): validates API keys through auth, caching
   answers and evicting them within a second of a revocation (gateways);
 * `TokenVerifier`, `MAX_TOKEN_LENGTH` (tokens.py): verifies session tokens
@@ -46,6 +46,7 @@ from services.auth.client.api import (
     UsageTotals,
     User,
 )
+from services.auth.client.orgs import Invite, Member, Org, OrgDetail, OrgListed, OrgReport
 from services.auth.client.validator import KeyValidator
 
 #: Imported when first used: PyJWT and its cryptography cost a command-line
@@ -66,5 +67,6 @@ __all__ = [
     "AuthClient", "Invalidation", "Invalidations", "KeyIdentity", "KeyValidator", "LoggedOut", "NewApiKey",
     "Price", "PriceTable", "RecentRequest", "RecordCounts", "Report", "ReportRow", "ReportTotals", "RotatedApiKey", "Session",
     "Spender", "TierInfo", "TierLimits", "TokenKey", "TokenVerifier", "TopSpenders", "UsageCost",
-    "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
+    "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User", "Invite", "Member", "Org", "OrgDetail",
+    "OrgListed", "OrgReport",
 ]

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NotRequired, Required, TypedDict
 
 from shared.rpc.typed import TypedClient, Wire
+from services.auth.client.orgs import ORG_METHODS, OrgCalls
 
 __all__ = [
     "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuditEvent", "AuditPage", "AuthClient",
@@ -110,6 +111,7 @@ class ApiKey(TypedDict):
     revoked_at: str | None
     rotated_from: int | None  #: the key this one replaced (`rotate_key`), else None
     allowed_models: list[str] | None  #: the models it may name; None: every model
+    org_id: NotRequired[int | None]  #: the organisation whose key it is; None: a personal key
 
 
 class NewApiKey(ApiKey):
@@ -135,6 +137,9 @@ class KeyIdentity(TypedDict):
     priority: int
     expires_at: float | None  #: epoch seconds
     allowed_models: NotRequired[list[str] | None]  #: the models it may name; None (or absent): every model
+    org_id: NotRequired[int | None]  #: the key's organisation; None: a personal key
+    #: What a gateway enforces: [{scope: "user" | "key" | "org", id, limits}], every one of them
+    scopes: NotRequired[list[dict[str, Any]]]
     cursor: int | None  #: the invalidation seq this answer reflects
 
 
@@ -326,8 +331,8 @@ class AuditPage(TypedDict):
 KEEP: Any = ...
 
 
-class AuthClient(TypedClient):
-    """Typed calls to the auth service."""
+class AuthClient(OrgCalls, TypedClient):
+    """Typed calls to the auth service (those of organisations: orgs.py)."""
 
     SERVICE = "auth"
     METHODS = {
@@ -363,6 +368,7 @@ class AuthClient(TypedClient):
         "audit": Wire("auth.audit", idempotent=True),
         "grant_admin": Wire("auth.grant_admin", idempotent=True),
         "revoke_admin": Wire("auth.revoke_admin", idempotent=True),
+        **ORG_METHODS,
     }
 
     # -- accounts and sessions -------------------------------------------------------
@@ -403,11 +409,11 @@ class AuthClient(TypedClient):
 
     async def create_key(self, *, token: str, name: str, expires_in_days: int | None = None,
                          expires_at: str | None = None, allowed_models: list[str] | None = None,
-                         timeout: float | None = None) -> NewApiKey:
+                         org: int | str | None = None, timeout: float | None = None) -> NewApiKey:
         """A new key: it expires after `expires_in_days` or at `expires_at` (ISO 8601), and may
-        name only `allowed_models` (None: every model)."""
+        name only `allowed_models` (None: every model); `org`: an organisation's key (None: personal)."""
         return await self._call("create_key", timeout, token=token, name=name, expires_in_days=expires_in_days,
-                                expires_at=expires_at, allowed_models=allowed_models)
+                                expires_at=expires_at, allowed_models=allowed_models, org=org)
 
     async def update_key(self, *, token: str, key_id: int, name: Any = KEEP, expires_at: Any = KEEP,
                          allowed_models: Any = KEEP, timeout: float | None = None) -> ApiKey:
