@@ -4,7 +4,8 @@
     inferswarm register USERNAME EMAIL        inferswarm login USERNAME_OR_EMAIL
     inferswarm logout [--everywhere]          inferswarm keys create|list|revoke
     inferswarm keys rotate KEY_ID [--overlap 24h|90m|0]   (a new key; the old one stops after the overlap)
-    inferswarm keys create NAME [--models a,b] [--expires 30d|ISO8601]   (limited to those models; expiring)
+    inferswarm keys create NAME [--models a,b] [--expires 30d|ISO8601] [--org ORG]   (limited to those models;
+                                              expiring; an organisation's key)
     inferswarm keys edit KEY_ID [--name N] [--models a,b | --all-models] [--expires 30d|ISO8601 | --no-expiry]
     inferswarm keys create|edit ... [--requests-per-hour N] [--requests-per-month N] [--tokens-per-month N]
                                [--budget-day AMOUNT] [--budget-month AMOUNT]   (`none` clears, on edit)
@@ -24,6 +25,8 @@
                                               (the operator, else a logged-in admin)
     inferswarm webhook set URL [--thresholds 50,80,100]   (your spending alerts' webhook; its secret shown once)
     inferswarm webhook show|rotate-secret|remove|deliveries     inferswarm alerts [--limit N]
+    inferswarm org create|list|show|invite|invites|accept|decline|role|remove|limits|report ...
+                                              (organisations: orgs.py)
     inferswarm credential ROLE [--out FILE]   (the operator: a service's credential)
     inferswarm receipts verify FILE [--keys FILE | --base-url URL]   (signed usage receipts)
 
@@ -36,7 +39,7 @@ commands call them directly, without joining the DHT. Every command accepts
 
 Where the mesh cannot be reached, `--base-url URL` (or `INFERSWARM_BASE_URL`)
 sends `infer`, `chat`, `models`, `quota`, `usage`, `costs`, `register`, `login`,
-`logout`, `password`, `keys` and `budget` to the web service's HTTP API instead
+`logout`, `password`, `keys`, `budget` and `org` to the web service's HTTP API instead
 (`httpclient.py`), with the same output, error lines and exit codes;
 `--ca-file FILE` trusts a certificate authority for an https URL. The other
 commands need the mesh and do not take `--base-url` (but `receipts verify`,
@@ -65,6 +68,7 @@ from inferswarm.audit import AUDIT_COMMANDS
 from inferswarm.budget import BUDGET_COMMANDS
 from inferswarm.commands import COMMANDS, Result, expiry_moment, model_list, overlap_seconds
 from inferswarm.costs import COST_COMMANDS
+from inferswarm.orgs import ORG_COMMANDS, add_org_commands, org_ref
 from inferswarm.tiers import TIER_COMMANDS, add_set_arguments
 from inferswarm.webhooks import WEBHOOK_COMMANDS, add_webhook_parsers
 from inferswarm.config import client_config
@@ -90,7 +94,7 @@ OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list", "admin t
 #: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
 HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
                            "keys revoke", "keys rotate", "keys edit", "usage", "costs", "models", "quota", "infer", "chat",
-                           "budget", "budget set"})
+                           "budget", "budget set", *ORG_COMMANDS})
 
 
 def _client_options() -> argparse.ArgumentParser:
@@ -123,7 +127,7 @@ def parser() -> argparse.ArgumentParser:
         prog="inferswarm", description="An AI inference platform on a DHT mesh.",
         epilog="Client commands reach the mesh through --bootstrap (default: the stack `inferswarm up` runs "
                "here). Where the mesh cannot be reached, infer, chat, models, quota, usage, costs, register, login, "
-               "logout, password, keys and budget take --base-url URL (or INFERSWARM_BASE_URL): the web service's "
+               "logout, password, keys, budget and org take --base-url URL (or INFERSWARM_BASE_URL): the web service's "
                "HTTP API, with the same output and exit codes. The API key: INFERSWARM_API_KEY, else the one "
                "`keys create` saved. `inferswarm COMMAND --help` for each command's options.")
     commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -174,6 +178,8 @@ def parser() -> argparse.ArgumentParser:
     create.add_argument("--models", type=model_list, metavar="A,B",
                         help="the only models the key may use, comma-separated (default: every model)")
     add_limit_options(create, clearing=False)
+    create.add_argument("--org", type=org_ref, metavar="ORG",
+                        help="a key of this organisation (id or name; you must be a member): its limits apply")
     client("keys list", "list your keys", keys)
     edit = client("keys edit", "change a key's name, models, expiry or limits (gateways see it within a second)",
                   keys)
@@ -201,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
                         budget.add_subparsers(dest="budget_command", metavar="ACTION"))
     add_budget_options(set_budget)
     add_webhook_parsers(client, commands)
+    add_org_commands(commands, client)
 
     usage = client("usage", "requests and tokens per day")
     usage.add_argument("--start", help="YYYY-MM-DD (default: 30 days ago)")
@@ -329,7 +336,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> Result:
     command = {**COMMANDS, **COST_COMMANDS, **AUDIT_COMMANDS, **TIER_COMMANDS, **BUDGET_COMMANDS,
-               **WEBHOOK_COMMANDS}[args.action]
+               **WEBHOOK_COMMANDS, **ORG_COMMANDS}[args.action]
     creds = Credentials.load()
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)

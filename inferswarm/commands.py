@@ -134,7 +134,8 @@ async def logout(args: Namespace, session: Session | None, creds: Credentials,
 async def keys_create(args: Namespace, session: Session, creds: Credentials) -> Result:
     key = await _auth(session).create_key(token=need_token(creds), name=args.name,
                                           expires_in_days=args.expires_in_days, expires_at=args.expires,
-                                          allowed_models=args.models, limits=limit_changes(args) or None)
+                                          allowed_models=args.models, limits=limit_changes(args) or None,
+                                          org=args.org)
     creds.api_key = key["api_key"]
     creds.save()
     text = (f"{key['api_key']}\n"
@@ -147,9 +148,9 @@ async def keys_list(args: Namespace, session: Session, creds: Credentials) -> Re
     keys = await _auth(session).list_keys(token=need_token(creds))
     rows = [[k["id"], k["name"], k["prefix"], k["status"], (k["created_at"] or "-")[:19],
              (k.get("last_used_at") or "-")[:19], (k.get("expires_at") or "-")[:19], _models(k),
-             describe_limits(k.get("limits"), none="-")] for k in keys]
-    return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires", "models", "limits"],
-                        rows), keys)
+             describe_limits(k.get("limits"), none="-"), k.get("org_id") or "-"] for k in keys]
+    return Result(table(["id", "name", "prefix", "status", "created", "last used", "expires", "models", "limits",
+                         "org"], rows), keys)
 
 
 def _models(key: Any) -> str:

@@ -21,7 +21,7 @@ from inferswarm.credentials import Credentials
 from services.auth.client import AuthClient
 from shared.report_csv import report_csv
 
-__all__ = ["COST_COMMANDS", "costs", "admin_top_spenders", "money_text"]
+__all__ = ["COST_COMMANDS", "costs", "admin_top_spenders", "money_text", "report_result"]
 
 
 def money_text(cost: dict[str, str] | None) -> str:
@@ -32,14 +32,19 @@ def money_text(cost: dict[str, str] | None) -> str:
 async def costs(args: Namespace, session: Session, creds: Credentials) -> Result:
     report = await AuthClient(session("auth")).report(token=need_token(creds), start=args.start, end=args.end,
                                                       group_by=args.group, by=args.by)
-    if args.csv:
+    return report_result(report, csv=args.csv)
+
+
+def report_result(report: Any, *, csv: bool) -> Result:
+    """A report (`auth.report`, `auth.org_report`) as a table with its totals, or as CSV."""
+    if csv:
         return Result(report_csv(report).rstrip("\r\n"), report)
     by = report["by"]
     headers = ["period", *([by] if by else []), "requests", "prompt tokens", "completion tokens", "cost",
                "unpriced"]
     rows: list[list[Any]] = []
     for row in report["rows"]:
-        named = [row.get("model")] if by == "model" else [_key(row)] if by == "key" else []
+        named = {"model": [row.get("model")], "key": [_key(row)], "member": [row.get("username")]}.get(by, [])
         rows.append([row["period"], *named, row["requests"], row["prompt_tokens"], row["completion_tokens"],
                      money_text(row["cost"]), row["unpriced"]])
     totals = report["totals"]

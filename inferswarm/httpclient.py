@@ -17,6 +17,9 @@ and the commands run unchanged. Each method is one route:
     auth.set_budget   PUT    /api/budget                               the session token as Bearer
     auth.register, login, logout, logout_all, change_password,
     list_keys, create_key, update_key, revoke_key, rotate_key  /api/auth/...       (services/web/api.py)
+    auth.create_org, orgs, org, invite, invitations, answer_invite,
+    set_member_role, remove_member, set_org_limits, org_report  /api/orgs/..., /api/invites/...
+                                                                               (services/web/org_api.py)
 
 Answers come back in the RPC shapes: `/v1` chunks become `{"text"}` chunks and
 a final `{"done": true, model, finish_reason, usage, id, receipt}` (no `timing`,
@@ -72,6 +75,7 @@ class Route(NamedTuple):
     unwrap: str | None = None  #: the field of the reply that is the RPC answer
     rename: tuple[tuple[str, str], ...] = ()  #: (RPC parameter, its name in the query), where they differ
     nulls: bool = False  #: a body parameter given as None is sent as null (PATCH: null clears, absent keeps)
+    body_of: str | None = None  #: the parameter whose value is the whole body (a map of limits)
 
 
 ROUTES = {
@@ -82,7 +86,7 @@ ROUTES = {
     "auth.change_password": Route("POST", "/api/auth/password", "token", ("old_password", "new_password")),
     "auth.list_keys": Route("GET", "/api/auth/api-keys", "token", unwrap="keys"),
     "auth.create_key": Route("POST", "/api/auth/api-keys", "token",
-                             ("name", "expires_in_days", "expires_at", "allowed_models", "limits")),
+                             ("name", "expires_in_days", "expires_at", "allowed_models", "limits", "org")),
     "auth.update_key": Route("PATCH", "/api/auth/api-keys/{key_id}", "token",
                              ("name", "expires_at", "allowed_models", "limits"), nulls=True),
     "auth.revoke_key": Route("DELETE", "/api/auth/api-keys/{key_id}", "token"),
@@ -95,6 +99,17 @@ ROUTES = {
                          rename=(("group_by", "group"),)),
     "auth.top_spenders": Route("GET", "/api/admin/top-spenders", "token", query=("start", "end", "limit")),
     "gateway.quota": Route("GET", "/api/quota", "either"),
+    "auth.create_org": Route("POST", "/api/orgs", "token", ("name",)),
+    "auth.orgs": Route("GET", "/api/orgs", "token", unwrap="orgs"),
+    "auth.org": Route("GET", "/api/orgs/{org}", "token"),
+    "auth.invite": Route("POST", "/api/orgs/{org}/invites", "token", ("username", "role")),
+    "auth.invitations": Route("GET", "/api/invites", "token", unwrap="invites"),
+    "auth.answer_invite": Route("POST", "/api/invites/{invite_id}", "token", ("accept",)),
+    "auth.set_member_role": Route("PATCH", "/api/orgs/{org}/members/{user}", "token", ("role",)),
+    "auth.remove_member": Route("DELETE", "/api/orgs/{org}/members/{user}", "token"),
+    "auth.set_org_limits": Route("PUT", "/api/orgs/{org}/limits", "token", body_of="limits"),
+    "auth.org_report": Route("GET", "/api/orgs/{org}/report", "token", query=("start", "end", "group_by", "by"),
+                             rename=(("group_by", "group"),)),
 }
 
 
@@ -275,13 +290,16 @@ class HttpService:
         route = ROUTES.get(method)
         if route is None:
             raise MethodNotFound(f"{method} is not offered over HTTP: this command needs the mesh")
-        path = route.path.format(**{k: quote(str(params.pop(k, "")), safe="") for k in ("key_id",)
-                                    if "{" + k + "}" in route.path})
+        path = route.path.format(**{k: quote(str(params.pop(k, "")), safe="")
+                                    for k in re.findall(r"\{(\w+)\}", route.path)})
         names = dict(route.rename)
         query = {names.get(k, k): params[k] for k in route.query if params.get(k) is not None}
         body = {k: params[k] for k in route.body if k in params and (route.nulls or params[k] is not None)}
+        if route.body_of is not None:
+            body = params.get(route.body_of) or {}
         answer = await self._exchange(route.verb, path + ("?" + urlencode(query) if query else ""),
-                                      body if route.verb in ("POST", "PATCH", "PUT") else None, _auth(route.auth, params), deadline)
+                                      body if route.verb in ("POST", "PATCH", "PUT") else None,
+                                      _auth(route.auth, params), deadline)
         return answer[route.unwrap] if route.unwrap else answer
 
     async def stream(self, method: str, params: dict[str, Any] | None = None, *,

@@ -2,7 +2,8 @@
 dashboard's "Download CSV" and `inferswarm costs --csv` all give.
 
 One line per row of the report, after a header line: `period`, then `model`
-(by model) or `key_id`, `key_name` (by key), the figures, and a `cost_<CURRENCY>`
+(by model), `key_id`, `key_name` (by key) or `user_id`, `username` (an
+organisation's report by member: `auth.org_report`), the figures, and a `cost_<CURRENCY>`
 column per currency of the report (empty where a row has none of it).
 Money is its exact decimal string, never a float. Every cell a spreadsheet
 would take for a formula (starting with `=`, `+`, `-`, `@`, a tab or a
@@ -40,7 +41,7 @@ def _currencies(report: Mapping[str, Any]) -> list[str]:
 def report_csv(report: Mapping[str, Any]) -> str:
     """The rows of an `auth.report` answer as CSV, with a header line."""
     by = report.get("by")
-    dimension = ["model"] if by == "model" else ["key_id", "key_name"] if by == "key" else []
+    dimension = {"model": ["model"], "key": ["key_id", "key_name"], "member": ["user_id", "username"]}.get(by or "", [])
     currencies = _currencies(report)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")

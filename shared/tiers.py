@@ -31,16 +31,19 @@ from typing import Any, Literal
 
 from shared.config import env
 
-__all__ = ["DEFAULT_TIER", "as_money", "LIMIT_NAMES", "MONEY_LIMITS", "TierName", "TIER_NAMES", "Tier", "TierTable",
+__all__ = ["BUDGET_NAMES", "COUNT_NAMES", "DEFAULT_TIER", "as_money", "LIMIT_NAMES", "MONEY_LIMITS", "money_text", "TierName", "TIER_NAMES", "Tier", "TierTable",
            "TierConfig", "parse_limit"]
 
 TierName = Literal["free", "pro", "enterprise", "unlimited"]
 TIER_NAMES: tuple[str, ...] = ("free", "pro", "enterprise", "unlimited")
 DEFAULT_TIER = "free"
 #: The limits of a tier, in the order they are shown; the last two are money.
-LIMIT_NAMES: tuple[str, ...] = ("requests_per_hour", "requests_per_month", "tokens_per_month",
-                                "spend_per_day", "spend_per_month")
+#: The limits of a scope (a tier, a user, a key, an organisation): counts, then money budgets.
+COUNT_NAMES: tuple[str, ...] = ("requests_per_hour", "requests_per_month", "tokens_per_month")
 MONEY_LIMITS: tuple[str, ...] = ("spend_per_day", "spend_per_month")
+BUDGET_NAMES = MONEY_LIMITS
+LIMIT_NAMES: tuple[str, ...] = COUNT_NAMES + MONEY_LIMITS
+_CENTS = Decimal("0.01")
 _MONEY_PLACES = Decimal("0.000001")  #: NUMERIC(18,6)
 
 
@@ -120,8 +123,20 @@ def _budget(value: Decimal | None) -> Decimal | None:
     return None if value is None else as_money(value)
 
 
+def money_text(value: Decimal | str | int | None) -> str | None:
+    """An amount for the wire: its exact decimal string with at least 2 decimals ("1.50",
+    "0.123456"), or None."""
+    if value is None:
+        return None
+    amount = Decimal(str(value)).normalize()
+    exponent = amount.as_tuple().exponent
+    if not isinstance(exponent, int) or exponent > -2:  # "1", "1E+2", "1.5": to cents
+        amount = amount.quantize(_CENTS)
+    return format(amount, "f")
+
+
 def _wire(value: int | Decimal | None) -> int | str | None:
-    return format(value, "f") if isinstance(value, Decimal) else value
+    return money_text(value) if isinstance(value, Decimal) else value
 
 
 def _defaults(config: TierConfig) -> dict[str, Tier]:

@@ -13,8 +13,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from web_support import PASSWORD
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "PHONE", "DESKTOP", "chromium", "new_page", "register_and_login",
-           "fits_the_screen"]
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "PHONE", "DESKTOP", "OVERFLOWING", "chromium", "new_page",
+           "register_and_login", "fits_the_screen"]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -65,3 +65,9 @@ def register_and_login(page: Page, name: str, email: str | None = None) -> None:
 def fits_the_screen(page: Page) -> bool:
     """No horizontal scrolling of the page itself."""
     return page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+#: Table cells whose text runs out of them, and containers that scroll sideways (`page.evaluate`: a list).
+OVERFLOWING = """() => [...document.querySelectorAll("main td, main .scroll")]
+  .filter(e => e.getClientRects().length && e.scrollWidth > e.clientWidth)
+  .map(e => `${e.outerHTML.slice(0, 100)}: ${e.scrollWidth} > ${e.clientWidth}`)"""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -123,7 +124,7 @@ async def test_a_price_changed_mid_run_prices_each_record_at_the_price_of_its_mo
             continue
         output = 10 if at < switch.timestamp() else 20
         assert cost == (Decimal(prompt) + Decimal(completion * output)) / 1_000_000, (at, switch)
-    rows = {r["request_id"]: r for r in await _settled(mesh, user.key_id, len(costs))}
+    rows = {r["request_id"]: r for r in await _settled(mesh, user.key_id, len(costs), costs)}
     assert {request_id: rows[request_id]["cost"] for request_id in costs} == {i: c[1] for i, c in costs.items()}
 
 
@@ -155,9 +156,11 @@ async def _until_priced(mesh: GatewayMesh, api_key: str, input: str, output: str
             await asyncio.sleep(0.1)
 
 
-async def _settled(mesh: GatewayMesh, key_id: int, count: int) -> list[asyncpg.Record]:
+async def _settled(mesh: GatewayMesh, key_id: int, count: int, ids: Iterable[str] = ()) -> list[asyncpg.Record]:
+    """The key's usage records once at least `count` are stored, `ids` among them."""
+    wanted = set(ids)
     deadline = time.monotonic() + 15
-    while len(rows := await records(mesh, key_id)) < count:
+    while len(rows := await records(mesh, key_id)) < count or not wanted <= {r["request_id"] for r in rows}:
         assert time.monotonic() < deadline, f"{len(rows)} of {count} usage records shipped"
         await asyncio.sleep(0.1)
     return rows

@@ -90,7 +90,7 @@ async def test_set_tier_limits_checks_every_field(auth):
         ({"name": "free", "limits": {"spend_per_month": "1000000000.01"}}, "spend_per_month"),
         ({"name": "free", "limits": {"spend_per_month": "-1"}}, "spend_per_month"),
         ({"name": "free", "limits": {"spend_per_month": "1e3"}}, "spend_per_month"),
-        ({"name": "free", "limits": {"requests_per_day": 5}}, "limits"),
+        ({"name": "free", "limits": {"requests_per_day": 5}}, "requests_per_day"),
         ({"name": "free", "limits": {}}, "limits"),
         ({"name": "free", "limits": {}, "priority": 10}, "priority"),
         ({"name": "free", "limits": {}, "priority": -1}, "priority"),
@@ -103,7 +103,7 @@ async def test_set_tier_limits_checks_every_field(auth):
         "spend_per_day": "12.5", "spend_per_month": 1000, "requests_per_month": None, "tokens_per_month": 10**12})
     assert tier["priority"] == 9 and tier["limits"] == {
         "requests_per_hour": 1000, "requests_per_month": None, "tokens_per_month": 10**12,
-        "spend_per_day": "12.500000", "spend_per_month": "1000.000000"}
+        "spend_per_day": "12.50", "spend_per_month": "1000.00"}
 
 
 async def test_only_admins_and_the_operator_may_set_limits(auth):
@@ -125,7 +125,7 @@ async def test_a_change_is_audited_and_logged_once(auth, db):
     assert len(rows) == 1 and rows[0]["user_id"] is None and rows[0]["actor_id"] == admin_id
     assert json.loads(rows[0]["details"]) == {  # requests_per_hour was already 10 000: no change
         "tier": "enterprise", "by": "admin", "from": {"spend_per_month": None},
-        "to": {"spend_per_month": "99.500000"}}
+        "to": {"spend_per_month": "99.50"}}
     logged = await db.fetch("SELECT key_id, user_id, reason FROM invalidations WHERE reason LIKE 'tier%'")
     assert [tuple(r) for r in logged] == [(None, None, "tier_limits_changed")]
     # The same values again change nothing: no audit, no invalidation.

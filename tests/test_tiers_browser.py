@@ -50,11 +50,11 @@ def test_tiers_page_for_an_admin_and_a_user(stack, browser, shots):
     page.click("#tier-free button[type=submit]")
     expect(page.locator(".notice")).to_contain_text("free: saved")
     expect(free.locator("td[data-label='Requests/month']")).to_have_text("2,000")
-    expect(free.locator("td[data-label='Budget/month']")).to_have_text("25.500000")
+    expect(free.locator("td[data-label='Budget/month']")).to_have_text("25.50")
     expect(free.locator("td[data-label='Tokens/month']")).to_have_text("no limit")
     expect(free.locator("td[data-label=Priority]")).to_have_text("1")
     expect(free.locator("td[data-label=Values]")).to_have_text("edited")
-    expect(page.locator("#f-free-spend_per_month")).to_have_value("25.500000")
+    expect(page.locator("#f-free-spend_per_month")).to_have_value("25.50")
 
     page.fill("#f-pro-requests_per_hour", "many")  # refused here, by its field
     page.click("#tier-pro button[type=submit]")

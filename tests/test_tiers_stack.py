@@ -36,7 +36,7 @@ def test_rest_tiers_for_users_and_admins(stack):
     status, tier = call(stack, "PATCH", "/api/tiers/enterprise", admin_token,
                         {"spend_per_day": 12.25, "requests_per_month": None, "priority": 5})
     assert status == 200, tier
-    assert tier["limits"]["spend_per_day"] == "12.250000" and tier["limits"]["requests_per_month"] is None
+    assert tier["limits"]["spend_per_day"] == "12.25" and tier["limits"]["requests_per_month"] is None
     assert tier["priority"] == 5 and tier["limits"]["requests_per_hour"] == 10_000  # left out: kept
     for body, param in (({"requests_per_hour": 1.5}, "requests_per_hour"), ({"spend_per_day": 1e-7}, "spend_per_day"),
                         ({"colour": "red"}, "colour"), ({"priority": 12}, "priority")):
@@ -62,7 +62,7 @@ def test_admin_tiers_commands_as_cli_processes(stack, tmp_path):
     free = next(t for t in json.loads(listed.stdout) if t["name"] == "free")
     assert free == {"name": "free", "priority": 2, "edited": True, "limits": {
         "requests_per_hour": 100, "requests_per_month": 2500, "tokens_per_month": None,
-        "spend_per_day": "1.500000", "spend_per_month": None}}
+        "spend_per_day": "1.50", "spend_per_month": None}}
 
     for args, says in ((("--requests-per-hour", "lots"), "requests_per_hour"),
                        (("--budget-month", "0.1234567"), "spend_per_month"),

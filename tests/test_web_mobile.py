@@ -18,7 +18,7 @@ import urllib.request
 import pytest
 from playwright.sync_api import Page, expect
 
-from browser_support import DESKTOP, PHONE, fits_the_screen, new_page, register_and_login
+from browser_support import DESKTOP, OVERFLOWING, PHONE, fits_the_screen, new_page, register_and_login
 from web_support import MODEL, web_stack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
 #: served by the same upstream as MODEL, under a name too long for a phone's line
 LONG_MODEL = "acme-research/long-model-name-for-small-screens-70b-instruct:q4k"  # 64 characters: the most
 LONG_KEY_NAME = "build-server-in-the-basement-rack-3-unit-12-of-the-old-office"
-PAGES = ("/dashboard", "/keys", "/models", "/account", "/status", "/admin")
+PAGES = ("/dashboard", "/keys", "/orgs", "/models", "/account", "/status", "/admin")
 VIEWPORTS = {"phone": PHONE, "desktop": DESKTOP}
 
 # What lies outside the screen (or has no size) among the things one can click or type in.
@@ -35,10 +35,6 @@ OUT_OF_VIEW = """() => [...document.querySelectorAll(
   .map(e => [e.outerHTML.slice(0, 100), e.getBoundingClientRect()])
   .filter(([, r]) => r.width === 0 || r.left < 0 || r.right > window.innerWidth)
   .map(([what, r]) => `${what}: ${r.left}..${r.right}`)"""
-# Table cells whose text runs out of them, and containers that scroll sideways.
-OVERFLOWING = """() => [...document.querySelectorAll("main td, main .scroll")]
-  .filter(e => e.getClientRects().length && e.scrollWidth > e.clientWidth)
-  .map(e => `${e.outerHTML.slice(0, 100)}: ${e.scrollWidth} > ${e.clientWidth}`)"""
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,13 @@ from shared.errors import InvalidParams
 __all__ = ["EVENTS", "MAX_LIMIT", "DEFAULT_LIMIT", "check_actions", "check_moment", "check_limit",
            "check_before_id", "event_view", "redact"]
 
-#: Every event the auth service writes (store.py, price_store.py, service.py).
+#: Every event the auth service writes (store.py, price_store.py, org_store.py, service.py).
 EVENTS = (
     "user_registered", "login_failed", "logged_out", "logged_out_everywhere", "password_changed",
     "password_change_failed", "admin_granted", "admin_revoked", "tier_changed", "user_enabled",
     "user_disabled", "key_created", "key_revoked", "key_rotated", "key_updated", "budget_changed", "price_set",
     "budget_alert", "webhook_set", "webhook_removed", "webhook_secret_rotated",
+    "org_created", "org_invited", "org_joined", "org_role_changed", "org_member_removed", "org_limits_changed",
 )
 #: The events whose NULL actor is the operator (a mesh member), not nobody.
 _OPERATOR_EVENTS = frozenset({"admin_granted", "admin_revoked", "price_set"})

@@ -16,6 +16,7 @@ from services.auth import keys as apikeys
 from services.auth import validation as check
 from services.auth.key_edits import check_allowed_models, check_expiry
 from services.auth.limits import BUDGET_NAMES, check_limits, limits_of
+from services.auth.org_methods import add_org_scope, org_id_of
 from services.auth.service_base import KEEP, AuthBase, check_id, iso
 
 __all__ = ["KeyMethods"]
@@ -43,6 +44,7 @@ def _key_view(key: asyncpg.Record) -> dict[str, Any]:
         "rotated_from": key["rotated_from"],
         "allowed_models": list(key["allowed_models"]) if key["allowed_models"] is not None else None,
         "limits": limits_of(key),
+        "org_id": key["org_id"],  # None: a personal key
     }
 
 
@@ -65,11 +67,13 @@ class KeyMethods(AuthBase):
     async def create_key(
         self, token: str, name: str, expires_in_days: int | None = None, expires_at: str | None = None,
         allowed_models: list[str] | None = None, limits: dict[str, Any] | None = None,
+        org: int | str | None = None,
     ) -> dict[str, Any]:
         """A new API key; the `api_key` field is the only time it is ever shown. It expires
         after `expires_in_days` or at `expires_at` (ISO 8601; not both; default never), may
-        name only `allowed_models` (1-64 model names; default every model), and has its own
-        `limits` (any of limits.LIMIT_NAMES; default none but the user's)."""
+        name only `allowed_models` (1-64 model names; default every model), has its own
+        `limits` (any of limits.LIMIT_NAMES; default none but the user's), and with `org`
+        (an organisation of the caller's, by id or name) is that organisation's key."""
         user = await self._authenticate(token)
         name = check.check_name(name)
         when = None
@@ -85,10 +89,11 @@ class KeyMethods(AuthBase):
             when = check_expiry(expires_at, max_days=self._max_key_days)
         models = check_allowed_models(allowed_models) if allowed_models is not None else None
         own = check_limits(limits) if limits is not None else {}
+        org_id = await org_id_of(self._orgs, org, user["id"])
         api_key = apikeys.generate_key()
         key = await self.store.create_key(
             user["id"], name, apikeys.hash_key(api_key), apikeys.display_prefix(api_key),
-            when, max_keys=self._max_keys, allowed_models=models, limits=own,
+            when, max_keys=self._max_keys, allowed_models=models, limits=own, org_id=org_id,
         )
         log.info("api key created", user_id=user["id"], key_id=key["id"])
         return {**_key_view(key), "api_key": api_key}
@@ -207,6 +212,7 @@ class KeyMethods(AuthBase):
             "allowed_models": list(row["allowed_models"]) if row["allowed_models"] is not None else None,
             "scopes": _scopes(row, user_limits), "currency": self.currency,
         }
+        await add_org_scope(self._orgs, result, row["id"])  # org_id; `scopes`: the user's, the org's
         # Cache only if no invalidation arrived while we read: it may concern this key.
         if self.cache.epoch == epoch:
             self.cache.put(key_hash, result, user_id=row["user_id"], key_id=row["id"],

@@ -19,13 +19,13 @@ refusal is `INVALID_PARAMS` naming the limit.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
 from shared.errors import InvalidParams
-from services.auth.client.limits import BUDGET_NAMES, COUNT_NAMES, LIMIT_NAMES  # one list for auth and clients
+from shared.tiers import BUDGET_NAMES, COUNT_NAMES, LIMIT_NAMES, money_text  # one list for auth, clients, gateways
+from services.auth.prices import check_amount
 
 __all__ = ["BUDGET_NAMES", "COUNT_NAMES", "LIMIT_NAMES", "MAX_COUNT", "MAX_MONEY", "MONEY_PLACES",
            "check_count", "check_limit", "check_limits", "check_money", "effective", "limits_of", "money_text"]
@@ -33,8 +33,6 @@ __all__ = ["BUDGET_NAMES", "COUNT_NAMES", "LIMIT_NAMES", "MAX_COUNT", "MAX_MONEY
 MAX_COUNT = 10**12
 MAX_MONEY = 10**9
 MONEY_PLACES = 6  #: NUMERIC(18,6)
-_MONEY = re.compile(r"(\d{1,10})(?:\.(\d+))?")
-_CENTS = Decimal("0.01")
 
 
 def check_count(value: Any, param: str) -> int:
@@ -47,19 +45,8 @@ def check_count(value: Any, param: str) -> int:
 
 def check_money(value: Any, param: str) -> Decimal:
     """An amount 0..10^9, at most 6 decimals, as a decimal string or a whole number; never a float
-    (0.1 is not exact in binary)."""
-    if type(value) is int:
-        value = str(value)
-    match = _MONEY.fullmatch(value) if isinstance(value, str) else None
-    if match is None:
-        raise InvalidParams(f"{param} must be an amount such as \"1.50\" (a decimal string; a float is not "
-                            "exact), or null for no limit", {"param": param})
-    if match[2] is not None and len(match[2]) > MONEY_PLACES:
-        raise InvalidParams(f"{param} has more than {MONEY_PLACES} decimals", {"param": param})
-    amount = Decimal(value)
-    if amount > MAX_MONEY:
-        raise InvalidParams(f"{param} must be at most {MAX_MONEY}", {"param": param})
-    return amount
+    (0.1 is not exact in binary): the prices' rule (prices.py `check_amount`)."""
+    return check_amount(value, param, maximum=Decimal(MAX_MONEY))
 
 
 def check_limit(name: str, value: Any) -> int | Decimal | None:
@@ -81,17 +68,6 @@ def check_limits(value: Any, param: str = "limits", names: tuple[str, ...] = LIM
             raise InvalidParams(f"{param}: unknown limit {shown!r} (known: {', '.join(names)})",
                                 {"param": shown})
     return {name: check_limit(name, value[name]) for name in names if name in value}
-
-
-def money_text(value: Any) -> str | None:
-    """An amount for the wire: its exact decimal string with at least 2 decimals ("1.50",
-    "0.123456"), or None. Takes a Decimal, a decimal string or a whole number."""
-    if value is None:
-        return None
-    amount = Decimal(str(value)).normalize()
-    if amount.as_tuple().exponent > -2:  # type: ignore[operator]  # "1", "1E+2", "1.5": to cents
-        amount = amount.quantize(_CENTS)
-    return format(amount, "f")
 
 
 def limits_of(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def check_amount(value: str | int, param: str, *, maximum: Decimal) -> Decimal:
     text = str(value)
     match = _AMOUNT.fullmatch(text)
     if match is None or Decimal(text) > maximum:
-        raise InvalidParams(f"{param} must be a non-negative decimal number up to {maximum}, "
+        raise InvalidParams(f"{param} must be an amount from 0 to {maximum}, a decimal string "
                             f"such as \"0.15\"", {"param": param})
     if match[2] is not None and len(match[2]) > PRICE_PLACES:
         raise InvalidParams(f"{param} has more than {PRICE_PLACES} decimals", {"param": param})

@@ -10,10 +10,10 @@ A period is named by its first day (ISO 8601, UTC): the day itself, the Monday
 of its ISO week, or the first of its month. The first and last periods of a
 range may be partial: only the days from `start` to `end` count.
 
-**The seam for organisations.** A report covers a list of users
-(`UsageStore.report(user_ids, ...)`), today the caller alone. When members and
-organisations exist, an organisation's report passes its members, and `BY`
-gains "member" (grouping by `user_id`), beside "model" and "key".
+**Organisations.** A report covers a list of users (`UsageStore.report(user_ids,
+...)`) and, for an organisation's (`auth.org_report`, org_methods.py), only the
+usage attributed to it (its keys'): every member's for its owners and admins,
+a plain member's own; `by` may then be "member" too (`ORG_BY`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from typing import Any
 from shared.errors import InvalidParams
 from services.auth.prices import money
 
-__all__ = ["PERIODS", "BY", "MAX_DAYS", "MAX_SPENDERS", "day_range", "check_period", "check_by",
+__all__ = ["PERIODS", "BY", "ORG_BY", "MAX_DAYS", "MAX_SPENDERS", "day_range", "check_period", "check_by",
            "check_limit", "report_rows", "report_totals", "spender_rows"]
 
 PERIODS = ("day", "week", "month")
-BY = ("model", "key")  #: and, once organisations exist, "member"
+BY = ("model", "key")  #: a user's report
+ORG_BY = ("member", "model", "key")  #: an organisation's
 MAX_DAYS = 366  #: the longest range, in days, both ends included
 DEFAULT_DAYS = 30
 MAX_SPENDERS = 100
@@ -62,9 +63,9 @@ def check_period(group_by: str) -> str:
     return group_by
 
 
-def check_by(by: str | None) -> str | None:
-    if by is not None and by not in BY:
-        raise InvalidParams("by must be model or key (or absent: every model and key together)",
+def check_by(by: str | None, allowed: tuple[str, ...] = BY) -> str | None:
+    if by is not None and by not in allowed:
+        raise InvalidParams(f"by must be {', '.join(allowed[:-1])} or {allowed[-1]} (or absent: all together)",
                             {"param": "by"})
     return by
 
@@ -76,11 +77,11 @@ def check_limit(limit: int) -> int:
 
 
 def report_rows(records: list[Any], by: str | None) -> list[dict[str, Any]]:
-    """One row per period (and model or key), the currencies' rows folded together, in SQL's order."""
+    """One row per period (and model, key or member), the currencies' rows folded together, in SQL's order."""
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     sums: dict[tuple[Any, ...], dict[str, Decimal]] = {}
     for r in records:
-        group = (r["period"], r["model"], r["key_id"])
+        group = (r["period"], r["model"], r["key_id"], r["user_id"])
         row = rows.get(group)
         if row is None:
             row = rows[group] = {"period": r["period"].isoformat()}
@@ -88,6 +89,8 @@ def report_rows(records: list[Any], by: str | None) -> list[dict[str, Any]]:
                 row["model"] = r["model"]
             elif by == "key":
                 row.update(key_id=r["key_id"], key_name=r["key_name"])
+            elif by == "member":
+                row.update(user_id=r["user_id"], username=r["username"])
             row.update(requests=0, prompt_tokens=0, completion_tokens=0, cost={}, unpriced=0)
             sums[group] = {}
         for field in ("requests", "prompt_tokens", "completion_tokens", "unpriced"):

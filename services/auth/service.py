@@ -1,4 +1,4 @@
-"""The auth service: accounts, sessions, API keys, usage, tiers.
+"""The auth service: accounts, sessions, API keys, usage, tiers, organisations.
 
 Public methods (any CURVE client; they carry a password or a token) and
 internal ones, each for the member role named (shared/roles.py; the operator,
@@ -13,9 +13,10 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.logout_all    public    token -> every session of the user ends, this one too
     auth.change_password public  token, old_password, new_password -> a new token; every
                                  other session ends
-    auth.create_key    public    token, name[, expires_in_days | expires_at, allowed_models, limits] ->
+    auth.create_key    public    token, name[, expires_in_days | expires_at, allowed_models, limits, org] ->
                                  key (shown once); allowed_models: the models it may name (null: all);
-                                 limits: the key's own (requests_per_hour, ..., spend_per_month)
+                                 limits: the key's own (requests_per_hour, ..., spend_per_month);
+                                 org: a key of that organisation (the caller's)
     auth.list_keys     public    token -> keys (never the key)
     auth.update_key    public    token, key_id[, name, expires_at (null: none), allowed_models
                                  (null: every model), limits (a name null: none)] -> key; dropped
@@ -47,11 +48,23 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.rotate_webhook_secret public  token -> the webhook with a new secret (once)
     auth.webhook_deliveries public  token[, limit, before_id, user (admins)] -> the delivery log
     auth.alerts        public    token[, limit, user (admins)] -> the latest spending alerts
+    auth.create_org    public    token, name -> the organisation (the caller owns it)
+    auth.orgs          public    token -> the caller's organisations and roles
+    auth.org           public    token, org -> limits, members, pending invitations (members only)
+    auth.invite        public    token, org, username[, role] -> invitation (owners, admins)
+    auth.invitations   public    token -> invitations to the caller not answered yet
+    auth.answer_invite public    token, invite_id, accept -> {accepted, org}
+    auth.set_member_role public  token, org, user, role -> member (owners; the last owner stays)
+    auth.remove_member public    token, org, user -> {removed, revoked_keys} (owners, admins; or leaving)
+    auth.set_org_limits public   token, org, limits -> the organisation (owners, admins); gateways
+                                 apply it within 1 s
+    auth.org_report    public    token, org[, start, end, group_by, by] -> usage of its keys by member,
+                                 model or key (a plain member: their own)
     auth.grant_admin   operator  user[, reason] -> user (the operator: `inferswarm admin grant`)
     auth.revoke_admin  operator  user[, reason] -> user
     auth.token_key     public    -> the JWT public key
-    auth.validate_key  gateway   api_key -> user, key, tier, limits, scopes (user; key when it has
-                                 limits), currency, priority, cursor
+    auth.validate_key  gateway   api_key -> user, key, tier, limits, org_id, scopes (user; key when it has
+                                 limits; org for an organisation's key), currency, priority, cursor
     auth.verify_token  gateway   token -> user as `me`, scopes (user)
     auth.record_usage  gateway   batch -> counts (idempotent by request id)
     auth.price_table   gateway   [since] -> {version, prices (None: unchanged since `since`)}
@@ -82,6 +95,7 @@ from services.auth.admin_methods import AdminMethods
 from services.auth.alert_methods import AlertMethods
 from services.auth.billing_methods import BillingMethods
 from services.auth.key_methods import KeyMethods
+from services.auth.org_methods import OrgMethods
 from services.auth.tier_methods import TierMethods
 
 __all__ = ["AuthService"]
@@ -91,9 +105,9 @@ log = get_logger(__name__)
 _MAX_ADDR = 64
 
 
-class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods, AlertMethods):
+class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods, AlertMethods, OrgMethods):
     """Who may do what, and the record of what was done: accounts and sessions here; keys,
-    usage and prices, administration, tiers, spending alerts in their handler classes."""
+    usage and prices, administration, tiers, spending alerts, organisations in their handler classes."""
 
     name = "auth"
 

@@ -1,7 +1,7 @@
 """What the auth service's handlers share: its state, the caller's checks, parameter helpers.
 
 `AuthService` (service.py) is one class made of a handler class per concern
-(key_methods.py, billing_methods.py, admin_methods.py, tier_methods.py) over this base;
+(key_methods.py, billing_methods.py, admin_methods.py, tier_methods.py, org_methods.py) over this base;
 the dispatcher sees one service, `auth`.
 """
 
@@ -24,6 +24,7 @@ from services.auth import validation as check
 from services.auth.alert_store import AlertStore
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
+from services.auth.org_store import OrgStore
 from services.auth.passwords import PasswordHasher
 from services.auth.price_store import PriceStore
 from services.auth.store import AuthStore
@@ -65,6 +66,7 @@ class AuthBase:
         self.store = store  #: the accounts' SQL (services/auth/store.py)
         self._usage = usage
         self._prices = prices or PriceStore(usage.pool)
+        self._orgs = OrgStore(usage.pool)  #: organisations (org_methods.py; `validate_key`'s org scope)
         self._passwords = passwords
         self._tokens = tokens
         self._tiers = tiers  #: kept in step with the `tiers` table by the feed (tier_methods.py)

@@ -38,7 +38,7 @@ _USER_COLUMNS = ("id, username, email, password_hash, tier, is_admin, is_active,
 #: A key's own limits (migration 0012), in `LIMIT_NAMES` order.
 _LIMIT_COLUMNS = ", ".join(LIMIT_NAMES)
 _KEY_COLUMNS = ("id, user_id, name, prefix, created_at, last_used_at, expires_at, revoked_at, rotated_from, "
-                f"allowed_models, {_LIMIT_COLUMNS}")
+                f"allowed_models, org_id, {_LIMIT_COLUMNS}")
 
 
 @unavailable_when_down()
@@ -242,14 +242,21 @@ class AuthStore:
     async def create_key(
         self, user_id: int, name: str, key_hash: bytes, prefix: str,
         expires_at: datetime | None, *, max_keys: int, allowed_models: list[str] | None = None,
-        limits: dict[str, Any] | None = None,
+        limits: dict[str, Any] | None = None, org_id: int | None = None,
     ) -> asyncpg.Record:
         """Store a new key's hash (and its model allow-list, None: every model; its own `limits`,
-        `LIMIT_NAMES` to values, a name left out: none); `Conflict` past `max_keys` live keys."""
+        `LIMIT_NAMES` to values, a name left out: none; its organisation, None: a personal key);
+        `Conflict` past `max_keys` live keys; `NotFound` when the user is not (or no longer) a
+        member of `org_id`."""
         limits = limits or {}
         async with self.pool.acquire() as conn, conn.transaction():
             # Lock the user row: concurrent creations count one after another.
             await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+            # The membership row is held until commit: a removal (which revokes the member's
+            # organisation keys) waits for this key, and so revokes it too.
+            if org_id is not None and await conn.fetchval(
+                    "SELECT 1 FROM org_members WHERE org_id = $1 AND user_id = $2 FOR SHARE", org_id, user_id) is None:
+                raise NotFound("no such organisation", {"param": "org"})
             live = await conn.fetchval(
                 "SELECT count(*) FROM api_keys WHERE user_id = $1 AND revoked_at IS NULL "
                 "AND (expires_at IS NULL OR expires_at > now())", user_id,
@@ -257,12 +264,13 @@ class AuthStore:
             if live >= max_keys:
                 raise Conflict(f"at most {max_keys} live keys per account; revoke one first")
             key = await conn.fetchrow(
-                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, allowed_models, "
-                f"{_LIMIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {_KEY_COLUMNS}",
-                user_id, name, key_hash, prefix, expires_at, allowed_models, *(limits.get(n) for n in LIMIT_NAMES),
+                f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, allowed_models, org_id, "
+                f"{_LIMIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING {_KEY_COLUMNS}",
+                user_id, name, key_hash, prefix, expires_at, allowed_models, org_id,
+                *(limits.get(n) for n in LIMIT_NAMES),
             )
             details = {"key_id": key["id"], "name": name, "prefix": prefix, "allowed_models": allowed_models,
-                       "limits": {n: _plain(v) for n, v in limits.items() if v is not None}}
+                       "limits": {n: _plain(v) for n, v in limits.items() if v is not None}, "org_id": org_id}
             await _audit(conn, "key_created", user_id, user_id, details)
             return key
 
@@ -299,6 +307,11 @@ class AuthStore:
         """
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)  # as create_key
+            # An organisation's key: its membership row first, as create_key and a removal take it
+            # (a removal waits, then revokes the successor too; never a deadlock on the key row).
+            await conn.execute(
+                "SELECT 1 FROM org_members m JOIN api_keys k ON k.org_id = m.org_id AND k.user_id = m.user_id "
+                "WHERE k.id = $1 AND k.user_id = $2 FOR SHARE OF m", key_id, user_id)
             old = await conn.fetchrow(
                 f"SELECT {_KEY_COLUMNS}, expires_at <= now() AS expired FROM api_keys "
                 f"WHERE id = $1 AND user_id = $2 FOR UPDATE", key_id, user_id,
@@ -331,9 +344,10 @@ class AuthStore:
             # The successor keeps the old key's list and limits: the same credential's next version.
             new = await conn.fetchrow(
                 f"INSERT INTO api_keys (user_id, name, key_hash, prefix, expires_at, rotated_from, allowed_models, "
-                f"{_LIMIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+                f"org_id, {_LIMIT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) "
                 f"RETURNING {_KEY_COLUMNS}",
                 user_id, old["name"], key_hash, prefix, old["expires_at"], key_id, old["allowed_models"],
+                old["org_id"],  # the successor of an organisation's key is the organisation's
                 *(old[n] for n in LIMIT_NAMES),
             )
             details = {"key_id": key_id, "new_key_id": new["id"], "prefix": prefix,

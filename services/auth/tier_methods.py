@@ -9,22 +9,19 @@ invalidation log (README.md, "Tiers").
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 from shared.errors import InvalidParams
 from shared.logging import get_logger
 from shared.rpc import method
-from shared.tiers import LIMIT_NAMES, MONEY_LIMITS, Tier, as_money
-from services.auth.prices import check_amount
+from shared.tiers import Tier
+from services.auth.limits import check_limits
 from services.auth.service_base import AuthBase
 
-__all__ = ["MAX_COUNT", "MAX_PRIORITY", "MAX_SPEND", "TierMethods", "check_limits", "check_priority", "tier_view"]
+__all__ = ["MAX_PRIORITY", "TierMethods", "check_priority", "tier_view"]
 
 log = get_logger(__name__)
 
-MAX_COUNT = 10**12  #: the most requests or tokens a limit may be
-MAX_SPEND = Decimal(10**9)  #: the largest budget, in the prices' currency
 MAX_PRIORITY = 9
 
 
@@ -57,27 +54,6 @@ class TierMethods(AuthBase):
             await self.feed.reset()  # here at once; other instances and gateways via the log
             log.info("tier limits changed", tier=name, fields=sorted(changes), actor_id=actor_id)
         return tier_view(tier)
-
-
-def check_limits(limits: dict[str, Any]) -> dict[str, Any]:
-    """The limits given, checked: whole numbers 0 to 10**12 (requests, tokens), money 0 to 10**9
-    with at most 6 decimals as a decimal string or whole number (budgets), or None (no limit)."""
-    changes: dict[str, Any] = {}
-    for name, value in limits.items():
-        if name not in LIMIT_NAMES:
-            raise InvalidParams(f"unknown limit {str(name)[:64]!r}; limits: {', '.join(LIMIT_NAMES)}",
-                                {"param": "limits"})
-        changes[name] = None if value is None else _check_limit(name, value)
-    return changes
-
-
-def _check_limit(name: str, value: Any) -> int | Decimal:
-    if name in MONEY_LIMITS:
-        return as_money(check_amount(value, name, maximum=MAX_SPEND))
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
-        raise InvalidParams(f"{name} must be a whole number from 0 to {MAX_COUNT}, or null for no limit",
-                            {"param": name})
-    return value
 
 
 def check_priority(priority: int) -> int:

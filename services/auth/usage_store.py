@@ -15,7 +15,12 @@ price_store.py), `cost` rounded half to even to 10 decimals (shared/pricing.py
 has the rule), NULL without a price. `usage_daily_costs` sums cost per day, key, model and
 currency (with the tokens, migration 0009), and counts the unpriced requests.
 
-Reports (`auth.report`, `auth.top_spenders`) read `usage_daily_costs` only:
+A record made with a key of an organisation is attributed to it as it is
+stored: the key's `org_id` goes into `usage.org_id` and `usage_daily_costs.org_id`
+(gateways' records do not name it; a daily row's organisation follows from its
+key, so the daily rows' unique index is unchanged). Its user is billed all the same.
+
+Reports (`auth.report`, `auth.org_report`, `auth.top_spenders`) read `usage_daily_costs` only:
 it has every figure per day, key and model, so a year of a user's usage is at
 most a few thousand rows, whatever the number of requests.
 """
@@ -63,9 +68,10 @@ WITH batch AS (
         AS b(request_id, user_id, key_id, model, prompt_hash, prompt_tokens, completion_tokens,
              cached, latency_ms, status, worker, created_at, charged, charged_currency)
 ), accepted AS (
-    SELECT b.* FROM batch b JOIN users u ON u.id = b.user_id
-    WHERE b.key_id IS NULL
-       OR EXISTS (SELECT 1 FROM api_keys k WHERE k.id = b.key_id AND k.user_id = b.user_id)
+    -- A key's record is attributed to the key's organisation, if any (gateways do not name it).
+    SELECT b.*, k.org_id FROM batch b JOIN users u ON u.id = b.user_id
+    LEFT JOIN api_keys k ON k.id = b.key_id
+    WHERE b.key_id IS NULL OR k.user_id = b.user_id
 ), priced AS (
     -- What the gateway charged, if it priced the request (its receipt says the same); else the
     -- version of the model's price in force at the record's moment, if any. `* 0.000001`,
@@ -83,13 +89,13 @@ WITH batch AS (
     ) p ON true
 ), inserted AS (
     INSERT INTO usage (request_id, user_id, key_id, model, prompt_hash, prompt_tokens,
-                       completion_tokens, cached, latency_ms, status, worker, created_at, cost, currency)
+                       completion_tokens, cached, latency_ms, status, worker, created_at, cost, currency, org_id)
     SELECT request_id, user_id, key_id, model, prompt_hash, prompt_tokens, completion_tokens,
-           cached, latency_ms, status, worker, at, cost, currency
+           cached, latency_ms, status, worker, at, cost, currency, org_id
     FROM priced
     ON CONFLICT (request_id) DO NOTHING
     RETURNING user_id, key_id, created_at, model, prompt_tokens, completion_tokens, cached, status,
-              cost, currency
+              cost, currency, org_id
 ), daily AS (
     INSERT INTO usage_daily AS d (user_id, key_id, day, requests, prompt_tokens,
                                   completion_tokens, errors, cache_hits)
@@ -105,11 +111,11 @@ WITH batch AS (
         cache_hits = d.cache_hits + EXCLUDED.cache_hits
 ), costs AS (
     INSERT INTO usage_daily_costs AS c (user_id, key_id, day, model, currency, requests, cost, unpriced,
-                                        prompt_tokens, completion_tokens)
+                                        prompt_tokens, completion_tokens, org_id)
     SELECT user_id, key_id, (created_at AT TIME ZONE 'UTC')::date, model, COALESCE(currency, ''),
            count(*), COALESCE(sum(cost), 0), count(*) FILTER (WHERE cost IS NULL),
-           sum(prompt_tokens), sum(completion_tokens)
-    FROM inserted GROUP BY 1, 2, 3, 4, 5
+           sum(prompt_tokens), sum(completion_tokens), org_id
+    FROM inserted GROUP BY 1, 2, 3, 4, 5, 11  -- org_id follows from key_id: no more rows
     ON CONFLICT (user_id, day, (COALESCE(key_id, 0)), model, currency) DO UPDATE SET
         requests = c.requests + EXCLUDED.requests,
         cost = c.cost + EXCLUDED.cost,
@@ -147,20 +153,25 @@ LIMIT $2
 """
 
 # A report: per period (the start of its UTC day, ISO week (Monday) or month) and, with `$5`,
-# per model or per key, one row per currency ('' for requests without a price). `$1` is a list of
-# users: one today; an organisation's members when organisations exist (the seam, see service.py).
+# per model, key or member, one row per currency ('' for requests without a price). `$1`: the
+# users whose usage counts (NULL: everyone's); `$6`: only what is attributed to that organisation
+# (NULL: wherever it was made). A user's report: [the user], NULL; an organisation's: its
+# members' usage of its keys, or one member's ([the member], the organisation).
 # `day::timestamp`, not `day`: a date would be cast to timestamptz, in the session's time zone.
 _REPORT = """
 SELECT date_trunc($4, c.day::timestamp)::date AS period,
        CASE WHEN $5 = 'model' THEN c.model END AS model,
        CASE WHEN $5 = 'key' THEN c.key_id END AS key_id,
        CASE WHEN $5 = 'key' THEN k.name END AS key_name,
+       CASE WHEN $5 = 'member' THEN c.user_id END AS user_id,
+       CASE WHEN $5 = 'member' THEN u.username END AS username,
        c.currency, sum(c.requests) AS requests, sum(c.prompt_tokens) AS prompt_tokens,
        sum(c.completion_tokens) AS completion_tokens, sum(c.cost) AS cost, sum(c.unpriced) AS unpriced
-FROM usage_daily_costs c LEFT JOIN api_keys k ON k.id = c.key_id
-WHERE c.user_id = ANY($1::bigint[]) AND c.day BETWEEN $2 AND $3
-GROUP BY 1, 2, 3, 4, 5
-ORDER BY 1, 2, 3 NULLS FIRST, 5
+FROM usage_daily_costs c LEFT JOIN api_keys k ON k.id = c.key_id LEFT JOIN users u ON u.id = c.user_id
+WHERE ($1::bigint[] IS NULL OR c.user_id = ANY($1::bigint[])) AND ($6::bigint IS NULL OR c.org_id = $6)
+  AND c.day BETWEEN $2 AND $3
+GROUP BY 1, 2, 3, 4, 5, 6, 7
+ORDER BY 1, 2, 3 NULLS FIRST, 6, 7
 """
 
 # Users ranked per currency by cost, then requests (then id, so ties are stable); the
@@ -224,11 +235,12 @@ class UsageStore:
         """Cost per day, key, model and currency ('' for unpriced requests), `start` to `end` inclusive."""
         return await self.pool.fetch(_COSTS, user_id, start, end)
 
-    async def report(self, user_ids: list[int], start: date, end: date, period: str,
-                     by: str | None) -> list[asyncpg.Record]:
-        """Per `period` ('day', 'week', 'month') and `by` (None, 'model', 'key') and currency,
-        the usage of `user_ids` from `start` to `end` inclusive (UTC days)."""
-        return await self.pool.fetch(_REPORT, user_ids, start, end, period, by)
+    async def report(self, user_ids: list[int] | None, start: date, end: date, period: str,
+                     by: str | None, *, org_id: int | None = None) -> list[asyncpg.Record]:
+        """Per `period` ('day', 'week', 'month') and `by` (None, 'model', 'key', 'member') and
+        currency, the usage of `user_ids` (None: anyone's) attributed to `org_id` (None: wherever
+        made) from `start` to `end` inclusive (UTC days)."""
+        return await self.pool.fetch(_REPORT, user_ids, start, end, period, by, org_id)
 
     async def top_spenders(self, start: date, end: date, limit: int) -> list[asyncpg.Record]:
         """The `limit` first users of each currency by cost, then requests, `start` to `end` inclusive."""

@@ -50,14 +50,16 @@ _DEFAULT_OVERLAP = "86400"
 async def _keys_page(request: web.Request, *, status: int = 200, values: dict[str, str] | None = None,
                      errors: dict[str, str] | None = None, created: NewApiKey | None = None,
                      notice: str | None = None) -> web.Response:
-    keys = await request.app[UPSTREAM].auth.list_keys(token=request[TOKEN])
+    auth, token = request.app[UPSTREAM].auth, request[TOKEN]
+    keys, orgs = await asyncio.gather(auth.list_keys(token=token), auth.orgs(token=token))
     # The rotation chain: what each key replaced, and the key replacing it (auth refuses to
     # rotate a key twice unless its successor was revoked: no Rotate button then).
     prefixes = {k["id"]: k["prefix"] for k in keys}
     successors = {k["rotated_from"]: k for k in keys if k.get("rotated_from") and k["status"] != "revoked"}
     return render(request, "keys.html", status=status, keys=list(reversed(keys)), created=created,
                   values=values or {"expires_in_days": ""}, errors=errors or {}, notice=notice,
-                  expiry_choices=_EXPIRY_CHOICES, prefixes=prefixes, successors=successors, limit_fields=LIMIT_FIELDS)
+                  expiry_choices=_EXPIRY_CHOICES, prefixes=prefixes, successors=successors, limit_fields=LIMIT_FIELDS,
+                  orgs=orgs, org_names={o["id"]: o["name"] for o in orgs})
 
 
 @routes.get("/keys")
@@ -72,10 +74,12 @@ async def keys_page(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     form = await read_form(request)
     values = {"name": text(form, "name"), "expires_in_days": text(form, "expires_in_days"),
-              "models": text(form, "models"), **form_values(form)}
+              "models": text(form, "models"), "org": text(form, "org"), **form_values(form)}
     errors = require(values, {"name": "a name for the key"})
     if values["expires_in_days"] not in _EXPIRY_CHOICES:
         errors["expires_in_days"] = "Choose one of the listed expiries"
+    if values["org"] and not (values["org"].isdigit() and len(values["org"]) <= 18):
+        errors["org"] = "Choose one of your organisations, or none"
     limits, limit_errors = limit_params(values)
     errors.update(limit_errors)
     if errors:
@@ -85,12 +89,13 @@ async def create_key(request: web.Request) -> web.Response:
         key = await request.app[UPSTREAM].auth.create_key(token=request[TOKEN], name=values["name"],
                                                           expires_in_days=expires,
                                                           allowed_models=_model_names(values["models"]),
-                                                          limits={k: v for k, v in limits.items() if v is not None})
+                                                          limits={k: v for k, v in limits.items() if v is not None},
+                                                          org=int(values["org"]) if values["org"] else None)
     except MeshError as exc:
         if exc.code == "UNAUTHENTICATED":
             raise
         response = await _keys_page(request, status=status_of(exc), values=values,
-                                    errors=field_errors(exc, ("name", "expires_in_days", "models", *_LIMIT_NAMES),
+                                    errors=field_errors(exc, ("name", "expires_in_days", "models", "org", *_LIMIT_NAMES),
                                                         {"allowed_models": "models"}))
         response.headers.update(error_headers(exc))
         return response

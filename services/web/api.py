@@ -8,7 +8,7 @@
     POST   /api/auth/password        Bearer token, {old_password, new_password} -> {token, expires_at, user}
     GET    /api/auth/api-keys        Bearer token                           -> {keys: [...]}
     POST   /api/auth/api-keys        Bearer token, {name, expires_in_days? | expires_at?, allowed_models?,
-                                     limits?}                               -> 201 key (api_key shown once)
+                                     limits?, org? (an organisation's id or name)} -> 201 key (api_key shown once)
     PATCH  /api/auth/api-keys/{id}   Bearer token, {name?, expires_at? (null: never), allowed_models? (null:
                                      every model), limits? (a limit null: none; one left out: kept)}: fields
                                      left out are kept                      -> the key as it now is
@@ -45,6 +45,8 @@
                                      top_p, stop, seed, logprobs?, top_logprobs?, stream?}
                                                                             -> completion, or NDJSON chunks
                                                                                (the last with `receipt`)
+
+Organisations: org_api.py (`/api/orgs...`, `/api/invites...`).
 
 Sessions here are the token of `/api/auth/login` in `Authorization: Bearer`;
 cookies are never read, so no cross-site page can act through this API.
@@ -186,14 +188,17 @@ async def list_keys(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     token = bearer(request)
     body = await json_body(request, exact=True)
-    _known(body, {"name", "expires_in_days", "expires_at", "allowed_models", "limits"})
+    _known(body, {"name", "expires_in_days", "expires_at", "allowed_models", "limits", "org"})
     days = body.get("expires_in_days")
     if days is not None and type(days) is not int:
         raise InvalidParams("expires_in_days must be an integer", {"param": "expires_in_days"})
+    org = body.get("org")  # an organisation's id or name (auth checks it); absent: a personal key
+    if org is not None and type(org) not in (int, str):
+        raise InvalidParams("org must be an organisation's id or name", {"param": "org"})
     key = await request.app[UPSTREAM].auth.create_key(
         token=token, name=_string(body, "name"), expires_in_days=days,
         expires_at=_string(body, "expires_at", required=False), allowed_models=_models(body),
-        limits=_limits(body))
+        limits=_limits(body), org=org)
     return web.json_response(key, status=201)
 
 

@@ -23,7 +23,7 @@ from services.web.forms import read_form, text
 from services.web.session import TOKEN, UPSTREAM, admin_only, field_errors, login_required
 from services.web.views import render
 
-__all__ = ["routes", "LABELS"]
+__all__ = ["routes", "LABELS", "form_limits"]
 
 routes = web.RouteTableDef()
 
@@ -47,7 +47,7 @@ async def tier_update(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     form = await read_form(request)
     values = {field: text(form, field) for field in (*LIMIT_NAMES, "priority")}
-    limits, errors = _limits(values)
+    limits, errors = form_limits(values)
     if not values["priority"].isdigit():
         errors["priority"] = "Choose a priority"
     if errors:
@@ -63,7 +63,7 @@ async def tier_update(request: web.Request) -> web.Response:
     return await _page(request, notice=f"{tier['name']}: saved; every gateway applies it within a second")
 
 
-def _limits(values: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+def form_limits(values: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     """The limits as auth takes them (empty: no limit), and the fields that are not numbers."""
     limits: dict[str, Any] = {}
     errors: dict[str, str] = {}

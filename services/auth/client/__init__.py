@@ -1,7 +1,7 @@
 """Everything other services may use of auth: nothing else under services/auth is theirs.
 
-* `AuthClient` (api.py): the `auth.*` RPC methods as typed calls, with the
-  wire shapes of their answers (`TypedDict`s);
+* `AuthClient` (api.py, and orgs.py for organisations): the `auth.*` RPC
+  methods as typed calls, with the wire shapes of their answers (`TypedDict`s);
 * `KeyValidator` (validator.py): validates API keys through auth, caching
   answers and evicting them within a second of a revocation (gateways);
 * `TokenVerifier`, `MAX_TOKEN_LENGTH` (tokens.py): verifies session tokens
@@ -55,6 +55,7 @@ from services.auth.client.api import (
 )
 from services.auth.client.alerts import Alert, AlertList, Webhook, WebhookAttempt, WebhookLog, WebhookWithSecret
 from services.auth.client.limits import BUDGET_NAMES, COUNT_NAMES, LIMIT_NAMES, describe_limits
+from services.auth.client.orgs import Invite, Member, Org, OrgDetail, OrgListed, OrgReport
 from services.auth.client.validator import KeyValidator
 
 #: Imported when first used: PyJWT and its cryptography cost a command-line
@@ -77,4 +78,5 @@ __all__ = [
     "ReportRow", "ReportTotals", "RotatedApiKey", "Scope", "Session", "Spender", "TierInfo", "TierLimits", "TokenKey",
     "TokenVerifier", "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
     "describe_limits", "Alert", "AlertList", "Webhook", "WebhookAttempt", "WebhookLog", "WebhookWithSecret",
+    "Invite", "Member", "Org", "OrgDetail", "OrgListed", "OrgReport",
 ]

@@ -18,6 +18,7 @@ from typing import Any, Literal, NotRequired, Required, TypedDict
 
 from shared.rpc.typed import TypedClient, Wire
 from services.auth.client.alerts import ALERT_METHODS, AlertCalls
+from services.auth.client.orgs import ORG_METHODS, OrgCalls
 
 __all__ = [
     "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuditEvent", "AuditPage", "AuthClient",
@@ -136,6 +137,7 @@ class ApiKey(TypedDict):
     rotated_from: int | None  #: the key this one replaced (`rotate_key`), else None
     allowed_models: list[str] | None  #: the models it may name; None: every model
     limits: Limits  #: the key's own (all five names; None: none of its own)
+    org_id: NotRequired[int | None]  #: the organisation whose key it is; None: a personal key
 
 
 class NewApiKey(ApiKey):
@@ -161,7 +163,8 @@ class KeyIdentity(TypedDict):
     priority: int
     expires_at: float | None  #: epoch seconds
     allowed_models: NotRequired[list[str] | None]  #: the models it may name; None (or absent): every model
-    scopes: list[Scope]  #: enforce every counter of each: the user's; the key's when it has limits
+    org_id: NotRequired[int | None]  #: the key's organisation; None: a personal key
+    scopes: list[Scope]  #: enforce every counter of each: the user's; the key's when it has limits; the org's
     currency: str  #: of the money limits (ISO 4217)
     cursor: int | None  #: the invalidation seq this answer reflects
 
@@ -354,8 +357,8 @@ class AuditPage(TypedDict):
 KEEP: Any = ...
 
 
-class AuthClient(AlertCalls, TypedClient):
-    """Typed calls to the auth service (the spending alerts' in alerts.py)."""
+class AuthClient(AlertCalls, OrgCalls, TypedClient):
+    """Typed calls to the auth service (the spending alerts' in alerts.py, organisations' in orgs.py)."""
 
     SERVICE = "auth"
     METHODS = {
@@ -393,6 +396,7 @@ class AuthClient(AlertCalls, TypedClient):
         "grant_admin": Wire("auth.grant_admin", idempotent=True),
         "revoke_admin": Wire("auth.revoke_admin", idempotent=True),
         **ALERT_METHODS,
+        **ORG_METHODS,
     }
 
     # -- accounts and sessions -------------------------------------------------------
@@ -433,14 +437,14 @@ class AuthClient(AlertCalls, TypedClient):
 
     async def create_key(self, *, token: str, name: str, expires_in_days: int | None = None,
                          expires_at: str | None = None, allowed_models: list[str] | None = None,
-                         limits: Mapping[str, int | str | None] | None = None,
+                         limits: Mapping[str, int | str | None] | None = None, org: int | str | None = None,
                          timeout: float | None = None) -> NewApiKey:
         """A new key: it expires after `expires_in_days` or at `expires_at` (ISO 8601), may name only
-        `allowed_models` (None: every model), and has its own `limits` (counts as ints, money as
-        decimal strings; None: none but the user's)."""
+        `allowed_models` (None: every model), has its own `limits` (counts as ints, money as
+        decimal strings; None: none but the user's), and with `org` is an organisation's key (None: personal)."""
         return await self._call("create_key", timeout, token=token, name=name, expires_in_days=expires_in_days,
                                 expires_at=expires_at, allowed_models=allowed_models,
-                                limits=None if limits is None else dict(limits))
+                                limits=None if limits is None else dict(limits), org=org)
 
     async def update_key(self, *, token: str, key_id: int, name: Any = KEEP, expires_at: Any = KEEP,
                          allowed_models: Any = KEEP, limits: Any = KEEP, timeout: float | None = None) -> ApiKey:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from shared.tiers import BUDGET_NAMES, COUNT_NAMES, LIMIT_NAMES  # the contract's one list
+
 __all__ = ["BUDGET_NAMES", "COUNT_NAMES", "LIMIT_NAMES", "describe_limits"]
 
-COUNT_NAMES = ("requests_per_hour", "requests_per_month", "tokens_per_month")
-BUDGET_NAMES = ("spend_per_day", "spend_per_month")
-LIMIT_NAMES = COUNT_NAMES + BUDGET_NAMES
 
 #: Each limit's short form, after its value.
 _SHORT = {"requests_per_hour": "req/h", "requests_per_month": "req/mo", "tokens_per_month": "tok/mo",
