@@ -230,6 +230,8 @@ class RpcServer:
         if pending:
             log.info("draining", in_flight=len(pending))
             _, still = await asyncio.wait(pending, timeout=self._drain_timeout)
+            if still:
+                log.warning("drain timed out; cancelling", methods=sorted(t.get_name() for t in still))
             for task in still:
                 task.cancel()
             if still:
@@ -334,6 +336,7 @@ class RpcServer:
         task = start_eager(loop, self._run(ident, request, handler, peer, member, peer_addr, role),
                            contextvars.copy_context())
         if task is not None and not task.done():
+            task.set_name(request.method)  # a drain that times out names what it cut
             self._tasks[key] = task
             self._admission.enter(peer, member)
             self._deadlines.add(loop, request.timeout_ms / 1000, key)
