@@ -107,3 +107,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError(
             f"every test needs exactly one tier marker ({', '.join(TIERS)}; see pyproject.toml); "
             f"{len(wrong)} test(s) have none or several:\n" + "\n".join(wrong))
+
+
+# -- auth on a fresh database, for the tests of auth's handlers ---------------------------------------------
+
+
+@pytest.fixture
+async def auth(pg_dsn, tmp_path):
+    """The auth service on this test's database, its handlers called through the dispatcher
+    (auth_support.Calls); a module may define its own `auth`."""
+    from contextlib import AsyncExitStack
+
+    from auth_support import start_auth
+
+    async with AsyncExitStack() as stack:
+        yield await start_auth(stack, tmp_path, pg_dsn)
+
+
+@pytest.fixture
+async def db(pg_dsn):
+    """A connection to this test's database (to look at what the service stored)."""
+    conn = await asyncpg.connect(pg_dsn)
+    yield conn
+    await conn.close()

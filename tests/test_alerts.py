@@ -33,13 +33,6 @@ FAST = dict(webhook_allow_private=True, webhook_poll_interval=0.05, webhook_base
             webhook_max_delay=0.2, webhook_max_attempts=3)
 
 
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
-
-
 async def _instance(stack: AsyncExitStack, tmp_path, dsn: str, name: str, **overrides: Any) -> tuple[Calls, Metrics]:
     metrics = Metrics()  # every instance signs with one key, as a mesh's must
     config = cheap_config(tmp_path / name, jwt_key_file=tmp_path / "jwt.pem", **{**FAST, **overrides})

@@ -24,7 +24,6 @@ import time
 from contextlib import AsyncExitStack
 
 import aiohttp
-import asyncpg
 import pytest
 
 from shared.errors import Conflict, InvalidParams, RateLimited, Unauthenticated
@@ -35,13 +34,6 @@ from web_support import web_stack
 pytestmark = pytest.mark.timeout(240)
 
 NEW_PASSWORD = "a brand new passphrase 42"
-
-
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
 
 
 def params(username: str, email: str | None = None, password: str = PASSWORD) -> dict:

@@ -31,7 +31,6 @@ import sys
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from shared.db import apply_migrations, create_pool
@@ -57,13 +56,6 @@ async def login(connection: Connection, who: str) -> dict:
 
 async def register(connection: Connection, username: str, email: str) -> dict:
     return await connection.call("auth.register", {"username": username, "email": email, "password": PASSWORD})
-
-
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
 
 
 # -- (a) an address confers nothing --------------------------------------------------------------

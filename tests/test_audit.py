@@ -19,12 +19,6 @@ from shared.errors import Forbidden, InvalidParams, NotFound, Unauthenticated
 from auth_support import Auth, Calls, outsider, start_auth
 
 
-@pytest.fixture
-async def auth(pg_dsn, tmp_path) -> Calls:
-    async with AsyncExitStack() as stack:
-        yield await start_auth(stack, tmp_path, pg_dsn)
-
-
 async def _history(auth: Calls) -> tuple[str, str, str, list[str]]:
     """ada and bob with keys (one rotated, one revoked), an admin who moved bob's tier; the
     tokens of ada, bob and the admin, and every raw key made."""

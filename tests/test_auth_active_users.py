@@ -4,20 +4,13 @@ counted from the usage table, for the metrics service."""
 from __future__ import annotations
 
 import time
-from contextlib import AsyncExitStack
 
 import asyncpg
 import pytest
 
-from auth_support import Calls, start_auth
+from auth_support import Calls
 
 pytestmark = pytest.mark.db
-
-
-@pytest.fixture
-async def auth(pg_dsn, tmp_path) -> Calls:
-    async with AsyncExitStack() as stack:
-        yield await start_auth(stack, tmp_path, pg_dsn)
 
 
 async def _user_ids(pg_dsn: str, auth: Calls, names: list[str]) -> dict[str, int]:

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import time
-from contextlib import AsyncExitStack
 
 import pytest
 
-from auth_support import Calls, start_auth
 from shared.errors import Forbidden, InvalidParams, Unauthenticated
 
 pytestmark = pytest.mark.db
-
-
-@pytest.fixture
-async def auth(pg_dsn, tmp_path) -> Calls:
-    async with AsyncExitStack() as stack:
-        yield await start_auth(stack, tmp_path, pg_dsn)
 
 
 def record(request_id: str, user_id: int, key_id: int | None, at: float, **extra) -> dict:

@@ -37,13 +37,6 @@ async def auth(pg_dsn, tmp_path) -> Calls:
         yield await start_auth(stack, tmp_path, pg_dsn, login_caller_free_failures=3)
 
 
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
-
-
 # -- register and login ------------------------------------------------------------------
 
 

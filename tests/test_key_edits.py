@@ -4,29 +4,13 @@ a real PostgreSQL: what is stored, audited and logged, and every refusal naming 
 from __future__ import annotations
 
 import json
-from contextlib import AsyncExitStack
 from datetime import datetime, timedelta, timezone
 
-import asyncpg
 import pytest
 
 from shared.errors import Conflict, InvalidParams, NotFound, Unauthenticated
-from auth_support import Calls, start_auth
 
 pytestmark = pytest.mark.db
-
-
-@pytest.fixture
-async def auth(pg_dsn, tmp_path) -> Calls:
-    async with AsyncExitStack() as stack:
-        yield await start_auth(stack, tmp_path, pg_dsn)
-
-
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
 
 
 def _in(days: float) -> str:

@@ -8,7 +8,6 @@ import json
 from contextlib import AsyncExitStack
 from decimal import Decimal
 
-import asyncpg
 import pytest
 
 from shared.errors import Forbidden, InvalidParams, NotFound
@@ -28,13 +27,6 @@ async def auth(pg_dsn, tmp_path) -> Calls:
     async with AsyncExitStack() as stack:
         yield await start_auth(stack, tmp_path, pg_dsn, currency="EUR",
                                tiers=TierConfig(free_tokens=100_000))
-
-
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
 
 
 async def _audit(db, event: str) -> list[dict]:

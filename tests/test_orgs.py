@@ -11,7 +11,6 @@ import time
 from contextlib import AsyncExitStack
 from datetime import datetime, timezone
 
-import asyncpg
 import pytest
 
 from shared.errors import Conflict, Forbidden, InvalidParams, NotFound, Unauthenticated
@@ -19,19 +18,6 @@ from auth_support import Calls, start_auth
 from waiting import wait_until
 
 pytestmark = pytest.mark.db
-
-
-@pytest.fixture
-async def auth(pg_dsn, tmp_path) -> Calls:
-    async with AsyncExitStack() as stack:
-        yield await start_auth(stack, tmp_path, pg_dsn)
-
-
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
 
 
 async def _join(auth: Calls, owner: str, org: str, username: str, role: str = "member") -> str:

@@ -24,19 +24,6 @@ from auth_support import Auth, Calls, outsider, start_auth
 MODEL = "qwen2.5:0.5b"
 
 
-@pytest.fixture
-async def auth(pg_dsn, tmp_path) -> Calls:
-    async with AsyncExitStack() as stack:
-        yield await start_auth(stack, tmp_path, pg_dsn)
-
-
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
-
-
 def _record(request_id: str, user_id: int, at: float | None = None, **extra) -> dict:
     return {"request_id": request_id, "user_id": user_id, "model": MODEL, "prompt_tokens": 1000,
             "completion_tokens": 500, "cached": False, "status": "ok", "at": at, **extra}

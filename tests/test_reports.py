@@ -12,7 +12,6 @@ from contextlib import AsyncExitStack
 from datetime import datetime
 from decimal import Decimal
 
-import asyncpg
 import pytest
 
 from shared.errors import Forbidden, InvalidParams, Unauthenticated
@@ -22,19 +21,6 @@ from auth_support import Auth, Calls, outsider, start_auth
 
 # 2025-12-29 is a Monday: ISO week 1 of 2026 runs to Sunday 2026-01-04.
 RANGE = {"start": "2025-12-01", "end": "2026-02-28"}
-
-
-@pytest.fixture
-async def auth(pg_dsn, tmp_path) -> Calls:
-    async with AsyncExitStack() as stack:
-        yield await start_auth(stack, tmp_path, pg_dsn)
-
-
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
 
 
 async def _prices(db) -> None:

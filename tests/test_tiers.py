@@ -9,7 +9,6 @@ import json
 import time
 from contextlib import AsyncExitStack
 
-import asyncpg
 import pytest
 
 from shared.config import load
@@ -29,13 +28,6 @@ _ENV = {"INFERSWARM_TIER_FREE_TOKENS_PER_MONTH": "5000", "INFERSWARM_TIER_PRO_TO
 async def auth(pg_dsn, tmp_path) -> Calls:
     async with AsyncExitStack() as stack:
         yield await start_auth(stack, tmp_path, pg_dsn, tiers=load(TierConfig, _ENV))
-
-
-@pytest.fixture
-async def db(pg_dsn):
-    conn = await asyncpg.connect(pg_dsn)
-    yield conn
-    await conn.close()
 
 
 def _by_name(tiers: list[dict]) -> dict[str, dict]:
