@@ -13,7 +13,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from web_support import PASSWORD
 
-__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "PHONE", "DESKTOP", "OVERFLOWING", "chromium", "new_page",
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "PHONE", "DESKTOP", "OVERFLOWING", "chromium", "log_in", "new_page",
            "register_and_login", "fits_the_screen"]
 
 CHROMIUM = "/usr/bin/chromium"
@@ -56,6 +56,16 @@ def register_and_login(page: Page, name: str, email: str | None = None) -> None:
     page.fill("#f-password2", PASSWORD)
     page.click("button[type=submit] >> text=Create account")
     expect(page).to_have_url(re.compile(r"/login\?registered=1$"))
+    _submit_login(page, name)
+
+
+def log_in(page: Page, name: str) -> None:
+    """Log an existing account in from the login page (the password of web_support's accounts)."""
+    page.goto("/login")
+    _submit_login(page, name)
+
+
+def _submit_login(page: Page, name: str) -> None:
     page.fill("#f-username_or_email", name)
     page.fill("#f-password", PASSWORD)
     page.click("main button[type=submit]")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
-from browser_support import DESKTOP, PHONE, fits_the_screen, new_page
-from web_support import PASSWORD, new_account, post_json, web_stack
+from browser_support import DESKTOP, PHONE, fits_the_screen, log_in, new_page
+from web_support import new_account, post_json, web_stack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
 
@@ -20,14 +20,6 @@ def stack(tmp_path_factory):
         yield running
 
 
-def _log_in(page: Page, name: str) -> None:
-    page.goto("/login")
-    page.fill("#f-username_or_email", name)
-    page.fill("#f-password", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(re.compile(r"/dashboard$"))
-
-
 def test_audit_page_for_a_user_and_an_admin(stack, browser, shots):
     token, api_key = new_account(stack, "vera")
     for i in range(50):  # 51 key events and a registration: more than a page of 50
@@ -36,7 +28,7 @@ def test_audit_page_for_a_user_and_an_admin(stack, browser, shots):
     stack.grant_admin("wade")
 
     page = new_page(browser, stack, viewport=DESKTOP)
-    _log_in(page, "vera")
+    log_in(page, "vera")
     page.click("nav >> text=Audit")
     expect(page).to_have_url(re.compile(r"/audit$"))
     expect(page.locator("nav a[aria-current=page]")).to_have_text("Audit")
@@ -55,7 +47,7 @@ def test_audit_page_for_a_user_and_an_admin(stack, browser, shots):
     for viewport, name in ((PHONE, "24-phone-audit"), (PHONE, "25-phone-admin-audit")):
         phone = new_page(browser, stack, viewport=viewport)
         admin = name.endswith("admin-audit")
-        _log_in(phone, "wade" if admin else "vera")
+        log_in(phone, "wade" if admin else "vera")
         if admin:
             phone.goto("/audit")
             phone.fill("#f-user", "wade")

@@ -8,11 +8,11 @@ from __future__ import annotations
 import re
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
-from browser_support import DESKTOP, OVERFLOWING, PHONE, fits_the_screen, new_page
+from browser_support import DESKTOP, OVERFLOWING, PHONE, fits_the_screen, log_in, new_page
 from waiting import wait_until_sync
-from web_support import MODEL, PASSWORD, new_account, post_json, web_stack
+from web_support import MODEL, new_account, post_json, web_stack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
 
@@ -23,20 +23,12 @@ def stack(tmp_path_factory):
         yield running
 
 
-def _log_in(page: Page, name: str) -> None:
-    page.goto("/login")
-    page.fill("#f-username_or_email", name)
-    page.fill("#f-password", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(re.compile(r"/dashboard$"))
-
-
 def test_organisation_pages_on_desktop_and_phone(stack, browser, shots):
     new_account(stack, "orsola")
     new_account(stack, "marek")
 
     owner = new_page(browser, stack, viewport=DESKTOP)
-    _log_in(owner, "orsola")
+    log_in(owner, "orsola")
     owner.click("nav >> text=Organisations")
     expect(owner).to_have_url(re.compile(r"/orgs$"))
     owner.click("#create button[type=submit]")  # empty: refused by its field
@@ -56,7 +48,7 @@ def test_organisation_pages_on_desktop_and_phone(stack, browser, shots):
     expect(owner.locator("#pending tbody tr")).to_have_count(1)
 
     phone = new_page(browser, stack, viewport=PHONE)
-    _log_in(phone, "marek")
+    log_in(phone, "marek")
     phone.goto("/orgs")
     expect(phone.locator("#invitations td[data-label=Organisation]")).to_have_text("Night Shift")
     assert fits_the_screen(phone)
@@ -115,7 +107,7 @@ def test_organisation_pages_on_desktop_and_phone(stack, browser, shots):
 
     # The owner on a phone: every action reachable, then the member removed (asked first).
     owner_phone = new_page(browser, stack, viewport=PHONE)
-    _log_in(owner_phone, "orsola")
+    log_in(owner_phone, "orsola")
     owner_phone.goto(org_url)
     assert fits_the_screen(owner_phone) and owner_phone.evaluate(OVERFLOWING) == []
     for action in owner_phone.locator("main table button, main table select").all():

@@ -12,12 +12,12 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
-from browser_support import DESKTOP, PHONE, fits_the_screen, new_page
+from browser_support import DESKTOP, PHONE, fits_the_screen, log_in, new_page
 from services.auth.prices import cost_of
 from waiting import wait_until_sync
-from web_support import MODEL, PASSWORD, new_account, post_json, web_stack
+from web_support import MODEL, new_account, post_json, web_stack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
 
@@ -26,14 +26,6 @@ pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
 def stack(tmp_path_factory):
     with web_stack(tmp_path_factory.mktemp("reports-browser")) as running:
         yield running
-
-
-def _log_in(page: Page, name: str) -> None:
-    page.goto("/login")
-    page.fill("#f-username_or_email", name)
-    page.fill("#f-password", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(re.compile(r"/dashboard$"))
 
 
 def _report(stack, token: str) -> dict:
@@ -55,7 +47,7 @@ def test_costs_page_charts_tables_csv_and_top_spenders(stack, browser, shots):
                     message="the request was never priced")
 
     page = new_page(browser, stack, viewport=DESKTOP, accept_downloads=True)
-    _log_in(page, "cora")
+    log_in(page, "cora")
     page.click("nav >> text=Costs")
     expect(page).to_have_url(re.compile(r"/costs$"))
     expect(page.locator("nav a[aria-current=page]")).to_have_text("Costs")
@@ -87,7 +79,7 @@ def test_costs_page_charts_tables_csv_and_top_spenders(stack, browser, shots):
     page.context.close()
 
     phone = new_page(browser, stack, viewport=PHONE)
-    _log_in(phone, "cora")
+    log_in(phone, "cora")
     phone.goto("/costs")
     expect(phone.locator("#by-model td[data-label=Cost]")).to_have_text(f"{cost:f} USD")
     assert fits_the_screen(phone)
@@ -96,7 +88,7 @@ def test_costs_page_charts_tables_csv_and_top_spenders(stack, browser, shots):
 
     for viewport, name in ((DESKTOP, "22-admin-top-spenders"), (PHONE, "23-phone-admin-top-spenders")):
         boss = new_page(browser, stack, viewport=viewport)
-        _log_in(boss, "dora")
+        log_in(boss, "dora")
         boss.goto("/admin")
         row = boss.locator("#top-spenders tbody tr").first
         expect(row.locator("td[data-label=User]")).to_contain_text("cora")

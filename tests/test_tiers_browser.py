@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from playwright.sync_api import Page, expect
+from playwright.sync_api import expect
 
-from browser_support import DESKTOP, PHONE, fits_the_screen, new_page
-from web_support import PASSWORD, new_account, web_stack
+from browser_support import DESKTOP, PHONE, fits_the_screen, log_in, new_page
+from web_support import new_account, web_stack
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.browser]
 
@@ -20,21 +20,13 @@ def stack(tmp_path_factory):
         yield running
 
 
-def _log_in(page: Page, name: str) -> None:
-    page.goto("/login")
-    page.fill("#f-username_or_email", name)
-    page.fill("#f-password", PASSWORD)
-    page.click("main button[type=submit]")
-    expect(page).to_have_url(re.compile(r"/dashboard$"))
-
-
 def test_tiers_page_for_an_admin_and_a_user(stack, browser, shots):
     new_account(stack, "xena")
     new_account(stack, "yuri")
     stack.grant_admin("yuri")
 
     page = new_page(browser, stack, viewport=DESKTOP)
-    _log_in(page, "yuri")
+    log_in(page, "yuri")
     page.click("nav >> text=Tiers")
     expect(page).to_have_url(re.compile(r"/admin/tiers$"))
     expect(page.locator("nav a[aria-current=page]")).to_have_text("Tiers")
@@ -70,7 +62,7 @@ def test_tiers_page_for_an_admin_and_a_user(stack, browser, shots):
     page.context.close()
 
     phone = new_page(browser, stack, viewport=PHONE)
-    _log_in(phone, "yuri")
+    log_in(phone, "yuri")
     phone.goto("/admin/tiers")
     expect(phone.locator("#row-free td[data-label=Values]")).to_have_text("edited")
     phone.fill("#f-unlimited-requests_per_hour", "")
@@ -81,7 +73,7 @@ def test_tiers_page_for_an_admin_and_a_user(stack, browser, shots):
     phone.context.close()
 
     user = new_page(browser, stack, viewport=PHONE)
-    _log_in(user, "xena")
+    log_in(user, "xena")
     expect(user.locator("nav >> text=Tiers")).to_have_count(0)
     assert user.goto("/admin/tiers").status == 403
     user.context.close()
