@@ -6,7 +6,8 @@ for all of them together: however the requests of the three keys are spread
 over both gateways, exactly 6 are admitted, and each refusal names the scope
 "org" (the members' own tier limits are far above). Raising the limit reaches
 both gateways within a second, and so does a member's removal: their key of
-the organisation is refused everywhere.
+the organisation is refused everywhere. A money budget of the organisation is
+shared the same way: $0.05 a month, a cent a request, five requests.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 
 import pytest
 import pytest_asyncio
+
+from decimal import Decimal
 
 from shared.errors import RateLimited, Unauthenticated
 from shared.rpc import Connection
@@ -33,7 +36,8 @@ async def mesh(pg_server, tmp_path_factory):
         yield running
 
 
-async def _org_keys(mesh, names: list[str], per_month: int) -> tuple[int, str, list[str]]:
+async def _org_keys(mesh, names: list[str], per_month: int | None = None,
+                   limits: dict | None = None) -> tuple[int, str, list[str]]:
     """An organisation owned by the first of `names`, the others members; (its id, the owner's
     token, a key of it per member)."""
     auth = mesh.client.mesh("auth")
@@ -46,7 +50,7 @@ async def _org_keys(mesh, names: list[str], per_month: int) -> tuple[int, str, l
         invite = await auth.call("auth.invite", {"token": tokens[0], "org": org, "username": name})
         await auth.call("auth.answer_invite", {"token": token, "invite_id": invite["id"], "accept": True})
     await auth.call("auth.set_org_limits", {"token": tokens[0], "org": org,
-                                            "limits": {"requests_per_month": per_month}})
+                                            "limits": limits or {"requests_per_month": per_month}})
     keys = [(await auth.call("auth.create_key", {"token": t, "name": "work", "org": org}))["api_key"] for t in tokens]
     return org, tokens[0], keys
 
@@ -100,3 +104,41 @@ async def test_a_removed_members_key_is_refused_by_every_gateway_within_a_second
                                       message="a gateway still admits a removed member's key") for c in gateways))
     assert time.monotonic() - removed <= 1.5
     assert await _admitted(gateways[0], keys[0])  # the owner's key of it is untouched
+
+
+async def test_three_members_share_the_orgs_money_budget_to_the_cent(mesh):
+    auth = mesh.client.mesh("auth")  # the operator: prices without a token
+    # 8 tokens of output at 1250 a million, the prompt free: a request costs exactly $0.01.
+    await auth.call("auth.set_price", {"model": "m1", "input": "0", "output": "1250"})
+    gateways = await mesh.gateways()
+    probe = await mesh.user("penny")  # a personal key: learning the price spends nothing of the org's
+
+    async def priced(connection: Connection) -> bool:  # each gateway polls the prices every second
+        return receipt_cost(await infer(connection, probe.api_key, max_tokens=8)) == Decimal("0.01")
+
+    for connection in gateways:
+        await wait_until(lambda c=connection: priced(c), 10, interval=0.1, message="a gateway never charged")
+    org, owner, keys = await _org_keys(mesh, ["mona", "milo", "mira"], limits={"spend_per_month": "0.05"})
+
+    async def spend(i: int) -> bool:
+        try:
+            return receipt_cost(await infer(gateways[i % 2], keys[i % 3], max_tokens=8)) == Decimal("0.01")
+        except RateLimited as refusal:
+            assert (refusal.data["scope"], refusal.data["counter"]) == ("org", "spend_per_month"), refusal.data
+            return False
+
+    assert sum(await asyncio.gather(*(spend(i) for i in range(15)))) == 5
+    report = await auth.call("auth.org_report", {"token": owner, "org": org, "by": "member"})
+    assert report["totals"]["cost"] == {"USD": "0.0500000000"}
+
+
+def receipt_cost(chunks: list[dict]) -> Decimal | None:
+    """The cost a final chunk's receipt states, None without a price (its payload read, not
+    verified: other tests do that)."""
+    import base64
+
+    import msgpack
+
+    payload = chunks[-1]["receipt"].split(".")[1]
+    cost = msgpack.unpackb(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["cost"]
+    return None if cost is None else Decimal(cost)
