@@ -297,6 +297,23 @@ def test_cache_ttl_bounds_and_counts():
     assert not disabled.enabled and len(disabled) == 0
 
 
+def test_an_answer_s_own_ttl_overrides_the_cache_s():
+    """The operator's `cache_ttl` (passed per request) wins over INFERSWARM_CACHE_TTL, both ways."""
+    now = [0.0]
+    response = CachedResponse("text", "stop", 3, 1)
+    off = ResponseCache(ttl=0, max_entries=10, max_bytes=1000, clock=lambda: now[0])
+    assert off.enabled_for(60) and not off.enabled_for(None)
+    off.put("a", response, 60)
+    now[0] = 59
+    assert off.get("m", "a") == response
+    now[0] = 61
+    assert off.get("m", "a") is None
+    on = ResponseCache(ttl=300, max_entries=10, max_bytes=1000, clock=lambda: now[0])
+    assert not on.enabled_for(0)
+    on.put("b", response, 0)
+    assert len(on) == 0
+
+
 def test_cache_key_is_per_tenant():
     assert cache_key("m", _request(), "user:1") != cache_key("m", _request(), "user:2")
     assert cache_key("m", _request(), "user:1") == cache_key("m", _request(), "user:1")

@@ -31,6 +31,7 @@ from services.gateway.recovery import close_earlier_leases, replay_journal, usag
 from services.gateway.relay import Relay
 from services.gateway.request import Parts
 from services.gateway.router import Router
+from services.gateway.routing_settings import RoutingSettings
 from services.gateway.service import GatewayService
 from services.gateway.shipper import UsageShipper
 from services.gateway.store import MIGRATIONS, QuotaStore
@@ -84,10 +85,11 @@ async def open_gateway(
     await stack.enter_async_context(shipper)
     validator = await stack.enter_async_context(KeyValidator(mesh, max_timeout=config.auth_timeout))
     prices = await stack.enter_async_context(PriceBook(auth, interval=config.price_poll))
+    settings = await stack.enter_async_context(RoutingSettings(auth, interval=config.price_poll))
     router = Router(mesh)
     parts = Parts(
         callers=Callers(validator, auth, max_timeout=config.auth_timeout), quota=quota, router=router,
         relay=Relay(mesh, router, attempts=config.attempts), accounts=accounts, counts=Counts(metrics),
-        limits=config.limits, signer=signer, prices=prices,
+        limits=config.limits, signer=signer, prices=prices, settings=settings,
     )
     return GatewayService(parts, journal, gateway_id=gateway_id, metrics_service=MetricsClient.of(mesh))

@@ -47,7 +47,7 @@ class GatewayConfig:
     journal_fsync: bool = env("INFERSWARM_GATEWAY_JOURNAL_FSYNC", default=False, parse=parse_bool)
     attempts: int = env("INFERSWARM_GATEWAY_ATTEMPTS", default=3, parse=positive(int))
     auth_timeout: float = env("INFERSWARM_GATEWAY_AUTH_TIMEOUT", default=30.0, parse=positive(float))
-    #: Seconds between looks at auth's price table (a change applies here within this).
+    #: Seconds between looks at auth's price table and routing settings (a change applies here within this).
     price_poll: float = env("INFERSWARM_GATEWAY_PRICE_POLL", default=1.0, parse=positive(float))
     max_tokens: int = env("INFERSWARM_MAX_TOKENS", default=4096, parse=positive(int))
     max_prompt_chars: int = env("INFERSWARM_MAX_PROMPT_CHARS", default=32768, parse=positive(int))

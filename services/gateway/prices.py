@@ -1,7 +1,7 @@
 """The model prices a gateway charges by: auth's price versions, kept in step.
 
     prices = PriceBook(auth_client)
-    async with prices:                       # loads now, then polls `auth.price_table`
+    async with prices:                       # loads now, then polls `auth.price_table` (polled.py)
         price = prices.price_of("llama3", at=time.time())   # a shared.pricing.Price, or None
 
 Every second (`interval`) the book asks auth for the table's `version` and,
@@ -18,21 +18,16 @@ is then refused `UNAVAILABLE` (retry_safe) rather than served unpriced.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Self
 
-from shared.errors import MeshError
-from shared.logging import get_logger
 from shared.pricing import Price
-from shared.tasks import Background
 from services.auth.client import AuthClient
+from services.gateway.polled import Polled
 
 __all__ = ["PriceBook"]
-
-log = get_logger(__name__)
 
 
 class PriceBook:
@@ -40,23 +35,20 @@ class PriceBook:
 
     def __init__(self, auth: AuthClient, *, interval: float = 1.0, timeout: float = 2.0) -> None:
         self._auth = auth
-        self._interval = interval
         self._timeout = timeout
-        self._version: int | None = None
         self._models: dict[str, tuple[list[float], list[Price]]] = {}  #: model -> (starts, versions), by start
-        self._background = Background()
-        self.loaded = False
+        self._table = Polled("model prices", self._fetch, self._apply, interval=interval)
+
+    @property
+    def loaded(self) -> bool:
+        return self._table.loaded
 
     async def __aenter__(self) -> Self:
-        try:
-            await self.refresh()
-        except MeshError as exc:  # auth may come up after us: the loop keeps asking
-            log.warning("model prices not loaded yet", error=exc.message)
-        self._background.start(self._polling(), name="price book")
+        await self._table.__aenter__()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._background.stop()
+        await self._table.__aexit__(*exc_info)
 
     def price_of(self, model: str, at: float) -> Price | None:
         """The version of `model`'s price in force at `at` (epoch seconds), or None."""
@@ -68,24 +60,14 @@ class PriceBook:
 
     async def refresh(self) -> None:
         """Ask auth once; apply the table if it changed."""
-        answer = await self._auth.price_table(since=self._version, timeout=self._timeout)
-        if answer["prices"] is not None:
-            self._models = _by_model(answer["prices"])
-            log.info("model prices loaded", version=answer["version"], models=len(self._models))
-        self._version = answer["version"]
-        self.loaded = True
+        await self._table.refresh()
 
-    async def _polling(self) -> None:
-        failing = False
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                await self.refresh()
-                failing = False
-            except MeshError as exc:
-                if not failing:
-                    log.warning("cannot refresh model prices; charging by those known", error=exc.message)
-                failing = True
+    async def _fetch(self, since: int | None) -> tuple[int, Any]:
+        answer = await self._auth.price_table(since=since, timeout=self._timeout)
+        return answer["version"], answer["prices"]
+
+    def _apply(self, rows: list[Any]) -> None:
+        self._models = _by_model(rows)
 
 
 def _by_model(rows: list[Any]) -> dict[str, tuple[list[float], list[Price]]]:

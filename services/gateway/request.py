@@ -16,7 +16,9 @@ Read top to bottom, in the order things happen:
    model allow-list is refused a model outside it here (`FORBIDDEN` naming
    `model`), before anything is routed or held.
 2. **check** the parameters with the workers' rules (checks.py), **route**
-   (the model's workers, router.py: `NOT_FOUND` if nobody serves it), **price**
+   (the model's workers, router.py: `NOT_FOUND` if nobody serves it; `default`
+   is the operator's default model, and the operator's fallback models are
+   tried when the one asked for has no worker able to take it: routing_settings.py), **price**
    (the model's price at the request's start, spend.py) and **admit** (hold
    quota of every scope -- key, user, organisation -- and the worst-case cost
    of every budget, quota/: `RATE_LIMITED` with `retry_after`). A refusal is
@@ -56,7 +58,9 @@ from contextlib import contextmanager
 
 from decimal import Decimal
 
-from shared.errors import MeshError, RateLimited
+from shared.dht import Provider
+from shared.errors import Forbidden, MeshError, NotFound, RateLimited
+from shared.logging import get_logger
 from shared.generation import is_final, output_of
 from shared.receipts import Signer, sign
 from services.gateway.accounts import Accounts, safe_model
@@ -67,9 +71,12 @@ from services.gateway.prices import PriceBook
 from services.gateway.quota import COUNTERS, TOKEN_COUNTER, Admission, Quota
 from services.gateway.relay import Relay, Upstream
 from services.gateway.router import Router
+from services.gateway.routing_settings import RoutingSettings
 from services.gateway.spend import Spend
 
 __all__ = ["Parts", "Request"]
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +92,7 @@ class Parts:
     limits: Limits
     signer: Signer  #: signs the receipts (the gateway's node key)
     prices: PriceBook  #: what each model costs, for budgets, receipts and records
+    settings: RoutingSettings  #: the default model, the fallbacks, the workers' cache TTL
 
 
 class Request:
@@ -117,10 +125,9 @@ class Request:
         parts = self._parts
         with self._failing():
             self.caller = caller = await parts.callers.identify(api_key, token, deadline=self.deadline)
-            caller.check_model(self.model)
             checked = check_request(parts.limits, model=self.model, generation=generation, stream=stream)
             self.prompt_hash = checked.prompt_hash
-            workers = await parts.router.workers(self.model, deadline=self.deadline)
+            workers = await self._route(caller)
             check_capabilities(checked.request, workers)
             self.spend = Spend.of(caller, parts.prices, self.model, self.at)
             self.admission, room = await self._admit(caller, checked)
@@ -129,6 +136,8 @@ class Request:
                   "tenant": f"user:{caller.user_id}"}  # the worker's response cache is per user
         if room is not None:
             params["max_tokens"] = room
+        if parts.settings.cache_ttl is not None:  # the operator's, else each worker's own
+            params["cache_ttl"] = parts.settings.cache_ttl
         with self._failing():
             self._upstream = await parts.relay.open(self.request_id, self.model, params, workers, self.deadline,
                                                     took=self._took)
@@ -166,6 +175,38 @@ class Request:
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
                 "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.scopes),
                 "receipt": self._receipt(answer.get("model"), prompt_tokens, 0)}
+
+    async def _route(self, caller: Caller) -> list[Provider]:
+        """The workers of the model to serve the request: the one named (`default`: the
+        operator's default model), else the first fallback the key may use whose workers
+        can take it now (routing_settings.py); if none can, the first with workers (the
+        relay then says `UNAVAILABLE`). `self.model` becomes the model chosen. A model the
+        key may not use is `FORBIDDEN` when asked for, and skipped as a fallback."""
+        router = self._parts.router
+        refusal: MeshError | None = None
+        busy: tuple[str, list[Provider]] | None = None
+        for index, model in enumerate(self._parts.settings.candidates(self.model)):
+            try:
+                caller.check_model(model)
+                workers = await router.workers(model, deadline=self.deadline)
+            except (NotFound, Forbidden) as exc:
+                if index == 0 and isinstance(exc, Forbidden):
+                    raise
+                refusal = refusal or exc
+                continue
+            if router.can_take(workers):
+                return self._chosen(model, workers)
+            busy = busy or (model, workers)
+        if busy is not None:
+            return self._chosen(*busy)
+        assert refusal is not None
+        raise refusal
+
+    def _chosen(self, model: str, workers: list[Provider]) -> list[Provider]:
+        if model != self.model:
+            log.info("request routed to another model", asked=self.model, model=model, request_id=self.request_id)
+            self.model = model
+        return workers
 
     async def _admit(self, caller: Caller, checked: Checked) -> tuple[Admission, int | None]:
         """Hold the request's tokens and worst-case cost; a request that left `max_tokens`

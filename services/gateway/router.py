@@ -143,6 +143,10 @@ class Router:
         wait_a, wait_b = self.expected_wait(a), self.expected_wait(b)
         return a if wait_a <= wait_b * _TIE else b
 
+    def can_take(self, workers: list[Provider]) -> bool:
+        """Whether any of `workers` can take a request now (as `choose` sees them)."""
+        return any(self._usable(w) for w in workers)
+
     def _usable(self, worker: Provider) -> bool:
         load = worker.load or {}
         if load.get("healthy") is False or self._mesh.is_cooling(worker):

@@ -70,6 +70,10 @@ class ResponseCache:
     def enabled(self) -> bool:
         return self.ttl > 0
 
+    def enabled_for(self, ttl: float | None) -> bool:
+        """Whether a response kept `ttl` seconds (None: this cache's own) is cached at all."""
+        return (self.ttl if ttl is None else ttl) > 0
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -90,13 +94,14 @@ class ResponseCache:
         self.hits[model] = self.hits.get(model, 0) + 1
         return found[1]
 
-    def put(self, key: str, response: CachedResponse) -> None:
-        """Keep `response` for `ttl` seconds, evicting the oldest over the bounds."""
-        if not self.enabled or response.size > self.max_bytes:
+    def put(self, key: str, response: CachedResponse, ttl: float | None = None) -> None:
+        """Keep `response` for `ttl` seconds (None: this cache's own), evicting the oldest over the bounds."""
+        ttl = self.ttl if ttl is None else ttl
+        if ttl <= 0 or response.size > self.max_bytes:
             return
         if key in self._entries:
             self._drop(key)
-        self._entries[key] = (self._clock() + self.ttl, response)
+        self._entries[key] = (self._clock() + ttl, response)
         self._bytes += response.size
         while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))

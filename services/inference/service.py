@@ -1,10 +1,11 @@
 """The inference service: generation over the worker's models, with slots and a cache.
 
-    inference.generate      model, stream, priority, tenant, and the generation parameters
+    inference.generate      model, stream, priority, tenant, cache_ttl, and the generation parameters
                             (shared/generation/: messages | prompt, max_tokens, temperature,
                             top_p, stop, seed, tools, tool_choice, response_format, ...) ->
                             stream of chunks (`tenant`: whose request, an opaque string; the
-                            response cache is kept per tenant)
+                            response cache is kept per tenant; `cache_ttl`: seconds it keeps
+                            this answer, the operator's setting, 0 for none)
     inference.embed         model, input, dimensions, priority, tenant -> the vectors
     inference.models        -> the models this worker serves, their backends, slots, health
     inference.model_status  model -> loaded, healthy, last error, latency, speed, cache counts
@@ -70,6 +71,8 @@ from services.inference.slots import SlotPool
 __all__ = ["ServedModel", "InferenceService"]
 
 log = get_logger(__name__)
+
+MAX_CACHE_TTL = 86_400  #: the longest a response may be kept (a day), as auth's `cache_ttl` setting allows
 
 
 @dataclass(slots=True)
@@ -142,13 +145,16 @@ class InferenceService:
 
     @method(roles=("gateway",))
     async def generate(
-        self, model: str, stream: bool = True, priority: int | str = 0, tenant: str = "", **generation: Any,
+        self, model: str, stream: bool = True, priority: int | str = 0, tenant: str = "",
+        cache_ttl: int | None = None, **generation: Any,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream the generation's text (or tool calls), then one final chunk (see the module doc).
 
         `generation` holds the parameters of the generation contract
         (shared/generation/); what the request leaves out, the model's
-        defaults fill in (catalog.py, `Sampling`)."""
+        defaults fill in (catalog.py, `Sampling`). `cache_ttl`: seconds to keep
+        the response in the cache (the operator's setting, passed by gateways;
+        None: INFERSWARM_CACHE_TTL; 0: not cached, nor answered from the cache)."""
         served = self._served(model)
         backend = _chat(served)
         request = self._resolved(served, generation)
@@ -156,8 +162,10 @@ class InferenceService:
         timing = _Timing()
         if not isinstance(tenant, str) or len(tenant) > 128:
             raise InvalidParams("tenant must be a string of at most 128 characters", {"param": "tenant"})
+        if cache_ttl is not None and (type(cache_ttl) is not int or not 0 <= cache_ttl <= MAX_CACHE_TTL):
+            raise InvalidParams(f"cache_ttl must be whole seconds from 0 to {MAX_CACHE_TTL}", {"param": "cache_ttl"})
         # Logprobs are not kept in the cache: a request that asks for them is never cached.
-        cacheable = request.deterministic and not request.logprobs and self.cache.enabled
+        cacheable = request.deterministic and not request.logprobs and self.cache.enabled_for(cache_ttl)
         key = cache_key(model, request, tenant) if cacheable else None
         hit = self.cache.get(model, key) if key is not None else None
         if hit is not None:
@@ -203,7 +211,7 @@ class InferenceService:
                     raise
             result, final = self._settle(served, pieces, calls, done, timing)
         if key is not None:
-            self.cache.put(key, result)
+            self.cache.put(key, result, cache_ttl)
         if not stream:
             for chunk in from_result(result, all_logprobs if request.logprobs else None):
                 yield chunk
