@@ -8,7 +8,7 @@ whose name looks like a secret is replaced by "[redacted]", at any depth.
 
 A row's `actor_id` is NULL when no user acted: for the operator's changes
 (`admin_granted`, `admin_revoked`, `price_set` without a token, a tier's
-limits set with `by: "operator"`) the actor is shown as "operator"; for the
+limits or the routing settings set with `by: "operator"`) the actor is shown as "operator"; for the
 rest (a failed login) as None.
 """
 
@@ -24,13 +24,14 @@ from shared.errors import InvalidParams
 __all__ = ["EVENTS", "MAX_LIMIT", "DEFAULT_LIMIT", "check_actions", "check_moment", "check_limit",
            "check_before_id", "event_view", "redact"]
 
-#: Every event the auth service writes (store.py, price_store.py, org_store.py, service.py).
+#: Every event the auth service writes (store.py, price_store.py, org_store.py, setting_store.py, service.py).
 EVENTS = (
     "user_registered", "login_failed", "logged_out", "logged_out_everywhere", "password_changed",
     "password_change_failed", "admin_granted", "admin_revoked", "tier_changed", "user_enabled",
     "user_disabled", "key_created", "key_revoked", "key_rotated", "key_updated", "budget_changed", "price_set",
     "budget_alert", "webhook_set", "webhook_removed", "webhook_secret_rotated",
     "org_created", "org_invited", "org_joined", "org_role_changed", "org_member_removed", "org_limits_changed",
+    "settings_changed",
 )
 #: The events whose NULL actor is the operator (a mesh member), not nobody.
 _OPERATOR_EVENTS = frozenset({"admin_granted", "admin_revoked", "price_set"})

@@ -1,4 +1,4 @@
-"""The auth service: accounts, sessions, API keys, usage, tiers, organisations.
+"""The auth service: accounts, sessions, API keys, usage, tiers, routing settings, organisations.
 
 Public methods (any CURVE client; they carry a password or a token) and
 internal ones, each for the member role named (shared/roles.py; the operator,
@@ -32,6 +32,10 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.tiers         public    [token] (the operator: no token) -> every tier: limits, priority
     auth.set_tier_limits public  name, limits[, priority, token] -> the tier (admins by token, or the
                                  operator); every cache drops its answers within 1 s
+    auth.settings      public    [token] (the operator: no token) -> default_model, fallback_models,
+                                 cache_ttl, updated_at (README.md, "Routing settings")
+    auth.set_settings  public    settings[, token] -> the settings (admins by token, or the operator);
+                                 gateways apply them within 1 s
     auth.set_price     public    model, input, output[, cached, currency, effective_from, token] ->
                                  the new price version (admins by token, or the operator)
     auth.prices        public    token[, model] (the operator: no token) -> current and scheduled prices
@@ -68,6 +72,7 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.verify_token  gateway   token -> user as `me`, scopes (user)
     auth.record_usage  gateway   batch -> counts (idempotent by request id)
     auth.price_table   gateway   [since] -> {version, prices (None: unchanged since `since`)}
+    auth.settings_table gateway  [since] -> {version, settings (None: unchanged since `since`)}
     auth.invalidations gateway   since[, limit] -> entries after the cursor
     auth.active_users  metrics   -> distinct users over 1 h and 24 h (for metrics)
 
@@ -96,6 +101,7 @@ from services.auth.alert_methods import AlertMethods
 from services.auth.billing_methods import BillingMethods
 from services.auth.key_methods import KeyMethods
 from services.auth.org_methods import OrgMethods
+from services.auth.setting_methods import SettingMethods
 from services.auth.tier_methods import TierMethods
 
 __all__ = ["AuthService"]
@@ -105,9 +111,10 @@ log = get_logger(__name__)
 _MAX_ADDR = 64
 
 
-class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods, AlertMethods, OrgMethods):
+class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods, SettingMethods, AlertMethods, OrgMethods):
     """Who may do what, and the record of what was done: accounts and sessions here; keys,
-    usage and prices, administration, tiers, spending alerts, organisations in their handler classes."""
+    usage and prices, administration, tiers, routing settings, spending alerts, organisations in their
+    handler classes."""
 
     name = "auth"
 

@@ -1,7 +1,8 @@
 """What the auth service's handlers share: its state, the caller's checks, parameter helpers.
 
 `AuthService` (service.py) is one class made of a handler class per concern
-(key_methods.py, billing_methods.py, admin_methods.py, tier_methods.py, org_methods.py) over this base;
+(key_methods.py, billing_methods.py, admin_methods.py, tier_methods.py, org_methods.py,
+setting_methods.py) over this base;
 the dispatcher sees one service, `auth`.
 """
 
@@ -29,6 +30,7 @@ from services.auth.passwords import PasswordHasher
 from services.auth.price_store import PriceStore
 from services.auth.store import AuthStore
 from services.auth.registration import RegistrationThrottle
+from services.auth.setting_store import SettingStore
 from services.auth.throttle import LoginThrottle
 from services.auth.tier_store import TierStore
 from services.auth.tokens import TokenIssuer
@@ -67,6 +69,7 @@ class AuthBase:
         self._usage = usage
         self._prices = prices or PriceStore(usage.pool)
         self._orgs = OrgStore(usage.pool)  #: organisations (org_methods.py; `validate_key`'s org scope)
+        self._settings = SettingStore(usage.pool)  #: the routing settings (setting_methods.py)
         self._passwords = passwords
         self._tokens = tokens
         self._tiers = tiers  #: kept in step with the `tiers` table by the feed (tier_methods.py)

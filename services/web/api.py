@@ -36,6 +36,10 @@
     PATCH  /api/tiers/{name}         Bearer token (an admin), {requests_per_hour?, requests_per_month?,
                                      tokens_per_month?, spend_per_day?, spend_per_month? (null: no limit),
                                      priority?}: fields left out are kept  -> the tier as it now is
+    GET    /api/settings             Bearer token                           -> {default_model, fallback_models,
+                                                                               cache_ttl, updated_at}
+    PATCH  /api/settings             Bearer token (an admin), {default_model?, fallback_models?, cache_ttl?}
+                                     (null clears; [] no fallback); fields left out are kept -> as GET shows them
     GET/PUT/DELETE /api/webhook, POST /api/webhook/rotate, GET /api/webhook/deliveries, GET /api/alerts:
                                      spending alerts and their webhook (webhook_api.py)
     GET    /api/quota                Bearer token or X-API-Key              -> limits, remaining, reset
@@ -384,6 +388,20 @@ async def set_tier_limits(request: web.Request) -> web.Response:
     tier = await request.app[UPSTREAM].auth.set_tier_limits(
         token=token, name=request.match_info["name"], limits=limits, priority=body.get("priority"))
     return web.json_response(tier)
+
+
+@routes.get("/api/settings")
+async def settings(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[UPSTREAM].auth.settings(token=bearer(request)))
+
+
+@routes.patch("/api/settings")
+async def set_settings(request: web.Request) -> web.Response:
+    """Admins: the settings given change, the others are kept; auth checks each and names a refused one
+    (an unknown field too)."""
+    token = bearer(request)
+    body = await json_body(request)
+    return web.json_response(await request.app[UPSTREAM].auth.set_settings(token=token, settings=body))
 
 
 def _amount(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:

@@ -24,7 +24,8 @@ __all__ = [
     "KEEP", "AccountCreated", "Account", "ActiveUsers", "AdminChange", "ApiKey", "AuditEvent", "AuditPage", "AuthClient",
     "Budget", "Limits", "Scope",
     "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "PriceTable", "RecentRequest",
-    "RecordCounts", "Report", "ReportRow", "ReportTotals", "Session", "Spender", "TierLimits", "TokenKey",
+    "RecordCounts", "Report", "ReportRow", "ReportTotals", "RoutingSettings", "Session", "Settings",
+    "SettingsTable", "Spender", "TierLimits", "TokenKey",
     "TierInfo", "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]
 
@@ -321,6 +322,31 @@ class PriceTable(TypedDict):
     prices: list[Price] | None
 
 
+class Settings(TypedDict):
+    """`auth.settings`, `auth.set_settings`: the routing settings (services/auth/README.md,
+    "Routing settings") and when each was last set (ISO 8601; None: never)."""
+
+    default_model: str | None  #: serves a request naming the model `default`; None: unset
+    fallback_models: list[str]  #: tried in order when the model asked for cannot take a request
+    cache_ttl: int | None  #: seconds workers keep a response (0: no caching); None: each worker's own
+    updated_at: dict[str, str | None]
+
+
+class RoutingSettings(TypedDict):
+    """The settings alone, as `auth.settings_table` gives them to gateways."""
+
+    default_model: str | None
+    fallback_models: list[str]
+    cache_ttl: int | None
+
+
+class SettingsTable(TypedDict):
+    """`auth.settings_table`: the settings with their `version`; None when unchanged since `since`."""
+
+    version: int
+    settings: RoutingSettings | None
+
+
 class RecentRequest(TypedDict):
     created_at: str | None
     model: str
@@ -390,6 +416,9 @@ class AuthClient(AlertCalls, OrgCalls, TypedClient):
         "set_price": Wire("auth.set_price"),
         "prices": Wire("auth.prices", idempotent=True),
         "price_table": Wire("auth.price_table", idempotent=True),
+        "settings": Wire("auth.settings", idempotent=True),
+        "set_settings": Wire("auth.set_settings", idempotent=True),
+        "settings_table": Wire("auth.settings_table", idempotent=True),
         "report": Wire("auth.report", idempotent=True),
         "top_spenders": Wire("auth.top_spenders", idempotent=True),
         "audit": Wire("auth.audit", idempotent=True),
@@ -552,6 +581,21 @@ class AuthClient(AlertCalls, OrgCalls, TypedClient):
         """Internal (gateway): the prices in force and scheduled, with their `version`
         (`prices` None when `since` is it already)."""
         return await self._call("price_table", timeout, since=since)
+
+    async def settings(self, *, token: str | None = None, timeout: float | None = None) -> Settings:
+        """The routing settings (anyone logged in; the operator without a token)."""
+        return await self._call("settings", timeout, token=token)
+
+    async def set_settings(self, *, settings: Mapping[str, Any], token: str | None = None,
+                           timeout: float | None = None) -> Settings:
+        """Change some routing settings (a name left out is kept; None clears `default_model` and
+        `cache_ttl`, [] `fallback_models`): admins by `token`, the operator without one."""
+        return await self._call("set_settings", timeout, settings=dict(settings), token=token)
+
+    async def settings_table(self, *, since: int | None = None, timeout: float | None = None) -> SettingsTable:
+        """Internal (gateway): the routing settings with their `version` (`settings` None when
+        `since` is it already)."""
+        return await self._call("settings_table", timeout, since=since)
 
     async def prices(self, *, token: str | None = None, model: str | None = None,
                      timeout: float | None = None) -> list[Price]:
