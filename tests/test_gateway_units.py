@@ -320,3 +320,18 @@ async def test_the_catalog_takes_the_callers_time_and_keeps_only_a_full_answer()
             await router.catalog(deadline=time.monotonic())
         with pytest.raises(Timeout):  # a model not looked up yet, no time left to look
             await router.workers("quick", deadline=time.monotonic())
+
+
+@pytest.mark.unit
+def test_routing_settings_name_the_models_to_try_in_order():
+    from shared.errors import NotFound
+    from services.gateway.routing_settings import RoutingSettings
+
+    settings = RoutingSettings(None)  # type: ignore[arg-type]  # not polled here: the table as auth gives it
+    with pytest.raises(NotFound) as nothing:
+        settings.candidates("default")
+    assert nothing.value.data["param"] == "model"
+    assert settings.candidates("m1") == ["m1"]
+    settings._apply({"default_model": "big", "fallback_models": ["small", "big"], "cache_ttl": 0})
+    assert settings.candidates("default") == ["big", "small"] and settings.candidates("m1") == ["m1", "small", "big"]
+    assert settings.cache_ttl == 0

@@ -63,7 +63,7 @@ async def test_default_and_fallback_models_reach_every_gateway_within_a_second(m
                          message="a gateway ignored the default model")
     assert time.monotonic() - changed <= 1.5
     for connection in gateways:
-        assert await _served_by(connection, user.api_key, "nobody-serves-me") == "llama3:8b"
+        assert await _served_by(connection, user.api_key, "nobody-serves-me") == MODEL
     # The records name the model that served (m1), the refusals the model asked for.
     rows = await wait_until(lambda: _models_recorded(mesh, user.id), 10, interval=0.1)
     assert {(r["model"], r["status"]) for r in rows} == {

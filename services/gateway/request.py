@@ -132,7 +132,7 @@ class Request:
             self.spend = Spend.of(caller, parts.prices, self.model, self.at)
             self.admission, room = await self._admit(caller, checked)
         parts.accounts.admitted(self.request_id, self._stub(), self.admission)
-        params = {**checked.params, "priority": caller.priority,
+        params = {**checked.params, "model": self.model, "priority": caller.priority,  # the model routed to
                   "tenant": f"user:{caller.user_id}"}  # the worker's response cache is per user
         if room is not None:
             params["max_tokens"] = room
