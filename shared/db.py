@@ -5,7 +5,7 @@ A service's `__main__` wires it like this::
     dsn = await stack.enter_async_context(
         database_dsn(cfg.mesh.data_dir, cfg.db.url, database="auth"))
     pool = await create_pool(dsn)
-    stack.push_async_callback(pool.close)
+    stack.push_async_callback(close_pool, pool)
     await apply_migrations(pool, Path(__file__).parent / "migrations")
 
 With `DATABASE_URL` set that server is used as it is; without it, a real
@@ -46,6 +46,7 @@ __all__ = [
     "DatabaseConfig",
     "MigrationError",
     "create_pool",
+    "close_pool",
     "apply_migrations",
     "translate_errors",
     "EmbeddedPostgres",
@@ -70,6 +71,17 @@ async def create_pool(
 ) -> asyncpg.Pool:
     """An asyncpg pool on `dsn`; extra keyword arguments go to `asyncpg.create_pool`."""
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **kwargs)
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float = 5.0) -> None:
+    """Close `pool`, waiting at most `timeout` seconds for the connections in use to come
+    back; then terminate them, and say so. A stop must end: a query stuck on the server (or a
+    connection never given back) would otherwise keep the process from exiting."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        log.warning("database connections still in use at shutdown: terminated", timeout=timeout)
+        pool.terminate()
 
 
 #: Errors that say "the database cannot be reached now", not "this query is wrong".

@@ -17,6 +17,7 @@ from shared.db import (
     EmbeddedPostgres,
     MigrationError,
     apply_migrations,
+    close_pool,
     create_pool,
     database_dsn,
     ensure_database,
@@ -251,3 +252,18 @@ async def test_the_socket_is_private_from_the_server_start(tmp_path: Path) -> No
             await conn.close()
     conf = (pgdata / "postgresql.conf").read_text()
     assert conf.count("unix_socket_permissions = 0700") == 1  # written once, kept
+
+
+@pytest.mark.db
+async def test_closing_a_pool_ends_even_with_a_connection_never_given_back(pg_dsn: str) -> None:
+    """A stop must end: a connection held (a query stuck on the server, a task that never
+    releases) is terminated after the timeout instead of holding the process forever."""
+    pool = await create_pool(pg_dsn, min_size=1, max_size=2)
+    held = await pool.acquire()
+    stuck = asyncio.ensure_future(held.execute("SELECT pg_sleep(30)"))
+    await asyncio.sleep(0)
+    started = asyncio.get_running_loop().time()
+    await close_pool(pool, timeout=0.5)
+    assert asyncio.get_running_loop().time() - started < 5 and pool.is_closing()
+    with pytest.raises(Exception):  # the stuck query's connection was terminated under it
+        await asyncio.wait_for(stuck, 5)

@@ -74,6 +74,6 @@ def test_the_dashboard_shows_budgets_beside_the_counters_exactly():
         user={"username": "ann", "is_admin": False, "tier": "free", "email": "ann@example.com"}, csrf_field="csrf", csrf_token="t", path="/dashboard",
         totals={}, usage_error=None, requests_chart=bar_chart([], "requests"), tokens_chart=bar_chart([], "tokens"),
         quota=bars, quota_error=None,
-        currency="USD", recent=[], recent_error=None)
+        currency="USD", recent=[], recent_error=None, alerts=[], alerts_error=None)
     assert "0.9899999999 of 1.00 USD · 0.0100000001 left (the key's budget)" in page
     assert "36 of 100 · 64 left" in page and "no limit" in page

@@ -9,7 +9,7 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-from shared.db import apply_migrations, create_pool
+from shared.db import apply_migrations, close_pool, create_pool
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.tiers import TierTable
@@ -41,7 +41,7 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str,
     """Pool, migrations, background loops and the service; all closed by `stack`. `metrics`: the
     process's registry, pushed to the metrics service (`node.metrics`); None: counted, never sent."""
     pool = await create_pool(dsn, min_size=2, max_size=config.pool_size)
-    stack.push_async_callback(pool.close)
+    stack.push_async_callback(close_pool, pool)
     await apply_migrations(pool, MIGRATIONS)
     store = AuthStore(pool)
     for user_id, column in await store.fill_folded_names():

@@ -13,7 +13,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
-from shared.db import apply_migrations, create_pool
+from shared.db import apply_migrations, close_pool, create_pool
 from shared.logging import get_logger
 from shared.metrics import Metrics
 from shared.receipts import Signer
@@ -54,7 +54,7 @@ async def open_gateway(
     `node.metrics`); without it nothing leaves the process (counts.py)."""
     gateway_id = signer.public_key.hex()
     pool = await create_pool(dsn, min_size=2, max_size=config.pool_size)
-    stack.push_async_callback(pool.close)
+    stack.push_async_callback(close_pool, pool)
     await apply_migrations(pool, MIGRATIONS)
     store = QuotaStore(pool)
 
