@@ -216,10 +216,17 @@ async def main(seconds: float, rounds: int) -> None:
 async def until_budgeted(gateway: Any, params: dict[str, Any]) -> None:
     """Wait for the gateway to know the price (it polls auth each second): a request's
     final chunk then has a cost and the budget counter a limit."""
+    from shared.errors import Unavailable
+
+    final: dict[str, Any] = {}
     for _ in range(100):
-        final = [c async for c in await gateway.stream("gateway.infer", params)][-1]
-        if final["rate_limit"]["spend_per_month"]["limit"] is not None and final["rate_limit"]["spend_per_month"][
-                "remaining"] != final["rate_limit"]["spend_per_month"]["limit"]:
+        try:  # a gateway that has not reached auth yet refuses budgeted requests (retry_safe)
+            final = [c async for c in await gateway.stream("gateway.infer", params)][-1]
+        except Unavailable:
+            await asyncio.sleep(0.1)
+            continue
+        spend = final["rate_limit"]["spend_per_month"]
+        if spend["limit"] is not None and spend["remaining"] != spend["limit"]:
             return
         await asyncio.sleep(0.1)
     raise SystemExit(f"the gateway never charged the budget: {final}")

@@ -29,8 +29,9 @@ from auth_support import Calls, cheap_config
 from waiting import wait_until
 from webhook_support import Receiver
 
+#: Alerts looked at with each batch (alert_interval 0), so each alert's `spent` is its batch's.
 FAST = dict(webhook_allow_private=True, webhook_poll_interval=0.05, webhook_base_delay=0.05,
-            webhook_max_delay=0.2, webhook_max_attempts=3)
+            webhook_max_delay=0.2, webhook_max_attempts=3, alert_interval=0)
 
 
 async def _instance(stack: AsyncExitStack, tmp_path, dsn: str, name: str, **overrides: Any) -> tuple[Calls, Metrics]:
@@ -127,6 +128,41 @@ async def test_thresholds_fire_once_each_across_instances_and_retried_batches(pa
         log = (await a("webhook_deliveries", token=token))["deliveries"]
         assert len(log) == 3 and {d["status"] for d in log} == {"delivered"}
         assert all(d["status_code"] == 200 and d["attempt"] == 1 and d["next_attempt_at"] is None for d in log)
+
+
+@pytest.mark.db
+async def test_coalesced_looks_fire_each_threshold_once_and_a_stop_looks_last(pg_dsn, tmp_path, db):
+    """As deployed (INFERSWARM_ALERT_INTERVAL > 0): batches are answered at once and the
+    budgets looked at in rounds; ten batches crossing 50, 80 and 100 % fire each once, and
+    what a stopping instance has not looked at yet it looks at before it goes."""
+    async with AsyncExitStack() as stack:
+        auth, _ = await _instance(stack, tmp_path, pg_dsn, "coalesced", alert_interval=0.3)
+        token, user_id, key = await account(auth, "cody")
+        await auth("set_budget", token=token, spend_per_month="0.10")
+        for _ in range(10):
+            await auth("record_usage", batch=usage(user_id, key["id"], "0.01"))
+
+        async def fired() -> list[int] | None:
+            alerts = (await auth("alerts", token=token))["alerts"]
+            return sorted(a["threshold"] for a in alerts) if len(alerts) == 3 else None
+
+        assert await wait_until(fired, 5, interval=0.05) == [50, 80, 100]
+        for _ in range(3):  # past the budget: nothing new, however often it is looked at
+            await auth("record_usage", batch=usage(user_id, key["id"], "0.01"))
+        stopping, _ = await _instance(stack, tmp_path, pg_dsn, "stopping", alert_interval=60)
+        other_token, other_id, other_key = await account(stopping, "dora")
+        await stopping("set_budget", token=other_token, spend_per_day="0.02")
+        await stopping("record_usage", batch=usage(other_id, other_key["id"], "0.01"))  # looked at at once
+
+        async def half() -> bool:
+            return [a["threshold"] for a in (await stopping("alerts", token=other_token))["alerts"]] == [50]
+
+        await wait_until(half, 5, interval=0.05)
+        await stopping("record_usage", batch=usage(other_id, other_key["id"], "0.01"))  # the next round: a minute
+        assert [a["threshold"] for a in (await stopping("alerts", token=other_token))["alerts"]] == [50]
+    assert await db.fetchval("SELECT count(*) FROM alert_events WHERE user_id = $1", user_id) == 3
+    last = await db.fetch("SELECT threshold FROM alert_events WHERE user_id = $1 ORDER BY threshold", other_id)
+    assert [r["threshold"] for r in last] == [50, 80, 100]  # looked at as the instance stopped
 
 
 @pytest.mark.db

@@ -40,11 +40,16 @@ class AlertMethods(AuthBase):
     """Spending alerts and the webhook that carries them."""
 
     async def _alert(self, user_ids: list[int], key_ids: list[int]) -> None:
+        """Usage of these users and keys was stored: their budgets are looked at, with the batch
+        or in the next round of this instance's loop (alert_loop.py, `INFERSWARM_ALERT_INTERVAL`)."""
+        await self.alert_loop.touched(user_ids, key_ids)
+
+    async def _alert_now(self, user_ids: list[int], key_ids: list[int]) -> None:
         """Fire the thresholds that the usage of these users and keys reached (each once).
 
-        A database that is away fails the call (`UNAVAILABLE`): the gateway sends the batch again,
-        and it is looked at again. Any other failure is logged and the batch answered: the usage
-        is stored already, and a batch refused for ever would stop its gateway's shipping."""
+        A database that is away fails the call (`UNAVAILABLE`): with the batch, the gateway sends
+        the batch again; in the loop, the next round looks again. Any other failure is logged: the
+        usage is stored already, and a batch refused for ever would stop its gateway's shipping."""
         try:
             await self._fire_alerts(user_ids, key_ids)
         except MeshError:

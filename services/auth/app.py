@@ -64,7 +64,7 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str,
     if params.memory_kib < PRODUCTION.memory_kib or params.time_cost < PRODUCTION.time_cost:
         log.warning("argon2 parameters below RFC 9106 low-memory profile", **_params_of(params))
     signing_key = load_or_create_key(config.jwt_key_path)
-    return AuthService(
+    service = AuthService(
         store, UsageStore(pool),
         passwords=PasswordHasher(params, concurrency=config.hash_concurrency),
         tokens=TokenIssuer(signing_key, issuer=config.issuer, audience=config.audience,
@@ -81,7 +81,10 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str,
         metrics=metrics,
         sender=sender,
         allow_private_webhooks=config.webhook_allow_private,
+        alert_interval=config.alert_interval,
     )
+    await stack.enter_async_context(service.alert_loop)  # left before the pool closes: a last round
+    return service
 
 
 def _params_of(params: object) -> dict[str, object]:

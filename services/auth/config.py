@@ -24,6 +24,8 @@
     INFERSWARM_WEBHOOK_MAX_DELAY         longest wait between two attempts, seconds (3600)
     INFERSWARM_WEBHOOK_MAX_ATTEMPTS      attempts before a delivery is failed (8)
     INFERSWARM_WEBHOOK_POLL_INTERVAL     how often the sender looks for due deliveries, seconds (1)
+    INFERSWARM_ALERT_INTERVAL            seconds between an instance's looks at the budgets of the usage
+                                         stored since (0.5; 0: with each batch, alert_loop.py)
     INFERSWARM_WEBHOOK_ALLOW_PRIVATE     let webhooks reach private, loopback, link-local addresses (false;
                                          webhook_urls.py: a server-side request forgery otherwise)
 
@@ -76,6 +78,13 @@ def _currency(raw: str) -> str:
     return raw
 
 
+def _non_negative(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError(f"expected a number of seconds, 0 or more, got {raw!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class AuthConfig:
     """Everything the auth process reads from its environment."""
@@ -115,6 +124,7 @@ class AuthConfig:
     webhook_max_attempts: int = env("INFERSWARM_WEBHOOK_MAX_ATTEMPTS", default=8, parse=positive(int))
     webhook_poll_interval: float = env("INFERSWARM_WEBHOOK_POLL_INTERVAL", default=1.0, parse=positive(float))
     webhook_allow_private: bool = env("INFERSWARM_WEBHOOK_ALLOW_PRIVATE", default=False)
+    alert_interval: float = env("INFERSWARM_ALERT_INTERVAL", default=0.5, parse=_non_negative)
 
     def __post_init__(self) -> None:
         problems = []

@@ -22,6 +22,7 @@ from shared.rpc import current_request
 from shared.tiers import TierTable
 from services.auth import limits
 from services.auth import validation as check
+from services.auth.alert_loop import AlertLoop
 from services.auth.alert_store import AlertStore
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
@@ -62,7 +63,7 @@ class AuthBase:
         max_keys_per_user: int = 100, max_key_days: int = 3650, prices: PriceStore | None = None,
         tier_store: TierStore | None = None,
         currency: str = "USD",
-        metrics: Metrics | None = None, sender: WebhookSender | None = None,
+        metrics: Metrics | None = None, sender: WebhookSender | None = None, alert_interval: float = 0.0,
         allow_private_webhooks: bool = False,
     ) -> None:
         self.store = store  #: the accounts' SQL (services/auth/store.py)
@@ -94,10 +95,17 @@ class AuthBase:
         self._alert_counter = (metrics or Metrics()).counter(BUDGET_ALERTS)
         self.sender = sender
         self._allow_private_webhooks = allow_private_webhooks
+        #: When usage batches' budgets are looked at (alert_loop.py): with the batch, or coalesced
+        #: (the process enters the loop; `alert_interval` > 0 needs it running).
+        self.alert_loop = AlertLoop(self._alert_now, interval=alert_interval)
 
 
     async def _alert(self, user_ids: list[int], key_ids: list[int]) -> None:
         """Fire the spending alerts of usage just stored (alert_methods.py does)."""
+        raise NotImplementedError
+
+    async def _alert_now(self, user_ids: list[int], key_ids: list[int]) -> None:
+        """Look at these users' and keys' budgets now (alert_methods.py)."""
         raise NotImplementedError
 
     # -- helpers -------------------------------------------------------------------------
