@@ -98,7 +98,7 @@ OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list", "admin t
 #: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
 HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
                            "keys revoke", "keys rotate", "keys edit", "usage", "costs", "models", "quota", "infer", "chat",
-                           "budget", "budget set", *ORG_COMMANDS})
+                           "budget", "budget set", *ORG_COMMANDS, *WEBHOOK_COMMANDS})
 
 
 def _client_options() -> argparse.ArgumentParser:

@@ -110,6 +110,12 @@ ROUTES = {
     "auth.set_org_limits": Route("PUT", "/api/orgs/{org}/limits", "token", body_of="limits"),
     "auth.org_report": Route("GET", "/api/orgs/{org}/report", "token", query=("start", "end", "group_by", "by"),
                              rename=(("group_by", "group"),)),
+    "auth.set_webhook": Route("PUT", "/api/webhook", "token", ("url", "thresholds")),
+    "auth.webhook": Route("GET", "/api/webhook", "token"),
+    "auth.remove_webhook": Route("DELETE", "/api/webhook", "token"),
+    "auth.rotate_webhook_secret": Route("POST", "/api/webhook/rotate", "token"),
+    "auth.webhook_deliveries": Route("GET", "/api/webhook/deliveries", "token", query=("limit", "before_id")),
+    "auth.alerts": Route("GET", "/api/alerts", "token", query=("limit",)),
 }
 
 

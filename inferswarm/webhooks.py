@@ -6,8 +6,9 @@
     inferswarm webhook deliveries [--limit N] [--before-id N]   the delivery log, newest first
     inferswarm alerts [--limit N]                         your latest spending alerts
 
-With the saved session, over the mesh (services/auth/README.md, "Spending
-alerts and webhooks"; the web service has the same under /api/webhook).
+With the saved session, over the mesh or, with `--base-url`, the web
+service's /api/webhook and /api/alerts (services/auth/README.md, "Spending
+alerts and webhooks").
 """
 
 from __future__ import annotations

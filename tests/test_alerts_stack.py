@@ -142,6 +142,27 @@ def test_the_cli_webhook_and_alerts(stack, receiver, tmp_path):
         assert "Traceback" not in refused.stderr
 
 
+@pytest.mark.stack
+def test_the_cli_webhook_and_alerts_over_http(stack, receiver, tmp_path):
+    """The same commands with --base-url: through the web service's /api/webhook and /api/alerts."""
+    port = int(stack.bootstrap.rpartition(":")[2])
+    cli = Cli(stack.data_dir, port, tmp_path / "config")
+    http = ("--base-url", stack.base_url)
+    assert cli("register", "al-http", "al-http@example.com", "--password-stdin", *http,
+               stdin=PASSWORD).returncode == 0
+    assert cli("login", "al-http", "--password-stdin", *http, stdin=PASSWORD).returncode == 0
+    made = cli("webhook", "set", receiver.url, "--thresholds", "50,100", *http)
+    assert made.returncode == 0 and "signing secret: whsec_" in made.stdout, made.stderr
+    shown = cli("webhook", "show", *http)
+    assert shown.returncode == 0 and "50%, 100%" in shown.stdout and "whsec_" not in shown.stdout
+    assert cli("alerts", *http).stdout.strip() == "no alerts"
+    assert cli("webhook", "deliveries", *http).stdout.strip() == "no deliveries"
+    refused = cli("webhook", "set", "ftp://x", *http)
+    assert refused.returncode != 0 and "url" in refused.stderr and "Traceback" not in refused.stderr
+    assert "signing secret: whsec_" in cli("webhook", "rotate-secret", *http).stdout
+    assert "webhook removed" in cli("webhook", "remove", *http).stdout
+
+
 @pytest.mark.browser
 @pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
 def test_the_dashboard_alerts_and_the_webhook_page(stack, receiver, browser, shots, viewport):
