@@ -324,3 +324,23 @@ def test_retries_back_off_exponentially_with_jitter_up_to_the_maximum():
         waits = [policy.retry_in(attempt) for _ in range(200)]
         assert all(delay / 2 <= w <= delay for w in waits), attempt
         assert max(waits) - min(waits) > delay / 10  # drawn, not fixed: receivers are not hit all at once
+
+
+@pytest.mark.db
+async def test_old_alerts_and_delivery_logs_are_pruned(pair, db):
+    (a, _), _ = pair
+    token, user_id, key = await account(a, "olga")
+    await a("set_budget", token=token, spend_per_day="1")
+    async with Receiver() as receiver:
+        await a("set_webhook", token=token, url=receiver.url, thresholds=[50])
+        await a("record_usage", batch=usage(user_id, key["id"], "1"))
+        await settled(db, 1)
+    await db.execute("UPDATE webhook_attempts SET at = now() - interval '91 days'")
+    kept = await db.fetchval("SELECT count(*) FROM alert_events")
+    await db.execute("INSERT INTO alert_events (event_id, user_id, scope, subject_id, counter, period_start, "
+                     "threshold, spent, budget, currency) VALUES ('evt_old', $1, 'user', $1, 'spend_per_day', "
+                     "now() - interval '401 days', 50, 1, 1, 'USD')", user_id)
+    await a.service.store.prune(86_400)
+    assert await db.fetchval("SELECT count(*) FROM webhook_attempts") == 0
+    assert await db.fetchval("SELECT count(*) FROM alert_events") == kept  # this year's stay
+    assert await db.fetchval("SELECT count(*) FROM alert_events WHERE event_id = 'evt_old'") == 0

@@ -449,7 +449,8 @@ class AuthStore:
             return rows, bounds["newest"], bounds["oldest"]
 
     async def prune(self, keep_seconds: float) -> None:
-        """Forget old invalidations (always keeping the newest) and expired revocations."""
+        """Forget old invalidations (always keeping the newest), expired revocations, alerts of
+        periods over a year gone and webhook attempts older than 90 days."""
         await self.pool.execute(
             "DELETE FROM invalidations WHERE created_at < now() - make_interval(secs => $1) "
             "AND seq < (SELECT max(seq) FROM invalidations)", keep_seconds,
@@ -457,6 +458,10 @@ class AuthStore:
         # login_failures are pruned by their owner, the throttle (throttle.py).
         await self.pool.execute("DELETE FROM revoked_tokens WHERE expires_at < now() - interval '1 minute'")
         await self.pool.execute("DELETE FROM registration_counts WHERE window_start < now() - interval '1 day'")
+        # Spending alerts: only a period's own decide what fires again, so keep 13 months for
+        # people to read (their deliveries and attempts go with them); the delivery log, 90 days.
+        await self.pool.execute("DELETE FROM alert_events WHERE period_start < now() - interval '400 days'")
+        await self.pool.execute("DELETE FROM webhook_attempts WHERE at < now() - interval '90 days'")
 
 
 def _iso(value: datetime | None) -> str | None:
