@@ -81,7 +81,7 @@ from services.web.report_views import csv_response
 from services.web.security import client_addr
 from services.web.session import UPSTREAM
 
-__all__ = ["routes", "json_body", "bearer", "api_key_of", "whole"]
+__all__ = ["routes", "json_body", "known_fields", "bearer", "api_key_of", "whole"]
 
 routes = web.RouteTableDef()
 
@@ -192,7 +192,7 @@ async def list_keys(request: web.Request) -> web.Response:
 async def create_key(request: web.Request) -> web.Response:
     token = bearer(request)
     body = await json_body(request, exact=True)
-    _known(body, {"name", "expires_in_days", "expires_at", "allowed_models", "limits", "org"})
+    known_fields(body, {"name", "expires_in_days", "expires_at", "allowed_models", "limits", "org"})
     days = body.get("expires_in_days")
     if days is not None and type(days) is not int:
         raise InvalidParams("expires_in_days must be an integer", {"param": "expires_in_days"})
@@ -212,7 +212,7 @@ async def update_key(request: web.Request) -> web.Response:
     token = bearer(request)
     key_id = _key_id(request)
     body = await json_body(request, exact=True)
-    _known(body, {"name", "expires_at", "allowed_models", "limits"})
+    known_fields(body, {"name", "expires_at", "allowed_models", "limits"})
     changes: dict[str, Any] = {}
     if "name" in body:
         changes["name"] = _string(body, "name")
@@ -226,7 +226,8 @@ async def update_key(request: web.Request) -> web.Response:
     return web.json_response(key)
 
 
-def _known(body: dict[str, Any], names: set[str]) -> None:
+def known_fields(body: dict[str, Any], names: set[str]) -> None:
+    """Refuse a body with a field not in `names`, naming it (INVALID_PARAMS, a 400)."""
     unknown = sorted(set(body) - names)
     if unknown:
         raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
@@ -258,7 +259,7 @@ async def set_budget(request: web.Request) -> web.Response:
     """Set the caller's budgets (an admin: `user`'s): a field present (null included) is changed."""
     token = bearer(request)
     body = await json_body(request, exact=True)
-    _known(body, {"spend_per_day", "spend_per_month", "user"})
+    known_fields(body, {"spend_per_day", "spend_per_month", "user"})
     user = body.get("user")
     if user is not None and not (isinstance(user, str) or type(user) is int):
         raise InvalidParams("user must be an id, a username or an email", {"param": "user"})
@@ -287,9 +288,7 @@ async def rotate_key(request: web.Request) -> web.Response:
     token = bearer(request)
     key_id = _key_id(request)
     body = await json_body(request)
-    unknown = sorted(set(body) - {"overlap_seconds"})
-    if unknown:
-        raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
+    known_fields(body, {"overlap_seconds"})
     overlap = body.get("overlap_seconds")
     if overlap is not None and type(overlap) is not int:
         raise InvalidParams("overlap_seconds must be an integer (seconds)", {"param": "overlap_seconds"})
@@ -361,9 +360,7 @@ async def prices(request: web.Request) -> web.Response:
 async def set_price(request: web.Request) -> web.Response:
     token = bearer(request)
     body = await json_body(request, exact=True)
-    unknown = sorted(set(body) - {"model", "input", "output", "cached", "currency", "effective_from"})
-    if unknown:
-        raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
+    known_fields(body, {"model", "input", "output", "cached", "currency", "effective_from"})
     price = await request.app[UPSTREAM].auth.set_price(
         token=token, model=_string(body, "model"), input=_amount(body, "input"), output=_amount(body, "output"),
         cached=_amount(body, "cached", required=False), currency=_string(body, "currency", required=False),
@@ -381,9 +378,7 @@ async def set_tier_limits(request: web.Request) -> web.Response:
     """Admins: the limits given change (money as written, never through a float), the others are kept."""
     token = bearer(request)
     body = await json_body(request, exact=True)
-    unknown = sorted(set(body) - {*LIMIT_NAMES, "priority"})
-    if unknown:
-        raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
+    known_fields(body, {*LIMIT_NAMES, "priority"})
     limits = {name: body[name] for name in LIMIT_NAMES if name in body}
     tier = await request.app[UPSTREAM].auth.set_tier_limits(
         token=token, name=request.match_info["name"], limits=limits, priority=body.get("priority"))

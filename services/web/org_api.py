@@ -27,7 +27,7 @@ from aiohttp import web
 
 from shared.errors import InvalidParams
 from shared.tiers import LIMIT_NAMES
-from services.web.api import bearer, json_body
+from services.web.api import bearer, json_body, known_fields
 from services.web.report_views import csv_response
 from services.web.session import UPSTREAM
 
@@ -43,9 +43,7 @@ def ref(text: str) -> int | str:
 
 def _fields(body: dict[str, Any], allowed: set[str], required: set[str]) -> dict[str, Any]:
     """The body's fields, each a string unless said otherwise by the caller; unknown or missing refused."""
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
+    known_fields(body, allowed)
     for name in sorted(required):
         if not isinstance(body.get(name), str) or not body[name]:
             raise InvalidParams(f"{name} must be a non-empty string", {"param": name})

@@ -19,7 +19,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from shared.errors import InvalidParams
-from services.web.api import bearer, json_body, whole
+from services.web.api import bearer, json_body, known_fields, whole
 from services.web.session import UPSTREAM
 
 __all__ = ["routes"]
@@ -41,9 +41,7 @@ async def webhook(request: web.Request) -> web.Response:
 async def set_webhook(request: web.Request) -> web.Response:
     token = bearer(request)
     body = await json_body(request)
-    unknown = sorted(set(body) - {"url", "thresholds"})
-    if unknown:
-        raise InvalidParams(f"unknown field {unknown[0][:64]!r}", {"param": unknown[0][:64]})
+    known_fields(body, {"url", "thresholds"})
     url, thresholds = body.get("url"), body.get("thresholds")
     if not isinstance(url, str):
         raise InvalidParams("url must be a string", {"param": "url"})
