@@ -82,3 +82,25 @@ def test_the_integer_path_is_cost_of_exactly():
                                                           cached_price=cached)
     with pytest.raises(ValueError):
         Price("m", Decimal("0.0000001"), Decimal(0), None, "USD", 0.0)
+
+
+def test_a_caller_with_a_budget_is_refused_until_prices_load_and_for_another_currency():
+    from shared.errors import Forbidden, Unavailable
+    from services.gateway.callers import Caller
+    from services.gateway.prices import PriceBook
+    from services.gateway.quota import Scope
+
+    budgeted = Caller(1, 2, "free", (Scope("k:2", {"spend_per_month": UNITS}),), 0, currency="USD")
+    free = Caller(1, None, "free", (Scope("u:1", {"requests_per_hour": 100}),), 0, currency="USD")
+    book = PriceBook(None)  # type: ignore[arg-type]  # never started: as before auth first answers
+    with pytest.raises(Unavailable) as waiting:
+        Spend.of(budgeted, book, "m", 0.0)
+    assert waiting.value.data["retry_safe"] is True
+    assert Spend.of(free, book, "m", 0.0).price is None  # no budget: served, unpriced
+    book._apply([{"model": "m", "input": "1", "output": "2", "cached": None, "currency": "EUR",
+                  "effective_from": "2026-01-01T00:00:00+00:00"}])
+    book._table.loaded = True
+    with pytest.raises(Forbidden) as currency:
+        Spend.of(budgeted, book, "m", 1.9e9)
+    assert currency.value.data["param"] == "model" and "EUR" in currency.value.message
+    assert Spend.of(free, book, "m", 1.9e9).cost(1_000_000, 0) == Decimal("1.0000000000")

@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from shared.errors import NotFound
+from shared.errors import Forbidden, NotFound
 from shared.rpc import Connection
 from gateway_support import MODEL, infer, running_mesh
 from waiting import wait_until
@@ -106,3 +106,25 @@ async def test_the_cache_ttl_setting_turns_the_workers_cache_off_and_on(mesh):
     await wait_until(lambda: _cached(connection, user.api_key), 1.5, interval=0.05,
                      message="the workers never cached again")
     await _set(mesh, cache_ttl=None)
+
+
+async def test_a_keys_allow_list_holds_against_the_default_and_the_fallbacks(mesh):
+    """The model asked for and not allowed is FORBIDDEN, fallbacks or not; a fallback the key
+    may not use is skipped, so the request ends as it would without it."""
+    user = await mesh.user("alba")
+    auth = mesh.client.mesh("auth")
+    key = await auth.call("auth.create_key", {"token": user.token, "name": "narrow",
+                                              "allowed_models": ["nobody-serves-me", "default"]})
+    connection = (await mesh.gateways())[0]
+    await _set(mesh, default_model=MODEL, fallback_models=[MODEL])
+
+    async def fallback_skipped() -> bool:  # within a second the gateways have the settings
+        return await _served_by(connection, user.api_key, "nobody-serves-me") == MODEL
+
+    await wait_until(fallback_skipped, 1.5, interval=0.02)
+    assert await _served_by(connection, key["api_key"], "nobody-serves-me") is None  # m1 is not its to use
+    with pytest.raises(Forbidden):
+        await infer(connection, key["api_key"], model=MODEL, max_tokens=2)
+    with pytest.raises(Forbidden):  # `default` is allowed by name, the model it stands for is not
+        await infer(connection, key["api_key"], model="default", max_tokens=2)
+    await _set(mesh, default_model=None, fallback_models=[])
