@@ -404,6 +404,9 @@ async def test_a_frame_over_the_cap_is_dropped_by_libzmq_unread(child, context):
 SMALL = Limits(peer_max_in_flight=8, public_max_in_flight=12, max_in_flight=16,
                public_max_timeout=0.5, stall_timeout=60.0)
 STALL = Limits(stall_timeout=0.5)
+# SMALL's caps, with public calls allowed long enough to stay held while a slow machine opens the rest.
+HELD = Limits(peer_max_in_flight=8, public_max_in_flight=12, max_in_flight=16,
+              public_max_timeout=60.0, stall_timeout=60.0)
 
 
 @pytest.fixture
@@ -433,9 +436,10 @@ async def first_chunks(connection: Connection, count: int, n: int = 10_000) -> l
 
 
 @pytest.mark.rpc
+@pytest.mark.parametrize("small", [HELD], indirect=True, ids=["public calls held 60s"])
 async def test_one_key_is_held_to_its_cap_over_all_its_connections(small, context):
     server, _, key, mesh = small
-    cap = SMALL.peer_max_in_flight
+    cap = HELD.peer_max_in_flight
     async with AsyncExitStack() as stack:
         greedy = new_keys()
         first = await open_connection(context, server.endpoint, key, greedy, stack)
@@ -463,6 +467,7 @@ async def test_one_key_is_held_to_its_cap_over_all_its_connections(small, contex
 
 
 @pytest.mark.rpc
+@pytest.mark.parametrize("small", [HELD], indirect=True, ids=["public calls held 60s"])
 async def test_public_callers_together_and_everyone_are_capped_typed(small, context):
     server, _, key, mesh = small
     async with AsyncExitStack() as stack:
@@ -474,7 +479,7 @@ async def test_public_callers_together_and_everyone_are_capped_typed(small, cont
         assert [o for _, o in held] == [0] * 12  # the public cap
         [(_, busy)] = await first_chunks(publics[2], 1)
         assert isinstance(busy, errors.Unavailable)
-        assert busy.data == {"retry_safe": True, "retry_after": 1, "limit": SMALL.public_max_in_flight}
+        assert busy.data == {"retry_safe": True, "retry_after": 1, "limit": HELD.public_max_in_flight}
 
         # Members are not crowded out by outsiders: up to the total cap.
         member = await open_connection(context, server.endpoint, key, mesh.client, stack)
@@ -483,8 +488,8 @@ async def test_public_callers_together_and_everyone_are_capped_typed(small, cont
         assert [o for _, o in mine[:4]] == [0] * 4
         total = mine[4][1]
         assert isinstance(total, errors.Unavailable)
-        assert total.data == {"retry_safe": True, "retry_after": 1, "limit": SMALL.max_in_flight}
-        assert server.in_flight == SMALL.max_in_flight
+        assert total.data == {"retry_safe": True, "retry_after": 1, "limit": HELD.max_in_flight}
+        assert server.in_flight == HELD.max_in_flight
         assert await member.call("rpc.ping") is not None  # answered at once, no slot needed
 
         for stream, _ in held + mine:
