@@ -135,6 +135,13 @@ class Engine(ABC):
     def describe(self) -> dict[str, Any]:
         return {"backend": self.kind, **self.info}
 
+    def keys_view(self) -> list[dict[str, Any]] | None:
+        """The upstream API keys this engine rotates over, as operators see them (never
+        the key itself: a label such as "key-2 ...c3f9"), each with its `state`
+        ("ok", "exhausted", "disabled", "open"), usage and what the upstream says is
+        left; None for an engine without a key pool (the default)."""
+        return None
+
 
 class Backend(Engine):
     """One chat model behind one engine or server."""
