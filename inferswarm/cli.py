@@ -233,7 +233,9 @@ def parser() -> argparse.ArgumentParser:
         command = client(name, help)
         if name == "infer":
             command.add_argument("prompt", help="the prompt, or - to read it from stdin")
-        command.add_argument("--model", default="smollm2")
+        command.add_argument("--model", default="smollm2", help="a model, an alias or default (default: smollm2)")
+        command.add_argument("--no-fallback", action="store_true",
+                             help="only the model named (an alias's first): no fallback to other models")
         command.add_argument("--system", metavar="TEXT", help="a system message, before the conversation")
         command.add_argument("--max-tokens", type=int, metavar="N",
                              help="the most tokens to generate (default: the model's, what its context leaves)")

@@ -354,6 +354,8 @@ async def generate(args: Namespace, session: Session, creds: Credentials, messag
                               "max_tokens": args.max_tokens, "temperature": args.temperature,
                               "top_p": args.top_p, "stop": args.stop, "seed": args.seed,
                               "stream": not args.no_stream}
+    if args.no_fallback:
+        params["fallback"] = False
     parts: list[str] = []
     final: dict[str, Any] = {}
     async with await _gateway(session).infer(**params, response_format=response_format) as stream:

@@ -118,7 +118,8 @@ class GatewayMesh:
         starts = [self.start_worker(f"w{i}") for i in range(1, workers + 1)]
         starts += [self.start_gateway(f"g{i}") for i in range(1, gateways + 1)]
         await asyncio.gather(*starts)
-        await self.wait_for(service_topic("gateway"), gateways)
+        if gateways:
+            await self.wait_for(service_topic("gateway"), gateways)
         return self
 
     async def _serve_auth(self) -> None:
@@ -154,10 +155,12 @@ class GatewayMesh:
                 "INFERSWARM_BOOTSTRAP": self.client.discovery.address, "INFERSWARM_RECORD_TTL": "3",
                 "INFERSWARM_LOG_LEVEL": "warning", **extra}
 
-    async def start_worker(self, name: str, slots: int = 2, queue: int = 32) -> Child:
-        catalog = {MODEL: {"backend": "ollama", "url": self.ollama.url, "model": "llama3:8b",
-                           "slots": slots, "queue": queue}}
-        env = self._env(name, {"INFERSWARM_MODELS": json.dumps(catalog), "INFERSWARM_PROBE_INTERVAL": "30"})
+    async def start_worker(self, name: str, slots: int = 2, queue: int = 32, *,
+                           catalog: dict[str, Any] | None = None, **extra: str) -> Child:
+        """A worker serving `catalog` (INFERSWARM_MODELS), by default MODEL from the mesh's Ollama server."""
+        catalog = catalog or {MODEL: {"backend": "ollama", "url": self.ollama.url, "model": "llama3:8b",
+                                      "slots": slots, "queue": queue}}
+        env = self._env(name, {"INFERSWARM_MODELS": json.dumps(catalog), "INFERSWARM_PROBE_INTERVAL": "30", **extra})
         return await self._spawn(name, "inference", env)
 
     async def start_gateway(self, name: str, **extra: str) -> Child:

@@ -335,3 +335,11 @@ def test_routing_settings_name_the_models_to_try_in_order():
     settings._apply({"default_model": "big", "fallback_models": ["small", "big"], "cache_ttl": 0})
     assert settings.candidates("default") == ["big", "small"] and settings.candidates("m1") == ["m1", "small", "big"]
     assert settings.cache_ttl == 0
+    assert settings.first_token_timeout is None and settings.aliases == {}
+    settings._apply({"default_model": "big", "fallback_models": ["small"], "cache_ttl": None,
+                     "aliases": {"fast": ["tiny", "small"], "empty": []}, "first_token_timeout": 2.5})
+    assert settings.candidates("fast") == ["tiny", "small"]  # an alias's own chain, without the global fallbacks
+    assert settings.candidates("fast", fallback=False) == ["tiny"]
+    assert settings.candidates("default", fallback=False) == ["big"]
+    assert settings.candidates("empty") == ["empty", "small"]  # an empty chain is no alias
+    assert settings.first_token_timeout == 2.5

@@ -62,8 +62,7 @@ class Accounts:
         """The request's usage record (a `D` entry), with what its leases keep."""
         request_id = record["request_id"]
         self._journal.append(done_entry(request_id, admission.finals() if admission else [], record))
-        if admission is not None:
-            self._journal.end(("request", request_id))
+        self._journal.end(("request", request_id))  # none begun for a request refused before admission
         self._on_record()
 
     @staticmethod

@@ -26,6 +26,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.fleet import Fleet
 from services.gateway.prices import PriceBook
 from services.gateway.counts import Counts
+from services.gateway.dispatch import Dispatch
 from services.gateway.quota import Quota
 from services.gateway.recovery import close_earlier_leases, replay_journal, usage_journal
 from services.gateway.relay import Relay
@@ -91,5 +92,6 @@ async def open_gateway(
         callers=Callers(validator, auth, max_timeout=config.auth_timeout), quota=quota, router=router,
         relay=Relay(mesh, router, attempts=config.attempts), accounts=accounts, counts=Counts(metrics),
         limits=config.limits, signer=signer, prices=prices, settings=settings,
+        dispatch=Dispatch(config.max_in_flight, queue_limit=config.queue_limit),
     )
     return GatewayService(parts, journal, gateway_id=gateway_id, metrics_service=MetricsClient.of(mesh))

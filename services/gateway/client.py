@@ -74,6 +74,7 @@ class GatewayHealth(TypedDict):
     worker_retries: int
     streams_cut: int
     sessions_cached: int
+    dispatch: dict[str, int]  #: in_flight, waiting, capacity, waited, refused (dispatch.py)
 
 
 class GatewayClient(TypedClient):
@@ -91,14 +92,15 @@ class GatewayClient(TypedClient):
 
     async def infer(
         self, *, model: str, api_key: str | None = None, token: str | None = None, stream: bool | None = None,
-        timeout: float | None = None, **generation: Any,
+        fallback: bool | None = None, timeout: float | None = None, **generation: Any,
     ) -> Stream:
-        """Start a generation with an API key or a session token. `generation` holds the
-        parameters of the generation contract (shared/generation/: messages | prompt,
-        max_tokens, temperature, top_p, stop, seed, tools, tool_choice, response_format...);
-        None values are left out."""
+        """Start a generation with an API key or a session token. `model` is a model, an
+        alias or `default`; `fallback=False` keeps it on the chain's first model.
+        `generation` holds the parameters of the generation contract (shared/generation/:
+        messages | prompt, max_tokens, temperature, top_p, stop, seed, tools, tool_choice,
+        response_format...); None values are left out."""
         return await self._stream("infer", timeout, model=model, api_key=api_key, token=token, stream=stream,
-                                  **generation)
+                                  fallback=fallback, **generation)
 
     async def embed(
         self, *, model: str, input: list[str], api_key: str | None = None, token: str | None = None,

@@ -12,6 +12,9 @@
     INFERSWARM_GATEWAY_SHIP_BATCH         most usage records per batch (500)
     INFERSWARM_GATEWAY_JOURNAL_FSYNC      fdatasync every journal entry: survives power loss, slower (false)
     INFERSWARM_GATEWAY_ATTEMPTS           workers tried before the first token (3)
+    INFERSWARM_GATEWAY_MAX_IN_FLIGHT      requests at workers at once; more wait here, the highest priority
+                                          first (512; dispatch.py)
+    INFERSWARM_GATEWAY_QUEUE              requests that may wait for a slot; one more is UNAVAILABLE (2048)
     INFERSWARM_GATEWAY_AUTH_TIMEOUT       most seconds one call to auth on a request's path (key validation,
                                           token check) may wait, within the caller's deadline (30)
     INFERSWARM_MAX_TOKENS, INFERSWARM_MAX_PROMPT_CHARS, INFERSWARM_MAX_MESSAGES
@@ -46,6 +49,8 @@ class GatewayConfig:
     ship_batch: int = env("INFERSWARM_GATEWAY_SHIP_BATCH", default=500, parse=positive(int))
     journal_fsync: bool = env("INFERSWARM_GATEWAY_JOURNAL_FSYNC", default=False, parse=parse_bool)
     attempts: int = env("INFERSWARM_GATEWAY_ATTEMPTS", default=3, parse=positive(int))
+    max_in_flight: int = env("INFERSWARM_GATEWAY_MAX_IN_FLIGHT", default=512, parse=positive(int))
+    queue_limit: int = env("INFERSWARM_GATEWAY_QUEUE", default=2048, parse=positive(int))
     auth_timeout: float = env("INFERSWARM_GATEWAY_AUTH_TIMEOUT", default=30.0, parse=positive(float))
     #: Seconds between looks at auth's price table and routing settings (a change applies here within this).
     price_poll: float = env("INFERSWARM_GATEWAY_PRICE_POLL", default=1.0, parse=positive(float))

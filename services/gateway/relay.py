@@ -227,7 +227,7 @@ class _Attempts:
             provider = self._relay.router.choose(self._model, self._workers, self._tried)
         except Unavailable:
             if self._last is not None:
-                raise for_caller(self._last, self._request_id) from None
+                raise for_caller(self._last, self._request_id) from self._last
             raise
         self._relay.router.started(provider)
         return provider, budget
@@ -243,9 +243,11 @@ class _Attempts:
         self._relay.retries += 1
 
     def exhausted(self) -> MeshError:
-        """What the caller gets once every attempt failed."""
+        """What the caller gets once every attempt failed (the worker's own error as its cause)."""
         assert self._last is not None
-        return for_caller(self._last, self._request_id)
+        error = for_caller(self._last, self._request_id)
+        error.__cause__ = self._last
+        return error
 
 
 async def _close(stream: Stream | None) -> None:

@@ -16,27 +16,40 @@ Read top to bottom, in the order things happen:
    model allow-list is refused a model outside it here (`FORBIDDEN` naming
    `model`), before anything is routed or held.
 2. **check** the parameters with the workers' rules (checks.py), **route**
-   (the model's workers, router.py: `NOT_FOUND` if nobody serves it; `default`
-   is the operator's default model, and the operator's fallback models are
-   tried when the one asked for has no worker able to take it: routing_settings.py), **price**
-   (the model's price at the request's start, spend.py) and **admit** (hold
-   quota of every scope -- key, user, organisation -- and the worst-case cost
-   of every budget, quota/: `RATE_LIMITED` with `retry_after`). A refusal is
-   recorded (a usage record with its status) and counted.
-3. Admitted: an `A` journal entry (accounts.py), so that a crash from here on
-   is still billed and its leases settled on restart.
-4. **relay**: a worker's stream (relay.py, which tries other workers before
-   the first chunk); its chunks are passed on as they come.
-5. **settle** however it ends. A request a worker took -- its stream opened,
+   (router.py) to the first model of the request's chain whose workers can
+   take it now: the chain is an alias's, or the model named (`default`: the
+   operator's default model) then the operator's fallback models
+   (routing_settings.py); `NOT_FOUND` if nobody serves any of them.
+3. **wait for a slot** toward workers (dispatch.py): at once unless the
+   gateway is full, then by the caller's priority.
+4. **price** (the model's price at the request's start, spend.py) and
+   **admit** (hold quota of every scope -- key, user, organisation -- and the
+   worst-case cost of every budget, quota/: `RATE_LIMITED` with
+   `retry_after`). A refusal is recorded (a usage record with its status) and
+   counted. Admitted: an `A` journal entry (accounts.py), so that a crash from
+   here on is still billed and its leases settled on restart.
+5. **relay**: a worker's stream (relay.py, which tries the model's other
+   workers before the first chunk); its chunks are passed on as they come.
+   When every worker of the model fails before the first chunk in a way that
+   is the model's (fallback.py: down, an upstream's 429, its first-token
+   time, a context too small), the request **falls back** to the chain's
+   next model after a jittered backoff: what the failed model held is given
+   back, and the next model is priced and admitted (step 4) -- limits and
+   price are those of the model that serves. `fallback: false` keeps the
+   chain's first model only.
+6. **settle** however it ends. A request a worker took -- its stream opened,
    or the caller's deadline passed or the caller left while a worker had it
    -- keeps its request counts and the tokens used: after text was delivered,
    the prompt (`prompt_tokens` of the first text chunk) and the text chunks
    delivered. A request no worker took releases everything.
-6. **record** the one usage record (a `D` entry): on success before the
+7. **record** the one usage record (a `D` entry): on success before the
    final chunk is sent, otherwise when the request ends. A success's final
    chunk (and an embedding's answer) carries its signed `receipt`
    (shared/receipts.py: request id, model, tokens, cost, start, user, signer).
-7. **count** (counts.py), once.
+   The record names the model that served (`model`), the name asked when it
+   differs (`asked`), and the models that failed first (`tried`: auth keeps
+   a request that failed after all of them as a dead letter).
+8. **count** (counts.py), once.
 
 **State.** This object is the only writer of its request's state: the
 caller, the admission, the worker that took it, the chunks delivered, the
@@ -48,6 +61,7 @@ request dropped while it streams is settled once and never closed twice.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from dataclasses import dataclass
@@ -67,6 +81,8 @@ from services.gateway.accounts import Accounts, safe_model
 from services.gateway.callers import Caller, Callers
 from services.gateway.checks import Checked, Limits, check_capabilities, check_embedding, check_request
 from services.gateway.counts import Counts
+from services.gateway.dispatch import Dispatch
+from services.gateway.fallback import Chain, backoff, code_of, falls_back
 from services.gateway.prices import PriceBook
 from services.gateway.quota import COUNTERS, TOKEN_COUNTER, Admission, Quota
 from services.gateway.relay import Relay, Upstream
@@ -92,16 +108,22 @@ class Parts:
     limits: Limits
     signer: Signer  #: signs the receipts (the gateway's node key)
     prices: PriceBook  #: what each model costs, for budgets, receipts and records
-    settings: RoutingSettings  #: the default model, the fallbacks, the workers' cache TTL
+    settings: RoutingSettings  #: the default model, the fallbacks, the aliases, the workers' cache TTL
+    dispatch: Dispatch  #: the gateway's slots toward workers, handed out by priority
 
 
 class Request:
     """One `gateway.infer` call (see the module doc)."""
 
-    def __init__(self, parts: Parts, model: str, deadline: float) -> None:
+    def __init__(self, parts: Parts, model: str, deadline: float, *, fallback: bool = True) -> None:
         self._parts = parts
         self.request_id = "gw-" + secrets.token_hex(12)
-        self.model = model
+        self.asked = model  #: the name the caller gave: a model, an alias or `default`
+        self.model = model  #: the model routed to: the one that served, once it ends
+        self._fallback = fallback
+        self._chain = Chain([])  #: the models still to try, and those tried (fallback.py)
+        self._last_error: str | None = None  #: the code of the last model's failure before its first chunk
+        self._cut_short = False  #: the model's attempt had its first-token time, less than the caller's deadline
         self.deadline = deadline  #: time.monotonic() by which the caller wants the answer
         self.started = time.monotonic()
         self.at = time.time()
@@ -115,35 +137,103 @@ class Request:
         self._upstream: Upstream | None = None
         self._status: str | None = None  #: how it failed, when it did
         self._ended = False
+        self._slot = False  #: holds one of the gateway's dispatch slots
 
     # -- 1-4: from arrival to the first chunk -------------------------------------------
 
     async def start(self, api_key: str | None, token: str | None, generation: dict[str, Any],
                     stream: bool) -> dict[str, Any]:
         """Identify, check, route, admit, open a worker's stream: the first chunk to send
-        (with the request's id, so an HTTP reply can name it before the end)."""
+        (with the request's id and the model routed to, so an HTTP reply can name them
+        before the end)."""
         parts = self._parts
         with self._failing():
             self.caller = caller = await parts.callers.identify(api_key, token, deadline=self.deadline)
             checked = check_request(parts.limits, model=self.model, generation=generation, stream=stream)
             self.prompt_hash = checked.prompt_hash
+            self._chain = Chain(parts.settings.candidates(self.asked, fallback=self._fallback))
             workers = await self._route(caller)
             check_capabilities(checked.request, workers)
-            self.spend = Spend.of(caller, parts.prices, self.model, self.at)
-            self.admission, room = await self._admit(caller, checked)
-        parts.accounts.admitted(self.request_id, self._stub(), self.admission)
-        params = {**checked.params, "model": self.model, "priority": caller.priority,  # the model routed to
+            await self._dispatched(caller)
+            room = await self._hold(caller, checked)
+        params = {**checked.params, "priority": caller.priority,
                   "tenant": f"user:{caller.user_id}"}  # the worker's response cache is per user
-        if room is not None:
-            params["max_tokens"] = room
         if parts.settings.cache_ttl is not None:  # the operator's, else each worker's own
             params["cache_ttl"] = parts.settings.cache_ttl
         with self._failing():
-            self._upstream = await parts.relay.open(self.request_id, self.model, params, workers, self.deadline,
-                                                    took=self._took)
+            while True:
+                try:
+                    self._upstream = await self._open(params, workers, room)
+                    break
+                except MeshError as exc:
+                    workers, room = await self._fall_back(exc, caller, checked)
         parts.counts.first_token(self.model, self._upstream.ttft)
         first = self._passed(self._upstream.first)
-        return first if "request_id" in first else {**first, "request_id": self.request_id}
+        return {**first, "request_id": first.get("request_id", self.request_id), "model": self.model}
+
+    async def _dispatched(self, caller: Caller) -> None:
+        """Wait for one of the gateway's slots toward workers, by the caller's priority (dispatch.py)."""
+        await self._parts.dispatch.enter(caller.priority, self.deadline)
+        self._slot = True
+
+    async def _hold(self, caller: Caller, checked: Checked) -> int | None:
+        """Price the model routed to and admit the request for it (an `A` entry); the
+        `max_tokens` a budget leaves, if it set one."""
+        parts = self._parts
+        self.spend = Spend.of(caller, parts.prices, self.model, self.at)
+        self.admission, room = await self._admit(caller, checked)
+        parts.accounts.admitted(self.request_id, self._stub(), self.admission)
+        return room
+
+    async def _open(self, params: dict[str, Any], workers: list[Provider], room: int | None) -> Upstream:
+        """The model's stream: within the model's first-token time while the chain has
+        another model to try, else the caller's deadline."""
+        params = {**params, "model": self.model}
+        if room is not None:
+            params["max_tokens"] = room
+        limit = self._parts.settings.first_token_timeout
+        self._cut_short = limit is not None and self._chain.left and time.monotonic() + limit < self.deadline
+        deadline = time.monotonic() + limit if self._cut_short and limit is not None else self.deadline
+        return await self._parts.relay.open(self.request_id, self.model, params, workers, deadline, took=self._took)
+
+    async def _fall_back(self, error: MeshError, caller: Caller,
+                         checked: Checked) -> tuple[list[Provider], int | None]:
+        """Move to the next model of the chain after `error` (fallback.py): wait its
+        backoff, route, give back what the failed model held and admit for the next.
+        Raises `error` (with the models tried) when the chain ends here."""
+        chain, now = self._chain, time.monotonic()
+        model_failed = falls_back(error, cut_short=self._cut_short)
+        if model_failed:  # the model's failure: not the request's, nor the caller's deadline
+            self._last_error = code_of(error)
+        wait = backoff(len(chain.tried) + 1)
+        if not (chain.left and model_failed) or now + wait >= self.deadline:
+            raise self._naming_tried(error)
+        chain.failed(self.model, error)
+        self._last_error = None
+        log.info("model failed before its first token; falling back", model=self.model, code=error.code,
+                 request_id=self.request_id)
+        await asyncio.sleep(wait)
+        try:
+            workers = await self._route(caller, moving=True)
+        except (NotFound, Forbidden):
+            raise self._naming_tried(error) from None
+        check_capabilities(checked.request, workers)
+        self.worker = None  # the failed model's worker did not serve it: nothing of it is kept
+        if self.admission is not None:
+            self._parts.quota.release(self.admission)
+            self.admission = None
+        return workers, await self._hold(caller, checked)
+
+    def _tried(self) -> list[dict[str, Any]]:
+        """The models tried and failed, the last one too once it failed."""
+        last = [{"model": self.model, "code": self._last_error}] if self._last_error is not None else []
+        return [*self._chain.tried, *last]
+
+    def _naming_tried(self, error: MeshError) -> MeshError:
+        """`error`, naming the models tried when the chain moved before it."""
+        if self._chain.tried:
+            error.data["tried"] = self._tried()
+        return error
 
     async def embed(self, api_key: str | None, token: str | None, input: Any, dimensions: Any) -> dict[str, Any]:
         """An embedding request (`gateway.embed`): identify, check, route, admit, call a
@@ -157,6 +247,7 @@ class Request:
             self.prompt_hash = checked.prompt_hash
             workers = await parts.router.workers(self.model, deadline=self.deadline)
             check_capabilities(None, workers)
+            await self._dispatched(caller)
             self.spend = spend = Spend.of(caller, parts.prices, self.model, self.at)
             self.admission = await parts.quota.admit(caller.scopes, checked.reserve,
                                                      spend=spend.worst(checked.reserve, 0), deadline=self.deadline)
@@ -176,22 +267,23 @@ class Request:
                 "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.scopes),
                 "receipt": self._receipt(answer.get("model"), prompt_tokens, 0)}
 
-    async def _route(self, caller: Caller) -> list[Provider]:
-        """The workers of the model to serve the request: the one named (`default`: the
-        operator's default model), else the first fallback the key may use whose workers
-        can take it now (routing_settings.py); if none can, the first with workers (the
-        relay then says `UNAVAILABLE`). `self.model` becomes the model chosen. A model the
-        key may not use is `FORBIDDEN` when asked for, and skipped as a fallback."""
-        router = self._parts.router
+    async def _route(self, caller: Caller, *, moving: bool = False) -> list[Provider]:
+        """The workers of the model to serve the request: the chain's first (the model
+        named, `default`'s, or an alias's first) whose workers can take it now, else the
+        first with workers (the relay then says `UNAVAILABLE`). `self.model` becomes the
+        model chosen, and leaves the chain. A model the key may not use is `FORBIDDEN`
+        when asked for by name, and skipped in a chain."""
+        router, chain = self._parts.router, self._chain
         refusal: MeshError | None = None
         busy: tuple[str, list[Provider]] | None = None
-        for index, model in enumerate(self._parts.settings.candidates(self.model)):
+        for model in list(chain.pending):
             try:
                 caller.check_model(model)
                 workers = await router.workers(model, deadline=self.deadline)
             except (NotFound, Forbidden) as exc:
-                if index == 0 and isinstance(exc, Forbidden):
+                if not moving and model == self.asked and isinstance(exc, Forbidden):
                     raise
+                chain.take(model)  # nobody serves it now, or the key may not use it
                 refusal = refusal or exc
                 continue
             if router.can_take(workers):
@@ -203,8 +295,9 @@ class Request:
         raise refusal
 
     def _chosen(self, model: str, workers: list[Provider]) -> list[Provider]:
+        self._chain.take(model)
         if model != self.model:
-            log.info("request routed to another model", asked=self.model, model=model, request_id=self.request_id)
+            log.info("request routed to another model", asked=self.asked, model=model, request_id=self.request_id)
             self.model = model
         return workers
 
@@ -295,8 +388,11 @@ class Request:
         worker = chunk.get("worker")
         worker_id = worker.get("id") if isinstance(worker, dict) and isinstance(worker.get("id"), str) else None
         self._finish("ok", prompt_tokens, completion_tokens, worker_id or self._upstream.provider.node_hex, cached)
-        return {**chunk, "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.scopes),
-                "receipt": self._receipt(chunk.get("model"), prompt_tokens, completion_tokens, cached)}
+        final = {**chunk, "request_id": self.request_id, "rate_limit": parts.quota.facts(caller.scopes),
+                 "receipt": self._receipt(chunk.get("model"), prompt_tokens, completion_tokens, cached)}
+        if self._chain.tried:
+            final["tried"] = self._chain.tried
+        return final
 
     def _receipt(self, served: Any, prompt_tokens: int, completion_tokens: int, cached: bool = False) -> str:
         """The signed receipt of a request served to the end (shared/receipts.py): the
@@ -316,6 +412,9 @@ class Request:
             if self._upstream is not None:
                 await self._upstream.close()
         finally:
+            if self._slot:
+                self._slot = False
+                self._parts.dispatch.leave()
             if not self._ended:
                 self._failed()
 
@@ -349,6 +448,11 @@ class Request:
             "latency_ms": int(seconds * 1000), "status": status,
             "worker": worker if worker and len(worker) <= 256 else None, "at": round(self.at, 3),
         }
+        if self.asked != self.model:
+            record["asked"] = safe_model(self.asked)
+        tried = self._tried() if status not in ("ok", "cancelled") and not self.delivered else self._chain.tried
+        if tried:
+            record["tried"] = [{"model": safe_model(t["model"]), "code": t["code"]} for t in tried]
         cost = self.spend.cost(prompt_tokens, completion_tokens, cached)
         if cost is not None and self.spend.price is not None:  # what the receipt says and the budget kept
             record["cost"], record["currency"] = format(cost, "f"), self.spend.price.currency

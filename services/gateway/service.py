@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
-from shared.errors import Forbidden, Unavailable
+from shared.errors import Forbidden, InvalidParams, Unavailable
 from shared.rpc import current_request, method
 from services.metrics.client import MetricsClient
 from services.gateway.budget import budget
@@ -63,12 +63,16 @@ class GatewayService:
     @method(public=True)
     async def infer(
         self, model: str, api_key: str | None = None, token: str | None = None, stream: bool = True,
-        **generation: Any,
+        fallback: bool = True, **generation: Any,
     ) -> AsyncIterator[dict[str, Any]]:
-        """Generate with `model`; the parameters of the generation contract (shared/generation/);
-        chunks as `inference.generate`, the first and the last with `request_id`, the last
-        with rate-limit facts."""
-        request = Request(self._parts, model, _deadline())
+        """Generate with `model` (a model, an alias or `default`); the parameters of the
+        generation contract (shared/generation/); chunks as `inference.generate`, the
+        first with `request_id` and the `model` routed to, the last with `request_id`,
+        rate-limit facts and `tried` when other models failed first. `fallback=False`:
+        the chain's first model only (fallback.py)."""
+        if not isinstance(fallback, bool):
+            raise InvalidParams("fallback must be a boolean", {"param": "fallback"})
+        request = Request(self._parts, model, _deadline(), fallback=fallback)
         self._counts.in_flight += 1
         try:
             chunk: dict[str, Any] | None = await request.start(api_key, token, generation, stream)
@@ -136,6 +140,9 @@ class GatewayService:
             "usage_shipped": self._journal.shipped_count, "requests": dict(self._counts.outcomes),
             "worker_retries": self._parts.relay.retries, "streams_cut": self._parts.relay.cut,
             "sessions_cached": self._callers.sessions_cached,
+            "dispatch": {"in_flight": self._parts.dispatch.in_flight, "waiting": self._parts.dispatch.waiting,
+                         "capacity": self._parts.dispatch.capacity, "waited": self._parts.dispatch.waited,
+                         "refused": self._parts.dispatch.refused},
         }
 
 

@@ -46,9 +46,11 @@
     GET    /api/receipts/keys        --                                     -> ["<hex key>", ...]: the live
                                      gateways' public keys, which sign usage receipts
     POST   /api/inference            X-API-Key, {model, messages | prompt, max_tokens, temperature,
-                                     top_p, stop, seed, logprobs?, top_logprobs?, stream?}
-                                                                            -> completion, or NDJSON chunks
-                                                                               (the last with `receipt`)
+                                     top_p, stop, seed, logprobs?, top_logprobs?, stream?, fallback?}
+                                     (or `x-inferswarm-fallback: false`)    -> completion, or NDJSON chunks
+                                                                               (the last with `receipt`);
+                                                                               `model` the one that served,
+                                                                               `tried` those that failed first
 
 Organisations: org_api.py (`/api/orgs...`, `/api/invites...`).
 
@@ -75,7 +77,7 @@ from shared.errors import DecodeError, InvalidParams, MeshError, Unauthenticated
 from shared.tiers import LIMIT_NAMES
 from services.web.errors import MISSING_CREDENTIAL, rest_error_body
 from services.web.ratelimits import openai_headers
-from services.web.params import generation_params
+from services.web.params import fallback_of, generation_params
 from services.web.relay import Relay
 from services.web.report_views import csv_response
 from services.web.security import client_addr
@@ -436,6 +438,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
         raise InvalidParams("stream must be true or false", {"param": "stream"})
     generation, _ = generation_params(body, drop_unsupported=False, chat=None)
     params = {"api_key": api_key, "model": _string(body, "model"), **generation, "stream": stream}
+    if not fallback_of(request, body):
+        params["fallback"] = False
     relay = await Relay.start(request.app[UPSTREAM], params)
     try:
         if not stream:
@@ -462,6 +466,8 @@ async def inference(request: web.Request) -> web.StreamResponse:
 
 def _final_view(relay: Relay) -> dict[str, Any]:
     final = relay.final
-    return {"model": final.get("model"), "finish_reason": relay.finish_reason, "usage": relay.usage,
+    tried = {"tried": final["tried"]} if isinstance(final.get("tried"), list) else {}
+    return {"model": final.get("model") or relay.model, **tried, "finish_reason": relay.finish_reason,
+            "usage": relay.usage,
             "request_id": final.get("request_id"), "cached": bool(final.get("cached")),
             "timing": final.get("timing"), "rate_limits": relay.facts or None, "receipt": relay.receipt}

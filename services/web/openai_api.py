@@ -56,7 +56,7 @@ from shared.generation import logprobs_of, text_of, tool_calls_of
 from shared.receipts import HEADER as RECEIPT_HEADER
 from services.web.api import bearer, json_body
 from services.web.errors import openai_error_body
-from services.web.params import DROP_PARAMS, DROPPED_HEADER, MAX_N, generation_params
+from services.web.params import DROP_PARAMS, DROPPED_HEADER, MAX_N, fallback_of, generation_params
 from services.web.ratelimits import facts_of, openai_headers
 from services.web.relay import Relay
 from services.web.session import UPSTREAM
@@ -66,6 +66,7 @@ __all__ = ["REQUEST_IDS_HEADER", "routes"]
 
 routes = web.RouteTableDef()
 REQUEST_IDS_HEADER = "x-inferswarm-request-ids"
+MODEL_HEADER = "x-inferswarm-model"  #: the model that serves: the one named, or its alias's or a fallback's
 _T = TypeVar("_T")
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
@@ -212,8 +213,10 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     body = await json_body(request)
     asked = _common(request, body, chat=chat)
     params = {"api_key": api_key, "model": asked.model, **asked.params, "stream": asked.stream}
+    if not fallback_of(request, body):
+        params["fallback"] = False
     relays = await _start(request.app[UPSTREAM], params, asked.n)
-    shape = _Shape(chat, asked.model, asked.include_usage, asked.logprobs)
+    shape = _Shape(chat, relays[0].model or asked.model, asked.include_usage, asked.logprobs)
     try:
         if not asked.stream:
             texts = await _all([relay.collect() for relay in relays])  # the final chunks' exact facts with them
@@ -346,6 +349,8 @@ def _headers(relays: list[Relay]) -> dict[str, str]:
     ids = [relay.request_id for relay in relays if relay.request_id is not None]
     if relays[0].request_id is not None:
         headers["x-request-id"] = relays[0].request_id
+    if relays[0].model is not None:
+        headers[MODEL_HEADER] = relays[0].model
     if ids:
         headers[REQUEST_IDS_HEADER] = ",".join(ids)
     receipts = _receipts(relays)  # a whole reply's; a stream's headers go before any exists

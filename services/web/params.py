@@ -8,6 +8,10 @@ This module only decides which names of a body reach the contract:
 * the contract's own names (`messages`, `tools`, `response_format`, ...) and
   `max_completion_tokens` (OpenAI's newer name of `max_tokens`);
 * the transport's: `model`, `stream`, `stream_options` (handled by the caller);
+* `fallback` (ours, `extra_body={"fallback": False}` in OpenAI's SDKs), or the
+  header `x-inferswarm-fallback: false`: false keeps the request on the model
+  (or the alias's first model) it names, without falling back to others
+  (`fallback_of`; services/gateway/fallback.py);
 * `user`: accepted, informational only (as OpenAI documents it: an end-user id
   for abuse monitoring); it changes nothing in the answer;
 * `logprobs` and `top_logprobs` are the contract's; on legacy completions
@@ -34,13 +38,31 @@ from aiohttp import web
 from shared.errors import InvalidParams
 from shared.generation import PARAMETERS
 
-__all__ = ["DROP_PARAMS", "DROPPED_HEADER", "MAX_N", "generation_params"]
+__all__ = ["DROP_PARAMS", "DROPPED_HEADER", "FALLBACK_HEADER", "MAX_N", "fallback_of", "generation_params"]
 
 DROP_PARAMS = web.AppKey("drop_params", bool)
 MAX_N = web.AppKey("max_n", int)  #: the most choices (`n`) one request may ask for (INFERSWARM_MAX_N)
 DROPPED_HEADER = "x-inferswarm-dropped-params"
+FALLBACK_HEADER = "x-inferswarm-fallback"
+_BOOLEAN_TEXT = {"true": True, "1": True, "false": False, "0": False}
 
-_TRANSPORT = frozenset({"model", "stream", "stream_options", "user"})
+
+def fallback_of(request: web.Request, body: Mapping[str, Any]) -> bool:
+    """Whether the request may fall back to other models: its body's `fallback`, else
+    the `x-inferswarm-fallback` header, else true."""
+    if "fallback" in body and body["fallback"] is not None:
+        if not isinstance(body["fallback"], bool):
+            raise InvalidParams("fallback must be a boolean", {"param": "fallback"})
+        return bool(body["fallback"])
+    header = request.headers.get(FALLBACK_HEADER)
+    if header is None:
+        return True
+    value = _BOOLEAN_TEXT.get(header.strip().lower())
+    if value is None:
+        raise InvalidParams(f"{FALLBACK_HEADER} must be true or false", {"param": "fallback"})
+    return value
+
+_TRANSPORT = frozenset({"model", "stream", "stream_options", "user", "fallback"})
 _LEGACY_MAX_LOGPROBS = 5  #: OpenAI's bound of the legacy completions' `logprobs`
 
 #: OpenAI's parameters this platform does not do, and the values that ask for nothing.

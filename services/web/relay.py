@@ -14,7 +14,8 @@ Chunks (services/inference/README.md, via the gateway): `{"text": ...}`
 pieces (with `logprobs` when asked) or `{"tool_calls": [...]}`, then a final chunk with `usage`,
 `finish_reason`, `timing`, `cached`, `request_id`, the rate-limit facts and
 the signed `receipt`.
-The first chunk carries `request_id` too, so a reply names it in its headers.
+The first chunk carries `request_id` too, and the `model` routed to (the
+alias's or fallback's model that serves), so a reply names them in its headers.
 Anything else is kept as metadata.
 """
 
@@ -47,6 +48,7 @@ class Relay:
         self.facts: dict[str, dict[str, Any]] = {}
         self.text_chunks = 0
         self.request_id: str | None = None  #: the gateway's id of this request, once a chunk told it
+        self.model: str | None = None  #: the model the gateway routed to (after any fallback), from the first chunk
         self.calls: list[dict[str, Any]] = []  #: tool calls gathered by `texts`
         self.logprobs: list[dict[str, Any]] = []  #: the text's token logprobs gathered by `texts`
 
@@ -87,6 +89,8 @@ class Relay:
             self.facts = facts_of(chunk) or self.facts
             if self.request_id is None and isinstance(chunk.get("request_id"), str) and chunk["request_id"]:
                 self.request_id = chunk["request_id"]
+            if self.model is None and isinstance(chunk.get("model"), str) and chunk["model"]:
+                self.model = chunk["model"]
             if is_final(chunk):
                 self.final = chunk
                 text = text_of(chunk)
