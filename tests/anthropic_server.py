@@ -41,6 +41,21 @@ the status, and `retry_after` as the `retry-after` header), `error_after` (an
 (the connection closed after that many). `requests` records every
 request's (path, headers, body), `json_deltas` counts the input_json_delta
 events sent.
+
+Several keys, each failing on command (`keys = {"k1": None, "k2": 429, "k3":
+401}`, `reset_after`, `requests_by_key`: tests/upstream_keys.py; `keys` wins
+over `api_key`): a spent key's 429 is `rate_limit_error` with `retry-after`
+(whole seconds) and the `anthropic-ratelimit-*-reset` times (RFC 3339); 401
+`authentication_error`, 403 `permission_error`, 5xx `api_error` (529
+`overloaded_error`). Every answer to a request with a key carries
+`anthropic-ratelimit-requests-{limit,remaining,reset}`,
+`anthropic-ratelimit-tokens-{limit,remaining,reset}` and the same for
+`input-tokens` and `output-tokens`, as the API sends them.
+
+`context_window` (tokens): a prompt over it is the API's 400 "prompt is too
+long: M tokens > N maximum"; one that fits but not with its `max_tokens`,
+"input length and `max_tokens` exceed context limit: P + C > N, decrease
+input length or `max_tokens` and try again".
 """
 
 from __future__ import annotations
@@ -52,6 +67,7 @@ from typing import Any
 from aiohttp import web
 
 from ollama_server import sample_of, tokens_of
+from upstream_keys import KeyedLimits, rfc3339, whole_seconds
 
 __all__ = ["AnthropicServer", "ERROR_TYPES"]
 
@@ -60,11 +76,13 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                529: "overloaded_error"}
 
 
-class AnthropicServer:
+class AnthropicServer(KeyedLimits):
     """The Messages API on 127.0.0.1 (a random port); `url` is the host, as `https://api.anthropic.com`."""
 
     def __init__(self, models: tuple[str, ...] = ("claude-test-1",), *, api_key: str | None = None,
                  reply: str = "Hello from the Anthropic protocol test server, one word at a time.") -> None:
+        super().__init__()
+        self.context_window: int | None = None
         self.models = list(models)
         self.api_key = api_key
         self.reply = reply
@@ -83,6 +101,7 @@ class AnthropicServer:
 
     async def __aenter__(self) -> AnthropicServer:
         app = web.Application()
+        app.on_response_prepare.append(self._rate_headers)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_post("/v1/messages", self.messages)
         self._runner = web.AppRunner(app, handle_signals=False)
@@ -112,9 +131,51 @@ class AnthropicServer:
             return _error(self.fail_status, "The server failed on command.", headers)
         if not request.headers.get("anthropic-version"):
             return _error(400, "anthropic-version: header is required")
+        if self.keys is not None:
+            return self._key_refusal(request.headers.get("x-api-key", ""))
         if self.api_key is not None and request.headers.get("x-api-key") != self.api_key:
             return _error(401, "invalid x-api-key")
         return None
+
+    def _key_refusal(self, key: str) -> web.Response | None:
+        """The answer to a key that does not serve now (see tests/upstream_keys.py), None when it serves."""
+        behaviour = self.behaviour(key)
+        if behaviour is None:
+            return None
+        if behaviour == 429:
+            return _error(429, f"This request would exceed the rate limit for your organization of "
+                               f"{self.limit_requests} requests per minute. For details, refer to: "
+                               "https://docs.claude.com/en/api/rate-limits.",
+                          {"retry-after": whole_seconds(self.reset_in(key))})
+        messages = {401: "invalid x-api-key", 403: "Your API key does not have permission to use the specified "
+                                                   "resource."}
+        return _error(behaviour, messages.get(behaviour, "Internal server error"))
+
+    async def _rate_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """What a key has left, on every answer to a request with a key (as the API sends them)."""
+        if self.keys is None and self.api_key is None:
+            return
+        key = request.headers.get("x-api-key", "")
+        reset = rfc3339(self.reset_in(key) or 1.0)
+        requests, tokens = self.remaining_requests(key), self.remaining_tokens(key)
+        headers = {"anthropic-ratelimit-requests-limit": str(self.limit_requests),
+                   "anthropic-ratelimit-requests-remaining": str(requests),
+                   "anthropic-ratelimit-requests-reset": reset}
+        for kind in ("tokens", "input-tokens", "output-tokens"):
+            headers.update({f"anthropic-ratelimit-{kind}-limit": str(self.limit_tokens),
+                            f"anthropic-ratelimit-{kind}-remaining": str(tokens),
+                            f"anthropic-ratelimit-{kind}-reset": reset})
+        response.headers.update(headers)
+
+    def _overflow(self, body: dict[str, Any]) -> web.Response | None:
+        """The API's 400 for a prompt that, alone or with max_tokens, does not fit `context_window`."""
+        window, prompt, asked = self.context_window, _input_tokens(body), body["max_tokens"]
+        if window is None or prompt + asked <= window:
+            return None
+        if prompt > window:
+            return _error(400, f"prompt is too long: {prompt} tokens > {window} maximum")
+        return _error(400, f"input length and `max_tokens` exceed context limit: {prompt} + {asked} > {window}, "
+                           "decrease input length or `max_tokens` and try again")
 
     async def list_models(self, request: web.Request) -> web.Response:
         self.requests.append((request.path, dict(request.headers), {}))
@@ -142,10 +203,14 @@ class AnthropicServer:
             return _error(400, problem)
         if body["model"] not in self.models:
             return _error(404, f"model: {body['model']}")
+        overflow = self._overflow(body)
+        if overflow is not None:
+            return overflow
         self._ids += 1
         message_id = f"msg_test{self._ids:020d}"
         blocks, stop_reason, stop_sequence, output = self._answer(body)
         usage_in = _input_tokens(body)
+        self.tokens_by_key[request.headers.get("x-api-key", "")] += usage_in + output
         if not body.get("stream"):
             return web.json_response({
                 "id": message_id, "type": "message", "role": "assistant", "model": body["model"],

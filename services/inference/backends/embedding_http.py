@@ -14,18 +14,22 @@
 Each embedder talks to its server through the chat backend of the same
 server and model (`OllamaBackend`, `OpenAIBackend`): its session, its probe
 (`/api/tags`, `/models`) and the facts it finds (`/api/show`), so a server
-is reached, probed and described one way for both kinds of model. Failures
+is reached, probed and described one way for both kinds of model -- and an
+OpenAI embedder rotates over the backend's key pool (keys.py), counting each
+batch's `prompt_tokens` on the key it went with. Failures
 are typed as in `http.py`; `dimensions` is passed through, and a server or
 model that cannot shorten its vectors answers 400, which is INVALID_PARAMS.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from shared.config import Secret
 from services.inference.backends.embedding import Embedded, Embedder, check_batch
 from services.inference.backends.http import HttpBackend, malformed
+from services.inference.backends.keys import Lease
 from services.inference.backends.ollama import OllamaBackend
 from services.inference.backends.openai import OpenAIBackend
 
@@ -50,6 +54,9 @@ class _ServerEmbedder(Embedder):
 
     async def probe(self) -> None:
         await self.server.probe()
+
+    def keys_view(self) -> list[dict[str, Any]] | None:
+        return self.server.keys_view()
 
     def _tokens(self, value: Any) -> int:
         if value is None:
@@ -84,14 +91,19 @@ class OpenAIEmbedder(_ServerEmbedder):
 
     kind = "openai"
 
-    def __init__(self, url: str, model: str, *, api_key: Secret | None = None, timeout: float = 120.0) -> None:
-        super().__init__(OpenAIBackend(url, model, api_key=api_key, timeout=timeout), model)
+    def __init__(self, url: str, model: str, *, api_key: Secret | None = None, api_keys: Sequence[Secret] = (),
+                 timeout: float = 120.0, key_cooldown: float = 5.0) -> None:
+        super().__init__(OpenAIBackend(url, model, api_key=api_key, api_keys=api_keys, timeout=timeout,
+                                       key_cooldown=key_cooldown), model)
 
     async def embed(self, texts: list[str], dimensions: int | None) -> Embedded:
         body: dict[str, Any] = {"model": self.model, "input": texts, "encoding_format": "float"}
         if dimensions is not None:
             body["dimensions"] = dimensions
-        answer = await self.http.post_json("/embeddings", body)
+        return await self.server.keyed_call(lambda lease: self._embed(lease, body, len(texts)))
+
+    async def _embed(self, lease: Lease | None, body: dict[str, Any], count: int) -> Embedded:
+        answer = await self.http.post_json("/embeddings", body, lease)
         data = answer.get("data") if isinstance(answer, dict) else None
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
             raise malformed(self.http.name, "/embeddings answered without a data list")
@@ -101,4 +113,7 @@ class OpenAIEmbedder(_ServerEmbedder):
         ordered = sorted(data, key=lambda d: d["index"])
         usage = answer.get("usage")
         tokens = self._tokens(usage.get("prompt_tokens") if isinstance(usage, dict) else None)
-        return Embedded(check_batch([d.get("embedding") for d in ordered], len(texts), self.http.name), tokens)
+        embedded = Embedded(check_batch([d.get("embedding") for d in ordered], count, self.http.name), tokens)
+        if lease is not None:
+            lease.used(tokens, 0)
+        return embedded

@@ -1,36 +1,54 @@
 """What the HTTP backends share: a session, and upstream failures as typed errors.
 
-| upstream                                         | error                              |
-| ------------------------------------------------ | ---------------------------------- |
-| cannot connect, connection reset before an answer | UNAVAILABLE (retry_safe)           |
-| 404 (unknown model)                              | NOT_FOUND                          |
-| 400 / 422 (the request itself)                   | INVALID_PARAMS                     |
-| 401 / 403 (the worker's API key)                 | UNAVAILABLE (retry_safe)           |
-| 429 (the server's own limit), 529 (overloaded)    | UNAVAILABLE, `retry_after` if sent |
-| 5xx, any other status                            | UNAVAILABLE (retry_safe)           |
-| a line that is not the protocol's JSON           | UNAVAILABLE                        |
-| stream dropped or ended early, read timeout      | UNAVAILABLE                        |
+| upstream                                          | error                                       |
+| ------------------------------------------------- | ------------------------------------------- |
+| cannot connect, connection reset before an answer | UNAVAILABLE (retry_safe)                    |
+| 404 (unknown model)                               | NOT_FOUND                                   |
+| 400 / 422 (the request itself)                    | INVALID_PARAMS                              |
+| 400, the prompt does not fit the context window   | INVALID_PARAMS, `param: "messages"`,        |
+|                                                   | `reason: "context_length_exceeded"`         |
+| 401 / 403 (the worker's API key)                  | UNAVAILABLE (retry_safe); with a key pool   |
+|                                                   | the key is disabled and the next one tried  |
+| 429 (the key's limit), 529 (overloaded)           | UNAVAILABLE, `retry_after` if sent; with a  |
+|                                                   | key pool the key is exhausted until its     |
+|                                                   | reset and the next one tried (`keys.py`)    |
+| 5xx, any other status                             | UNAVAILABLE (retry_safe); counted on the    |
+|                                                   | key's breaker, the next key tried           |
+| a line that is not the protocol's JSON            | UNAVAILABLE                                 |
+| stream dropped or ended early, read timeout       | UNAVAILABLE                                 |
 
-Error bodies are read in the protocols' shapes: Ollama's `{"error": "..."}`,
-OpenAI's `{"error": {"message": ..., "type": ..., "code": ...}}` and
-Anthropic's `{"type": "error", "error": {"type": ..., "message": ...}}`.
+Every UNAVAILABLE of a status carries it as `upstream_status`. Error bodies
+are read in the protocols' shapes: Ollama's `{"error": "..."}`, OpenAI's
+`{"error": {"message": ..., "type": ..., "code": ...}}` and Anthropic's
+`{"type": "error", "error": {"type": ..., "message": ...}}`. The context
+overflow is OpenAI's `code: "context_length_exceeded"` and Anthropic's
+`invalid_request_error` saying "prompt is too long" (or "input length and
+`max_tokens` exceed context limit").
+
+A request may go with a `Credential` (a `keys.Lease`): its headers (the API
+key) are sent with that request only, and it is told the status and headers
+of the answer, success or error, before the error is raised -- how a key pool
+learns about 429s, rate-limit headers and refused keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from services.inference.backends.base import Backend
+from services.inference.backends.base import Backend, Event
+from services.inference.backends.keys import KeyPool, Lease
 from shared.errors import InvalidParams, MeshError, NotFound, Unavailable
 
-__all__ = ["HttpBackend", "HttpClient", "malformed", "dropped"]
+__all__ = ["Credential", "HttpBackend", "HttpClient", "malformed", "dropped"]
+
+T = TypeVar("T")
 
 _MAX_ERROR_BODY = 4096
 _MAX_LINE = 1 << 20
@@ -44,6 +62,14 @@ def malformed(where: str, detail: str) -> Unavailable:
 def dropped(where: str, detail: str) -> Unavailable:
     """The stream stopped before its end."""
     return Unavailable(f"{where} dropped the stream: {detail}", {"retry_safe": False})
+
+
+class Credential(Protocol):
+    """What one request sends to authenticate, and who hears the answer's status and headers."""
+
+    headers: Mapping[str, str]
+
+    def observe(self, status: int, headers: Mapping[str, str]) -> None: ...
 
 
 class HttpClient:
@@ -68,17 +94,17 @@ class HttpClient:
         if session is not None:
             await session.close()
 
-    async def get_json(self, path: str) -> Any:
-        async with self.request("GET", path) as response:
+    async def get_json(self, path: str, credential: Credential | None = None) -> Any:
+        async with self.request("GET", path, credential=credential) as response:
             return await self._json(response)
 
-    async def post_json(self, path: str, body: Mapping[str, Any]) -> Any:
-        async with self.request("POST", path, body) as response:
+    async def post_json(self, path: str, body: Mapping[str, Any], credential: Credential | None = None) -> Any:
+        async with self.request("POST", path, body, credential=credential) as response:
             return await self._json(response)
 
     @asynccontextmanager
-    async def request(self, method: str, path: str, body: Mapping[str, Any] | None = None
-                      ) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def request(self, method: str, path: str, body: Mapping[str, Any] | None = None, *,
+                      credential: Credential | None = None) -> AsyncIterator[aiohttp.ClientResponse]:
         """An answered request with a 2xx status; any failure as a typed error.
 
         Leaving the block before the body was read closes the connection, which
@@ -88,10 +114,13 @@ class HttpClient:
         if self._session is None:
             raise Unavailable(f"{self.name}: client closed", {"retry_safe": True})
         try:
-            response = await self._session.request(method, self.base_url + path, json=body)
+            headers = credential.headers if credential is not None else None
+            response = await self._session.request(method, self.base_url + path, json=body, headers=headers)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise Unavailable(f"cannot reach {self.name}: {_reason(exc)}", {"retry_safe": True}) from None
         try:
+            if credential is not None:
+                credential.observe(response.status, response.headers)
             if response.status >= 300:
                 raise await self._status_error(response)
             yield response
@@ -130,10 +159,13 @@ class HttpClient:
             body = (await response.content.read(_MAX_ERROR_BODY)).decode(errors="replace")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             body = ""
-        text = f"{self.name} answered {response.status}: {_error_message(body) or response.reason}"
+        message, overflow = _error_message(body)
+        text = f"{self.name} answered {response.status}: {message or response.reason}"
         status = response.status
         if status == 404:
             return NotFound(text)
+        if status == 400 and overflow:
+            return InvalidParams(text, {"param": "messages", "reason": "context_length_exceeded"})
         if status in (400, 422):
             return InvalidParams(text)
         data: dict[str, Any] = {"retry_safe": True, "upstream_status": status}
@@ -143,18 +175,26 @@ class HttpClient:
         return Unavailable(text, data)
 
 
-def _error_message(body: str) -> str:
-    """The message of an Ollama or OpenAI error body, else the body's start."""
+#: How Anthropic's 400 begins when the prompt (or it and max_tokens) does not fit the context.
+_ANTHROPIC_OVERFLOW = ("prompt is too long", "input length and `max_tokens` exceed context limit")
+
+
+def _error_message(body: str) -> tuple[str, bool]:
+    """The message of an Ollama, OpenAI or Anthropic error body (else the body's start), and
+    whether it says the prompt does not fit the model's context window."""
     try:
         parsed = json.loads(body)
     except ValueError:
-        return body.strip()[:200]
+        return body.strip()[:200], False
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if isinstance(error, dict):
-        return str(error.get("message") or error.get("code") or error)[:500]
+        message = str(error.get("message") or error.get("code") or error)
+        overflow = error.get("code") == "context_length_exceeded" or (
+            error.get("type") == "invalid_request_error" and message.startswith(_ANTHROPIC_OVERFLOW))
+        return message[:500], overflow
     if error is not None:
-        return str(error)[:500]
-    return body.strip()[:200]
+        return str(error)[:500], False
+    return body.strip()[:200], False
 
 
 def _reason(exc: BaseException) -> str:
@@ -165,9 +205,24 @@ def _reason(exc: BaseException) -> str:
 
 class HttpBackend(Backend):
     """A backend that talks to a model server through one `HttpClient`: the
-    session opens with the backend and closes with it."""
+    session opens with the backend and closes with it. A server that takes
+    API keys is reached with a key of the backend's `keys` pool (`keyed`,
+    `keyed_call`); without a pool, requests go without a key."""
 
     http: HttpClient
+    keys: KeyPool | None = None
+
+    def keyed(self, attempt: Callable[[Lease | None], AsyncGenerator[Event, None]]
+              ) -> AsyncGenerator[Event, None]:
+        """The events of `attempt` made with a key of the pool (rotated, see `keys.py`), or with none."""
+        return attempt(None) if self.keys is None else self.keys.stream(attempt)
+
+    async def keyed_call(self, attempt: Callable[[Lease | None], Awaitable[T]]) -> T:
+        """`attempt` made with a key of the pool, or with none (as `keyed`)."""
+        return await (attempt(None) if self.keys is None else self.keys.call(attempt))
+
+    def keys_view(self) -> list[dict[str, Any]] | None:
+        return None if self.keys is None else self.keys.view()
 
     async def start(self) -> None:
         await self.http.open()

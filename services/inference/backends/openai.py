@@ -3,7 +3,9 @@
 vLLM, llama.cpp's server (`python -m llama_cpp.server`), LM Studio or a hosted
 API. `url` is the API base (as the OpenAI SDK's `base_url`, e.g.
 `http://host:8000/v1`); an API key, when configured, goes in
-`Authorization: Bearer`.
+`Authorization: Bearer` -- one key of the entry's pool per request, rotated
+(keys.py: a key refused with 429, 401 or 403, or failing with 5xx, makes way
+for the next one; `keys_view()` shows each key's state and usage).
 
 * `GET {url}/models` is the probe: the server is up and lists the model.
 * `POST {url}/chat/completions` for messages, `POST {url}/completions` for a
@@ -58,14 +60,17 @@ into the same items (alternatives most likely first). A server that sends
 none gives text without them; one that sends them malformed is malformed data.
 
 Failures are typed as in `http.py`; a stream that ends before `[DONE]` (or
-at least a finish reason) is a dropped stream, UNAVAILABLE.
+at least a finish reason) is a dropped stream, UNAVAILABLE. A 400 with
+`code: "context_length_exceeded"` is INVALID_PARAMS with `reason:
+"context_length_exceeded"`: another model with a larger context may take it.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import AsyncIterator
+from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from shared.config import Secret
@@ -75,6 +80,7 @@ from services.inference.backends.base import (
     Done, Event, GenerateRequest, Logprobs, Prompt, ToolCall, ToolCalls, estimate_tokens, token_logprob,
 )
 from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
+from services.inference.backends.keys import KeyPool, Lease
 
 __all__ = ["OpenAIBackend"]
 
@@ -86,17 +92,20 @@ class OpenAIBackend(HttpBackend):
 
     capabilities = ("chat", "tools", "json", "logprobs")
 
-    def __init__(self, url: str, model: str, *, api_key: Secret | None = None, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, model: str, *, api_key: Secret | None = None, api_keys: Sequence[Secret] = (),
+                 timeout: float = 120.0, key_cooldown: float = 5.0) -> None:
         super().__init__()
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key.reveal()}"} if api_key is not None else {}
-        self.http = HttpClient(url, timeout=timeout, headers=headers, name="openai server")
+        self.http = HttpClient(url, timeout=timeout, name="openai server")
+        given = [*([api_key] if api_key is not None else []), *api_keys]
+        if given:
+            self.keys = KeyPool(given, model=model, header=_bearer, cooldown=key_cooldown)
         self.info = {"upstream": model, "url": self.http.base_url}
         #: The server takes a JSON Schema only as llama-cpp-python's `json_object` + `schema`.
         self.schema_in_json_object = False
 
     async def probe(self) -> None:
-        listing = await self.http.get_json("/models")
+        listing = await self.keyed_call(lambda lease: self.http.get_json("/models", lease))
         data = listing.get("data") if isinstance(listing, dict) else None
         if not isinstance(data, list):
             raise malformed(self.http.name, "/models has no data list")
@@ -106,28 +115,31 @@ class OpenAIBackend(HttpBackend):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
         forced = request.calls_tools and request.choice.mode in ("required", "function")
         called = False
-        async for event in self._generate(request):
-            called = called or isinstance(event, ToolCalls)
-            if forced and isinstance(event, Done) and not called and event.finish_reason != "length":
-                raise malformed(self.http.name, "tool_choice asked for a tool call and the server answered "
-                                "without one (it does not honour tool_choice)")
-            yield event
+        async with aclosing(self._generate(request)) as events:
+            async for event in events:
+                called = called or isinstance(event, ToolCalls)
+                if forced and isinstance(event, Done) and not called and event.finish_reason != "length":
+                    raise malformed(self.http.name, "tool_choice asked for a tool call and the server answered "
+                                    "without one (it does not honour tool_choice)")
+                yield event
 
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+    async def _generate(self, request: GenerateRequest) -> AsyncGenerator[Event, None]:
         path, body = self._body(request)
         started = False
         try:
-            async for event in self._stream(request, path, body):
-                started = True
-                yield event
+            async with aclosing(self._stream(request, path, body)) as events:
+                async for event in events:
+                    started = True
+                    yield event
         except MeshError as refused:
             if started or not self._schema_refused(request, refused):
                 raise
             body["response_format"] = _llama_cpp_format(request)
             try:
-                async for event in self._stream(request, path, body):
-                    self.schema_in_json_object = True
-                    yield event
+                async with aclosing(self._stream(request, path, body)) as events:
+                    async for event in events:
+                        self.schema_in_json_object = True
+                        yield event
             except MeshError:
                 if not self.schema_in_json_object:
                     raise refused from None  # this form was refused too: the first answer says why
@@ -173,9 +185,13 @@ class OpenAIBackend(HttpBackend):
                 body["tool_choice"] = choice.to_wire()
         return "/chat/completions", body
 
-    async def _stream(self, request: GenerateRequest, path: str, body: dict[str, Any]) -> AsyncIterator[Event]:
+    def _stream(self, request: GenerateRequest, path: str, body: dict[str, Any]) -> AsyncGenerator[Event, None]:
+        return self.keyed(lambda lease: self._attempt(lease, request, path, body))
+
+    async def _attempt(self, lease: Lease | None, request: GenerateRequest, path: str, body: dict[str, Any]
+                       ) -> AsyncGenerator[Event, None]:
         stream = _StreamState(path == "/chat/completions", self.http.name)
-        async with self.http.request("POST", path, body) as response:
+        async with self.http.request("POST", path, body, credential=lease) as response:
             async for line in self.http.lines(response):
                 if not line.startswith(b"data:"):
                     continue  # comments (":"), event names, ids: not ours
@@ -209,6 +225,10 @@ class OpenAIBackend(HttpBackend):
             message = error.get("message") if isinstance(error, dict) else error
             raise dropped(self.http.name, str(message)[:500])
         return chunk
+
+
+def _bearer(key: str) -> Mapping[str, str]:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def _message(message: dict[str, Any]) -> dict[str, Any]:
@@ -313,7 +333,7 @@ class _StreamState:
         ok = (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)
               and len(tokens) == len(values) == len(tops) and all(isinstance(t, str) for t in tokens)
               and all(_number(v) for v in values) and all(t is None or isinstance(t, dict) for t in tops))
-        if not ok:
+        if not ok or not isinstance(tokens, list) or not isinstance(values, list):  # (the last two for mypy)
             raise malformed(self.name, "logprobs is not {tokens, token_logprobs, top_logprobs}")
         out = []
         for token, logprob, top in zip(tokens, values, tops):
