@@ -2,7 +2,8 @@
 
 Real auth (in this process, on PostgreSQL), a gateway process, two worker processes:
 `big` and `small`, each an Ollama backend against its own tests/ollama_server.py,
-which fails on command. The operator sets, as `inferswarm admin settings set` does,
+which fails on command; and `tiny`, an OpenAI backend whose server has a small
+context window. The operator sets, as `inferswarm admin settings set` does,
 the alias `chain` -> [big, small] and a first-token time of 1 s, and prices big at
 ten times small.
 
@@ -11,7 +12,8 @@ upstream's rate limit (429), too slow to start -- a request for `chain` is serve
 by `small`: the first chunk and the final one say so, the final chunk names what
 was tried, and the usage record is small's, priced at small's price. A request
 that opts out (`fallback: false`) gets big's error; one whose every model fails
-gets the last error naming the chain -- and both are kept as dead letters.
+gets the last error naming the chain -- and both are kept as dead letters. A
+prompt too long for `tiny` goes on to `small` (the alias `long`).
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from shared.dht import model_topic
 from shared.errors import Unavailable
 from gateway_support import infer, running_mesh
 from ollama_server import OllamaServer
+from openai_server import OpenAIServer
 from waiting import wait_until
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.stack]
 
-CHAIN = {"chain": ["big", "small"]}
+CHAIN = {"chain": ["big", "small"], "long": ["tiny", "small"]}
 PRICES = {"big": ("10", "20"), "small": ("1", "2")}  # per million tokens
 
 
@@ -46,6 +49,12 @@ async def stack(pg_server, tmp_path_factory):
             catalog = {name: {"backend": "ollama", "url": server.url, "model": "llama3:8b", "slots": 2}}
             await mesh.start_worker(f"w-{name}", catalog=catalog, INFERSWARM_PROBE_INTERVAL="0.3")
             await mesh.wait_for(model_topic(name), 1)
+        tiny = servers["tiny"] = await mesh.stack.enter_async_context(
+            OpenAIServer(("gpt-tiny",), reply="short context reply"))
+        tiny.context_window = 64  # tokens: a long prompt does not fit
+        catalog = {"tiny": {"backend": "openai", "url": tiny.base_url, "model": "gpt-tiny", "slots": 2}}
+        await mesh.start_worker("w-tiny", catalog=catalog, INFERSWARM_PROBE_INTERVAL="0.3")
+        await mesh.wait_for(model_topic("tiny"), 1)
         auth = mesh.client.mesh("auth")
         for model, (input_price, output_price) in PRICES.items():
             await auth.call("auth.set_price", {"model": model, "input": input_price, "output": output_price})
@@ -56,9 +65,9 @@ async def stack(pg_server, tmp_path_factory):
 
 async def _healed(mesh, servers: dict[str, OllamaServer], connection) -> None:
     """Every server serves again, and `chain` is served by big (healthy, announced, not cooling)."""
-    for server in servers.values():
-        server.heal()
-        server.prefill_delay = 0.0
+    for name in ("big", "small"):
+        servers[name].heal()
+        servers[name].prefill_delay = 0.0
 
     async def big_serves() -> bool:
         chunks = await infer(connection, mesh.probe.api_key, model="chain")
@@ -114,6 +123,21 @@ async def test_a_model_failing_before_its_first_token_falls_back_to_the_next_of_
     # Served in the end, it is no dead letter.
     letters = await mesh.client.mesh("auth").call("auth.dead_letters", {"limit": 50})
     assert final["request_id"] not in {d["request_id"] for d in letters["dead_letters"]}
+
+
+async def test_a_prompt_too_long_for_a_model_goes_to_the_next_of_the_chain(stack):
+    mesh, servers = stack
+    connection = (await mesh.gateways())[0]
+    await _healed(mesh, servers, connection)
+    user = await mesh.user("fb-long")
+    short = await infer(connection, user.api_key, model="long", max_tokens=3)
+    assert short[-1]["model"] == "tiny" and "tried" not in short[-1]  # it fits: the chain's first serves
+    long_prompt = [{"role": "user", "content": " ".join(f"word{i}" for i in range(200))}]
+    chunks = await infer(connection, user.api_key, model="long", messages=long_prompt, max_tokens=3)
+    assert chunks[0]["model"] == chunks[-1]["model"] == "small"
+    assert chunks[-1]["tried"] == [{"model": "tiny", "code": "INVALID_PARAMS"}]
+    record = await _record(mesh, chunks[-1]["request_id"])
+    assert (record["model"], record["status"]) == ("small", "ok")
 
 
 async def test_a_request_that_opts_out_gets_the_first_models_error_and_is_a_dead_letter(stack):
