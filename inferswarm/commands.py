@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from argparse import ArgumentTypeError, Namespace
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -446,16 +447,47 @@ async def quota(args: Namespace, session: Session, creds: Credentials) -> Result
 async def status(args: Namespace, session: Session, creds: Credentials) -> Result:
     # Through the gateway, for administrators: the report names every endpoint of the mesh.
     report = await _gateway(session).status(token=need_token(creds))
+    return Result(status_text(report), report)
+
+
+def status_text(report: Mapping[str, Any]) -> str:
+    """The health report as `inferswarm status` prints it: instances, capacity, model backends."""
+    instances = sorted(report["instances"], key=lambda i: (i["service"], i["instance"]))
     rows = [[i["service"], i["instance"], i["status"], i.get("endpoint") or "-",
              "-" if i.get("latency_ms") is None else f"{i['latency_ms']:.1f} ms"]
-            for i in sorted(report["instances"], key=lambda i: (i["service"], i["instance"]))]
+            for i in instances]
     text = f"system: {report['status']}\n" + table(["service", "instance", "status", "endpoint", "ping"], rows)
     models = report.get("models") or {}
     if models:
         model_rows = [[name, m["workers"], m["slots"], m["slots_free"], m["queue_depth"]]
                       for name, m in sorted(models.items())]
         text += "\n\n" + table(["model", "workers", "slots", "free", "queued"], model_rows)
-    return Result(text, report)
+    backend_rows = [row for i in instances for row in _backend_rows(i)]
+    if backend_rows:
+        text += "\n\n" + table(["instance", "model", "breaker", "key", "state", "requests", "remaining"],
+                               backend_rows)
+    return text
+
+
+def _backend_rows(instance: Mapping[str, Any]) -> list[list[Any]]:
+    """One row per upstream key of each model of a worker (one row without keys), for models
+    whose breaker is not closed or that have keys."""
+    rows = []
+    for model, served in sorted((instance.get("served") or {}).items()):
+        breaker = served.get("breaker") or {}
+        state = breaker.get("state") or "-"
+        keys = served.get("keys") or []
+        if state in ("closed", "-") and not keys:
+            continue
+        shown = state.replace("_", "-")
+        if state != "closed" and breaker.get("retry_after"):
+            shown += f" ({breaker['retry_after']:.1f}s)"
+        for key in keys or [{}]:
+            remaining = "/".join(f"{key[f'remaining_{what}']} {what}" for what in ("requests", "tokens")
+                                 if key.get(f"remaining_{what}") is not None) or "-"
+            rows.append([instance["instance"], model, shown, key.get("key", "-"), key.get("state", "-"),
+                         key.get("requests", "-"), remaining])
+    return rows
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -30,7 +30,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +120,7 @@ async def serve(
     topics: Sequence[str] | None = None,
     load: Callable[[], Mapping[str, Any]] | None = None,
     topic_load: Callable[[str], Mapping[str, Any]] | None = None,
+    hidden: Callable[[], Iterable[str]] | None = None,
     ready: Callable[[dict[str, Any]], None] | None = None,
     stop: asyncio.Event | None = None,
     drain_timeout: float = 10.0,
@@ -127,7 +128,9 @@ async def serve(
 ) -> None:
     """Run `service` until `stop` is set (or SIGTERM/SIGINT), then shut down.
 
-    `load()` goes into every record; `topic_load(topic)` adds to one topic's.
+    `load()` goes into every record; `topic_load(topic)` adds to one topic's;
+    `hidden()` names the topics not to announce now (withdrawn until it stops
+    naming them; see `Announcer`).
     `role`: the member role the process acts in; None means the service's
     own (shared/roles.py).
     """
@@ -166,7 +169,7 @@ async def serve(
         announcer = Announcer(
             node.discovery, list(topics or [service_topic(service)]), service=service,
             endpoint=server.endpoint, version=VERSION, load=current_load, topic_load=topic_load,
-            ttl=config.record_ttl,
+            hidden=hidden, ttl=config.record_ttl,
         )
         await stack.enter_async_context(announcer)
         node.announcer = announcer

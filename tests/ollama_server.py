@@ -225,6 +225,8 @@ class OllamaServer(_Embeddings):
         self.drop_after: int | None = None
         self.call_ids = True
         self.requests: list[tuple[str, dict[str, Any]]] = []
+        #: generation calls received, failed ones (`fail_status`) included
+        self.calls = 0
         #: client (host, port) of each request: one port for many requests = a kept connection
         self.peers: list[tuple[str, int]] = []
         self.disconnects = 0
@@ -294,6 +296,7 @@ class OllamaServer(_Embeddings):
     # -- generation ------------------------------------------------------------
 
     async def _body(self, request: web.Request) -> tuple[dict[str, Any], web.Response | None]:
+        self.calls += 1
         if self.fail_status:
             return {}, _error(self.fail_status, "llama runner process has terminated: exit status 2")
         try:

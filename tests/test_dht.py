@@ -435,6 +435,38 @@ async def test_announcer_refreshes_pokes_and_withdraws(mesh):
         await wait_until(withdrawn, FAST.cache_ttl + 0.5, message="the announcer's records outlived it")
 
 
+@pytest.mark.rpc
+async def test_announcer_withdraws_a_hidden_topic_at_once_and_announces_it_again_when_shown(mesh):
+    other = "inferswarm/model/tiny"
+    hidden: set[str] = set()
+    async with cluster(mesh, 3) as nodes:
+        announcer = Announcer(
+            nodes[1], [TOPIC, other], service="auth", endpoint=endpoint(1), version="1.0",
+            hidden=lambda: set(hidden), ttl=8.0, poke_interval=0.1,
+        )
+        async with announcer:
+            assert await endpoints(nodes[2], other) == {endpoint(1)}
+            hidden.add(other)
+            announcer.poke()
+
+            async def other_gone() -> bool:
+                return await endpoints(nodes[2], other) == set()
+
+            # withdrawn (ttl 0), not left to expire: well within the 8 s ttl
+            await wait_until(other_gone, FAST.cache_ttl + 1.0, message="the hidden topic is still found")
+            assert announcer.announced == [TOPIC]
+            assert await endpoints(nodes[2], TOPIC) == {endpoint(1)}  # the other topic stays
+
+            hidden.clear()
+            announcer.poke()
+
+            async def other_back() -> bool:
+                return await endpoints(nodes[2], other) == {endpoint(1)}
+
+            await wait_until(other_back, FAST.cache_ttl + 1.0, message="the shown topic was not announced again")
+            assert announcer.announced == [TOPIC, other]
+
+
 async def _has_load(node: KademliaDiscovery, load: dict) -> bool:
     return [p.load for p in await node.lookup(TOPIC)] == [load]
 

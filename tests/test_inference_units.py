@@ -17,6 +17,7 @@ from services.inference.cache import CachedResponse, ResponseCache, cache_key
 from services.inference import catalog
 from services.inference.catalog import DEFAULT_MODELS, ModelSpec
 from services.inference.config import InferenceConfig
+from services.inference.health import ModelHealth
 from services.inference.slots import SlotPool
 from waiting import wait_until
 
@@ -340,3 +341,45 @@ def test_catalog_anthropic_entries():
                                                                       "chat")
     with pytest.raises(ValueError, match="kind must be one of 'chat' for backend 'anthropic'"):
         catalog.parse_models('{"c": {"backend": "anthropic", "kind": "embedding"}}')
+
+
+# -- the circuit breaker of a model ------------------------------------------------
+
+
+def test_breaker_settings_come_from_the_environment():
+    config = load(InferenceConfig, {})
+    assert (config.breaker_failures, config.breaker_cooldown) == (5, 5.0)
+    config = load(InferenceConfig, {"INFERSWARM_BREAKER_FAILURES": "3", "INFERSWARM_BREAKER_COOLDOWN": "0.5"})
+    assert (config.breaker_failures, config.breaker_cooldown) == (3, 0.5)
+    with pytest.raises(ConfigError, match="INFERSWARM_BREAKER_FAILURES"):
+        load(InferenceConfig, {"INFERSWARM_BREAKER_FAILURES": "0"})
+
+
+def test_an_open_breaker_refuses_with_whole_seconds_to_wait_then_lets_one_probe_through():
+    now = [100.0]
+    changes: list[bool] = []
+    health = ModelHealth(name="m", threshold=2, cooldown=2.5, clock=lambda: now[0],
+                         on_change=lambda: changes.append(health.withdrawn))
+    assert health.breaker.max_cooldown == 30.0  # 12 x the cooldown
+    failure = Unavailable("down")
+    health.failed(failure)
+    health.admit()  # one failure: unhealthy, but the breaker is still closed
+    assert not health.healthy and not health.withdrawn
+    health.failed(failure)
+    assert health.withdrawn
+    with pytest.raises(Unavailable) as refused:
+        health.admit()
+    assert refused.value.data == {"retry_safe": True, "retry_after": 3, "reason": "breaker_open"}
+    now[0] += 2.4
+    with pytest.raises(Unavailable) as refused:
+        health.admit()
+    assert refused.value.data["retry_after"] == 1  # at least 1
+    now[0] += 0.1
+    health.admit()  # half-open: the probe
+    with pytest.raises(Unavailable):
+        health.admit()  # only one
+    assert health.withdrawn
+    health.succeeded()
+    assert not health.withdrawn and health.healthy
+    health.admit()
+    assert changes[-1] is False and True in changes

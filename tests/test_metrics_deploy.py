@@ -19,7 +19,7 @@ pytestmark = pytest.mark.rpc
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "inferswarm-dashboard.json"
-_NAME = re.compile(r"\bai_platform_[a-z_]+")
+_NAME = re.compile(r"\b(?:ai_platform|inferswarm)_[a-z_]+")
 _SUFFIXES = ("_bucket", "_sum", "_count")
 
 
@@ -41,13 +41,14 @@ def known(name: str) -> bool:
 
 
 def test_alert_rules_pass_promtool_and_their_unit_tests(promtool):
-    assert "SUCCESS: 10 rules found" in run(promtool, "check", "rules", "alerts.yml")
+    assert "SUCCESS: 12 rules found" in run(promtool, "check", "rules", "alerts.yml")
     run(promtool, "test", "rules", "alerts_test.yml")
     names = set(_NAME.findall((PROMETHEUS / "alerts.yml").read_text()))
     assert names and all(known(n) for n in names), sorted(n for n in names if not known(n))
     alerts = set(re.findall(r"alert: (\w+)", (PROMETHEUS / "alerts.yml").read_text()))
     for wanted in ("InferswarmServiceInstanceDown", "InferswarmHighErrorRate", "InferswarmHighLatencyP95",
-                   "InferswarmWorkersSaturated", "InferswarmRateLimitViolationsSpiking"):
+                   "InferswarmWorkersSaturated", "InferswarmRateLimitViolationsSpiking", "InferswarmBreakerOpen",
+                   "InferswarmUpstreamKeyDisabled"):
         assert wanted in alerts
 
 

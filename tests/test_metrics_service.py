@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.metrics.http import MetricsHttp
+from services.metrics.served import MAX_KEYS, ModelState, parse_models, tally
 from shared.errors import InvalidParams
 from shared.metrics import (
     CACHE_HITS,
@@ -203,3 +204,21 @@ async def test_metrics_http_closes_connections_that_send_no_request():
         assert 0.4 <= time.monotonic() - opened <= 4.0
         for _, silent_writer in silent:
             silent_writer.close()
+
+
+def test_what_a_worker_says_of_breakers_and_keys_is_checked_and_counted():
+    answer = {"models": [
+        {"name": "a", "breaker": {"state": "open", "failures": 5, "retry_after": 1.5, "opened": 1, "x": [1]},
+         "keys": [{"key": "key-1", "state": "ok", "requests": 3, "nested": {"no": 1}},
+                  {"key": "key-2", "state": "weird"}] + [{"state": "disabled"}] * 100},
+        {"name": "b", "breaker": {"state": "melted"}, "keys": None},
+        {"name": ""}, "junk",
+    ]}
+    a, b = parse_models(answer)
+    assert a.breaker == {"state": "open", "failures": 5, "retry_after": 1.5, "opened": 1}
+    assert a.keys is not None and a.keys[0] == {"key": "key-1", "state": "ok", "requests": 3}
+    assert len(a.keys) == MAX_KEYS - 1  # the unknown state dropped, at most MAX_KEYS looked at
+    assert b == ModelState("b")
+    breakers, keys = tally([a, b, ModelState("a", {"state": "closed"}, ())])
+    assert breakers == {"a": {"closed": 1, "open": 1, "half_open": 0}}
+    assert keys == {"a": {"ok": 1, "exhausted": 0, "disabled": MAX_KEYS - 2, "open": 0}}

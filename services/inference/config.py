@@ -11,6 +11,9 @@
     INFERSWARM_CACHE_ENTRIES       most cached responses (1024)
     INFERSWARM_CACHE_BYTES         most bytes of cached text (16 MiB)
     INFERSWARM_PROBE_INTERVAL      seconds between health probes of every backend (10)
+    INFERSWARM_BREAKER_FAILURES    backend failures in a row that open a model's circuit breaker (5)
+    INFERSWARM_BREAKER_COOLDOWN    seconds an open breaker refuses requests before a probe (5); each
+                                   failed probe doubles it, up to 12 x this (60 s by default)
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class InferenceConfig:
     cache_entries: int = env("INFERSWARM_CACHE_ENTRIES", default=1024, parse=positive(int))
     cache_bytes: int = env("INFERSWARM_CACHE_BYTES", default=16 * 1024 * 1024, parse=positive(int))
     probe_interval: float = env("INFERSWARM_PROBE_INTERVAL", default=10.0, parse=positive(float))
+    breaker_failures: int = env("INFERSWARM_BREAKER_FAILURES", default=5, parse=positive(int))
+    breaker_cooldown: float = env("INFERSWARM_BREAKER_COOLDOWN", default=5.0, parse=positive(float))
 
     def __post_init__(self) -> None:
         if self.models_json is not None and self.models_file is not None:

@@ -7,8 +7,10 @@
                             response cache is kept per tenant; `cache_ttl`: seconds it keeps
                             this answer, the operator's setting, 0 for none)
     inference.embed         model, input, dimensions, priority, tenant -> the vectors
-    inference.models        -> the models this worker serves, their backends, slots, health
-    inference.model_status  model -> loaded, healthy, last error, latency, speed, cache counts
+    inference.models        -> the models this worker serves, their backends, slots, health,
+                            circuit breaker and upstream keys
+    inference.model_status  model -> loaded, healthy, breaker, keys, last error, latency, speed,
+                            cache counts
 
 `generate` and `embed` serve the gateway role only, `models` and
 `model_status` the gateway and metrics roles (and the operator: shared/roles.py).
@@ -17,6 +19,16 @@ catalog entry's `kind` says; asking it for the other is INVALID_PARAMS with
 `data: {param: "model", reason: "unsupported"}`. Every model lists what it does
 in `capabilities`: a list in `inference.models` and `model_status`, joined by
 commas in its announced load (records carry scalars only).
+
+Each model has a circuit breaker over its backend's failures (health.py).
+While it is open, `generate` and `embed` fail fast without calling the
+backend: `UNAVAILABLE` with `data: {"retry_safe": true, "retry_after":
+<whole seconds, at least 1>, "reason": "breaker_open"}` (a cached answer is
+still served), and `withdrawn_topics()` names the model's topic, which the
+worker then stops announcing. `inference.models` and `model_status` show
+each model's `breaker` (`shared/breaker.py` `Breaker.view()`: state,
+failures, retry_after, opened) and `keys` (the backend's `keys_view()`: its
+upstream API keys, or null); the worker's own load counts `breakers_open`.
 
 Chunks of `generate` (README.md has the full contract):
 
@@ -172,6 +184,7 @@ class InferenceService:
             for chunk in self._replay(served, hit, timing):
                 yield chunk
             return
+        served.health.admit()  # an open breaker: fail fast, the backend is not called
         pieces: list[str] = []
         calls: tuple[ToolCall, ...] = ()
         logprobs: list[dict[str, Any]] = []  # of the next piece of text
@@ -253,6 +266,7 @@ class InferenceService:
         if not isinstance(tenant, str) or len(tenant) > 128:
             raise InvalidParams("tenant must be a string of at most 128 characters", {"param": "tenant"})
         embedder.check_dimensions(request.dimensions)  # before waiting for a slot
+        served.health.admit()  # an open breaker: fail fast, the backend is not called
         async with served.pool.acquire(rank, timeout=self._queue_budget()):
             started = time.monotonic()
             try:
@@ -275,19 +289,20 @@ class InferenceService:
 
     @method(idempotent=True, roles=("gateway", "metrics"))
     async def models(self) -> dict[str, Any]:
-        """The models this worker serves: backend, slots, queue and health of each."""
+        """The models this worker serves: backend, slots, queue, health, breaker and keys of each."""
         return {
             "worker": self.worker_id,
             "models": [
                 {"name": name, **s.backend.describe(), "loaded": s.backend.loaded, **s.load(),
-                 "capabilities": s.capabilities}
+                 "capabilities": s.capabilities, "breaker": s.health.breaker.view(),
+                 "keys": s.backend.keys_view()}
                 for name, s in self.served.items()
             ],
         }
 
     @method(idempotent=True, roles=("gateway", "metrics"))
     async def model_status(self, model: str) -> dict[str, Any]:
-        """Loaded, healthy, last error, latency, speed, slots and cache counts of `model`."""
+        """Loaded, healthy, last error, latency, speed, slots, cache counts, breaker and keys of `model`."""
         served = self._served(model)
         health = served.health.view()
         return {
@@ -302,6 +317,8 @@ class InferenceService:
             **health,
             "slots": served.pool.state(),
             "cache": self.cache.counts(model),
+            "breaker": served.health.breaker.view(),
+            "keys": served.backend.keys_view(),
             "worker": self.worker_id,
         }
 
@@ -315,7 +332,13 @@ class InferenceService:
             "free_slots": sum(s.pool.free for s in served),
             "queued": sum(s.pool.queued for s in served),
             "healthy": all(s.health.healthy for s in served),
+            # Changes when a breaker opens or closes, so that the metrics service asks again.
+            "breakers_open": sum(1 for s in served if s.health.withdrawn),
         }
+
+    def withdrawn_topics(self) -> list[str]:
+        """The topics of the models whose breaker is not closed: not to be announced now."""
+        return [model_topic(name) for name, s in self.served.items() if s.health.withdrawn]
 
     def topic_load(self, topic: str) -> dict[str, Any]:
         """One model's load, in the record of that model's topic."""

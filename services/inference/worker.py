@@ -6,6 +6,13 @@ step) then starts every backend, probes each once, and keeps probing every
 `probe_interval` seconds: a remote server that is down at start, or goes down
 later, is announced unhealthy until it answers again. Tests and the benchmark
 use `open_service` for the same wiring without a mesh.
+
+Each model's circuit breaker (health.py) is fed by requests and probes alike.
+While it is open the prober leaves that backend alone; once half-open, the
+next probe is the breaker's probe. `hidden` (handed to the runner's
+announcer) names the topics of models whose breaker is not closed: they are
+withdrawn at once and announced again when the breaker closes (a breaker
+change pokes the announcer through `on_change`).
 """
 
 from __future__ import annotations
@@ -49,8 +56,9 @@ async def open_service(
         await backend.start()
         stack.push_async_callback(backend.close)
         pool = SlotPool(spec.slots, spec.queue, on_change=changed)
-        served[spec.name] = ServedModel(spec.name, backend, pool, ModelHealth(on_change=changed),
-                                        sampling=spec.sampling)
+        health = ModelHealth(name=spec.name, on_change=changed, threshold=config.breaker_failures,
+                             cooldown=config.breaker_cooldown)
+        served[spec.name] = ServedModel(spec.name, backend, pool, health, sampling=spec.sampling)
     service = InferenceService(
         served,
         ResponseCache(ttl=config.cache_ttl, max_entries=config.cache_entries, max_bytes=config.cache_bytes),
@@ -66,9 +74,14 @@ async def open_service(
 
 
 async def probe_all(service: InferenceService, *, timeout: float) -> None:
-    """Probe every backend once, concurrently; record each outcome in its health."""
+    """Probe every backend once, concurrently; record each outcome in its health.
+
+    A backend whose breaker is open is not probed until the breaker is half-open;
+    then this probe is the breaker's one probe."""
 
     async def probe(served: ServedModel) -> None:
+        if not served.health.breaker.allow():
+            return  # open: the cooldown runs; or half-open with a request out as the probe
         try:
             await asyncio.wait_for(served.backend.probe(), timeout)
         except MeshError as exc:
@@ -115,3 +128,7 @@ class InferenceWorker:
 
     def topic_load(self, topic: str) -> dict[str, Any]:
         return self.service.topic_load(topic) if self.service is not None else {}
+
+    def hidden(self) -> list[str]:
+        """The model topics not to announce now: those whose breaker is not closed."""
+        return self.service.withdrawn_topics() if self.service is not None else []

@@ -25,6 +25,7 @@ from services.metrics.aggregate import Aggregator
 from services.metrics.config import MetricsConfig
 from services.metrics.exposition import Exposition, MeshCollector
 from services.metrics.health import HealthMonitor
+from services.metrics.served import ModelState, parse_models
 from services.metrics.http import MetricsHttp
 from services.metrics.service import MetricsService
 
@@ -32,7 +33,8 @@ __all__ = ["LocalSender", "MeshProber", "MetricsApp", "open_metrics"]
 
 
 class MeshProber:
-    """`rpc.ping` and `inference.models` over the node's kept-open mesh connections."""
+    """`rpc.ping` and `inference.models` (each model's name, breaker and keys) over the
+    node's kept-open mesh connections."""
 
     def __init__(self, mesh: MeshClient) -> None:
         self._mesh = mesh
@@ -40,11 +42,9 @@ class MeshProber:
     async def ping(self, provider: Provider, timeout: float) -> None:
         await self._mesh.connection(provider).call("rpc.ping", timeout=timeout)
 
-    async def models(self, provider: Provider, timeout: float) -> list[str]:
+    async def models(self, provider: Provider, timeout: float) -> list[ModelState]:
         answer = await self._mesh.connection(provider).call("inference.models", timeout=timeout)
-        listed = answer.get("models") if isinstance(answer, dict) else None
-        return [m["name"] for m in listed or () if isinstance(m, dict) and isinstance(m.get("name"), str)
-                and 0 < len(m["name"]) <= 128]
+        return parse_models(answer)
 
     def forget(self, provider: Provider) -> None:
         self._mesh.cool_down(provider)  # drops (closes) its idle connection

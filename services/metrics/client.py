@@ -44,6 +44,8 @@ class InstanceHealth(TypedDict):
     last_announced: float  #: wall clock
     last_reachable: float | None
     models: list[str]
+    #: inference workers: per model, {"breaker": Breaker.view() | None, "keys": [key views] | None}
+    served: dict[str, dict[str, Any]]
 
 
 class ModelCapacity(TypedDict):

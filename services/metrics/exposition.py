@@ -2,9 +2,9 @@
 
 A custom collector reads the state at scrape time (nothing is recorded in
 prometheus-client's global registry): the pushed families from the
-`Aggregator`, health and worker capacity from the `HealthMonitor`, active
-users from `ActiveUsers`, and the service's own figures (batches, series per
-family, series-cap overflow, live sources). Every family is declared in
+`Aggregator`, health, worker capacity, circuit breakers and upstream keys
+from the `HealthMonitor`, active users from `ActiveUsers`, and the service's
+own figures (batches, series per family, series-cap overflow, live sources). Every family is declared in
 shared/metrics/families.py, and every series count is bounded there or here.
 """
 
@@ -109,6 +109,21 @@ class MeshCollector:
             for name, metric in gauges.items():
                 metric.add_metric([model], figures[name])
         yield from gauges.values()
+        yield from self._breaker_families()
+
+    def _breaker_families(self) -> Iterator[Metric]:
+        """Workers per model and breaker state, keys per model and key state (folded model names summed)."""
+        breakers, keys = self._health.breakers()
+        for fam, counts in ((fm.BREAKER_STATE, breakers), (fm.UPSTREAM_KEYS, keys)):
+            folded: dict[tuple[str, ...], int] = {}
+            for model, by_state in counts.items():
+                for state, count in by_state.items():
+                    series = fam.fold([model, state])
+                    folded[series] = folded.get(series, 0) + count
+            metric = _new(fam)
+            for series, count in sorted(folded.items()):
+                metric.add_metric(list(series), count)
+            yield metric
 
     def _self_families(self) -> Iterator[Metric]:
         agg = self._aggregator

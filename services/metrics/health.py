@@ -6,8 +6,10 @@ Every `interval` seconds, in the background (never per request), the monitor:
    every model the inference workers serve. DHT load holds scalars only, so a
    worker's models are read from its record's `load["models"]` when that is a
    comma-separated string of names, else asked of the worker
-   (`inference.models`) when it is new, when the model count in its record
-   changes, and every `models_refresh` seconds;
+   (`inference.models`) when it is new, when the model count or the count of
+   open breakers (`breakers_open`) in its record changes, and every
+   `models_refresh` seconds. That answer also gives each model's circuit
+   breaker and upstream keys (served.py), kept per worker;
 2. marks each instance (a node key) **announced** while a live record of it is
    found, and keeps an instance whose record vanished for `forget_after`
    seconds as not announced, so a crash shows before it is forgotten;
@@ -23,7 +25,11 @@ Every `interval` seconds, in the background (never per request), the monitor:
 
 Worker capacity per model is summed over `ok` workers from their model-topic
 records: `slots`, free slots (`free_slots`, or `slots` - `in_use`), and
-`queued`.
+`queued`. A model whose breaker is open on a worker is not announced by it
+(its topic is withdrawn), so it drops out of that worker's capacity; the
+worker's report entry still shows it under `served`, with its breaker and
+keys, and `breakers()` counts `ok` workers per model and breaker state and
+their upstream keys per model and key state.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from shared.errors import MeshError, NoProviders
 from shared.logging import get_logger
 from shared.metrics.families import instance_id
 from shared.tasks import Background
+from services.metrics.served import ModelState, tally
 
 __all__ = ["SERVICES", "REQUIRED", "Prober", "Instance", "HealthMonitor"]
 
@@ -56,7 +63,7 @@ class Prober(Protocol):
 
     async def ping(self, provider: Provider, timeout: float) -> None: ...
 
-    async def models(self, provider: Provider, timeout: float) -> list[str]: ...
+    async def models(self, provider: Provider, timeout: float) -> list[ModelState]: ...
 
     def forget(self, provider: Provider) -> None: ...
 
@@ -100,11 +107,15 @@ class Instance:
 
 @dataclass(slots=True)
 class _Served:
-    """The model names a worker told us, and when."""
+    """The models a worker told us of, and when."""
 
-    names: list[str]
-    count: Any  #: the `models` entry of its record then
+    models: list[ModelState]
+    count: Any  #: the `models` and `breakers_open` entries of its record then
     at: float
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
 
 
 class HealthMonitor:
@@ -201,21 +212,22 @@ class HealthMonitor:
 
     async def _models_of(self, worker: Provider) -> list[str]:
         """The models a worker serves: named in its record, else asked of it now and then."""
-        count = worker.load.get("models")
-        if isinstance(count, str):
-            return [m.strip() for m in count.split(",") if m.strip()]
+        listed = worker.load.get("models")
+        if isinstance(listed, str):
+            return [m.strip() for m in listed.split(",") if m.strip()]
+        count = (listed, worker.load.get("breakers_open"))  # either changing: ask again
         cached = self._served.get(worker.node_key)
         now = self._clock()
         if cached is not None and cached.count == count and now - cached.at < self.models_refresh:
             return cached.names
         try:
             async with self._limit:
-                names = await self._prober.models(worker, self.ping_timeout)
+                models = await self._prober.models(worker, self.ping_timeout)
         except MeshError as exc:
             log.info("health: could not ask a worker its models", endpoint=worker.endpoint, error=exc.message)
             return cached.names if cached is not None else []
-        self._served[worker.node_key] = _Served(names, count, now)
-        return names
+        self._served[worker.node_key] = served = _Served(models, count, now)
+        return served.names
 
     async def _ping(self, known: Instance) -> None:
         async with self._limit:
@@ -245,10 +257,15 @@ class HealthMonitor:
             "checked_at": self.checked_at,
             "interval_s": self.interval,
             "services": services,
-            "instances": [known.view() for known in sorted(
-                self.instances.values(), key=lambda k: (k.service, k.instance))],
+            "instances": [{**known.view(), "served": self._served_view(key)} for key, known in sorted(
+                self.instances.items(), key=lambda item: (item[1].service, item[1].instance))],
             "models": self.capacity(),
         }
+
+    def _served_view(self, node_key: bytes) -> dict[str, Any]:
+        """Per model the worker told us of: its breaker and keys (empty for other services)."""
+        served = self._served.get(node_key)
+        return {} if served is None else {m.name: m.view() for m in served.models}
 
     def _service(self, name: str) -> dict[str, Any]:
         mine = [k for k in self.instances.values() if k.service == name]
@@ -264,6 +281,12 @@ class HealthMonitor:
         if any(s["status"] in ("degraded", "down") for s in services.values()):
             return "degraded"
         return "ok"
+
+    def breakers(self) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, int]]]:
+        """Per model, over `ok` workers: workers per breaker state, upstream keys per key state."""
+        models = [m for key, known in self.instances.items() if known.service == "inference" and known.status == "ok"
+                  for m in (self._served[key].models if key in self._served else ())]
+        return tally(models)
 
     def capacity(self) -> dict[str, dict[str, int]]:
         """Per model: `ok` workers announcing it, their slots, free slots, queue depth."""

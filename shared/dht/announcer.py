@@ -13,6 +13,13 @@ withdrawn (ttl 0). A failed announce is logged and retried after
 
 `topic_load(topic)`, when given, adds entries to one topic's record only (e.g.
 an inference worker's free slots for the model of that topic), over `load`.
+
+`hidden()`, when given, names the topics not to announce now (e.g. a model
+whose circuit breaker is open). It is asked on every round (each refresh,
+retry and `poke()`): a topic newly hidden is withdrawn at once (ttl 0) and
+then left alone; once it is no longer named it is announced again in that
+round. A withdrawal that fails is retried on the next round. Topics it names
+outside `topics` are ignored; hiding every topic is allowed.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -49,6 +56,7 @@ class Announcer:
         version: str,
         load: Callable[[], Mapping[str, Any]] | None = None,
         topic_load: Callable[[str], Mapping[str, Any]] | None = None,
+        hidden: Callable[[], Iterable[str]] | None = None,
         ttl: float = DEFAULT_TTL,
         interval: float | None = None,
         jitter: float = 0.2,
@@ -63,6 +71,8 @@ class Announcer:
         self.service, self.endpoint, self.version = service, endpoint, version
         self._load = load
         self._topic_load = topic_load
+        self._hidden = hidden
+        self._withdrawn: set[str] = set()  #: hidden topics whose withdrawal went out
         self.ttl = ttl
         self.interval = ttl / 3 if interval is None else interval
         self.jitter = jitter
@@ -87,16 +97,32 @@ class Announcer:
         self._poked.set()
 
     async def announce_now(self) -> bool:
-        """Announce every topic concurrently; True when all succeeded."""
+        """Announce every shown topic and withdraw the newly hidden ones, concurrently;
+        True when all succeeded."""
         self._last_announce = time.monotonic()
         load = self._current_load()
+        hidden = self._current_hidden()
+        self._withdrawn &= hidden  # shown again: a later hiding withdraws it anew
+        shown = [t for t in self.topics if t not in hidden]
+        to_withdraw = [t for t in self.topics if t in hidden and t not in self._withdrawn]
         results = await asyncio.gather(
-            *(self._announce(topic, load) for topic in self.topics), return_exceptions=True
+            *(self._announce(topic, load) for topic in shown),
+            *(self.discovery.withdraw(topic) for topic in to_withdraw), return_exceptions=True
         )
-        failures = [(t, r) for t, r in zip(self.topics, results) if isinstance(r, BaseException)]
-        for topic, error in failures:
-            _log_failure("announcer.announce_failed", topic, error)
+        failures = []
+        for topic, result in zip([*shown, *to_withdraw], results):
+            if isinstance(result, BaseException):
+                failures.append(topic)
+                event = "announcer.announce_failed" if topic in shown else "announcer.withdraw_failed"
+                _log_failure(event, topic, result)
+            elif topic in hidden:
+                self._withdrawn.add(topic)
         return not failures
+
+    @property
+    def announced(self) -> list[str]:
+        """The topics announced now: `topics` less the hidden ones withdrawn."""
+        return [t for t in self.topics if t not in self._withdrawn]
 
     async def _announce(self, topic: str, load: Mapping[str, Any]) -> None:
         if self._topic_load is not None:
@@ -113,6 +139,15 @@ class Announcer:
         except Exception:
             log.exception("announcer.load_failed", service=self.service)
             return {}
+
+    def _current_hidden(self) -> set[str]:
+        if self._hidden is None:
+            return set()
+        try:
+            return set(self._hidden())
+        except Exception:
+            log.exception("announcer.hidden_failed", service=self.service)
+            return set(self._withdrawn)  # as it was: neither shown nor withdrawn on an error
 
     def _topic_load_of(self, topic: str) -> Mapping[str, Any]:
         try:

@@ -54,6 +54,8 @@ __all__ = [
     "WORKER_SLOTS",
     "WORKER_SLOTS_FREE",
     "WORKER_QUEUE_DEPTH",
+    "BREAKER_STATE",
+    "UPSTREAM_KEYS",
     "METRICS_BATCHES",
     "METRICS_SERIES",
     "METRICS_OVERFLOW",
@@ -115,6 +117,9 @@ INSTANCE = Label("instance", shape=_INSTANCE)
 FAMILY = Label("family", shape=re.compile(r"(?:ai_platform|inferswarm)_[a-z_]{1,64}"))
 RESULT = closed("result", ("ok", "duplicate", "invalid"))
 HEALTH = closed("status", ("ok", "degraded", "down"))
+#: A circuit breaker's state (shared/breaker.py), and an upstream API key's (backends' `keys_view`).
+BREAKER = closed("state", ("closed", "open", "half_open"))
+KEY_STATE = closed("state", ("ok", "exhausted", "disabled", "open"))
 BUDGET_COUNTER = closed("counter", ("spend_per_day", "spend_per_month"))
 #: An alert's threshold: a whole percentage 1..100 (at most 100 series with the counter's 2).
 THRESHOLD = closed("threshold", (str(p) for p in range(1, 101)))
@@ -200,6 +205,13 @@ WORKER_SLOTS_FREE = _family("ai_platform_worker_slots_free", G, "Free generation
                             MODEL, pushed=False)
 WORKER_QUEUE_DEPTH = _family("ai_platform_worker_queue_depth", G, "Requests queued for a slot.", MODEL,
                              pushed=False)
+BREAKER_STATE = _family("inferswarm_breaker_state", G,
+                        "Reachable inference workers per model whose circuit breaker over the model's backend is "
+                        "in that state (open or half_open: the worker has withdrawn the model).", MODEL, BREAKER,
+                        pushed=False)
+UPSTREAM_KEYS = _family("inferswarm_upstream_keys", G,
+                        "Upstream API keys of a model's backend, summed over reachable workers, by key state.",
+                        MODEL, KEY_STATE, pushed=False)
 METRICS_BATCHES = _family("ai_platform_metrics_batches_total", C, "Batches received by the metrics service.",
                           RESULT, pushed=False)
 METRICS_SERIES = _family("ai_platform_metrics_series", G, "Series held per family.", FAMILY, pushed=False)
@@ -213,7 +225,8 @@ FAMILIES: dict[str, Family] = {
     f.name: f for f in (
         REQUESTS, REQUEST_DURATION, RATE_LIMIT_VIOLATIONS, TOKENS, TIME_TO_FIRST_TOKEN, CACHE_HITS,
         CACHE_MISSES, RPC_ERRORS, DHT_PEERS, BUDGET_ALERTS, ACTIVE_USERS, SERVICE_UP, SERVICE_ANNOUNCED, SERVICE_PING,
-        SYSTEM_STATUS, WORKERS, WORKER_SLOTS, WORKER_SLOTS_FREE, WORKER_QUEUE_DEPTH, METRICS_BATCHES,
+        SYSTEM_STATUS, WORKERS, WORKER_SLOTS, WORKER_SLOTS_FREE, WORKER_QUEUE_DEPTH, BREAKER_STATE,
+        UPSTREAM_KEYS, METRICS_BATCHES,
         METRICS_SERIES, METRICS_OVERFLOW, METRICS_SOURCES,
     )
 }
