@@ -110,8 +110,10 @@ async def test_a_model_failing_before_its_first_token_falls_back_to_the_next_of_
     else:
         servers["big"].prefill_delay = 5.0  # past the 1 s the chain gives a model to start
 
+    fallbacks = (await connection.call("gateway.health"))["fallbacks"]
     chunks = await infer(connection, user.api_key, model="chain", max_tokens=3)
     first, final = chunks[0], chunks[-1]
+    assert (await connection.call("gateway.health"))["fallbacks"] == fallbacks + 1
     assert first["model"] == "small" and final["model"] == "small"
     assert final["tried"] == [{"model": "big", "code": code}]
     assert "".join(c.get("text", "") for c in chunks[:-1]).split() == ["one", "two", "three"]

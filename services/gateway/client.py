@@ -73,6 +73,7 @@ class GatewayHealth(TypedDict):
     requests: dict[str, int]  #: by status
     worker_retries: int
     streams_cut: int
+    fallbacks: int  #: requests moved on to the next model of their chain
     sessions_cached: int
     dispatch: dict[str, int]  #: in_flight, waiting, capacity, waited, refused (dispatch.py)
 

@@ -4,10 +4,11 @@ Two readers, one writer (the request, request.py, once when it ends):
 
 * Prometheus, through the process's shared registry (`MeshNode.metrics`,
   pushed to the metrics service every second): tokens in and out, time to
-  first token, latency and cache hits by model, rate-limit refusals by tier.
+  first token, latency and cache hits by model, rate-limit refusals by tier,
+  fallbacks by the model that failed and how.
   Labels are models and tiers only -- never a user or a key.
-* `gateway.health`: requests by outcome, requests in flight, worker retries
-  and streams cut, as plain numbers of this process.
+* `gateway.health`: requests by outcome, requests in flight, worker retries,
+  streams cut and fallbacks, as plain numbers of this process.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from shared.metrics import (
     CACHE_HITS,
     CACHE_MISSES,
+    FALLBACKS,
     RATE_LIMIT_VIOLATIONS,
     REQUEST_DURATION,
     TIME_TO_FIRST_TOKEN,
@@ -44,6 +46,8 @@ class Counts:
             self._duration = metrics.histogram(REQUEST_DURATION)
             self._hits, self._misses = metrics.counter(CACHE_HITS), metrics.counter(CACHE_MISSES)
             self._limited = metrics.counter(RATE_LIMIT_VIOLATIONS)
+            self._fallbacks = metrics.counter(FALLBACKS)
+        self.fallbacks = 0  #: requests moved on to another model, since start
 
     def first_token(self, model: str, seconds: float) -> None:
         if self._metrics is not None:
@@ -53,6 +57,12 @@ class Counts:
         """A request refused by a rate limit."""
         if self._metrics is not None:
             self._limited.inc(tier=str(tier))
+
+    def fell_back(self, model: str, code: str) -> None:
+        """A request left `model`, failed with `code`, for the next model of its chain."""
+        self.fallbacks += 1
+        if self._metrics is not None:
+            self._fallbacks.inc(model=model, code=code)
 
     def ended(self, status: str) -> None:
         """A request ended with `status` (before or after admission)."""

@@ -209,6 +209,7 @@ class Request:
         if not (chain.left and model_failed) or now + wait >= self.deadline:
             raise self._naming_tried(error)
         chain.failed(self.model, error)
+        self._parts.counts.fell_back(self.model, self._last_error or error.code)
         self._last_error = None
         log.info("model failed before its first token; falling back", model=self.model, code=error.code,
                  request_id=self.request_id)

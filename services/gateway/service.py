@@ -139,6 +139,7 @@ class GatewayService:
             "in_flight": self._counts.in_flight, "usage_unshipped": self._journal.unshipped,
             "usage_shipped": self._journal.shipped_count, "requests": dict(self._counts.outcomes),
             "worker_retries": self._parts.relay.retries, "streams_cut": self._parts.relay.cut,
+            "fallbacks": self._counts.fallbacks,
             "sessions_cached": self._callers.sessions_cached,
             "dispatch": {"in_flight": self._parts.dispatch.in_flight, "waiting": self._parts.dispatch.waiting,
                          "capacity": self._parts.dispatch.capacity, "waited": self._parts.dispatch.waited,

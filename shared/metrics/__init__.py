@@ -16,6 +16,7 @@ from shared.metrics.batch import MAX_ENTRIES, Batch, Source, parse_batch
 from shared.metrics.families import (
     ACTIVE_USERS,
     BUDGET_ALERTS,
+    FALLBACKS,
     CACHE_HITS,
     CACHE_MISSES,
     DHT_PEERS,
@@ -40,6 +41,7 @@ from shared.metrics.reporter import MetricsReporter, Sender
 __all__ = [
     "ACTIVE_USERS",
     "BUDGET_ALERTS",
+    "FALLBACKS",
     "Batch",
     "CACHE_HITS",
     "CACHE_MISSES",

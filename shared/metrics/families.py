@@ -45,6 +45,7 @@ __all__ = [
     "RPC_ERRORS",
     "DHT_PEERS",
     "BUDGET_ALERTS",
+    "FALLBACKS",
     "ACTIVE_USERS",
     "SERVICE_UP",
     "SERVICE_ANNOUNCED",
@@ -120,6 +121,7 @@ HEALTH = closed("status", ("ok", "degraded", "down"))
 #: A circuit breaker's state (shared/breaker.py), and an upstream API key's (backends' `keys_view`).
 BREAKER = closed("state", ("closed", "open", "half_open"))
 KEY_STATE = closed("state", ("ok", "exhausted", "disabled", "open"))
+FALLBACK_CODE = closed("code", ("UNAVAILABLE", "NOT_FOUND", "TIMEOUT", "RATE_LIMITED", "INVALID_PARAMS"))
 BUDGET_COUNTER = closed("counter", ("spend_per_day", "spend_per_month"))
 #: An alert's threshold: a whole percentage 1..100 (at most 100 series with the counter's 2).
 THRESHOLD = closed("threshold", (str(p) for p in range(1, 101)))
@@ -183,6 +185,9 @@ DHT_PEERS = _family("ai_platform_dht_peers", G, "Contacts in the DHT routing tab
 BUDGET_ALERTS = _family("inferswarm_budget_alerts_total", C,
                         "Spending alerts fired (a budget's threshold reached in its period), by budget "
                         "counter and threshold; pushed by auth.", BUDGET_COUNTER, THRESHOLD)
+FALLBACKS = _family("inferswarm_fallbacks_total", C,
+                    "Requests moved on to the next model of their chain after this model failed before its "
+                    "first token, by how it failed; pushed by gateways.", MODEL, FALLBACK_CODE)
 
 # -- produced by the metrics service ---------------------------------------------------
 ACTIVE_USERS = _family("ai_platform_active_users", G, "Distinct users with a request in the window.",
@@ -224,7 +229,7 @@ METRICS_SOURCES = _family("ai_platform_metrics_sources", G, "Reporting processes
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (
         REQUESTS, REQUEST_DURATION, RATE_LIMIT_VIOLATIONS, TOKENS, TIME_TO_FIRST_TOKEN, CACHE_HITS,
-        CACHE_MISSES, RPC_ERRORS, DHT_PEERS, BUDGET_ALERTS, ACTIVE_USERS, SERVICE_UP, SERVICE_ANNOUNCED, SERVICE_PING,
+        CACHE_MISSES, RPC_ERRORS, DHT_PEERS, BUDGET_ALERTS, FALLBACKS, ACTIVE_USERS, SERVICE_UP, SERVICE_ANNOUNCED, SERVICE_PING,
         SYSTEM_STATUS, WORKERS, WORKER_SLOTS, WORKER_SLOTS_FREE, WORKER_QUEUE_DEPTH, BREAKER_STATE,
         UPSTREAM_KEYS, METRICS_BATCHES,
         METRICS_SERIES, METRICS_OVERFLOW, METRICS_SOURCES,
