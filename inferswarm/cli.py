@@ -25,7 +25,10 @@
                                               (the operator, else a logged-in admin)
     inferswarm admin settings                 (the operator, else anyone logged in)
     inferswarm admin settings set [--default-model M|none] [--fallback-models A,B|none] [--cache-ttl SECONDS|none]
+                        [--alias NAME=M1,M2 ...] [--remove-alias NAME ...] [--first-token-timeout SECONDS|none]
                                               (routing settings: the operator, else a logged-in admin)
+    inferswarm admin dead-letters [--limit N] [--model M] [--before ID]
+                                              (requests failed after every fallback: the operator, or admins)
     inferswarm webhook set URL [--thresholds 50,80,100]   (your spending alerts' webhook; its secret shown once)
     inferswarm webhook show|rotate-secret|remove|deliveries     inferswarm alerts [--limit N]
     inferswarm org create|list|show|invite|invites|accept|decline|role|remove|limits|report ...
@@ -51,8 +54,8 @@ which may ask the web service for the gateways' keys: receipts.py).
 `admin grant` and `admin revoke` call auth as a mesh member, with the key
 derived from the mesh secret (`member.py`): whoever holds the secret is the
 operator. Without it they stop at once with exit code 3. `admin price set`,
-`admin price list`, `admin tiers`, `admin tiers set`, `admin settings` and
-`admin settings set` do the same with the secret, and without it use the saved session (an administrator's, for `set`). So does
+`admin price list`, `admin tiers`, `admin tiers set`, `admin settings`,
+`admin settings set` and `admin dead-letters` do the same with the secret, and without it use the saved session (an administrator's, for `set`). So does
 `credential ROLE`, which prints one member role's credential (e.g. `inference`
 for a worker on another host): what a service process is given instead of
 the secret (`INFERSWARM_CREDENTIAL` or `INFERSWARM_CREDENTIAL_FILE`).
@@ -71,6 +74,7 @@ from inferswarm.audit import AUDIT_COMMANDS
 from inferswarm.budget import BUDGET_COMMANDS
 from inferswarm.commands import COMMANDS, Result, expiry_moment, model_list, overlap_seconds
 from inferswarm.costs import COST_COMMANDS
+from inferswarm.dead_letters import DEAD_LETTER_COMMANDS, add_dead_letter_arguments
 from inferswarm.orgs import ORG_COMMANDS, add_org_commands, org_ref
 from inferswarm.settings import SETTING_COMMANDS, add_settings_arguments
 from inferswarm.tiers import TIER_COMMANDS, add_set_arguments
@@ -94,7 +98,7 @@ __all__ = ["main", "parser"]
 MEMBER_COMMANDS = frozenset({"admin grant", "admin revoke"})
 #: Commands run as the operator when the mesh secret is at hand, else with the saved session token.
 OPERATOR_OR_SESSION = frozenset({"admin price set", "admin price list", "admin top-spenders", "admin tiers",
-                                 "admin tiers set", "admin settings", "admin settings set"})
+                                 "admin tiers set", "admin settings", "admin settings set", "admin dead-letters"})
 #: Commands the web service's HTTP API can answer (`--base-url`); the others need the mesh.
 HTTP_COMMANDS = frozenset({"register", "login", "logout", "password", "keys create", "keys list",
                            "keys revoke", "keys rotate", "keys edit", "usage", "costs", "models", "quota", "infer", "chat",
@@ -298,11 +302,14 @@ def parser() -> argparse.ArgumentParser:
                                                 "them within a second", tiers.add_subparsers(
                                                     dest="tiers_command", metavar="[ACTION]"))
     add_set_arguments(set_tier_limits)
-    settings = client("admin settings", "the routing settings: default model, fallback models, cache TTL; "
-                                        "`set` changes them (the operator, or admins)", admin)
+    settings = client("admin settings", "the routing settings: default model, fallback models, cache TTL, "
+                                        "aliases, first-token timeout; `set` changes them (the operator, or "
+                                        "admins)", admin)
     add_settings_arguments(client("admin settings set", "change routing settings; every gateway applies them "
                                                         "within a second", settings.add_subparsers(
                                                             dest="settings_command", metavar="[ACTION]")))
+    add_dead_letter_arguments(client("admin dead-letters", "requests that failed after every fallback, newest "
+                                                           "first (the operator, or admins)", admin))
     return root
 
 
@@ -347,7 +354,7 @@ def run_client(args: argparse.Namespace) -> int:
 
 async def _run(args: argparse.Namespace) -> Result:
     command = {**COMMANDS, **COST_COMMANDS, **AUDIT_COMMANDS, **TIER_COMMANDS, **SETTING_COMMANDS,
-               **BUDGET_COMMANDS, **WEBHOOK_COMMANDS, **ORG_COMMANDS}[args.action]
+               **BUDGET_COMMANDS, **WEBHOOK_COMMANDS, **ORG_COMMANDS, **DEAD_LETTER_COMMANDS}[args.action]
     creds = Credentials.load()
     if args.action == "logout" and not creds.token:
         return await command(args, None, creds)

@@ -15,20 +15,24 @@ from auth_support import Auth, outsider, start_auth
 
 pytestmark = pytest.mark.db
 
-NEVER = {"default_model": None, "fallback_models": None, "cache_ttl": None}
+NEVER = {"default_model": None, "fallback_models": None, "cache_ttl": None, "aliases": None,
+         "first_token_timeout": None}
+DEFAULTS = {"default_model": None, "fallback_models": [], "cache_ttl": None, "aliases": {},
+            "first_token_timeout": None}
 
 
 async def test_defaults_for_anyone_logged_in_and_the_operator(auth, db):
     rows = {r["name"]: (json.loads(r["value"]), r["updated_at"]) for r in await db.fetch("SELECT * FROM settings")}
-    assert rows == {"default_model": (None, None), "fallback_models": ([], None), "cache_ttl": (None, None)}
-    expected = {"default_model": None, "fallback_models": [], "cache_ttl": None, "updated_at": NEVER}
+    assert rows == {"default_model": (None, None), "fallback_models": ([], None), "cache_ttl": (None, None),
+                    "aliases": ({}, None), "first_token_timeout": (None, None)}
+    expected = {**DEFAULTS, "updated_at": NEVER}
     assert await auth("settings") == expected  # the operator (in-process): no token
     token = await auth.user("anna")
     assert await auth("settings", token=token) == expected
     with pytest.raises(Unauthenticated):
         await auth("settings", token="not-a-token")
     table = await auth("settings_table")
-    assert table["settings"] == {"default_model": None, "fallback_models": [], "cache_ttl": None}
+    assert table["settings"] == DEFAULTS
 
 
 async def test_set_and_clear_each_setting(auth):
@@ -47,7 +51,7 @@ async def test_set_and_clear_each_setting(auth):
                       settings={"default_model": None, "fallback_models": [], "cache_ttl": None})
     assert {k: view[k] for k in ("default_model", "fallback_models", "cache_ttl")} == {
         "default_model": None, "fallback_models": [], "cache_ttl": None}
-    assert all(view["updated_at"][name] is not None for name in NEVER)  # cleared, but set
+    assert all(view["updated_at"][name] is not None for name in ("default_model", "fallback_models", "cache_ttl"))
     assert await auth("settings") == view
 
 
@@ -125,7 +129,7 @@ async def test_settings_table_version_grows_on_a_change_only(auth):
     await auth("set_settings", token=admin, settings={"fallback_models": ["a", "b"]})
     second = await auth("settings_table", since=first["version"])
     assert second["version"] > first["version"]
-    assert second["settings"] == {"default_model": None, "fallback_models": ["a", "b"], "cache_ttl": None}
+    assert second["settings"] == {**DEFAULTS, "fallback_models": ["a", "b"]}
 
     await auth("set_settings", token=admin, settings={"fallback_models": ["a", "b"]})  # the same again
     assert await auth("settings_table", since=second["version"]) == {"version": second["version"], "settings": None}
@@ -162,3 +166,83 @@ async def test_who_may_call_what_over_rpc(pg_dsn, tmp_path):
         for caller in (public, web):  # the gateways' alone (and the operator's)
             with pytest.raises(Forbidden):
                 await caller.call("auth.settings_table", {})
+
+
+# -- aliases and first_token_timeout (migration 0017) ----------------------------------------------------
+
+
+async def test_aliases_and_first_token_timeout_set_replaced_and_cleared(auth, db):
+    admin = await auth.admin("root")
+    chains = {"fast": ["smollm2", "qwen2.5:0.5b"], "big": ["llama3.2:1b"],
+              "nine": [f"m{i}" for i in range(9)]}
+    view = await auth("set_settings", token=admin, settings={"aliases": chains, "first_token_timeout": 2.5})
+    assert view["aliases"] == chains and view["first_token_timeout"] == 2.5
+    assert view["updated_at"]["aliases"] is not None and view["updated_at"]["default_model"] is None
+    assert json.loads(await db.fetchval("SELECT value FROM settings WHERE name = 'aliases'")) == chains
+    # The whole object is replaced: an alias left out is gone.
+    view = await auth("set_settings", token=admin, settings={"aliases": {"fast": ["qwen2.5:0.5b"]}})
+    assert view["aliases"] == {"fast": ["qwen2.5:0.5b"]} and view["first_token_timeout"] == 2.5
+    view = await auth("set_settings", token=admin, settings={"first_token_timeout": 600})
+    assert view["first_token_timeout"] == 600.0 and type(view["first_token_timeout"]) is float
+    view = await auth("set_settings", token=admin, settings={"first_token_timeout": 0.1})
+    assert view["first_token_timeout"] == 0.1
+    aliases = {f"a{i}": ["m"] for i in range(64)}  # the most there may be
+    assert (await auth("set_settings", settings={"aliases": aliases}))["aliases"] == aliases
+    view = await auth("set_settings", token=admin, settings={"aliases": {}, "first_token_timeout": None})
+    assert view["aliases"] == {} and view["first_token_timeout"] is None
+    table = await auth("settings_table")
+    assert table["settings"] == DEFAULTS
+
+
+async def test_every_refusal_of_aliases_and_first_token_timeout_names_it(auth, db):
+    admin = await auth.admin("root")
+    bad = [
+        ({"aliases": None}, "aliases"),
+        ({"aliases": ["fast"]}, "aliases"),
+        ({"aliases": "fast=smollm2"}, "aliases"),
+        ({"aliases": {"fast": "smollm2"}}, "aliases"),
+        ({"aliases": {"fast": []}}, "aliases"),
+        ({"aliases": {"fast": [f"m{i}" for i in range(10)]}}, "aliases"),
+        ({"aliases": {"fast": ["a", "b", "a"]}}, "aliases"),
+        ({"aliases": {"fast": ["smollm2", "fast"]}}, "aliases"),  # in its own chain
+        ({"aliases": {"default": ["smollm2"]}}, "aliases"),  # default_model's
+        ({"aliases": {"two words": ["smollm2"]}}, "aliases"),
+        ({"aliases": {"": ["smollm2"]}}, "aliases"),
+        ({"aliases": {"x" * 65: ["smollm2"]}}, "aliases"),
+        ({"aliases": {"fast": ["not ok"]}}, "aliases"),
+        ({"aliases": {"fast": [3]}}, "aliases"),
+        ({"aliases": {f"a{i}": ["m"] for i in range(65)}}, "aliases"),
+        ({"first_token_timeout": 0}, "first_token_timeout"),
+        ({"first_token_timeout": 0.05}, "first_token_timeout"),
+        ({"first_token_timeout": 600.5}, "first_token_timeout"),
+        ({"first_token_timeout": -1}, "first_token_timeout"),
+        ({"first_token_timeout": "2"}, "first_token_timeout"),
+        ({"first_token_timeout": True}, "first_token_timeout"),
+        ({"first_token_timeout": float("nan")}, "first_token_timeout"),
+        ({"first_token_timeout": float("inf")}, "first_token_timeout"),
+        ({"first_token_timeout": {}}, "first_token_timeout"),
+    ]
+    for settings, param in bad:
+        with pytest.raises(InvalidParams) as refused:
+            await auth("set_settings", token=admin, settings={"cache_ttl": 5, **settings})
+        assert refused.value.data["param"] == param, settings
+        assert param in refused.value.message, (settings, refused.value.message)
+    assert await db.fetchval("SELECT count(*) FROM settings WHERE updated_at IS NOT NULL") == 0
+
+
+async def test_the_version_moves_when_aliases_or_first_token_timeout_change(auth):
+    admin = await auth.admin("root")
+    first = await auth("settings_table")
+    await auth("set_settings", token=admin, settings={"aliases": {"fast": ["a", "b"]}})
+    second = await auth("settings_table", since=first["version"])
+    assert second["version"] > first["version"] and second["settings"]["aliases"] == {"fast": ["a", "b"]}
+    await auth("set_settings", token=admin, settings={"aliases": {"fast": ["a", "b"]}})  # the same: no move
+    assert (await auth("settings_table", since=second["version"]))["settings"] is None
+    await auth("set_settings", token=admin, settings={"aliases": {"fast": ["b", "a"]}})  # order is the chain
+    third = await auth("settings_table", since=second["version"])
+    assert third["version"] > second["version"] and third["settings"]["aliases"] == {"fast": ["b", "a"]}
+    await auth("set_settings", token=admin, settings={"first_token_timeout": 3})
+    fourth = await auth("settings_table", since=third["version"])
+    assert fourth["version"] > third["version"] and fourth["settings"]["first_token_timeout"] == 3.0
+    await auth("set_settings", token=admin, settings={"first_token_timeout": 3.0})  # 3 == 3.0: no change
+    assert (await auth("settings_table", since=fourth["version"]))["settings"] is None

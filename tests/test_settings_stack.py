@@ -18,7 +18,8 @@ from web_support import PASSWORD, new_account, web_stack
 
 pytestmark = pytest.mark.timeout(240)
 
-_SETTINGS = ("default_model", "fallback_models", "cache_ttl")
+_SETTINGS = ("default_model", "fallback_models", "cache_ttl", "aliases", "first_token_timeout")
+_NONE = {"default_model": None, "fallback_models": [], "cache_ttl": None, "aliases": {}, "first_token_timeout": None}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_rest_settings_for_users_and_admins(stack):
     admin_token, _ = new_account(stack, "victor")
     stack.grant_admin("victor")
     status, shown = call(stack, "GET", "/api/settings", user_token)
-    assert status == 200 and _values(shown) == {"default_model": None, "fallback_models": [], "cache_ttl": None}
+    assert status == 200 and _values(shown) == _NONE
     assert shown["updated_at"] == {name: None for name in _SETTINGS}
     assert call(stack, "GET", "/api/settings")[0] == 401
     status, refused = call(stack, "PATCH", "/api/settings", user_token, {"cache_ttl": 5})
@@ -46,8 +47,8 @@ def test_rest_settings_for_users_and_admins(stack):
     status, view = call(stack, "PATCH", "/api/settings", admin_token,
                         {"default_model": "qwen2.5:0.5b", "fallback_models": ["smollm2", "test-model"]})
     assert status == 200, view
-    assert _values(view) == {"default_model": "qwen2.5:0.5b", "fallback_models": ["smollm2", "test-model"],
-                             "cache_ttl": None}  # left out: kept
+    assert _values(view) == {**_NONE, "default_model": "qwen2.5:0.5b",
+                             "fallback_models": ["smollm2", "test-model"]}  # left out: kept
     status, view = call(stack, "PATCH", "/api/settings", admin_token, {"cache_ttl": 0, "default_model": None})
     assert status == 200 and view["cache_ttl"] == 0 and view["default_model"] is None
     assert view["fallback_models"] == ["smollm2", "test-model"] and view["updated_at"]["default_model"] is not None
@@ -55,11 +56,17 @@ def test_rest_settings_for_users_and_admins(stack):
                         ({"cache_ttl": 86_401}, "cache_ttl"), ({"fallback_models": ["a", "a"]}, "fallback_models"),
                         ({"fallback_models": [f"m{i}" for i in range(9)]}, "fallback_models"),
                         ({"default_model": "two words"}, "default_model"), ({"colour": "red"}, "colour"),
-                        ({}, "settings")):
+                        ({"aliases": {"default": ["smollm2"]}}, "aliases"), ({"aliases": ["fast"]}, "aliases"),
+                        ({"first_token_timeout": 0}, "first_token_timeout"), ({}, "settings")):
         status, error = call(stack, "PATCH", "/api/settings", admin_token, body)
         assert status == 400 and error["error"]["code"] == "INVALID_PARAMS", (body, error)
         assert error["error"]["param"] == param, (body, error)
     assert _values(call(stack, "GET", "/api/settings", user_token)[1]) == _values(view)  # nothing refused was kept
+    status, view = call(stack, "PATCH", "/api/settings", admin_token,
+                        {"aliases": {"fast": ["smollm2", "test-model"]}, "first_token_timeout": 1.5})
+    assert status == 200 and view["aliases"] == {"fast": ["smollm2", "test-model"]} and view["first_token_timeout"] == 1.5
+    status, view = call(stack, "PATCH", "/api/settings", admin_token, {"aliases": {}, "first_token_timeout": None})
+    assert status == 200 and view["aliases"] == {} and view["first_token_timeout"] is None
 
 
 @pytest.mark.stack
@@ -79,8 +86,7 @@ def test_admin_settings_commands_as_cli_processes(stack, tmp_path):
     cleared = operator("admin", "settings", "set", "--fallback-models", "none", "--cache-ttl", "none", "--json",
                        "--bootstrap", stack.bootstrap)
     assert cleared.returncode == 0, cleared.stderr
-    assert _values(json.loads(cleared.stdout)) == {"default_model": "smollm2", "fallback_models": [],
-                                                   "cache_ttl": None}
+    assert _values(json.loads(cleared.stdout)) == {**_NONE, "default_model": "smollm2"}
 
     for args, says in ((("--cache-ttl", "soon"), "cache_ttl"), (("--cache-ttl", "-3"), "cache_ttl"),
                        (("--cache-ttl", "86401"), "cache_ttl"), (("--default-model", "a b"), "default_model"),
@@ -162,3 +168,90 @@ def test_settings_page_for_an_admin_and_a_user(stack, browser, shots):
     expect(user.locator("nav >> text=Settings")).to_have_count(0)
     assert user.goto("/admin/settings").status == 403
     user.context.close()
+
+
+@pytest.mark.stack
+def test_aliases_and_first_token_timeout_as_cli_processes(stack, tmp_path):
+    operator = Cli(stack.data_dir, int(stack.bootstrap.rsplit(":", 1)[1]), tmp_path / "operator")
+    operator.env.update(xdg_homes(stack.data_dir))
+
+    def run(*args: str):
+        return operator("admin", "settings", *args, "--bootstrap", stack.bootstrap)
+
+    done = run("set", "--alias", "fast=smollm2, qwen2.5:0.5b", "--alias", "big=llama3", "--first-token-timeout", "2.5")
+    assert done.returncode == 0, done.stderr
+    shown = run()
+    lines = [line.split() for line in shown.stdout.splitlines()]
+    at = next(i for i, line in enumerate(lines) if line[:1] == ["aliases"])
+    assert lines[at][:4] == ["aliases", "big", "=", "llama3"] and lines[at + 1][:4] == ["fast", "=", "smollm2,",
+                                                                                       "qwen2.5:0.5b"]
+    assert lines[at + 2][:3] == ["first_token_timeout", "2.5", "s"]
+    # --alias merges into the aliases as they are; --remove-alias takes one out.
+    merged = run("set", "--alias", "big=llama3,smollm2", "--json")
+    assert json.loads(merged.stdout)["aliases"] == {"fast": ["smollm2", "qwen2.5:0.5b"], "big": ["llama3", "smollm2"]}
+    removed = run("set", "--remove-alias", "big", "--first-token-timeout", "none", "--json")
+    assert removed.returncode == 0, removed.stderr
+    view = json.loads(removed.stdout)
+    assert view["aliases"] == {"fast": ["smollm2", "qwen2.5:0.5b"]} and view["first_token_timeout"] is None
+    assert "none (the caller's deadline)" in run().stdout
+
+    for args, says in ((("--remove-alias", "nope"), "aliases"), (("--alias", "default=smollm2"), "aliases"),
+                       (("--alias", "fast="), "aliases"), (("--alias", "fast"), "aliases"),
+                       (("--alias", "loop=a,loop"), "aliases"), (("--alias", "x=" + ",".join("abcdefghij")), "aliases"),
+                       (("--first-token-timeout", "0"), "first_token_timeout"),
+                       (("--first-token-timeout", "601"), "first_token_timeout"),
+                       (("--first-token-timeout", "soon"), "first_token_timeout")):
+        refused = run("set", *args)
+        lines = refused.stderr.strip().splitlines()
+        assert refused.returncode == 9 and len(lines) == 1, (args, refused.stderr)
+        assert "invalid params" in lines[0].lower() and says in lines[0] and "Traceback" not in refused.stderr
+    assert json.loads(run("--json").stdout)["aliases"] == {"fast": ["smollm2", "qwen2.5:0.5b"]}  # nothing kept
+    assert run("set", "--remove-alias", "fast").returncode == 0
+
+
+@pytest.mark.browser
+def test_aliases_and_first_token_timeout_on_the_settings_page(stack, browser, shots):
+    new_account(stack, "zoe")
+    stack.grant_admin("zoe")
+    page = new_page(browser, stack, viewport=DESKTOP)
+    log_in(page, "zoe")
+    page.goto("/admin/settings")
+    page.fill("#f-aliases", "fast = smollm2, test-model\n\nbig = qwen2.5:0.5b")
+    page.fill("#f-first_token_timeout", "2.5")
+    page.click("#edit-settings button[type=submit]")
+    expect(page.locator(".notice")).to_contain_text("Settings saved")
+    expect(page.locator("#row-aliases td[data-label=Value] .alias")).to_have_text(
+        ["big = qwen2.5:0.5b", "fast = smollm2, test-model"])
+    expect(page.locator("#row-first_token_timeout td[data-label=Value]")).to_have_text("2.5 s")
+    expect(page.locator("#f-aliases")).to_have_value("big = qwen2.5:0.5b\nfast = smollm2, test-model")
+    expect(page.locator("#f-first_token_timeout")).to_have_value("2.5")
+
+    for aliases, timeout, field, says in (
+            ("fast smollm2", "2.5", "aliases", "one alias a line"),  # refused here
+            ("fast = a\nfast = b", "2.5", "aliases", "twice"),
+            ("default = smollm2", "2.5", "aliases", "default"),  # refused by auth
+            ("loop = smollm2, loop", "2.5", "aliases", "own chain"),
+            ("fast = smollm2", "soon", "first_token_timeout", "Enter seconds"),
+            ("fast = smollm2", "0", "first_token_timeout", "first_token_timeout")):
+        page.fill("#f-aliases", aliases)
+        page.fill("#f-first_token_timeout", timeout)
+        page.click("#edit-settings button[type=submit]")
+        expect(page.locator(f"#e-{field}")).to_contain_text(says)
+        expect(page.locator("#f-aliases")).to_have_value(aliases)  # what was typed stays
+        expect(page.locator("#f-first_token_timeout")).to_have_value(timeout)
+        expect(page.locator("#row-first_token_timeout td[data-label=Value]")).to_have_text("2.5 s")  # unchanged
+    assert page.csp_violations == []  # type: ignore[attr-defined]
+    page.screenshot(path=shots / "settings-aliases-desktop.png", full_page=True)
+    page.context.close()
+
+    phone = new_page(browser, stack, viewport=PHONE)
+    log_in(phone, "zoe")
+    phone.goto("/admin/settings")
+    phone.fill("#f-aliases", "")  # empty: no alias
+    phone.fill("#f-first_token_timeout", "")
+    phone.click("#edit-settings button[type=submit]")
+    expect(phone.locator("#row-aliases td[data-label=Value]")).to_have_text("none")
+    expect(phone.locator("#row-first_token_timeout td[data-label=Value]")).to_have_text("no limit")
+    assert fits_the_screen(phone)
+    phone.screenshot(path=shots / "settings-aliases-phone.png", full_page=True)
+    phone.context.close()

@@ -57,7 +57,7 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str,
         reload=lambda: tier_store.load(tiers),
     )
     await stack.enter_async_context(feed)
-    housekeeper = await stack.enter_async_context(Housekeeper(store))
+    housekeeper = await stack.enter_async_context(Housekeeper(store, dead_letters_max=config.dead_letters_max))
     # One sender per instance; they share the deliveries through the database (webhook_store.py).
     sender = await stack.enter_async_context(WebhookSender(WebhookStore(pool), config.webhooks))
     params = config.argon2

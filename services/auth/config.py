@@ -28,6 +28,8 @@
                                          stored since (0.5; 0: with each batch, alert_loop.py)
     INFERSWARM_WEBHOOK_ALLOW_PRIVATE     let webhooks reach private, loopback, link-local addresses (false;
                                          webhook_urls.py: a server-side request forgery otherwise)
+    INFERSWARM_DEAD_LETTERS_MAX          dead letters kept, the newest (10000); the housekeeping deletes the
+                                         older ones every ten minutes (README.md, "Dead letters")
 
 Every auth instance of one mesh must use the same signing key: share the
 file (or point INFERSWARM_AUTH_JWT_KEY_FILE at a copy) when running several.
@@ -125,6 +127,7 @@ class AuthConfig:
     webhook_poll_interval: float = env("INFERSWARM_WEBHOOK_POLL_INTERVAL", default=1.0, parse=positive(float))
     webhook_allow_private: bool = env("INFERSWARM_WEBHOOK_ALLOW_PRIVATE", default=False)
     alert_interval: float = env("INFERSWARM_ALERT_INTERVAL", default=0.5, parse=_non_negative)
+    dead_letters_max: int = env("INFERSWARM_DEAD_LETTERS_MAX", default=10_000, parse=positive(int))
 
     def __post_init__(self) -> None:
         problems = []

@@ -3,6 +3,11 @@
 `validate_key` answers from memory; writing `last_used_at` on every call would
 put the database back on the hot path. Instead each use is noted in a dict
 (one set insertion) and written every `flush_interval` seconds in one UPDATE.
+
+Every `prune_interval` seconds (and at the first round) old rows go: those
+`AuthStore.prune` knows, and all but the `dead_letters_max` newest dead letters
+(INFERSWARM_DEAD_LETTERS_MAX; dead_letter_store.py). Every instance prunes;
+two at once delete the same rows, harmlessly.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from datetime import datetime, timezone
 
 from shared.logging import get_logger
 from shared.tasks import Background
+from services.auth.dead_letter_store import DeadLetterStore
 from services.auth.store import AuthStore
 
 __all__ = ["Housekeeper"]
@@ -25,9 +31,11 @@ class Housekeeper:
 
     def __init__(
         self, store: AuthStore, *, flush_interval: float = 2.0, prune_interval: float = 600.0,
-        keep_seconds: float = 86_400.0,
+        keep_seconds: float = 86_400.0, dead_letters_max: int = 10_000,
     ) -> None:
         self._store = store
+        self._dead_letters = DeadLetterStore(store.pool)
+        self._dead_letters_max = dead_letters_max
         self._flush_interval = flush_interval
         self._prune_interval = prune_interval
         self._keep_seconds = keep_seconds
@@ -52,6 +60,13 @@ class Housekeeper:
                 self._used |= used  # try again next time
                 raise
 
+    async def prune(self) -> None:
+        """One pruning round: old rows of `AuthStore.prune`, dead letters past the bound."""
+        await self._store.prune(self._keep_seconds)
+        dropped = await self._dead_letters.prune(self._dead_letters_max)
+        if dropped:
+            log.info("dead letters pruned", dropped=dropped, kept=self._dead_letters_max)
+
     async def __aenter__(self) -> Housekeeper:
         self._background.start(self._run(), name="auth housekeeping")
         return self
@@ -71,6 +86,6 @@ class Housekeeper:
                 await self.flush()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + self._prune_interval
-                    await self._store.prune(self._keep_seconds)
+                    await self.prune()
             except Exception as exc:
                 log.warning("housekeeping failed", error=str(exc))

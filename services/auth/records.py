@@ -4,6 +4,14 @@ A batch is a list of maps; every field is checked for type, range and length
 before anything reaches SQL, and a bad record is `INVALID_PARAMS` naming its
 index and field. Duplicates inside one batch are dropped here (the first
 wins); duplicates of stored records are dropped by the database.
+
+Two fields are diagnostics, not accounting, and are treated more leniently:
+`asked` (the model the caller named, when another one served) and `tried`
+(the models that failed before the last, each with its error code). A
+malformed one is dropped from its record, with a warning, and the record is
+stored without it: a gateway newer or buggier than this auth must not lose
+anyone's usage over what only an operator reads. A record that failed
+(`status` not ok) with a `tried` becomes a dead letter (usage_store.py).
 """
 
 from __future__ import annotations
@@ -15,11 +23,16 @@ from decimal import Decimal
 from typing import Any
 
 from shared.errors import InvalidParams
+from shared.logging import get_logger
+from services.auth.dead_letter_store import Attempt
 from services.auth.usage_store import UsageRecord
 
-__all__ = ["MAX_BATCH", "parse_batch"]
+__all__ = ["MAX_BATCH", "MAX_TRIED", "parse_batch"]
+
+log = get_logger(__name__)
 
 MAX_BATCH = 1000
+MAX_TRIED = 10  #: attempts a record may list as failed before its last
 _MAX_INT32 = 2**31 - 1
 _MAX_ID = 2**63 - 1
 _TEXT = re.compile(r"[\x20-\x7e]+")  # ids, models, statuses: printable ASCII
@@ -27,8 +40,9 @@ _HEX = re.compile(r"[0-9a-f]{16,128}")
 _STATUS = re.compile(r"[a-z_]{1,32}")
 _FIELDS = frozenset({
     "request_id", "user_id", "key_id", "model", "prompt_hash", "prompt_tokens",
-    "completion_tokens", "cached", "latency_ms", "status", "worker", "at", "cost", "currency",
+    "completion_tokens", "cached", "latency_ms", "status", "worker", "at", "cost", "currency", "asked", "tried",
 })
+_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")  # an error code: UNAVAILABLE, TIMEOUT, RATE_LIMITED
 _COST = re.compile(r"\d{1,10}(?:\.\d{1,10})?")  # NUMERIC(20,10)
 _CURRENCY = re.compile(r"[A-Z]{3}")
 #: Records from further back than this (or from the future) are refused.
@@ -98,8 +112,51 @@ def _parse(index: int, item: Any) -> UsageRecord:
         status=status,
         worker=_text(index, item, "worker", 256, optional=True),
         created_at=_timestamp(index, item.get("at")),
+        asked=_asked(index, item),
+        tried=_tried(index, item),
         **_charged(index, item),
     )
+
+
+def _dropped(index: int, item: dict[str, Any], field: str, why: str) -> None:
+    log.warning("usage record field dropped", index=index, request_id=item.get("request_id"), field=field, why=why)
+
+
+def _asked(index: int, item: dict[str, Any]) -> str | None:
+    """`asked`: the model the caller named (an alias, `default`, a model); None when absent,
+    malformed (dropped) or the model that served anyway."""
+    value = item.get("asked")
+    if value is None:
+        return None
+    if type(value) is not str or not 0 < len(value) <= 200 or not _TEXT.fullmatch(value):
+        _dropped(index, item, "asked", "expected printable ASCII text of 1-200 characters")
+        return None
+    return None if value == item.get("model") else value
+
+
+def _tried(index: int, item: dict[str, Any]) -> tuple[Attempt, ...] | None:
+    """`tried`: the attempts that failed before the last, in order, each `{model, code}`; None
+    when absent, empty or malformed (then dropped whole: a chain with a hole would mislead)."""
+    value = item.get("tried")
+    if value is None or value == []:
+        return None
+    if type(value) is not list or len(value) > MAX_TRIED:
+        _dropped(index, item, "tried", f"expected a list of at most {MAX_TRIED} attempts")
+        return None
+    attempts = []
+    for attempt in value:
+        if type(attempt) is not dict or set(attempt) != {"model", "code"}:
+            _dropped(index, item, "tried", "expected each attempt as {model, code}")
+            return None
+        model, code = attempt["model"], attempt["code"]
+        if type(model) is not str or not 0 < len(model) <= 200 or not _TEXT.fullmatch(model):
+            _dropped(index, item, "tried", "expected each attempt's model as printable ASCII text of 1-200 characters")
+            return None
+        if type(code) is not str or not _CODE.fullmatch(code):
+            _dropped(index, item, "tried", "expected each attempt's code as an error code such as UNAVAILABLE")
+            return None
+        attempts.append(Attempt(model, code))
+    return tuple(attempts)
 
 
 def _charged(index: int, item: dict[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The auth service: accounts, sessions, API keys, usage, tiers, routing settings, organisations.
+"""The auth service: accounts, sessions, API keys, usage, tiers, routing settings, organisations,
+dead letters.
 
 Public methods (any CURVE client; they carry a password or a token) and
 internal ones, each for the member role named (shared/roles.py; the operator,
@@ -33,9 +34,12 @@ e.g. `inferswarm admin grant|revoke`, may call all):
     auth.set_tier_limits public  name, limits[, priority, token] -> the tier (admins by token, or the
                                  operator); every cache drops its answers within 1 s
     auth.settings      public    [token] (the operator: no token) -> default_model, fallback_models,
-                                 cache_ttl, updated_at (README.md, "Routing settings")
+                                 cache_ttl, aliases, first_token_timeout, updated_at (README.md,
+                                 "Routing settings")
     auth.set_settings  public    settings[, token] -> the settings (admins by token, or the operator);
                                  gateways apply them within 1 s
+    auth.dead_letters  public    [token, limit, before, model] (the operator: no token) -> requests that
+                                 failed after every fallback, newest first (admins only)
     auth.set_price     public    model, input, output[, cached, currency, effective_from, token] ->
                                  the new price version (admins by token, or the operator)
     auth.prices        public    token[, model] (the operator: no token) -> current and scheduled prices
@@ -99,6 +103,7 @@ from services.auth.passwords import PasswordHasher
 from services.auth.admin_methods import AdminMethods
 from services.auth.alert_methods import AlertMethods
 from services.auth.billing_methods import BillingMethods
+from services.auth.dead_letter_methods import DeadLetterMethods
 from services.auth.key_methods import KeyMethods
 from services.auth.org_methods import OrgMethods
 from services.auth.setting_methods import SettingMethods
@@ -111,10 +116,11 @@ log = get_logger(__name__)
 _MAX_ADDR = 64
 
 
-class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods, SettingMethods, AlertMethods, OrgMethods):
+class AuthService(KeyMethods, BillingMethods, AdminMethods, TierMethods, SettingMethods, AlertMethods, OrgMethods,
+                  DeadLetterMethods):
     """Who may do what, and the record of what was done: accounts and sessions here; keys,
-    usage and prices, administration, tiers, routing settings, spending alerts, organisations in their
-    handler classes."""
+    usage and prices, administration, tiers, routing settings, spending alerts, organisations, dead
+    letters in their handler classes."""
 
     name = "auth"
 

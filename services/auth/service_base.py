@@ -2,7 +2,7 @@
 
 `AuthService` (service.py) is one class made of a handler class per concern
 (key_methods.py, billing_methods.py, admin_methods.py, tier_methods.py, org_methods.py,
-setting_methods.py) over this base;
+setting_methods.py, dead_letter_methods.py) over this base;
 the dispatcher sees one service, `auth`.
 """
 
@@ -24,6 +24,7 @@ from services.auth import limits
 from services.auth import validation as check
 from services.auth.alert_loop import AlertLoop
 from services.auth.alert_store import AlertStore
+from services.auth.dead_letter_store import DeadLetterStore
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
 from services.auth.org_store import OrgStore
@@ -71,6 +72,7 @@ class AuthBase:
         self._prices = prices or PriceStore(usage.pool)
         self._orgs = OrgStore(usage.pool)  #: organisations (org_methods.py; `validate_key`'s org scope)
         self._settings = SettingStore(usage.pool)  #: the routing settings (setting_methods.py)
+        self._dead_letters = DeadLetterStore(usage.pool)  #: read here (dead_letter_methods.py), written with usage
         self._passwords = passwords
         self._tokens = tokens
         self._tiers = tiers  #: kept in step with the `tiers` table by the feed (tier_methods.py)

@@ -1,7 +1,8 @@
 """The routing-setting handlers of `AuthService`: read by anyone logged in, set by admins, polled
 by gateways.
 
-The settings (settings.py: `default_model`, `fallback_models`, `cache_ttl`) live
+The settings (settings.py: `default_model`, `fallback_models`, `cache_ttl`, `aliases`,
+`first_token_timeout`) live
 in the `settings` table (setting_store.py). Unlike a tier's limits they are in
 no cached answer of auth's, so a change needs no invalidation: every gateway
 polls `auth.settings_table` each second with the `version` it holds, and
@@ -36,8 +37,9 @@ class SettingMethods(AuthBase):
     @method(public=True, idempotent=True)
     async def set_settings(self, settings: dict[str, Any], token: str | None = None) -> dict[str, Any]:
         """Change some settings (`settings`: a name -> its value; a name left out is kept; None
-        clears `default_model` and `cache_ttl`, [] `fallback_models`). Admins by `token`, the
-        operator without one. Audited when anything changed; gateways apply it within a second."""
+        clears `default_model`, `cache_ttl` and `first_token_timeout`, [] `fallback_models`, {}
+        `aliases`, whose value replaces them all). Admins by `token`, the operator without one.
+        Audited when anything changed; gateways apply it within a second."""
         actor_id = await self._admin_or_operator(token)
         changes = check_settings(settings)
         rows, changed = await self._settings.set(changes, actor_id=actor_id,
@@ -52,5 +54,5 @@ class SettingMethods(AuthBase):
         `settings` is None when `since` is that version already (nothing changed)."""
         if since is not None and not 0 <= since < 2**63:
             raise InvalidParams("since must be a version from a previous call", {"param": "since"})
-        rows = await self._settings.load()  # three rows: as cheap as reading the version alone
+        rows = await self._settings.load()  # five rows: as cheap as reading the version alone
         return {"version": rows.version, "settings": None if since == rows.version else table_view(rows.values)}

@@ -20,6 +20,10 @@ stored: the key's `org_id` goes into `usage.org_id` and `usage_daily_costs.org_i
 (gateways' records do not name it; a daily row's organisation follows from its
 key, so the daily rows' unique index is unchanged). Its user is billed all the same.
 
+A failed record with the attempts that failed before it (`tried`) is also a
+dead letter (dead_letter_store.py): a batch holding any is stored in one
+transaction, the usage statement then the dead letters of the rows it inserted.
+
 Reports (`auth.report`, `auth.org_report`, `auth.top_spenders`) read `usage_daily_costs` only:
 it has every figure per day, key and model, so a year of a user's usage is at
 most a few thousand rows, whatever the number of requests.
@@ -34,6 +38,7 @@ from decimal import Decimal
 import asyncpg
 
 from shared.db import unavailable_when_down
+from services.auth.dead_letter_store import Attempt, is_dead, write_dead_letters
 
 __all__ = ["UsageRecord", "UsageStore"]
 
@@ -58,6 +63,10 @@ class UsageRecord:
     #: None: priced here, by the version in force at `created_at`.
     cost: Decimal | None = None
     currency: str | None = None
+    #: The model the caller named (an alias, `default`) when another served (`model`); None: `model`.
+    asked: str | None = None
+    #: The attempts that failed before the last (`model`), in order; None: none.
+    tried: tuple[Attempt, ...] | None = None
 
 
 _RECORD = """
@@ -94,7 +103,7 @@ WITH batch AS (
            cached, latency_ms, status, worker, at, cost, currency, org_id
     FROM priced
     ON CONFLICT (request_id) DO NOTHING
-    RETURNING user_id, key_id, created_at, model, prompt_tokens, completion_tokens, cached, status,
+    RETURNING request_id, user_id, key_id, created_at, model, prompt_tokens, completion_tokens, cached, status,
               cost, currency, org_id
 ), daily AS (
     INSERT INTO usage_daily AS d (user_id, key_id, day, requests, prompt_tokens,
@@ -125,7 +134,9 @@ WITH batch AS (
 )
 SELECT (SELECT count(*) FROM accepted) AS accepted, (SELECT count(*) FROM inserted) AS inserted,
        (SELECT array_agg(DISTINCT user_id) FROM accepted) AS user_ids,
-       (SELECT array_agg(DISTINCT key_id) FROM accepted WHERE key_id IS NOT NULL) AS key_ids
+       (SELECT array_agg(DISTINCT key_id) FROM accepted WHERE key_id IS NOT NULL) AS key_ids,
+       -- Only asked for (`$15`) when the batch holds dead letters: they are written for these.
+       CASE WHEN $15::bool THEN (SELECT array_agg(request_id) FROM inserted) END AS inserted_ids
 """
 
 _DAILY = """
@@ -222,7 +233,13 @@ class UsageStore:
              r.completion_tokens, r.cached, r.latency_ms, r.status, r.worker, r.created_at, r.cost, r.currency)
             for r in records
         )))
-        row = await self.pool.fetchrow(_RECORD, *(list(c) for c in columns))
+        if any(is_dead(r) for r in records):
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(_RECORD, *(list(c) for c in columns), True)
+                new = set(row["inserted_ids"] or ())
+                await write_dead_letters(conn, [r for r in records if r.request_id in new])
+        else:
+            row = await self.pool.fetchrow(_RECORD, *(list(c) for c in columns), False)
         accepted, inserted = row["accepted"], row["inserted"]
         counts = {"inserted": inserted, "duplicates": accepted - inserted, "rejected": len(records) - accepted}
         return counts, list(row["user_ids"] or []), list(row["key_ids"] or [])

@@ -20,8 +20,9 @@ from pathlib import Path
 from aiohttp import web
 
 from shared.rpc import MeshClient
-from services.web import (account_pages, api, audit_pages, cost_pages, embeddings_api, openai_api, org_api, org_pages,
-                          pages, responses_api, setting_pages, tier_pages, webhook_api, webhook_pages)
+from services.web import (account_pages, api, audit_pages, cost_pages, dead_letter_pages, embeddings_api, openai_api,
+                          org_api, org_pages, pages, responses_api, setting_pages, tier_pages, webhook_api,
+                          webhook_pages)
 from services.web.config import WebConfig
 from services.web.cors import CORS, CorsPolicy, add_cors_headers, cors_middleware
 from services.web.middleware import add_request_id, error_middleware
@@ -67,7 +68,7 @@ def create_app(config: WebConfig, mesh: MeshClient) -> web.Application:
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_cors_headers)
     for table in (pages.routes, account_pages.routes, audit_pages.routes, cost_pages.routes, tier_pages.routes,
-                  setting_pages.routes,
+                  setting_pages.routes, dead_letter_pages.routes,
                   webhook_pages.routes, org_pages.routes, api.routes, webhook_api.routes, org_api.routes,
                   openai_api.routes, embeddings_api.routes,
                   responses_api.routes):

@@ -8,6 +8,8 @@
   locally with auth's public key (`AuthClient.token_key()`);
 * `Alert`, `Webhook` and the rest of alerts.py: the shapes of the spending
   alerts' and webhooks' answers (`AuthClient.set_webhook`, `alerts`, ...);
+* `DeadLetter`, `describe_chain` (dead_letters.py): the dead letters' shape
+  (`AuthClient.dead_letters`), and a chain of attempts as people read it;
 * `LIMIT_NAMES` and the rest of limits.py: the names of a scope's limits
   (README.md, "Per-key limits and budgets"), and `describe_limits`.
 
@@ -49,6 +51,7 @@ from services.auth.client.api import (
     TierLimits,
     TokenKey,
     TopSpenders,
+    TriedModel,
     UsageCost,
     UsageDay,
     UsageRecord,
@@ -57,6 +60,7 @@ from services.auth.client.api import (
     User,
 )
 from services.auth.client.alerts import Alert, AlertList, Webhook, WebhookAttempt, WebhookLog, WebhookWithSecret
+from services.auth.client.dead_letters import DeadLetter, DeadLetterPage, describe_chain
 from services.auth.client.limits import BUDGET_NAMES, COUNT_NAMES, LIMIT_NAMES, describe_limits
 from services.auth.client.orgs import Invite, Member, Org, OrgDetail, OrgListed, OrgReport
 from services.auth.client.validator import KeyValidator
@@ -81,5 +85,6 @@ __all__ = [
     "ReportRow", "ReportTotals", "RotatedApiKey", "RoutingSettings", "Scope", "Session", "Settings", "SettingsTable", "Spender", "TierInfo", "TierLimits", "TokenKey",
     "TokenVerifier", "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
     "describe_limits", "Alert", "AlertList", "Webhook", "WebhookAttempt", "WebhookLog", "WebhookWithSecret",
-    "Invite", "Member", "Org", "OrgDetail", "OrgListed", "OrgReport",
+    "Invite", "Member", "Org", "OrgDetail", "OrgListed", "OrgReport", "DeadLetter", "DeadLetterPage", "TriedModel",
+    "describe_chain",
 ]

@@ -18,6 +18,7 @@ from typing import Any, Literal, NotRequired, Required, TypedDict
 
 from shared.rpc.typed import TypedClient, Wire
 from services.auth.client.alerts import ALERT_METHODS, AlertCalls
+from services.auth.client.dead_letters import DEAD_LETTER_METHODS, DeadLetterCalls
 from services.auth.client.orgs import ORG_METHODS, OrgCalls
 
 __all__ = [
@@ -25,7 +26,7 @@ __all__ = [
     "Budget", "Limits", "Scope",
     "Invalidation", "Invalidations", "KeyIdentity", "LoggedOut", "NewApiKey", "Price", "PriceTable", "RecentRequest",
     "RecordCounts", "Report", "ReportRow", "ReportTotals", "RoutingSettings", "Session", "Settings",
-    "SettingsTable", "Spender", "TierLimits", "TokenKey",
+    "SettingsTable", "Spender", "TierLimits", "TokenKey", "TriedModel",
     "TierInfo", "TopSpenders", "UsageCost", "UsageDay", "UsageRecord", "UsageReport", "UsageTotals", "User",
 ]
 
@@ -187,6 +188,13 @@ class Invalidations(TypedDict):
     more: bool
 
 
+class TriedModel(TypedDict):
+    """An attempt of a usage record's `tried`."""
+
+    model: str
+    code: str  #: the error code it failed with: UNAVAILABLE, TIMEOUT, RATE_LIMITED, INVALID_PARAMS, ...
+
+
 class UsageRecord(TypedDict, total=False):
     """One record of `record_usage`'s batch (checked in services/auth/records.py)."""
 
@@ -202,6 +210,12 @@ class UsageRecord(TypedDict, total=False):
     status: str  #: "ok", "error", "cancelled", ...
     worker: str | None
     at: float | None  #: epoch seconds; None: now
+    #: The model the caller named (an alias, `default`) when it is not `model`, the one that served
+    #: (or was tried last); a malformed one is dropped, the record kept.
+    asked: str
+    #: The attempts that failed before the last, in order (at most 10); with a status other than "ok",
+    #: the record is also a dead letter. A malformed list is dropped, the record kept.
+    tried: list[TriedModel]
 
 
 class RecordCounts(TypedDict):
@@ -329,6 +343,8 @@ class Settings(TypedDict):
     default_model: str | None  #: serves a request naming the model `default`; None: unset
     fallback_models: list[str]  #: tried in order when the model asked for cannot take a request
     cache_ttl: int | None  #: seconds workers keep a response (0: no caching); None: each worker's own
+    aliases: dict[str, list[str]]  #: an alias -> its chain: the first model serves, the rest are tried in order
+    first_token_timeout: float | None  #: seconds a model has to send its first token; None: no such limit
     updated_at: dict[str, str | None]
 
 
@@ -338,6 +354,8 @@ class RoutingSettings(TypedDict):
     default_model: str | None
     fallback_models: list[str]
     cache_ttl: int | None
+    aliases: dict[str, list[str]]
+    first_token_timeout: float | None
 
 
 class SettingsTable(TypedDict):
@@ -383,8 +401,9 @@ class AuditPage(TypedDict):
 KEEP: Any = ...
 
 
-class AuthClient(AlertCalls, OrgCalls, TypedClient):
-    """Typed calls to the auth service (the spending alerts' in alerts.py, organisations' in orgs.py)."""
+class AuthClient(AlertCalls, OrgCalls, DeadLetterCalls, TypedClient):
+    """Typed calls to the auth service (the spending alerts' in alerts.py, organisations' in orgs.py,
+    dead letters' in dead_letters.py)."""
 
     SERVICE = "auth"
     METHODS = {
@@ -426,6 +445,7 @@ class AuthClient(AlertCalls, OrgCalls, TypedClient):
         "revoke_admin": Wire("auth.revoke_admin", idempotent=True),
         **ALERT_METHODS,
         **ORG_METHODS,
+        **DEAD_LETTER_METHODS,
     }
 
     # -- accounts and sessions -------------------------------------------------------
@@ -588,8 +608,9 @@ class AuthClient(AlertCalls, OrgCalls, TypedClient):
 
     async def set_settings(self, *, settings: Mapping[str, Any], token: str | None = None,
                            timeout: float | None = None) -> Settings:
-        """Change some routing settings (a name left out is kept; None clears `default_model` and
-        `cache_ttl`, [] `fallback_models`): admins by `token`, the operator without one."""
+        """Change some routing settings (a name left out is kept; None clears `default_model`,
+        `cache_ttl` and `first_token_timeout`, [] `fallback_models`, {} `aliases`, whose value
+        replaces them all): admins by `token`, the operator without one."""
         return await self._call("set_settings", timeout, settings=dict(settings), token=token)
 
     async def settings_table(self, *, since: int | None = None, timeout: float | None = None) -> SettingsTable:
