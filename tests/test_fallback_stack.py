@@ -27,7 +27,7 @@ import pytest
 import pytest_asyncio
 
 from shared.dht import model_topic
-from shared.errors import Unavailable
+from shared.errors import NotFound, Unavailable
 from gateway_support import infer, running_mesh
 from ollama_server import OllamaServer
 from openai_server import OpenAIServer
@@ -70,7 +70,10 @@ async def _healed(mesh, servers: dict[str, OllamaServer], connection) -> None:
         servers[name].prefill_delay = 0.0
 
     async def big_serves() -> bool:
-        chunks = await infer(connection, mesh.probe.api_key, model="chain")
+        try:
+            chunks = await infer(connection, mesh.probe.api_key, model="chain")
+        except NotFound:  # the gateway has not polled the alias yet (within a second)
+            return False
         return chunks[-1]["model"] == "big" and "tried" not in chunks[-1]
 
     await wait_until(big_serves, 20, interval=0.2, message="big never served the chain again")
