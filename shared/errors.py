@@ -18,7 +18,8 @@
      └── RemoteError        (any other code)   an unknown code from a newer peer
 
 A remote error is rebuilt on the client as the same class from its code
-(`from_wire`); unknown codes become `RemoteError`, keeping the code. Tracebacks
+(`from_wire`, with `remote` set: the peer answered); unknown codes become
+`RemoteError`, keeping the code. Tracebacks
 never cross the wire: servers log them with the trace id and send `INTERNAL`.
 """
 
@@ -59,6 +60,9 @@ class MeshError(Exception):
         super().__init__(message or self.code.lower().replace("_", " "))
         self.message = str(self.args[0])
         self.data: dict[str, Any] = dict(data or {})
+        #: True when rebuilt from a peer's answer (`from_wire`): the peer was reached and
+        #: said this, as opposed to a failure to reach it.
+        self.remote = False
 
     def to_wire(self) -> tuple[str, str, dict[str, Any]]:
         return self.code, self.message, self.data
@@ -164,6 +168,6 @@ ERROR_CLASSES: dict[str, type[MeshError]] = {
 def from_wire(code: str, message: str, data: dict[str, Any] | None) -> MeshError:
     """Rebuild the typed error for a code received from a peer."""
     cls = ERROR_CLASSES.get(code)
-    if cls is None:
-        return RemoteError(code, message, data)
-    return cls(message, data)
+    error = RemoteError(code, message, data) if cls is None else cls(message, data)
+    error.remote = True
+    return error

@@ -343,3 +343,24 @@ def test_routing_settings_name_the_models_to_try_in_order():
     assert settings.candidates("default", fallback=False) == ["big"]
     assert settings.candidates("empty") == ["empty", "small"]  # an empty chain is no alias
     assert settings.first_token_timeout == 2.5
+
+
+@pytest.mark.unit
+async def test_a_model_failure_cools_that_model_of_the_worker_and_an_unreachable_worker_cools_all():
+    from dataclasses import replace
+
+    from shared.errors import Unavailable, from_wire
+
+    assert from_wire("UNAVAILABLE", "backend down", {}).remote and not Unavailable("unreachable").remote
+    clock = _Clock()
+    router = _router(clock)
+    worker = _worker(1)
+    primary, fallback = replace(worker, topic="inferswarm/model/primary"), replace(worker, topic="inferswarm/model/fb")
+    router.started(primary)
+    router.finished(primary, failed=True, answered=True)  # the worker said: this model failed
+    assert not router.can_take([primary]) and router.can_take([fallback])  # its other models still serve
+    clock.now += 5.0
+    assert router.can_take([primary])  # cooled
+    router.started(primary)
+    router.finished(primary, failed=True)  # not reached: the whole worker waits
+    assert not router.can_take([primary]) and not router.can_take([fallback])

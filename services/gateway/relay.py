@@ -233,9 +233,10 @@ class _Attempts:
         return provider, budget
 
     def failed(self, provider: Provider, error: MeshError) -> None:
-        """`provider` failed before answering: cool it down (a full queue is only skipped)."""
+        """`provider` failed before answering: cool it down (a full queue is only skipped; a
+        worker that answered that the model failed, for that model only)."""
         busy = error.data.get("reason") == QUEUE_FULL
-        self._relay.router.finished(provider, failed=True, busy=busy)
+        self._relay.router.finished(provider, failed=True, busy=busy, answered=error.remote)
         log.info("worker failed before answering; trying another", worker=provider.node_hex[:16],
                  code=error.code, error=error.message)
         self._tried.add(provider.node_key)

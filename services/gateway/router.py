@@ -68,7 +68,7 @@ class Router:
     def __init__(
         self, mesh: MeshClient, *, latency_alpha: float = 0.3, default_latency: float = 0.05,
         forget: float = 2.0, catalog_ttl: float = 2.0, catalog_timeout: float = 1.0, refresh: float = 0.5,
-        stale_after: float = 3.0, clock: Callable[[], float] = time.monotonic,
+        stale_after: float = 3.0, model_cooldown: float = 5.0, clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._mesh = mesh
         self._alpha = latency_alpha
@@ -82,6 +82,9 @@ class Router:
         self._fastest = default_latency
         self._fastest_until = 0.0
         self._in_flight: dict[bytes, int] = {}
+        #: (node key, model topic) -> until when: the worker answered that its model failed
+        self._failing: dict[tuple[bytes, str], float] = {}
+        self._model_cooldown = model_cooldown
         self._refresh = refresh
         self._stale_after = stale_after
         self._workers: dict[str, tuple[float, list[Provider]]] = {}
@@ -149,7 +152,7 @@ class Router:
 
     def _usable(self, worker: Provider) -> bool:
         load = worker.load or {}
-        if load.get("healthy") is False or self._mesh.is_cooling(worker):
+        if load.get("healthy") is False or self._mesh.is_cooling(worker) or self._model_failing(worker):
             return False
         queued, limit = _number(load.get("queued"), 0), load.get("queue_limit")
         full = isinstance(limit, int) and _number(load.get("free_slots"), 1) <= 0 and queued >= limit
@@ -198,15 +201,36 @@ class Router:
         self._latency[key] = (value, self._clock())
         self._fastest = min(self._fastest, value)
 
-    def finished(self, worker: Provider, *, failed: bool = False, busy: bool = False) -> None:
-        """The request left the worker. A failure cools it down (not a full queue)."""
+    def finished(self, worker: Provider, *, failed: bool = False, busy: bool = False, answered: bool = False
+                 ) -> None:
+        """The request left the worker. A failure cools it down (not a full queue): the
+        worker for this model only when it `answered` that its model failed (its other
+        models, e.g. a fallback's, are fine), the whole worker when it could not be reached."""
         count = self._in_flight.get(worker.node_key, 1) - 1
         if count > 0:
             self._in_flight[worker.node_key] = count
         else:
             self._in_flight.pop(worker.node_key, None)
         if failed and not busy:
-            self._mesh.cool_down(worker)
+            if answered:
+                self._cool_model(worker)
+            else:
+                self._mesh.cool_down(worker)
+
+    def _cool_model(self, worker: Provider) -> None:
+        now = self._clock()
+        if len(self._failing) >= 1000:  # bounded: drop what has cooled
+            self._failing = {key: until for key, until in self._failing.items() if until > now}
+        self._failing[(worker.node_key, worker.topic)] = now + self._model_cooldown
+
+    def _model_failing(self, worker: Provider) -> bool:
+        until = self._failing.get((worker.node_key, worker.topic))
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._failing[(worker.node_key, worker.topic)]
+            return False
+        return True
 
     async def catalog(self, *, deadline: float | None = None) -> dict[str, dict[str, Any]]:
         """Model -> {"workers", "healthy_workers", "capabilities"}, from every worker's
