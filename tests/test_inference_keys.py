@@ -142,7 +142,7 @@ async def test_a_refused_key_is_disabled_for_good_and_logged_once(kind):
         disabled = [line for line in logs if line["event"] == "upstream key disabled"]
         assert len(disabled) == 1
         line = disabled[0]
-        assert line["log_level"] == "error" and line["status"] == 401 and line["key"] == "key-2 …0002"
+        assert line["log_level"] == "error" and line["status"] == 401 and line["upstream_key"] == "key-2 …0002"
         assert line["model"] in ("gpt-4o-mini", "claude-test-1")
         state = view_of(backend, 1)
         assert state["state"] == "disabled" and state["until"] is None and state["last_status"] == 401

@@ -230,7 +230,7 @@ class ApiKey:
         elif status in (401, 403):
             if not self.disabled:
                 self.disabled = True
-                log.error("upstream key disabled", model=self.model, key=self.label, status=status)
+                log.error("upstream key disabled", model=self.model, upstream_key=self.label, status=status)
         elif status >= 500:
             self.breaker.failed()
         else:
