@@ -383,3 +383,17 @@ def test_an_open_breaker_refuses_with_whole_seconds_to_wait_then_lets_one_probe_
     assert not health.withdrawn and health.healthy
     health.admit()
     assert changes[-1] is False and True in changes
+
+
+@pytest.mark.unit
+def test_keys_resting_until_their_reset_do_not_open_the_models_breaker():
+    from shared.errors import Unavailable
+    from services.inference.health import KEYS_RESTING, ModelHealth
+
+    health = ModelHealth(name="m", threshold=2)
+    for _ in range(5):  # probes while every key waits for its reset: the pool fails fast on its own
+        health.failed(Unavailable("keys resting", {"reason": KEYS_RESTING, "retry_after": 1}))
+    assert not health.healthy and health.breaker.state == "closed"
+    health.failed(Unavailable("down"))
+    health.failed(Unavailable("down"))
+    assert health.breaker.state == "open"

@@ -29,7 +29,9 @@ from shared.breaker import CLOSED, Breaker, State
 from shared.errors import MeshError, Unavailable
 from shared.logging import get_logger
 
-__all__ = ["ModelHealth"]
+__all__ = ["KEYS_RESTING", "ModelHealth"]
+
+KEYS_RESTING = "upstream_keys_exhausted"  #: keys.py's reason when every key waits for its reset
 
 log = get_logger(__name__)
 
@@ -101,11 +103,15 @@ class ModelHealth:
         self.breaker.succeeded()
 
     def failed(self, error: MeshError) -> None:
-        """The backend failed: unhealthy until something succeeds; counted by the breaker."""
+        """The backend failed: unhealthy until something succeeds; counted by the breaker --
+        unless its key pool said every key rests until a reset the upstream gave (the pool
+        fails fast until then on its own: opening the breaker too would keep the model
+        away for a cooldown past that reset)."""
         self.failures += 1
         self.last_error = {"code": error.code, "message": error.message, "at": time.time()}
         self._set(False)
-        self.breaker.failed()
+        if error.data.get("reason") != KEYS_RESTING:
+            self.breaker.failed()
 
     def _set(self, healthy: bool) -> None:
         changed = healthy != self.healthy
