@@ -213,13 +213,13 @@ class Request:
         self._last_error = None
         log.info("model failed before its first token; falling back", model=self.model, code=error.code,
                  request_id=self.request_id)
+        self.worker = None  # the failed model's worker did not serve it: nothing of it is kept
         await asyncio.sleep(wait)
         try:
             workers = await self._route(caller, moving=True)
         except (NotFound, Forbidden):
             raise self._naming_tried(error) from None
         check_capabilities(checked.request, workers)
-        self.worker = None  # the failed model's worker did not serve it: nothing of it is kept
         if self.admission is not None:
             self._parts.quota.release(self.admission)
             self.admission = None
