@@ -15,7 +15,7 @@ from typing import Any
 
 from shared.db import apply_migrations, close_pool, create_pool
 from shared.logging import get_logger
-from shared.metrics import Metrics
+from shared.metrics import Metrics, instance_id
 from shared.receipts import Signer
 from shared.rpc import MeshClient
 from services.auth.client import AuthClient, KeyValidator
@@ -27,6 +27,7 @@ from services.gateway.fleet import Fleet
 from services.gateway.prices import PriceBook
 from services.gateway.counts import Counts
 from services.gateway.dispatch import Dispatch
+from services.gateway.gauges import GatewayGauges
 from services.gateway.quota import Quota
 from services.gateway.recovery import close_earlier_leases, replay_journal, usage_journal
 from services.gateway.relay import Relay
@@ -52,7 +53,7 @@ async def open_gateway(
     it signs the usage receipts (shared/receipts.py).
 
     `metrics` is the process's registry for the metrics service (the runner's
-    `node.metrics`); without it nothing leaves the process (counts.py)."""
+    `node.metrics`); without it nothing leaves the process (counts.py, gauges.py)."""
     gateway_id = signer.public_key.hex()
     pool = await create_pool(dsn, min_size=2, max_size=config.pool_size)
     stack.push_async_callback(close_pool, pool)
@@ -88,10 +89,14 @@ async def open_gateway(
     prices = await stack.enter_async_context(PriceBook(auth, interval=config.price_poll))
     settings = await stack.enter_async_context(RoutingSettings(auth, interval=config.price_poll))
     router = Router(mesh)
+    relay = Relay(mesh, router, attempts=config.attempts)
+    dispatch = Dispatch(config.max_in_flight, queue_limit=config.queue_limit)
+    if metrics is not None:  # gateway.health's figures, as metrics too (gauges.py)
+        await stack.enter_async_context(GatewayGauges(
+            metrics, journal=journal, dispatch=dispatch, relay=relay, instance=instance_id(signer.public_key)))
     parts = Parts(
         callers=Callers(validator, auth, max_timeout=config.auth_timeout), quota=quota, router=router,
-        relay=Relay(mesh, router, attempts=config.attempts), accounts=accounts, counts=Counts(metrics),
-        limits=config.limits, signer=signer, prices=prices, settings=settings,
-        dispatch=Dispatch(config.max_in_flight, queue_limit=config.queue_limit),
+        relay=relay, accounts=accounts, counts=Counts(metrics),
+        limits=config.limits, signer=signer, prices=prices, settings=settings, dispatch=dispatch,
     )
     return GatewayService(parts, journal, gateway_id=gateway_id, metrics_service=MetricsClient.of(mesh))

@@ -9,19 +9,25 @@ reporter that pushes deltas to the metrics service over the mesh.
 
 `families` names every family (the metrics service and its clients agree
 through it), `registry` records, `batch` is the wire format of
-`metrics.record`, `reporter` pushes. See services/metrics/README.md.
+`metrics.record`, `reporter` pushes, `process` samples the process's own figures. See services/metrics/README.md.
 """
 
 from shared.metrics.batch import MAX_ENTRIES, Batch, Source, parse_batch
 from shared.metrics.families import (
     ACTIVE_USERS,
     BUDGET_ALERTS,
+    BUILD_INFO,
     FALLBACKS,
     CACHE_HITS,
     CACHE_MISSES,
     DHT_PEERS,
     FAMILIES,
     OTHER,
+    PROCESS_CPU,
+    PROCESS_OPEN_FDS,
+    PROCESS_RESIDENT_MEMORY,
+    PROCESS_START_TIME,
+    PYTHON_GC_COLLECTIONS,
     RATE_LIMIT_VIOLATIONS,
     REQUEST_DURATION,
     REQUESTS,
@@ -35,12 +41,14 @@ from shared.metrics.families import (
     family,
     instance_id,
 )
+from shared.metrics.process import ProcessSampler
 from shared.metrics.registry import Counter, Gauge, Histogram, Metrics
 from shared.metrics.reporter import MetricsReporter, Sender
 
 __all__ = [
     "ACTIVE_USERS",
     "BUDGET_ALERTS",
+    "BUILD_INFO",
     "FALLBACKS",
     "Batch",
     "CACHE_HITS",
@@ -57,6 +65,12 @@ __all__ = [
     "Metrics",
     "MetricsReporter",
     "OTHER",
+    "PROCESS_CPU",
+    "PROCESS_OPEN_FDS",
+    "PROCESS_RESIDENT_MEMORY",
+    "PROCESS_START_TIME",
+    "PYTHON_GC_COLLECTIONS",
+    "ProcessSampler",
     "RATE_LIMIT_VIOLATIONS",
     "REQUESTS",
     "REQUEST_DURATION",

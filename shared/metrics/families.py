@@ -46,6 +46,17 @@ __all__ = [
     "DHT_PEERS",
     "BUDGET_ALERTS",
     "FALLBACKS",
+    "PROCESS_RESIDENT_MEMORY",
+    "PROCESS_OPEN_FDS",
+    "PROCESS_START_TIME",
+    "PROCESS_CPU",
+    "PYTHON_GC_COLLECTIONS",
+    "BUILD_INFO",
+    "GATEWAY_USAGE_UNSHIPPED",
+    "GATEWAY_DISPATCH_WAITING",
+    "GATEWAY_DISPATCH_IN_FLIGHT",
+    "GATEWAY_WORKER_RETRIES",
+    "GATEWAY_STREAMS_CUT",
     "ACTIVE_USERS",
     "SERVICE_UP",
     "SERVICE_ANNOUNCED",
@@ -123,6 +134,11 @@ BREAKER = closed("state", ("closed", "open", "half_open"))
 KEY_STATE = closed("state", ("ok", "exhausted", "disabled", "open"))
 FALLBACK_CODE = closed("code", ("UNAVAILABLE", "NOT_FOUND", "TIMEOUT", "RATE_LIMITED", "INVALID_PARAMS"))
 BUDGET_COUNTER = closed("counter", ("spend_per_day", "spend_per_month"))
+#: A Python garbage collector generation (`gc.get_stats()`).
+GENERATION = closed("generation", ("0", "1", "2"))
+#: The package version ("0.1.0", "1.2.0rc1", "0.1.0+local") and the Python minor version ("3.11").
+BUILD_VERSION = Label("version", shape=re.compile(r"[0-9][0-9A-Za-z.+\-]{0,31}"))
+PYTHON_VERSION = Label("python", shape=re.compile(r"[0-9]\.[0-9]{1,2}"))
 #: An alert's threshold: a whole percentage 1..100 (at most 100 series with the counter's 2).
 THRESHOLD = closed("threshold", (str(p) for p in range(1, 101)))
 
@@ -189,6 +205,37 @@ FALLBACKS = _family("inferswarm_fallbacks_total", C,
                     "Requests moved on to the next model of their chain after this model failed before its "
                     "first token, by how it failed; pushed by gateways.", MODEL, FALLBACK_CODE)
 
+# -- pushed for every process by `MetricsReporter` (shared/metrics/process.py) -----------
+PROCESS_RESIDENT_MEMORY = _family("inferswarm_process_resident_memory_bytes", G,
+                                  "Resident memory of the process, in bytes.", SERVICE, INSTANCE)
+PROCESS_OPEN_FDS = _family("inferswarm_process_open_fds", G, "Open file descriptors of the process.",
+                           SERVICE, INSTANCE)
+PROCESS_START_TIME = _family("inferswarm_process_start_time_seconds", G,
+                             "Start time of the process, in seconds since the epoch.", SERVICE, INSTANCE)
+PROCESS_CPU = _family("inferswarm_process_cpu_seconds_total", C, "CPU time (user and system) of the process.",
+                      SERVICE, INSTANCE)
+PYTHON_GC_COLLECTIONS = _family("inferswarm_python_gc_collections_total", C,
+                                "Collections of the Python garbage collector, by generation.",
+                                SERVICE, INSTANCE, GENERATION)
+BUILD_INFO = _family("inferswarm_build_info", G, "1 per process: its package and Python versions.",
+                     SERVICE, INSTANCE, BUILD_VERSION, PYTHON_VERSION)
+
+# -- pushed by gateways (services/gateway/gauges.py) --------------------------------------
+GATEWAY_USAGE_UNSHIPPED = _family("inferswarm_gateway_usage_unshipped", G,
+                                  "Usage records journaled by the gateway, not yet shipped to auth.",
+                                  SERVICE, INSTANCE)
+GATEWAY_DISPATCH_WAITING = _family("inferswarm_gateway_dispatch_waiting", G,
+                                   "Requests waiting for one of the gateway's slots toward workers.",
+                                   SERVICE, INSTANCE)
+GATEWAY_DISPATCH_IN_FLIGHT = _family("inferswarm_gateway_dispatch_in_flight", G,
+                                     "Requests holding one of the gateway's slots toward workers.",
+                                     SERVICE, INSTANCE)
+GATEWAY_WORKER_RETRIES = _family("inferswarm_gateway_worker_retries_total", C,
+                                 "Workers replaced by the gateway before a request's first chunk.",
+                                 SERVICE, INSTANCE)
+GATEWAY_STREAMS_CUT = _family("inferswarm_gateway_streams_cut_total", C,
+                              "Streams cut after some text was relayed.", SERVICE, INSTANCE)
+
 # -- produced by the metrics service ---------------------------------------------------
 ACTIVE_USERS = _family("ai_platform_active_users", G, "Distinct users with a request in the window.",
                        WINDOW, pushed=False)
@@ -229,7 +276,10 @@ METRICS_SOURCES = _family("ai_platform_metrics_sources", G, "Reporting processes
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (
         REQUESTS, REQUEST_DURATION, RATE_LIMIT_VIOLATIONS, TOKENS, TIME_TO_FIRST_TOKEN, CACHE_HITS,
-        CACHE_MISSES, RPC_ERRORS, DHT_PEERS, BUDGET_ALERTS, FALLBACKS, ACTIVE_USERS, SERVICE_UP, SERVICE_ANNOUNCED, SERVICE_PING,
+        CACHE_MISSES, RPC_ERRORS, DHT_PEERS, BUDGET_ALERTS, FALLBACKS,
+        PROCESS_RESIDENT_MEMORY, PROCESS_OPEN_FDS, PROCESS_START_TIME, PROCESS_CPU, PYTHON_GC_COLLECTIONS,
+        BUILD_INFO, GATEWAY_USAGE_UNSHIPPED, GATEWAY_DISPATCH_WAITING, GATEWAY_DISPATCH_IN_FLIGHT,
+        GATEWAY_WORKER_RETRIES, GATEWAY_STREAMS_CUT, ACTIVE_USERS, SERVICE_UP, SERVICE_ANNOUNCED, SERVICE_PING,
         SYSTEM_STATUS, WORKERS, WORKER_SLOTS, WORKER_SLOTS_FREE, WORKER_QUEUE_DEPTH, BREAKER_STATE,
         UPSTREAM_KEYS, METRICS_BATCHES,
         METRICS_SERIES, METRICS_OVERFLOW, METRICS_SOURCES,

@@ -21,7 +21,9 @@ Guarantees:
   and a new process is a new source starting from zero deltas.
 
 On exit the reporter makes one last push (within `timeout`) so a clean stop
-loses nothing.
+loses nothing. Before each push it samples the process's own figures
+(`process.py`: memory, file descriptors, CPU, GC, build info) and, given a
+DHT node, its routing table size.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from shared.errors import Cancelled, MeshError, Timeout, Unavailable
 from shared.logging import get_logger
 from shared.metrics.batch import Batch, Source
 from shared.metrics.families import DHT_PEERS, instance_id
+from shared.metrics.process import ProcessSampler
 from shared.metrics.registry import Metrics
 from shared.tasks import Background
 
@@ -78,6 +81,7 @@ class MetricsReporter:
         self._max_pending = max(max_pending, 1)
         self._seq = 0
         self._peers = peers  # a KademliaDiscovery, whose routing table size is reported
+        self._process = ProcessSampler(metrics, service=service, instance=instance)
         self._background = Background()
         self._lock = asyncio.Lock()
         self.sent = 0  #: batches the service acknowledged
@@ -117,6 +121,7 @@ class MetricsReporter:
 
     def _collect(self) -> None:
         self._report_peers()
+        self._process.sample()
         batch = self.metrics.drain()
         if not batch.counters and not batch.histograms and not batch.folded and not batch.gauges:
             return
