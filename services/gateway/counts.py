@@ -5,7 +5,9 @@ Two readers, one writer (the request, request.py, once when it ends):
 * Prometheus, through the process's shared registry (`MeshNode.metrics`,
   pushed to the metrics service every second): tokens in and out, time to
   first token, latency and cache hits by model, rate-limit refusals by tier,
-  fallbacks by the model that failed and how.
+  fallbacks by the model that failed and how; and, from the final chunk of a
+  request served (its `usage` and the worker's `timing`), per model: tokens
+  per request, the decode time per token after the first, the wait for a slot.
   Labels are models and tiers only -- never a user or a key.
 * `gateway.health`: requests by outcome, requests in flight, worker retries,
   streams cut and fallbacks, as plain numbers of this process.
@@ -13,6 +15,7 @@ Two readers, one writer (the request, request.py, once when it ends):
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -20,14 +23,17 @@ from shared.metrics import (
     CACHE_HITS,
     CACHE_MISSES,
     FALLBACKS,
+    QUEUE_WAIT,
     RATE_LIMIT_VIOLATIONS,
     REQUEST_DURATION,
+    TIME_PER_OUTPUT_TOKEN,
     TIME_TO_FIRST_TOKEN,
     TOKENS,
+    TOKENS_PER_REQUEST,
     Metrics,
 )
 
-__all__ = ["Counts"]
+__all__ = ["Counts", "time_per_output_token"]
 
 #: Outcomes kept apart in `gateway.health`; others are counted as "other".
 _OUTCOMES = 32
@@ -47,6 +53,9 @@ class Counts:
             self._hits, self._misses = metrics.counter(CACHE_HITS), metrics.counter(CACHE_MISSES)
             self._limited = metrics.counter(RATE_LIMIT_VIOLATIONS)
             self._fallbacks = metrics.counter(FALLBACKS)
+            self._tpot = metrics.histogram(TIME_PER_OUTPUT_TOKEN)
+            self._per_request = metrics.histogram(TOKENS_PER_REQUEST)
+            self._queue_wait = metrics.histogram(QUEUE_WAIT)
         self.fallbacks = 0  #: requests moved on to another model, since start
 
     def first_token(self, model: str, seconds: float) -> None:
@@ -82,3 +91,36 @@ class Counts:
             self._tokens.inc(completion_tokens, model=model, direction="out")
         if cached is not None:
             (self._hits if cached else self._misses).inc(model=model)
+
+    def generated(self, model: str, timing: Any, prompt_tokens: int, completion_tokens: int,
+                  cached: bool) -> None:
+        """A request served to the end: its tokens, and (generated, not replayed from the
+        cache, whose `timing` says nothing of a slot or a decode) the worker's `timing`."""
+        if self._metrics is None:
+            return
+        self._per_request.observe(prompt_tokens, model=model, direction="in")
+        self._per_request.observe(completion_tokens, model=model, direction="out")
+        if cached or not isinstance(timing, dict):
+            return
+        queue_ms = _milliseconds(timing.get("queue_ms"))
+        if queue_ms is not None:
+            self._queue_wait.observe(queue_ms / 1000, model=model)
+        tpot = time_per_output_token(timing, completion_tokens)
+        if tpot is not None:
+            self._tpot.observe(tpot, model=model)
+
+
+def time_per_output_token(timing: dict[str, Any], completion_tokens: int) -> float | None:
+    """Seconds per token after the first: (total - ttft) / (tokens - 1), from a worker's
+    `timing` (milliseconds); None with fewer than 2 tokens or figures that do not add up."""
+    total, ttft = _milliseconds(timing.get("total_ms")), _milliseconds(timing.get("ttft_ms"))
+    if total is None or ttft is None or completion_tokens < 2 or total < ttft:
+        return None
+    return (total - ttft) / 1000 / (completion_tokens - 1)
+
+
+def _milliseconds(value: Any) -> float | None:
+    """A worker's figure in milliseconds, when it is one (a finite number >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)

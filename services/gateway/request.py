@@ -384,6 +384,7 @@ class Request:
         usage = chunk.get("usage") if isinstance(chunk.get("usage"), dict) else {}
         prompt_tokens, completion_tokens = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
         cached = chunk.get("cached") is True
+        parts.counts.generated(self.model, chunk.get("timing"), prompt_tokens, completion_tokens, cached)
         parts.quota.settle(admission, prompt_tokens + completion_tokens,
                            self.spend.used(prompt_tokens, completion_tokens, cached))
         worker = chunk.get("worker")

@@ -23,7 +23,7 @@ log = get_logger(__name__)
 
 
 async def build(config: WebConfig, bound: dict[str, str], stack: AsyncExitStack, node: MeshNode) -> list[object]:
-    app = create_app(config, node.mesh)
+    app = create_app(config, node.mesh, node.metrics)
     runner, url = await start_site(app, config)
     stack.push_async_callback(runner.cleanup)
     bound["http"] = url

@@ -1,10 +1,11 @@
 """Wiring the web application: routes, middleware, templates and resources.
 
-Middleware, outermost first: errors to replies (middleware.py), then `/v1`
-CORS preflights (cors.py); every reply then passes `on_response_prepare`:
-security headers, the `/v1` request id, `/v1` CORS headers.
+Middleware, outermost first: the HTTP RED metrics (http_metrics.py), errors
+to replies (middleware.py), then `/v1` CORS preflights (cors.py); every reply
+then passes `on_response_prepare`: security headers, the `/v1` request id,
+`/v1` CORS headers, the status noted for the metrics.
 
-`create_app(config, mesh)` is used by `__main__` (inside the runner's
+`create_app(config, mesh, metrics)` is used by `__main__` (inside the runner's
 lifecycle), by the tests (with aiohttp's test server) and by the benchmark.
 Resources are wired with `cleanup_ctx`, entered on startup and left in
 reverse on cleanup: the CSRF secret and templates, then the upstream calls
@@ -19,12 +20,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from shared.metrics import Metrics
 from shared.rpc import MeshClient
 from services.web import (account_pages, api, audit_pages, cost_pages, dead_letter_pages, embeddings_api, openai_api,
                           org_api, org_pages, pages, responses_api, setting_pages, tier_pages, webhook_api,
                           webhook_pages)
 from services.web.config import WebConfig
 from services.web.cors import CORS, CorsPolicy, add_cors_headers, cors_middleware
+from services.web.http_metrics import METRICS, HttpMetrics, metrics_middleware, note_status
 from services.web.middleware import add_request_id, error_middleware
 from services.web.params import DROP_PARAMS, MAX_N
 from services.web.security import (FORCE_SECURE, TRUST_PROXY, Csrf, add_security_headers,
@@ -55,9 +58,14 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     await upstream.close()
 
 
-def create_app(config: WebConfig, mesh: MeshClient) -> web.Application:
-    """The aiohttp application; request bodies over `config.max_body_bytes` are 413."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[error_middleware, cors_middleware])
+def create_app(config: WebConfig, mesh: MeshClient, metrics: Metrics | None = None) -> web.Application:
+    """The aiohttp application; request bodies over `config.max_body_bytes` are 413.
+
+    `metrics`: the registry the HTTP metrics go to (the process's `MeshNode.metrics`,
+    pushed to the metrics service); None keeps them in a registry of their own."""
+    app = web.Application(client_max_size=config.max_body_bytes,
+                          middlewares=[metrics_middleware, error_middleware, cors_middleware])
+    app[METRICS] = HttpMetrics(metrics if metrics is not None else Metrics())
     app[CONFIG], app[MESH], app[CORS] = config, mesh, CorsPolicy(config.cors_origins)
     app[DROP_PARAMS] = config.drop_params
     app[MAX_N] = config.max_n
@@ -67,6 +75,7 @@ def create_app(config: WebConfig, mesh: MeshClient) -> web.Application:
     app.on_response_prepare.append(add_security_headers)
     app.on_response_prepare.append(add_request_id)
     app.on_response_prepare.append(add_cors_headers)
+    app.on_response_prepare.append(note_status)
     for table in (pages.routes, account_pages.routes, audit_pages.routes, cost_pages.routes, tier_pages.routes,
                   setting_pages.routes, dead_letter_pages.routes,
                   webhook_pages.routes, org_pages.routes, api.routes, webhook_api.routes, org_api.routes,

@@ -7,7 +7,7 @@ Cardinality is bounded by construction:
   (those live in PostgreSQL);
 * a label with a closed set of values (`tier`, `status`, `code`, `service`...)
   folds any other value into `"other"`;
-* an open label (`model`, `method`) accepts only short names of a safe shape,
+* an open label (`model`, `method`, `route`) accepts only short names of a safe shape,
   anything else is `"other"`; the number of series per family is capped on
   both sides of the wire (`SERIES_CAP`), further series fold into the family's
   all-`"other"` series.
@@ -57,6 +57,11 @@ __all__ = [
     "GATEWAY_DISPATCH_IN_FLIGHT",
     "GATEWAY_WORKER_RETRIES",
     "GATEWAY_STREAMS_CUT",
+    "HTTP_REQUESTS",
+    "HTTP_REQUEST_DURATION",
+    "TIME_PER_OUTPUT_TOKEN",
+    "TOKENS_PER_REQUEST",
+    "QUEUE_WAIT",
     "ACTIVE_USERS",
     "SERVICE_UP",
     "SERVICE_ANNOUNCED",
@@ -139,12 +144,23 @@ GENERATION = closed("generation", ("0", "1", "2"))
 #: The package version ("0.1.0", "1.2.0rc1", "0.1.0+local") and the Python minor version ("3.11").
 BUILD_VERSION = Label("version", shape=re.compile(r"[0-9][0-9A-Za-z.+\-]{0,31}"))
 PYTHON_VERSION = Label("python", shape=re.compile(r"[0-9]\.[0-9]{1,2}"))
+#: An HTTP request of the web service: its route's template (`/api/auth/api-keys/{key_id}`, never the
+#: raw path: the router bounds the values), its method and its status class.
+ROUTE = Label("route", shape=re.compile(r"/[A-Za-z0-9_.{}/\-]{0,127}"))
+HTTP_METHOD = closed("method", ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"))
+HTTP_CODE = closed("code", ("1xx", "2xx", "3xx", "4xx", "5xx"))
 #: An alert's threshold: a whole percentage 1..100 (at most 100 series with the counter's 2).
 THRESHOLD = closed("threshold", (str(p) for p in range(1, 101)))
 
 #: Seconds; from a cache hit (milliseconds) to a long generation (minutes).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: Seconds, up to a reply that streams for five minutes (or waits that long for a slot).
+LONG_BUCKETS = (*DURATION_BUCKETS, 300.0)
+#: Seconds per generated token: a millisecond (a fast GPU) up to a stalled stream.
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+#: Tokens of one request, 1 .. 32768 in powers of 2.
+TOKEN_BUCKETS = tuple(float(2 ** n) for n in range(16))
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +220,21 @@ BUDGET_ALERTS = _family("inferswarm_budget_alerts_total", C,
 FALLBACKS = _family("inferswarm_fallbacks_total", C,
                     "Requests moved on to the next model of their chain after this model failed before its "
                     "first token, by how it failed; pushed by gateways.", MODEL, FALLBACK_CODE)
+HTTP_REQUESTS = _family("inferswarm_http_requests_total", C,
+                        "HTTP requests answered by the web service, by route template, method and status class.",
+                        ROUTE, HTTP_METHOD, HTTP_CODE)
+HTTP_REQUEST_DURATION = _family("inferswarm_http_request_duration_seconds", H,
+                                "Seconds from a web request's arrival to the end of its reply's handling "
+                                "(a streamed reply: the whole stream).", ROUTE, HTTP_METHOD, buckets=LONG_BUCKETS)
+TIME_PER_OUTPUT_TOKEN = _family("inferswarm_time_per_output_token_seconds", H,
+                                "Decode seconds per token after the first, (total - ttft) / (tokens - 1), of "
+                                "generations of 2 tokens or more; pushed by gateways.", MODEL, buckets=TPOT_BUCKETS)
+TOKENS_PER_REQUEST = _family("inferswarm_tokens_per_request", H,
+                             "Tokens of one successful request: in (prompt) and out (completion); pushed by gateways.",
+                             MODEL, DIRECTION, buckets=TOKEN_BUCKETS)
+QUEUE_WAIT = _family("inferswarm_queue_wait_seconds", H,
+                     "Seconds a generation waited for a worker's slot (its `queue_ms`); pushed by gateways.",
+                     MODEL, buckets=LONG_BUCKETS)
 
 # -- pushed for every process by `MetricsReporter` (shared/metrics/process.py) -----------
 PROCESS_RESIDENT_MEMORY = _family("inferswarm_process_resident_memory_bytes", G,
@@ -276,7 +307,8 @@ METRICS_SOURCES = _family("ai_platform_metrics_sources", G, "Reporting processes
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (
         REQUESTS, REQUEST_DURATION, RATE_LIMIT_VIOLATIONS, TOKENS, TIME_TO_FIRST_TOKEN, CACHE_HITS,
-        CACHE_MISSES, RPC_ERRORS, DHT_PEERS, BUDGET_ALERTS, FALLBACKS,
+        CACHE_MISSES, RPC_ERRORS, DHT_PEERS, BUDGET_ALERTS, FALLBACKS, HTTP_REQUESTS, HTTP_REQUEST_DURATION,
+        TIME_PER_OUTPUT_TOKEN, TOKENS_PER_REQUEST, QUEUE_WAIT,
         PROCESS_RESIDENT_MEMORY, PROCESS_OPEN_FDS, PROCESS_START_TIME, PROCESS_CPU, PYTHON_GC_COLLECTIONS,
         BUILD_INFO, GATEWAY_USAGE_UNSHIPPED, GATEWAY_DISPATCH_WAITING, GATEWAY_DISPATCH_IN_FLIGHT,
         GATEWAY_WORKER_RETRIES, GATEWAY_STREAMS_CUT, ACTIVE_USERS, SERVICE_UP, SERVICE_ANNOUNCED, SERVICE_PING,
