@@ -9,8 +9,9 @@ operator makes the alias `smart` -> [primary, test-model] with the real
   names the model that served, `test-model`, as does `x-inferswarm-model`;
 * `x-inferswarm-fallback: false` or `extra_body={"fallback": False}` keep the
   request on primary: a 503 the SDK raises, not another model's answer;
-* `inferswarm infer --model smart --json` names the model and what was tried;
-  with `--no-fallback` it fails with the typed error and its exit code.
+* `inferswarm infer --model smart --json` names the model and what was tried,
+  four processes at once and three in a row all answered; with
+  `--no-fallback` it fails with the typed error and its exit code.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
@@ -95,9 +97,10 @@ def test_the_sdk_can_opt_out_by_header_or_body(client, primary_down):
         with pytest.raises(openai.InternalServerError) as raised:
             client.chat.completions.create(model="smart", messages=ASK, max_tokens=3, **options)
         assert raised.value.status_code == 503, options
-    with pytest.raises(openai.BadRequestError) as bad:
-        client.chat.completions.create(model="smart", messages=ASK, extra_headers={"x-inferswarm-fallback": "maybe"})
-    assert bad.value.body["param"] == "fallback"
+    for options in ({"extra_headers": {"x-inferswarm-fallback": "maybe"}}, {"extra_body": {"fallback": "no"}}):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="smart", messages=ASK, **options)
+        assert bad.value.body["param"] == "fallback", options
 
 
 def test_the_cli_names_the_model_that_served_and_can_opt_out(stack, user, primary_down):
@@ -110,6 +113,14 @@ def test_the_cli_names_the_model_that_served_and_can_opt_out(stack, user, primar
     # or tries it and falls back (named): either way the answer is the next model's.
     assert answer.get("tried", [{"model": "primary", "code": "UNAVAILABLE"}]) == [
         {"model": "primary", "code": "UNAVAILABLE"}]
+    # Several users' scripts at once, then in a loop: every one answered by the next model.
+    args = ("infer", "Say hello.", "--model", "smart", "--max-tokens", "3", "--json")
+    with ThreadPoolExecutor(4) as pool:
+        at_once = list(pool.map(lambda _: _cli(stack, home, *args), range(4)))
+    in_a_row = [_cli(stack, home, *args) for _ in range(3)]
+    for done in at_once + in_a_row:
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["model"] == MODEL
     refused = _cli(stack, home, "infer", "Say hello.", "--model", "smart", "--no-fallback", "--max-tokens", "3")
     assert refused.returncode != 0
     assert refused.stderr.startswith("inferswarm: ") and "unavailable" in refused.stderr.lower(), refused.stderr

@@ -27,7 +27,7 @@ import pytest
 import pytest_asyncio
 
 from shared.dht import model_topic
-from shared.errors import NotFound, Unavailable
+from shared.errors import InvalidParams, NotFound, Unavailable
 from gateway_support import infer, running_mesh
 from ollama_server import OllamaServer
 from openai_server import OpenAIServer
@@ -179,3 +179,15 @@ async def test_a_request_whose_every_model_fails_names_the_chain_and_is_a_dead_l
     assert (letter["asked"], letter["model"]) == ("chain", "small")
     assert letter["tried"] == tried and len(letter["prompt_hash"]) == 64
     assert "hello" not in json.dumps(letter)  # the prompt's hash, never its text
+
+
+async def test_a_fallback_that_is_not_a_boolean_is_invalid_params_and_costs_nothing(stack):
+    mesh, servers = stack
+    connection = (await mesh.gateways())[0]
+    user = await mesh.user("fb-bad")
+    before = len(servers["big"].requests) + len(servers["small"].requests)
+    for value in ("no", 0, [], {"x": 1}):
+        with pytest.raises(InvalidParams) as refused:
+            await infer(connection, user.api_key, model="chain", fallback=value)
+        assert refused.value.data["param"] == "fallback", value
+    assert len(servers["big"].requests) + len(servers["small"].requests) == before

@@ -35,6 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
+from shared.config import parse_bool
 from shared.errors import InvalidParams
 from shared.generation import PARAMETERS
 
@@ -44,7 +45,6 @@ DROP_PARAMS = web.AppKey("drop_params", bool)
 MAX_N = web.AppKey("max_n", int)  #: the most choices (`n`) one request may ask for (INFERSWARM_MAX_N)
 DROPPED_HEADER = "x-inferswarm-dropped-params"
 FALLBACK_HEADER = "x-inferswarm-fallback"
-_BOOLEAN_TEXT = {"true": True, "1": True, "false": False, "0": False}
 
 
 def fallback_of(request: web.Request, body: Mapping[str, Any]) -> bool:
@@ -57,10 +57,10 @@ def fallback_of(request: web.Request, body: Mapping[str, Any]) -> bool:
     header = request.headers.get(FALLBACK_HEADER)
     if header is None:
         return True
-    value = _BOOLEAN_TEXT.get(header.strip().lower())
-    if value is None:
-        raise InvalidParams(f"{FALLBACK_HEADER} must be true or false", {"param": "fallback"})
-    return value
+    try:
+        return parse_bool(header)
+    except ValueError:
+        raise InvalidParams(f"{FALLBACK_HEADER} must be true or false", {"param": "fallback"}) from None
 
 _TRANSPORT = frozenset({"model", "stream", "stream_options", "user", "fallback"})
 _LEGACY_MAX_LOGPROBS = 5  #: OpenAI's bound of the legacy completions' `logprobs`
