@@ -66,6 +66,8 @@ from typing import Any
 
 from aiohttp import web
 
+from local_site import serve_locally
+
 from ollama_server import sample_of, tokens_of
 from upstream_keys import KeyedLimits, rfc3339, whole_seconds
 
@@ -104,11 +106,7 @@ class AnthropicServer(KeyedLimits):
         app.on_response_prepare.append(self._rate_headers)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_post("/v1/messages", self.messages)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve_locally(app, 0)
         self.url = f"http://127.0.0.1:{port}"
         return self
 

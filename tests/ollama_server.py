@@ -65,6 +65,8 @@ from typing import Any
 
 from aiohttp import web
 
+from local_site import serve_locally
+
 __all__ = ["OllamaServer", "tokens_of", "canned_reply", "hash_vector", "unit_vector", "mentioned_tools",
            "sample_of", "structured_reply"]
 
@@ -241,11 +243,7 @@ class OllamaServer(_Embeddings):
         app.router.add_post("/api/chat", self.chat)
         app.router.add_post("/api/generate", self.generate)
         self.add_embedding_routes(app)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, self.port = await serve_locally(app, self.port)
         self.url = f"http://127.0.0.1:{self.port}"
         return self
 

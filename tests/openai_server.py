@@ -83,6 +83,8 @@ from typing import Any
 
 from aiohttp import web
 
+from local_site import serve_locally
+
 from ollama_server import (canned_reply, hash_vector, mentioned_tools, sample_of, structured_reply, tokens_of,
                            unit_vector)
 from upstream_keys import KeyedLimits, go_duration, whole_seconds
@@ -178,11 +180,7 @@ class OpenAIServer(_Embeddings, KeyedLimits):
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         self.add_embedding_routes(app)
-        self._runner = web.AppRunner(app, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve_locally(app, 0)
         self.base_url = f"http://127.0.0.1:{port}/v1"
         return self
 

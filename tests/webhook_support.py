@@ -24,6 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
+from local_site import serve_locally
+
 from waiting import wait_until
 
 __all__ = ["Hit", "Receiver", "receiver_thread"]
@@ -53,11 +55,7 @@ class Receiver:
     async def __aenter__(self) -> Receiver:
         app = web.Application()
         app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._runner, port = await serve_locally(app, 0)
         self.url = f"http://127.0.0.1:{port}/hook"
         return self
 
