@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
-from shared.errors import Forbidden, InvalidParams, Unavailable
+from shared.errors import Forbidden, Unavailable
 from shared.rpc import current_request, method
 from services.metrics.client import MetricsClient
 from services.gateway.budget import budget
@@ -70,8 +70,6 @@ class GatewayService:
         first with `request_id` and the `model` routed to, the last with `request_id`,
         rate-limit facts and `tried` when other models failed first. `fallback=False`:
         the chain's first model only (fallback.py)."""
-        if not isinstance(fallback, bool):
-            raise InvalidParams("fallback must be a boolean", {"param": "fallback"})
         request = Request(self._parts, model, _deadline(), fallback=fallback)
         self._counts.in_flight += 1
         try:
