@@ -254,7 +254,9 @@ def test_a_reader_that_stops_holds_the_model_to_a_bounded_lead_then_gets_everyth
                 break
             paused_at = stack.model.pieces_sent
             assert time.monotonic() < deadline, "the model server kept generating for a reader that stopped"
-        assert paused_at - before < n * LONG_ANSWER // 2, paused_at - before
+        # Loopback's buffers grow with the kernel's autotuning (tcp_rmem's maximum
+        # is 32 MB on some machines): about half the answer was seen held there.
+        assert paused_at - before < n * LONG_ANSWER * 3 // 4, paused_at - before
         # Read again: the rest arrives, every token once, and the stream ends.
         while not received.endswith(b"\r\n0\r\n\r\n"):
             data = sock.recv(1 << 16)

@@ -128,8 +128,12 @@ async def test_three_members_share_the_orgs_money_budget_to_the_cent(mesh):
             return False
 
     assert sum(await asyncio.gather(*(spend(i) for i in range(15)))) == 5
-    report = await auth.call("auth.org_report", {"token": owner, "org": org, "by": "member"})
-    assert report["totals"]["cost"] == {"USD": "0.0500000000"}
+
+    async def reported() -> bool:  # the gateways ship usage records in batches, a moment after the reply
+        report = await auth.call("auth.org_report", {"token": owner, "org": org, "by": "member"})
+        return report["totals"]["cost"] == {"USD": "0.0500000000"}
+
+    await wait_until(reported, 10, interval=0.1, message="the org's reported cost never came to $0.05")
 
 
 def receipt_cost(chunks: list[dict]) -> Decimal | None:
