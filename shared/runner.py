@@ -43,7 +43,7 @@ from shared.dht import Announcer, KademliaDiscovery, service_topic
 from shared.identity import MemberCredential, MeshCredential, NodeIdentity
 from shared.membership import mesh_credential
 from shared.logging import configure_logging
-from shared.metrics import REQUESTS, RPC_ERRORS, Metrics, MetricsReporter
+from shared.metrics import REQUEST_DURATION, REQUESTS, RPC_ERRORS, Metrics, MetricsReporter
 from shared.rpc import Dispatcher, Limits, MeshClient, RpcServer
 
 __all__ = ["MeshNode", "join_mesh", "mesh_credential", "serve", "run", "VERSION"]
@@ -181,14 +181,19 @@ async def serve(
         log.info("service stopping", service=service)
 
 
-def _request_counter(metrics: Metrics, service: str) -> Callable[[str, str], None]:
-    """Count every RPC request by method and outcome, and errors by code."""
+def _request_counter(metrics: Metrics, service: str) -> Callable[[str, str, float], None]:
+    """Count every RPC request by method and result code (RED: rate, errors, duration),
+    and errors by code."""
     requests, errors = metrics.counter(REQUESTS), metrics.counter(RPC_ERRORS)
+    duration = metrics.histogram(REQUEST_DURATION)
 
-    def observe(method: str, status: str) -> None:
-        requests.inc(service=service, method=method, status=status)
-        if status != "ok":
+    def observe(method: str, status: str, seconds: float) -> None:
+        if status == "ok":
+            requests.inc(service=service, method=method, code="OK")
+        else:
+            requests.inc(service=service, method=method, code=status)
             errors.inc(service=service, code=status)
+        duration.observe(seconds, service=service, method=method)
 
     return observe
 

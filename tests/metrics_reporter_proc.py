@@ -30,7 +30,7 @@ async def main(count: int) -> None:
         metrics = Metrics()
         reporter = MetricsReporter.for_node(node, metrics, service="gateway", interval=0.2)
         await stack.enter_async_context(reporter)
-        metrics.counter(REQUESTS).inc(count, service="gateway", method="gateway.infer", status="ok")
+        metrics.counter(REQUESTS).inc(count, service="gateway", method="gateway.infer", code="OK")
         for _ in range(150):  # at most ~15 s
             if await reporter.flush():
                 break

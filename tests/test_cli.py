@@ -140,7 +140,7 @@ def test_status_shows_every_service_to_an_admin_only(cli, stack):
 def test_requests_reach_prometheus_through_the_metrics_service(cli, stack):
     _, _, ready = stack
     assert cli("register", "erin", "erin@example.com", "--password-stdin", stdin=PASSWORD).returncode == 0
-    wanted = 'ai_platform_requests_total{method="auth.register",service="auth",status="ok"}'
+    wanted = 'inferswarm_requests_total{code="OK",method="auth.register",service="auth"}'
     assert wanted in scrape_until(ready["metrics"], [wanted])  # reporters push every second
 
 
@@ -212,9 +212,9 @@ def test_infer_streams_tokens_as_they_arrive_then_hits_the_token_budget(cli, sta
     assert quota["tier"] == "free" and quota["rate_limit"]["requests_per_hour"]["limit"] == 100
 
     # The gateway's view reached Prometheus: tokens, time to first token, the refusal.
-    wanted = ['ai_platform_tokens_total{direction="out",model="smollm2"}',
-              'ai_platform_time_to_first_token_seconds_count{model="smollm2"}',
-              'ai_platform_rate_limit_violations_total{tier="free"}']
+    wanted = ['inferswarm_tokens_total{direction="out",model="smollm2"}',
+              'inferswarm_time_to_first_token_seconds_count{model="smollm2"}',
+              'inferswarm_rate_limit_violations_total{tier="free"}']
     assert all(line in scrape_until(stack[2]["metrics"], wanted) for line in wanted)
 
 

@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from shared.metrics import (HTTP_REQUEST_DURATION, HTTP_REQUESTS, OTHER, QUEUE_WAIT, TIME_PER_OUTPUT_TOKEN,
-                            TOKENS_PER_REQUEST, Metrics)
+from shared.metrics import (HTTP_REQUEST_DURATION, HTTP_REQUESTS, MODEL_REQUEST_DURATION, MODEL_REQUESTS, OTHER, QUEUE_WAIT,
+                            TIME_PER_OUTPUT_TOKEN, TOKENS_PER_REQUEST, Metrics)
 from services.gateway.counts import Counts, time_per_output_token
 from services.web.http_metrics import METRICS, HttpMetrics, code_class, metrics_middleware, note_status
 from metrics_support import samples, value
@@ -81,6 +81,18 @@ def test_counts_record_tokens_per_request_queue_wait_and_tpot_by_model():
     assert tokens_in[-1] == 18 and tokens_out[-1] == 6
     assert tokens_in[TOKENS_PER_REQUEST.buckets.index(16.0)] == 1  # 12 tokens: in the `le="16"` bucket
     Counts(None).generated("smollm2", timing, 12, 5, cached=False)  # in-process only: nothing to record
+
+
+@pytest.mark.unit
+def test_counts_record_requests_by_model_and_code():
+    metrics = Metrics()
+    counts = Counts(metrics)
+    for status in ("ok", "ok", "worker_failed", "cancelled", "unavailable", "timeout", "rate_limited"):
+        counts.served("smollm2", status, 0.2, 5, 3)
+    batch = metrics.drain()
+    assert {labels[1]: n for (name, labels), n in batch.counters.items() if name == MODEL_REQUESTS.name} == {
+        "OK": 2, "UNAVAILABLE": 2, "CANCELLED": 1, "TIMEOUT": 1, "RATE_LIMITED": 1}  # a cut stream: UNAVAILABLE
+    assert sum(batch.histograms[(MODEL_REQUEST_DURATION.name, ("smollm2",))][:-1]) == 7
 
 
 # -- the middleware, in a real aiohttp application ------------------------------------------------------
@@ -201,7 +213,12 @@ async def test_http_red_and_per_model_histograms_reach_the_metrics_service(stack
     model_wanted = [("inferswarm_tokens_per_request_count", {"model": MODEL, "direction": "in"}),
                     ("inferswarm_tokens_per_request_count", {"model": MODEL, "direction": "out"}),
                     ("inferswarm_time_per_output_token_seconds_count", {"model": MODEL}),
-                    ("inferswarm_queue_wait_seconds_count", {"model": MODEL})]
+                    ("inferswarm_queue_wait_seconds_count", {"model": MODEL}),
+                    ("inferswarm_model_requests_total", {"model": MODEL, "code": "OK"}),
+                    ("inferswarm_model_request_duration_seconds_count", {"model": MODEL}),
+                    ("inferswarm_requests_total", {"service": "gateway", "method": "gateway.infer", "code": "OK"}),
+                    ("inferswarm_request_duration_seconds_count", {"service": "gateway",
+                                                                   "method": "gateway.infer"})]
 
     def arrived() -> dict | None:  # reporters push every second
         parsed = _scrape(stack.ready["metrics"])
@@ -220,5 +237,11 @@ async def test_http_red_and_per_model_histograms_reach_the_metrics_service(stack
                  method="POST", le="300.0") >= 2
     assert value(parsed, "inferswarm_tokens_per_request_count", model=MODEL, direction="out") >= 2
     assert value(parsed, "inferswarm_time_per_output_token_seconds_sum", model=MODEL) > 0
+    assert value(parsed, "inferswarm_model_requests_total", model=MODEL, code="OK") >= 2
+    assert value(parsed, "inferswarm_model_request_duration_seconds_bucket", model=MODEL, le="300.0") >= 2
+    # RED of the RPC layer: gateway.infer by code and duration; the workers' generate calls too
+    assert value(parsed, "inferswarm_requests_total", service="gateway", method="gateway.infer", code="OK") >= 2
+    assert value(parsed, "inferswarm_request_duration_seconds_bucket", service="gateway", method="gateway.infer",
+                 le="300.0") >= 2
     routes = {dict(labels)["route"] for name, labels in parsed if name == "inferswarm_http_requests_total"}
     assert not any("12345" in route or "no-such-route" in route for route in routes)  # never a raw path

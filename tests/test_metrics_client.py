@@ -31,25 +31,25 @@ SOURCE = Source("gateway", "0123456789ab", "f00d")
 def test_families_have_fixed_safe_labels():
     forbidden = {"user", "user_id", "key", "key_id", "api_key", "prompt", "email"}
     for fam in FAMILIES.values():
-        # ai_platform_ for the platform's own; inferswarm_ for the product's (inferswarm_budget_alerts_total)
-        assert fam.name.startswith(("ai_platform_", "inferswarm_")), fam.name
+        # inferswarm_ for the platform's own; inferswarm_ for the product's (inferswarm_budget_alerts_total)
+        assert fam.name.startswith(("inferswarm_", "inferswarm_")), fam.name
         assert not forbidden & set(fam.label_names), fam.name
         assert (fam.kind is Kind.COUNTER) == fam.name.endswith("_total"), fam.name
-    assert REQUESTS.label_names == ("service", "method", "status")
-    assert REQUEST_DURATION.label_names == ("service", "model")
+    assert REQUESTS.label_names == ("service", "method", "code")
+    assert REQUEST_DURATION.label_names == ("service", "method")
 
 
 def test_unknown_and_unsafe_label_values_fold_into_other():
     metrics = Metrics()
-    requests = metrics.counter("ai_platform_requests_total", labels=("service", "method", "status"))
-    requests.inc(service="gateway", method="gateway.infer", status="ok")
-    requests.inc(service="gateway", method="gateway.infer", status="user 42 said hi")  # not a status
-    requests.inc(service="mallory", method="DROP TABLE", status="RATE_LIMITED")
+    requests = metrics.counter("inferswarm_requests_total", labels=("service", "method", "code"))
+    requests.inc(service="gateway", method="gateway.infer", code="OK")
+    requests.inc(service="gateway", method="gateway.infer", code="user 42 said hi")  # not a code
+    requests.inc(service="mallory", method="DROP TABLE", code="RATE_LIMITED")
     requests.inc(service="gateway", method="gateway.infer")  # a label missing
-    requests.inc(2, service="auth", method="auth.login", status=17)  # not a string
+    requests.inc(2, service="auth", method="auth.login", code=17)  # not a string
     batch = metrics.drain()
     assert batch.counters == {
-        (REQUESTS.name, ("gateway", "gateway.infer", "ok")): 1.0,
+        (REQUESTS.name, ("gateway", "gateway.infer", "OK")): 1.0,
         (REQUESTS.name, ("gateway", "gateway.infer", OTHER)): 2.0,
         (REQUESTS.name, (OTHER, OTHER, "RATE_LIMITED")): 1.0,
         (REQUESTS.name, ("auth", "auth.login", OTHER)): 2.0,
@@ -58,17 +58,17 @@ def test_unknown_and_unsafe_label_values_fold_into_other():
 
 def test_recording_never_raises_on_the_request_path():
     metrics = Metrics()
-    metrics.counter(REQUESTS).inc(-1, service="gateway", method="a.b", status="ok")  # ignored
-    metrics.counter(REQUESTS).inc(math.nan, service="gateway", method="a.b", status="ok")
-    metrics.histogram(REQUEST_DURATION).observe(math.inf, service="gateway", model="m")
-    metrics.counter(REQUESTS).inc(service=["unhashable"], method={}, status=None, extra=1)
+    metrics.counter(REQUESTS).inc(-1, service="gateway", method="a.b", code="OK")  # ignored
+    metrics.counter(REQUESTS).inc(math.nan, service="gateway", method="a.b", code="OK")
+    metrics.histogram(REQUEST_DURATION).observe(math.inf, service="gateway", method="a.b")
+    metrics.counter(REQUESTS).inc(service=["unhashable"], method={}, code=None, extra=1)
     assert metrics.drain().counters == {(REQUESTS.name, (OTHER, OTHER, OTHER)): 1.0}
 
 
 def test_wiring_mistakes_raise_at_once():
     metrics = Metrics()
     with pytest.raises(KeyError, match="declare it"):
-        metrics.counter("ai_platform_made_up_total")
+        metrics.counter("inferswarm_made_up_total")
     with pytest.raises(ValueError, match="labels"):
         metrics.counter(REQUESTS, labels=("service", "user_id"))
     with pytest.raises(TypeError):
@@ -81,8 +81,8 @@ def test_histograms_use_le_buckets_and_sum():
     metrics = Metrics()
     duration = metrics.histogram(REQUEST_DURATION)
     for value in (0.005, 0.006, 0.3, 500.0):
-        duration.observe(value, service="inference", model="smollm2")
-    cells = metrics.drain().histograms[(REQUEST_DURATION.name, ("inference", "smollm2"))]
+        duration.observe(value, service="inference", method="inference.generate")
+    cells = metrics.drain().histograms[(REQUEST_DURATION.name, ("inference", "inference.generate"))]
     assert len(cells) == len(REQUEST_DURATION.buckets) + 2
     assert cells[0] == 1 and cells[1] == 1  # 0.005 is in le=0.005, 0.006 in le=0.01
     assert cells[REQUEST_DURATION.buckets.index(0.5)] == 1 and cells[-2] == 1  # 500 s: over the last
@@ -111,23 +111,23 @@ def test_a_flood_of_label_values_stays_within_the_series_cap():
 
 def test_wire_round_trip_and_merge():
     metrics = Metrics()
-    metrics.counter(REQUESTS).inc(service="web", method="web.login", status="ok")
-    metrics.histogram(REQUEST_DURATION).observe(0.2, service="web", model="smollm2")
+    metrics.counter(REQUESTS).inc(service="web", method="web.login", code="OK")
+    metrics.histogram(REQUEST_DURATION).observe(0.2, service="web", method="web.login")
     batch = metrics.drain()
     batch.merge(batch)
     source, seq, parsed = parse_batch(batch.to_wire(SOURCE, 7))
     assert (source, seq) == (SOURCE, 7)
-    assert parsed.counters == {(REQUESTS.name, ("web", "web.login", "ok")): 2.0}
-    assert sum(parsed.histograms[(REQUEST_DURATION.name, ("web", "smollm2"))][:-1]) == 2
+    assert parsed.counters == {(REQUESTS.name, ("web", "web.login", "OK")): 2.0}
+    assert sum(parsed.histograms[(REQUEST_DURATION.name, ("web", "web.login"))][:-1]) == 2
 
 
 @pytest.mark.parametrize("change, message", [
     (lambda w: w.update(v=2), "v=1"),
     (lambda w: w.update(seq=-1), "seq"),
     (lambda w: w.update(source={"service": "x"}), "source"),
-    (lambda w: w.update(counters=[["ai_platform_nope_total", [], 1]]), "not a pushed counter"),
-    (lambda w: w.update(counters=[["ai_platform_active_users", ["1h"], 1]]), "not a pushed counter"),
-    (lambda w: w.update(gauges=[["ai_platform_active_users", ["1h"], 1]]), "not a pushed gauge"),
+    (lambda w: w.update(counters=[["inferswarm_nope_total", [], 1]]), "not a pushed counter"),
+    (lambda w: w.update(counters=[["inferswarm_active_users", ["1h"], 1]]), "not a pushed counter"),
+    (lambda w: w.update(gauges=[["inferswarm_active_users", ["1h"], 1]]), "not a pushed gauge"),
     (lambda w: w.update(counters=[[REQUESTS.name, ["gateway"], 1]]), "takes labels"),
     (lambda w: w.update(counters=[[REQUESTS.name, ["a", "b.c", "ok"], -1]]), "finite number >= 0"),
     (lambda w: w.update(counters=[[REQUESTS.name, ["a", "b.c", "ok"], "1"]]), "finite number >= 0"),
@@ -154,6 +154,6 @@ def test_recording_is_cheap():
     requests = metrics.counter(REQUESTS)
     started = time.perf_counter()
     for _ in range(20_000):
-        requests.inc(service="gateway", method="gateway.infer", status="ok")
+        requests.inc(service="gateway", method="gateway.infer", code="OK")
     per_call = (time.perf_counter() - started) / 20_000
     assert per_call < 20e-6, f"{per_call * 1e6:.1f} us per inc"

@@ -47,8 +47,8 @@ async def test_a_killed_service_is_unreachable_within_seconds_and_gone_within_it
             assert report["services"]["metrics"]["status"] == "degraded"
             assert report["status"] == "degraded"  # the one required service still has a live instance
             parsed = samples(await scrape(app.http.url))
-            assert value(parsed, "ai_platform_service_up", service="metrics", instance=name) == 0
-            assert value(parsed, "ai_platform_system_status", status="degraded") == 1
+            assert value(parsed, "inferswarm_service_up", service="metrics", instance=name) == 0
+            assert value(parsed, "inferswarm_system_status", status="degraded") == 1
 
             # Gone: its record expires TTL after its last refresh (+ the 1 s lookup cache).
             await eventually(lambda: not instance(app.health.report(), name)["announced"], timeout=TTL + 2)
@@ -69,7 +69,7 @@ async def test_health_over_rpc_and_a_required_service_missing_is_down(tmp_path):
         assert report["services"]["gateway"] == {"status": "absent", "required": True, "instances": 0, "ok": 0}
         status, body = await get_health(app.http.url)
         assert status == 503 and body["status"] == "down"
-        assert value(samples(await scrape(app.http.url)), "ai_platform_system_status", status="down") == 1
+        assert value(samples(await scrape(app.http.url)), "inferswarm_system_status", status="down") == 1
 
 
 class Worker:
@@ -116,10 +116,10 @@ async def test_worker_capacity_comes_from_the_workers_records(tmp_path):
         assert report["services"]["inference"]["ok"] == 2
         assert all(i["models"] == ["smollm2"] for i in report["instances"] if i["service"] == "inference")
         parsed = samples(await scrape(app.http.url))
-        assert value(parsed, "ai_platform_workers", model="smollm2") == 2
-        assert value(parsed, "ai_platform_worker_slots", model="smollm2") == 4
-        assert value(parsed, "ai_platform_worker_slots_free", model="smollm2") == 1
-        assert value(parsed, "ai_platform_worker_queue_depth", model="smollm2") == 3
+        assert value(parsed, "inferswarm_workers", model="smollm2") == 2
+        assert value(parsed, "inferswarm_worker_slots", model="smollm2") == 4
+        assert value(parsed, "inferswarm_worker_slots_free", model="smollm2") == 1
+        assert value(parsed, "inferswarm_worker_queue_depth", model="smollm2") == 3
 
 
 @pytest.mark.db
@@ -142,8 +142,8 @@ async def test_active_users_come_from_auth_periodically(tmp_path, pg_dsn):
 
         def active() -> bool:
             parsed = samples(app.exposition.render().decode())
-            return (value(parsed, "ai_platform_active_users", time_window="1h") == 1
-                    and value(parsed, "ai_platform_active_users", time_window="24h") == 2)
+            return (value(parsed, "inferswarm_active_users", time_window="1h") == 1
+                    and value(parsed, "inferswarm_active_users", time_window="24h") == 2)
 
         await eventually(active, timeout=5)  # refreshed every 0.5 s here, never per scrape
         assert app.active_users.error is None and app.active_users.fetched_at is not None

@@ -36,11 +36,11 @@ from metrics_support import Child, eventually, mesh, samples, scrape, value
 
 pytestmark = pytest.mark.rpc
 
-INFER = dict(service="gateway", method="gateway.infer", status="ok")
+INFER = dict(service="gateway", method="gateway.infer", code="OK")
 
 
 def requests_total(text: str) -> float:
-    return value(samples(text), "ai_platform_requests_total", **INFER) or 0.0
+    return value(samples(text), "inferswarm_requests_total", **INFER) or 0.0
 
 
 async def test_counters_from_two_processes_add_up_and_survive_a_restart(tmp_path):
@@ -66,10 +66,10 @@ async def test_counters_from_two_processes_add_up_and_survive_a_restart(tmp_path
                 await eventually(lambda: requests_total(app.exposition.render().decode()) == 16, timeout=5)
                 parsed = samples(await scrape(url))
                 for child in (second, again):
-                    peers = value(parsed, "ai_platform_dht_peers", service="gateway",
+                    peers = value(parsed, "inferswarm_dht_peers", service="gateway",
                                   instance=child.ready["instance"])
                     assert peers is not None and peers >= 1
-                assert value(parsed, "ai_platform_metrics_sources") >= 2
+                assert value(parsed, "inferswarm_metrics_sources") >= 2
         watcher.cancel()
         seen.append(requests_total(await scrape(url)))  # the reporters are gone: nothing is lost
         assert seen and seen == sorted(seen), "a counter went backwards"
@@ -80,7 +80,7 @@ async def test_a_resent_batch_counts_once_and_an_invalid_one_not_at_all(tmp_path
     async with mesh(tmp_path) as net:
         app = await net.start_metrics()
         client = net.seed.mesh("metrics")
-        batch = Batch(counters={(REQUESTS.name, ("gateway", "gateway.infer", "ok")): 3.0})
+        batch = Batch(counters={(REQUESTS.name, ("gateway", "gateway.infer", "OK")): 3.0})
         source = Source("gateway", "0123456789ab", "run-1")
 
         async def record(seq: int) -> dict:
@@ -94,9 +94,9 @@ async def test_a_resent_batch_counts_once_and_an_invalid_one_not_at_all(tmp_path
         with pytest.raises(InvalidParams):
             await client.call("metrics.record", {"batch": bad})
         parsed = samples(app.exposition.render().decode())
-        assert value(parsed, "ai_platform_requests_total", **INFER) == 6
-        assert value(parsed, "ai_platform_metrics_batches_total", result="duplicate") == 1
-        assert value(parsed, "ai_platform_metrics_batches_total", result="invalid") == 1
+        assert value(parsed, "inferswarm_requests_total", **INFER) == 6
+        assert value(parsed, "inferswarm_metrics_batches_total", result="duplicate") == 1
+        assert value(parsed, "inferswarm_metrics_batches_total", result="invalid") == 1
 
 
 async def test_reporter_never_blocks_and_delivers_exactly_once_after_an_outage(tmp_path):
@@ -132,8 +132,8 @@ async def test_exposition_parses_and_passes_promtool(tmp_path):
         await eventually(lambda: app.health.report()["services"]["metrics"]["ok"] == 1, timeout=5)
         async with MetricsReporter.for_node(node, metrics, service="inference", interval=0.1) as reporter:
             metrics.counter(REQUESTS).inc(**INFER)
-            metrics.counter(REQUESTS).inc(service="gateway", method="gateway.infer", status="RATE_LIMITED")
-            metrics.histogram(REQUEST_DURATION).observe(0.42, service="inference", model="smollm2-135m")
+            metrics.counter(REQUESTS).inc(service="gateway", method="gateway.infer", code="RATE_LIMITED")
+            metrics.histogram(REQUEST_DURATION).observe(0.42, service="inference", method="inference.generate")
             metrics.histogram(TIME_TO_FIRST_TOKEN).observe(0.05, model="smollm2-135m")
             metrics.counter(RATE_LIMIT_VIOLATIONS).inc(tier="free")
             metrics.counter(TOKENS).inc(12, model="smollm2-135m", direction="in")
@@ -147,15 +147,15 @@ async def test_exposition_parses_and_passes_promtool(tmp_path):
         for fam in FAMILIES.values():  # prometheus-client names counters without `_total`
             assert kinds[fam.name.removesuffix("_total")] == str(fam.kind), fam.name
         parsed = samples(text)
-        duration = dict(service="inference", model="smollm2-135m")
-        assert value(parsed, "ai_platform_request_duration_seconds_count", **duration) == 1
-        assert value(parsed, "ai_platform_request_duration_seconds_bucket", le="0.5", **duration) == 1
-        assert value(parsed, "ai_platform_request_duration_seconds_bucket", le="0.25", **duration) == 0
-        assert value(parsed, "ai_platform_tokens_total", model="smollm2-135m", direction="out") == 30
+        duration = dict(service="inference", method="inference.generate")
+        assert value(parsed, "inferswarm_request_duration_seconds_count", **duration) == 1
+        assert value(parsed, "inferswarm_request_duration_seconds_bucket", le="0.5", **duration) == 1
+        assert value(parsed, "inferswarm_request_duration_seconds_bucket", le="0.25", **duration) == 0
+        assert value(parsed, "inferswarm_tokens_total", model="smollm2-135m", direction="out") == 30
         (itself,) = app.health.instances.values()
-        assert value(parsed, "ai_platform_service_up", service="metrics", instance=itself.instance) == 1
-        assert value(parsed, "ai_platform_dht_peers", service="metrics", instance=itself.instance) >= 1
-        assert value(parsed, "ai_platform_system_status", status="ok") == 1
+        assert value(parsed, "inferswarm_service_up", service="metrics", instance=itself.instance) == 1
+        assert value(parsed, "inferswarm_dht_peers", service="metrics", instance=itself.instance) >= 1
+        assert value(parsed, "inferswarm_system_status", status="ok") == 1
         checked = await asyncio.create_subprocess_exec(
             promtool, "check", "metrics", stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -175,18 +175,18 @@ async def test_a_flood_of_distinct_label_values_stays_within_the_series_cap(tmp_
                 tokens.inc(model=f"model-{i}", direction="out")
             assert await reporter.flush()
         client = net.seed.mesh("metrics")  # and a raw batch of never-seen method names
-        flood = Batch(counters={(REQUESTS.name, ("web", f"web.m{i}", "ok")): 1.0 for i in range(500)})
+        flood = Batch(counters={(REQUESTS.name, ("web", f"web.m{i}", "OK")): 1.0 for i in range(500)})
         await client.call("metrics.record", {"batch": flood.to_wire(Source("web", "0123456789ab", "x"), 1)})
         parsed = samples(await scrape(app.http.url))
-        token_series = {k: v for k, v in parsed.items() if k[0] == "ai_platform_tokens_total"}
-        request_series = {k: v for k, v in parsed.items() if k[0] == "ai_platform_requests_total"}
+        token_series = {k: v for k, v in parsed.items() if k[0] == "inferswarm_tokens_total"}
+        request_series = {k: v for k, v in parsed.items() if k[0] == "inferswarm_requests_total"}
         assert len(token_series) == cap and len(request_series) == cap
         assert sum(token_series.values()) == 3000 and sum(request_series.values()) == 500  # folded, not lost
-        assert value(parsed, "ai_platform_tokens_total", model=OTHER, direction=OTHER) == 3000 - (cap - 1)
-        overflow = value(parsed, "ai_platform_metrics_series_overflow_total", family="ai_platform_tokens_total")
+        assert value(parsed, "inferswarm_tokens_total", model=OTHER, direction=OTHER) == 3000 - (cap - 1)
+        overflow = value(parsed, "inferswarm_metrics_series_overflow_total", family="inferswarm_tokens_total")
         assert overflow == 3000 - (cap - 1)
-        assert value(parsed, "ai_platform_metrics_series", family="ai_platform_tokens_total") == cap
-        assert value(parsed, "ai_platform_dht_peers", service="inference",
+        assert value(parsed, "inferswarm_metrics_series", family="inferswarm_tokens_total") == cap
+        assert value(parsed, "inferswarm_dht_peers", service="inference",
                      instance=instance_id(node.identity.public_key)) >= 1
         assert DHT_PEERS.name in {k[0] for k in parsed}
 

@@ -4,7 +4,7 @@ Two readers, one writer (the request, request.py, once when it ends):
 
 * Prometheus, through the process's shared registry (`MeshNode.metrics`,
   pushed to the metrics service every second): tokens in and out, time to
-  first token, latency and cache hits by model, rate-limit refusals by tier,
+  first token, requests by result code, latency and cache hits by model, rate-limit refusals by tier,
   fallbacks by the model that failed and how; and, from the final chunk of a
   request served (its `usage` and the worker's `timing`), per model: tokens
   per request, the decode time per token after the first, the wait for a slot.
@@ -23,9 +23,10 @@ from shared.metrics import (
     CACHE_HITS,
     CACHE_MISSES,
     FALLBACKS,
+    MODEL_REQUEST_DURATION,
+    MODEL_REQUESTS,
     QUEUE_WAIT,
     RATE_LIMIT_VIOLATIONS,
-    REQUEST_DURATION,
     TIME_PER_OUTPUT_TOKEN,
     TIME_TO_FIRST_TOKEN,
     TOKENS,
@@ -49,7 +50,8 @@ class Counts:
         if metrics is not None:
             self._tokens = metrics.counter(TOKENS)
             self._ttft = metrics.histogram(TIME_TO_FIRST_TOKEN)
-            self._duration = metrics.histogram(REQUEST_DURATION)
+            self._duration = metrics.histogram(MODEL_REQUEST_DURATION)
+            self._requests = metrics.counter(MODEL_REQUESTS)
             self._hits, self._misses = metrics.counter(CACHE_HITS), metrics.counter(CACHE_MISSES)
             self._limited = metrics.counter(RATE_LIMIT_VIOLATIONS)
             self._fallbacks = metrics.counter(FALLBACKS)
@@ -79,12 +81,15 @@ class Counts:
             status = "other"
         self.outcomes[status] += 1
 
-    def served(self, model: str, seconds: float, prompt_tokens: int, completion_tokens: int,
+    def served(self, model: str, status: str, seconds: float, prompt_tokens: int, completion_tokens: int,
                cached: bool | None = None) -> None:
-        """An admitted request ended after `seconds`, with these tokens (`cached` known on success)."""
+        """An admitted request ended with `status` ("ok", or the lowercase error code the
+        record keeps) after `seconds`, with these tokens (`cached` known on success)."""
         if self._metrics is None:
             return
-        self._duration.observe(seconds, service="gateway", model=model)
+        # A stream its worker cut counts as the platform's failure, as UNAVAILABLE does.
+        self._requests.inc(model=model, code="UNAVAILABLE" if status == "worker_failed" else status.upper())
+        self._duration.observe(seconds, model=model)
         if prompt_tokens:
             self._tokens.inc(prompt_tokens, model=model, direction="in")
         if completion_tokens:

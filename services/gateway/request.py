@@ -462,7 +462,7 @@ class Request:
         counts = self._parts.counts
         counts.ended(status)
         if self.admission is not None:
-            counts.served(self.model, seconds, prompt_tokens, completion_tokens,
+            counts.served(self.model, status, seconds, prompt_tokens, completion_tokens,
                           cached=cached if status == "ok" else None)
 
     def _stub(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ reporter that pushes deltas to the metrics service over the mesh.
 
     metrics = Metrics()
     await stack.enter_async_context(MetricsReporter.for_node(node, metrics, service="gateway"))
-    metrics.counter(REQUESTS).inc(service="gateway", method="gateway.infer", status="ok")
+    metrics.counter(REQUESTS).inc(service="gateway", method="gateway.infer", code="OK")
 
 `families` names every family (the metrics service and its clients agree
 through it), `registry` records, `batch` is the wire format of
@@ -32,6 +32,8 @@ from shared.metrics.families import (
     PYTHON_GC_COLLECTIONS,
     QUEUE_WAIT,
     RATE_LIMIT_VIOLATIONS,
+    MODEL_REQUEST_DURATION,
+    MODEL_REQUESTS,
     REQUEST_DURATION,
     REQUESTS,
     RPC_ERRORS,
@@ -80,6 +82,8 @@ __all__ = [
     "ProcessSampler",
     "QUEUE_WAIT",
     "RATE_LIMIT_VIOLATIONS",
+    "MODEL_REQUESTS",
+    "MODEL_REQUEST_DURATION",
     "REQUESTS",
     "REQUEST_DURATION",
     "RPC_ERRORS",

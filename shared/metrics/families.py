@@ -37,6 +37,8 @@ __all__ = [
     "instance_id",
     "REQUESTS",
     "REQUEST_DURATION",
+    "MODEL_REQUESTS",
+    "MODEL_REQUEST_DURATION",
     "RATE_LIMIT_VIOLATIONS",
     "TOKENS",
     "TIME_TO_FIRST_TOKEN",
@@ -86,8 +88,8 @@ SERIES_CAP = 500
 
 #: The services of the platform, as `service` label values.
 SERVICES = ("auth", "gateway", "inference", "metrics", "web", "cli", "dht")
-#: `status` of a request: "ok", or the stable error code it ended with.
-STATUSES = ("ok", *ERROR_CLASSES)
+#: `code` of a request: "OK", or the stable error code it ended with.
+CODES = ("OK", *ERROR_CLASSES)
 
 
 class Kind(StrEnum):
@@ -124,14 +126,14 @@ _INSTANCE = re.compile(r"[0-9a-f]{12}")
 
 SERVICE = closed("service", SERVICES)
 METHOD = Label("method", shape=_METHOD)
-STATUS = closed("status", STATUSES)
+RESULT_CODE = closed("code", CODES)
 CODE = closed("code", ERROR_CLASSES)
 MODEL = Label("model", shape=_MODEL)
 TIER = closed("tier", ("free", "pro", "enterprise", "unlimited"))
 DIRECTION = closed("direction", ("in", "out"))
 WINDOW = closed("time_window", ("1h", "24h"))
 INSTANCE = Label("instance", shape=_INSTANCE)
-FAMILY = Label("family", shape=re.compile(r"(?:ai_platform|inferswarm)_[a-z_]{1,64}"))
+FAMILY = Label("family", shape=re.compile(r"inferswarm_[a-z_]{1,64}"))
 RESULT = closed("result", ("ok", "duplicate", "invalid"))
 HEALTH = closed("status", ("ok", "degraded", "down"))
 #: A circuit breaker's state (shared/breaker.py), and an upstream API key's (backends' `keys_view`).
@@ -152,11 +154,11 @@ HTTP_CODE = closed("code", ("1xx", "2xx", "3xx", "4xx", "5xx"))
 #: An alert's threshold: a whole percentage 1..100 (at most 100 series with the counter's 2).
 THRESHOLD = closed("threshold", (str(p) for p in range(1, 101)))
 
-#: Seconds; from a cache hit (milliseconds) to a long generation (minutes).
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-#: Seconds, up to a reply that streams for five minutes (or waits that long for a slot).
-LONG_BUCKETS = (*DURATION_BUCKETS, 300.0)
+#: Seconds, from a cache hit (milliseconds) up to a reply that streams for five minutes (a
+#: request's longest allowed time), or waits that long for a slot.
+LONG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: Seconds to the first token, up to the same five minutes.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 #: Seconds per generated token: a millisecond (a fast GPU) up to a stalled stream.
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 #: Tokens of one request, 1 .. 32768 in powers of 2.
@@ -197,22 +199,30 @@ def _family(name: str, kind: Kind, help: str, *labels: Label, buckets: tuple[flo
 C, G, H = Kind.COUNTER, Kind.GAUGE, Kind.HISTOGRAM
 
 # -- pushed by every service through `MetricsReporter` -------------------------------
-REQUESTS = _family("ai_platform_requests_total", C, "Requests handled, by service, method and outcome.",
-                   SERVICE, METHOD, STATUS)
-REQUEST_DURATION = _family("ai_platform_request_duration_seconds", H, "Request latency in seconds.",
-                           SERVICE, MODEL, buckets=DURATION_BUCKETS)
-RATE_LIMIT_VIOLATIONS = _family("ai_platform_rate_limit_violations_total", C,
+REQUESTS = _family("inferswarm_requests_total", C,
+                   "RPC requests handled, by service, method and result code (OK or the stable error code).",
+                   SERVICE, METHOD, RESULT_CODE)
+REQUEST_DURATION = _family("inferswarm_request_duration_seconds", H,
+                           "Seconds an RPC request was handled, by service and method (a stream: until its end).",
+                           SERVICE, METHOD, buckets=LONG_BUCKETS)
+MODEL_REQUESTS = _family("inferswarm_model_requests_total", C,
+                         "Admitted inference requests by the model that served (or failed) them and result code; "
+                         "pushed by gateways.", MODEL, RESULT_CODE)
+MODEL_REQUEST_DURATION = _family("inferswarm_model_request_duration_seconds", H,
+                                 "Seconds from a gateway's admission of an inference request to its end, by model; "
+                                 "pushed by gateways.", MODEL, buckets=LONG_BUCKETS)
+RATE_LIMIT_VIOLATIONS = _family("inferswarm_rate_limit_violations_total", C,
                                 "Requests refused by a rate limit or budget, by tier.", TIER)
-TOKENS = _family("ai_platform_tokens_total", C, "Tokens processed: in (prompt) and out (completion).",
+TOKENS = _family("inferswarm_tokens_total", C, "Tokens processed: in (prompt) and out (completion).",
                  MODEL, DIRECTION)
-TIME_TO_FIRST_TOKEN = _family("ai_platform_time_to_first_token_seconds", H,
+TIME_TO_FIRST_TOKEN = _family("inferswarm_time_to_first_token_seconds", H,
                               "Seconds from request to the first generated token.", MODEL,
                               buckets=TTFT_BUCKETS)
-CACHE_HITS = _family("ai_platform_cache_hits_total", C, "Responses served from the cache.", MODEL)
-CACHE_MISSES = _family("ai_platform_cache_misses_total", C, "Cache lookups that missed.", MODEL)
-RPC_ERRORS = _family("ai_platform_rpc_errors_total", C, "RPC errors, by service and stable error code.",
+CACHE_HITS = _family("inferswarm_cache_hits_total", C, "Responses served from the cache.", MODEL)
+CACHE_MISSES = _family("inferswarm_cache_misses_total", C, "Cache lookups that missed.", MODEL)
+RPC_ERRORS = _family("inferswarm_rpc_errors_total", C, "RPC errors, by service and stable error code.",
                      SERVICE, CODE)
-DHT_PEERS = _family("ai_platform_dht_peers", G, "Contacts in the DHT routing table of each node.",
+DHT_PEERS = _family("inferswarm_dht_peers", G, "Contacts in the DHT routing table of each node.",
                     SERVICE, INSTANCE)
 BUDGET_ALERTS = _family("inferswarm_budget_alerts_total", C,
                         "Spending alerts fired (a budget's threshold reached in its period), by budget "
@@ -268,25 +278,25 @@ GATEWAY_STREAMS_CUT = _family("inferswarm_gateway_streams_cut_total", C,
                               "Streams cut after some text was relayed.", SERVICE, INSTANCE)
 
 # -- produced by the metrics service ---------------------------------------------------
-ACTIVE_USERS = _family("ai_platform_active_users", G, "Distinct users with a request in the window.",
+ACTIVE_USERS = _family("inferswarm_active_users", G, "Distinct users with a request in the window.",
                        WINDOW, pushed=False)
-SERVICE_UP = _family("ai_platform_service_up", G, "1 when the instance answers rpc.ping, else 0.",
+SERVICE_UP = _family("inferswarm_service_up", G, "1 when the instance answers rpc.ping, else 0.",
                      SERVICE, INSTANCE, pushed=False)
-SERVICE_ANNOUNCED = _family("ai_platform_service_announced", G,
+SERVICE_ANNOUNCED = _family("inferswarm_service_announced", G,
                             "1 while the instance has a live DHT record, else 0.", SERVICE, INSTANCE,
                             pushed=False)
-SERVICE_PING = _family("ai_platform_service_ping_seconds", G, "Latency of the last rpc.ping.",
+SERVICE_PING = _family("inferswarm_service_ping_seconds", G, "Latency of the last rpc.ping.",
                        SERVICE, INSTANCE, pushed=False)
-SYSTEM_STATUS = _family("ai_platform_system_status", G,
+SYSTEM_STATUS = _family("inferswarm_system_status", G,
                         "1 for the current rollup of the whole system, 0 for the others.", HEALTH,
                         pushed=False)
-WORKERS = _family("ai_platform_workers", G, "Reachable inference workers announcing the model.", MODEL,
+WORKERS = _family("inferswarm_workers", G, "Reachable inference workers announcing the model.", MODEL,
                   pushed=False)
-WORKER_SLOTS = _family("ai_platform_worker_slots", G, "Generation slots of reachable workers.", MODEL,
+WORKER_SLOTS = _family("inferswarm_worker_slots", G, "Generation slots of reachable workers.", MODEL,
                        pushed=False)
-WORKER_SLOTS_FREE = _family("ai_platform_worker_slots_free", G, "Free generation slots of reachable workers.",
+WORKER_SLOTS_FREE = _family("inferswarm_worker_slots_free", G, "Free generation slots of reachable workers.",
                             MODEL, pushed=False)
-WORKER_QUEUE_DEPTH = _family("ai_platform_worker_queue_depth", G, "Requests queued for a slot.", MODEL,
+WORKER_QUEUE_DEPTH = _family("inferswarm_worker_queue_depth", G, "Requests queued for a slot.", MODEL,
                              pushed=False)
 BREAKER_STATE = _family("inferswarm_breaker_state", G,
                         "Reachable inference workers per model whose circuit breaker over the model's backend is "
@@ -295,18 +305,18 @@ BREAKER_STATE = _family("inferswarm_breaker_state", G,
 UPSTREAM_KEYS = _family("inferswarm_upstream_keys", G,
                         "Upstream API keys of a model's backend, summed over reachable workers, by key state.",
                         MODEL, KEY_STATE, pushed=False)
-METRICS_BATCHES = _family("ai_platform_metrics_batches_total", C, "Batches received by the metrics service.",
+METRICS_BATCHES = _family("inferswarm_metrics_batches_total", C, "Batches received by the metrics service.",
                           RESULT, pushed=False)
-METRICS_SERIES = _family("ai_platform_metrics_series", G, "Series held per family.", FAMILY, pushed=False)
-METRICS_OVERFLOW = _family("ai_platform_metrics_series_overflow_total", C,
+METRICS_SERIES = _family("inferswarm_metrics_series", G, "Series held per family.", FAMILY, pushed=False)
+METRICS_OVERFLOW = _family("inferswarm_metrics_series_overflow_total", C,
                            "Samples folded into the all-'other' series (or dropped, for gauges) "
                            "because a family reached its series cap.", FAMILY, pushed=False)
-METRICS_SOURCES = _family("ai_platform_metrics_sources", G, "Reporting processes heard from recently.",
+METRICS_SOURCES = _family("inferswarm_metrics_sources", G, "Reporting processes heard from recently.",
                           pushed=False)
 
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (
-        REQUESTS, REQUEST_DURATION, RATE_LIMIT_VIOLATIONS, TOKENS, TIME_TO_FIRST_TOKEN, CACHE_HITS,
+        REQUESTS, REQUEST_DURATION, MODEL_REQUESTS, MODEL_REQUEST_DURATION, RATE_LIMIT_VIOLATIONS, TOKENS, TIME_TO_FIRST_TOKEN, CACHE_HITS,
         CACHE_MISSES, RPC_ERRORS, DHT_PEERS, BUDGET_ALERTS, FALLBACKS, HTTP_REQUESTS, HTTP_REQUEST_DURATION,
         TIME_PER_OUTPUT_TOKEN, TOKENS_PER_REQUEST, QUEUE_WAIT,
         PROCESS_RESIDENT_MEMORY, PROCESS_OPEN_FDS, PROCESS_START_TIME, PROCESS_CPU, PYTHON_GC_COLLECTIONS,

@@ -1,9 +1,9 @@
 """The metrics of one process: counters, histograms and gauges of declared families.
 
     metrics = Metrics()
-    requests = metrics.counter(REQUESTS)        # or "ai_platform_requests_total"
-    requests.inc(service="gateway", method="gateway.infer", status="ok")
-    metrics.histogram(REQUEST_DURATION).observe(0.42, service="gateway", model="smollm2")
+    requests = metrics.counter(REQUESTS)        # or "inferswarm_requests_total"
+    requests.inc(service="gateway", method="gateway.infer", code="OK")
+    metrics.histogram(REQUEST_DURATION).observe(0.42, service="gateway", method="gateway.infer")
     metrics.gauge(DHT_PEERS).set(7, service="gateway", instance="3fa0c2d19b7e")
 
 Recording is a dict update under an uncontended lock (safe from worker

@@ -60,7 +60,7 @@ _SEND_RETRY_S = 0.002
 _ZAP_DOMAIN = "inferswarm"
 
 
-def _ignore(method: str, status: str) -> None:
+def _ignore(method: str, status: str, seconds: float) -> None:
     pass
 
 
@@ -136,10 +136,11 @@ class RpcServer:
         max_message_bytes: int = codec.MAX_BYTES,
         limits: Limits | None = None,
         drain_timeout: float = 10.0,
-        observe: Callable[[str, str], None] | None = None,
+        observe: Callable[[str, str, float], None] | None = None,
     ) -> None:
-        """`observe(method, status)` is told how every request ended: status is
-        "ok" or the error code; method is "other" for names not served here."""
+        """`observe(method, status, seconds)` is told how every request ended and how
+        long it was handled: status is "ok" or the error code; method is "other" for
+        names not served here."""
         self._observe = observe or _ignore
         self._dispatcher = dispatcher
         if dispatcher.get("rpc.ping") is None:
@@ -319,7 +320,7 @@ class RpcServer:
             handler = self._admit(request, peer, member, role)
         except MeshError as exc:
             known = self._dispatcher.get(request.method) is not None
-            self._observe(request.method if known else "other", exc.code)
+            self._observe(request.method if known else "other", exc.code, 0.0)
             self._send(ident, self._error(request.id, exc))
             return
         key = (ident, request.id)
@@ -378,11 +379,12 @@ class RpcServer:
         role: str,
     ) -> None:
         budget = request.timeout_ms / 1000
+        started = time.monotonic()
         current_request.set(
             RequestContext(
                 method=request.method,
                 trace_id=request.trace_id,
-                deadline=time.monotonic() + budget,
+                deadline=started + budget,
                 peer=peer,
                 member=member,  # a members-only server admitted nobody else at the handshake
                 peer_addr=peer_addr,
@@ -420,7 +422,7 @@ class RpcServer:
             error = Internal(f"internal error (trace {request.trace_id})")
             await self._send_waiting(ident, codec.encode_error(request.id, *error.to_wire()))
         finally:
-            self._observe(request.method, status)
+            self._observe(request.method, status, time.monotonic() - started)
             key = (ident, request.id)
             if self._tasks.pop(key, None) is not None:  # else it never suspended, never counted
                 self._admission.leave(peer, member)
