@@ -1,5 +1,5 @@
 """Metrics for every service: declared families, an in-process registry, and a
-reporter that pushes deltas to the metrics service over the mesh.
+reporter that pushes cumulative values to every metrics service over the mesh.
 
     from shared.metrics import REQUESTS, Metrics, MetricsReporter
 
@@ -48,7 +48,7 @@ from shared.metrics.families import (
 )
 from shared.metrics.process import ProcessSampler
 from shared.metrics.registry import Counter, Gauge, Histogram, Metrics
-from shared.metrics.reporter import MetricsReporter, Sender
+from shared.metrics.reporter import Directory, MeshDirectory, MetricsReporter, OneDestination, Sender
 
 __all__ = [
     "ACTIVE_USERS",
@@ -60,6 +60,7 @@ __all__ = [
     "CACHE_MISSES",
     "Counter",
     "DHT_PEERS",
+    "Directory",
     "FAMILIES",
     "Family",
     "Gauge",
@@ -70,7 +71,9 @@ __all__ = [
     "Label",
     "MAX_ENTRIES",
     "Metrics",
+    "MeshDirectory",
     "MetricsReporter",
+    "OneDestination",
     "OTHER",
     "PROCESS_CPU",
     "PROCESS_OPEN_FDS",
