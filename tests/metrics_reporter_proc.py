@@ -1,10 +1,12 @@
 """A reporting process for the metrics tests (run as a script, not collected).
 
-    python tests/metrics_reporter_proc.py <count>     # environment: the mesh's (see metrics_support)
+    python tests/metrics_reporter_proc.py <count> [tag]   # environment: the mesh's (see metrics_support)
 
-Joins the mesh, counts `count` gateway requests, pushes them, prints
-`{"pushed": n, "instance": ...}` once they are acknowledged, then keeps
-reporting until it is killed.
+Joins the mesh, counts `count` successful gateway requests (method
+`gateway.<tag>`, default `gateway.infer`) and observes as many request
+durations of 0.3 s (labels: `metrics_support.labels_of`), pushes them, prints `{"pushed": n, "instance": ...}` once
+every metrics service found acknowledged them, then keeps reporting (to every
+metrics service it finds) until it is killed.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from shared.config import MeshConfig, load
 from shared.logging import configure_logging
-from shared.metrics import REQUESTS, Metrics, MetricsReporter
+from shared.metrics import REQUEST_DURATION, REQUESTS, Metrics, MetricsReporter
 from shared.runner import join_mesh
+from metrics_support import labels_of
 
 
-async def main(count: int) -> None:
+async def main(count: int, tag: str) -> None:
     config = load(MeshConfig)
     async with AsyncExitStack() as stack:
         node = await join_mesh(stack, "reporter", config)
         metrics = Metrics()
-        reporter = MetricsReporter.for_node(node, metrics, service="gateway", interval=0.2)
+        reporter = MetricsReporter.for_node(node, metrics, service="gateway", interval=0.2, timeout=0.5)
         await stack.enter_async_context(reporter)
-        metrics.counter(REQUESTS).inc(count, service="gateway", method="gateway.infer", code="OK")
+        metrics.counter(REQUESTS).inc(count, **labels_of(REQUESTS, tag))
+        for _ in range(count):
+            metrics.histogram(REQUEST_DURATION).observe(0.3, **labels_of(REQUEST_DURATION, tag))
         for _ in range(150):  # at most ~15 s
             if await reporter.flush():
                 break
@@ -41,4 +46,4 @@ async def main(count: int) -> None:
 
 if __name__ == "__main__":
     configure_logging("warning", "json", service="reporter")
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "infer"))

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.config import MeshConfig, Secret
 from shared.identity import MeshCredential
+from shared.metrics import Family
 from shared.runner import MeshNode, join_mesh, serve
 from services.metrics.app import MetricsApp, open_metrics
 from services.metrics.config import MetricsConfig
@@ -151,3 +152,14 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def value(parsed: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
     return parsed.get((name, frozenset(labels.items())))
+
+
+def labels_of(fam: Family, tag: str = "infer") -> dict[str, str]:
+    """The labels of one successful gateway request in `fam`, whatever the family's label names:
+    service `gateway`, method `gateway.<tag>`, model `<tag>`, direction `in`, the success result."""
+    chosen = {"service": "gateway", "method": f"gateway.{tag}", "model": tag, "direction": "in"}
+    labels = {}
+    for label in fam.labels:
+        success = [v for v in label.values or () if v.lower() == "ok"]
+        labels[label.name] = chosen[label.name] if label.name in chosen else success[0]
+    return labels

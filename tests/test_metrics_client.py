@@ -15,6 +15,7 @@ from shared.metrics import (
     OTHER,
     REQUEST_DURATION,
     REQUESTS,
+    TIME_TO_FIRST_TOKEN,
     TOKENS,
     Batch,
     Metrics,
@@ -109,31 +110,58 @@ def test_a_flood_of_label_values_stays_within_the_series_cap():
     assert batch.folded == {TOKENS.name: 5000 - 19}
 
 
-def test_wire_round_trip_and_merge():
+def test_wire_round_trip_of_a_full_and_a_partial_snapshot():
     metrics = Metrics()
-    metrics.counter(REQUESTS).inc(service="web", method="web.login", code="OK")
-    metrics.histogram(REQUEST_DURATION).observe(0.2, service="web", method="web.login")
-    batch = metrics.drain()
-    batch.merge(batch)
+    metrics.counter(TOKENS).inc(model="smollm2", direction="in")
+    metrics.histogram(TIME_TO_FIRST_TOKEN).observe(0.2, model="smollm2")
+    generation, batch = metrics.snapshot()
     source, seq, parsed = parse_batch(batch.to_wire(SOURCE, 7))
-    assert (source, seq) == (SOURCE, 7)
-    assert parsed.counters == {(REQUESTS.name, ("web", "web.login", "OK")): 2.0}
-    assert sum(parsed.histograms[(REQUEST_DURATION.name, ("web", "web.login"))][:-1]) == 2
+    assert (source, seq, parsed.full) == (SOURCE, 7, True)
+    assert parsed.counters == {(TOKENS.name, ("smollm2", "in")): 1.0}
+    assert sum(parsed.histograms[(TIME_TO_FIRST_TOKEN.name, ("smollm2",))][:-1]) == 1
+    metrics.counter(TOKENS).inc(2, model="smollm2", direction="in")
+    _, partial = metrics.snapshot(generation)
+    _, _, parsed = parse_batch(partial.to_wire(SOURCE, 8))
+    assert parsed.full is False and not parsed.histograms  # unchanged since: left out
+    assert parsed.counters == {(TOKENS.name, ("smollm2", "in")): 3.0}  # the total, not +2
+
+
+def test_snapshots_carry_totals_since_start_and_only_what_changed_since_a_generation():
+    metrics = Metrics()
+    tokens = metrics.counter(TOKENS)
+    tokens.inc(5, model="a", direction="in")
+    tokens.inc(1, model="b", direction="in")
+    metrics.gauge(DHT_PEERS).set(3, service="gateway", instance="0123456789ab")
+    first, full = metrics.snapshot()
+    tokens.inc(2, model="a", direction="in")
+    second, partial = metrics.snapshot(first)
+    assert full.full and not partial.full
+    assert full.counters == {(TOKENS.name, ("a", "in")): 5.0, (TOKENS.name, ("b", "in")): 1.0}
+    assert partial.counters == {(TOKENS.name, ("a", "in")): 7.0}
+    assert partial.gauges == full.gauges == {(DHT_PEERS.name, ("gateway", "0123456789ab")): 3.0}
+    assert metrics.snapshot(second)[1].counters == {}  # nothing changed since
+    assert metrics.snapshot(first)[1].counters == partial.counters  # one destination may lag behind
+    assert metrics.snapshot()[1].counters[(TOKENS.name, ("a", "in"))] == 7.0  # full: everything again
+    assert metrics.drain().counters == {(TOKENS.name, ("a", "in")): 7.0, (TOKENS.name, ("b", "in")): 1.0}
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda w: w.update(v=2), "v=1"),
+    (lambda w: w.update(v=1), "v=2"),  # deltas: no longer understood
     (lambda w: w.update(seq=-1), "seq"),
+    (lambda w: w.update(full=1), "full"),
+    (lambda w: w.pop("full"), "full"),
     (lambda w: w.update(source={"service": "x"}), "source"),
     (lambda w: w.update(counters=[["inferswarm_nope_total", [], 1]]), "not a pushed counter"),
     (lambda w: w.update(counters=[["inferswarm_active_users", ["1h"], 1]]), "not a pushed counter"),
     (lambda w: w.update(gauges=[["inferswarm_active_users", ["1h"], 1]]), "not a pushed gauge"),
     (lambda w: w.update(counters=[[REQUESTS.name, ["gateway"], 1]]), "takes labels"),
-    (lambda w: w.update(counters=[[REQUESTS.name, ["a", "b.c", "ok"], -1]]), "finite number >= 0"),
-    (lambda w: w.update(counters=[[REQUESTS.name, ["a", "b.c", "ok"], "1"]]), "finite number >= 0"),
+    (lambda w: w.update(counters=[[REQUESTS.name, ["a", "b.c", "OK"], -1]]), "finite number >= 0"),
+    (lambda w: w.update(counters=[[REQUESTS.name, ["a", "b.c", "OK"], "1"]]), "finite number >= 0"),
     (lambda w: w.update(gauges=[[DHT_PEERS.name, ["a", "b"], float("nan")]]), "finite"),
     (lambda w: w.update(histograms=[[REQUEST_DURATION.name, ["a", "m"], [1, 2], 0.5]]), "bucket counts"),
-    (lambda w: w.update(counters=[[REQUESTS.name, ["a", "b.c", "ok"], 1]] * 30), "at most"),
+    (lambda w: w.update(histograms=[[REQUEST_DURATION.name, ["a", "m"], [0] * (len(REQUEST_DURATION.buckets) + 1), -0.5]]), "finite number >= 0"),
+    (lambda w: w.update(histograms=[[REQUEST_DURATION.name, ["a", "m"], [-1] * (len(REQUEST_DURATION.buckets) + 1), 0.5]]), "bucket counts"),
+    (lambda w: w.update(counters=[[REQUESTS.name, ["a", "b.c", "OK"], 1]] * 30), "at most"),
 ])
 def test_invalid_batches_are_refused_whole(change, message):
     wire = Batch().to_wire(SOURCE, 1)

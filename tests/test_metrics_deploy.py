@@ -19,7 +19,7 @@ pytestmark = pytest.mark.rpc
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "inferswarm-dashboard.json"
-_NAME = re.compile(r"\b(?:ai_platform|inferswarm)_[a-z_]+")
+_NAME = re.compile(r"\binferswarm_[a-z_]+")
 _SUFFIXES = ("_bucket", "_sum", "_count")
 
 

@@ -1,6 +1,7 @@
 """The metrics service on a real mesh (DHT nodes, CurveZMQ RPC, HTTP): pushed
 counters add up across processes and restarts, exactly once; the exposition
-parses and passes promtool; a flood of label values stays within the cap."""
+parses and passes promtool; a flood of label values stays within the cap.
+Several metrics services at once: tests/test_metrics_replicas.py."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.metrics.http import MetricsHttp
 from services.metrics.served import MAX_KEYS, ModelState, parse_models, tally
 from shared.errors import InvalidParams
+from shared.metrics.families import METRICS_BATCHES
 from shared.metrics import (
     CACHE_HITS,
     CACHE_MISSES,
@@ -24,6 +26,7 @@ from shared.metrics import (
     REQUEST_DURATION,
     REQUESTS,
     RPC_ERRORS,
+    SERIES_CAP,
     TIME_TO_FIRST_TOKEN,
     TOKENS,
     Batch,
@@ -37,6 +40,7 @@ from metrics_support import Child, eventually, mesh, samples, scrape, value
 pytestmark = pytest.mark.rpc
 
 INFER = dict(service="gateway", method="gateway.infer", code="OK")
+SERIES = tuple(INFER[name] for name in REQUESTS.label_names)
 
 
 def requests_total(text: str) -> float:
@@ -76,50 +80,49 @@ async def test_counters_from_two_processes_add_up_and_survive_a_restart(tmp_path
         assert max(seen) == 16
 
 
-async def test_a_resent_batch_counts_once_and_an_invalid_one_not_at_all(tmp_path):
+async def test_a_resent_push_counts_once_and_an_invalid_one_not_at_all(tmp_path):
     async with mesh(tmp_path) as net:
         app = await net.start_metrics()
         client = net.seed.mesh("metrics")
-        batch = Batch(counters={(REQUESTS.name, ("gateway", "gateway.infer", "OK")): 3.0})
         source = Source("gateway", "0123456789ab", "run-1")
 
-        async def record(seq: int) -> dict:
+        async def record(seq: int, total: float, full: bool = True) -> dict:
+            batch = Batch(counters={(REQUESTS.name, SERIES): total}, full=full)
             return await client.call("metrics.record", {"batch": batch.to_wire(source, seq)})
 
-        assert await record(1) == {"result": "ok", "seq": 1}
-        assert await record(1) == {"result": "duplicate", "seq": 1}  # an answer lost, the batch resent
-        assert await record(2) == {"result": "ok", "seq": 2}
-        bad = batch.to_wire(source, 3)
+        assert await record(1, 3, full=False) == {"result": "unknown", "seq": 1}  # partial, never heard of
+        assert await record(1, 3) == {"result": "ok", "seq": 1}
+        assert await record(1, 3) == {"result": "duplicate", "seq": 1}  # an answer lost, the push resent
+        assert await record(3, 6, full=False) == {"result": "ok", "seq": 3}  # cumulative: 6 in all
+        assert await record(2, 5, full=False) == {"result": "duplicate", "seq": 2}  # arrived late: ignored
+        bad = Batch(counters={(REQUESTS.name, SERIES): 9.0}).to_wire(source, 4)
         bad["counters"][0][2] = -5
         with pytest.raises(InvalidParams):
             await client.call("metrics.record", {"batch": bad})
         parsed = samples(app.exposition.render().decode())
-        assert value(parsed, "inferswarm_requests_total", **INFER) == 6
-        assert value(parsed, "inferswarm_metrics_batches_total", result="duplicate") == 1
-        assert value(parsed, "inferswarm_metrics_batches_total", result="invalid") == 1
+        assert value(parsed, REQUESTS.name, **INFER) == 6
+        assert value(parsed, METRICS_BATCHES.name, result="duplicate") == 2
+        assert value(parsed, METRICS_BATCHES.name, result="unknown") == 1
+        assert value(parsed, METRICS_BATCHES.name, result="invalid") == 1
 
 
-async def test_reporter_never_blocks_and_delivers_exactly_once_after_an_outage(tmp_path):
+async def test_reporter_never_blocks_and_delivers_everything_after_an_outage(tmp_path):
     async with mesh(tmp_path) as net:
         node = await net.node("gateway")
         metrics = Metrics()
-        reporter = MetricsReporter(metrics, node.mesh("metrics"), service="gateway",
-                                   instance=instance_id(node.identity.public_key), interval=0.1, timeout=0.5)
-        async with reporter:
+        async with MetricsReporter.for_node(node, metrics, service="gateway", interval=0.1, timeout=0.5) as reporter:
             requests = metrics.counter(REQUESTS)
             started = time.perf_counter()
             for _ in range(1000):
                 requests.inc(**INFER)
             assert time.perf_counter() - started < 0.5
-            assert not await reporter.flush()  # nobody to push to yet: kept
-            await asyncio.sleep(0.5)  # kept (the behaviour): several 0.1 s pushes fail meanwhile
+            assert not await reporter.flush()  # nobody to push to yet: the registry keeps the totals
             for _ in range(500):
                 requests.inc(**INFER)
-            assert reporter.pending <= 2  # merged, not piled up
+            assert reporter.destinations == 0
             app = await net.start_metrics()
-            await eventually(lambda: reporter.pending == 0, timeout=8)
-            assert requests_total(app.exposition.render().decode()) == 1500
-            assert reporter.dropped == 0
+            await eventually(lambda: requests_total(app.exposition.render().decode()) == 1500, timeout=8)
+            assert reporter.dropped == 0 and reporter.destinations == 1
 
 
 async def test_exposition_parses_and_passes_promtool(tmp_path):
@@ -181,8 +184,10 @@ async def test_a_flood_of_distinct_label_values_stays_within_the_series_cap(tmp_
         token_series = {k: v for k, v in parsed.items() if k[0] == "inferswarm_tokens_total"}
         request_series = {k: v for k, v in parsed.items() if k[0] == "inferswarm_requests_total"}
         assert len(token_series) == cap and len(request_series) == cap
-        assert sum(token_series.values()) == 3000 and sum(request_series.values()) == 500  # folded, not lost
-        assert value(parsed, "inferswarm_tokens_total", model=OTHER, direction=OTHER) == 3000 - (cap - 1)
+        # A source holds at most max(cap, SERIES_CAP) = 500 series per family (a reporter folds at
+        # 500 itself): past that a non-folding reporter's series are dropped, and counted.
+        assert sum(token_series.values()) == SERIES_CAP and sum(request_series.values()) == 500
+        assert value(parsed, "inferswarm_tokens_total", model=OTHER, direction=OTHER) == SERIES_CAP - (cap - 1)
         overflow = value(parsed, "inferswarm_metrics_series_overflow_total", family="inferswarm_tokens_total")
         assert overflow == 3000 - (cap - 1)
         assert value(parsed, "inferswarm_metrics_series", family="inferswarm_tokens_total") == cap

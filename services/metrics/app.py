@@ -3,8 +3,8 @@
 Used by `__main__` (inside the runner's lifecycle) and by the tests, so both
 run the same wiring: the aggregator, the health monitor (probing over the
 mesh client), the active-user refresher (asking auth), the HTTP server, and
-the process's own reporter (its DHT peers), which hands its batches to the
-service directly instead of over the mesh.
+the process's own reporter (its DHT peers, its RPC requests), which pushes to
+every metrics service like any reporter, to its own directly.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.dht.interface import Provider
-from shared.metrics import Metrics, MetricsReporter, instance_id
+from shared.metrics import MeshDirectory, Metrics, MetricsReporter, instance_id
 from shared.metrics.reporter import RECORD
 from shared.rpc import MeshClient
 from shared.runner import MeshNode
@@ -51,13 +51,13 @@ class MeshProber:
 
 
 class LocalSender:
-    """The `Sender` of the metrics process's own reporter: straight to its service."""
+    """The metrics process's own service as a reporter's `Sender`: called directly."""
 
     def __init__(self, service: MetricsService) -> None:
         self._service = service
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *,
-                   timeout: float | None = None, idempotent: bool = False) -> Any:
+                   timeout: float = 10.0) -> Any:
         assert method == RECORD, method
         return await self._service.record(**(params or {}))
 
@@ -78,7 +78,8 @@ class MetricsApp:
 async def open_metrics(stack: AsyncExitStack, config: MetricsConfig, node: MeshNode) -> MetricsApp:
     """Every part started on `stack` (closed in reverse); the service to serve."""
     discovery, mesh = node.discovery, node.mesh
-    aggregator = Aggregator(series_cap=config.series_cap, gauge_ttl=config.gauge_ttl)
+    aggregator = Aggregator(series_cap=config.series_cap, gauge_ttl=config.gauge_ttl,
+                            retention=config.retention, max_sources=config.max_sources)
     health = HealthMonitor(
         discovery, MeshProber(mesh), required=config.required, interval=config.probe_interval,
         ping_timeout=config.ping_timeout, forget_after=config.forget_after,
@@ -97,7 +98,8 @@ async def open_metrics(stack: AsyncExitStack, config: MetricsConfig, node: MeshN
     await stack.enter_async_context(http)
     service = MetricsService(aggregator, health)
     metrics = node.metrics  # the runner counts this process's RPC requests into it
+    own = node.identity.public_key
+    directory = MeshDirectory(mesh, local=LocalSender(service), own_key=own)
     await stack.enter_async_context(MetricsReporter(
-        metrics, LocalSender(service), service="metrics", instance=instance_id(node.identity.public_key),
-        peers=discovery))
+        metrics, directory, service="metrics", instance=instance_id(own), peers=discovery))
     return MetricsApp(service, aggregator, health, active_users, exposition, http, metrics)

@@ -20,7 +20,7 @@ Status = Literal["ok", "degraded", "down", "absent"]
 
 
 class Recorded(TypedDict):
-    result: Literal["ok", "duplicate"]
+    result: Literal["ok", "duplicate", "unknown", "retired"]
     seq: int
 
 

@@ -9,6 +9,9 @@
     INFERSWARM_METRICS_ACTIVE_USERS_INTERVAL  seconds between auth.active_users calls (30)
     INFERSWARM_METRICS_SERIES_CAP        series per pushed family (1000)
     INFERSWARM_METRICS_GAUGE_TTL         seconds a node's gauge values count without a new batch (15)
+    INFERSWARM_METRICS_RETENTION         seconds a silent source's values are held before they are
+                                         folded into the retired base (3600)
+    INFERSWARM_METRICS_MAX_SOURCES       sources held at most; the least recently heard is retired (4096)
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class MetricsConfig:
         "INFERSWARM_METRICS_ACTIVE_USERS_INTERVAL", default=30.0, parse=positive(float))
     series_cap: int = env("INFERSWARM_METRICS_SERIES_CAP", default=1000, parse=positive(int))
     gauge_ttl: float = env("INFERSWARM_METRICS_GAUGE_TTL", default=15.0, parse=positive(float))
+    retention: float = env("INFERSWARM_METRICS_RETENTION", default=3600.0, parse=positive(float))
+    max_sources: int = env("INFERSWARM_METRICS_MAX_SOURCES", default=4096, parse=positive(int))
 
     def __post_init__(self) -> None:
         if self.series_cap < 2:

@@ -54,6 +54,7 @@ class MeshCollector:
         return []  # names are fixed in families.py; nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
+        self._aggregator.expire()
         for fam in _PUSHED:
             yield self._pushed(fam)
         yield from self._health_families()
@@ -67,11 +68,11 @@ class MeshCollector:
         metric = _new(fam)
         agg = self._aggregator
         if fam.kind is Kind.COUNTER:
-            for series, value in sorted(agg.counters.get(fam.name, {}).items()):
+            for series, value in sorted(agg.counters(fam.name).items()):
                 metric.add_metric(list(series), value)
         elif fam.kind is Kind.HISTOGRAM:
             bounds = [*map(floatToGoString, fam.buckets), "+Inf"]
-            for series, cells in sorted(agg.histograms.get(fam.name, {}).items()):
+            for series, cells in sorted(agg.histograms(fam.name).items()):
                 cumulative, running = [], 0.0
                 for bound, count in zip(bounds, cells[:-1]):
                     running += count
@@ -128,12 +129,12 @@ class MeshCollector:
     def _self_families(self) -> Iterator[Metric]:
         agg = self._aggregator
         batches = _new(fm.METRICS_BATCHES)
-        for result in ("ok", "duplicate", "invalid"):
+        for result in ("ok", "duplicate", "unknown", "retired", "invalid"):
             batches.add_metric([result], agg.batches[result])
         series, overflow = _new(fm.METRICS_SERIES), _new(fm.METRICS_OVERFLOW)
         for fam in _PUSHED:
             series.add_metric([fam.name], agg.series_count(fam.name))
-            overflow.add_metric([fam.name], agg.overflow[fam.name])
+            overflow.add_metric([fam.name], agg.overflow(fam.name))
         sources = _new(fm.METRICS_SOURCES)
         sources.add_metric([], agg.live_sources())
         yield from (batches, series, overflow, sources)

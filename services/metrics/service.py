@@ -1,11 +1,11 @@
 """The metrics service: `metrics.record` and `metrics.health`.
 
-    metrics.record   any member, idempotent   batch -> {"result": "ok" | "duplicate", "seq"}
+    metrics.record   any member, idempotent   batch -> {"result": "ok" | "duplicate" | "unknown" | "retired", "seq"}
     metrics.health   gateway, web, idempotent   -> the health report (see health.py)
 
 The wire format of a batch is in shared/metrics/batch.py; the aggregation
-rules (sums, gauge staleness, exactly-once by seq, series caps) in
-aggregate.py. No transport here: HTTP is http.py, the mesh is the runner's.
+rules (per-source cumulative values, retired sources, gauge staleness,
+in-order by seq, series caps) in aggregate.py. No transport here: HTTP is http.py, the mesh is the runner's.
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ class MetricsService:
 
     @method(idempotent=True)
     async def record(self, batch: dict) -> dict[str, Any]:  # type: ignore[type-arg]
-        """Apply one reporter batch exactly once (by its source id and seq)."""
+        """Apply one reporter push once and in order (by its source id and seq).
+
+        `unknown`: a partial push from a source this service does not hold (send
+        a full one); `retired`: the source was retired here, nothing more of it counts."""
         try:
             source, seq, parsed = parse_batch(batch, max_entries=self._max_entries)
         except InvalidParams:

@@ -1,5 +1,5 @@
 """Metrics for every service: declared families, an in-process registry, and a
-reporter that pushes deltas to the metrics service over the mesh.
+reporter that pushes cumulative values to every metrics service over the mesh.
 
     from shared.metrics import REQUESTS, Metrics, MetricsReporter
 
@@ -50,7 +50,7 @@ from shared.metrics.families import (
 )
 from shared.metrics.process import ProcessSampler
 from shared.metrics.registry import Counter, Gauge, Histogram, Metrics
-from shared.metrics.reporter import MetricsReporter, Sender
+from shared.metrics.reporter import Directory, MeshDirectory, MetricsReporter, OneDestination, Sender
 
 __all__ = [
     "ACTIVE_USERS",
@@ -62,6 +62,7 @@ __all__ = [
     "CACHE_MISSES",
     "Counter",
     "DHT_PEERS",
+    "Directory",
     "FAMILIES",
     "Family",
     "Gauge",
@@ -72,7 +73,9 @@ __all__ = [
     "Label",
     "MAX_ENTRIES",
     "Metrics",
+    "MeshDirectory",
     "MetricsReporter",
+    "OneDestination",
     "OTHER",
     "PROCESS_CPU",
     "PROCESS_OPEN_FDS",

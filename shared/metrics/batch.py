@@ -1,20 +1,30 @@
-"""The unit a reporter pushes to `metrics.record`: deltas since its last batch.
+"""What a reporter pushes to `metrics.record`: its process's cumulative values.
 
-On the wire (msgpack, the `batch` parameter of `metrics.record`)::
+On the wire (msgpack, the `batch` parameter of `metrics.record`), version 2::
 
-    {"v": 1,
+    {"v": 2,
      "source": {"service": "gateway", "instance": "3fa0c2d19b7e", "id": "<random hex per process>"},
-     "seq": 42,                                      # per source, +1 per batch, retries keep theirs
-     "counters":   [[family, [label values], delta], ...],           # delta >= 0
+     "seq": 42,           # per source, +1 per push round (every destination of a round gets the same)
+     "full": true,        # true: every series of the source; false: those changed since the
+                          # destination's last acknowledged push
+     "counters":   [[family, [label values], total], ...],            # since the process started, >= 0
      "histograms": [[family, [label values], [count per bucket..., count over the last], sum], ...],
-     "gauges":     [[family, [label values], value], ...],           # current values, absolute
-     "folded":     [[family, samples folded by the reporter's series cap], ...]}
+                                                                        # cumulative too; counts, sum >= 0
+     "gauges":     [[family, [label values], value], ...],            # current values, absolute
+     "folded":     [[family, samples folded by the reporter's series cap since it started], ...]}
+
+Values are cumulative per source (a process run), never deltas, so any number
+of metrics services can each hold the latest values of every source and show
+the same totals (services/metrics/aggregate.py). A service ignores a total
+lower than the one it holds for that source and series (the rest of the batch
+applies); a partial push from a source it does not hold is answered `unknown`.
+Version 1 (deltas) is refused.
 
 Label values are in the family's declared order. `parse_batch` validates a
 received batch completely (known pushed families, kinds, label counts, finite
-numbers, at most `MAX_ENTRIES` entries) before anything is applied, and folds
-label values again on the service side, so a reporter that skips the folding
-still cannot add labels outside the rules.
+numbers >= 0 for counters and histograms, at most `MAX_ENTRIES` entries) before
+anything is applied, and folds label values again on the service side, so a
+reporter that skips the folding still cannot add labels outside the rules.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from shared.metrics.families import FAMILIES, Family, Kind
 
 __all__ = ["VERSION", "MAX_ENTRIES", "Key", "Source", "Batch", "parse_batch"]
 
-VERSION = 1
+VERSION = 2
 #: Entries per batch; a reporter's own series caps keep it far below.
 MAX_ENTRIES = 20_000
 _MAX_TEXT = 64
@@ -51,34 +61,26 @@ class Source:
 
 @dataclass(slots=True)
 class Batch:
-    """Counter and histogram deltas, gauge values, and fold counts."""
+    """Cumulative counter and histogram values, gauge values, fold counts; `full` or partial."""
 
     counters: dict[Key, float] = field(default_factory=dict)
     #: Per key: [count in each bucket..., count above the last bucket, sum of observations]
     histograms: dict[Key, list[float]] = field(default_factory=dict)
     gauges: dict[Key, float] = field(default_factory=dict)
     folded: dict[str, int] = field(default_factory=dict)
+    #: True: every series of the source; False: only those changed since an earlier push
+    full: bool = True
 
     def __len__(self) -> int:
         return len(self.counters) + len(self.histograms) + len(self.gauges) + len(self.folded)
-
-    def merge(self, newer: Batch) -> None:
-        """Add `newer`'s deltas to these; its gauge values replace these."""
-        for key, delta in newer.counters.items():
-            self.counters[key] = self.counters.get(key, 0.0) + delta
-        for key, cells in newer.histograms.items():
-            mine = self.histograms.get(key)
-            self.histograms[key] = cells[:] if mine is None else [a + b for a, b in zip(mine, cells)]
-        self.gauges.update(newer.gauges)
-        for name, count in newer.folded.items():
-            self.folded[name] = self.folded.get(name, 0) + count
 
     def to_wire(self, source: Source, seq: int) -> dict[str, Any]:
         return {
             "v": VERSION,
             "source": source.to_wire(),
             "seq": seq,
-            "counters": [[name, list(labels), delta] for (name, labels), delta in self.counters.items()],
+            "full": self.full,
+            "counters": [[name, list(labels), total] for (name, labels), total in self.counters.items()],
             "histograms": [
                 [name, list(labels), [int(c) for c in cells[:-1]], cells[-1]]
                 for (name, labels), cells in self.histograms.items()
@@ -89,26 +91,32 @@ class Batch:
 
 
 def parse_batch(wire: Any, *, max_entries: int = MAX_ENTRIES) -> tuple[Source, int, Batch]:
-    """A received batch checked and folded; `InvalidParams` names the first problem."""
+    """A received batch checked and folded; `InvalidParams` names the first problem.
+
+    Two entries that fold into the same series are summed (each is a total of
+    its own label values)."""
     if not isinstance(wire, dict) or wire.get("v") != VERSION:
         raise InvalidParams(f"batch must be a map with v={VERSION}", {"param": "batch"})
     source = _source(wire.get("source"))
     seq = wire.get("seq")
     if type(seq) is not int or not 0 <= seq < 2**63:
         raise InvalidParams("batch.seq must be an integer >= 0", {"param": "batch"})
+    full = wire.get("full")
+    if type(full) is not bool:
+        raise InvalidParams("batch.full must be true or false", {"param": "batch"})
     sections = {name: wire.get(name, []) for name in ("counters", "histograms", "gauges", "folded")}
     for name, entries in sections.items():
         if not isinstance(entries, list):
             raise InvalidParams(f"batch.{name} must be a list", {"param": "batch"})
     if sum(len(entries) for entries in sections.values()) > max_entries:
         raise InvalidParams(f"a batch holds at most {max_entries} entries", {"param": "batch"})
-    batch = Batch()
+    batch = Batch(full=full)
     for i, entry in enumerate(sections["counters"]):
-        fam, labels, delta = _entry(entry, Kind.COUNTER, 3, f"counters[{i}]")
-        if not _finite(delta) or delta < 0:
-            raise InvalidParams(f"batch.counters[{i}]: a delta must be a finite number >= 0")
+        fam, labels, total = _entry(entry, Kind.COUNTER, 3, f"counters[{i}]")
+        if not _finite(total) or total < 0:
+            raise InvalidParams(f"batch.counters[{i}]: a total must be a finite number >= 0")
         key = (fam.name, _labels(fam, labels, f"counters[{i}]"))
-        batch.counters[key] = batch.counters.get(key, 0.0) + float(delta)
+        batch.counters[key] = batch.counters.get(key, 0.0) + float(total)
     for i, entry in enumerate(sections["histograms"]):
         fam, labels, counts, total = _entry(entry, Kind.HISTOGRAM, 4, f"histograms[{i}]")
         cells = _histogram(fam, counts, total, f"histograms[{i}]")
@@ -155,8 +163,8 @@ def _histogram(fam: Family, counts: Any, total: Any, where: str) -> list[float]:
     if (not isinstance(counts, list) or len(counts) != len(fam.buckets) + 1
             or not all(type(c) is int and 0 <= c < 2**53 for c in counts)):
         raise InvalidParams(f"batch.{where}: {len(fam.buckets) + 1} bucket counts (integers >= 0) expected")
-    if not _finite(total):
-        raise InvalidParams(f"batch.{where}: the sum must be a finite number")
+    if not _finite(total) or total < 0:
+        raise InvalidParams(f"batch.{where}: the sum must be a finite number >= 0")
     return [*map(float, counts), float(total)]
 
 

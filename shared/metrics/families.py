@@ -134,7 +134,7 @@ DIRECTION = closed("direction", ("in", "out"))
 WINDOW = closed("time_window", ("1h", "24h"))
 INSTANCE = Label("instance", shape=_INSTANCE)
 FAMILY = Label("family", shape=re.compile(r"inferswarm_[a-z_]{1,64}"))
-RESULT = closed("result", ("ok", "duplicate", "invalid"))
+RESULT = closed("result", ("ok", "duplicate", "unknown", "retired", "invalid"))
 HEALTH = closed("status", ("ok", "degraded", "down"))
 #: A circuit breaker's state (shared/breaker.py), and an upstream API key's (backends' `keys_view`).
 BREAKER = closed("state", ("closed", "open", "half_open"))

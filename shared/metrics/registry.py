@@ -7,11 +7,15 @@
     metrics.gauge(DHT_PEERS).set(7, service="gateway", instance="3fa0c2d19b7e")
 
 Recording is a dict update under an uncontended lock (safe from worker
-threads too); nothing here does I/O. A `MetricsReporter` drains the deltas
-every second and pushes them. Recording never raises on the request path:
-a wrong or missing label becomes `"other"` (logged once per family), a
-negative or non-finite amount is ignored. Only asking for an undeclared
-family, or declaring other labels than the family's, raises -- at wiring time.
+threads too); nothing here does I/O. The registry keeps every series'
+cumulative value since the process started, and the generation of its last
+change: a `MetricsReporter` takes a `snapshot` every second, of every series
+(for a metrics service it has not brought up to date) or of those changed
+since that service's last acknowledged snapshot. Recording never raises on
+the request path: a wrong or missing label becomes `"other"` (logged once per
+family), a negative or non-finite amount or observation is ignored. Only
+asking for an undeclared family, or declaring other labels than the
+family's, raises -- at wiring time.
 
 Each handle folds label values by its family's rules and caps its series at
 `series_cap`; a new series past the cap goes into the family's all-`"other"`
@@ -27,7 +31,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shared.logging import get_logger
-from shared.metrics.batch import Batch
+from shared.metrics.batch import Batch, Key
 from shared.metrics.families import SERIES_CAP, Family, Kind, family
 
 __all__ = ["Metrics", "Counter", "Histogram", "Gauge"]
@@ -70,7 +74,7 @@ class _Handle:
         series = self.family.fold([labels.get(n) for n in self._names])
         if series not in self._series:
             if len(self._series) >= self._cap - 1 and series != self.family.overflow:
-                self._owner._folded(self._name)
+                self._owner._folded_one(self._name)
                 self._series.add(self.family.overflow)
                 return self.family.overflow  # not cached: every folded sample is counted
             self._series.add(series)
@@ -80,7 +84,7 @@ class _Handle:
 
 
 class Counter(_Handle):
-    """A monotonically increasing count; only deltas leave the process."""
+    """A monotonically increasing count; its total since the process started is pushed."""
 
     __slots__ = ()
 
@@ -90,28 +94,30 @@ class Counter(_Handle):
         key = self._key(labels)
         owner = self._owner
         with owner._lock:
-            counters = owner._pending.counters
+            counters = owner._counters
             counters[key] = counters.get(key, 0.0) + amount
+            owner._changed[key] = owner._generation
 
 
 class Histogram(_Handle):
-    """Observations counted into the family's fixed buckets, with their sum."""
+    """Observations (>= 0: durations, sizes) counted into the family's fixed buckets, with their sum."""
 
     __slots__ = ()
 
     def observe(self, value: float, /, **labels: Any) -> None:
-        if not math.isfinite(value):
+        if not (value >= 0 and math.isfinite(value)):  # a negative one would make `_sum` go down
             return
         key = self._key(labels)
         buckets = self.family.buckets
         cell = bisect_left(buckets, value)  # `le`: a value equal to a bound counts in it
         owner = self._owner
         with owner._lock:
-            cells = owner._pending.histograms.get(key)
+            cells = owner._histograms.get(key)
             if cells is None:
-                cells = owner._pending.histograms[key] = [0.0] * (len(buckets) + 2)
+                cells = owner._histograms[key] = [0.0] * (len(buckets) + 2)
             cells[cell] += 1
             cells[-1] += value
+            owner._changed[key] = owner._generation
 
 
 class Gauge(_Handle):
@@ -142,14 +148,20 @@ _KINDS: dict[Kind, type[_Handle]] = {Kind.COUNTER: Counter, Kind.HISTOGRAM: Hist
 
 
 class Metrics:
-    """The registry of one process: handles by family, deltas since the last `drain`."""
+    """The registry of one process: handles by family, cumulative values, what changed when."""
 
     def __init__(self, *, series_cap: int = SERIES_CAP) -> None:
         self.series_cap = series_cap
         self._lock = threading.Lock()
         self._handles: dict[str, _Handle] = {}
-        self._pending = Batch()
-        self._gauges: dict[tuple[str, tuple[str, ...]], float] = {}
+        self._counters: dict[Key, float] = {}
+        self._histograms: dict[Key, list[float]] = {}
+        self._gauges: dict[Key, float] = {}
+        self._folded: dict[str, int] = {}
+        #: counter or histogram series -> the generation in which it last changed
+        self._changed: dict[Key, int] = {}
+        self._generation = 1
+        self._drained = Batch()  #: the values at the last `drain`
 
     def counter(self, name: str | Family, labels: Sequence[str] | None = None) -> Counter:
         """The counter of a declared family (`labels`, if given, must be the family's)."""
@@ -161,11 +173,44 @@ class Metrics:
     def gauge(self, name: str | Family, labels: Sequence[str] | None = None) -> Gauge:
         return self._handle(name, labels, Kind.GAUGE)  # type: ignore[return-value]
 
-    def drain(self) -> Batch:
-        """Take the deltas recorded since the last drain, with every gauge's current value."""
+    def snapshot(self, since: int | None = None) -> tuple[int, Batch]:
+        """Cumulative values, and the generation to pass as `since` next time.
+
+        `since=None`: every counter and histogram series (a `full` batch);
+        otherwise only those changed after the snapshot that returned `since`.
+        Either way, every gauge's current value and every fold count."""
         with self._lock:
-            batch, self._pending = self._pending, Batch()
-            batch.gauges = dict(self._gauges)
+            generation = self._generation
+            self._generation += 1
+            if since is None:
+                counters, histograms = self._counters, self._histograms
+            else:
+                changed = [key for key, when in self._changed.items() if when > since]
+                counters = {k: self._counters[k] for k in changed if k in self._counters}
+                histograms = {k: self._histograms[k] for k in changed if k in self._histograms}
+            batch = Batch(dict(counters), {k: cells[:] for k, cells in histograms.items()},
+                          dict(self._gauges), dict(self._folded), full=since is None)
+        return generation, batch
+
+    def drain(self) -> Batch:
+        """What grew since the last `drain`, as deltas, with every gauge's value: for tests and
+        inspection in-process (the reporter pushes `snapshot`s, which drain does not disturb)."""
+        with self._lock:
+            base = self._drained
+            batch = Batch(gauges=dict(self._gauges))
+            for key, total in self._counters.items():
+                if total != base.counters.get(key, 0.0):
+                    batch.counters[key] = total - base.counters.get(key, 0.0)
+            for key, cells in self._histograms.items():
+                before = base.histograms.get(key)
+                if before != cells:
+                    batch.histograms[key] = cells[:] if before is None else [
+                        a - b for a, b in zip(cells, before)]
+            for name, count in self._folded.items():
+                if count != base.folded.get(name, 0):
+                    batch.folded[name] = count - base.folded.get(name, 0)
+            self._drained = Batch(dict(self._counters), {k: c[:] for k, c in self._histograms.items()},
+                                  folded=dict(self._folded))
         return batch
 
     def _handle(self, name: str | Family, labels: Sequence[str] | None, kind: Kind) -> _Handle:
@@ -181,7 +226,6 @@ class Metrics:
             raise ValueError(f"{fam.name} has labels {fam.label_names}, not {tuple(labels)}")
         return handle
 
-    def _folded(self, name: str) -> None:
+    def _folded_one(self, name: str) -> None:
         with self._lock:
-            folded = self._pending.folded
-            folded[name] = folded.get(name, 0) + 1
+            self._folded[name] = self._folded.get(name, 0) + 1
