@@ -19,11 +19,21 @@ settles its cost, and its receipt carries it) -- rounds alternate, the best
 round of each is kept: p50/p99 latency and requests/s; the gateway's
 overhead is the difference of the p50s. The gateway's RSS is read at the end.
 The last line is JSON with `added_p50_ms_1` and `rps_64` (the gateway path),
+`tracing_added_p50_ms_1` (see Traces below),
 `budget_added_p50_ms_1`, `budget_rps_64` and `budget_overhead_ratio_1` (added
 p50 with budgets / without, at 1 in flight), and `chain_added_p50_ms_1`: at 1
 in flight, the p50 of requests naming an alias whose chain has a fallback and
 a first-token time (the fallback machinery armed; nothing fails) less that of
 requests naming the model.
+
+Traces: a second gateway and worker (the worker serving the model under
+another name, TRACED_MODEL) run with OTEL_EXPORTER_OTLP_ENDPOINT set, exporting
+their spans to an OTLP/HTTP receiver in this process (tests/otlp_receiver.py,
+on a thread of its own); the first pair runs with tracing off, as by default.
+`tracing_added_p50_ms_1` is, at 1 in flight, the p50 through the traced pair
+less that through the untraced one: what tracing on costs a request. The two
+are measured side by side, in turn (in alternating order, twice a round), and
+the best p50 of each is kept: drift of this noisy machine falls on both.
 """
 
 from __future__ import annotations
@@ -46,9 +56,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the OTLP receiver
 
 LEVELS = (1, 16, 64)
 MODEL = "bench"
+TRACED_MODEL = "bench-traced"  #: served by the traced worker only
 ALIAS = "bench-chain"  #: an alias: MODEL, then a fallback (nothing fails: the machinery's cost alone)
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 PASSWORD = "benchmark passphrase, long enough"
@@ -153,6 +165,13 @@ async def prepare_user(auth: Any) -> tuple[str, str]:
 
 
 async def main(seconds: float, rounds: int) -> None:
+    from otlp_receiver import OtlpReceiver, in_thread
+
+    with in_thread(OtlpReceiver()) as receiver:
+        await run(seconds, rounds, receiver)
+
+
+async def run(seconds: float, rounds: int, receiver: Any) -> None:
     from shared.config import MeshConfig, Secret
     from shared.db import EmbeddedPostgres, ensure_database
     from shared.dht import model_topic, service_topic
@@ -177,7 +196,9 @@ async def main(seconds: float, rounds: int) -> None:
                         INFERSWARM_LOG_LEVEL="warning", PYTHONHASHSEED="0")
             children = Children(root, base)
             stack.push_async_callback(children.stop)
-            await asyncio.gather(
+            traced = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url}
+            echo = {"backend": "echo", "slots": 256, "queue": 1024}
+            started = await asyncio.gather(
                 children.start("auth", [sys.executable, "-m", "services.auth"], DATABASE_URL=auth_dsn,
                                INFERSWARM_DATA_DIR=str(root / "auth"),
                                INFERSWARM_TIER_UNLIMITED_TOKENS_PER_MONTH="100000000000"),
@@ -186,18 +207,18 @@ async def main(seconds: float, rounds: int) -> None:
                                INFERSWARM_MODELS=json.dumps({MODEL: {"backend": "echo", "slots": 256, "queue": 1024}})),
                 children.start("gateway", [sys.executable, "-m", "services.gateway"], DATABASE_URL=gateway_dsn,
                                INFERSWARM_DATA_DIR=str(root / "gateway")),
+                children.start("worker-traced", [sys.executable, "-m", "services.inference"],
+                               INFERSWARM_DATA_DIR=str(root / "worker-traced"), INFERSWARM_CACHE_TTL="0",
+                               INFERSWARM_MODELS=json.dumps({TRACED_MODEL: echo}), **traced),
+                children.start("gateway-traced", [sys.executable, "-m", "services.gateway"],
+                               DATABASE_URL=gateway_dsn, INFERSWARM_DATA_DIR=str(root / "gateway-traced"), **traced),
             )
-            providers = {}
-            for topic in (service_topic("auth"), service_topic("gateway"), model_topic(MODEL)):
-                for _ in range(100):
-                    try:
-                        providers[topic] = (await client.discovery.lookup(topic))[0]
-                        break
-                    except Exception:
-                        await asyncio.sleep(0.1)
+            await find(client.discovery, service_topic("auth"))
+            gateways = {p.endpoint: p for p in await find(client.discovery, service_topic("gateway"), 2)}
             api_key, budget_key = await prepare_user(client.mesh("auth"))
-            worker = client.mesh.connection(providers[model_topic(MODEL)])
-            gateway = client.mesh.connection(providers[service_topic("gateway")])
+            worker = client.mesh.connection((await find(client.discovery, model_topic(MODEL)))[0])
+            gateway = client.mesh.connection(gateways[started[2]["endpoint"]])
+            traced_gateway = client.mesh.connection(gateways[started[4]["endpoint"]])
             params = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16}
             direct = streamer(worker, "inference.generate", params)
             through = streamer(gateway, "gateway.infer", {**params, "api_key": api_key})
@@ -208,17 +229,62 @@ async def main(seconds: float, rounds: int) -> None:
             await until_budgeted(gateway, {**params, "api_key": budget_key})
             chained = streamer(gateway, "gateway.infer", {**params, "model": ALIAS, "api_key": api_key})
             await until_aliased(client.mesh("auth"), gateway, {**params, "model": ALIAS, "api_key": api_key})
+            traced_params = {**params, "model": TRACED_MODEL, "api_key": api_key}
+            traced = streamer(traced_gateway, "gateway.infer", traced_params)
+            await until_served(traced_gateway, traced_params)
 
             direct_rounds, gateway_rounds, budget_rounds, chain_rounds = [], [], [], []
+            tracing: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
             for _ in range(rounds):
                 direct_rounds.append({level: await measure(direct, level, seconds) for level in LEVELS})
                 gateway_rounds.append({level: await measure(through, level, seconds) for level in LEVELS})
                 budget_rounds.append({level: await measure(budgeted, level, seconds) for level in LEVELS})
                 chain_rounds.append({1: await measure(chained, 1, seconds)})
+                for order in (("off", "on"), ("on", "off")):
+                    for name in order:
+                        tracing[name].append(await measure(traced if name == "on" else through, 1, seconds))
             rss = children.rss_mb("gateway")
             health = await gateway.call("gateway.health")
             chain_1 = max((r[1] for r in chain_rounds), key=lambda m: m["rps"])
-            report(best(direct_rounds), best(gateway_rounds), best(budget_rounds), chain_1, rss, health)
+            off_1, on_1 = (min(tracing[name], key=lambda m: m["p50_ms"]) for name in ("off", "on"))
+            spans = await until_exported(receiver)
+            report(best(direct_rounds), best(gateway_rounds), best(budget_rounds), chain_1, rss, health,
+                   (off_1, on_1, spans))
+
+
+async def find(discovery: Any, topic: str, count: int = 1) -> list[Any]:
+    """The providers of `topic` once there are `count`."""
+    for _ in range(200):
+        try:
+            found = await discovery.lookup(topic)
+            if len(found) >= count:
+                return found
+        except Exception:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit(f"fewer than {count} providers of {topic}")
+
+
+async def until_served(gateway: Any, params: dict[str, Any]) -> None:
+    """Wait for the gateway to route the model (it learns the workers' models from the DHT)."""
+    from shared.errors import NotFound, Unavailable
+
+    for _ in range(100):
+        try:
+            [c async for c in await gateway.stream("gateway.infer", params)]
+            return
+        except (NotFound, Unavailable):
+            await asyncio.sleep(0.1)
+    raise SystemExit(f"the gateway never served {params['model']}")
+
+
+async def until_exported(receiver: Any) -> int:
+    """The spans the traced processes exported (they batch every 5 s): proof tracing was on."""
+    for _ in range(100):
+        if receiver.spans:
+            return len(receiver.spans)
+        await asyncio.sleep(0.1)
+    raise SystemExit("the traced gateway and worker exported no spans")
 
 
 async def until_aliased(auth: Any, gateway: Any, params: dict[str, Any]) -> None:
@@ -260,7 +326,7 @@ async def until_budgeted(gateway: Any, params: dict[str, Any]) -> None:
 
 def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, float]],
            budgeted: dict[int, dict[str, float]], chain_1: dict[str, float], rss: float,
-           health: dict[str, Any]) -> None:
+           health: dict[str, Any], traces: tuple[dict[str, float], dict[str, float], int]) -> None:
     print(f"{'in flight':>9} | {'direct p50 ms':>13} {'p99 ms':>7} {'req/s':>7} | "
           f"{'gateway p50 ms':>14} {'p99 ms':>7} {'req/s':>7} | {'added p50 ms':>12} {'added p99 ms':>12} | "
           f"{'budgets p50 ms':>14} {'req/s':>7} {'added p50 ms':>12}")
@@ -272,6 +338,11 @@ def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, flo
               f"{b['p50_ms']:>14.3f} {b['rps']:>7.0f} {b['p50_ms'] - d['p50_ms']:>12.3f}")
     print(f"through an alias with a fallback armed, 1 in flight: p50 {chain_1['p50_ms']:.3f} ms "
           f"({chain_1['p50_ms'] - through[1]['p50_ms']:+.3f} ms against the model named)")
+    off_1, on_1, spans = traces
+    print(f"tracing on (OTLP/HTTP to a local receiver, {spans} spans received), 1 in flight: "
+          f"p50 {on_1['p50_ms']:.3f} ms, p99 {on_1['p99_ms']:.3f} ms; off, measured beside it: "
+          f"p50 {off_1['p50_ms']:.3f} ms, p99 {off_1['p99_ms']:.3f} ms; "
+          f"added p50 {on_1['p50_ms'] - off_1['p50_ms']:+.3f} ms")
     print(f"gateway RSS {rss:.0f} MiB; usage records shipped {health['usage_shipped']}, "
           f"waiting {health['usage_unshipped']}")
     summary = {
@@ -284,6 +355,7 @@ def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, flo
         "budget_overhead_ratio_1": round((budgeted[1]["p50_ms"] - direct[1]["p50_ms"])
                                          / max(1e-9, through[1]["p50_ms"] - direct[1]["p50_ms"]), 3),
         "chain_added_p50_ms_1": round(chain_1["p50_ms"] - through[1]["p50_ms"], 3),
+        "tracing_added_p50_ms_1": round(on_1["p50_ms"] - off_1["p50_ms"], 3),
         "gateway_rss_mb": round(rss, 1),
         "gateway": {str(k): {m: round(v, 3) for m, v in through[k].items()} for k in LEVELS},
         "direct": {str(k): {m: round(v, 3) for m, v in direct[k].items()} for k in LEVELS},

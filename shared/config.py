@@ -353,6 +353,11 @@ class MeshConfig:
     rpc_stall_timeout: float = env(
         "INFERSWARM_RPC_STALL_TIMEOUT", default=30.0, parse=positive(_parse_float)
     )
+    # Traces (shared/tracing.py): the standard OpenTelemetry variables. A base
+    # URL gets the OTLP/HTTP path /v1/traces; the traces endpoint is used as is.
+    otlp_endpoint: str | None = env("OTEL_EXPORTER_OTLP_ENDPOINT", default=None)
+    otlp_traces_endpoint: str | None = env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", default=None)
+    otel_sdk_disabled: bool = env("OTEL_SDK_DISABLED", default=False)
 
     def __post_init__(self) -> None:
         # A wildcard bind address is no address a peer can dial: announcing
@@ -369,6 +374,17 @@ class MeshConfig:
     def advertised_host(self) -> str:
         """The host other nodes dial to reach this one's RPC socket."""
         return self.advertise_host or self.rpc_host
+
+    @property
+    def traces_endpoint(self) -> str | None:
+        """Where spans are sent (OTLP/HTTP), or None: tracing off."""
+        if self.otel_sdk_disabled:
+            return None
+        if self.otlp_traces_endpoint:
+            return self.otlp_traces_endpoint
+        if self.otlp_endpoint:
+            return self.otlp_endpoint.rstrip("/") + "/v1/traces"
+        return None
 
     @property
     def mesh_secret_path(self) -> Path:

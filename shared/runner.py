@@ -43,6 +43,7 @@ from shared.dht import Announcer, KademliaDiscovery, service_topic
 from shared.identity import MemberCredential, MeshCredential, NodeIdentity
 from shared.membership import mesh_credential
 from shared.logging import configure_logging
+from shared.tracing import configure_tracing, shutdown_tracing
 from shared.metrics import REQUEST_DURATION, REQUESTS, RPC_ERRORS, Metrics, MetricsReporter
 from shared.rpc import Dispatcher, Limits, MeshClient, RpcServer
 
@@ -199,13 +200,16 @@ def _request_counter(metrics: Metrics, service: str) -> Callable[[str, str, floa
 
 
 def run(service: str, build: Build, config: MeshConfig, **options: Any) -> None:
-    """The entry point of a service process: logging, then `serve` until signalled."""
+    """The entry point of a service process: logging and traces, then `serve` until signalled."""
     configure_logging(config.log_level, config.log_format, service=service)
+    configure_tracing(service, config.traces_endpoint)
     try:
         asyncio.run(serve(service, build, config, **options))
     except ConfigError as exc:
         print(f"{service}: configuration error:\n  " + "\n  ".join(exc.problems), file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        shutdown_tracing()  # the spans still buffered are exported before the process ends
 
 
 def _stop_on_signals() -> asyncio.Event:

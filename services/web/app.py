@@ -1,6 +1,7 @@
 """Wiring the web application: routes, middleware, templates and resources.
 
-Middleware, outermost first: the HTTP RED metrics (http_metrics.py), errors
+Middleware, outermost first: the request's trace id and span (traces.py),
+the HTTP RED metrics (http_metrics.py), errors
 to replies (middleware.py), then `/v1` CORS preflights (cors.py); every reply
 then passes `on_response_prepare`: security headers, the `/v1` request id,
 `/v1` CORS headers, the status noted for the metrics.
@@ -33,6 +34,7 @@ from services.web.params import DROP_PARAMS, MAX_N
 from services.web.security import (FORCE_SECURE, TRUST_PROXY, Csrf, add_security_headers,
                                    load_or_create_secret)
 from services.web.session import UPSTREAM
+from services.web.traces import trace_middleware
 from services.web.upstream import Upstream
 from services.web.views import CSRF, TEMPLATES, make_environment
 
@@ -64,7 +66,7 @@ def create_app(config: WebConfig, mesh: MeshClient, metrics: Metrics | None = No
     `metrics`: the registry the HTTP metrics go to (the process's `MeshNode.metrics`,
     pushed to the metrics service); None keeps them in a registry of their own."""
     app = web.Application(client_max_size=config.max_body_bytes,
-                          middlewares=[metrics_middleware, error_middleware, cors_middleware])
+                          middlewares=[trace_middleware, metrics_middleware, error_middleware, cors_middleware])
     app[METRICS] = HttpMetrics(metrics if metrics is not None else Metrics())
     app[CONFIG], app[MESH], app[CORS] = config, mesh, CorsPolicy(config.cors_origins)
     app[DROP_PARAMS] = config.drop_params

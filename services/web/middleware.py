@@ -22,6 +22,7 @@ import re
 import secrets
 
 from aiohttp import web
+from structlog.contextvars import bind_contextvars
 
 from shared.errors import (Forbidden, Internal, InvalidParams, MeshError, NotFound,
                            TooLarge, Unauthenticated)
@@ -124,7 +125,8 @@ async def add_request_id(request: web.Request, response: web.StreamResponse) -> 
     """`on_response_prepare`: `x-request-id` on every `/v1` reply (see the module doc)."""
     if not is_v1(request.path):
         return
-    response.headers.setdefault(REQUEST_ID, request_id_of(request))
+    # Bound to the log lines still to come (a streamed reply's): see traces.py.
+    bind_contextvars(request_id=response.headers.setdefault(REQUEST_ID, request_id_of(request)))
     client_id = request.headers.get(CLIENT_REQUEST_ID)
     if client_id is not None and _CLIENT_ID.fullmatch(client_id):
         response.headers[CLIENT_REQUEST_ID] = client_id

@@ -33,6 +33,7 @@ from shared.errors import (
     Unavailable,
     from_wire,
 )
+from shared import tracing
 from shared.identity import CurveKeyPair
 from shared.logging import new_trace_id
 from shared.rpc import codec
@@ -168,22 +169,32 @@ class Connection:
         trace_id: str | None = None,
     ) -> Any:
         """Call `method` and return its result, or raise its typed error."""
-        deadline = time.monotonic() + timeout
-        if not self._connected:
-            await self._wait_connected(deadline)
-        request_id = next(self._ids)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._pending[request_id] = future
-        self._deadlines.add(loop, deadline - time.monotonic(), request_id)
+        span = None if tracing.tracer is None else tracing.start_rpc_client(method, trace_id)
         try:
-            self._send_request(request_id, method, params, deadline, trace_id)
-            return await future
-        except asyncio.CancelledError:
-            self._send_cancel(request_id)
+            deadline = time.monotonic() + timeout
+            if not self._connected:
+                await self._wait_connected(deadline)
+            request_id = next(self._ids)
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[Any] = loop.create_future()
+            self._pending[request_id] = future
+            self._deadlines.add(loop, deadline - time.monotonic(), request_id)
+            try:
+                self._send_request(request_id, method, params, deadline,
+                                   trace_id if span is None else span.traceparent)
+                result = await future
+            except asyncio.CancelledError:
+                self._send_cancel(request_id)
+                raise
+            finally:
+                self._pending.pop(request_id, None)
+        except BaseException as exc:
+            if span is not None:
+                tracing.finish(span, tracing.error_code(exc))
             raise
-        finally:
-            self._pending.pop(request_id, None)
+        if span is not None:
+            tracing.finish(span)
+        return result
 
     def _expire(self, request_id: Any) -> None:
         """The deadline of a call or stream passed: fail it and tell the server."""
@@ -201,21 +212,28 @@ class Connection:
         trace_id: str | None = None,
     ) -> Stream:
         """Start a streaming call; iterate the returned `Stream` for its chunks."""
-        deadline = time.monotonic() + timeout
-        if not self._connected:
-            await self._wait_connected(deadline)
-        request_id = next(self._ids)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._pending[request_id] = queue
-        if self._window:
-            self._windows[request_id] = self._window
-        self._deadlines.add(asyncio.get_running_loop(), deadline - time.monotonic(), request_id)
+        span = None if tracing.tracer is None else tracing.start_rpc_client(method, trace_id)
         try:
-            self._send_request(request_id, method, params, deadline, trace_id, window=self._window)
-        except BaseException:
-            self._forget(request_id, cancel=False)
+            deadline = time.monotonic() + timeout
+            if not self._connected:
+                await self._wait_connected(deadline)
+            request_id = next(self._ids)
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            self._pending[request_id] = queue
+            if self._window:
+                self._windows[request_id] = self._window
+            self._deadlines.add(asyncio.get_running_loop(), deadline - time.monotonic(), request_id)
+            try:
+                self._send_request(request_id, method, params, deadline,
+                                   trace_id if span is None else span.traceparent, window=self._window)
+            except BaseException:
+                self._forget(request_id, cancel=False)
+                raise
+        except BaseException as exc:
+            if span is not None:
+                tracing.finish(span, tracing.error_code(exc))
             raise
-        return Stream(self, request_id, queue, self._window)
+        return Stream(self, request_id, queue, self._window, span)
 
     def _send_request(
         self, request_id: int, method: str, params: dict[str, Any] | None, deadline: float,
@@ -392,11 +410,13 @@ class Stream:
     Use `async with` to make that prompt.
     """
 
-    def __init__(self, connection: Connection, request_id: int, queue: asyncio.Queue[Any], window: int = 0) -> None:
+    def __init__(self, connection: Connection, request_id: int, queue: asyncio.Queue[Any], window: int = 0,
+                 span: tracing.Span | None = None) -> None:
         self._conn = connection
         self._id = request_id
         self._queue = queue
         self._done = False
+        self._span = span  #: the call's CLIENT span, ended with the stream
         self.chunks = 0
         #: Read chunks not yet given back as credit; given back a half window at a time.
         self._unacked = 0
@@ -414,10 +434,10 @@ class Stream:
             await self.aclose()
             raise
         if item is _END:
-            self._done = True
+            self._end(None)
             raise StopAsyncIteration
         if isinstance(item, MeshError):
-            self._done = True
+            self._end(item.code)
             raise item
         self.chunks += 1
         if self._batch:
@@ -430,8 +450,14 @@ class Stream:
     async def aclose(self) -> None:
         """Stop the stream; the server is told to cancel if it is still going."""
         if not self._done:
-            self._done = True
+            self._end("CANCELLED")
             self._conn._forget(self._id, cancel=True)
+
+    def _end(self, error: str | None) -> None:
+        self._done = True
+        if self._span is not None:
+            tracing.finish(self._span, error)
+            self._span = None
 
     async def __aenter__(self) -> Stream:
         return self
@@ -442,4 +468,6 @@ class Stream:
     def __del__(self) -> None:
         if not self._done and not self._conn.closed:
             self._conn._forget(self._id, cancel=True)
+        if self._span is not None:  # dropped unread: still a span that ends
+            tracing.finish(self._span, "CANCELLED")
 

@@ -63,7 +63,7 @@ __all__ = [
 
 VERSION = 1
 
-REQUEST = 1  # [V, REQUEST, id, method, params, timeout_ms, trace_id(, window)]
+REQUEST = 1  # [V, REQUEST, id, method, params, timeout_ms, trace_id(, window)]; trace_id may be a traceparent
 REPLY = 2  # [V, REPLY, id, result]
 CHUNK = 3  # [V, CHUNK, id, data]
 END = 4  # [V, END, id]

@@ -43,6 +43,7 @@ from shared.errors import (
     TooLarge,
     Unavailable,
 )
+from shared import tracing
 from shared.identity import CurveKeyPair
 from shared.rpc import codec
 from shared.rpc.deadlines import DeadlineQueue
@@ -380,10 +381,12 @@ class RpcServer:
     ) -> None:
         budget = request.timeout_ms / 1000
         started = time.monotonic()
+        trace_id = tracing.trace_id_of(request.trace_id)  # the field may be a traceparent
+        span = None if tracing.tracer is None else tracing.start_rpc_server(request.method, request.trace_id)
         current_request.set(
             RequestContext(
                 method=request.method,
-                trace_id=request.trace_id,
+                trace_id=trace_id,
                 deadline=started + budget,
                 peer=peer,
                 member=member,  # a members-only server admitted nobody else at the handshake
@@ -391,7 +394,7 @@ class RpcServer:
                 role=role,
             )
         )
-        structlog.contextvars.bind_contextvars(trace_id=request.trace_id)
+        structlog.contextvars.bind_contextvars(trace_id=trace_id)
         status = "ok"
         try:
             if handler.stream:
@@ -419,9 +422,11 @@ class RpcServer:
         except Exception:
             status = Internal.code
             log.exception("handler failed", method=request.method)
-            error = Internal(f"internal error (trace {request.trace_id})")
+            error = Internal(f"internal error (trace {trace_id})")
             await self._send_waiting(ident, codec.encode_error(request.id, *error.to_wire()))
         finally:
+            if span is not None:
+                tracing.finish(span, None if status == "ok" else status)
             self._observe(request.method, status, time.monotonic() - started)
             key = (ident, request.id)
             if self._tasks.pop(key, None) is not None:  # else it never suspended, never counted
