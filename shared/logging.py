@@ -39,6 +39,7 @@ __all__ = [
     "new_trace_id",
     "bind_trace",
     "current_trace_id",
+    "bind_request_id",
     "redact",
 ]
 
@@ -83,6 +84,13 @@ def bind_trace(trace_id: str | None = None) -> Iterator[str]:
         yield trace_id
     finally:
         reset_contextvars(**tokens)
+
+
+def bind_request_id(request_id: str) -> None:
+    """Bind a request's id (the gateway's `gw-...`, which callers see as `x-request-id`) to
+    every later log line of this context: the rest of the handler's task. The RPC server
+    runs each request in a task of its own, so the binding ends with the request."""
+    bind_contextvars(request_id=request_id)
 
 
 def current_trace_id() -> str | None:

@@ -22,6 +22,7 @@ pytest.importorskip("llama_cpp")
 
 from shared.config import MeshConfig, Secret, load  # noqa: E402
 from shared.dht import model_topic, service_topic  # noqa: E402
+from shared.errors import InvalidParams  # noqa: E402
 from shared.identity import MeshCredential  # noqa: E402
 from shared.runner import join_mesh, serve  # noqa: E402
 from services.inference.config import InferenceConfig  # noqa: E402
@@ -125,6 +126,13 @@ async def test_a_stream_over_rpc_end_to_end(mesh):
     assert models["models"][0]["name"] == "smollm2" and models["models"][0]["backend"] == "local"
     status = await connection.call("inference.model_status", {"model": "smollm2"})
     assert status["healthy"] and status["requests"] >= 1
+    # The gateway's request id rides along for the worker's log lines; a malformed one is refused.
+    sent = [c async for c in await connection.stream("inference.generate", {**params, "request_id": "gw-0a1b"})]
+    assert sent[-1]["done"]
+    for bad in ("gw 0a1b", "x" * 65, "gw-\u00e9", "../etc"):
+        with pytest.raises(InvalidParams) as refused:
+            [c async for c in await connection.stream("inference.generate", {**params, "request_id": bad})]
+        assert refused.value.data["param"] == "request_id"
 
 
 async def test_a_cancel_from_the_caller_frees_the_slot_and_load_is_reannounced(mesh):

@@ -96,6 +96,11 @@ def test_a_v1_request_is_one_trace_across_web_gateway_auth_and_worker(traced) ->
     lines = wait_until_sync(lambda: [line for line in web_lines(stack, "/v1/chat/completions")
                                      if line["trace_id"] == TRACE], 10.0)
     assert lines[0]["request_id"] == headers["x-request-id"]
+    for process in ("gateway", "inference"):  # the gateway's id, sent along to the worker
+        lines = wait_until_sync(lambda p=process: [line for line in log_lines(stack, p)
+                                                   if line.get("trace_id") == TRACE], 10.0,
+                                message=f"no {process} log line of the request")
+        assert {line.get("request_id") for line in lines} == {headers["x-request-id"]}, (process, lines)
 
 
 def test_malformed_traceparent_headers_get_a_normal_reply(traced) -> None:
@@ -130,5 +135,5 @@ def test_a_refused_request_is_an_error_span_and_a_log_line_of_its_trace(traced) 
     span = wait_until_sync(gateway_span, 30.0, message="no span of the gateway")
     assert span.status == 2 and span.attributes["error.type"] == "NOT_FOUND"
     refusal = wait_until_sync(lambda: [line for line in log_lines(stack, "gateway")
-                                       if line.get("trace_id") == trace_id], 10.0)
-    assert refusal[0]["event"] == "request refused" and refusal[0]["code"] == "NOT_FOUND"
+                                       if line.get("trace_id") == trace_id and line["event"] == "request refused"], 10.0)
+    assert refusal[0]["code"] == "NOT_FOUND"

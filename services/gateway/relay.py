@@ -142,6 +142,7 @@ class Relay:
     ) -> Upstream:
         """A worker's stream and its first chunk, trying others while nothing was delivered."""
         attempts = _Attempts(self, request_id, model, workers, deadline)
+        params = {**params, "request_id": request_id}  # for the worker's log lines
         for _ in range(self.attempts):
             provider, budget = attempts.next()
             sent = time.monotonic()
@@ -183,6 +184,7 @@ class Relay:
         rules of `open` before a first chunk: other workers are tried on a failure,
         within `attempts` and the deadline."""
         attempts = _Attempts(self, request_id, model, workers, deadline)
+        params = {**params, "request_id": request_id}
         for _ in range(self.attempts):
             provider, budget = attempts.next()
             sent = time.monotonic()

@@ -74,7 +74,7 @@ from decimal import Decimal
 
 from shared.dht import Provider
 from shared.errors import Forbidden, MeshError, NotFound, RateLimited
-from shared.logging import get_logger
+from shared.logging import bind_request_id, get_logger
 from shared.generation import is_final, output_of
 from shared.receipts import Signer, sign
 from services.gateway.accounts import Accounts, safe_model
@@ -118,6 +118,7 @@ class Request:
     def __init__(self, parts: Parts, model: str, deadline: float, *, fallback: bool = True) -> None:
         self._parts = parts
         self.request_id = "gw-" + secrets.token_hex(12)
+        bind_request_id(self.request_id)  # on this request's log lines, here and (sent along) the worker's
         self.asked = model  #: the name the caller gave: a model, an alias or `default`
         self.model = model  #: the model routed to: the one that served, once it ends
         self._fallback = fallback
@@ -459,6 +460,8 @@ class Request:
         if cost is not None and self.spend.price is not None:  # what the receipt says and the budget kept
             record["cost"], record["currency"] = format(cost, "f"), self.spend.price.currency
         self._parts.accounts.recorded(record, self.admission)
+        log.debug("request done", status=status, model=record["model"], prompt_tokens=prompt_tokens,
+                  completion_tokens=completion_tokens, latency_ms=record["latency_ms"])
         counts = self._parts.counts
         counts.ended(status)
         if self.admission is not None:

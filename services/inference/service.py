@@ -61,6 +61,7 @@ parameter checks):
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
@@ -69,7 +70,7 @@ from typing import Any
 
 from shared.dht import model_topic
 from shared.errors import InvalidParams, NotFound, Unavailable
-from shared.logging import get_logger
+from shared.logging import bind_request_id, get_logger
 from shared.rpc import current_request, method
 from shared.embedding import build_embed_request
 from shared.generation import GenerateRequest, Limits, ToolCall, build_request, priority_of
@@ -158,7 +159,7 @@ class InferenceService:
     @method(roles=("gateway",))
     async def generate(
         self, model: str, stream: bool = True, priority: int | str = 0, tenant: str = "",
-        cache_ttl: int | None = None, **generation: Any,
+        cache_ttl: int | None = None, request_id: str = "", **generation: Any,
     ) -> AsyncIterator[dict[str, Any]]:
         """Stream the generation's text (or tool calls), then one final chunk (see the module doc).
 
@@ -166,7 +167,9 @@ class InferenceService:
         (shared/generation/); what the request leaves out, the model's
         defaults fill in (catalog.py, `Sampling`). `cache_ttl`: seconds to keep
         the response in the cache (the operator's setting, passed by gateways;
-        None: INFERSWARM_CACHE_TTL; 0: not cached, nor answered from the cache)."""
+        None: INFERSWARM_CACHE_TTL; 0: not cached, nor answered from the cache).
+        `request_id`: the gateway's id of the request, put on this call's log lines."""
+        _bind_request_id(request_id)
         served = self._served(model)
         backend = _chat(served)
         request = self._resolved(served, generation)
@@ -229,6 +232,7 @@ class InferenceService:
             for chunk in from_result(result, all_logprobs if request.logprobs else None):
                 yield chunk
         final["worker"]["load"] = served.load()  # after the slot was freed
+        log.debug("generation done", model=model, completion_tokens=len(pieces), timing=final.get("timing"))
         yield final
 
     def _resolved(self, served: ServedModel, generation: dict[str, Any]) -> GenerateRequest:
@@ -255,10 +259,11 @@ class InferenceService:
 
     @method(roles=("gateway",))
     async def embed(self, model: str, input: list[Any], dimensions: int | None = None,
-                    priority: int | str = 0, tenant: str = "") -> dict[str, Any]:
+                    priority: int | str = 0, tenant: str = "", request_id: str = "") -> dict[str, Any]:
         """One vector per text of `input`, in order, taking a slot of the model
         like a generation (see the module doc). `tenant` is checked as
         `generate` checks it; nothing is cached, so it is not used yet."""
+        _bind_request_id(request_id)
         served = self._served(model)
         embedder = _embedder(served)
         request = build_embed_request(self.limits, input=input, dimensions=dimensions)
@@ -444,3 +449,16 @@ def from_result(result: CachedResponse, logprobs: list[dict[str, Any]] | None = 
     if result.tool_calls:
         chunks.append(_calls(result.tool_calls, None if chunks else result.prompt_tokens))
     return chunks
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+
+def _bind_request_id(request_id: Any) -> None:
+    """The gateway's request id on this call's log lines ("" : none); a value of another
+    shape is the caller's error (INVALID_PARAMS), never logged."""
+    if request_id == "":
+        return
+    if not isinstance(request_id, str) or _REQUEST_ID.fullmatch(request_id) is None:
+        raise InvalidParams("request_id must be 1 to 64 letters, digits, '-' or '_'", {"param": "request_id"})
+    bind_request_id(request_id)
