@@ -13,6 +13,8 @@ it (the multi-host test needs root, say).
 from __future__ import annotations
 
 import asyncio
+import io
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
@@ -20,8 +22,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import structlog
 
 from shared.db import EmbeddedPostgres, ensure_database
+from shared.logging import configure_logging
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +114,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # -- auth on a fresh database, for the tests of auth's handlers ---------------------------------------------
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """Logging configured into a buffer; the previous set-up restored afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    stream = io.StringIO()
+    configure_logging("info", "json", service="test", stream=stream, cache_loggers=False)
+    yield stream
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 @pytest.fixture

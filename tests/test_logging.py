@@ -10,11 +10,9 @@ import re
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from shared.logging import (
     bind_trace,
@@ -26,20 +24,6 @@ from shared.logging import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """Logging configured into a buffer; the previous set-up restored afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    configure_logging("info", "json", service="test", stream=stream, cache_loggers=False)
-    yield stream
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 def lines(stream: io.StringIO) -> list[dict]:

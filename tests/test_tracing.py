@@ -4,15 +4,12 @@ request, tracing off, and one OTLP/HTTP round trip to a receiver."""
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 import zmq.asyncio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,7 +21,7 @@ from shared import tracing
 from shared.config import MeshConfig, load
 from shared.errors import NotFound
 from shared.identity import MeshCredential, NodeIdentity
-from shared.logging import bind_trace, configure_logging, get_logger, new_trace_id
+from shared.logging import bind_trace, get_logger, new_trace_id
 from shared.rpc import Connection, Dispatcher, RpcServer, current_request, method
 from otlp_receiver import CLIENT, SERVER, OtlpReceiver, in_thread
 from waiting import wait_until
@@ -102,19 +99,6 @@ async def probe(mesh, zmq_context):
         connection.open()
         yield connection
         await connection.close()
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    configure_logging("info", "json", service="test", stream=stream, cache_loggers=False)
-    yield stream
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 async def finished(exporter: InMemorySpanExporter, count: int) -> list[ReadableSpan]:
