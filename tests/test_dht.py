@@ -158,6 +158,25 @@ async def test_empty_lookup_raises_and_is_not_cached(mesh):
         assert await endpoints(nodes[1], topic) == {endpoint(0)}  # no cached emptiness
 
 
+@pytest.mark.rpc
+async def test_a_lookup_past_its_freshness_answers_at_once_and_refreshes_behind(mesh):
+    async with cluster(mesh, 3) as nodes:
+        await announce(nodes[1], 1, ttl=8.0)
+        assert await endpoints(nodes[2]) == {endpoint(1)}
+        await announce(nodes[0], 0, ttl=8.0)  # a new provider: only a crawl can tell
+        await wait_until(lambda: nodes[2]._cache.get(TOPIC) is None, 2, message="the cached lookup never aged")
+        # The stale answer: had the caller waited on a crawl, it would name both providers.
+        assert await endpoints(nodes[2]) == {endpoint(1)}
+        assert len(nodes[2]._refreshing) == 1  # the crawl runs behind it, once for any number of callers
+        assert await endpoints(nodes[2]) in ({endpoint(1)}, {endpoint(0), endpoint(1)})
+        assert len(nodes[2]._refreshing) <= 1
+        await eventually(lambda: _both(nodes[2]), timeout=2.0)  # the refresh's answer replaced it
+
+
+async def _both(node: KademliaDiscovery) -> bool:
+    return await endpoints(node) == {endpoint(0), endpoint(1)}
+
+
 # -- expiry and withdrawal ------------------------------------------------------------
 
 

@@ -27,6 +27,9 @@ class DHTConfig:
     ping_interval: float = 5.0  #: liveness check of routing-table contacts
     dead_ttl: float = 15.0  #: a node that failed is neither re-added nor contacted for this long
     cache_ttl: float = 1.0  #: lookups are cached this long (0 = no cache)
+    #: ... and after that, answered from the cache while one crawl refreshes them in the background,
+    #: until this much older (0 = every lookup after `cache_ttl` waits for its crawl)
+    cache_stale: float = 15.0
     cache_size: int = 1024  #: topics kept in the lookup cache
     backoff_initial: float = 0.5  #: first delay before retrying a failed bootstrap
     backoff_max: float = 30.0  #: longest delay between bootstrap retries

@@ -106,7 +106,8 @@ class KademliaDiscovery:
             parse_seed(seed)  # a typo in a seed fails now, not silently later
         self._neighbours = NeighbourFile(neighbours_path) if neighbours_path else None
         self._server = DHTServer(identity.node_id, self.verifier, self.config)
-        self._cache = LookupCache(self.config.cache_ttl, self.config.cache_size)
+        self._cache = LookupCache(self.config.cache_ttl, self.config.cache_size, stale=self.config.cache_stale)
+        self._refreshing: dict[str, asyncio.Task[None]] = {}  #: topic -> its background crawl
         self._last_seq = 0
         self._stack: AsyncExitStack | None = None
 
@@ -153,6 +154,7 @@ class KademliaDiscovery:
             await self._join()
             loops = Background()
             stack.push_async_callback(loops.stop)
+            stack.push_async_callback(self._stop_refreshing)
             for loop in (self._stay_connected, self._maintain, self._save_regularly):
                 loops.start(loop(), name=f"dht.{loop.__name__}")
             self._port = self.port
@@ -203,6 +205,8 @@ class KademliaDiscovery:
         """
         self._require_started()
         providers = self._cache.get(topic)
+        if providers is None and (providers := self._cache.stale(topic)) is not None:
+            self._refresh(topic)  # answered now; the crawl runs for the next caller
         if providers is None:
             loop = asyncio.get_running_loop()
             deadline = None if timeout is None else loop.time() + timeout
@@ -218,6 +222,34 @@ class KademliaDiscovery:
     def forget(self, topic: str) -> None:
         """Drop the cached lookup of `topic` (a provider of it failed)."""
         self._cache.drop(topic)
+
+    def _refresh(self, topic: str) -> None:
+        """Crawl for `topic` in the background, once at a time per topic: a stale answer
+        was given, the cache gets the fresh one (or loses the entry when none is found)."""
+        if topic in self._refreshing:
+            return
+        task = asyncio.get_running_loop().create_task(self._recrawl(topic), name=f"dht.refresh {topic}")
+        self._refreshing[topic] = task
+        task.add_done_callback(lambda _: self._refreshing.pop(topic, None))
+
+    async def _recrawl(self, topic: str) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            blobs = await self._server.find_records(topic_key(topic), loop.time() + self.config.rpc_timeout * 4)
+        except Exception as exc:  # the cached answer stands until it is too old
+            log.debug("dht.refresh_failed", topic=topic, error=repr(exc))
+            return
+        providers = select_providers(self.verifier, topic, blobs)
+        if providers:
+            self._cache.put(topic, providers)
+        else:
+            self._cache.drop(topic)  # gone: the next caller crawls and learns it
+
+    async def _stop_refreshing(self) -> None:
+        tasks = list(self._refreshing.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _require_started(self) -> None:
         if self._stack is None:
