@@ -11,12 +11,15 @@
     backend. The inference service has no zero-cost backend (yet), so the
     worker's HTTP call to the fixed server is part of (b): "added" below is
     everything our path adds on top of a bare server, that hop included.
-Non-streaming requests, `max_tokens` 8, the response cache off, the caller on
-the unlimited tier. For each number in flight the two alternate (never at
-once) for `rounds` rounds of `seconds` each, after a warm-up; the best round
-of each is kept (shared, noisy machines). The load generator is one aiohttp
-client with exactly N requests in flight, bounded in time and count.
-The last line is JSON with `rps_64` and `added_p50_ms_1`. (The issue names this
+Requests of `max_tokens` 8, the response cache off, the caller on the
+unlimited tier; each path is measured plain and streamed (`stream: true`,
+timed to the reply's last byte). For each number in flight the four alternate
+(never at once) for `rounds` rounds of `seconds` each, after a warm-up; the
+best round of each is kept (shared, noisy machines). The load generator is
+one aiohttp client with exactly N requests in flight, bounded in time and
+count. The last line is JSON with `rps_64`, `p50_ms_64`, `p99_ms_64`,
+`added_p50_ms_1`, and for the streamed run `stream_rps_64`, `stream_p50_ms_64`,
+`stream_p99_ms_64` (and the bare server's `direct_stream_p50_ms_64`). (The issue names this
 file bench/http.py; a script of that name would shadow the standard library's
 `http` package, which aiohttp imports, so it is bench/web.py.)
 """
@@ -52,6 +55,7 @@ MODEL = "bench-model"
 PASSWORD = "correct-horse-battery-9"
 ADMIN = "bench-admin@example.com"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}
+STREAMED = {**BODY, "stream": True}
 COMPLETION = "Hello! How can I help you today?"
 MAX_REQUESTS_PER_RUN = 200_000
 
@@ -149,11 +153,12 @@ async def unlimited_key(base: str, data_dir: Path, bootstrap: str) -> str:
 # -- the load generator ------------------------------------------------------------------------
 
 
-async def measure(url: str, headers: dict[str, str], in_flight: int, seconds: float) -> dict:
-    """Exactly `in_flight` requests at a time for `seconds`; latencies of the successful ones."""
+async def measure(url: str, headers: dict[str, str], in_flight: int, seconds: float, body: dict = BODY) -> dict:
+    """Exactly `in_flight` requests at a time for `seconds`; latencies of the successful ones
+    (a streamed reply: until its last byte)."""
     latencies: list[float] = []
     failures = 0
-    payload = json.dumps(BODY).encode()
+    payload = json.dumps(body).encode()
     connector = aiohttp.TCPConnector(limit=in_flight, force_close=False)
     async with aiohttp.ClientSession(connector=connector, headers={**headers, "Content-Type": "application/json"}) as http:
         stop_at = time.perf_counter() + seconds
@@ -196,19 +201,23 @@ async def run(seconds: float, rounds: int, levels: list[int]) -> None:
         try:
             base = f"http://127.0.0.1:{web_port}"
             key = await unlimited_key(base, data_dir, stack.ready["bootstrap"])  # type: ignore[attr-defined]
-            targets = {"direct": (f"{fixed_url}/chat/completions", {}),
-                       "stack": (f"{base}/v1/chat/completions", {"Authorization": f"Bearer {key}"})}
-            for name, (url, headers) in targets.items():  # warm-up: connections, caches, JIT-free paths
-                await measure(url, headers, 16, 1.0)
-            results: dict[str, dict[int, dict]] = {"direct": {}, "stack": {}}
+            auth = {"Authorization": f"Bearer {key}"}
+            targets = {"direct": (f"{fixed_url}/chat/completions", {}, BODY),
+                       "stack": (f"{base}/v1/chat/completions", auth, BODY),
+                       "direct_stream": (f"{fixed_url}/chat/completions", {}, STREAMED),
+                       "stream": (f"{base}/v1/chat/completions", auth, STREAMED)}
+            for url, headers, body in targets.values():  # warm-up: connections, caches, JIT-free paths
+                await measure(url, headers, 16, 1.0, body)
+            results: dict[str, dict[int, dict]] = {name: {} for name in targets}
             for level in levels:
-                runs: dict[str, list[dict]] = {"direct": [], "stack": []}
+                runs: dict[str, list[dict]] = {name: [] for name in targets}
                 for _ in range(rounds):
-                    for name, (url, headers) in targets.items():
-                        runs[name].append(await measure(url, headers, level, seconds))
+                    for name, (url, headers, body) in targets.items():
+                        runs[name].append(await measure(url, headers, level, seconds, body))
                 for name in runs:
                     results[name][level] = best(runs[name])
                 print_level(level, results["direct"][level], results["stack"][level])
+                print_level(level, results["direct_stream"][level], results["stream"][level], "streamed")
         finally:
             stack.send_signal(signal.SIGTERM)
             stack.wait(timeout=60)
@@ -224,11 +233,17 @@ async def run(seconds: float, rounds: int, levels: list[int]) -> None:
         summary[f"direct_p50_ms_{level}"] = direct["p50_ms"]
         summary[f"added_p50_ms_{level}"] = round(full["p50_ms"] - direct["p50_ms"], 3)
         summary[f"failures_{level}"] = full["failures"] + direct["failures"]
+        streamed, direct_streamed = results["stream"][level], results["direct_stream"][level]
+        summary[f"stream_rps_{level}"] = streamed["rps"]
+        summary[f"stream_p50_ms_{level}"] = streamed["p50_ms"]
+        summary[f"stream_p99_ms_{level}"] = streamed["p99_ms"]
+        summary[f"direct_stream_p50_ms_{level}"] = direct_streamed["p50_ms"]
+        summary[f"stream_failures_{level}"] = streamed["failures"] + direct_streamed["failures"]
     print(json.dumps(summary))
 
 
-def print_level(level: int, direct: dict, full: dict) -> None:
-    print(f"in flight {level:>3}: direct {direct['rps']:>8.1f} req/s  p50 {direct['p50_ms']:>7.2f} ms  "
+def print_level(level: int, direct: dict, full: dict, kind: str = "") -> None:
+    print(f"in flight {level:>3}{' ' + kind if kind else ''}: direct {direct['rps']:>8.1f} req/s  p50 {direct['p50_ms']:>7.2f} ms  "
           f"p99 {direct['p99_ms']:>7.2f} ms | stack {full['rps']:>8.1f} req/s  p50 {full['p50_ms']:>7.2f} ms  "
           f"p99 {full['p99_ms']:>7.2f} ms | added p50 {full['p50_ms'] - direct['p50_ms']:>6.2f} ms"
           f"{'  (failures: %d)' % full['failures'] if full['failures'] else ''}", flush=True)
