@@ -13,6 +13,15 @@ reset before each direct run, as the worker does. Rounds alternate direct/rpc
 because these machines are shared and noisy. tokens/s is completion tokens over
 the time from the call to the last token, as a caller sees it; time to first
 token likewise. Also the worker's resident memory. The last line is JSON.
+
+(c) batch: the same worker also serves the model with continuous batching
+    (`"batch": true`, 4 slots: backends/batched.py) as "smollm2-batch". Each
+    round also runs 4 streams of the same request on it at once:
+    `batch4_tokens_per_s` is their completion tokens over the time from the
+    first call to the last token (best round), beside `batch1_tokens_per_s`,
+    one stream alone on it; `batch_join_ttft_ms` is the time to first token of
+    a request sent once 3 others are generating, beside
+    `batch_idle_ttft_ms`, the same request on the idle model (best rounds).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ from services.inference.backends.local import default_gguf  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper who befriends a whale."}]
 SEED = 7
+BATCHED = "smollm2-batch"
 
 
 def rss_mb(pid: int) -> float:
@@ -64,11 +74,11 @@ def run_direct(llm, max_tokens: int) -> dict:
     return {"seconds": time.perf_counter() - started, "ttft": (first or started) - started, "text": "".join(pieces)}
 
 
-async def run_rpc(client, max_tokens: int) -> dict:
-    params = {"model": "smollm2", "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED}
+async def run_rpc(client, max_tokens: int, model: str = "smollm2") -> dict:
+    params = {"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0.0, "seed": SEED}
     started = time.perf_counter()
     first, pieces, final = None, [], {}
-    stream = await client.mesh.topic(model_topic("smollm2")).stream("inference.generate", params, timeout=120)
+    stream = await client.mesh.topic(model_topic(model)).stream("inference.generate", params, timeout=120)
     async for chunk in stream:
         if "text" in chunk:
             first = first or time.perf_counter()
@@ -79,8 +89,38 @@ async def run_rpc(client, max_tokens: int) -> dict:
             "text": "".join(pieces), "tokens": final["usage"]["completion_tokens"], "worker": final["timing"]}
 
 
+async def run_batch4(client, max_tokens: int) -> dict:
+    """Four streams at once on the batched model: their tokens over the wall time."""
+    started = time.perf_counter()
+    runs = await asyncio.gather(*(run_rpc(client, max_tokens, BATCHED) for _ in range(4)))
+    return {"seconds": time.perf_counter() - started, "tokens": sum(r["tokens"] for r in runs),
+            "same": all(r["text"] == runs[0]["text"] for r in runs), "text": runs[0]["text"]}
+
+
+async def run_join(client, max_tokens: int) -> float:
+    """Time to first token of a request joining 3 running streams on the batched model."""
+    started = [asyncio.Event() for _ in range(3)]
+
+    async def running(flag: asyncio.Event) -> None:
+        params = {"model": BATCHED, "messages": MESSAGES, "max_tokens": max_tokens * 4, "temperature": 0.0}
+        stream = await client.mesh.topic(model_topic(BATCHED)).stream("inference.generate", params, timeout=120)
+        async for chunk in stream:
+            if "text" in chunk:
+                flag.set()
+
+    tasks = [asyncio.create_task(running(flag)) for flag in started]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(flag.wait() for flag in started)), 60)
+        return (await run_rpc(client, 8, BATCHED))["ttft"]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def start_worker(data_dir: Path, secret: str, seed: str, threads: int) -> subprocess.Popen:
-    models = {"smollm2": {"backend": "local", "slots": 1, "n_threads": threads}}
+    models = {"smollm2": {"backend": "local", "slots": 1, "n_threads": threads},
+              BATCHED: {"backend": "local", "slots": 4, "batch": True, "n_threads": threads}}
     env = {**os.environ, "INFERSWARM_DATA_DIR": str(data_dir), "INFERSWARM_MESH_SECRET": secret,
            "INFERSWARM_BOOTSTRAP": seed, "INFERSWARM_MODELS": json.dumps(models),
            "INFERSWARM_CACHE_TTL": "0", "INFERSWARM_LOG_LEVEL": "warning"}
@@ -109,33 +149,46 @@ async def main(rounds: int, max_tokens: int, threads: int) -> None:
             try:
                 ready = json.loads(await asyncio.wait_for(asyncio.to_thread(worker.stdout.readline), 60))
                 assert ready["ready"] == "inference", ready
-                await run_rpc(client, 8)  # warm up both paths
+                await run_rpc(client, 8)  # warm up all paths
+                await run_rpc(client, 8, BATCHED)
                 run_direct(llm, 8)
-                direct, rpc = [], []
+                direct, rpc, batch1, batch4, idle_ttft, join_ttft = [], [], [], [], [], []
                 for _ in range(rounds):
                     direct.append(run_direct(llm, max_tokens))
                     rpc.append(await run_rpc(client, max_tokens))
+                    batch1.append(await run_rpc(client, max_tokens, BATCHED))
+                    batch4.append(await run_batch4(client, max_tokens))
+                    idle_ttft.append((await run_rpc(client, 8, BATCHED))["ttft"])
+                    join_ttft.append(await run_join(client, max_tokens))
                 worker_rss = rss_mb(worker.pid)
             finally:
                 worker.send_signal(signal.SIGTERM)
                 await asyncio.to_thread(worker.wait, 30)
     tokens = rpc[0]["tokens"]
     same = all(r["text"] == direct[0]["text"] for r in direct + rpc)
-    d, r = summary(direct, tokens), summary(rpc, tokens)
+    batch_same = all(b["text"] == rpc[0]["text"] for b in batch1 + batch4) and all(b["same"] for b in batch4)
+    d, r, b1 = summary(direct, tokens), summary(rpc, tokens), summary(batch1, tokens)
+    b4 = max(b["tokens"] / b["seconds"] for b in batch4)
     print(f"SmolLM2-135M-Instruct, {threads} threads, {tokens} completion tokens, {rounds} rounds, "
           f"same text on both paths: {same}")
     print(f"{'path':>8} | {'best tok/s':>10} {'median tok/s':>12} | {'best ttft ms':>12} {'median ttft ms':>14}")
-    for name, s in (("direct", d), ("rpc", r)):
+    for name, s in (("direct", d), ("rpc", r), ("batch1", b1)):
         print(f"{name:>8} | {s['best']:>10.1f} {s['median']:>12.1f} | {s['ttft_best_ms']:>12.1f} "
               f"{s['ttft_median_ms']:>14.1f}")
+    print(f"batch of 4 streams: {b4:.1f} tok/s aggregate ({b4 / r['best']:.2f}x one stream); time to first "
+          f"token joining 3 running streams {min(join_ttft) * 1000:.1f} ms vs idle {min(idle_ttft) * 1000:.1f} ms; "
+          f"batched text the same as unbatched rpc, alone and 4 at once: {batch_same}")
     print(f"worker RSS {worker_rss:.0f} MB; this process (model loaded) {rss_mb(os.getpid()):.0f} MB")
     print(json.dumps({
         "tokens_per_s_direct": round(d["best"], 1), "tokens_per_s_rpc": round(r["best"], 1),
         "tokens_per_s_ratio": round(r["best"] / d["best"], 3),
         "tokens_per_s_ratio_median": round(r["median"] / d["median"], 3),
+        "batch4_tokens_per_s": round(b4, 1), "batch1_tokens_per_s": round(b1["best"], 1),
+        "batch4_ratio": round(b4 / r["best"], 3),
         "ttft_ms_direct": round(d["ttft_best_ms"], 1), "ttft_ms_rpc": round(r["ttft_best_ms"], 1),
+        "batch_join_ttft_ms": round(min(join_ttft) * 1000, 1), "batch_idle_ttft_ms": round(min(idle_ttft) * 1000, 1),
         "worker_rss_mb": round(worker_rss, 1), "completion_tokens": tokens, "rounds": rounds,
-        "threads": threads, "same_text": same,
+        "threads": threads, "same_text": same, "batch_same_text": batch_same,
     }))
 
 

@@ -51,10 +51,11 @@ def llama_cpp_own():
     llm.close()
 
 
-@pytest.fixture
-async def local():
+@pytest.fixture(params=[False, True], ids=["unbatched", "batched"])
+async def local(request):
+    """The local model, with a context per slot or with continuous batching (backends/batched.py)."""
     async with AsyncExitStack() as stack:
-        yield await start(stack, {"smollm2": {"backend": "local", "slots": 1, "n_threads": 1},
+        yield await start(stack, {"smollm2": {"backend": "local", "slots": 1, "n_threads": 1, "batch": request.param},
                                   "echo": {"backend": "echo"}}, INFERSWARM_CACHE_TTL="60")
 
 

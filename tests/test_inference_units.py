@@ -45,6 +45,15 @@ def test_catalog_from_json_with_defaults():
     assert (openai.upstream, openai.api_key_env, openai.slots) == ("gpt-4o-mini", "OPENAI_API_KEY", 4)
 
 
+def test_a_local_chat_model_is_batched_only_when_asked():
+    models = {"plain": {"backend": "local"}, "batched": {"backend": "local", "slots": 4, "batch": True}}
+    plain, batched = load(InferenceConfig, {"INFERSWARM_MODELS": json.dumps(models)}).models
+    assert (plain.batch, batched.batch, batched.slots) == (False, True, 4)
+    assert type(make_backend(plain, threads=1)).__name__ == "LocalBackend"
+    backend = make_backend(batched, threads=1)
+    assert type(backend).__name__ == "BatchedBackend" and backend.slots == 4
+
+
 def test_catalog_from_a_toml_file(tmp_path):
     path = tmp_path / "models.toml"
     path.write_text('[llama3]\nbackend = "ollama"\nmodel = "llama3:8b"\nslots = 2\nqueue = 3\n')
@@ -65,6 +74,9 @@ def test_catalog_from_a_toml_file(tmp_path):
         ('{"m": {"backend": "openai", "url": "http://x/v1", "api_key_env": "1BAD"}}', "api_key_env"),
         ('{"bad name": {"backend": "local"}}', "model 'bad name'"),
         ('{"m": {"backend": "local", "n_threads": "2"}}', "n_threads must be an integer"),
+        ('{"m": {"backend": "local", "batch": "yes"}}', "batch must be true or false"),
+        ('{"m": {"backend": "local", "kind": "embedding", "batch": true}}', "unknown setting(s) batch"),
+        ('{"m": {"backend": "ollama", "batch": true}}', "unknown setting(s) batch"),
     ],
 )
 def test_bad_catalog_fails_at_start_naming_the_problem(models, problem):

@@ -42,6 +42,9 @@ Keys of an entry (unknown keys are refused, so a typo fails at start):
 |              |                | no max_tokens (INFERSWARM_MAX_TOKENS; local models also stop where     |
 |              |                | their context ends)                                                    |
 | repeat_penalty | local        | llama.cpp's repeat penalty (1.0, none; the embedded SmolLM2 1.1)       |
+| batch        | local (chat)   | true: decode the `slots` concurrent requests together, one context of  |
+|              |                | `slots` sequences (backends/batched.py); false: a context per slot     |
+|              |                | (false)                                                                |
 
 The three key settings combine (deduplicated, in that order) into the pool of
 keys the backend rotates over (backends/keys.py: a key refused with 429 waits
@@ -90,7 +93,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}$")
 _BASE = {"backend", "slots", "queue"}
 _COMMON = _BASE | {"temperature", "top_p", "max_output"}  # a chat model's generation defaults
 _KEYS: dict[str, set[str]] = {
-    "local": _COMMON | {"kind", "path", "n_threads", "n_ctx", "repeat_penalty"},
+    "local": _COMMON | {"kind", "path", "n_threads", "n_ctx", "repeat_penalty", "batch"},
     "ollama": _COMMON | {"kind", "url", "model", "timeout"},
     "openai": _COMMON | {"kind", "url", "model", "timeout", "api_key_env", "api_keys_env", "api_keys_file"},
     "anthropic": _COMMON | {"kind", "url", "model", "timeout", "api_key_env", "api_keys_env", "api_keys_file"},
@@ -146,6 +149,8 @@ class ModelSpec:
     tokenizer: Path | None = None
     n_threads: int | None = None
     n_ctx: int = 2048
+    #: Local chat: decode the slots' requests together in one context (backends/batched.py).
+    batch: bool = False
     #: Seconds between echoed words (echo).
     delay: float = 0.0
     sampling: Sampling = Sampling()
@@ -233,6 +238,7 @@ def _local(spec: ModelSpec, entry: Mapping[str, Any], where: str) -> ModelSpec:
         tokenizer=_path(entry, "tokenizer", where),
         n_threads=None if threads is None else _int(entry, "n_threads", 1, where, minimum=1),
         n_ctx=_int(entry, "n_ctx", 2048, where, minimum=128),
+        batch=_bool(entry, "batch", where),
     )
 
 
@@ -277,6 +283,13 @@ def _sampling(entry: Mapping[str, Any], where: str, *, embedded: bool) -> Sampli
         max_output = _int(entry, "max_output", 1, where, minimum=1)
     return Sampling(**values, max_output=max_output)
 
+
+
+def _bool(entry: Mapping[str, Any], key: str, where: str) -> bool:
+    value = entry.get(key, False)
+    if type(value) is not bool:
+        raise ValueError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def _path(entry: Mapping[str, Any], key: str, where: str) -> Path | None:

@@ -22,6 +22,11 @@ def make_backend(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = 
     Raises `ConfigError` when the entry names an API key variable that is unset
     or empty, or a key file that cannot be read or holds no key.
     """
+    if spec.backend == "local" and spec.batch:
+        from services.inference.backends.batched import BatchedBackend
+
+        return BatchedBackend(spec.path, slots=spec.slots, n_threads=spec.n_threads or threads, n_ctx=spec.n_ctx,
+                              repeat_penalty=spec.sampling.repeat_penalty)
     if spec.backend == "local":
         from services.inference.backends.local import LocalBackend
 

@@ -6,6 +6,8 @@ Each slot owns one llama.cpp context (the weights are memory-mapped once and
 shared) and one thread of a private executor, so generation never blocks the
 event loop: the thread streams each piece of text back with
 `call_soon_threadsafe`, and the worker keeps answering RPCs meanwhile.
+With `"batch": true` in its catalog entry the model is served by batched.py
+instead: one context whose sequences are decoded together.
 
 Chat messages go through the model's own chat template
 (`create_chat_completion`), a prompt through `create_completion`; both stream.
