@@ -75,6 +75,7 @@ bench: install
 	$(BIN)/python bench/web.py
 	$(BIN)/python bench/embeddings.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/quota_scale.py
 
 clean:
 	rm -rf $(VENV) .data

@@ -69,8 +69,22 @@ class DatabaseConfig:
 async def create_pool(
     dsn: str, *, min_size: int = 1, max_size: int = 10, **kwargs: Any
 ) -> asyncpg.Pool:
-    """An asyncpg pool on `dsn`; extra keyword arguments go to `asyncpg.create_pool`."""
+    """An asyncpg pool on `dsn`; extra keyword arguments go to `asyncpg.create_pool`.
+
+    A connection goes back to the pool with an open transaction rolled back
+    (asyncpg always does that) but without asyncpg's reset statement
+    (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`): that
+    statement is a transaction of its own on every release -- as many as the
+    work itself (bench/quota_scale.py) -- and nothing of ours leaves session
+    state on a pooled connection (the migrations release their advisory lock
+    themselves; LISTEN has a connection of its own). Pass `reset=` to change that.
+    """
+    kwargs.setdefault("reset", _keep_session)
     return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **kwargs)
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset: nothing to undo beyond the rollback asyncpg has done (see `create_pool`)."""
 
 
 async def close_pool(pool: asyncpg.Pool, timeout: float = 5.0) -> None:

@@ -267,3 +267,22 @@ async def test_closing_a_pool_ends_even_with_a_connection_never_given_back(pg_ds
     assert asyncio.get_running_loop().time() - started < 5 and pool.is_closing()
     with pytest.raises(Exception):  # the stuck query's connection was terminated under it
         await asyncio.wait_for(stuck, 5)
+
+
+@pytest.mark.db
+async def test_a_released_connection_costs_no_statement(pg_dsn: str) -> None:
+    """asyncpg's reset statement would be a transaction of its own on every release:
+    our pools skip it, and still roll back a transaction left open."""
+    pool = await create_pool(pg_dsn, min_size=1, max_size=1)
+    statements: list[str] = []
+    try:
+        async with pool.acquire() as conn:
+            conn.add_query_logger(lambda record: statements.append(record.query))
+            await conn.execute("SELECT 1")
+        assert statements == ["SELECT 1"]
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("CREATE TEMPORARY TABLE left_open (n int)")
+        assert await pool.fetchval("SELECT to_regclass('pg_temp.left_open') IS NULL")
+    finally:
+        await close_pool(pool)

@@ -160,6 +160,57 @@ async def test_shipper_batches_retries_and_drops_only_invalid_records(tmp_path):
 
 
 @pytest.mark.unit
+async def test_shipper_sends_one_batch_an_interval_under_load(tmp_path):
+    """Records arriving all the time go in one batch an interval, not in back-to-back
+    batches as small as a round trip lets them be (each is a transaction at auth)."""
+    journal = usage_journal(tmp_path)
+    journal.open()
+    sent: list[int] = []
+
+    async def send(batch):
+        await asyncio.sleep(0.005)  # auth's round trip
+        sent.append(len(batch))
+        return {"inserted": len(batch), "duplicates": 0, "rejected": 0}
+
+    async with UsageShipper(journal, send, interval=0.1, max_batch=500):
+        began = time.monotonic()
+        for i in range(250):  # about 0.5 s of a steady load
+            journal.append({"t": "D", "r": f"r{i}", "p": [], "rec": record(f"r{i}")})
+            await asyncio.sleep(0.002)
+        elapsed = time.monotonic() - began
+        for _ in range(100):
+            if not journal.pending(1):
+                break
+            await asyncio.sleep(0.02)
+    assert sum(sent) == 250
+    assert len(sent) <= elapsed / 0.1 + 3, sent
+    journal.close()
+
+
+@pytest.mark.unit
+async def test_shipper_sends_full_batches_back_to_back(tmp_path):
+    """A backlog does not wait an interval between full batches."""
+    journal = usage_journal(tmp_path)
+    journal.open()
+    sent: list[int] = []
+
+    async def send(batch):
+        sent.append(len(batch))
+        return {"inserted": len(batch), "duplicates": 0, "rejected": 0}
+
+    async with UsageShipper(journal, send, interval=30.0, max_batch=500) as shipper:
+        for i in range(1200):
+            journal.append({"t": "D", "r": f"r{i}", "p": [], "rec": record(f"r{i}")})
+        shipper.poke()
+        for _ in range(100):
+            if sum(sent) == 1200:
+                break
+            await asyncio.sleep(0.02)
+        assert sent == [500, 500, 200]  # before the stop's own flush
+    journal.close()
+
+
+@pytest.mark.unit
 def test_counts_keep_outcomes_bounded():
     counts = Counts()
     for status in [f"s{i}" for i in range(40)] + ["ok", "ok"]:

@@ -2,10 +2,12 @@
 
 Every `interval` (or as soon as `max_batch` records wait) the shipper sends
 the oldest unshipped records in one call and, when auth answers, moves the
-journal's shipped mark past them. A failed call is retried with backoff,
-never skipped; a record auth refuses as invalid is logged and dropped (it
-would otherwise block every later one). Auth stores each request id once, so
-a batch sent twice -- lost answer, crash before the mark moved -- counts once.
+journal's shipped mark past them: one batch an interval, or more while they
+go full (each batch is a transaction at auth). A failed call is retried with
+backoff, never skipped; a record auth refuses as invalid is logged and
+dropped (it would otherwise block every later one). Auth stores each request
+id once, so a batch sent twice -- lost answer, crash before the mark moved --
+counts once.
 """
 
 from __future__ import annotations
@@ -100,7 +102,11 @@ class UsageShipper:
                 pass
             self._wake.clear()
             try:
-                await self.flush()
+                # One batch a turn, more only while they go full: under load the
+                # records of an interval go to auth in one statement, not in
+                # back-to-back batches as small as a round trip lets them be.
+                while await self.ship_once() >= self.max_batch:
+                    pass
                 backoff = self.interval
             except MeshError as exc:
                 self.failures += 1
