@@ -30,7 +30,8 @@ of a server process.
 
 Targets: no error at 1,000 concurrent streams; RSS growth under 10% over the
 soak. The last line is JSON with `errors`, `rss_growth`, the soak's
-throughput and latency, and the baseline's.
+throughput and latency (`streams_per_s`, ...), the direct run's
+`direct_streams_per_s` and their `streams_ratio`, and the baseline's figures.
 """
 
 from __future__ import annotations
@@ -506,6 +507,8 @@ def report(args: argparse.Namespace, total: dict[str, Any], samples: list[dict[s
         "streams": args.streams,
         "seconds": args.seconds,
         "streams_per_s": soak["streams_per_s"],
+        "direct_streams_per_s": direct["streams_per_s"],  # the same clients straight to the workers
+        "streams_ratio": round(soak["streams_per_s"] / direct["streams_per_s"], 3) if direct["streams_per_s"] else None,
         "tokens_per_s": soak["tokens_per_s"],
         "p50_ms": soak["p50_ms"], "p99_ms": soak["p99_ms"],
         "ttft_p50_ms": soak["ttft_p50_ms"], "ttft_p99_ms": soak["ttft_p99_ms"],
