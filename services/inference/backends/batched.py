@@ -64,7 +64,7 @@ from shared.config import ConfigError
 from shared.errors import InvalidParams, Unavailable
 from shared.logging import get_logger
 from services.inference.backends.base import Backend, Done, Event, GenerateRequest, Logprobs, Prompt, token_logprob
-from services.inference.backends.local import _grammar, _Output, _typed, default_gguf
+from services.inference.backends.local import Output, llama_grammar, model_file, typed_error
 from services.inference.backends.structured import grammar_of, prompt_messages
 
 __all__ = ["BatchedBackend"]
@@ -114,9 +114,7 @@ class BatchedBackend(Backend):
         self._engine: _Engine | None = None
 
     async def start(self) -> None:
-        path = self.path or default_gguf()
-        if not path.is_file():
-            raise ConfigError([f"local backend: model file {path} does not exist"])
+        path = model_file(self.path)
         self._engine = await asyncio.to_thread(_Engine, path, self.slots, self.n_threads, self.n_ctx,
                                                self.repeat_penalty)
         self.path = path
@@ -140,7 +138,7 @@ class BatchedBackend(Backend):
         return len(self._engine.active) if self._engine is not None else 0
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
-        output = _Output(request)
+        output = Output(request)
         async with aclosing(self._raw(request)) as events:
             async for event in events:
                 for item in output.feed(event):
@@ -166,7 +164,7 @@ class BatchedBackend(Backend):
             while True:
                 item = await events.get()
                 if isinstance(item, BaseException):
-                    raise _typed(item)
+                    raise typed_error(item)
                 yield item
                 if isinstance(item, Done):
                     return
@@ -224,7 +222,7 @@ class _Engine:
             raise InvalidParams(f"prompt too long for the model: Requested tokens ({len(tokens)}) exceed context "
                                 f"window of {self.n_ctx}", {"param": "messages", "reason": "context_length_exceeded"})
         text = grammar_of(request)
-        return tokens, stops, _grammar(text) if text is not None else None
+        return tokens, stops, llama_grammar(text) if text is not None else None
 
     def submit(self, job: _Job) -> None:
         with self.lock:  # never behind the closing `None`, where nobody would read it

@@ -58,7 +58,7 @@ from services.inference.backends.base import (
 )
 from services.inference.backends.structured import grammar_of, parse_calls, prompt_messages
 
-__all__ = ["LocalBackend", "default_gguf"]
+__all__ = ["LocalBackend", "Output", "default_gguf", "llama_grammar", "model_file", "typed_error"]
 
 log = get_logger(__name__)
 
@@ -173,9 +173,7 @@ class LocalBackend(Backend):
         return list(self._free)
 
     async def start(self) -> None:
-        path = self.path or default_gguf()
-        if not path.is_file():
-            raise ConfigError([f"local backend: model file {path} does not exist"])
+        path = model_file(self.path)
         cls = _llama_class()
         self._executor = ThreadPoolExecutor(max_workers=self.slots, thread_name_prefix="llama")
         loop = asyncio.get_running_loop()
@@ -204,7 +202,7 @@ class LocalBackend(Backend):
             raise Unavailable("local model not loaded")
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
-        output = _Output(request)
+        output = Output(request)
         async with aclosing(self._raw(request, grammar_of(request))) as events:  # closed with us: see `_raw`
             async for event in events:
                 for item in output.feed(event):
@@ -231,7 +229,7 @@ class LocalBackend(Backend):
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    raise _typed(item)
+                    raise typed_error(item)
                 yield item
                 if isinstance(item, Done):
                     return
@@ -245,7 +243,7 @@ class LocalBackend(Backend):
             self._free.append(llm)
 
 
-class _Output:
+class Output:
     """The model's text as the caller gets it: text, or tool calls (structured.py).
 
     With tools in play, the answer is a call block or text: forced calls
@@ -301,7 +299,7 @@ def _generate(llm: Any, request: GenerateRequest, grammar: str | None, extra: di
     prompted = False
     try:
         if grammar is not None:
-            options["grammar"] = _grammar(grammar)
+            options["grammar"] = llama_grammar(grammar)
         if request.messages is not None:
             chunks = llm.create_chat_completion(messages=prompt_messages(request), **options)
         else:
@@ -332,7 +330,15 @@ def _generate(llm: Any, request: GenerateRequest, grammar: str | None, extra: di
         llm.top_logprobs = None
 
 
-def _grammar(text: str) -> Any:
+def model_file(path: Path | None) -> Path:
+    """The GGUF to load: `path`, or the default model's; a missing file is a configuration error."""
+    path = path or default_gguf()
+    if not path.is_file():
+        raise ConfigError([f"local backend: model file {path} does not exist"])
+    return path
+
+
+def llama_grammar(text: str) -> Any:
     from llama_cpp import LlamaGrammar
 
     try:
@@ -342,7 +348,7 @@ def _grammar(text: str) -> Any:
                             {"param": "response_format", "reason": "unsupported"}) from None
 
 
-def _typed(exc: BaseException) -> MeshError:
+def typed_error(exc: BaseException) -> MeshError:
     if isinstance(exc, MeshError):
         return exc
     text = str(exc)
