@@ -198,3 +198,10 @@ def test_config_from_environment(tmp_path):
         load(AuthConfig, {"INFERSWARM_ADMIN_EMAILS": "a@x.org"})
     assert info.value.problems == [f"INFERSWARM_ADMIN_EMAILS: {RETIRED_ADMIN_EMAILS}"]
     assert "inferswarm admin grant" in RETIRED_ADMIN_EMAILS
+    # The usage retention: unset or 0 keeps for ever; 1 would drop a month records may still arrive for.
+    assert config.usage_retention_months == 0
+    assert load(AuthConfig, {"INFERSWARM_USAGE_RETENTION_MONTHS": "13"}).usage_retention_months == 13
+    for refused in ("1", "-2", "x"):
+        with pytest.raises(ConfigError) as info:
+            load(AuthConfig, {"INFERSWARM_USAGE_RETENTION_MONTHS": refused})
+        assert info.value.problems[0].startswith("INFERSWARM_USAGE_RETENTION_MONTHS: ")

@@ -9,6 +9,8 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import asyncpg
+
 from shared.db import apply_migrations, close_pool, create_pool
 from shared.logging import get_logger
 from shared.metrics import Metrics
@@ -17,6 +19,7 @@ from services.auth.cache import KeyCache
 from services.auth.config import AuthConfig
 from services.auth.housekeeping import Housekeeper
 from services.auth.invalidation import InvalidationFeed
+from services.auth.partitions import UsagePartitions
 from services.auth.passwords import PRODUCTION, PasswordHasher
 from services.auth.price_store import PriceStore
 from services.auth.registration import RegistrationThrottle
@@ -57,7 +60,13 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str,
         reload=lambda: tier_store.load(tiers),
     )
     await stack.enter_async_context(feed)
-    housekeeper = await stack.enter_async_context(Housekeeper(store, dead_letters_max=config.dead_letters_max))
+    partitions = UsagePartitions(pool, retention_months=config.usage_retention_months)
+    try:  # the months ahead, before any usage is recorded (the DEFAULT partition would take it)
+        await partitions.ensure()
+    except asyncpg.LockNotAvailableError:
+        log.warning("usage partitions not made: `usage` busy; the housekeeping will try again")
+    housekeeper = await stack.enter_async_context(
+        Housekeeper(store, dead_letters_max=config.dead_letters_max, partitions=partitions))
     # One sender per instance; they share the deliveries through the database (webhook_store.py).
     sender = await stack.enter_async_context(WebhookSender(WebhookStore(pool), config.webhooks))
     params = config.argon2

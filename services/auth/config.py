@@ -30,6 +30,10 @@
                                          webhook_urls.py: a server-side request forgery otherwise)
     INFERSWARM_DEAD_LETTERS_MAX          dead letters kept, the newest (10000); the housekeeping deletes the
                                          older ones every ten minutes (README.md, "Dead letters")
+    INFERSWARM_USAGE_RETENTION_MONTHS    months of per-request usage records kept besides the current one
+                                         (0 or unset: for ever; else at least 2); the housekeeping drops the
+                                         older monthly partitions of `usage` whole. The daily aggregates, which
+                                         reports read, are kept (README.md, "Usage partitions and retention")
 
 Every auth instance of one mesh must use the same signing key: share the
 file (or point INFERSWARM_AUTH_JWT_KEY_FILE at a copy) when running several.
@@ -80,6 +84,19 @@ def _currency(raw: str) -> str:
     return raw
 
 
+def _retention(raw: str) -> int:
+    """0 (for ever), or 2 months or more: records up to 35 days old are still accepted
+    (records.py), so a retention of 1 would drop, at the start of a month, a month whose records,
+    and retries of them, may still arrive -- and forget the request ids that make retries count once."""
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if value < 0 or value == 1:
+        raise ValueError(f"expected 0 (keep for ever) or a number of months, 2 or more, got {raw!r}")
+    return value
+
+
 def _non_negative(raw: str) -> float:
     value = float(raw)
     if not value >= 0:
@@ -128,6 +145,7 @@ class AuthConfig:
     webhook_allow_private: bool = env("INFERSWARM_WEBHOOK_ALLOW_PRIVATE", default=False)
     alert_interval: float = env("INFERSWARM_ALERT_INTERVAL", default=0.5, parse=_non_negative)
     dead_letters_max: int = env("INFERSWARM_DEAD_LETTERS_MAX", default=10_000, parse=positive(int))
+    usage_retention_months: int = env("INFERSWARM_USAGE_RETENTION_MONTHS", default=0, parse=_retention)
 
     def __post_init__(self) -> None:
         problems = []

@@ -7,7 +7,9 @@ put the database back on the hot path. Instead each use is noted in a dict
 Every `prune_interval` seconds (and at the first round) old rows go: those
 `AuthStore.prune` knows, and all but the `dead_letters_max` newest dead letters
 (INFERSWARM_DEAD_LETTERS_MAX; dead_letter_store.py). Every instance prunes;
-two at once delete the same rows, harmlessly.
+two at once delete the same rows, harmlessly. The same round has `usage`'s
+monthly partitions made ahead and those past INFERSWARM_USAGE_RETENTION_MONTHS
+dropped (partitions.py; two instances take turns there).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from datetime import datetime, timezone
 from shared.logging import get_logger
 from shared.tasks import Background
 from services.auth.dead_letter_store import DeadLetterStore
+from services.auth.partitions import UsagePartitions
 from services.auth.store import AuthStore
 
 __all__ = ["Housekeeper"]
@@ -27,14 +30,17 @@ log = get_logger(__name__)
 
 
 class Housekeeper:
-    """Flushes key use times and prunes old rows, until closed."""
+    """Flushes key use times and prunes old rows, until closed. `partitions`: those of `usage`
+    (None: made ahead, none dropped)."""
 
     def __init__(
         self, store: AuthStore, *, flush_interval: float = 2.0, prune_interval: float = 600.0,
         keep_seconds: float = 86_400.0, dead_letters_max: int = 10_000,
+        partitions: UsagePartitions | None = None,
     ) -> None:
         self._store = store
         self._dead_letters = DeadLetterStore(store.pool)
+        self.partitions = partitions or UsagePartitions(store.pool)
         self._dead_letters_max = dead_letters_max
         self._flush_interval = flush_interval
         self._prune_interval = prune_interval
@@ -61,11 +67,13 @@ class Housekeeper:
                 raise
 
     async def prune(self) -> None:
-        """One pruning round: old rows of `AuthStore.prune`, dead letters past the bound."""
+        """One pruning round: old rows of `AuthStore.prune`, dead letters past the bound, `usage`'s
+        partitions (the months ahead made, those past the retention dropped)."""
         await self._store.prune(self._keep_seconds)
         dropped = await self._dead_letters.prune(self._dead_letters_max)
         if dropped:
             log.info("dead letters pruned", dropped=dropped, kept=self._dead_letters_max)
+        await self.partitions.maintain()
 
     async def __aenter__(self) -> Housekeeper:
         self._background.start(self._run(), name="auth housekeeping")

@@ -27,7 +27,7 @@ from shared.logging import get_logger
 from services.auth.dead_letter_store import Attempt
 from services.auth.usage_store import UsageRecord
 
-__all__ = ["MAX_BATCH", "MAX_TRIED", "parse_batch"]
+__all__ = ["MAX_AGE_S", "MAX_BATCH", "MAX_TRIED", "parse_batch"]
 
 log = get_logger(__name__)
 
@@ -45,8 +45,10 @@ _FIELDS = frozenset({
 _CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")  # an error code: UNAVAILABLE, TIMEOUT, RATE_LIMITED
 _COST = re.compile(r"\d{1,10}(?:\.\d{1,10})?")  # NUMERIC(20,10)
 _CURRENCY = re.compile(r"[A-Z]{3}")
-#: Records from further back than this (or from the future) are refused.
-_MAX_AGE_S = 35 * 86_400
+#: Records from further back than this (or from the future) are refused. partitions.py keeps
+#: the months this reaches back to made, and INFERSWARM_USAGE_RETENTION_MONTHS (at least 2)
+#: never drops them.
+MAX_AGE_S = 35 * 86_400
 _MAX_AHEAD_S = 300
 
 
@@ -178,6 +180,6 @@ def _timestamp(index: int, value: Any) -> datetime | None:
     if type(value) not in (int, float) or value != value:  # NaN
         raise _fail(index, "at", "expected epoch seconds")
     now = time.time()
-    if not now - _MAX_AGE_S <= value <= now + _MAX_AHEAD_S:
+    if not now - MAX_AGE_S <= value <= now + _MAX_AHEAD_S:
         raise _fail(index, "at", "too far in the past or the future")
     return datetime.fromtimestamp(value, timezone.utc)

@@ -1,11 +1,14 @@
 """Usage records and their daily aggregates (the SQL half of `auth.record_usage`/`auth.usage`).
 
-A batch is written by one statement: rows whose request id is already stored
-are skipped (`ON CONFLICT DO NOTHING`), and only the rows actually inserted
-are added to `usage_daily`, in the same statement and so the same
+A batch is written by one statement: each request id is first claimed in
+`usage_request_ids` (`ON CONFLICT DO NOTHING`: an id already stored is not
+claimed again), only the claimed records are inserted into `usage`, and only
+those are added to `usage_daily`, in the same statement and so the same
 transaction. A retried batch, or two gateways sending the same record, count
-once. Rows naming an unknown user, or a key that is not that user's, are
-rejected and counted as such.
+once, whichever monthly partition of `usage` each copy's moment falls in
+(migration 0018: the request ids have their own table because a unique index
+of a partitioned table must hold its partition key). Rows naming an unknown
+user, or a key that is not that user's, are rejected and counted as such.
 
 Each record is priced as it is inserted, in the same statement: by what its
 gateway charged when the gateway priced it (`cost`, `currency`: the price it
@@ -96,13 +99,18 @@ WITH batch AS (
         WHERE mp.model = a.model AND mp.effective_from <= a.at
         ORDER BY mp.effective_from DESC LIMIT 1
     ) p ON true
+), claimed AS (
+    -- The ids stored for the first time (a concurrent claim of the same id waits for its commit).
+    INSERT INTO usage_request_ids (request_id, created_at) SELECT request_id, at FROM priced
+    ON CONFLICT (request_id) DO NOTHING
+    RETURNING request_id
 ), inserted AS (
+    -- DISTINCT ON: one row per id claimed, should a batch name an id twice (records.py drops such).
     INSERT INTO usage (request_id, user_id, key_id, model, prompt_hash, prompt_tokens,
                        completion_tokens, cached, latency_ms, status, worker, created_at, cost, currency, org_id)
-    SELECT request_id, user_id, key_id, model, prompt_hash, prompt_tokens, completion_tokens,
-           cached, latency_ms, status, worker, at, cost, currency, org_id
-    FROM priced
-    ON CONFLICT (request_id) DO NOTHING
+    SELECT DISTINCT ON (request_id) request_id, user_id, key_id, model, prompt_hash, prompt_tokens,
+           completion_tokens, cached, latency_ms, status, worker, at, cost, currency, org_id
+    FROM priced JOIN claimed USING (request_id)
     RETURNING request_id, user_id, key_id, created_at, model, prompt_tokens, completion_tokens, cached, status,
               cost, currency, org_id
 ), daily AS (
