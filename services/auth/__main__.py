@@ -2,7 +2,8 @@
 
 Reads AuthConfig from the environment, joins the mesh, opens PostgreSQL
 (DATABASE_URL, or the embedded server's "auth" database under the data
-directory), applies migrations, and serves `auth.*` until SIGTERM.
+directory; DATABASE_REPLICA_URL's replica for the reports), applies
+migrations, and serves `auth.*` until SIGTERM.
 """
 
 from __future__ import annotations

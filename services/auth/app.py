@@ -14,6 +14,7 @@ import asyncpg
 from shared.db import apply_migrations, close_pool, create_pool
 from shared.logging import get_logger
 from shared.metrics import Metrics
+from shared.replica import Reader, open_replica
 from shared.tiers import TierTable
 from services.auth.cache import KeyCache
 from services.auth.config import AuthConfig
@@ -42,10 +43,16 @@ log = get_logger(__name__)
 async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str,
                     metrics: Metrics | None = None) -> AuthService:
     """Pool, migrations, background loops and the service; all closed by `stack`. `metrics`: the
-    process's registry, pushed to the metrics service (`node.metrics`); None: counted, never sent."""
+    process's registry, pushed to the metrics service (`node.metrics`); None: counted, never sent.
+    With DATABASE_REPLICA_URL the reports read a replica (README.md, "Read replica")."""
     pool = await create_pool(dsn, min_size=2, max_size=config.pool_size)
     stack.push_async_callback(close_pool, pool)
     await apply_migrations(pool, MIGRATIONS)
+    reports: Reader = pool  # no replica: the primary serves the reports too
+    if config.replica.url is not None:
+        replica = await open_replica(config.replica.url, pool)
+        stack.push_async_callback(replica.close)  # after the service's last read: closed before the primary
+        reports = replica
     store = AuthStore(pool)
     for user_id, column in await store.fill_folded_names():
         log.warning("account name folds like an older account's: found by its exact name only",
@@ -74,7 +81,7 @@ async def open_auth(stack: AsyncExitStack, config: AuthConfig, dsn: str,
         log.warning("argon2 parameters below RFC 9106 low-memory profile", **_params_of(params))
     signing_key = load_or_create_key(config.jwt_key_path)
     service = AuthService(
-        store, UsageStore(pool),
+        store, UsageStore(pool, reports),
         passwords=PasswordHasher(params, concurrency=config.hash_concurrency),
         tokens=TokenIssuer(signing_key, issuer=config.issuer, audience=config.audience,
                            ttl=config.token_ttl),

@@ -1,6 +1,8 @@
 """The auth service's configuration, read once from the environment.
 
     DATABASE_URL                         PostgreSQL to use (else the embedded one, database "auth")
+    DATABASE_REPLICA_URL                 a streaming replica of it, for reports (unset: none; README.md,
+                                         "Read replica")
     INFERSWARM_ADMIN_EMAILS              no longer read, and refused when set (see RETIRED_ADMIN_EMAILS)
     INFERSWARM_TOKEN_TTL                 session token lifetime, seconds (3600)
     INFERSWARM_AUTH_JWT_KEY_FILE         Ed25519 signing key (PEM); default <data_dir>/auth/jwt_ed25519.pem
@@ -51,6 +53,7 @@ from pathlib import Path
 
 from shared.config import ConfigError, MeshConfig, env, positive
 from shared.db import DatabaseConfig
+from shared.replica import ReplicaConfig
 from shared.tiers import TierConfig
 from services.auth.passwords import Argon2Params
 from services.auth.registration import RegistrationPolicy
@@ -110,6 +113,7 @@ class AuthConfig:
 
     mesh: MeshConfig = field(default_factory=MeshConfig)
     db: DatabaseConfig = field(default_factory=DatabaseConfig)
+    replica: ReplicaConfig = field(default_factory=ReplicaConfig)
     tiers: TierConfig = field(default_factory=TierConfig)
     #: Always None: set, it fails the configuration (see RETIRED_ADMIN_EMAILS).
     retired_admin_emails: None = env("INFERSWARM_ADMIN_EMAILS", default=None,

@@ -30,6 +30,10 @@ transaction, the usage statement then the dead letters of the rows it inserted.
 Reports (`auth.report`, `auth.org_report`, `auth.top_spenders`) read `usage_daily_costs` only:
 it has every figure per day, key and model, so a year of a user's usage is at
 most a few thousand rows, whatever the number of requests.
+
+They and `auth.usage` (`daily`, `costs`) read through `reports_pool`: the read
+replica when one is configured (shared/replica.py; a little lag is fine for
+them), else the primary. Everything else, writes and reads alike, uses `pool`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from decimal import Decimal
 import asyncpg
 
 from shared.db import unavailable_when_down
+from shared.replica import Reader
 from services.auth.dead_letter_store import Attempt, is_dead, write_dead_letters
 
 __all__ = ["UsageRecord", "UsageStore"]
@@ -222,10 +227,11 @@ FROM usage WHERE created_at >= now() - interval '24 hours'
 
 @unavailable_when_down()
 class UsageStore:
-    """The usage tables, over an asyncpg pool."""
+    """The usage tables, over an asyncpg pool; the reports over `reports_pool` (default: `pool`)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, reports_pool: Reader | None = None) -> None:
         self.pool = pool
+        self.reports_pool: Reader = pool if reports_pool is None else reports_pool
 
     async def record(self, records: list[UsageRecord]) -> dict[str, int]:
         """Store a batch; how many were new, already known, or rejected."""
@@ -254,22 +260,22 @@ class UsageStore:
 
     async def daily(self, user_id: int, start: date, end: date) -> list[asyncpg.Record]:
         """Per day and per key, from `start` to `end` inclusive (UTC days)."""
-        return await self.pool.fetch(_DAILY, user_id, start, end)
+        return await self.reports_pool.fetch(_DAILY, user_id, start, end)
 
     async def costs(self, user_id: int, start: date, end: date) -> list[asyncpg.Record]:
         """Cost per day, key, model and currency ('' for unpriced requests), `start` to `end` inclusive."""
-        return await self.pool.fetch(_COSTS, user_id, start, end)
+        return await self.reports_pool.fetch(_COSTS, user_id, start, end)
 
     async def report(self, user_ids: list[int] | None, start: date, end: date, period: str,
                      by: str | None, *, org_id: int | None = None) -> list[asyncpg.Record]:
         """Per `period` ('day', 'week', 'month') and `by` (None, 'model', 'key', 'member') and
         currency, the usage of `user_ids` (None: anyone's) attributed to `org_id` (None: wherever
         made) from `start` to `end` inclusive (UTC days)."""
-        return await self.pool.fetch(_REPORT, user_ids, start, end, period, by, org_id)
+        return await self.reports_pool.fetch(_REPORT, user_ids, start, end, period, by, org_id)
 
     async def top_spenders(self, start: date, end: date, limit: int) -> list[asyncpg.Record]:
         """The `limit` first users of each currency by cost, then requests, `start` to `end` inclusive."""
-        return await self.pool.fetch(_TOP_SPENDERS, start, end, limit)
+        return await self.reports_pool.fetch(_TOP_SPENDERS, start, end, limit)
 
     async def recent(self, user_id: int, limit: int) -> list[asyncpg.Record]:
         """A user's latest requests, newest first."""
