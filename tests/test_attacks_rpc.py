@@ -93,7 +93,7 @@ def new_keys() -> CurveKeyPair:
 
 
 def raw_dealer(ctx: zmq.asyncio.Context, endpoint: str, server_key: bytes, keys: CurveKeyPair,
-               options: dict[int, int] | None = None) -> zmq.asyncio.Socket:
+               options: dict[int, int | bytes] | None = None) -> zmq.asyncio.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.curve_serverkey = server_key
     sock.curve_publickey, sock.curve_secretkey = keys.public, keys.secret
@@ -559,11 +559,15 @@ async def test_a_stream_granted_no_credit_is_cut_and_its_slot_freed(small, conte
 
 
 @pytest.mark.parametrize("small", [STALL], indirect=True, ids=["stall 0.5s"])
+@pytest.mark.parametrize("batches", [False, True], ids=["frame per chunk", "batched chunks"])
 @pytest.mark.rpc
-async def test_a_stream_whose_reader_reads_nothing_is_cut_and_its_slot_freed(small, context):
+async def test_a_stream_whose_reader_reads_nothing_is_cut_and_its_slot_freed(small, context, batches):
     server, target, key, _ = small
     async with AsyncExitStack() as stack:
-        reader = raw_dealer(context, server.endpoint, key, new_keys(), {zmq.RCVHWM: 4, zmq.RCVBUF: 64 * 1024})
+        options: dict[int, int | bytes] = {zmq.RCVHWM: 4, zmq.RCVBUF: 64 * 1024}
+        if batches:  # the reader says it reads BATCH frames: up to 64 KiB of chunks a frame
+            options[zmq.METADATA] = f"{codec.BATCH_FEATURE}:1".encode()
+        reader = raw_dealer(context, server.endpoint, key, new_keys(), options)
         stack.callback(reader.close, 0)
         # No window: only the queues hold the server back, and nothing is read from them.
         await reader.send(codec.encode_request(1, "target.count", {"n": 10**9, "size": 16 * 1024},

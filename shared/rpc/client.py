@@ -38,6 +38,7 @@ from shared.identity import CurveKeyPair
 from shared.logging import new_trace_id
 from shared.rpc import codec
 from shared.rpc.deadlines import DeadlineQueue
+from shared.rpc.outbox import next_frame, reads_batches
 from shared.rpc.pump import SocketPump
 
 __all__ = ["Connection", "Stream", "new_trace_id"]
@@ -93,6 +94,11 @@ class Connection:
         self._changed = asyncio.Event()
         self._sock: zmq.Socket[bytes] | None = None
         self._pump: SocketPump | None = None
+        #: Whether the server reads BATCH frames (its handshake metadata, read off its first message).
+        self._batching = False
+        #: This loop turn's messages when batching, with the request id of each request (0: none).
+        self._queued: list[bytes] = []
+        self._queued_ids: list[int] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = False
 
@@ -115,6 +121,8 @@ class Connection:
         # A larger reply drops the connection, its body never read.
         sock.maxmsgsize = self._max + codec.CURVE_OVERHEAD
         sock.immediate = True  # never queue requests for a server not yet there
+        # Tell the server, in the handshake, that we read BATCH frames (outbox.py).
+        sock.setsockopt(zmq.METADATA, f"{codec.BATCH_FEATURE}:1".encode())
         sock.reconnect_ivl = 100
         sock.reconnect_ivl_max = 2000
         sock.setsockopt(zmq.HEARTBEAT_IVL, 2000)
@@ -125,7 +133,8 @@ class Connection:
         monitor.connect(monitor_address)
         sock.connect(self.endpoint)
         self._sock = sock
-        self._pump = SocketPump(sock, self._on_frames)
+        # Zero-copy until the first message, which carries the server's handshake metadata.
+        self._pump = SocketPump(sock, self._on_frames, copy=False)
         self._pump.start()
         self._tasks = [asyncio.create_task(self._watch(monitor), name=f"rpc-monitor {self.endpoint}")]
 
@@ -247,30 +256,69 @@ class Connection:
         )
         if len(data) > self._max:
             raise TooLarge(f"request of {len(data)} bytes exceeds {self._max}", {"limit": self._max})
-        self._send(data)
+        self._send(data, request_id)
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, request_id: int = 0) -> None:
+        """Send a request now, or queue it for this loop turn's batch when the server reads
+        batches; a request that cannot go fails with `UNAVAILABLE` (`retry_safe`)."""
         if self._pump is None:
             raise Unavailable("connection closed", {"retry_safe": True})
+        if self._batching:
+            self._queue(data, request_id)
+            return
         try:
             self._pump.send_one(data)
         except zmq.ZMQError:
             # IMMEDIATE: EAGAIN means no live connection took the message.
             raise Unavailable(f"not connected to {self.endpoint}", {"retry_safe": True}) from None
 
+    def _send_quietly(self, data: bytes) -> None:
+        """A cancel or credit: lost with the connection, which the server loses the request with."""
+        if self._pump is None or self.closed:
+            return
+        if self._batching:
+            self._queue(data, 0)
+            return
+        try:
+            self._pump.send_one(data)
+        except zmq.ZMQError:
+            pass
+
     def _send_cancel(self, request_id: int) -> None:
-        if self._pump is not None and not self.closed:
-            try:
-                self._pump.send_one(codec.encode_cancel(request_id))
-            except zmq.ZMQError:
-                pass  # not connected: the server lost the request with the connection
+        self._send_quietly(codec.encode_cancel(request_id))
 
     def _send_credit(self, request_id: int, chunks: int) -> None:
-        if self._pump is not None and not self.closed and request_id in self._pending:
+        if request_id in self._pending:
+            self._send_quietly(codec.encode_credit(request_id, chunks))
+
+    def _queue(self, data: bytes, request_id: int) -> None:
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queued.append(data)
+        self._queued_ids.append(request_id)
+        if len(self._queued) >= codec.MAX_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send this turn's messages, several to a frame (outbox.py); the requests of a frame
+        libzmq refused fail as if their own send had (`UNAVAILABLE`, `retry_safe`)."""
+        queued, ids = self._queued, self._queued_ids
+        self._queued, self._queued_ids = [], []
+        sent = 0
+        while sent < len(queued):
+            count, frame = next_frame(queued[sent:], self._max)
             try:
-                self._pump.send_one(codec.encode_credit(request_id, chunks))
+                if self._pump is None:
+                    raise zmq.ZMQError(zmq.ENOTSOCK)
+                self._pump.send_one(frame)
             except zmq.ZMQError:
-                pass  # not connected: the stream fails with the connection
+                error = Unavailable(f"not connected to {self.endpoint}", {"retry_safe": True})
+                for request_id in ids[sent:]:
+                    sink = self._pending.get(request_id) if request_id else None
+                    if sink is not None:
+                        self._deliver(request_id, sink, error, final=True)
+                return
+            sent += count
 
     def _forget(self, request_id: int, *, cancel: bool) -> None:
         self._windows.pop(request_id, None)
@@ -343,21 +391,31 @@ class Connection:
 
     # -- receiving -------------------------------------------------------------
 
-    def _on_frames(self, frames: list[bytes]) -> None:
+    def _on_frames(self, frames: list[Any]) -> None:
         try:
             if len(frames) == 1:
-                self._on_message(frames[0])
+                data = frames[0]
+                if type(data) is not bytes:  # the first message: the server's metadata, then copies
+                    self._batching = reads_batches(data)
+                    if self._pump is not None:
+                        self._pump.copy = True
+                    data = data.bytes
+                self._on_message(data)
         except Exception:
             log.exception("rpc client dropped a reply", endpoint=self.endpoint)
 
-    def _on_message(self, data: bytes) -> None:
+    def _on_message(self, data: bytes, *, batched: bool = False) -> None:
         try:
             message = self._decoder.decode(data)
+            kind, request_id = message[1], message[2]
+            if kind == codec.BATCH and not batched:  # several messages in one frame, in order
+                for part in codec.unbatch(message):
+                    self._on_message(part, batched=True)
+                return
         except MeshError as exc:  # DECODE_ERROR or TOO_LARGE
             log.warning("undecodable reply", endpoint=self.endpoint, code=exc.code, error=exc.message)
             self._fail_undecodable(exc)
             return
-        kind, request_id = message[1], message[2]
         sink = self._pending.get(request_id)
         if sink is None:
             return  # a late answer to a call that already ended

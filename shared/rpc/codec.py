@@ -41,6 +41,10 @@ __all__ = [
     "ERROR",
     "CANCEL",
     "CREDIT",
+    "BATCH",
+    "BATCH_FEATURE",
+    "MAX_BATCH",
+    "MAX_BATCH_BYTES",
     "MAX_WINDOW",
     "MAX_BYTES",
     "MAX_DEPTH",
@@ -50,6 +54,7 @@ __all__ = [
     "Request",
     "Cancel",
     "Credit",
+    "Batch",
     "encode_request",
     "encode_reply",
     "encode_chunk",
@@ -57,6 +62,9 @@ __all__ = [
     "encode_error",
     "encode_cancel",
     "encode_credit",
+    "encode_batch",
+    "batch_overhead",
+    "unbatch",
     "decode",
     "decode_inbound",
 ]
@@ -70,6 +78,19 @@ END = 4  # [V, END, id]
 ERROR = 5  # [V, ERROR, id, code, message, data]
 CANCEL = 6  # [V, CANCEL, id]
 CREDIT = 7  # [V, CREDIT, id, chunks]
+BATCH = 8  # [V, BATCH, 0, [message bytes, ...]]: to a peer that announced BATCH_FEATURE
+
+#: The most messages one batch holds (senders send a full batch at once).
+MAX_BATCH = 256
+#: The largest batch a sender makes (a larger message goes alone): libzmq holds up to its
+#: high-water mark (1,000) of frames per peer, so a peer that stops reading costs at most
+#: that many times this, as it did before batches with messages of this size.
+MAX_BATCH_BYTES = 64 * 1024
+
+#: The ZMQ_METADATA property a peer sets in its handshake to say it reads BATCH
+#: frames (a server: from members); nobody sends them to a peer that did not
+#: (PROTOCOL.md, Batches).
+BATCH_FEATURE = "X-Inferswarm-Batch"
 
 #: The largest stream window and the most chunks one CREDIT may grant.
 MAX_WINDOW = 1 << 20
@@ -108,6 +129,12 @@ class Cancel(NamedTuple):
 class Credit(NamedTuple):
     id: int
     chunks: int
+
+
+class Batch(NamedTuple):
+    """Several messages in one frame (kind BATCH), each still to be decoded on its own."""
+
+    parts: list[bytes]
 
 
 def _pack(message: list[Any]) -> bytes:
@@ -151,6 +178,28 @@ def encode_cancel(request_id: int) -> bytes:
 
 def encode_credit(request_id: int, chunks: int) -> bytes:
     return _pack([VERSION, CREDIT, request_id, chunks])
+
+
+def encode_batch(messages: list[bytes]) -> bytes:
+    """Several encoded server -> client messages in one frame, in order (see `batch_overhead`)."""
+    return _pack([VERSION, BATCH, 0, messages])
+
+
+def batch_overhead(count: int) -> int:
+    """What a batch of `count` messages adds to their sizes, at most: the envelope (10 bytes
+    with the list's array header) and a bin header (up to 5 bytes) per message."""
+    return 10 + 5 * count
+
+
+def unbatch(message: list[Any]) -> list[bytes]:
+    """The messages of a decoded BATCH envelope, each to be decoded on its own; a batch
+    holding anything but encoded messages is malformed."""
+    if len(message) != 4 or type(message[3]) is not list or not 0 < len(message[3]) <= MAX_BATCH:
+        raise DecodeError(f"a batch must be [version, 8, 0, [message, ...]] with 1-{MAX_BATCH} messages")
+    parts: list[bytes] = message[3]
+    if not all(type(part) is bytes for part in parts):
+        raise DecodeError("a batch holds encoded messages (bin) only")
+    return parts
 
 
 class _OverBudget(Exception):
@@ -218,8 +267,8 @@ class Decoder:
             raise DecodeError("request id must be a non-negative integer")
         return message
 
-    def decode_inbound(self, data: bytes | memoryview) -> Request | Cancel | Credit:
-        """Decode what a server receives: a request, a cancel or a credit.
+    def decode_inbound(self, data: bytes | memoryview) -> Request | Cancel | Credit | Batch:
+        """Decode what a server receives: a request, a cancel, a credit or a batch of them.
 
         Raises `DecodeError` (or `TooLarge`) whose `data["id"]` holds the
         request id when one could be read, so the error can still be answered.
@@ -334,9 +383,11 @@ def _peek_id(message: bytes | memoryview) -> int | None:
     return request_id if type(request_id) is int and 0 <= request_id <= _MAX_ID else None
 
 
-def _inbound(message: list[Any]) -> Request | Cancel | Credit:
+def _inbound(message: list[Any]) -> Request | Cancel | Credit | Batch:
     kind, request_id = message[1], message[2]
     try:
+        if kind == BATCH:
+            return Batch(unbatch(message))
         if kind == REQUEST and len(message) in (7, 8):
             method, params, timeout_ms, trace_id = message[3:7]
             window = message[7] if len(message) == 8 else 0
@@ -370,6 +421,6 @@ def decode(data: bytes | memoryview) -> list[Any]:
     return Decoder().decode(data)
 
 
-def decode_inbound(data: bytes | memoryview) -> Request | Cancel | Credit:
+def decode_inbound(data: bytes | memoryview) -> Request | Cancel | Credit | Batch:
     """`Decoder().decode_inbound` with the default limits."""
     return Decoder().decode_inbound(data)

@@ -33,7 +33,9 @@ class SocketPump:
     ) -> None:
         self.sock = sock
         self._on_message = on_message
-        self._copy = copy
+        #: Receive copies (bytes; faster for small messages) or zero-copy frames,
+        #: which carry the connection's metadata; may be changed at any time.
+        self.copy = copy
         self._batch = batch  # yield to the loop after this many, so no peer starves others
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd: int | None = None
@@ -81,7 +83,7 @@ class SocketPump:
         try:
             for _ in range(self._batch):
                 try:
-                    frames = recv(zmq.NOBLOCK, copy=self._copy)
+                    frames = recv(zmq.NOBLOCK, copy=self.copy)
                 except zmq.Again:
                     return
                 self._on_message(frames)

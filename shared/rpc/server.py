@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import errno
 import time
 from collections.abc import Callable, Collection, Mapping
 from typing import Any, cast
@@ -49,6 +48,7 @@ from shared.rpc import codec
 from shared.rpc.deadlines import DeadlineQueue
 from shared.rpc.eager import start_eager
 from shared.rpc.limits import Admission, Limits
+from shared.rpc.outbox import Outbox, reads_batches
 from shared.rpc.pump import SocketPump
 from shared.rpc.dispatcher import Dispatcher, Handler, RequestContext, current_request, method
 from shared.roles import may_call
@@ -173,6 +173,7 @@ class RpcServer:
         self._auth: AsyncioAuthenticator | None = None
         self._sock: zmq.Socket[bytes] | None = None
         self._pump: SocketPump | None = None
+        self._outbox: Outbox | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.endpoint = ""
 
@@ -205,6 +206,8 @@ class RpcServer:
         sock.curve_secretkey = self._curve.secret
         sock.zap_domain = _ZAP_DOMAIN.encode()
         sock.router_mandatory = True  # unroutable replies raise instead of vanishing
+        # Tell clients, in the handshake, that we read BATCH frames.
+        sock.setsockopt(zmq.METADATA, f"{codec.BATCH_FEATURE}:1".encode())
         # libzmq drops the connection of a peer whose frame is over the cap,
         # reading only its size, never its body: nothing larger ever reaches us.
         sock.maxmsgsize = self._max + codec.CURVE_OVERHEAD
@@ -222,6 +225,7 @@ class RpcServer:
         # that checks membership or roles per request needs it, and copies
         # are faster.
         self._pump = SocketPump(sock, self._on_frames, copy=not (self._check_members or self._check_roles))
+        self._outbox = Outbox(self._pump.send, self._max, retry_s=_SEND_RETRY_S, max_queued=codec.MAX_BATCH)
         self._pump.start()
         log.info("rpc server listening", endpoint=self.endpoint, methods=self._dispatcher.names)
 
@@ -240,6 +244,9 @@ class RpcServer:
                 await asyncio.wait(still, timeout=1.0)
 
     async def close(self) -> None:
+        if self._outbox is not None:
+            self._outbox.close()  # the answers of the last loop turn
+            self._outbox = None
         if self._pump is not None:
             self._pump.close()
             self._pump = None
@@ -292,18 +299,33 @@ class RpcServer:
             data, peer, member, role = payload, "", True, ""
         else:  # zero-copy frames carry the caller's key (ZAP User-Id) and address
             ident = ident.bytes
+            outbox = self._outbox
+            if outbox is not None and not outbox.knows(ident):
+                outbox.learn(ident, reads_batches(payload))
             data, peer = payload.buffer, payload.get("User-Id") or ""
             role = self._roles.get(peer, "")
             member = role != ""
             if not member:
                 peer_addr = payload.get("Peer-Address") or ""
+        self._on_data(ident, data, peer, member, role, peer_addr)
+
+    def _on_data(
+        self, ident: bytes, data: bytes | memoryview, peer: str, member: bool, role: str, peer_addr: str,
+        batched: bool = False,
+    ) -> None:
         # Public callers' messages are decoded with an item budget (codec.py).
         decoder = self._decoder if member else self._public_decoder
         try:
             message = decoder.decode_inbound(data)
+            if batched and type(message) is codec.Batch:
+                raise DecodeError("a batch holds no batch")
         except MeshError as exc:  # DECODE_ERROR or TOO_LARGE
             self._warn("undecodable request", code=exc.code, error=exc.message, member=member)
             self._send(ident, self._error(exc.data.get("id", 0), exc))
+            return
+        if type(message) is codec.Batch:  # a client's messages of one loop turn, in order
+            for part in message.parts:
+                self._on_data(ident, part, peer, member, role, peer_addr, True)
             return
         if type(message) is codec.Cancel:
             self._cancel(ident, message.id)  # an unknown id costs a lookup, nothing more
@@ -476,20 +498,13 @@ class RpcServer:
         return data
 
     def _send(self, ident: bytes, data: bytes) -> bool:
-        """Send one reply now; False when the peer is gone or its queue is full."""
-        if self._pump is None:
+        """Queue one answer without waiting (outbox.py); False when the peer is gone."""
+        if self._outbox is None:
             return False
-        try:
-            self._pump.send([ident, data])
-        except zmq.ZMQError as exc:
-            if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
-                raise
-            log.debug("reply not delivered", reason=exc.strerror)
-            return False
-        return True
+        return self._outbox.put(ident, data)
 
     async def _send_waiting(self, ident: bytes, data: bytes) -> bool:
-        """Send a chunk, reply or error, waiting while the peer's queue is full:
+        """Queue a chunk, reply or error, waiting while the peer's queue is full:
         within the deadline, and for at most `stall_timeout` on end.
 
         Only a request's first refusal and a deadline's TIMEOUT use `_send`:
@@ -497,16 +512,11 @@ class RpcServer:
         (the caller would wait for it until its deadline)."""
         give_up = 0.0
         while True:
-            if self._pump is None:
+            outbox = self._outbox
+            if outbox is None:
                 return False
-            try:
-                self._pump.send([ident, data])
-                return True
-            except zmq.ZMQError as exc:
-                if exc.errno == errno.EHOSTUNREACH:
-                    return False  # the client disconnected: stop generating
-                if exc.errno != zmq.EAGAIN:
-                    raise
+            if not outbox.blocked(ident):
+                return outbox.put(ident, data)  # False: the client disconnected, stop generating
             now = time.monotonic()
             if not give_up:
                 give_up = now + self.limits.stall_timeout
