@@ -52,7 +52,7 @@ import binascii
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -109,9 +109,9 @@ class Receipt:
     v: int = VERSION
 
     def fields(self) -> dict[str, Any]:
-        """The map that is signed, in canonical (sorted) key order."""
-        values = asdict(self)
-        return {name: values[name] for name in _FIELDS}
+        """The map that is signed, in canonical (sorted) key order (`getattr`, not `asdict`:
+        asdict deep-copies every value, a third of signing a receipt)."""
+        return {name: getattr(self, name) for name in _FIELDS}
 
 
 def encode(fields: dict[str, Any]) -> bytes:
@@ -126,8 +126,9 @@ def sign(signer: Signer, *, request_id: str, model: str, prompt_tokens: int, com
     receipt = Receipt(request_id=request_id, model=model, prompt_tokens=prompt_tokens,
                       completion_tokens=completion_tokens, cost=None if cost is None else _decimal_text(cost),
                       at=round(float(at), 3), user_id=user_id, gateway=signer.public_key.hex())
-    _check(receipt.fields())
-    payload = encode(receipt.fields())
+    fields = receipt.fields()
+    _check(fields)
+    payload = encode(fields)
     return PREFIX + _b64(payload) + "." + _b64(signer.sign(CONTEXT + payload))
 
 
