@@ -89,6 +89,13 @@ class Children:
             raise SystemExit(f"{name} did not start:\n{(self.root / f'{name}.log').read_text()[-3000:]}")
         return json.loads(line)
 
+    def cpu_s(self, name: str) -> float:
+        """CPU seconds (user and system) the child has used."""
+        import psutil
+
+        times = psutil.Process(self.procs[name].pid).cpu_times()
+        return float(times.user + times.system)
+
     def rss_mb(self, name: str) -> float:
         import psutil
 
@@ -107,7 +114,11 @@ class Children:
 # -- measuring --------------------------------------------------------------------------
 
 
-async def measure(call: Callable[[], Awaitable[None]], in_flight: int, seconds: float) -> dict[str, float]:
+async def measure(call: Callable[[], Awaitable[None]], in_flight: int, seconds: float,
+                  cpu: Callable[[], dict[str, float]] | None = None) -> dict[str, Any]:
+    """Latencies and requests/s; with `cpu` (CPU seconds used so far, per process), also
+    each process's CPU microseconds per request: unlike req/s, little moved by what else
+    runs on the machine."""
     for _ in range(100):  # warm up
         await call()
     latencies: list[float] = []
@@ -119,15 +130,20 @@ async def measure(call: Callable[[], Awaitable[None]], in_flight: int, seconds: 
             await call()
             latencies.append(time.perf_counter() - start)
 
+    before = cpu() if cpu else {}
     began = time.perf_counter()
     await asyncio.gather(*(loop() for _ in range(in_flight)))
     elapsed = time.perf_counter() - began
+    after = cpu() if cpu else {}
     latencies.sort()
-    return {
+    result: dict[str, Any] = {
         "rps": len(latencies) / elapsed,
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": latencies[max(0, int(len(latencies) * 0.99) - 1)] * 1000,
     }
+    if cpu:
+        result["cpu_us"] = {name: round((after[name] - before[name]) / len(latencies) * 1e6, 1) for name in after}
+    return result
 
 
 def streamer(connection: Any, method: str, params: dict[str, Any]) -> Callable[[], Awaitable[None]]:
@@ -235,9 +251,13 @@ async def run(seconds: float, rounds: int, receiver: Any) -> None:
 
             direct_rounds, gateway_rounds, budget_rounds, chain_rounds = [], [], [], []
             tracing: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+            def cpu() -> dict[str, float]:
+                return {"caller": time.process_time(), "gateway": children.cpu_s("gateway"),
+                        "worker": children.cpu_s("worker"), "auth": children.cpu_s("auth")}
+
             for _ in range(rounds):
-                direct_rounds.append({level: await measure(direct, level, seconds) for level in LEVELS})
-                gateway_rounds.append({level: await measure(through, level, seconds) for level in LEVELS})
+                direct_rounds.append({level: await measure(direct, level, seconds, cpu) for level in LEVELS})
+                gateway_rounds.append({level: await measure(through, level, seconds, cpu) for level in LEVELS})
                 budget_rounds.append({level: await measure(budgeted, level, seconds) for level in LEVELS})
                 chain_rounds.append({1: await measure(chained, 1, seconds)})
                 for order in (("off", "on"), ("on", "off")):
@@ -343,6 +363,8 @@ def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, flo
           f"p50 {on_1['p50_ms']:.3f} ms, p99 {on_1['p99_ms']:.3f} ms; off, measured beside it: "
           f"p50 {off_1['p50_ms']:.3f} ms, p99 {off_1['p99_ms']:.3f} ms; "
           f"added p50 {on_1['p50_ms'] - off_1['p50_ms']:+.3f} ms")
+    print("CPU per request at 64 in flight, microseconds: direct", direct[64]["cpu_us"],
+          "| through the gateway", through[64]["cpu_us"])
     print(f"gateway RSS {rss:.0f} MiB; usage records shipped {health['usage_shipped']}, "
           f"waiting {health['usage_unshipped']}")
     summary = {
@@ -357,8 +379,13 @@ def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, flo
         "chain_added_p50_ms_1": round(chain_1["p50_ms"] - through[1]["p50_ms"], 3),
         "tracing_added_p50_ms_1": round(on_1["p50_ms"] - off_1["p50_ms"], 3),
         "gateway_rss_mb": round(rss, 1),
-        "gateway": {str(k): {m: round(v, 3) for m, v in through[k].items()} for k in LEVELS},
-        "direct": {str(k): {m: round(v, 3) for m, v in direct[k].items()} for k in LEVELS},
+        "gateway_cpu_us_64": through[64]["cpu_us"]["gateway"],
+        "worker_cpu_us_64": through[64]["cpu_us"]["worker"],
+        "direct_worker_cpu_us_64": direct[64]["cpu_us"]["worker"],
+        "caller_cpu_us_64": through[64]["cpu_us"]["caller"],
+        "direct_caller_cpu_us_64": direct[64]["cpu_us"]["caller"],
+        "gateway": {str(k): {m: round(v, 3) for m, v in through[k].items() if m != "cpu_us"} for k in LEVELS},
+        "direct": {str(k): {m: round(v, 3) for m, v in direct[k].items() if m != "cpu_us"} for k in LEVELS},
     }
     print(f"targets: added_p50_ms_1 <= 1.0 (got {summary['added_p50_ms_1']}), "
           f"rps_64 >= 3000 (got {summary['rps_64']}), "
