@@ -158,14 +158,17 @@ async def test_hostile_batches_are_refused_typed_part_by_part(served, context):
         sock.close(0)
 
 
-async def test_the_connection_batches_its_requests_once_the_server_reads_batches(context):
-    """A bare ROUTER playing the server: it announces batches; after its first answer the
-    Connection sends a loop turn's requests in one frame, and reads a batched answer."""
+@pytest.mark.parametrize("announced", [True, False], ids=["server reads batches", "older server"])
+async def test_the_connection_batches_its_requests_once_the_server_reads_batches(context, announced):
+    """A bare ROUTER playing the server: when it announces batches, after its first answer
+    the Connection sends a loop turn's requests in one frame, and reads a batched answer;
+    to a server that announced nothing (older than batches) it sends a frame per request."""
     server_keys = keys()
     router = context.socket(zmq.ROUTER)
     router.curve_server = True
     router.curve_publickey, router.curve_secretkey = server_keys.public, server_keys.secret
-    router.setsockopt(zmq.METADATA, ANNOUNCE)
+    if announced:
+        router.setsockopt(zmq.METADATA, ANNOUNCE)
     router.linger = 0
     port = router.bind_to_random_port("tcp://127.0.0.1")
     async with AsyncExitStack() as stack:
@@ -179,15 +182,19 @@ async def test_the_connection_batches_its_requests_once_the_server_reads_batches
             message = codec.decode(data)
             parts = codec.unbatch(message) if message[1] == codec.BATCH else [data]
             replies = [codec.encode_reply(codec.decode(p)[2], codec.decode(p)[4]["value"]) for p in parts]
-            await router.send_multipart([ident, codec.encode_batch(replies) if len(replies) > 1 else replies[0]])
+            batch = announced and len(replies) > 1  # an older server answers a frame each
+            for frame in [codec.encode_batch(replies)] if batch else replies:
+                await router.send_multipart([ident, frame])
             return parts
 
         first = asyncio.ensure_future(connection.call("target.echo", {"value": 0}))
         assert len(await serve_one()) == 1  # before any answer the client does not know: one frame
         assert await first == 0
         calls = asyncio.gather(*(connection.call("target.echo", {"value": i}) for i in range(1, 31)))
-        parts = await serve_one()
-        assert len(parts) == 30  # one loop turn's thirty requests: one frame
+        if announced:
+            assert len(await serve_one()) == 30  # one loop turn's thirty requests: one frame
+        else:
+            assert [len(await serve_one()) for _ in range(30)] == [1] * 30
         assert await calls == list(range(1, 31))
 
 
