@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install system-test-deps run check test bench clean
+.PHONY: install system-test-deps run check test bench bench-peers clean
 
 # Tools the tests use from Debian: promtool (package prometheus; its server is
 # not started), a headless Chromium for the dashboard tests, docker-compose
@@ -76,6 +76,17 @@ bench: install
 	$(BIN)/python bench/embeddings.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/quota_scale.py
+
+# Side by side with other proxies, apart from `bench`: each peer is installed by its bench
+# into a throwaway venv under ~/.cache/inferswarm-bench the first time (minutes), and the
+# load comes from wrk (Debian's package, installed here if missing).
+bench-peers: install
+	@if ! command -v wrk >/dev/null; then \
+		echo "installing wrk (apt-get)"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; \
+	fi
+	$(BIN)/python bench/peer_litellm.py
 
 clean:
 	rm -rf $(VENV) .data
