@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import sys
-import types
 from collections.abc import Coroutine, Generator
 from typing import Any
 
@@ -29,50 +28,63 @@ def start_eager(
     if sys.version_info >= (3, 12):
         task = asyncio.Task(coro, loop=loop, context=context, eager_start=True)  # type: ignore[call-arg]
         return None if task.done() else task
-    step = _FirstStep()
-    task = loop.create_task(_continue(coro, step), context=context)
+    resumed = _Resumed(coro)
+    task = loop.create_task(resumed, context=context)
     asyncio.tasks._enter_task(loop, task)
     try:
-        step.yielded = context.run(coro.send, None)
+        resumed.yielded = context.run(coro.send, None)
     except StopIteration:
-        step.finished = True
+        resumed.finished = True
     except BaseException as exc:  # surfaces through the task, as an exception would
-        step.error = exc
+        resumed.error = exc
     finally:
         asyncio.tasks._leave_task(loop, task)
-    return None if step.finished else task
+    return None if resumed.finished else task
 
 
-class _FirstStep:
-    """What the eager first step of a coroutine produced."""
+class _Resumed(Coroutine[Any, Any, None]):
+    """The task's coroutine: `coro` carried on from where its eager first step suspended.
 
-    __slots__ = ("yielded", "finished", "error")
+    The task's first call delivers what that step produced (what `coro` awaits, its
+    result or its error); every later `send` and `throw` goes straight to `coro`.
+    A task cancelled before it first ran calls `throw` first: the cancellation goes to
+    `coro` at the await where it stands, as it would inside any task. (A generator
+    wrapper could not do that: a throw into a generator that has not started ends it
+    without running a line of it, and `coro` was left suspended for good -- holding
+    whatever it held, an HTTP connection or a slot.)"""
 
-    def __init__(self) -> None:
+    __slots__ = ("_coro", "_first", "yielded", "finished", "error")
+
+    def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._coro = coro
+        self._first = True
         self.yielded: Any = None
         self.finished = False
         self.error: BaseException | None = None
 
+    def send(self, value: Any) -> Any:
+        if self._first:
+            self._first = False
+            if self.finished:
+                raise StopIteration
+            if self.error is not None:
+                raise self.error
+            return self.yielded  # what the first step awaits: the task waits on it
+        return self._coro.send(value)
 
-@types.coroutine
-def _continue(coro: Coroutine[Any, Any, None], step: _FirstStep) -> Generator[Any, Any, None]:
-    """The task's body: resume `coro` after its eager first step, forwarding
-    every value and exception between the task and the coroutine."""
-    if step.finished:
-        return
-    if step.error is not None:
-        raise step.error
-    yielded = step.yielded
-    while True:
-        try:
-            sent = yield yielded
-        except BaseException as exc:  # cancellation and the like go to the coroutine
-            try:
-                yielded = coro.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                yielded = coro.send(sent)
-            except StopIteration:
-                return
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if self._first:
+            self._first = False
+            if self.finished:
+                raise typ if val is None else val
+            if self.error is not None:
+                raise self.error
+            if isinstance(self.yielded, asyncio.Future):  # as Task.cancel cancels what the task awaits
+                self.yielded.cancel()
+        return self._coro.throw(typ if val is None else val)
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("a _Resumed is driven by its task only")
