@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quota_scale.py [--gateways 1,2,4,8] [--users 10000] [--requests 6000]
                                           [--in-flight 32] [--zipf 1.1] [--workers 1] [--statements]
+                                          [--long-lease-ttl 30]
 
 Real processes on loopback, as bench/gateway.py starts them: a DHT seed and
 the caller in this process; `python -m services.auth`, the gateways
@@ -29,13 +30,17 @@ a lookup (two statements), which this bench does not count. Each step:
 3. the measured load: `--requests` requests at `--in-flight` in flight,
    spread over the gateways in turn, each one's user drawn from a Zipf
    distribution (exponent `--zipf`) over the users;
-4. every record shipped, ~12 s, snapshot B; ~12 s without a request,
+4. every record shipped, ~12 s, snapshot B of auth's database; the long
+   leases' TTL more (`--long-lease-ttl`, the gateways'
+   INFERSWARM_GATEWAY_LONG_LEASE_TTL: the load's leases given back within
+   the span), snapshot B of the gateways'; ~12 s without a request,
    snapshot C: the background's rate (heartbeats, janitors, the
    key-invalidation, price and settings polls).
 
 A snapshot reads `pg_stat_database` (`xact_commit + xact_rollback`) and
 `pg_stat_user_tables` (rows inserted, updated, deleted) of both databases,
-and `pg_stat_user_functions` of the gateways' (calls of `quota_grant`,
+and `pg_stat_user_functions` of the gateways' (calls of `quota_turn` -- one a writer
+turn --, `quota_grant`, `quota_claim`,
 `quota_release`, `quota_orphan`: track_functions is `pl` for the run), over
 a connection of its own to each; the bench's own two statements per span and
 database are subtracted. `--statements` also counts every statement of the
@@ -81,7 +86,7 @@ TIER = "bench"
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 SETTLE = 12.0  #: seconds for the statistics of idle backends to reach the shared counters
 BENCH_XACTS = 2  #: the bench's own transactions per snapshot interval and database (below)
-FUNCTIONS = ("quota_grant", "quota_release", "quota_orphan")
+FUNCTIONS = ("quota_turn", "quota_grant", "quota_claim", "quota_release", "quota_orphan")
 TOUCH_EVERY = 240.0  #: seconds; auth keeps a validated key in memory 300 s (INFERSWARM_AUTH_CACHE_TTL)
 
 
@@ -269,6 +274,7 @@ async def run(args: argparse.Namespace) -> None:
             base = {k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_") and k != "DATABASE_URL"}
             base.update(INFERSWARM_MESH_SECRET=secret, INFERSWARM_BOOTSTRAP=client.discovery.address,
                         INFERSWARM_LOG_LEVEL="warning", PYTHONHASHSEED="0")
+            gateway_env = {"INFERSWARM_GATEWAY_LONG_LEASE_TTL": str(args.long_lease_ttl)}
             children = Children(root, base)
             stack.push_async_callback(children.stop)
             echo = json.dumps({MODEL: {"backend": "echo", "slots": 256, "queue": 1024}})
@@ -294,7 +300,8 @@ async def run(args: argparse.Namespace) -> None:
                 while len(endpoints) < n:
                     ready = await children.start(
                         f"gateway{len(endpoints)}", [sys.executable, "-m", "services.gateway"],
-                        DATABASE_URL=gateway_dsn, INFERSWARM_DATA_DIR=str(root / f"gateway{len(endpoints)}"))
+                        DATABASE_URL=gateway_dsn, INFERSWARM_DATA_DIR=str(root / f"gateway{len(endpoints)}"),
+                        **gateway_env)
                     endpoints.append(ready["endpoint"])
                 providers = {p.endpoint: p for p in await find(client.discovery, service_topic("gateway"), n)}
                 gateways = [client.mesh.connection(providers[e]) for e in endpoints]
@@ -309,7 +316,8 @@ async def run(args: argparse.Namespace) -> None:
                 "transactions_per_request_all": {str(n): round(r["per_request_all"], 4)
                                                  for n, r in results.items()},
                 "users": args.users, "requests": args.requests, "in_flight": args.in_flight, "zipf": args.zipf,
-                "workers": args.workers, "steps": {str(n): r for n, r in results.items()},
+                "workers": args.workers, "long_lease_ttl": args.long_lease_ttl,
+                "steps": {str(n): r for n, r in results.items()},
             }
             report(results)
             print(json.dumps(summary, default=round_floats))
@@ -341,7 +349,11 @@ async def step(gateways: list[Any], keys: list[str], zipf: Zipf, stats: dict[str
         measured = await load(gateways, keys, zipf.draw, args.requests, args.in_flight)
     await drained(gateways)
     await asyncio.sleep(SETTLE)
-    after = {name: await s.snapshot() for name, s in stats.items()}
+    after = {"auth": await stats["auth"].snapshot()}
+    # The gateways' span runs on until the load's long leases have been given back
+    # (auth's does not: a longer span would only make its background's share noisier).
+    await asyncio.sleep(args.long_lease_ttl)
+    after.update({name: await s.snapshot() for name, s in stats.items() if name != "auth"})
     await asyncio.sleep(SETTLE)
     idle = {name: await s.snapshot() for name, s in stats.items()}
     admitted = measured["admitted"]
@@ -464,6 +476,8 @@ if __name__ == "__main__":
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--zipf", type=float, default=1.1, help="the exponent of the users' Zipf distribution")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--long-lease-ttl", type=float, default=30.0,
+                        help="the gateways' INFERSWARM_GATEWAY_LONG_LEASE_TTL (0: no long leases)")
     parser.add_argument("--statements", action="store_true",
                         help="log and count the statements of each measured load (slows the server)")
     args = parser.parse_args()

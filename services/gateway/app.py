@@ -76,8 +76,10 @@ async def open_gateway(
     shipper = UsageShipper(journal, ship, interval=config.ship_interval, max_batch=config.ship_batch)
     accounts = Accounts(journal, on_record=shipper.poke)
     quota = Quota(store, gateway=gateway_id, incarnation=incarnation, lease_ttl=config.lease_ttl,
-                  max_lease=config.max_lease, claim_horizon=config.claim_horizon, lease_log=accounts)
+                  max_lease=config.max_lease, claim_horizon=config.claim_horizon,
+                  long_lease_ttl=config.long_lease_ttl, recall_wait=config.heartbeat, lease_log=accounts)
     fleet = Fleet(store, gateway=gateway_id, incarnation=incarnation, on_live=quota.set_live,
+                  on_recalled=quota.recalled,
                   heartbeat_interval=config.heartbeat, dead_after=config.dead_after,
                   janitor_interval=config.janitor_interval, grace=max(2 * config.lease_ttl, 1.0))
     await stack.enter_async_context(fleet)  # entered first, left last: our leases go back before we leave

@@ -3,6 +3,8 @@
     DATABASE_URL                          PostgreSQL for the limits (else the embedded one, database "gateway");
                                           every gateway of a mesh must share it
     INFERSWARM_GATEWAY_LEASE_TTL          seconds a lease lives before its unused units go back (1.0)
+    INFERSWARM_GATEWAY_LONG_LEASE_TTL     seconds a lease of a key far from its limit lives (30; 0: none); recalled
+                                          to the short TTL as the key nears its limit (README.md, "Long leases")
     INFERSWARM_GATEWAY_MAX_LEASE          most requests' worth of units in one lease (10000)
     INFERSWARM_GATEWAY_CLAIM_HORIZON      seconds of use a lease's claim runs ahead (0.25)
     INFERSWARM_GATEWAY_HEARTBEAT          seconds between heartbeats (1.0)
@@ -33,6 +35,14 @@ from services.gateway.checks import Limits
 __all__ = ["GatewayConfig"]
 
 
+def _seconds_or_off(raw: str) -> float:
+    """Seconds, or 0 for "off"."""
+    value = float(raw)
+    if value < 0:
+        raise ValueError("must be 0 (off) or more")
+    return value
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     """Everything a gateway process reads from its environment."""
@@ -40,6 +50,7 @@ class GatewayConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     db: DatabaseConfig = field(default_factory=DatabaseConfig)
     lease_ttl: float = env("INFERSWARM_GATEWAY_LEASE_TTL", default=1.0, parse=positive(float))
+    long_lease_ttl: float = env("INFERSWARM_GATEWAY_LONG_LEASE_TTL", default=30.0, parse=_seconds_or_off)
     max_lease: int = env("INFERSWARM_GATEWAY_MAX_LEASE", default=10_000, parse=positive(int))
     claim_horizon: float = env("INFERSWARM_GATEWAY_CLAIM_HORIZON", default=0.25, parse=positive(float))
     heartbeat: float = env("INFERSWARM_GATEWAY_HEARTBEAT", default=1.0, parse=positive(float))
@@ -63,6 +74,8 @@ class GatewayConfig:
         problems = []
         if self.ship_batch > 1000:
             problems.append("INFERSWARM_GATEWAY_SHIP_BATCH: at most 1000 (auth.record_usage's batch limit)")
+        if 0 < self.long_lease_ttl < 2 * self.lease_ttl:
+            problems.append("INFERSWARM_GATEWAY_LONG_LEASE_TTL: 0 (off) or at least two INFERSWARM_GATEWAY_LEASE_TTL")
         if self.heartbeat * 2 >= self.dead_after:
             problems.append("INFERSWARM_GATEWAY_DEAD_AFTER: must be more than two heartbeats")
         if problems:

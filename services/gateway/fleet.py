@@ -2,7 +2,9 @@
 
 Every gateway writes its heartbeat every `heartbeat_interval` and learns how
 many gateways are live (which sizes leases: a 1/(4 x live) share of what is
-left). Every gateway also runs the janitor every `janitor_interval`: a lease
+left), and which of its long leases other gateways recalled (their keys near
+their limits; `on_recalled` gives them back: README.md, "Long leases"). Every
+gateway also runs the janitor every `janitor_interval`: a lease
 that expired more than `grace` ago, whose owner has not beaten for
 `dead_after` (or restarted since), gets its never-claimed units back at once
 (`units - claimed`; see README.md, "Limits", for why that is safe and what a
@@ -33,10 +35,12 @@ _ORPHAN_RETENTION = 35 * 86_400.0
 
 class Fleet:
     """Heartbeat and janitor loops of one gateway (`gateway`, in its `incarnation`);
-    every heartbeat tells `on_live` how many gateways are live (at least 1)."""
+    every heartbeat tells `on_live` how many gateways are live (at least 1) and
+    `on_recalled` the ids of its recalled long leases (if any)."""
 
     def __init__(
         self, store: QuotaStore, *, gateway: str, incarnation: str, on_live: Callable[[int], None],
+        on_recalled: Callable[[list[int]], None] | None = None,
         heartbeat_interval: float = 1.0, dead_after: float = 10.0, janitor_interval: float = 1.0,
         grace: float = 2.0,
     ) -> None:
@@ -46,6 +50,7 @@ class Fleet:
         self.gateway = gateway
         self.incarnation = incarnation
         self._on_live = on_live
+        self._on_recalled = on_recalled
         self.heartbeat_interval = heartbeat_interval
         self.dead_after = dead_after
         self.janitor_interval = janitor_interval
@@ -71,9 +76,11 @@ class Fleet:
             log.warning("could not sign off the fleet", error=exc.message)
 
     async def beat(self) -> int:
-        live = await self._store.heartbeat(self.gateway, self.incarnation, self.dead_after)
-        self._on_live(max(1, live))
-        return live
+        beat = await self._store.heartbeat(self.gateway, self.incarnation, self.dead_after)
+        self._on_live(max(1, beat.live))
+        if beat.recalled and self._on_recalled is not None:
+            self._on_recalled(beat.recalled)
+        return beat.live
 
     async def sweep(self) -> int:
         """One janitor pass; the units given back."""

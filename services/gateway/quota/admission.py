@@ -18,7 +18,8 @@ The database is asked (through the `LeaseWriter`, in the background as a
 rule) to top leases up and renew them, to raise a lease's `claimed` mark
 ahead of use, and to take unused units back. A request the database refuses
 waits -- at most a lease TTL, within its deadline -- for other gateways'
-leases to come back before it is `RATE_LIMITED`. The design and its
+leases to come back before it is `RATE_LIMITED` (plus a heartbeat, for long
+leases recalled by the refusal). The design and its
 guarantees are in README.md, "Limits". The per-key states and the leases
 belong to the `LeaseBook` (book.py): `Quota` reads them and changes them
 only through it.
@@ -83,6 +84,7 @@ class Quota:
     def __init__(
         self, store: QuotaStore, *, gateway: str, incarnation: str, lease_ttl: float = 1.0,
         max_lease: int = 10_000, claim_horizon: float = 0.25, poll_interval: float = 0.05,
+        long_lease_ttl: float = 0.0, long_lease_ahead: int = 8, recall_wait: float = 1.0,
         lease_log: LeaseLog | None = None, clock: Any = time.time,
     ) -> None:
         self._store = store
@@ -92,9 +94,13 @@ class Quota:
         self._horizon = claim_horizon
         self._poll = poll_interval
         self._clock = clock
+        # A refusal recalls long leases; their owners hear of it within a heartbeat (`recall_wait`).
+        self._recall_wait = recall_wait if long_lease_ttl > 0 else 0.0
         self._book = LeaseBook(lease_log, clock)
         self._writer = LeaseWriter(store, self._book, gateway=gateway, incarnation=incarnation,
-                                   ttl=lease_ttl, max_lease=max_lease, horizon=claim_horizon, clock=clock)
+                                   ttl=lease_ttl, max_lease=max_lease, horizon=claim_horizon,
+                                   long_ttl=long_lease_ttl, long_ahead=long_lease_ahead, recall=recall_wait,
+                                   clock=clock)
         self.overruns = 0  #: tokens used beyond a reservation (a worker over-reporting)
 
     @property
@@ -105,6 +111,10 @@ class Quota:
     def set_live(self, count: int) -> None:
         """How many gateways are live (the heartbeat's `Fleet(on_live=)`)."""
         self._writer.live = count
+
+    def recalled(self, lease_ids: list[int]) -> None:
+        """Long leases of ours the database recalled (the heartbeat's `Fleet(on_recalled=)`)."""
+        self._writer.recalled(lease_ids)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -198,8 +208,11 @@ class Quota:
             # Ahead of need, in the background: claim further, top the lease up
             # (or renew it near its end), so that requests rarely wait.
             ahead = state.ahead(self._horizon, n)
-            if lease.claimed < lease.units and lease.claiming is None and lease.claimed - lease.used < ahead:
-                self._writer.claim(lease, lease.used + 2 * ahead)
+            spare, reach = lease.claimed - lease.used, self._writer.reach(lease, ahead, n)
+            # Claim again with less than `ahead` claimed left; a long lease (far from
+            # its limit) asks earlier, at half its reach, riding on the next turn.
+            if lease.claimed < lease.units and (spare < ahead or (lease.long and spare < reach // 2)):
+                self._writer.claim(lease, lease.used + reach, urgent=spare < ahead)
             if state.granting is None and (lease.free < ahead or lease.expires - now < self.ttl / 4):
                 self._writer.grant(state, n, background=True)
         return Admission(parts)
@@ -249,7 +262,7 @@ class Quota:
     def _wait_until(self, state: KeyState, grant: Grant, started: float, deadline: float) -> float:
         """How long a refused request waits for leases to come back: other
         gateways' (until they expire) and our own that are being trimmed."""
-        limit = min(started + self.ttl, deadline - 0.05)
+        limit = min(started + self.ttl + self._recall_wait, deadline - 0.05)
         until = started
         if self._book.returning(state.key):
             until = time.monotonic() + 2 * self._poll

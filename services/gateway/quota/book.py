@@ -19,6 +19,7 @@ the state consistent.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -53,6 +54,7 @@ class LeaseBook:
     def __init__(self, lease_log: LeaseLog | None = None, clock: Callable[[], float] = time.time) -> None:
         self._states: dict[Key, KeyState] = {}
         self._leases: dict[int, Lease] = {}
+        self._due: list[tuple[float, int]] = []  #: (expires, lease id), a heap; stale entries skipped
         self._log = lease_log or _NoLog()
         self._clock = clock  #: the quota's clock: when a count was seen (rolling counters drain by it)
 
@@ -129,10 +131,26 @@ class LeaseBook:
 
     def expire_due(self, now: float) -> list[Lease]:
         """Retire the leases whose time is up; those retired."""
-        due = [l for l in self._leases.values() if not l.expired and now >= l.expires]
-        for lease in due:
-            lease.expired = True
+        due = []
+        while self._due and self._due[0][0] <= now:
+            _, lease_id = heapq.heappop(self._due)
+            lease = self._leases.get(lease_id)
+            if lease is not None and not lease.expired and now >= lease.expires:
+                lease.expired = True
+                due.append(lease)
         return due
+
+    def recalled(self, lease_ids: list[int]) -> list[Lease]:
+        """Long leases the database recalled (their keys near their limits) admit
+        nothing more; those retired now (to give back)."""
+        retired = []
+        for lease_id in lease_ids:
+            lease = self._leases.get(lease_id)
+            if lease is not None:
+                lease.long = False
+                if self.retire(lease):
+                    retired.append(lease)
+        return retired
 
     def granting(self, state: KeyState, future: asyncio.Future[Any] | None) -> None:
         """A grant for `state` is on its way (`future`), or no longer (None)."""
@@ -140,7 +158,9 @@ class LeaseBook:
 
     def granted(self, state: KeyState, grant: Grant, expires: float) -> Lease | None:
         """Apply the database's answer to a grant: top the open lease up, or open
-        a new one (living until `expires`, monotonic). The lease it retired, if any."""
+        a new one (living until `expires`, monotonic: a long lease's time if the
+        grant says `long`). A long lease topped up as a short one (recalled) lives
+        until `expires` at most. The lease it retired, if any."""
         state.granted, state.seen_at = grant.granted, self._clock()
         state.granting = None
         retired = None
@@ -148,14 +168,22 @@ class LeaseBook:
             lease = state.lease
             if lease is not None and lease.id == grant.lease_id:
                 lease.units, lease.claimed = grant.units, max(lease.claimed, grant.claimed)
+                if lease.long and not grant.long:
+                    lease.long = False
+                    self._expire_at(lease, min(lease.expires, expires))
             else:
                 if lease is not None and self.retire(lease):
                     retired = lease
-                lease = Lease(grant.lease_id, state.key, grant.units, grant.claimed, expires)
+                lease = Lease(grant.lease_id, state.key, grant.units, grant.claimed, expires, grant.long)
                 self._leases[lease.id] = lease
+                self._expire_at(lease, expires)
                 state.lease = lease
                 self._log.opened(lease.id)
         return retired
+
+    def _expire_at(self, lease: Lease, expires: float) -> None:
+        lease.expires = expires
+        heapq.heappush(self._due, (expires, lease.id))
 
     def claiming(self, lease: Lease, future: asyncio.Future[None]) -> None:
         lease.claiming = future

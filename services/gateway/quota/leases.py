@@ -142,6 +142,7 @@ class Lease:
     units: int
     claimed: int
     expires: float  #: monotonic time after which it admits nothing more
+    long: bool = False  #: lives the long TTL, claims a few requests ahead (README.md, "Long leases")
     used: int = 0
     holders: int = 0  #: admitted requests not settled yet
     expired: bool = False
