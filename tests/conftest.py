@@ -116,18 +116,41 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # -- auth on a fresh database, for the tests of auth's handlers ---------------------------------------------
 
 
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """Logging configured into a buffer; the previous set-up restored afterwards."""
+def _captured_logs(level: str) -> Iterator[io.StringIO]:
+    """Logging at `level` configured into a buffer; the previous set-up restored afterwards."""
     root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    handlers, previous = list(root.handlers), root.level
     stream = io.StringIO()
-    configure_logging("info", "json", service="test", stream=stream, cache_loggers=False)
+    configure_logging(level, "json", service="test", stream=stream, cache_loggers=False)  # type: ignore[arg-type]
     yield stream
     structlog.reset_defaults()
     root.handlers[:] = handlers
-    root.setLevel(level)
+    root.setLevel(previous)
     logging.captureWarnings(False)
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """Logging at info level into a buffer; the previous set-up restored afterwards."""
+    yield from _captured_logs("info")
+
+
+@pytest.fixture
+def debug_log() -> Iterator[io.StringIO]:
+    """Logging at debug level into a buffer; the previous set-up restored afterwards."""
+    yield from _captured_logs("debug")
+
+
+@pytest.fixture
+async def store(pg_dsn):
+    """The gateway's quota store on a fresh database, migrated (services/gateway/store.py)."""
+    from services.gateway.store import MIGRATIONS, QuotaStore
+    from shared.db import apply_migrations, create_pool
+
+    pool = await create_pool(pg_dsn, max_size=8)
+    await apply_migrations(pool, MIGRATIONS)
+    yield QuotaStore(pool)
+    await pool.close()
 
 
 @pytest.fixture

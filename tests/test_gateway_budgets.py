@@ -19,22 +19,15 @@ from decimal import Decimal
 
 import pytest
 
-from shared.db import apply_migrations, create_pool
 from shared.errors import RateLimited
 from shared.pricing import UNITS, Price
 from services.gateway.quota import Quota, Scope
 from services.gateway.quota.leases import window_of
-from services.gateway.store import MIGRATIONS, QuotaStore
+from services.gateway.store import QuotaStore
 
 pytestmark = pytest.mark.db
 
 
-@pytest.fixture
-async def store(pg_dsn):
-    pool = await create_pool(pg_dsn, max_size=8)
-    await apply_migrations(pool, MIGRATIONS)
-    yield QuotaStore(pool)
-    await pool.close()
 
 
 class Clock:

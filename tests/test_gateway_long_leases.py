@@ -12,12 +12,11 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from shared.db import apply_migrations, create_pool
 from shared.errors import RateLimited
 from services.gateway.fleet import Fleet
 from services.gateway.quota import Quota, Scope
 from services.gateway.quota.leases import window_of
-from services.gateway.store import MIGRATIONS, QuotaStore
+from services.gateway.store import QuotaStore
 
 pytestmark = pytest.mark.db
 
@@ -27,12 +26,6 @@ DEAD_AFTER = 1.0
 GRACE = 0.2
 
 
-@pytest.fixture
-async def store(pg_dsn):
-    pool = await create_pool(pg_dsn, max_size=8)
-    await apply_migrations(pool, MIGRATIONS)
-    yield QuotaStore(pool)
-    await pool.close()
 
 
 class Counted(QuotaStore):

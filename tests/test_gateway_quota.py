@@ -13,25 +13,18 @@ from contextlib import AsyncExitStack
 
 import pytest
 
-from shared.db import apply_migrations, create_pool
 from shared.errors import RateLimited
 from services.gateway.fleet import Fleet
 from services.gateway.quota.leases import window_of
 from services.gateway.quota import Quota, Scope
 from services.gateway.recovery import close_earlier_leases
-from services.gateway.store import MIGRATIONS, QuotaStore
+from services.gateway.store import QuotaStore
 
 pytestmark = pytest.mark.db
 
 RPH = {"requests_per_hour": 20, "requests_per_month": None, "tokens_per_month": None}
 
 
-@pytest.fixture
-async def store(pg_dsn):
-    pool = await create_pool(pg_dsn, max_size=8)
-    await apply_migrations(pool, MIGRATIONS)
-    yield QuotaStore(pool)
-    await pool.close()
 
 
 async def keeper(stack: AsyncExitStack, store: QuotaStore, name: str, **options) -> Quota:

@@ -22,9 +22,7 @@ does not keep auth from starting.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
-import logging
 import os
 import secrets
 import shutil
@@ -39,11 +37,9 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
-import structlog
 
 from shared.config import Secret, load
 from shared.db import EmbeddedPostgres, ensure_database
-from shared.logging import configure_logging
 from shared.replica import ReplicaConfig, ReplicaReader
 from services.auth.config import AuthConfig
 from auth_support import Calls, start_auth
@@ -174,21 +170,6 @@ async def cluster(primary: EmbeddedPostgres) -> AsyncIterator[tuple[str, Replica
         await asyncio.to_thread(replica.destroy)
         async with connected(primary.dsn) as conn:
             await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-def debug_log() -> Iterator[Any]:
-    """Logging at debug level into a buffer (the `read served` lines); the previous set-up restored,
-    as conftest's `log_stream` does."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    stream = io.StringIO()
-    configure_logging("debug", "json", service="test", stream=stream, cache_loggers=False)
-    yield stream
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 def replica_lines(stream: Any, level: str | None = None) -> list[dict[str, Any]]:
