@@ -225,3 +225,41 @@ def test_a_frame_holds_what_fits_and_one_large_message_goes_alone():
     halves = [b"a" * 40_000, b"b" * 40_000]
     assert next_frame(halves, codec.MAX_BYTES) == (1, halves[0])  # together over 64 KiB
     assert next_frame([b"only"], codec.MAX_BYTES) == (1, b"only")
+
+
+def test_clients_whose_queues_are_full_share_one_retry_and_keep_their_order():
+    """The outbox alone, its socket a function: ten clients refuse (EAGAIN) for 50 ms, one
+    takes everything. One retry timer serves them all (not one more per failed try, which
+    grew without bound); the one that takes is never held up; order is kept."""
+    from shared.rpc.outbox import Outbox
+
+    async def main() -> None:
+        sent: dict[bytes, list[bytes]] = {}
+        tries = 0
+        full: set[bytes] = {b"c%d" % i for i in range(10)}
+
+        def send(frames: list[bytes]) -> None:
+            nonlocal tries
+            tries += 1
+            ident, data = frames
+            if ident in full:
+                raise zmq.Again()
+            sent.setdefault(ident, []).append(data)
+
+        outbox = Outbox(send, codec.MAX_BYTES, retry_s=0.002)
+        for ident in [*sorted(full), b"free"]:
+            outbox.learn(ident, False)
+            for n in range(3):
+                assert outbox.put(ident, b"%s-%d" % (ident, n))
+        await asyncio.sleep(0)  # the turn's flush
+        assert sent[b"free"] == [b"free-0", b"free-1", b"free-2"]
+        assert all(outbox.blocked(ident) for ident in full)
+        await asyncio.sleep(0.05)
+        assert tries <= 1 + 10 + 10 * 40, tries  # about one try per client per 2 ms, not compounding
+        full.clear()  # their readers caught up
+        await asyncio.sleep(0.02)
+        assert all(sent[b"c%d" % i] == [b"c%d-%d" % (i, n) for n in range(3)] for i in range(10))
+        assert not any(outbox.blocked(b"c%d" % i) for i in range(10))
+        outbox.close()
+
+    asyncio.run(main())

@@ -13,7 +13,8 @@ handshake (`codec.BATCH_FEATURE`), else one by one as before. Order per client
 is kept, which is all the protocol needs (a request's chunks, then its end).
 
 Back-pressure is unchanged in effect: when the client's queue in libzmq is
-full (`EAGAIN`), the rest waits here and is retried every `retry_s`, and
+full (`EAGAIN`), the rest waits here and is retried every `retry_s` (one timer
+for all such clients), and
 `blocked` tells a stream to wait before making more. A client that is gone
 (`EHOSTUNREACH`) is remembered, so its streams stop at their next chunk. A
 queue that grows past `max_queued` messages within one turn (a stream whose
@@ -54,6 +55,7 @@ class Outbox:
         self._gone: set[bytes] = set()
         self._batching: dict[bytes, bool] = {}  #: whether each client reads BATCH frames
         self._scheduled = False
+        self._retry: asyncio.TimerHandle | None = None  #: the one pending retry of blocked clients
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def knows(self, ident: bytes) -> bool:
@@ -92,7 +94,17 @@ class Outbox:
         """Send everything queued that the clients' queues take."""
         self._scheduled = False
         for ident, queue in list(self._queues.items()):
-            self._flush_one(ident, queue)
+            if ident not in self._blocked:  # those wait for the retry (`_retry_blocked`)
+                self._flush_one(ident, queue)
+
+    def _retry_blocked(self) -> None:
+        self._retry = None
+        for ident in list(self._blocked):
+            queue = self._queues.get(ident)
+            if queue is None:
+                self._blocked.discard(ident)
+            else:
+                self._flush_one(ident, queue)
 
     def _flush_one(self, ident: bytes, queue: list[bytes]) -> None:
         batching = self._batching.get(ident, False)
@@ -110,9 +122,10 @@ class Outbox:
                 if exc.errno != zmq.EAGAIN:
                     raise
                 self._blocked.add(ident)  # its queue in libzmq is full: try again shortly
-                if self._loop is None:
-                    self._loop = asyncio.get_running_loop()
-                self._loop.call_later(self._retry_s, self.flush)
+                if self._retry is None:  # one timer for every blocked client
+                    if self._loop is None:
+                        self._loop = asyncio.get_running_loop()
+                    self._retry = self._loop.call_later(self._retry_s, self._retry_blocked)
                 return
             del queue[:count]
         self._blocked.discard(ident)
@@ -125,6 +138,10 @@ class Outbox:
 
     def close(self) -> None:
         """Send what the clients' queues take now, and drop the rest."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._blocked.clear()
         self.flush()
         self._queues.clear()
         self._blocked.clear()
