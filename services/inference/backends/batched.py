@@ -63,8 +63,8 @@ from typing import Any
 from shared.config import ConfigError
 from shared.errors import InvalidParams, Unavailable
 from shared.logging import get_logger
-from services.inference.backends.base import Backend, Done, Event, GenerateRequest, Logprobs, Prompt, token_logprob
-from services.inference.backends.local import Output, llama_grammar, model_file, typed_error
+from services.inference.backends.base import Done, Event, GenerateRequest, Logprobs, Prompt, token_logprob
+from services.inference.backends.local import GgufBackend, Output, llama_grammar, model_file, typed_error
 from services.inference.backends.structured import grammar_of, prompt_messages
 
 __all__ = ["BatchedBackend"]
@@ -98,19 +98,12 @@ class _Job:
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
 
 
-class BatchedBackend(Backend):
+class BatchedBackend(GgufBackend):
     """One GGUF model, one context of `slots` sequences decoded together."""
-
-    kind = "local"
-
-    capabilities = ("chat", "tools", "json", "logprobs")
 
     def __init__(self, path: Path | None = None, *, slots: int = 4, n_threads: int = 2, n_ctx: int = 2048,
                  repeat_penalty: float = 1.0) -> None:
-        super().__init__()
-        self.path = path
-        self.slots, self.n_threads, self.n_ctx = slots, n_threads, n_ctx
-        self.repeat_penalty = repeat_penalty
+        super().__init__(path, slots=slots, n_threads=n_threads, n_ctx=n_ctx, repeat_penalty=repeat_penalty)
         self._engine: _Engine | None = None
 
     async def start(self) -> None:

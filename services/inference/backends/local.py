@@ -58,7 +58,7 @@ from services.inference.backends.base import (
 )
 from services.inference.backends.structured import grammar_of, parse_calls, prompt_messages
 
-__all__ = ["LocalBackend", "Output", "default_gguf", "llama_grammar", "model_file", "typed_error"]
+__all__ = ["GgufBackend", "LocalBackend", "Output", "default_gguf", "llama_grammar", "model_file", "typed_error"]
 
 log = get_logger(__name__)
 
@@ -150,8 +150,9 @@ def _llama_class() -> type:
     return CountingLlama
 
 
-class LocalBackend(Backend):
-    """One GGUF model, `slots` contexts, generation in threads."""
+class GgufBackend(Backend):
+    """What the local backends share: one GGUF model file (found by `model_file` at start),
+    `slots` requests at once, llama.cpp's threads, context and repeat penalty."""
 
     kind = "local"
 
@@ -163,6 +164,14 @@ class LocalBackend(Backend):
         self.path = path
         self.slots, self.n_threads, self.n_ctx = slots, n_threads, n_ctx
         self.repeat_penalty = repeat_penalty
+
+
+class LocalBackend(GgufBackend):
+    """One GGUF model, `slots` contexts, generation in threads."""
+
+    def __init__(self, path: Path | None = None, *, slots: int = 1, n_threads: int = 2, n_ctx: int = 2048,
+                 repeat_penalty: float = 1.0) -> None:
+        super().__init__(path, slots=slots, n_threads=n_threads, n_ctx=n_ctx, repeat_penalty=repeat_penalty)
         self._free: list[Any] = []
         self._executor: ThreadPoolExecutor | None = None
 
