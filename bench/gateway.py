@@ -187,9 +187,22 @@ async def main(seconds: float, rounds: int) -> None:
         await run(seconds, rounds, receiver)
 
 
+async def bench_databases(stack: AsyncExitStack, root: Path) -> tuple[str, str, str]:
+    """The server of DATABASE_URL, or an embedded one under `root` (stopped by `stack`), and
+    fresh auth and gateway databases on it: (server URL, auth DSN, gateway DSN)."""
+    from shared.db import EmbeddedPostgres, ensure_database
+
+    url = os.environ.get("DATABASE_URL")
+    if url is None:
+        pg = await stack.enter_async_context(EmbeddedPostgres(root / "pgdata", cleanup_mode="delete"))
+        url = pg.dsn
+    suffix = secrets.token_hex(4)
+    return (url, await ensure_database(url, f"bench_auth_{suffix}"),
+            await ensure_database(url, f"bench_gateway_{suffix}"))
+
+
 async def run(seconds: float, rounds: int, receiver: Any) -> None:
     from shared.config import MeshConfig, Secret
-    from shared.db import EmbeddedPostgres, ensure_database
     from shared.dht import model_topic, service_topic
     from shared.identity import MeshCredential
     from shared.runner import join_mesh
@@ -198,13 +211,7 @@ async def run(seconds: float, rounds: int, receiver: Any) -> None:
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         root = Path(tmp)
         async with AsyncExitStack() as stack:
-            url = os.environ.get("DATABASE_URL")
-            if url is None:
-                pg = await stack.enter_async_context(EmbeddedPostgres(root / "pgdata", cleanup_mode="delete"))
-                url = pg.dsn
-            suffix = secrets.token_hex(4)
-            auth_dsn = await ensure_database(url, f"bench_auth_{suffix}")
-            gateway_dsn = await ensure_database(url, f"bench_gateway_{suffix}")
+            url, auth_dsn, gateway_dsn = await bench_databases(stack, root)
             client = await join_mesh(stack, "caller", MeshConfig(
                 data_dir=root / "caller", mesh_secret=Secret(secret), record_ttl=30.0))
             base = {k: v for k, v in os.environ.items() if not k.startswith("INFERSWARM_") and k != "DATABASE_URL"}

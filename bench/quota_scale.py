@@ -66,7 +66,6 @@ import json
 import os
 import random
 import re
-import secrets
 import sys
 import tempfile
 import time
@@ -79,7 +78,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from gateway import Children, find, until_served  # noqa: E402  (bench/gateway.py)
+from gateway import Children, bench_databases, find, until_served  # noqa: E402  (bench/gateway.py)
 
 MODEL = "bench"
 TIER = "bench"
@@ -237,7 +236,7 @@ async def run(args: argparse.Namespace) -> None:
     import asyncpg
 
     from shared.config import MeshConfig, Secret
-    from shared.db import EmbeddedPostgres, ensure_database, with_database
+    from shared.db import with_database
     from shared.dht import model_topic, service_topic
     from shared.identity import MeshCredential
     from shared.runner import join_mesh
@@ -247,15 +246,9 @@ async def run(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="quota-scale-") as tmp:
         root = Path(tmp)
         async with AsyncExitStack() as stack:
-            url = os.environ.get("DATABASE_URL")
-            if url is None:
-                pg = await stack.enter_async_context(EmbeddedPostgres(root / "pgdata", cleanup_mode="delete"))
-                url = pg.dsn
-            elif args.statements:
+            if args.statements and os.environ.get("DATABASE_URL") is not None:
                 raise SystemExit("--statements reads the embedded server's log: unset DATABASE_URL")
-            suffix = secrets.token_hex(4)
-            auth_dsn = await ensure_database(url, f"bench_auth_{suffix}")
-            gateway_dsn = await ensure_database(url, f"bench_gateway_{suffix}")
+            url, auth_dsn, gateway_dsn = await bench_databases(stack, root)
             admin = await asyncpg.connect(with_database(url, "postgres"))
             stack.push_async_callback(admin.close)
             try:
