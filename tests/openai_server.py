@@ -69,7 +69,8 @@ Tools and structured output, deterministic, checked as OpenAI checks them
 
 `requests` records every request's path and body, the last one last. Switches as in `ollama_server.py`:
 `fail_status`, `malformed_after`, `error_after`, `drop_after`, `token_delay`,
-and `usage=False` to ignore `include_usage` as some servers do.
+and `usage=False` to ignore `include_usage` as some servers do. `open_now` and
+`most_open` count the completion requests being answered at once.
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ class OpenAIServer(_Embeddings, KeyedLimits):
         self.requests: list[tuple[str, dict[str, Any]]] = []
         self.disconnects = 0
         self.pieces_sent = 0  #: tokens written to streams, all requests together
+        self.open_now = 0  #: completion requests being answered now
+        self.most_open = 0  #: the most ever answered at once
         self.base_url = ""
         self._runner: web.AppRunner | None = None
 
@@ -266,6 +269,14 @@ class OpenAIServer(_Embeddings, KeyedLimits):
     # -- generation ------------------------------------------------------------
 
     async def _completion(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            return await self._answer(request, chat=chat)
+        finally:
+            self.open_now -= 1
+
+    async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         refusal = self._refusal(request)
         if refusal is not None:
             return refusal

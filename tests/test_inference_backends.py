@@ -310,6 +310,47 @@ async def test_cancelling_a_stream_frees_the_slot_and_closes_the_upstream_stream
         assert (await service.model_status("m"))["healthy"]  # a cancel is no backend failure
 
 
+async def test_every_slot_of_an_openai_backend_has_a_connection_beyond_aiohttps_default_pool(openai):
+    """140 slots: 140 generations reach the server at once (aiohttp's default pool holds 100;
+    the rest waited, unseen, for a connection while their slots looked busy)."""
+    openai.api_key = None
+    openai.token_delay = 1.0  # a stream lasts about 12 s: all of them are open at once
+    slots = 140
+    models = {"m": {"backend": "openai", "url": openai.base_url, "model": "gpt-4o-mini", "slots": slots}}
+    async with AsyncExitStack() as stack:
+        service = await start_service(stack, models)
+        streams = [service.generate(model="m", messages=CHAT, temperature=0.5) for _ in range(slots)]
+        try:
+            firsts = await asyncio.wait_for(asyncio.gather(*(anext(s) for s in streams)), timeout=20)
+            assert all("text" in first for first in firsts)
+            assert openai.most_open == slots  # every one of them held a connection at once
+        finally:
+            for stream in streams:
+                await stream.aclose()
+
+
+async def test_a_wait_for_a_connection_of_the_pool_is_bounded_and_typed(openai):
+    """The pool is sized to the slots, so this should not happen; if it does, the wait ends
+    with the backend's timeout as UNAVAILABLE (retry_safe), not never."""
+    from services.inference.backends.http import HttpClient
+
+    openai.api_key = None
+    openai.token_delay = 0.2
+    client = HttpClient(openai.base_url, timeout=0.5, connections=1)
+    await client.open()
+    body = {"model": "gpt-4o-mini", "messages": CHAT, "stream": True}
+    try:
+        async with client.request("POST", "/chat/completions", body):  # holds the one connection
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as refused:
+                async with client.request("POST", "/chat/completions", body):
+                    pass
+            assert refused.value.data.get("retry_safe") is True
+            assert 0.4 < time.monotonic() - started < 5
+    finally:
+        await client.close()
+
+
 async def test_backend_errors_are_mesh_errors_never_raw_exceptions(services, ollama):
     ollama.drop_after = 0
     with pytest.raises(MeshError):

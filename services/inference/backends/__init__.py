@@ -13,7 +13,9 @@ from services.inference.backends.embedding import Embedded, Embedder
 from services.inference.catalog import ModelSpec
 
 __all__ = ["Backend", "Done", "Event", "GenerateRequest", "Message", "Prompt", "Embedded", "Embedder",
-           "api_keys", "make_backend", "make_embedder"]
+           "api_keys", "connections", "make_backend", "make_embedder"]
+
+_SPARE_CONNECTIONS = 4  #: beyond one per slot: the probes of model listings and health
 
 
 def make_backend(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = os.environ) -> Backend:
@@ -39,14 +41,22 @@ def make_backend(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = 
     if spec.backend == "ollama":
         from services.inference.backends.ollama import OllamaBackend
 
-        return OllamaBackend(spec.url, spec.upstream, timeout=spec.timeout)
+        return OllamaBackend(spec.url, spec.upstream, timeout=spec.timeout, connections=connections(spec))
     if spec.backend == "anthropic":
         from services.inference.backends.anthropic import AnthropicBackend
 
-        return AnthropicBackend(spec.url, spec.upstream, api_keys=api_keys(spec, environ), timeout=spec.timeout)
+        return AnthropicBackend(spec.url, spec.upstream, api_keys=api_keys(spec, environ), timeout=spec.timeout,
+                                connections=connections(spec))
     from services.inference.backends.openai import OpenAIBackend
 
-    return OpenAIBackend(spec.url, spec.upstream, api_keys=api_keys(spec, environ), timeout=spec.timeout)
+    return OpenAIBackend(spec.url, spec.upstream, api_keys=api_keys(spec, environ), timeout=spec.timeout,
+                         connections=connections(spec))
+
+
+def connections(spec: ModelSpec) -> int:
+    """The HTTP connections an entry's backend keeps to its server: one per slot, and a few
+    for the health probes, so no generation ever waits for the pool."""
+    return spec.slots + _SPARE_CONNECTIONS
 
 
 def make_embedder(spec: ModelSpec, *, threads: int, environ: Mapping[str, str] = os.environ) -> Embedder:

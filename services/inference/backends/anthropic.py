@@ -66,7 +66,7 @@ from shared.errors import InvalidParams, NotFound
 from services.inference.backends.base import (
     Done, Event, FinishReason, GenerateRequest, Message, Prompt, ToolCall, ToolCalls,
 )
-from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
+from services.inference.backends.http import DEFAULT_CONNECTIONS, HttpBackend, HttpClient, dropped, malformed
 from services.inference.backends.keys import KeyPool, Lease
 
 __all__ = ["AnthropicBackend", "API_VERSION", "DEFAULT_URL"]
@@ -88,11 +88,11 @@ class AnthropicBackend(HttpBackend):
     capabilities = ("chat", "tools")
 
     def __init__(self, url: str, model: str, *, api_key: Secret | None = None, api_keys: Sequence[Secret] = (),
-                 timeout: float = 120.0, key_cooldown: float = 5.0) -> None:
+                 timeout: float = 120.0, key_cooldown: float = 5.0, connections: int = DEFAULT_CONNECTIONS) -> None:
         super().__init__()
         self.model = model
         self.http = HttpClient(url, timeout=timeout, headers={"anthropic-version": API_VERSION},
-                               name="anthropic server")
+                               name="anthropic server", connections=connections)
         given = [*([api_key] if api_key is not None else []), *api_keys]
         if given:
             self.keys = KeyPool(given, model=model, header=_x_api_key, cooldown=key_cooldown)

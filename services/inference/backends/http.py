@@ -46,10 +46,12 @@ from services.inference.backends.base import Backend, Event
 from services.inference.backends.keys import KeyPool, Lease
 from shared.errors import InvalidParams, MeshError, NotFound, Unavailable
 
-__all__ = ["Credential", "HttpBackend", "HttpClient", "malformed", "dropped"]
+__all__ = ["DEFAULT_CONNECTIONS", "Credential", "HttpBackend", "HttpClient", "malformed", "dropped"]
 
 T = TypeVar("T")
 
+#: Connections to one server when the backend is not told its slots (aiohttp's own default).
+DEFAULT_CONNECTIONS = 100
 _MAX_ERROR_BODY = 4096
 _MAX_LINE = 1 << 20
 
@@ -76,17 +78,22 @@ class HttpClient:
     """An aiohttp session to one server, raising typed errors."""
 
     def __init__(self, base_url: str, *, timeout: float, headers: Mapping[str, str] | None = None,
-                 name: str = "server") -> None:
+                 name: str = "server", connections: int = DEFAULT_CONNECTIONS) -> None:
         self.base_url = base_url.rstrip("/")
         self.name = f"{name} at {self.base_url}"
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(timeout, 10.0), sock_read=timeout)
+        # `connect` bounds the wait for a connection of the pool as well as its opening: a
+        # request never waits unseen for one (the pool is sized to the slots, so it should not).
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=timeout, sock_connect=min(timeout, 10.0),
+                                              sock_read=timeout)
         self._headers = dict(headers or {})
+        self.connections = max(1, connections)  #: the pool's size: at most this many requests at once
         self._session: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                timeout=self._timeout, headers=self._headers, read_bufsize=1 << 16
+                connector=aiohttp.TCPConnector(limit=self.connections), timeout=self._timeout,
+                headers=self._headers, read_bufsize=1 << 16,
             )
 
     async def close(self) -> None:

@@ -66,7 +66,7 @@ from shared.logging import get_logger
 from services.inference.backends.base import (
     Done, Event, GenerateRequest, Prompt, ToolCall, ToolCalls, estimate_tokens,
 )
-from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
+from services.inference.backends.http import DEFAULT_CONNECTIONS, HttpBackend, HttpClient, dropped, malformed
 
 __all__ = ["OllamaBackend"]
 
@@ -80,10 +80,11 @@ class OllamaBackend(HttpBackend):
 
     capabilities = ("chat", "tools", "json")
 
-    def __init__(self, url: str, model: str, *, timeout: float = 120.0) -> None:
+    def __init__(self, url: str, model: str, *, timeout: float = 120.0,
+                 connections: int = DEFAULT_CONNECTIONS) -> None:
         super().__init__()
         self.model = model
-        self.http = HttpClient(url, timeout=timeout, name="ollama")
+        self.http = HttpClient(url, timeout=timeout, name="ollama", connections=connections)
         self.info = {"upstream": model, "url": self.http.base_url}
 
     async def probe(self) -> None:

@@ -79,7 +79,7 @@ from shared.generation import ToolChoice
 from services.inference.backends.base import (
     Done, Event, GenerateRequest, Logprobs, Prompt, ToolCall, ToolCalls, estimate_tokens, token_logprob,
 )
-from services.inference.backends.http import HttpBackend, HttpClient, dropped, malformed
+from services.inference.backends.http import DEFAULT_CONNECTIONS, HttpBackend, HttpClient, dropped, malformed
 from services.inference.backends.keys import KeyPool, Lease
 
 __all__ = ["OpenAIBackend"]
@@ -93,10 +93,10 @@ class OpenAIBackend(HttpBackend):
     capabilities = ("chat", "tools", "json", "logprobs")
 
     def __init__(self, url: str, model: str, *, api_key: Secret | None = None, api_keys: Sequence[Secret] = (),
-                 timeout: float = 120.0, key_cooldown: float = 5.0) -> None:
+                 timeout: float = 120.0, key_cooldown: float = 5.0, connections: int = DEFAULT_CONNECTIONS) -> None:
         super().__init__()
         self.model = model
-        self.http = HttpClient(url, timeout=timeout, name="openai server")
+        self.http = HttpClient(url, timeout=timeout, name="openai server", connections=connections)
         given = [*([api_key] if api_key is not None else []), *api_keys]
         if given:
             self.keys = KeyPool(given, model=model, header=_bearer, cooldown=key_cooldown)
