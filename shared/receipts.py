@@ -73,6 +73,9 @@ HEADER = "x-inferswarm-receipt"
 #: The longest receipt text `verify` reads (a real one is about 300 characters).
 MAX_TEXT = 2048
 _FIELDS = ("at", "completion_tokens", "cost", "gateway", "model", "prompt_tokens", "request_id", "user_id", "v")
+_FIELD_SET = frozenset(_FIELDS)
+_INTS = ("v", "prompt_tokens", "completion_tokens", "user_id")
+_pack = msgpack.Packer(use_bin_type=True).pack  #: keys in the order given: `encode` sorts them first
 _B64 = re.compile(r"[A-Za-z0-9_-]+")
 _HEX_KEY = re.compile(r"[0-9a-f]{64}")
 _DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
@@ -116,19 +119,21 @@ class Receipt:
 
 def encode(fields: dict[str, Any]) -> bytes:
     """The canonical msgpack encoding of a receipt's map: sorted keys, whatever `fields`' order."""
-    packed: bytes = msgpack.packb({name: fields[name] for name in sorted(fields)}, use_bin_type=True)
+    packed: bytes = _pack({name: fields[name] for name in sorted(fields)})
     return packed
 
 
 def sign(signer: Signer, *, request_id: str, model: str, prompt_tokens: int, completion_tokens: int,
          at: float, user_id: int, cost: Decimal | str | None = None) -> str:
     """A receipt signed by `signer`, in its text form."""
-    receipt = Receipt(request_id=request_id, model=model, prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens, cost=None if cost is None else _decimal_text(cost),
-                      at=round(float(at), 3), user_id=user_id, gateway=signer.public_key.hex())
-    fields = receipt.fields()
+    fields = {  # in canonical (sorted) key order, so packed as is
+        "at": round(float(at), 3), "completion_tokens": completion_tokens,
+        "cost": None if cost is None else _decimal_text(cost), "gateway": signer.public_key.hex(),
+        "model": model, "prompt_tokens": prompt_tokens, "request_id": request_id, "user_id": user_id,
+        "v": VERSION,
+    }
     _check(fields)
-    payload = encode(fields)
+    payload: bytes = _pack(fields)
     return PREFIX + _b64(payload) + "." + _b64(signer.sign(CONTEXT + payload))
 
 
@@ -190,10 +195,9 @@ def _split(text: str) -> tuple[bytes, bytes]:
 
 def _check(fields: dict[str, Any]) -> None:
     """The map has exactly the fields of this version, each of its type."""
-    if sorted(fields) != sorted(_FIELDS):
+    if len(fields) != len(_FIELDS) or fields.keys() != _FIELD_SET:
         raise InvalidReceipt("format", "the payload does not have the fields of a v1 receipt")
-    ints = ("v", "prompt_tokens", "completion_tokens", "user_id")
-    if fields["v"] != VERSION or any(type(fields[name]) is not int or fields[name] < 0 for name in ints):
+    if fields["v"] != VERSION or any(type(fields[name]) is not int or fields[name] < 0 for name in _INTS):
         raise InvalidReceipt("format", "v, prompt_tokens, completion_tokens and user_id are whole numbers (v: 1)")
     if type(fields["at"]) is not float or fields["at"] < 0:
         raise InvalidReceipt("format", "at is epoch seconds (a float)")
