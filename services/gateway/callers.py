@@ -103,6 +103,8 @@ class Callers:
         self._max_timeout = max_timeout
         self._tokens = TokenCache()
         validator.sync_also(self._tokens)
+        #: the Caller made of each answer the validator keeps (by its identity): a new answer, a new Caller
+        self._keys: dict[int, tuple[Mapping[str, Any], Caller]] = {}
 
     @property
     def sessions_cached(self) -> int:
@@ -115,11 +117,18 @@ class Callers:
             raise InvalidParams("give an api_key or a token, not both", {"param": "token"})
         if api_key is not None:
             answer = await self._validator.validate(api_key, deadline=deadline)
+            known = self._keys.get(id(answer))
+            if known is not None and known[0] is answer:  # the validator's cached answer: the same caller
+                return known[1]
             allowed = answer.get("allowed_models")
-            return Caller(answer["user_id"], answer["key_id"], answer["tier"], scopes_of(answer, answer["user_id"]),
-                          int(answer.get("priority") or 0),
-                          allowed_models=tuple(allowed) if isinstance(allowed, list) else None,
-                          currency=answer.get("currency"))
+            caller = Caller(answer["user_id"], answer["key_id"], answer["tier"], scopes_of(answer, answer["user_id"]),
+                            int(answer.get("priority") or 0),
+                            allowed_models=tuple(allowed) if isinstance(allowed, list) else None,
+                            currency=answer.get("currency"))
+            if len(self._keys) >= _MAX_TOKENS_CACHED:
+                self._keys.clear()
+            self._keys[id(answer)] = (answer, caller)  # holding the answer: its id is not reused meanwhile
+            return caller
         if token is not None:
             return await self._by_token(token, deadline)
         raise Unauthenticated("an API key (api_key) or a session token (token) is required")
