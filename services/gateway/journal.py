@@ -34,6 +34,8 @@ from collections.abc import Hashable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import orjson
+
 from shared.logging import get_logger
 
 __all__ = ["Journal", "Position", "Shipping"]
@@ -55,11 +57,10 @@ class Shipping(NamedTuple):
     field: str
 
 
-_encode = json.JSONEncoder(separators=(",", ":")).encode  # built once: json.dumps(separators=) is not
-
-
 def _dump(entry: dict[str, Any]) -> bytes:
-    return _encode(entry).encode() + b"\n"
+    """One JSON line, compact, keys in the order given (orjson: a twentieth of `json`'s time,
+    and two entries are written per request)."""
+    return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
 
 
 class Journal:
