@@ -40,6 +40,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
 import aiohttp
+import orjson
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from services.inference.backends.base import Backend, Event
@@ -54,6 +55,15 @@ T = TypeVar("T")
 DEFAULT_CONNECTIONS = 100
 _MAX_ERROR_BODY = 4096
 _MAX_LINE = 1 << 20
+
+
+def _json_bytes(body: Mapping[str, Any]) -> bytes:
+    """A request's JSON body: orjson's (aiohttp's own JSON payload was 4% of a worker's time);
+    `json`'s for what orjson refuses (a lone surrogate: escaped, as `json` does)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body).encode()
 
 
 def malformed(where: str, detail: str) -> Unavailable:
@@ -121,8 +131,11 @@ class HttpClient:
         if self._session is None:
             raise Unavailable(f"{self.name}: client closed", {"retry_safe": True})
         try:
-            headers = credential.headers if credential is not None else None
-            response = await self._session.request(method, self.base_url + path, json=body, headers=headers)
+            headers = {**credential.headers} if credential is not None else {}
+            data = None
+            if body is not None:
+                data, headers["Content-Type"] = _json_bytes(body), "application/json"
+            response = await self._session.request(method, self.base_url + path, data=data, headers=headers)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise Unavailable(f"cannot reach {self.name}: {_reason(exc)}", {"retry_safe": True}) from None
         try:
