@@ -19,7 +19,10 @@ best round of each is kept (shared, noisy machines). The load generator is
 one aiohttp client with exactly N requests in flight, bounded in time and
 count. The last line is JSON with `rps_64`, `p50_ms_64`, `p99_ms_64`,
 `added_p50_ms_1`, and for the streamed run `stream_rps_64`, `stream_p50_ms_64`,
-`stream_p99_ms_64` (and the bare server's `direct_stream_p50_ms_64`). (The issue names this
+`stream_p99_ms_64` (and the bare server's `direct_stream_p50_ms_64`), and the CPU each
+service used per answered request of the round kept, in microseconds (`web_cpu_us_64`,
+`gateway_cpu_us_64`, `inference_cpu_us_64` -- the worker --, and `stream_...` for the
+streamed run): CPU time, not wall time, so less disturbed by the machine's noise. (The issue names this
 file bench/http.py; a script of that name would shadow the standard library's
 `http` package, which aiohttp imports, so it is bench/web.py.)
 """
@@ -42,6 +45,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import aiohttp
+import psutil
 from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,6 +194,34 @@ def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda run: run["rps"])
 
 
+SERVICES = ("web", "gateway", "inference", "auth", "metrics")
+
+
+def stack_cpu(stack: subprocess.Popen) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each service process `inferswarm up` started."""
+    used = dict.fromkeys(SERVICES, 0.0)
+    for child in psutil.Process(stack.pid).children(recursive=True):
+        try:
+            line, times = " ".join(child.cmdline()), child.cpu_times()
+        except psutil.Error:
+            continue
+        for service in SERVICES:
+            if f"services.{service}" in line:
+                used[service] += times.user + times.system
+    return used
+
+
+async def measured(stack: subprocess.Popen, url: str, headers: dict[str, str], in_flight: int, seconds: float,
+                   body: dict) -> dict:
+    """`measure`, with each service's CPU per answered request (microseconds) in `cpu_us`."""
+    before = stack_cpu(stack)
+    got = await measure(url, headers, in_flight, seconds, body)
+    after = stack_cpu(stack)
+    answered = max(got.get("requests", 0), 1)
+    got["cpu_us"] = {name: round((after[name] - before[name]) * 1e6 / answered, 1) for name in SERVICES}
+    return got
+
+
 async def run(seconds: float, rounds: int, levels: list[int]) -> None:
     fixed_port, web_port = free_port(), free_port()
     fixed = multiprocessing.get_context("spawn").Process(target=serve_fixed, args=(fixed_port,), daemon=True)
@@ -213,7 +245,7 @@ async def run(seconds: float, rounds: int, levels: list[int]) -> None:
                 runs: dict[str, list[dict]] = {name: [] for name in targets}
                 for _ in range(rounds):
                     for name, (url, headers, body) in targets.items():
-                        runs[name].append(await measure(url, headers, level, seconds, body))
+                        runs[name].append(await measured(stack, url, headers, level, seconds, body))
                 for name in runs:
                     results[name][level] = best(runs[name])
                 print_level(level, results["direct"][level], results["stack"][level])
@@ -239,6 +271,9 @@ async def run(seconds: float, rounds: int, levels: list[int]) -> None:
         summary[f"stream_p99_ms_{level}"] = streamed["p99_ms"]
         summary[f"direct_stream_p50_ms_{level}"] = direct_streamed["p50_ms"]
         summary[f"stream_failures_{level}"] = streamed["failures"] + direct_streamed["failures"]
+        for name in SERVICES[:3]:  # CPU per request of the round kept; "inference" is the worker
+            summary[f"{name}_cpu_us_{level}"] = full["cpu_us"][name]
+            summary[f"stream_{name}_cpu_us_{level}"] = streamed["cpu_us"][name]
     print(json.dumps(summary))
 
 
@@ -247,6 +282,7 @@ def print_level(level: int, direct: dict, full: dict, kind: str = "") -> None:
           f"p99 {direct['p99_ms']:>7.2f} ms | stack {full['rps']:>8.1f} req/s  p50 {full['p50_ms']:>7.2f} ms  "
           f"p99 {full['p99_ms']:>7.2f} ms | added p50 {full['p50_ms'] - direct['p50_ms']:>6.2f} ms"
           f"{'  (failures: %d)' % full['failures'] if full['failures'] else ''}", flush=True)
+    print(f"  stack CPU per request, microseconds: {full['cpu_us']}", flush=True)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import threading
 from bisect import bisect_left
+from operator import itemgetter
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,15 +42,20 @@ log = get_logger(__name__)
 _NO_KEY = object()
 
 
+def _no_labels(labels: dict[str, Any]) -> tuple[()]:
+    return ()
+
+
 class _Handle:
     """What the three kinds share: from label keywords to a folded, capped series key."""
 
-    __slots__ = ("family", "_name", "_names", "_keys", "_series", "_cap", "_owner", "_warned")
+    __slots__ = ("family", "_name", "_names", "_values", "_keys", "_series", "_cap", "_owner", "_warned")
 
     def __init__(self, fam: Family, owner: Metrics, cap: int) -> None:
         self.family = fam
         self._name = fam.name
         self._names = fam.label_names
+        self._values = itemgetter(*fam.label_names) if fam.label_names else _no_labels
         self._keys: dict[tuple[Any, ...], tuple[str, ...]] = {}  # raw values -> series key
         self._series: set[tuple[str, ...]] = set()
         self._cap = max(cap, 1)
@@ -58,7 +64,7 @@ class _Handle:
 
     def _key(self, labels: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
         try:
-            raw: Any = tuple([labels[n] for n in self._names])
+            raw: Any = self._values(labels)  # a tuple, or the one value of a one-label family
             series = self._keys.get(raw)
         except (KeyError, TypeError):  # a missing label, or an unhashable value
             raw, series = _NO_KEY, None
