@@ -22,6 +22,7 @@ from nacl.public import PrivateKey
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from shared.errors import Unavailable  # noqa: E402
 from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity  # noqa: E402
 from shared.rpc import Connection, Dispatcher, RpcServer, codec, method  # noqa: E402
 from shared.rpc.outbox import next_frame  # noqa: E402
@@ -263,3 +264,59 @@ def test_clients_whose_queues_are_full_share_one_retry_and_keep_their_order():
         outbox.close()
 
     asyncio.run(main())
+
+
+async def test_requests_of_a_batched_frame_libzmq_refuses_fail_retry_safe_and_the_rest_still_go(context):
+    """A server (a bare ROUTER announcing batches) that stops reading: once the socket's queue
+    and the kernel's buffers are full, libzmq refuses the client's next batched frame, and the
+    requests in it fail at once with UNAVAILABLE `retry_safe` (they never left), none hangs;
+    when the server reads again, every request that did go is answered."""
+    server_keys = keys()
+    router = context.socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_publickey, router.curve_secretkey = server_keys.public, server_keys.secret
+    router.setsockopt(zmq.METADATA, ANNOUNCE)
+    router.rcvhwm, router.rcvbuf, router.linger = 1, 4096, 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    async with AsyncExitStack() as stack:
+        stack.callback(router.close, 0)
+        connection = Connection(f"tcp://127.0.0.1:{port}", server_keys.public, keys(), context=context)
+        connection.open()
+        stack.push_async_callback(connection.close)
+
+        async def answer(frames: int) -> int:
+            """Answer every request of `frames` frames; how many requests they held."""
+            answered = 0
+            for _ in range(frames):
+                ident, data = await asyncio.wait_for(router.recv_multipart(), 10)
+                message = codec.decode(data)
+                for part in codec.unbatch(message) if message[1] == codec.BATCH else [data]:
+                    request = codec.decode(part)
+                    await router.send_multipart([ident, codec.encode_reply(request[2], len(request[4]["value"]))])
+                    answered += 1
+            return answered
+
+        first = asyncio.ensure_future(connection.call("target.echo", {"value": "x"}))
+        await answer(1)
+        assert await first == 1  # the server's answer said it reads batches: the connection batches now
+        connection._sock.sndhwm = 4  # the real socket's queue: four frames (libzmq applies it to the live pipe)
+        big = "v" * 60_000  # a frame each (a batch holds at most 64 KiB)
+        calls: list[asyncio.Future[Any]] = []
+        refused: list[BaseException] = []
+        for _ in range(400):  # at most 24 MB, far beyond the kernel's buffers
+            calls += [asyncio.ensure_future(connection.call("target.echo", {"value": big}, timeout=60))
+                      for _ in range(8)]
+            for _ in range(3):  # the calls run, then the turn's frames go (or are refused)
+                await asyncio.sleep(0)
+            refused = [call.exception() for call in calls if call.done()]
+            if refused:
+                break
+        assert refused, "libzmq never refused a frame"
+        assert all(isinstance(exc, Unavailable) and exc.data.get("retry_safe") is True for exc in refused)
+        went = [call for call in calls if not call.done()]
+        assert went  # those before the refusal are in flight, not failed
+        answered = 0
+        async with asyncio.timeout(30):
+            while answered < len(went):
+                answered += await answer(1)
+        assert [await call for call in went] == [60_000] * len(went)
