@@ -26,6 +26,13 @@ in flight, the p50 of requests naming an alias whose chain has a fallback and
 a first-token time (the fallback machinery armed; nothing fails) less that of
 requests naming the model.
 
+The floor: a third path goes through bench/relay_floor.py, a process that
+only relays (a server to the caller, a client to the worker, chunks passed
+unchanged: no key, limits, journal, receipt or metrics). `relay_rps_64`,
+`relay_ratio_64` (its req/s over the direct path's) and `relay_cpu_us_64` say
+how close to direct any gateway on this RPC layer can come on this machine;
+the gateway's own work is the difference between it and the relay.
+
 Traces: a second gateway and worker (the worker serving the model under
 another name, TRACED_MODEL) run with OTEL_EXPORTER_OTLP_ENDPOINT set, exporting
 their spans to an OTLP/HTTP receiver in this process (tests/otlp_receiver.py,
@@ -65,6 +72,7 @@ ALIAS = "bench-chain"  #: an alias: MODEL, then a fallback (nothing fails: the m
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 PASSWORD = "benchmark passphrase, long enough"
 ADMIN = "bench-admin@example.org"
+RELAY_TOPIC = "bench/relay"  #: bench/relay_floor.py's
 
 
 # -- processes -----------------------------------------------------------------------
@@ -235,6 +243,8 @@ async def run(seconds: float, rounds: int, receiver: Any) -> None:
                                INFERSWARM_MODELS=json.dumps({TRACED_MODEL: echo}), **traced),
                 children.start("gateway-traced", [sys.executable, "-m", "services.gateway"],
                                DATABASE_URL=gateway_dsn, INFERSWARM_DATA_DIR=str(root / "gateway-traced"), **traced),
+                children.start("relay", [sys.executable, str(ROOT / "bench" / "relay_floor.py")],
+                               INFERSWARM_DATA_DIR=str(root / "relay")),
             )
             await find(client.discovery, service_topic("auth"))
             gateways = {p.endpoint: p for p in await find(client.discovery, service_topic("gateway"), 2)}
@@ -242,8 +252,10 @@ async def run(seconds: float, rounds: int, receiver: Any) -> None:
             worker = client.mesh.connection((await find(client.discovery, model_topic(MODEL)))[0])
             gateway = client.mesh.connection(gateways[started[2]["endpoint"]])
             traced_gateway = client.mesh.connection(gateways[started[4]["endpoint"]])
+            relay = client.mesh.connection((await find(client.discovery, RELAY_TOPIC))[0])
             params = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16}
             direct = streamer(worker, "inference.generate", params)
+            relayed = streamer(relay, "relay.infer", params)
             through = streamer(gateway, "gateway.infer", {**params, "api_key": api_key})
             budgeted = streamer(gateway, "gateway.infer", {**params, "api_key": budget_key})
             final = [c async for c in await gateway.stream("gateway.infer", {**params, "api_key": api_key})][-1]
@@ -256,15 +268,17 @@ async def run(seconds: float, rounds: int, receiver: Any) -> None:
             traced = streamer(traced_gateway, "gateway.infer", traced_params)
             await until_served(traced_gateway, traced_params)
 
-            direct_rounds, gateway_rounds, budget_rounds, chain_rounds = [], [], [], []
+            direct_rounds, gateway_rounds, budget_rounds, chain_rounds, relay_rounds = [], [], [], [], []
             tracing: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
             def cpu() -> dict[str, float]:
                 return {"caller": time.process_time(), "gateway": children.cpu_s("gateway"),
-                        "worker": children.cpu_s("worker"), "auth": children.cpu_s("auth")}
+                        "worker": children.cpu_s("worker"), "auth": children.cpu_s("auth"),
+                        "relay": children.cpu_s("relay")}
 
             for _ in range(rounds):
                 direct_rounds.append({level: await measure(direct, level, seconds, cpu) for level in LEVELS})
                 gateway_rounds.append({level: await measure(through, level, seconds, cpu) for level in LEVELS})
+                relay_rounds.append({level: await measure(relayed, level, seconds, cpu) for level in LEVELS})
                 budget_rounds.append({level: await measure(budgeted, level, seconds) for level in LEVELS})
                 chain_rounds.append({1: await measure(chained, 1, seconds)})
                 for order in (("off", "on"), ("on", "off")):
@@ -276,7 +290,7 @@ async def run(seconds: float, rounds: int, receiver: Any) -> None:
             off_1, on_1 = (min(tracing[name], key=lambda m: m["p50_ms"]) for name in ("off", "on"))
             spans = await until_exported(receiver)
             report(best(direct_rounds), best(gateway_rounds), best(budget_rounds), chain_1, rss, health,
-                   (off_1, on_1, spans))
+                   (off_1, on_1, spans), best(relay_rounds))
 
 
 async def find(discovery: Any, topic: str, count: int = 1) -> list[Any]:
@@ -353,7 +367,8 @@ async def until_budgeted(gateway: Any, params: dict[str, Any]) -> None:
 
 def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, float]],
            budgeted: dict[int, dict[str, float]], chain_1: dict[str, float], rss: float,
-           health: dict[str, Any], traces: tuple[dict[str, float], dict[str, float], int]) -> None:
+           health: dict[str, Any], traces: tuple[dict[str, float], dict[str, float], int],
+           relayed: dict[int, dict[str, float]]) -> None:
     print(f"{'in flight':>9} | {'direct p50 ms':>13} {'p99 ms':>7} {'req/s':>7} | "
           f"{'gateway p50 ms':>14} {'p99 ms':>7} {'req/s':>7} | {'added p50 ms':>12} {'added p99 ms':>12} | "
           f"{'budgets p50 ms':>14} {'req/s':>7} {'added p50 ms':>12}")
@@ -371,7 +386,11 @@ def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, flo
           f"p50 {off_1['p50_ms']:.3f} ms, p99 {off_1['p99_ms']:.3f} ms; "
           f"added p50 {on_1['p50_ms'] - off_1['p50_ms']:+.3f} ms")
     print("CPU per request at 64 in flight, microseconds: direct", direct[64]["cpu_us"],
-          "| through the gateway", through[64]["cpu_us"])
+          "| through the gateway", through[64]["cpu_us"], "| through the bare relay", relayed[64]["cpu_us"])
+    print("the bare relay (bench/relay_floor.py: a gateway's RPC work alone), req/s at 1 / 16 / 64 in flight: "
+          + " / ".join(f"{relayed[level]['rps']:.0f}" for level in LEVELS)
+          + f"; at 64, {relayed[64]['rps'] / direct[64]['rps']:.2f}x direct, the gateway "
+          f"{through[64]['rps'] / direct[64]['rps']:.2f}x; added p50 at 1 {relayed[1]['p50_ms'] - direct[1]['p50_ms']:.3f} ms")
     print(f"gateway RSS {rss:.0f} MiB; usage records shipped {health['usage_shipped']}, "
           f"waiting {health['usage_unshipped']}")
     summary = {
@@ -391,6 +410,10 @@ def report(direct: dict[int, dict[str, float]], through: dict[int, dict[str, flo
         "direct_worker_cpu_us_64": direct[64]["cpu_us"]["worker"],
         "caller_cpu_us_64": through[64]["cpu_us"]["caller"],
         "direct_caller_cpu_us_64": direct[64]["cpu_us"]["caller"],
+        "relay_rps_64": round(relayed[64]["rps"]),
+        "relay_ratio_64": round(relayed[64]["rps"] / direct[64]["rps"], 3),
+        "relay_cpu_us_64": relayed[64]["cpu_us"]["relay"],
+        "relay_worker_cpu_us_64": relayed[64]["cpu_us"]["worker"],
         "gateway": {str(k): {m: round(v, 3) for m, v in through[k].items() if m != "cpu_us"} for k in LEVELS},
         "direct": {str(k): {m: round(v, 3) for m, v in direct[k].items() if m != "cpu_us"} for k in LEVELS},
     }
