@@ -238,12 +238,17 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         await response.write_eof()
         return response
     finally:
-        await asyncio.gather(*(relay.close() for relay in relays))
+        if len(relays) == 1:
+            await relays[0].close()
+        else:
+            await asyncio.gather(*(relay.close() for relay in relays))
 
 
 async def _start(upstream: Upstream, params: dict[str, Any], n: int) -> list[Relay]:
     """`n` calls of `gateway.infer`, started together, each up to its first output; when
     one is refused or fails first, the others are closed and its error is raised."""
+    if n == 1:
+        return [await Relay.start(upstream, params)]
     tasks = [asyncio.ensure_future(Relay.start(upstream, params)) for _ in range(n)]
     try:
         return await _all(tasks)
@@ -257,6 +262,8 @@ async def _start(upstream: Upstream, params: dict[str, Any], n: int) -> list[Rel
 async def _all(awaitables: list[Awaitable[_T]]) -> list[_T]:
     """The results of all, in order; on the first failure the others are cancelled and it
     is raised (unlike `asyncio.gather`, which leaves them running)."""
+    if len(awaitables) == 1:  # the usual one choice: no task, no wait (a tenth of a request's CPU)
+        return [await awaitables[0]]
     tasks = [asyncio.ensure_future(item) for item in awaitables]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
