@@ -194,12 +194,27 @@ def best(runs: list[dict]) -> dict:
     return max(runs, key=lambda run: run["rps"])
 
 
-SERVICES = ("web", "gateway", "inference", "auth", "metrics")
+SERVICES = ("web", "gateway", "inference", "auth", "metrics", "postgres")
 
 
-def stack_cpu(stack: subprocess.Popen) -> dict[str, float]:
-    """CPU seconds (user + system) so far of each service process `inferswarm up` started."""
+def _postgres_cpu(data_dir: Path) -> float:
+    """CPU seconds so far of the embedded PostgreSQL under `data_dir` (pg_ctl detaches it from
+    `inferswarm up`): its postmaster and the backends alive now."""
+    for proc in psutil.process_iter(["cmdline"]):
+        line = " ".join(proc.info["cmdline"] or ())
+        if "postgres" in line and f"-D {data_dir}" in line:
+            try:
+                return sum(p.cpu_times().user + p.cpu_times().system for p in [proc, *proc.children()])
+            except psutil.Error:
+                return 0.0
+    return 0.0
+
+
+def stack_cpu(stack: subprocess.Popen, data_dir: Path) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each service process `inferswarm up` started, and
+    of its PostgreSQL (backends that ended meanwhile are not counted)."""
     used = dict.fromkeys(SERVICES, 0.0)
+    used["postgres"] = _postgres_cpu(data_dir)
     for child in psutil.Process(stack.pid).children(recursive=True):
         try:
             line, times = " ".join(child.cmdline()), child.cpu_times()
@@ -211,12 +226,12 @@ def stack_cpu(stack: subprocess.Popen) -> dict[str, float]:
     return used
 
 
-async def measured(stack: subprocess.Popen, url: str, headers: dict[str, str], in_flight: int, seconds: float,
+async def measured(stack: subprocess.Popen, data_dir: Path, url: str, headers: dict[str, str], in_flight: int, seconds: float,
                    body: dict) -> dict:
     """`measure`, with each service's CPU per answered request (microseconds) in `cpu_us`."""
-    before = stack_cpu(stack)
+    before = stack_cpu(stack, data_dir)
     got = await measure(url, headers, in_flight, seconds, body)
-    after = stack_cpu(stack)
+    after = stack_cpu(stack, data_dir)
     answered = max(got.get("requests", 0), 1)
     got["cpu_us"] = {name: round((after[name] - before[name]) * 1e6 / answered, 1) for name in SERVICES}
     return got
@@ -245,7 +260,7 @@ async def run(seconds: float, rounds: int, levels: list[int]) -> None:
                 runs: dict[str, list[dict]] = {name: [] for name in targets}
                 for _ in range(rounds):
                     for name, (url, headers, body) in targets.items():
-                        runs[name].append(await measured(stack, url, headers, level, seconds, body))
+                        runs[name].append(await measured(stack, data_dir, url, headers, level, seconds, body))
                 for name in runs:
                     results[name][level] = best(runs[name])
                 print_level(level, results["direct"][level], results["stack"][level])
