@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/quota_scale.py [--gateways 1,2,4,8] [--users 10000] [--requests 6000]
                                           [--in-flight 32] [--zipf 1.1] [--workers 1] [--statements]
-                                          [--long-lease-ttl 30]
+                                          [--long-lease-ttl 30] [--spread key|round-robin]
 
 Real processes on loopback, as bench/gateway.py starts them: a DHT seed and
 the caller in this process; `python -m services.auth`, the gateways
@@ -28,8 +28,12 @@ a lookup (two statements), which this bench does not count. Each step:
    the statistics collector (a backend flushes its counts at most every
    second when busy, and up to 10 s after going idle), snapshot A;
 3. the measured load: `--requests` requests at `--in-flight` in flight,
-   spread over the gateways in turn, each one's user drawn from a Zipf
-   distribution (exponent `--zipf`) over the users;
+   each one's user drawn from a Zipf distribution (exponent `--zipf`) over
+   the users, and its gateway chosen as the web service and the CLI choose
+   it: by the caller's key (`GatewayClient.infer`, one key's requests to one
+   gateway: services/gateway/README.md, "Key-affine gateways"); with
+   `--spread round-robin`, over the gateways in turn instead (every key's
+   requests at every gateway: the figures before key affinity);
 4. every record shipped, ~12 s, snapshot B of auth's database; the long
    leases' TTL more (`--long-lease-ttl`, the gateways'
    INFERSWARM_GATEWAY_LONG_LEASE_TTL: the load's leases given back within
@@ -49,7 +53,8 @@ measured loads from the server's log (a diagnosis: logging slows the server).
 Per step: transactions per request (all, background included) and request
 driven (the background's rate over the measured span subtracted), rows
 written per 1,000 requests (by table), the quota functions' calls, requests
-per second, and the client's end-to-end p50/p99 through the gateway (a whole
+per second, each gateway's share of the measured requests (`gateway.health`),
+and the client's end-to-end p50/p99 through the gateway (a whole
 stream; the gateway does not expose its admission time alone). The last line
 is JSON: `transactions_per_request` (request driven) and
 `transactions_per_request_all` by gateway count, and the details per step.
@@ -69,7 +74,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -87,6 +92,9 @@ SETTLE = 12.0  #: seconds for the statistics of idle backends to reach the share
 BENCH_XACTS = 2  #: the bench's own transactions per snapshot interval and database (below)
 FUNCTIONS = ("quota_turn", "quota_grant", "quota_claim", "quota_release", "quota_orphan")
 TOUCH_EVERY = 240.0  #: seconds; auth keeps a validated key in memory 300 s (INFERSWARM_AUTH_CACHE_TTL)
+
+#: Starts request number i (`gateway.infer` with these parameters) at some gateway: see `spread`.
+Start = Callable[[int, dict[str, Any]], Awaitable[Any]]
 
 
 # -- users ------------------------------------------------------------------------------
@@ -174,9 +182,20 @@ def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 # -- load ---------------------------------------------------------------------------------
 
 
-async def load(gateways: list[Any], keys: list[str], pick: Callable[[], int], count: int,
+def spread(how: str, mesh: Any, gateways: list[Any]) -> Start:
+    """How requests reach the gateways: by the caller's key through `GatewayClient`, as the
+    web service and the CLI send them (`key`), or over `gateways` (connections) in turn."""
+    from services.gateway.client import GatewayClient
+
+    if how == "round-robin":
+        return lambda i, params: gateways[i % len(gateways)].stream("gateway.infer", params, timeout=30.0)
+    client = GatewayClient(mesh("gateway"))
+    return lambda i, params: client.infer(**params, timeout=30.0)
+
+
+async def load(start_one: Start, keys: list[str], pick: Callable[[], int], count: int,
                in_flight: int) -> dict[str, Any]:
-    """`count` requests, `in_flight` at a time, over the gateways in turn; `pick` draws the user."""
+    """`count` requests, `in_flight` at a time, each started by `start_one`; `pick` draws the user."""
     from shared.errors import MeshError
 
     latencies: list[float] = []
@@ -191,7 +210,7 @@ async def load(gateways: list[Any], keys: list[str], pick: Callable[[], int], co
         params = {"model": MODEL, "messages": MESSAGES, "max_tokens": 16, "api_key": keys[user]}
         start = time.perf_counter()
         try:
-            stream = await gateways[i % len(gateways)].stream("gateway.infer", params, timeout=30.0)
+            stream = await start_one(i, params)
             chunks = [chunk async for chunk in stream]
             if not chunks or not chunks[-1].get("done"):
                 raise RuntimeError("no final chunk")
@@ -217,12 +236,12 @@ async def load(gateways: list[Any], keys: list[str], pick: Callable[[], int], co
     }
 
 
-async def touch(gateways: list[Any], keys: list[str], in_flight: int) -> float:
+async def touch(start_one: Start, keys: list[str], in_flight: int) -> float:
     """One request of every user: auth has every key in memory (the steady state of a
     user's key: a key seen for the first time in 300 s costs auth a lookup, not measured)."""
     order = iter(range(len(keys)))
     began = time.monotonic()
-    done = await load(gateways, keys, lambda: next(order), len(keys), in_flight)
+    done = await load(start_one, keys, lambda: next(order), len(keys), in_flight)
     if done["errors"]:
         raise SystemExit(f"errors while touching every key: {done['errors']}")
     print(f"every key used once in {time.monotonic() - began:.1f} s", file=sys.stderr)
@@ -300,16 +319,17 @@ async def run(args: argparse.Namespace) -> None:
                 gateways = [client.mesh.connection(providers[e]) for e in endpoints]
                 for gateway in gateways:
                     await until_served(gateway, {"model": MODEL, "messages": MESSAGES, "api_key": keys[0]})
+                start_one = spread(args.spread, client.mesh, gateways)
                 if time.monotonic() - touched > TOUCH_EVERY:
-                    touched = await touch(gateways, keys, args.in_flight)
-                results[n] = await step(gateways, keys, zipf, stats, args, root)
+                    touched = await touch(start_one, keys, args.in_flight)
+                results[n] = await step(start_one, gateways, keys, zipf, stats, args, root)
                 report_step(n, results[n])
             summary = {
                 "transactions_per_request": {str(n): round(r["per_request"], 4) for n, r in results.items()},
                 "transactions_per_request_all": {str(n): round(r["per_request_all"], 4)
                                                  for n, r in results.items()},
                 "users": args.users, "requests": args.requests, "in_flight": args.in_flight, "zipf": args.zipf,
-                "workers": args.workers, "long_lease_ttl": args.long_lease_ttl,
+                "workers": args.workers, "long_lease_ttl": args.long_lease_ttl, "spread": args.spread,
                 "steps": {str(n): r for n, r in results.items()},
             }
             report(results)
@@ -322,25 +342,26 @@ async def reset_track_functions(admin: Any) -> None:
     await admin.execute("SELECT pg_reload_conf()")
 
 
-async def step(gateways: list[Any], keys: list[str], zipf: Zipf, stats: dict[str, Stats],
+async def step(start_one: Start, gateways: list[Any], keys: list[str], zipf: Zipf, stats: dict[str, Stats],
                args: argparse.Namespace, logs: Path) -> dict[str, Any]:
     """Warm up, then measure the load and the background after it (see the module doc)."""
-    warm = await load(gateways, keys, zipf.draw, args.requests // 2, args.in_flight)
+    warm = await load(start_one, keys, zipf.draw, args.requests // 2, args.in_flight)
     if warm["errors"]:  # reported (with the gateways' logs); too many and nothing is measured
         print(f"errors in the warm-up: {warm['errors']}", file=sys.stderr)
         for log in sorted(logs.glob("gateway*.log")):
             print(f"{log.name}:\n{log.read_text()[-2000:]}", file=sys.stderr)
         if sum(warm["errors"].values()) > warm["admitted"] / 100:
             raise SystemExit("more than 1% of the warm-up failed")
-    await drained(gateways)
+    served_before = await drained(gateways)
     await asyncio.sleep(SETTLE)
     before = {name: await s.snapshot() for name, s in stats.items()}
     if args.statements is not None:
         async with args.statements.logging():
-            measured = await load(gateways, keys, zipf.draw, args.requests, args.in_flight)
+            measured = await load(start_one, keys, zipf.draw, args.requests, args.in_flight)
     else:
-        measured = await load(gateways, keys, zipf.draw, args.requests, args.in_flight)
-    await drained(gateways)
+        measured = await load(start_one, keys, zipf.draw, args.requests, args.in_flight)
+    served = [b - a for a, b in zip(served_before, await drained(gateways))]
+    measured["gateway_shares"] = [round(n / max(1, sum(served)), 3) for n in served]
     await asyncio.sleep(SETTLE)
     after = {"auth": await stats["auth"].snapshot()}
     # The gateways' span runs on until the load's long leases have been given back
@@ -420,14 +441,14 @@ class StatementLog:
         return found
 
 
-async def drained(gateways: list[Any], timeout: float = 120.0) -> None:
+async def drained(gateways: list[Any], timeout: float = 120.0) -> list[int]:
     """Wait until every gateway has shipped its usage records (`gateway.health`): a
-    backlog shipped later would count in the wrong span."""
+    backlog shipped later would count in the wrong span. Each one's requests so far."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         healths = [await g.call("gateway.health", {}, timeout=10.0) for g in gateways]
         if all(h["usage_unshipped"] == 0 for h in healths):
-            return
+            return [sum(h["requests"].values()) for h in healths]
         await asyncio.sleep(0.2)
     raise SystemExit(f"usage records still unshipped after {timeout:.0f} s")
 
@@ -438,7 +459,8 @@ def round_floats(value: Any) -> Any:
 
 def report_step(n: int, r: dict[str, Any]) -> None:
     print(f"-- {n} gateway(s): {r['admitted']} admitted of {r['users']} users in {r['seconds']:.1f} s "
-          f"({r['rps']:.0f} req/s), p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}")
+          f"({r['rps']:.0f} req/s), p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, errors {r['errors']}; "
+          f"the gateways' shares {r['gateway_shares']}")
     for database, statements in r.get("statements_per_1000", {}).items():
         print(f"   {database} statements per 1,000 requests (each one's first line):")
         for text, n in list(statements.items())[:15]:
@@ -471,6 +493,9 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--long-lease-ttl", type=float, default=30.0,
                         help="the gateways' INFERSWARM_GATEWAY_LONG_LEASE_TTL (0: no long leases)")
+    parser.add_argument("--spread", choices=("key", "round-robin"), default="key",
+                        help="the caller's gateway: by its key, as the web service and the CLI choose it, "
+                             "or each request at the next gateway in turn (the figures before key affinity)")
     parser.add_argument("--statements", action="store_true",
                         help="log and count the statements of each measured load (slows the server)")
     args = parser.parse_args()

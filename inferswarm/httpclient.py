@@ -281,14 +281,17 @@ def _reason(exc: BaseException) -> str:
 
 
 class HttpService:
-    """One service's methods over HTTP, as `ServiceClient` offers them over the mesh."""
+    """One service's methods over HTTP, as `ServiceClient` offers them over the mesh.
+
+    `affinity` is taken and ignored: behind the URL, the web service picks the
+    caller's gateway by the same rule."""
 
     def __init__(self, session: HttpSession, service: str) -> None:
         self._session = session
         self.topic = service
 
     async def call(self, method: str, params: dict[str, Any] | None = None, *,
-                   timeout: float | None = None, idempotent: bool = False) -> Any:
+                   timeout: float | None = None, idempotent: bool = False, affinity: bytes | None = None) -> Any:
         params = dict(params or {})
         deadline = time.monotonic() + (self._session.timeout if timeout is None else timeout)
         if method == "gateway.models":
@@ -309,7 +312,7 @@ class HttpService:
         return answer[route.unwrap] if route.unwrap else answer
 
     async def stream(self, method: str, params: dict[str, Any] | None = None, *,
-                     timeout: float | None = None) -> EventStream:
+                     timeout: float | None = None, affinity: bytes | None = None) -> EventStream:
         if method != "gateway.infer":
             raise MethodNotFound(f"{method} is not offered over HTTP: this command needs the mesh")
         params = dict(params or {})

@@ -1,5 +1,6 @@
 """The mesh client over real DHT nodes and real CurveZMQ servers on loopback:
-providers found by topic, load spread, and failover when a provider dies."""
+providers found by topic, load spread, failover when a provider dies, and a
+caller's calls kept on its provider (`affinity`), failing over to its next."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from collections import Counter
 from contextlib import AsyncExitStack
 
 import pytest
+from nacl.public import PrivateKey
 
 from shared import errors
 from shared.dht import Announcer, KademliaDiscovery, service_topic
-from shared.identity import MeshCredential, NodeIdentity
+from shared.identity import CurveKeyPair, MeshCredential, NodeIdentity
 from shared.rpc import Dispatcher, MeshClient, RpcServer, method
+from shared.rpc.mesh import rendezvous
 from waiting import wait_until
 
 pytestmark = pytest.mark.rpc
@@ -26,10 +29,17 @@ class Whoami:
     def __init__(self, label: str) -> None:
         self.label = label
         self.calls = 0
+        self.refusing = False  #: `mine` answers UNAVAILABLE, as a draining server does
 
     @method(idempotent=True)
     async def am_i(self) -> str:
         self.calls += 1
+        return self.label
+
+    @method(public=True)
+    async def mine(self) -> str:
+        if self.refusing:
+            raise errors.Unavailable("refusing", {"retry_safe": True})
         return self.label
 
     @method
@@ -117,6 +127,28 @@ async def test_calls_keep_succeeding_after_a_provider_dies(mesh_net):
     await providers[2].kill()  # its record lingers until its TTL: calls must route around it
     answers = [await client("who").call("who.slow", {"seconds": 0.0}, timeout=3.0) for _ in range(30)]
     assert set(answers) <= {"a", "b"} and len(answers) == 30
+
+
+async def test_a_callers_calls_stay_on_its_provider_and_a_refused_one_goes_to_its_next_highest(mesh_net):
+    """No cooldown here, so every call tries the refusing provider first: the retry
+    within the call must go to the caller's next-highest provider, not any other."""
+    seed_client, providers = mesh_net
+    label = {p.server.endpoint: p.service for p in providers}
+    keys = CurveKeyPair.from_private(PrivateKey.generate())  # a public caller, as the CLI is
+    async with MeshClient(seed_client.discovery, keys, cooldown=0.0) as client:
+        found = await client("who").providers()
+        for n in range(6):
+            affinity = bytes([n]) * 16
+            first = rendezvous(found, affinity)
+            second = rendezvous([p for p in found if p != first], affinity)
+            assert [await client("who").call("who.mine", affinity=affinity) for _ in range(5)] == [
+                label[first.endpoint].label] * 5
+            label[first.endpoint].refusing = True
+            try:
+                assert [await client("who").call("who.mine", affinity=affinity) for _ in range(5)] == [
+                    label[second.endpoint].label] * 5
+            finally:
+                label[first.endpoint].refusing = False
 
 
 async def test_unknown_service_has_no_providers(mesh_net):

@@ -10,17 +10,51 @@ signed `receipt` (shared/receipts.py). The caller iterates the returned
 `Stream` and must close it (closing a running stream cancels the work
 upstream). Who may call what, and what each does, is
 in services/gateway/service.py.
+
+`infer`, `embed` and `quota` go to the caller's own gateway while it is
+healthy (`caller_affinity`, and "Affinity" in shared/rpc/mesh.py), so a key
+holds quota leases at one gateway, not at each (services/gateway/README.md,
+"Key-affine gateways"); `models`, `status` and `health` go to any.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 from typing import Any, TypedDict
 
 from shared.rpc import Stream
 from shared.rpc.typed import TypedClient, Wire
 from services.metrics.client import HealthReport
 
-__all__ = ["CounterFacts", "Embeddings", "GatewayClient", "GatewayHealth", "ModelEntry", "Models", "Quota"]
+__all__ = ["CounterFacts", "Embeddings", "GatewayClient", "GatewayHealth", "ModelEntry", "Models", "Quota",
+           "caller_affinity"]
+
+
+def caller_affinity(api_key: str | None = None, token: str | None = None) -> bytes | None:
+    """What picks a caller's gateway (never sent): a digest of the API key; for a session
+    token, of its user (the token's `sub`, read unverified: a routing hint only, the
+    gateway verifies the token), so a user's tokens share a gateway, else of the token."""
+    if api_key:
+        seed = b"key:" + api_key.encode()
+    elif token:
+        subject = _subject(token)
+        seed = b"user:" + subject.encode() if subject else b"token:" + token.encode()
+    else:
+        return None
+    return hashlib.blake2b(seed, digest_size=16, person=b"gw-affinity").digest()
+
+
+def _subject(token: str) -> str | None:
+    """The `sub` claim of a JWT, unverified; None if it has none."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):
+        return None
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return subject if isinstance(subject, str) else None
 
 
 class ModelEntry(TypedDict):
@@ -100,23 +134,24 @@ class GatewayClient(TypedClient):
         `generation` holds the parameters of the generation contract (shared/generation/:
         messages | prompt, max_tokens, temperature, top_p, stop, seed, tools, tool_choice,
         response_format...); None values are left out."""
-        return await self._stream("infer", timeout, model=model, api_key=api_key, token=token, stream=stream,
-                                  fallback=fallback, **generation)
+        return await self._stream("infer", timeout, affinity=caller_affinity(api_key, token), model=model,
+                                  api_key=api_key, token=token, stream=stream, fallback=fallback, **generation)
 
     async def embed(
         self, *, model: str, input: list[str], api_key: str | None = None, token: str | None = None,
         dimensions: int | None = None, timeout: float | None = None,
     ) -> Embeddings:
         """One vector per text (little-endian float32 bytes each), billed as prompt tokens."""
-        return await self._call("embed", timeout, model=model, input=input, api_key=api_key, token=token,
-                                dimensions=dimensions)
+        return await self._call("embed", timeout, affinity=caller_affinity(api_key, token), model=model,
+                                input=input, api_key=api_key, token=token, dimensions=dimensions)
 
     async def models(self, *, timeout: float | None = None) -> Models:
         return await self._call("models", timeout)
 
     async def quota(self, *, api_key: str | None = None, token: str | None = None,
                     timeout: float | None = None) -> Quota:
-        return await self._call("quota", timeout, api_key=api_key, token=token)
+        return await self._call("quota", timeout, affinity=caller_affinity(api_key, token), api_key=api_key,
+                                token=token)
 
     async def status(self, *, token: str, timeout: float | None = None) -> HealthReport:
         """The mesh's health report, for administrators (an admin's session token)."""

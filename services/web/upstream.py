@@ -4,8 +4,10 @@ The web process is a mesh member; everything it shows or does goes through
 `upstream.auth` (`AuthClient`), `upstream.gateway` (`GatewayClient`) and
 `upstream.metrics` (`MetricsClient`), each call with a deadline (`rpc_timeout`,
 or `infer_timeout` for a stream). Calls the servers declare idempotent may be
-retried by the mesh client on another provider. Open inference streams are
-tracked so that a shutdown closes them, which cancels the work upstream.
+retried by the mesh client on another provider. A caller's `gateway.infer`,
+`embed` and `quota` go to its own gateway, chosen by its key (`GatewayClient`;
+services/gateway/README.md, "Key-affine gateways"). Open inference streams
+are tracked so that a shutdown closes them, which cancels the work upstream.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 `mesh("auth").call("auth.validate_key", {...})` looks the service's topic up
 through discovery, picks a provider by its reported load (power of two
-choices, counting this client's own in-flight calls too), reuses one kept-open
+choices, counting this client's own in-flight calls too) or, given an
+`affinity`, the caller's own provider ("Affinity" below), reuses one kept-open
 connection per provider, and when a provider fails:
 
 * a request that provably never reached it (`retry_safe`) is retried on
@@ -16,14 +17,33 @@ connection per provider, and when a provider fails:
 Lookups spend the call's own deadline: a call with 60 s left never fails
 because discovery had a budget of its own, and one with 50 ms left never
 waits a second on a crawl.
+
+**Affinity.** A call may pass `affinity` (bytes standing for its caller, e.g.
+a digest of an API key: the gateway's callers do, services/gateway/client.py)
+so that one caller's calls go to one provider, which then holds that caller's
+state alone (the gateway's quota leases). The choice is rendezvous hashing:
+of the providers neither tried nor cooling down, the one whose
+`blake2b(affinity + node_key)` is highest. It is the same for a caller while
+the set of providers is, a provider that leaves moves only its own callers,
+and one that joins takes about 1/N of them. The failover above excludes what
+it tried, so a failed call goes to the caller's next-highest provider, the
+same one for every call of that caller. Bounded load: when the chosen
+provider's load is more than `AFFINITY_LOAD_FACTOR` times the mean of the
+other candidates' plus `AFFINITY_LOAD_SLACK` (both count this client's own
+calls in flight), the call is placed by the power of two choices instead, so
+a hot caller cannot swamp its provider while others idle. The mean is the
+*others'*, not all candidates': with two providers and every call on one,
+the mean of all is half its load and twice that never exceeds it. The
+affinity is a local choice: nothing of it is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -34,11 +54,25 @@ from shared.errors import NoProviders, Timeout, Unauthenticated, Unavailable
 from shared.identity import CurveKeyPair
 from shared.rpc.client import Connection, Stream
 
-__all__ = ["MeshClient", "ServiceClient"]
+__all__ = ["AFFINITY_LOAD_FACTOR", "AFFINITY_LOAD_SLACK", "MeshClient", "ServiceClient", "rendezvous"]
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+#: An affine provider is passed over when its load is above this times the other candidates' mean ...
+AFFINITY_LOAD_FACTOR = 2.0
+#: ... plus this many calls in flight. Moving a caller has a cost (a gateway: a new lease, a
+#: transaction), and the reported part of a load is as old as the provider's last record (up to
+#: a third of its TTL): a small slack would move a provider's callers for that long on one burst.
+#: 32 is half of what keeps a gateway's core busy (services/gateway/README.md, "Benchmark").
+AFFINITY_LOAD_SLACK = 32.0
+
+
+def rendezvous(providers: Sequence[Provider], affinity: bytes) -> Provider:
+    """The provider of highest random weight for `affinity` (rendezvous hashing): the
+    `blake2b(affinity + node_key)` digest that is highest. `providers` must not be empty."""
+    return max(providers, key=lambda p: hashlib.blake2b(affinity + p.node_key, digest_size=8).digest())
 
 
 class MeshClient:
@@ -166,9 +200,11 @@ class ServiceClient:
 
     async def pick(
         self, exclude: set[tuple[bytes, str]] | frozenset[tuple[bytes, str]] = frozenset(),
-        timeout: float | None = None,
+        timeout: float | None = None, affinity: bytes | None = None,
     ) -> Provider:
-        """Choose a provider: power of two choices over those not cooling down.
+        """Choose a provider among those not cooling down: the affine one (module doc,
+        "Affinity") when `affinity` is given and it is not overloaded, else by the power
+        of two choices.
 
         `exclude` holds `(node_key, endpoint)` pairs already tried: the same
         node found again at another endpoint (it restarted) is a new choice.
@@ -179,31 +215,44 @@ class ServiceClient:
         healthy = [p for p in providers if not self._mesh.is_cooling(p)] or providers
         if len(healthy) == 1:
             return healthy[0]
+        if affinity is not None:
+            chosen = rendezvous(healthy, affinity)
+            if not self._overloaded(chosen, healthy):
+                return chosen
         a, b = random.sample(healthy, 2)
         return a if self._mesh.load_of(a) <= self._mesh.load_of(b) else b
 
+    def _overloaded(self, chosen: Provider, candidates: list[Provider]) -> bool:
+        """The bounded-load rule of the module doc ("Affinity")."""
+        others = [self._mesh.load_of(p) for p in candidates if p is not chosen]
+        mean = sum(others) / len(others)
+        return self._mesh.load_of(chosen) > AFFINITY_LOAD_FACTOR * mean + AFFINITY_LOAD_SLACK
+
     async def call(
         self, method: str, params: dict[str, Any] | None = None, *,
-        timeout: float | None = None, idempotent: bool = False,
+        timeout: float | None = None, idempotent: bool = False, affinity: bytes | None = None,
     ) -> Any:
-        """Call `method` on a provider, failing over as the module doc says."""
+        """Call `method` on a provider (chosen by `affinity` if given), failing over as the
+        module doc says."""
         async def attempt(connection: Connection, remaining: float) -> Any:
             return await connection.call(method, params, timeout=remaining)
 
-        return await self._with_failover(method, attempt, timeout, idempotent)
+        return await self._with_failover(method, attempt, timeout, idempotent, affinity)
 
     async def stream(
         self, method: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
+        affinity: bytes | None = None,
     ) -> Stream:
-        """Start a stream on a provider; only a start that never ran is retried."""
+        """Start a stream on a provider (chosen by `affinity` if given); only a start that
+        never ran is retried."""
         async def attempt(connection: Connection, remaining: float) -> Stream:
             return await connection.stream(method, params, timeout=remaining)
 
-        return await self._with_failover(method, attempt, timeout, idempotent=False)
+        return await self._with_failover(method, attempt, timeout, False, affinity)
 
     async def _with_failover(
         self, method: str, attempt: Callable[[Connection, float], Awaitable[T]],
-        timeout: float | None, idempotent: bool,
+        timeout: float | None, idempotent: bool, affinity: bytes | None,
     ) -> T:
         deadline = time.monotonic() + (self._mesh.default_timeout if timeout is None else timeout)
         tried: set[tuple[bytes, str]] = set()
@@ -211,7 +260,7 @@ class ServiceClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Timeout(f"no time left to call {method}", {"topic": self.topic})
-            provider = await self.pick(tried, timeout=left)
+            provider = await self.pick(tried, timeout=left, affinity=affinity)
             try:
                 return await attempt(self._mesh.connection(provider), deadline - time.monotonic())
             except (Unavailable, Unauthenticated) as exc:

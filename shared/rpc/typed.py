@@ -9,7 +9,9 @@ tests check that table against the servers' `@method` declarations.
 
 Parameters that are None are left out of the call, so the server's default
 applies. Every method takes `timeout` (seconds; None: the client's default,
-else the mesh client's).
+else the mesh client's). A method may pass `affinity` to `_call`/`_stream`
+(bytes standing for its caller; never sent) so that one caller's calls go to
+one provider: see "Affinity" in shared/rpc/mesh.py.
 """
 
 from __future__ import annotations
@@ -47,16 +49,19 @@ class TypedClient:
         """The client of this service on `mesh`."""
         return cls(mesh(cls.SERVICE), timeout=timeout)
 
-    async def _call(self, method: str, timeout: float | None, **params: Any) -> Any:
+    async def _call(self, method: str, timeout: float | None, *, affinity: bytes | None = None,
+                    **params: Any) -> Any:
         wire = self.METHODS[method]
         return await self.service.call(
             wire.name, _present(params), timeout=self.timeout if timeout is None else timeout,
-            idempotent=wire.idempotent)
+            idempotent=wire.idempotent, affinity=affinity)
 
-    async def _stream(self, method: str, timeout: float | None, **params: Any) -> Stream:
+    async def _stream(self, method: str, timeout: float | None, *, affinity: bytes | None = None,
+                      **params: Any) -> Stream:
         wire = self.METHODS[method]
         return await self.service.stream(
-            wire.name, _present(params), timeout=self.timeout if timeout is None else timeout)
+            wire.name, _present(params), timeout=self.timeout if timeout is None else timeout,
+            affinity=affinity)
 
 
 def _present(params: dict[str, Any]) -> dict[str, Any]:
