@@ -72,10 +72,15 @@ async def test_a_request_flows_end_to_end_with_limits_and_accounting(mesh):
         facts = final["rate_limit"]
         assert facts["requests_per_hour"]["limit"] == 100 and facts["requests_per_hour"]["remaining"] < 100
         assert facts["tokens_per_month"]["reset"] > time.time()
+        # A stream's first chunk has the facts as admitted (this request counted), for HTTP headers.
+        opening = chunks[0]["rate_limit"]
+        assert opening["requests_per_hour"] == facts["requests_per_hour"]  # one unit a request, held at once
+        assert opening["tokens_per_month"]["remaining"] < facts["tokens_per_month"]["remaining"] + 4
+        assert "rate_limit" not in (await infer(connection, ada.api_key, max_tokens=3, stream=False))[0]
     quota = await connections[0].call("gateway.quota", {"token": ada.token})
     assert quota["tier"] == "free" and quota["rate_limit"]["requests_per_hour"]["used"] >= 2
-    rows = await mesh.records_settle(ada.id, 2)
-    assert sorted(r["status"] for r in rows) == ["ok", "ok"]
+    rows = await mesh.records_settle(ada.id, 4)  # a stream and a whole answer at each gateway
+    assert sorted(r["status"] for r in rows) == ["ok"] * 4
     assert all(r["completion_tokens"] == 3 for r in rows)
     models = await connections[1].call("gateway.models")
     assert models["models"] == [{"name": MODEL, "workers": 3, "healthy_workers": 3,

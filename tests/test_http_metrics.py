@@ -243,5 +243,8 @@ async def test_http_red_and_per_model_histograms_reach_the_metrics_service(stack
     assert value(parsed, "inferswarm_requests_total", service="gateway", method="gateway.infer", code="OK") >= 2
     assert value(parsed, "inferswarm_request_duration_seconds_bucket", service="gateway", method="gateway.infer",
                  le="300.0") >= 2
+    # The streamed chat asked the gateway nothing but gateway.infer: its headers' rate-limit facts came
+    # with the first chunk, not from a gateway.quota call of their own (a database read each).
+    assert value(parsed, "inferswarm_requests_total", service="gateway", method="gateway.quota", code="OK") is None
     routes = {dict(labels)["route"] for name, labels in parsed if name == "inferswarm_http_requests_total"}
     assert not any("12345" in route or "no-such-route" in route for route in routes)  # never a raw path

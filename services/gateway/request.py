@@ -170,7 +170,10 @@ class Request:
                     workers, room = await self._fall_back(exc, caller, checked)
         parts.counts.first_token(self.model, self._upstream.ttft)
         first = self._passed(self._upstream.first)
-        return {**first, "request_id": first.get("request_id", self.request_id), "model": self.model}
+        opening = {**first, "request_id": first.get("request_id", self.request_id), "model": self.model}
+        if stream and not is_final(first):  # the facts as admitted, for what is sent before the end (headers)
+            opening["rate_limit"] = parts.quota.facts(caller.scopes)
+        return opening
 
     async def _dispatched(self, caller: Caller) -> None:
         """Wait for one of the gateway's slots toward workers, by the caller's priority (dispatch.py)."""

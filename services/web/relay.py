@@ -21,11 +21,9 @@ Anything else is kept as metadata.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from shared.errors import MeshError
 from shared.generation import is_final, logprobs_of, output_of, text_of, tool_calls_of
 from shared.receipts import HEADER as RECEIPT_HEADER
 from shared.rpc import Stream
@@ -33,8 +31,6 @@ from services.web.ratelimits import facts_of, openai_headers
 from services.web.upstream import Upstream
 
 __all__ = ["Relay"]
-
-_QUOTA_WAIT_S = 1.0
 
 
 class Relay:
@@ -57,28 +53,18 @@ class Relay:
         """Start the call and wait for its first chunk; a refusal raises its typed error.
 
         A streamed reply sends its headers before the final chunk's exact rate-limit
-        facts exist, so for streams `gateway.quota` is asked at the same time, and
-        its facts (as of the start of the request) go into the headers.
+        facts exist: a stream's first chunk carries the facts as the gateway admitted
+        the request (services/gateway/README.md, "Chunks"), and they go into the headers.
         """
-        quota = None
-        if params.get("stream") and params.get("api_key"):
-            quota = asyncio.ensure_future(upstream.gateway.quota(api_key=params["api_key"]))
-            quota.add_done_callback(_consume)  # its failure is not ours to report
+        relay = cls(upstream, await upstream.infer(params))
         try:
-            relay = cls(upstream, await upstream.infer(params))
-            try:
-                first = await relay._next()
-            except BaseException:
-                await relay.close()
-                raise
-            if first is not None:
-                relay._pending.append(first)
-            if quota is not None and not relay.facts:
-                relay.facts = await _facts_of_quota(quota)
-            return relay
-        finally:
-            if quota is not None and not quota.done():
-                quota.cancel()
+            first = await relay._next()
+        except BaseException:
+            await relay.close()
+            raise
+        if first is not None:
+            relay._pending.append(first)
+        return relay
 
     async def _next(self) -> dict[str, Any] | None:
         """The next chunk of output (text or tool calls); metadata and the final chunk
@@ -157,16 +143,3 @@ class Relay:
     def finish_reason(self) -> str:
         reason = self.final.get("finish_reason")
         return reason if isinstance(reason, str) else "stop"
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-async def _facts_of_quota(quota: asyncio.Future[Any]) -> dict[str, dict[str, Any]]:
-    """The facts of a `gateway.quota` answer; none if it fails or is slow (headers are best effort)."""
-    try:
-        return facts_of(await asyncio.wait_for(asyncio.shield(quota), _QUOTA_WAIT_S))
-    except (MeshError, TimeoutError):
-        return {}
