@@ -86,6 +86,8 @@ ALIKE = {
                            response_format={"type": "json_object"}, max_tokens=40),
     "sampled": story(TOPICS[3], temperature=0.9, top_p=0.8, seed=3),
     "long_prompt": request(prompt="The sea was calm and the lighthouse stood tall. " * 60 + "Then", max_tokens=20),
+    # greedy past the 64-token penalty window, on text the repeat penalty steers
+    "repeating": request(prompt="1, 2, 1, 2, 1, 2, 1, 2,", max_tokens=100),
 }
 
 
@@ -119,6 +121,54 @@ async def test_a_seeded_sample_does_not_depend_on_the_batch(batched):
     alone = await events_of(batched, req)
     together = await asyncio.gather(events_of(batched, req), *(events_of(batched, story(t)) for t in TOPICS[2:]))
     assert text(together[0]) == text(alone) != ""
+
+
+async def test_requests_with_the_same_prompt_share_its_evaluation_and_get_what_they_get_alone(batched):
+    requests = [story(TOPICS[0]), story(TOPICS[0], logprobs=True, top_logprobs=2),
+                story(TOPICS[0], temperature=0.9, seed=3), story(TOPICS[0], temperature=0.9, seed=5)]
+    alone = [await events_of(batched, req) for req in requests]
+    engine = batched._engine
+    decode, prefills = engine._decode, []
+
+    def counting() -> None:
+        if engine.batch.n_tokens > 4:
+            prefills.append(engine.batch.n_tokens)
+        decode()
+
+    engine._decode = counting
+    try:
+        together = await asyncio.gather(*(events_of(batched, req) for req in requests))
+    finally:
+        del engine._decode
+    assert len(prefills) == 1  # one evaluation of the prompt, copied to the other three sequences
+    for one, many in zip(alone, together):
+        assert many == one and text(many) != ""
+    assert text(together[0]) == text(together[1]) != text(together[2]) != text(together[3])
+    assert batched.active == 0
+
+
+async def test_requests_leaving_early_leave_no_gap_and_the_others_get_what_they_get_alone(batched):
+    requests = [story(topic, max_tokens=n) for topic, n in zip(TOPICS, (40, 6, 30, 12))]
+    alone = [await events_of(batched, req) for req in requests]
+    engine = batched._engine
+    decode, steps = engine._decode, []
+
+    def recording() -> None:
+        batch = engine.batch
+        if batch.n_tokens <= 4:
+            steps.append([batch.seq_id[i][0] for i in range(batch.n_tokens)])
+        decode()
+
+    engine._decode = recording
+    try:
+        together = await asyncio.gather(*(events_of(batched, req) for req in requests))
+    finally:
+        del engine._decode
+    for one, many in zip(alone, together):
+        assert text(many) == text(one) != "" and many[-1] == one[-1]
+    # one graph a step: llama.cpp splits a batch where its sequence ids are not consecutive
+    assert steps and all(seqs == list(range(seqs[0], seqs[0] + len(seqs))) for seqs in steps), steps
+    assert {len(seqs) for seqs in steps} >= {1, 2, 3, 4}
 
 
 async def test_a_cancel_frees_its_sequence_and_the_others_go_on(batched):

@@ -10,7 +10,10 @@ cache: `kv_unified` off) and one thread runs the decode loop:
             served);
         evaluate the next chunk (128 tokens) of one admitted request's prompt
             into its sequence, in a decode call of its own; after its last
-            chunk, sample its first token: the request is now active;
+            chunk, sample its first token: the request is now active (and so
+            is every admitted request with the very same prompt, its KV cells
+            copied from this one's and its first token sampled from the same
+            logits: one evaluation for all of them);
         one `llama_decode` of one token for every active sequence;
         sample each sequence's next token with its own sampler chain;
         a request that ends (end of generation, a stop string, max_tokens, the
@@ -40,17 +43,26 @@ else is in the batch. That holds on this build (tests/test_inference_batched.py:
 the same text alone, beside three others, and on the unbatched backend, greedy
 and seeded); a backend whose batched kernels reorder a row's sums (a GPU, some
 repacked quant types) could differ in the last bits, which those tests catch.
+A request sharing another's prompt gets a byte copy of that prompt's KV cells
+and samples from the very logits row it would have computed itself.
 
 Throughput: on a CPU a decode step costs nearly as much per token as the
 model's compute, so the gain is what the batched matrix products save over
-single rows; on the 2-core test machine with the Q4_1 SmolLM2 a step of 4
-tokens costs ~2.7x a step of 1 (bench/inference.py, README).
+single rows. With the Q4_1 SmolLM2 they save little: llama.cpp has no
+multi-row kernel for Q4_1 weights (nor a repacked layout), each row is its own
+dot product, and a step of 4 tokens costs 3-3.5x a step of 1 in llama.cpp
+alone (bench/batch_ceiling.py: 4 sequences give 1.1-1.3x the tokens of 1 per
+CPU second, 1.2-1.5x per wall second on the 2-core test machine). What is
+ours is kept small: a greedy request's token is picked in numpy rather than
+by the sampler chain (`_greedy`, the same choice), ~0.2 ms a token with its
+text and hand-off, beside a step of ~28 ms.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import collections
 import queue
 import secrets
 import threading
@@ -93,6 +105,10 @@ class _Job:
     sampled: int = 0
     limit: int = 0
     sampler: Any = None
+    #: Greedy with no grammar and no frequency or presence penalty: the chain's choice taken
+    #: in numpy (`_Engine._greedy`); `recent` is its penalty window, the last 64 tokens.
+    greedy: bool = False
+    recent: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=PENALTY_LAST_N))
     pending: str = ""
     items: list[dict[str, Any]] = field(default_factory=list)
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace"))
@@ -187,12 +203,13 @@ class _Engine:
         self.batch = llama_cpp.llama_batch_init(max(self.n_batch, slots), 0, 1)
         self.n_vocab = self.llm.n_vocab()
         self.formatter = _chat_formatter(self.llm, llama_chat_format)
-        self.free = list(range(slots - 1, -1, -1))
+        self.free = list(range(slots - 1, -1, -1))  # the lowest last: see `_step`
         self.active: list[_Job] = []
         self.inbox: queue.Queue[_Job | None] = queue.Queue()
         self.waiting: list[_Job] = []
         self.filling: list[_Job] = []  # admitted, their prompts being evaluated a chunk a step
         self.lock, self.closed = threading.Lock(), False
+        self.ending = False  # the engine thread has read the closing `None`
         self.thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
         self.thread.start()
 
@@ -254,10 +271,13 @@ class _Engine:
 
     def _take(self, *, block: bool) -> bool:
         """Move submitted jobs to `waiting`; False once closed."""
+        if self.ending:
+            return False
         try:
             job = self.inbox.get(block=block and not self.waiting)
             while True:
                 if job is None:
+                    self.ending = True
                     return False
                 self.waiting.append(job)
                 job = self.inbox.get_nowait()
@@ -273,7 +293,9 @@ class _Engine:
             try:
                 request = job.request
                 seed = request.seed if request.seed is not None else secrets.randbits(32)
-                job.sampler = self._sampler(request, job.grammar, seed)
+                job.greedy = (not request.temperature and job.grammar is None and not request.frequency_penalty
+                              and not request.presence_penalty)
+                job.sampler = None if job.greedy else self._sampler(request, job.grammar, seed)
             except Exception as exc:  # noqa: BLE001 - this job's own failure
                 job.emit(exc)
                 self._leave(job)
@@ -303,16 +325,35 @@ class _Engine:
             return
         job.n_past += len(chunk)
         if last:
-            self.filling.remove(job)
-            job.emit(Prompt(len(job.tokens)))
-            self.active.append(job)
-            self._sample(job, len(chunk) - 1)
+            # Requests with the very same prompt (admitted, or come in while it was evaluated)
+            # take a copy of its KV cells (llama.cpp copies the stream at the next decode) and
+            # sample from the same logits row: what evaluating the prompt themselves would give
+            # them, without its cost.
+            self._take(block=False)
+            self._admit()
+            twins = [other for other in self.filling if other.n_past == 0 and other.tokens == job.tokens]
+            for twin in twins:
+                self.lib.llama_memory_seq_cp(self.ctx.memory, job.seq, twin.seq, -1, -1)
+                twin.n_past = job.n_past
+            for ready in [job, *twins]:
+                self.filling.remove(ready)
+                ready.emit(Prompt(len(ready.tokens)))
+                self.active.append(ready)
+                self._sample(ready, len(chunk) - 1)
 
     def _step(self) -> None:
-        """One token for every active sequence, in one decode call."""
+        """One token for every active sequence, in one decode call.
+
+        With a KV stream per sequence, llama.cpp evaluates a batch in one graph only if its
+        sequence ids are consecutive and increasing (`split_equal`, sequential): otherwise
+        in one graph per run of them, each costing nearly a whole step (4 sequences in
+        decreasing order: 40 ms a step against 25 here). So the rows go in order of their
+        sequence, a request takes the lowest free sequence, and one leaving from the middle
+        has its gap closed (`_close_gap`)."""
         for job in [job for job in self.active if job.stop.is_set()]:
             self._leave(job)
-        jobs = list(self.active)
+        self._close_gap()
+        jobs = sorted(self.active, key=lambda job: job.seq)
         if not jobs:
             return
         self._fill([(job.last, job.n_past, job.seq, True) for job in jobs])
@@ -320,6 +361,23 @@ class _Engine:
         for index, job in enumerate(jobs):
             job.n_past += 1
             self._sample(job, index)
+
+    def _close_gap(self) -> None:
+        """While the active sequences are not consecutive, move the highest to the lowest free
+        sequence below it: llama.cpp copies its KV stream whole (~47 MB, 6-8 ms, at the next
+        decode, cell for cell, so what it computes next is unchanged), less than the extra
+        graph each step would cost."""
+        while self.active and self.free:
+            seqs = sorted(job.seq for job in self.active)
+            if seqs[-1] - seqs[0] == len(seqs) - 1 or self.free[-1] > seqs[-1]:
+                return
+            job = max(self.active, key=lambda job: job.seq)
+            seq = self.free.pop()
+            self.lib.llama_memory_seq_cp(self.ctx.memory, job.seq, seq, -1, -1)
+            self.lib.llama_memory_seq_rm(self.ctx.memory, job.seq, -1, -1)
+            self.free.append(job.seq)
+            self.free.sort(reverse=True)
+            job.seq = seq
 
     def _fill(self, rows: list[tuple[int, int, int, bool]]) -> None:
         batch = self.batch
@@ -339,7 +397,10 @@ class _Engine:
             self._leave(job)
             return
         logits = self._logits(index) if job.request.logprobs else None
-        token = self.lib.llama_sampler_sample(job.sampler.sampler, self.ctx.ctx, index)
+        if job.greedy:
+            token = self._greedy(job, index)
+        else:
+            token = self.lib.llama_sampler_sample(job.sampler.sampler, self.ctx.ctx, index)
         job.sampled += 1
         job.last = token
         if self.lib.llama_vocab_is_eog(self.llm._model.vocab, token):
@@ -380,6 +441,7 @@ class _Engine:
         if job.seq >= 0:
             self.lib.llama_memory_seq_rm(self.ctx.memory, job.seq, -1, -1)
             self.free.append(job.seq)
+            self.free.sort(reverse=True)
             job.seq = -1
         job.sampler = None
 
@@ -403,10 +465,32 @@ class _Engine:
         return chain
 
     def _logits(self, index: int) -> Any:
+        return self._row(index).copy()
+
+    def _row(self, index: int) -> Any:
+        """Row `index` of the last decode's logits, in place (valid until the next decode)."""
         import numpy as np
 
         pointer = self.lib.llama_get_logits_ith(self.ctx.ctx, index)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def _greedy(self, job: _Job, index: int) -> int:
+        """The token `_sampler`'s greedy chain picks, bit for bit, in a third of its time or less
+        (the chain builds an array of the whole vocabulary and looks each token up in its penalty
+        window):
+        llama.cpp's repeat penalty in float32 on the tokens of the window (`logit * penalty`
+        if `logit <= 0`, else `logit / penalty`), then the first highest logit."""
+        import numpy as np
+
+        row = self._row(index)
+        if job.recent and self.repeat_penalty != 1.0:
+            seen = np.fromiter(set(job.recent), dtype=np.intp)
+            values, penalty = row[seen], np.float32(self.repeat_penalty)
+            row = row.copy()
+            row[seen] = np.where(values <= 0, values * penalty, values / penalty)
+        token = int(row.argmax())
+        job.recent.append(token)
+        return token
 
     def _logprob_item(self, token: int, logits: Any, count: int) -> dict[str, Any]:
         """OpenAI's item for `token`, as local.py gives it (before temperature, penalties, grammar)."""
