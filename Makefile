@@ -71,6 +71,7 @@ bench: install
 	$(BIN)/python bench/cli.py
 	$(BIN)/python bench/auth.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/batch_ceiling.py
 	$(BIN)/python bench/gateway.py
 	$(BIN)/python bench/web.py
 	$(BIN)/python bench/embeddings.py
