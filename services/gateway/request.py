@@ -29,7 +29,9 @@ Read top to bottom, in the order things happen:
    counted. Admitted: an `A` journal entry (accounts.py), so that a crash from
    here on is still billed and its leases settled on restart.
 5. **relay**: a worker's stream (relay.py, which tries the model's other
-   workers before the first chunk); its chunks are passed on as they come.
+   workers before the first chunk); its chunks are passed on as they come, the
+   first with the request's id, the model routed to and, for a stream, the
+   rate-limit facts as admitted (what an HTTP reply's headers need).
    When every worker of the model fails before the first chunk in a way that
    is the model's (fallback.py: down, an upstream's 429, its first-token
    time, a context too small), the request **falls back** to the chain's
