@@ -76,6 +76,18 @@ def dealer(ctx: zmq.asyncio.Context, endpoint: str, server_key: bytes, *, announ
     return sock
 
 
+def bare_router(ctx: zmq.asyncio.Context, *, announce: bool) -> tuple[zmq.asyncio.Socket, CurveKeyPair, int]:
+    """A bare ROUTER playing the server (CURVE, announcing batches or not): it, its keys, its port."""
+    server_keys = keys()
+    router = ctx.socket(zmq.ROUTER)
+    router.curve_server = True
+    router.curve_publickey, router.curve_secretkey = server_keys.public, server_keys.secret
+    if announce:
+        router.setsockopt(zmq.METADATA, ANNOUNCE)
+    router.linger = 0
+    return router, server_keys, router.bind_to_random_port("tcp://127.0.0.1")
+
+
 def echo(request_id: int, value: Any) -> bytes:
     return codec.encode_request(request_id, "target.echo", {"value": value}, 10_000, "t")
 
@@ -164,14 +176,7 @@ async def test_the_connection_batches_its_requests_once_the_server_reads_batches
     """A bare ROUTER playing the server: when it announces batches, after its first answer
     the Connection sends a loop turn's requests in one frame, and reads a batched answer;
     to a server that announced nothing (older than batches) it sends a frame per request."""
-    server_keys = keys()
-    router = context.socket(zmq.ROUTER)
-    router.curve_server = True
-    router.curve_publickey, router.curve_secretkey = server_keys.public, server_keys.secret
-    if announced:
-        router.setsockopt(zmq.METADATA, ANNOUNCE)
-    router.linger = 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
+    router, server_keys, port = bare_router(context, announce=announced)
     async with AsyncExitStack() as stack:
         stack.callback(router.close, 0)
         connection = Connection(f"tcp://127.0.0.1:{port}", server_keys.public, keys(), context=context)
@@ -271,13 +276,8 @@ async def test_requests_of_a_batched_frame_libzmq_refuses_fail_retry_safe_and_th
     and the kernel's buffers are full, libzmq refuses the client's next batched frame, and the
     requests in it fail at once with UNAVAILABLE `retry_safe` (they never left), none hangs;
     when the server reads again, every request that did go is answered."""
-    server_keys = keys()
-    router = context.socket(zmq.ROUTER)
-    router.curve_server = True
-    router.curve_publickey, router.curve_secretkey = server_keys.public, server_keys.secret
-    router.setsockopt(zmq.METADATA, ANNOUNCE)
-    router.rcvhwm, router.rcvbuf, router.linger = 1, 4096, 0
-    port = router.bind_to_random_port("tcp://127.0.0.1")
+    router, server_keys, port = bare_router(context, announce=True)
+    router.rcvhwm, router.rcvbuf = 1, 4096  # for the connection to come: it takes little
     async with AsyncExitStack() as stack:
         stack.callback(router.close, 0)
         connection = Connection(f"tcp://127.0.0.1:{port}", server_keys.public, keys(), context=context)
