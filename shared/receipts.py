@@ -75,7 +75,6 @@ MAX_TEXT = 2048
 _FIELDS = ("at", "completion_tokens", "cost", "gateway", "model", "prompt_tokens", "request_id", "user_id", "v")
 _FIELD_SET = frozenset(_FIELDS)
 _INTS = ("v", "prompt_tokens", "completion_tokens", "user_id")
-_pack = msgpack.Packer(use_bin_type=True).pack  #: keys in the order given: `encode` sorts them first
 _B64 = re.compile(r"[A-Za-z0-9_-]+")
 _HEX_KEY = re.compile(r"[0-9a-f]{64}")
 _DECIMAL = re.compile(r"[0-9]{1,30}(\.[0-9]{1,30})?")
@@ -117,10 +116,15 @@ class Receipt:
         return {name: getattr(self, name) for name in _FIELDS}
 
 
+def _pack(fields: dict[str, Any]) -> bytes:
+    """msgpack of the map, its keys in the order given (`encode` sorts them first)."""
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return packed
+
+
 def encode(fields: dict[str, Any]) -> bytes:
     """The canonical msgpack encoding of a receipt's map: sorted keys, whatever `fields`' order."""
-    packed: bytes = _pack({name: fields[name] for name in sorted(fields)})
-    return packed
+    return _pack({name: fields[name] for name in sorted(fields)})
 
 
 def sign(signer: Signer, *, request_id: str, model: str, prompt_tokens: int, completion_tokens: int,
